@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Installs what the tests need when it is missing, so a fresh
+# machine needs nothing by hand: cargo-nextest, and the Python packages of the protocol
+# client tests (protobuf, grpcio-tools for its protoc).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+phase_start=$(date +%s)
+phase() {
+  local now; now=$(date +%s)
+  echo "== phase '$1' took $((now - phase_start)) s"
+  phase_start=$now
+}
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "== installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+if ! python3 -c 'import google.protobuf, grpc_tools' >/dev/null 2>&1; then
+  echo "== installing Python packages for the protocol client tests"
+  python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+fi
+phase setup
+
+# Free space first: the tests write bounded data (well under 2 GiB) into temporary directories.
+avail_kb=$(df -Pk "${TMPDIR:-/tmp}" | awk 'NR==2 {print $4}')
+if [ "${avail_kb:-0}" -lt $((2 * 1024 * 1024)) ]; then
+  echo "error: less than 2 GiB free in ${TMPDIR:-/tmp}; the tests need that much scratch space" >&2
+  exit 1
+fi
+
+cargo build --workspace --all-targets --release
+phase build
+
+cargo nextest run --workspace --release --no-fail-fast "$@"
+phase test
