@@ -1,0 +1,760 @@
+//! One mio event loop: a poll, the connections it owns, and the queue through which other
+//! threads reach it.
+//!
+//! Every turn: wait for readiness (or a wake, or the timer tick), read each ready connection
+//! until it would block or its per-turn budget is spent, hand the plaintext to its session,
+//! drain the command queue (completions, adopted connections, closes), revisit connections
+//! that still had input, then run the timers. Sockets are edge-triggered, so a connection
+//! whose reading was paused (backpressure) or cut by the budget goes on the `ready` list
+//! rather than waiting for an edge that may never come.
+
+use crate::limits::NetLimits;
+use crate::pool::PoolStats;
+use crate::slab::{Slab, SlotToken};
+use crate::transport::{ReadStop, Transport};
+use bytes::BytesMut;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX);
+pub(crate) const LISTENER_TOKEN: Token = Token(usize::MAX - 1);
+/// Timers (handshake, idle, closing) are checked at this granularity.
+const TICK: Duration = Duration::from_millis(100);
+/// Readiness events taken from the poll per turn.
+const EVENTS_PER_TURN_MAX: usize = 1024;
+/// A closing connection whose peer does not read its last bytes is dropped after this.
+const CLOSING_FLUSH_MAX: Duration = Duration::from_secs(5);
+
+/// A protocol plugged into a worker pool: it opens one [`Session`] per connection.
+pub trait Service: Send + Sync + 'static {
+    /// Messages other threads deliver to a connection (storage completions, for example).
+    type Msg: Send + 'static;
+    type Session: Session<Msg = Self::Msg>;
+
+    /// The service's name in logs ("incubator", "viewer", ...).
+    fn name(&self) -> &'static str;
+
+    /// A new connection was accepted (and, with TLS, its handshake is about to start).
+    fn open(&self, peer: SocketAddr, handle: ConnHandle<Self::Msg>, now: Instant) -> Self::Session;
+}
+
+/// The sans-I/O side of one connection, as the loop sees it.
+pub trait Session: Send + 'static {
+    type Msg: Send + 'static;
+
+    /// Plaintext arrived: consume from the front of `input` what can be processed.
+    fn on_input(&mut self, input: &mut BytesMut, io: &mut SessionIo<'_>);
+
+    /// Another thread delivered a message to this connection.
+    fn on_message(&mut self, message: Self::Msg, io: &mut SessionIo<'_>);
+
+    /// A timer ran out. The default closes the connection.
+    fn on_timeout(&mut self, kind: TimeoutKind, io: &mut SessionIo<'_>) {
+        io.close(CloseReason::Timeout(kind));
+    }
+
+    /// The server is stopping: take no new requests, finish what is in flight, then close.
+    fn on_shutdown(&mut self, io: &mut SessionIo<'_>);
+
+    /// The connection is gone (always called once).
+    fn on_closed(&mut self, reason: &CloseReason);
+
+    /// False until the protocol's own handshake has completed (handshake timeout).
+    fn is_established(&self) -> bool;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutKind {
+    Handshake,
+    Idle,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer closed its side.
+    PeerClosed,
+    /// A socket or TLS error.
+    Io(String),
+    /// The session asked to close, saying why.
+    Requested(String),
+    Timeout(TimeoutKind),
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::PeerClosed => write!(f, "peer closed the connection"),
+            CloseReason::Io(detail) => write!(f, "I/O error: {detail}"),
+            CloseReason::Requested(detail) => write!(f, "{detail}"),
+            CloseReason::Timeout(TimeoutKind::Handshake) => write!(f, "handshake timeout"),
+            CloseReason::Timeout(TimeoutKind::Idle) => write!(f, "idle timeout"),
+            CloseReason::Shutdown => write!(f, "server shutting down"),
+        }
+    }
+}
+
+/// What a session may do during a callback: write plaintext, pause or resume reading from
+/// its peer, and close.
+pub struct SessionIo<'a> {
+    transport: &'a mut Transport,
+    read_paused: &'a mut bool,
+    close: &'a mut Option<CloseReason>,
+    now: Instant,
+    peer: SocketAddr,
+}
+
+impl SessionIo<'_> {
+    /// Plaintext to send; appended bytes go out at the end of the callback.
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.transport.queue(bytes);
+    }
+
+    /// Bytes written but not yet sent (sessions that stream large replies check it).
+    pub fn pending_output_bytes(&self) -> usize {
+        self.transport.pending_output_bytes()
+    }
+
+    /// Stop reading from the peer (the queue its requests feed is full).
+    pub fn pause_reading(&mut self) {
+        *self.read_paused = true;
+    }
+
+    /// Read again; input that arrived meanwhile is picked up on this turn.
+    pub fn resume_reading(&mut self) {
+        *self.read_paused = false;
+    }
+
+    pub fn is_reading_paused(&self) -> bool {
+        *self.read_paused
+    }
+
+    /// Close once what was written has been sent.
+    pub fn close(&mut self, reason: CloseReason) {
+        if self.close.is_none() {
+            *self.close = Some(reason);
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.close.is_some()
+    }
+
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.transport.is_tls()
+    }
+}
+
+pub(crate) enum Command<M> {
+    Deliver(SlotToken, M),
+    Close(SlotToken, String),
+    Adopt(TcpStream, SocketAddr),
+    Shutdown,
+}
+
+/// A cloneable, `Send` way into one loop from any thread.
+pub struct LoopHandle<M> {
+    sender: Sender<Command<M>>,
+    waker: Arc<Waker>,
+    wake_pending: Arc<AtomicBool>,
+}
+
+impl<M> Clone for LoopHandle<M> {
+    fn clone(&self) -> Self {
+        LoopHandle {
+            sender: self.sender.clone(),
+            waker: self.waker.clone(),
+            wake_pending: self.wake_pending.clone(),
+        }
+    }
+}
+
+impl<M: Send + 'static> LoopHandle<M> {
+    /// Blocks while the loop's queue is full (the loop always drains it). False when the
+    /// loop has stopped.
+    fn send(&self, command: Command<M>) -> bool {
+        if self.sender.send(command).is_err() {
+            return false;
+        }
+        self.wake();
+        true
+    }
+
+    fn try_send(&self, command: Command<M>) -> Result<(), TrySendError<Command<M>>> {
+        self.sender.try_send(command)?;
+        self.wake();
+        Ok(())
+    }
+
+    /// One wake per drain, however many commands were queued meanwhile.
+    fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::SeqCst) {
+            if let Err(error) = self.waker.wake() {
+                tracing::error!(%error, "failed to wake an event loop");
+            }
+        }
+    }
+
+    pub(crate) fn shutdown(&self) {
+        self.send(Command::Shutdown);
+    }
+}
+
+/// A handle on one connection, usable from any thread; stale once the connection closed
+/// (messages to it are then dropped by its loop).
+pub struct ConnHandle<M> {
+    owner: LoopHandle<M>,
+    token: SlotToken,
+}
+
+impl<M> Clone for ConnHandle<M> {
+    fn clone(&self) -> Self {
+        ConnHandle {
+            owner: self.owner.clone(),
+            token: self.token,
+        }
+    }
+}
+
+impl<M: Send + 'static> ConnHandle<M> {
+    /// Delivers a message to the connection's session. False when its loop has stopped.
+    pub fn send(&self, message: M) -> bool {
+        self.owner.send(Command::Deliver(self.token, message))
+    }
+
+    /// Asks the connection's loop to close it (for example, a newer connection of the same
+    /// device replaced it).
+    pub fn close(&self, reason: impl Into<String>) -> bool {
+        self.owner.send(Command::Close(self.token, reason.into()))
+    }
+
+    /// An identity for registries: stable for the life of the connection.
+    pub fn id(&self) -> u64 {
+        self.token.to_usize() as u64
+    }
+}
+
+struct Conn<S> {
+    transport: Transport,
+    session: S,
+    input: BytesMut,
+    peer: SocketAddr,
+    opened_at: Instant,
+    last_input_at: Instant,
+    read_paused: bool,
+    /// Reading paused because the peer does not read what it is sent.
+    output_paused: bool,
+    closing: Option<CloseReason>,
+    closing_since: Option<Instant>,
+    peer_eof: bool,
+    interest: Interest,
+}
+
+pub(crate) struct Worker<S: Service> {
+    pub(crate) name: String,
+    pub(crate) poll: Poll,
+    pub(crate) listener: Option<TcpListener>,
+    pub(crate) receiver: Receiver<Command<S::Msg>>,
+    pub(crate) own: LoopHandle<S::Msg>,
+    pub(crate) siblings: Vec<LoopHandle<S::Msg>>,
+    pub(crate) service: Arc<S>,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) limits: NetLimits,
+    pub(crate) stats: Arc<PoolStats>,
+    conns: Slab<Conn<S::Session>>,
+    ready: VecDeque<SlotToken>,
+    next_sibling: usize,
+    shutdown_deadline: Option<Instant>,
+    last_tick: Instant,
+}
+
+pub(crate) fn new_handle<M>(
+    poll: &Poll,
+    queue_max: usize,
+) -> io::Result<(LoopHandle<M>, Receiver<Command<M>>)> {
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
+    let (sender, receiver) = crossbeam_channel::bounded(queue_max);
+    let handle = LoopHandle {
+        sender,
+        waker,
+        wake_pending: Arc::new(AtomicBool::new(false)),
+    };
+    Ok((handle, receiver))
+}
+
+impl<S: Service> Worker<S> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        name: String,
+        poll: Poll,
+        listener: Option<TcpListener>,
+        receiver: Receiver<Command<S::Msg>>,
+        own: LoopHandle<S::Msg>,
+        siblings: Vec<LoopHandle<S::Msg>>,
+        service: Arc<S>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        limits: NetLimits,
+        stats: Arc<PoolStats>,
+    ) -> Worker<S> {
+        let conns = Slab::new(limits.connections_max.max(1));
+        Worker {
+            name,
+            poll,
+            listener,
+            receiver,
+            own,
+            siblings,
+            service,
+            tls,
+            limits,
+            stats,
+            conns,
+            ready: VecDeque::new(),
+            next_sibling: 0,
+            shutdown_deadline: None,
+            last_tick: Instant::now(),
+        }
+    }
+
+    /// Runs until shutdown completes.
+    pub(crate) fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS_PER_TURN_MAX);
+        if let Some(listener) = self.listener.as_mut() {
+            if let Err(error) =
+                self.poll
+                    .registry()
+                    .register(listener, LISTENER_TOKEN, Interest::READABLE)
+            {
+                tracing::error!(loop_name = %self.name, %error, "cannot register the listener");
+                return;
+            }
+        }
+        loop {
+            let timeout = if self.ready.is_empty() {
+                TICK
+            } else {
+                Duration::ZERO
+            };
+            if let Err(error) = self.poll.poll(&mut events, Some(timeout)) {
+                if error.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(loop_name = %self.name, %error, "poll failed; stopping this loop");
+                    self.close_all(CloseReason::Io(error.to_string()));
+                    return;
+                }
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    WAKER_TOKEN => {}
+                    LISTENER_TOKEN => self.accept(now),
+                    token => {
+                        let slot = SlotToken::from_usize(token.0);
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.read(slot, now);
+                        }
+                        if event.is_writable() {
+                            self.finish(slot, now);
+                        }
+                    }
+                }
+            }
+            self.drain_commands(now);
+            self.run_ready(now);
+            if now.duration_since(self.last_tick) >= TICK {
+                self.last_tick = now;
+                self.tick(now);
+            }
+            if self.shutdown_done(now) {
+                return;
+            }
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        loop {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            match listener.accept() {
+                Ok((socket, peer)) => self.place(socket, peer, now),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    // EMFILE and friends: log and try again on the next readiness.
+                    tracing::warn!(loop_name = %self.name, %error, "accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Gives an accepted socket to the next loop of the pool, round robin.
+    fn place(&mut self, socket: TcpStream, peer: SocketAddr, now: Instant) {
+        if !self.stats.try_open(self.limits.connections_max) {
+            tracing::warn!(service = self.service.name(), %peer,
+                limit = self.limits.connections_max, "connection refused: the pool's connection limit is reached");
+            return;
+        }
+        let target = self.next_sibling % self.siblings.len().max(1);
+        self.next_sibling = self.next_sibling.wrapping_add(1);
+        let sibling = self.siblings.get(target).cloned();
+        match sibling {
+            Some(handle) if !self.is_own(&handle) => {
+                if let Err(error) = handle.try_send(Command::Adopt(socket, peer)) {
+                    self.stats.closed();
+                    tracing::warn!(service = self.service.name(), %peer,
+                        "connection refused: the worker's queue is full ({})", error);
+                }
+            }
+            _ => self.adopt(socket, peer, now),
+        }
+    }
+
+    fn is_own(&self, handle: &LoopHandle<S::Msg>) -> bool {
+        Arc::ptr_eq(&handle.waker, &self.own.waker)
+    }
+
+    fn adopt(&mut self, socket: TcpStream, peer: SocketAddr, now: Instant) {
+        if self.shutdown_deadline.is_some() {
+            self.stats.closed();
+            return;
+        }
+        let _ = socket.set_nodelay(true); // acks are small and latency matters
+        let transport = match self.tls.as_ref() {
+            None => Transport::plain(socket),
+            Some(config) => match rustls::ServerConnection::new(config.clone()) {
+                Ok(tls) => Transport::tls(socket, rustls::Connection::Server(tls)),
+                Err(error) => {
+                    self.stats.closed();
+                    tracing::error!(%peer, %error, "cannot start a TLS session");
+                    return;
+                }
+            },
+        };
+        let service = self.service.clone();
+        let own = self.own.clone();
+        let registry_result;
+        let inserted = {
+            let mut transport = Some(transport);
+            self.conns.insert_with(|token| {
+                let handle = ConnHandle { owner: own, token };
+                Conn {
+                    transport: transport.take().expect("built once"),
+                    session: service.open(peer, handle, now),
+                    input: BytesMut::new(),
+                    peer,
+                    opened_at: now,
+                    last_input_at: now,
+                    read_paused: false,
+                    output_paused: false,
+                    closing: None,
+                    closing_since: None,
+                    peer_eof: false,
+                    interest: Interest::READABLE,
+                }
+            })
+        };
+        let Some(token) = inserted else {
+            self.stats.closed();
+            tracing::warn!(%peer, "connection refused: this loop's slab is full");
+            return;
+        };
+        {
+            let conn = self.conns.get_mut(token).expect("just inserted");
+            registry_result = self.poll.registry().register(
+                conn.transport.socket_mut(),
+                Token(token.to_usize()),
+                Interest::READABLE,
+            );
+        }
+        if let Err(error) = registry_result {
+            tracing::error!(%peer, %error, "cannot register a connection");
+            self.remove(token, CloseReason::Io(error.to_string()));
+            return;
+        }
+        tracing::debug!(service = self.service.name(), %peer, loop_name = %self.name, "connection opened");
+        // Data may already be waiting (edge-triggered registration after the fact).
+        self.ready.push_back(token);
+    }
+
+    /// Reads what the peer sent (within the turn's budget) and lets the session consume it.
+    fn read(&mut self, token: SlotToken, now: Instant) {
+        let limits = &self.limits;
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        if conn.read_paused || conn.output_paused || conn.closing.is_some() || conn.peer_eof {
+            self.finish(token, now);
+            return;
+        }
+        let result = conn.transport.read_into(
+            &mut conn.input,
+            limits.input_bytes_max,
+            limits.read_bytes_per_turn_max,
+        );
+        match result {
+            Err(error) => {
+                self.stats.add_bytes_in(0);
+                conn.closing = Some(CloseReason::Io(error.to_string()));
+                // Nothing more can be said over a broken transport.
+                self.remove(token, CloseReason::Io(error.to_string()));
+                return;
+            }
+            Ok((count, stop)) => {
+                if count > 0 {
+                    conn.last_input_at = now;
+                    self.stats.add_bytes_in(count as u64);
+                }
+                if !conn.input.is_empty() {
+                    let mut io = SessionIo {
+                        transport: &mut conn.transport,
+                        read_paused: &mut conn.read_paused,
+                        close: &mut conn.closing,
+                        now,
+                        peer: conn.peer,
+                    };
+                    conn.session.on_input(&mut conn.input, &mut io);
+                }
+                match stop {
+                    ReadStop::Eof => {
+                        conn.peer_eof = true;
+                        if conn.closing.is_none() {
+                            conn.closing = Some(CloseReason::PeerClosed);
+                        }
+                    }
+                    ReadStop::Budget => {
+                        let stuck = conn.input.len() >= limits.input_bytes_max;
+                        if stuck && !conn.read_paused && conn.closing.is_none() {
+                            conn.closing = Some(CloseReason::Requested(format!(
+                                "input buffer limit of {} bytes reached without a complete message",
+                                limits.input_bytes_max
+                            )));
+                        } else if !stuck {
+                            self.ready.push_back(token);
+                        }
+                    }
+                    ReadStop::Drained => {}
+                }
+            }
+        }
+        self.finish(token, now);
+    }
+
+    /// Flushes output, applies backpressure and interest changes, completes a close.
+    fn finish(&mut self, token: SlotToken, now: Instant) {
+        let limits_output = self.limits.output_bytes_max;
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        let before = conn.transport.pending_output_bytes();
+        if let Err(error) = conn.transport.flush() {
+            self.remove(token, CloseReason::Io(error.to_string()));
+            return;
+        }
+        let sent = before.saturating_sub(conn.transport.pending_output_bytes());
+        self.stats.add_bytes_out(sent as u64);
+        let pending = conn.transport.pending_output_bytes();
+        if !conn.output_paused && pending > limits_output {
+            conn.output_paused = true;
+        } else if conn.output_paused && pending <= limits_output / 2 {
+            conn.output_paused = false;
+            self.ready.push_back(token);
+        }
+        if let Some(reason) = conn.closing.clone() {
+            if conn.closing_since.is_none() {
+                conn.closing_since = Some(now);
+                conn.transport.send_close();
+                let _ = conn.transport.flush();
+            }
+            if !conn.transport.wants_write()
+                || conn.peer_eof && matches!(reason, CloseReason::PeerClosed)
+            {
+                self.remove(token, reason);
+                return;
+            }
+        }
+        let wanted = if conn.transport.wants_write() {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        if wanted != conn.interest {
+            conn.interest = wanted;
+            let result = self.poll.registry().reregister(
+                conn.transport.socket_mut(),
+                Token(token.to_usize()),
+                wanted,
+            );
+            if let Err(error) = result {
+                self.remove(token, CloseReason::Io(error.to_string()));
+            }
+        }
+    }
+
+    fn remove(&mut self, token: SlotToken, reason: CloseReason) {
+        let Some(mut conn) = self.conns.remove(token) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(conn.transport.socket_mut());
+        conn.transport.shutdown();
+        conn.session.on_closed(&reason);
+        self.stats.closed();
+        tracing::debug!(service = self.service.name(), peer = %conn.peer, %reason, "connection closed");
+    }
+
+    fn drain_commands(&mut self, now: Instant) {
+        self.own.wake_pending.store(false, Ordering::SeqCst);
+        // Bounded: at most what was queued when the drain began, plus what arrives meanwhile
+        // up to one queue's worth.
+        for _ in 0..self.limits.loop_queue_max {
+            let Ok(command) = self.receiver.try_recv() else {
+                return;
+            };
+            match command {
+                Command::Deliver(token, message) => self.deliver(token, message, now),
+                Command::Close(token, reason) => {
+                    if let Some(conn) = self.conns.get_mut(token) {
+                        if conn.closing.is_none() {
+                            conn.closing = Some(CloseReason::Requested(reason));
+                        }
+                        self.finish(token, now);
+                    }
+                }
+                Command::Adopt(socket, peer) => self.adopt(socket, peer, now),
+                Command::Shutdown => self.begin_shutdown(now),
+            }
+        }
+        // More is waiting: come back without sleeping.
+        if !self.receiver.is_empty() {
+            self.own.wake();
+        }
+    }
+
+    fn deliver(&mut self, token: SlotToken, message: S::Msg, now: Instant) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        let was_paused = conn.read_paused;
+        let mut io = SessionIo {
+            transport: &mut conn.transport,
+            read_paused: &mut conn.read_paused,
+            close: &mut conn.closing,
+            now,
+            peer: conn.peer,
+        };
+        conn.session.on_message(message, &mut io);
+        if was_paused && !conn.read_paused {
+            self.ready.push_back(token);
+        }
+        self.finish(token, now);
+    }
+
+    fn run_ready(&mut self, now: Instant) {
+        let count = self.ready.len();
+        for _ in 0..count {
+            let Some(token) = self.ready.pop_front() else {
+                return;
+            };
+            self.read(token, now);
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        for token in self.conns.tokens() {
+            let Some(conn) = self.conns.get_mut(token) else {
+                continue;
+            };
+            if let Some(since) = conn.closing_since {
+                if now.duration_since(since) > CLOSING_FLUSH_MAX {
+                    let reason = conn.closing.clone().unwrap_or(CloseReason::Shutdown);
+                    self.remove(token, reason);
+                }
+                continue;
+            }
+            let established = conn.session.is_established() && !conn.transport.is_handshaking();
+            let kind = if !established
+                && now.duration_since(conn.opened_at) > self.limits.handshake_timeout
+            {
+                TimeoutKind::Handshake
+            } else if now.duration_since(conn.last_input_at) > self.limits.idle_timeout {
+                TimeoutKind::Idle
+            } else {
+                continue;
+            };
+            let mut io = SessionIo {
+                transport: &mut conn.transport,
+                read_paused: &mut conn.read_paused,
+                close: &mut conn.closing,
+                now,
+                peer: conn.peer,
+            };
+            conn.session.on_timeout(kind, &mut io);
+            if conn.closing.is_none() {
+                conn.closing = Some(CloseReason::Timeout(kind));
+            }
+            self.finish(token, now);
+        }
+    }
+
+    fn begin_shutdown(&mut self, now: Instant) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        self.shutdown_deadline = Some(now + self.limits.shutdown_timeout);
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        for token in self.conns.tokens() {
+            let Some(conn) = self.conns.get_mut(token) else {
+                continue;
+            };
+            let mut io = SessionIo {
+                transport: &mut conn.transport,
+                read_paused: &mut conn.read_paused,
+                close: &mut conn.closing,
+                now,
+                peer: conn.peer,
+            };
+            conn.session.on_shutdown(&mut io);
+            self.finish(token, now);
+        }
+    }
+
+    fn shutdown_done(&mut self, now: Instant) -> bool {
+        let Some(deadline) = self.shutdown_deadline else {
+            return false;
+        };
+        if self.conns.len() == 0 {
+            return true;
+        }
+        if now >= deadline {
+            tracing::warn!(loop_name = %self.name, open = self.conns.len(),
+                "shutdown timeout: closing connections with work still in flight");
+            self.close_all(CloseReason::Shutdown);
+            return true;
+        }
+        false
+    }
+
+    fn close_all(&mut self, reason: CloseReason) {
+        for token in self.conns.tokens() {
+            self.remove(token, reason.clone());
+        }
+    }
+}
