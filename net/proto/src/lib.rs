@@ -1,1 +1,10 @@
-//! placeholder
+//! es-proto owns the wire protocols of esserver: the messages generated from
+//! `docs/protocol/*.proto`, the error codes, the framing codec, and the sans-I/O client and
+//! server sessions of the incubator protocol (`docs/protocol/incubator.md`).
+//!
+//! It does no I/O and touches no database: sessions take bytes (and, where time matters, a
+//! `now` passed in) and produce events and bytes. The event loops of `es-net` move the bytes;
+//! the services of `esserver` decide what a request means. Limits carry their unit in the name
+//! (`frame_bytes_max`), errors are typed with stable codes, and no input can make it panic.
+
+pub mod incubator;

@@ -1,0 +1,319 @@
+//! The device catalog: every figure about a device model, in one place.
+//!
+//! Figures come from `DOMAIN.md` ("Devices and their image streams"). Those marked there
+//! as estimates are flagged with [`ModelSpec::estimated`]; correct them here and every
+//! capacity figure, licence check and load schedule follows.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Seconds in a day, for daily totals.
+const DAY_S: u64 = 86_400;
+
+/// Interval between two telemetry samples of one device (DOMAIN.md: "one sample a minute").
+pub const TELEMETRY_INTERVAL_S: u32 = 60;
+
+/// The telemetry channels every device reports, one sample each per
+/// [`TELEMETRY_INTERVAL_S`] (DOMAIN.md: "about 10 channels at one sample a minute").
+const TELEMETRY_CHANNELS: [&str; 10] = [
+    "temperature_c",
+    "temperature_set_c",
+    "co2_percent",
+    "co2_set_percent",
+    "o2_percent",
+    "o2_set_percent",
+    "gas_pressure_kpa",
+    "gas_consumption_l",
+    "dishes_loaded",
+    "disk_used_percent",
+];
+
+/// The names of the telemetry channels a device reports.
+pub fn telemetry_channels() -> &'static [&'static str] {
+    &TELEMETRY_CHANNELS
+}
+
+/// A model of incubator that can connect to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeviceModel {
+    /// EmbryoScope D: 6 dishes of 12 wells, 7 focal planes.
+    EmbryoScopeD,
+    /// EmbryoScope+: 15 dishes of 16 wells, 11 focal planes.
+    EmbryoScopePlus,
+    /// EmbryoScope Flex: sized like the EmbryoScope+.
+    EmbryoScopeFlex,
+    /// EmbryoScope 8: 8 dishes of 16 wells, 11 focal planes.
+    EmbryoScope8,
+    /// CulturePro: a culture incubator without time-lapse imaging; telemetry only.
+    CulturePro,
+}
+
+/// The fixed figures of one device model.
+#[derive(Debug, PartialEq)]
+pub struct ModelSpec {
+    /// The vendor's name for the model, for people.
+    pub display_name: &'static str,
+    /// Culture dishes (slides) with images.
+    pub dishes: u32,
+    /// Wells (embryo positions) per dish.
+    pub wells_per_dish: u32,
+    /// Focal planes of one well's stack, as the instrument numbers them: offsets in µm
+    /// for the EmbryoScope D, plane indices for the others.
+    pub focal_planes: &'static [i32],
+    /// Seconds between two acquisitions of the same well.
+    pub interval_s: u32,
+    /// Capacity units the model takes in a licence configuration (MISSION.md §3.3).
+    pub capacity_units: u32,
+    /// Typical size of one image: a 500 x 500 px greyscale JPEG, 15-40 KB (design figure 30 KB).
+    pub image_bytes_typical: u32,
+    /// True when any figure of this model is an estimate in DOMAIN.md.
+    pub estimated: bool,
+}
+
+/// Design figure for one image's size (DOMAIN.md: "about 15-40 KB (design figure: 30 KB)").
+const IMAGE_BYTES_TYPICAL: u32 = 30_000;
+
+/// Ten minutes: the acquisition interval of every time-lapse model (an estimate in DOMAIN.md).
+const INTERVAL_TEN_MINUTES_S: u32 = 600;
+
+/// EmbryoScope D planes: -45..+45 µm in 15 µm steps.
+const PLANES_ES_D: [i32; 7] = [-45, -30, -15, 0, 15, 30, 45];
+
+/// Planes indexed -5..=+5 (EmbryoScope+, Flex, 8).
+const PLANES_INDEXED_11: [i32; 11] = [-5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5];
+
+static SPEC_ES_D: ModelSpec = ModelSpec {
+    display_name: "EmbryoScope D",
+    dishes: 6,
+    wells_per_dish: 12,
+    focal_planes: &PLANES_ES_D,
+    interval_s: INTERVAL_TEN_MINUTES_S,
+    capacity_units: 1,
+    image_bytes_typical: IMAGE_BYTES_TYPICAL,
+    estimated: true, // interval
+};
+
+static SPEC_ES_PLUS: ModelSpec = ModelSpec {
+    display_name: "EmbryoScope+",
+    dishes: 15,
+    wells_per_dish: 16,
+    focal_planes: &PLANES_INDEXED_11,
+    interval_s: INTERVAL_TEN_MINUTES_S,
+    capacity_units: 2,
+    image_bytes_typical: IMAGE_BYTES_TYPICAL,
+    estimated: true, // positions, interval
+};
+
+static SPEC_ES_FLEX: ModelSpec = ModelSpec {
+    display_name: "EmbryoScope Flex",
+    dishes: 15,
+    wells_per_dish: 16,
+    focal_planes: &PLANES_INDEXED_11,
+    interval_s: INTERVAL_TEN_MINUTES_S,
+    capacity_units: 2,
+    image_bytes_typical: IMAGE_BYTES_TYPICAL,
+    estimated: true, // positions, planes, interval
+};
+
+static SPEC_ES_8: ModelSpec = ModelSpec {
+    display_name: "EmbryoScope 8",
+    dishes: 8,
+    wells_per_dish: 16,
+    focal_planes: &PLANES_INDEXED_11,
+    interval_s: INTERVAL_TEN_MINUTES_S,
+    capacity_units: 1,
+    image_bytes_typical: IMAGE_BYTES_TYPICAL,
+    estimated: true, // positions, planes, interval
+};
+
+static SPEC_CULTURE_PRO: ModelSpec = ModelSpec {
+    display_name: "CulturePro",
+    dishes: 0,
+    wells_per_dish: 0,
+    focal_planes: &[],
+    interval_s: INTERVAL_TEN_MINUTES_S,
+    capacity_units: 1,
+    image_bytes_typical: IMAGE_BYTES_TYPICAL,
+    estimated: true, // treated as telemetry only
+};
+
+impl DeviceModel {
+    /// Every model, in catalog order.
+    pub const ALL: [DeviceModel; 5] = [
+        DeviceModel::EmbryoScopeD,
+        DeviceModel::EmbryoScopePlus,
+        DeviceModel::EmbryoScopeFlex,
+        DeviceModel::EmbryoScope8,
+        DeviceModel::CulturePro,
+    ];
+
+    /// The short, stable name used in configuration, command lines and reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceModel::EmbryoScopeD => "es-d",
+            DeviceModel::EmbryoScopePlus => "es-plus",
+            DeviceModel::EmbryoScopeFlex => "es-flex",
+            DeviceModel::EmbryoScope8 => "es-8",
+            DeviceModel::CulturePro => "culturepro",
+        }
+    }
+
+    /// The model's figures.
+    pub fn spec(&self) -> &'static ModelSpec {
+        match self {
+            DeviceModel::EmbryoScopeD => &SPEC_ES_D,
+            DeviceModel::EmbryoScopePlus => &SPEC_ES_PLUS,
+            DeviceModel::EmbryoScopeFlex => &SPEC_ES_FLEX,
+            DeviceModel::EmbryoScope8 => &SPEC_ES_8,
+            DeviceModel::CulturePro => &SPEC_CULTURE_PRO,
+        }
+    }
+
+    /// True for the large models (EmbryoScope+ and Flex) that the licence rules count apart.
+    pub fn is_plus_or_flex(&self) -> bool {
+        matches!(
+            self,
+            DeviceModel::EmbryoScopePlus | DeviceModel::EmbryoScopeFlex
+        )
+    }
+}
+
+impl fmt::Display for DeviceModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A device model name that is not in the catalog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownModel {
+    /// The name as given.
+    pub name: String,
+}
+
+impl fmt::Display for UnknownModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let valid: Vec<&str> = DeviceModel::ALL.iter().map(|m| m.name()).collect();
+        write!(
+            f,
+            "unknown device model `{}`; valid models: {}",
+            self.name,
+            valid.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownModel {}
+
+impl FromStr for DeviceModel {
+    type Err = UnknownModel;
+
+    /// Parses a model name such as `es-plus` (ASCII case is ignored).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        DeviceModel::ALL
+            .into_iter()
+            .find(|model| model.name().eq_ignore_ascii_case(text.trim()))
+            .ok_or_else(|| UnknownModel {
+                name: text.to_owned(),
+            })
+    }
+}
+
+impl ModelSpec {
+    /// Embryo positions with images: dishes x wells.
+    pub fn positions(&self) -> u32 {
+        self.dishes * self.wells_per_dish
+    }
+
+    /// Images of one full acquisition cycle: positions x focal planes.
+    pub fn images_per_cycle(&self) -> u64 {
+        u64::from(self.positions()) * self.focal_planes.len() as u64
+    }
+
+    /// Mean image arrival rate of one fully loaded device.
+    pub fn images_per_second(&self) -> f64 {
+        if self.interval_s == 0 {
+            return 0.0;
+        }
+        self.images_per_cycle() as f64 / f64::from(self.interval_s)
+    }
+
+    /// Mean image bytes per second of one fully loaded device.
+    pub fn bytes_per_second(&self) -> f64 {
+        self.images_per_second() * f64::from(self.image_bytes_typical)
+    }
+
+    /// Images a fully loaded device makes in one day.
+    pub fn images_per_day(&self) -> u64 {
+        if self.interval_s == 0 {
+            return 0;
+        }
+        self.images_per_cycle() * DAY_S / u64::from(self.interval_s)
+    }
+
+    /// Image bytes a fully loaded device makes in one day.
+    pub fn bytes_per_day(&self) -> u64 {
+        self.images_per_day() * u64::from(self.image_bytes_typical)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn es_plus_makes_2640_images_per_cycle_at_about_4_4_per_second() {
+        let spec = DeviceModel::EmbryoScopePlus.spec();
+        assert_eq!(spec.positions(), 240);
+        assert_eq!(spec.images_per_cycle(), 2640);
+        assert!((spec.images_per_second() - 4.4).abs() < 1e-9);
+        // DOMAIN.md: about 130 KB/s, 380,000 images and 11 GB a day.
+        assert!((spec.bytes_per_second() - 132_000.0).abs() < 1.0);
+        assert_eq!(spec.images_per_day(), 380_160);
+        assert!((11_000_000_000..11_500_000_000).contains(&spec.bytes_per_day()));
+    }
+
+    #[test]
+    fn es_plus_and_flex_take_two_units_the_others_one() {
+        for model in DeviceModel::ALL {
+            let expected = if model.is_plus_or_flex() { 2 } else { 1 };
+            assert_eq!(model.spec().capacity_units, expected, "{model}");
+        }
+    }
+
+    #[test]
+    fn es_d_has_seven_planes_15_um_apart() {
+        let spec = DeviceModel::EmbryoScopeD.spec();
+        assert_eq!(spec.positions(), 72);
+        assert_eq!(spec.focal_planes.len(), 7);
+        assert!(spec.focal_planes.windows(2).all(|w| w[1] - w[0] == 15));
+        assert_eq!(spec.images_per_cycle(), 504);
+    }
+
+    #[test]
+    fn culturepro_makes_no_images() {
+        let spec = DeviceModel::CulturePro.spec();
+        assert_eq!(spec.images_per_cycle(), 0);
+        assert_eq!(spec.images_per_second(), 0.0);
+    }
+
+    #[test]
+    fn names_parse_back_and_unknown_names_list_valid_ones() {
+        for model in DeviceModel::ALL {
+            assert_eq!(model.name().parse::<DeviceModel>(), Ok(model));
+        }
+        assert_eq!("ES-Plus".parse(), Ok(DeviceModel::EmbryoScopePlus));
+        let error = "es-9".parse::<DeviceModel>().unwrap_err().to_string();
+        assert!(error.contains("`es-9`"), "{error}");
+        assert!(
+            error.contains("es-d, es-plus, es-flex, es-8, culturepro"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn about_ten_telemetry_channels_once_a_minute() {
+        assert_eq!(telemetry_channels().len(), 10);
+        assert_eq!(TELEMETRY_INTERVAL_S, 60);
+    }
+}
