@@ -1,1 +1,15 @@
-//! placeholder
+//! es-loadtest: the load generator.
+//!
+//! Owns simulated incubators speaking the real incubator protocol (through es-proto's
+//! client session and es-net's client connection, nothing else of the server), real-sized
+//! JPEG frames, open-loop schedules measured from the intended send time into HdrHistogram,
+//! spawning a server on a temporary data directory, measuring the disk's own limit, and
+//! the reports. The `loadtest` binary drives it; the server's integration tests reuse the
+//! client and the simulator.
+
+pub mod bench;
+pub mod client;
+pub mod disk;
+pub mod frames;
+pub mod sim;
+pub mod spawn;

@@ -1,1 +1,331 @@
-fn main() {}
+//! `loadtest`: the load generator's command line.
+
+use clap::{Parser, Subcommand};
+use es_loadtest::bench::{self, IngestOptions, IngestResult};
+use es_loadtest::disk;
+use es_loadtest::spawn::{find_esserver, ServerProcess, SpawnOptions};
+use es_perf::catalog::DeviceModel;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "loadtest",
+    about = "Load generator and benchmarks for esserver"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ingestion benchmark: throughput and ack latency from simulated incubators against a
+    /// spawned server, and the disk's own limit for the same bytes and batching.
+    IngestBench(IngestArgs),
+    /// The disk's own limit alone: write + fsync of 30 KB records in batches.
+    DiskLimit {
+        /// Directory on the filesystem to measure (default: the system temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 20_000)]
+        records: u64,
+        #[arg(long, default_value_t = 64)]
+        batch: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct IngestArgs {
+    /// Simulated incubators.
+    #[arg(long, default_value_t = 16)]
+    incubators: u32,
+    /// Device model of every simulated incubator (es-d, es-plus, es-flex, es-8).
+    #[arg(long, default_value = "es-plus")]
+    model: DeviceModel,
+    /// Longest duration of each phase, in seconds.
+    #[arg(long, default_value_t = 15)]
+    duration_s: u64,
+    /// Most image bytes sent per phase, in MB.
+    #[arg(long, default_value_t = 1500)]
+    bytes_max_mb: u64,
+    /// Offered rate (images/s over all incubators) of the open-loop latency phase.
+    #[arg(long, default_value_t = 3500.0)]
+    offered: f64,
+    /// Incubator port transport: on, off, or both (two runs).
+    #[arg(long, default_value = "both")]
+    tls: String,
+    /// The esserver binary (default: beside this executable).
+    #[arg(long)]
+    esserver: Option<PathBuf>,
+    /// Where the spawned server's data directory goes (a temporary directory under it).
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(serde::Serialize)]
+struct ModeReport {
+    incubator_tls: bool,
+    throughput: IngestResult,
+    latency_at_offered: IngestResult,
+    average_batch_requests: f64,
+    disk_limit: disk::DiskLimit,
+    ratio_to_disk_bytes: f64,
+    server_peak_rss_bytes: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::IngestBench(args) => match ingest_bench(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("loadtest: {message}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::DiskLimit {
+            dir,
+            records,
+            batch,
+        } => {
+            let dir = dir.unwrap_or_else(std::env::temp_dir);
+            match disk::measure(&dir, records, 30 * 1024, batch, Duration::from_secs(60)) {
+                Ok(limit) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&limit).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("loadtest: disk limit: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn ingest_bench(args: IngestArgs) -> Result<(), String> {
+    let modes: Vec<bool> = match args.tls.as_str() {
+        "on" => vec![true],
+        "off" => vec![false],
+        "both" => vec![true, false],
+        other => return Err(format!("--tls must be on, off or both, not {other:?}")),
+    };
+    let scratch_root = args.scratch.clone().unwrap_or_else(std::env::temp_dir);
+    let bytes_max = args.bytes_max_mb * 1_000_000;
+    // Each mode writes two phases plus the disk-limit file; redb needs headroom.
+    let needed = bytes_max * 4;
+    let free =
+        disk::free_bytes(&scratch_root).map_err(|e| format!("cannot read free space: {e}"))?;
+    if free < needed {
+        return Err(format!(
+            "{} has {} MB free; this run needs {} MB (lower --bytes-max-mb)",
+            scratch_root.display(),
+            free / 1_000_000,
+            needed / 1_000_000
+        ));
+    }
+    eprintln!("generating frames...");
+    let frames = Arc::new(es_loadtest::frames::generate(16, 1));
+    let frame_bytes = frames.iter().map(|f| f.len()).sum::<usize>() / frames.len();
+    eprintln!(
+        "{} frames of {} bytes on average",
+        frames.len(),
+        frame_bytes
+    );
+    let esserver = args.esserver.clone().unwrap_or_else(find_esserver);
+    let mut reports = Vec::new();
+    for tls in modes {
+        reports.push(run_mode(
+            &args,
+            tls,
+            &esserver,
+            &scratch_root,
+            bytes_max,
+            frames.clone(),
+            frame_bytes,
+        )?);
+    }
+    print_report(&reports);
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn run_mode(
+    args: &IngestArgs,
+    tls: bool,
+    esserver: &std::path::Path,
+    scratch_root: &std::path::Path,
+    bytes_max: u64,
+    frames: Arc<Vec<bytes::Bytes>>,
+    frame_bytes: usize,
+) -> Result<ModeReport, String> {
+    let scratch = tempfile::Builder::new()
+        .prefix("esserver-bench-")
+        .tempdir_in(scratch_root)
+        .map_err(|e| e.to_string())?;
+    let mut options = SpawnOptions::new(esserver.to_path_buf(), scratch.path().join("data"));
+    options.incubator_tls = tls;
+    options.log_level = "warn".into();
+    options.log_file = Some(scratch.path().join("server.log"));
+    let mut server = ServerProcess::spawn(options)
+        .map_err(|e| format!("cannot start {}: {e}", esserver.display()))?;
+    let label = if tls { "TLS" } else { "plain TCP" };
+    eprintln!(
+        "[{label}] throughput phase: {} incubators, up to {} s or {} MB",
+        args.incubators,
+        args.duration_s,
+        bytes_max / 1_000_000
+    );
+    let ingest = IngestOptions {
+        incubators: args.incubators,
+        model: args.model,
+        offered_per_s: None,
+        duration: Duration::from_secs(args.duration_s),
+        bytes_max,
+        frames: frames.clone(),
+    };
+    let throughput = bench::run_ingest(&server, &ingest, if tls { "tls-max" } else { "tcp-max" });
+    eprintln!(
+        "[{label}] {:.0} images/s, {:.1} MB/s",
+        throughput.images_per_s, throughput.megabytes_per_s
+    );
+    let batch = average_batch(esserver, server.data_dir()).unwrap_or(1.0);
+    eprintln!(
+        "[{label}] latency phase: {} images/s offered, open loop",
+        args.offered
+    );
+    let offered = IngestOptions {
+        offered_per_s: Some(args.offered),
+        bytes_max: (args.offered * args.duration_s as f64 * frame_bytes as f64) as u64,
+        ..ingest
+    };
+    let latency_at_offered =
+        bench::run_ingest(&server, &offered, if tls { "tls-lat" } else { "tcp-lat" });
+    let rss = bench::peak_rss_bytes(server.pid());
+    let code = server.terminate(Duration::from_secs(30));
+    if code != Some(0) {
+        eprintln!("[{label}] warning: the server exited with {code:?}");
+    }
+    drop(server);
+    eprintln!(
+        "[{label}] disk limit: {} records of {} bytes, batches of {:.0}",
+        throughput.images_acked, frame_bytes, batch
+    );
+    let disk_limit = disk::measure(
+        scratch.path(),
+        throughput.images_acked.max(1000),
+        frame_bytes,
+        batch.round() as u64,
+        Duration::from_secs(args.duration_s * 2),
+    )
+    .map_err(|e| format!("disk limit: {e}"))?;
+    let ratio = throughput.megabytes_per_s * 1e6 / disk_limit.bytes_per_s.max(1.0);
+    Ok(ModeReport {
+        incubator_tls: tls,
+        throughput,
+        latency_at_offered,
+        average_batch_requests: batch,
+        disk_limit,
+        ratio_to_disk_bytes: ratio,
+        server_peak_rss_bytes: rss,
+    })
+}
+
+/// Requests per commit the server's writer reached (from `esserver status --json`).
+fn average_batch(esserver: &std::path::Path, data_dir: &std::path::Path) -> Option<f64> {
+    let output = std::process::Command::new(esserver)
+        .args(["status", "--json", "--data"])
+        .arg(data_dir)
+        .output()
+        .ok()?;
+    let body: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    let writer = &body["writer"];
+    let commits = writer["commits"].as_f64()?;
+    let requests = writer["requests"].as_f64()?;
+    (commits > 0.0).then(|| requests / commits)
+}
+
+fn print_report(reports: &[ModeReport]) {
+    println!();
+    println!(
+        "{:<10} {:>12} {:>9} {:>10} {:>10} {:>10} {:>12} {:>10} {:>9}",
+        "transport",
+        "images/s",
+        "MB/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "disk MB/s",
+        "ratio",
+        "RSS MB"
+    );
+    for r in reports {
+        let t = &r.throughput;
+        println!(
+            "{:<10} {:>12.0} {:>9.1} {:>10.2} {:>10.2} {:>10.2} {:>12.1} {:>10.2} {:>9.0}",
+            if r.incubator_tls { "TLS" } else { "plain" },
+            t.images_per_s,
+            t.megabytes_per_s,
+            t.ack_latency.p50_us as f64 / 1000.0,
+            t.ack_latency.p99_us as f64 / 1000.0,
+            t.ack_latency.p999_us as f64 / 1000.0,
+            r.disk_limit.bytes_per_s / 1e6,
+            r.ratio_to_disk_bytes,
+            r.server_peak_rss_bytes.unwrap_or(0) as f64 / 1e6
+        );
+    }
+    println!();
+    println!("open-loop ack latency at the offered rate (measured from the intended send time):");
+    for r in reports {
+        let l = &r.latency_at_offered;
+        println!(
+            "  {:<6} offered {:>6.0}/s achieved {:>8.0}/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  errors {:?}",
+            if r.incubator_tls { "TLS" } else { "plain" },
+            l.offered_per_s.unwrap_or(0.0),
+            l.images_per_s,
+            l.ack_latency.p50_us as f64 / 1000.0,
+            l.ack_latency.p99_us as f64 / 1000.0,
+            l.ack_latency.p999_us as f64 / 1000.0,
+            l.ack_latency.max_us as f64 / 1000.0,
+            l.errors
+        );
+    }
+    println!();
+    println!(
+        "targets (es-perf): ack latency at the offered rate, sustained ingestion at full speed"
+    );
+    for r in reports {
+        let mode = if r.incubator_tls { "TLS" } else { "plain" };
+        let checks = [
+            ("image_ack", &r.latency_at_offered),
+            ("image_ingest_sustained", &r.throughput),
+        ];
+        for (operation, run) in checks {
+            let Some(target) = es_perf::targets::target(operation) else {
+                continue;
+            };
+            for result in es_perf::targets::evaluate(target, &run.ack_latency, run.images_per_s) {
+                println!("  {mode:<6} {result}");
+            }
+        }
+        if !r.throughput.connection_errors.is_empty()
+            || !r.latency_at_offered.connection_errors.is_empty()
+        {
+            println!(
+                "  {mode:<6} connection errors: {:?} {:?}",
+                r.throughput.connection_errors, r.latency_at_offered.connection_errors
+            );
+        }
+    }
+}

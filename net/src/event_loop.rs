@@ -60,6 +60,10 @@ pub trait Session: Send + 'static {
         io.close(CloseReason::Timeout(kind));
     }
 
+    /// Called for every connection at each timer tick (about ten times a second), for work
+    /// that waits on something other than input or a message (a retry, for example).
+    fn on_tick(&mut self, _io: &mut SessionIo<'_>) {}
+
     /// The server is stopping: take no new requests, finish what is in flight, then close.
     fn on_shutdown(&mut self, io: &mut SessionIo<'_>);
 
@@ -221,13 +225,19 @@ impl<M: Send + 'static> LoopHandle<M> {
 pub struct ConnHandle<M> {
     owner: LoopHandle<M>,
     token: SlotToken,
+    /// Unique among every connection of the process (tokens are unique per loop only).
+    id: u64,
 }
+
+/// Source of connection ids.
+static NEXT_CONNECTION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl<M> Clone for ConnHandle<M> {
     fn clone(&self) -> Self {
         ConnHandle {
             owner: self.owner.clone(),
             token: self.token,
+            id: self.id,
         }
     }
 }
@@ -244,9 +254,9 @@ impl<M: Send + 'static> ConnHandle<M> {
         self.owner.send(Command::Close(self.token, reason.into()))
     }
 
-    /// An identity for registries: stable for the life of the connection.
+    /// An identity for registries: unique in the process, stable for the connection's life.
     pub fn id(&self) -> u64 {
-        self.token.to_usize() as u64
+        self.id
     }
 }
 
@@ -453,7 +463,12 @@ impl<S: Service> Worker<S> {
         let inserted = {
             let mut transport = Some(transport);
             self.conns.insert_with(|token| {
-                let handle = ConnHandle { owner: own, token };
+                let id = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
+                let handle = ConnHandle {
+                    owner: own,
+                    token,
+                    id,
+                };
                 Conn {
                     transport: transport.take().expect("built once"),
                     session: service.open(peer, handle, now),
@@ -687,6 +702,18 @@ impl<S: Service> Worker<S> {
                 }
                 continue;
             }
+            let was_paused = conn.read_paused;
+            let mut io = SessionIo {
+                transport: &mut conn.transport,
+                read_paused: &mut conn.read_paused,
+                close: &mut conn.closing,
+                now,
+                peer: conn.peer,
+            };
+            conn.session.on_tick(&mut io);
+            if was_paused && !conn.read_paused {
+                self.ready.push_back(token);
+            }
             let established = conn.session.is_established() && !conn.transport.is_handshaking();
             let kind = if !established
                 && now.duration_since(conn.opened_at) > self.limits.handshake_timeout
@@ -695,6 +722,7 @@ impl<S: Service> Worker<S> {
             } else if now.duration_since(conn.last_input_at) > self.limits.idle_timeout {
                 TimeoutKind::Idle
             } else {
+                self.finish(token, now);
                 continue;
             };
             let mut io = SessionIo {

@@ -1,0 +1,139 @@
+//! The ingestion benchmark: simulated incubators upload to a spawned server while the
+//! load generator measures throughput and ack latency; then the disk's own limit is
+//! measured with the same bytes and batching, so the result is a ratio from one run.
+
+use crate::client::{ClientError, Identity, IncubatorClient};
+use crate::sim::{self, Pacing, UploadStats, Workload};
+use crate::spawn::ServerProcess;
+use bytes::Bytes;
+use es_perf::catalog::DeviceModel;
+use es_perf::latency::{LatencyRecorder, LatencySummary};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    pub incubators: u32,
+    pub model: DeviceModel,
+    /// Total offered images/s over all incubators, open loop; `None` is as fast as the
+    /// server's window allows.
+    pub offered_per_s: Option<f64>,
+    pub duration: Duration,
+    /// Most image bytes the run sends (over all incubators).
+    pub bytes_max: u64,
+    pub frames: Arc<Vec<Bytes>>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IngestResult {
+    pub incubators: u32,
+    pub offered_per_s: Option<f64>,
+    pub images_acked: u64,
+    pub bytes_acked: u64,
+    pub elapsed_s: f64,
+    pub images_per_s: f64,
+    pub megabytes_per_s: f64,
+    pub ack_latency: LatencySummary,
+    pub errors: BTreeMap<String, u64>,
+    pub connection_errors: Vec<String>,
+}
+
+/// Runs one ingestion phase against `server` (incubator serials are prefixed by `tag` so
+/// phases do not collide).
+pub fn run_ingest(server: &ServerProcess, options: &IngestOptions, tag: &str) -> IngestResult {
+    let address = server.info.address("incubator");
+    let tls = server.info.client_tls("incubator");
+    let frame_bytes = options.frames.iter().map(|f| f.len() as u64).sum::<u64>()
+        / options.frames.len().max(1) as u64;
+    let images_total = options.bytes_max / frame_bytes.max(1);
+    let per_incubator = (images_total / options.incubators.max(1) as u64).max(1);
+    let start_ms = crate::client::now_ms() - 86_400_000;
+    let begin = Instant::now() + Duration::from_millis(200);
+    let threads: Vec<_> = (0..options.incubators)
+        .map(|n| {
+            let options = options.clone();
+            let tls = tls.clone();
+            let serial = format!("{tag}-{n:02}");
+            std::thread::spawn(move || -> (UploadStats, Option<ClientError>) {
+                let spec = options.model.spec();
+                let per_cycle = spec.positions() as u64 * spec.focal_planes.len() as u64;
+                let cycles = per_incubator.div_ceil(per_cycle.max(1)) as u32;
+                let workload = Workload::full(&serial, options.model, cycles.max(1), start_ms);
+                let mut identity = Identity {
+                    serial: serial.clone(),
+                    model: options.model.name().into(),
+                    firmware: "sim-1.0".into(),
+                    secret: String::new(),
+                };
+                let connect =
+                    IncubatorClient::connect(address, &tls, &mut identity, Duration::from_secs(30));
+                let mut client = match connect {
+                    Ok(client) => client,
+                    Err(error) => return (UploadStats::default(), Some(error)),
+                };
+                if let Err(error) =
+                    sim::register_dishes(&mut client, &workload, Duration::from_secs(30))
+                {
+                    return (UploadStats::default(), Some(error));
+                }
+                let pacing = match options.offered_per_s {
+                    Some(total) => Pacing::OpenLoop {
+                        start: begin,
+                        interval: Duration::from_secs_f64(options.incubators as f64 / total),
+                    },
+                    None => Pacing::Window,
+                };
+                let deadline = begin.max(Instant::now()) + options.duration;
+                sim::upload(
+                    &mut client,
+                    &workload,
+                    0..per_incubator.min(workload.len()),
+                    &options.frames,
+                    pacing,
+                    deadline,
+                )
+            })
+        })
+        .collect();
+    let mut latency = LatencyRecorder::new();
+    let mut result = IngestResult {
+        incubators: options.incubators,
+        offered_per_s: options.offered_per_s,
+        images_acked: 0,
+        bytes_acked: 0,
+        elapsed_s: 0.0,
+        images_per_s: 0.0,
+        megabytes_per_s: 0.0,
+        ack_latency: LatencyRecorder::new().summary(),
+        errors: BTreeMap::new(),
+        connection_errors: Vec::new(),
+    };
+    let mut elapsed_max = Duration::ZERO;
+    for thread in threads {
+        let (stats, error) = thread.join().expect("incubator thread");
+        latency.merge(&stats.latency);
+        result.images_acked += stats.acked;
+        result.bytes_acked += stats.bytes_acked;
+        elapsed_max = elapsed_max.max(stats.elapsed);
+        for (name, count) in stats.errors {
+            *result.errors.entry(name).or_default() += count;
+        }
+        if let Some(error) = error {
+            result.connection_errors.push(error.to_string());
+        }
+    }
+    result.elapsed_s = elapsed_max.as_secs_f64().max(1e-9);
+    result.images_per_s = result.images_acked as f64 / result.elapsed_s;
+    result.megabytes_per_s = result.bytes_acked as f64 / result.elapsed_s / 1e6;
+    result.ack_latency = latency.summary();
+    result
+}
+
+/// Peak resident memory of a process (Linux: VmHWM), in bytes.
+pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -1,0 +1,243 @@
+//! Runs an `esserver` process for a test or a benchmark: a temporary data directory, every
+//! listener on a free loopback port, stopped (gracefully or with kill -9) by PID.
+
+use es_net::client::ClientTls;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server gets to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The part of the server's `server.json` a client needs.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ServerInfo {
+    pub pid: u32,
+    pub server_id: String,
+    pub certificate: PathBuf,
+    pub listeners: Vec<ListenerInfo>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ListenerInfo {
+    pub service: String,
+    pub address: SocketAddr,
+    pub tls: bool,
+}
+
+impl ServerInfo {
+    pub fn address(&self, service: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|l| l.service == service)
+            .map(|l| l.address)
+            .expect("service listed")
+    }
+
+    /// Client TLS settings for a service: the server's certificate pinned, or plain.
+    pub fn client_tls(&self, service: &str) -> ClientTls {
+        let tls = self
+            .listeners
+            .iter()
+            .find(|l| l.service == service)
+            .map(|l| l.tls)
+            .unwrap_or(true);
+        if !tls {
+            return ClientTls::Plain;
+        }
+        let cert = es_net::tls::read_certificate(&self.certificate)
+            .expect("the server's certificate is readable");
+        ClientTls::Tls {
+            config: es_net::tls::pinned_client_config(cert),
+            server_name: "localhost".try_into().expect("valid name"),
+        }
+    }
+}
+
+/// Settings for a spawned server.
+#[derive(Debug, Clone)]
+pub struct SpawnOptions {
+    pub esserver: PathBuf,
+    pub data_dir: PathBuf,
+    pub incubator_tls: bool,
+    /// Extra lines appended to the configuration file, section headers included.
+    pub extra_config: String,
+    pub log_level: String,
+    /// Where the server's stderr goes (inherit when None).
+    pub log_file: Option<PathBuf>,
+}
+
+impl SpawnOptions {
+    pub fn new(esserver: PathBuf, data_dir: PathBuf) -> SpawnOptions {
+        SpawnOptions {
+            esserver,
+            data_dir,
+            incubator_tls: true,
+            extra_config: String::new(),
+            log_level: "info".into(),
+            log_file: None,
+        }
+    }
+
+    /// The configuration file this spawn writes: every listener on port 0 (a free port).
+    pub fn config_text(&self) -> String {
+        let tls = if self.incubator_tls { "on" } else { "off" };
+        format!(
+            "; written by the load generator for a spawned server\n\
+             [IncubatorTransport]\nbind = 127.0.0.1\nport = 0\ntls = {tls}\n\n\
+             [ViewerTransport]\nbind = 127.0.0.1\nport = 0\n\n\
+             [PublicApi]\nbind = 127.0.0.1\nport = 0\n\n\
+             [WebInterface]\nbind = 127.0.0.1\nport = 0\n\n\
+             [Storage]\ndata_dir = {}\n\n\
+             [Server]\nlog_level = {}\n\n{}",
+            self.data_dir.display(),
+            self.log_level,
+            self.extra_config
+        )
+    }
+}
+
+pub struct ServerProcess {
+    child: Option<Child>,
+    pub info: ServerInfo,
+    pub options: SpawnOptions,
+}
+
+impl ServerProcess {
+    pub fn spawn(options: SpawnOptions) -> std::io::Result<ServerProcess> {
+        std::fs::create_dir_all(&options.data_dir)?;
+        let config_path = options.data_dir.join("EmbryoServer.ini");
+        std::fs::write(&config_path, options.config_text())?;
+        let stderr = match &options.log_file {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+            None => Stdio::inherit(),
+        };
+        let mut child = Command::new(&options.esserver)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()?;
+        let info = wait_for_info(&options.data_dir, child.id(), &mut child)?;
+        Ok(ServerProcess {
+            child: Some(child),
+            info,
+            options,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.info.pid
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.options.data_dir
+    }
+
+    /// kill -9: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let mut child = self.child.take()?;
+        send_sigterm(child.id());
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Spawns a new server on the same data directory and configuration.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.kill9();
+        let next = ServerProcess::spawn(self.options.clone())?;
+        *self = next;
+        Ok(())
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+#[cfg(unix)]
+fn send_sigterm(pid: u32) {
+    // SAFETY: plain kill(2) on a child we spawned.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+#[cfg(not(unix))]
+fn send_sigterm(_pid: u32) {}
+
+fn wait_for_info(data_dir: &Path, pid: u32, child: &mut Child) -> std::io::Result<ServerInfo> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let path = data_dir.join("server.json");
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(info) = serde_json::from_str::<ServerInfo>(&text) {
+                if info.pid == pid {
+                    return Ok(info);
+                }
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(std::io::Error::other(format!(
+                "esserver exited during start-up ({status})"
+            )));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "esserver did not start listening in time",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `esserver` next to the running executable (target/<profile>/), or on `PATH`.
+pub fn find_esserver() -> PathBuf {
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(3) {
+            let candidate = dir.join(format!("esserver{}", std::env::consts::EXE_SUFFIX));
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from("esserver")
+}

@@ -1,0 +1,201 @@
+//! The local control socket: how admin commands (`esserver status`, `verify`,
+//! `instrument reset-secret`) reach a running server. It is a Unix domain socket in the
+//! data directory, readable by the owner only; each connection carries one JSON request
+//! line and gets one JSON response line.
+//!
+//! redb locks its file, so admin commands open the database directly only when no server
+//! answers here.
+
+use serde::{Deserialize, Serialize};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// A request line is at most this long; longer ones are refused.
+const REQUEST_BYTES_MAX: u64 = 64 * 1024;
+/// How long a control client waits for the server's answer (verify of a large store takes
+/// long, so generous).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+pub const SOCKET_FILE: &str = "control.sock";
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(SOCKET_FILE)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Verify,
+    ResetSecret { serial: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    /// Stable error code when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub body: serde_json::Value,
+}
+
+impl Response {
+    pub fn ok(body: serde_json::Value) -> Response {
+        Response {
+            ok: true,
+            code: None,
+            message: None,
+            body,
+        }
+    }
+
+    pub fn error(code: &str, message: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            code: Some(code.to_string()),
+            message: Some(message.into()),
+            body: serde_json::Value::Null,
+        }
+    }
+}
+
+/// The running control server.
+pub struct ControlServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Binds the socket (replacing a stale one left by a killed server) and answers requests
+    /// on its own thread with `handler`.
+    #[cfg(unix)]
+    pub fn start(
+        data_dir: &Path,
+        handler: impl Fn(Request) -> Response + Send + 'static,
+    ) -> io::Result<ControlServer> {
+        use std::os::unix::net::UnixListener;
+        let path = socket_path(data_dir);
+        if path.exists() {
+            // The database lock proves no other server runs on this directory.
+            std::fs::remove_file(&path)?;
+        }
+        let listener = UnixListener::bind(&path)?;
+        crate::os::make_owner_only(&path, false)?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("es-control".into())
+            .spawn(move || {
+                while !thread_stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            if let Err(error) = serve_one(stream, &handler) {
+                                tracing::warn!(%error, "control request failed");
+                            }
+                        }
+                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "control socket accept failed");
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                    }
+                }
+            })?;
+        Ok(ControlServer {
+            stop,
+            thread: Some(thread),
+            path,
+        })
+    }
+
+    #[cfg(not(unix))]
+    pub fn start(
+        _data_dir: &Path,
+        _handler: impl Fn(Request) -> Response + Send + 'static,
+    ) -> io::Result<ControlServer> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the control socket needs Unix domain sockets",
+        ))
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(unix)]
+fn serve_one(
+    stream: std::os::unix::net::UnixStream,
+    handler: &dyn Fn(Request) -> Response,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(io::Read::take(&stream, REQUEST_BYTES_MAX));
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let response = match serde_json::from_str::<Request>(line.trim()) {
+        Ok(request) => handler(request),
+        Err(error) => Response::error(
+            "bad_request",
+            format!("cannot parse the control request: {error}"),
+        ),
+    };
+    let mut writer = &stream;
+    let mut text = serde_json::to_string(&response).map_err(io::Error::other)?;
+    text.push('\n');
+    writer.write_all(text.as_bytes())
+}
+
+/// Sends one request to the server running on `data_dir`. `Ok(None)` when no server
+/// answers there.
+#[cfg(unix)]
+pub fn call(data_dir: &Path, request: &Request) -> io::Result<Option<Response>> {
+    use std::os::unix::net::UnixStream;
+    let path = socket_path(data_dir);
+    let stream = match UnixStream::connect(&path) {
+        Ok(stream) => stream,
+        Err(error)
+            if matches!(
+                error.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(error) => return Err(error),
+    };
+    stream.set_read_timeout(Some(RESPONSE_TIMEOUT))?;
+    let mut text = serde_json::to_string(request).map_err(io::Error::other)?;
+    text.push('\n');
+    (&stream).write_all(text.as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let response = serde_json::from_str(line.trim()).map_err(|error| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad control response: {error}"),
+        )
+    })?;
+    Ok(Some(response))
+}
+
+#[cfg(not(unix))]
+pub fn call(_data_dir: &Path, _request: &Request) -> io::Result<Option<Response>> {
+    Ok(None)
+}

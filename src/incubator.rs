@@ -1,0 +1,690 @@
+//! The incubator interface (port 3000): one session per connected instrument, turning
+//! protocol requests into storage writes and reads, and storage completions into ACK or
+//! ERROR frames. An image is acknowledged only when the commit holding it is durable.
+
+use bytes::BytesMut;
+use es_net::{CloseReason, ConnHandle, Service, Session, SessionIo, TimeoutKind};
+use es_proto::incubator::{
+    error_message, patient_list_limit, pb, validate_request, ErrorCode, Message, ServerEvent,
+    ServerLimits, ServerSession, PROTOCOL_VERSION,
+};
+use es_storage::{
+    Completion, DishRegistration, PatientRef, Store, SubmitError, TelemetrySample,
+    WellRegistration, WriteError, WriteOp, WriteOutcome, Writer,
+};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Messages delivered to an incubator connection from other threads.
+pub enum IncubatorMsg {
+    /// The storage writer finished the HELLO's instrument record.
+    HelloDone {
+        hello: pb::Hello,
+        result: Result<WriteOutcome, WriteError>,
+    },
+    /// The storage writer finished a request.
+    Done {
+        seq: u64,
+        result: Result<WriteOutcome, WriteError>,
+    },
+    /// A newer connection of the same instrument took over.
+    Superseded,
+}
+
+/// Live figures of one connected instrument, for `esserver status`.
+#[derive(Debug, Default)]
+pub struct LiveCounters {
+    pub images: AtomicU64,
+    pub image_bytes: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// One connected instrument in the registry.
+pub struct Connected {
+    pub handle: ConnHandle<IncubatorMsg>,
+    pub serial: String,
+    pub model: String,
+    pub firmware: String,
+    pub peer: SocketAddr,
+    pub connected_at_ms: i64,
+    pub counters: Arc<LiveCounters>,
+}
+
+/// The instruments connected right now, by serial number.
+#[derive(Default)]
+pub struct Registry {
+    by_serial: Mutex<HashMap<String, Connected>>,
+}
+
+impl Registry {
+    /// Records a connection; returns the handle of the older connection it replaces.
+    fn insert(&self, connected: Connected) -> Option<ConnHandle<IncubatorMsg>> {
+        let mut map = self.by_serial.lock();
+        let older = map.insert(connected.serial.clone(), connected);
+        older.map(|older| older.handle)
+    }
+
+    fn remove_if_current(&self, serial: &str, connection_id: u64) {
+        let mut map = self.by_serial.lock();
+        if map
+            .get(serial)
+            .is_some_and(|current| current.handle.id() == connection_id)
+        {
+            map.remove(serial);
+        }
+    }
+
+    /// A snapshot for status reports.
+    pub fn snapshot(&self) -> Vec<ConnectedSnapshot> {
+        let map = self.by_serial.lock();
+        let mut list: Vec<_> = map
+            .values()
+            .map(|c| ConnectedSnapshot {
+                serial: c.serial.clone(),
+                model: c.model.clone(),
+                firmware: c.firmware.clone(),
+                peer: c.peer.to_string(),
+                connected_at_ms: c.connected_at_ms,
+                images: c.counters.images.load(Ordering::Relaxed),
+                image_bytes: c.counters.image_bytes.load(Ordering::Relaxed),
+                duplicates: c.counters.duplicates.load(Ordering::Relaxed),
+                errors: c.counters.errors.load(Ordering::Relaxed),
+            })
+            .collect();
+        list.sort_by(|a, b| a.serial.cmp(&b.serial));
+        list
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ConnectedSnapshot {
+    pub serial: String,
+    pub model: String,
+    pub firmware: String,
+    pub peer: String,
+    pub connected_at_ms: i64,
+    pub images: u64,
+    pub image_bytes: u64,
+    pub duplicates: u64,
+    pub errors: u64,
+}
+
+pub struct IncubatorService {
+    pub store: Store,
+    pub writer: Writer,
+    pub registry: Arc<Registry>,
+    pub limits: ServerLimits,
+}
+
+impl Service for IncubatorService {
+    type Msg = IncubatorMsg;
+    type Session = IncubatorSession;
+
+    fn name(&self) -> &'static str {
+        "incubator"
+    }
+
+    fn open(
+        &self,
+        peer: SocketAddr,
+        handle: ConnHandle<IncubatorMsg>,
+        _now: Instant,
+    ) -> IncubatorSession {
+        IncubatorSession {
+            protocol: ServerSession::new(self.limits),
+            store: self.store.clone(),
+            writer: self.writer.clone(),
+            registry: self.registry.clone(),
+            handle,
+            peer,
+            instrument: None,
+            counters: Arc::new(LiveCounters::default()),
+            waiting_for_hello: false,
+            blocked: None,
+            stopping: false,
+            in_storage: 0,
+        }
+    }
+}
+
+struct Instrument {
+    id: u64,
+    serial: String,
+}
+
+pub struct IncubatorSession {
+    protocol: ServerSession,
+    store: Store,
+    writer: Writer,
+    registry: Arc<Registry>,
+    handle: ConnHandle<IncubatorMsg>,
+    peer: SocketAddr,
+    instrument: Option<Instrument>,
+    counters: Arc<LiveCounters>,
+    /// The HELLO is with the storage writer; nothing else is read meanwhile.
+    waiting_for_hello: bool,
+    /// A request the storage queue had no room for; retried before reading more.
+    blocked: Option<(WriteOp, Completion)>,
+    stopping: bool,
+    /// Requests handed to the storage writer and not completed yet.
+    in_storage: u32,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl IncubatorSession {
+    fn name(&self) -> String {
+        match &self.instrument {
+            Some(instrument) => format!("incubator {} ({})", instrument.serial, self.peer),
+            None => format!("incubator at {}", self.peer),
+        }
+    }
+
+    /// Answers and closes: a connection-level error.
+    fn fail(&mut self, code: ErrorCode, message: String, io: &mut SessionIo<'_>) {
+        tracing::warn!(incubator = %self.name(), code = code.name(), "{message}; closing the connection");
+        let mut out = BytesMut::new();
+        error_message(0, code, message.clone()).encode(&mut out);
+        io.write(&out);
+        io.close(CloseReason::Requested(format!(
+            "{}: {message}",
+            code.name()
+        )));
+    }
+
+    fn respond(&mut self, message: Message, io: &mut SessionIo<'_>) {
+        let mut out = BytesMut::new();
+        self.protocol.respond(message, &mut out);
+        io.write(&out);
+    }
+
+    fn handle_event(&mut self, event: ServerEvent, io: &mut SessionIo<'_>) {
+        match event {
+            ServerEvent::Hello(hello) => self.start_hello(hello, io),
+            ServerEvent::Request(message) => self.handle_request(message, io),
+        }
+    }
+
+    fn start_hello(&mut self, hello: pb::Hello, io: &mut SessionIo<'_>) {
+        let mut secret_bytes = [0u8; 24];
+        if getrandom::fill(&mut secret_bytes).is_err() {
+            self.fail(
+                ErrorCode::InternalError,
+                "the server could not generate a secret".into(),
+                io,
+            );
+            return;
+        }
+        let op = WriteOp::InstrumentHello {
+            serial: hello.serial_number.clone(),
+            model: hello.model.clone(),
+            firmware: hello.firmware_version.clone(),
+            presented_secret: (!hello.secret.is_empty()).then(|| hello.secret.clone()),
+            new_secret: hex::encode(secret_bytes),
+            at_ms: now_ms(),
+        };
+        let handle = self.handle.clone();
+        let done: Completion = Box::new(move |result| {
+            handle.send(IncubatorMsg::HelloDone { hello, result });
+        });
+        self.waiting_for_hello = true;
+        io.pause_reading();
+        self.submit(op, done, io);
+    }
+
+    fn finish_hello(
+        &mut self,
+        hello: pb::Hello,
+        result: Result<WriteOutcome, WriteError>,
+        io: &mut SessionIo<'_>,
+    ) {
+        self.waiting_for_hello = false;
+        let (instrument_id, issued_secret) = match result {
+            Ok(WriteOutcome::InstrumentAccepted {
+                instrument_id,
+                issued_secret,
+            }) => (instrument_id, issued_secret),
+            Ok(other) => {
+                self.fail(
+                    ErrorCode::InternalError,
+                    format!("unexpected storage outcome {other:?}"),
+                    io,
+                );
+                return;
+            }
+            Err(WriteError::AuthFailed) => {
+                let message = format!(
+                    "instrument {} presented a wrong secret; an administrator can reset it with \
+                     `esserver instrument reset-secret {}`",
+                    hello.serial_number, hello.serial_number
+                );
+                self.fail(ErrorCode::AuthFailed, message, io);
+                return;
+            }
+            Err(error) => {
+                let code = error_code(&error);
+                self.fail(code, format!("HELLO refused: {error}"), io);
+                return;
+            }
+        };
+        self.instrument = Some(Instrument {
+            id: instrument_id,
+            serial: hello.serial_number.clone(),
+        });
+        let older = self.registry.insert(Connected {
+            handle: self.handle.clone(),
+            serial: hello.serial_number.clone(),
+            model: hello.model.clone(),
+            firmware: hello.firmware_version.clone(),
+            peer: self.peer,
+            connected_at_ms: now_ms(),
+            counters: self.counters.clone(),
+        });
+        if let Some(older) = older {
+            if older.id() != self.handle.id() {
+                tracing::warn!(incubator = %self.name(),
+                    "a second connection of this instrument said HELLO; closing the older one");
+                older.send(IncubatorMsg::Superseded);
+            }
+        }
+        let issued = issued_secret.unwrap_or_default();
+        tracing::info!(incubator = %self.name(), model = %hello.model, firmware = %hello.firmware_version,
+            tls = io.is_tls(), new_secret_issued = !issued.is_empty(), "incubator connected");
+        let reply = pb::HelloOk {
+            server_id: self.store.server_id(),
+            accepted_version: PROTOCOL_VERSION,
+            frame_bytes_max: self.protocol_limits().frame_bytes_max,
+            inflight_requests_max: self.protocol_limits().inflight_requests_max,
+            issued_secret: issued,
+            server_clock_ms: now_ms(),
+        };
+        let mut out = BytesMut::new();
+        self.protocol.accept_hello(reply, &mut out);
+        io.write(&out);
+        if !self.stopping {
+            io.resume_reading();
+        }
+    }
+
+    fn protocol_limits(&self) -> ServerLimits {
+        self.protocol.limits()
+    }
+
+    fn instrument_id(&self) -> u64 {
+        self.instrument
+            .as_ref()
+            .map(|i| i.id)
+            .expect("requests come only after an accepted HELLO")
+    }
+
+    fn handle_request(&mut self, message: Message, io: &mut SessionIo<'_>) {
+        let seq = message.seq();
+        if let Err(error) = validate_request(&message) {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(incubator = %self.name(), seq, code = "invalid_field", "request refused: {error}");
+            self.respond(error.to_error(seq), io);
+            return;
+        }
+        let instrument_id = self.instrument_id();
+        let at_ms = now_ms();
+        let op = match message {
+            Message::Image(image) => {
+                self.counters
+                    .image_bytes
+                    .fetch_add(image.jpeg.len() as u64, Ordering::Relaxed);
+                WriteOp::PutImage {
+                    instrument_id,
+                    dish_id: image.dish_id,
+                    well: image.well,
+                    focal_plane: image.focal_plane,
+                    acquired_at_ms: image.acquired_at_ms,
+                    jpeg: image.jpeg,
+                    at_ms,
+                }
+            }
+            Message::RegisterDish(dish) => WriteOp::RegisterDish {
+                instrument_id,
+                dish: dish_registration(dish),
+                at_ms,
+            },
+            Message::Telemetry(telemetry) => WriteOp::PutTelemetry {
+                instrument_id,
+                samples: telemetry
+                    .samples
+                    .into_iter()
+                    .map(|s| TelemetrySample {
+                        channel: s.channel,
+                        value: s.value,
+                        at_ms: s.at_ms,
+                    })
+                    .collect(),
+                at_ms,
+            },
+            Message::SyncState(request) => {
+                let reply = self.sync_state(seq, instrument_id, &request.dish_id);
+                self.respond(reply, io);
+                return;
+            }
+            Message::ListPatients(request) => {
+                let reply = self.list_patients(seq, &request);
+                self.respond(reply, io);
+                return;
+            }
+            Message::Ping(_) => {
+                self.respond(
+                    Message::Ack(pb::Ack {
+                        seq,
+                        duplicate: false,
+                    }),
+                    io,
+                );
+                return;
+            }
+            other => {
+                // The protocol session lets only client requests through.
+                self.respond(
+                    error_message(
+                        seq,
+                        ErrorCode::UnexpectedMessage,
+                        format!("{:?} is not a request", other.message_type()),
+                    ),
+                    io,
+                );
+                return;
+            }
+        };
+        let handle = self.handle.clone();
+        let done: Completion = Box::new(move |result| {
+            handle.send(IncubatorMsg::Done { seq, result });
+        });
+        self.submit(op, done, io);
+    }
+
+    fn submit(&mut self, op: WriteOp, done: Completion, io: &mut SessionIo<'_>) {
+        match self.writer.try_submit(op, done) {
+            Ok(()) => self.in_storage += 1,
+            Err(SubmitError::Full(op, done)) => {
+                // Backpressure: stop reading until the storage queue has room.
+                self.blocked = Some((op, done));
+                io.pause_reading();
+            }
+            Err(SubmitError::Closed(_, done)) => {
+                done(Err(WriteError::ShuttingDown));
+                self.in_storage += 1;
+            }
+        }
+    }
+
+    fn retry_blocked(&mut self, io: &mut SessionIo<'_>) {
+        if let Some((op, done)) = self.blocked.take() {
+            self.submit(op, done, io);
+        }
+        self.update_reading(io);
+    }
+
+    /// Reads only when nothing blocks: no pending HELLO, no request waiting for queue room,
+    /// below the in-flight limit, not stopping.
+    fn update_reading(&mut self, io: &mut SessionIo<'_>) {
+        let blocked = self.waiting_for_hello
+            || self.blocked.is_some()
+            || self.protocol.at_inflight_limit()
+            || self.stopping;
+        if blocked {
+            io.pause_reading();
+        } else {
+            io.resume_reading();
+        }
+    }
+
+    fn finish_request(
+        &mut self,
+        seq: u64,
+        result: Result<WriteOutcome, WriteError>,
+        io: &mut SessionIo<'_>,
+    ) {
+        let reply = match result {
+            Ok(WriteOutcome::ImageStored { duplicate }) => {
+                if duplicate {
+                    self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.counters.images.fetch_add(1, Ordering::Relaxed);
+                }
+                Message::Ack(pb::Ack { seq, duplicate })
+            }
+            Ok(WriteOutcome::DishRegistered { created, .. }) => Message::Ack(pb::Ack {
+                seq,
+                duplicate: !created,
+            }),
+            Ok(_) => Message::Ack(pb::Ack {
+                seq,
+                duplicate: false,
+            }),
+            Err(error) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                let code = error_code(&error);
+                tracing::warn!(incubator = %self.name(), seq, code = code.name(), "request refused: {error}");
+                error_message(seq, code, error.to_string())
+            }
+        };
+        self.respond(reply, io);
+    }
+
+    fn sync_state(&self, seq: u64, instrument_id: u64, dish_id: &str) -> Message {
+        let state = self
+            .store
+            .read()
+            .and_then(|reader| reader.sync_state(instrument_id, dish_id));
+        match state {
+            Err(error) => {
+                tracing::error!(incubator = %self.name(), "SYNC_STATE failed: {error}");
+                error_message(seq, ErrorCode::StorageUnavailable, error.to_string())
+            }
+            Ok(None) => Message::SyncStateResult(pb::SyncStateResult {
+                seq,
+                known: false,
+                dish_id: dish_id.to_string(),
+                wells: Vec::new(),
+            }),
+            Ok(Some(state)) => Message::SyncStateResult(pb::SyncStateResult {
+                seq,
+                known: true,
+                dish_id: state.dish_id,
+                wells: state
+                    .wells
+                    .into_iter()
+                    .map(|well| pb::WellState {
+                        well: well.well,
+                        embryo_id: well.embryo_id,
+                        acquisitions: well
+                            .acquisitions
+                            .into_iter()
+                            .map(|a| pb::AcquisitionState {
+                                acquired_at_ms: a.acquired_at_ms,
+                                focal_planes: a.focal_planes,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    fn list_patients(&self, seq: u64, request: &pb::ListPatients) -> Message {
+        let limit = patient_list_limit(request);
+        let after =
+            (!request.after_patient_id.is_empty()).then_some(request.after_patient_id.as_str());
+        let patients = self
+            .store
+            .read()
+            .and_then(|reader| reader.list_patients(after, limit));
+        match patients {
+            Err(error) => error_message(seq, ErrorCode::StorageUnavailable, error.to_string()),
+            Ok(patients) => {
+                let next_after = if patients.len() as u32 == limit {
+                    patients
+                        .last()
+                        .map(|p| p.patient_id.clone())
+                        .unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                Message::PatientList(pb::PatientList {
+                    seq,
+                    patients: patients
+                        .into_iter()
+                        .map(|p| pb::PatientInfo {
+                            patient_id: p.patient_id,
+                            first_name: p.first_name,
+                            last_name: p.last_name,
+                            date_of_birth: p.date_of_birth,
+                            treatments: p.treatments,
+                        })
+                        .collect(),
+                    next_after,
+                })
+            }
+        }
+    }
+}
+
+fn dish_registration(dish: pb::RegisterDish) -> DishRegistration {
+    let patient = dish.patient.unwrap_or_default();
+    DishRegistration {
+        dish_id: dish.dish_id,
+        slot: dish.slot,
+        patient: PatientRef {
+            patient_id: patient.patient_id,
+            first_name: patient.first_name,
+            last_name: patient.last_name,
+            date_of_birth: patient.date_of_birth,
+        },
+        treatment_name: dish.treatment_name,
+        insemination_at_ms: dish.insemination_time_ms,
+        wells: dish
+            .wells
+            .into_iter()
+            .map(|w| WellRegistration {
+                well: w.well,
+                embryo_id: w.embryo_id,
+            })
+            .collect(),
+    }
+}
+
+/// The wire code of a storage refusal.
+pub fn error_code(error: &WriteError) -> ErrorCode {
+    match error {
+        WriteError::AuthFailed => ErrorCode::AuthFailed,
+        WriteError::ImageConflict => ErrorCode::ImageConflict,
+        WriteError::UnknownDish => ErrorCode::UnknownDish,
+        WriteError::UnknownWell => ErrorCode::UnknownWell,
+        WriteError::UnknownInstrument => ErrorCode::InternalError,
+        WriteError::InvalidInput(_) => ErrorCode::InvalidField,
+        WriteError::DiskFull => ErrorCode::DiskFull,
+        WriteError::Storage(_) => ErrorCode::StorageUnavailable,
+        WriteError::ShuttingDown => ErrorCode::ShuttingDown,
+    }
+}
+
+impl Session for IncubatorSession {
+    type Msg = IncubatorMsg;
+
+    fn on_input(&mut self, input: &mut BytesMut, io: &mut SessionIo<'_>) {
+        while !io.is_reading_paused() && !io.is_closing() {
+            match self.protocol.poll_event(input) {
+                Ok(None) => break,
+                Ok(Some(event)) => {
+                    self.handle_event(event, io);
+                    self.update_reading(io);
+                }
+                Err(error) => {
+                    self.fail(error.code, error.message, io);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, message: IncubatorMsg, io: &mut SessionIo<'_>) {
+        match message {
+            IncubatorMsg::HelloDone { hello, result } => {
+                self.in_storage -= 1;
+                self.finish_hello(hello, result, io);
+            }
+            IncubatorMsg::Done { seq, result } => {
+                self.in_storage -= 1;
+                self.finish_request(seq, result, io);
+            }
+            IncubatorMsg::Superseded => {
+                let message =
+                    "another connection of this instrument said HELLO; this one is closed"
+                        .to_string();
+                self.fail(ErrorCode::Superseded, message, io);
+                return;
+            }
+        }
+        if self.stopping && self.in_storage == 0 && self.blocked.is_none() {
+            self.fail(
+                ErrorCode::ShuttingDown,
+                "the server is shutting down; reconnect later".into(),
+                io,
+            );
+            return;
+        }
+        self.retry_blocked(io);
+    }
+
+    fn on_tick(&mut self, io: &mut SessionIo<'_>) {
+        if self.blocked.is_some() {
+            self.retry_blocked(io);
+        }
+    }
+
+    fn on_timeout(&mut self, kind: TimeoutKind, io: &mut SessionIo<'_>) {
+        let (code, message) = match kind {
+            TimeoutKind::Handshake => (ErrorCode::HandshakeTimeout, "no HELLO in time".to_string()),
+            TimeoutKind::Idle => (
+                ErrorCode::IdleTimeout,
+                "nothing received for too long; send PING when idle".to_string(),
+            ),
+        };
+        if kind == TimeoutKind::Idle && self.in_storage > 0 {
+            return; // waiting on the server, not on the peer
+        }
+        self.fail(code, message, io);
+    }
+
+    fn on_shutdown(&mut self, io: &mut SessionIo<'_>) {
+        self.stopping = true;
+        io.pause_reading();
+        if self.in_storage == 0 && self.blocked.is_none() {
+            self.fail(
+                ErrorCode::ShuttingDown,
+                "the server is shutting down; reconnect later".into(),
+                io,
+            );
+        }
+    }
+
+    fn on_closed(&mut self, reason: &CloseReason) {
+        if let Some(instrument) = &self.instrument {
+            self.registry
+                .remove_if_current(&instrument.serial, self.handle.id());
+            tracing::info!(incubator = %self.name(), %reason, "incubator disconnected");
+        }
+    }
+
+    fn is_established(&self) -> bool {
+        self.protocol.is_established()
+    }
+}

@@ -1,0 +1,95 @@
+//! Operating-system specifics, one concern per function, behind `cfg`: termination
+//! signals, free disk space, owner-only permissions. Everything else in the crate is
+//! portable.
+
+use std::io;
+use std::path::Path;
+
+/// SIGTERM and SIGINT, caught from the moment of installation (so a signal that arrives
+/// during start-up is not lost) until [`TerminationSignals::wait`] returns.
+#[cfg(unix)]
+pub struct TerminationSignals(signal_hook::iterator::Signals);
+
+#[cfg(unix)]
+impl TerminationSignals {
+    pub fn install() -> io::Result<TerminationSignals> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        Ok(TerminationSignals(signal_hook::iterator::Signals::new([
+            SIGTERM, SIGINT,
+        ])?))
+    }
+
+    /// Blocks until a signal arrives; returns its name.
+    pub fn wait(&mut self) -> &'static str {
+        use signal_hook::consts::SIGINT;
+        match self.0.forever().next() {
+            Some(SIGINT) => "SIGINT",
+            _ => "SIGTERM",
+        }
+    }
+}
+
+#[cfg(not(unix))]
+pub struct TerminationSignals;
+
+#[cfg(not(unix))]
+impl TerminationSignals {
+    pub fn install() -> io::Result<TerminationSignals> {
+        Ok(TerminationSignals)
+    }
+
+    /// Windows service control integration comes with the Windows build.
+    pub fn wait(&mut self) -> &'static str {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+/// Bytes available to this process on the filesystem holding `path`.
+#[cfg(unix)]
+pub fn disk_free_bytes(path: &Path) -> io::Result<u64> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c_path =
+        CString::new(path.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string and stat a valid out-pointer.
+    let result = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+#[cfg(not(unix))]
+pub fn disk_free_bytes(_path: &Path) -> io::Result<u64> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// Restricts a file or directory to its owner.
+#[cfg(unix)]
+pub fn make_owner_only(path: &Path, directory: bool) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if directory { 0o700 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+pub fn make_owner_only(_path: &Path, _directory: bool) -> io::Result<()> {
+    Ok(())
+}
+
+/// Resident set size of this process, in bytes, when the platform tells.
+#[cfg(target_os = "linux")]
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn resident_bytes() -> Option<u64> {
+    None
+}

@@ -1,0 +1,423 @@
+//! Starting and stopping the server: storage, the storage writer, one worker pool per
+//! listener, the control socket, and the `server.json` file that tells tools where the
+//! listeners are.
+
+use crate::config::{Config, Listener};
+use crate::control::{ControlServer, Request, Response};
+use crate::incubator::{IncubatorService, Registry};
+use crate::unavailable::UnavailableService;
+use es_net::{NetLimits, Pool, PoolConfig};
+use es_proto::incubator::ServerLimits;
+use es_storage::{Store, StoreOptions, WriteOp, WriterOptions};
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What `server.json` in the data directory says about a running server.
+pub const INFO_FILE: &str = "server.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the database in {path}: {detail}")]
+    Storage { path: PathBuf, detail: String },
+    #[error("TLS for {service}: {detail}")]
+    Tls {
+        service: &'static str,
+        detail: String,
+    },
+    #[error("cannot listen on {address} for the {service}: {source}")]
+    Bind {
+        service: &'static str,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the control socket in {path}: {source}")]
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    InfoFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ListenerInfo {
+    pub service: String,
+    pub address: SocketAddr,
+    pub tls: bool,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ServerInfo {
+    pub pid: u32,
+    pub server_id: String,
+    pub data_dir: PathBuf,
+    pub certificate: PathBuf,
+    pub listeners: Vec<ListenerInfo>,
+}
+
+impl ServerInfo {
+    pub fn listener(&self, service: &str) -> Option<&ListenerInfo> {
+        self.listeners.iter().find(|l| l.service == service)
+    }
+}
+
+pub struct RunningServer {
+    store: Store,
+    writer: es_storage::Writer,
+    pools: Vec<(Pool, ListenerInfo)>,
+    control: Option<ControlServer>,
+    info_path: PathBuf,
+}
+
+/// Opens storage and starts every listener; returns once everything is bound.
+pub fn start(config: &Config) -> Result<RunningServer, StartError> {
+    let data_dir = config.storage.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let _ = crate::os::make_owner_only(&data_dir, true);
+    let store = open_store(config)?;
+    let writer = store.start_writer(WriterOptions {
+        queue_requests_max: config.limits.queue_requests_max as usize,
+        batch_requests_max: config.limits.batch_requests_max as usize,
+        batch_bytes_max: config.limits.batch_bytes_max,
+    });
+    let (certificate, tls) = server_tls(config)?;
+    let registry = Arc::new(Registry::default());
+    let limits = net_limits(config);
+    let mut pools = Vec::new();
+
+    let incubator_tls = config.incubator.tls.then(|| tls.clone());
+    if !config.incubator.tls {
+        tracing::warn!("the incubator port runs WITHOUT TLS (tls = off in [IncubatorTransport]): \
+            images and instrument secrets cross the incubator network in clear; keep that network isolated");
+    }
+    let incubator = Arc::new(IncubatorService {
+        store: store.clone(),
+        writer: writer.clone(),
+        registry: registry.clone(),
+        limits: ServerLimits {
+            frame_bytes_max: config.limits.frame_bytes_max,
+            inflight_requests_max: config.limits.inflight_requests_max,
+        },
+    });
+    pools.push(start_pool(
+        "incubator",
+        &config.incubator.listener,
+        incubator_tls,
+        &limits,
+        incubator,
+    )?);
+    let unavailable = [
+        (
+            "viewer",
+            &config.viewer,
+            UnavailableService::silent("viewer"),
+        ),
+        (
+            "public-api",
+            &config.public_api,
+            UnavailableService::http("public-api", "public API"),
+        ),
+        (
+            "web",
+            &config.web,
+            UnavailableService::http("web", "web interface"),
+        ),
+    ];
+    for (name, listener, service) in unavailable {
+        pools.push(start_pool(
+            name,
+            listener,
+            Some(tls.clone()),
+            &limits,
+            Arc::new(service),
+        )?);
+    }
+
+    let status_context = StatusContext {
+        store: store.clone(),
+        writer: writer.clone(),
+        registry,
+        listeners: pools
+            .iter()
+            .map(|(pool, info)| (info.clone(), pool.stats().clone()))
+            .collect(),
+        started: Instant::now(),
+        data_dir: data_dir.clone(),
+    };
+    let control = ControlServer::start(&data_dir, move |request| status_context.handle(request))
+        .map_err(|source| StartError::Control {
+            path: data_dir.clone(),
+            source,
+        })?;
+
+    let info = ServerInfo {
+        pid: std::process::id(),
+        server_id: store.server_id(),
+        data_dir: data_dir.clone(),
+        certificate,
+        listeners: pools.iter().map(|(_, info)| info.clone()).collect(),
+    };
+    let info_path = data_dir.join(INFO_FILE);
+    write_info(&info_path, &info)?;
+    Ok(RunningServer {
+        store,
+        writer,
+        pools,
+        control: Some(control),
+        info_path,
+    })
+}
+
+fn open_store(config: &Config) -> Result<Store, StartError> {
+    let mut seed = [0u8; 16];
+    getrandom::fill(&mut seed).map_err(|error| StartError::Storage {
+        path: config.storage.data_dir.clone(),
+        detail: format!("no randomness for the server id: {error}"),
+    })?;
+    let options = StoreOptions {
+        cache_bytes: config.storage.cache_bytes,
+        change_log_retention_ms: config.storage.change_log_retention_days as i64 * 24 * 3600 * 1000,
+    };
+    Store::open(&config.storage.data_dir, &options, seed).map_err(|error| StartError::Storage {
+        path: config.storage.data_dir.clone(),
+        detail: error.to_string(),
+    })
+}
+
+/// The certificate every TLS listener uses: the configured one, or the data directory's
+/// self-signed one (generated on first start).
+fn server_tls(config: &Config) -> Result<(PathBuf, Arc<rustls::ServerConfig>), StartError> {
+    let configured = [
+        &config.incubator.listener,
+        &config.viewer,
+        &config.public_api,
+        &config.web,
+    ]
+    .into_iter()
+    .find_map(|listener| Some((listener.cert.clone()?, listener.key.clone()?)));
+    let (cert, key) = match configured {
+        Some(pair) => pair,
+        None => {
+            let names = vec!["localhost".to_string(), "esserver".to_string()];
+            let (cert, key, created) =
+                es_net::tls::ensure_self_signed(&config.storage.data_dir, &names).map_err(
+                    |error| StartError::Tls {
+                        service: "all listeners",
+                        detail: error.to_string(),
+                    },
+                )?;
+            if created {
+                tracing::info!(certificate = %cert.display(), "generated a self-signed TLS certificate");
+            }
+            (cert, key)
+        }
+    };
+    let tls = es_net::tls::server_config(&cert, &key).map_err(|error| StartError::Tls {
+        service: "all listeners",
+        detail: error.to_string(),
+    })?;
+    if let Ok(der) = es_net::tls::read_certificate(&cert) {
+        tracing::info!(certificate = %cert.display(), sha256 = %es_net::tls::fingerprint(&der), "TLS certificate");
+    }
+    Ok((cert, tls))
+}
+
+fn net_limits(config: &Config) -> NetLimits {
+    let limits = &config.limits;
+    NetLimits {
+        connections_max: limits.connections_max,
+        input_bytes_max: limits.frame_bytes_max as usize + 64 * 1024,
+        output_bytes_max: 8 * 1024 * 1024,
+        read_bytes_per_turn_max: limits.read_bytes_per_turn_max as usize,
+        handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
+        idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
+        loop_queue_max: 65_536,
+        shutdown_timeout: Duration::from_millis(limits.shutdown_timeout_ms),
+    }
+}
+
+fn start_pool<S: es_net::Service>(
+    service_name: &'static str,
+    listener: &Listener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: &NetLimits,
+    service: Arc<S>,
+) -> Result<(Pool, ListenerInfo), StartError> {
+    let address = SocketAddr::new(listener.bind, listener.port);
+    let tls_on = tls.is_some();
+    let config = PoolConfig {
+        name: service_name.into(),
+        bind: address,
+        workers: listener.workers,
+        limits: limits.clone(),
+        tls,
+    };
+    let pool = Pool::start(config, service).map_err(|source| StartError::Bind {
+        service: service_name,
+        address,
+        source,
+    })?;
+    let info = ListenerInfo {
+        service: service_name.into(),
+        address: pool.local_addr(),
+        tls: tls_on,
+    };
+    tracing::info!(service = %service_name, address = %info.address.ip(), port = info.address.port(), tls = tls_on, "listening");
+    Ok((pool, info))
+}
+
+fn write_info(path: &Path, info: &ServerInfo) -> Result<(), StartError> {
+    let temporary = path.with_extension("json.tmp");
+    let text = serde_json::to_string_pretty(info).expect("plain data serialises");
+    std::fs::write(&temporary, text)
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .map_err(|source| StartError::InfoFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+impl RunningServer {
+    pub fn listeners(&self) -> Vec<ListenerInfo> {
+        self.pools.iter().map(|(_, info)| info.clone()).collect()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Graceful shutdown: stop accepting, let sessions finish what is in flight (every
+    /// request already with the storage writer is committed and answered), then stop the
+    /// writer after it has committed everything queued.
+    pub fn shutdown(mut self) {
+        for (pool, _) in &self.pools {
+            pool.begin_shutdown();
+        }
+        for (pool, info) in self.pools.drain(..) {
+            pool.join();
+            tracing::debug!(service = %info.service, "listener stopped");
+        }
+        self.writer.shutdown();
+        if let Some(control) = self.control.take() {
+            control.stop();
+        }
+        let _ = std::fs::remove_file(&self.info_path);
+    }
+}
+
+/// Reads `server.json` of a data directory (written once a server is listening).
+pub fn read_info(data_dir: &Path) -> Option<ServerInfo> {
+    let text = std::fs::read_to_string(data_dir.join(INFO_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+struct StatusContext {
+    store: Store,
+    writer: es_storage::Writer,
+    registry: Arc<Registry>,
+    listeners: Vec<(ListenerInfo, Arc<es_net::PoolStats>)>,
+    started: Instant,
+    data_dir: PathBuf,
+}
+
+impl StatusContext {
+    fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Status => self.status(),
+            Request::Verify => crate::admin::verify_report(&self.store),
+            Request::ResetSecret { serial } => crate::admin::reset_secret(&self.writer, &serial),
+        }
+    }
+
+    fn status(&self) -> Response {
+        let storage = match self.store.read().and_then(|reader| reader.stats()) {
+            Ok(stats) => serde_json::to_value(stats).unwrap_or_default(),
+            Err(error) => return Response::error("storage_unavailable", error.to_string()),
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let incubators: Vec<_> = self
+            .registry
+            .snapshot()
+            .into_iter()
+            .map(|c| {
+                let seconds = ((now_ms - c.connected_at_ms).max(1) as f64) / 1000.0;
+                serde_json::json!({
+                    "serial": c.serial, "model": c.model, "firmware": c.firmware, "peer": c.peer,
+                    "connected_for_s": seconds.round(),
+                    "images": c.images, "image_bytes": c.image_bytes, "duplicates": c.duplicates, "errors": c.errors,
+                    "images_per_s": c.images as f64 / seconds,
+                    "bytes_per_s": c.image_bytes as f64 / seconds,
+                })
+            })
+            .collect();
+        let listeners: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|(info, stats)| {
+                serde_json::json!({
+                    "service": info.service, "address": info.address.to_string(), "tls": info.tls,
+                    "connections_open": stats.connections_open(), "connections_accepted": stats.connections_accepted(),
+                    "connections_refused": stats.connections_refused(),
+                    "bytes_in": stats.bytes_in(), "bytes_out": stats.bytes_out(),
+                })
+            })
+            .collect();
+        Response::ok(serde_json::json!({
+            "server_id": self.store.server_id(),
+            "pid": std::process::id(),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "listeners": listeners,
+            "incubators": incubators,
+            "storage": storage,
+            "writer": serde_json::to_value(self.writer.stats()).unwrap_or_default(),
+            "writer_queue": self.writer.queue_len(),
+            "disk_free_bytes": crate::os::disk_free_bytes(&self.data_dir).ok(),
+            "resident_bytes": crate::os::resident_bytes(),
+            "database_file": self.store.path(),
+        }))
+    }
+}
+
+/// Blocks until SIGTERM or SIGINT, then shuts down gracefully.
+pub fn serve(config: &Config) -> Result<(), StartError> {
+    let mut signals =
+        crate::os::TerminationSignals::install().map_err(|source| StartError::Control {
+            path: config.storage.data_dir.clone(),
+            source,
+        })?;
+    let server = start(config)?;
+    tracing::info!(server_id = %server.store().server_id(), data_dir = %config.storage.data_dir.display(),
+        "esserver is running; SIGTERM or Ctrl-C stops it");
+    let signal = signals.wait();
+    tracing::info!(
+        signal,
+        "shutting down: no new connections; finishing in-flight commits"
+    );
+    server.shutdown();
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Admin request to reset an instrument's secret, through the storage writer.
+pub fn reset_secret_op(serial: &str) -> WriteOp {
+    WriteOp::ResetInstrumentSecret {
+        serial: serial.to_string(),
+    }
+}

@@ -1,0 +1,676 @@
+//! Applying write ops inside the writer's one write transaction.
+//!
+//! Every op runs in two phases: *check* (reads only; any `WriteError` returns here, so a refused
+//! op writes nothing) and *apply* (writes; only a redb error can fail it, and that aborts the
+//! whole batch). The outer `Result` of each method is that fatal `StorageError`; the inner one
+//! is the op's own outcome.
+
+use crate::error::{StorageError, WriteError};
+use crate::model::ChangeEntity;
+use crate::ops::{DishRegistration, PatientRef, TelemetrySample, WriteOp, WriteOutcome};
+use crate::tables::{
+    self, decode, encode, AcquisitionKey, AcquisitionRow, ChangeRow, DishRow, EmbryoRow, ImageKey,
+    ImageValue, InstrumentRow, PatientRow, StateRow, TelemetryKey, TelemetryRow, TreatmentRow,
+    WellKey,
+};
+use redb::{ReadableTable, Table, WriteTransaction};
+
+pub(crate) type OpResult = Result<WriteOutcome, WriteError>;
+type Applied = Result<OpResult, StorageError>;
+
+type Rows<'txn, K> = Table<'txn, K, &'static [u8]>;
+
+/// All tables of the schema, open in one write transaction, plus the counters row.
+pub(crate) struct Batch<'txn> {
+    meta: Table<'txn, &'static str, &'static [u8]>,
+    instruments: Rows<'txn, u64>,
+    instrument_by_serial: Table<'txn, &'static str, u64>,
+    patients: Rows<'txn, u64>,
+    patient_by_id: Table<'txn, &'static str, u64>,
+    treatments: Rows<'txn, u64>,
+    treatment_by_patient_name: Table<'txn, (u64, &'static str), u64>,
+    dishes: Rows<'txn, u64>,
+    dish_by_instrument: Table<'txn, (u64, &'static str), u64>,
+    wells: Rows<'txn, WellKey>,
+    embryo_by_id: Table<'txn, &'static str, WellKey>,
+    acquisitions: Rows<'txn, AcquisitionKey>,
+    images: Rows<'txn, ImageKey>,
+    telemetry: Rows<'txn, TelemetryKey>,
+    changes: Rows<'txn, u64>,
+    state: StateRow,
+}
+
+impl<'txn> Batch<'txn> {
+    pub(crate) fn open(txn: &'txn WriteTransaction) -> Result<Batch<'txn>, StorageError> {
+        let meta = txn.open_table(tables::META)?;
+        let state = read_state(&meta)?;
+        Ok(Batch {
+            meta,
+            instruments: txn.open_table(tables::INSTRUMENTS)?,
+            instrument_by_serial: txn.open_table(tables::INSTRUMENT_BY_SERIAL)?,
+            patients: txn.open_table(tables::PATIENTS)?,
+            patient_by_id: txn.open_table(tables::PATIENT_BY_ID)?,
+            treatments: txn.open_table(tables::TREATMENTS)?,
+            treatment_by_patient_name: txn.open_table(tables::TREATMENT_BY_PATIENT_NAME)?,
+            dishes: txn.open_table(tables::DISHES)?,
+            dish_by_instrument: txn.open_table(tables::DISH_BY_INSTRUMENT)?,
+            wells: txn.open_table(tables::WELLS)?,
+            embryo_by_id: txn.open_table(tables::EMBRYO_BY_ID)?,
+            acquisitions: txn.open_table(tables::ACQUISITIONS)?,
+            images: txn.open_table(tables::IMAGES)?,
+            telemetry: txn.open_table(tables::TELEMETRY)?,
+            changes: txn.open_table(tables::CHANGES)?,
+            state,
+        })
+    }
+
+    /// Writes the counters row. Call once, after the last op and before commit.
+    pub(crate) fn finish(mut self) -> Result<(), StorageError> {
+        self.state.check()?;
+        self.meta
+            .insert(tables::META_STATE, encode(&self.state).as_slice())?;
+        Ok(())
+    }
+
+    pub(crate) fn apply(&mut self, op: &WriteOp) -> Applied {
+        if let Err(error) = op.validate() {
+            return Ok(Err(error));
+        }
+        match op {
+            WriteOp::InstrumentHello {
+                serial,
+                model,
+                firmware,
+                presented_secret,
+                new_secret,
+                at_ms,
+            } => self.instrument_hello(
+                serial,
+                model,
+                firmware,
+                presented_secret.as_deref(),
+                new_secret,
+                *at_ms,
+            ),
+            WriteOp::ResetInstrumentSecret { serial } => self.reset_secret(serial),
+            WriteOp::RegisterDish {
+                instrument_id,
+                dish,
+                at_ms,
+            } => self.register_dish(*instrument_id, dish, *at_ms),
+            WriteOp::PutImage {
+                instrument_id,
+                dish_id,
+                well,
+                focal_plane,
+                acquired_at_ms,
+                jpeg,
+                at_ms,
+            } => self.put_image(
+                ImageRef {
+                    instrument_id: *instrument_id,
+                    dish_id,
+                    well: *well,
+                    focal_plane: *focal_plane,
+                    acquired_at_ms: *acquired_at_ms,
+                },
+                jpeg,
+                *at_ms,
+            ),
+            WriteOp::PutTelemetry {
+                instrument_id,
+                samples,
+                at_ms,
+            } => self.put_telemetry(*instrument_id, samples, *at_ms),
+        }
+    }
+
+    // ---------------------------------------------------------------- instruments
+
+    fn instrument_hello(
+        &mut self,
+        serial: &str,
+        model: &str,
+        firmware: &str,
+        presented_secret: Option<&str>,
+        new_secret: &str,
+        at_ms: i64,
+    ) -> Applied {
+        let Some(instrument_id) = self.instrument_by_serial.get(serial)?.map(|g| g.value()) else {
+            return self.instrument_create(serial, model, firmware, new_secret, at_ms);
+        };
+        let mut row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
+        // Check.
+        let issued_secret = match row.secret_sha256 {
+            None => Some(new_secret.to_string()),
+            Some(stored) => match presented_secret {
+                Some(secret)
+                    if equal_constant_time(&tables::sha256(secret.as_bytes()), &stored) =>
+                {
+                    None
+                }
+                _ => return Ok(Err(WriteError::AuthFailed)),
+            },
+        };
+        // Apply.
+        if issued_secret.is_some() {
+            row.secret_sha256 = Some(tables::sha256(new_secret.as_bytes()));
+        }
+        let changed = row.model != model || row.firmware != firmware;
+        row.model = model.to_string();
+        row.firmware = firmware.to_string();
+        row.last_seen_ms = row.last_seen_ms.max(at_ms);
+        self.instruments
+            .insert(instrument_id, encode(&row).as_slice())?;
+        if changed {
+            let summary = format!("instrument {serial} is now {model} firmware {firmware}");
+            self.change(ChangeEntity::Instrument, instrument_id, at_ms, summary)?;
+        }
+        Ok(Ok(WriteOutcome::InstrumentAccepted {
+            instrument_id,
+            issued_secret,
+        }))
+    }
+
+    fn instrument_create(
+        &mut self,
+        serial: &str,
+        model: &str,
+        firmware: &str,
+        new_secret: &str,
+        at_ms: i64,
+    ) -> Applied {
+        let Ok(number) = u32::try_from(self.state.instruments + 1) else {
+            return Ok(Err(WriteError::InvalidInput(
+                "too many instruments".to_string(),
+            )));
+        };
+        let instrument_id = self.state.instrument_id_last + 1;
+        let row = InstrumentRow {
+            serial: serial.to_string(),
+            model: model.to_string(),
+            firmware: firmware.to_string(),
+            number,
+            display_name: serial.to_string(),
+            first_seen_ms: at_ms,
+            last_seen_ms: at_ms,
+            secret_sha256: Some(tables::sha256(new_secret.as_bytes())),
+        };
+        self.instruments
+            .insert(instrument_id, encode(&row).as_slice())?;
+        self.instrument_by_serial.insert(serial, instrument_id)?;
+        self.state.instrument_id_last = instrument_id;
+        self.state.instruments += 1;
+        let summary = format!("instrument {serial} ({model}) first seen");
+        self.change(ChangeEntity::Instrument, instrument_id, at_ms, summary)?;
+        Ok(Ok(WriteOutcome::InstrumentAccepted {
+            instrument_id,
+            issued_secret: Some(new_secret.to_string()),
+        }))
+    }
+
+    fn reset_secret(&mut self, serial: &str) -> Applied {
+        let Some(instrument_id) = self.instrument_by_serial.get(serial)?.map(|g| g.value()) else {
+            return Ok(Ok(WriteOutcome::SecretReset { existed: false }));
+        };
+        let mut row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
+        row.secret_sha256 = None;
+        self.instruments
+            .insert(instrument_id, encode(&row).as_slice())?;
+        Ok(Ok(WriteOutcome::SecretReset { existed: true }))
+    }
+
+    // ---------------------------------------------------------------- dishes
+
+    fn register_dish(
+        &mut self,
+        instrument_id: u64,
+        dish: &DishRegistration,
+        at_ms: i64,
+    ) -> Applied {
+        // Check.
+        if self.instruments.get(instrument_id)?.is_none() {
+            return Ok(Err(WriteError::UnknownInstrument));
+        }
+        let existing = self
+            .dish_by_instrument
+            .get((instrument_id, dish.dish_id.as_str()))?
+            .map(|g| g.value());
+        if let Some(dish_key) = existing {
+            if let Err(error) = self.check_dish_owner(dish_key, dish)? {
+                return Ok(Err(error));
+            }
+        }
+        if let Err(error) = self.check_wells(existing, dish)? {
+            return Ok(Err(error));
+        }
+        // Apply.
+        let patient_key = self.patient_upsert(&dish.patient, at_ms)?;
+        let treatment_key = self.treatment_upsert(patient_key, &dish.treatment_name, at_ms)?;
+        let (dish_key, created) = match existing {
+            Some(dish_key) => {
+                self.dish_update(dish_key, dish, at_ms)?;
+                (dish_key, false)
+            }
+            None => (
+                self.dish_create(instrument_id, treatment_key, dish, at_ms)?,
+                true,
+            ),
+        };
+        self.wells_create(dish_key, dish, at_ms)?;
+        Ok(Ok(WriteOutcome::DishRegistered { dish_key, created }))
+    }
+
+    /// A registered dish stays with its patient and treatment.
+    fn check_dish_owner(
+        &self,
+        dish_key: u64,
+        dish: &DishRegistration,
+    ) -> Result<Result<(), WriteError>, StorageError> {
+        let row: DishRow = get_row(&self.dishes, dish_key, "dish")?;
+        let treatment: TreatmentRow = get_row(&self.treatments, row.treatment_key, "treatment")?;
+        let patient: PatientRow = get_row(&self.patients, treatment.patient_key, "patient")?;
+        if patient.patient_id != dish.patient.patient_id || treatment.name != dish.treatment_name {
+            return Ok(Err(WriteError::InvalidInput(format!(
+                "dish {} is registered to another patient or treatment; \
+                 a dish cannot move between patients or treatments",
+                dish.dish_id
+            ))));
+        }
+        Ok(Ok(()))
+    }
+
+    /// An embryo id, once assigned to (dish, well), never changes, and names one well only.
+    fn check_wells(
+        &self,
+        dish_key: Option<u64>,
+        dish: &DishRegistration,
+    ) -> Result<Result<(), WriteError>, StorageError> {
+        for well in &dish.wells {
+            if let Some(dish_key) = dish_key {
+                if let Some(row) = self.wells.get((dish_key, well.well))? {
+                    let embryo: EmbryoRow = decode(row.value(), "embryo")?;
+                    if embryo.embryo_id != well.embryo_id {
+                        return Ok(Err(WriteError::InvalidInput(format!(
+                            "well {} of dish {} holds embryo {}; an embryo id never changes",
+                            well.well, dish.dish_id, embryo.embryo_id
+                        ))));
+                    }
+                    continue;
+                }
+            }
+            if self.embryo_by_id.get(well.embryo_id.as_str())?.is_some() {
+                return Ok(Err(WriteError::InvalidInput(format!(
+                    "embryo id {} is already assigned to another well",
+                    well.embryo_id
+                ))));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    fn patient_upsert(&mut self, patient: &PatientRef, at_ms: i64) -> Result<u64, StorageError> {
+        let id = patient.patient_id.as_str();
+        let Some(patient_key) = self.patient_by_id.get(id)?.map(|g| g.value()) else {
+            let patient_key = self.state.patient_key_last + 1;
+            let row = PatientRow {
+                patient_id: patient.patient_id.clone(),
+                first_name: patient.first_name.clone(),
+                last_name: patient.last_name.clone(),
+                date_of_birth: patient.date_of_birth.clone(),
+                created_at_ms: at_ms,
+                updated_at_ms: at_ms,
+            };
+            self.patients.insert(patient_key, encode(&row).as_slice())?;
+            self.patient_by_id.insert(id, patient_key)?;
+            self.state.patient_key_last = patient_key;
+            self.state.patients += 1;
+            let summary = format!("patient {id} created");
+            self.change(ChangeEntity::Patient, patient_key, at_ms, summary)?;
+            return Ok(patient_key);
+        };
+        let mut row: PatientRow = get_row(&self.patients, patient_key, "patient")?;
+        let before = row.clone();
+        for (field, given) in [
+            (&mut row.first_name, &patient.first_name),
+            (&mut row.last_name, &patient.last_name),
+            (&mut row.date_of_birth, &patient.date_of_birth),
+        ] {
+            if !given.is_empty() {
+                field.clone_from(given);
+            }
+        }
+        if row != before {
+            row.updated_at_ms = at_ms;
+            self.patients.insert(patient_key, encode(&row).as_slice())?;
+            let summary = format!("patient {id} updated");
+            self.change(ChangeEntity::Patient, patient_key, at_ms, summary)?;
+        }
+        Ok(patient_key)
+    }
+
+    fn treatment_upsert(
+        &mut self,
+        patient_key: u64,
+        name: &str,
+        at_ms: i64,
+    ) -> Result<u64, StorageError> {
+        if let Some(key) = self
+            .treatment_by_patient_name
+            .get((patient_key, name))?
+            .map(|g| g.value())
+        {
+            return Ok(key);
+        }
+        let treatment_key = self.state.treatment_key_last + 1;
+        let row = TreatmentRow {
+            patient_key,
+            name: name.to_string(),
+            created_at_ms: at_ms,
+        };
+        self.treatments
+            .insert(treatment_key, encode(&row).as_slice())?;
+        self.treatment_by_patient_name
+            .insert((patient_key, name), treatment_key)?;
+        self.state.treatment_key_last = treatment_key;
+        self.state.treatments += 1;
+        let summary = format!("treatment {name} created");
+        self.change(ChangeEntity::Treatment, treatment_key, at_ms, summary)?;
+        Ok(treatment_key)
+    }
+
+    fn dish_create(
+        &mut self,
+        instrument_id: u64,
+        treatment_key: u64,
+        dish: &DishRegistration,
+        at_ms: i64,
+    ) -> Result<u64, StorageError> {
+        let dish_key = self.state.dish_key_last + 1;
+        let row = DishRow {
+            instrument_id,
+            dish_id: dish.dish_id.clone(),
+            slot: dish.slot,
+            treatment_key,
+            insemination_at_ms: dish.insemination_at_ms,
+            created_at_ms: at_ms,
+            updated_at_ms: at_ms,
+        };
+        self.dishes.insert(dish_key, encode(&row).as_slice())?;
+        self.dish_by_instrument
+            .insert((instrument_id, dish.dish_id.as_str()), dish_key)?;
+        self.state.dish_key_last = dish_key;
+        self.state.dishes += 1;
+        let summary = format!(
+            "dish {} registered on instrument {instrument_id} slot {}",
+            dish.dish_id, dish.slot
+        );
+        self.change(ChangeEntity::Dish, dish_key, at_ms, summary)?;
+        Ok(dish_key)
+    }
+
+    fn dish_update(
+        &mut self,
+        dish_key: u64,
+        dish: &DishRegistration,
+        at_ms: i64,
+    ) -> Result<(), StorageError> {
+        let mut row: DishRow = get_row(&self.dishes, dish_key, "dish")?;
+        if row.slot == dish.slot && row.insemination_at_ms == dish.insemination_at_ms {
+            return Ok(());
+        }
+        row.slot = dish.slot;
+        row.insemination_at_ms = dish.insemination_at_ms;
+        row.updated_at_ms = at_ms;
+        self.dishes.insert(dish_key, encode(&row).as_slice())?;
+        let summary = format!("dish {} updated: slot {}", dish.dish_id, dish.slot);
+        self.change(ChangeEntity::Dish, dish_key, at_ms, summary)
+    }
+
+    /// Creates the embryos of wells not registered yet (checked by `check_wells`).
+    fn wells_create(
+        &mut self,
+        dish_key: u64,
+        dish: &DishRegistration,
+        at_ms: i64,
+    ) -> Result<(), StorageError> {
+        for well in &dish.wells {
+            let key = (dish_key, well.well);
+            if self.wells.get(key)?.is_some() {
+                continue;
+            }
+            let embryo_key = self.state.embryo_key_last + 1;
+            let row = EmbryoRow {
+                embryo_key,
+                embryo_id: well.embryo_id.clone(),
+                created_at_ms: at_ms,
+            };
+            self.wells.insert(key, encode(&row).as_slice())?;
+            let previous = self.embryo_by_id.insert(well.embryo_id.as_str(), key)?;
+            assert!(previous.is_none(), "check_wells refuses reused embryo ids");
+            drop(previous);
+            self.state.embryo_key_last = embryo_key;
+            self.state.embryos += 1;
+            let summary = format!(
+                "embryo {} in dish {} well {}",
+                well.embryo_id, dish.dish_id, well.well
+            );
+            self.change(ChangeEntity::Embryo, embryo_key, at_ms, summary)?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- images
+
+    fn put_image(&mut self, image: ImageRef<'_>, jpeg: &[u8], at_ms: i64) -> Applied {
+        // Check.
+        if self.instruments.get(image.instrument_id)?.is_none() {
+            return Ok(Err(WriteError::UnknownInstrument));
+        }
+        let Some(dish_key) = self
+            .dish_by_instrument
+            .get((image.instrument_id, image.dish_id))?
+            .map(|g| g.value())
+        else {
+            return Ok(Err(WriteError::UnknownDish));
+        };
+        let Some(embryo_row) = self.wells.get((dish_key, image.well))? else {
+            return Ok(Err(WriteError::UnknownWell));
+        };
+        let embryo: EmbryoRow = decode(embryo_row.value(), "embryo")?;
+        drop(embryo_row);
+        let sha256 = tables::sha256(jpeg);
+        let key = (
+            dish_key,
+            image.well,
+            image.acquired_at_ms,
+            image.focal_plane,
+        );
+        if let Some(stored) = self.images.get(key)? {
+            let stored = ImageValue::decode(stored.value())?;
+            return Ok(if stored.sha256 == sha256 && stored.jpeg == jpeg {
+                Ok(WriteOutcome::ImageStored { duplicate: true })
+            } else {
+                Err(WriteError::ImageConflict)
+            });
+        }
+        // Apply.
+        let value = ImageValue {
+            sha256,
+            stored_at_ms: at_ms,
+            jpeg,
+        };
+        self.images.insert(key, value.encode().as_slice())?;
+        self.state.images += 1;
+        self.state.image_bytes += jpeg.len() as u64;
+        self.acquisition_add_plane(&image, dish_key, &embryo, at_ms)?;
+        Ok(Ok(WriteOutcome::ImageStored { duplicate: false }))
+    }
+
+    /// Records the focal plane in its acquisition row; a new acquisition gets one change.
+    fn acquisition_add_plane(
+        &mut self,
+        image: &ImageRef<'_>,
+        dish_key: u64,
+        embryo: &EmbryoRow,
+        at_ms: i64,
+    ) -> Result<(), StorageError> {
+        let key = (dish_key, image.well, image.acquired_at_ms);
+        let existing = match self.acquisitions.get(key)? {
+            Some(guard) => Some(decode::<AcquisitionRow>(guard.value(), "acquisition")?),
+            None => None,
+        };
+        let (row, created) = match existing {
+            Some(mut row) => {
+                if let Err(index) = row.focal_planes.binary_search(&image.focal_plane) {
+                    row.focal_planes.insert(index, image.focal_plane);
+                }
+                (row, false)
+            }
+            None => {
+                let row = AcquisitionRow {
+                    focal_planes: vec![image.focal_plane],
+                    first_stored_at_ms: at_ms,
+                };
+                (row, true)
+            }
+        };
+        self.acquisitions.insert(key, encode(&row).as_slice())?;
+        if created {
+            self.state.acquisitions += 1;
+            let summary = format!(
+                "acquisition of embryo {} (dish {} well {}) at {}",
+                embryo.embryo_id, image.dish_id, image.well, image.acquired_at_ms
+            );
+            self.change(ChangeEntity::Acquisition, embryo.embryo_key, at_ms, summary)?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- telemetry
+
+    fn put_telemetry(
+        &mut self,
+        instrument_id: u64,
+        samples: &[TelemetrySample],
+        at_ms: i64,
+    ) -> Applied {
+        if self.instruments.get(instrument_id)?.is_none() {
+            return Ok(Err(WriteError::UnknownInstrument));
+        }
+        for sample in samples {
+            let seq = self.state.telemetry_seq_last + 1;
+            let row = TelemetryRow {
+                channel: sample.channel.clone(),
+                value: sample.value,
+                stored_at_ms: at_ms,
+            };
+            self.telemetry
+                .insert((instrument_id, sample.at_ms, seq), encode(&row).as_slice())?;
+            self.state.telemetry_seq_last = seq;
+            self.state.telemetry_samples += 1;
+        }
+        let samples = u32::try_from(samples.len()).expect("validate bounds the sample count");
+        Ok(Ok(WriteOutcome::TelemetryStored { samples }))
+    }
+
+    // ---------------------------------------------------------------- change log
+
+    fn change(
+        &mut self,
+        entity: ChangeEntity,
+        key: u64,
+        at_ms: i64,
+        summary: String,
+    ) -> Result<(), StorageError> {
+        let seq = self.state.change_last_seq + 1;
+        let row = ChangeRow {
+            at_ms,
+            entity: entity.to_u8(),
+            key,
+            summary,
+        };
+        let previous = self.changes.insert(seq, encode(&row).as_slice())?;
+        if previous.is_some() {
+            return Err(StorageError::Corrupt(format!(
+                "change seq {seq} already exists"
+            )));
+        }
+        drop(previous);
+        self.state.change_last_seq = seq;
+        Ok(())
+    }
+
+    /// Removes changes older than `cutoff_ms` from the front of the log, at most
+    /// `prune_max`, stopping at the first younger one so the retained log stays gapless.
+    /// Returns the number removed.
+    pub(crate) fn prune_changes(
+        &mut self,
+        cutoff_ms: i64,
+        prune_max: u64,
+    ) -> Result<u64, StorageError> {
+        let mut pruned: u64 = 0;
+        while pruned < prune_max {
+            let Some((seq, at_ms)) = self.oldest_change()? else {
+                break;
+            };
+            if at_ms >= cutoff_ms {
+                break;
+            }
+            self.changes.remove(seq)?;
+            pruned += 1;
+        }
+        if pruned > 0 {
+            self.state.change_oldest_seq = match self.oldest_change()? {
+                Some((seq, _)) => seq,
+                None => self.state.change_last_seq + 1,
+            };
+        }
+        Ok(pruned)
+    }
+
+    fn oldest_change(&self) -> Result<Option<(u64, i64)>, StorageError> {
+        let Some((key, value)) = self.changes.first()? else {
+            return Ok(None);
+        };
+        let row: ChangeRow = decode(value.value(), "change")?;
+        Ok(Some((key.value(), row.at_ms)))
+    }
+}
+
+struct ImageRef<'a> {
+    instrument_id: u64,
+    dish_id: &'a str,
+    well: u32,
+    focal_plane: i32,
+    acquired_at_ms: i64,
+}
+
+pub(crate) fn read_state(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<StateRow, StorageError> {
+    let Some(bytes) = meta.get(tables::META_STATE)? else {
+        return Err(StorageError::Corrupt("meta state row is missing".into()));
+    };
+    let state: StateRow = decode(bytes.value(), "meta state")?;
+    state.check()?;
+    Ok(state)
+}
+
+/// Reads and decodes a row that an index points to; a dangling index is corruption.
+pub(crate) fn get_row<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    key: u64,
+    what: &str,
+) -> Result<T, StorageError> {
+    match table.get(key)? {
+        Some(bytes) => decode(bytes.value(), what),
+        None => Err(StorageError::Corrupt(format!(
+            "{what} {key} is referenced but missing"
+        ))),
+    }
+}
+
+fn equal_constant_time(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

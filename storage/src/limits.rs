@@ -1,0 +1,17 @@
+//! Bounds on what a write request may carry. Input outside them is refused with
+//! `WriteError::InvalidInput` before anything is written.
+
+/// Serial numbers, dish ids, names, embryo ids, treatment names, channel names, secrets.
+pub const TEXT_BYTES_MAX: usize = 128;
+pub const FOCAL_PLANE_MIN: i32 = -1000;
+pub const FOCAL_PLANE_MAX: i32 = 1000;
+pub const WELL_MIN: u32 = 1;
+pub const WELL_MAX: u32 = 1024;
+pub const WELLS_PER_DISH_MAX: usize = 1024;
+pub const JPEG_BYTES_MIN: usize = 1;
+pub const JPEG_BYTES_MAX: usize = 16 * 1024 * 1024;
+pub const TELEMETRY_SAMPLES_PER_OP_MAX: usize = 10_000;
+/// Change-log entries pruned per group commit at most, so pruning never makes a batch slow.
+pub const PRUNE_CHANGES_PER_BATCH_MAX: u64 = 1024;
+/// Upper bound of the `limit` of paginated reads (`changes_after`, `list_patients`).
+pub const READ_ROWS_MAX: u32 = 10_000;

@@ -1,0 +1,265 @@
+//! Typed reads from one MVCC snapshot (a redb read transaction). Readers never block the writer
+//! and never see a partial group commit.
+
+use crate::apply::{get_row, read_state};
+use crate::error::StorageError;
+use crate::limits;
+use crate::model::{
+    AcquisitionSync, Change, ChangeEntity, DishSyncState, InstrumentRecord, PatientSummary,
+    StoreStats, WellSync,
+};
+use crate::tables::{
+    self, decode, AcquisitionRow, ChangeRow, EmbryoRow, ImageValue, InstrumentRow, PatientRow,
+    StateRow,
+};
+use redb::ReadTransaction;
+use std::ops::Bound;
+
+/// A read snapshot. Dropping it releases the snapshot; keep it short-lived on event loops.
+pub struct Reader {
+    txn: ReadTransaction,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    pub(crate) fn new(txn: ReadTransaction) -> Reader {
+        Reader { txn }
+    }
+
+    pub fn instrument_by_serial(
+        &self,
+        serial: &str,
+    ) -> Result<Option<InstrumentRecord>, StorageError> {
+        let by_serial = self.txn.open_table(tables::INSTRUMENT_BY_SERIAL)?;
+        let Some(instrument_id) = by_serial.get(serial)?.map(|g| g.value()) else {
+            return Ok(None);
+        };
+        let instruments = self.txn.open_table(tables::INSTRUMENTS)?;
+        let row: InstrumentRow = get_row(&instruments, instrument_id, "instrument")?;
+        Ok(Some(instrument_record(instrument_id, row)))
+    }
+
+    /// Every instrument, by instrument_id.
+    pub fn instruments(&self) -> Result<Vec<InstrumentRecord>, StorageError> {
+        let instruments = self.txn.open_table(tables::INSTRUMENTS)?;
+        let mut out = Vec::new();
+        for entry in instruments.range::<u64>(..)? {
+            let (key, value) = entry?;
+            let row: InstrumentRow = decode(value.value(), "instrument")?;
+            out.push(instrument_record(key.value(), row));
+        }
+        Ok(out)
+    }
+
+    /// What the server holds for a dish: per registered well, each acquisition time with the
+    /// sorted focal planes stored. None if the dish is unknown.
+    pub fn sync_state(
+        &self,
+        instrument_id: u64,
+        dish_id: &str,
+    ) -> Result<Option<DishSyncState>, StorageError> {
+        let by_instrument = self.txn.open_table(tables::DISH_BY_INSTRUMENT)?;
+        let Some(dish_key) = by_instrument
+            .get((instrument_id, dish_id))?
+            .map(|g| g.value())
+        else {
+            return Ok(None);
+        };
+        let wells = self.txn.open_table(tables::WELLS)?;
+        let acquisitions = self.txn.open_table(tables::ACQUISITIONS)?;
+        let mut out = DishSyncState {
+            dish_id: dish_id.to_string(),
+            wells: Vec::new(),
+        };
+        for entry in wells.range((dish_key, u32::MIN)..=(dish_key, u32::MAX))? {
+            let (key, value) = entry?;
+            let (_, well) = key.value();
+            let embryo: EmbryoRow = decode(value.value(), "embryo")?;
+            let mut well_sync = WellSync {
+                well,
+                embryo_id: embryo.embryo_id,
+                acquisitions: Vec::new(),
+            };
+            let range = (dish_key, well, i64::MIN)..=(dish_key, well, i64::MAX);
+            for entry in acquisitions.range(range)? {
+                let (key, value) = entry?;
+                let row: AcquisitionRow = decode(value.value(), "acquisition")?;
+                well_sync.acquisitions.push(AcquisitionSync {
+                    acquired_at_ms: key.value().2,
+                    focal_planes: row.focal_planes,
+                });
+            }
+            out.wells.push(well_sync);
+        }
+        Ok(Some(out))
+    }
+
+    /// Patients with their treatment names, ordered by patient_id, at most `limit` (capped at
+    /// `limits::READ_ROWS_MAX`), starting after `after_patient_id`.
+    pub fn list_patients(
+        &self,
+        after_patient_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<PatientSummary>, StorageError> {
+        let by_id = self.txn.open_table(tables::PATIENT_BY_ID)?;
+        let patients = self.txn.open_table(tables::PATIENTS)?;
+        let treatments = self.txn.open_table(tables::TREATMENT_BY_PATIENT_NAME)?;
+        let limit = limit.min(limits::READ_ROWS_MAX) as usize;
+        let start = match after_patient_id {
+            Some(after) => Bound::Excluded(after),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for entry in by_id.range::<&str>((start, Bound::Unbounded))?.take(limit) {
+            let (_, patient_key) = entry?;
+            let patient_key = patient_key.value();
+            let row: PatientRow = get_row(&patients, patient_key, "patient")?;
+            let mut names = Vec::new();
+            for entry in treatments.range((patient_key, "")..)? {
+                let (key, _) = entry?;
+                let (owner, name) = key.value();
+                if owner != patient_key {
+                    break;
+                }
+                names.push(name.to_string());
+            }
+            out.push(PatientSummary {
+                patient_id: row.patient_id,
+                first_name: row.first_name,
+                last_name: row.last_name,
+                date_of_birth: row.date_of_birth,
+                treatments: names,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The stored JPEG, its SHA-256 checked: a mismatch is `ImageDamaged`.
+    pub fn image(
+        &self,
+        instrument_id: u64,
+        dish_id: &str,
+        well: u32,
+        focal_plane: i32,
+        acquired_at_ms: i64,
+    ) -> Result<Option<bytes::Bytes>, StorageError> {
+        let by_instrument = self.txn.open_table(tables::DISH_BY_INSTRUMENT)?;
+        let Some(dish_key) = by_instrument
+            .get((instrument_id, dish_id))?
+            .map(|g| g.value())
+        else {
+            return Ok(None);
+        };
+        let images = self.txn.open_table(tables::IMAGES)?;
+        let Some(stored) = images.get((dish_key, well, acquired_at_ms, focal_plane))? else {
+            return Ok(None);
+        };
+        let value = ImageValue::decode(stored.value())?;
+        if !value.is_intact() {
+            let key = image_key_text(instrument_id, dish_id, well, focal_plane, acquired_at_ms);
+            tracing::error!(%key, "stored image is damaged");
+            return Err(StorageError::ImageDamaged { key });
+        }
+        Ok(Some(bytes::Bytes::copy_from_slice(value.jpeg)))
+    }
+
+    /// Up to `limit` (capped at `limits::READ_ROWS_MAX`) changes with seq > `after`. A cursor
+    /// older than the retained log is `CursorExpired { oldest }`: the client must resynchronise.
+    pub fn changes_after(&self, after: u64, limit: u32) -> Result<Vec<Change>, StorageError> {
+        let state = self.state()?;
+        if after.saturating_add(1) < state.change_oldest_seq {
+            return Err(StorageError::CursorExpired {
+                oldest: state.change_oldest_seq,
+            });
+        }
+        let changes = self.txn.open_table(tables::CHANGES)?;
+        let limit = limit.min(limits::READ_ROWS_MAX) as usize;
+        let mut out = Vec::with_capacity(limit.min(1024));
+        let range = changes.range::<u64>((Bound::Excluded(after), Bound::Unbounded))?;
+        for (expected, entry) in (after.saturating_add(1)..).zip(range.take(limit)) {
+            let (key, value) = entry?;
+            let seq = key.value();
+            if seq != expected {
+                return Err(StorageError::Corrupt(format!(
+                    "change log gap: expected seq {expected}, found {seq}"
+                )));
+            }
+            out.push(change_from_row(seq, decode(value.value(), "change")?)?);
+        }
+        Ok(out)
+    }
+
+    pub fn last_change_seq(&self) -> Result<u64, StorageError> {
+        Ok(self.state()?.change_last_seq)
+    }
+
+    /// O(1): reads the counters row.
+    pub fn stats(&self) -> Result<StoreStats, StorageError> {
+        let state = self.state()?;
+        Ok(StoreStats {
+            instruments: state.instruments,
+            patients: state.patients,
+            treatments: state.treatments,
+            dishes: state.dishes,
+            embryos: state.embryos,
+            acquisitions: state.acquisitions,
+            images: state.images,
+            image_bytes: state.image_bytes,
+            telemetry_samples: state.telemetry_samples,
+            changes: state.changes_retained(),
+            last_change_seq: state.change_last_seq,
+        })
+    }
+
+    fn state(&self) -> Result<StateRow, StorageError> {
+        read_state(&self.txn.open_table(tables::META)?)
+    }
+}
+
+fn instrument_record(instrument_id: u64, row: InstrumentRow) -> InstrumentRecord {
+    InstrumentRecord {
+        instrument_id,
+        serial: row.serial,
+        model: row.model,
+        firmware: row.firmware,
+        number: row.number,
+        display_name: row.display_name,
+        first_seen_ms: row.first_seen_ms,
+        last_seen_ms: row.last_seen_ms,
+    }
+}
+
+pub(crate) fn change_from_row(seq: u64, row: ChangeRow) -> Result<Change, StorageError> {
+    let Some(entity) = ChangeEntity::from_u8(row.entity) else {
+        return Err(StorageError::Corrupt(format!(
+            "change {seq} has unknown entity {}",
+            row.entity
+        )));
+    };
+    Ok(Change {
+        seq,
+        at_ms: row.at_ms,
+        entity,
+        key: row.key,
+        summary: row.summary,
+    })
+}
+
+/// A readable image key for messages and reports.
+pub(crate) fn image_key_text(
+    instrument_id: u64,
+    dish_id: &str,
+    well: u32,
+    focal_plane: i32,
+    acquired_at_ms: i64,
+) -> String {
+    format!(
+        "instrument {instrument_id} dish {dish_id:?} well {well} \
+         acquired_at_ms {acquired_at_ms} focal_plane {focal_plane}"
+    )
+}

@@ -1,0 +1,307 @@
+//! Opening the database: file location, schema version check and migration, server id.
+
+use crate::error::StorageError;
+use crate::reader::Reader;
+use crate::tables::{self, decode_u64, encode, encode_u64, ImageValue, StateRow};
+use crate::writer::{Writer, WriterOptions};
+use crate::{model, verify};
+use parking_lot::Mutex;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The database file name inside the data directory.
+pub const DATABASE_FILE_NAME: &str = "esserver.redb";
+
+const MIB: u64 = 1024 * 1024;
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// redb page cache.
+    pub cache_bytes: u64,
+    /// Change-log entries older than this (by their `at_ms`) are pruned by the writer, measured
+    /// back from the newest `at_ms` of each batch. Must be >= 0.
+    pub change_log_retention_ms: i64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> StoreOptions {
+        StoreOptions {
+            cache_bytes: 256 * MIB,
+            change_log_retention_ms: 30 * DAY_MS,
+        }
+    }
+}
+
+/// The open database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<StoreInner>,
+}
+
+pub(crate) struct StoreInner {
+    pub(crate) db: Database,
+    pub(crate) path: PathBuf,
+    pub(crate) server_id: String,
+    pub(crate) options: StoreOptions,
+    /// Set while a writer thread runs: there is one writer at a time.
+    pub(crate) writer_running: AtomicBool,
+    /// Serialises the test-only write helpers with each other.
+    test_write: Mutex<()>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .field("server_id", &self.inner.server_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// The schema version this binary reads and writes.
+    pub const SCHEMA_VERSION: u64 = tables::SCHEMA_VERSION;
+
+    /// Opens or creates `<dir>/esserver.redb`, creating `dir`. A new database gets the schema
+    /// version and the server id `hex(server_id_seed)`; an existing one keeps its id. A newer
+    /// schema version is refused with `SchemaTooNew`; an older one is migrated in place.
+    pub fn open(
+        dir: &Path,
+        options: &StoreOptions,
+        server_id_seed: [u8; 16],
+    ) -> Result<Store, StorageError> {
+        assert!(options.change_log_retention_ms >= 0);
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(DATABASE_FILE_NAME);
+        let cache_bytes = usize::try_from(options.cache_bytes).unwrap_or(usize::MAX);
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)?;
+        let server_id = prepare(&db, server_id_seed)?;
+        tracing::info!(path = %path.display(), %server_id, "storage opened");
+        Ok(Store {
+            inner: Arc::new(StoreInner {
+                db,
+                path,
+                server_id,
+                options: options.clone(),
+                writer_running: AtomicBool::new(false),
+                test_write: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// 32 lowercase hex characters, fixed when the database was created.
+    pub fn server_id(&self) -> String {
+        self.inner.server_id.clone()
+    }
+
+    /// The `.redb` file.
+    pub fn path(&self) -> PathBuf {
+        self.inner.path.clone()
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.inner.options
+    }
+
+    /// A read snapshot (MVCC): sees every commit made before this call, nothing later.
+    pub fn read(&self) -> Result<Reader, StorageError> {
+        Ok(Reader::new(self.inner.db.begin_read()?))
+    }
+
+    /// Spawns the one writer thread ("es-storage-writer").
+    ///
+    /// # Panics
+    /// If a writer of this store is running already: one thread owns all write transactions.
+    pub fn start_writer(&self, options: WriterOptions) -> Writer {
+        let already = self.inner.writer_running.swap(true, Ordering::AcqRel);
+        assert!(!already, "a writer of this store is running already");
+        Writer::start(self.clone(), options)
+    }
+
+    /// Checks every image's SHA-256 and the schema's invariants from one read snapshot.
+    /// `progress` is called every 1000 images and at the end.
+    pub fn verify(
+        &self,
+        progress: &mut dyn FnMut(model::VerifyProgress),
+    ) -> Result<model::VerifyReport, StorageError> {
+        let txn = self.inner.db.begin_read()?;
+        verify::verify(&txn, progress)
+    }
+
+    /// Test hook: flips one byte of a stored image's JPEG in place, keeping its stored SHA-256,
+    /// so that reads and `verify` see a damaged image. Returns false if there is no such image.
+    #[doc(hidden)]
+    pub fn corrupt_image_for_tests(
+        &self,
+        instrument_id: u64,
+        dish_id: &str,
+        well: u32,
+        focal_plane: i32,
+        acquired_at_ms: i64,
+    ) -> Result<bool, StorageError> {
+        let _guard = self.inner.test_write.lock();
+        let mut txn = self.inner.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            let by_instrument = txn.open_table(tables::DISH_BY_INSTRUMENT)?;
+            let Some(dish_key) = by_instrument
+                .get((instrument_id, dish_id))?
+                .map(|g| g.value())
+            else {
+                return Ok(false);
+            };
+            let mut images = txn.open_table(tables::IMAGES)?;
+            let key = (dish_key, well, acquired_at_ms, focal_plane);
+            let Some(mut bytes) = images.get(key)?.map(|g| g.value().to_vec()) else {
+                return Ok(false);
+            };
+            if bytes.len() <= ImageValue::HEADER_BYTES {
+                return Err(StorageError::Corrupt(
+                    "image value has no JPEG bytes".into(),
+                ));
+            }
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0x5a;
+            images.insert(key, bytes.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(true)
+    }
+}
+
+/// Test hook: write a schema version into an existing database (no server may have it open).
+pub fn set_schema_version_for_tests(dir: &Path, version: u64) -> Result<(), StorageError> {
+    let db = Database::open(dir.join(DATABASE_FILE_NAME))?;
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    {
+        let mut meta = txn.open_table(tables::META)?;
+        meta.insert(tables::META_SCHEMA_VERSION, encode_u64(version).as_slice())?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// Initialises a new database or checks and migrates an existing one. Returns the server id.
+fn prepare(db: &Database, server_id_seed: [u8; 16]) -> Result<String, StorageError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    let server_id = {
+        let mut meta = txn.open_table(tables::META)?;
+        let version = match meta.get(tables::META_SCHEMA_VERSION)? {
+            Some(bytes) => Some(decode_u64(bytes.value(), "schema version")?),
+            None => None,
+        };
+        match version {
+            None => {
+                if !meta.is_empty()? {
+                    return Err(StorageError::Corrupt(
+                        "meta table has rows but no schema version".into(),
+                    ));
+                }
+                let server_id = hex::encode(server_id_seed);
+                let version = encode_u64(tables::SCHEMA_VERSION);
+                meta.insert(tables::META_SCHEMA_VERSION, version.as_slice())?;
+                meta.insert(tables::META_SERVER_ID, server_id.as_bytes())?;
+                meta.insert(tables::META_STATE, encode(&StateRow::initial()).as_slice())?;
+                tracing::info!(%server_id, "new database created");
+            }
+            Some(found) if found > tables::SCHEMA_VERSION => {
+                return Err(StorageError::SchemaTooNew {
+                    found,
+                    supported: tables::SCHEMA_VERSION,
+                });
+            }
+            Some(found) => {
+                drop(meta);
+                migrate(&txn, found)?;
+                meta = txn.open_table(tables::META)?;
+            }
+        }
+        read_server_id(&meta)?
+    };
+    tables::create_all(&txn)?;
+    txn.commit()?;
+    Ok(server_id)
+}
+
+fn read_server_id(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<String, StorageError> {
+    let Some(bytes) = meta.get(tables::META_SERVER_ID)? else {
+        return Err(StorageError::Corrupt("server id is missing".into()));
+    };
+    let server_id = String::from_utf8(bytes.value().to_vec())
+        .map_err(|_| StorageError::Corrupt("server id is not UTF-8".into()))?;
+    let well_formed = server_id.len() == 32 && server_id.bytes().all(|b| b.is_ascii_hexdigit());
+    if !well_formed {
+        return Err(StorageError::Corrupt(format!(
+            "server id {server_id:?} is not 32 hex characters"
+        )));
+    }
+    Ok(server_id)
+}
+
+/// Brings a database of an older schema version up to [`tables::SCHEMA_VERSION`], one step at
+/// a time, inside the opening transaction (all steps commit together or not at all).
+fn migrate(txn: &redb::WriteTransaction, found: u64) -> Result<(), StorageError> {
+    if found == 0 {
+        return Err(StorageError::Corrupt(
+            "schema version 0 is not valid".into(),
+        ));
+    }
+    let mut version = found;
+    while version < tables::SCHEMA_VERSION {
+        tracing::info!(
+            from = version,
+            to = version + 1,
+            "migrating database schema"
+        );
+        migrate_step(txn, version)?;
+        version += 1;
+    }
+    assert_eq!(version, tables::SCHEMA_VERSION);
+    if found != version {
+        let mut meta = txn.open_table(tables::META)?;
+        meta.insert(tables::META_SCHEMA_VERSION, encode_u64(version).as_slice())?;
+    }
+    Ok(())
+}
+
+/// Migrates from `from` to `from + 1`. Add one arm per schema version bump.
+fn migrate_step(_txn: &redb::WriteTransaction, from: u64) -> Result<(), StorageError> {
+    #[allow(clippy::match_single_binding)] // Arms are added with each schema version.
+    match from {
+        // 1 => migrate_1_to_2(txn),
+        _ => Err(StorageError::Corrupt(format!(
+            "no migration from schema version {from}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_version_zero_is_refused_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), &StoreOptions::default(), [1; 16]).unwrap());
+        set_schema_version_for_tests(dir.path(), 0).unwrap();
+        let error = Store::open(dir.path(), &StoreOptions::default(), [1; 16]).unwrap_err();
+        assert_eq!(error.code(), "database_corrupt");
+    }
+
+    #[test]
+    fn second_open_of_the_same_file_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = Store::open(dir.path(), &StoreOptions::default(), [1; 16]).unwrap();
+        let error = Store::open(dir.path(), &StoreOptions::default(), [1; 16]).unwrap_err();
+        assert_eq!(error.code(), "database_locked", "{error}");
+    }
+}

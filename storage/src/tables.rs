@@ -1,0 +1,364 @@
+//! The redb schema: every table of the database, its key, its value and the record layouts.
+//!
+//! # Layout and versioning
+//!
+//! Records are postcard-encoded serde structs stored as `&[u8]`. Their layout (field order and
+//! types, and the numbering of enums such as [`ChangeRow::entity`]) is tied to
+//! [`SCHEMA_VERSION`]: any change of a table, key or record layout needs a version bump and a
+//! migration step in `store::migrate_step`. Fields are never reordered or reused.
+//!
+//! Nothing written to disk uses `usize`: keys and records use fixed-width integers only.
+//! Times are Unix milliseconds UTC (`i64`, names end in `_ms`).
+//!
+//! Surrogate keys (`instrument_id`, `patient_key`, `treatment_key`, `dish_key`, `embryo_key`)
+//! are `u64`, allocated from [`StateRow`] starting at 1, and never reused.
+
+use crate::error::StorageError;
+use redb::TableDefinition;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// The schema version this binary writes and reads. See the module documentation.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// `meta`: name -> bytes. Rows: [`META_SCHEMA_VERSION`] (u64 LE), [`META_SERVER_ID`] (UTF-8,
+/// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]).
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub const META_SCHEMA_VERSION: &str = "schema_version";
+pub const META_SERVER_ID: &str = "server_id";
+pub const META_STATE: &str = "state";
+
+/// `instruments`: instrument_id -> [`InstrumentRow`].
+pub const INSTRUMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("instruments");
+/// `instrument_by_serial`: serial number -> instrument_id. Unique.
+pub const INSTRUMENT_BY_SERIAL: TableDefinition<&str, u64> =
+    TableDefinition::new("instrument_by_serial");
+
+/// `patients`: patient_key -> [`PatientRow`].
+pub const PATIENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("patients");
+/// `patient_by_id`: clinic medical record number (patient_id) -> patient_key. Unique; its order
+/// is the order of `list_patients`.
+pub const PATIENT_BY_ID: TableDefinition<&str, u64> = TableDefinition::new("patient_by_id");
+
+/// `treatments`: treatment_key -> [`TreatmentRow`].
+pub const TREATMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("treatments");
+/// `treatment_by_patient_name`: (patient_key, treatment name) -> treatment_key. Unique.
+pub const TREATMENT_BY_PATIENT_NAME: TableDefinition<(u64, &str), u64> =
+    TableDefinition::new("treatment_by_patient_name");
+
+/// `dishes`: dish_key -> [`DishRow`].
+pub const DISHES: TableDefinition<u64, &[u8]> = TableDefinition::new("dishes");
+/// `dish_by_instrument`: (instrument_id, dish_id) -> dish_key. Unique.
+pub const DISH_BY_INSTRUMENT: TableDefinition<(u64, &str), u64> =
+    TableDefinition::new("dish_by_instrument");
+
+/// `wells`: (dish_key, well) -> [`EmbryoRow`]. One embryo per registered well.
+pub const WELLS: TableDefinition<WellKey, &[u8]> = TableDefinition::new("wells");
+/// `embryo_by_id`: embryo_id -> (dish_key, well). Unique: an embryo id names one well.
+pub const EMBRYO_BY_ID: TableDefinition<&str, WellKey> = TableDefinition::new("embryo_by_id");
+
+/// `acquisitions`: (dish_key, well, acquired_at_ms) -> [`AcquisitionRow`] (the focal planes
+/// stored for that acquisition, sorted).
+pub const ACQUISITIONS: TableDefinition<AcquisitionKey, &[u8]> =
+    TableDefinition::new("acquisitions");
+
+/// `images`: (dish_key, well, acquired_at_ms, focal_plane) -> image value, laid out as
+/// 32-byte SHA-256 of the JPEG || stored_at_ms (8 bytes, i64 LE) || JPEG bytes.
+/// See [`ImageValue`].
+pub const IMAGES: TableDefinition<ImageKey, &[u8]> = TableDefinition::new("images");
+
+/// `telemetry`: (instrument_id, at_ms, telemetry_seq) -> [`TelemetryRow`].
+pub const TELEMETRY: TableDefinition<TelemetryKey, &[u8]> = TableDefinition::new("telemetry");
+
+/// `changes`: change seq (gapless from [`StateRow::change_oldest_seq`] to
+/// [`StateRow::change_last_seq`]) -> [`ChangeRow`].
+pub const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
+
+/// (dish_key, well)
+pub type WellKey = (u64, u32);
+/// (dish_key, well, acquired_at_ms)
+pub type AcquisitionKey = (u64, u32, i64);
+/// (dish_key, well, acquired_at_ms, focal_plane)
+pub type ImageKey = (u64, u32, i64, i32);
+/// (instrument_id, at_ms, telemetry_seq)
+pub type TelemetryKey = (u64, i64, u64);
+
+/// The names of every table, for tooling and for the "create all tables on open" step.
+pub const TABLE_NAMES: [&str; 15] = [
+    "meta",
+    "instruments",
+    "instrument_by_serial",
+    "patients",
+    "patient_by_id",
+    "treatments",
+    "treatment_by_patient_name",
+    "dishes",
+    "dish_by_instrument",
+    "wells",
+    "embryo_by_id",
+    "acquisitions",
+    "images",
+    "telemetry",
+    "changes",
+];
+
+/// Creates every table that does not exist yet, so read transactions never miss one.
+pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), StorageError> {
+    txn.open_table(META)?;
+    txn.open_table(INSTRUMENTS)?;
+    txn.open_table(INSTRUMENT_BY_SERIAL)?;
+    txn.open_table(PATIENTS)?;
+    txn.open_table(PATIENT_BY_ID)?;
+    txn.open_table(TREATMENTS)?;
+    txn.open_table(TREATMENT_BY_PATIENT_NAME)?;
+    txn.open_table(DISHES)?;
+    txn.open_table(DISH_BY_INSTRUMENT)?;
+    txn.open_table(WELLS)?;
+    txn.open_table(EMBRYO_BY_ID)?;
+    txn.open_table(ACQUISITIONS)?;
+    txn.open_table(IMAGES)?;
+    txn.open_table(TELEMETRY)?;
+    txn.open_table(CHANGES)?;
+    Ok(())
+}
+
+/// The counters row (`meta/state`): id allocation, change-log bounds and entity counts, updated
+/// in the same transaction as the rows they count, so statistics are O(1).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateRow {
+    pub instrument_id_last: u64,
+    pub patient_key_last: u64,
+    pub treatment_key_last: u64,
+    pub dish_key_last: u64,
+    pub embryo_key_last: u64,
+    pub telemetry_seq_last: u64,
+    /// The seq of the newest change; 0 when no change was ever written.
+    pub change_last_seq: u64,
+    /// The seq of the oldest retained change (`change_last_seq + 1` when none is retained).
+    pub change_oldest_seq: u64,
+    pub instruments: u64,
+    pub patients: u64,
+    pub treatments: u64,
+    pub dishes: u64,
+    pub embryos: u64,
+    pub acquisitions: u64,
+    pub images: u64,
+    /// Sum of the JPEG lengths of all images.
+    pub image_bytes: u64,
+    pub telemetry_samples: u64,
+}
+
+impl StateRow {
+    /// The state of a new database.
+    pub fn initial() -> StateRow {
+        StateRow {
+            change_oldest_seq: 1,
+            ..StateRow::default()
+        }
+    }
+
+    /// Checks the row read from disk: the change-log bounds must be ordered.
+    pub fn check(&self) -> Result<(), StorageError> {
+        let ordered = self.change_oldest_seq >= 1
+            && self.change_oldest_seq <= self.change_last_seq.saturating_add(1);
+        if ordered {
+            Ok(())
+        } else {
+            Err(StorageError::Corrupt(format!(
+                "change log bounds out of order: oldest {} last {}",
+                self.change_oldest_seq, self.change_last_seq
+            )))
+        }
+    }
+
+    /// Number of retained changes (after [`StateRow::check`] passed).
+    pub fn changes_retained(&self) -> u64 {
+        self.change_last_seq
+            .saturating_add(1)
+            .saturating_sub(self.change_oldest_seq)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstrumentRow {
+    pub serial: String,
+    pub model: String,
+    pub firmware: String,
+    pub number: u32,
+    pub display_name: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    /// SHA-256 of the issued secret; None before the first HELLO or after a reset.
+    pub secret_sha256: Option<[u8; 32]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatientRow {
+    pub patient_id: String,
+    pub first_name: String,
+    pub last_name: String,
+    /// `yyyy-mm-dd` or empty.
+    pub date_of_birth: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreatmentRow {
+    pub patient_key: u64,
+    pub name: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DishRow {
+    pub instrument_id: u64,
+    pub dish_id: String,
+    pub slot: u32,
+    pub treatment_key: u64,
+    pub insemination_at_ms: i64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbryoRow {
+    pub embryo_key: u64,
+    pub embryo_id: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcquisitionRow {
+    /// Sorted ascending, no duplicates, never empty.
+    pub focal_planes: Vec<i32>,
+    pub first_stored_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryRow {
+    pub channel: String,
+    pub value: f64,
+    pub stored_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeRow {
+    pub at_ms: i64,
+    /// [`crate::ChangeEntity`] as its stable number (`ChangeEntity::to_u8`).
+    pub entity: u8,
+    pub key: u64,
+    pub summary: String,
+}
+
+/// Encodes a record. Encoding into a Vec cannot fail for these types; a failure is a bug.
+pub fn encode<T: Serialize>(row: &T) -> Vec<u8> {
+    postcard::to_stdvec(row).expect("postcard encodes plain records into a Vec")
+}
+
+/// Decodes a record read from disk; a record that does not decode is corruption.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StorageError> {
+    postcard::from_bytes(bytes)
+        .map_err(|error| StorageError::Corrupt(format!("{what} record does not decode: {error}")))
+}
+
+pub fn encode_u64(value: u64) -> [u8; 8] {
+    value.to_le_bytes()
+}
+
+pub fn decode_u64(bytes: &[u8], what: &str) -> Result<u64, StorageError> {
+    let array: [u8; 8] = bytes.try_into().map_err(|_| {
+        StorageError::Corrupt(format!("{what} has {} bytes, expected 8", bytes.len()))
+    })?;
+    Ok(u64::from_le_bytes(array))
+}
+
+/// The value of an [`IMAGES`] row: SHA-256 (32 bytes) || stored_at_ms (i64 LE) || JPEG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageValue<'a> {
+    pub sha256: [u8; 32],
+    pub stored_at_ms: i64,
+    pub jpeg: &'a [u8],
+}
+
+impl<'a> ImageValue<'a> {
+    pub const HEADER_BYTES: usize = 32 + 8;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::HEADER_BYTES + self.jpeg.len());
+        out.extend_from_slice(&self.sha256);
+        out.extend_from_slice(&self.stored_at_ms.to_le_bytes());
+        out.extend_from_slice(self.jpeg);
+        assert_eq!(out.len(), Self::HEADER_BYTES + self.jpeg.len());
+        out
+    }
+
+    pub fn decode(bytes: &'a [u8]) -> Result<ImageValue<'a>, StorageError> {
+        if bytes.len() < Self::HEADER_BYTES {
+            return Err(StorageError::Corrupt(format!(
+                "image value has {} bytes, shorter than its {}-byte header",
+                bytes.len(),
+                Self::HEADER_BYTES
+            )));
+        }
+        let (sha, rest) = bytes.split_at(32);
+        let (stored, jpeg) = rest.split_at(8);
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(sha);
+        let mut stored_at = [0u8; 8];
+        stored_at.copy_from_slice(stored);
+        Ok(ImageValue {
+            sha256,
+            stored_at_ms: i64::from_le_bytes(stored_at),
+            jpeg,
+        })
+    }
+
+    /// Whether the stored SHA-256 matches the bytes.
+    pub fn is_intact(&self) -> bool {
+        sha256(self.jpeg) == self.sha256
+    }
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_value_round_trips_and_detects_damage() {
+        let jpeg = b"\xff\xd8not really a jpeg\xff\xd9";
+        let value = ImageValue {
+            sha256: sha256(jpeg),
+            stored_at_ms: -5,
+            jpeg,
+        };
+        let bytes = value.encode();
+        let decoded = ImageValue::decode(&bytes).unwrap();
+        assert_eq!(decoded, value);
+        assert!(decoded.is_intact());
+        let mut damaged = bytes.clone();
+        damaged[ImageValue::HEADER_BYTES] ^= 1;
+        assert!(!ImageValue::decode(&damaged).unwrap().is_intact());
+        assert!(matches!(
+            ImageValue::decode(&bytes[..39]),
+            Err(StorageError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn bad_records_are_corrupt_not_panics() {
+        assert!(matches!(
+            decode::<InstrumentRow>(&[0xff, 0xff], "instrument"),
+            Err(StorageError::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode_u64(&[1, 2, 3], "schema version"),
+            Err(StorageError::Corrupt(_))
+        ));
+        assert_eq!(decode_u64(&encode_u64(7), "x").unwrap(), 7);
+    }
+}

@@ -1,0 +1,301 @@
+//! The one writer thread: group commit.
+//!
+//! Requests arrive on a bounded queue. The thread blocks for the first one, drains more without
+//! blocking until `batch_requests_max` or `batch_bytes_max` is reached or the queue is empty,
+//! applies them all in ONE write transaction with `Durability::Immediate`, commits once, and
+//! only then calls every completion. A refused op writes nothing and gets its own error; a
+//! failed commit fails every op of the batch.
+
+use crate::apply::{Batch, OpResult};
+use crate::error::{StorageError, SubmitError, WriteError};
+use crate::limits;
+use crate::ops::{WriteOp, WriteOutcome};
+use crate::store::Store;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use parking_lot::{Mutex, RwLock};
+use redb::Durability;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Called once with the op's result, on the writer thread, after the commit reached the disk.
+/// It must not block: hand the result to the connection's loop (queue + waker) and return.
+/// Calling the blocking [`Writer::submit`] from a completion can deadlock; use `try_submit`.
+pub type Completion = Box<dyn FnOnce(Result<WriteOutcome, WriteError>) + Send + 'static>;
+
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriterOptions {
+    /// Capacity of the bounded request queue; when full, `try_submit` answers `Full`.
+    pub queue_requests_max: usize,
+    /// Most requests applied in one write transaction.
+    pub batch_requests_max: usize,
+    /// A batch stops taking requests once their payload (JPEG bytes) reaches this.
+    pub batch_bytes_max: u64,
+}
+
+impl Default for WriterOptions {
+    fn default() -> WriterOptions {
+        WriterOptions {
+            queue_requests_max: 8192,
+            batch_requests_max: 4096,
+            batch_bytes_max: 64 * MIB,
+        }
+    }
+}
+
+/// Counters of the writer since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WriterStats {
+    /// Successful commits (one per batch).
+    pub commits: u64,
+    /// Batches whose transaction failed (every op got an error).
+    pub commit_failures: u64,
+    /// Requests taken from the queue (completed or failed).
+    pub requests: u64,
+    /// Payload bytes of the requests taken.
+    pub bytes: u64,
+    /// Requests in the most recent batch.
+    pub last_batch_requests: u64,
+    /// Payload bytes of the most recent batch.
+    pub last_batch_bytes: u64,
+}
+
+#[derive(Default)]
+struct StatsCounters {
+    commits: AtomicU64,
+    commit_failures: AtomicU64,
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    last_batch_requests: AtomicU64,
+    last_batch_bytes: AtomicU64,
+}
+
+struct Request {
+    op: WriteOp,
+    done: Completion,
+}
+
+/// Handle to the writer thread. Cheap to clone; all clones share one queue.
+#[derive(Clone)]
+pub struct Writer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// None once shutdown began. Dropping the last sender lets the thread drain and exit.
+    sender: RwLock<Option<Sender<Request>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    stats: Arc<StatsCounters>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    pub(crate) fn start(store: Store, options: WriterOptions) -> Writer {
+        assert!(options.queue_requests_max > 0);
+        assert!(options.batch_requests_max > 0);
+        assert!(options.batch_bytes_max > 0);
+        let (sender, receiver) = crossbeam_channel::bounded(options.queue_requests_max);
+        let stats = Arc::new(StatsCounters::default());
+        let thread_stats = Arc::clone(&stats);
+        let thread = std::thread::Builder::new()
+            .name("es-storage-writer".into())
+            .spawn(move || run(&store, &receiver, &options, &thread_stats))
+            .expect("spawning the storage writer thread");
+        Writer {
+            shared: Arc::new(Shared {
+                sender: RwLock::new(Some(sender)),
+                thread: Mutex::new(Some(thread)),
+                stats,
+            }),
+        }
+    }
+
+    /// Non-blocking. `Full` when the queue is full (stop reading the socket, retry later);
+    /// `Closed` after shutdown began. Both hand the op and completion back.
+    // The error hands the op back by value (the API contract); it is not a hot path.
+    #[allow(clippy::result_large_err)]
+    pub fn try_submit(&self, op: WriteOp, done: Completion) -> Result<(), SubmitError> {
+        let guard = self.shared.sender.read();
+        let Some(sender) = guard.as_ref() else {
+            return Err(SubmitError::Closed(op, done));
+        };
+        match sender.try_send(Request { op, done }) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(request)) => Err(SubmitError::Full(request.op, request.done)),
+            Err(TrySendError::Disconnected(request)) => {
+                Err(SubmitError::Closed(request.op, request.done))
+            }
+        }
+    }
+
+    /// Blocks while the queue is full (for admin tools). `Closed` after shutdown began.
+    // The error hands the op back by value (the API contract); it is not a hot path.
+    #[allow(clippy::result_large_err)]
+    pub fn submit(&self, op: WriteOp, done: Completion) -> Result<(), SubmitError> {
+        let sender = self.shared.sender.read().clone();
+        let Some(sender) = sender else {
+            return Err(SubmitError::Closed(op, done));
+        };
+        sender
+            .send(Request { op, done })
+            .map_err(|error| SubmitError::Closed(error.0.op, error.0.done))
+    }
+
+    /// Requests waiting in the queue (not counting the batch being applied).
+    pub fn queue_len(&self) -> usize {
+        self.shared.sender.read().as_ref().map_or(0, Sender::len)
+    }
+
+    /// Stops accepting, applies and commits everything already queued, completes it, and joins
+    /// the thread. Idempotent. Called from a completion (the writer thread), it does not join.
+    pub fn shutdown(&self) {
+        let sender = self.shared.sender.write().take();
+        drop(sender);
+        let Some(handle) = self.shared.thread.lock().take() else {
+            return;
+        };
+        if handle.thread().id() == std::thread::current().id() {
+            return;
+        }
+        if handle.join().is_err() {
+            tracing::error!("storage writer thread panicked");
+        }
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        let stats = &self.shared.stats;
+        WriterStats {
+            commits: stats.commits.load(Ordering::Relaxed),
+            commit_failures: stats.commit_failures.load(Ordering::Relaxed),
+            requests: stats.requests.load(Ordering::Relaxed),
+            bytes: stats.bytes.load(Ordering::Relaxed),
+            last_batch_requests: stats.last_batch_requests.load(Ordering::Relaxed),
+            last_batch_bytes: stats.last_batch_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Clears the store's "writer running" flag when the thread ends, even by panic.
+struct RunningGuard<'a>(&'a Store);
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.inner.writer_running.store(false, Ordering::Release);
+    }
+}
+
+fn run(
+    store: &Store,
+    receiver: &Receiver<Request>,
+    options: &WriterOptions,
+    stats: &StatsCounters,
+) {
+    let _running = RunningGuard(store);
+    let mut batch: Vec<Request> = Vec::with_capacity(options.batch_requests_max.min(4096));
+    // recv() returns queued requests even after every sender is gone, then Err: drain, exit.
+    while let Ok(first) = receiver.recv() {
+        assert!(batch.is_empty());
+        let mut batch_bytes = first.op.payload_bytes();
+        batch.push(first);
+        while batch.len() < options.batch_requests_max && batch_bytes < options.batch_bytes_max {
+            let Ok(request) = receiver.try_recv() else {
+                break;
+            };
+            batch_bytes = batch_bytes.saturating_add(request.op.payload_bytes());
+            batch.push(request);
+        }
+        let requests = batch.len() as u64;
+        let results = commit_batch_guarded(store, &batch);
+        record(stats, requests, batch_bytes, results.is_ok());
+        complete(&mut batch, results);
+    }
+    tracing::info!("storage writer stopped");
+}
+
+fn record(stats: &StatsCounters, requests: u64, bytes: u64, committed: bool) {
+    let counter = if committed {
+        &stats.commits
+    } else {
+        &stats.commit_failures
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    stats.requests.fetch_add(requests, Ordering::Relaxed);
+    stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+    stats.last_batch_requests.store(requests, Ordering::Relaxed);
+    stats.last_batch_bytes.store(bytes, Ordering::Relaxed);
+}
+
+/// Calls every completion of the batch, in order, and empties it.
+fn complete(batch: &mut Vec<Request>, results: Result<Vec<OpResult>, WriteError>) {
+    match results {
+        Ok(results) => {
+            assert_eq!(results.len(), batch.len());
+            for (request, result) in batch.drain(..).zip(results) {
+                call(request.done, result);
+            }
+        }
+        Err(error) => {
+            for request in batch.drain(..) {
+                call(request.done, Err(error.clone()));
+            }
+        }
+    }
+}
+
+fn call(done: Completion, result: OpResult) {
+    if catch_unwind(AssertUnwindSafe(move || done(result))).is_err() {
+        tracing::error!("a storage write completion panicked");
+    }
+}
+
+/// Commits the batch; a panic while applying it aborts the transaction and fails the batch
+/// instead of killing the thread (which would leave every later request without an answer).
+fn commit_batch_guarded(store: &Store, batch: &[Request]) -> Result<Vec<OpResult>, WriteError> {
+    match catch_unwind(AssertUnwindSafe(|| commit_batch(store, batch))) {
+        Ok(Ok(results)) => Ok(results),
+        Ok(Err(error)) => {
+            tracing::error!(code = error.code(), %error, requests = batch.len(), "group commit failed");
+            Err(WriteError::from(error))
+        }
+        Err(_) => {
+            tracing::error!(
+                requests = batch.len(),
+                "group commit panicked; batch aborted"
+            );
+            Err(WriteError::Storage(
+                "internal error while applying the batch".into(),
+            ))
+        }
+    }
+}
+
+fn commit_batch(store: &Store, batch: &[Request]) -> Result<Vec<OpResult>, StorageError> {
+    let mut txn = store.inner.db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    let results = {
+        let mut tables = Batch::open(&txn)?;
+        let mut results = Vec::with_capacity(batch.len());
+        for request in batch {
+            results.push(tables.apply(&request.op)?);
+        }
+        if let Some(now_ms) = batch.iter().filter_map(|r| r.op.at_ms()).max() {
+            let retention_ms = store.inner.options.change_log_retention_ms;
+            let cutoff_ms = now_ms.saturating_sub(retention_ms);
+            tables.prune_changes(cutoff_ms, limits::PRUNE_CHANGES_PER_BATCH_MAX)?;
+        }
+        tables.finish()?;
+        results
+    };
+    txn.commit()?;
+    Ok(results)
+}

@@ -1,0 +1,1058 @@
+//! End-to-end tests of the store through its public API, each in its own temporary directory.
+//! No test depends on wall-clock time: ordering is forced with channels ("gates").
+
+use bytes::Bytes;
+use crossbeam_channel::{bounded, Receiver, Sender};
+use es_storage::*;
+use std::path::Path;
+
+const SEED: [u8; 16] = [0xab; 16];
+const T0: i64 = 1_700_000_000_000;
+const MINUTE_MS: i64 = 60_000;
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, &StoreOptions::default(), SEED).unwrap()
+}
+
+fn open_with_retention(dir: &Path, change_log_retention_ms: i64) -> Store {
+    let options = StoreOptions {
+        change_log_retention_ms,
+        ..StoreOptions::default()
+    };
+    Store::open(dir, &options, SEED).unwrap()
+}
+
+/// Submits and waits for the completion.
+fn write(writer: &Writer, op: WriteOp) -> Result<WriteOutcome, WriteError> {
+    let (done, result) = completion();
+    writer.submit(op, done).unwrap();
+    result.recv().unwrap()
+}
+
+fn completion() -> (Completion, Receiver<Result<WriteOutcome, WriteError>>) {
+    let (sender, receiver) = bounded(1);
+    let done: Completion = Box::new(move |result| {
+        sender.send(result).unwrap();
+    });
+    (done, receiver)
+}
+
+fn hello_op(serial: &str, presented: Option<&str>, new_secret: &str, at_ms: i64) -> WriteOp {
+    WriteOp::InstrumentHello {
+        serial: serial.into(),
+        model: "EmbryoScope+".into(),
+        firmware: "7.9".into(),
+        presented_secret: presented.map(Into::into),
+        new_secret: new_secret.into(),
+        at_ms,
+    }
+}
+
+/// A new instrument; returns its id.
+fn hello(writer: &Writer, serial: &str) -> u64 {
+    match write(
+        writer,
+        hello_op(serial, None, &format!("secret-{serial}"), T0),
+    ) {
+        Ok(WriteOutcome::InstrumentAccepted { instrument_id, .. }) => instrument_id,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn dish(dish_id: &str, patient_id: &str, wells: &[(u32, &str)]) -> DishRegistration {
+    DishRegistration {
+        dish_id: dish_id.into(),
+        slot: 3,
+        patient: PatientRef {
+            patient_id: patient_id.into(),
+            first_name: "Ada".into(),
+            last_name: "Lovelace".into(),
+            date_of_birth: "1985-12-10".into(),
+        },
+        treatment_name: "2022-1411".into(),
+        insemination_at_ms: T0 - 3_600_000,
+        wells: wells
+            .iter()
+            .map(|(well, embryo_id)| WellRegistration {
+                well: *well,
+                embryo_id: (*embryo_id).into(),
+            })
+            .collect(),
+    }
+}
+
+fn register(writer: &Writer, instrument_id: u64, dish: DishRegistration) -> WriteOutcome {
+    write(
+        writer,
+        WriteOp::RegisterDish {
+            instrument_id,
+            dish,
+            at_ms: T0,
+        },
+    )
+    .unwrap()
+}
+
+fn jpeg(tag: u32, bytes: usize) -> Bytes {
+    let mut data = vec![0xffu8, 0xd8];
+    data.extend((0..bytes).map(|i| (i as u32).wrapping_mul(31).wrapping_add(tag) as u8));
+    data.extend([0xff, 0xd9]);
+    Bytes::from(data)
+}
+
+fn image_op(
+    instrument_id: u64,
+    well: u32,
+    plane: i32,
+    acquired_at_ms: i64,
+    jpeg: Bytes,
+) -> WriteOp {
+    WriteOp::PutImage {
+        instrument_id,
+        dish_id: "D1".into(),
+        well,
+        focal_plane: plane,
+        acquired_at_ms,
+        jpeg,
+        at_ms: acquired_at_ms + 1000,
+    }
+}
+
+/// An instrument with dish "D1" (wells 1..=3, embryos E1..E3) on a fresh writer.
+fn setup(store: &Store) -> (Writer, u64) {
+    let writer = store.start_writer(WriterOptions::default());
+    let instrument_id = hello(&writer, "SN-1");
+    let wells = [(1, "E1"), (2, "E2"), (3, "E3")];
+    register(&writer, instrument_id, dish("D1", "MRN-1", &wells));
+    (writer, instrument_id)
+}
+
+/// Holds the writer thread inside a completion until dropped, so that requests submitted
+/// meanwhile queue up and form the next batch.
+struct Gate {
+    _release: Sender<()>,
+}
+
+fn block_writer(writer: &Writer) -> Gate {
+    let (entered_tx, entered_rx) = bounded(1);
+    let (release_tx, release_rx) = bounded::<()>(0);
+    let op = WriteOp::ResetInstrumentSecret {
+        serial: "gate".into(),
+    };
+    let done: Completion = Box::new(move |_| {
+        entered_tx.send(()).unwrap();
+        let _ = release_rx.recv(); // Returns when the Gate is dropped.
+    });
+    writer.submit(op, done).unwrap();
+    entered_rx.recv().unwrap();
+    Gate {
+        _release: release_tx,
+    }
+}
+
+fn all_changes(store: &Store) -> Vec<Change> {
+    store.read().unwrap().changes_after(0, 10_000).unwrap()
+}
+
+#[test]
+fn group_commit_of_many_concurrent_submissions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let commits_before = writer.stats().commits;
+    let gate = block_writer(&writer);
+    let threads_count: u32 = 4;
+    let per_thread: u32 = 50;
+    let (results_tx, results_rx) = bounded(1000);
+    std::thread::scope(|scope| {
+        for thread in 0..threads_count {
+            let writer = writer.clone();
+            let results_tx = results_tx.clone();
+            scope.spawn(move || {
+                for i in 0..per_thread {
+                    let tx = results_tx.clone();
+                    let t = T0 + i64::from(i) * 10 * MINUTE_MS;
+                    let op = image_op(
+                        instrument_id,
+                        thread % 3 + 1,
+                        thread as i32,
+                        t,
+                        jpeg(i, 100),
+                    );
+                    let done: Completion = Box::new(move |result| tx.send(result).unwrap());
+                    writer.try_submit(op, done).unwrap();
+                }
+            });
+        }
+    });
+    let total = (threads_count * per_thread) as usize;
+    assert_eq!(writer.queue_len(), total);
+    drop(gate);
+    for _ in 0..total {
+        let result = results_rx.recv().unwrap();
+        assert_eq!(result, Ok(WriteOutcome::ImageStored { duplicate: false }));
+    }
+    let stats = writer.stats();
+    // The gate's batch, then ONE batch holding every queued request.
+    assert_eq!(stats.commits, commits_before + 2);
+    assert_eq!(stats.last_batch_requests, total as u64);
+    let reader = store.read().unwrap();
+    assert_eq!(reader.stats().unwrap().images, total as u64);
+    for thread in 0..threads_count {
+        for i in 0..per_thread {
+            let t = T0 + i64::from(i) * 10 * MINUTE_MS;
+            let bytes = reader
+                .image(instrument_id, "D1", thread % 3 + 1, thread as i32, t)
+                .unwrap();
+            assert_eq!(bytes, Some(jpeg(i, 100)));
+        }
+    }
+    writer.shutdown();
+}
+
+#[test]
+fn batch_limits_split_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let writer = store.start_writer(WriterOptions {
+        queue_requests_max: 64,
+        batch_requests_max: 4,
+        batch_bytes_max: 1 << 20,
+    });
+    let instrument_id = hello(&writer, "SN-1");
+    register(&writer, instrument_id, dish("D1", "MRN-1", &[(1, "E1")]));
+    let gate = block_writer(&writer);
+    let mut receivers = Vec::new();
+    for i in 0..10 {
+        let (done, rx) = completion();
+        let op = image_op(instrument_id, 1, 0, T0 + i, jpeg(1, 10));
+        writer.try_submit(op, done).unwrap();
+        receivers.push(rx);
+    }
+    let commits_before = writer.stats().commits;
+    drop(gate);
+    for rx in receivers {
+        assert!(rx.recv().unwrap().is_ok());
+    }
+    // 10 requests at most 4 per batch: 4 + 4 + 2 (the gate's own batch is counted before its
+    // completion runs, so it is in `commits_before`).
+    assert_eq!(writer.stats().commits, commits_before + 3);
+    assert_eq!(writer.stats().last_batch_requests, 2);
+    writer.shutdown();
+}
+
+#[test]
+fn full_queue_hands_the_request_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let writer = store.start_writer(WriterOptions {
+        queue_requests_max: 2,
+        ..WriterOptions::default()
+    });
+    let gate = block_writer(&writer);
+    for _ in 0..2 {
+        let (done, _rx) = completion();
+        let op = WriteOp::ResetInstrumentSecret { serial: "x".into() };
+        writer.try_submit(op, done).unwrap();
+    }
+    let (done, _rx) = completion();
+    let op = WriteOp::ResetInstrumentSecret {
+        serial: "third".into(),
+    };
+    match writer.try_submit(op, done) {
+        Err(SubmitError::Full(WriteOp::ResetInstrumentSecret { serial }, _)) => {
+            assert_eq!(serial, "third")
+        }
+        other => panic!("expected Full, got {other:?}"),
+    }
+    drop(gate);
+    writer.shutdown();
+}
+
+#[test]
+fn batch_with_a_refused_op_commits_the_others_and_sees_earlier_ops() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let gate = block_writer(&writer);
+    let ops = [
+        image_op(instrument_id, 1, 0, T0, jpeg(1, 50)),
+        image_op(instrument_id, 1, 0, T0, jpeg(1, 50)), // duplicate of the first, same batch
+        image_op(instrument_id, 1, 0, T0, jpeg(2, 50)), // conflict with the first, same batch
+        image_op(instrument_id, 9, 0, T0, jpeg(3, 50)), // unknown well
+        image_op(instrument_id, 2, 0, T0, jpeg(4, 50)),
+    ];
+    let receivers: Vec<_> = ops
+        .into_iter()
+        .map(|op| {
+            let (done, rx) = completion();
+            writer.try_submit(op, done).unwrap();
+            rx
+        })
+        .collect();
+    drop(gate);
+    let results: Vec<_> = receivers.iter().map(|rx| rx.recv().unwrap()).collect();
+    assert_eq!(
+        results,
+        vec![
+            Ok(WriteOutcome::ImageStored { duplicate: false }),
+            Ok(WriteOutcome::ImageStored { duplicate: true }),
+            Err(WriteError::ImageConflict),
+            Err(WriteError::UnknownWell),
+            Ok(WriteOutcome::ImageStored { duplicate: false }),
+        ]
+    );
+    let reader = store.read().unwrap();
+    assert_eq!(
+        reader.image(instrument_id, "D1", 1, 0, T0).unwrap(),
+        Some(jpeg(1, 50))
+    );
+    assert_eq!(
+        reader.image(instrument_id, "D1", 2, 0, T0).unwrap(),
+        Some(jpeg(4, 50))
+    );
+    assert_eq!(reader.stats().unwrap().images, 2);
+    assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+    writer.shutdown();
+}
+
+#[test]
+fn idempotent_re_put() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let first = write(&writer, image_op(instrument_id, 1, 0, T0, jpeg(7, 300)));
+    assert_eq!(first, Ok(WriteOutcome::ImageStored { duplicate: false }));
+    let seq_after_first = store.read().unwrap().last_change_seq().unwrap();
+    let second = write(&writer, image_op(instrument_id, 1, 0, T0, jpeg(7, 300)));
+    assert_eq!(second, Ok(WriteOutcome::ImageStored { duplicate: true }));
+    let reader = store.read().unwrap();
+    let stats = reader.stats().unwrap();
+    assert_eq!(stats.images, 1);
+    assert_eq!(stats.image_bytes, jpeg(7, 300).len() as u64);
+    assert_eq!(stats.acquisitions, 1);
+    assert_eq!(reader.last_change_seq().unwrap(), seq_after_first);
+    writer.shutdown();
+}
+
+#[test]
+fn conflict_keeps_the_original_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    write(&writer, image_op(instrument_id, 1, 2, T0, jpeg(1, 300))).unwrap();
+    let conflict = write(&writer, image_op(instrument_id, 1, 2, T0, jpeg(2, 300)));
+    assert_eq!(conflict, Err(WriteError::ImageConflict));
+    assert_eq!(conflict.unwrap_err().code(), "image_conflict");
+    let reader = store.read().unwrap();
+    assert_eq!(
+        reader.image(instrument_id, "D1", 1, 2, T0).unwrap(),
+        Some(jpeg(1, 300))
+    );
+    assert_eq!(reader.stats().unwrap().images, 1);
+    writer.shutdown();
+}
+
+#[test]
+fn unknown_dish_well_and_instrument_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let before = store.read().unwrap().stats().unwrap();
+    let mut op = image_op(instrument_id, 1, 0, T0, jpeg(1, 10));
+    if let WriteOp::PutImage { dish_id, .. } = &mut op {
+        *dish_id = "NO-SUCH-DISH".into();
+    }
+    let unknown_dish = write(&writer, op).unwrap_err();
+    assert_eq!(unknown_dish, WriteError::UnknownDish);
+    assert_eq!(unknown_dish.code(), "unknown_dish");
+    let unknown_well = write(&writer, image_op(instrument_id, 4, 0, T0, jpeg(1, 10)));
+    assert_eq!(unknown_well, Err(WriteError::UnknownWell));
+    let unknown_instrument = write(&writer, image_op(999, 1, 0, T0, jpeg(1, 10)));
+    assert_eq!(unknown_instrument, Err(WriteError::UnknownInstrument));
+    let register_unknown = write(
+        &writer,
+        WriteOp::RegisterDish {
+            instrument_id: 999,
+            dish: dish("D9", "MRN-9", &[(1, "E9")]),
+            at_ms: T0,
+        },
+    );
+    assert_eq!(register_unknown, Err(WriteError::UnknownInstrument));
+    let empty = write(&writer, image_op(instrument_id, 1, 0, T0, Bytes::new()));
+    assert_eq!(empty.unwrap_err().code(), "invalid_input");
+    let reader = store.read().unwrap();
+    assert_eq!(reader.stats().unwrap(), before);
+    assert_eq!(
+        reader.sync_state(instrument_id, "NO-SUCH-DISH").unwrap(),
+        None
+    );
+    writer.shutdown();
+}
+
+#[test]
+fn instrument_secret_issue_accept_refuse_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let writer = store.start_writer(WriterOptions::default());
+    let first = write(&writer, hello_op("SN-7", None, "s-one", T0)).unwrap();
+    let WriteOutcome::InstrumentAccepted {
+        instrument_id,
+        issued_secret,
+    } = first
+    else {
+        panic!("unexpected {first:?}");
+    };
+    assert_eq!(issued_secret.as_deref(), Some("s-one"));
+
+    let accepted = write(&writer, hello_op("SN-7", Some("s-one"), "s-unused", T0 + 5));
+    assert_eq!(
+        accepted,
+        Ok(WriteOutcome::InstrumentAccepted {
+            instrument_id,
+            issued_secret: None
+        })
+    );
+    let wrong = write(&writer, hello_op("SN-7", Some("s-wrong"), "s-x", T0 + 6));
+    assert_eq!(wrong, Err(WriteError::AuthFailed));
+    let missing = write(&writer, hello_op("SN-7", None, "s-x", T0 + 7));
+    assert_eq!(missing.unwrap_err().code(), "auth_failed");
+    // A refused HELLO changes nothing.
+    let record = store
+        .read()
+        .unwrap()
+        .instrument_by_serial("SN-7")
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.last_seen_ms, T0 + 5);
+    assert_eq!(record.first_seen_ms, T0);
+    assert_eq!(record.instrument_id, instrument_id);
+    assert_eq!(record.number, 1);
+
+    let reset = write(
+        &writer,
+        WriteOp::ResetInstrumentSecret {
+            serial: "SN-7".into(),
+        },
+    );
+    assert_eq!(reset, Ok(WriteOutcome::SecretReset { existed: true }));
+    let reset_unknown = write(
+        &writer,
+        WriteOp::ResetInstrumentSecret {
+            serial: "SN-0".into(),
+        },
+    );
+    assert_eq!(
+        reset_unknown,
+        Ok(WriteOutcome::SecretReset { existed: false })
+    );
+    let reissued = write(&writer, hello_op("SN-7", Some("s-one"), "s-two", T0 + 8));
+    assert_eq!(
+        reissued,
+        Ok(WriteOutcome::InstrumentAccepted {
+            instrument_id,
+            issued_secret: Some("s-two".into())
+        })
+    );
+    let old_secret = write(&writer, hello_op("SN-7", Some("s-one"), "s-x", T0 + 9));
+    assert_eq!(old_secret, Err(WriteError::AuthFailed));
+    let new_secret = write(&writer, hello_op("SN-7", Some("s-two"), "s-x", T0 + 10));
+    assert!(matches!(
+        new_secret,
+        Ok(WriteOutcome::InstrumentAccepted {
+            issued_secret: None,
+            ..
+        })
+    ));
+    let instruments = store.read().unwrap().instruments().unwrap();
+    assert_eq!(instruments.len(), 1);
+    assert_eq!(instruments[0].serial, "SN-7");
+    writer.shutdown();
+}
+
+#[test]
+fn sync_state_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let t1 = T0;
+    let t2 = T0 + 10 * MINUTE_MS;
+    for (well, plane, t) in [(1, 3, t1), (1, -2, t1), (1, 0, t1), (1, 0, t2), (3, 5, t2)] {
+        write(
+            &writer,
+            image_op(instrument_id, well, plane, t, jpeg(well, 20)),
+        )
+        .unwrap();
+    }
+    let state = store
+        .read()
+        .unwrap()
+        .sync_state(instrument_id, "D1")
+        .unwrap();
+    let expected = DishSyncState {
+        dish_id: "D1".into(),
+        wells: vec![
+            WellSync {
+                well: 1,
+                embryo_id: "E1".into(),
+                acquisitions: vec![
+                    AcquisitionSync {
+                        acquired_at_ms: t1,
+                        focal_planes: vec![-2, 0, 3],
+                    },
+                    AcquisitionSync {
+                        acquired_at_ms: t2,
+                        focal_planes: vec![0],
+                    },
+                ],
+            },
+            WellSync {
+                well: 2,
+                embryo_id: "E2".into(),
+                acquisitions: vec![],
+            },
+            WellSync {
+                well: 3,
+                embryo_id: "E3".into(),
+                acquisitions: vec![AcquisitionSync {
+                    acquired_at_ms: t2,
+                    focal_planes: vec![5],
+                }],
+            },
+        ],
+    };
+    assert_eq!(state, Some(expected));
+    assert_eq!(
+        store
+            .read()
+            .unwrap()
+            .sync_state(instrument_id + 1, "D1")
+            .unwrap(),
+        None
+    );
+    writer.shutdown();
+}
+
+#[test]
+fn change_log_is_gapless_with_one_change_per_acquisition() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let setup_changes = all_changes(&store);
+    // HELLO (instrument) + patient + treatment + dish + 3 embryos.
+    let entities: Vec<_> = setup_changes.iter().map(|c| c.entity).collect();
+    assert_eq!(
+        entities,
+        vec![
+            ChangeEntity::Instrument,
+            ChangeEntity::Patient,
+            ChangeEntity::Treatment,
+            ChangeEntity::Dish,
+            ChangeEntity::Embryo,
+            ChangeEntity::Embryo,
+            ChangeEntity::Embryo,
+        ]
+    );
+    // 11 focal planes of one acquisition, in one batch, plus 11 of a second one, one at a time.
+    let gate = block_writer(&writer);
+    let receivers: Vec<_> = (-5..=5)
+        .map(|plane| {
+            let (done, rx) = completion();
+            writer
+                .try_submit(image_op(instrument_id, 2, plane, T0, jpeg(2, 40)), done)
+                .unwrap();
+            rx
+        })
+        .collect();
+    drop(gate);
+    for rx in receivers {
+        rx.recv().unwrap().unwrap();
+    }
+    for plane in -5..=5 {
+        write(
+            &writer,
+            image_op(instrument_id, 2, plane, T0 + 10 * MINUTE_MS, jpeg(3, 40)),
+        )
+        .unwrap();
+    }
+    let changes = all_changes(&store);
+    assert_eq!(changes.len(), setup_changes.len() + 2);
+    for (index, change) in changes.iter().enumerate() {
+        assert_eq!(change.seq, index as u64 + 1, "gapless from 1");
+    }
+    let acquisitions: Vec<_> = changes[setup_changes.len()..].to_vec();
+    assert!(acquisitions
+        .iter()
+        .all(|c| c.entity == ChangeEntity::Acquisition));
+    assert_eq!(
+        acquisitions[0].key, acquisitions[1].key,
+        "both about embryo E2"
+    );
+    assert!(
+        acquisitions[0].summary.contains("E2"),
+        "{}",
+        acquisitions[0].summary
+    );
+    let reader = store.read().unwrap();
+    assert_eq!(reader.last_change_seq().unwrap(), changes.len() as u64);
+    let page = reader.changes_after(3, 2).unwrap();
+    assert_eq!(page.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![4, 5]);
+    assert!(reader
+        .changes_after(changes.len() as u64, 10)
+        .unwrap()
+        .is_empty());
+    let stats = reader.stats().unwrap();
+    assert_eq!(stats.acquisitions, 2);
+    assert_eq!(stats.images, 22);
+    assert_eq!(stats.changes, changes.len() as u64);
+    writer.shutdown();
+}
+
+#[test]
+fn retention_prunes_old_changes_and_expires_old_cursors() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention_ms = 60 * MINUTE_MS;
+    let store = open_with_retention(dir.path(), retention_ms);
+    let (writer, instrument_id) = setup(&store); // 7 changes at T0
+    let reader = store.read().unwrap();
+    assert_eq!(
+        reader.changes_after(0, 100).unwrap().len(),
+        7,
+        "cursor 0 is fine before pruning"
+    );
+    drop(reader);
+    // Within retention: nothing is pruned.
+    let inside = T0 + retention_ms - 1000;
+    write(
+        &writer,
+        image_op(instrument_id, 1, 0, inside - 1000, jpeg(1, 10)),
+    )
+    .unwrap();
+    assert_eq!(all_changes(&store).len(), 8);
+    // Two hours later the 7 setup changes expire; the acquisition change at `inside` stays.
+    let later = T0 + 2 * retention_ms - 10_000;
+    write(
+        &writer,
+        image_op(instrument_id, 1, 0, later - 1000, jpeg(1, 10)),
+    )
+    .unwrap();
+    let reader = store.read().unwrap();
+    let expired = reader.changes_after(0, 100).unwrap_err();
+    assert!(
+        matches!(expired, StorageError::CursorExpired { oldest: 8 }),
+        "{expired}"
+    );
+    assert_eq!(expired.code(), "cursor_expired");
+    assert!(matches!(
+        reader.changes_after(6, 100),
+        Err(StorageError::CursorExpired { oldest: 8 })
+    ));
+    let retained: Vec<_> = reader
+        .changes_after(7, 100)
+        .unwrap()
+        .iter()
+        .map(|c| c.seq)
+        .collect();
+    assert_eq!(retained, vec![8, 9]);
+    assert_eq!(reader.last_change_seq().unwrap(), 9);
+    assert_eq!(reader.stats().unwrap().changes, 2);
+    assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+    writer.shutdown();
+}
+
+#[test]
+fn newer_schema_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    set_schema_version_for_tests(dir.path(), Store::SCHEMA_VERSION + 1).unwrap();
+    let error = Store::open(dir.path(), &StoreOptions::default(), SEED).unwrap_err();
+    assert!(matches!(
+        error,
+        StorageError::SchemaTooNew {
+            found: 2,
+            supported: 1
+        }
+    ));
+    assert_eq!(error.code(), "schema_too_new");
+    assert_eq!(
+        error.to_string(),
+        "database schema version 2 is newer than this esserver supports (1); upgrade esserver"
+    );
+    // The refusal did not touch the file: the current version still opens after a downgrade.
+    set_schema_version_for_tests(dir.path(), Store::SCHEMA_VERSION).unwrap();
+    assert!(Store::open(dir.path(), &StoreOptions::default(), SEED).is_ok());
+}
+
+#[test]
+fn reopen_after_drop_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.server_id(), "ab".repeat(16));
+    assert_eq!(store.path(), dir.path().join("esserver.redb"));
+    let (writer, instrument_id) = setup(&store);
+    write(&writer, image_op(instrument_id, 3, 1, T0, jpeg(9, 500))).unwrap();
+    let telemetry = WriteOp::PutTelemetry {
+        instrument_id,
+        samples: vec![
+            TelemetrySample {
+                channel: "temperature_c".into(),
+                value: 37.1,
+                at_ms: T0,
+            },
+            TelemetrySample {
+                channel: "co2_percent".into(),
+                value: 6.0,
+                at_ms: T0,
+            },
+        ],
+        at_ms: T0,
+    };
+    assert_eq!(
+        write(&writer, telemetry),
+        Ok(WriteOutcome::TelemetryStored { samples: 2 })
+    );
+    let stats_before = store.read().unwrap().stats().unwrap();
+    let changes_before = all_changes(&store);
+    writer.shutdown();
+    drop(writer);
+    drop(store);
+
+    let store = Store::open(dir.path(), &StoreOptions::default(), [0x11; 16]).unwrap();
+    assert_eq!(
+        store.server_id(),
+        "ab".repeat(16),
+        "the server id is kept, not re-seeded"
+    );
+    let reader = store.read().unwrap();
+    assert_eq!(reader.stats().unwrap(), stats_before);
+    assert_eq!(stats_before.telemetry_samples, 2);
+    assert_eq!(stats_before.images, 1);
+    assert_eq!(all_changes(&store), changes_before);
+    assert_eq!(
+        reader.image(instrument_id, "D1", 3, 1, T0).unwrap(),
+        Some(jpeg(9, 500))
+    );
+    assert_eq!(
+        reader
+            .instrument_by_serial("SN-1")
+            .unwrap()
+            .unwrap()
+            .instrument_id,
+        instrument_id
+    );
+    // A new writer continues the sequences.
+    let writer = store.start_writer(WriterOptions::default());
+    assert_eq!(hello(&writer, "SN-2"), instrument_id + 1);
+    assert_eq!(
+        store.read().unwrap().last_change_seq().unwrap(),
+        changes_before.len() as u64 + 1
+    );
+    writer.shutdown();
+}
+
+#[test]
+fn verify_detects_a_damaged_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let count = 2500u32;
+    let gate = block_writer(&writer);
+    let receivers: Vec<_> = (0..count)
+        .map(|i| {
+            let (done, rx) = completion();
+            let op = image_op(instrument_id, i % 3 + 1, 0, T0 + i64::from(i), jpeg(i, 30));
+            writer.try_submit(op, done).unwrap();
+            rx
+        })
+        .collect();
+    drop(gate);
+    for rx in receivers {
+        rx.recv().unwrap().unwrap();
+    }
+    writer.shutdown();
+    let mut calls = Vec::new();
+    let clean = store.verify(&mut |p| calls.push(p)).unwrap();
+    assert!(clean.is_clean(), "{clean:?}");
+    assert_eq!(clean.images_checked, u64::from(count));
+    assert_eq!(
+        calls.iter().map(|p| p.images_checked).collect::<Vec<_>>(),
+        vec![1000, 2000, 2500]
+    );
+    assert!(calls.iter().all(|p| p.images_total == u64::from(count)));
+
+    let damaged_t = T0 + 4; // i = 4 -> well 2
+    assert!(store
+        .corrupt_image_for_tests(instrument_id, "D1", 2, 0, damaged_t)
+        .unwrap());
+    assert!(!store
+        .corrupt_image_for_tests(instrument_id, "D1", 2, 0, T0 - 1)
+        .unwrap());
+    let report = store.verify(&mut |_| {}).unwrap();
+    assert!(!report.is_clean());
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.damaged_images.len(), 1);
+    let key = &report.damaged_images[0];
+    assert!(key.contains("\"D1\"") && key.contains("well 2"), "{key}");
+    assert!(key.contains(&damaged_t.to_string()), "{key}");
+    let read = store
+        .read()
+        .unwrap()
+        .image(instrument_id, "D1", 2, 0, damaged_t);
+    match read {
+        Err(StorageError::ImageDamaged { key: read_key }) => assert_eq!(&read_key, key),
+        other => panic!("expected ImageDamaged, got {other:?}"),
+    }
+    // Its neighbours still read fine.
+    let neighbour = store
+        .read()
+        .unwrap()
+        .image(instrument_id, "D1", 3, 0, T0 + 5)
+        .unwrap();
+    assert_eq!(neighbour, Some(jpeg(5, 30)));
+}
+
+#[test]
+fn shutdown_completes_queued_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let gate = block_writer(&writer);
+    let receivers: Vec<_> = (0..100)
+        .map(|i| {
+            let (done, rx) = completion();
+            let op = image_op(instrument_id, 1, 0, T0 + i, jpeg(1, 10));
+            writer.try_submit(op, done).unwrap();
+            rx
+        })
+        .collect();
+    let mut probes = Vec::new();
+    std::thread::scope(|scope| {
+        let stopper = writer.clone();
+        let shutting = scope.spawn(move || stopper.shutdown());
+        // Probe until shutdown has closed the queue (no clock: spin on the observable state).
+        // Probes taken before that are queued requests like the others and must complete.
+        loop {
+            let (done, rx) = completion();
+            let probe = WriteOp::ResetInstrumentSecret {
+                serial: "probe".into(),
+            };
+            match writer.try_submit(probe, done) {
+                Err(SubmitError::Closed(..)) => break,
+                Err(SubmitError::Full(..)) => {} // Handed back, never completed: retry.
+                Ok(()) => probes.push(rx),
+            }
+            std::thread::yield_now();
+        }
+        drop(gate);
+        shutting.join().unwrap();
+    });
+    for rx in receivers {
+        assert_eq!(
+            rx.recv().unwrap(),
+            Ok(WriteOutcome::ImageStored { duplicate: false })
+        );
+    }
+    for rx in probes {
+        assert_eq!(
+            rx.recv().unwrap(),
+            Ok(WriteOutcome::SecretReset { existed: false })
+        );
+    }
+    assert_eq!(store.read().unwrap().stats().unwrap().images, 100);
+    let (done, _rx) = completion();
+    let late = writer.submit(WriteOp::ResetInstrumentSecret { serial: "x".into() }, done);
+    assert_eq!(late.unwrap_err().code(), "shutting_down");
+    // Shutdown is idempotent, and the store accepts a new writer afterwards.
+    writer.shutdown();
+    let writer = store.start_writer(WriterOptions::default());
+    assert_eq!(
+        write(
+            &writer,
+            WriteOp::ResetInstrumentSecret {
+                serial: "SN-1".into()
+            }
+        ),
+        Ok(WriteOutcome::SecretReset { existed: true })
+    );
+    writer.shutdown();
+}
+
+#[test]
+fn register_dish_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let changes_before = all_changes(&store).len();
+
+    // Identical re-registration: idempotent, no changes.
+    let again = register(
+        &writer,
+        instrument_id,
+        dish("D1", "MRN-1", &[(1, "E1"), (2, "E2")]),
+    );
+    assert_eq!(
+        again,
+        WriteOutcome::DishRegistered {
+            dish_key: 1,
+            created: false
+        }
+    );
+    assert_eq!(all_changes(&store).len(), changes_before);
+
+    // Changing a well's embryo id is refused and writes nothing.
+    let changed = write(
+        &writer,
+        WriteOp::RegisterDish {
+            instrument_id,
+            dish: dish("D1", "MRN-1", &[(4, "E4"), (1, "E1-other")]),
+            at_ms: T0,
+        },
+    );
+    assert_eq!(changed.unwrap_err().code(), "invalid_input");
+    // An embryo id used in another well is refused.
+    let reused = write(
+        &writer,
+        WriteOp::RegisterDish {
+            instrument_id,
+            dish: dish("D2", "MRN-1", &[(1, "E1")]),
+            at_ms: T0,
+        },
+    );
+    assert!(matches!(reused, Err(WriteError::InvalidInput(_))));
+    // A dish cannot move to another patient.
+    let moved = write(
+        &writer,
+        WriteOp::RegisterDish {
+            instrument_id,
+            dish: dish("D1", "MRN-2", &[]),
+            at_ms: T0,
+        },
+    );
+    assert!(matches!(moved, Err(WriteError::InvalidInput(_))));
+    let after_refusals = store.read().unwrap().stats().unwrap();
+    assert_eq!(after_refusals.dishes, 1);
+    assert_eq!(after_refusals.embryos, 3);
+    assert_eq!(after_refusals.patients, 1);
+    assert_eq!(all_changes(&store).len(), changes_before);
+
+    // Adding a well and registering a second dish of another patient.
+    let added = register(&writer, instrument_id, dish("D1", "MRN-1", &[(4, "E4")]));
+    assert_eq!(
+        added,
+        WriteOutcome::DishRegistered {
+            dish_key: 1,
+            created: false
+        }
+    );
+    let mut other = dish("D2", "MRN-0", &[(1, "F1")]);
+    other.patient.first_name = String::new();
+    other.patient.date_of_birth = String::new();
+    other.treatment_name = "2023-0001".into();
+    let created = register(&writer, instrument_id, other);
+    assert_eq!(
+        created,
+        WriteOutcome::DishRegistered {
+            dish_key: 2,
+            created: true
+        }
+    );
+    // Names update when given; empty fields keep the stored value.
+    let mut update = dish("D3", "MRN-1", &[]);
+    update.patient.last_name = "Byron".into();
+    update.patient.first_name = String::new();
+    update.treatment_name = "2024-0002".into();
+    register(&writer, instrument_id, update);
+
+    let reader = store.read().unwrap();
+    let all = reader.list_patients(None, 10).unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|p| p.patient_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["MRN-0", "MRN-1"]
+    );
+    assert_eq!(all[1].first_name, "Ada");
+    assert_eq!(all[1].last_name, "Byron");
+    assert_eq!(all[1].date_of_birth, "1985-12-10");
+    assert_eq!(all[1].treatments, vec!["2022-1411", "2024-0002"]);
+    assert_eq!(all[0].treatments, vec!["2023-0001"]);
+    assert_eq!(all[0].first_name, "");
+    let page = reader.list_patients(Some("MRN-0"), 10).unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].patient_id, "MRN-1");
+    assert_eq!(reader.list_patients(None, 1).unwrap().len(), 1);
+    let stats = reader.stats().unwrap();
+    assert_eq!(
+        (
+            stats.patients,
+            stats.treatments,
+            stats.dishes,
+            stats.embryos
+        ),
+        (2, 3, 3, 5)
+    );
+    assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+    writer.shutdown();
+}
+
+#[test]
+fn input_bounds_are_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let long = "x".repeat(129);
+    let cases = vec![
+        hello_op(&long, None, "s", T0),
+        hello_op("", None, "s", T0),
+        image_op(instrument_id, 1, 1001, T0, jpeg(1, 10)),
+        image_op(instrument_id, 0, 0, T0, jpeg(1, 10)),
+        WriteOp::RegisterDish {
+            instrument_id,
+            dish: dish("D5", "MRN-5", &[(1, &long)]),
+            at_ms: T0,
+        },
+        WriteOp::RegisterDish {
+            instrument_id,
+            dish: dish("D5", "MRN-5", &[(1, "A"), (1, "B")]),
+            at_ms: T0,
+        },
+        WriteOp::PutTelemetry {
+            instrument_id,
+            samples: vec![
+                TelemetrySample {
+                    channel: "temperature_c".into(),
+                    value: 37.0,
+                    at_ms: T0,
+                };
+                10_001
+            ],
+            at_ms: T0,
+        },
+    ];
+    let before = store.read().unwrap().stats().unwrap();
+    for op in cases {
+        let text = format!("{op:?}");
+        let error = write(&writer, op).unwrap_err();
+        assert_eq!(error.code(), "invalid_input", "{text}");
+    }
+    assert_eq!(store.read().unwrap().stats().unwrap(), before);
+    let telemetry_unknown = write(
+        &writer,
+        WriteOp::PutTelemetry {
+            instrument_id: 77,
+            samples: vec![],
+            at_ms: T0,
+        },
+    );
+    assert_eq!(telemetry_unknown, Err(WriteError::UnknownInstrument));
+    writer.shutdown();
+}
+
+#[test]
+#[should_panic(expected = "a writer of this store is running already")]
+fn a_second_concurrent_writer_is_a_bug() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let _first = store.start_writer(WriterOptions::default());
+    let _second = store.start_writer(WriterOptions::default());
+}

@@ -1,0 +1,189 @@
+//! Bad input and hostile or confused devices: a malformed frame from one incubator while
+//! fifteen others keep uploading; wrong secrets; a second HELLO of a serial; a database
+//! from a newer esserver.
+
+mod common;
+
+use es_loadtest::client::{ClientError, IncubatorClient};
+use es_loadtest::sim::{self, Pacing, Workload};
+use es_perf::catalog::DeviceModel;
+use es_proto::incubator::{pb, ErrorCode, Message};
+use std::time::{Duration, Instant};
+
+#[test]
+fn a_malformed_frame_closes_one_incubator_while_fifteen_keep_uploading() {
+    let (server, dir) = common::spawn(true);
+    let frames = std::sync::Arc::new(es_loadtest::frames::generate(4, 3));
+    let start = std::sync::Arc::new(std::sync::Barrier::new(16));
+    let good: Vec<_> = (0..15)
+        .map(|n| {
+            let address = server.info.address("incubator");
+            let tls = server.info.client_tls("incubator");
+            let frames = frames.clone();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let serial = format!("GOOD-{n:02}");
+                let mut identity = common::identity(&serial, "es-d");
+                let mut client =
+                    IncubatorClient::connect(address, &tls, &mut identity, common::TIMEOUT)
+                        .unwrap();
+                let workload =
+                    Workload::full(&serial, DeviceModel::EmbryoScopeD, 1, 1_760_000_000_000);
+                sim::register_dishes(&mut client, &workload, common::TIMEOUT).unwrap();
+                start.wait();
+                let deadline = Instant::now() + Duration::from_secs(240);
+                sim::upload(
+                    &mut client,
+                    &workload,
+                    0..300,
+                    &frames,
+                    Pacing::Window,
+                    deadline,
+                )
+            })
+        })
+        .collect();
+
+    let mut identity = common::identity("BAD-01", "es-d");
+    let mut bad = common::connect(&server, &mut identity);
+    start.wait();
+    // A frame announcing 5 bytes of type IMAGE whose payload is not protobuf.
+    bad.send_raw(&[0, 0, 0, 6, 4, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]);
+    let error = loop {
+        match bad.next_response(Instant::now() + common::TIMEOUT) {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("no answer to a malformed frame"),
+            Err(error) => break error,
+        }
+    };
+    match &error {
+        ClientError::Server { seq: 0, name, .. } => assert_eq!(name, "malformed_frame"),
+        other => panic!("expected ERROR malformed_frame, got {other:?}"),
+    }
+    for (n, thread) in good.into_iter().enumerate() {
+        let (stats, error) = thread.join().unwrap();
+        assert!(error.is_none(), "incubator {n}: {error:?}");
+        assert!(stats.errors.is_empty(), "incubator {n}: {:?}", stats.errors);
+        assert_eq!(stats.acked, 300, "incubator {n} lost acks");
+    }
+    let log = common::server_log(&dir);
+    let line = log
+        .lines()
+        .find(|line| line.contains("BAD-01") && line.contains("malformed_frame"));
+    assert!(
+        line.is_some(),
+        "the server log names the incubator and the error:\n{log}"
+    );
+}
+
+#[test]
+fn wrong_secret_is_refused_and_an_admin_reset_issues_a_new_one() {
+    let (server, dir) = common::spawn(false);
+    let mut identity = common::identity("SEC-01", "es-8");
+    let client = common::connect(&server, &mut identity);
+    let secret = identity.secret.clone();
+    assert_eq!(secret.len(), 48);
+    drop(client);
+
+    let mut impostor = common::identity("SEC-01", "es-8");
+    impostor.secret = "not-the-secret".into();
+    let refused = IncubatorClient::connect(
+        server.info.address("incubator"),
+        &server.info.client_tls("incubator"),
+        &mut impostor,
+        common::TIMEOUT,
+    );
+    match refused {
+        Err(error) => assert_eq!(error.error_code(), Some(ErrorCode::AuthFailed), "{error}"),
+        Ok(_) => panic!("a wrong secret must be refused"),
+    }
+    let mut no_secret = common::identity("SEC-01", "es-8");
+    let refused = IncubatorClient::connect(
+        server.info.address("incubator"),
+        &server.info.client_tls("incubator"),
+        &mut no_secret,
+        common::TIMEOUT,
+    );
+    assert!(
+        matches!(refused, Err(ref e) if e.error_code() == Some(ErrorCode::AuthFailed)),
+        "a known serial must present its secret"
+    );
+
+    let mut owner = identity.clone();
+    let client = common::connect(&server, &mut owner);
+    assert_eq!(owner.secret, secret, "no new secret for a known instrument");
+    drop(client);
+
+    let output = std::process::Command::new(common::esserver_path())
+        .args(["instrument", "reset-secret", "SEC-01", "--data"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "reset-secret failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut fresh = common::identity("SEC-01", "es-8");
+    let _client = common::connect(&server, &mut fresh);
+    assert!(
+        !fresh.secret.is_empty() && fresh.secret != secret,
+        "a reset instrument is issued a new secret"
+    );
+    let log = common::server_log(&dir);
+    assert!(
+        log.contains("SEC-01") && log.contains("auth_failed"),
+        "refusals are logged:\n{log}"
+    );
+}
+
+#[test]
+fn a_second_hello_of_a_serial_closes_the_older_connection() {
+    let (server, _dir) = common::spawn(false);
+    let mut identity = common::identity("DUP-01", "es-plus");
+    let mut first = common::connect(&server, &mut identity);
+    let mut second = common::connect(&server, &mut identity);
+    let error = loop {
+        match first.next_response(Instant::now() + common::TIMEOUT) {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the older connection was not closed"),
+            Err(error) => break error,
+        }
+    };
+    assert_eq!(error.error_code(), Some(ErrorCode::Superseded), "{error}");
+    let reply = second
+        .request(Message::Ping(pb::Ping { seq: 0 }), common::TIMEOUT)
+        .unwrap();
+    assert!(
+        matches!(reply, Message::Ack(_)),
+        "the newer connection works: {reply:?}"
+    );
+}
+
+#[test]
+fn a_database_from_a_newer_esserver_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::spawn_in(&dir, false, "");
+    assert_eq!(
+        server.terminate(Duration::from_secs(30)),
+        Some(0),
+        "clean shutdown exits 0"
+    );
+    let data = server.data_dir().to_path_buf();
+    drop(server);
+    es_storage::set_schema_version_for_tests(&data, es_storage::Store::SCHEMA_VERSION + 1).unwrap();
+    let options = es_loadtest::spawn::SpawnOptions {
+        log_file: Some(dir.path().join("newer.log")),
+        ..es_loadtest::spawn::SpawnOptions::new(common::esserver_path(), data)
+    };
+    let result = es_loadtest::spawn::ServerProcess::spawn(options);
+    assert!(
+        result.is_err(),
+        "the server must not start on a newer schema"
+    );
+    let log = std::fs::read_to_string(dir.path().join("newer.log")).unwrap();
+    assert!(
+        log.contains("newer than this esserver supports"),
+        "clear message expected:\n{log}"
+    );
+}
