@@ -178,7 +178,7 @@ impl Default for Limits {
         Self {
             frame_bytes_max: 4 * MIB as u32,
             connections_max: 1024,
-            inflight_requests_max: 256,
+            inflight_requests_max: es_proto::incubator::INFLIGHT_REQUESTS_MAX_DEFAULT,
             handshake_timeout_ms: 10_000,
             idle_timeout_ms: 120_000,
             queue_requests_max: 8192,

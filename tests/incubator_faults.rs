@@ -85,6 +85,15 @@ fn wrong_secret_is_refused_and_an_admin_reset_issues_a_new_one() {
     assert_eq!(secret.len(), 48);
     drop(client);
 
+    // Presenting the issued secret confirms it; no new one is issued.
+    let mut owner = identity.clone();
+    let client = common::connect(&server, &mut owner);
+    assert_eq!(
+        owner.secret, secret,
+        "no new secret for a confirmed instrument"
+    );
+    drop(client);
+
     let mut impostor = common::identity("SEC-01", "es-8");
     impostor.secret = "not-the-secret".into();
     let refused = IncubatorClient::connect(
@@ -106,13 +115,8 @@ fn wrong_secret_is_refused_and_an_admin_reset_issues_a_new_one() {
     );
     assert!(
         matches!(refused, Err(ref e) if e.error_code() == Some(ErrorCode::AuthFailed)),
-        "a known serial must present its secret"
+        "once confirmed, a serial must present its secret"
     );
-
-    let mut owner = identity.clone();
-    let client = common::connect(&server, &mut owner);
-    assert_eq!(owner.secret, secret, "no new secret for a known instrument");
-    drop(client);
 
     let output = std::process::Command::new(common::esserver_path())
         .args(["instrument", "reset-secret", "SEC-01", "--data"])
@@ -135,6 +139,32 @@ fn wrong_secret_is_refused_and_an_admin_reset_issues_a_new_one() {
         log.contains("SEC-01") && log.contains("auth_failed"),
         "refusals are logged:\n{log}"
     );
+}
+
+#[test]
+fn a_lost_hello_ok_does_not_lock_the_instrument_out() {
+    let (server, _dir) = common::spawn(false);
+    let mut first = common::identity("LOST-01", "es-d");
+    drop(common::connect(&server, &mut first));
+    assert!(!first.secret.is_empty());
+    // The instrument never stored that secret (its HELLO_OK was lost) and says HELLO again.
+    let mut again = common::identity("LOST-01", "es-d");
+    drop(common::connect(&server, &mut again));
+    assert!(
+        !again.secret.is_empty() && again.secret != first.secret,
+        "a fresh secret is issued"
+    );
+    // The fresh one confirms; the first, never confirmed, is refused from now on.
+    let mut confirmed = again.clone();
+    drop(common::connect(&server, &mut confirmed));
+    assert_eq!(confirmed.secret, again.secret);
+    let refused = IncubatorClient::connect(
+        server.info.address("incubator"),
+        &server.info.client_tls("incubator"),
+        &mut first,
+        common::TIMEOUT,
+    );
+    assert!(matches!(refused, Err(ref e) if e.error_code() == Some(ErrorCode::AuthFailed)));
 }
 
 #[test]

@@ -137,25 +137,20 @@ impl<'txn> Batch<'txn> {
         at_ms: i64,
     ) -> Applied {
         let Some(instrument_id) = self.instrument_by_serial.get(serial)?.map(|g| g.value()) else {
-            return self.instrument_create(serial, model, firmware, new_secret, at_ms);
+            return self.instrument_create(
+                serial,
+                model,
+                firmware,
+                new_secret,
+                presented_secret,
+                at_ms,
+            );
         };
         let mut row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
-        // Check.
-        let issued_secret = match row.secret_sha256 {
-            None => Some(new_secret.to_string()),
-            Some(stored) => match presented_secret {
-                Some(secret)
-                    if equal_constant_time(&tables::sha256(secret.as_bytes()), &stored) =>
-                {
-                    None
-                }
-                _ => return Ok(Err(WriteError::AuthFailed)),
-            },
+        let presented = tables::sha256(presented_secret.unwrap_or("").as_bytes());
+        let Some(issued_secret) = check_secret(&mut row, &presented, new_secret) else {
+            return Ok(Err(WriteError::AuthFailed));
         };
-        // Apply.
-        if issued_secret.is_some() {
-            row.secret_sha256 = Some(tables::sha256(new_secret.as_bytes()));
-        }
         let changed = row.model != model || row.firmware != firmware;
         row.model = model.to_string();
         row.firmware = firmware.to_string();
@@ -178,6 +173,7 @@ impl<'txn> Batch<'txn> {
         model: &str,
         firmware: &str,
         new_secret: &str,
+        presented_secret: Option<&str>,
         at_ms: i64,
     ) -> Applied {
         let Ok(number) = u32::try_from(self.state.instruments + 1) else {
@@ -194,7 +190,9 @@ impl<'txn> Batch<'txn> {
             display_name: serial.to_string(),
             first_seen_ms: at_ms,
             last_seen_ms: at_ms,
-            secret_sha256: Some(tables::sha256(new_secret.as_bytes())),
+            secret_sha256: None,
+            issued_secret_sha256: Some(tables::sha256(new_secret.as_bytes())),
+            issued_for_sha256: Some(tables::sha256(presented_secret.unwrap_or("").as_bytes())),
         };
         self.instruments
             .insert(instrument_id, encode(&row).as_slice())?;
@@ -215,6 +213,8 @@ impl<'txn> Batch<'txn> {
         };
         let mut row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
         row.secret_sha256 = None;
+        row.issued_secret_sha256 = None;
+        row.issued_for_sha256 = None;
         self.instruments
             .insert(instrument_id, encode(&row).as_slice())?;
         Ok(Ok(WriteOutcome::SecretReset { existed: true }))
@@ -673,4 +673,36 @@ pub(crate) fn get_row<T: serde::de::DeserializeOwned>(
 
 fn equal_constant_time(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The instrument secret rules of the protocol (docs/protocol/incubator.md, section 6.2):
+/// `None` refuses the HELLO; `Some(issued)` accepts it, with a newly issued secret or none.
+/// Updates `row` for an accepted HELLO.
+fn check_secret(
+    row: &mut InstrumentRow,
+    presented: &[u8; 32],
+    new_secret: &str,
+) -> Option<Option<String>> {
+    let matches =
+        |hash: Option<[u8; 32]>| hash.is_some_and(|hash| equal_constant_time(presented, &hash));
+    if matches(row.issued_secret_sha256) {
+        // The instrument stored what it was issued: that secret is now the one.
+        row.secret_sha256 = row.issued_secret_sha256.take();
+        row.issued_for_sha256 = None;
+        return Some(None);
+    }
+    let reissue = row.issued_secret_sha256.is_some() && matches(row.issued_for_sha256);
+    let first = row.secret_sha256.is_none() && row.issued_secret_sha256.is_none();
+    if reissue || first {
+        // A HELLO_OK may have been lost: issue afresh, still accepting what led to it.
+        row.issued_secret_sha256 = Some(tables::sha256(new_secret.as_bytes()));
+        if first {
+            row.issued_for_sha256 = Some(*presented);
+        }
+        return Some(Some(new_secret.to_string()));
+    }
+    if matches(row.secret_sha256) {
+        return Some(None);
+    }
+    None
 }

@@ -187,8 +187,15 @@ pub struct InstrumentRow {
     pub display_name: String,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
-    /// SHA-256 of the issued secret; None before the first HELLO or after a reset.
+    /// SHA-256 of the confirmed secret (presented at least once after it was issued); None
+    /// until the first confirmation and after a reset.
     pub secret_sha256: Option<[u8; 32]>,
+    /// SHA-256 of a secret issued and not yet confirmed.
+    pub issued_secret_sha256: Option<[u8; 32]>,
+    /// SHA-256 of the secret the HELLO that led to the issue presented (of "" for none):
+    /// it stays acceptable until the issued one is confirmed, so a lost HELLO_OK cannot
+    /// lock the instrument out (docs/protocol/incubator.md, section 6.2).
+    pub issued_for_sha256: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -405,7 +405,34 @@ fn instrument_secret_issue_accept_refuse_reset() {
     };
     assert_eq!(issued_secret.as_deref(), Some("s-one"));
 
-    let accepted = write(&writer, hello_op("SN-7", Some("s-one"), "s-unused", T0 + 5));
+    // The HELLO_OK carrying s-one was lost: the instrument says HELLO without a secret again
+    // and is issued a fresh one rather than being locked out.
+    let lost = write(&writer, hello_op("SN-7", None, "s-fresh", T0 + 1));
+    assert_eq!(
+        lost,
+        Ok(WriteOutcome::InstrumentAccepted {
+            instrument_id,
+            issued_secret: Some("s-fresh".into())
+        })
+    );
+    // Presenting the older, superseded issue is refused; the fresh one confirms.
+    let stale = write(&writer, hello_op("SN-7", Some("s-one"), "s-x", T0 + 2));
+    assert_eq!(stale, Err(WriteError::AuthFailed));
+    let confirmed = write(
+        &writer,
+        hello_op("SN-7", Some("s-fresh"), "s-unused", T0 + 3),
+    );
+    assert_eq!(
+        confirmed,
+        Ok(WriteOutcome::InstrumentAccepted {
+            instrument_id,
+            issued_secret: None
+        })
+    );
+    let accepted = write(
+        &writer,
+        hello_op("SN-7", Some("s-fresh"), "s-unused", T0 + 5),
+    );
     assert_eq!(
         accepted,
         Ok(WriteOutcome::InstrumentAccepted {
@@ -454,9 +481,7 @@ fn instrument_secret_issue_accept_refuse_reset() {
             issued_secret: Some("s-two".into())
         })
     );
-    let old_secret = write(&writer, hello_op("SN-7", Some("s-one"), "s-x", T0 + 9));
-    assert_eq!(old_secret, Err(WriteError::AuthFailed));
-    let new_secret = write(&writer, hello_op("SN-7", Some("s-two"), "s-x", T0 + 10));
+    let new_secret = write(&writer, hello_op("SN-7", Some("s-two"), "s-x", T0 + 9));
     assert!(matches!(
         new_secret,
         Ok(WriteOutcome::InstrumentAccepted {
@@ -464,6 +489,9 @@ fn instrument_secret_issue_accept_refuse_reset() {
             ..
         })
     ));
+    // Once s-two is confirmed, the secret that led to it no longer opens the door.
+    let old_secret = write(&writer, hello_op("SN-7", Some("s-one"), "s-x", T0 + 10));
+    assert_eq!(old_secret, Err(WriteError::AuthFailed));
     let instruments = store.read().unwrap().instruments().unwrap();
     assert_eq!(instruments.len(), 1);
     assert_eq!(instruments[0].serial, "SN-7");
