@@ -9,7 +9,7 @@ use es_proto::incubator::{
     ServerLimits, ServerSession, PROTOCOL_VERSION,
 };
 use es_storage::{
-    Completion, DishRegistration, PatientRef, Store, SubmitError, TelemetrySample,
+    Completion, DishRegistration, ImageBytes, PatientRef, Store, SubmitError, TelemetrySample,
     WellRegistration, WriteError, WriteOp, WriteOutcome, Writer,
 };
 use parking_lot::Mutex;
@@ -348,7 +348,7 @@ impl IncubatorSession {
                     well: image.well,
                     focal_plane: image.focal_plane,
                     acquired_at_ms: image.acquired_at_ms,
-                    jpeg: image.jpeg,
+                    jpeg: ImageBytes::new(image.jpeg),
                     at_ms,
                 }
             }

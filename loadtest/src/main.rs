@@ -143,6 +143,7 @@ fn ingest_bench(args: IngestArgs) -> Result<(), String> {
     let esserver = args.esserver.clone().unwrap_or_else(find_esserver);
     let mut reports = Vec::new();
     for tls in modes {
+        settle();
         reports.push(run_mode(
             &args,
             tls,
@@ -181,12 +182,6 @@ fn run_mode(
     let mut server = ServerProcess::spawn(options)
         .map_err(|e| format!("cannot start {}: {e}", esserver.display()))?;
     let label = if tls { "TLS" } else { "plain TCP" };
-    eprintln!(
-        "[{label}] throughput phase: {} incubators, up to {} s or {} MB",
-        args.incubators,
-        args.duration_s,
-        bytes_max / 1_000_000
-    );
     let ingest = IngestOptions {
         incubators: args.incubators,
         model: args.model,
@@ -195,23 +190,24 @@ fn run_mode(
         bytes_max,
         frames: frames.clone(),
     };
-    let throughput = bench::run_ingest(&server, &ingest, if tls { "tls-max" } else { "tcp-max" });
-    eprintln!(
-        "[{label}] {:.0} images/s, {:.1} MB/s",
-        throughput.images_per_s, throughput.megabytes_per_s
-    );
-    let batch = average_batch(esserver, server.data_dir()).unwrap_or(1.0);
-    eprintln!(
-        "[{label}] latency phase: {} images/s offered, open loop",
-        args.offered
-    );
+    // Latency first, on a settled system: right after the throughput phase the kernel is
+    // still writing gigabytes back, and every fsync waits behind that.
+    eprintln!("[{label}] latency phase: {} images/s offered, open loop, {} s", args.offered, args.duration_s);
     let offered = IngestOptions {
         offered_per_s: Some(args.offered),
         bytes_max: (args.offered * args.duration_s as f64 * frame_bytes as f64) as u64,
-        ..ingest
+        ..ingest.clone()
     };
-    let latency_at_offered =
-        bench::run_ingest(&server, &offered, if tls { "tls-lat" } else { "tcp-lat" });
+    let latency_at_offered = bench::run_ingest(&server, &offered, if tls { "tls-lat" } else { "tcp-lat" });
+    eprintln!("[{label}] throughput phase: {} incubators, up to {} s or {} MB", args.incubators, args.duration_s, bytes_max / 1_000_000);
+    let before = writer_counters(esserver, server.data_dir());
+    let throughput = bench::run_ingest(&server, &ingest, if tls { "tls-max" } else { "tcp-max" });
+    eprintln!("[{label}] {:.0} images/s, {:.1} MB/s", throughput.images_per_s, throughput.megabytes_per_s);
+    let after = writer_counters(esserver, server.data_dir());
+    let batch = match (before, after) {
+        (Some((c0, r0)), Some((c1, r1))) if c1 > c0 => (r1 - r0) / (c1 - c0),
+        _ => 1.0,
+    };
     let rss = bench::peak_rss_bytes(server.pid());
     let code = server.terminate(Duration::from_secs(30));
     if code != Some(0) {
@@ -242,8 +238,34 @@ fn run_mode(
     })
 }
 
-/// Requests per commit the server's writer reached (from `esserver status --json`).
-fn average_batch(esserver: &std::path::Path, data_dir: &std::path::Path) -> Option<f64> {
+/// Lets the previous mode's writeback finish (its data was just deleted), so one mode's
+/// gigabytes do not slow the next mode's fsyncs: sync, then wait (at most 60 s) until the
+/// kernel holds less than 32 MB dirty or under writeback, then a few quiet seconds.
+fn settle() {
+    #[cfg(unix)]
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe {
+        libc::sync();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline && dirty_bytes().is_some_and(|bytes| bytes > 32_000_000) {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+}
+
+/// Dirty plus writeback page-cache bytes (Linux /proc/meminfo).
+fn dirty_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|line| line.starts_with(name))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    };
+    Some(field("Dirty:")? + field("Writeback:")?)
+}
+
+/// The writer's (commits, requests) so far, from `esserver status --json`.
+fn writer_counters(esserver: &std::path::Path, data_dir: &std::path::Path) -> Option<(f64, f64)> {
     let output = std::process::Command::new(esserver)
         .args(["status", "--json", "--data"])
         .arg(data_dir)
@@ -251,9 +273,7 @@ fn average_batch(esserver: &std::path::Path, data_dir: &std::path::Path) -> Opti
         .ok()?;
     let body: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
     let writer = &body["writer"];
-    let commits = writer["commits"].as_f64()?;
-    let requests = writer["requests"].as_f64()?;
-    (commits > 0.0).then(|| requests / commits)
+    Some((writer["commits"].as_f64()?, writer["requests"].as_f64()?))
 }
 
 fn print_report(reports: &[ModeReport]) {

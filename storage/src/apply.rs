@@ -7,7 +7,7 @@
 
 use crate::error::{StorageError, WriteError};
 use crate::model::ChangeEntity;
-use crate::ops::{DishRegistration, PatientRef, TelemetrySample, WriteOp, WriteOutcome};
+use crate::ops::{DishRegistration, ImageBytes, PatientRef, TelemetrySample, WriteOp, WriteOutcome};
 use crate::tables::{
     self, decode, encode, AcquisitionKey, AcquisitionRow, ChangeRow, DishRow, EmbryoRow, ImageKey,
     ImageValue, InstrumentRow, PatientRow, StateRow, TelemetryKey, TelemetryRow, TreatmentRow,
@@ -462,7 +462,7 @@ impl<'txn> Batch<'txn> {
 
     // ---------------------------------------------------------------- images
 
-    fn put_image(&mut self, image: ImageRef<'_>, jpeg: &[u8], at_ms: i64) -> Applied {
+    fn put_image(&mut self, image: ImageRef<'_>, jpeg: &ImageBytes, at_ms: i64) -> Applied {
         // Check.
         if self.instruments.get(image.instrument_id)?.is_none() {
             return Ok(Err(WriteError::UnknownInstrument));
@@ -479,7 +479,7 @@ impl<'txn> Batch<'txn> {
         };
         let embryo: EmbryoRow = decode(embryo_row.value(), "embryo")?;
         drop(embryo_row);
-        let sha256 = tables::sha256(jpeg);
+        let sha256 = *jpeg.sha256();
         let key = (
             dish_key,
             image.well,
@@ -488,7 +488,7 @@ impl<'txn> Batch<'txn> {
         );
         if let Some(stored) = self.images.get(key)? {
             let stored = ImageValue::decode(stored.value())?;
-            return Ok(if stored.sha256 == sha256 && stored.jpeg == jpeg {
+            return Ok(if stored.sha256 == sha256 && stored.jpeg == &jpeg[..] {
                 Ok(WriteOutcome::ImageStored { duplicate: true })
             } else {
                 Err(WriteError::ImageConflict)
@@ -500,7 +500,10 @@ impl<'txn> Batch<'txn> {
             stored_at_ms: at_ms,
             jpeg,
         };
-        self.images.insert(key, value.encode().as_slice())?;
+        // Written straight into the page redb reserves: no intermediate copy of the image.
+        let mut slot = self.images.insert_reserve(key, value.encoded_len())?;
+        value.encode_into(slot.as_mut());
+        drop(slot);
         self.state.images += 1;
         self.state.image_bytes += jpeg.len() as u64;
         self.acquisition_add_plane(&image, dish_key, &embryo, at_ms)?;

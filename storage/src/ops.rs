@@ -5,6 +5,43 @@ use crate::limits;
 use std::collections::BTreeSet;
 use std::fmt;
 
+/// An image's bytes with their SHA-256, computed when the value is made: on the thread that
+/// received the image (the event loops, in parallel), not on the single storage writer.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ImageBytes {
+    jpeg: bytes::Bytes,
+    sha256: [u8; 32],
+}
+
+impl ImageBytes {
+    pub fn new(jpeg: bytes::Bytes) -> ImageBytes {
+        let sha256 = crate::tables::sha256(&jpeg);
+        ImageBytes { jpeg, sha256 }
+    }
+
+    pub fn sha256(&self) -> &[u8; 32] {
+        &self.sha256
+    }
+
+    pub fn bytes(&self) -> &bytes::Bytes {
+        &self.jpeg
+    }
+}
+
+impl std::ops::Deref for ImageBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.jpeg
+    }
+}
+
+impl std::fmt::Debug for ImageBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ImageBytes({} bytes, sha256 {})", self.jpeg.len(), hex::encode(self.sha256))
+    }
+}
+
 /// One write request for the writer thread. See the crate documentation for each op's rules.
 pub enum WriteOp {
     /// First message of every incubator connection. Unknown serial: record the instrument, store
@@ -34,7 +71,7 @@ pub enum WriteOp {
         well: u32,
         focal_plane: i32,
         acquired_at_ms: i64,
-        jpeg: bytes::Bytes,
+        jpeg: ImageBytes,
         at_ms: i64,
     },
     PutTelemetry {
@@ -366,7 +403,7 @@ mod tests {
             well,
             focal_plane,
             acquired_at_ms: 0,
-            jpeg: bytes::Bytes::from(vec![1u8; jpeg_bytes]),
+            jpeg: ImageBytes::new(bytes::Bytes::from(vec![1u8; jpeg_bytes])),
             at_ms: 0,
         }
     }

@@ -291,12 +291,21 @@ impl<'a> ImageValue<'a> {
     pub const HEADER_BYTES: usize = 32 + 8;
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::HEADER_BYTES + self.jpeg.len());
-        out.extend_from_slice(&self.sha256);
-        out.extend_from_slice(&self.stored_at_ms.to_le_bytes());
-        out.extend_from_slice(self.jpeg);
-        assert_eq!(out.len(), Self::HEADER_BYTES + self.jpeg.len());
+        let mut out = vec![0u8; self.encoded_len()];
+        self.encode_into(&mut out);
         out
+    }
+
+    pub fn encoded_len(&self) -> usize {
+        Self::HEADER_BYTES + self.jpeg.len()
+    }
+
+    /// Writes the value into `out`, which must be exactly [`ImageValue::encoded_len`] long.
+    pub fn encode_into(&self, out: &mut [u8]) {
+        assert_eq!(out.len(), self.encoded_len(), "image value slot of the wrong size");
+        out[..32].copy_from_slice(&self.sha256);
+        out[32..Self::HEADER_BYTES].copy_from_slice(&self.stored_at_ms.to_le_bytes());
+        out[Self::HEADER_BYTES..].copy_from_slice(self.jpeg);
     }
 
     pub fn decode(bytes: &'a [u8]) -> Result<ImageValue<'a>, StorageError> {

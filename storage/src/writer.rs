@@ -61,6 +61,10 @@ pub struct WriterStats {
     pub last_batch_requests: u64,
     /// Payload bytes of the most recent batch.
     pub last_batch_bytes: u64,
+    /// Time spent applying requests inside write transactions, in microseconds.
+    pub apply_us: u64,
+    /// Time spent in `commit()` (writing pages and fsync), in microseconds.
+    pub commit_us: u64,
 }
 
 #[derive(Default)]
@@ -71,6 +75,8 @@ struct StatsCounters {
     bytes: AtomicU64,
     last_batch_requests: AtomicU64,
     last_batch_bytes: AtomicU64,
+    apply_us: AtomicU64,
+    commit_us: AtomicU64,
 }
 
 struct Request {
@@ -181,6 +187,8 @@ impl Writer {
             bytes: stats.bytes.load(Ordering::Relaxed),
             last_batch_requests: stats.last_batch_requests.load(Ordering::Relaxed),
             last_batch_bytes: stats.last_batch_bytes.load(Ordering::Relaxed),
+            apply_us: stats.apply_us.load(Ordering::Relaxed),
+            commit_us: stats.commit_us.load(Ordering::Relaxed),
         }
     }
 }
@@ -215,7 +223,7 @@ fn run(
             batch.push(request);
         }
         let requests = batch.len() as u64;
-        let results = commit_batch_guarded(store, &batch);
+        let results = commit_batch_guarded(store, &batch, stats);
         record(stats, requests, batch_bytes, results.is_ok());
         complete(&mut batch, results);
     }
@@ -260,8 +268,12 @@ fn call(done: Completion, result: OpResult) {
 
 /// Commits the batch; a panic while applying it aborts the transaction and fails the batch
 /// instead of killing the thread (which would leave every later request without an answer).
-fn commit_batch_guarded(store: &Store, batch: &[Request]) -> Result<Vec<OpResult>, WriteError> {
-    match catch_unwind(AssertUnwindSafe(|| commit_batch(store, batch))) {
+fn commit_batch_guarded(
+    store: &Store,
+    batch: &[Request],
+    stats: &StatsCounters,
+) -> Result<Vec<OpResult>, WriteError> {
+    match catch_unwind(AssertUnwindSafe(|| commit_batch(store, batch, stats))) {
         Ok(Ok(results)) => Ok(results),
         Ok(Err(error)) => {
             tracing::error!(code = error.code(), %error, requests = batch.len(), "group commit failed");
@@ -279,7 +291,12 @@ fn commit_batch_guarded(store: &Store, batch: &[Request]) -> Result<Vec<OpResult
     }
 }
 
-fn commit_batch(store: &Store, batch: &[Request]) -> Result<Vec<OpResult>, StorageError> {
+fn commit_batch(
+    store: &Store,
+    batch: &[Request],
+    stats: &StatsCounters,
+) -> Result<Vec<OpResult>, StorageError> {
+    let started = std::time::Instant::now();
     let mut txn = store.inner.db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
     let results = {
@@ -296,6 +313,13 @@ fn commit_batch(store: &Store, batch: &[Request]) -> Result<Vec<OpResult>, Stora
         tables.finish()?;
         results
     };
+    let applied = std::time::Instant::now();
     txn.commit()?;
+    stats.apply_us.fetch_add(micros(applied - started), Ordering::Relaxed);
+    stats.commit_us.fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
     Ok(results)
+}
+
+fn micros(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }

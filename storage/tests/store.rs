@@ -113,7 +113,7 @@ fn image_op(
         well,
         focal_plane: plane,
         acquired_at_ms,
-        jpeg,
+        jpeg: es_storage::ImageBytes::new(jpeg),
         at_ms: acquired_at_ms + 1000,
     }
 }
