@@ -217,3 +217,58 @@ fn a_database_from_a_newer_esserver_is_refused_with_a_clear_message() {
         "clear message expected:\n{log}"
     );
 }
+
+#[test]
+fn silent_connections_get_handshake_and_idle_timeouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(
+        &dir,
+        false,
+        "[Limits]\nhandshake_timeout_ms = 300\nidle_timeout_ms = 1000\n",
+    );
+    // No HELLO at all: ERROR handshake_timeout (seq 0), then the connection closes.
+    let address = server.info.address("incubator");
+    let mut silent = es_net::client::ClientConn::connect(
+        address,
+        &es_net::client::ClientTls::Plain,
+        common::TIMEOUT,
+    )
+    .unwrap();
+    let deadline = Instant::now() + common::TIMEOUT;
+    while !silent.is_eof() && Instant::now() < deadline {
+        silent.pump(deadline).unwrap();
+    }
+    assert!(
+        silent.is_eof(),
+        "the server closes a connection without HELLO"
+    );
+    let mut decoder =
+        es_proto::incubator::FrameDecoder::new(es_proto::incubator::FRAME_BYTES_MAX_DEFAULT);
+    let frame = decoder.decode(silent.input()).unwrap();
+    let Some(Message::Error(error)) = frame else {
+        panic!("expected ERROR, got {frame:?}")
+    };
+    assert_eq!((error.seq, error.name.as_str()), (0, "handshake_timeout"));
+
+    // HELLO, then silence: ERROR idle_timeout once nothing arrived for the idle limit.
+    let mut identity = common::identity("IDLE-01", "es-d");
+    let mut client = common::connect(&server, &mut identity);
+    let started = Instant::now();
+    let error = loop {
+        match client.next_response(Instant::now() + common::TIMEOUT) {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("no idle timeout"),
+            Err(error) => break error,
+        }
+    };
+    assert_eq!(error.error_code(), Some(ErrorCode::IdleTimeout), "{error}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before the idle limit"
+    );
+    let log = common::server_log(&dir);
+    assert!(
+        log.contains("IDLE-01") && log.contains("idle_timeout"),
+        "{log}"
+    );
+}

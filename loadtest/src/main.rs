@@ -192,17 +192,29 @@ fn run_mode(
     };
     // Latency first, on a settled system: right after the throughput phase the kernel is
     // still writing gigabytes back, and every fsync waits behind that.
-    eprintln!("[{label}] latency phase: {} images/s offered, open loop, {} s", args.offered, args.duration_s);
+    eprintln!(
+        "[{label}] latency phase: {} images/s offered, open loop, {} s",
+        args.offered, args.duration_s
+    );
     let offered = IngestOptions {
         offered_per_s: Some(args.offered),
         bytes_max: (args.offered * args.duration_s as f64 * frame_bytes as f64) as u64,
         ..ingest.clone()
     };
-    let latency_at_offered = bench::run_ingest(&server, &offered, if tls { "tls-lat" } else { "tcp-lat" });
-    eprintln!("[{label}] throughput phase: {} incubators, up to {} s or {} MB", args.incubators, args.duration_s, bytes_max / 1_000_000);
+    let latency_at_offered =
+        bench::run_ingest(&server, &offered, if tls { "tls-lat" } else { "tcp-lat" });
+    eprintln!(
+        "[{label}] throughput phase: {} incubators, up to {} s or {} MB",
+        args.incubators,
+        args.duration_s,
+        bytes_max / 1_000_000
+    );
     let before = writer_counters(esserver, server.data_dir());
     let throughput = bench::run_ingest(&server, &ingest, if tls { "tls-max" } else { "tcp-max" });
-    eprintln!("[{label}] {:.0} images/s, {:.1} MB/s", throughput.images_per_s, throughput.megabytes_per_s);
+    eprintln!(
+        "[{label}] {:.0} images/s, {:.1} MB/s",
+        throughput.images_per_s, throughput.megabytes_per_s
+    );
     let after = writer_counters(esserver, server.data_dir());
     let batch = match (before, after) {
         (Some((c0, r0)), Some((c1, r1))) if c1 > c0 => (r1 - r0) / (c1 - c0),
@@ -248,7 +260,9 @@ fn settle() {
         libc::sync();
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::time::Instant::now() < deadline && dirty_bytes().is_some_and(|bytes| bytes > 32_000_000) {
+    while std::time::Instant::now() < deadline
+        && dirty_bytes().is_some_and(|bytes| bytes > 32_000_000)
+    {
         std::thread::sleep(Duration::from_millis(250));
     }
     std::thread::sleep(Duration::from_secs(5));

@@ -6,7 +6,8 @@
 
 use bytes::Bytes;
 use es_storage::{
-    DishRegistration, PatientRef, Store, StoreOptions, WellRegistration, WriteOp, WriteOutcome, WriterOptions,
+    DishRegistration, PatientRef, Store, StoreOptions, WellRegistration, WriteOp, WriteOutcome,
+    WriterOptions,
 };
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +16,10 @@ use std::time::{Duration, Instant};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let base = args.get(1).map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let base = args
+        .get(1)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     let images: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(20_000);
     let window: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1024);
     let dir = tempfile::tempdir_in(&base).expect("scratch directory");
@@ -23,7 +27,10 @@ fn main() {
     let writer = store.start_writer(WriterOptions::default());
     let call = |op| {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        writer.submit(op, Box::new(move |r| tx.send(r).unwrap())).ok().unwrap();
+        writer
+            .submit(op, Box::new(move |r| tx.send(r).unwrap()))
+            .ok()
+            .unwrap();
         rx.recv().unwrap()
     };
     let WriteOutcome::InstrumentAccepted { instrument_id, .. } = call(WriteOp::InstrumentHello {
@@ -42,15 +49,29 @@ fn main() {
         dish: DishRegistration {
             dish_id: "D1".into(),
             slot: 1,
-            patient: PatientRef { patient_id: "P1".into(), first_name: "A".into(), last_name: "B".into(), date_of_birth: String::new() },
+            patient: PatientRef {
+                patient_id: "P1".into(),
+                first_name: "A".into(),
+                last_name: "B".into(),
+                date_of_birth: String::new(),
+            },
             treatment_name: "T".into(),
             insemination_at_ms: 1,
-            wells: (1..=16).map(|well| WellRegistration { well, embryo_id: format!("E{well}") }).collect(),
+            wells: (1..=16)
+                .map(|well| WellRegistration {
+                    well,
+                    embryo_id: format!("E{well}"),
+                })
+                .collect(),
         },
         at_ms: 1,
     })
     .unwrap();
-    let frame = Bytes::from((0..30_000u32).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>());
+    let frame = Bytes::from(
+        (0..30_000u32)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
     let done = Arc::new(AtomicU64::new(0));
     let latency_us_total = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -70,11 +91,14 @@ fn main() {
                 at_ms: 1,
             };
             writer
-                .submit(op, Box::new(move |r| {
-                    r.unwrap();
-                    latency.fetch_add(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    done.fetch_add(1, Ordering::Relaxed);
-                }))
+                .submit(
+                    op,
+                    Box::new(move |r| {
+                        r.unwrap();
+                        latency.fetch_add(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }),
+                )
                 .ok()
                 .unwrap();
             submitted += 1;
@@ -97,8 +121,14 @@ fn main() {
         stats.commit_us as f64 / 1e6
     );
     writer.shutdown();
-    let file_bytes = std::fs::metadata(store.path()).map(|m| m.len()).unwrap_or(0);
-    println!("database file: {:.1} MB for {:.1} MB of images", file_bytes as f64 / 1e6, images as f64 * 0.03);
+    let file_bytes = std::fs::metadata(store.path())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!(
+        "database file: {:.1} MB for {:.1} MB of images",
+        file_bytes as f64 / 1e6,
+        images as f64 * 0.03
+    );
     drop(store);
     // The disk's own limit for the same bytes and batches.
     let path = dir.path().join("raw");
@@ -112,5 +142,9 @@ fn main() {
         written += batch.round().max(1.0) as u64;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    println!("disk:   {:.0} images/s, {:.1} MB/s in batches of {batch:.0} (write + fdatasync)", written as f64 / elapsed, written as f64 * 0.03 / elapsed);
+    println!(
+        "disk:   {:.0} images/s, {:.1} MB/s in batches of {batch:.0} (write + fdatasync)",
+        written as f64 / elapsed,
+        written as f64 * 0.03 / elapsed
+    );
 }

@@ -7,7 +7,9 @@
 
 use crate::error::{StorageError, WriteError};
 use crate::model::ChangeEntity;
-use crate::ops::{DishRegistration, ImageBytes, PatientRef, TelemetrySample, WriteOp, WriteOutcome};
+use crate::ops::{
+    DishRegistration, ImageBytes, PatientRef, TelemetrySample, WriteOp, WriteOutcome,
+};
 use crate::tables::{
     self, decode, encode, AcquisitionKey, AcquisitionRow, ChangeRow, DishRow, EmbryoRow, ImageKey,
     ImageValue, InstrumentRow, PatientRow, StateRow, TelemetryKey, TelemetryRow, TreatmentRow,

@@ -46,7 +46,8 @@ pub use model::{
     StoreStats, VerifyProgress, VerifyReport, WellSync,
 };
 pub use ops::{
-    DishRegistration, ImageBytes, PatientRef, TelemetrySample, WellRegistration, WriteOp, WriteOutcome,
+    DishRegistration, ImageBytes, PatientRef, TelemetrySample, WellRegistration, WriteOp,
+    WriteOutcome,
 };
 pub use reader::Reader;
 pub use store::{set_schema_version_for_tests, Store, StoreOptions, DATABASE_FILE_NAME};

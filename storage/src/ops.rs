@@ -38,7 +38,12 @@ impl std::ops::Deref for ImageBytes {
 
 impl std::fmt::Debug for ImageBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ImageBytes({} bytes, sha256 {})", self.jpeg.len(), hex::encode(self.sha256))
+        write!(
+            f,
+            "ImageBytes({} bytes, sha256 {})",
+            self.jpeg.len(),
+            hex::encode(self.sha256)
+        )
     }
 }
 

@@ -302,7 +302,11 @@ impl<'a> ImageValue<'a> {
 
     /// Writes the value into `out`, which must be exactly [`ImageValue::encoded_len`] long.
     pub fn encode_into(&self, out: &mut [u8]) {
-        assert_eq!(out.len(), self.encoded_len(), "image value slot of the wrong size");
+        assert_eq!(
+            out.len(),
+            self.encoded_len(),
+            "image value slot of the wrong size"
+        );
         out[..32].copy_from_slice(&self.sha256);
         out[32..Self::HEADER_BYTES].copy_from_slice(&self.stored_at_ms.to_le_bytes());
         out[Self::HEADER_BYTES..].copy_from_slice(self.jpeg);

@@ -315,8 +315,12 @@ fn commit_batch(
     };
     let applied = std::time::Instant::now();
     txn.commit()?;
-    stats.apply_us.fetch_add(micros(applied - started), Ordering::Relaxed);
-    stats.commit_us.fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
+    stats
+        .apply_us
+        .fetch_add(micros(applied - started), Ordering::Relaxed);
+    stats
+        .commit_us
+        .fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
     Ok(results)
 }
 
