@@ -248,7 +248,35 @@ fn print_status(body: &serde_json::Value) {
             );
         }
     }
-    println!("storage:    {}", body["storage"]);
+    let storage = &body["storage"];
+    println!(
+        "storage:    {} images ({:.1} MB) in {} acquisitions; {} dishes, {} embryos, {} patients, {} treatments, {} instruments",
+        storage["images"],
+        storage["image_bytes"].as_u64().unwrap_or(0) as f64 / 1e6,
+        storage["acquisitions"],
+        storage["dishes"],
+        storage["embryos"],
+        storage["patients"],
+        storage["treatments"],
+        storage["instruments"]
+    );
+    println!(
+        "            {} telemetry samples; change log up to {} ({} kept)",
+        storage["telemetry_samples"], storage["last_change_seq"], storage["changes"]
+    );
+    let writer = &body["writer"];
+    if let (Some(commits), Some(requests)) =
+        (writer["commits"].as_u64(), writer["requests"].as_u64())
+    {
+        println!(
+            "writer:     {} commits, {:.1} requests per commit, queue {}; apply {:.1} s, commit {:.1} s in total",
+            commits,
+            requests as f64 / commits.max(1) as f64,
+            body["writer_queue"],
+            writer["apply_us"].as_u64().unwrap_or(0) as f64 / 1e6,
+            writer["commit_us"].as_u64().unwrap_or(0) as f64 / 1e6
+        );
+    }
     if let Some(free) = body["disk_free_bytes"].as_u64() {
         println!("disk free:  {:.1} GiB", free as f64 / 1073741824.0);
     }

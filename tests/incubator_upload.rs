@@ -172,3 +172,60 @@ fn same_key_with_other_bytes_is_an_image_conflict_and_the_original_is_kept() {
         "the original is still stored: {same:?}"
     );
 }
+
+#[test]
+fn status_shows_connected_incubators_their_figures_and_storage() {
+    let (server, _dir) = common::spawn(true);
+    let mut identity = common::identity("STAT-01", "es-8");
+    let mut client = common::connect(&server, &mut identity);
+    let workload = Workload::full("STAT-01", DeviceModel::EmbryoScope8, 1, 1_760_000_000_000);
+    sim::register_dishes(&mut client, &workload, common::TIMEOUT).unwrap();
+    let frames = es_loadtest::frames::generate(2, 5);
+    let (stats, error) = sim::upload(
+        &mut client,
+        &workload,
+        0..100,
+        &frames,
+        Pacing::Window,
+        Instant::now() + common::TIMEOUT,
+    );
+    assert!(error.is_none() && stats.acked == 100, "{error:?} {stats:?}");
+
+    let output = std::process::Command::new(common::esserver_path())
+        .args(["status", "--json", "--data"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let incubators = body["incubators"].as_array().unwrap();
+    assert_eq!(incubators.len(), 1, "{body}");
+    assert_eq!(incubators[0]["serial"], "STAT-01");
+    assert_eq!(incubators[0]["model"], "es-8");
+    assert_eq!(incubators[0]["images"], 100);
+    assert!(incubators[0]["images_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(body["storage"]["images"], 100);
+    assert_eq!(body["storage"]["dishes"], 8);
+    let listeners = body["listeners"].as_array().unwrap();
+    let incubator = listeners
+        .iter()
+        .find(|l| l["service"] == "incubator")
+        .unwrap();
+    assert_eq!(incubator["connections_open"], 1);
+
+    // The readable form names the incubator too.
+    let output = std::process::Command::new(common::esserver_path())
+        .args(["status", "--data"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("STAT-01") && text.contains("incubators connected: 1"),
+        "{text}"
+    );
+}
