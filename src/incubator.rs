@@ -119,6 +119,7 @@ pub struct IncubatorService {
     pub writer: Writer,
     pub registry: Arc<Registry>,
     pub limits: ServerLimits,
+    pub disk: Arc<crate::disk_guard::DiskState>,
 }
 
 impl Service for IncubatorService {
@@ -140,6 +141,7 @@ impl Service for IncubatorService {
             store: self.store.clone(),
             writer: self.writer.clone(),
             registry: self.registry.clone(),
+            disk: self.disk.clone(),
             handle,
             peer,
             instrument: None,
@@ -162,6 +164,7 @@ pub struct IncubatorSession {
     store: Store,
     writer: Writer,
     registry: Arc<Registry>,
+    disk: Arc<crate::disk_guard::DiskState>,
     handle: ConnHandle<IncubatorMsg>,
     peer: SocketAddr,
     instrument: Option<Instrument>,
@@ -403,6 +406,16 @@ impl IncubatorSession {
                 return;
             }
         };
+        if self.disk.is_low() {
+            // Keep the reserve for the database's own pages; the incubator keeps its data.
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            let message = format!(
+                "the server's disk is below its free-space reserve ({} MB free); not stored, retry later",
+                self.disk.free_bytes() / 1_000_000
+            );
+            self.respond(error_message(seq, ErrorCode::DiskFull, message), io);
+            return;
+        }
         let handle = self.handle.clone();
         let done: Completion = Box::new(move |result| {
             handle.send(IncubatorMsg::Done { seq, result });

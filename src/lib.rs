@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod disk_guard;
 pub mod incubator;
 pub mod os;
 pub mod server;

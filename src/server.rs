@@ -4,6 +4,7 @@
 
 use crate::config::{Config, Listener};
 use crate::control::{ControlServer, Request, Response};
+use crate::disk_guard::{DiskGuard, DiskState};
 use crate::incubator::{IncubatorService, Registry};
 use crate::unavailable::UnavailableService;
 use es_net::{NetLimits, Pool, PoolConfig};
@@ -43,6 +44,8 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot start the disk space monitor: {source}")]
+    DiskGuard { source: std::io::Error },
     #[error("cannot write {path}: {source}")]
     InfoFile {
         path: PathBuf,
@@ -77,6 +80,7 @@ pub struct RunningServer {
     writer: es_storage::Writer,
     pools: Vec<(Pool, ListenerInfo)>,
     control: Option<ControlServer>,
+    disk_guard: Option<DiskGuard>,
     info_path: PathBuf,
 }
 
@@ -97,6 +101,9 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
     let (certificate, tls) = server_tls(config)?;
     let registry = Arc::new(Registry::default());
     let limits = net_limits(config);
+    let disk = Arc::new(crate::disk_guard::DiskState::default());
+    let disk_guard = DiskGuard::start(data_dir.clone(), config.storage.reserve_bytes, disk.clone())
+        .map_err(|source| StartError::DiskGuard { source })?;
     let mut pools = Vec::new();
 
     let incubator_tls = config.incubator.tls.then(|| tls.clone());
@@ -112,6 +119,7 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
             frame_bytes_max: config.limits.frame_bytes_max,
             inflight_requests_max: config.limits.inflight_requests_max,
         },
+        disk: disk.clone(),
     });
     pools.push(start_pool(
         "incubator",
@@ -157,6 +165,8 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
             .collect(),
         started: Instant::now(),
         data_dir: data_dir.clone(),
+        disk: disk.clone(),
+        reserve_bytes: config.storage.reserve_bytes,
     };
     let control = ControlServer::start(&data_dir, move |request| status_context.handle(request))
         .map_err(|source| StartError::Control {
@@ -178,6 +188,7 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
         writer,
         pools,
         control: Some(control),
+        disk_guard: Some(disk_guard),
         info_path,
     })
 }
@@ -315,6 +326,9 @@ impl RunningServer {
         if let Some(control) = self.control.take() {
             control.stop();
         }
+        if let Some(guard) = self.disk_guard.take() {
+            guard.stop();
+        }
         let _ = std::fs::remove_file(&self.info_path);
     }
 }
@@ -332,6 +346,8 @@ struct StatusContext {
     listeners: Vec<(ListenerInfo, Arc<es_net::PoolStats>)>,
     started: Instant,
     data_dir: PathBuf,
+    disk: Arc<DiskState>,
+    reserve_bytes: u64,
 }
 
 impl StatusContext {
@@ -389,6 +405,8 @@ impl StatusContext {
             "writer": serde_json::to_value(self.writer.stats()).unwrap_or_default(),
             "writer_queue": self.writer.queue_len(),
             "disk_free_bytes": crate::os::disk_free_bytes(&self.data_dir).ok(),
+            "disk_reserve_bytes": self.reserve_bytes,
+            "writes_refused_disk_low": self.disk.is_low(),
             "resident_bytes": crate::os::resident_bytes(),
             "database_file": self.store.path(),
         }))

@@ -272,3 +272,44 @@ fn silent_connections_get_handshake_and_idle_timeouts() {
         "{log}"
     );
 }
+
+#[test]
+fn below_the_disk_reserve_writes_get_disk_full_and_reads_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // A reserve no test machine has free: the server starts in the refusing state.
+    let server = common::spawn_in(&dir, false, "[Storage]\nreserve_bytes = 16000 GiB\n");
+    let mut identity = common::identity("FULL-01", "es-d");
+    let mut client = common::connect(&server, &mut identity);
+    let workload = Workload::full("FULL-01", DeviceModel::EmbryoScopeD, 1, 1_760_000_000_000);
+    let dish = workload.dish_registrations().remove(0);
+    let reply = client
+        .request(Message::RegisterDish(dish.clone()), common::TIMEOUT)
+        .unwrap();
+    let Message::Error(error) = reply else {
+        panic!("expected disk_full, got {reply:?}")
+    };
+    assert_eq!(error.name, "disk_full");
+    // The connection stays usable and reads are answered.
+    let reply = client
+        .request(
+            Message::SyncState(pb::SyncState {
+                seq: 0,
+                dish_id: dish.dish_id,
+            }),
+            common::TIMEOUT,
+        )
+        .unwrap();
+    assert!(
+        matches!(reply, Message::SyncStateResult(ref r) if !r.known),
+        "{reply:?}"
+    );
+    let reply = client
+        .request(Message::Ping(pb::Ping { seq: 0 }), common::TIMEOUT)
+        .unwrap();
+    assert!(matches!(reply, Message::Ack(_)));
+    let log = common::server_log(&dir);
+    assert!(
+        log.contains("reserve_bytes"),
+        "the log says why writes are refused:\n{log}"
+    );
+}

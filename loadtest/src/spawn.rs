@@ -80,21 +80,68 @@ impl SpawnOptions {
         }
     }
 
-    /// The configuration file this spawn writes: every listener on port 0 (a free port).
+    /// The configuration file this spawn writes: every listener on port 0 (a free port), plus
+    /// `extra_config`, whose lines are merged into the sections they name.
     pub fn config_text(&self) -> String {
         let tls = if self.incubator_tls { "on" } else { "off" };
-        format!(
-            "; written by the load generator for a spawned server\n\
-             [IncubatorTransport]\nbind = 127.0.0.1\nport = 0\ntls = {tls}\n\n\
-             [ViewerTransport]\nbind = 127.0.0.1\nport = 0\n\n\
-             [PublicApi]\nbind = 127.0.0.1\nport = 0\n\n\
-             [WebInterface]\nbind = 127.0.0.1\nport = 0\n\n\
-             [Storage]\ndata_dir = {}\n\n\
-             [Server]\nlog_level = {}\n\n{}",
-            self.data_dir.display(),
-            self.log_level,
-            self.extra_config
-        )
+        let mut sections: Vec<(String, Vec<String>)> = vec![
+            (
+                "IncubatorTransport".into(),
+                vec![
+                    "bind = 127.0.0.1".into(),
+                    "port = 0".into(),
+                    format!("tls = {tls}"),
+                ],
+            ),
+            (
+                "ViewerTransport".into(),
+                vec!["bind = 127.0.0.1".into(), "port = 0".into()],
+            ),
+            (
+                "PublicApi".into(),
+                vec!["bind = 127.0.0.1".into(), "port = 0".into()],
+            ),
+            (
+                "WebInterface".into(),
+                vec!["bind = 127.0.0.1".into(), "port = 0".into()],
+            ),
+            (
+                "Storage".into(),
+                vec![format!("data_dir = {}", self.data_dir.display())],
+            ),
+            (
+                "Server".into(),
+                vec![format!("log_level = {}", self.log_level)],
+            ),
+        ];
+        let mut current: Option<usize> = None;
+        for line in self
+            .extra_config
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+        {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                current = Some(match sections.iter().position(|(n, _)| n == name) {
+                    Some(index) => index,
+                    None => {
+                        sections.push((name.to_string(), Vec::new()));
+                        sections.len() - 1
+                    }
+                });
+            } else if let Some(index) = current {
+                sections[index].1.push(line.to_string());
+            }
+        }
+        let mut text = String::from("; written by the load generator for a spawned server\n");
+        for (name, lines) in sections {
+            text.push_str(&format!("\n[{name}]\n"));
+            for line in lines {
+                text.push_str(&line);
+                text.push('\n');
+            }
+        }
+        text
     }
 }
 
