@@ -260,6 +260,20 @@ impl<M: Send + 'static> ConnHandle<M> {
     }
 }
 
+impl<S> Conn<S> {
+    /// The session, its input, and what it may do during a callback, borrowed apart.
+    fn split(&mut self, now: Instant) -> (&mut S, &mut BytesMut, SessionIo<'_>) {
+        let io = SessionIo {
+            transport: &mut self.transport,
+            read_paused: &mut self.read_paused,
+            close: &mut self.closing,
+            now,
+            peer: self.peer,
+        };
+        (&mut self.session, &mut self.input, io)
+    }
+}
+
 struct Conn<S> {
     transport: Transport,
     session: S,
@@ -537,14 +551,8 @@ impl<S: Service> Worker<S> {
                     self.stats.add_bytes_in(count as u64);
                 }
                 if !conn.input.is_empty() {
-                    let mut io = SessionIo {
-                        transport: &mut conn.transport,
-                        read_paused: &mut conn.read_paused,
-                        close: &mut conn.closing,
-                        now,
-                        peer: conn.peer,
-                    };
-                    conn.session.on_input(&mut conn.input, &mut io);
+                    let (session, input, mut io) = conn.split(now);
+                    session.on_input(input, &mut io);
                 }
                 match stop {
                     ReadStop::Eof => {
@@ -666,14 +674,8 @@ impl<S: Service> Worker<S> {
             return;
         };
         let was_paused = conn.read_paused;
-        let mut io = SessionIo {
-            transport: &mut conn.transport,
-            read_paused: &mut conn.read_paused,
-            close: &mut conn.closing,
-            now,
-            peer: conn.peer,
-        };
-        conn.session.on_message(message, &mut io);
+        let (session, _, mut io) = conn.split(now);
+        session.on_message(message, &mut io);
         if was_paused && !conn.read_paused {
             self.ready.push_back(token);
         }
@@ -703,14 +705,8 @@ impl<S: Service> Worker<S> {
                 continue;
             }
             let was_paused = conn.read_paused;
-            let mut io = SessionIo {
-                transport: &mut conn.transport,
-                read_paused: &mut conn.read_paused,
-                close: &mut conn.closing,
-                now,
-                peer: conn.peer,
-            };
-            conn.session.on_tick(&mut io);
+            let (session, _, mut io) = conn.split(now);
+            session.on_tick(&mut io);
             if was_paused && !conn.read_paused {
                 self.ready.push_back(token);
             }
@@ -725,14 +721,8 @@ impl<S: Service> Worker<S> {
                 self.finish(token, now);
                 continue;
             };
-            let mut io = SessionIo {
-                transport: &mut conn.transport,
-                read_paused: &mut conn.read_paused,
-                close: &mut conn.closing,
-                now,
-                peer: conn.peer,
-            };
-            conn.session.on_timeout(kind, &mut io);
+            let (session, _, mut io) = conn.split(now);
+            session.on_timeout(kind, &mut io);
             if conn.closing.is_none() {
                 conn.closing = Some(CloseReason::Timeout(kind));
             }
@@ -752,14 +742,8 @@ impl<S: Service> Worker<S> {
             let Some(conn) = self.conns.get_mut(token) else {
                 continue;
             };
-            let mut io = SessionIo {
-                transport: &mut conn.transport,
-                read_paused: &mut conn.read_paused,
-                close: &mut conn.closing,
-                now,
-                peer: conn.peer,
-            };
-            conn.session.on_shutdown(&mut io);
+            let (session, _, mut io) = conn.split(now);
+            session.on_shutdown(&mut io);
             self.finish(token, now);
         }
     }
