@@ -16,6 +16,11 @@ use std::time::Duration;
 
 /// A request line is at most this long; longer ones are refused.
 const REQUEST_BYTES_MAX: u64 = 64 * 1024;
+/// Requests served at once; more are refused at once (each runs on its own thread, so a
+/// long `verify` or a slow client holds up neither other commands nor shutdown).
+const REQUESTS_IN_PROGRESS_MAX: usize = 8;
+/// How long a client may take to send its request, and the server to write an answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a control client waits for the server's answer (verify of a large store takes
 /// long, so generous).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -79,9 +84,12 @@ impl ControlServer {
     #[cfg(unix)]
     pub fn start(
         data_dir: &Path,
-        handler: impl Fn(Request) -> Response + Send + 'static,
+        handler: impl Fn(Request) -> Response + Send + Sync + 'static,
     ) -> io::Result<ControlServer> {
         use std::os::unix::net::UnixListener;
+        use std::sync::atomic::AtomicUsize;
+        let handler = Arc::new(handler);
+        let in_progress = Arc::new(AtomicUsize::new(0));
         let path = socket_path(data_dir);
         if path.exists() {
             // The database lock proves no other server runs on this directory.
@@ -97,11 +105,7 @@ impl ControlServer {
             .spawn(move || {
                 while !thread_stop.load(Ordering::SeqCst) {
                     match listener.accept() {
-                        Ok((stream, _)) => {
-                            if let Err(error) = serve_one(stream, &handler) {
-                                tracing::warn!(%error, "control request failed");
-                            }
-                        }
+                        Ok((stream, _)) => serve_in_background(stream, &handler, &in_progress),
                         Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(50));
                         }
@@ -122,7 +126,7 @@ impl ControlServer {
     #[cfg(not(unix))]
     pub fn start(
         _data_dir: &Path,
-        _handler: impl Fn(Request) -> Response + Send + 'static,
+        _handler: impl Fn(Request) -> Response + Send + Sync + 'static,
     ) -> io::Result<ControlServer> {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
@@ -139,13 +143,47 @@ impl ControlServer {
     }
 }
 
+/// Serves one control connection on its own thread, within [`REQUESTS_IN_PROGRESS_MAX`].
+#[cfg(unix)]
+fn serve_in_background(
+    stream: std::os::unix::net::UnixStream,
+    handler: &Arc<impl Fn(Request) -> Response + Send + Sync + 'static>,
+    in_progress: &Arc<std::sync::atomic::AtomicUsize>,
+) {
+    if in_progress.fetch_add(1, Ordering::SeqCst) >= REQUESTS_IN_PROGRESS_MAX {
+        in_progress.fetch_sub(1, Ordering::SeqCst);
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+        let _ = write_response(
+            &stream,
+            &Response::error("busy", "too many admin requests in progress; try again"),
+        );
+        return;
+    }
+    let handler = handler.clone();
+    let counter = in_progress.clone();
+    let spawned = std::thread::Builder::new()
+        .name("es-control-request".into())
+        .spawn(move || {
+            if let Err(error) = serve_one(stream, &*handler) {
+                tracing::warn!(%error, "control request failed");
+            }
+            counter.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(error) = spawned {
+        in_progress.fetch_sub(1, Ordering::SeqCst);
+        tracing::error!(%error, "cannot start a control request thread");
+    }
+}
+
 #[cfg(unix)]
 fn serve_one(
     stream: std::os::unix::net::UnixStream,
     handler: &dyn Fn(Request) -> Response,
 ) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut reader = BufReader::new(io::Read::take(&stream, REQUEST_BYTES_MAX));
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -156,8 +194,13 @@ fn serve_one(
             format!("cannot parse the control request: {error}"),
         ),
     };
-    let mut writer = &stream;
-    let mut text = serde_json::to_string(&response).map_err(io::Error::other)?;
+    write_response(&stream, &response)
+}
+
+#[cfg(unix)]
+fn write_response(stream: &std::os::unix::net::UnixStream, response: &Response) -> io::Result<()> {
+    let mut writer = stream;
+    let mut text = serde_json::to_string(response).map_err(io::Error::other)?;
     text.push('\n');
     writer.write_all(text.as_bytes())
 }

@@ -149,6 +149,7 @@ impl Service for IncubatorService {
             waiting_for_hello: false,
             blocked: None,
             stopping: false,
+            peer_gone: false,
             in_storage: 0,
         }
     }
@@ -174,6 +175,8 @@ pub struct IncubatorSession {
     /// A request the storage queue had no room for; retried before reading more.
     blocked: Option<(WriteOp, Completion)>,
     stopping: bool,
+    /// The peer half-closed: close once every answer it waits for is sent.
+    peer_gone: bool,
     /// Requests handed to the storage writer and not completed yet.
     in_storage: u32,
 }
@@ -297,7 +300,10 @@ impl IncubatorSession {
             if older.id() != self.handle.id() {
                 tracing::warn!(incubator = %self.name(),
                     "a second connection of this instrument said HELLO; closing the older one");
-                older.send(IncubatorMsg::Superseded);
+                // Never block a loop on another loop's queue; closing is the fallback.
+                if !older.try_send(IncubatorMsg::Superseded) {
+                    tracing::warn!(incubator = %self.name(), "the older connection's loop is busy; it will be closed by its timers");
+                }
             }
         }
         let issued = issued_secret.unwrap_or_default();
@@ -431,9 +437,14 @@ impl IncubatorSession {
                 self.blocked = Some((op, done));
                 io.pause_reading();
             }
-            Err(SubmitError::Closed(_, done)) => {
-                done(Err(WriteError::ShuttingDown));
-                self.in_storage += 1;
+            Err(SubmitError::Closed(_, _)) => {
+                // Answered here, not through the completion: that would queue a message to
+                // this very loop from this loop.
+                self.fail(
+                    ErrorCode::ShuttingDown,
+                    "the server is shutting down; reconnect later".into(),
+                    io,
+                );
             }
         }
     }
@@ -443,6 +454,12 @@ impl IncubatorSession {
             self.submit(op, done, io);
         }
         self.update_reading(io);
+    }
+
+    /// True while the server owes this connection an answer (the storage writer has its
+    /// requests, or a request waits for room in the writer's queue).
+    fn waits_on_server(&self) -> bool {
+        self.in_storage > 0 || self.blocked.is_some() || self.waiting_for_hello
     }
 
     /// Reads only when nothing blocks: no pending HELLO, no request waiting for queue room,
@@ -646,12 +663,16 @@ impl Session for IncubatorSession {
                 return;
             }
         }
-        if self.stopping && self.in_storage == 0 && self.blocked.is_none() {
+        if self.stopping && !self.waits_on_server() {
             self.fail(
                 ErrorCode::ShuttingDown,
                 "the server is shutting down; reconnect later".into(),
                 io,
             );
+            return;
+        }
+        if self.peer_gone && !self.waits_on_server() {
+            io.close(CloseReason::PeerClosed);
             return;
         }
         self.retry_blocked(io);
@@ -663,7 +684,19 @@ impl Session for IncubatorSession {
         }
     }
 
+    fn on_peer_closed(&mut self, io: &mut SessionIo<'_>) {
+        if self.waits_on_server() {
+            // It may still read: send the answers to what it sent, then close.
+            self.peer_gone = true;
+        } else {
+            io.close(CloseReason::PeerClosed);
+        }
+    }
+
     fn on_timeout(&mut self, kind: TimeoutKind, io: &mut SessionIo<'_>) {
+        if self.waits_on_server() {
+            return; // the peer waits on us, not the other way round; asked again next tick
+        }
         let (code, message) = match kind {
             TimeoutKind::Handshake => (ErrorCode::HandshakeTimeout, "no HELLO in time".to_string()),
             TimeoutKind::Idle => (
@@ -671,16 +704,13 @@ impl Session for IncubatorSession {
                 "nothing received for too long; send PING when idle".to_string(),
             ),
         };
-        if kind == TimeoutKind::Idle && self.in_storage > 0 {
-            return; // waiting on the server, not on the peer
-        }
         self.fail(code, message, io);
     }
 
     fn on_shutdown(&mut self, io: &mut SessionIo<'_>) {
         self.stopping = true;
         io.pause_reading();
-        if self.in_storage == 0 && self.blocked.is_none() {
+        if !self.waits_on_server() {
             self.fail(
                 ErrorCode::ShuttingDown,
                 "the server is shutting down; reconnect later".into(),

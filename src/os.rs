@@ -93,3 +93,33 @@ pub fn resident_bytes() -> Option<u64> {
 pub fn resident_bytes() -> Option<u64> {
     None
 }
+
+/// Raises the soft limit on open files to the hard limit; returns the limit now in force.
+#[cfg(unix)]
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = limit.rlim_max;
+        }
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every Unix
+    Ok(limit.rlim_cur as u64)
+}
+
+#[cfg(not(unix))]
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    Ok(u64::MAX)
+}

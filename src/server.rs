@@ -91,20 +91,64 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
         path: data_dir.clone(),
         source,
     })?;
-    let _ = crate::os::make_owner_only(&data_dir, true);
+    if let Err(error) = crate::os::make_owner_only(&data_dir, true) {
+        tracing::warn!(path = %data_dir.display(), %error,
+            "cannot restrict the data directory to its owner; the control socket inside it relies on that");
+    }
+    check_open_files_limit(config);
+    let (certificate, tls) = server_tls(config)?;
     let store = open_store(config)?;
+    let disk = Arc::new(crate::disk_guard::DiskState::default());
+    let disk_guard = DiskGuard::start(data_dir.clone(), config.storage.reserve_bytes, disk.clone())
+        .map_err(|source| StartError::DiskGuard { source })?;
     let writer = store.start_writer(WriterOptions {
         queue_requests_max: config.limits.queue_requests_max as usize,
         batch_requests_max: config.limits.batch_requests_max as usize,
         batch_bytes_max: config.limits.batch_bytes_max,
     });
-    let (certificate, tls) = server_tls(config)?;
     let registry = Arc::new(Registry::default());
     let limits = net_limits(config);
-    let disk = Arc::new(crate::disk_guard::DiskState::default());
-    let disk_guard = DiskGuard::start(data_dir.clone(), config.storage.reserve_bytes, disk.clone())
-        .map_err(|source| StartError::DiskGuard { source })?;
-    let mut pools = Vec::new();
+    // From here on, a failure stops whatever was started (listeners, writer) before returning.
+    let mut server = RunningServer {
+        store: store.clone(),
+        writer: writer.clone(),
+        pools: Vec::new(),
+        control: None,
+        disk_guard: Some(disk_guard),
+        info_path: data_dir.join(INFO_FILE),
+    };
+    let started = start_services(
+        &mut server,
+        config,
+        certificate,
+        tls,
+        registry,
+        limits,
+        disk,
+    );
+    match started {
+        Ok(()) => Ok(server),
+        Err(error) => {
+            server.shutdown();
+            Err(error)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_services(
+    server: &mut RunningServer,
+    config: &Config,
+    certificate: PathBuf,
+    tls: Arc<rustls::ServerConfig>,
+    registry: Arc<Registry>,
+    limits: NetLimits,
+    disk: Arc<DiskState>,
+) -> Result<(), StartError> {
+    let data_dir = config.storage.data_dir.clone();
+    let store = server.store.clone();
+    let writer = server.writer.clone();
+    let pools = &mut server.pools;
 
     let incubator_tls = config.incubator.tls.then(|| tls.clone());
     if !config.incubator.tls {
@@ -173,24 +217,31 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
             path: data_dir.clone(),
             source,
         })?;
-
+    server.control = Some(control);
     let info = ServerInfo {
         pid: std::process::id(),
         server_id: store.server_id(),
         data_dir: data_dir.clone(),
         certificate,
-        listeners: pools.iter().map(|(_, info)| info.clone()).collect(),
+        listeners: server.pools.iter().map(|(_, info)| info.clone()).collect(),
     };
-    let info_path = data_dir.join(INFO_FILE);
-    write_info(&info_path, &info)?;
-    Ok(RunningServer {
-        store,
-        writer,
-        pools,
-        control: Some(control),
-        disk_guard: Some(disk_guard),
-        info_path,
-    })
+    write_info(&server.info_path, &info)
+}
+
+/// Every listener may hold `connections_max` connections (one descriptor each); the
+/// database, certificates and control socket need a few more.
+fn check_open_files_limit(config: &Config) {
+    const OTHER_FILES: u64 = 64;
+    let needed = 4 * config.limits.connections_max as u64 + OTHER_FILES;
+    match crate::os::raise_open_files_limit() {
+        Ok(limit) if limit < needed => tracing::warn!(
+            limit, needed,
+            "the open-files limit is below what [Limits] connections_max allows on the four listeners; \
+             raise it (for example LimitNOFILE in the service unit) or lower connections_max"
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the open-files limit"),
+    }
 }
 
 fn open_store(config: &Config) -> Result<Store, StartError> {

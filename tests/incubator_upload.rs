@@ -229,3 +229,52 @@ fn status_shows_connected_incubators_their_figures_and_storage() {
         "{text}"
     );
 }
+
+#[test]
+fn a_client_that_half_closes_still_gets_every_answer() {
+    half_close_gets_every_answer(true);
+    half_close_gets_every_answer(false);
+}
+
+fn half_close_gets_every_answer(tls: bool) {
+    let (server, dir) = common::spawn(tls);
+    let mut identity = common::identity("HALF-01", "es-d");
+    let mut client = common::connect(&server, &mut identity);
+    let workload = Workload::full("HALF-01", DeviceModel::EmbryoScopeD, 1, 1_760_000_000_000);
+    sim::register_dishes(&mut client, &workload, common::TIMEOUT).unwrap();
+    let frames = es_loadtest::frames::generate(2, 9);
+    let mut sent = BTreeSet::new();
+    for index in 0..40 {
+        let spec = workload.image(index);
+        let seq = client.send(Message::Image(pb::Image {
+            seq: 0,
+            dish_id: spec.dish_id,
+            well: spec.well,
+            focal_plane: spec.focal_plane,
+            acquired_at_ms: spec.acquired_at_ms,
+            jpeg: frames[(index % 2) as usize].clone(),
+        }));
+        sent.insert(seq);
+    }
+    client.finish_sending(common::TIMEOUT).unwrap();
+    let mut acked = BTreeSet::new();
+    let deadline = Instant::now() + common::TIMEOUT;
+    loop {
+        match client.next_response(deadline) {
+            Ok(Some((seq, Message::Ack(_)))) => {
+                acked.insert(seq);
+            }
+            Ok(Some((seq, other))) => panic!("seq {seq}: unexpected {other:?}"),
+            Ok(None) => panic!(
+                "timed out with {} of 40 acks; log:\n{}",
+                acked.len(),
+                common::server_log(&dir)
+            ),
+            Err(_) => break, // the server closes once everything is answered
+        }
+    }
+    assert_eq!(
+        acked, sent,
+        "every request sent before the half-close is answered"
+    );
+}

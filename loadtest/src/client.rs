@@ -197,6 +197,15 @@ impl IncubatorClient {
         Ok(())
     }
 
+    /// Sends what is queued, then closes the sending side (answers can still be read).
+    pub fn finish_sending(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        if !self.conn.flush_until(Instant::now() + timeout)? {
+            return Err(ClientError::Timeout("sending the last requests"));
+        }
+        self.conn.shutdown_write();
+        Ok(())
+    }
+
     /// Drops the connection without a goodbye.
     pub fn abort(mut self) {
         self.conn.shutdown();

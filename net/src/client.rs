@@ -114,7 +114,8 @@ impl ClientConn {
     /// Pumps until everything queued has been handed to the socket (or the deadline).
     pub fn flush_until(&mut self, deadline: Instant) -> io::Result<bool> {
         loop {
-            if self.transport.flush()? && !self.transport.wants_write() {
+            let flushed = self.transport.flush()? && !self.transport.wants_write();
+            if flushed && !self.transport.is_handshaking() {
                 return Ok(true);
             }
             if Instant::now() >= deadline {
@@ -155,6 +156,12 @@ impl ClientConn {
                 .reregister(self.transport.socket_mut(), SOCKET, wanted)?;
         }
         Ok(())
+    }
+
+    /// Half-closes: nothing more will be sent (queued bytes are flushed first by the caller);
+    /// answers can still be read.
+    pub fn shutdown_write(&mut self) {
+        self.transport.shutdown_write();
     }
 
     /// Closes the connection at once (a pulled cable, as far as the server can tell, once

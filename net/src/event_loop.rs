@@ -31,6 +31,10 @@ const TICK: Duration = Duration::from_millis(100);
 const EVENTS_PER_TURN_MAX: usize = 1024;
 /// A closing connection whose peer does not read its last bytes is dropped after this.
 const CLOSING_FLUSH_MAX: Duration = Duration::from_secs(5);
+/// After our last byte is sent and our side half-closed, the peer's remaining input is read
+/// and discarded for at most this long, so closing never resets the connection over unsent
+/// data (a close with unread input makes the kernel send RST and drop its send queue).
+const LINGER_MAX: Duration = Duration::from_secs(2);
 
 /// A protocol plugged into a worker pool: it opens one [`Session`] per connection.
 pub trait Service: Send + Sync + 'static {
@@ -55,9 +59,17 @@ pub trait Session: Send + 'static {
     /// Another thread delivered a message to this connection.
     fn on_message(&mut self, message: Self::Msg, io: &mut SessionIo<'_>);
 
-    /// A timer ran out. The default closes the connection.
+    /// A timer ran out. The default closes the connection. A session may decline (an idle
+    /// peer that is waiting for the server's own answers, for example); it is asked again at
+    /// every tick while the condition lasts.
     fn on_timeout(&mut self, kind: TimeoutKind, io: &mut SessionIo<'_>) {
         io.close(CloseReason::Timeout(kind));
+    }
+
+    /// The peer closed its sending side (it may still read). The default closes once
+    /// everything written was sent; a session with answers still to come may wait for them.
+    fn on_peer_closed(&mut self, io: &mut SessionIo<'_>) {
+        io.close(CloseReason::PeerClosed);
     }
 
     /// Called for every connection at each timer tick (about ten times a second), for work
@@ -248,6 +260,15 @@ impl<M: Send + 'static> ConnHandle<M> {
         self.owner.send(Command::Deliver(self.token, message))
     }
 
+    /// Like [`ConnHandle::send`] but never blocks: for use on an event-loop thread, where
+    /// waiting on a full queue could deadlock two loops. False when the queue is full or
+    /// the loop has stopped.
+    pub fn try_send(&self, message: M) -> bool {
+        self.owner
+            .try_send(Command::Deliver(self.token, message))
+            .is_ok()
+    }
+
     /// Asks the connection's loop to close it (for example, a newer connection of the same
     /// device replaced it).
     pub fn close(&self, reason: impl Into<String>) -> bool {
@@ -286,6 +307,8 @@ struct Conn<S> {
     output_paused: bool,
     closing: Option<CloseReason>,
     closing_since: Option<Instant>,
+    /// Everything was sent and our side half-closed; reading and discarding to EOF.
+    linger_since: Option<Instant>,
     peer_eof: bool,
     interest: Interest,
 }
@@ -306,6 +329,9 @@ pub(crate) struct Worker<S: Service> {
     next_sibling: usize,
     shutdown_deadline: Option<Instant>,
     last_tick: Instant,
+    /// An accept failed (EMFILE, ...): try again at the next tick, since the edge-triggered
+    /// listener will not report the connections already waiting.
+    accept_retry: bool,
 }
 
 pub(crate) fn new_handle<M>(
@@ -353,11 +379,23 @@ impl<S: Service> Worker<S> {
             next_sibling: 0,
             shutdown_deadline: None,
             last_tick: Instant::now(),
+            accept_retry: false,
         }
     }
 
     /// Runs until shutdown completes.
     pub(crate) fn run(mut self) {
+        self.run_turns();
+        // Connections handed to this loop after it stopped are closed and uncounted.
+        while let Ok(command) = self.receiver.try_recv() {
+            if let Command::Adopt(socket, _) = command {
+                drop(socket);
+                self.stats.closed();
+            }
+        }
+    }
+
+    fn run_turns(&mut self) {
         let mut events = Events::with_capacity(EVENTS_PER_TURN_MAX);
         if let Some(listener) = self.listener.as_mut() {
             if let Err(error) =
@@ -420,8 +458,9 @@ impl<S: Service> Worker<S> {
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => {
-                    // EMFILE and friends: log and try again on the next readiness.
-                    tracing::warn!(loop_name = %self.name, %error, "accept failed");
+                    // EMFILE and friends: log, and try again at the next tick.
+                    tracing::warn!(loop_name = %self.name, %error, "accept failed; retrying shortly");
+                    self.accept_retry = true;
                     return;
                 }
             }
@@ -494,6 +533,7 @@ impl<S: Service> Worker<S> {
                     output_paused: false,
                     closing: None,
                     closing_since: None,
+                    linger_since: None,
                     peer_eof: false,
                     interest: Interest::READABLE,
                 }
@@ -528,6 +568,10 @@ impl<S: Service> Worker<S> {
         let Some(conn) = self.conns.get_mut(token) else {
             return;
         };
+        if conn.linger_since.is_some() {
+            self.drain_lingering(token);
+            return;
+        }
         if conn.read_paused || conn.output_paused || conn.closing.is_some() || conn.peer_eof {
             self.finish(token, now);
             return;
@@ -556,9 +600,11 @@ impl<S: Service> Worker<S> {
                 }
                 match stop {
                     ReadStop::Eof => {
+                        tracing::debug!(peer = %conn.peer, "peer closed its sending side");
                         conn.peer_eof = true;
                         if conn.closing.is_none() {
-                            conn.closing = Some(CloseReason::PeerClosed);
+                            let (session, _, mut io) = conn.split(now);
+                            session.on_peer_closed(&mut io);
                         }
                     }
                     ReadStop::Budget => {
@@ -600,16 +646,25 @@ impl<S: Service> Worker<S> {
             self.ready.push_back(token);
         }
         if let Some(reason) = conn.closing.clone() {
-            if conn.closing_since.is_none() {
-                conn.closing_since = Some(now);
-                conn.transport.send_close();
-                let _ = conn.transport.flush();
-            }
-            if !conn.transport.wants_write()
-                || conn.peer_eof && matches!(reason, CloseReason::PeerClosed)
-            {
-                self.remove(token, reason);
-                return;
+            conn.closing_since.get_or_insert(now);
+            if conn.linger_since.is_none() && conn.transport.pending_output_bytes() == 0 {
+                if !conn.transport.close_sent() {
+                    // close_notify goes after the last plaintext, never before it.
+                    conn.transport.send_close();
+                    if let Err(error) = conn.transport.flush() {
+                        self.remove(token, CloseReason::Io(error.to_string()));
+                        return;
+                    }
+                }
+                if !conn.transport.wants_write() {
+                    if conn.peer_eof {
+                        self.remove(token, reason);
+                        return;
+                    }
+                    conn.transport.shutdown_write();
+                    conn.linger_since = Some(now);
+                    self.ready.push_back(token);
+                }
             }
         }
         let wanted = if conn.transport.wants_write() {
@@ -627,6 +682,26 @@ impl<S: Service> Worker<S> {
             if let Err(error) = result {
                 self.remove(token, CloseReason::Io(error.to_string()));
             }
+        }
+    }
+
+    /// Reads and discards what a closing peer still sends, until its EOF.
+    fn drain_lingering(&mut self, token: SlotToken) {
+        let limits = &self.limits;
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        let result = conn.transport.read_into(
+            &mut conn.input,
+            limits.input_bytes_max,
+            limits.read_bytes_per_turn_max,
+        );
+        conn.input.clear();
+        let reason = conn.closing.clone().unwrap_or(CloseReason::Shutdown);
+        match result {
+            Ok((_, ReadStop::Drained)) => {}
+            Ok((_, ReadStop::Budget)) => self.ready.push_back(token),
+            Ok((_, ReadStop::Eof)) | Err(_) => self.remove(token, reason),
         }
     }
 
@@ -693,16 +768,32 @@ impl<S: Service> Worker<S> {
     }
 
     fn tick(&mut self, now: Instant) {
+        if std::mem::take(&mut self.accept_retry) {
+            self.accept(now);
+        }
         for token in self.conns.tokens() {
             let Some(conn) = self.conns.get_mut(token) else {
                 continue;
             };
-            if let Some(since) = conn.closing_since {
-                if now.duration_since(since) > CLOSING_FLUSH_MAX {
+            if let Some(since) = conn.linger_since {
+                if now.duration_since(since) > LINGER_MAX {
                     let reason = conn.closing.clone().unwrap_or(CloseReason::Shutdown);
                     self.remove(token, reason);
                 }
                 continue;
+            }
+            if let Some(since) = conn.closing_since {
+                if now.duration_since(since) > CLOSING_FLUSH_MAX {
+                    let reason = conn.closing.clone().unwrap_or(CloseReason::Shutdown);
+                    self.remove(token, reason);
+                } else {
+                    self.finish(token, now);
+                }
+                continue;
+            }
+            if conn.read_paused || conn.output_paused {
+                // Time the server itself is not reading does not make the peer idle.
+                conn.last_input_at = now;
             }
             let was_paused = conn.read_paused;
             let (session, _, mut io) = conn.split(now);
@@ -723,9 +814,6 @@ impl<S: Service> Worker<S> {
             };
             let (session, _, mut io) = conn.split(now);
             session.on_timeout(kind, &mut io);
-            if conn.closing.is_none() {
-                conn.closing = Some(CloseReason::Timeout(kind));
-            }
             self.finish(token, now);
         }
     }

@@ -134,7 +134,17 @@ impl Pool {
             );
             let thread = std::thread::Builder::new()
                 .name(format!("es-{}-{}", config.name, index))
-                .spawn(move || worker.run())?;
+                .spawn(move || {
+                    // A panic on a loop would leave its connections and its share of new ones
+                    // in limbo; stop the whole process instead, so a supervisor restarts it (an
+                    // unacknowledged request is simply re-sent by its client).
+                    let result =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+                    if result.is_err() {
+                        tracing::error!("an event loop panicked; aborting the process");
+                        std::process::abort();
+                    }
+                })?;
             threads.push(thread);
         }
         let shutdown = handles

@@ -27,6 +27,8 @@ pub struct Transport {
     tls: Option<Box<rustls::Connection>>,
     /// Plaintext waiting to be handed to rustls or the socket.
     out: BytesMut,
+    /// The orderly close began (TLS close_notify queued): nothing more may be sent.
+    close_sent: bool,
 }
 
 impl Transport {
@@ -35,6 +37,7 @@ impl Transport {
             socket,
             tls: None,
             out: BytesMut::new(),
+            close_sent: false,
         }
     }
 
@@ -43,6 +46,7 @@ impl Transport {
             socket,
             tls: Some(Box::new(connection)),
             out: BytesMut::new(),
+            close_sent: false,
         }
     }
 
@@ -100,9 +104,12 @@ impl Transport {
         }
     }
 
-    /// Queues plaintext for sending; [`Transport::flush`] moves it out.
+    /// Queues plaintext for sending; [`Transport::flush`] moves it out. Ignored once the
+    /// orderly close began (bytes after a TLS close_notify would never be read).
     pub fn queue(&mut self, bytes: &[u8]) {
-        self.out.extend_from_slice(bytes);
+        if !self.close_sent {
+            self.out.extend_from_slice(bytes);
+        }
     }
 
     /// Moves everything possible to the socket. `Ok(true)` when nothing is left to send.
@@ -122,11 +129,26 @@ impl Transport {
         !self.out.is_empty() || self.tls.as_ref().is_some_and(|tls| tls.wants_write())
     }
 
-    /// Starts an orderly close: a TLS close_notify is queued (sent by the next flush).
+    /// Starts an orderly close, once everything written was handed on: a TLS close_notify
+    /// is queued (sent by the next flush); later writes are dropped.
     pub fn send_close(&mut self) {
+        debug_assert!(
+            self.out.is_empty(),
+            "close_notify must follow the last plaintext"
+        );
+        self.close_sent = true;
         if let Some(tls) = self.tls.as_mut() {
             tls.send_close_notify();
         }
+    }
+
+    pub fn close_sent(&self) -> bool {
+        self.close_sent
+    }
+
+    /// Half-close: our side is done sending; the peer can still be read (to EOF).
+    pub fn shutdown_write(&mut self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Write);
     }
 
     pub fn shutdown(&mut self) {

@@ -26,6 +26,9 @@ pub fn spawn_in(dir: &tempfile::TempDir, incubator_tls: bool, extra_config: &str
     options.incubator_tls = incubator_tls;
     options.extra_config = extra_config.to_string();
     options.log_file = Some(dir.path().join("server.log"));
+    if let Ok(level) = std::env::var("ESSERVER_TEST_LOG") {
+        options.log_level = level;
+    }
     ServerProcess::spawn(options).expect("esserver starts")
 }
 
