@@ -32,5 +32,9 @@ fi
 cargo build --workspace --all-targets --release
 phase build
 
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release -- -D warnings
+phase lint
+
 cargo nextest run --workspace --release --no-fail-fast "$@"
 phase test

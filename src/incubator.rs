@@ -491,9 +491,9 @@ impl IncubatorSession {
                 }
                 Message::Ack(pb::Ack { seq, duplicate })
             }
-            Ok(WriteOutcome::DishRegistered { created, .. }) => Message::Ack(pb::Ack {
+            Ok(WriteOutcome::DishRegistered { changed, .. }) => Message::Ack(pb::Ack {
                 seq,
-                duplicate: !created,
+                duplicate: !changed,
             }),
             Ok(_) => Message::Ack(pb::Ack {
                 seq,

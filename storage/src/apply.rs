@@ -246,7 +246,9 @@ impl<'txn> Batch<'txn> {
         if let Err(error) = self.check_wells(existing, dish)? {
             return Ok(Err(error));
         }
-        // Apply.
+        // Apply. Every write below records a change, so an unchanged change log means the
+        // registration was already stored exactly as given.
+        let changes_before = self.state.change_last_seq;
         let patient_key = self.patient_upsert(&dish.patient, at_ms)?;
         let treatment_key = self.treatment_upsert(patient_key, &dish.treatment_name, at_ms)?;
         let (dish_key, created) = match existing {
@@ -260,7 +262,12 @@ impl<'txn> Batch<'txn> {
             ),
         };
         self.wells_create(dish_key, dish, at_ms)?;
-        Ok(Ok(WriteOutcome::DishRegistered { dish_key, created }))
+        let changed = self.state.change_last_seq != changes_before;
+        Ok(Ok(WriteOutcome::DishRegistered {
+            dish_key,
+            created,
+            changed,
+        }))
     }
 
     /// A registered dish stays with its patient and treatment.
@@ -277,6 +284,13 @@ impl<'txn> Batch<'txn> {
                 "dish {} is registered to another patient or treatment; \
                  a dish cannot move between patients or treatments",
                 dish.dish_id
+            ))));
+        }
+        if row.insemination_at_ms != dish.insemination_at_ms {
+            return Ok(Err(WriteError::InvalidInput(format!(
+                "dish {} was registered with insemination time {} ms; it is t0 of every embryo \
+                 of the dish and cannot change (given {} ms)",
+                dish.dish_id, row.insemination_at_ms, dish.insemination_at_ms
             ))));
         }
         Ok(Ok(()))
@@ -418,11 +432,11 @@ impl<'txn> Batch<'txn> {
         at_ms: i64,
     ) -> Result<(), StorageError> {
         let mut row: DishRow = get_row(&self.dishes, dish_key, "dish")?;
-        if row.slot == dish.slot && row.insemination_at_ms == dish.insemination_at_ms {
+        // The insemination time never changes (check_dish_owner); the slot may (a dish moved).
+        if row.slot == dish.slot {
             return Ok(());
         }
         row.slot = dish.slot;
-        row.insemination_at_ms = dish.insemination_at_ms;
         row.updated_at_ms = at_ms;
         self.dishes.insert(dish_key, encode(&row).as_slice())?;
         let summary = format!("dish {} updated: slot {}", dish.dish_id, dish.slot);
@@ -488,13 +502,39 @@ impl<'txn> Batch<'txn> {
             image.acquired_at_ms,
             image.focal_plane,
         );
+        let mut repaired_bytes: Option<u64> = None;
         if let Some(stored) = self.images.get(key)? {
-            let stored = ImageValue::decode(stored.value())?;
-            return Ok(if stored.sha256 == sha256 && stored.jpeg == &jpeg[..] {
-                Ok(WriteOutcome::ImageStored { duplicate: true })
-            } else {
-                Err(WriteError::ImageConflict)
-            });
+            match ImageValue::decode(stored.value()) {
+                Ok(stored) if stored.is_intact() => {
+                    return Ok(if stored.sha256 == sha256 && stored.jpeg == &jpeg[..] {
+                        Ok(WriteOutcome::ImageStored { duplicate: true })
+                    } else {
+                        Err(WriteError::ImageConflict)
+                    });
+                }
+                Ok(stored) if stored.sha256 != sha256 && tables::sha256(stored.jpeg) != sha256 => {
+                    // Damaged, and not a copy of these bytes either way: keep it for an
+                    // administrator rather than guess.
+                    return Ok(Err(WriteError::ImageConflict));
+                }
+                damaged => {
+                    // The stored copy is damaged and this is its original: repair it, so the
+                    // instrument does not drop its only good copy believing it delivered.
+                    let old_bytes = match damaged {
+                        Ok(stored) => stored.jpeg.len() as u64,
+                        Err(_) => (stored.value().len() as u64)
+                            .saturating_sub(ImageValue::HEADER_BYTES as u64),
+                    };
+                    tracing::warn!(
+                        dish_key,
+                        well = image.well,
+                        focal_plane = image.focal_plane,
+                        acquired_at_ms = image.acquired_at_ms,
+                        "repairing a damaged stored image from a resend of its original"
+                    );
+                    repaired_bytes = Some(old_bytes);
+                }
+            }
         }
         // Apply.
         let value = ImageValue {
@@ -506,6 +546,11 @@ impl<'txn> Batch<'txn> {
         let mut slot = self.images.insert_reserve(key, value.encoded_len())?;
         value.encode_into(slot.as_mut());
         drop(slot);
+        if let Some(old_bytes) = repaired_bytes {
+            self.state.image_bytes =
+                self.state.image_bytes.saturating_sub(old_bytes) + jpeg.len() as u64;
+            return Ok(Ok(WriteOutcome::ImageStored { duplicate: false }));
+        }
         self.state.images += 1;
         self.state.image_bytes += jpeg.len() as u64;
         self.acquisition_add_plane(&image, dish_key, &embryo, at_ms)?;
@@ -616,9 +661,20 @@ impl<'txn> Batch<'txn> {
     ) -> Result<u64, StorageError> {
         let mut pruned: u64 = 0;
         while pruned < prune_max {
-            let Some((seq, at_ms)) = self.oldest_change()? else {
+            let Some((key, value)) = self.changes.first()? else {
                 break;
             };
+            let seq = key.value();
+            let at_ms = match decode::<ChangeRow>(value.value(), "change") {
+                Ok(row) => row.at_ms,
+                Err(error) => {
+                    // Never fail every batch over one bad record: stop pruning there;
+                    // `esserver verify` reports it.
+                    tracing::error!(seq, %error, "a change record cannot be decoded; pruning stops at it");
+                    break;
+                }
+            };
+            drop((key, value));
             if at_ms >= cutoff_ms {
                 break;
             }
@@ -626,20 +682,12 @@ impl<'txn> Batch<'txn> {
             pruned += 1;
         }
         if pruned > 0 {
-            self.state.change_oldest_seq = match self.oldest_change()? {
-                Some((seq, _)) => seq,
+            self.state.change_oldest_seq = match self.changes.first()? {
+                Some((key, _)) => key.value(),
                 None => self.state.change_last_seq + 1,
             };
         }
         Ok(pruned)
-    }
-
-    fn oldest_change(&self) -> Result<Option<(u64, i64)>, StorageError> {
-        let Some((key, value)) = self.changes.first()? else {
-            return Ok(None);
-        };
-        let row: ChangeRow = decode(value.value(), "change")?;
-        Ok(Some((key.value(), row.at_ms)))
     }
 }
 

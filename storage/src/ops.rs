@@ -132,6 +132,8 @@ pub enum WriteOutcome {
     DishRegistered {
         dish_key: u64,
         created: bool,
+        /// False when the registration was already stored exactly as given (a resend).
+        changed: bool,
     },
     ImageStored {
         duplicate: bool,

@@ -169,13 +169,19 @@ impl Reader {
     }
 
     /// Up to `limit` (capped at `limits::READ_ROWS_MAX`) changes with seq > `after`. A cursor
-    /// older than the retained log is `CursorExpired { oldest }`: the client must resynchronise.
+    /// older than the retained log, or ahead of its last entry, is `CursorExpired { oldest }`:
+    /// the client must resynchronise.
     pub fn changes_after(&self, after: u64, limit: u32) -> Result<Vec<Change>, StorageError> {
         let state = self.state()?;
-        if after.saturating_add(1) < state.change_oldest_seq {
+        if after.saturating_add(1) < state.change_oldest_seq || after > state.change_last_seq {
+            // Older than the retained log, or ahead of it (a cursor from another database, a
+            // restored backup): either way the client must resynchronise, never skip.
             return Err(StorageError::CursorExpired {
                 oldest: state.change_oldest_seq,
             });
+        }
+        if after == state.change_last_seq {
+            return Ok(Vec::new());
         }
         let changes = self.txn.open_table(tables::CHANGES)?;
         let limit = limit.min(limits::READ_ROWS_MAX) as usize;

@@ -76,10 +76,16 @@ impl Store {
         assert!(options.change_log_retention_ms >= 0);
         std::fs::create_dir_all(dir)?;
         let path = dir.join(DATABASE_FILE_NAME);
+        let created = !path.exists();
         let cache_bytes = usize::try_from(options.cache_bytes).unwrap_or(usize::MAX);
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create(&path)?;
+        if created {
+            // The new file's directory entry must be durable too, or a power cut after the
+            // first acknowledged write could lose the whole file.
+            sync_directory(dir)?;
+        }
         let server_id = prepare(&db, server_id_seed)?;
         tracing::info!(path = %path.display(), %server_id, "storage opened");
         Ok(Store {
@@ -282,6 +288,22 @@ fn migrate_step(_txn: &redb::WriteTransaction, from: u64) -> Result<(), StorageE
             "no migration from schema version {from}"
         ))),
     }
+}
+
+/// fsync of a directory, so entries created in it survive a power cut.
+#[cfg(unix)]
+fn sync_directory(dir: &Path) -> Result<(), StorageError> {
+    std::fs::File::open(dir)?.sync_all()?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn sync_directory(_dir: &Path) -> Result<(), StorageError> {
+    // NTFS journals directory entries; there is no directory handle to flush.
+    Ok(())
 }
 
 #[cfg(test)]

@@ -151,7 +151,8 @@ fn check_images(
         let acquisition_key = (dish_key, well, acquired_at_ms);
         if acquisition.as_ref().map(|(k, _)| *k) != Some(acquisition_key) {
             let row = match acquisitions.get(acquisition_key)? {
-                Some(bytes) => Some(decode::<AcquisitionRow>(bytes.value(), "acquisition")?),
+                // A bad row is reported (check_acquisitions) and the walk goes on.
+                Some(bytes) => decode::<AcquisitionRow>(bytes.value(), "acquisition").ok(),
                 None => None,
             };
             acquisition = Some((acquisition_key, row));

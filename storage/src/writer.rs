@@ -223,7 +223,21 @@ fn run(
             batch.push(request);
         }
         let requests = batch.len() as u64;
-        let results = commit_batch_guarded(store, &batch, stats);
+        let mut results = commit_batch_guarded(store, &batch, stats);
+        if results.is_err() && batch.len() > 1 {
+            // One bad request (a corrupt record it touches, say) must not fail the others,
+            // and a client that resends it must not fail every batch it lands in: retry
+            // each request in a transaction of its own, so only the culprit fails.
+            results = Ok(batch
+                .iter()
+                .map(|request| {
+                    match commit_batch_guarded(store, std::slice::from_ref(request), stats) {
+                        Ok(mut one) => one.pop().expect("one result per request"),
+                        Err(error) => Err(error),
+                    }
+                })
+                .collect());
+        }
         record(stats, requests, batch_bytes, results.is_ok());
         complete(&mut batch, results);
     }

@@ -682,6 +682,17 @@ fn retention_prunes_old_changes_and_expires_old_cursors() {
         .map(|c| c.seq)
         .collect();
     assert_eq!(retained, vec![8, 9]);
+    assert!(
+        reader.changes_after(9, 100).unwrap().is_empty(),
+        "up to date"
+    );
+    // A cursor ahead of the log (another database, a restored backup) must resynchronise.
+    for ahead in [10, u64::MAX - 1, u64::MAX] {
+        assert!(matches!(
+            reader.changes_after(ahead, 100),
+            Err(StorageError::CursorExpired { oldest: 8 })
+        ));
+    }
     assert_eq!(reader.last_change_seq().unwrap(), 9);
     assert_eq!(reader.stats().unwrap().changes, 2);
     assert!(store.verify(&mut |_| {}).unwrap().is_clean());
@@ -837,6 +848,32 @@ fn verify_detects_a_damaged_image() {
         .image(instrument_id, "D1", 3, 0, T0 + 5)
         .unwrap();
     assert_eq!(neighbour, Some(jpeg(5, 30)));
+
+    // Other bytes under the damaged key are still a conflict; the original repairs it.
+    let writer = store.start_writer(WriterOptions::default());
+    let other = write(
+        &writer,
+        image_op(instrument_id, 2, 0, damaged_t, jpeg(999, 30)),
+    );
+    assert_eq!(other, Err(WriteError::ImageConflict));
+    let repaired = write(
+        &writer,
+        image_op(instrument_id, 2, 0, damaged_t, jpeg(4, 30)),
+    );
+    assert_eq!(repaired, Ok(WriteOutcome::ImageStored { duplicate: false }));
+    writer.shutdown();
+    let read = store
+        .read()
+        .unwrap()
+        .image(instrument_id, "D1", 2, 0, damaged_t)
+        .unwrap();
+    assert_eq!(read, Some(jpeg(4, 30)));
+    let report = store.verify(&mut |_| {}).unwrap();
+    assert!(report.is_clean(), "after the repair: {report:?}");
+    assert_eq!(
+        store.read().unwrap().stats().unwrap().images,
+        u64::from(count)
+    );
 }
 
 #[test]
@@ -922,10 +959,27 @@ fn register_dish_rules() {
         again,
         WriteOutcome::DishRegistered {
             dish_key: 1,
-            created: false
+            created: false,
+            changed: false
         }
     );
     assert_eq!(all_changes(&store).len(), changes_before);
+
+    // The insemination time is t0 of every embryo: it cannot change.
+    let mut moved_t0 = dish("D1", "MRN-1", &[(1, "E1"), (2, "E2")]);
+    moved_t0.insemination_at_ms += 3_600_000;
+    let refused = write(
+        &writer,
+        WriteOp::RegisterDish {
+            instrument_id,
+            dish: moved_t0,
+            at_ms: T0,
+        },
+    );
+    assert!(
+        matches!(refused, Err(WriteError::InvalidInput(ref m)) if m.contains("insemination")),
+        "{refused:?}"
+    );
 
     // Changing a well's embryo id is refused and writes nothing.
     let changed = write(
@@ -969,7 +1023,8 @@ fn register_dish_rules() {
         added,
         WriteOutcome::DishRegistered {
             dish_key: 1,
-            created: false
+            created: false,
+            changed: true
         }
     );
     let mut other = dish("D2", "MRN-0", &[(1, "F1")]);
@@ -981,7 +1036,8 @@ fn register_dish_rules() {
         created,
         WriteOutcome::DishRegistered {
             dish_key: 2,
-            created: true
+            created: true,
+            changed: true
         }
     );
     // Names update when given; empty fields keep the stored value.
