@@ -609,15 +609,17 @@ impl<'txn> Batch<'txn> {
             return Ok(Err(WriteError::UnknownInstrument));
         }
         for sample in samples {
-            let seq = self.state.telemetry_seq_last + 1;
+            // Idempotent by (instrument, channel, time): a resend after a lost ACK stores
+            // nothing new (the first value received is kept).
+            let key = (instrument_id, sample.channel.as_str(), sample.at_ms);
+            if self.telemetry.get(key)?.is_some() {
+                continue;
+            }
             let row = TelemetryRow {
-                channel: sample.channel.clone(),
                 value: sample.value,
                 stored_at_ms: at_ms,
             };
-            self.telemetry
-                .insert((instrument_id, sample.at_ms, seq), encode(&row).as_slice())?;
-            self.state.telemetry_seq_last = seq;
+            self.telemetry.insert(key, encode(&row).as_slice())?;
             self.state.telemetry_samples += 1;
         }
         let samples = u32::try_from(samples.len()).expect("validate bounds the sample count");

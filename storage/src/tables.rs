@@ -66,7 +66,8 @@ pub const ACQUISITIONS: TableDefinition<AcquisitionKey, &[u8]> =
 /// See [`ImageValue`].
 pub const IMAGES: TableDefinition<ImageKey, &[u8]> = TableDefinition::new("images");
 
-/// `telemetry`: (instrument_id, at_ms, telemetry_seq) -> [`TelemetryRow`].
+/// `telemetry`: (instrument_id, channel, at_ms) -> [`TelemetryRow`]. A sample is identified by
+/// its instrument, channel and time, so a resent sample is stored once.
 pub const TELEMETRY: TableDefinition<TelemetryKey, &[u8]> = TableDefinition::new("telemetry");
 
 /// `changes`: change seq (gapless from [`StateRow::change_oldest_seq`] to
@@ -80,7 +81,7 @@ pub type AcquisitionKey = (u64, u32, i64);
 /// (dish_key, well, acquired_at_ms, focal_plane)
 pub type ImageKey = (u64, u32, i64, i32);
 /// (instrument_id, at_ms, telemetry_seq)
-pub type TelemetryKey = (u64, i64, u64);
+pub type TelemetryKey = (u64, &'static str, i64);
 
 /// The names of every table, for tooling and for the "create all tables on open" step.
 pub const TABLE_NAMES: [&str; 15] = [
@@ -130,7 +131,6 @@ pub struct StateRow {
     pub treatment_key_last: u64,
     pub dish_key_last: u64,
     pub embryo_key_last: u64,
-    pub telemetry_seq_last: u64,
     /// The seq of the newest change; 0 when no change was ever written.
     pub change_last_seq: u64,
     /// The seq of the oldest retained change (`change_last_seq + 1` when none is retained).
@@ -243,7 +243,6 @@ pub struct AcquisitionRow {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TelemetryRow {
-    pub channel: String,
     pub value: f64,
     pub stored_at_ms: i64,
 }

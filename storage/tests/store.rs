@@ -730,7 +730,7 @@ fn reopen_after_drop_keeps_everything() {
     assert_eq!(store.path(), dir.path().join("esserver.redb"));
     let (writer, instrument_id) = setup(&store);
     write(&writer, image_op(instrument_id, 3, 1, T0, jpeg(9, 500))).unwrap();
-    let telemetry = WriteOp::PutTelemetry {
+    let telemetry = || WriteOp::PutTelemetry {
         instrument_id,
         samples: vec![
             TelemetrySample {
@@ -747,10 +747,16 @@ fn reopen_after_drop_keeps_everything() {
         at_ms: T0,
     };
     assert_eq!(
-        write(&writer, telemetry),
+        write(&writer, telemetry()),
+        Ok(WriteOutcome::TelemetryStored { samples: 2 })
+    );
+    // A resend (a lost ACK) stores nothing new.
+    assert_eq!(
+        write(&writer, telemetry()),
         Ok(WriteOutcome::TelemetryStored { samples: 2 })
     );
     let stats_before = store.read().unwrap().stats().unwrap();
+    assert_eq!(stats_before.telemetry_samples, 2);
     let changes_before = all_changes(&store);
     writer.shutdown();
     drop(writer);
