@@ -196,8 +196,12 @@ impl<'txn> Batch<'txn> {
             issued_secret_sha256: Some(tables::sha256(new_secret.as_bytes())),
             issued_for_sha256: Some(tables::sha256(presented_secret.unwrap_or("").as_bytes())),
         };
-        self.instruments
-            .insert(instrument_id, encode(&row).as_slice())?;
+        insert_new(
+            &mut self.instruments,
+            instrument_id,
+            &encode(&row),
+            "instrument",
+        )?;
         self.instrument_by_serial.insert(serial, instrument_id)?;
         self.state.instrument_id_last = instrument_id;
         self.state.instruments += 1;
@@ -337,7 +341,7 @@ impl<'txn> Batch<'txn> {
                 created_at_ms: at_ms,
                 updated_at_ms: at_ms,
             };
-            self.patients.insert(patient_key, encode(&row).as_slice())?;
+            insert_new(&mut self.patients, patient_key, &encode(&row), "patient")?;
             self.patient_by_id.insert(id, patient_key)?;
             self.state.patient_key_last = patient_key;
             self.state.patients += 1;
@@ -384,8 +388,12 @@ impl<'txn> Batch<'txn> {
             name: name.to_string(),
             created_at_ms: at_ms,
         };
-        self.treatments
-            .insert(treatment_key, encode(&row).as_slice())?;
+        insert_new(
+            &mut self.treatments,
+            treatment_key,
+            &encode(&row),
+            "treatment",
+        )?;
         self.treatment_by_patient_name
             .insert((patient_key, name), treatment_key)?;
         self.state.treatment_key_last = treatment_key;
@@ -412,7 +420,7 @@ impl<'txn> Batch<'txn> {
             created_at_ms: at_ms,
             updated_at_ms: at_ms,
         };
-        self.dishes.insert(dish_key, encode(&row).as_slice())?;
+        insert_new(&mut self.dishes, dish_key, &encode(&row), "dish")?;
         self.dish_by_instrument
             .insert((instrument_id, dish.dish_id.as_str()), dish_key)?;
         self.state.dish_key_last = dish_key;
@@ -691,6 +699,23 @@ impl<'txn> Batch<'txn> {
         }
         Ok(pruned)
     }
+}
+
+/// Inserts a row under a freshly allocated key. A row already there means the id counter in
+/// `state` is behind the table: refuse (the transaction is abandoned) rather than overwrite
+/// a patient's record.
+fn insert_new(
+    table: &mut Rows<'_, u64>,
+    key: u64,
+    value: &[u8],
+    what: &str,
+) -> Result<(), StorageError> {
+    if table.insert(key, value)?.is_some() {
+        return Err(StorageError::Corrupt(format!(
+            "{what} key {key} is already taken: the id counter is behind the table"
+        )));
+    }
+    Ok(())
 }
 
 struct ImageRef<'a> {
