@@ -56,6 +56,15 @@ impl Reader {
         Ok(out)
     }
 
+    /// The key of an instrument's dish, if it is registered.
+    fn dish_key(&self, instrument_id: u64, dish_id: &str) -> Result<Option<u64>, StorageError> {
+        let by_instrument = self.txn.open_table(tables::DISH_BY_INSTRUMENT)?;
+        let key = by_instrument
+            .get((instrument_id, dish_id))?
+            .map(|g| g.value());
+        Ok(key)
+    }
+
     /// What the server holds for a dish: per registered well, each acquisition time with the
     /// sorted focal planes stored. None if the dish is unknown.
     pub fn sync_state(
@@ -63,11 +72,7 @@ impl Reader {
         instrument_id: u64,
         dish_id: &str,
     ) -> Result<Option<DishSyncState>, StorageError> {
-        let by_instrument = self.txn.open_table(tables::DISH_BY_INSTRUMENT)?;
-        let Some(dish_key) = by_instrument
-            .get((instrument_id, dish_id))?
-            .map(|g| g.value())
-        else {
+        let Some(dish_key) = self.dish_key(instrument_id, dish_id)? else {
             return Ok(None);
         };
         let wells = self.txn.open_table(tables::WELLS)?;
@@ -148,11 +153,7 @@ impl Reader {
         focal_plane: i32,
         acquired_at_ms: i64,
     ) -> Result<Option<bytes::Bytes>, StorageError> {
-        let by_instrument = self.txn.open_table(tables::DISH_BY_INSTRUMENT)?;
-        let Some(dish_key) = by_instrument
-            .get((instrument_id, dish_id))?
-            .map(|g| g.value())
-        else {
+        let Some(dish_key) = self.dish_key(instrument_id, dish_id)? else {
             return Ok(None);
         };
         let images = self.txn.open_table(tables::IMAGES)?;
