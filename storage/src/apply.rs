@@ -17,6 +17,8 @@ use crate::tables::{
 };
 use redb::{ReadableTable, Table, WriteTransaction};
 
+mod clinical;
+
 pub(crate) type OpResult = Result<WriteOutcome, WriteError>;
 type Applied = Result<OpResult, StorageError>;
 
@@ -33,12 +35,17 @@ pub(crate) struct Batch<'txn> {
     treatment_by_patient_name: Table<'txn, (u64, &'static str), u64>,
     dishes: Rows<'txn, u64>,
     dish_by_instrument: Table<'txn, (u64, &'static str), u64>,
+    dish_by_treatment: Table<'txn, (u64, u64), ()>,
     wells: Rows<'txn, WellKey>,
     embryo_by_id: Table<'txn, &'static str, WellKey>,
+    embryo_by_key: Table<'txn, u64, WellKey>,
     acquisitions: Rows<'txn, AcquisitionKey>,
     images: Rows<'txn, ImageKey>,
     telemetry: Rows<'txn, TelemetryKey>,
     changes: Rows<'txn, u64>,
+    annotations: Rows<'txn, (u64, u64)>,
+    audit: Rows<'txn, u64>,
+    users: Rows<'txn, &'static str>,
     state: StateRow,
 }
 
@@ -56,12 +63,17 @@ impl<'txn> Batch<'txn> {
             treatment_by_patient_name: txn.open_table(tables::TREATMENT_BY_PATIENT_NAME)?,
             dishes: txn.open_table(tables::DISHES)?,
             dish_by_instrument: txn.open_table(tables::DISH_BY_INSTRUMENT)?,
+            dish_by_treatment: txn.open_table(tables::DISH_BY_TREATMENT)?,
             wells: txn.open_table(tables::WELLS)?,
             embryo_by_id: txn.open_table(tables::EMBRYO_BY_ID)?,
+            embryo_by_key: txn.open_table(tables::EMBRYO_BY_KEY)?,
             acquisitions: txn.open_table(tables::ACQUISITIONS)?,
             images: txn.open_table(tables::IMAGES)?,
             telemetry: txn.open_table(tables::TELEMETRY)?,
             changes: txn.open_table(tables::CHANGES)?,
+            annotations: txn.open_table(tables::ANNOTATIONS)?,
+            audit: txn.open_table(tables::AUDIT)?,
+            users: txn.open_table(tables::USERS)?,
             state,
         })
     }
@@ -124,6 +136,43 @@ impl<'txn> Batch<'txn> {
                 samples,
                 at_ms,
             } => self.put_telemetry(*instrument_id, samples, *at_ms),
+            WriteOp::Edit { actor, edit, at_ms } => self.edit(actor, edit, *at_ms),
+            WriteOp::AuditDenied {
+                actor,
+                action,
+                entity,
+                target,
+                attempted,
+                at_ms,
+            } => self.audit_denied(actor, action, *entity, target, attempted, *at_ms),
+            WriteOp::UserAdd {
+                actor,
+                name,
+                password_hash,
+                rights,
+                at_ms,
+            } => self.user_add(actor, name, password_hash, *rights, *at_ms),
+            WriteOp::UserUpdate {
+                actor,
+                name,
+                change,
+                at_ms,
+            } => self.user_update(actor, name, change, *at_ms),
+            WriteOp::LoginAttempt {
+                name,
+                computer,
+                success,
+                failures_max,
+                lockout_ms,
+                at_ms,
+            } => self.login_attempt(
+                name,
+                computer,
+                *success,
+                *failures_max,
+                *lockout_ms,
+                *at_ms,
+            ),
         }
     }
 
@@ -161,7 +210,7 @@ impl<'txn> Batch<'txn> {
             .insert(instrument_id, encode(&row).as_slice())?;
         if changed {
             let summary = format!("instrument {serial} is now {model} firmware {firmware}");
-            self.change(ChangeEntity::Instrument, instrument_id, at_ms, summary)?;
+            self.change(ChangeEntity::Instrument, instrument_id, serial, 0, at_ms, summary)?;
         }
         Ok(Ok(WriteOutcome::InstrumentAccepted {
             instrument_id,
@@ -206,7 +255,7 @@ impl<'txn> Batch<'txn> {
         self.state.instrument_id_last = instrument_id;
         self.state.instruments += 1;
         let summary = format!("instrument {serial} ({model}) first seen");
-        self.change(ChangeEntity::Instrument, instrument_id, at_ms, summary)?;
+        self.change(ChangeEntity::Instrument, instrument_id, serial, 0, at_ms, summary)?;
         Ok(Ok(WriteOutcome::InstrumentAccepted {
             instrument_id,
             issued_secret: Some(new_secret.to_string()),
@@ -340,13 +389,11 @@ impl<'txn> Batch<'txn> {
                 date_of_birth: patient.date_of_birth.clone(),
                 created_at_ms: at_ms,
                 updated_at_ms: at_ms,
+                version: 1,
             };
-            insert_new(&mut self.patients, patient_key, &encode(&row), "patient")?;
-            self.patient_by_id.insert(id, patient_key)?;
-            self.state.patient_key_last = patient_key;
-            self.state.patients += 1;
+            self.patient_insert(patient_key, &row)?;
             let summary = format!("patient {id} created");
-            self.change(ChangeEntity::Patient, patient_key, at_ms, summary)?;
+            self.change(ChangeEntity::Patient, patient_key, id, 1, at_ms, summary)?;
             return Ok(patient_key);
         };
         let mut row: PatientRow = get_row(&self.patients, patient_key, "patient")?;
@@ -362,11 +409,21 @@ impl<'txn> Batch<'txn> {
         }
         if row != before {
             row.updated_at_ms = at_ms;
+            row.version += 1;
             self.patients.insert(patient_key, encode(&row).as_slice())?;
-            let summary = format!("patient {id} updated");
-            self.change(ChangeEntity::Patient, patient_key, at_ms, summary)?;
+            let summary = format!("patient {id} updated by an instrument");
+            self.change(ChangeEntity::Patient, patient_key, id, row.version, at_ms, summary)?;
         }
         Ok(patient_key)
+    }
+
+    fn patient_insert(&mut self, patient_key: u64, row: &PatientRow) -> Result<(), StorageError> {
+        insert_new(&mut self.patients, patient_key, &encode(row), "patient")?;
+        self.patient_by_id
+            .insert(row.patient_id.as_str(), patient_key)?;
+        self.state.patient_key_last = patient_key;
+        self.state.patients += 1;
+        Ok(())
     }
 
     fn treatment_upsert(
@@ -382,11 +439,25 @@ impl<'txn> Batch<'txn> {
         {
             return Ok(key);
         }
+        self.treatment_create(patient_key, name, "", at_ms)
+    }
+
+    fn treatment_create(
+        &mut self,
+        patient_key: u64,
+        name: &str,
+        comment: &str,
+        at_ms: i64,
+    ) -> Result<u64, StorageError> {
+        let patient: PatientRow = get_row(&self.patients, patient_key, "patient")?;
         let treatment_key = self.state.treatment_key_last + 1;
         let row = TreatmentRow {
             patient_key,
             name: name.to_string(),
             created_at_ms: at_ms,
+            updated_at_ms: at_ms,
+            version: 1,
+            comment: comment.to_string(),
         };
         insert_new(
             &mut self.treatments,
@@ -399,7 +470,8 @@ impl<'txn> Batch<'txn> {
         self.state.treatment_key_last = treatment_key;
         self.state.treatments += 1;
         let summary = format!("treatment {name} created");
-        self.change(ChangeEntity::Treatment, treatment_key, at_ms, summary)?;
+        let id = treatment_id(&patient.patient_id, name);
+        self.change(ChangeEntity::Treatment, treatment_key, &id, 1, at_ms, summary)?;
         Ok(treatment_key)
     }
 
@@ -423,13 +495,14 @@ impl<'txn> Batch<'txn> {
         insert_new(&mut self.dishes, dish_key, &encode(&row), "dish")?;
         self.dish_by_instrument
             .insert((instrument_id, dish.dish_id.as_str()), dish_key)?;
+        self.dish_by_treatment.insert((treatment_key, dish_key), ())?;
         self.state.dish_key_last = dish_key;
         self.state.dishes += 1;
         let summary = format!(
             "dish {} registered on instrument {instrument_id} slot {}",
             dish.dish_id, dish.slot
         );
-        self.change(ChangeEntity::Dish, dish_key, at_ms, summary)?;
+        self.change(ChangeEntity::Dish, dish_key, &dish.dish_id, 0, at_ms, summary)?;
         Ok(dish_key)
     }
 
@@ -448,7 +521,7 @@ impl<'txn> Batch<'txn> {
         row.updated_at_ms = at_ms;
         self.dishes.insert(dish_key, encode(&row).as_slice())?;
         let summary = format!("dish {} updated: slot {}", dish.dish_id, dish.slot);
-        self.change(ChangeEntity::Dish, dish_key, at_ms, summary)
+        self.change(ChangeEntity::Dish, dish_key, &dish.dish_id, 0, at_ms, summary)
     }
 
     /// Creates the embryos of wells not registered yet (checked by `check_wells`).
@@ -468,18 +541,27 @@ impl<'txn> Batch<'txn> {
                 embryo_key,
                 embryo_id: well.embryo_id.clone(),
                 created_at_ms: at_ms,
+                updated_at_ms: at_ms,
+                version: 1,
+                fate: crate::model::Fate::Undecided.to_u8(),
+                comment: String::new(),
             };
             self.wells.insert(key, encode(&row).as_slice())?;
             let previous = self.embryo_by_id.insert(well.embryo_id.as_str(), key)?;
             assert!(previous.is_none(), "check_wells refuses reused embryo ids");
             drop(previous);
+            if self.embryo_by_key.insert(embryo_key, key)?.is_some() {
+                return Err(StorageError::Corrupt(format!(
+                    "embryo key {embryo_key} is already taken: the id counter is behind the table"
+                )));
+            }
             self.state.embryo_key_last = embryo_key;
             self.state.embryos += 1;
             let summary = format!(
                 "embryo {} in dish {} well {}",
                 well.embryo_id, dish.dish_id, well.well
             );
-            self.change(ChangeEntity::Embryo, embryo_key, at_ms, summary)?;
+            self.change(ChangeEntity::Embryo, embryo_key, &well.embryo_id, 1, at_ms, summary)?;
         }
         Ok(())
     }
@@ -600,7 +682,14 @@ impl<'txn> Batch<'txn> {
                 "acquisition of embryo {} (dish {} well {}) at {}",
                 embryo.embryo_id, image.dish_id, image.well, image.acquired_at_ms
             );
-            self.change(ChangeEntity::Acquisition, embryo.embryo_key, at_ms, summary)?;
+            self.change(
+                ChangeEntity::Acquisition,
+                embryo.embryo_key,
+                &embryo.embryo_id,
+                0,
+                at_ms,
+                summary,
+            )?;
         }
         Ok(())
     }
@@ -640,6 +729,8 @@ impl<'txn> Batch<'txn> {
         &mut self,
         entity: ChangeEntity,
         key: u64,
+        id: &str,
+        version: u64,
         at_ms: i64,
         summary: String,
     ) -> Result<(), StorageError> {
@@ -648,6 +739,8 @@ impl<'txn> Batch<'txn> {
             at_ms,
             entity: entity.to_u8(),
             key,
+            id: id.to_string(),
+            version,
             summary,
         };
         let previous = self.changes.insert(seq, encode(&row).as_slice())?;
@@ -716,6 +809,11 @@ fn insert_new(
         )));
     }
     Ok(())
+}
+
+/// The natural id of a treatment: `patient id/treatment name`.
+pub(crate) fn treatment_id(patient_id: &str, name: &str) -> String {
+    format!("{patient_id}/{name}")
 }
 
 struct ImageRef<'a> {

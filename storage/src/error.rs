@@ -112,6 +112,18 @@ pub enum WriteError {
     Storage(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The client's version is stale: someone else changed the row first. Carries the
+    /// current version and state (JSON), so the client can show it and decide.
+    #[error("conflict: changed by someone else since version {expected}; now at version {version}")]
+    Conflict {
+        expected: u64,
+        version: u64,
+        current: String,
+    },
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
 }
 
 impl WriteError {
@@ -127,6 +139,9 @@ impl WriteError {
             WriteError::DiskFull => "disk_full",
             WriteError::Storage(_) => "storage_error",
             WriteError::ShuttingDown => "shutting_down",
+            WriteError::Conflict { .. } => "conflict",
+            WriteError::NotFound(_) => "not_found",
+            WriteError::AlreadyExists(_) => "already_exists",
         }
     }
 }

@@ -33,6 +33,7 @@ pub mod tables;
 
 mod apply;
 mod error;
+mod migrate;
 mod model;
 mod ops;
 mod reader;
@@ -41,13 +42,16 @@ mod verify;
 mod writer;
 
 pub use error::{StorageError, SubmitError, WriteError};
+pub use migrate::write_v1_fixture;
 pub use model::{
-    AcquisitionSync, Change, ChangeEntity, DishSyncState, InstrumentRecord, PatientSummary,
-    StoreStats, VerifyProgress, VerifyReport, WellSync,
+    AcquisitionRecord, AcquisitionSync, AnnotationRecord, AnnotationSource, AuditOutcome,
+    AuditRecord, Change, ChangeEntity, DishRecord, DishSyncState, EmbryoRecord, Fate, Frame,
+    InstrumentRecord, PatientRecord, PatientSummary, Rights, StoreStats, TreatmentRecord,
+    UserRecord, VerifyProgress, VerifyReport, WellSync,
 };
 pub use ops::{
-    DishRegistration, ImageBytes, PatientRef, TelemetrySample, WellRegistration, WriteOp,
-    WriteOutcome,
+    user_name, Actor, AnnotationInput, ClinicalEdit, DishRegistration, ImageBytes, PatientRef,
+    TelemetrySample, UserChange, WellRegistration, WriteOp, WriteOutcome,
 };
 pub use reader::Reader;
 pub use store::{set_schema_version_for_tests, Store, StoreOptions, DATABASE_FILE_NAME};

@@ -15,3 +15,10 @@ pub const TELEMETRY_SAMPLES_PER_OP_MAX: usize = 10_000;
 pub const PRUNE_CHANGES_PER_BATCH_MAX: u64 = 1024;
 /// Upper bound of the `limit` of paginated reads (`changes_after`, `list_patients`).
 pub const READ_ROWS_MAX: u32 = 10_000;
+/// Free-text comments on treatments and embryos, and audited attempts.
+pub const COMMENT_BYTES_MAX: usize = 4096;
+pub const USER_NAME_BYTES_MAX: usize = 64;
+/// An argon2id PHC string is about 100 bytes; anything much longer is not one.
+pub const PASSWORD_HASH_BYTES_MAX: usize = 256;
+/// Annotations one embryo may carry.
+pub const ANNOTATIONS_PER_EMBRYO_MAX: u64 = 1000;

@@ -80,6 +80,8 @@ pub enum ChangeEntity {
     /// A new acquisition (image run) of an embryo; key: embryo_key. Later focal planes of the
     /// same acquisition add no change.
     Acquisition,
+    /// A viewer or API user (audit trail only; user changes are not pushed).
+    User,
 }
 
 impl ChangeEntity {
@@ -92,6 +94,7 @@ impl ChangeEntity {
             ChangeEntity::Dish => 4,
             ChangeEntity::Embryo => 5,
             ChangeEntity::Acquisition => 6,
+            ChangeEntity::User => 7,
         }
     }
 
@@ -103,6 +106,7 @@ impl ChangeEntity {
             4 => Some(ChangeEntity::Dish),
             5 => Some(ChangeEntity::Embryo),
             6 => Some(ChangeEntity::Acquisition),
+            7 => Some(ChangeEntity::User),
             _ => None,
         }
     }
@@ -115,6 +119,7 @@ impl ChangeEntity {
             ChangeEntity::Dish => "dish",
             ChangeEntity::Embryo => "embryo",
             ChangeEntity::Acquisition => "acquisition",
+            ChangeEntity::User => "user",
         }
     }
 }
@@ -126,6 +131,11 @@ pub struct Change {
     pub at_ms: i64,
     pub entity: ChangeEntity,
     pub key: u64,
+    /// The entity's natural id (serial number, patient id, `patient id/treatment`, dish id,
+    /// embryo id).
+    pub id: String,
+    /// The entity's version after the change; 0 for entities without versions.
+    pub version: u64,
     /// Human-readable; carries no patient names.
     pub summary: String,
 }
@@ -151,6 +161,212 @@ impl VerifyReport {
     }
 }
 
+/// Declares a small enum stored as a stable number and named by a stable snake_case string.
+macro_rules! stable_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $number:literal, $text:literal;)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($(#[$vdoc])* $variant,)+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The stable number stored on disk. Append new kinds; never renumber.
+            pub fn to_u8(self) -> u8 {
+                match self { $($name::$variant => $number,)+ }
+            }
+
+            pub fn from_u8(value: u8) -> Option<$name> {
+                match value { $($number => Some($name::$variant),)+ _ => None }
+            }
+
+            /// The stable name on the wire and in the audit trail.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text,)+ }
+            }
+
+            pub fn from_name(name: &str) -> Option<$name> {
+                $name::ALL.iter().copied().find(|v| v.as_str() == name)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+stable_enum! {
+    /// The decision taken for an embryo.
+    Fate {
+        Undecided = 0, "undecided";
+        Transfer = 1, "transfer";
+        Freeze = 2, "freeze";
+        Avoid = 3, "avoid";
+    }
+}
+
+stable_enum! {
+    /// Where an annotation came from.
+    AnnotationSource {
+        Manual = 1, "manual";
+        Guided = 2, "guided";
+        Automatic = 3, "automatic";
+    }
+}
+
+stable_enum! {
+    /// What a user may do. Each level includes the ones below it.
+    Rights {
+        /// Read everything.
+        View = 1, "view";
+        /// Also change clinical data (patients, treatments, annotations, fate, comments).
+        Edit = 2, "edit";
+        /// Also manage users and the server.
+        Admin = 3, "admin";
+    }
+}
+
+impl Rights {
+    /// True when these rights include `needed`.
+    pub fn allows(self, needed: Rights) -> bool {
+        self >= needed
+    }
+}
+
+stable_enum! {
+    /// What became of an audited attempt.
+    AuditOutcome {
+        Applied = 1, "applied";
+        /// Refused: the client's version was stale.
+        Conflict = 2, "conflict";
+        /// Refused: the user lacks the right.
+        Denied = 3, "denied";
+    }
+}
+
+/// A patient with its treatments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PatientRecord {
+    pub patient_key: u64,
+    pub patient_id: String,
+    pub first_name: String,
+    pub last_name: String,
+    pub date_of_birth: String,
+    pub version: u64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// Ascending by name.
+    pub treatments: Vec<TreatmentRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TreatmentRecord {
+    pub treatment_key: u64,
+    pub patient_id: String,
+    pub name: String,
+    pub comment: String,
+    pub version: u64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DishRecord {
+    pub dish_key: u64,
+    pub dish_id: String,
+    pub instrument_serial: String,
+    pub instrument_number: u32,
+    pub slot: u32,
+    pub patient_id: String,
+    pub treatment_name: String,
+    pub insemination_at_ms: i64,
+    pub created_at_ms: i64,
+    /// Registered wells with their embryo ids, ascending.
+    pub wells: Vec<(u32, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EmbryoRecord {
+    pub embryo_key: u64,
+    pub embryo_id: String,
+    pub dish_key: u64,
+    pub dish_id: String,
+    pub well: u32,
+    pub instrument_serial: String,
+    pub instrument_number: u32,
+    pub patient_id: String,
+    pub treatment_name: String,
+    pub insemination_at_ms: i64,
+    pub version: u64,
+    pub fate: Fate,
+    pub comment: String,
+    pub updated_at_ms: i64,
+    /// Ascending by annotation id (the order they were added).
+    pub annotations: Vec<AnnotationRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AnnotationRecord {
+    pub annotation_id: u64,
+    pub name: String,
+    pub value: String,
+    pub event_at_ms: Option<i64>,
+    /// Hours after insemination, derived from `event_at_ms` and the dish's insemination time.
+    pub hours: Option<f64>,
+    pub source: AnnotationSource,
+    pub set_by: String,
+    pub set_at_ms: i64,
+}
+
+/// One acquisition (image run) of an embryo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AcquisitionRecord {
+    pub acquired_at_ms: i64,
+    /// Ascending.
+    pub focal_planes: Vec<i32>,
+}
+
+/// One frame of a time-lapse or overview read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub acquired_at_ms: i64,
+    pub focal_plane: i32,
+    pub jpeg: bytes::Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at_ms: i64,
+    pub user: String,
+    pub computer: String,
+    pub action: String,
+    pub entity: ChangeEntity,
+    pub target: String,
+    pub outcome: AuditOutcome,
+    pub before: String,
+    pub after: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserRecord {
+    pub name: String,
+    pub rights: Rights,
+    pub disabled: bool,
+    pub failed_logins: u32,
+    pub locked_until_ms: i64,
+    pub created_at_ms: i64,
+    pub password_changed_at_ms: i64,
+    pub last_login_ms: i64,
+    /// Never serialised: only the login check reads it.
+    #[serde(skip)]
+    pub password_hash: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,11 +380,28 @@ mod tests {
             ChangeEntity::Dish,
             ChangeEntity::Embryo,
             ChangeEntity::Acquisition,
+            ChangeEntity::User,
         ];
         for entity in all {
             assert_eq!(ChangeEntity::from_u8(entity.to_u8()), Some(entity));
         }
         assert_eq!(ChangeEntity::from_u8(0), None);
-        assert_eq!(ChangeEntity::from_u8(7), None);
+        assert_eq!(ChangeEntity::from_u8(8), None);
+        for &fate in Fate::ALL {
+            assert_eq!(Fate::from_u8(fate.to_u8()), Some(fate));
+            assert_eq!(Fate::from_name(fate.as_str()), Some(fate));
+        }
+        for &rights in Rights::ALL {
+            assert_eq!(Rights::from_u8(rights.to_u8()), Some(rights));
+            assert_eq!(Rights::from_name(rights.as_str()), Some(rights));
+        }
+        for &source in AnnotationSource::ALL {
+            assert_eq!(AnnotationSource::from_u8(source.to_u8()), Some(source));
+        }
+        for &outcome in AuditOutcome::ALL {
+            assert_eq!(AuditOutcome::from_u8(outcome.to_u8()), Some(outcome));
+        }
+        assert!(Rights::Admin.allows(Rights::Edit) && Rights::Edit.allows(Rights::View));
+        assert!(!Rights::View.allows(Rights::Edit) && !Rights::Edit.allows(Rights::Admin));
     }
 }

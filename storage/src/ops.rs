@@ -2,6 +2,7 @@
 
 use crate::error::WriteError;
 use crate::limits;
+use crate::model::{AnnotationSource, ChangeEntity, Fate, Rights};
 use std::collections::BTreeSet;
 use std::fmt;
 
@@ -84,6 +85,195 @@ pub enum WriteOp {
         samples: Vec<TelemetrySample>,
         at_ms: i64,
     },
+    /// A change to clinical data from a viewer or the public API. Every edit of an existing
+    /// row names the version the client last saw; a stale one is refused with
+    /// `WriteError::Conflict` (carrying the current state) and audited as a conflict.
+    Edit {
+        actor: Actor,
+        edit: ClinicalEdit,
+        at_ms: i64,
+    },
+    /// Records a refused attempt (the user lacked the right) in the audit trail.
+    AuditDenied {
+        actor: Actor,
+        action: String,
+        entity: ChangeEntity,
+        target: String,
+        attempted: String,
+        at_ms: i64,
+    },
+    /// Creates a user. `password_hash` is an argon2id PHC string made by the caller.
+    UserAdd {
+        actor: Actor,
+        name: String,
+        password_hash: String,
+        rights: Rights,
+        at_ms: i64,
+    },
+    UserUpdate {
+        actor: Actor,
+        name: String,
+        change: UserChange,
+        at_ms: i64,
+    },
+    /// The outcome of a login attempt whose password was checked by the caller. A failure
+    /// raises the user's failure count; the `failures_max`-th locks the account for
+    /// `lockout_ms`. A success clears the count.
+    LoginAttempt {
+        name: String,
+        computer: String,
+        success: bool,
+        failures_max: u32,
+        lockout_ms: i64,
+        at_ms: i64,
+    },
+}
+
+/// Who makes a change, from which computer. Recorded in the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    pub user: String,
+    pub computer: String,
+}
+
+/// An edit of clinical data. Edits of existing rows carry `expected_version`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClinicalEdit {
+    CreatePatient {
+        patient: PatientRef,
+    },
+    UpdatePatient {
+        patient: PatientRef,
+        expected_version: u64,
+    },
+    CreateTreatment {
+        patient_id: String,
+        name: String,
+        comment: String,
+    },
+    UpdateTreatment {
+        patient_id: String,
+        name: String,
+        comment: String,
+        expected_version: u64,
+    },
+    AddAnnotation {
+        embryo_id: String,
+        expected_version: u64,
+        annotation: AnnotationInput,
+    },
+    ChangeAnnotation {
+        embryo_id: String,
+        expected_version: u64,
+        annotation_id: u64,
+        annotation: AnnotationInput,
+    },
+    RemoveAnnotation {
+        embryo_id: String,
+        expected_version: u64,
+        annotation_id: u64,
+    },
+    SetFate {
+        embryo_id: String,
+        expected_version: u64,
+        fate: Fate,
+    },
+    SetEmbryoComment {
+        embryo_id: String,
+        expected_version: u64,
+        comment: String,
+    },
+}
+
+impl ClinicalEdit {
+    /// The stable action name recorded in the audit trail.
+    pub fn action(&self) -> &'static str {
+        match self {
+            ClinicalEdit::CreatePatient { .. } => "patient.create",
+            ClinicalEdit::UpdatePatient { .. } => "patient.update",
+            ClinicalEdit::CreateTreatment { .. } => "treatment.create",
+            ClinicalEdit::UpdateTreatment { .. } => "treatment.update",
+            ClinicalEdit::AddAnnotation { .. } => "annotation.add",
+            ClinicalEdit::ChangeAnnotation { .. } => "annotation.change",
+            ClinicalEdit::RemoveAnnotation { .. } => "annotation.remove",
+            ClinicalEdit::SetFate { .. } => "embryo.fate",
+            ClinicalEdit::SetEmbryoComment { .. } => "embryo.comment",
+        }
+    }
+
+    fn validate(&self) -> Result<(), WriteError> {
+        match self {
+            ClinicalEdit::CreatePatient { patient } | ClinicalEdit::UpdatePatient { patient, .. } => {
+                validate_patient(patient)
+            }
+            ClinicalEdit::CreateTreatment {
+                patient_id,
+                name,
+                comment,
+            }
+            | ClinicalEdit::UpdateTreatment {
+                patient_id,
+                name,
+                comment,
+                ..
+            } => {
+                text("patient id", patient_id, Required::Yes)?;
+                text("treatment name", name, Required::Yes)?;
+                comment_text(comment)
+            }
+            ClinicalEdit::AddAnnotation {
+                embryo_id,
+                annotation,
+                ..
+            }
+            | ClinicalEdit::ChangeAnnotation {
+                embryo_id,
+                annotation,
+                ..
+            } => {
+                text("embryo id", embryo_id, Required::Yes)?;
+                text("annotation name", &annotation.name, Required::Yes)?;
+                text("annotation value", &annotation.value, Required::No)?;
+                if annotation.value.is_empty() && annotation.event_at_ms.is_none() {
+                    return Err(invalid(format!(
+                        "annotation {} has neither a value nor an event time",
+                        annotation.name
+                    )));
+                }
+                Ok(())
+            }
+            ClinicalEdit::RemoveAnnotation { embryo_id, .. }
+            | ClinicalEdit::SetFate { embryo_id, .. } => {
+                text("embryo id", embryo_id, Required::Yes)
+            }
+            ClinicalEdit::SetEmbryoComment {
+                embryo_id, comment, ..
+            } => {
+                text("embryo id", embryo_id, Required::Yes)?;
+                comment_text(comment)
+            }
+        }
+    }
+}
+
+/// An annotation as a client gives it; who set it and when come from the request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnnotationInput {
+    pub name: String,
+    pub value: String,
+    /// For timing events: the instant the event was seen (UTC ms).
+    pub event_at_ms: Option<i64>,
+    pub source: AnnotationSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserChange {
+    /// A new argon2id PHC string; clears failures and any lock.
+    Password(String),
+    Disabled(bool),
+    /// Clears failures and any lock.
+    Unlock,
+    Rights(Rights),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +331,22 @@ pub enum WriteOutcome {
     TelemetryStored {
         samples: u32,
     },
+    /// A clinical edit was applied and logged with change `change_seq`.
+    Edited {
+        entity: ChangeEntity,
+        key: u64,
+        id: String,
+        version: u64,
+        change_seq: u64,
+        /// The annotation added, changed or removed.
+        annotation_id: Option<u64>,
+    },
+    Audited,
+    UserChanged,
+    LoginRecorded {
+        /// The account is locked until then (0: not locked).
+        locked_until_ms: i64,
+    },
 }
 
 impl WriteOp {
@@ -159,7 +365,12 @@ impl WriteOp {
             WriteOp::InstrumentHello { at_ms, .. }
             | WriteOp::RegisterDish { at_ms, .. }
             | WriteOp::PutImage { at_ms, .. }
-            | WriteOp::PutTelemetry { at_ms, .. } => Some(*at_ms),
+            | WriteOp::PutTelemetry { at_ms, .. }
+            | WriteOp::Edit { at_ms, .. }
+            | WriteOp::AuditDenied { at_ms, .. }
+            | WriteOp::UserAdd { at_ms, .. }
+            | WriteOp::UserUpdate { at_ms, .. }
+            | WriteOp::LoginAttempt { at_ms, .. } => Some(*at_ms),
             WriteOp::ResetInstrumentSecret { .. } => None,
         }
     }
@@ -213,16 +424,111 @@ impl WriteOp {
                 Ok(())
             }
             WriteOp::PutTelemetry { samples, .. } => validate_telemetry(samples),
+            WriteOp::Edit { actor, edit, .. } => {
+                validate_actor(actor)?;
+                edit.validate()
+            }
+            WriteOp::AuditDenied {
+                actor,
+                action,
+                target,
+                attempted,
+                ..
+            } => {
+                validate_actor(actor)?;
+                text("action", action, Required::Yes)?;
+                text("target", target, Required::No)?;
+                comment_text(attempted)
+            }
+            WriteOp::UserAdd {
+                actor,
+                name,
+                password_hash,
+                ..
+            } => {
+                validate_actor(actor)?;
+                user_name(name)?;
+                hash_text(password_hash)
+            }
+            WriteOp::UserUpdate {
+                actor,
+                name,
+                change,
+                ..
+            } => {
+                validate_actor(actor)?;
+                user_name(name)?;
+                match change {
+                    UserChange::Password(hash) => hash_text(hash),
+                    _ => Ok(()),
+                }
+            }
+            WriteOp::LoginAttempt {
+                name,
+                computer,
+                lockout_ms,
+                ..
+            } => {
+                user_name(name)?;
+                text("computer name", computer, Required::No)?;
+                if *lockout_ms < 0 {
+                    return Err(invalid("lock-out duration is negative".into()));
+                }
+                Ok(())
+            }
         }
     }
 }
 
+fn validate_actor(actor: &Actor) -> Result<(), WriteError> {
+    text("user name", &actor.user, Required::Yes)?;
+    text("computer name", &actor.computer, Required::No)
+}
+
+fn validate_patient(patient: &PatientRef) -> Result<(), WriteError> {
+    text("patient id", &patient.patient_id, Required::Yes)?;
+    text("first name", &patient.first_name, Required::No)?;
+    text("last name", &patient.last_name, Required::No)?;
+    date_of_birth(&patient.date_of_birth)
+}
+
+/// A user name: 1 to 64 bytes, no control characters and no white space at either end.
+pub fn user_name(name: &str) -> Result<(), WriteError> {
+    if name.is_empty() || name.len() > limits::USER_NAME_BYTES_MAX {
+        return Err(invalid(format!(
+            "a user name has 1 to {} bytes",
+            limits::USER_NAME_BYTES_MAX
+        )));
+    }
+    if name.chars().any(char::is_control) || name.trim() != name {
+        return Err(invalid(
+            "a user name has no control characters and no spaces at either end".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn hash_text(hash: &str) -> Result<(), WriteError> {
+    if !hash.starts_with("$argon2id$") || hash.len() > limits::PASSWORD_HASH_BYTES_MAX {
+        return Err(invalid("the password hash is not an argon2id PHC string".into()));
+    }
+    Ok(())
+}
+
+fn comment_text(comment: &str) -> Result<(), WriteError> {
+    if comment.len() > limits::COMMENT_BYTES_MAX {
+        return Err(invalid(format!(
+            "comment has {} bytes, more than {}",
+            comment.len(),
+            limits::COMMENT_BYTES_MAX
+        )));
+    }
+    Ok(())
+}
+
 fn validate_dish(dish: &DishRegistration) -> Result<(), WriteError> {
     text("dish id", &dish.dish_id, Required::Yes)?;
-    text("patient id", &dish.patient.patient_id, Required::Yes)?;
-    text("first name", &dish.patient.first_name, Required::No)?;
-    text("last name", &dish.patient.last_name, Required::No)?;
-    date_of_birth(&dish.patient.date_of_birth)?;
+    validate_patient(&dish.patient)?;
     text("treatment name", &dish.treatment_name, Required::Yes)?;
     if dish.wells.len() > limits::WELLS_PER_DISH_MAX {
         return Err(invalid(format!(
@@ -395,6 +701,46 @@ impl fmt::Debug for WriteOp {
                 .field("samples", &samples.len())
                 .field("at_ms", at_ms)
                 .finish(),
+            WriteOp::Edit { actor, edit, at_ms } => f
+                .debug_struct("Edit")
+                .field("user", &actor.user)
+                .field("action", &edit.action())
+                .field("at_ms", at_ms)
+                .finish_non_exhaustive(),
+            WriteOp::AuditDenied {
+                actor,
+                action,
+                at_ms,
+                ..
+            } => f
+                .debug_struct("AuditDenied")
+                .field("user", &actor.user)
+                .field("action", action)
+                .field("at_ms", at_ms)
+                .finish_non_exhaustive(),
+            WriteOp::UserAdd { name, rights, .. } => f
+                .debug_struct("UserAdd")
+                .field("name", name)
+                .field("rights", rights)
+                .finish_non_exhaustive(),
+            WriteOp::UserUpdate { name, change, .. } => {
+                let change = match change {
+                    UserChange::Password(_) => "password",
+                    UserChange::Disabled(true) => "disable",
+                    UserChange::Disabled(false) => "enable",
+                    UserChange::Unlock => "unlock",
+                    UserChange::Rights(_) => "rights",
+                };
+                f.debug_struct("UserUpdate")
+                    .field("name", name)
+                    .field("change", &change)
+                    .finish_non_exhaustive()
+            }
+            WriteOp::LoginAttempt { name, success, .. } => f
+                .debug_struct("LoginAttempt")
+                .field("name", name)
+                .field("success", success)
+                .finish_non_exhaustive(),
         }
     }
 }

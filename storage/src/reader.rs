@@ -15,6 +15,8 @@ use crate::tables::{
 use redb::ReadTransaction;
 use std::ops::Bound;
 
+mod clinical;
+
 /// A read snapshot. Dropping it releases the snapshot; keep it short-lived on event loops.
 pub struct Reader {
     txn: ReadTransaction,
@@ -160,13 +162,8 @@ impl Reader {
         let Some(stored) = images.get((dish_key, well, acquired_at_ms, focal_plane))? else {
             return Ok(None);
         };
-        let value = ImageValue::decode(stored.value())?;
-        if !value.is_intact() {
-            let key = image_key_text(instrument_id, dish_id, well, focal_plane, acquired_at_ms);
-            tracing::error!(%key, "stored image is damaged");
-            return Err(StorageError::ImageDamaged { key });
-        }
-        Ok(Some(bytes::Bytes::copy_from_slice(value.jpeg)))
+        let key = || image_key_text(instrument_id, dish_id, well, focal_plane, acquired_at_ms);
+        checked_jpeg(stored.value(), key).map(Some)
     }
 
     /// Up to `limit` (capped at `limits::READ_ROWS_MAX`) changes with seq > `after`. A cursor
@@ -253,8 +250,24 @@ pub(crate) fn change_from_row(seq: u64, row: ChangeRow) -> Result<Change, Storag
         at_ms: row.at_ms,
         entity,
         key: row.key,
+        id: row.id,
+        version: row.version,
         summary: row.summary,
     })
+}
+
+/// The JPEG of an image value, its SHA-256 checked: a mismatch is `ImageDamaged`.
+pub(crate) fn checked_jpeg(
+    stored: &[u8],
+    key: impl FnOnce() -> String,
+) -> Result<bytes::Bytes, StorageError> {
+    let value = ImageValue::decode(stored)?;
+    if !value.is_intact() {
+        let key = key();
+        tracing::error!(%key, "stored image is damaged");
+        return Err(StorageError::ImageDamaged { key });
+    }
+    Ok(bytes::Bytes::copy_from_slice(value.jpeg))
 }
 
 /// A readable image key for messages and reports.

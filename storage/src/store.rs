@@ -268,7 +268,7 @@ fn migrate(txn: &redb::WriteTransaction, found: u64) -> Result<(), StorageError>
             to = version + 1,
             "migrating database schema"
         );
-        migrate_step(txn, version)?;
+        crate::migrate::step(txn, version)?;
         version += 1;
     }
     assert_eq!(version, tables::SCHEMA_VERSION);
@@ -277,17 +277,6 @@ fn migrate(txn: &redb::WriteTransaction, found: u64) -> Result<(), StorageError>
         meta.insert(tables::META_SCHEMA_VERSION, encode_u64(version).as_slice())?;
     }
     Ok(())
-}
-
-/// Migrates from `from` to `from + 1`. Add one arm per schema version bump.
-fn migrate_step(_txn: &redb::WriteTransaction, from: u64) -> Result<(), StorageError> {
-    #[allow(clippy::match_single_binding)] // Arms are added with each schema version.
-    match from {
-        // 1 => migrate_1_to_2(txn),
-        _ => Err(StorageError::Corrupt(format!(
-            "no migration from schema version {from}"
-        ))),
-    }
 }
 
 /// fsync of a directory, so entries created in it survive a power cut.

@@ -18,7 +18,7 @@ use redb::TableDefinition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The schema version this binary writes and reads. See the module documentation.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// `meta`: name -> bytes. Rows: [`META_SCHEMA_VERSION`] (u64 LE), [`META_SERVER_ID`] (UTF-8,
 /// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]).
@@ -51,10 +51,28 @@ pub const DISHES: TableDefinition<u64, &[u8]> = TableDefinition::new("dishes");
 pub const DISH_BY_INSTRUMENT: TableDefinition<(u64, &str), u64> =
     TableDefinition::new("dish_by_instrument");
 
+/// `dish_by_treatment`: (treatment_key, dish_key) -> (). The dishes of a treatment.
+pub const DISH_BY_TREATMENT: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("dish_by_treatment");
+
 /// `wells`: (dish_key, well) -> [`EmbryoRow`]. One embryo per registered well.
 pub const WELLS: TableDefinition<WellKey, &[u8]> = TableDefinition::new("wells");
 /// `embryo_by_id`: embryo_id -> (dish_key, well). Unique: an embryo id names one well.
 pub const EMBRYO_BY_ID: TableDefinition<&str, WellKey> = TableDefinition::new("embryo_by_id");
+/// `embryo_by_key`: embryo_key -> (dish_key, well). Unique.
+pub const EMBRYO_BY_KEY: TableDefinition<u64, WellKey> = TableDefinition::new("embryo_by_key");
+
+/// `annotations`: (embryo_key, annotation_id) -> [`AnnotationRow`]. Removing an annotation
+/// deletes its row; the audit trail keeps what it was.
+pub const ANNOTATIONS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("annotations");
+
+/// `audit`: audit seq (from 1, gapless, never pruned) -> [`AuditRow`]: who changed what, from
+/// which computer, when, the state before and after, and the outcome (applied, conflict,
+/// denied).
+pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+/// `users`: user name -> [`UserRow`]. Viewer and API users; passwords as argon2id PHC strings.
+pub const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 
 /// `acquisitions`: (dish_key, well, acquired_at_ms) -> [`AcquisitionRow`] (the focal planes
 /// stored for that acquisition, sorted).
@@ -84,7 +102,7 @@ pub type ImageKey = (u64, u32, i64, i32);
 pub type TelemetryKey = (u64, &'static str, i64);
 
 /// The names of every table, for tooling and for the "create all tables on open" step.
-pub const TABLE_NAMES: [&str; 15] = [
+pub const TABLE_NAMES: [&str; 20] = [
     "meta",
     "instruments",
     "instrument_by_serial",
@@ -94,12 +112,17 @@ pub const TABLE_NAMES: [&str; 15] = [
     "treatment_by_patient_name",
     "dishes",
     "dish_by_instrument",
+    "dish_by_treatment",
     "wells",
     "embryo_by_id",
+    "embryo_by_key",
     "acquisitions",
     "images",
     "telemetry",
     "changes",
+    "annotations",
+    "audit",
+    "users",
 ];
 
 /// Creates every table that does not exist yet, so read transactions never miss one.
@@ -113,12 +136,17 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), StorageErro
     txn.open_table(TREATMENT_BY_PATIENT_NAME)?;
     txn.open_table(DISHES)?;
     txn.open_table(DISH_BY_INSTRUMENT)?;
+    txn.open_table(DISH_BY_TREATMENT)?;
     txn.open_table(WELLS)?;
     txn.open_table(EMBRYO_BY_ID)?;
+    txn.open_table(EMBRYO_BY_KEY)?;
     txn.open_table(ACQUISITIONS)?;
     txn.open_table(IMAGES)?;
     txn.open_table(TELEMETRY)?;
     txn.open_table(CHANGES)?;
+    txn.open_table(ANNOTATIONS)?;
+    txn.open_table(AUDIT)?;
+    txn.open_table(USERS)?;
     Ok(())
 }
 
@@ -145,6 +173,11 @@ pub struct StateRow {
     /// Sum of the JPEG lengths of all images.
     pub image_bytes: u64,
     pub telemetry_samples: u64,
+    pub annotation_id_last: u64,
+    /// The seq of the newest audit row; 0 when none was written.
+    pub audit_last_seq: u64,
+    pub annotations: u64,
+    pub users: u64,
 }
 
 impl StateRow {
@@ -207,6 +240,7 @@ pub struct PatientRow {
     pub date_of_birth: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    pub version: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +248,9 @@ pub struct TreatmentRow {
     pub patient_key: u64,
     pub name: String,
     pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub version: u64,
+    pub comment: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +269,63 @@ pub struct EmbryoRow {
     pub embryo_key: u64,
     pub embryo_id: String,
     pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// Raised by every change to the embryo, its annotations, fate or comment.
+    pub version: u64,
+    /// [`crate::Fate`] as its stable number.
+    pub fate: u8,
+    pub comment: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnnotationRow {
+    /// `t2`, `tPNf`, `PN`, `ICM`, ... (see `docs/protocol/viewer.md`).
+    pub name: String,
+    /// The value as entered: empty for a pure timing event, a grade or count otherwise.
+    pub value: String,
+    /// For timing events: the instant of the event (the acquisition it was seen on), UTC ms.
+    /// Hours after insemination are derived from the dish's insemination time on read.
+    pub event_at_ms: Option<i64>,
+    /// [`crate::AnnotationSource`] as its stable number.
+    pub source: u8,
+    pub set_by: String,
+    pub set_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRow {
+    pub at_ms: i64,
+    pub user: String,
+    pub computer: String,
+    /// `patient.create`, `annotation.add`, `embryo.fate`, ... (stable names).
+    pub action: String,
+    /// [`crate::ChangeEntity`] as its stable number.
+    pub entity: u8,
+    /// The entity's natural id (patient id, embryo id, ...).
+    pub target: String,
+    /// [`crate::AuditOutcome`] as its stable number.
+    pub outcome: u8,
+    /// JSON of the state before (empty for a create or a refused attempt on nothing).
+    pub before: String,
+    /// JSON of the state after, or of the attempted change when it was refused.
+    pub after: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRow {
+    /// argon2id PHC string (`$argon2id$v=19$...`); never logged.
+    pub password_hash: String,
+    /// [`crate::Rights`] as its stable number.
+    pub rights: u8,
+    pub disabled: bool,
+    /// Consecutive failed logins since the last success or unlock.
+    pub failed_logins: u32,
+    /// Logins are refused until this instant (0: not locked).
+    pub locked_until_ms: i64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub password_changed_at_ms: i64,
+    pub last_login_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +347,11 @@ pub struct ChangeRow {
     /// [`crate::ChangeEntity`] as its stable number (`ChangeEntity::to_u8`).
     pub entity: u8,
     pub key: u64,
+    /// The entity's natural id: serial number, patient id, `patient id/treatment name`, dish
+    /// id, embryo id.
+    pub id: String,
+    /// The entity's version after the change (0 for entities without versions).
+    pub version: u64,
     pub summary: String,
 }
 

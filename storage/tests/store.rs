@@ -708,14 +708,14 @@ fn newer_schema_is_refused_with_a_clear_message() {
     assert!(matches!(
         error,
         StorageError::SchemaTooNew {
-            found: 2,
-            supported: 1
+            found: 3,
+            supported: 2
         }
     ));
     assert_eq!(error.code(), "schema_too_new");
     assert_eq!(
         error.to_string(),
-        "database schema version 2 is newer than this esserver supports (1); upgrade esserver"
+        "database schema version 3 is newer than this esserver supports (2); upgrade esserver"
     );
     // The refusal did not touch the file: the current version still opens after a downgrade.
     set_schema_version_for_tests(dir.path(), Store::SCHEMA_VERSION).unwrap();
@@ -1145,4 +1145,360 @@ fn a_second_concurrent_writer_is_a_bug() {
     let store = open(dir.path());
     let _first = store.start_writer(WriterOptions::default());
     let _second = store.start_writer(WriterOptions::default());
+}
+
+// ---------------------------------------------------------------- clinical data, users, audit
+
+fn actor(user: &str) -> Actor {
+    Actor {
+        user: user.into(),
+        computer: "VIEWER-1".into(),
+    }
+}
+
+fn edit(writer: &Writer, user: &str, edit: ClinicalEdit) -> Result<WriteOutcome, WriteError> {
+    write(
+        writer,
+        WriteOp::Edit {
+            actor: actor(user),
+            edit,
+            at_ms: T0 + 5 * MINUTE_MS,
+        },
+    )
+}
+
+fn t2(embryo_id: &str, expected_version: u64, event_at_ms: i64) -> ClinicalEdit {
+    ClinicalEdit::AddAnnotation {
+        embryo_id: embryo_id.into(),
+        expected_version,
+        annotation: AnnotationInput {
+            name: "t2".into(),
+            value: String::new(),
+            event_at_ms: Some(event_at_ms),
+            source: AnnotationSource::Manual,
+        },
+    }
+}
+
+#[test]
+fn embryo_edits_check_the_version_and_audit_every_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, _) = setup(&store);
+    let embryo = store.read().unwrap().embryo("E1").unwrap().unwrap();
+    assert_eq!((embryo.version, embryo.fate), (1, Fate::Undecided));
+    assert_eq!(embryo.well, 1);
+    assert_eq!(embryo.patient_id, "MRN-1");
+
+    // A saves t2 at 25 h after insemination (insemination is T0 - 1 h).
+    let at = T0 + 24 * 3_600_000;
+    let outcome = edit(&writer, "anna", t2("E1", 1, at)).unwrap();
+    let WriteOutcome::Edited {
+        entity,
+        id,
+        version,
+        change_seq,
+        annotation_id,
+        ..
+    } = outcome
+    else {
+        panic!("unexpected {outcome:?}");
+    };
+    assert_eq!((entity, id.as_str(), version), (ChangeEntity::Embryo, "E1", 2));
+    let annotation_id = annotation_id.expect("an added annotation has an id");
+
+    // B, still at version 1, is refused with the current state; nothing of B's is stored.
+    let error = edit(&writer, "bert", t2("E1", 1, at + 3_600_000)).unwrap_err();
+    let WriteError::Conflict {
+        expected,
+        version,
+        current,
+    } = &error
+    else {
+        panic!("unexpected {error:?}");
+    };
+    assert_eq!((*expected, *version), (1, 2));
+    let current: serde_json::Value = serde_json::from_str(current).unwrap();
+    assert_eq!(current["annotations"][0]["set_by"], "anna");
+    assert_eq!(error.code(), "conflict");
+
+    let embryo = store.read().unwrap().embryo("E1").unwrap().unwrap();
+    assert_eq!(embryo.version, 2);
+    assert_eq!(embryo.annotations.len(), 1);
+    let annotation = &embryo.annotations[0];
+    assert_eq!(annotation.annotation_id, annotation_id);
+    assert_eq!(annotation.hours, Some(25.0));
+    assert_eq!(annotation.set_by, "anna");
+
+    // The change log names the embryo and its new version.
+    let changes = all_changes(&store);
+    let last = changes.last().unwrap();
+    assert_eq!(last.seq, change_seq);
+    assert_eq!(
+        (last.entity, last.id.as_str(), last.version),
+        (ChangeEntity::Embryo, "E1", 2)
+    );
+
+    // Both attempts are in the audit trail, with their outcome.
+    let audit = store.read().unwrap().audit_after(0, 100).unwrap();
+    let attempts: Vec<_> = audit
+        .iter()
+        .filter(|a| a.action == "annotation.add")
+        .map(|a| (a.user.as_str(), a.outcome, a.computer.as_str()))
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            ("anna", AuditOutcome::Applied, "VIEWER-1"),
+            ("bert", AuditOutcome::Conflict, "VIEWER-1")
+        ]
+    );
+    assert!(audit[1].after.contains("t2"), "{:?}", audit[1]);
+
+    // Fate, comment, change and removal each raise the version.
+    let fate = ClinicalEdit::SetFate {
+        embryo_id: "E1".into(),
+        expected_version: 2,
+        fate: Fate::Transfer,
+    };
+    assert!(edit(&writer, "anna", fate).is_ok());
+    let comment = ClinicalEdit::SetEmbryoComment {
+        embryo_id: "E1".into(),
+        expected_version: 3,
+        comment: "even blastomeres".into(),
+    };
+    assert!(edit(&writer, "anna", comment).is_ok());
+    let change = ClinicalEdit::ChangeAnnotation {
+        embryo_id: "E1".into(),
+        expected_version: 4,
+        annotation_id,
+        annotation: AnnotationInput {
+            name: "t2".into(),
+            value: String::new(),
+            event_at_ms: Some(at + 600_000),
+            source: AnnotationSource::Guided,
+        },
+    };
+    assert!(edit(&writer, "bert", change).is_ok());
+    let embryo = store.read().unwrap().embryo("E1").unwrap().unwrap();
+    assert_eq!(embryo.version, 5);
+    assert_eq!(embryo.fate, Fate::Transfer);
+    assert_eq!(embryo.comment, "even blastomeres");
+    assert_eq!(embryo.annotations[0].source, AnnotationSource::Guided);
+    assert_eq!(embryo.annotations[0].set_by, "bert");
+    let remove = ClinicalEdit::RemoveAnnotation {
+        embryo_id: "E1".into(),
+        expected_version: 5,
+        annotation_id,
+    };
+    assert!(edit(&writer, "anna", remove.clone()).is_ok());
+    let again = ClinicalEdit::RemoveAnnotation {
+        embryo_id: "E1".into(),
+        expected_version: 6,
+        annotation_id,
+    };
+    assert_eq!(edit(&writer, "anna", again).unwrap_err().code(), "not_found");
+    let unknown = t2("NO-SUCH-EMBRYO", 1, at);
+    assert_eq!(edit(&writer, "anna", unknown).unwrap_err().code(), "not_found");
+    let embryo = store.read().unwrap().embryo("E1").unwrap().unwrap();
+    assert_eq!((embryo.version, embryo.annotations.len()), (6, 0));
+    writer.shutdown();
+}
+
+#[test]
+fn patients_and_treatments_are_created_and_edited_with_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, _) = setup(&store);
+    let patient = PatientRef {
+        patient_id: "MRN-2".into(),
+        first_name: "Grace".into(),
+        last_name: "Hopper".into(),
+        date_of_birth: "1986-12-09".into(),
+    };
+    let create = ClinicalEdit::CreatePatient {
+        patient: patient.clone(),
+    };
+    assert!(edit(&writer, "anna", create.clone()).is_ok());
+    assert_eq!(edit(&writer, "anna", create).unwrap_err().code(), "already_exists");
+    let renamed = PatientRef {
+        last_name: "Murray Hopper".into(),
+        ..patient.clone()
+    };
+    let update = |expected_version| ClinicalEdit::UpdatePatient {
+        patient: renamed.clone(),
+        expected_version,
+    };
+    assert!(edit(&writer, "anna", update(1)).is_ok());
+    assert_eq!(edit(&writer, "bert", update(1)).unwrap_err().code(), "conflict");
+    let record = store.read().unwrap().patient("MRN-2").unwrap().unwrap();
+    assert_eq!((record.version, record.last_name.as_str()), (2, "Murray Hopper"));
+
+    let treatment = ClinicalEdit::CreateTreatment {
+        patient_id: "MRN-2".into(),
+        name: "2026-0001".into(),
+        comment: String::new(),
+    };
+    assert!(edit(&writer, "anna", treatment).is_ok());
+    let comment = |expected_version| ClinicalEdit::UpdateTreatment {
+        patient_id: "MRN-2".into(),
+        name: "2026-0001".into(),
+        comment: "ICSI".into(),
+        expected_version,
+    };
+    assert!(edit(&writer, "anna", comment(1)).is_ok());
+    assert_eq!(edit(&writer, "anna", comment(1)).unwrap_err().code(), "conflict");
+    let reader = store.read().unwrap();
+    let record = reader.patient("MRN-2").unwrap().unwrap();
+    assert_eq!(record.treatments.len(), 1);
+    assert_eq!((record.treatments[0].version, record.treatments[0].comment.as_str()), (2, "ICSI"));
+    assert_eq!(reader.treatment_dishes("MRN-2", "2026-0001").unwrap(), Some(vec![]));
+    // The instrument-registered treatment lists its dish.
+    let dishes = reader.treatment_dishes("MRN-1", "2022-1411").unwrap().unwrap();
+    assert_eq!(dishes.len(), 1);
+    assert_eq!(dishes[0].dish_id, "D1");
+    assert_eq!(dishes[0].wells.len(), 3);
+    assert_eq!(reader.patients(None, 10).unwrap().len(), 2);
+    writer.shutdown();
+}
+
+#[test]
+fn users_lock_out_after_failures_and_unlock() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let writer = store.start_writer(WriterOptions::default());
+    let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo".to_string();
+    let add = WriteOp::UserAdd {
+        actor: actor("admin"),
+        name: "anna".into(),
+        password_hash: hash.clone(),
+        rights: Rights::Edit,
+        at_ms: T0,
+    };
+    assert!(write(&writer, add).is_ok());
+    let login = |success: bool, at_ms: i64| {
+        write(
+            &writer,
+            WriteOp::LoginAttempt {
+                name: "anna".into(),
+                computer: "VIEWER-1".into(),
+                success,
+                failures_max: 5,
+                lockout_ms: 15 * MINUTE_MS,
+                at_ms,
+            },
+        )
+    };
+    for attempt in 1..=4 {
+        let outcome = login(false, T0 + attempt).unwrap();
+        assert_eq!(outcome, WriteOutcome::LoginRecorded { locked_until_ms: 0 });
+    }
+    let outcome = login(false, T0 + 5).unwrap();
+    assert_eq!(
+        outcome,
+        WriteOutcome::LoginRecorded {
+            locked_until_ms: T0 + 5 + 15 * MINUTE_MS
+        }
+    );
+    let user = store.read().unwrap().user("anna").unwrap().unwrap();
+    assert_eq!(user.locked_until_ms, T0 + 5 + 15 * MINUTE_MS);
+    assert_eq!(user.rights, Rights::Edit);
+    let unlock = WriteOp::UserUpdate {
+        actor: actor("admin"),
+        name: "anna".into(),
+        change: UserChange::Unlock,
+        at_ms: T0 + 10,
+    };
+    assert!(write(&writer, unlock).is_ok());
+    assert_eq!(store.read().unwrap().user("anna").unwrap().unwrap().locked_until_ms, 0);
+    // The audit trail records the lock-out and never the hash.
+    let audit = store.read().unwrap().audit_after(0, 100).unwrap();
+    assert!(audit.iter().any(|a| a.action == "user.lockout"));
+    assert!(audit.iter().all(|a| !a.after.contains("argon2") && !a.before.contains("argon2")));
+    let bad_hash = WriteOp::UserAdd {
+        actor: actor("admin"),
+        name: "bert".into(),
+        password_hash: "plain-text".into(),
+        rights: Rights::View,
+        at_ms: T0,
+    };
+    assert_eq!(write(&writer, bad_hash).unwrap_err().code(), "invalid_input");
+    writer.shutdown();
+}
+
+#[test]
+fn time_lapse_reads_frames_acquisitions_and_the_dish_overview() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    for step in 0..5i64 {
+        for plane in [-1, 0, 1] {
+            let at = T0 + step * 10 * MINUTE_MS;
+            let op = image_op(instrument_id, 1, plane, at, jpeg((100 + step * 10 + i64::from(plane)) as u32, 50));
+            write(&writer, op).unwrap();
+        }
+    }
+    // Well 2 has one acquisition with plane 3 only.
+    write(&writer, image_op(instrument_id, 2, 3, T0, jpeg(7, 50))).unwrap();
+    let reader = store.read().unwrap();
+    let acquisitions = reader.acquisitions("E1", None, 100).unwrap().unwrap();
+    assert_eq!(acquisitions.len(), 5);
+    assert_eq!(acquisitions[0].focal_planes, [-1, 0, 1]);
+    let after = reader.acquisitions("E1", Some(T0 + 20 * MINUTE_MS), 100).unwrap().unwrap();
+    assert_eq!(after.len(), 2);
+    let frames = reader.frames("E1", 0, T0 + 10 * MINUTE_MS, T0 + 30 * MINUTE_MS, 100).unwrap().unwrap();
+    assert_eq!(
+        frames.iter().map(|f| f.acquired_at_ms).collect::<Vec<_>>(),
+        [T0 + 10 * MINUTE_MS, T0 + 20 * MINUTE_MS, T0 + 30 * MINUTE_MS]
+    );
+    assert_eq!(frames[0].jpeg, jpeg(110, 50));
+    let limited = reader.frames("E1", 0, i64::MIN, i64::MAX, 2).unwrap().unwrap();
+    assert_eq!(limited.len(), 2);
+    assert_eq!(reader.frames("NOPE", 0, 0, 1, 1).unwrap(), None);
+    assert_eq!(
+        reader.embryo_image("E1", T0, -1).unwrap(),
+        Some(jpeg(99, 50))
+    );
+    let overview = reader.dish_overview(1, 0).unwrap();
+    assert_eq!(overview.len(), 3);
+    let (well, embryo_id, frame) = &overview[0];
+    assert_eq!((*well, embryo_id.as_str()), (1, "E1"));
+    let frame = frame.as_ref().unwrap();
+    assert_eq!((frame.acquired_at_ms, frame.focal_plane), (T0 + 40 * MINUTE_MS, 0));
+    // Nearest stored plane when the asked one is missing; none for a well without images.
+    assert_eq!(overview[1].2.as_ref().unwrap().focal_plane, 3);
+    assert!(overview[2].2.is_none());
+    writer.shutdown();
+}
+
+#[test]
+fn a_version_1_database_is_migrated_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    write_v1_fixture(&dir.path().join(DATABASE_FILE_NAME)).unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.server_id(), "0123456789abcdef0123456789abcdef");
+    let reader = store.read().unwrap();
+    let patient = reader.patient("P-V1").unwrap().unwrap();
+    assert_eq!((patient.version, patient.first_name.as_str()), (1, "Ada"));
+    assert_eq!(patient.treatments[0].name, "2020-1");
+    let embryo = reader.embryo("E-V1-2").unwrap().unwrap();
+    assert_eq!((embryo.version, embryo.fate, embryo.dish_id.as_str()), (1, Fate::Undecided, "D-V1"));
+    assert_eq!(reader.embryo_id_of_key(2).unwrap().as_deref(), Some("E-V1-2"));
+    let dishes = reader.treatment_dishes("P-V1", "2020-1").unwrap().unwrap();
+    assert_eq!(dishes.len(), 1);
+    let changes = reader.changes_after(0, 100).unwrap();
+    let ids: Vec<_> = changes.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["ES-V1", "P-V1", "P-V1/2020-1", "D-V1", "E-V1-1", "E-V1-2"]);
+    drop(reader);
+    let report = store.verify(&mut |_| {}).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    // The migrated database takes new writes: the next embryo edit is version 2.
+    let writer = store.start_writer(WriterOptions::default());
+    let outcome = edit(&writer, "anna", t2("E-V1-1", 1, 5000)).unwrap();
+    assert!(matches!(outcome, WriteOutcome::Edited { version: 2, change_seq: 7, .. }), "{outcome:?}");
+    writer.shutdown();
+    drop(store);
+    // Reopening does not migrate again.
+    let store = open(dir.path());
+    assert_eq!(store.read().unwrap().embryo("E-V1-1").unwrap().unwrap().version, 2);
 }

@@ -1,0 +1,784 @@
+//! Applying clinical edits (viewers, public API), users and logins, with the audit trail.
+//!
+//! Every edit of an existing row checks the version the client names against the stored one.
+//! A stale version writes nothing but an audit row (outcome `conflict`) and is answered with
+//! `WriteError::Conflict` carrying the current state as JSON.
+
+use super::{get_row, insert_new, treatment_id, Applied, Batch};
+use crate::error::{StorageError, WriteError};
+use crate::limits;
+use crate::model::{AnnotationSource, AuditOutcome, ChangeEntity, Fate, Rights};
+use crate::ops::{Actor, AnnotationInput, ClinicalEdit, PatientRef, UserChange, WriteOutcome};
+use crate::tables::{
+    decode, encode, AnnotationRow, AuditRow, EmbryoRow, PatientRow, TreatmentRow, UserRow,
+    WellKey,
+};
+use redb::ReadableTable;
+use serde_json::json;
+
+/// One audit entry, before it is numbered.
+struct Audit<'a> {
+    actor: &'a Actor,
+    action: &'a str,
+    entity: ChangeEntity,
+    target: &'a str,
+    outcome: AuditOutcome,
+    before: String,
+    after: String,
+}
+
+/// An embryo row located by its id.
+struct EmbryoAt {
+    well_key: WellKey,
+    row: EmbryoRow,
+}
+
+impl Batch<'_> {
+    pub(super) fn edit(&mut self, actor: &Actor, edit: &ClinicalEdit, at_ms: i64) -> Applied {
+        match edit {
+            ClinicalEdit::CreatePatient { patient } => self.patient_create(actor, patient, at_ms),
+            ClinicalEdit::UpdatePatient {
+                patient,
+                expected_version,
+            } => self.patient_update(actor, patient, *expected_version, at_ms),
+            ClinicalEdit::CreateTreatment {
+                patient_id,
+                name,
+                comment,
+            } => self.treatment_add(actor, patient_id, name, comment, at_ms),
+            ClinicalEdit::UpdateTreatment {
+                patient_id,
+                name,
+                comment,
+                expected_version,
+            } => self.treatment_update(actor, patient_id, name, comment, *expected_version, at_ms),
+            ClinicalEdit::AddAnnotation { .. }
+            | ClinicalEdit::ChangeAnnotation { .. }
+            | ClinicalEdit::RemoveAnnotation { .. }
+            | ClinicalEdit::SetFate { .. }
+            | ClinicalEdit::SetEmbryoComment { .. } => self.embryo_edit(actor, edit, at_ms),
+        }
+    }
+
+    // ---------------------------------------------------------------- patients
+
+    fn patient_create(&mut self, actor: &Actor, patient: &PatientRef, at_ms: i64) -> Applied {
+        let id = patient.patient_id.as_str();
+        if self.patient_by_id.get(id)?.is_some() {
+            return Ok(Err(WriteError::AlreadyExists(format!("patient {id}"))));
+        }
+        let patient_key = self.state.patient_key_last + 1;
+        let row = PatientRow {
+            patient_id: id.to_string(),
+            first_name: patient.first_name.clone(),
+            last_name: patient.last_name.clone(),
+            date_of_birth: patient.date_of_birth.clone(),
+            created_at_ms: at_ms,
+            updated_at_ms: at_ms,
+            version: 1,
+        };
+        self.patient_insert(patient_key, &row)?;
+        let change_seq = self.logged_change(
+            ChangeEntity::Patient,
+            patient_key,
+            id,
+            1,
+            at_ms,
+            format!("patient {id} created"),
+        )?;
+        self.audit_row(
+            Audit {
+                actor,
+                action: "patient.create",
+                entity: ChangeEntity::Patient,
+                target: id,
+                outcome: AuditOutcome::Applied,
+                before: String::new(),
+                after: patient_json(&row),
+            },
+            at_ms,
+        )?;
+        Ok(Ok(edited(ChangeEntity::Patient, patient_key, id, 1, change_seq)))
+    }
+
+    fn patient_update(
+        &mut self,
+        actor: &Actor,
+        patient: &PatientRef,
+        expected_version: u64,
+        at_ms: i64,
+    ) -> Applied {
+        let id = patient.patient_id.as_str();
+        let Some(patient_key) = self.patient_by_id.get(id)?.map(|g| g.value()) else {
+            return Ok(Err(WriteError::NotFound(format!("patient {id}"))));
+        };
+        let mut row: PatientRow = get_row(&self.patients, patient_key, "patient")?;
+        let before = patient_json(&row);
+        let mut attempt = row.clone();
+        attempt.first_name.clone_from(&patient.first_name);
+        attempt.last_name.clone_from(&patient.last_name);
+        attempt.date_of_birth.clone_from(&patient.date_of_birth);
+        let audit = |outcome, after| Audit {
+            actor,
+            action: "patient.update",
+            entity: ChangeEntity::Patient,
+            target: id,
+            outcome,
+            before: before.clone(),
+            after,
+        };
+        if row.version != expected_version {
+            self.audit_row(audit(AuditOutcome::Conflict, patient_json(&attempt)), at_ms)?;
+            return Ok(Err(conflict(expected_version, row.version, &before)));
+        }
+        row = attempt;
+        row.version += 1;
+        row.updated_at_ms = at_ms;
+        self.patients.insert(patient_key, encode(&row).as_slice())?;
+        let change_seq = self.logged_change(
+            ChangeEntity::Patient,
+            patient_key,
+            id,
+            row.version,
+            at_ms,
+            format!("patient {id} updated"),
+        )?;
+        self.audit_row(audit(AuditOutcome::Applied, patient_json(&row)), at_ms)?;
+        Ok(Ok(edited(
+            ChangeEntity::Patient,
+            patient_key,
+            id,
+            row.version,
+            change_seq,
+        )))
+    }
+
+    // ---------------------------------------------------------------- treatments
+
+    fn treatment_add(
+        &mut self,
+        actor: &Actor,
+        patient_id: &str,
+        name: &str,
+        comment: &str,
+        at_ms: i64,
+    ) -> Applied {
+        let Some(patient_key) = self.patient_by_id.get(patient_id)?.map(|g| g.value()) else {
+            return Ok(Err(WriteError::NotFound(format!("patient {patient_id}"))));
+        };
+        let id = treatment_id(patient_id, name);
+        if self
+            .treatment_by_patient_name
+            .get((patient_key, name))?
+            .is_some()
+        {
+            return Ok(Err(WriteError::AlreadyExists(format!("treatment {id}"))));
+        }
+        let treatment_key = self.treatment_create(patient_key, name, comment, at_ms)?;
+        let row: TreatmentRow = get_row(&self.treatments, treatment_key, "treatment")?;
+        let change_seq = self.state.change_last_seq;
+        self.audit_row(
+            Audit {
+                actor,
+                action: "treatment.create",
+                entity: ChangeEntity::Treatment,
+                target: &id,
+                outcome: AuditOutcome::Applied,
+                before: String::new(),
+                after: treatment_json(&row),
+            },
+            at_ms,
+        )?;
+        Ok(Ok(edited(
+            ChangeEntity::Treatment,
+            treatment_key,
+            &id,
+            1,
+            change_seq,
+        )))
+    }
+
+    fn treatment_update(
+        &mut self,
+        actor: &Actor,
+        patient_id: &str,
+        name: &str,
+        comment: &str,
+        expected_version: u64,
+        at_ms: i64,
+    ) -> Applied {
+        let id = treatment_id(patient_id, name);
+        let Some(patient_key) = self.patient_by_id.get(patient_id)?.map(|g| g.value()) else {
+            return Ok(Err(WriteError::NotFound(format!("patient {patient_id}"))));
+        };
+        let Some(treatment_key) = self
+            .treatment_by_patient_name
+            .get((patient_key, name))?
+            .map(|g| g.value())
+        else {
+            return Ok(Err(WriteError::NotFound(format!("treatment {id}"))));
+        };
+        let mut row: TreatmentRow = get_row(&self.treatments, treatment_key, "treatment")?;
+        let before = treatment_json(&row);
+        let mut attempt = row.clone();
+        attempt.comment = comment.to_string();
+        let audit = |outcome, after| Audit {
+            actor,
+            action: "treatment.update",
+            entity: ChangeEntity::Treatment,
+            target: &id,
+            outcome,
+            before: before.clone(),
+            after,
+        };
+        if row.version != expected_version {
+            let attempted = treatment_json(&attempt);
+            self.audit_row(audit(AuditOutcome::Conflict, attempted), at_ms)?;
+            return Ok(Err(conflict(expected_version, row.version, &before)));
+        }
+        row = attempt;
+        row.version += 1;
+        row.updated_at_ms = at_ms;
+        self.treatments
+            .insert(treatment_key, encode(&row).as_slice())?;
+        let change_seq = self.logged_change(
+            ChangeEntity::Treatment,
+            treatment_key,
+            &id,
+            row.version,
+            at_ms,
+            format!("treatment {id} updated"),
+        )?;
+        self.audit_row(audit(AuditOutcome::Applied, treatment_json(&row)), at_ms)?;
+        Ok(Ok(edited(
+            ChangeEntity::Treatment,
+            treatment_key,
+            &id,
+            row.version,
+            change_seq,
+        )))
+    }
+
+    // ---------------------------------------------------------------- embryos
+
+    fn embryo_at(&self, embryo_id: &str) -> Result<Option<EmbryoAt>, StorageError> {
+        let Some(well_key) = self.embryo_by_id.get(embryo_id)?.map(|g| g.value()) else {
+            return Ok(None);
+        };
+        let Some(bytes) = self.wells.get(well_key)? else {
+            return Err(StorageError::Corrupt(format!(
+                "embryo {embryo_id} is indexed but its well row is missing"
+            )));
+        };
+        let row: EmbryoRow = decode(bytes.value(), "embryo")?;
+        Ok(Some(EmbryoAt { well_key, row }))
+    }
+
+    fn embryo_annotations(
+        &self,
+        embryo_key: u64,
+    ) -> Result<Vec<(u64, AnnotationRow)>, StorageError> {
+        let mut out = Vec::new();
+        for entry in self
+            .annotations
+            .range((embryo_key, 0)..=(embryo_key, u64::MAX))?
+        {
+            let (key, value) = entry?;
+            out.push((key.value().1, decode(value.value(), "annotation")?));
+        }
+        Ok(out)
+    }
+
+    fn embryo_json(&self, row: &EmbryoRow) -> Result<String, StorageError> {
+        let annotations: Vec<_> = self
+            .embryo_annotations(row.embryo_key)?
+            .into_iter()
+            .map(|(id, a)| annotation_json(id, &a))
+            .collect();
+        Ok(json!({
+            "embryo_id": row.embryo_id,
+            "version": row.version,
+            "fate": Fate::from_u8(row.fate).map_or("unknown", Fate::as_str),
+            "comment": row.comment,
+            "annotations": annotations,
+        })
+        .to_string())
+    }
+
+    fn embryo_edit(&mut self, actor: &Actor, edit: &ClinicalEdit, at_ms: i64) -> Applied {
+        let (embryo_id, expected_version) = match edit {
+            ClinicalEdit::AddAnnotation {
+                embryo_id,
+                expected_version,
+                ..
+            }
+            | ClinicalEdit::ChangeAnnotation {
+                embryo_id,
+                expected_version,
+                ..
+            }
+            | ClinicalEdit::RemoveAnnotation {
+                embryo_id,
+                expected_version,
+                ..
+            }
+            | ClinicalEdit::SetFate {
+                embryo_id,
+                expected_version,
+                ..
+            }
+            | ClinicalEdit::SetEmbryoComment {
+                embryo_id,
+                expected_version,
+                ..
+            } => (embryo_id.as_str(), *expected_version),
+            _ => unreachable!("embryo_edit is called for embryo edits only"),
+        };
+        let Some(EmbryoAt { well_key, mut row }) = self.embryo_at(embryo_id)? else {
+            return Ok(Err(WriteError::NotFound(format!("embryo {embryo_id}"))));
+        };
+        let before = self.embryo_json(&row)?;
+        let action = edit.action();
+        if row.version != expected_version {
+            self.audit_row(
+                Audit {
+                    actor,
+                    action,
+                    entity: ChangeEntity::Embryo,
+                    target: embryo_id,
+                    outcome: AuditOutcome::Conflict,
+                    before: before.clone(),
+                    after: attempt_json(edit),
+                },
+                at_ms,
+            )?;
+            return Ok(Err(conflict(expected_version, row.version, &before)));
+        }
+        let (annotation_id, summary) = match self.embryo_apply(actor, &mut row, edit, at_ms)? {
+            Ok(done) => done,
+            Err(error) => return Ok(Err(error)),
+        };
+        row.version += 1;
+        row.updated_at_ms = at_ms;
+        self.wells.insert(well_key, encode(&row).as_slice())?;
+        let change_seq = self.logged_change(
+            ChangeEntity::Embryo,
+            row.embryo_key,
+            embryo_id,
+            row.version,
+            at_ms,
+            summary,
+        )?;
+        let after = self.embryo_json(&row)?;
+        self.audit_row(
+            Audit {
+                actor,
+                action,
+                entity: ChangeEntity::Embryo,
+                target: embryo_id,
+                outcome: AuditOutcome::Applied,
+                before,
+                after,
+            },
+            at_ms,
+        )?;
+        let mut outcome = edited(
+            ChangeEntity::Embryo,
+            row.embryo_key,
+            embryo_id,
+            row.version,
+            change_seq,
+        );
+        if let WriteOutcome::Edited {
+            annotation_id: slot,
+            ..
+        } = &mut outcome
+        {
+            *slot = annotation_id;
+        }
+        Ok(Ok(outcome))
+    }
+
+    /// Applies an embryo edit to its row and annotations; returns the annotation touched and
+    /// the change summary. The inner error (unknown annotation, too many) writes nothing.
+    #[allow(clippy::type_complexity)]
+    fn embryo_apply(
+        &mut self,
+        actor: &Actor,
+        row: &mut EmbryoRow,
+        edit: &ClinicalEdit,
+        at_ms: i64,
+    ) -> Result<Result<(Option<u64>, String), WriteError>, StorageError> {
+        let embryo_key = row.embryo_key;
+        let embryo_id = row.embryo_id.clone();
+        Ok(Ok(match edit {
+            ClinicalEdit::AddAnnotation { annotation, .. } => {
+                let count = self.embryo_annotations(embryo_key)?.len() as u64;
+                if count >= limits::ANNOTATIONS_PER_EMBRYO_MAX {
+                    return Ok(Err(WriteError::InvalidInput(format!(
+                        "embryo {embryo_id} has {count} annotations, the most it may have"
+                    ))));
+                }
+                let annotation_id = self.state.annotation_id_last + 1;
+                let value = annotation_row(annotation, actor, at_ms);
+                if self
+                    .annotations
+                    .insert((embryo_key, annotation_id), encode(&value).as_slice())?
+                    .is_some()
+                {
+                    return Err(StorageError::Corrupt(format!(
+                        "annotation id {annotation_id} is already taken"
+                    )));
+                }
+                self.state.annotation_id_last = annotation_id;
+                self.state.annotations += 1;
+                let summary = format!("annotation {} added to embryo {embryo_id}", value.name);
+                (Some(annotation_id), summary)
+            }
+            ClinicalEdit::ChangeAnnotation {
+                annotation_id,
+                annotation,
+                ..
+            } => {
+                let key = (embryo_key, *annotation_id);
+                if self.annotations.get(key)?.is_none() {
+                    return Ok(Err(WriteError::NotFound(format!(
+                        "annotation {annotation_id} of embryo {embryo_id}"
+                    ))));
+                }
+                let value = annotation_row(annotation, actor, at_ms);
+                self.annotations.insert(key, encode(&value).as_slice())?;
+                let summary = format!("annotation {} of embryo {embryo_id} changed", value.name);
+                (Some(*annotation_id), summary)
+            }
+            ClinicalEdit::RemoveAnnotation { annotation_id, .. } => {
+                let key = (embryo_key, *annotation_id);
+                let removed = self.annotations.remove(key)?;
+                let Some(removed) = removed else {
+                    return Ok(Err(WriteError::NotFound(format!(
+                        "annotation {annotation_id} of embryo {embryo_id}"
+                    ))));
+                };
+                let name = decode::<AnnotationRow>(removed.value(), "annotation")
+                    .map(|a| a.name)
+                    .unwrap_or_default();
+                drop(removed);
+                self.state.annotations = self.state.annotations.saturating_sub(1);
+                let summary = format!("annotation {name} removed from embryo {embryo_id}");
+                (Some(*annotation_id), summary)
+            }
+            ClinicalEdit::SetFate { fate, .. } => {
+                row.fate = fate.to_u8();
+                (None, format!("fate of embryo {embryo_id} set to {fate}"))
+            }
+            ClinicalEdit::SetEmbryoComment { comment, .. } => {
+                row.comment.clone_from(comment);
+                (None, format!("comment of embryo {embryo_id} changed"))
+            }
+            _ => unreachable!("embryo_apply is called for embryo edits only"),
+        }))
+    }
+
+    // ---------------------------------------------------------------- denied attempts
+
+    pub(super) fn audit_denied(
+        &mut self,
+        actor: &Actor,
+        action: &str,
+        entity: ChangeEntity,
+        target: &str,
+        attempted: &str,
+        at_ms: i64,
+    ) -> Applied {
+        self.audit_row(
+            Audit {
+                actor,
+                action,
+                entity,
+                target,
+                outcome: AuditOutcome::Denied,
+                before: String::new(),
+                after: attempted.to_string(),
+            },
+            at_ms,
+        )?;
+        Ok(Ok(WriteOutcome::Audited))
+    }
+
+    // ---------------------------------------------------------------- users
+
+    pub(super) fn user_add(
+        &mut self,
+        actor: &Actor,
+        name: &str,
+        password_hash: &str,
+        rights: Rights,
+        at_ms: i64,
+    ) -> Applied {
+        if self.users.get(name)?.is_some() {
+            return Ok(Err(WriteError::AlreadyExists(format!("user {name}"))));
+        }
+        let row = UserRow {
+            password_hash: password_hash.to_string(),
+            rights: rights.to_u8(),
+            disabled: false,
+            failed_logins: 0,
+            locked_until_ms: 0,
+            created_at_ms: at_ms,
+            updated_at_ms: at_ms,
+            password_changed_at_ms: at_ms,
+            last_login_ms: 0,
+        };
+        self.users.insert(name, encode(&row).as_slice())?;
+        self.state.users += 1;
+        self.audit_row(
+            Audit {
+                actor,
+                action: "user.add",
+                entity: ChangeEntity::User,
+                target: name,
+                outcome: AuditOutcome::Applied,
+                before: String::new(),
+                after: user_json(&row),
+            },
+            at_ms,
+        )?;
+        Ok(Ok(WriteOutcome::UserChanged))
+    }
+
+    pub(super) fn user_update(
+        &mut self,
+        actor: &Actor,
+        name: &str,
+        change: &UserChange,
+        at_ms: i64,
+    ) -> Applied {
+        let Some(mut row) = self.user_row(name)? else {
+            return Ok(Err(WriteError::NotFound(format!("user {name}"))));
+        };
+        let before = user_json(&row);
+        let action = match change {
+            UserChange::Password(hash) => {
+                row.password_hash.clone_from(hash);
+                row.password_changed_at_ms = at_ms;
+                row.failed_logins = 0;
+                row.locked_until_ms = 0;
+                "user.passwd"
+            }
+            UserChange::Disabled(disabled) => {
+                row.disabled = *disabled;
+                if *disabled {
+                    "user.disable"
+                } else {
+                    "user.enable"
+                }
+            }
+            UserChange::Unlock => {
+                row.failed_logins = 0;
+                row.locked_until_ms = 0;
+                "user.unlock"
+            }
+            UserChange::Rights(rights) => {
+                row.rights = rights.to_u8();
+                "user.rights"
+            }
+        };
+        row.updated_at_ms = at_ms;
+        self.users.insert(name, encode(&row).as_slice())?;
+        self.audit_row(
+            Audit {
+                actor,
+                action,
+                entity: ChangeEntity::User,
+                target: name,
+                outcome: AuditOutcome::Applied,
+                before,
+                after: user_json(&row),
+            },
+            at_ms,
+        )?;
+        Ok(Ok(WriteOutcome::UserChanged))
+    }
+
+    pub(super) fn login_attempt(
+        &mut self,
+        name: &str,
+        computer: &str,
+        success: bool,
+        failures_max: u32,
+        lockout_ms: i64,
+        at_ms: i64,
+    ) -> Applied {
+        let Some(mut row) = self.user_row(name)? else {
+            return Ok(Err(WriteError::NotFound(format!("user {name}"))));
+        };
+        let actor = Actor {
+            user: name.to_string(),
+            computer: computer.to_string(),
+        };
+        let (action, outcome) = if success {
+            row.failed_logins = 0;
+            row.locked_until_ms = 0;
+            row.last_login_ms = at_ms;
+            ("user.login", AuditOutcome::Applied)
+        } else {
+            row.failed_logins = row.failed_logins.saturating_add(1);
+            if row.failed_logins >= failures_max.max(1) {
+                row.failed_logins = 0;
+                row.locked_until_ms = at_ms.saturating_add(lockout_ms);
+                ("user.lockout", AuditOutcome::Denied)
+            } else {
+                ("user.login", AuditOutcome::Denied)
+            }
+        };
+        self.users.insert(name, encode(&row).as_slice())?;
+        self.audit_row(
+            Audit {
+                actor: &actor,
+                action,
+                entity: ChangeEntity::User,
+                target: name,
+                outcome,
+                before: String::new(),
+                after: String::new(),
+            },
+            at_ms,
+        )?;
+        Ok(Ok(WriteOutcome::LoginRecorded {
+            locked_until_ms: row.locked_until_ms,
+        }))
+    }
+
+    fn user_row(&self, name: &str) -> Result<Option<UserRow>, StorageError> {
+        match self.users.get(name)? {
+            Some(bytes) => Ok(Some(decode(bytes.value(), "user")?)),
+            None => Ok(None),
+        }
+    }
+
+    // ---------------------------------------------------------------- shared
+
+    /// Records a change and returns its seq.
+    fn logged_change(
+        &mut self,
+        entity: ChangeEntity,
+        key: u64,
+        id: &str,
+        version: u64,
+        at_ms: i64,
+        summary: String,
+    ) -> Result<u64, StorageError> {
+        self.change(entity, key, id, version, at_ms, summary)?;
+        Ok(self.state.change_last_seq)
+    }
+
+    fn audit_row(&mut self, audit: Audit<'_>, at_ms: i64) -> Result<(), StorageError> {
+        let seq = self.state.audit_last_seq + 1;
+        let row = AuditRow {
+            at_ms,
+            user: audit.actor.user.clone(),
+            computer: audit.actor.computer.clone(),
+            action: audit.action.to_string(),
+            entity: audit.entity.to_u8(),
+            target: audit.target.to_string(),
+            outcome: audit.outcome.to_u8(),
+            before: audit.before,
+            after: audit.after,
+        };
+        insert_new(&mut self.audit, seq, &encode(&row), "audit")?;
+        self.state.audit_last_seq = seq;
+        Ok(())
+    }
+}
+
+fn edited(entity: ChangeEntity, key: u64, id: &str, version: u64, change_seq: u64) -> WriteOutcome {
+    WriteOutcome::Edited {
+        entity,
+        key,
+        id: id.to_string(),
+        version,
+        change_seq,
+        annotation_id: None,
+    }
+}
+
+fn conflict(expected: u64, version: u64, current: &str) -> WriteError {
+    WriteError::Conflict {
+        expected,
+        version,
+        current: current.to_string(),
+    }
+}
+
+fn annotation_row(input: &AnnotationInput, actor: &Actor, at_ms: i64) -> AnnotationRow {
+    AnnotationRow {
+        name: input.name.clone(),
+        value: input.value.clone(),
+        event_at_ms: input.event_at_ms,
+        source: input.source.to_u8(),
+        set_by: actor.user.clone(),
+        set_at_ms: at_ms,
+    }
+}
+
+fn annotation_json(annotation_id: u64, row: &AnnotationRow) -> serde_json::Value {
+    json!({
+        "annotation_id": annotation_id,
+        "name": row.name,
+        "value": row.value,
+        "event_at_ms": row.event_at_ms,
+        "source": AnnotationSource::from_u8(row.source).map_or("unknown", AnnotationSource::as_str),
+        "set_by": row.set_by,
+        "set_at_ms": row.set_at_ms,
+    })
+}
+
+/// What a refused embryo edit tried to do, for the audit trail.
+fn attempt_json(edit: &ClinicalEdit) -> String {
+    let value = match edit {
+        ClinicalEdit::AddAnnotation { annotation, .. } => json!({
+            "name": annotation.name, "value": annotation.value,
+            "event_at_ms": annotation.event_at_ms, "source": annotation.source.as_str(),
+        }),
+        ClinicalEdit::ChangeAnnotation {
+            annotation_id,
+            annotation,
+            ..
+        } => json!({
+            "annotation_id": annotation_id, "name": annotation.name, "value": annotation.value,
+            "event_at_ms": annotation.event_at_ms, "source": annotation.source.as_str(),
+        }),
+        ClinicalEdit::RemoveAnnotation { annotation_id, .. } => {
+            json!({ "remove_annotation_id": annotation_id })
+        }
+        ClinicalEdit::SetFate { fate, .. } => json!({ "fate": fate.as_str() }),
+        ClinicalEdit::SetEmbryoComment { comment, .. } => json!({ "comment": comment }),
+        _ => json!({}),
+    };
+    value.to_string()
+}
+
+fn patient_json(row: &PatientRow) -> String {
+    json!({
+        "patient_id": row.patient_id,
+        "first_name": row.first_name,
+        "last_name": row.last_name,
+        "date_of_birth": row.date_of_birth,
+        "version": row.version,
+    })
+    .to_string()
+}
+
+fn treatment_json(row: &TreatmentRow) -> String {
+    json!({ "name": row.name, "comment": row.comment, "version": row.version }).to_string()
+}
+
+/// A user's audited state: never the password hash.
+fn user_json(row: &UserRow) -> String {
+    json!({
+        "rights": Rights::from_u8(row.rights).map_or("unknown", Rights::as_str),
+        "disabled": row.disabled,
+        "password_changed_at_ms": row.password_changed_at_ms,
+    })
+    .to_string()
+}

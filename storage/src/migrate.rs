@@ -1,0 +1,408 @@
+//! Schema migrations, one step per version bump, run inside the opening transaction (all
+//! steps commit together or not at all). Each step keeps the record layouts of the version it
+//! reads here, frozen, so `tables.rs` only ever describes the current schema.
+
+use crate::apply::{get_row, treatment_id};
+use crate::error::StorageError;
+use crate::model::{ChangeEntity, Fate};
+use crate::tables::{self, decode, encode, WellKey};
+use redb::{ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// Migrates from `from` to `from + 1`. Add one arm per schema version bump.
+pub(crate) fn step(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
+    match from {
+        1 => v1_to_v2(txn),
+        _ => Err(StorageError::Corrupt(format!(
+            "no migration from schema version {from}"
+        ))),
+    }
+}
+
+/// The version 1 record layouts, frozen.
+pub(crate) mod v1 {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct StateRow {
+        pub instrument_id_last: u64,
+        pub patient_key_last: u64,
+        pub treatment_key_last: u64,
+        pub dish_key_last: u64,
+        pub embryo_key_last: u64,
+        pub change_last_seq: u64,
+        pub change_oldest_seq: u64,
+        pub instruments: u64,
+        pub patients: u64,
+        pub treatments: u64,
+        pub dishes: u64,
+        pub embryos: u64,
+        pub acquisitions: u64,
+        pub images: u64,
+        pub image_bytes: u64,
+        pub telemetry_samples: u64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct PatientRow {
+        pub patient_id: String,
+        pub first_name: String,
+        pub last_name: String,
+        pub date_of_birth: String,
+        pub created_at_ms: i64,
+        pub updated_at_ms: i64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct TreatmentRow {
+        pub patient_key: u64,
+        pub name: String,
+        pub created_at_ms: i64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct EmbryoRow {
+        pub embryo_key: u64,
+        pub embryo_id: String,
+        pub created_at_ms: i64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ChangeRow {
+        pub at_ms: i64,
+        pub entity: u8,
+        pub key: u64,
+        pub summary: String,
+    }
+}
+
+/// Version 2 adds versions, comments and fate to patients, treatments and embryos, the
+/// `embryo_by_key` and `dish_by_treatment` indexes, natural ids in change rows, and the
+/// annotation, audit and user tables (created empty by `tables::create_all`).
+fn v1_to_v2(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let mut meta = txn.open_table(tables::META)?;
+    let old_state: v1::StateRow = match meta.get(tables::META_STATE)? {
+        Some(bytes) => decode(bytes.value(), "version 1 meta state")?,
+        None => return Err(StorageError::Corrupt("meta state row is missing".into())),
+    };
+    let state = tables::StateRow {
+        instrument_id_last: old_state.instrument_id_last,
+        patient_key_last: old_state.patient_key_last,
+        treatment_key_last: old_state.treatment_key_last,
+        dish_key_last: old_state.dish_key_last,
+        embryo_key_last: old_state.embryo_key_last,
+        change_last_seq: old_state.change_last_seq,
+        change_oldest_seq: old_state.change_oldest_seq,
+        instruments: old_state.instruments,
+        patients: old_state.patients,
+        treatments: old_state.treatments,
+        dishes: old_state.dishes,
+        embryos: old_state.embryos,
+        acquisitions: old_state.acquisitions,
+        images: old_state.images,
+        image_bytes: old_state.image_bytes,
+        telemetry_samples: old_state.telemetry_samples,
+        annotation_id_last: 0,
+        audit_last_seq: 0,
+        annotations: 0,
+        users: 0,
+    };
+    meta.insert(tables::META_STATE, encode(&state).as_slice())?;
+
+    let patient_ids = migrate_patients(txn)?;
+    migrate_treatments(txn)?;
+    index_dishes(txn)?;
+    let embryo_ids = migrate_wells(txn)?;
+    migrate_changes(txn, &patient_ids, &embryo_ids)?;
+    Ok(())
+}
+
+fn rewrite_u64_rows<Old, New>(
+    txn: &WriteTransaction,
+    table: redb::TableDefinition<u64, &[u8]>,
+    what: &str,
+    mut convert: impl FnMut(u64, Old) -> Result<New, StorageError>,
+) -> Result<(), StorageError>
+where
+    Old: serde::de::DeserializeOwned,
+    New: Serialize,
+{
+    let mut rows = txn.open_table(table)?;
+    let mut converted = Vec::new();
+    for entry in rows.iter()? {
+        let (key, value) = entry?;
+        let old: Old = decode(value.value(), what)?;
+        converted.push((key.value(), encode(&convert(key.value(), old)?)));
+    }
+    for (key, bytes) in converted {
+        rows.insert(key, bytes.as_slice())?;
+    }
+    Ok(())
+}
+
+/// Returns patient_key -> patient_id.
+fn migrate_patients(txn: &WriteTransaction) -> Result<HashMap<u64, String>, StorageError> {
+    let mut ids = HashMap::new();
+    rewrite_u64_rows(
+        txn,
+        tables::PATIENTS,
+        "version 1 patient",
+        |key, old: v1::PatientRow| {
+            ids.insert(key, old.patient_id.clone());
+            Ok(tables::PatientRow {
+                patient_id: old.patient_id,
+                first_name: old.first_name,
+                last_name: old.last_name,
+                date_of_birth: old.date_of_birth,
+                created_at_ms: old.created_at_ms,
+                updated_at_ms: old.updated_at_ms,
+                version: 1,
+            })
+        },
+    )?;
+    Ok(ids)
+}
+
+fn migrate_treatments(txn: &WriteTransaction) -> Result<(), StorageError> {
+    rewrite_u64_rows(
+        txn,
+        tables::TREATMENTS,
+        "version 1 treatment",
+        |_, old: v1::TreatmentRow| {
+            Ok(tables::TreatmentRow {
+                patient_key: old.patient_key,
+                name: old.name,
+                created_at_ms: old.created_at_ms,
+                updated_at_ms: old.created_at_ms,
+                version: 1,
+                comment: String::new(),
+            })
+        },
+    )
+}
+
+fn index_dishes(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let dishes = txn.open_table(tables::DISHES)?;
+    let mut index = txn.open_table(tables::DISH_BY_TREATMENT)?;
+    for entry in dishes.iter()? {
+        let (key, value) = entry?;
+        let dish: tables::DishRow = decode(value.value(), "dish")?;
+        index.insert((dish.treatment_key, key.value()), ())?;
+    }
+    Ok(())
+}
+
+/// Rewrites every embryo row and builds `embryo_by_key`; returns embryo_key -> embryo_id.
+fn migrate_wells(txn: &WriteTransaction) -> Result<HashMap<u64, String>, StorageError> {
+    let mut wells = txn.open_table(tables::WELLS)?;
+    let mut by_key = txn.open_table(tables::EMBRYO_BY_KEY)?;
+    let mut converted: Vec<(WellKey, tables::EmbryoRow)> = Vec::new();
+    for entry in wells.iter()? {
+        let (key, value) = entry?;
+        let old: v1::EmbryoRow = decode(value.value(), "version 1 embryo")?;
+        converted.push((
+            key.value(),
+            tables::EmbryoRow {
+                embryo_key: old.embryo_key,
+                embryo_id: old.embryo_id,
+                created_at_ms: old.created_at_ms,
+                updated_at_ms: old.created_at_ms,
+                version: 1,
+                fate: Fate::Undecided.to_u8(),
+                comment: String::new(),
+            },
+        ));
+    }
+    let mut ids = HashMap::new();
+    for (key, row) in converted {
+        wells.insert(key, encode(&row).as_slice())?;
+        by_key.insert(row.embryo_key, key)?;
+        ids.insert(row.embryo_key, row.embryo_id);
+    }
+    Ok(ids)
+}
+
+/// Change rows gain the entity's natural id; their version is 0 (not recorded in version 1).
+fn migrate_changes(
+    txn: &WriteTransaction,
+    patient_ids: &HashMap<u64, String>,
+    embryo_ids: &HashMap<u64, String>,
+) -> Result<(), StorageError> {
+    let instruments = txn.open_table(tables::INSTRUMENTS)?;
+    let treatments = txn.open_table(tables::TREATMENTS)?;
+    let dishes = txn.open_table(tables::DISHES)?;
+    let natural_id = |entity: Option<ChangeEntity>, key: u64| -> Result<String, StorageError> {
+        Ok(match entity {
+            Some(ChangeEntity::Instrument) => {
+                get_row::<tables::InstrumentRow>(&instruments, key, "instrument")
+                    .map(|row| row.serial)
+                    .unwrap_or_default()
+            }
+            Some(ChangeEntity::Patient) => patient_ids.get(&key).cloned().unwrap_or_default(),
+            Some(ChangeEntity::Treatment) => {
+                match get_row::<tables::TreatmentRow>(&treatments, key, "treatment") {
+                    Ok(row) => treatment_id(
+                        patient_ids
+                            .get(&row.patient_key)
+                            .map_or("", String::as_str),
+                        &row.name,
+                    ),
+                    Err(_) => String::new(),
+                }
+            }
+            Some(ChangeEntity::Dish) => get_row::<tables::DishRow>(&dishes, key, "dish")
+                .map(|row| row.dish_id)
+                .unwrap_or_default(),
+            Some(ChangeEntity::Embryo | ChangeEntity::Acquisition) => {
+                embryo_ids.get(&key).cloned().unwrap_or_default()
+            }
+            Some(ChangeEntity::User) | None => String::new(),
+        })
+    };
+    let mut changes = txn.open_table(tables::CHANGES)?;
+    let mut converted = Vec::new();
+    for entry in changes.iter()? {
+        let (key, value) = entry?;
+        let old: v1::ChangeRow = decode(value.value(), "version 1 change")?;
+        let id = natural_id(ChangeEntity::from_u8(old.entity), old.key)?;
+        let row = tables::ChangeRow {
+            at_ms: old.at_ms,
+            entity: old.entity,
+            key: old.key,
+            id,
+            version: 0,
+            summary: old.summary,
+        };
+        converted.push((key.value(), encode(&row)));
+    }
+    for (key, bytes) in converted {
+        changes.insert(key, bytes.as_slice())?;
+    }
+    Ok(())
+}
+
+/// Writes a version 1 database for migration tests: one instrument, patient, treatment, dish
+/// with two embryos, and their change rows, as the version 1 binary would have.
+#[doc(hidden)]
+pub fn write_v1_fixture(path: &std::path::Path) -> Result<(), StorageError> {
+    #[derive(Serialize, Deserialize)]
+    struct V1Instrument {
+        serial: String,
+        model: String,
+        firmware: String,
+        number: u32,
+        display_name: String,
+        first_seen_ms: i64,
+        last_seen_ms: i64,
+        secret_sha256: Option<[u8; 32]>,
+        issued_secret_sha256: Option<[u8; 32]>,
+        issued_for_sha256: Option<[u8; 32]>,
+    }
+    let db = redb::Database::create(path)?;
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(tables::META)?;
+        meta.insert(
+            tables::META_SCHEMA_VERSION,
+            tables::encode_u64(1).as_slice(),
+        )?;
+        meta.insert(tables::META_SERVER_ID, "0123456789abcdef0123456789abcdef".as_bytes())?;
+        let state = v1::StateRow {
+            instrument_id_last: 1,
+            patient_key_last: 1,
+            treatment_key_last: 1,
+            dish_key_last: 1,
+            embryo_key_last: 2,
+            change_last_seq: 6,
+            change_oldest_seq: 1,
+            instruments: 1,
+            patients: 1,
+            treatments: 1,
+            dishes: 1,
+            embryos: 2,
+            ..v1::StateRow::default()
+        };
+        meta.insert(tables::META_STATE, encode(&state).as_slice())?;
+        let instrument = V1Instrument {
+            serial: "ES-V1".into(),
+            model: "EmbryoScope+".into(),
+            firmware: "1".into(),
+            number: 1,
+            display_name: "ES-V1".into(),
+            first_seen_ms: 1,
+            last_seen_ms: 1,
+            secret_sha256: None,
+            issued_secret_sha256: None,
+            issued_for_sha256: None,
+        };
+        txn.open_table(tables::INSTRUMENTS)?
+            .insert(1, encode(&instrument).as_slice())?;
+        txn.open_table(tables::INSTRUMENT_BY_SERIAL)?
+            .insert("ES-V1", 1)?;
+        let patient = v1::PatientRow {
+            patient_id: "P-V1".into(),
+            first_name: "Ada".into(),
+            last_name: "Old".into(),
+            date_of_birth: "1980-01-02".into(),
+            created_at_ms: 1,
+            updated_at_ms: 1,
+        };
+        txn.open_table(tables::PATIENTS)?
+            .insert(1, encode(&patient).as_slice())?;
+        txn.open_table(tables::PATIENT_BY_ID)?.insert("P-V1", 1)?;
+        let treatment = v1::TreatmentRow {
+            patient_key: 1,
+            name: "2020-1".into(),
+            created_at_ms: 1,
+        };
+        txn.open_table(tables::TREATMENTS)?
+            .insert(1, encode(&treatment).as_slice())?;
+        txn.open_table(tables::TREATMENT_BY_PATIENT_NAME)?
+            .insert((1, "2020-1"), 1)?;
+        let dish = tables::DishRow {
+            instrument_id: 1,
+            dish_id: "D-V1".into(),
+            slot: 1,
+            treatment_key: 1,
+            insemination_at_ms: 1000,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+        };
+        txn.open_table(tables::DISHES)?
+            .insert(1, encode(&dish).as_slice())?;
+        txn.open_table(tables::DISH_BY_INSTRUMENT)?
+            .insert((1, "D-V1"), 1)?;
+        let mut wells = txn.open_table(tables::WELLS)?;
+        let mut by_id = txn.open_table(tables::EMBRYO_BY_ID)?;
+        for well in 1..=2u32 {
+            let embryo = v1::EmbryoRow {
+                embryo_key: u64::from(well),
+                embryo_id: format!("E-V1-{well}"),
+                created_at_ms: 1,
+            };
+            wells.insert((1, well), encode(&embryo).as_slice())?;
+            by_id.insert(embryo.embryo_id.as_str(), (1, well))?;
+        }
+        let mut changes = txn.open_table(tables::CHANGES)?;
+        let rows = [
+            (ChangeEntity::Instrument, 1),
+            (ChangeEntity::Patient, 1),
+            (ChangeEntity::Treatment, 1),
+            (ChangeEntity::Dish, 1),
+            (ChangeEntity::Embryo, 1),
+            (ChangeEntity::Embryo, 2),
+        ];
+        for (seq, (entity, key)) in (1u64..).zip(rows) {
+            let row = v1::ChangeRow {
+                at_ms: 1,
+                entity: entity.to_u8(),
+                key,
+                summary: format!("{} {key}", entity.as_str()),
+            };
+            changes.insert(seq, encode(&row).as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}

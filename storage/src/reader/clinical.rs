@@ -1,0 +1,533 @@
+//! Reads for viewers and the public API: patients, treatments, dishes, embryos with their
+//! annotations, acquisitions, images and time-lapse frames, users and the audit trail.
+
+use super::{checked_jpeg, image_key_text, Reader};
+use crate::apply::{get_row, treatment_id};
+use crate::error::StorageError;
+use crate::limits;
+use crate::model::{
+    AcquisitionRecord, AnnotationRecord, AnnotationSource, AuditOutcome, AuditRecord,
+    ChangeEntity, DishRecord, EmbryoRecord, Fate, Frame, PatientRecord, Rights,
+    TreatmentRecord, UserRecord,
+};
+use crate::tables::{
+    self, decode, AcquisitionRow, AnnotationRow, AuditRow, DishRow, EmbryoRow, InstrumentRow,
+    PatientRow, TreatmentRow, UserRow, WellKey,
+};
+use redb::ReadableTable;
+use std::ops::Bound;
+
+const HOUR_MS: f64 = 3_600_000.0;
+
+/// Where an embryo is: its well key, row and dish.
+struct EmbryoPlace {
+    well_key: WellKey,
+    row: EmbryoRow,
+    dish: DishRow,
+}
+
+impl Reader {
+    /// One patient with its treatments, by the clinic's patient id.
+    pub fn patient(&self, patient_id: &str) -> Result<Option<PatientRecord>, StorageError> {
+        let by_id = self.txn.open_table(tables::PATIENT_BY_ID)?;
+        let Some(patient_key) = by_id.get(patient_id)?.map(|g| g.value()) else {
+            return Ok(None);
+        };
+        self.patient_by_key(patient_key).map(Some)
+    }
+
+    /// Patients with their treatments, ordered by patient id, at most `limit` (capped at
+    /// `limits::READ_ROWS_MAX`), after `after_patient_id`.
+    pub fn patients(
+        &self,
+        after_patient_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<PatientRecord>, StorageError> {
+        let by_id = self.txn.open_table(tables::PATIENT_BY_ID)?;
+        let limit = limit.min(limits::READ_ROWS_MAX) as usize;
+        let start = match after_patient_id {
+            Some(after) => Bound::Excluded(after),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for entry in by_id.range::<&str>((start, Bound::Unbounded))?.take(limit) {
+            let (_, patient_key) = entry?;
+            out.push(self.patient_by_key(patient_key.value())?);
+        }
+        Ok(out)
+    }
+
+    fn patient_by_key(&self, patient_key: u64) -> Result<PatientRecord, StorageError> {
+        let patients = self.txn.open_table(tables::PATIENTS)?;
+        let row: PatientRow = get_row(&patients, patient_key, "patient")?;
+        let by_name = self.txn.open_table(tables::TREATMENT_BY_PATIENT_NAME)?;
+        let treatments = self.txn.open_table(tables::TREATMENTS)?;
+        let mut list = Vec::new();
+        for entry in by_name.range((patient_key, "")..)? {
+            let (key, treatment_key) = entry?;
+            if key.value().0 != patient_key {
+                break;
+            }
+            let treatment_key = treatment_key.value();
+            let treatment: TreatmentRow = get_row(&treatments, treatment_key, "treatment")?;
+            list.push(treatment_record(treatment_key, &row.patient_id, treatment));
+        }
+        Ok(PatientRecord {
+            patient_key,
+            patient_id: row.patient_id,
+            first_name: row.first_name,
+            last_name: row.last_name,
+            date_of_birth: row.date_of_birth,
+            version: row.version,
+            created_at_ms: row.created_at_ms,
+            updated_at_ms: row.updated_at_ms,
+            treatments: list,
+        })
+    }
+
+    fn treatment_key(&self, patient_id: &str, name: &str) -> Result<Option<u64>, StorageError> {
+        let by_id = self.txn.open_table(tables::PATIENT_BY_ID)?;
+        let Some(patient_key) = by_id.get(patient_id)?.map(|g| g.value()) else {
+            return Ok(None);
+        };
+        let by_name = self.txn.open_table(tables::TREATMENT_BY_PATIENT_NAME)?;
+        Ok(by_name.get((patient_key, name))?.map(|g| g.value()))
+    }
+
+    pub fn treatment(
+        &self,
+        patient_id: &str,
+        name: &str,
+    ) -> Result<Option<TreatmentRecord>, StorageError> {
+        let Some(treatment_key) = self.treatment_key(patient_id, name)? else {
+            return Ok(None);
+        };
+        let treatments = self.txn.open_table(tables::TREATMENTS)?;
+        let row: TreatmentRow = get_row(&treatments, treatment_key, "treatment")?;
+        Ok(Some(treatment_record(treatment_key, patient_id, row)))
+    }
+
+    /// The culture dishes of a treatment, by dish key; None if the treatment is unknown.
+    pub fn treatment_dishes(
+        &self,
+        patient_id: &str,
+        name: &str,
+    ) -> Result<Option<Vec<DishRecord>>, StorageError> {
+        let Some(treatment_key) = self.treatment_key(patient_id, name)? else {
+            return Ok(None);
+        };
+        let index = self.txn.open_table(tables::DISH_BY_TREATMENT)?;
+        let mut out = Vec::new();
+        for entry in index.range((treatment_key, 0)..=(treatment_key, u64::MAX))? {
+            let (key, _) = entry?;
+            if let Some(dish) = self.dish(key.value().1)? {
+                out.push(dish);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    pub fn dish(&self, dish_key: u64) -> Result<Option<DishRecord>, StorageError> {
+        let dishes = self.txn.open_table(tables::DISHES)?;
+        let Some(bytes) = dishes.get(dish_key)? else {
+            return Ok(None);
+        };
+        let row: DishRow = decode(bytes.value(), "dish")?;
+        let (patient_id, treatment_name) = self.treatment_names(row.treatment_key)?;
+        let instrument = self.instrument_row(row.instrument_id)?;
+        let wells = self.txn.open_table(tables::WELLS)?;
+        let mut well_list = Vec::new();
+        for entry in wells.range((dish_key, 0)..=(dish_key, u32::MAX))? {
+            let (key, value) = entry?;
+            let embryo: EmbryoRow = decode(value.value(), "embryo")?;
+            well_list.push((key.value().1, embryo.embryo_id));
+        }
+        Ok(Some(DishRecord {
+            dish_key,
+            dish_id: row.dish_id,
+            instrument_serial: instrument.serial,
+            instrument_number: instrument.number,
+            slot: row.slot,
+            patient_id,
+            treatment_name,
+            insemination_at_ms: row.insemination_at_ms,
+            created_at_ms: row.created_at_ms,
+            wells: well_list,
+        }))
+    }
+
+    fn instrument_row(&self, instrument_id: u64) -> Result<InstrumentRow, StorageError> {
+        let instruments = self.txn.open_table(tables::INSTRUMENTS)?;
+        get_row(&instruments, instrument_id, "instrument")
+    }
+
+    /// (patient id, treatment name) of a treatment key.
+    fn treatment_names(&self, treatment_key: u64) -> Result<(String, String), StorageError> {
+        let treatments = self.txn.open_table(tables::TREATMENTS)?;
+        let treatment: TreatmentRow = get_row(&treatments, treatment_key, "treatment")?;
+        let patients = self.txn.open_table(tables::PATIENTS)?;
+        let patient: PatientRow = get_row(&patients, treatment.patient_key, "patient")?;
+        Ok((patient.patient_id, treatment.name))
+    }
+
+    fn embryo_place(&self, embryo_id: &str) -> Result<Option<EmbryoPlace>, StorageError> {
+        let by_id = self.txn.open_table(tables::EMBRYO_BY_ID)?;
+        let Some(well_key) = by_id.get(embryo_id)?.map(|g| g.value()) else {
+            return Ok(None);
+        };
+        let wells = self.txn.open_table(tables::WELLS)?;
+        let Some(bytes) = wells.get(well_key)? else {
+            return Err(StorageError::Corrupt(format!(
+                "embryo {embryo_id} is indexed but its well row is missing"
+            )));
+        };
+        let row: EmbryoRow = decode(bytes.value(), "embryo")?;
+        let dishes = self.txn.open_table(tables::DISHES)?;
+        let dish: DishRow = get_row(&dishes, well_key.0, "dish")?;
+        Ok(Some(EmbryoPlace {
+            well_key,
+            row,
+            dish,
+        }))
+    }
+
+    /// One embryo with its annotations, fate and comment.
+    pub fn embryo(&self, embryo_id: &str) -> Result<Option<EmbryoRecord>, StorageError> {
+        let Some(place) = self.embryo_place(embryo_id)? else {
+            return Ok(None);
+        };
+        self.embryo_record(place).map(Some)
+    }
+
+    /// The embryos of a dish, by well.
+    pub fn dish_embryos(&self, dish_key: u64) -> Result<Vec<EmbryoRecord>, StorageError> {
+        let dishes = self.txn.open_table(tables::DISHES)?;
+        let Some(bytes) = dishes.get(dish_key)? else {
+            return Ok(Vec::new());
+        };
+        let dish: DishRow = decode(bytes.value(), "dish")?;
+        let wells = self.txn.open_table(tables::WELLS)?;
+        let mut out = Vec::new();
+        for entry in wells.range((dish_key, 0)..=(dish_key, u32::MAX))? {
+            let (key, value) = entry?;
+            let row: EmbryoRow = decode(value.value(), "embryo")?;
+            out.push(self.embryo_record(EmbryoPlace {
+                well_key: key.value(),
+                row,
+                dish: dish.clone(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    fn embryo_record(&self, place: EmbryoPlace) -> Result<EmbryoRecord, StorageError> {
+        let EmbryoPlace {
+            well_key,
+            row,
+            dish,
+        } = place;
+        let (patient_id, treatment_name) = self.treatment_names(dish.treatment_key)?;
+        let instrument = self.instrument_row(dish.instrument_id)?;
+        let table = self.txn.open_table(tables::ANNOTATIONS)?;
+        let mut annotations = Vec::new();
+        for entry in table.range((row.embryo_key, 0)..=(row.embryo_key, u64::MAX))? {
+            let (key, value) = entry?;
+            let annotation: AnnotationRow = decode(value.value(), "annotation")?;
+            annotations.push(annotation_record(
+                key.value().1,
+                annotation,
+                dish.insemination_at_ms,
+            ));
+        }
+        Ok(EmbryoRecord {
+            embryo_key: row.embryo_key,
+            embryo_id: row.embryo_id,
+            dish_key: well_key.0,
+            dish_id: dish.dish_id,
+            well: well_key.1,
+            instrument_serial: instrument.serial,
+            instrument_number: instrument.number,
+            patient_id,
+            treatment_name,
+            insemination_at_ms: dish.insemination_at_ms,
+            version: row.version,
+            fate: Fate::from_u8(row.fate).unwrap_or(Fate::Undecided),
+            comment: row.comment,
+            updated_at_ms: row.updated_at_ms,
+            annotations,
+        })
+    }
+
+    /// The embryo id of an embryo key (change-log entries name embryos by key).
+    pub fn embryo_id_of_key(&self, embryo_key: u64) -> Result<Option<String>, StorageError> {
+        let by_key = self.txn.open_table(tables::EMBRYO_BY_KEY)?;
+        let Some(well_key) = by_key.get(embryo_key)?.map(|g| g.value()) else {
+            return Ok(None);
+        };
+        let wells = self.txn.open_table(tables::WELLS)?;
+        match wells.get(well_key)? {
+            Some(bytes) => Ok(Some(decode::<EmbryoRow>(bytes.value(), "embryo")?.embryo_id)),
+            None => Ok(None),
+        }
+    }
+
+    /// Acquisitions of an embryo after `after_ms` (exclusive), ascending, at most `limit`
+    /// (capped at `limits::READ_ROWS_MAX`). None if the embryo is unknown.
+    pub fn acquisitions(
+        &self,
+        embryo_id: &str,
+        after_ms: Option<i64>,
+        limit: u32,
+    ) -> Result<Option<Vec<AcquisitionRecord>>, StorageError> {
+        let by_id = self.txn.open_table(tables::EMBRYO_BY_ID)?;
+        let Some((dish_key, well)) = by_id.get(embryo_id)?.map(|g| g.value()) else {
+            return Ok(None);
+        };
+        let table = self.txn.open_table(tables::ACQUISITIONS)?;
+        let start = match after_ms {
+            Some(after) => Bound::Excluded((dish_key, well, after)),
+            None => Bound::Included((dish_key, well, i64::MIN)),
+        };
+        let end = Bound::Included((dish_key, well, i64::MAX));
+        let limit = limit.min(limits::READ_ROWS_MAX) as usize;
+        let mut out = Vec::new();
+        for entry in table.range::<(u64, u32, i64)>((start, end))?.take(limit) {
+            let (key, value) = entry?;
+            let row: AcquisitionRow = decode(value.value(), "acquisition")?;
+            out.push(AcquisitionRecord {
+                acquired_at_ms: key.value().2,
+                focal_planes: row.focal_planes,
+            });
+        }
+        Ok(Some(out))
+    }
+
+    /// One image of an embryo, its SHA-256 checked. None if the embryo or image is unknown.
+    pub fn embryo_image(
+        &self,
+        embryo_id: &str,
+        acquired_at_ms: i64,
+        focal_plane: i32,
+    ) -> Result<Option<bytes::Bytes>, StorageError> {
+        let Some(place) = self.embryo_place(embryo_id)? else {
+            return Ok(None);
+        };
+        let (dish_key, well) = place.well_key;
+        let images = self.txn.open_table(tables::IMAGES)?;
+        let Some(stored) = images.get((dish_key, well, acquired_at_ms, focal_plane))? else {
+            return Ok(None);
+        };
+        let key = || {
+            image_key_text(
+                place.dish.instrument_id,
+                &place.dish.dish_id,
+                well,
+                focal_plane,
+                acquired_at_ms,
+            )
+        };
+        checked_jpeg(stored.value(), key).map(Some)
+    }
+
+    /// Time-lapse frames of an embryo at one focal plane, acquisitions from `from_ms` to
+    /// `to_ms` inclusive, ascending, at most `limit` frames (capped at
+    /// `limits::READ_ROWS_MAX`). Acquisitions without that plane are skipped. None if the
+    /// embryo is unknown.
+    pub fn frames(
+        &self,
+        embryo_id: &str,
+        focal_plane: i32,
+        from_ms: i64,
+        to_ms: i64,
+        limit: u32,
+    ) -> Result<Option<Vec<Frame>>, StorageError> {
+        let Some(place) = self.embryo_place(embryo_id)? else {
+            return Ok(None);
+        };
+        let (dish_key, well) = place.well_key;
+        let acquisitions = self.txn.open_table(tables::ACQUISITIONS)?;
+        let images = self.txn.open_table(tables::IMAGES)?;
+        let limit = limit.min(limits::READ_ROWS_MAX) as usize;
+        let mut out = Vec::new();
+        if from_ms > to_ms {
+            return Ok(Some(out));
+        }
+        for entry in acquisitions.range((dish_key, well, from_ms)..=(dish_key, well, to_ms))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, _) = entry?;
+            let acquired_at_ms = key.value().2;
+            let Some(stored) = images.get((dish_key, well, acquired_at_ms, focal_plane))? else {
+                continue;
+            };
+            let key = || {
+                image_key_text(
+                    place.dish.instrument_id,
+                    &place.dish.dish_id,
+                    well,
+                    focal_plane,
+                    acquired_at_ms,
+                )
+            };
+            out.push(Frame {
+                acquired_at_ms,
+                focal_plane,
+                jpeg: checked_jpeg(stored.value(), key)?,
+            });
+        }
+        Ok(Some(out))
+    }
+
+    /// The latest image of every well of a dish: at `focal_plane` when that acquisition has
+    /// it, else at the stored plane nearest to it. Wells without images have no frame.
+    pub fn dish_overview(
+        &self,
+        dish_key: u64,
+        focal_plane: i32,
+    ) -> Result<Vec<(u32, String, Option<Frame>)>, StorageError> {
+        let wells = self.txn.open_table(tables::WELLS)?;
+        let acquisitions = self.txn.open_table(tables::ACQUISITIONS)?;
+        let images = self.txn.open_table(tables::IMAGES)?;
+        let mut out = Vec::new();
+        for entry in wells.range((dish_key, 0)..=(dish_key, u32::MAX))? {
+            let (key, value) = entry?;
+            let well = key.value().1;
+            let embryo: EmbryoRow = decode(value.value(), "embryo")?;
+            let latest = acquisitions
+                .range((dish_key, well, i64::MIN)..=(dish_key, well, i64::MAX))?
+                .next_back()
+                .transpose()?;
+            let Some((acquisition_key, acquisition)) = latest else {
+                out.push((well, embryo.embryo_id, None));
+                continue;
+            };
+            let acquired_at_ms = acquisition_key.value().2;
+            let row: AcquisitionRow = decode(acquisition.value(), "acquisition")?;
+            let Some(plane) = row
+                .focal_planes
+                .iter()
+                .copied()
+                .min_by_key(|plane| (i64::from(*plane) - i64::from(focal_plane)).abs())
+            else {
+                out.push((well, embryo.embryo_id, None));
+                continue;
+            };
+            let frame = match images.get((dish_key, well, acquired_at_ms, plane))? {
+                Some(stored) => {
+                    let key = || format!("dish {dish_key} well {well} at {acquired_at_ms}");
+                    Some(Frame {
+                        acquired_at_ms,
+                        focal_plane: plane,
+                        jpeg: checked_jpeg(stored.value(), key)?,
+                    })
+                }
+                None => None,
+            };
+            out.push((well, embryo.embryo_id, frame));
+        }
+        Ok(out)
+    }
+
+    pub fn user(&self, name: &str) -> Result<Option<UserRecord>, StorageError> {
+        let users = self.txn.open_table(tables::USERS)?;
+        match users.get(name)? {
+            Some(bytes) => Ok(Some(user_record(name, decode(bytes.value(), "user")?)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every user, by name.
+    pub fn users(&self) -> Result<Vec<UserRecord>, StorageError> {
+        let users = self.txn.open_table(tables::USERS)?;
+        let mut out = Vec::new();
+        for entry in users.iter()? {
+            let (key, value) = entry?;
+            out.push(user_record(key.value(), decode(value.value(), "user")?)?);
+        }
+        Ok(out)
+    }
+
+    /// Audit rows with seq > `after`, ascending, at most `limit` (capped at
+    /// `limits::READ_ROWS_MAX`).
+    pub fn audit_after(&self, after: u64, limit: u32) -> Result<Vec<AuditRecord>, StorageError> {
+        let audit = self.txn.open_table(tables::AUDIT)?;
+        let limit = limit.min(limits::READ_ROWS_MAX) as usize;
+        let mut out = Vec::new();
+        for entry in audit
+            .range::<u64>((Bound::Excluded(after), Bound::Unbounded))?
+            .take(limit)
+        {
+            let (key, value) = entry?;
+            let seq = key.value();
+            let row: AuditRow = decode(value.value(), "audit")?;
+            let entity = ChangeEntity::from_u8(row.entity).ok_or_else(|| {
+                StorageError::Corrupt(format!("audit row {seq} has unknown entity"))
+            })?;
+            let outcome = AuditOutcome::from_u8(row.outcome).ok_or_else(|| {
+                StorageError::Corrupt(format!("audit row {seq} has unknown outcome"))
+            })?;
+            out.push(AuditRecord {
+                seq,
+                at_ms: row.at_ms,
+                user: row.user,
+                computer: row.computer,
+                action: row.action,
+                entity,
+                target: row.target,
+                outcome,
+                before: row.before,
+                after: row.after,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn treatment_record(treatment_key: u64, patient_id: &str, row: TreatmentRow) -> TreatmentRecord {
+    debug_assert!(!treatment_id(patient_id, &row.name).is_empty());
+    TreatmentRecord {
+        treatment_key,
+        patient_id: patient_id.to_string(),
+        name: row.name,
+        comment: row.comment,
+        version: row.version,
+        created_at_ms: row.created_at_ms,
+        updated_at_ms: row.updated_at_ms,
+    }
+}
+
+fn annotation_record(
+    annotation_id: u64,
+    row: AnnotationRow,
+    insemination_at_ms: i64,
+) -> AnnotationRecord {
+    AnnotationRecord {
+        annotation_id,
+        hours: row
+            .event_at_ms
+            .map(|at| (at - insemination_at_ms) as f64 / HOUR_MS),
+        name: row.name,
+        value: row.value,
+        event_at_ms: row.event_at_ms,
+        source: AnnotationSource::from_u8(row.source).unwrap_or(AnnotationSource::Manual),
+        set_by: row.set_by,
+        set_at_ms: row.set_at_ms,
+    }
+}
+
+fn user_record(name: &str, row: UserRow) -> Result<UserRecord, StorageError> {
+    let rights = Rights::from_u8(row.rights)
+        .ok_or_else(|| StorageError::Corrupt(format!("user {name} has unknown rights")))?;
+    Ok(UserRecord {
+        name: name.to_string(),
+        rights,
+        disabled: row.disabled,
+        failed_logins: row.failed_logins,
+        locked_until_ms: row.locked_until_ms,
+        created_at_ms: row.created_at_ms,
+        password_changed_at_ms: row.password_changed_at_ms,
+        last_login_ms: row.last_login_ms,
+        password_hash: row.password_hash,
+    })
+}
