@@ -2,7 +2,7 @@
 //! Pure Rust (protox), so no system `protoc` is needed.
 
 const PROTO_DIR: &str = "../../docs/protocol";
-const PROTO_FILES: [&str; 1] = ["incubator.proto"];
+const PROTO_FILES: [&str; 2] = ["incubator.proto", "viewer.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for file in PROTO_FILES {

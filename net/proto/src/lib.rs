@@ -1,6 +1,7 @@
 //! es-proto owns the wire protocols of esserver: the messages generated from
 //! `docs/protocol/*.proto`, the error codes, the framing codec, and the sans-I/O client and
-//! server sessions of the incubator protocol (`docs/protocol/incubator.md`).
+//! server sessions of the incubator protocol (`docs/protocol/incubator.md`) and the viewer
+//! protocol (`docs/protocol/viewer.md`).
 //!
 //! It does no I/O and touches no database: sessions take bytes (and, where time matters, a
 //! `now` passed in) and produce events and bytes. The event loops of `es-net` move the bytes;
@@ -8,3 +9,4 @@
 //! (`frame_bytes_max`), errors are typed with stable codes, and no input can make it panic.
 
 pub mod incubator;
+pub mod viewer;
