@@ -2,8 +2,8 @@
 //! runs on the data directory, and opens the database directly otherwise.
 
 use crate::config::Config;
-use crate::control::{self, Request, Response};
-use es_storage::{Store, StoreOptions, WriteOutcome, Writer};
+use crate::control::{self, Request, Response, UserRequest};
+use es_storage::{Actor, Rights, Store, StoreOptions, UserChange, WriteOp, WriteOutcome, Writer};
 use std::path::Path;
 
 /// Verifies every stored image and the store's invariants (the same report, online or
@@ -53,6 +53,93 @@ pub fn reset_secret(writer: &Writer, serial: &str) -> Response {
     }
 }
 
+/// Runs one write through the storage writer and waits for it to be durable.
+fn write_and_wait(writer: &Writer, op: WriteOp) -> Result<WriteOutcome, Response> {
+    let (sender, receiver) = crossbeam_channel::bounded(1);
+    let done: es_storage::Completion = Box::new(move |result| {
+        let _ = sender.send(result);
+    });
+    if writer.submit(op, done).is_err() {
+        return Err(Response::error("shutting_down", "the server is shutting down"));
+    }
+    match receiver.recv() {
+        Ok(Ok(outcome)) => Ok(outcome),
+        Ok(Err(error)) => Err(Response::error(error.code(), error.to_string())),
+        Err(_) => Err(Response::error("internal_error", "the storage writer stopped")),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// User management: add, change password, disable, enable, unlock, list.
+pub fn user(writer: &Writer, store: &Store, request: UserRequest) -> Response {
+    let actor = |by: &str| Actor {
+        user: by.to_string(),
+        computer: "esserver user".to_string(),
+    };
+    let (op, done) = match request {
+        UserRequest::List => {
+            return match store.read().and_then(|reader| reader.users()) {
+                Ok(users) => Response::ok(serde_json::json!({ "users": users })),
+                Err(error) => Response::error(error.code(), error.to_string()),
+            };
+        }
+        UserRequest::Add {
+            name,
+            password_hash,
+            rights,
+            by,
+        } => {
+            let Some(rights) = Rights::from_name(&rights) else {
+                return Response::error("invalid_input", format!("rights {rights:?} is not view, edit or admin"));
+            };
+            let message = format!("user {name} added with the right `{rights}`");
+            let op = WriteOp::UserAdd {
+                actor: actor(&by),
+                name,
+                password_hash,
+                rights,
+                at_ms: now_ms(),
+            };
+            (op, message)
+        }
+        UserRequest::Passwd {
+            name,
+            password_hash,
+            by,
+        } => user_change(actor(&by), name, UserChange::Password(password_hash), "password changed"),
+        UserRequest::Disable { name, by } => {
+            user_change(actor(&by), name, UserChange::Disabled(true), "disabled")
+        }
+        UserRequest::Enable { name, by } => {
+            user_change(actor(&by), name, UserChange::Disabled(false), "enabled")
+        }
+        UserRequest::Unlock { name, by } => {
+            user_change(actor(&by), name, UserChange::Unlock, "unlocked")
+        }
+    };
+    match write_and_wait(writer, op) {
+        Ok(_) => Response::ok(serde_json::json!({ "message": done })),
+        Err(response) => response,
+    }
+}
+
+fn user_change(actor: Actor, name: String, change: UserChange, done: &str) -> (WriteOp, String) {
+    let message = format!("user {name}: {done}");
+    let op = WriteOp::UserUpdate {
+        actor,
+        name,
+        change,
+        at_ms: now_ms(),
+    };
+    (op, message)
+}
+
 /// Runs `request` on the live server, or on the database directly when none runs.
 pub fn run(config: &Config, request: Request) -> Result<Response, String> {
     let data_dir = &config.storage.data_dir;
@@ -70,7 +157,14 @@ pub fn run(config: &Config, request: Request) -> Result<Response, String> {
 }
 
 fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Response, String> {
-    if !data_dir.join(es_storage::DATABASE_FILE_NAME).exists() {
+    // The first administrator may be created before the server's first start.
+    let creates = matches!(
+        request,
+        Request::User {
+            action: UserRequest::Add { .. }
+        }
+    );
+    if !creates && !data_dir.join(es_storage::DATABASE_FILE_NAME).exists() {
         return Err(format!(
             "no esserver database in {} (start the server once, or name the directory with --data)",
             data_dir.display()
@@ -80,7 +174,10 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
         cache_bytes: config.storage.cache_bytes,
         ..StoreOptions::default()
     };
-    let store = Store::open(data_dir, &options, [0; 16]).map_err(|error| {
+    // The seed names a database created here; an existing one keeps its server id.
+    let mut seed = [0u8; 16];
+    getrandom::fill(&mut seed).map_err(|error| format!("no randomness: {error}"))?;
+    let store = Store::open(data_dir, &options, seed).map_err(|error| {
         format!(
             "cannot open the database in {}: {error}",
             data_dir.display()
@@ -104,6 +201,12 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
         Request::ResetSecret { serial } => {
             let writer = store.start_writer(es_storage::WriterOptions::default());
             let response = reset_secret(&writer, &serial);
+            writer.shutdown();
+            response
+        }
+        Request::User { action } => {
+            let writer = store.start_writer(es_storage::WriterOptions::default());
+            let response = user(&writer, &store, action);
             writer.shutdown();
             response
         }

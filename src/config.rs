@@ -1,8 +1,8 @@
 //! The server's configuration file, `EmbryoServer.ini`.
 //!
 //! The file has the sections of the original server (`[IncubatorTransport]`,
-//! `[ViewerTransport]`, `[WebInterface]`, `[PublicApi]`) plus `[Storage]`, `[Limits]` and
-//! `[Server]`. Lines are `key = value`; comments are whole lines starting with `;` or `#`.
+//! `[ViewerTransport]`, `[WebInterface]`, `[PublicApi]`) plus `[Storage]`, `[Limits]`,
+//! `[Security]` and `[Server]`. Lines are `key = value`; comments are whole lines starting with `;` or `#`.
 //! Sizes take a whole number of bytes or a suffix (`KiB`, `MiB`, `GiB` are powers of 1024;
 //! `KB`, `MB`, `GB` powers of 1000); durations are whole milliseconds. Any key left out
 //! keeps its default ([`Config::default`]).
@@ -45,6 +45,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Section `[Limits]`.
     pub limits: Limits,
+    /// Section `[Security]`.
+    pub security: Security,
     /// Section `[Server]`.
     pub server: ServerSection,
 }
@@ -112,6 +114,27 @@ pub struct Limits {
     pub shutdown_timeout_ms: u64,
 }
 
+/// Section `[Security]`: logins of viewer and API users.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Security {
+    /// Consecutive failed logins that lock an account.
+    pub login_failures_max: u32,
+    /// How long a locked account stays locked, ms.
+    pub lockout_ms: u64,
+    /// How long a viewer session survives a dropped connection (resume with its token), ms.
+    pub session_resume_ms: u64,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Self {
+            login_failures_max: 5,
+            lockout_ms: 15 * 60 * 1000,
+            session_resume_ms: 10 * 60 * 1000,
+        }
+    }
+}
+
 /// Section `[Server]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerSection {
@@ -155,6 +178,7 @@ impl Default for Config {
             public_api: Listener::local(4000),
             storage: StorageConfig::default(),
             limits: Limits::default(),
+            security: Security::default(),
             server: ServerSection {
                 log_level: "info".to_owned(),
             },
@@ -232,7 +256,7 @@ impl Config {
             Section::ViewerTransport => Some(&self.viewer),
             Section::WebInterface => Some(&self.web),
             Section::PublicApi => Some(&self.public_api),
-            Section::Storage | Section::Limits | Section::Server => None,
+            Section::Storage | Section::Limits | Section::Security | Section::Server => None,
         }
     }
 
@@ -242,7 +266,7 @@ impl Config {
             Section::ViewerTransport => Some(&mut self.viewer),
             Section::WebInterface => Some(&mut self.web),
             Section::PublicApi => Some(&mut self.public_api),
-            Section::Storage | Section::Limits | Section::Server => None,
+            Section::Storage | Section::Limits | Section::Security | Section::Server => None,
         }
     }
 
@@ -266,6 +290,7 @@ impl Config {
                 write_numbers(STORAGE_NUMBERS, &self.storage, out);
             }
             Section::Limits => write_numbers(LIMIT_NUMBERS, &self.limits, out),
+            Section::Security => write_numbers(SECURITY_NUMBERS, &self.security, out),
             Section::Server => {
                 out.push_str(&format!("; One of {}.\n", LOG_LEVELS.join(", ")));
                 out.push_str(&format!("log_level = {}\n", self.server.log_level));
@@ -333,6 +358,7 @@ enum Section {
     PublicApi,
     Storage,
     Limits,
+    Security,
     Server,
 }
 
@@ -340,13 +366,14 @@ enum Section {
 const LISTENER_KEYS: [&str; 5] = ["bind", "port", "cert", "key", "workers"];
 
 impl Section {
-    const ALL: [Section; 7] = [
+    const ALL: [Section; 8] = [
         Section::IncubatorTransport,
         Section::ViewerTransport,
         Section::WebInterface,
         Section::PublicApi,
         Section::Storage,
         Section::Limits,
+        Section::Security,
         Section::Server,
     ];
 
@@ -358,6 +385,7 @@ impl Section {
             Section::PublicApi => "PublicApi",
             Section::Storage => "Storage",
             Section::Limits => "Limits",
+            Section::Security => "Security",
             Section::Server => "Server",
         }
     }
@@ -376,6 +404,7 @@ impl Section {
             Section::Limits => {
                 "Bounds of the data path; the server stops reading rather than exceed them."
             }
+            Section::Security => "Logins of viewer and API users.",
             Section::Server => "The server process.",
         }
     }
@@ -405,6 +434,7 @@ impl Section {
                 .chain(STORAGE_NUMBERS.iter().map(|k| k.name))
                 .collect(),
             Section::Limits => LIMIT_NUMBERS.iter().map(|k| k.name).collect(),
+            Section::Security => SECURITY_NUMBERS.iter().map(|k| k.name).collect(),
             Section::Server => vec!["log_level"],
         }
     }
@@ -538,6 +568,36 @@ const STORAGE_NUMBERS: &[NumberKey<StorageConfig>] = &[
         doc: "Free disk space kept in reserve: uploads are refused before the disk is this full.",
         get: |s| s.reserve_bytes,
         set: |s, v| s.reserve_bytes = v,
+    },
+];
+
+const SECURITY_NUMBERS: &[NumberKey<Security>] = &[
+    NumberKey {
+        name: "login_failures_max",
+        unit: Unit::Count,
+        min: 1,
+        max: 100,
+        doc: "Consecutive failed logins that lock an account.",
+        get: |s| u64::from(s.login_failures_max),
+        set: |s, v| s.login_failures_max = to_u32(v),
+    },
+    NumberKey {
+        name: "lockout_ms",
+        unit: Unit::Millis,
+        min: 1000,
+        max: 7 * 24 * 3600 * 1000,
+        doc: "How long a locked account stays locked.",
+        get: |s| s.lockout_ms,
+        set: |s, v| s.lockout_ms = v,
+    },
+    NumberKey {
+        name: "session_resume_ms",
+        unit: Unit::Millis,
+        min: 1000,
+        max: 24 * 3600 * 1000,
+        doc: "How long a viewer session survives a dropped connection.",
+        get: |s| s.session_resume_ms,
+        set: |s, v| s.session_resume_ms = v,
     },
 ];
 
@@ -918,6 +978,9 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
         }
         (Section::Storage, _) => set_number(STORAGE_NUMBERS, &mut config.storage, key, value)?,
         (Section::Limits, _) => set_number(LIMIT_NUMBERS, &mut config.limits, key, value)?,
+        (Section::Security, _) => {
+            set_number(SECURITY_NUMBERS, &mut config.security, key, value)?;
+        }
         (Section::Server, _) => config.server.log_level = parse_log_level(value)?,
         (_, _) => match config.listener_mut(section) {
             Some(listener) => apply_listener(listener, key, value)?,

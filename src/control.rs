@@ -37,6 +37,29 @@ pub enum Request {
     Status,
     Verify,
     ResetSecret { serial: String },
+    User { action: UserRequest },
+}
+
+/// User management. Passwords are hashed by the command line tool (argon2id) before they are
+/// sent: no password crosses the control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum UserRequest {
+    Add {
+        name: String,
+        password_hash: String,
+        rights: String,
+        by: String,
+    },
+    Passwd {
+        name: String,
+        password_hash: String,
+        by: String,
+    },
+    Disable { name: String, by: String },
+    Enable { name: String, by: String },
+    Unlock { name: String, by: String },
+    List,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! esserver: the central data server of an IVF clinic's time-lapse embryo culture system.
 //!
-//! This crate owns the configuration (`EmbryoServer.ini`), the services (the incubator
-//! interface now; viewer, web, public API and instrument monitoring as they land), the
+//! This crate owns the configuration (`EmbryoServer.ini`), the services (the incubator and
+//! viewer interfaces now; web, public API and instrument monitoring as they land), the
 //! domain logic that maps protocol requests onto storage, the admin commands and the
 //! command line. It holds no socket loops (es-net) and no redb details (es-storage).
 
@@ -13,3 +13,5 @@ pub mod incubator;
 pub mod os;
 pub mod server;
 pub mod unavailable;
+pub mod viewer;
+pub mod workers;

@@ -52,8 +52,64 @@ enum Command {
         #[command(subcommand)]
         action: InstrumentAction,
     },
+    /// Manage viewer and API users (the first administrator: `user add NAME --admin`).
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
     /// Print a complete, commented EmbryoServer.ini with the defaults.
     DefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Create a user; the password is asked for (or read from standard input).
+    Add {
+        name: String,
+        /// view, edit or admin.
+        #[arg(long, default_value = "view", value_name = "RIGHTS")]
+        rights: String,
+        /// Same as --rights admin.
+        #[arg(long)]
+        admin: bool,
+        /// Read the password from the first line of standard input (for scripts).
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Set a new password (also clears a lock-out).
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Refuse the user's logins until enabled again.
+    Disable {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    Enable {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Clear a lock-out after too many failed logins.
+    Unlock {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List users, their rights and state.
+    List {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -172,11 +228,112 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         } => admin(&common, Request::ResetSecret { serial }, |body| {
             println!("{}", body["message"].as_str().unwrap_or("done"));
         }),
+        Command::User { action } => user(action),
         Command::DefaultConfig => {
             print!("{}", Config::default().to_ini());
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Who runs an admin command, for the audit trail.
+fn operator() -> String {
+    let name = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    format!("os:{name}")
+}
+
+/// Reads a new password (twice from the terminal, or once from standard input) and checks
+/// the policy; returns its argon2id hash.
+fn new_password_hash(from_stdin: bool) -> Result<String, String> {
+    let password = if from_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|error| format!("cannot read the password from standard input: {error}"))?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    } else {
+        let first = rpassword::prompt_password("New password: ")
+            .map_err(|error| format!("cannot read the password: {error} (use --password-stdin in scripts)"))?;
+        let second = rpassword::prompt_password("Repeat it: ")
+            .map_err(|error| format!("cannot read the password: {error}"))?;
+        if first != second {
+            return Err("the two passwords differ; nothing was changed".into());
+        }
+        first
+    };
+    esserver::viewer::auth::check_password_policy(&password)?;
+    esserver::viewer::auth::hash_password(&password)
+}
+
+fn user(action: UserAction) -> Result<ExitCode, String> {
+    use esserver::control::UserRequest;
+    let by = operator();
+    let (common, request, json) = match action {
+        UserAction::Add {
+            name,
+            rights,
+            admin,
+            password_stdin,
+            common,
+        } => {
+            es_storage_name(&name)?;
+            let rights = if admin { "admin".to_string() } else { rights };
+            let password_hash = new_password_hash(password_stdin)?;
+            let request = UserRequest::Add { name, password_hash, rights, by };
+            (common, request, false)
+        }
+        UserAction::Passwd {
+            name,
+            password_stdin,
+            common,
+        } => {
+            let password_hash = new_password_hash(password_stdin)?;
+            (common, UserRequest::Passwd { name, password_hash, by }, false)
+        }
+        UserAction::Disable { name, common } => (common, UserRequest::Disable { name, by }, false),
+        UserAction::Enable { name, common } => (common, UserRequest::Enable { name, by }, false),
+        UserAction::Unlock { name, common } => (common, UserRequest::Unlock { name, by }, false),
+        UserAction::List { common, json } => (common, UserRequest::List, json),
+    };
+    admin(&common, Request::User { action: request }, |body| {
+        if let Some(message) = body["message"].as_str() {
+            println!("{message}");
+            return;
+        }
+        if json {
+            println!("{}", serde_json::to_string_pretty(body).unwrap_or_default());
+            return;
+        }
+        println!("{:<24} {:<6} {:<9} {:<8} last login", "user", "rights", "state", "failures");
+        for user in body["users"].as_array().into_iter().flatten() {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            let state = if user["disabled"].as_bool() == Some(true) {
+                "disabled"
+            } else if user["locked_until_ms"].as_i64().unwrap_or(0) > now_ms {
+                "locked"
+            } else {
+                "active"
+            };
+            let last = match user["last_login_ms"].as_i64() {
+                Some(ms) if ms > 0 => format!("{ms} (Unix ms)"),
+                _ => "never".to_string(),
+            };
+            println!(
+                "{:<24} {:<6} {:<9} {:<8} {last}",
+                user["name"].as_str().unwrap_or("?"),
+                user["rights"].as_str().unwrap_or("?"),
+                state,
+                user["failed_logins"]
+            );
+        }
+    })
+}
+
+fn es_storage_name(name: &str) -> Result<(), String> {
+    es_storage::user_name(name).map_err(|error| error.to_string())
 }
 
 fn admin(

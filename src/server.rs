@@ -7,6 +7,8 @@ use crate::control::{ControlServer, Request, Response};
 use crate::disk_guard::{DiskGuard, DiskState};
 use crate::incubator::{IncubatorService, Registry};
 use crate::unavailable::UnavailableService;
+use crate::viewer::{Hub, ViewerService, ViewerSettings};
+use crate::workers::Workers;
 use es_net::{NetLimits, Pool, PoolConfig};
 use es_proto::incubator::ServerLimits;
 use es_storage::{Store, StoreOptions, WriteOp, WriterOptions};
@@ -15,6 +17,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Jobs (password checks, reads, playback chunks) waiting for a worker thread at most.
+const WORKER_QUEUE_MAX: usize = 1024;
 
 /// What `server.json` in the data directory says about a running server.
 pub const INFO_FILE: &str = "server.json";
@@ -44,6 +49,8 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot start the worker threads: {source}")]
+    Workers { source: std::io::Error },
     #[error("cannot start the disk space monitor: {source}")]
     DiskGuard { source: std::io::Error },
     #[error("cannot write {path}: {source}")]
@@ -78,6 +85,7 @@ impl ServerInfo {
 pub struct RunningServer {
     store: Store,
     writer: es_storage::Writer,
+    workers: Workers,
     pools: Vec<(Pool, ListenerInfo)>,
     control: Option<ControlServer>,
     disk_guard: Option<DiskGuard>,
@@ -108,10 +116,20 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
     });
     let registry = Arc::new(Registry::default());
     let limits = net_limits(config);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+    let workers = match Workers::start("es-worker", threads, WORKER_QUEUE_MAX) {
+        Ok(workers) => workers,
+        Err(source) => {
+            writer.shutdown();
+            disk_guard.stop();
+            return Err(StartError::Workers { source });
+        }
+    };
     // From here on, a failure stops whatever was started (listeners, writer) before returning.
     let mut server = RunningServer {
         store: store.clone(),
         writer: writer.clone(),
+        workers,
         pools: Vec::new(),
         control: None,
         disk_guard: Some(disk_guard),
@@ -172,12 +190,28 @@ fn start_services(
         &limits,
         incubator,
     )?);
+    let viewer = Arc::new(ViewerService::new(
+        store.clone(),
+        writer.clone(),
+        server.workers.clone(),
+        disk.clone(),
+        ViewerSettings {
+            limits: es_proto::viewer::ServerLimits::default(),
+            login_failures_max: config.security.login_failures_max,
+            lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
+            session_resume: Duration::from_millis(config.security.session_resume_ms),
+            sessions_max: 1024,
+        },
+    ));
+    let viewers = viewer.hub();
+    pools.push(start_pool(
+        "viewer",
+        &config.viewer,
+        Some(tls.clone()),
+        &limits,
+        viewer,
+    )?);
     let unavailable = [
-        (
-            "viewer",
-            &config.viewer,
-            UnavailableService::silent("viewer"),
-        ),
         (
             "public-api",
             &config.public_api,
@@ -203,6 +237,7 @@ fn start_services(
         store: store.clone(),
         writer: writer.clone(),
         registry,
+        viewers,
         listeners: pools
             .iter()
             .map(|(pool, info)| (info.clone(), pool.stats().clone()))
@@ -373,6 +408,7 @@ impl RunningServer {
             pool.join();
             tracing::debug!(service = %info.service, "listener stopped");
         }
+        self.workers.shutdown();
         self.writer.shutdown();
         if let Some(control) = self.control.take() {
             control.stop();
@@ -394,6 +430,7 @@ struct StatusContext {
     store: Store,
     writer: es_storage::Writer,
     registry: Arc<Registry>,
+    viewers: Arc<Hub>,
     listeners: Vec<(ListenerInfo, Arc<es_net::PoolStats>)>,
     started: Instant,
     data_dir: PathBuf,
@@ -407,6 +444,7 @@ impl StatusContext {
             Request::Status => self.status(),
             Request::Verify => crate::admin::verify_report(&self.store),
             Request::ResetSecret { serial } => crate::admin::reset_secret(&self.writer, &serial),
+            Request::User { action } => crate::admin::user(&self.writer, &self.store, action),
         }
     }
 
@@ -452,6 +490,7 @@ impl StatusContext {
             "uptime_s": self.started.elapsed().as_secs(),
             "listeners": listeners,
             "incubators": incubators,
+            "viewers_logged_in": self.viewers.len(),
             "storage": storage,
             "writer": serde_json::to_value(self.writer.stats()).unwrap_or_default(),
             "writer_queue": self.writer.queue_len(),

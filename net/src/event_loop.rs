@@ -72,6 +72,10 @@ pub trait Session: Send + 'static {
         io.close(CloseReason::PeerClosed);
     }
 
+    /// Output that was waiting for the peer has been sent, down to a quarter of
+    /// `output_bytes_max` or less: a session streaming a large answer may write its next part.
+    fn on_output_drained(&mut self, _io: &mut SessionIo<'_>) {}
+
     /// Called for every connection at each timer tick (about ten times a second), for work
     /// that waits on something other than input or a message (a retry, for example).
     fn on_tick(&mut self, _io: &mut SessionIo<'_>) {}
@@ -636,7 +640,23 @@ impl<S: Service> Worker<S> {
             self.remove(token, CloseReason::Io(error.to_string()));
             return;
         }
-        let sent = before.saturating_sub(conn.transport.pending_output_bytes());
+        let mut sent = before.saturating_sub(conn.transport.pending_output_bytes());
+        let low_water = limits_output / 4;
+        if sent > 0 && before > low_water && conn.transport.pending_output_bytes() <= low_water
+            && conn.closing.is_none()
+        {
+            // Once per flush that drained a backlog: the session may queue its next part.
+            let before_more = {
+                let (session, _, mut io) = conn.split(now);
+                session.on_output_drained(&mut io);
+                conn.transport.pending_output_bytes()
+            };
+            if let Err(error) = conn.transport.flush() {
+                self.remove(token, CloseReason::Io(error.to_string()));
+                return;
+            }
+            sent += before_more.saturating_sub(conn.transport.pending_output_bytes());
+        }
         self.stats.add_bytes_out(sent as u64);
         let pending = conn.transport.pending_output_bytes();
         if !conn.output_paused && pending > limits_output {

@@ -54,5 +54,7 @@ pub use ops::{
     TelemetrySample, UserChange, WellRegistration, WriteOp, WriteOutcome,
 };
 pub use reader::Reader;
-pub use store::{set_schema_version_for_tests, Store, StoreOptions, DATABASE_FILE_NAME};
+pub use store::{
+    set_schema_version_for_tests, CommitListener, Store, StoreOptions, DATABASE_FILE_NAME,
+};
 pub use writer::{Completion, Writer, WriterOptions, WriterStats};

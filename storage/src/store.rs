@@ -50,7 +50,12 @@ pub(crate) struct StoreInner {
     pub(crate) writer_running: AtomicBool,
     /// Serialises the test-only write helpers with each other.
     test_write: Mutex<()>,
+    /// Called by the writer after every commit that added changes (see [`Store::on_commit`]).
+    pub(crate) commit_listeners: Mutex<Vec<CommitListener>>,
 }
+
+/// Called with the newest change seq after a commit that logged changes.
+pub type CommitListener = Box<dyn Fn(u64) + Send + Sync>;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -96,6 +101,7 @@ impl Store {
                 options: options.clone(),
                 writer_running: AtomicBool::new(false),
                 test_write: Mutex::new(()),
+                commit_listeners: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -117,6 +123,13 @@ impl Store {
     /// A read snapshot (MVCC): sees every commit made before this call, nothing later.
     pub fn read(&self) -> Result<Reader, StorageError> {
         Ok(Reader::new(self.inner.db.begin_read()?))
+    }
+
+    /// Registers `listener`, called on the writer thread after every commit that logged
+    /// changes, with the newest change seq, once the commit is durable and after the batch's
+    /// completions. It must not block (hand the seq to the loops and return).
+    pub fn on_commit(&self, listener: CommitListener) {
+        self.inner.commit_listeners.lock().push(listener);
     }
 
     /// Spawns the one writer thread ("es-storage-writer").

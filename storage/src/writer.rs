@@ -210,6 +210,10 @@ fn run(
 ) {
     let _running = RunningGuard(store);
     let mut batch: Vec<Request> = Vec::with_capacity(options.batch_requests_max.min(4096));
+    let mut last_change_seq = store
+        .read()
+        .and_then(|reader| reader.last_change_seq())
+        .unwrap_or(0);
     // recv() returns queued requests even after every sender is gone, then Err: drain, exit.
     while let Ok(first) = receiver.recv() {
         assert!(batch.is_empty());
@@ -240,8 +244,29 @@ fn run(
         }
         record(stats, requests, batch_bytes, results.is_ok());
         complete(&mut batch, results);
+        notify_commit(store, &mut last_change_seq);
     }
     tracing::info!("storage writer stopped");
+}
+
+/// Tells the commit listeners when the change log grew.
+fn notify_commit(store: &Store, last_change_seq: &mut u64) {
+    let listeners = store.inner.commit_listeners.lock();
+    if listeners.is_empty() {
+        return;
+    }
+    let Ok(seq) = store.read().and_then(|reader| reader.last_change_seq()) else {
+        return;
+    };
+    if seq == *last_change_seq {
+        return;
+    }
+    *last_change_seq = seq;
+    for listener in listeners.iter() {
+        if catch_unwind(AssertUnwindSafe(|| listener(seq))).is_err() {
+            tracing::error!("a commit listener panicked");
+        }
+    }
 }
 
 fn record(stats: &StatsCounters, requests: u64, bytes: u64, committed: bool) {

@@ -1,0 +1,175 @@
+//! Storage records to viewer protocol messages, and protocol writes to storage edits.
+
+use es_proto::viewer::pb;
+use es_storage::{
+    AnnotationInput, AnnotationRecord, AnnotationSource, ClinicalEdit, DishRecord, EmbryoRecord,
+    Fate, Frame, PatientRecord, PatientRef, TreatmentRecord,
+};
+
+pub fn patient(record: PatientRecord) -> pb::Patient {
+    pb::Patient {
+        patient_id: record.patient_id,
+        first_name: record.first_name,
+        last_name: record.last_name,
+        date_of_birth: record.date_of_birth,
+        version: record.version,
+        treatments: record.treatments.into_iter().map(treatment).collect(),
+    }
+}
+
+pub fn treatment(record: TreatmentRecord) -> pb::Treatment {
+    pb::Treatment {
+        patient_id: record.patient_id,
+        name: record.name,
+        comment: record.comment,
+        version: record.version,
+        created_at_ms: record.created_at_ms,
+    }
+}
+
+pub fn dish(record: DishRecord, embryos: Vec<EmbryoRecord>) -> pb::Dish {
+    pb::Dish {
+        dish_key: record.dish_key,
+        dish_id: record.dish_id,
+        instrument_serial: record.instrument_serial,
+        instrument_number: record.instrument_number,
+        slot: record.slot,
+        patient_id: record.patient_id,
+        treatment_name: record.treatment_name,
+        insemination_at_ms: record.insemination_at_ms,
+        embryos: embryos.into_iter().map(embryo).collect(),
+        wells: record.wells.into_iter().map(|(well, _)| well).collect(),
+    }
+}
+
+pub fn embryo(record: EmbryoRecord) -> pb::Embryo {
+    pb::Embryo {
+        embryo_id: record.embryo_id,
+        dish_key: record.dish_key,
+        dish_id: record.dish_id,
+        well: record.well,
+        patient_id: record.patient_id,
+        treatment_name: record.treatment_name,
+        insemination_at_ms: record.insemination_at_ms,
+        version: record.version,
+        fate: record.fate.as_str().to_string(),
+        comment: record.comment,
+        annotations: record.annotations.into_iter().map(annotation).collect(),
+        instrument_serial: record.instrument_serial,
+    }
+}
+
+fn annotation(record: AnnotationRecord) -> pb::Annotation {
+    pb::Annotation {
+        annotation_id: record.annotation_id,
+        name: record.name,
+        value: record.value,
+        event_at_ms: record.event_at_ms.unwrap_or(0),
+        has_event: record.event_at_ms.is_some(),
+        hours: record.hours.unwrap_or(0.0),
+        source: record.source.as_str().to_string(),
+        set_by: record.set_by,
+        set_at_ms: record.set_at_ms,
+    }
+}
+
+pub fn image(embryo_id: &str, frame: Frame) -> pb::Image {
+    pb::Image {
+        embryo_id: embryo_id.to_string(),
+        acquired_at_ms: frame.acquired_at_ms,
+        focal_plane: frame.focal_plane,
+        jpeg: frame.jpeg,
+    }
+}
+
+/// A protocol write as a storage edit, or the reason it is invalid.
+pub fn edit(request: pb::client_message::Request) -> Result<ClinicalEdit, String> {
+    use pb::client_message::Request;
+    Ok(match request {
+        Request::CreatePatient(p) => ClinicalEdit::CreatePatient {
+            patient: PatientRef {
+                patient_id: p.patient_id,
+                first_name: p.first_name,
+                last_name: p.last_name,
+                date_of_birth: p.date_of_birth,
+            },
+        },
+        Request::UpdatePatient(p) => ClinicalEdit::UpdatePatient {
+            patient: PatientRef {
+                patient_id: p.patient_id,
+                first_name: p.first_name,
+                last_name: p.last_name,
+                date_of_birth: p.date_of_birth,
+            },
+            expected_version: p.expected_version,
+        },
+        Request::CreateTreatment(t) => ClinicalEdit::CreateTreatment {
+            patient_id: t.patient_id,
+            name: t.name,
+            comment: t.comment,
+        },
+        Request::UpdateTreatment(t) => ClinicalEdit::UpdateTreatment {
+            patient_id: t.patient_id,
+            name: t.name,
+            comment: t.comment,
+            expected_version: t.expected_version,
+        },
+        Request::AddAnnotation(a) => ClinicalEdit::AddAnnotation {
+            embryo_id: a.embryo_id,
+            expected_version: a.expected_version,
+            annotation: annotation_input(a.annotation)?,
+        },
+        Request::ChangeAnnotation(a) => ClinicalEdit::ChangeAnnotation {
+            embryo_id: a.embryo_id,
+            expected_version: a.expected_version,
+            annotation_id: a.annotation_id,
+            annotation: annotation_input(a.annotation)?,
+        },
+        Request::RemoveAnnotation(a) => ClinicalEdit::RemoveAnnotation {
+            embryo_id: a.embryo_id,
+            expected_version: a.expected_version,
+            annotation_id: a.annotation_id,
+        },
+        Request::SetFate(f) => ClinicalEdit::SetFate {
+            embryo_id: f.embryo_id,
+            expected_version: f.expected_version,
+            fate: Fate::from_name(&f.fate).ok_or_else(|| {
+                format!(
+                    "fate {:?} is not one of undecided, transfer, freeze, avoid",
+                    f.fate
+                )
+            })?,
+        },
+        Request::SetEmbryoComment(c) => ClinicalEdit::SetEmbryoComment {
+            embryo_id: c.embryo_id,
+            expected_version: c.expected_version,
+            comment: c.comment,
+        },
+        other => {
+            return Err(format!(
+                "{} is not a write",
+                es_proto::viewer::request_name(&other)
+            ))
+        }
+    })
+}
+
+fn annotation_input(input: Option<pb::AnnotationInput>) -> Result<AnnotationInput, String> {
+    let input = input.ok_or("the annotation is missing")?;
+    let source = if input.source.is_empty() {
+        AnnotationSource::Manual
+    } else {
+        AnnotationSource::from_name(&input.source).ok_or_else(|| {
+            format!(
+                "annotation source {:?} is not one of manual, guided, automatic",
+                input.source
+            )
+        })?
+    };
+    Ok(AnnotationInput {
+        name: input.name,
+        value: input.value,
+        event_at_ms: input.has_event.then_some(input.event_at_ms),
+        source,
+    })
+}

@@ -1,0 +1,1200 @@
+//! The viewer interface (port 3010): login, rights, reads, time-lapse playback, durable
+//! writes with version checks, and change notices pushed to every logged-in viewer.
+//!
+//! Threads: the session runs on its event loop and never blocks it. Password checks and
+//! storage reads run on the worker pool ([`crate::workers`]); writes go to the storage writer
+//! and are answered once durable; every commit that logs changes wakes the logged-in sessions
+//! (through [`Hub`]), which push the new change-log entries in seq order. A playback streams
+//! in chunks of [`CHUNK_FRAMES`], one chunk queued at a time, and only while the connection's
+//! unsent output is below [`STREAM_OUTPUT_HIGH_BYTES`]: TCP flow control paces it, and other
+//! viewers' requests interleave with its chunks on the worker queue.
+
+pub mod auth;
+mod convert;
+
+use crate::disk_guard::DiskState;
+use crate::workers::Workers;
+use auth::{Resumed, SessionEntry, Sessions};
+use bytes::BytesMut;
+use es_net::{CloseReason, ConnHandle, Service, Session, SessionIo, TimeoutKind};
+use es_proto::viewer::pb::{self, client_message::Request, server_message::Body};
+use es_proto::viewer::{
+    error_message, is_write, request_name, ErrorCode, ServerEvent, ServerLimits, ServerSession,
+    FRAMES_MAX, PATIENT_PAGE_DEFAULT, PATIENT_PAGE_MAX,
+};
+use es_storage::{
+    Actor, ChangeEntity, Frame, Rights, StorageError, Store, SubmitError, WriteError, WriteOp,
+    WriteOutcome, Writer,
+};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Frames read per worker job of a playback.
+pub const CHUNK_FRAMES: u32 = 8;
+/// A playback reads its next chunk only while less than this is waiting to be sent.
+pub const STREAM_OUTPUT_HIGH_BYTES: usize = 2 * 1024 * 1024;
+/// Change notices are pushed only while less than this is waiting to be sent (else at the
+/// next tick: a viewer that does not read cannot make the server buffer without bound).
+const PUSH_OUTPUT_HIGH_BYTES: usize = 1024 * 1024;
+/// Change-log entries read per push round.
+const PUSH_CHANGES_PER_READ: u32 = 256;
+
+/// Messages delivered to a viewer connection from other threads.
+pub enum ViewerMsg {
+    /// A worker checked a Login's password.
+    LoginChecked {
+        seq: u64,
+        user: String,
+        computer: String,
+        changes_after: u64,
+        check: LoginCheck,
+    },
+    /// The storage writer recorded a checked login (failure count, audit).
+    LoginRecorded {
+        seq: u64,
+        user: String,
+        computer: String,
+        rights: Rights,
+        changes_after: u64,
+        success: bool,
+        result: Result<WriteOutcome, WriteError>,
+    },
+    /// A read finished on a worker.
+    Reply { seq: u64, body: Body },
+    /// A write is durable (or refused).
+    Saved {
+        seq: u64,
+        result: Result<WriteOutcome, WriteError>,
+    },
+    /// A playback chunk was read: frames, or None when the embryo is unknown.
+    Frames {
+        seq: u64,
+        result: Result<Option<Vec<Frame>>, StorageError>,
+    },
+    /// New changes were committed.
+    ChangesCommitted,
+    /// The session was resumed on another connection.
+    Superseded,
+}
+
+/// What a worker found for a Login.
+pub enum LoginCheck {
+    UnknownUser,
+    Disabled,
+    Locked { until_ms: i64 },
+    Wrong,
+    Correct { rights: Rights },
+    Unavailable(String),
+}
+
+/// The logged-in connections to wake when changes are committed.
+#[derive(Default)]
+pub struct Hub {
+    members: Mutex<HashMap<u64, (ConnHandle<ViewerMsg>, Arc<AtomicBool>)>>,
+    committed_seq: AtomicU64,
+}
+
+impl Hub {
+    fn committed(&self, seq: u64) {
+        self.committed_seq.fetch_max(seq, Ordering::AcqRel);
+        let members = self.members.lock();
+        for (handle, wake_pending) in members.values() {
+            if !wake_pending.swap(true, Ordering::AcqRel) && !handle.try_send(ViewerMsg::ChangesCommitted) {
+                // Its loop is busy: the session catches up at its next tick.
+                wake_pending.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    fn join(&self, handle: ConnHandle<ViewerMsg>, wake_pending: Arc<AtomicBool>) {
+        self.members.lock().insert(handle.id(), (handle, wake_pending));
+    }
+
+    fn leave(&self, connection_id: u64) {
+        self.members.lock().remove(&connection_id);
+    }
+
+    /// Logged-in connections.
+    pub fn len(&self) -> usize {
+        self.members.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Settings of the viewer service.
+#[derive(Debug, Clone)]
+pub struct ViewerSettings {
+    pub limits: ServerLimits,
+    pub login_failures_max: u32,
+    pub lockout_ms: i64,
+    pub session_resume: Duration,
+    /// Sessions (connected or waiting for a resume) at most.
+    pub sessions_max: usize,
+}
+
+pub struct ViewerService {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Store,
+    writer: Writer,
+    workers: Workers,
+    disk: Arc<DiskState>,
+    settings: ViewerSettings,
+    sessions: Sessions<ViewerMsg>,
+    hub: Arc<Hub>,
+}
+
+impl ViewerService {
+    pub fn new(
+        store: Store,
+        writer: Writer,
+        workers: Workers,
+        disk: Arc<DiskState>,
+        settings: ViewerSettings,
+    ) -> ViewerService {
+        let hub = Arc::new(Hub::default());
+        if let Ok(seq) = store.read().and_then(|r| r.last_change_seq()) {
+            hub.committed_seq.store(seq, Ordering::Release);
+        }
+        let listener_hub = hub.clone();
+        store.on_commit(Box::new(move |seq| listener_hub.committed(seq)));
+        ViewerService {
+            shared: Arc::new(Shared {
+                store,
+                writer,
+                workers,
+                disk,
+                sessions: Sessions::new(settings.session_resume, settings.sessions_max),
+                settings,
+                hub,
+            }),
+        }
+    }
+
+    /// The logged-in connections, for status reports.
+    pub fn hub(&self) -> Arc<Hub> {
+        self.shared.hub.clone()
+    }
+}
+
+impl Service for ViewerService {
+    type Msg = ViewerMsg;
+    type Session = ViewerSession;
+
+    fn name(&self) -> &'static str {
+        "viewer"
+    }
+
+    fn open(&self, peer: SocketAddr, handle: ConnHandle<ViewerMsg>, _now: Instant) -> ViewerSession {
+        ViewerSession {
+            protocol: ServerSession::new(self.shared.settings.limits),
+            shared: self.shared.clone(),
+            handle,
+            peer,
+            login: None,
+            cursor: 0,
+            wake_pending: Arc::new(AtomicBool::new(false)),
+            playbacks: Vec::new(),
+            pending: 0,
+            stopping: false,
+            peer_gone: false,
+        }
+    }
+}
+
+/// Who is logged in on a connection.
+struct LoggedIn {
+    token: String,
+    user: String,
+    computer: String,
+    rights: Rights,
+}
+
+struct Playback {
+    seq: u64,
+    embryo_id: String,
+    focal_plane: i32,
+    next_from_ms: i64,
+    to_ms: i64,
+    remaining: u32,
+    index: u32,
+    job_pending: bool,
+    cancelled: bool,
+}
+
+pub struct ViewerSession {
+    protocol: ServerSession,
+    shared: Arc<Shared>,
+    handle: ConnHandle<ViewerMsg>,
+    peer: SocketAddr,
+    login: Option<LoggedIn>,
+    /// The seq of the last change notice pushed.
+    cursor: u64,
+    wake_pending: Arc<AtomicBool>,
+    playbacks: Vec<Playback>,
+    /// Worker jobs and storage writes this connection waits for.
+    pending: u32,
+    stopping: bool,
+    peer_gone: bool,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl ViewerSession {
+    fn name(&self) -> String {
+        match &self.login {
+            Some(login) => format!("viewer {}@{} ({})", login.user, login.computer, self.peer),
+            None => format!("viewer at {}", self.peer),
+        }
+    }
+
+    fn respond(&mut self, seq: u64, body: Body, io: &mut SessionIo<'_>) {
+        if !self.protocol.is_inflight(seq) {
+            return; // Already ended (a cancelled playback, for example).
+        }
+        let mut out = BytesMut::new();
+        self.protocol.respond(seq, body, &mut out);
+        io.write(&out);
+    }
+
+    fn respond_error(&mut self, seq: u64, code: ErrorCode, message: String, io: &mut SessionIo<'_>) {
+        let Some(Body::Error(error)) = error_message(seq, code, message).body else {
+            unreachable!("error_message builds an Error");
+        };
+        self.respond(seq, Body::Error(error), io);
+    }
+
+    fn fail(&mut self, code: ErrorCode, message: String, io: &mut SessionIo<'_>) {
+        tracing::warn!(viewer = %self.name(), code = code.name(), "{message}; closing the connection");
+        let mut out = BytesMut::new();
+        self.protocol.close_with_error(code, message.clone(), &mut out);
+        io.write(&out);
+        io.close(CloseReason::Requested(format!("{}: {message}", code.name())));
+    }
+
+    fn refuse_login(&mut self, code: ErrorCode, message: String, io: &mut SessionIo<'_>) {
+        let mut out = BytesMut::new();
+        self.protocol.refuse_login(code, message.clone(), &mut out);
+        io.write(&out);
+        io.close(CloseReason::Requested(format!("{}: {message}", code.name())));
+    }
+
+    fn update_reading(&mut self, io: &mut SessionIo<'_>) {
+        let hold = self.protocol.at_inflight_limit()
+            || self.stopping
+            || (self.login.is_none() && self.pending > 0);
+        if hold {
+            io.pause_reading();
+        } else {
+            io.resume_reading();
+        }
+    }
+
+    /// Runs `job` on a worker; false (and nothing queued) when the pool is full.
+    fn run_job(&mut self, job: crate::workers::Job) -> bool {
+        if self.shared.workers.try_run(job).is_ok() {
+            self.pending += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    // ------------------------------------------------------------ login
+
+    fn start_login(&mut self, seq: u64, login: pb::Login, io: &mut SessionIo<'_>) {
+        if let Err(message) = check_login_fields(&login) {
+            tracing::warn!(viewer = %self.name(), code = "invalid_field", "login refused: {message}");
+            self.refuse_login(ErrorCode::InvalidField, message, io);
+            return;
+        }
+        let store = self.shared.store.clone();
+        let handle = self.handle.clone();
+        let job = Box::new(move || {
+            let check = check_password(&store, &login.user, &login.password);
+            handle.send(ViewerMsg::LoginChecked {
+                seq,
+                user: login.user,
+                computer: login.computer,
+                changes_after: login.changes_after,
+                check,
+            });
+        });
+        if !self.run_job(job) {
+            self.refuse_login(ErrorCode::Busy, "the server is busy; log in again in a moment".into(), io);
+        }
+    }
+
+    fn login_checked(
+        &mut self,
+        seq: u64,
+        user: String,
+        computer: String,
+        changes_after: u64,
+        check: LoginCheck,
+        io: &mut SessionIo<'_>,
+    ) {
+        let success = match check {
+            LoginCheck::Correct { .. } => true,
+            LoginCheck::Wrong => false,
+            LoginCheck::UnknownUser => {
+                tracing::warn!(%user, %computer, peer = %self.peer, code = "auth_failed", "login refused: unknown user");
+                self.refuse_login(ErrorCode::AuthFailed, "wrong user name or password".into(), io);
+                return;
+            }
+            LoginCheck::Disabled => {
+                tracing::warn!(%user, %computer, peer = %self.peer, code = "account_disabled", "login refused");
+                let message = format!("the account {user} is disabled; ask an administrator");
+                self.refuse_login(ErrorCode::AccountDisabled, message, io);
+                return;
+            }
+            LoginCheck::Locked { until_ms } => {
+                tracing::warn!(%user, %computer, peer = %self.peer, code = "account_locked", "login refused");
+                self.refuse_login(ErrorCode::AccountLocked, locked_message(&user, until_ms), io);
+                return;
+            }
+            LoginCheck::Unavailable(detail) => {
+                tracing::error!(%user, "login check failed: {detail}");
+                self.refuse_login(ErrorCode::StorageUnavailable, format!("cannot check the login: {detail}"), io);
+                return;
+            }
+        };
+        let rights = match check {
+            LoginCheck::Correct { rights } => rights,
+            _ => Rights::View,
+        };
+        let op = WriteOp::LoginAttempt {
+            name: user.clone(),
+            computer: computer.clone(),
+            success,
+            failures_max: self.shared.settings.login_failures_max,
+            lockout_ms: self.shared.settings.lockout_ms,
+            at_ms: now_ms(),
+        };
+        let handle = self.handle.clone();
+        let done: es_storage::Completion = Box::new(move |result| {
+            handle.send(ViewerMsg::LoginRecorded {
+                seq,
+                user,
+                computer,
+                rights,
+                changes_after,
+                success,
+                result,
+            });
+        });
+        match self.shared.writer.try_submit(op, done) {
+            Ok(()) => self.pending += 1,
+            Err(SubmitError::Full(..)) => {
+                self.refuse_login(ErrorCode::Busy, "the server is busy; log in again in a moment".into(), io)
+            }
+            Err(SubmitError::Closed(..)) => {
+                self.refuse_login(ErrorCode::ShuttingDown, "the server is shutting down".into(), io)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn login_recorded(
+        &mut self,
+        _seq: u64,
+        user: String,
+        computer: String,
+        rights: Rights,
+        changes_after: u64,
+        success: bool,
+        result: Result<WriteOutcome, WriteError>,
+        io: &mut SessionIo<'_>,
+    ) {
+        let locked_until_ms = match result {
+            Ok(WriteOutcome::LoginRecorded { locked_until_ms }) => locked_until_ms,
+            Ok(other) => {
+                self.refuse_login(ErrorCode::InternalError, format!("unexpected storage outcome {other:?}"), io);
+                return;
+            }
+            Err(error) => {
+                let code = write_error_code(&error);
+                self.refuse_login(code, format!("cannot record the login: {error}"), io);
+                return;
+            }
+        };
+        if !success {
+            tracing::warn!(%user, %computer, peer = %self.peer, code = "auth_failed", locked = locked_until_ms > 0, "login refused: wrong password");
+            if locked_until_ms > 0 {
+                self.refuse_login(ErrorCode::AccountLocked, locked_message(&user, locked_until_ms), io);
+            } else {
+                self.refuse_login(ErrorCode::AuthFailed, "wrong user name or password".into(), io);
+            }
+            return;
+        }
+        let Some(token) = auth::new_token() else {
+            self.refuse_login(ErrorCode::InternalError, "no randomness for a session token".into(), io);
+            return;
+        };
+        let entry = SessionEntry {
+            user: user.clone(),
+            rights,
+            computer: computer.clone(),
+            connection: Some(self.handle.clone()),
+            disconnected_at: None,
+        };
+        if self.shared.sessions.add(token.clone(), entry, io.now()).is_none() {
+            self.refuse_login(ErrorCode::Busy, "too many viewer sessions are open".into(), io);
+            return;
+        }
+        tracing::info!(%user, %computer, peer = %self.peer, rights = rights.as_str(), "viewer logged in");
+        self.establish(token, user, computer, rights, changes_after, io);
+    }
+
+    fn start_resume(&mut self, resume: pb::Resume, io: &mut SessionIo<'_>) {
+        let found = self
+            .shared
+            .sessions
+            .resume(&resume.session_token, self.handle.clone(), io.now());
+        let Resumed::Ok {
+            user,
+            rights,
+            computer,
+            previous,
+        } = found
+        else {
+            tracing::warn!(peer = %self.peer, code = "session_expired", "resume refused");
+            let message = "the session is unknown or expired; log in again".to_string();
+            self.refuse_login(ErrorCode::SessionExpired, message, io);
+            return;
+        };
+        if let Some(previous) = previous.filter(|p| p.id() != self.handle.id()) {
+            previous.try_send(ViewerMsg::Superseded);
+        }
+        tracing::info!(%user, %computer, peer = %self.peer, "viewer session resumed");
+        self.establish(resume.session_token, user, computer, rights, resume.changes_after, io);
+    }
+
+    fn establish(
+        &mut self,
+        token: String,
+        user: String,
+        computer: String,
+        rights: Rights,
+        changes_after: u64,
+        io: &mut SessionIo<'_>,
+    ) {
+        let (cursor, last, resync) = match start_cursor(&self.shared.store, changes_after) {
+            Ok(found) => found,
+            Err(error) => {
+                self.refuse_login(ErrorCode::StorageUnavailable, error.to_string(), io);
+                return;
+            }
+        };
+        self.cursor = cursor;
+        let reply = pb::LoginOk {
+            session_token: token.clone(),
+            user: user.clone(),
+            rights: rights.as_str().to_string(),
+            server_id: self.shared.store.server_id(),
+            resume_seconds: u32::try_from(self.shared.sessions.resume_duration().as_secs()).unwrap_or(u32::MAX),
+            last_change_seq: last,
+            resync_required: resync,
+            server_clock_ms: now_ms(),
+            ..Default::default()
+        };
+        let mut out = BytesMut::new();
+        self.protocol.accept_login(reply, &mut out);
+        io.write(&out);
+        self.login = Some(LoggedIn {
+            token,
+            user,
+            computer,
+            rights,
+        });
+        self.shared.hub.join(self.handle.clone(), self.wake_pending.clone());
+        self.push_changes(io);
+    }
+
+    // ------------------------------------------------------------ requests
+
+    fn handle_request(&mut self, seq: u64, request: Request, io: &mut SessionIo<'_>) {
+        if is_write(&request) {
+            self.start_write(seq, request, io);
+            return;
+        }
+        match request {
+            Request::Ping(_) => self.respond(seq, Body::Done(pb::Done {}), io),
+            Request::Logout(_) => {
+                if let Some(login) = &self.login {
+                    self.shared.sessions.remove(&login.token);
+                    tracing::info!(viewer = %self.name(), "viewer logged out");
+                }
+                self.respond(seq, Body::Done(pb::Done {}), io);
+                io.close(CloseReason::Requested("logged out".into()));
+            }
+            Request::Playback(playback) => self.start_playback(seq, playback, io),
+            Request::CancelPlayback(cancel) => self.cancel_playback(seq, cancel.playback_seq, io),
+            read => self.start_read(seq, read, io),
+        }
+    }
+
+    fn start_read(&mut self, seq: u64, request: Request, io: &mut SessionIo<'_>) {
+        let store = self.shared.store.clone();
+        let handle = self.handle.clone();
+        let job = Box::new(move || {
+            let body = read(&store, request);
+            handle.send(ViewerMsg::Reply { seq, body });
+        });
+        if !self.run_job(job) {
+            self.respond_error(seq, ErrorCode::Busy, "the server is busy; retry in a moment".into(), io);
+        }
+    }
+
+    fn start_write(&mut self, seq: u64, request: Request, io: &mut SessionIo<'_>) {
+        let login = self.login.as_ref().expect("requests come after login");
+        let actor = Actor {
+            user: login.user.clone(),
+            computer: login.computer.clone(),
+        };
+        let action = request_name(&request);
+        if !login.rights.allows(Rights::Edit) {
+            let message = format!(
+                "{} has the right `{}`; {action} needs `edit`",
+                login.user, login.rights
+            );
+            tracing::warn!(viewer = %self.name(), code = "permission_denied", "{message}");
+            let op = WriteOp::AuditDenied {
+                actor,
+                action: action.to_string(),
+                entity: ChangeEntity::User,
+                target: login.user.clone(),
+                attempted: format!("{request:?}").chars().take(1024).collect(),
+                at_ms: now_ms(),
+            };
+            if self.shared.writer.try_submit(op, Box::new(|_| {})).is_err() {
+                tracing::warn!(viewer = %self.name(), "the refused write could not be audited: the storage queue is full");
+            }
+            self.respond_error(seq, ErrorCode::PermissionDenied, message, io);
+            return;
+        }
+        if self.shared.disk.is_low() {
+            let message = "the server's disk is below its free-space reserve: changes cannot be saved now; keep them and retry".to_string();
+            self.respond_error(seq, ErrorCode::DiskFull, message, io);
+            return;
+        }
+        let edit = match convert::edit(request) {
+            Ok(edit) => edit,
+            Err(message) => {
+                self.respond_error(seq, ErrorCode::InvalidField, message, io);
+                return;
+            }
+        };
+        let op = WriteOp::Edit {
+            actor,
+            edit,
+            at_ms: now_ms(),
+        };
+        let handle = self.handle.clone();
+        let done: es_storage::Completion = Box::new(move |result| {
+            handle.send(ViewerMsg::Saved { seq, result });
+        });
+        match self.shared.writer.try_submit(op, done) {
+            Ok(()) => self.pending += 1,
+            Err(SubmitError::Full(..)) => {
+                self.respond_error(seq, ErrorCode::Busy, "the server is busy; nothing was saved, retry in a moment".into(), io)
+            }
+            Err(SubmitError::Closed(..)) => {
+                self.respond_error(seq, ErrorCode::ShuttingDown, "the server is shutting down; nothing was saved".into(), io)
+            }
+        }
+    }
+
+    fn saved(&mut self, seq: u64, result: Result<WriteOutcome, WriteError>, io: &mut SessionIo<'_>) {
+        let body = match result {
+            Ok(WriteOutcome::Edited {
+                entity,
+                id,
+                version,
+                change_seq,
+                annotation_id,
+                ..
+            }) => Body::Saved(pb::Saved {
+                entity: entity.as_str().to_string(),
+                id,
+                version,
+                change_seq,
+                annotation_id: annotation_id.unwrap_or(0),
+            }),
+            Ok(other) => error_body(seq, ErrorCode::InternalError, format!("unexpected storage outcome {other:?}")),
+            Err(WriteError::Conflict {
+                expected,
+                version,
+                current,
+            }) => {
+                tracing::info!(viewer = %self.name(), seq, expected, version, code = "conflict", "write refused: stale version");
+                Body::Error(pb::Error {
+                    code: ErrorCode::Conflict.code(),
+                    name: ErrorCode::Conflict.name().to_string(),
+                    message: format!(
+                        "changed by someone else since version {expected}; now at version {version}: \
+                         reload, check the current value and save again"
+                    ),
+                    current_version: version,
+                    current_json: current,
+                })
+            }
+            Err(error) => {
+                let code = write_error_code(&error);
+                tracing::warn!(viewer = %self.name(), seq, code = code.name(), "write refused: {error}");
+                error_body(seq, code, error.to_string())
+            }
+        };
+        self.respond(seq, body, io);
+    }
+
+    // ------------------------------------------------------------ playback
+
+    fn start_playback(&mut self, seq: u64, request: pb::Playback, io: &mut SessionIo<'_>) {
+        if request.embryo_id.is_empty() || request.embryo_id.len() > 128 {
+            self.respond_error(seq, ErrorCode::InvalidField, "embryo_id must have 1 to 128 bytes".into(), io);
+            return;
+        }
+        let max_frames = match request.max_frames {
+            0 => FRAMES_MAX,
+            n => n.min(FRAMES_MAX),
+        };
+        let to_ms = if request.to_ms == 0 { i64::MAX } else { request.to_ms };
+        self.playbacks.push(Playback {
+            seq,
+            embryo_id: request.embryo_id,
+            focal_plane: request.focal_plane,
+            next_from_ms: request.from_ms,
+            to_ms,
+            remaining: max_frames,
+            index: 0,
+            job_pending: false,
+            cancelled: false,
+        });
+        self.pump_playbacks(io);
+    }
+
+    /// Queues the next chunk of every playback that has none queued, while the output is
+    /// below the high-water mark.
+    fn pump_playbacks(&mut self, io: &mut SessionIo<'_>) {
+        for index in 0..self.playbacks.len() {
+            if io.pending_output_bytes() >= STREAM_OUTPUT_HIGH_BYTES || io.is_closing() {
+                return;
+            }
+            let playback = &self.playbacks[index];
+            if playback.job_pending || playback.cancelled {
+                continue;
+            }
+            let (seq, embryo_id, plane, from, to) = (
+                playback.seq,
+                playback.embryo_id.clone(),
+                playback.focal_plane,
+                playback.next_from_ms,
+                playback.to_ms,
+            );
+            let count = playback.remaining.min(CHUNK_FRAMES);
+            let store = self.shared.store.clone();
+            let handle = self.handle.clone();
+            let job = Box::new(move || {
+                let result = store
+                    .read()
+                    .and_then(|reader| reader.frames(&embryo_id, plane, from, to, count));
+                handle.send(ViewerMsg::Frames { seq, result });
+            });
+            if !self.run_job(job) {
+                return; // The pool is full: the next tick tries again.
+            }
+            self.playbacks[index].job_pending = true;
+        }
+    }
+
+    fn frames_read(
+        &mut self,
+        seq: u64,
+        result: Result<Option<Vec<Frame>>, StorageError>,
+        io: &mut SessionIo<'_>,
+    ) {
+        let Some(position) = self.playbacks.iter().position(|p| p.seq == seq) else {
+            return;
+        };
+        self.playbacks[position].job_pending = false;
+        if self.playbacks[position].cancelled {
+            self.playbacks.remove(position);
+            self.respond_error(seq, ErrorCode::Cancelled, "the playback was cancelled".into(), io);
+            return;
+        }
+        let frames = match result {
+            Ok(Some(frames)) => frames,
+            Ok(None) => {
+                let embryo_id = self.playbacks.remove(position).embryo_id;
+                self.respond_error(seq, ErrorCode::NotFound, format!("embryo {embryo_id} is not known"), io);
+                return;
+            }
+            Err(error) => {
+                self.playbacks.remove(position);
+                let code = storage_error_code(&error);
+                self.respond_error(seq, code, error.to_string(), io);
+                return;
+            }
+        };
+        let asked = self.playbacks[position].remaining.min(CHUNK_FRAMES);
+        let count = u32::try_from(frames.len()).unwrap_or(u32::MAX);
+        let playback = &mut self.playbacks[position];
+        playback.remaining = playback.remaining.saturating_sub(count);
+        let finished = count < asked || playback.remaining == 0;
+        if let Some(last) = frames.last() {
+            playback.next_from_ms = last.acquired_at_ms.saturating_add(1);
+        }
+        let embryo_id = playback.embryo_id.clone();
+        let first_index = playback.index;
+        playback.index += count;
+        if finished {
+            self.playbacks.remove(position);
+        }
+        let mut out = BytesMut::new();
+        for (offset, frame) in (0u32..).zip(frames) {
+            let last = finished && offset + 1 == count;
+            let body = Body::Frame(pb::Frame {
+                image: Some(convert::image(&embryo_id, frame)),
+                index: first_index + offset,
+                last,
+            });
+            self.protocol.respond(seq, body, &mut out);
+        }
+        if finished && count == 0 {
+            let end = Body::Frame(pb::Frame {
+                image: None,
+                index: first_index,
+                last: true,
+            });
+            self.protocol.respond(seq, end, &mut out);
+        }
+        io.write(&out);
+        self.pump_playbacks(io);
+    }
+
+    fn cancel_playback(&mut self, seq: u64, playback_seq: u64, io: &mut SessionIo<'_>) {
+        let Some(position) = self.playbacks.iter().position(|p| p.seq == playback_seq) else {
+            let message = format!("no playback with seq {playback_seq} is running");
+            self.respond_error(seq, ErrorCode::NotFound, message, io);
+            return;
+        };
+        self.respond(seq, Body::Done(pb::Done {}), io);
+        if self.playbacks[position].job_pending {
+            self.playbacks[position].cancelled = true; // Answered when its chunk returns.
+        } else {
+            self.playbacks.remove(position);
+            self.respond_error(playback_seq, ErrorCode::Cancelled, "the playback was cancelled".into(), io);
+        }
+    }
+
+    // ------------------------------------------------------------ pushes
+
+    /// Pushes committed changes after the cursor, while the output has room.
+    fn push_changes(&mut self, io: &mut SessionIo<'_>) {
+        self.wake_pending.store(false, Ordering::Release);
+        if self.login.is_none() || io.is_closing() {
+            return;
+        }
+        for _ in 0..4 {
+            let committed = self.shared.hub.committed_seq.load(Ordering::Acquire);
+            if self.cursor >= committed || io.pending_output_bytes() >= PUSH_OUTPUT_HIGH_BYTES {
+                return;
+            }
+            let changes = self
+                .shared
+                .store
+                .read()
+                .and_then(|reader| reader.changes_after(self.cursor, PUSH_CHANGES_PER_READ));
+            let changes = match changes {
+                Ok(changes) => changes,
+                Err(StorageError::CursorExpired { oldest }) => {
+                    tracing::warn!(viewer = %self.name(), cursor = self.cursor, oldest,
+                        "change notices were pruned before they could be pushed; the viewer must reload");
+                    self.cursor = oldest.saturating_sub(1);
+                    continue;
+                }
+                Err(error) => {
+                    tracing::error!(viewer = %self.name(), "cannot read the change log: {error}");
+                    return;
+                }
+            };
+            if changes.is_empty() {
+                return;
+            }
+            let mut out = BytesMut::new();
+            for change in changes {
+                self.cursor = change.seq;
+                let notice = pb::ChangeNotice {
+                    change_seq: change.seq,
+                    entity: change.entity.as_str().to_string(),
+                    id: change.id,
+                    version: change.version,
+                    at_ms: change.at_ms,
+                    summary: change.summary,
+                };
+                self.protocol.push(notice, &mut out);
+            }
+            io.write(&out);
+        }
+    }
+
+    /// The server owes this connection answers.
+    fn waits_on_server(&self) -> bool {
+        self.pending > 0 || !self.playbacks.is_empty()
+    }
+
+    fn after_completion(&mut self, io: &mut SessionIo<'_>) {
+        if (self.stopping || self.peer_gone) && !self.waits_on_server() {
+            if self.stopping {
+                self.fail(ErrorCode::ShuttingDown, "the server is shutting down; resume later".into(), io);
+            } else {
+                io.close(CloseReason::PeerClosed);
+            }
+            return;
+        }
+        self.update_reading(io);
+    }
+}
+
+impl Session for ViewerSession {
+    type Msg = ViewerMsg;
+
+    fn on_input(&mut self, input: &mut BytesMut, io: &mut SessionIo<'_>) {
+        while !io.is_reading_paused() && !io.is_closing() {
+            match self.protocol.poll_event(input) {
+                Ok(None) => break,
+                Ok(Some(ServerEvent::Login(seq, login))) => self.start_login(seq, login, io),
+                Ok(Some(ServerEvent::Resume(_, resume))) => self.start_resume(resume, io),
+                Ok(Some(ServerEvent::Request(seq, request))) => self.handle_request(seq, request, io),
+                Err(error) => {
+                    self.fail(error.code, error.message, io);
+                    break;
+                }
+            }
+            self.update_reading(io);
+        }
+    }
+
+    fn on_message(&mut self, message: ViewerMsg, io: &mut SessionIo<'_>) {
+        match message {
+            ViewerMsg::LoginChecked {
+                seq,
+                user,
+                computer,
+                changes_after,
+                check,
+            } => {
+                self.pending -= 1;
+                self.login_checked(seq, user, computer, changes_after, check, io);
+            }
+            ViewerMsg::LoginRecorded {
+                seq,
+                user,
+                computer,
+                rights,
+                changes_after,
+                success,
+                result,
+            } => {
+                self.pending -= 1;
+                self.login_recorded(seq, user, computer, rights, changes_after, success, result, io);
+            }
+            ViewerMsg::Reply { seq, body } => {
+                self.pending -= 1;
+                self.respond(seq, body, io);
+            }
+            ViewerMsg::Saved { seq, result } => {
+                self.pending -= 1;
+                self.saved(seq, result, io);
+            }
+            ViewerMsg::Frames { seq, result } => {
+                self.pending -= 1;
+                self.frames_read(seq, result, io);
+            }
+            ViewerMsg::ChangesCommitted => {
+                self.push_changes(io);
+                return;
+            }
+            ViewerMsg::Superseded => {
+                self.fail(ErrorCode::Superseded, "the session was resumed on another connection".into(), io);
+                return;
+            }
+        }
+        self.after_completion(io);
+    }
+
+    fn on_output_drained(&mut self, io: &mut SessionIo<'_>) {
+        self.pump_playbacks(io);
+        self.push_changes(io);
+    }
+
+    fn on_tick(&mut self, io: &mut SessionIo<'_>) {
+        self.pump_playbacks(io);
+        self.push_changes(io);
+        self.update_reading(io);
+    }
+
+    fn on_peer_closed(&mut self, io: &mut SessionIo<'_>) {
+        if self.waits_on_server() {
+            self.peer_gone = true;
+        } else {
+            io.close(CloseReason::PeerClosed);
+        }
+    }
+
+    fn on_timeout(&mut self, kind: TimeoutKind, io: &mut SessionIo<'_>) {
+        if self.waits_on_server() {
+            return;
+        }
+        let (code, message) = match kind {
+            TimeoutKind::Handshake => (ErrorCode::HandshakeTimeout, "no Login or Resume in time"),
+            TimeoutKind::Idle => (ErrorCode::IdleTimeout, "nothing received for too long; send Ping when idle"),
+        };
+        self.fail(code, message.to_string(), io);
+    }
+
+    fn on_shutdown(&mut self, io: &mut SessionIo<'_>) {
+        self.stopping = true;
+        io.pause_reading();
+        for playback in &mut self.playbacks {
+            playback.remaining = 0;
+        }
+        if !self.waits_on_server() {
+            self.fail(ErrorCode::ShuttingDown, "the server is shutting down; resume later".into(), io);
+        }
+    }
+
+    fn on_closed(&mut self, reason: &CloseReason) {
+        self.shared.hub.leave(self.handle.id());
+        if let Some(login) = &self.login {
+            self.shared
+                .sessions
+                .detach(&login.token, self.handle.id(), Instant::now());
+            tracing::info!(viewer = %self.name(), %reason, "viewer disconnected");
+        }
+    }
+
+    fn is_established(&self) -> bool {
+        self.protocol.is_established()
+    }
+}
+
+fn check_login_fields(login: &pb::Login) -> Result<(), String> {
+    es_storage::user_name(&login.user).map_err(|error| error.to_string())?;
+    if login.password.is_empty() || login.password.len() > auth::PASSWORD_BYTES_MAX {
+        return Err(format!("the password must have 1 to {} bytes", auth::PASSWORD_BYTES_MAX));
+    }
+    if login.computer.is_empty() || login.computer.len() > 128 || login.client.len() > 128 {
+        return Err("the computer name must have 1 to 128 bytes, the client name at most 128".into());
+    }
+    Ok(())
+}
+
+/// Runs on a worker: the user's state and the password check (argon2id).
+fn check_password(store: &Store, user: &str, password: &str) -> LoginCheck {
+    let record = match store.read().and_then(|reader| reader.user(user)) {
+        Ok(record) => record,
+        Err(error) => return LoginCheck::Unavailable(error.to_string()),
+    };
+    let Some(record) = record else {
+        auth::verify_password(password, auth::dummy_hash());
+        return LoginCheck::UnknownUser;
+    };
+    if record.disabled {
+        return LoginCheck::Disabled;
+    }
+    if record.locked_until_ms > now_ms() {
+        return LoginCheck::Locked {
+            until_ms: record.locked_until_ms,
+        };
+    }
+    if auth::verify_password(password, &record.password_hash) {
+        LoginCheck::Correct {
+            rights: record.rights,
+        }
+    } else {
+        LoginCheck::Wrong
+    }
+}
+
+fn locked_message(user: &str, until_ms: i64) -> String {
+    let minutes = ((until_ms - now_ms()).max(0) + 59_999) / 60_000;
+    format!(
+        "the account {user} is locked after too many failed logins, for about {minutes} more \
+         minute(s); an administrator can unlock it with `esserver user unlock {user}`"
+    )
+}
+
+/// Where pushes start: (cursor, newest seq, resync needed).
+fn start_cursor(store: &Store, changes_after: u64) -> Result<(u64, u64, bool), StorageError> {
+    let reader = store.read()?;
+    let last = reader.last_change_seq()?;
+    if changes_after == 0 {
+        return Ok((last, last, false));
+    }
+    match reader.changes_after(changes_after, 0) {
+        Ok(_) => Ok((changes_after, last, false)),
+        Err(StorageError::CursorExpired { .. }) => Ok((last, last, true)),
+        Err(error) => Err(error),
+    }
+}
+
+fn error_body(seq: u64, code: ErrorCode, message: String) -> Body {
+    error_message(seq, code, message)
+        .body
+        .expect("error_message has a body")
+}
+
+fn not_found(what: String) -> Body {
+    error_body(0, ErrorCode::NotFound, format!("{what} is not known"))
+}
+
+/// Runs on a worker: answers a read request.
+fn read(store: &Store, request: Request) -> Body {
+    let reader = match store.read() {
+        Ok(reader) => reader,
+        Err(error) => return error_body(0, storage_error_code(&error), error.to_string()),
+    };
+    let result: Result<Body, StorageError> = (|| {
+        Ok(match request {
+            Request::ListPatients(list) => {
+                let limit = match list.limit {
+                    0 => PATIENT_PAGE_DEFAULT,
+                    n => n.min(PATIENT_PAGE_MAX),
+                };
+                let after = (!list.after_patient_id.is_empty()).then_some(list.after_patient_id.as_str());
+                let patients = reader.patients(after, limit)?;
+                let next_after = if patients.len() as u32 == limit {
+                    patients.last().map(|p| p.patient_id.clone()).unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                Body::PatientList(pb::PatientList {
+                    patients: patients.into_iter().map(convert::patient).collect(),
+                    next_after,
+                })
+            }
+            Request::GetPatient(get) => match reader.patient(&get.patient_id)? {
+                Some(record) => Body::Patient(convert::patient(record)),
+                None => not_found(format!("patient {}", get.patient_id)),
+            },
+            Request::ListDishes(list) => match reader.treatment_dishes(&list.patient_id, &list.treatment_name)? {
+                Some(dishes) => Body::DishList(pb::DishList {
+                    dishes: dishes.into_iter().map(|d| convert::dish(d, Vec::new())).collect(),
+                }),
+                None => not_found(format!("treatment {}/{}", list.patient_id, list.treatment_name)),
+            },
+            Request::GetDish(get) => match reader.dish(get.dish_key)? {
+                Some(dish) => {
+                    let embryos = reader.dish_embryos(get.dish_key)?;
+                    Body::Dish(convert::dish(dish, embryos))
+                }
+                None => not_found(format!("dish {}", get.dish_key)),
+            },
+            Request::GetEmbryo(get) => match reader.embryo(&get.embryo_id)? {
+                Some(embryo) => Body::Embryo(convert::embryo(embryo)),
+                None => not_found(format!("embryo {}", get.embryo_id)),
+            },
+            Request::ListAcquisitions(list) => {
+                let limit = match list.limit {
+                    0 => FRAMES_MAX,
+                    n => n.min(FRAMES_MAX),
+                };
+                let after = list.has_after.then_some(list.after_ms);
+                match reader.acquisitions(&list.embryo_id, after, limit)? {
+                    Some(acquisitions) => Body::AcquisitionList(pb::AcquisitionList {
+                        acquisitions: acquisitions
+                            .into_iter()
+                            .map(|a| pb::Acquisition {
+                                acquired_at_ms: a.acquired_at_ms,
+                                focal_planes: a.focal_planes,
+                            })
+                            .collect(),
+                    }),
+                    None => not_found(format!("embryo {}", list.embryo_id)),
+                }
+            }
+            Request::GetImage(get) => {
+                match reader.embryo_image(&get.embryo_id, get.acquired_at_ms, get.focal_plane)? {
+                    Some(jpeg) => Body::Image(pb::Image {
+                        embryo_id: get.embryo_id,
+                        acquired_at_ms: get.acquired_at_ms,
+                        focal_plane: get.focal_plane,
+                        jpeg,
+                    }),
+                    None => not_found(format!(
+                        "image of embryo {} at {} focal plane {}",
+                        get.embryo_id, get.acquired_at_ms, get.focal_plane
+                    )),
+                }
+            }
+            Request::DishOverview(get) => {
+                if reader.dish(get.dish_key)?.is_none() {
+                    return Ok(not_found(format!("dish {}", get.dish_key)));
+                }
+                let wells = reader.dish_overview(get.dish_key, get.focal_plane)?;
+                let mut overview = pb::Overview {
+                    dish_key: get.dish_key,
+                    ..Default::default()
+                };
+                for (well, embryo_id, frame) in wells {
+                    overview.well_numbers.push(well);
+                    overview.wells.push(match frame {
+                        Some(frame) => convert::image(&embryo_id, frame),
+                        None => pb::Image {
+                            embryo_id,
+                            ..Default::default()
+                        },
+                    });
+                }
+                Body::Overview(overview)
+            }
+            other => error_body(
+                0,
+                ErrorCode::InternalError,
+                format!("{} is not a read", request_name(&other)),
+            ),
+        })
+    })();
+    result.unwrap_or_else(|error| error_body(0, storage_error_code(&error), error.to_string()))
+}
+
+fn storage_error_code(error: &StorageError) -> ErrorCode {
+    match error {
+        StorageError::ImageDamaged { .. } => ErrorCode::ImageDamaged,
+        StorageError::DiskFull => ErrorCode::DiskFull,
+        _ => ErrorCode::StorageUnavailable,
+    }
+}
+
+fn write_error_code(error: &WriteError) -> ErrorCode {
+    match error {
+        WriteError::Conflict { .. } => ErrorCode::Conflict,
+        WriteError::NotFound(_) => ErrorCode::NotFound,
+        WriteError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+        WriteError::InvalidInput(_) => ErrorCode::InvalidField,
+        WriteError::DiskFull => ErrorCode::DiskFull,
+        WriteError::ShuttingDown => ErrorCode::ShuttingDown,
+        WriteError::Storage(_) => ErrorCode::StorageUnavailable,
+        WriteError::AuthFailed
+        | WriteError::ImageConflict
+        | WriteError::UnknownDish
+        | WriteError::UnknownWell
+        | WriteError::UnknownInstrument => ErrorCode::InternalError,
+    }
+}
