@@ -60,12 +60,18 @@ fn write_and_wait(writer: &Writer, op: WriteOp) -> Result<WriteOutcome, Response
         let _ = sender.send(result);
     });
     if writer.submit(op, done).is_err() {
-        return Err(Response::error("shutting_down", "the server is shutting down"));
+        return Err(Response::error(
+            "shutting_down",
+            "the server is shutting down",
+        ));
     }
     match receiver.recv() {
         Ok(Ok(outcome)) => Ok(outcome),
         Ok(Err(error)) => Err(Response::error(error.code(), error.to_string())),
-        Err(_) => Err(Response::error("internal_error", "the storage writer stopped")),
+        Err(_) => Err(Response::error(
+            "internal_error",
+            "the storage writer stopped",
+        )),
     }
 }
 
@@ -96,7 +102,10 @@ pub fn user(writer: &Writer, store: &Store, request: UserRequest) -> Response {
             by,
         } => {
             let Some(rights) = Rights::from_name(&rights) else {
-                return Response::error("invalid_input", format!("rights {rights:?} is not view, edit or admin"));
+                return Response::error(
+                    "invalid_input",
+                    format!("rights {rights:?} is not view, edit or admin"),
+                );
             };
             let message = format!("user {name} added with the right `{rights}`");
             let op = WriteOp::UserAdd {
@@ -112,7 +121,12 @@ pub fn user(writer: &Writer, store: &Store, request: UserRequest) -> Response {
             name,
             password_hash,
             by,
-        } => user_change(actor(&by), name, UserChange::Password(password_hash), "password changed"),
+        } => user_change(
+            actor(&by),
+            name,
+            UserChange::Password(password_hash),
+            "password changed",
+        ),
         UserRequest::Disable { name, by } => {
             user_change(actor(&by), name, UserChange::Disabled(true), "disabled")
         }

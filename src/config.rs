@@ -1288,7 +1288,7 @@ log_level = debug
             message.starts_with("unknown section [Database]; valid sections: "),
             "{message}"
         );
-        assert!(message.contains("[IncubatorTransport], [ViewerTransport], [WebInterface], [PublicApi], [Storage], [Limits], [Server]"), "{message}");
+        assert!(message.contains("[IncubatorTransport], [ViewerTransport], [WebInterface], [PublicApi], [Storage], [Limits], [Security], [Server]"), "{message}");
         let message = error_at("[storage]\n", 1);
         assert!(message.contains("did you mean [Storage]?"), "{message}");
     }

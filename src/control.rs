@@ -56,9 +56,18 @@ pub enum UserRequest {
         password_hash: String,
         by: String,
     },
-    Disable { name: String, by: String },
-    Enable { name: String, by: String },
-    Unlock { name: String, by: String },
+    Disable {
+        name: String,
+        by: String,
+    },
+    Enable {
+        name: String,
+        by: String,
+    },
+    Unlock {
+        name: String,
+        by: String,
+    },
     List,
 }
 

@@ -252,8 +252,9 @@ fn new_password_hash(from_stdin: bool) -> Result<String, String> {
             .map_err(|error| format!("cannot read the password from standard input: {error}"))?;
         line.trim_end_matches(['\r', '\n']).to_string()
     } else {
-        let first = rpassword::prompt_password("New password: ")
-            .map_err(|error| format!("cannot read the password: {error} (use --password-stdin in scripts)"))?;
+        let first = rpassword::prompt_password("New password: ").map_err(|error| {
+            format!("cannot read the password: {error} (use --password-stdin in scripts)")
+        })?;
         let second = rpassword::prompt_password("Repeat it: ")
             .map_err(|error| format!("cannot read the password: {error}"))?;
         if first != second {
@@ -279,7 +280,12 @@ fn user(action: UserAction) -> Result<ExitCode, String> {
             es_storage_name(&name)?;
             let rights = if admin { "admin".to_string() } else { rights };
             let password_hash = new_password_hash(password_stdin)?;
-            let request = UserRequest::Add { name, password_hash, rights, by };
+            let request = UserRequest::Add {
+                name,
+                password_hash,
+                rights,
+                by,
+            };
             (common, request, false)
         }
         UserAction::Passwd {
@@ -288,7 +294,15 @@ fn user(action: UserAction) -> Result<ExitCode, String> {
             common,
         } => {
             let password_hash = new_password_hash(password_stdin)?;
-            (common, UserRequest::Passwd { name, password_hash, by }, false)
+            (
+                common,
+                UserRequest::Passwd {
+                    name,
+                    password_hash,
+                    by,
+                },
+                false,
+            )
         }
         UserAction::Disable { name, common } => (common, UserRequest::Disable { name, by }, false),
         UserAction::Enable { name, common } => (common, UserRequest::Enable { name, by }, false),
@@ -304,7 +318,10 @@ fn user(action: UserAction) -> Result<ExitCode, String> {
             println!("{}", serde_json::to_string_pretty(body).unwrap_or_default());
             return;
         }
-        println!("{:<24} {:<6} {:<9} {:<8} last login", "user", "rights", "state", "failures");
+        println!(
+            "{:<24} {:<6} {:<9} {:<8} last login",
+            "user", "rights", "state", "failures"
+        );
         for user in body["users"].as_array().into_iter().flatten() {
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -92,7 +92,10 @@ mod tests {
         let mut queued = 0;
         for value in 2..10 {
             let sender = done_tx.clone();
-            if workers.try_run(Box::new(move || sender.send(value).unwrap())).is_ok() {
+            if workers
+                .try_run(Box::new(move || sender.send(value).unwrap()))
+                .is_ok()
+            {
                 queued += 1;
             }
         }

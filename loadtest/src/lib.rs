@@ -1,6 +1,7 @@
 //! es-loadtest: the load generator.
 //!
-//! Owns simulated incubators speaking the real incubator protocol (through es-proto's
+//! Owns simulated incubators speaking the real incubator protocol, and the viewer client
+//! speaking the real viewer protocol (through es-proto's
 //! client session and es-net's client connection, nothing else of the server), real-sized
 //! JPEG frames, open-loop schedules measured from the intended send time into HdrHistogram,
 //! spawning a server on a temporary data directory, measuring the disk's own limit, and
@@ -13,3 +14,4 @@ pub mod disk;
 pub mod frames;
 pub mod sim;
 pub mod spawn;
+pub mod viewer_client;

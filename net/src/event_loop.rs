@@ -642,7 +642,9 @@ impl<S: Service> Worker<S> {
         }
         let mut sent = before.saturating_sub(conn.transport.pending_output_bytes());
         let low_water = limits_output / 4;
-        if sent > 0 && before > low_water && conn.transport.pending_output_bytes() <= low_water
+        if sent > 0
+            && before > low_water
+            && conn.transport.pending_output_bytes() <= low_water
             && conn.closing.is_none()
         {
             // Once per flush that drained a backlog: the session may queue its next part.

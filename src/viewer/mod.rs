@@ -91,10 +91,13 @@ pub enum LoginCheck {
     Unavailable(String),
 }
 
+/// A logged-in connection and its "a wake-up is queued" flag.
+type Member = (ConnHandle<ViewerMsg>, Arc<AtomicBool>);
+
 /// The logged-in connections to wake when changes are committed.
 #[derive(Default)]
 pub struct Hub {
-    members: Mutex<HashMap<u64, (ConnHandle<ViewerMsg>, Arc<AtomicBool>)>>,
+    members: Mutex<HashMap<u64, Member>>,
     committed_seq: AtomicU64,
 }
 
@@ -103,7 +106,9 @@ impl Hub {
         self.committed_seq.fetch_max(seq, Ordering::AcqRel);
         let members = self.members.lock();
         for (handle, wake_pending) in members.values() {
-            if !wake_pending.swap(true, Ordering::AcqRel) && !handle.try_send(ViewerMsg::ChangesCommitted) {
+            if !wake_pending.swap(true, Ordering::AcqRel)
+                && !handle.try_send(ViewerMsg::ChangesCommitted)
+            {
                 // Its loop is busy: the session catches up at its next tick.
                 wake_pending.store(false, Ordering::Release);
             }
@@ -111,7 +116,9 @@ impl Hub {
     }
 
     fn join(&self, handle: ConnHandle<ViewerMsg>, wake_pending: Arc<AtomicBool>) {
-        self.members.lock().insert(handle.id(), (handle, wake_pending));
+        self.members
+            .lock()
+            .insert(handle.id(), (handle, wake_pending));
     }
 
     fn leave(&self, connection_id: u64) {
@@ -194,7 +201,12 @@ impl Service for ViewerService {
         "viewer"
     }
 
-    fn open(&self, peer: SocketAddr, handle: ConnHandle<ViewerMsg>, _now: Instant) -> ViewerSession {
+    fn open(
+        &self,
+        peer: SocketAddr,
+        handle: ConnHandle<ViewerMsg>,
+        _now: Instant,
+    ) -> ViewerSession {
         ViewerSession {
             protocol: ServerSession::new(self.shared.settings.limits),
             shared: self.shared.clone(),
@@ -271,7 +283,13 @@ impl ViewerSession {
         io.write(&out);
     }
 
-    fn respond_error(&mut self, seq: u64, code: ErrorCode, message: String, io: &mut SessionIo<'_>) {
+    fn respond_error(
+        &mut self,
+        seq: u64,
+        code: ErrorCode,
+        message: String,
+        io: &mut SessionIo<'_>,
+    ) {
         let Some(Body::Error(error)) = error_message(seq, code, message).body else {
             unreachable!("error_message builds an Error");
         };
@@ -281,16 +299,23 @@ impl ViewerSession {
     fn fail(&mut self, code: ErrorCode, message: String, io: &mut SessionIo<'_>) {
         tracing::warn!(viewer = %self.name(), code = code.name(), "{message}; closing the connection");
         let mut out = BytesMut::new();
-        self.protocol.close_with_error(code, message.clone(), &mut out);
+        self.protocol
+            .close_with_error(code, message.clone(), &mut out);
         io.write(&out);
-        io.close(CloseReason::Requested(format!("{}: {message}", code.name())));
+        io.close(CloseReason::Requested(format!(
+            "{}: {message}",
+            code.name()
+        )));
     }
 
     fn refuse_login(&mut self, code: ErrorCode, message: String, io: &mut SessionIo<'_>) {
         let mut out = BytesMut::new();
         self.protocol.refuse_login(code, message.clone(), &mut out);
         io.write(&out);
-        io.close(CloseReason::Requested(format!("{}: {message}", code.name())));
+        io.close(CloseReason::Requested(format!(
+            "{}: {message}",
+            code.name()
+        )));
     }
 
     fn update_reading(&mut self, io: &mut SessionIo<'_>) {
@@ -335,7 +360,11 @@ impl ViewerSession {
             });
         });
         if !self.run_job(job) {
-            self.refuse_login(ErrorCode::Busy, "the server is busy; log in again in a moment".into(), io);
+            self.refuse_login(
+                ErrorCode::Busy,
+                "the server is busy; log in again in a moment".into(),
+                io,
+            );
         }
     }
 
@@ -353,7 +382,11 @@ impl ViewerSession {
             LoginCheck::Wrong => false,
             LoginCheck::UnknownUser => {
                 tracing::warn!(%user, %computer, peer = %self.peer, code = "auth_failed", "login refused: unknown user");
-                self.refuse_login(ErrorCode::AuthFailed, "wrong user name or password".into(), io);
+                self.refuse_login(
+                    ErrorCode::AuthFailed,
+                    "wrong user name or password".into(),
+                    io,
+                );
                 return;
             }
             LoginCheck::Disabled => {
@@ -364,12 +397,20 @@ impl ViewerSession {
             }
             LoginCheck::Locked { until_ms } => {
                 tracing::warn!(%user, %computer, peer = %self.peer, code = "account_locked", "login refused");
-                self.refuse_login(ErrorCode::AccountLocked, locked_message(&user, until_ms), io);
+                self.refuse_login(
+                    ErrorCode::AccountLocked,
+                    locked_message(&user, until_ms),
+                    io,
+                );
                 return;
             }
             LoginCheck::Unavailable(detail) => {
                 tracing::error!(%user, "login check failed: {detail}");
-                self.refuse_login(ErrorCode::StorageUnavailable, format!("cannot check the login: {detail}"), io);
+                self.refuse_login(
+                    ErrorCode::StorageUnavailable,
+                    format!("cannot check the login: {detail}"),
+                    io,
+                );
                 return;
             }
         };
@@ -399,12 +440,16 @@ impl ViewerSession {
         });
         match self.shared.writer.try_submit(op, done) {
             Ok(()) => self.pending += 1,
-            Err(SubmitError::Full(..)) => {
-                self.refuse_login(ErrorCode::Busy, "the server is busy; log in again in a moment".into(), io)
-            }
-            Err(SubmitError::Closed(..)) => {
-                self.refuse_login(ErrorCode::ShuttingDown, "the server is shutting down".into(), io)
-            }
+            Err(SubmitError::Full(..)) => self.refuse_login(
+                ErrorCode::Busy,
+                "the server is busy; log in again in a moment".into(),
+                io,
+            ),
+            Err(SubmitError::Closed(..)) => self.refuse_login(
+                ErrorCode::ShuttingDown,
+                "the server is shutting down".into(),
+                io,
+            ),
         }
     }
 
@@ -423,7 +468,11 @@ impl ViewerSession {
         let locked_until_ms = match result {
             Ok(WriteOutcome::LoginRecorded { locked_until_ms }) => locked_until_ms,
             Ok(other) => {
-                self.refuse_login(ErrorCode::InternalError, format!("unexpected storage outcome {other:?}"), io);
+                self.refuse_login(
+                    ErrorCode::InternalError,
+                    format!("unexpected storage outcome {other:?}"),
+                    io,
+                );
                 return;
             }
             Err(error) => {
@@ -435,14 +484,26 @@ impl ViewerSession {
         if !success {
             tracing::warn!(%user, %computer, peer = %self.peer, code = "auth_failed", locked = locked_until_ms > 0, "login refused: wrong password");
             if locked_until_ms > 0 {
-                self.refuse_login(ErrorCode::AccountLocked, locked_message(&user, locked_until_ms), io);
+                self.refuse_login(
+                    ErrorCode::AccountLocked,
+                    locked_message(&user, locked_until_ms),
+                    io,
+                );
             } else {
-                self.refuse_login(ErrorCode::AuthFailed, "wrong user name or password".into(), io);
+                self.refuse_login(
+                    ErrorCode::AuthFailed,
+                    "wrong user name or password".into(),
+                    io,
+                );
             }
             return;
         }
         let Some(token) = auth::new_token() else {
-            self.refuse_login(ErrorCode::InternalError, "no randomness for a session token".into(), io);
+            self.refuse_login(
+                ErrorCode::InternalError,
+                "no randomness for a session token".into(),
+                io,
+            );
             return;
         };
         let entry = SessionEntry {
@@ -452,8 +513,17 @@ impl ViewerSession {
             connection: Some(self.handle.clone()),
             disconnected_at: None,
         };
-        if self.shared.sessions.add(token.clone(), entry, io.now()).is_none() {
-            self.refuse_login(ErrorCode::Busy, "too many viewer sessions are open".into(), io);
+        if self
+            .shared
+            .sessions
+            .add(token.clone(), entry, io.now())
+            .is_none()
+        {
+            self.refuse_login(
+                ErrorCode::Busy,
+                "too many viewer sessions are open".into(),
+                io,
+            );
             return;
         }
         tracing::info!(%user, %computer, peer = %self.peer, rights = rights.as_str(), "viewer logged in");
@@ -461,10 +531,10 @@ impl ViewerSession {
     }
 
     fn start_resume(&mut self, resume: pb::Resume, io: &mut SessionIo<'_>) {
-        let found = self
-            .shared
-            .sessions
-            .resume(&resume.session_token, self.handle.clone(), io.now());
+        let found =
+            self.shared
+                .sessions
+                .resume(&resume.session_token, self.handle.clone(), io.now());
         let Resumed::Ok {
             user,
             rights,
@@ -481,7 +551,14 @@ impl ViewerSession {
             previous.try_send(ViewerMsg::Superseded);
         }
         tracing::info!(%user, %computer, peer = %self.peer, "viewer session resumed");
-        self.establish(resume.session_token, user, computer, rights, resume.changes_after, io);
+        self.establish(
+            resume.session_token,
+            user,
+            computer,
+            rights,
+            resume.changes_after,
+            io,
+        );
     }
 
     fn establish(
@@ -506,7 +583,8 @@ impl ViewerSession {
             user: user.clone(),
             rights: rights.as_str().to_string(),
             server_id: self.shared.store.server_id(),
-            resume_seconds: u32::try_from(self.shared.sessions.resume_duration().as_secs()).unwrap_or(u32::MAX),
+            resume_seconds: u32::try_from(self.shared.sessions.resume_duration().as_secs())
+                .unwrap_or(u32::MAX),
             last_change_seq: last,
             resync_required: resync,
             server_clock_ms: now_ms(),
@@ -521,7 +599,9 @@ impl ViewerSession {
             computer,
             rights,
         });
-        self.shared.hub.join(self.handle.clone(), self.wake_pending.clone());
+        self.shared
+            .hub
+            .join(self.handle.clone(), self.wake_pending.clone());
         self.push_changes(io);
     }
 
@@ -556,7 +636,12 @@ impl ViewerSession {
             handle.send(ViewerMsg::Reply { seq, body });
         });
         if !self.run_job(job) {
-            self.respond_error(seq, ErrorCode::Busy, "the server is busy; retry in a moment".into(), io);
+            self.respond_error(
+                seq,
+                ErrorCode::Busy,
+                "the server is busy; retry in a moment".into(),
+                io,
+            );
         }
     }
 
@@ -610,16 +695,27 @@ impl ViewerSession {
         });
         match self.shared.writer.try_submit(op, done) {
             Ok(()) => self.pending += 1,
-            Err(SubmitError::Full(..)) => {
-                self.respond_error(seq, ErrorCode::Busy, "the server is busy; nothing was saved, retry in a moment".into(), io)
-            }
-            Err(SubmitError::Closed(..)) => {
-                self.respond_error(seq, ErrorCode::ShuttingDown, "the server is shutting down; nothing was saved".into(), io)
-            }
+            Err(SubmitError::Full(..)) => self.respond_error(
+                seq,
+                ErrorCode::Busy,
+                "the server is busy; nothing was saved, retry in a moment".into(),
+                io,
+            ),
+            Err(SubmitError::Closed(..)) => self.respond_error(
+                seq,
+                ErrorCode::ShuttingDown,
+                "the server is shutting down; nothing was saved".into(),
+                io,
+            ),
         }
     }
 
-    fn saved(&mut self, seq: u64, result: Result<WriteOutcome, WriteError>, io: &mut SessionIo<'_>) {
+    fn saved(
+        &mut self,
+        seq: u64,
+        result: Result<WriteOutcome, WriteError>,
+        io: &mut SessionIo<'_>,
+    ) {
         let body = match result {
             Ok(WriteOutcome::Edited {
                 entity,
@@ -635,7 +731,11 @@ impl ViewerSession {
                 change_seq,
                 annotation_id: annotation_id.unwrap_or(0),
             }),
-            Ok(other) => error_body(seq, ErrorCode::InternalError, format!("unexpected storage outcome {other:?}")),
+            Ok(other) => error_body(
+                seq,
+                ErrorCode::InternalError,
+                format!("unexpected storage outcome {other:?}"),
+            ),
             Err(WriteError::Conflict {
                 expected,
                 version,
@@ -666,14 +766,23 @@ impl ViewerSession {
 
     fn start_playback(&mut self, seq: u64, request: pb::Playback, io: &mut SessionIo<'_>) {
         if request.embryo_id.is_empty() || request.embryo_id.len() > 128 {
-            self.respond_error(seq, ErrorCode::InvalidField, "embryo_id must have 1 to 128 bytes".into(), io);
+            self.respond_error(
+                seq,
+                ErrorCode::InvalidField,
+                "embryo_id must have 1 to 128 bytes".into(),
+                io,
+            );
             return;
         }
         let max_frames = match request.max_frames {
             0 => FRAMES_MAX,
             n => n.min(FRAMES_MAX),
         };
-        let to_ms = if request.to_ms == 0 { i64::MAX } else { request.to_ms };
+        let to_ms = if request.to_ms == 0 {
+            i64::MAX
+        } else {
+            request.to_ms
+        };
         self.playbacks.push(Playback {
             seq,
             embryo_id: request.embryo_id,
@@ -734,14 +843,24 @@ impl ViewerSession {
         self.playbacks[position].job_pending = false;
         if self.playbacks[position].cancelled {
             self.playbacks.remove(position);
-            self.respond_error(seq, ErrorCode::Cancelled, "the playback was cancelled".into(), io);
+            self.respond_error(
+                seq,
+                ErrorCode::Cancelled,
+                "the playback was cancelled".into(),
+                io,
+            );
             return;
         }
         let frames = match result {
             Ok(Some(frames)) => frames,
             Ok(None) => {
                 let embryo_id = self.playbacks.remove(position).embryo_id;
-                self.respond_error(seq, ErrorCode::NotFound, format!("embryo {embryo_id} is not known"), io);
+                self.respond_error(
+                    seq,
+                    ErrorCode::NotFound,
+                    format!("embryo {embryo_id} is not known"),
+                    io,
+                );
                 return;
             }
             Err(error) => {
@@ -798,7 +917,12 @@ impl ViewerSession {
             self.playbacks[position].cancelled = true; // Answered when its chunk returns.
         } else {
             self.playbacks.remove(position);
-            self.respond_error(playback_seq, ErrorCode::Cancelled, "the playback was cancelled".into(), io);
+            self.respond_error(
+                playback_seq,
+                ErrorCode::Cancelled,
+                "the playback was cancelled".into(),
+                io,
+            );
         }
     }
 
@@ -861,7 +985,11 @@ impl ViewerSession {
     fn after_completion(&mut self, io: &mut SessionIo<'_>) {
         if (self.stopping || self.peer_gone) && !self.waits_on_server() {
             if self.stopping {
-                self.fail(ErrorCode::ShuttingDown, "the server is shutting down; resume later".into(), io);
+                self.fail(
+                    ErrorCode::ShuttingDown,
+                    "the server is shutting down; resume later".into(),
+                    io,
+                );
             } else {
                 io.close(CloseReason::PeerClosed);
             }
@@ -880,7 +1008,9 @@ impl Session for ViewerSession {
                 Ok(None) => break,
                 Ok(Some(ServerEvent::Login(seq, login))) => self.start_login(seq, login, io),
                 Ok(Some(ServerEvent::Resume(_, resume))) => self.start_resume(resume, io),
-                Ok(Some(ServerEvent::Request(seq, request))) => self.handle_request(seq, request, io),
+                Ok(Some(ServerEvent::Request(seq, request))) => {
+                    self.handle_request(seq, request, io)
+                }
                 Err(error) => {
                     self.fail(error.code, error.message, io);
                     break;
@@ -912,7 +1042,16 @@ impl Session for ViewerSession {
                 result,
             } => {
                 self.pending -= 1;
-                self.login_recorded(seq, user, computer, rights, changes_after, success, result, io);
+                self.login_recorded(
+                    seq,
+                    user,
+                    computer,
+                    rights,
+                    changes_after,
+                    success,
+                    result,
+                    io,
+                );
             }
             ViewerMsg::Reply { seq, body } => {
                 self.pending -= 1;
@@ -931,7 +1070,11 @@ impl Session for ViewerSession {
                 return;
             }
             ViewerMsg::Superseded => {
-                self.fail(ErrorCode::Superseded, "the session was resumed on another connection".into(), io);
+                self.fail(
+                    ErrorCode::Superseded,
+                    "the session was resumed on another connection".into(),
+                    io,
+                );
                 return;
             }
         }
@@ -963,7 +1106,10 @@ impl Session for ViewerSession {
         }
         let (code, message) = match kind {
             TimeoutKind::Handshake => (ErrorCode::HandshakeTimeout, "no Login or Resume in time"),
-            TimeoutKind::Idle => (ErrorCode::IdleTimeout, "nothing received for too long; send Ping when idle"),
+            TimeoutKind::Idle => (
+                ErrorCode::IdleTimeout,
+                "nothing received for too long; send Ping when idle",
+            ),
         };
         self.fail(code, message.to_string(), io);
     }
@@ -975,7 +1121,11 @@ impl Session for ViewerSession {
             playback.remaining = 0;
         }
         if !self.waits_on_server() {
-            self.fail(ErrorCode::ShuttingDown, "the server is shutting down; resume later".into(), io);
+            self.fail(
+                ErrorCode::ShuttingDown,
+                "the server is shutting down; resume later".into(),
+                io,
+            );
         }
     }
 
@@ -997,10 +1147,15 @@ impl Session for ViewerSession {
 fn check_login_fields(login: &pb::Login) -> Result<(), String> {
     es_storage::user_name(&login.user).map_err(|error| error.to_string())?;
     if login.password.is_empty() || login.password.len() > auth::PASSWORD_BYTES_MAX {
-        return Err(format!("the password must have 1 to {} bytes", auth::PASSWORD_BYTES_MAX));
+        return Err(format!(
+            "the password must have 1 to {} bytes",
+            auth::PASSWORD_BYTES_MAX
+        ));
     }
     if login.computer.is_empty() || login.computer.len() > 128 || login.client.len() > 128 {
-        return Err("the computer name must have 1 to 128 bytes, the client name at most 128".into());
+        return Err(
+            "the computer name must have 1 to 128 bytes, the client name at most 128".into(),
+        );
     }
     Ok(())
 }
@@ -1077,10 +1232,14 @@ fn read(store: &Store, request: Request) -> Body {
                     0 => PATIENT_PAGE_DEFAULT,
                     n => n.min(PATIENT_PAGE_MAX),
                 };
-                let after = (!list.after_patient_id.is_empty()).then_some(list.after_patient_id.as_str());
+                let after =
+                    (!list.after_patient_id.is_empty()).then_some(list.after_patient_id.as_str());
                 let patients = reader.patients(after, limit)?;
                 let next_after = if patients.len() as u32 == limit {
-                    patients.last().map(|p| p.patient_id.clone()).unwrap_or_default()
+                    patients
+                        .last()
+                        .map(|p| p.patient_id.clone())
+                        .unwrap_or_default()
                 } else {
                     String::new()
                 };
@@ -1093,12 +1252,20 @@ fn read(store: &Store, request: Request) -> Body {
                 Some(record) => Body::Patient(convert::patient(record)),
                 None => not_found(format!("patient {}", get.patient_id)),
             },
-            Request::ListDishes(list) => match reader.treatment_dishes(&list.patient_id, &list.treatment_name)? {
-                Some(dishes) => Body::DishList(pb::DishList {
-                    dishes: dishes.into_iter().map(|d| convert::dish(d, Vec::new())).collect(),
-                }),
-                None => not_found(format!("treatment {}/{}", list.patient_id, list.treatment_name)),
-            },
+            Request::ListDishes(list) => {
+                match reader.treatment_dishes(&list.patient_id, &list.treatment_name)? {
+                    Some(dishes) => Body::DishList(pb::DishList {
+                        dishes: dishes
+                            .into_iter()
+                            .map(|d| convert::dish(d, Vec::new()))
+                            .collect(),
+                    }),
+                    None => not_found(format!(
+                        "treatment {}/{}",
+                        list.patient_id, list.treatment_name
+                    )),
+                }
+            }
             Request::GetDish(get) => match reader.dish(get.dish_key)? {
                 Some(dish) => {
                     let embryos = reader.dish_embryos(get.dish_key)?;

@@ -165,14 +165,7 @@ impl<'txn> Batch<'txn> {
                 failures_max,
                 lockout_ms,
                 at_ms,
-            } => self.login_attempt(
-                name,
-                computer,
-                *success,
-                *failures_max,
-                *lockout_ms,
-                *at_ms,
-            ),
+            } => self.login_attempt(name, computer, *success, *failures_max, *lockout_ms, *at_ms),
         }
     }
 
@@ -210,7 +203,14 @@ impl<'txn> Batch<'txn> {
             .insert(instrument_id, encode(&row).as_slice())?;
         if changed {
             let summary = format!("instrument {serial} is now {model} firmware {firmware}");
-            self.change(ChangeEntity::Instrument, instrument_id, serial, 0, at_ms, summary)?;
+            self.change(
+                ChangeEntity::Instrument,
+                instrument_id,
+                serial,
+                0,
+                at_ms,
+                summary,
+            )?;
         }
         Ok(Ok(WriteOutcome::InstrumentAccepted {
             instrument_id,
@@ -255,7 +255,14 @@ impl<'txn> Batch<'txn> {
         self.state.instrument_id_last = instrument_id;
         self.state.instruments += 1;
         let summary = format!("instrument {serial} ({model}) first seen");
-        self.change(ChangeEntity::Instrument, instrument_id, serial, 0, at_ms, summary)?;
+        self.change(
+            ChangeEntity::Instrument,
+            instrument_id,
+            serial,
+            0,
+            at_ms,
+            summary,
+        )?;
         Ok(Ok(WriteOutcome::InstrumentAccepted {
             instrument_id,
             issued_secret: Some(new_secret.to_string()),
@@ -412,7 +419,14 @@ impl<'txn> Batch<'txn> {
             row.version += 1;
             self.patients.insert(patient_key, encode(&row).as_slice())?;
             let summary = format!("patient {id} updated by an instrument");
-            self.change(ChangeEntity::Patient, patient_key, id, row.version, at_ms, summary)?;
+            self.change(
+                ChangeEntity::Patient,
+                patient_key,
+                id,
+                row.version,
+                at_ms,
+                summary,
+            )?;
         }
         Ok(patient_key)
     }
@@ -471,7 +485,14 @@ impl<'txn> Batch<'txn> {
         self.state.treatments += 1;
         let summary = format!("treatment {name} created");
         let id = treatment_id(&patient.patient_id, name);
-        self.change(ChangeEntity::Treatment, treatment_key, &id, 1, at_ms, summary)?;
+        self.change(
+            ChangeEntity::Treatment,
+            treatment_key,
+            &id,
+            1,
+            at_ms,
+            summary,
+        )?;
         Ok(treatment_key)
     }
 
@@ -495,14 +516,22 @@ impl<'txn> Batch<'txn> {
         insert_new(&mut self.dishes, dish_key, &encode(&row), "dish")?;
         self.dish_by_instrument
             .insert((instrument_id, dish.dish_id.as_str()), dish_key)?;
-        self.dish_by_treatment.insert((treatment_key, dish_key), ())?;
+        self.dish_by_treatment
+            .insert((treatment_key, dish_key), ())?;
         self.state.dish_key_last = dish_key;
         self.state.dishes += 1;
         let summary = format!(
             "dish {} registered on instrument {instrument_id} slot {}",
             dish.dish_id, dish.slot
         );
-        self.change(ChangeEntity::Dish, dish_key, &dish.dish_id, 0, at_ms, summary)?;
+        self.change(
+            ChangeEntity::Dish,
+            dish_key,
+            &dish.dish_id,
+            0,
+            at_ms,
+            summary,
+        )?;
         Ok(dish_key)
     }
 
@@ -521,7 +550,14 @@ impl<'txn> Batch<'txn> {
         row.updated_at_ms = at_ms;
         self.dishes.insert(dish_key, encode(&row).as_slice())?;
         let summary = format!("dish {} updated: slot {}", dish.dish_id, dish.slot);
-        self.change(ChangeEntity::Dish, dish_key, &dish.dish_id, 0, at_ms, summary)
+        self.change(
+            ChangeEntity::Dish,
+            dish_key,
+            &dish.dish_id,
+            0,
+            at_ms,
+            summary,
+        )
     }
 
     /// Creates the embryos of wells not registered yet (checked by `check_wells`).
@@ -561,7 +597,14 @@ impl<'txn> Batch<'txn> {
                 "embryo {} in dish {} well {}",
                 well.embryo_id, dish.dish_id, well.well
             );
-            self.change(ChangeEntity::Embryo, embryo_key, &well.embryo_id, 1, at_ms, summary)?;
+            self.change(
+                ChangeEntity::Embryo,
+                embryo_key,
+                &well.embryo_id,
+                1,
+                at_ms,
+                summary,
+            )?;
         }
         Ok(())
     }

@@ -114,7 +114,9 @@ pub enum WriteError {
     ShuttingDown,
     /// The client's version is stale: someone else changed the row first. Carries the
     /// current version and state (JSON), so the client can show it and decide.
-    #[error("conflict: changed by someone else since version {expected}; now at version {version}")]
+    #[error(
+        "conflict: changed by someone else since version {expected}; now at version {version}"
+    )]
     Conflict {
         expected: u64,
         version: u64,

@@ -243,9 +243,7 @@ fn migrate_changes(
             Some(ChangeEntity::Treatment) => {
                 match get_row::<tables::TreatmentRow>(&treatments, key, "treatment") {
                     Ok(row) => treatment_id(
-                        patient_ids
-                            .get(&row.patient_key)
-                            .map_or("", String::as_str),
+                        patient_ids.get(&row.patient_key).map_or("", String::as_str),
                         &row.name,
                     ),
                     Err(_) => String::new(),
@@ -307,7 +305,10 @@ pub fn write_v1_fixture(path: &std::path::Path) -> Result<(), StorageError> {
             tables::META_SCHEMA_VERSION,
             tables::encode_u64(1).as_slice(),
         )?;
-        meta.insert(tables::META_SERVER_ID, "0123456789abcdef0123456789abcdef".as_bytes())?;
+        meta.insert(
+            tables::META_SERVER_ID,
+            "0123456789abcdef0123456789abcdef".as_bytes(),
+        )?;
         let state = v1::StateRow {
             instrument_id_last: 1,
             patient_key_last: 1,

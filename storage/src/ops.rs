@@ -203,9 +203,8 @@ impl ClinicalEdit {
 
     fn validate(&self) -> Result<(), WriteError> {
         match self {
-            ClinicalEdit::CreatePatient { patient } | ClinicalEdit::UpdatePatient { patient, .. } => {
-                validate_patient(patient)
-            }
+            ClinicalEdit::CreatePatient { patient }
+            | ClinicalEdit::UpdatePatient { patient, .. } => validate_patient(patient),
             ClinicalEdit::CreateTreatment {
                 patient_id,
                 name,
@@ -510,7 +509,9 @@ pub fn user_name(name: &str) -> Result<(), WriteError> {
 
 fn hash_text(hash: &str) -> Result<(), WriteError> {
     if !hash.starts_with("$argon2id$") || hash.len() > limits::PASSWORD_HASH_BYTES_MAX {
-        return Err(invalid("the password hash is not an argon2id PHC string".into()));
+        return Err(invalid(
+            "the password hash is not an argon2id PHC string".into(),
+        ));
     }
     Ok(())
 }

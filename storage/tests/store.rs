@@ -1204,7 +1204,10 @@ fn embryo_edits_check_the_version_and_audit_every_attempt() {
     else {
         panic!("unexpected {outcome:?}");
     };
-    assert_eq!((entity, id.as_str(), version), (ChangeEntity::Embryo, "E1", 2));
+    assert_eq!(
+        (entity, id.as_str(), version),
+        (ChangeEntity::Embryo, "E1", 2)
+    );
     let annotation_id = annotation_id.expect("an added annotation has an id");
 
     // B, still at version 1, is refused with the current state; nothing of B's is stored.
@@ -1297,9 +1300,15 @@ fn embryo_edits_check_the_version_and_audit_every_attempt() {
         expected_version: 6,
         annotation_id,
     };
-    assert_eq!(edit(&writer, "anna", again).unwrap_err().code(), "not_found");
+    assert_eq!(
+        edit(&writer, "anna", again).unwrap_err().code(),
+        "not_found"
+    );
     let unknown = t2("NO-SUCH-EMBRYO", 1, at);
-    assert_eq!(edit(&writer, "anna", unknown).unwrap_err().code(), "not_found");
+    assert_eq!(
+        edit(&writer, "anna", unknown).unwrap_err().code(),
+        "not_found"
+    );
     let embryo = store.read().unwrap().embryo("E1").unwrap().unwrap();
     assert_eq!((embryo.version, embryo.annotations.len()), (6, 0));
     writer.shutdown();
@@ -1320,7 +1329,10 @@ fn patients_and_treatments_are_created_and_edited_with_versions() {
         patient: patient.clone(),
     };
     assert!(edit(&writer, "anna", create.clone()).is_ok());
-    assert_eq!(edit(&writer, "anna", create).unwrap_err().code(), "already_exists");
+    assert_eq!(
+        edit(&writer, "anna", create).unwrap_err().code(),
+        "already_exists"
+    );
     let renamed = PatientRef {
         last_name: "Murray Hopper".into(),
         ..patient.clone()
@@ -1330,9 +1342,15 @@ fn patients_and_treatments_are_created_and_edited_with_versions() {
         expected_version,
     };
     assert!(edit(&writer, "anna", update(1)).is_ok());
-    assert_eq!(edit(&writer, "bert", update(1)).unwrap_err().code(), "conflict");
+    assert_eq!(
+        edit(&writer, "bert", update(1)).unwrap_err().code(),
+        "conflict"
+    );
     let record = store.read().unwrap().patient("MRN-2").unwrap().unwrap();
-    assert_eq!((record.version, record.last_name.as_str()), (2, "Murray Hopper"));
+    assert_eq!(
+        (record.version, record.last_name.as_str()),
+        (2, "Murray Hopper")
+    );
 
     let treatment = ClinicalEdit::CreateTreatment {
         patient_id: "MRN-2".into(),
@@ -1347,14 +1365,29 @@ fn patients_and_treatments_are_created_and_edited_with_versions() {
         expected_version,
     };
     assert!(edit(&writer, "anna", comment(1)).is_ok());
-    assert_eq!(edit(&writer, "anna", comment(1)).unwrap_err().code(), "conflict");
+    assert_eq!(
+        edit(&writer, "anna", comment(1)).unwrap_err().code(),
+        "conflict"
+    );
     let reader = store.read().unwrap();
     let record = reader.patient("MRN-2").unwrap().unwrap();
     assert_eq!(record.treatments.len(), 1);
-    assert_eq!((record.treatments[0].version, record.treatments[0].comment.as_str()), (2, "ICSI"));
-    assert_eq!(reader.treatment_dishes("MRN-2", "2026-0001").unwrap(), Some(vec![]));
+    assert_eq!(
+        (
+            record.treatments[0].version,
+            record.treatments[0].comment.as_str()
+        ),
+        (2, "ICSI")
+    );
+    assert_eq!(
+        reader.treatment_dishes("MRN-2", "2026-0001").unwrap(),
+        Some(vec![])
+    );
     // The instrument-registered treatment lists its dish.
-    let dishes = reader.treatment_dishes("MRN-1", "2022-1411").unwrap().unwrap();
+    let dishes = reader
+        .treatment_dishes("MRN-1", "2022-1411")
+        .unwrap()
+        .unwrap();
     assert_eq!(dishes.len(), 1);
     assert_eq!(dishes[0].dish_id, "D1");
     assert_eq!(dishes[0].wells.len(), 3);
@@ -1410,11 +1443,22 @@ fn users_lock_out_after_failures_and_unlock() {
         at_ms: T0 + 10,
     };
     assert!(write(&writer, unlock).is_ok());
-    assert_eq!(store.read().unwrap().user("anna").unwrap().unwrap().locked_until_ms, 0);
+    assert_eq!(
+        store
+            .read()
+            .unwrap()
+            .user("anna")
+            .unwrap()
+            .unwrap()
+            .locked_until_ms,
+        0
+    );
     // The audit trail records the lock-out and never the hash.
     let audit = store.read().unwrap().audit_after(0, 100).unwrap();
     assert!(audit.iter().any(|a| a.action == "user.lockout"));
-    assert!(audit.iter().all(|a| !a.after.contains("argon2") && !a.before.contains("argon2")));
+    assert!(audit
+        .iter()
+        .all(|a| !a.after.contains("argon2") && !a.before.contains("argon2")));
     let bad_hash = WriteOp::UserAdd {
         actor: actor("admin"),
         name: "bert".into(),
@@ -1422,7 +1466,10 @@ fn users_lock_out_after_failures_and_unlock() {
         rights: Rights::View,
         at_ms: T0,
     };
-    assert_eq!(write(&writer, bad_hash).unwrap_err().code(), "invalid_input");
+    assert_eq!(
+        write(&writer, bad_hash).unwrap_err().code(),
+        "invalid_input"
+    );
     writer.shutdown();
 }
 
@@ -1434,7 +1481,13 @@ fn time_lapse_reads_frames_acquisitions_and_the_dish_overview() {
     for step in 0..5i64 {
         for plane in [-1, 0, 1] {
             let at = T0 + step * 10 * MINUTE_MS;
-            let op = image_op(instrument_id, 1, plane, at, jpeg((100 + step * 10 + i64::from(plane)) as u32, 50));
+            let op = image_op(
+                instrument_id,
+                1,
+                plane,
+                at,
+                jpeg((100 + step * 10 + i64::from(plane)) as u32, 50),
+            );
             write(&writer, op).unwrap();
         }
     }
@@ -1444,15 +1497,28 @@ fn time_lapse_reads_frames_acquisitions_and_the_dish_overview() {
     let acquisitions = reader.acquisitions("E1", None, 100).unwrap().unwrap();
     assert_eq!(acquisitions.len(), 5);
     assert_eq!(acquisitions[0].focal_planes, [-1, 0, 1]);
-    let after = reader.acquisitions("E1", Some(T0 + 20 * MINUTE_MS), 100).unwrap().unwrap();
+    let after = reader
+        .acquisitions("E1", Some(T0 + 20 * MINUTE_MS), 100)
+        .unwrap()
+        .unwrap();
     assert_eq!(after.len(), 2);
-    let frames = reader.frames("E1", 0, T0 + 10 * MINUTE_MS, T0 + 30 * MINUTE_MS, 100).unwrap().unwrap();
+    let frames = reader
+        .frames("E1", 0, T0 + 10 * MINUTE_MS, T0 + 30 * MINUTE_MS, 100)
+        .unwrap()
+        .unwrap();
     assert_eq!(
         frames.iter().map(|f| f.acquired_at_ms).collect::<Vec<_>>(),
-        [T0 + 10 * MINUTE_MS, T0 + 20 * MINUTE_MS, T0 + 30 * MINUTE_MS]
+        [
+            T0 + 10 * MINUTE_MS,
+            T0 + 20 * MINUTE_MS,
+            T0 + 30 * MINUTE_MS
+        ]
     );
     assert_eq!(frames[0].jpeg, jpeg(110, 50));
-    let limited = reader.frames("E1", 0, i64::MIN, i64::MAX, 2).unwrap().unwrap();
+    let limited = reader
+        .frames("E1", 0, i64::MIN, i64::MAX, 2)
+        .unwrap()
+        .unwrap();
     assert_eq!(limited.len(), 2);
     assert_eq!(reader.frames("NOPE", 0, 0, 1, 1).unwrap(), None);
     assert_eq!(
@@ -1464,7 +1530,10 @@ fn time_lapse_reads_frames_acquisitions_and_the_dish_overview() {
     let (well, embryo_id, frame) = &overview[0];
     assert_eq!((*well, embryo_id.as_str()), (1, "E1"));
     let frame = frame.as_ref().unwrap();
-    assert_eq!((frame.acquired_at_ms, frame.focal_plane), (T0 + 40 * MINUTE_MS, 0));
+    assert_eq!(
+        (frame.acquired_at_ms, frame.focal_plane),
+        (T0 + 40 * MINUTE_MS, 0)
+    );
     // Nearest stored plane when the asked one is missing; none for a well without images.
     assert_eq!(overview[1].2.as_ref().unwrap().focal_plane, 3);
     assert!(overview[2].2.is_none());
@@ -1482,23 +1551,51 @@ fn a_version_1_database_is_migrated_on_open() {
     assert_eq!((patient.version, patient.first_name.as_str()), (1, "Ada"));
     assert_eq!(patient.treatments[0].name, "2020-1");
     let embryo = reader.embryo("E-V1-2").unwrap().unwrap();
-    assert_eq!((embryo.version, embryo.fate, embryo.dish_id.as_str()), (1, Fate::Undecided, "D-V1"));
-    assert_eq!(reader.embryo_id_of_key(2).unwrap().as_deref(), Some("E-V1-2"));
+    assert_eq!(
+        (embryo.version, embryo.fate, embryo.dish_id.as_str()),
+        (1, Fate::Undecided, "D-V1")
+    );
+    assert_eq!(
+        reader.embryo_id_of_key(2).unwrap().as_deref(),
+        Some("E-V1-2")
+    );
     let dishes = reader.treatment_dishes("P-V1", "2020-1").unwrap().unwrap();
     assert_eq!(dishes.len(), 1);
     let changes = reader.changes_after(0, 100).unwrap();
     let ids: Vec<_> = changes.iter().map(|c| c.id.as_str()).collect();
-    assert_eq!(ids, ["ES-V1", "P-V1", "P-V1/2020-1", "D-V1", "E-V1-1", "E-V1-2"]);
+    assert_eq!(
+        ids,
+        ["ES-V1", "P-V1", "P-V1/2020-1", "D-V1", "E-V1-1", "E-V1-2"]
+    );
     drop(reader);
     let report = store.verify(&mut |_| {}).unwrap();
     assert!(report.is_clean(), "{report:?}");
     // The migrated database takes new writes: the next embryo edit is version 2.
     let writer = store.start_writer(WriterOptions::default());
     let outcome = edit(&writer, "anna", t2("E-V1-1", 1, 5000)).unwrap();
-    assert!(matches!(outcome, WriteOutcome::Edited { version: 2, change_seq: 7, .. }), "{outcome:?}");
+    assert!(
+        matches!(
+            outcome,
+            WriteOutcome::Edited {
+                version: 2,
+                change_seq: 7,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
     writer.shutdown();
     drop(store);
     // Reopening does not migrate again.
     let store = open(dir.path());
-    assert_eq!(store.read().unwrap().embryo("E-V1-1").unwrap().unwrap().version, 2);
+    assert_eq!(
+        store
+            .read()
+            .unwrap()
+            .embryo("E-V1-1")
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
 }

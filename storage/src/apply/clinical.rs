@@ -10,8 +10,7 @@ use crate::limits;
 use crate::model::{AnnotationSource, AuditOutcome, ChangeEntity, Fate, Rights};
 use crate::ops::{Actor, AnnotationInput, ClinicalEdit, PatientRef, UserChange, WriteOutcome};
 use crate::tables::{
-    decode, encode, AnnotationRow, AuditRow, EmbryoRow, PatientRow, TreatmentRow, UserRow,
-    WellKey,
+    decode, encode, AnnotationRow, AuditRow, EmbryoRow, PatientRow, TreatmentRow, UserRow, WellKey,
 };
 use redb::ReadableTable;
 use serde_json::json;
@@ -98,7 +97,13 @@ impl Batch<'_> {
             },
             at_ms,
         )?;
-        Ok(Ok(edited(ChangeEntity::Patient, patient_key, id, 1, change_seq)))
+        Ok(Ok(edited(
+            ChangeEntity::Patient,
+            patient_key,
+            id,
+            1,
+            change_seq,
+        )))
     }
 
     fn patient_update(

@@ -6,9 +6,8 @@ use crate::apply::{get_row, treatment_id};
 use crate::error::StorageError;
 use crate::limits;
 use crate::model::{
-    AcquisitionRecord, AnnotationRecord, AnnotationSource, AuditOutcome, AuditRecord,
-    ChangeEntity, DishRecord, EmbryoRecord, Fate, Frame, PatientRecord, Rights,
-    TreatmentRecord, UserRecord,
+    AcquisitionRecord, AnnotationRecord, AnnotationSource, AuditOutcome, AuditRecord, ChangeEntity,
+    DishRecord, EmbryoRecord, Fate, Frame, PatientRecord, Rights, TreatmentRecord, UserRecord,
 };
 use crate::tables::{
     self, decode, AcquisitionRow, AnnotationRow, AuditRow, DishRow, EmbryoRow, InstrumentRow,
@@ -266,7 +265,9 @@ impl Reader {
         };
         let wells = self.txn.open_table(tables::WELLS)?;
         match wells.get(well_key)? {
-            Some(bytes) => Ok(Some(decode::<EmbryoRow>(bytes.value(), "embryo")?.embryo_id)),
+            Some(bytes) => Ok(Some(
+                decode::<EmbryoRow>(bytes.value(), "embryo")?.embryo_id,
+            )),
             None => Ok(None),
         }
     }

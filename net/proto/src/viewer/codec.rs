@@ -125,7 +125,10 @@ mod tests {
         let mut src = BytesMut::from(&[0u8, 0, 0, 17][..]);
         assert_eq!(
             decoder.decode::<pb::ClientMessage>(&mut src),
-            Err(FrameError::TooLarge { length: 17, max: 16 })
+            Err(FrameError::TooLarge {
+                length: 17,
+                max: 16
+            })
         );
         assert_eq!(src.len(), 4, "nothing consumed");
         let mut src = BytesMut::from(&[0u8, 0, 0, 2, 0xff, 0xff][..]);

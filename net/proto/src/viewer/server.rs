@@ -217,7 +217,12 @@ impl ServerSession {
     }
 
     /// Writes the refusal of the pending Login or Resume and closes the session.
-    pub fn refuse_login(&mut self, code: ErrorCode, message: impl Into<String>, out: &mut BytesMut) {
+    pub fn refuse_login(
+        &mut self,
+        code: ErrorCode,
+        message: impl Into<String>,
+        out: &mut BytesMut,
+    ) {
         let seq = match self.state {
             State::AwaitingAccept(seq) => seq,
             _ => 0,
@@ -403,7 +408,11 @@ mod tests {
         assert!(session.poll_event(&mut src).unwrap().is_some());
         assert!(session.poll_event(&mut src).unwrap().is_some());
         assert!(session.at_inflight_limit());
-        assert_eq!(session.poll_event(&mut src).unwrap(), None, "held at the limit");
+        assert_eq!(
+            session.poll_event(&mut src).unwrap(),
+            None,
+            "held at the limit"
+        );
         let mut out = BytesMut::new();
         let frame_body = |last| {
             Body::Frame(pb::Frame {
@@ -426,7 +435,13 @@ mod tests {
     fn an_envelope_without_a_request_is_malformed() {
         let mut session = ServerSession::new(ServerLimits::default());
         let mut out = BytesMut::new();
-        encode_frame(&pb::ClientMessage { seq: 1, request: None }, &mut out);
+        encode_frame(
+            &pb::ClientMessage {
+                seq: 1,
+                request: None,
+            },
+            &mut out,
+        );
         let error = session.poll_event(&mut out).unwrap_err();
         assert_eq!(error.code, ErrorCode::MalformedFrame);
     }

@@ -1,0 +1,427 @@
+//! The viewer interface against a real server (TLS with the generated certificate, pinned):
+//! two viewers sharing a save and a conflict, rights, lock-out, and a playback that survives
+//! a dropped connection through its session token.
+
+mod common;
+
+use es_loadtest::sim::{self, Pacing, Workload};
+use es_loadtest::spawn::ServerProcess;
+use es_loadtest::viewer_client::{Credentials, ViewerClient, ViewerError};
+use es_perf::catalog::DeviceModel;
+use es_proto::viewer::pb::{self, client_message::Request, server_message::Body};
+use es_proto::viewer::ErrorCode;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const START_MS: i64 = 1_760_000_000_000;
+const PASSWORD: &str = "Embryo-2026!";
+
+/// Adds a user through the command line, as an administrator would (`--password-stdin`).
+fn add_user(server: &ServerProcess, name: &str, rights: &str, password: &str) {
+    let mut child = Command::new(common::esserver_path())
+        .args([
+            "user",
+            "add",
+            name,
+            "--rights",
+            rights,
+            "--password-stdin",
+            "--data",
+        ])
+        .arg(server.data_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("esserver user add runs");
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "user add {name}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn credentials(user: &str, password: &str) -> Credentials {
+    Credentials {
+        user: user.into(),
+        password: password.into(),
+        computer: format!("VIEWER-{user}"),
+    }
+}
+
+fn login(server: &ServerProcess, user: &str, password: &str) -> Result<ViewerClient, ViewerError> {
+    ViewerClient::login(
+        server.info.address("viewer"),
+        &server.info.client_tls("viewer"),
+        &credentials(user, password),
+        common::TIMEOUT,
+    )
+}
+
+/// One dish of 3 wells, `cycles` acquisitions at focal plane 0, uploaded and acknowledged.
+fn upload_dish(server: &ServerProcess, serial: &str, cycles: u32) -> Workload {
+    let mut identity = common::identity(serial, "es-plus");
+    let mut client = common::connect(server, &mut identity);
+    let workload = Workload {
+        serial: serial.into(),
+        model: DeviceModel::EmbryoScopePlus,
+        dishes: 1,
+        wells_per_dish: 3,
+        planes: vec![0],
+        cycles,
+        start_ms: START_MS,
+        interval_ms: 600_000,
+    };
+    sim::register_dishes(&mut client, &workload, common::TIMEOUT).unwrap();
+    let frames = es_loadtest::frames::generate(4, 7);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (stats, error) = sim::upload(
+        &mut client,
+        &workload,
+        0..workload.len(),
+        &frames,
+        Pacing::Window,
+        deadline,
+    );
+    assert!(
+        error.is_none() && stats.errors.is_empty(),
+        "{error:?} {:?}",
+        stats.errors
+    );
+    assert_eq!(stats.acked, workload.len());
+    workload
+}
+
+fn embryo(client: &mut ViewerClient, embryo_id: &str) -> pb::Embryo {
+    let request = Request::GetEmbryo(pb::GetEmbryo {
+        embryo_id: embryo_id.into(),
+    });
+    match client.call(request).unwrap() {
+        Body::Embryo(embryo) => embryo,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn add_t2(embryo_id: &str, expected_version: u64, hours: i64) -> Request {
+    Request::AddAnnotation(pb::AddAnnotation {
+        embryo_id: embryo_id.into(),
+        expected_version,
+        annotation: Some(pb::AnnotationInput {
+            name: "t2".into(),
+            value: String::new(),
+            event_at_ms: START_MS - 3_600_000 + hours * 3_600_000,
+            has_event: true,
+            source: "manual".into(),
+        }),
+    })
+}
+
+#[test]
+fn two_viewers_share_a_save_and_a_stale_write_is_a_conflict_in_the_audit_trail() {
+    let (mut server, dir) = common::spawn(true);
+    add_user(&server, "anna", "edit", PASSWORD);
+    add_user(&server, "bert", "edit", PASSWORD);
+    let workload = upload_dish(&server, "VW-1", 2);
+    let embryo_id = format!("{}_S1_P-1", workload.serial);
+
+    let mut anna = login(&server, "anna", PASSWORD).unwrap();
+    let mut bert = login(&server, "bert", PASSWORD).unwrap();
+    assert_eq!(anna.login.rights, "edit");
+    assert_eq!(anna.login.server_id, server.info.server_id);
+
+    // Browse: patient -> treatment -> dish -> embryo, acquisitions and one image.
+    let patients = match anna
+        .call(Request::ListPatients(pb::ListPatients::default()))
+        .unwrap()
+    {
+        Body::PatientList(list) => list.patients,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(patients.len(), 1);
+    let treatment = &patients[0].treatments[0];
+    let dishes = match anna
+        .call(Request::ListDishes(pb::ListDishes {
+            patient_id: patients[0].patient_id.clone(),
+            treatment_name: treatment.name.clone(),
+        }))
+        .unwrap()
+    {
+        Body::DishList(list) => list.dishes,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(dishes.len(), 1);
+    let dish = match anna
+        .call(Request::GetDish(pb::GetDish {
+            dish_key: dishes[0].dish_key,
+        }))
+        .unwrap()
+    {
+        Body::Dish(dish) => dish,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(dish.embryos.len(), 3);
+    assert_eq!(dish.embryos[0].embryo_id, embryo_id);
+    let overview = match anna
+        .call(Request::DishOverview(pb::DishOverview {
+            dish_key: dish.dish_key,
+            focal_plane: 0,
+        }))
+        .unwrap()
+    {
+        Body::Overview(overview) => overview,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(overview.well_numbers, [1, 2, 3]);
+    assert!(overview
+        .wells
+        .iter()
+        .all(|image| image.jpeg.starts_with(&[0xff, 0xd8])));
+
+    // A saves t2; B is pushed the change with the new version.
+    let before = embryo(&mut anna, &embryo_id);
+    let saved = match anna.call(add_t2(&embryo_id, before.version, 26)).unwrap() {
+        Body::Saved(saved) => saved,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(
+        (saved.entity.as_str(), saved.id.as_str()),
+        ("embryo", embryo_id.as_str())
+    );
+    assert_eq!(saved.version, before.version + 1);
+    bert.wait_for_change(saved.change_seq).unwrap();
+    let notice = bert
+        .notices
+        .iter()
+        .find(|n| n.change_seq == saved.change_seq)
+        .expect("B received the notice of A's save");
+    assert_eq!(
+        (notice.entity.as_str(), notice.id.as_str(), notice.version),
+        ("embryo", embryo_id.as_str(), saved.version)
+    );
+    // Notices arrive in seq order without gaps.
+    let seqs: Vec<u64> = bert.notices.iter().map(|n| n.change_seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+
+    // B saves on the version it had: conflict, with A's value attached; nothing changes.
+    let error = bert
+        .call(add_t2(&embryo_id, before.version, 27))
+        .unwrap_err();
+    let ViewerError::Server {
+        current_version,
+        current_json,
+        ..
+    } = &error
+    else {
+        panic!("unexpected {error:?}");
+    };
+    assert_eq!(error.error_code(), Some(ErrorCode::Conflict));
+    assert_eq!(*current_version, saved.version);
+    assert!(current_json.contains("anna"), "{current_json}");
+    let after = embryo(&mut bert, &embryo_id);
+    assert_eq!(after.version, saved.version);
+    assert_eq!(after.annotations.len(), 1);
+    assert_eq!(after.annotations[0].set_by, "anna");
+    assert!((after.annotations[0].hours - 26.0).abs() < 1e-9);
+
+    // B reloads and saves on the current version.
+    let fate = Request::SetFate(pb::SetFate {
+        embryo_id: embryo_id.clone(),
+        expected_version: after.version,
+        fate: "transfer".into(),
+    });
+    assert!(matches!(bert.call(fate).unwrap(), Body::Saved(_)));
+    drop(anna);
+    drop(bert);
+
+    // The audit trail holds both attempts with their outcome.
+    assert_eq!(server.terminate(Duration::from_secs(20)), Some(0));
+    let store = es_storage::Store::open(server.data_dir(), &Default::default(), [0; 16]).unwrap();
+    let audit = store.read().unwrap().audit_after(0, 1000).unwrap();
+    let attempts: Vec<_> = audit
+        .iter()
+        .filter(|a| a.action == "annotation.add")
+        .map(|a| (a.user.as_str(), a.outcome.as_str(), a.computer.as_str()))
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            ("anna", "applied", "VIEWER-anna"),
+            ("bert", "conflict", "VIEWER-bert")
+        ]
+    );
+    assert!(audit
+        .iter()
+        .any(|a| a.action == "embryo.fate" && a.user == "bert"));
+    drop(dir);
+}
+
+#[test]
+fn a_view_user_cannot_write_and_five_wrong_passwords_lock_the_account() {
+    let (server, dir) = common::spawn(true);
+    add_user(&server, "vera", "view", PASSWORD);
+    add_user(&server, "carl", "edit", PASSWORD);
+    let workload = upload_dish(&server, "VW-2", 1);
+    let embryo_id = format!("{}_S1_P-2", workload.serial);
+
+    let mut vera = login(&server, "vera", PASSWORD).unwrap();
+    assert_eq!(vera.login.rights, "view");
+    let current = embryo(&mut vera, &embryo_id);
+    let error = vera
+        .call(add_t2(&embryo_id, current.version, 25))
+        .unwrap_err();
+    assert_eq!(
+        error.error_code(),
+        Some(ErrorCode::PermissionDenied),
+        "{error}"
+    );
+    assert_eq!(
+        embryo(&mut vera, &embryo_id).version,
+        current.version,
+        "nothing was written"
+    );
+    // Reads still work on the same connection.
+    assert!(matches!(
+        vera.call(Request::Ping(pb::Ping {})).unwrap(),
+        Body::Done(_)
+    ));
+
+    // Weak passwords are refused by the command line.
+    let output = Command::new(common::esserver_path())
+        .args(["user", "passwd", "carl", "--password-stdin", "--data"])
+        .arg(server.data_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            writeln!(child.stdin.take().unwrap(), "weakpassword")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("policy"));
+
+    for attempt in 1..=5 {
+        let error = login(&server, "carl", "Wrong-pass1!")
+            .err()
+            .expect("refused");
+        let expected = if attempt < 5 {
+            ErrorCode::AuthFailed
+        } else {
+            ErrorCode::AccountLocked
+        };
+        assert_eq!(
+            error.error_code(),
+            Some(expected),
+            "attempt {attempt}: {error}"
+        );
+    }
+    // Locked: even the right password is refused, with a message saying how to unlock.
+    let error = login(&server, "carl", PASSWORD).err().expect("locked");
+    assert_eq!(error.error_code(), Some(ErrorCode::AccountLocked));
+    assert!(
+        error.to_string().contains("esserver user unlock carl"),
+        "{error}"
+    );
+    // An unknown user gets the same answer as a wrong password.
+    let error = login(&server, "nobody", PASSWORD).err().expect("refused");
+    assert_eq!(error.error_code(), Some(ErrorCode::AuthFailed));
+
+    let status = Command::new(common::esserver_path())
+        .args(["user", "unlock", "carl", "--data"])
+        .arg(server.data_dir())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(login(&server, "carl", PASSWORD).is_ok());
+    let log = common::server_log(&dir);
+    assert!(
+        !log.contains(PASSWORD) && !log.contains("Wrong-pass1!"),
+        "a password reached the log"
+    );
+}
+
+fn frame_of(body: Body) -> pb::Frame {
+    match body {
+        Body::Frame(frame) => frame,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn playback_resumes_after_the_connection_drops() {
+    let (server, _dir) = common::spawn(true);
+    add_user(&server, "anna", "edit", PASSWORD);
+    let workload = upload_dish(&server, "VW-3", 40);
+    let embryo_id = format!("{}_S1_P-3", workload.serial);
+
+    let mut anna = login(&server, "anna", PASSWORD).unwrap();
+    let token = anna.login.session_token.clone();
+    let playback = Request::Playback(pb::Playback {
+        embryo_id: embryo_id.clone(),
+        focal_plane: 0,
+        from_ms: 0,
+        to_ms: 0,
+        max_frames: 0,
+    });
+    let seq = anna.send(playback);
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let frame = frame_of(anna.wait(seq, "a frame").unwrap());
+        assert!(!frame.last);
+        seen.push(frame.image.unwrap().acquired_at_ms);
+    }
+    let changes_seen = anna.last_change_seq;
+    anna.drop_connection();
+
+    // Reconnect with the session token (no password) and continue after the last frame.
+    let mut again = ViewerClient::resume(
+        server.info.address("viewer"),
+        &server.info.client_tls("viewer"),
+        &token,
+        changes_seen,
+        common::TIMEOUT,
+    )
+    .unwrap();
+    assert_eq!(again.login.user, "anna");
+    assert!(!again.login.resync_required);
+    let seq = again.send(Request::Playback(pb::Playback {
+        embryo_id: embryo_id.clone(),
+        focal_plane: 0,
+        from_ms: seen.last().unwrap() + 1,
+        to_ms: 0,
+        max_frames: 0,
+    }));
+    loop {
+        let frame = frame_of(again.wait(seq, "a frame").unwrap());
+        if let Some(image) = frame.image {
+            seen.push(image.acquired_at_ms);
+        }
+        if frame.last {
+            break;
+        }
+    }
+    let expected: Vec<i64> = (0..40)
+        .map(|cycle| START_MS + cycle * 600_000 + 3_000)
+        .collect();
+    assert_eq!(seen, expected, "every frame once, in time order");
+
+    // The token survives only one connection at a time; after logout it is gone.
+    assert!(matches!(
+        again.call(Request::Logout(pb::Logout {})).unwrap(),
+        Body::Done(_)
+    ));
+    let error = ViewerClient::resume(
+        server.info.address("viewer"),
+        &server.info.client_tls("viewer"),
+        &token,
+        0,
+        common::TIMEOUT,
+    )
+    .err()
+    .expect("logged out");
+    assert_eq!(error.error_code(), Some(ErrorCode::SessionExpired));
+}
