@@ -425,3 +425,94 @@ fn playback_resumes_after_the_connection_drops() {
     .expect("logged out");
     assert_eq!(error.error_code(), Some(ErrorCode::SessionExpired));
 }
+
+/// A 1,000-frame playback completes while 16 simulated EmbryoScope+ upload at 10 x their
+/// nominal rate, and the incubators lose no acknowledgement. (Latency under this load is the
+/// benchmark's job, not this test's.)
+#[test]
+fn a_1000_frame_playback_completes_while_16_incubators_upload_at_10x() {
+    let (server, _dir) = common::spawn(true);
+    add_user(&server, "anna", "edit", PASSWORD);
+    // One embryo with 1,000 acquisitions at plane 0 (1 dish x 1 well).
+    let mut identity = common::identity("VW-PLAY", "es-plus");
+    let mut client = common::connect(&server, &mut identity);
+    let long = Workload {
+        serial: "VW-PLAY".into(),
+        model: DeviceModel::EmbryoScopePlus,
+        dishes: 1,
+        wells_per_dish: 1,
+        planes: vec![0],
+        cycles: 1000,
+        start_ms: START_MS,
+        interval_ms: 600_000,
+    };
+    sim::register_dishes(&mut client, &long, common::TIMEOUT).unwrap();
+    let frames = es_loadtest::frames::generate(4, 9);
+    let (stats, error) = sim::upload(
+        &mut client,
+        &long,
+        0..long.len(),
+        &frames,
+        Pacing::Window,
+        Instant::now() + Duration::from_secs(120),
+    );
+    assert!(error.is_none() && stats.acked == 1000, "{error:?} {stats:?}");
+
+    // 16 incubators at 10 x nominal (44 images/s each), for about 8 seconds.
+    let rate = DeviceModel::EmbryoScopePlus.spec().images_per_second() * 10.0;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let per_incubator = (rate * 8.0) as u64;
+    let uploaders: Vec<_> = (0..16)
+        .map(|index| {
+            let address = server.info.address("incubator");
+            let tls = server.info.client_tls("incubator");
+            let frames = frames.clone();
+            std::thread::spawn(move || {
+                let serial = format!("VW-LOAD-{index:02}");
+                let mut identity = common::identity(&serial, "es-plus");
+                let mut client = es_loadtest::client::IncubatorClient::connect(
+                    address, &tls, &mut identity, common::TIMEOUT,
+                )
+                .expect("incubator connects");
+                let workload = Workload::full(&serial, DeviceModel::EmbryoScopePlus, 1, START_MS);
+                sim::register_dishes(&mut client, &workload, common::TIMEOUT).unwrap();
+                let pacing = Pacing::OpenLoop {
+                    start: Instant::now(),
+                    interval,
+                };
+                let deadline = Instant::now() + Duration::from_secs(120);
+                sim::upload(&mut client, &workload, 0..per_incubator, &frames, pacing, deadline)
+            })
+        })
+        .collect();
+
+    let mut anna = login(&server, "anna", PASSWORD).unwrap();
+    let seq = anna.send(Request::Playback(pb::Playback {
+        embryo_id: "VW-PLAY_S1_P-1".into(),
+        focal_plane: 0,
+        from_ms: 0,
+        to_ms: 0,
+        max_frames: 1000,
+    }));
+    let mut times = Vec::new();
+    loop {
+        let frame = frame_of(anna.wait(seq, "a playback frame").unwrap());
+        if let Some(image) = frame.image {
+            assert_eq!(frame.index as usize, times.len());
+            assert!(image.jpeg.starts_with(&[0xff, 0xd8]));
+            times.push(image.acquired_at_ms);
+        }
+        if frame.last {
+            break;
+        }
+    }
+    assert_eq!(times.len(), 1000);
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "frames in time order");
+
+    for uploader in uploaders {
+        let (stats, error) = uploader.join().unwrap();
+        assert!(error.is_none(), "an incubator failed: {error:?}");
+        assert!(stats.errors.is_empty(), "{:?}", stats.errors);
+        assert_eq!(stats.acked, per_incubator, "every image acknowledged");
+    }
+}
