@@ -14,4 +14,5 @@ pub mod os;
 pub mod server;
 pub mod unavailable;
 pub mod viewer;
+pub mod viewer_tool;
 pub mod workers;

@@ -57,8 +57,70 @@ enum Command {
         #[command(subcommand)]
         action: UserAction,
     },
+    /// A command-line viewer: log in to a server of Viewer_d.ini, browse, export, annotate.
+    Viewer(ViewerArgs),
     /// Print a complete, commented EmbryoServer.ini with the defaults.
     DefaultConfig,
+}
+
+#[derive(clap::Args)]
+struct ViewerArgs {
+    /// The viewers' configuration file ([Servers] lines `name=ip:port`).
+    #[arg(long, value_name = "FILE", default_value = "Viewer_d.ini")]
+    ini: PathBuf,
+    /// Which server of the ini (needed when it lists several).
+    #[arg(long, value_name = "NAME")]
+    server: Option<String>,
+    /// User name.
+    #[arg(long, short)]
+    user: String,
+    /// Read the password from the first line of standard input instead of asking.
+    #[arg(long)]
+    password_stdin: bool,
+    /// This computer's name (default: the host name).
+    #[arg(long)]
+    computer: Option<String>,
+    /// Verify the server's certificate against this CA file instead of pinning it.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Where pinned certificates are kept (default: Viewer_d.pins beside the ini).
+    #[arg(long, value_name = "FILE")]
+    pins: Option<PathBuf>,
+    #[command(subcommand)]
+    action: ViewerAction,
+}
+
+#[derive(Subcommand)]
+enum ViewerAction {
+    /// List patients and their treatments.
+    Patients,
+    /// List the dishes and embryos of a treatment.
+    Dishes {
+        patient_id: String,
+        treatment: String,
+    },
+    /// Show an embryo: fate, annotations, acquisitions.
+    Embryo { embryo_id: String },
+    /// Export an embryo's time-lapse at one focal plane as JPEG files.
+    Export {
+        embryo_id: String,
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        plane: i32,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// At most this many frames (0: all, up to 10,000).
+        #[arg(long, default_value_t = 0)]
+        max: u32,
+    },
+    /// Add an annotation (a timing event with --hours after insemination, or a --value).
+    Annotate {
+        embryo_id: String,
+        name: String,
+        #[arg(long, default_value = "")]
+        value: String,
+        #[arg(long)]
+        hours: Option<f64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -229,6 +291,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             println!("{}", body["message"].as_str().unwrap_or("done"));
         }),
         Command::User { action } => user(action),
+        Command::Viewer(args) => viewer(args),
         Command::DefaultConfig => {
             print!("{}", Config::default().to_ini());
             Ok(ExitCode::SUCCESS)
@@ -347,6 +410,80 @@ fn user(action: UserAction) -> Result<ExitCode, String> {
             );
         }
     })
+}
+
+fn viewer(args: ViewerArgs) -> Result<ExitCode, String> {
+    use esserver::viewer_tool as tool;
+    let servers = tool::read_viewer_ini(&args.ini)?;
+    let server = tool::pick_server(&servers, args.server.as_deref())?;
+    let password = if args.password_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|error| format!("cannot read the password: {error}"))?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    } else {
+        rpassword::prompt_password(format!("Password for {} on {}: ", args.user, server.name))
+            .map_err(|error| {
+                format!("cannot read the password: {error} (use --password-stdin in scripts)")
+            })?
+    };
+    let computer = args.computer.unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|name| name.trim().to_string())
+            .ok()
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "viewer".to_string())
+    });
+    let pins = args.pins.unwrap_or_else(|| args.ini.with_extension("pins"));
+    let target = tool::Target {
+        server,
+        ca: args.ca,
+        pins,
+    };
+    let credentials = es_loadtest::viewer_client::Credentials {
+        user: args.user,
+        password,
+        computer,
+    };
+    let mut client = tool::connect(&target, &credentials)?;
+    eprintln!(
+        "logged in to {} as {} ({})",
+        target.server.name, client.login.user, client.login.rights
+    );
+    match args.action {
+        ViewerAction::Patients => tool::list_patients(&mut client)?,
+        ViewerAction::Dishes {
+            patient_id,
+            treatment,
+        } => tool::list_dishes(&mut client, &patient_id, &treatment)?,
+        ViewerAction::Embryo { embryo_id } => tool::show_embryo(&mut client, &embryo_id)?,
+        ViewerAction::Export {
+            embryo_id,
+            plane,
+            out,
+            max,
+        } => {
+            let count = tool::export(&mut client, &embryo_id, plane, &out, max)?;
+            println!(
+                "{count} frames of {embryo_id} at focal plane {plane} written to {}",
+                out.display()
+            );
+        }
+        ViewerAction::Annotate {
+            embryo_id,
+            name,
+            value,
+            hours,
+        } => {
+            let saved = tool::annotate(&mut client, &embryo_id, &name, &value, hours)?;
+            println!(
+                "saved: annotation {} of embryo {} (annotation id {}), embryo now at version {}",
+                name, saved.id, saved.annotation_id, saved.version
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn es_storage_name(name: &str) -> Result<(), String> {

@@ -456,7 +456,10 @@ fn a_1000_frame_playback_completes_while_16_incubators_upload_at_10x() {
         Pacing::Window,
         Instant::now() + Duration::from_secs(120),
     );
-    assert!(error.is_none() && stats.acked == 1000, "{error:?} {stats:?}");
+    assert!(
+        error.is_none() && stats.acked == 1000,
+        "{error:?} {stats:?}"
+    );
 
     // 16 incubators at 10 x nominal (44 images/s each), for about 8 seconds.
     let rate = DeviceModel::EmbryoScopePlus.spec().images_per_second() * 10.0;
@@ -471,7 +474,10 @@ fn a_1000_frame_playback_completes_while_16_incubators_upload_at_10x() {
                 let serial = format!("VW-LOAD-{index:02}");
                 let mut identity = common::identity(&serial, "es-plus");
                 let mut client = es_loadtest::client::IncubatorClient::connect(
-                    address, &tls, &mut identity, common::TIMEOUT,
+                    address,
+                    &tls,
+                    &mut identity,
+                    common::TIMEOUT,
                 )
                 .expect("incubator connects");
                 let workload = Workload::full(&serial, DeviceModel::EmbryoScopePlus, 1, START_MS);
@@ -481,7 +487,14 @@ fn a_1000_frame_playback_completes_while_16_incubators_upload_at_10x() {
                     interval,
                 };
                 let deadline = Instant::now() + Duration::from_secs(120);
-                sim::upload(&mut client, &workload, 0..per_incubator, &frames, pacing, deadline)
+                sim::upload(
+                    &mut client,
+                    &workload,
+                    0..per_incubator,
+                    &frames,
+                    pacing,
+                    deadline,
+                )
             })
         })
         .collect();
@@ -507,7 +520,10 @@ fn a_1000_frame_playback_completes_while_16_incubators_upload_at_10x() {
         }
     }
     assert_eq!(times.len(), 1000);
-    assert!(times.windows(2).all(|w| w[0] < w[1]), "frames in time order");
+    assert!(
+        times.windows(2).all(|w| w[0] < w[1]),
+        "frames in time order"
+    );
 
     for uploader in uploaders {
         let (stats, error) = uploader.join().unwrap();
@@ -515,4 +531,101 @@ fn a_1000_frame_playback_completes_while_16_incubators_upload_at_10x() {
         assert!(stats.errors.is_empty(), "{:?}", stats.errors);
         assert_eq!(stats.acked, per_incubator, "every image acknowledged");
     }
+}
+
+/// Runs `esserver viewer --ini ... ARGS` with the password on standard input.
+fn viewer_tool(
+    ini: &std::path::Path,
+    user: &str,
+    password: &str,
+    args: &[&str],
+) -> std::process::Output {
+    let mut child = Command::new(common::esserver_path())
+        .arg("viewer")
+        .arg("--ini")
+        .arg(ini)
+        .args(["--user", user, "--password-stdin", "--computer", "TOOL-PC"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("esserver viewer runs");
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn the_viewer_tool_pins_the_certificate_exports_and_annotates() {
+    let (server, dir) = common::spawn(true);
+    add_user(&server, "anna", "edit", PASSWORD);
+    let workload = upload_dish(&server, "VW-4", 5);
+    let embryo_id = format!("{}_S1_P-1", workload.serial);
+    let ini = dir.path().join("Viewer_d.ini");
+    std::fs::write(
+        &ini,
+        format!("[Servers]\nClinic={}\n", server.info.address("viewer")),
+    )
+    .unwrap();
+
+    let output = viewer_tool(&ini, "anna", PASSWORD, &["patients"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stdout.contains("MRN-VW-4-1"), "{stdout}");
+    assert!(stderr.contains("pinned the certificate"), "{stderr}");
+    let pins = std::fs::read_to_string(dir.path().join("Viewer_d.pins")).unwrap();
+    let fingerprint =
+        es_net::tls::fingerprint(&es_net::tls::read_certificate(&server.info.certificate).unwrap());
+    assert!(pins.contains(&fingerprint), "{pins}");
+
+    let out = dir.path().join("export");
+    let output = viewer_tool(
+        &ini,
+        "anna",
+        PASSWORD,
+        &[
+            "export",
+            &embryo_id,
+            "--plane",
+            "0",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let files: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+    assert_eq!(files.len(), 5, "one JPEG per acquisition");
+
+    let output = viewer_tool(
+        &ini,
+        "anna",
+        PASSWORD,
+        &["annotate", &embryo_id, "t2", "--hours", "25.5"],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = viewer_tool(&ini, "anna", PASSWORD, &["embryo", &embryo_id]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("t2") && stdout.contains("25.50 h") && stdout.contains("by anna"),
+        "{stdout}"
+    );
+
+    // A changed certificate is refused with a clear message.
+    std::fs::write(
+        dir.path().join("Viewer_d.pins"),
+        format!("{} {}\n", server.info.address("viewer"), "00".repeat(32)),
+    )
+    .unwrap();
+    let output = viewer_tool(&ini, "anna", PASSWORD, &["patients"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("changed since it was pinned"));
 }

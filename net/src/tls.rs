@@ -153,6 +153,102 @@ pub fn pinned_client_config(pinned: CertificateDer<'static>) -> Arc<ClientConfig
     Arc::new(config)
 }
 
+/// Trust on first use: with `expected` (a SHA-256 fingerprint from [`fingerprint`]) only that
+/// certificate is accepted; without, any certificate is accepted once and its fingerprint is
+/// put into `seen`, for the caller to store and expect from then on.
+pub fn first_use_client_config(
+    expected: Option<String>,
+    seen: Arc<parking_lot::Mutex<Option<String>>>,
+) -> Arc<ClientConfig> {
+    let verifier = Arc::new(FingerprintVerifier {
+        expected,
+        seen,
+        algorithms: provider().signature_verification_algorithms,
+    });
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// A client configuration that verifies the server's chain against the CA certificates of a
+/// PEM file, and the server's name as usual.
+pub fn ca_client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certificates = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|error| TlsError::Config(format!("{}: {error}", ca_file.display())))?;
+    for certificate in certificates {
+        let certificate = certificate
+            .map_err(|error| TlsError::Config(format!("{}: {error}", ca_file.display())))?;
+        roots
+            .add(certificate)
+            .map_err(|error| TlsError::Config(error.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: ca_file.to_path_buf(),
+        });
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+#[derive(Debug)]
+struct FingerprintVerifier {
+    expected: Option<String>,
+    seen: Arc<parking_lot::Mutex<Option<String>>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for FingerprintVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let presented = fingerprint(end_entity);
+        *self.seen.lock() = Some(presented.clone());
+        match &self.expected {
+            Some(expected) if *expected != presented => Err(rustls::Error::General(format!(
+                "the server's certificate changed: it presents {presented}, pinned is {expected}"
+            ))),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
 #[derive(Debug)]
 struct PinnedVerifier {
     pinned: CertificateDer<'static>,

@@ -72,7 +72,13 @@ fn every_example_frame_matches_its_message() {
     assert_eq!(blocks[2], encoded(&notice), "ChangeNotice example");
     let mut decoder = FrameDecoder::new(1 << 20);
     let mut src = BytesMut::from(&blocks[1][..]);
-    assert_eq!(decoder.decode::<pb::ClientMessage>(&mut src).unwrap(), Some(login));
+    assert_eq!(
+        decoder.decode::<pb::ClientMessage>(&mut src).unwrap(),
+        Some(login)
+    );
     let mut src = BytesMut::from(&blocks[2][..]);
-    assert_eq!(decoder.decode::<pb::ServerMessage>(&mut src).unwrap(), Some(notice));
+    assert_eq!(
+        decoder.decode::<pb::ServerMessage>(&mut src).unwrap(),
+        Some(notice)
+    );
 }
