@@ -629,3 +629,48 @@ fn the_viewer_tool_pins_the_certificate_exports_and_annotates() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("changed since it was pinned"));
 }
+
+/// The protocol documents are enough to write a viewer: a Python client written only from
+/// `docs/protocol/viewer.md` and `viewer.proto` runs its scenario against a real server (TLS,
+/// certificate pinned). `scripts/test.sh` installs its Python packages.
+#[test]
+fn python_viewer_client_from_the_documents_alone() {
+    let (server, _dir) = common::spawn(true);
+    add_user(&server, "pyanna", "edit", PASSWORD);
+    add_user(&server, "pybert", "edit", PASSWORD);
+    add_user(&server, "pyvera", "view", PASSWORD);
+    upload_dish(&server, "VW-PY", 3);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let address = server.info.address("viewer");
+    let output = Command::new("python3")
+        .arg(root.join("tests/python/viewer_client_test.py"))
+        .args([
+            "--host",
+            &address.ip().to_string(),
+            "--port",
+            &address.port().to_string(),
+        ])
+        .arg("--cert")
+        .arg(&server.info.certificate)
+        .arg("--proto-dir")
+        .arg(root.join("docs/protocol"))
+        .args([
+            "--editor",
+            "pyanna",
+            "--editor2",
+            "pybert",
+            "--viewer",
+            "pyvera",
+            "--password",
+            PASSWORD,
+        ])
+        .output()
+        .expect("python3 runs (scripts/test.sh installs its packages)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the Python viewer failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("PASS: all checks passed"), "{stdout}");
+}
