@@ -42,8 +42,33 @@ pub struct IngestResult {
 /// Runs one ingestion phase against `server` (incubator serials are prefixed by `tag` so
 /// phases do not collide).
 pub fn run_ingest(server: &ServerProcess, options: &IngestOptions, tag: &str) -> IngestResult {
-    let address = server.info.address("incubator");
-    let tls = server.info.client_tls("incubator");
+    run_ingest_on(&server.info, options, tag)
+}
+
+/// A result with nothing measured (no incubators ran).
+pub fn empty_result() -> IngestResult {
+    IngestResult {
+        incubators: 0,
+        offered_per_s: None,
+        images_acked: 0,
+        bytes_acked: 0,
+        elapsed_s: 0.0,
+        images_per_s: 0.0,
+        megabytes_per_s: 0.0,
+        ack_latency: LatencyRecorder::new().summary(),
+        errors: BTreeMap::new(),
+        connection_errors: Vec::new(),
+    }
+}
+
+/// [`run_ingest`] against the server `info` describes.
+pub fn run_ingest_on(
+    info: &crate::spawn::ServerInfo,
+    options: &IngestOptions,
+    tag: &str,
+) -> IngestResult {
+    let address = info.address("incubator");
+    let tls = info.client_tls("incubator");
     let frame_bytes = options.frames.iter().map(|f| f.len() as u64).sum::<u64>()
         / options.frames.len().max(1) as u64;
     let images_total = options.bytes_max / frame_bytes.max(1);

@@ -14,4 +14,5 @@ pub mod disk;
 pub mod frames;
 pub mod sim;
 pub mod spawn;
+pub mod viewer_bench;
 pub mod viewer_client;

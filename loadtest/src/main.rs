@@ -25,6 +25,9 @@ enum Command {
     /// Ingestion benchmark: throughput and ack latency from simulated incubators against a
     /// spawned server, and the disk's own limit for the same bytes and batching.
     IngestBench(IngestArgs),
+    /// Viewer benchmark: 4 viewers (frame fetch, dish overview, annotation save, change push,
+    /// playback) while simulated high-capacity incubators upload at a multiple of nominal.
+    ViewerBench(ViewerArgs),
     /// The disk's own limit alone: write + fsync of 30 KB records in batches.
     DiskLimit {
         /// Directory on the filesystem to measure (default: the system temporary directory).
@@ -68,6 +71,34 @@ struct IngestArgs {
     json: Option<PathBuf>,
 }
 
+#[derive(clap::Args)]
+struct ViewerArgs {
+    /// Simulated viewers: the first plays back continuously, the others fetch frames, open
+    /// dish overviews and save annotations.
+    #[arg(long, default_value_t = 4)]
+    viewers: u32,
+    /// Simulated EmbryoScope+ incubators in the background (8: a full high-capacity site).
+    #[arg(long, default_value_t = 8)]
+    incubators: u32,
+    /// Their rate as a multiple of nominal (4.4 images/s each).
+    #[arg(long, default_value_t = 100.0)]
+    multiple: f64,
+    /// Operations per second of each interactive viewer.
+    #[arg(long, default_value_t = 50.0)]
+    ops_per_s: f64,
+    /// Acquisitions of each seeded embryo (the playback length).
+    #[arg(long, default_value_t = 1000)]
+    seed_cycles: u32,
+    #[arg(long, default_value_t = 15)]
+    duration_s: u64,
+    #[arg(long)]
+    esserver: Option<PathBuf>,
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(serde::Serialize)]
 struct ModeReport {
     incubator_tls: bool,
@@ -83,6 +114,14 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::IngestBench(args) => match ingest_bench(args) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("loadtest: {message}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::ViewerBench(args) => match viewer_bench(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(2),
             Err(message) => {
                 eprintln!("loadtest: {message}");
                 ExitCode::FAILURE
@@ -362,4 +401,166 @@ fn print_report(reports: &[ModeReport]) {
             );
         }
     }
+}
+
+/// Runs the viewer benchmark; true when every target passed.
+fn viewer_bench(args: ViewerArgs) -> Result<bool, String> {
+    use es_loadtest::viewer_bench::{self as vb, ViewerBenchOptions};
+    let scratch_root = args.scratch.clone().unwrap_or_else(std::env::temp_dir);
+    let rate = DeviceModel::EmbryoScopePlus.spec().images_per_second()
+        * args.incubators as f64
+        * args.multiple;
+    let frame_bytes_typical = 32_000.0;
+    let needed = ((rate * args.duration_s as f64 + (args.seed_cycles * vb::SEED_WELLS) as f64)
+        * frame_bytes_typical
+        * 3.0) as u64;
+    let free =
+        disk::free_bytes(&scratch_root).map_err(|e| format!("cannot read free space: {e}"))?;
+    if free < needed {
+        return Err(format!(
+            "{} has {} MB free; this run needs about {} MB (lower --multiple or --duration-s)",
+            scratch_root.display(),
+            free / 1_000_000,
+            needed / 1_000_000
+        ));
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("esserver-viewer-bench-")
+        .tempdir_in(&scratch_root)
+        .map_err(|e| e.to_string())?;
+    let esserver = args.esserver.clone().unwrap_or_else(find_esserver);
+    let mut options = SpawnOptions::new(esserver.clone(), scratch.path().join("data"));
+    options.log_level = "warn".into();
+    options.log_file = Some(scratch.path().join("server.log"));
+    let mut server = ServerProcess::spawn(options)
+        .map_err(|e| format!("cannot start {}: {e}", esserver.display()))?;
+    let users: Vec<String> = (0..args.viewers.max(1))
+        .map(|n| format!("bench{n}"))
+        .collect();
+    for user in &users {
+        add_user(&esserver, server.data_dir(), user)?;
+    }
+    eprintln!("generating frames...");
+    let frames = Arc::new(es_loadtest::frames::generate(16, 3));
+    eprintln!(
+        "seeding {} embryos of {} acquisitions...",
+        vb::SEED_WELLS,
+        args.seed_cycles
+    );
+    let embryos = vb::seed(&server, &frames, args.seed_cycles)?;
+    eprintln!(
+        "running {} s: {} viewers, {} incubators at {:.0} images/s ({} x nominal)",
+        args.duration_s, args.viewers, args.incubators, rate, args.multiple
+    );
+    let bench_options = ViewerBenchOptions {
+        viewers: args.viewers,
+        incubator_rate: rate,
+        incubators: args.incubators,
+        duration: Duration::from_secs(args.duration_s),
+        viewer_ops_per_s: args.ops_per_s,
+        frames,
+    };
+    let result = vb::run(&server, &bench_options, &embryos, &users);
+    let rss = bench::peak_rss_bytes(server.pid());
+    let code = server.terminate(Duration::from_secs(30));
+    if code != Some(0) {
+        eprintln!("warning: the server exited with {code:?}");
+    }
+    println!();
+    println!(
+        "{:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "operation", "per s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
+    );
+    for op in &result.operations {
+        let l = &op.latency;
+        println!(
+            "{:<24} {:>8.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+            op.name,
+            op.per_s,
+            l.p50_us as f64 / 1000.0,
+            l.p99_us as f64 / 1000.0,
+            l.p999_us as f64 / 1000.0,
+            l.max_us as f64 / 1000.0,
+            op.errors
+        );
+    }
+    println!(
+        "{:<24} {:>8.0} frames/s to one viewer ({} frames)",
+        "viewer_playback", result.playback_frames_per_s, result.playback_frames
+    );
+    let inc = &result.incubators_result;
+    println!(
+        "background incubators: offered {:.0}/s, achieved {:.0}/s, ack p50 {:.2} ms p99 {:.2} ms, errors {:?} {:?}",
+        rate, inc.images_per_s, inc.ack_latency.p50_us as f64 / 1000.0, inc.ack_latency.p99_us as f64 / 1000.0,
+        inc.errors, inc.connection_errors
+    );
+    if let Some(rss) = rss {
+        println!("server peak RSS: {:.0} MB", rss as f64 / 1e6);
+    }
+    if !result.errors.is_empty() {
+        println!("viewer errors: {:?}", result.errors);
+    }
+    println!();
+    println!("targets (es-perf):");
+    let mut all_pass = result.errors.is_empty();
+    for op in &result.operations {
+        if let Some(target) = es_perf::targets::target(&op.name) {
+            for check in es_perf::targets::evaluate(target, &op.latency, op.per_s) {
+                all_pass &= check.pass;
+                println!("  {check}");
+            }
+        }
+    }
+    if let Some(target) = es_perf::targets::target("viewer_playback") {
+        let empty = es_perf::latency::LatencyRecorder::new().summary();
+        for check in es_perf::targets::evaluate(target, &empty, result.playback_frames_per_s) {
+            all_pass &= check.pass;
+            println!("  {check}");
+        }
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&result).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    drop(server);
+    drop(scratch);
+    Ok(all_pass)
+}
+
+fn add_user(
+    esserver: &std::path::Path,
+    data_dir: &std::path::Path,
+    name: &str,
+) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(esserver)
+        .args([
+            "user",
+            "add",
+            name,
+            "--rights",
+            "edit",
+            "--password-stdin",
+            "--data",
+        ])
+        .arg(data_dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", esserver.display()))?;
+    writeln!(
+        child.stdin.take().expect("piped"),
+        "{}",
+        es_loadtest::viewer_bench::PASSWORD
+    )
+    .map_err(|e| e.to_string())?;
+    let output = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !output.status.success() {
+        return Err(format!(
+            "user add {name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(())
 }

@@ -12,6 +12,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+/// Notices (and their arrival times) kept at most; the oldest half goes when full.
+const NOTICES_KEPT_MAX: usize = 100_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ViewerError {
     #[error("connection failed: {0}")]
@@ -71,6 +74,8 @@ pub struct ViewerClient {
     backlog: VecDeque<pb::ServerMessage>,
     /// Change notices received and not yet taken.
     pub notices: VecDeque<pb::ChangeNotice>,
+    /// (change seq, when it was read) of every notice, for push latency.
+    pub notice_arrivals: Vec<(u64, Instant)>,
     /// The seq of the newest change notice received.
     pub last_change_seq: u64,
     pub login: pb::LoginOk,
@@ -129,6 +134,7 @@ impl ViewerClient {
             timeout,
             backlog: VecDeque::new(),
             notices: VecDeque::new(),
+            notice_arrivals: Vec::new(),
             last_change_seq: 0,
             login: pb::LoginOk::default(),
         })
@@ -231,6 +237,14 @@ impl ViewerClient {
         match message.body {
             Some(Body::Change(notice)) if message.seq == 0 => {
                 self.last_change_seq = self.last_change_seq.max(notice.change_seq);
+                if self.notice_arrivals.len() >= NOTICES_KEPT_MAX {
+                    self.notice_arrivals.drain(..NOTICES_KEPT_MAX / 2);
+                }
+                if self.notices.len() >= NOTICES_KEPT_MAX {
+                    self.notices.drain(..NOTICES_KEPT_MAX / 2);
+                }
+                self.notice_arrivals
+                    .push((notice.change_seq, Instant::now()));
                 self.notices.push_back(notice);
                 Ok(())
             }

@@ -60,6 +60,40 @@ pub const TARGETS: &[Target] = &[
         p999_ms_max: None,
         throughput_per_s_min: None,
     },
+    // The viewer targets of the viewer issue, with 4 viewers and the high-capacity incubators
+    // at 100 x nominal: one image fetched (GetImage) until its bytes arrive.
+    Target {
+        operation: "viewer_frame_fetch",
+        p50_ms_max: None,
+        p99_ms_max: Some(10.0),
+        p999_ms_max: None,
+        throughput_per_s_min: None,
+    },
+    // An annotation save until Saved, which is sent once the save is durable.
+    Target {
+        operation: "viewer_annotation_save",
+        p50_ms_max: None,
+        p99_ms_max: Some(20.0),
+        p999_ms_max: None,
+        throughput_per_s_min: None,
+    },
+    // A change from the save request to its notice arriving at the other viewers (an upper
+    // bound of commit to arrival: it includes the commit).
+    Target {
+        operation: "viewer_change_push",
+        p50_ms_max: None,
+        p99_ms_max: Some(50.0),
+        p999_ms_max: None,
+        throughput_per_s_min: None,
+    },
+    // Time-lapse playback to one viewer, frames per second.
+    Target {
+        operation: "viewer_playback",
+        p50_ms_max: None,
+        p99_ms_max: None,
+        p999_ms_max: None,
+        throughput_per_s_min: Some(1000.0),
+    },
     // A Public API request (JSON answers; not the ZIP of all images) with EMR clients at
     // their usual 10 requests/s each (DOMAIN.md). Our engineering choice, not from the
     // manual: such clients are batch integrations that retry, so only the tail is bounded.
