@@ -165,7 +165,7 @@ pub fn run(
     let mut save = LatencyRecorder::new();
     let mut errors = Vec::new();
     let mut op_errors = [0u64; 3];
-    let mut arrivals: Vec<(Vec<(u64, Instant)>, std::collections::HashSet<u64>)> = Vec::new();
+    let mut arrivals: Vec<Arrivals> = Vec::new();
     let (mut playback_frames, mut playback_seconds) = (0u64, 0f64);
     for thread in threads {
         match thread.join().expect("viewer thread") {
@@ -227,9 +227,12 @@ pub fn run(
     }
 }
 
+/// The notices one viewer read (change seq, when) and the change seqs of its own saves.
+type Arrivals = (Vec<(u64, Instant)>, std::collections::HashSet<u64>);
+
 enum ViewerOutcome {
     Playback((u64, f64)),
-    Interactive(InteractiveStats),
+    Interactive(Box<InteractiveStats>),
 }
 
 #[derive(Default)]
