@@ -156,7 +156,7 @@ pub fn run(
             } else {
                 let embryo = embryos[(index as usize) % embryos.len()].clone();
                 interactive_loop(&mut client, &embryo, &shared, &options, begin, end)
-                    .map(ViewerOutcome::Interactive)
+                    .map(|stats| ViewerOutcome::Interactive(Box::new(stats)))
             }
         }));
     }
