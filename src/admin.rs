@@ -75,12 +75,7 @@ fn write_and_wait(writer: &Writer, op: WriteOp) -> Result<WriteOutcome, Response
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use crate::now_ms;
 
 /// User management: add, change password, disable, enable, unlock, list.
 pub fn user(writer: &Writer, store: &Store, request: UserRequest) -> Response {

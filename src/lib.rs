@@ -16,3 +16,11 @@ pub mod unavailable;
 pub mod viewer;
 pub mod viewer_tool;
 pub mod workers;
+
+/// Now, as Unix milliseconds UTC (the time every stored instant uses).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

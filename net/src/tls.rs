@@ -140,17 +140,10 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 /// A client configuration that trusts exactly one server certificate (pinned), whatever
 /// its name or issuer: the server's certificate is self-signed by default.
 pub fn pinned_client_config(pinned: CertificateDer<'static>) -> Arc<ClientConfig> {
-    let verifier = Arc::new(PinnedVerifier {
-        pinned,
-        algorithms: provider().signature_verification_algorithms,
-    });
-    let config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    Arc::new(config)
+    first_use_client_config(
+        Some(fingerprint(&pinned)),
+        Arc::new(parking_lot::Mutex::new(None)),
+    )
 }
 
 /// Trust on first use: with `expected` (a SHA-256 fingerprint from [`fingerprint`]) only that
@@ -223,55 +216,6 @@ impl ServerCertVerifier for FingerprintVerifier {
                 "the server's certificate changed: it presents {presented}, pinned is {expected}"
             ))),
             _ => Ok(ServerCertVerified::assertion()),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-#[derive(Debug)]
-struct PinnedVerifier {
-    pinned: CertificateDer<'static>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.pinned.as_ref() {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
-                "server certificate {} does not match the pinned certificate {}",
-                fingerprint(end_entity),
-                fingerprint(&self.pinned)
-            )))
         }
     }
 
