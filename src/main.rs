@@ -543,6 +543,9 @@ fn print_status(body: &serde_json::Value) {
                 l["bytes_out"]
             );
         }
+        if let Some(viewers) = body["viewers_logged_in"].as_u64() {
+            println!("viewers logged in: {viewers}");
+        }
         let incubators = body["incubators"].as_array().cloned().unwrap_or_default();
         println!("incubators connected: {}", incubators.len());
         for i in &incubators {
