@@ -29,6 +29,7 @@ pub(crate) fn verify(
         ));
     }
     check_changes(txn, &state, &mut report)?;
+    check_audit(txn, &state, &mut report)?;
     check_counters(txn, &state, &image_totals, &mut report)?;
     Ok(report.finish(image_totals.images))
 }
@@ -243,6 +244,37 @@ fn check_changes(
     Ok(())
 }
 
+/// The audit trail is never pruned: seqs 1..=audit_last_seq, every row readable.
+fn check_audit(
+    txn: &ReadTransaction,
+    state: &StateRow,
+    report: &mut Report,
+) -> Result<(), StorageError> {
+    let audit = txn.open_table(tables::AUDIT)?;
+    let mut expected = 1u64;
+    for entry in audit.range::<u64>(..)? {
+        let (key, value) = entry?;
+        let seq = key.value();
+        if seq != expected {
+            report.problem(format!(
+                "audit trail gap: expected seq {expected}, found {seq}"
+            ));
+        }
+        expected = seq.saturating_add(1);
+        if let Err(error) = decode::<tables::AuditRow>(value.value(), "audit") {
+            report.problem(format!("audit row {seq}: {error}"));
+        }
+    }
+    if expected != state.audit_last_seq.saturating_add(1) {
+        report.problem(format!(
+            "audit trail ends at seq {}, but the last audit seq is {}",
+            expected.saturating_sub(1),
+            state.audit_last_seq
+        ));
+    }
+    Ok(())
+}
+
 fn check_counters(
     txn: &ReadTransaction,
     state: &StateRow,
@@ -316,6 +348,27 @@ fn check_counters(
             "changes",
             state.changes_retained(),
             txn.open_table(tables::CHANGES)?.len()?,
+        ),
+        (
+            "embryo keys",
+            state.embryos,
+            txn.open_table(tables::EMBRYO_BY_KEY)?.len()?,
+        ),
+        (
+            "dishes by treatment",
+            state.dishes,
+            txn.open_table(tables::DISH_BY_TREATMENT)?.len()?,
+        ),
+        (
+            "annotations",
+            state.annotations,
+            txn.open_table(tables::ANNOTATIONS)?.len()?,
+        ),
+        ("users", state.users, txn.open_table(tables::USERS)?.len()?),
+        (
+            "audit rows",
+            state.audit_last_seq,
+            txn.open_table(tables::AUDIT)?.len()?,
         ),
     ];
     for (what, counted, stored) in counts {

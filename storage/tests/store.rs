@@ -1311,6 +1311,8 @@ fn embryo_edits_check_the_version_and_audit_every_attempt() {
     );
     let embryo = store.read().unwrap().embryo("E1").unwrap().unwrap();
     assert_eq!((embryo.version, embryo.annotations.len()), (6, 0));
+    let report = store.verify(&mut |_| {}).unwrap();
+    assert!(report.is_clean(), "{report:?}");
     writer.shutdown();
 }
 
