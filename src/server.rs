@@ -168,7 +168,11 @@ fn start_services(
     let writer = server.writer.clone();
     let pools = &mut server.pools;
 
-    let incubator_tls = config.incubator.tls.then(|| tls.clone());
+    let incubator_tls = if config.incubator.tls {
+        Some(listener_tls("incubator", &config.incubator.listener, &tls)?)
+    } else {
+        None
+    };
     if !config.incubator.tls {
         tracing::warn!("the incubator port runs WITHOUT TLS (tls = off in [IncubatorTransport]): \
             images and instrument secrets cross the incubator network in clear; keep that network isolated");
@@ -207,7 +211,7 @@ fn start_services(
     pools.push(start_pool(
         "viewer",
         &config.viewer,
-        Some(tls.clone()),
+        Some(listener_tls("viewer", &config.viewer, &tls)?),
         &limits,
         viewer,
     )?);
@@ -227,7 +231,7 @@ fn start_services(
         pools.push(start_pool(
             name,
             listener,
-            Some(tls.clone()),
+            Some(listener_tls(name, listener, &tls)?),
             &limits,
             Arc::new(service),
         )?);
@@ -295,34 +299,19 @@ fn open_store(config: &Config) -> Result<Store, StartError> {
     })
 }
 
-/// The certificate every TLS listener uses: the configured one, or the data directory's
-/// self-signed one (generated on first start).
+/// The certificate of every TLS listener whose section names none (`cert`, `key`): the data
+/// directory's self-signed one, generated on first start. A section's own pair replaces it
+/// for that listener only ([`listener_tls`]).
 fn server_tls(config: &Config) -> Result<(PathBuf, Arc<rustls::ServerConfig>), StartError> {
-    let configured = [
-        &config.incubator.listener,
-        &config.viewer,
-        &config.public_api,
-        &config.web,
-    ]
-    .into_iter()
-    .find_map(|listener| Some((listener.cert.clone()?, listener.key.clone()?)));
-    let (cert, key) = match configured {
-        Some(pair) => pair,
-        None => {
-            let names = vec!["localhost".to_string(), "esserver".to_string()];
-            let (cert, key, created) =
-                es_net::tls::ensure_self_signed(&config.storage.data_dir, &names).map_err(
-                    |error| StartError::Tls {
-                        service: "all listeners",
-                        detail: error.to_string(),
-                    },
-                )?;
-            if created {
-                tracing::info!(certificate = %cert.display(), "generated a self-signed TLS certificate");
-            }
-            (cert, key)
-        }
-    };
+    let names = vec!["localhost".to_string(), "esserver".to_string()];
+    let (cert, key, created) = es_net::tls::ensure_self_signed(&config.storage.data_dir, &names)
+        .map_err(|error| StartError::Tls {
+            service: "all listeners",
+            detail: error.to_string(),
+        })?;
+    if created {
+        tracing::info!(certificate = %cert.display(), "generated a self-signed TLS certificate");
+    }
     let tls = es_net::tls::server_config(&cert, &key).map_err(|error| StartError::Tls {
         service: "all listeners",
         detail: error.to_string(),
@@ -331,6 +320,26 @@ fn server_tls(config: &Config) -> Result<(PathBuf, Arc<rustls::ServerConfig>), S
         tracing::info!(certificate = %cert.display(), sha256 = %es_net::tls::fingerprint(&der), "TLS certificate");
     }
     Ok((cert, tls))
+}
+
+/// A listener's own certificate when its section names one (`cert`, `key`), else the shared
+/// one.
+fn listener_tls(
+    service: &'static str,
+    listener: &Listener,
+    shared: &Arc<rustls::ServerConfig>,
+) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    let (Some(cert), Some(key)) = (&listener.cert, &listener.key) else {
+        return Ok(shared.clone());
+    };
+    let tls = es_net::tls::server_config(cert, key).map_err(|error| StartError::Tls {
+        service,
+        detail: error.to_string(),
+    })?;
+    if let Ok(der) = es_net::tls::read_certificate(cert) {
+        tracing::info!(service, certificate = %cert.display(), sha256 = %es_net::tls::fingerprint(&der), "TLS certificate of this listener");
+    }
+    Ok(tls)
 }
 
 fn net_limits(config: &Config) -> NetLimits {

@@ -674,3 +674,40 @@ fn python_viewer_client_from_the_documents_alone() {
     );
     assert!(stdout.contains("PASS: all checks passed"), "{stdout}");
 }
+
+/// `[ViewerTransport] cert/key` give the viewer port its own certificate; the other ports keep
+/// the generated one.
+#[test]
+fn the_viewer_port_takes_its_own_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let own = dir.path().join("viewer-cert");
+    let (cert, key, _) =
+        es_net::tls::ensure_self_signed(&own, &["viewer.clinic".to_string()]).unwrap();
+    let extra = format!(
+        "[ViewerTransport]\ncert = {}\nkey = {}\n",
+        cert.display(),
+        key.display()
+    );
+    let server = common::spawn_in(&dir, true, &extra);
+    add_user(&server, "anna", "edit", PASSWORD);
+    let pinned = |path: &std::path::Path| es_net::client::ClientTls::Tls {
+        config: es_net::tls::pinned_client_config(es_net::tls::read_certificate(path).unwrap()),
+        server_name: "esserver".try_into().unwrap(),
+    };
+    let credentials = credentials("anna", PASSWORD);
+    let address = server.info.address("viewer");
+    assert!(ViewerClient::login(address, &pinned(&cert), &credentials, common::TIMEOUT).is_ok());
+    assert!(
+        ViewerClient::login(
+            address,
+            &pinned(&server.info.certificate),
+            &credentials,
+            common::TIMEOUT
+        )
+        .is_err(),
+        "the viewer port does not present the generated certificate"
+    );
+    // The incubator port still presents the generated one.
+    let mut identity = common::identity("VW-CERT", "es-plus");
+    common::connect(&server, &mut identity);
+}
