@@ -450,7 +450,11 @@ pub fn annotate(
     hours: Option<f64>,
 ) -> Result<pb::Saved, String> {
     let embryo = get_embryo(client, embryo_id)?;
-    let event_at_ms = hours.map(|h| embryo.insemination_at_ms + (h * 3_600_000.0).round() as i64);
+    let event_at_ms = hours.map(|h| {
+        embryo
+            .insemination_at_ms
+            .saturating_add((h * 3_600_000.0).round() as i64)
+    });
     let request = Request::AddAnnotation(pb::AddAnnotation {
         embryo_id: embryo_id.into(),
         expected_version: embryo.version,

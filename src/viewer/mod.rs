@@ -81,6 +81,35 @@ pub enum ViewerMsg {
     Superseded,
 }
 
+/// Sends its message when dropped without [`Fallback::disarm`]: a worker job that panics
+/// still answers, so its request is never left in flight.
+struct Fallback<'a> {
+    handle: &'a ConnHandle<ViewerMsg>,
+    message: Option<ViewerMsg>,
+}
+
+impl<'a> Fallback<'a> {
+    fn new(handle: &'a ConnHandle<ViewerMsg>, message: ViewerMsg) -> Self {
+        Fallback {
+            handle,
+            message: Some(message),
+        }
+    }
+
+    fn disarm(mut self) {
+        self.message = None;
+    }
+}
+
+impl Drop for Fallback<'_> {
+    fn drop(&mut self) {
+        if let Some(message) = self.message.take() {
+            tracing::error!("a viewer worker job failed; answering with an internal error");
+            self.handle.send(message);
+        }
+    }
+}
+
 /// What a worker found for a Login.
 pub enum LoginCheck {
     UnknownUser,
@@ -345,7 +374,18 @@ impl ViewerSession {
         let store = self.shared.store.clone();
         let handle = self.handle.clone();
         let job = Box::new(move || {
+            let fallback = Fallback::new(
+                &handle,
+                ViewerMsg::LoginChecked {
+                    seq,
+                    user: login.user.clone(),
+                    computer: login.computer.clone(),
+                    changes_after: 0,
+                    check: LoginCheck::Unavailable("internal error while checking".into()),
+                },
+            );
             let check = check_password(&store, &login.user, &login.password);
+            fallback.disarm();
             handle.send(ViewerMsg::LoginChecked {
                 seq,
                 user: login.user,
@@ -372,29 +412,30 @@ impl ViewerSession {
         check: LoginCheck,
         io: &mut SessionIo<'_>,
     ) {
+        // Wrong passwords, disabled and locked accounts are recorded (and refused) by the
+        // storage writer, which checks the lock and the disable again in its transaction.
         let success = match check {
             LoginCheck::Correct { .. } => true,
-            LoginCheck::Wrong => false,
+            LoginCheck::Wrong | LoginCheck::Disabled | LoginCheck::Locked { .. } => false,
             LoginCheck::UnknownUser => {
                 tracing::warn!(%user, %computer, peer = %self.peer, code = "auth_failed", "login refused: unknown user");
+                let op = WriteOp::AuditDenied {
+                    actor: Actor {
+                        user: user.clone(),
+                        computer: computer.clone(),
+                    },
+                    action: "user.login".into(),
+                    entity: ChangeEntity::User,
+                    target: user.clone(),
+                    attempted: r#"{"refused":"unknown user"}"#.into(),
+                    at_ms: now_ms(),
+                };
+                if self.shared.writer.try_submit(op, Box::new(|_| {})).is_err() {
+                    tracing::warn!(%user, "the refused login could not be audited: the storage queue is full");
+                }
                 self.refuse_login(
                     ErrorCode::AuthFailed,
                     "wrong user name or password".into(),
-                    io,
-                );
-                return;
-            }
-            LoginCheck::Disabled => {
-                tracing::warn!(%user, %computer, peer = %self.peer, code = "account_disabled", "login refused");
-                let message = format!("the account {user} is disabled; ask an administrator");
-                self.refuse_login(ErrorCode::AccountDisabled, message, io);
-                return;
-            }
-            LoginCheck::Locked { until_ms } => {
-                tracing::warn!(%user, %computer, peer = %self.peer, code = "account_locked", "login refused");
-                self.refuse_login(
-                    ErrorCode::AccountLocked,
-                    locked_message(&user, until_ms),
                     io,
                 );
                 return;
@@ -460,8 +501,12 @@ impl ViewerSession {
         result: Result<WriteOutcome, WriteError>,
         io: &mut SessionIo<'_>,
     ) {
-        let locked_until_ms = match result {
-            Ok(WriteOutcome::LoginRecorded { locked_until_ms }) => locked_until_ms,
+        let (granted, disabled, locked_until_ms) = match result {
+            Ok(WriteOutcome::LoginRecorded {
+                granted,
+                disabled,
+                locked_until_ms,
+            }) => (granted, disabled, locked_until_ms),
             Ok(other) => {
                 self.refuse_login(
                     ErrorCode::InternalError,
@@ -476,21 +521,23 @@ impl ViewerSession {
                 return;
             }
         };
-        if !success {
-            tracing::warn!(%user, %computer, peer = %self.peer, code = "auth_failed", locked = locked_until_ms > 0, "login refused: wrong password");
-            if locked_until_ms > 0 {
-                self.refuse_login(
+        if !granted {
+            let (code, message) = if disabled {
+                let message = format!("the account {user} is disabled; ask an administrator");
+                (ErrorCode::AccountDisabled, message)
+            } else if locked_until_ms > 0 {
+                (
                     ErrorCode::AccountLocked,
                     locked_message(&user, locked_until_ms),
-                    io,
-                );
+                )
             } else {
-                self.refuse_login(
+                (
                     ErrorCode::AuthFailed,
-                    "wrong user name or password".into(),
-                    io,
-                );
-            }
+                    "wrong user name or password".to_string(),
+                )
+            };
+            tracing::warn!(%user, %computer, peer = %self.peer, code = code.name(), password_right = success, "login refused");
+            self.refuse_login(code, message, io);
             return;
         }
         let Some(token) = auth::new_token() else {
@@ -532,7 +579,7 @@ impl ViewerSession {
                 .resume(&resume.session_token, self.handle.clone(), io.now());
         let Resumed::Ok {
             user,
-            rights,
+            rights: _,
             computer,
             previous,
         } = found
@@ -545,6 +592,29 @@ impl ViewerSession {
         if let Some(previous) = previous.filter(|p| p.id() != self.handle.id()) {
             previous.try_send(ViewerMsg::Superseded);
         }
+        // The account as it is now: a disabled or removed account cannot resume, and changed
+        // rights apply from this connection on.
+        let current = self
+            .shared
+            .store
+            .read()
+            .and_then(|reader| reader.user(&user));
+        let rights = match current {
+            Ok(Some(record)) if !record.disabled => record.rights,
+            Ok(_) => {
+                self.shared.sessions.remove(&resume.session_token);
+                tracing::warn!(%user, peer = %self.peer, code = "account_disabled", "resume refused");
+                let message =
+                    format!("the account {user} is disabled or removed; ask an administrator");
+                self.refuse_login(ErrorCode::AccountDisabled, message, io);
+                return;
+            }
+            Err(error) => {
+                self.refuse_login(ErrorCode::StorageUnavailable, error.to_string(), io);
+                return;
+            }
+        };
+
         tracing::info!(%user, %computer, peer = %self.peer, "viewer session resumed");
         self.establish(
             resume.session_token,
@@ -568,6 +638,7 @@ impl ViewerSession {
         let (cursor, last, resync) = match start_cursor(&self.shared.store, changes_after) {
             Ok(found) => found,
             Err(error) => {
+                self.shared.sessions.remove(&token);
                 self.refuse_login(ErrorCode::StorageUnavailable, error.to_string(), io);
                 return;
             }
@@ -627,7 +698,14 @@ impl ViewerSession {
         let store = self.shared.store.clone();
         let handle = self.handle.clone();
         let job = Box::new(move || {
+            let body = error_body(
+                seq,
+                ErrorCode::InternalError,
+                "internal error while reading".into(),
+            );
+            let fallback = Fallback::new(&handle, ViewerMsg::Reply { seq, body });
             let body = read(&store, request);
+            fallback.disarm();
             handle.send(ViewerMsg::Reply { seq, body });
         });
         if !self.run_job(job) {
@@ -814,9 +892,20 @@ impl ViewerSession {
             let store = self.shared.store.clone();
             let handle = self.handle.clone();
             let job = Box::new(move || {
+                let failed = Err(StorageError::Corrupt(
+                    "internal error while reading frames".into(),
+                ));
+                let fallback = Fallback::new(
+                    &handle,
+                    ViewerMsg::Frames {
+                        seq,
+                        result: failed,
+                    },
+                );
                 let result = store
                     .read()
                     .and_then(|reader| reader.frames(&embryo_id, plane, from, to, count));
+                fallback.disarm();
                 handle.send(ViewerMsg::Frames { seq, result });
             });
             if !self.run_job(job) {
@@ -942,10 +1031,13 @@ impl ViewerSession {
             let changes = match changes {
                 Ok(changes) => changes,
                 Err(StorageError::CursorExpired { oldest }) => {
-                    tracing::warn!(viewer = %self.name(), cursor = self.cursor, oldest,
-                        "change notices were pruned before they could be pushed; the viewer must reload");
-                    self.cursor = oldest.saturating_sub(1);
-                    continue;
+                    // Never skip notices silently: the viewer resumes and is told to reload.
+                    let message = format!(
+                        "change notices after {} were pruned (the oldest kept is {oldest}) before                          they could be sent; resume to resynchronise",
+                        self.cursor
+                    );
+                    self.fail(ErrorCode::Busy, message, io);
+                    return;
                 }
                 Err(error) => {
                     tracing::error!(viewer = %self.name(), "cannot read the change log: {error}");

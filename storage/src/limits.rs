@@ -22,3 +22,5 @@ pub const USER_NAME_BYTES_MAX: usize = 64;
 pub const PASSWORD_HASH_BYTES_MAX: usize = 256;
 /// Annotations one embryo may carry.
 pub const ANNOTATIONS_PER_EMBRYO_MAX: u64 = 1000;
+/// Latest instant accepted in a client-given time (Unix ms): the year 2286.
+pub const INSTANT_MS_MAX: i64 = 10_000_000_000_000;

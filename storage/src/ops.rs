@@ -233,6 +233,13 @@ impl ClinicalEdit {
                 text("embryo id", embryo_id, Required::Yes)?;
                 text("annotation name", &annotation.name, Required::Yes)?;
                 text("annotation value", &annotation.value, Required::No)?;
+                if let Some(at) = annotation.event_at_ms {
+                    if !(0..=limits::INSTANT_MS_MAX).contains(&at) {
+                        return Err(invalid(format!(
+                            "annotation event time {at} ms is outside 1970..2286"
+                        )));
+                    }
+                }
                 if annotation.value.is_empty() && annotation.event_at_ms.is_none() {
                     return Err(invalid(format!(
                         "annotation {} has neither a value nor an event time",
@@ -343,7 +350,11 @@ pub enum WriteOutcome {
     Audited,
     UserChanged,
     LoginRecorded {
-        /// The account is locked until then (0: not locked).
+        /// True when the login is granted: the password was right and the account is neither
+        /// disabled nor locked at the attempt's time.
+        granted: bool,
+        disabled: bool,
+        /// The account is locked until then (0: not locked at the attempt's time).
         locked_until_ms: i64,
     },
 }

@@ -1424,25 +1424,33 @@ fn users_lock_out_after_failures_and_unlock() {
             },
         )
     };
+    let recorded = |granted, locked_until_ms| WriteOutcome::LoginRecorded {
+        granted,
+        disabled: false,
+        locked_until_ms,
+    };
     for attempt in 1..=4 {
-        let outcome = login(false, T0 + attempt).unwrap();
-        assert_eq!(outcome, WriteOutcome::LoginRecorded { locked_until_ms: 0 });
+        assert_eq!(login(false, T0 + attempt).unwrap(), recorded(false, 0));
     }
-    let outcome = login(false, T0 + 5).unwrap();
-    assert_eq!(
-        outcome,
-        WriteOutcome::LoginRecorded {
-            locked_until_ms: T0 + 5 + 15 * MINUTE_MS
-        }
-    );
+    let locked_until = T0 + 5 + 15 * MINUTE_MS;
+    assert_eq!(login(false, T0 + 5).unwrap(), recorded(false, locked_until));
+    // While locked, even the right password is refused (checked in the transaction).
+    assert_eq!(login(true, T0 + 6).unwrap(), recorded(false, locked_until));
+    // After the lock ran out, a failure is a plain failure and a success is granted.
+    assert_eq!(login(false, locked_until + 1).unwrap(), recorded(false, 0));
+    assert_eq!(login(true, locked_until + 2).unwrap(), recorded(true, 0));
+    // Lock again for the unlock below.
+    for attempt in 0..5 {
+        login(false, locked_until + 10 + attempt).unwrap();
+    }
     let user = store.read().unwrap().user("anna").unwrap().unwrap();
-    assert_eq!(user.locked_until_ms, T0 + 5 + 15 * MINUTE_MS);
+    assert_eq!(user.locked_until_ms, locked_until + 14 + 15 * MINUTE_MS);
     assert_eq!(user.rights, Rights::Edit);
     let unlock = WriteOp::UserUpdate {
         actor: actor("admin"),
         name: "anna".into(),
         change: UserChange::Unlock,
-        at_ms: T0 + 10,
+        at_ms: locked_until + 20,
     };
     assert!(write(&writer, unlock).is_ok());
     assert_eq!(

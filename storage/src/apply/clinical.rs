@@ -621,19 +621,36 @@ impl Batch<'_> {
             user: name.to_string(),
             computer: computer.to_string(),
         };
-        let (action, outcome) = if success {
+        // Checked again here, in the transaction that records the attempt: a lock or a
+        // disable that happened while the password was being checked still refuses.
+        let locked = row.locked_until_ms > at_ms;
+        let (action, outcome, granted, detail) = if row.disabled {
+            (
+                "user.login",
+                AuditOutcome::Denied,
+                false,
+                "account disabled",
+            )
+        } else if locked {
+            ("user.login", AuditOutcome::Denied, false, "account locked")
+        } else if success {
             row.failed_logins = 0;
             row.locked_until_ms = 0;
             row.last_login_ms = at_ms;
-            ("user.login", AuditOutcome::Applied)
+            ("user.login", AuditOutcome::Applied, true, "")
         } else {
             row.failed_logins = row.failed_logins.saturating_add(1);
             if row.failed_logins >= failures_max.max(1) {
                 row.failed_logins = 0;
                 row.locked_until_ms = at_ms.saturating_add(lockout_ms);
-                ("user.lockout", AuditOutcome::Denied)
+                (
+                    "user.lockout",
+                    AuditOutcome::Denied,
+                    false,
+                    "wrong password; account locked",
+                )
             } else {
-                ("user.login", AuditOutcome::Denied)
+                ("user.login", AuditOutcome::Denied, false, "wrong password")
             }
         };
         self.users.insert(name, encode(&row).as_slice())?;
@@ -645,12 +662,23 @@ impl Batch<'_> {
                 target: name,
                 outcome,
                 before: String::new(),
-                after: String::new(),
+                after: if detail.is_empty() {
+                    String::new()
+                } else {
+                    json!({ "refused": detail }).to_string()
+                },
             },
             at_ms,
         )?;
+        let locked_until_ms = if row.locked_until_ms > at_ms {
+            row.locked_until_ms
+        } else {
+            0
+        };
         Ok(Ok(WriteOutcome::LoginRecorded {
-            locked_until_ms: row.locked_until_ms,
+            granted,
+            disabled: row.disabled,
+            locked_until_ms,
         }))
     }
 

@@ -507,7 +507,7 @@ fn annotation_record(
         annotation_id,
         hours: row
             .event_at_ms
-            .map(|at| (at - insemination_at_ms) as f64 / HOUR_MS),
+            .map(|at| at.saturating_sub(insemination_at_ms) as f64 / HOUR_MS),
         name: row.name,
         value: row.value,
         event_at_ms: row.event_at_ms,
