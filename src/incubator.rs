@@ -642,6 +642,9 @@ impl Session for IncubatorSession {
                 }
             }
         }
+        if self.peer_gone && input.is_empty() && !self.waits_on_server() && !io.is_closing() {
+            io.close(CloseReason::PeerClosed);
+        }
     }
 
     fn on_message(&mut self, message: IncubatorMsg, io: &mut SessionIo<'_>) {
@@ -670,10 +673,12 @@ impl Session for IncubatorSession {
             );
             return;
         }
-        if self.peer_gone && !self.waits_on_server() {
+        if self.peer_gone && !self.waits_on_server() && io.unread_input_bytes() == 0 {
             io.close(CloseReason::PeerClosed);
             return;
         }
+        // With input still buffered (requests sent before a half-close), reading resumes and
+        // the loop hands them over.
         self.retry_blocked(io);
     }
 

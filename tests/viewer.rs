@@ -711,3 +711,25 @@ fn the_viewer_port_takes_its_own_certificate() {
     let mut identity = common::identity("VW-CERT", "es-plus");
     common::connect(&server, &mut identity);
 }
+
+/// More pipelined requests than the in-flight limit, then a half-close: every one is answered.
+#[test]
+fn pipelined_requests_before_a_half_close_are_all_answered() {
+    let (server, _dir) = common::spawn(true);
+    add_user(&server, "anna", "edit", PASSWORD);
+    let mut anna = login(&server, "anna", PASSWORD).unwrap();
+    let limit = anna.login.inflight_requests_max as usize;
+    // Reads go to the worker threads, so the first `limit` stay in flight while the rest wait
+    // in the server's input buffer.
+    let seqs: Vec<u64> = (0..limit + 8)
+        .map(|_| anna.send(Request::ListPatients(pb::ListPatients::default())))
+        .collect();
+    anna.finish_sending().unwrap();
+    for seq in seqs {
+        let answer = anna.wait(seq, "an answer").unwrap();
+        assert!(
+            matches!(answer, Body::PatientList(_)),
+            "seq {seq}: {answer:?}"
+        );
+    }
+}

@@ -256,6 +256,17 @@ impl ViewerClient {
         }
     }
 
+    /// Sends everything queued, then half-closes: nothing more will be sent, answers can
+    /// still be read.
+    pub fn finish_sending(&mut self) -> Result<(), ViewerError> {
+        let deadline = Instant::now() + self.timeout;
+        if !self.conn.flush_until(deadline)? {
+            return Err(ViewerError::Timeout("sending"));
+        }
+        self.conn.shutdown_write();
+        Ok(())
+    }
+
     /// Closes the socket at once (a dropped connection).
     pub fn drop_connection(mut self) {
         self.conn.shutdown();

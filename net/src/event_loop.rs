@@ -130,6 +130,7 @@ pub struct SessionIo<'a> {
     close: &'a mut Option<CloseReason>,
     now: Instant,
     peer: SocketAddr,
+    unread_input_bytes: usize,
 }
 
 impl SessionIo<'_> {
@@ -178,6 +179,12 @@ impl SessionIo<'_> {
 
     pub fn is_tls(&self) -> bool {
         self.transport.is_tls()
+    }
+
+    /// Bytes received and not consumed yet (requests a paused session has still to handle),
+    /// as they were when this callback began.
+    pub fn unread_input_bytes(&self) -> usize {
+        self.unread_input_bytes
     }
 }
 
@@ -294,6 +301,7 @@ impl<S> Conn<S> {
             close: &mut self.closing,
             now,
             peer: self.peer,
+            unread_input_bytes: self.input.len(),
         };
         (&mut self.session, &mut self.input, io)
     }
@@ -574,6 +582,19 @@ impl<S: Service> Worker<S> {
         };
         if conn.linger_since.is_some() {
             self.drain_lingering(token);
+            return;
+        }
+        if conn.peer_eof
+            && !conn.read_paused
+            && !conn.output_paused
+            && conn.closing.is_none()
+            && !conn.input.is_empty()
+        {
+            // The peer half-closed after pipelining more than the session took while it was
+            // paused: the requests still buffered are handled, not dropped.
+            let (session, input, mut io) = conn.split(now);
+            session.on_input(input, &mut io);
+            self.finish(token, now);
             return;
         }
         if conn.read_paused || conn.output_paused || conn.closing.is_some() || conn.peer_eof {

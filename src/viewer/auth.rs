@@ -83,6 +83,9 @@ pub fn new_token() -> Option<String> {
     Some(hex::encode(bytes))
 }
 
+/// Sessions one user may hold at once (connected or waiting for a resume).
+pub const SESSIONS_PER_USER_MAX: usize = 16;
+
 /// One viewer session, alive while connected and for `resume` after a drop.
 pub struct SessionEntry<M> {
     pub user: String,
@@ -126,11 +129,27 @@ impl<M: Send + 'static> Sessions<M> {
         self.resume
     }
 
-    /// Adds a session; None when the table is full of live sessions.
+    /// Adds a session; None when the table is full of live sessions. One user holds at most
+    /// [`SESSIONS_PER_USER_MAX`]: beyond, that user's oldest disconnected session is dropped
+    /// (or, when all are connected, the login is refused), so one account cannot fill the
+    /// table for everyone.
     pub fn add(&self, token: String, entry: SessionEntry<M>, now: Instant) -> Option<()> {
         let mut map = self.map.lock();
         let resume = self.resume;
         map.retain(|_, s| !is_expired(s, resume, now));
+        let mine: Vec<(String, Option<Instant>)> = map
+            .iter()
+            .filter(|(_, s)| s.user == entry.user)
+            .map(|(token, s)| (token.clone(), s.disconnected_at))
+            .collect();
+        if mine.len() >= SESSIONS_PER_USER_MAX {
+            let oldest = mine
+                .iter()
+                .filter_map(|(token, at)| at.map(|at| (at, token)))
+                .min()
+                .map(|(_, token)| token.clone());
+            map.remove(&oldest?);
+        }
         if map.len() >= self.sessions_max {
             return None;
         }
@@ -208,6 +227,58 @@ mod tests {
             assert!(error.contains(needs), "{weak}: {error}");
         }
         assert!(check_password_policy(&format!("Aa1!{}", "x".repeat(200))).is_err());
+    }
+
+    fn entry(user: &str, disconnected_at: Option<Instant>) -> SessionEntry<()> {
+        SessionEntry {
+            user: user.into(),
+            rights: Rights::View,
+            computer: "PC".into(),
+            connection: None,
+            disconnected_at,
+        }
+    }
+
+    #[test]
+    fn one_user_cannot_fill_the_session_table() {
+        let sessions: Sessions<()> = Sessions::new(Duration::from_secs(600), 100);
+        let start = Instant::now();
+        for n in 0..SESSIONS_PER_USER_MAX {
+            let at = start + Duration::from_millis(n as u64);
+            assert!(sessions
+                .add(format!("anna-{n}"), entry("anna", Some(at)), at)
+                .is_some());
+        }
+        let later = start + Duration::from_secs(1);
+        assert!(sessions
+            .add("anna-new".into(), entry("anna", None), later)
+            .is_some());
+        assert_eq!(
+            sessions.len(),
+            SESSIONS_PER_USER_MAX,
+            "the oldest disconnected one went"
+        );
+        for n in 0..SESSIONS_PER_USER_MAX {
+            assert!(sessions
+                .add(format!("bert-{n}"), entry("bert", None), later)
+                .is_some());
+        }
+        assert!(
+            sessions
+                .add("bert-extra".into(), entry("bert", None), later)
+                .is_none(),
+            "all of bert's sessions are connected: refused"
+        );
+        // Expired sessions are dropped when another is added.
+        let much_later = later + Duration::from_secs(3600);
+        assert!(sessions
+            .add("carl".into(), entry("carl", None), much_later)
+            .is_some());
+        assert_eq!(
+            sessions.len(),
+            SESSIONS_PER_USER_MAX + 1 + 1,
+            "anna's disconnected ones expired"
+        );
     }
 
     #[test]

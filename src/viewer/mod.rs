@@ -1070,6 +1070,11 @@ impl ViewerSession {
     }
 
     fn after_completion(&mut self, io: &mut SessionIo<'_>) {
+        if self.peer_gone && !self.stopping && io.unread_input_bytes() > 0 {
+            // Requests the peer sent before half-closing are still buffered: read them.
+            self.update_reading(io);
+            return;
+        }
         if (self.stopping || self.peer_gone) && !self.waits_on_server() {
             if self.stopping {
                 self.fail(
@@ -1104,6 +1109,9 @@ impl Session for ViewerSession {
                 }
             }
             self.update_reading(io);
+        }
+        if self.peer_gone && input.is_empty() && !self.waits_on_server() && !io.is_closing() {
+            io.close(CloseReason::PeerClosed);
         }
     }
 
