@@ -733,3 +733,33 @@ fn pipelined_requests_before_a_half_close_are_all_answered() {
         );
     }
 }
+
+/// A viewer that asks for a long playback and never reads is disconnected after the idle
+/// timeout, and its buffers released; the server stays up for the others.
+#[test]
+fn a_viewer_that_does_not_read_is_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, true, "[Limits]\nidle_timeout_ms = 1500\n");
+    add_user(&server, "anna", "edit", PASSWORD);
+    let workload = upload_dish(&server, "VW-SLOW", 1000);
+    let mut stalled = login(&server, "anna", PASSWORD).unwrap();
+    stalled.send(Request::Playback(pb::Playback {
+        embryo_id: format!("{}_S1_P-1", workload.serial),
+        focal_plane: 0,
+        ..Default::default()
+    }));
+    stalled.finish_sending().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !common::server_log(&dir).contains("has not read what it was sent") {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled viewer was not disconnected"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut other = login(&server, "anna", PASSWORD).unwrap();
+    assert!(matches!(
+        other.call(Request::Ping(pb::Ping {})).unwrap(),
+        Body::Done(_)
+    ));
+}

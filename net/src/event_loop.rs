@@ -314,6 +314,8 @@ struct Conn<S> {
     peer: SocketAddr,
     opened_at: Instant,
     last_input_at: Instant,
+    /// Last time output was sent, or nothing was waiting to be sent.
+    last_output_at: Instant,
     read_paused: bool,
     /// Reading paused because the peer does not read what it is sent.
     output_paused: bool,
@@ -541,6 +543,7 @@ impl<S: Service> Worker<S> {
                     peer,
                     opened_at: now,
                     last_input_at: now,
+                    last_output_at: now,
                     read_paused: false,
                     output_paused: false,
                     closing: None,
@@ -682,6 +685,9 @@ impl<S: Service> Worker<S> {
         }
         self.stats.add_bytes_out(sent as u64);
         let pending = conn.transport.pending_output_bytes();
+        if sent > 0 || pending == 0 {
+            conn.last_output_at = now;
+        }
         if !conn.output_paused && pending > limits_output {
             conn.output_paused = true;
         } else if conn.output_paused && pending <= limits_output / 2 {
@@ -832,6 +838,19 @@ impl<S: Service> Worker<S> {
                 } else {
                     self.finish(token, now);
                 }
+                continue;
+            }
+            if now.duration_since(conn.last_output_at) > self.limits.idle_timeout {
+                // Output has waited a whole idle timeout without the peer reading a byte:
+                // it is not reading (or gone); its buffers are released.
+                tracing::warn!(service = self.service.name(), peer = %conn.peer,
+                    pending_bytes = conn.transport.pending_output_bytes(),
+                    "the peer has not read what it was sent for the idle timeout; closing");
+                let reason = format!(
+                    "the peer did not read for {} s",
+                    self.limits.idle_timeout.as_secs()
+                );
+                self.remove(token, CloseReason::Io(reason));
                 continue;
             }
             if conn.read_paused || conn.output_paused {

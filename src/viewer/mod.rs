@@ -343,9 +343,11 @@ impl ViewerSession {
     }
 
     fn update_reading(&mut self, io: &mut SessionIo<'_>) {
+        // While the peer has not taken what it was sent, take no new requests from it.
         let hold = self.protocol.at_inflight_limit()
             || self.stopping
-            || (self.login.is_none() && self.pending > 0);
+            || (self.login.is_none() && self.pending > 0)
+            || io.pending_output_bytes() >= STREAM_OUTPUT_HIGH_BYTES;
         if hold {
             io.pause_reading();
         } else {
@@ -1179,6 +1181,7 @@ impl Session for ViewerSession {
     fn on_output_drained(&mut self, io: &mut SessionIo<'_>) {
         self.pump_playbacks(io);
         self.push_changes(io);
+        self.update_reading(io);
     }
 
     fn on_tick(&mut self, io: &mut SessionIo<'_>) {
