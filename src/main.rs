@@ -398,7 +398,7 @@ fn user(action: UserAction) -> Result<ExitCode, String> {
                 "active"
             };
             let last = match user["last_login_ms"].as_i64() {
-                Some(ms) if ms > 0 => format!("{ms} (Unix ms)"),
+                Some(ms) if ms > 0 => esserver::viewer_tool::time_text(ms),
                 _ => "never".to_string(),
             };
             println!(

@@ -228,7 +228,8 @@ fn call(client: &mut ViewerClient, request: Request) -> Result<Body, String> {
     client.call(request).map_err(|error| error.to_string())
 }
 
-fn time_text(ms: i64) -> String {
+/// An instant (Unix ms) as `yyyy-mm-dd hh:mm:ss UTC`.
+pub fn time_text(ms: i64) -> String {
     let seconds = ms.div_euclid(1000);
     let days = seconds.div_euclid(86_400);
     let rest = seconds.rem_euclid(86_400);
