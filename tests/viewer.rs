@@ -763,3 +763,41 @@ fn a_viewer_that_does_not_read_is_disconnected() {
         Body::Done(_)
     ));
 }
+
+/// SIGTERM during a playback: the playback ends, the viewer is told `shutting_down`, and the
+/// server exits 0 well within its shutdown timeout.
+#[test]
+fn shutdown_during_a_playback_exits_cleanly() {
+    let (mut server, _dir) = common::spawn(true);
+    add_user(&server, "anna", "edit", PASSWORD);
+    let workload = upload_dish(&server, "VW-STOP", 300);
+    let mut anna = login(&server, "anna", PASSWORD).unwrap();
+    let seq = anna.send(Request::Playback(pb::Playback {
+        embryo_id: format!("{}_S1_P-1", workload.serial),
+        focal_plane: 0,
+        ..Default::default()
+    }));
+    let first = frame_of(anna.wait(seq, "a frame").unwrap());
+    assert!(first.image.is_some());
+    let started = Instant::now();
+    assert_eq!(server.terminate(Duration::from_secs(30)), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped within the shutdown timeout"
+    );
+    // The viewer sees its playback end (last frame) and then the connection-level error.
+    let mut ended = false;
+    loop {
+        match anna.wait(seq, "the rest of the playback") {
+            Ok(Body::Frame(frame)) if frame.last => ended = true,
+            Ok(_) => {}
+            Err(ViewerError::Server { name, .. }) => {
+                assert_eq!(name, "shutting_down");
+                break;
+            }
+            Err(ViewerError::Closed) => break,
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert!(ended, "the playback was ended before the connection closed");
+}
