@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 use esserver::config::Config;
 use esserver::control::{Request, Response};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -415,7 +416,13 @@ fn user(action: UserAction) -> Result<ExitCode, String> {
 fn viewer(args: ViewerArgs) -> Result<ExitCode, String> {
     use esserver::viewer_tool as tool;
     let servers = tool::read_viewer_ini(&args.ini)?;
-    let server = tool::pick_server(&servers, args.server.as_deref())?;
+    let server = match (&args.server, servers.len()) {
+        // Several servers, none named, someone at the terminal: ask which.
+        (None, count) if count > 1 && !args.password_stdin && std::io::stdin().is_terminal() => {
+            choose_server(&servers)?
+        }
+        _ => tool::pick_server(&servers, args.server.as_deref())?,
+    };
     let password = if args.password_stdin {
         let mut line = String::new();
         std::io::stdin()
@@ -484,6 +491,31 @@ fn viewer(args: ViewerArgs) -> Result<ExitCode, String> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Lists the servers of the ini and reads the number of one from the terminal.
+fn choose_server(
+    servers: &[esserver::viewer_tool::ServerEntry],
+) -> Result<esserver::viewer_tool::ServerEntry, String> {
+    for (index, server) in servers.iter().enumerate() {
+        eprintln!("  {}. {} ({})", index + 1, server.name, server.address);
+    }
+    eprint!("Server [1-{}]: ", servers.len());
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|error| format!("cannot read the choice: {error}"))?;
+    let choice: usize = line.trim().parse().map_err(|_| {
+        format!(
+            "{:?} is not a number from 1 to {}",
+            line.trim(),
+            servers.len()
+        )
+    })?;
+    servers
+        .get(choice.wrapping_sub(1))
+        .cloned()
+        .ok_or_else(|| format!("{choice} is not a number from 1 to {}", servers.len()))
 }
 
 fn es_storage_name(name: &str) -> Result<(), String> {
