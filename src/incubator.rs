@@ -689,7 +689,8 @@ impl Session for IncubatorSession {
     }
 
     fn on_peer_closed(&mut self, io: &mut SessionIo<'_>) {
-        if self.waits_on_server() {
+        // Requests still buffered (reading was paused) are handled before closing.
+        if self.waits_on_server() || io.unread_input_bytes() > 0 {
             // It may still read: send the answers to what it sent, then close.
             self.peer_gone = true;
         } else {

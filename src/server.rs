@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Viewer sessions (connected or waiting for a resume) at most, over all users.
+const VIEWER_SESSIONS_MAX: usize = 1024;
+
 /// Jobs (password checks, reads, playback chunks) waiting for a worker thread at most.
 const WORKER_QUEUE_MAX: usize = 1024;
 
@@ -204,7 +207,7 @@ fn start_services(
             login_failures_max: config.security.login_failures_max,
             lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
             session_resume: Duration::from_millis(config.security.session_resume_ms),
-            sessions_max: 1024,
+            sessions_max: VIEWER_SESSIONS_MAX,
         },
     ));
     let viewers = viewer.hub();

@@ -1191,7 +1191,8 @@ impl Session for ViewerSession {
     }
 
     fn on_peer_closed(&mut self, io: &mut SessionIo<'_>) {
-        if self.waits_on_server() {
+        // Requests still buffered (reading was paused) are handled before closing.
+        if self.waits_on_server() || io.unread_input_bytes() > 0 {
             self.peer_gone = true;
         } else {
             io.close(CloseReason::PeerClosed);
