@@ -619,9 +619,10 @@ pub fn error_code(error: &WriteError) -> ErrorCode {
         WriteError::Storage(_) => ErrorCode::StorageUnavailable,
         WriteError::ShuttingDown => ErrorCode::ShuttingDown,
         // Viewer and API edits; an incubator's requests never produce them.
-        WriteError::Conflict { .. } | WriteError::NotFound(_) | WriteError::AlreadyExists(_) => {
-            ErrorCode::InternalError
-        }
+        WriteError::Conflict { .. }
+        | WriteError::NotFound(_)
+        | WriteError::AlreadyExists(_)
+        | WriteError::IdempotencyKeyReused(_) => ErrorCode::InternalError,
     }
 }
 

@@ -762,6 +762,7 @@ impl ViewerSession {
         let op = WriteOp::Edit {
             actor,
             edit,
+            idempotency: None,
             at_ms: now_ms(),
         };
         let handle = self.handle.clone();
@@ -1461,6 +1462,7 @@ fn write_error_code(error: &WriteError) -> ErrorCode {
         | WriteError::ImageConflict
         | WriteError::UnknownDish
         | WriteError::UnknownWell
-        | WriteError::UnknownInstrument => ErrorCode::InternalError,
+        | WriteError::UnknownInstrument
+        | WriteError::IdempotencyKeyReused(_) => ErrorCode::InternalError,
     }
 }

@@ -46,6 +46,12 @@ pub(crate) struct Batch<'txn> {
     annotations: Rows<'txn, (u64, u64)>,
     audit: Rows<'txn, u64>,
     users: Rows<'txn, &'static str>,
+    scores: Rows<'txn, (u64, &'static str)>,
+    transfers: Rows<'txn, u64>,
+    transfer_by_treatment: Table<'txn, (u64, u64), ()>,
+    api_keys: Rows<'txn, &'static str>,
+    idempotency: Rows<'txn, (&'static str, &'static str)>,
+    idempotency_by_age: Table<'txn, (i64, &'static str, &'static str), ()>,
     state: StateRow,
 }
 
@@ -74,6 +80,12 @@ impl<'txn> Batch<'txn> {
             annotations: txn.open_table(tables::ANNOTATIONS)?,
             audit: txn.open_table(tables::AUDIT)?,
             users: txn.open_table(tables::USERS)?,
+            scores: txn.open_table(tables::SCORES)?,
+            transfers: txn.open_table(tables::TRANSFERS)?,
+            transfer_by_treatment: txn.open_table(tables::TRANSFER_BY_TREATMENT)?,
+            api_keys: txn.open_table(tables::API_KEYS)?,
+            idempotency: txn.open_table(tables::IDEMPOTENCY)?,
+            idempotency_by_age: txn.open_table(tables::IDEMPOTENCY_BY_AGE)?,
             state,
         })
     }
@@ -136,7 +148,25 @@ impl<'txn> Batch<'txn> {
                 samples,
                 at_ms,
             } => self.put_telemetry(*instrument_id, samples, *at_ms),
-            WriteOp::Edit { actor, edit, at_ms } => self.edit(actor, edit, *at_ms),
+            WriteOp::Edit {
+                actor,
+                edit,
+                idempotency,
+                at_ms,
+            } => self.idempotent_edit(actor, edit, idempotency.as_ref(), *at_ms),
+            WriteOp::ApiKeyCreate {
+                actor,
+                key_id,
+                name,
+                scope,
+                secret_sha256,
+                at_ms,
+            } => self.api_key_create(actor, key_id, name, *scope, secret_sha256, *at_ms),
+            WriteOp::ApiKeyRevoke {
+                actor,
+                key_id,
+                at_ms,
+            } => self.api_key_revoke(actor, key_id, *at_ms),
             WriteOp::AuditDenied {
                 actor,
                 action,
@@ -832,6 +862,35 @@ impl<'txn> Batch<'txn> {
                 Some((key, _)) => key.value(),
                 None => self.state.change_last_seq + 1,
             };
+        }
+        Ok(pruned)
+    }
+
+    /// Removes idempotency records older than `cutoff_ms`, at most `prune_max`.
+    pub(crate) fn prune_idempotency(
+        &mut self,
+        cutoff_ms: i64,
+        prune_max: u64,
+    ) -> Result<u64, StorageError> {
+        let mut pruned: u64 = 0;
+        while pruned < prune_max {
+            let Some((key, _)) = self.idempotency_by_age.first()? else {
+                break;
+            };
+            let (at_ms, principal, idempotency_key) = key.value();
+            if at_ms >= cutoff_ms {
+                break;
+            }
+            let (principal, idempotency_key) = (principal.to_string(), idempotency_key.to_string());
+            drop(key);
+            self.idempotency_by_age.remove((
+                at_ms,
+                principal.as_str(),
+                idempotency_key.as_str(),
+            ))?;
+            self.idempotency
+                .remove((principal.as_str(), idempotency_key.as_str()))?;
+            pruned += 1;
         }
         Ok(pruned)
     }

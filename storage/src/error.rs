@@ -126,6 +126,9 @@ pub enum WriteError {
     NotFound(String),
     #[error("already exists: {0}")]
     AlreadyExists(String),
+    /// The Idempotency-Key was used before for a different request.
+    #[error("Idempotency-Key {0:?} was already used for a different request; use a new key for a new request")]
+    IdempotencyKeyReused(String),
 }
 
 impl WriteError {
@@ -144,6 +147,7 @@ impl WriteError {
             WriteError::Conflict { .. } => "conflict",
             WriteError::NotFound(_) => "not_found",
             WriteError::AlreadyExists(_) => "already_exists",
+            WriteError::IdempotencyKeyReused(_) => "idempotency_key_reused",
         }
     }
 }

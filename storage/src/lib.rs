@@ -44,14 +44,15 @@ mod writer;
 pub use error::{StorageError, SubmitError, WriteError};
 pub use migrate::write_v1_fixture;
 pub use model::{
-    AcquisitionRecord, AcquisitionSync, AnnotationRecord, AnnotationSource, AuditOutcome,
-    AuditRecord, Change, ChangeEntity, DishRecord, DishSyncState, EmbryoRecord, Fate, Frame,
-    InstrumentRecord, PatientRecord, PatientSummary, Rights, StoreStats, TreatmentRecord,
-    UserRecord, VerifyProgress, VerifyReport, WellSync,
+    AcquisitionRecord, AcquisitionSync, AnnotationRecord, AnnotationSource, ApiKeyRecord, ApiScope,
+    AuditOutcome, AuditRecord, Change, ChangeEntity, DishRecord, DishSyncState, EmbryoRecord, Fate,
+    Frame, InstrumentRecord, PatientRecord, PatientSummary, Rights, ScoreRecord, StoreStats,
+    TransferOutcome, TransferRecord, TreatmentRecord, UserRecord, VerifyProgress, VerifyReport,
+    WellSync,
 };
 pub use ops::{
-    user_name, Actor, AnnotationInput, ClinicalEdit, DishRegistration, ImageBytes, PatientRef,
-    TelemetrySample, UserChange, WellRegistration, WriteOp, WriteOutcome,
+    user_name, Actor, AnnotationInput, ClinicalEdit, DishRegistration, Idempotency, ImageBytes,
+    PatientRef, ScoreInput, TelemetrySample, UserChange, WellRegistration, WriteOp, WriteOutcome,
 };
 pub use reader::Reader;
 pub use store::{

@@ -24,3 +24,11 @@ pub const PASSWORD_HASH_BYTES_MAX: usize = 256;
 pub const ANNOTATIONS_PER_EMBRYO_MAX: u64 = 1000;
 /// Latest instant accepted in a client-given time (Unix ms): the year 2286.
 pub const INSTANT_MS_MAX: i64 = 10_000_000_000_000;
+/// Embryos one transfer may name.
+pub const EMBRYOS_PER_TRANSFER_MAX: usize = 8;
+/// Gestational sacs or fetal heartbeats reported for one transfer.
+pub const OUTCOME_COUNT_MAX: u32 = 16;
+/// Idempotency records pruned per group commit at most.
+pub const PRUNE_IDEMPOTENCY_PER_BATCH_MAX: u64 = 256;
+/// Scores (one per model) one embryo may carry.
+pub const SCORES_PER_EMBRYO_MAX: u64 = 64;

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 pub(crate) fn step(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
     match from {
         1 => v1_to_v2(txn),
+        2 => v2_to_v3(txn),
         _ => Err(StorageError::Corrupt(format!(
             "no migration from schema version {from}"
         ))),
@@ -77,6 +78,73 @@ pub(crate) mod v1 {
     }
 }
 
+/// The version 2 record layouts that version 3 changed, frozen.
+pub(crate) mod v2 {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct StateRow {
+        pub instrument_id_last: u64,
+        pub patient_key_last: u64,
+        pub treatment_key_last: u64,
+        pub dish_key_last: u64,
+        pub embryo_key_last: u64,
+        pub change_last_seq: u64,
+        pub change_oldest_seq: u64,
+        pub instruments: u64,
+        pub patients: u64,
+        pub treatments: u64,
+        pub dishes: u64,
+        pub embryos: u64,
+        pub acquisitions: u64,
+        pub images: u64,
+        pub image_bytes: u64,
+        pub telemetry_samples: u64,
+        pub annotation_id_last: u64,
+        pub audit_last_seq: u64,
+        pub annotations: u64,
+        pub users: u64,
+    }
+}
+
+/// Version 3 adds scores, transfers, API keys and idempotency records (tables created empty
+/// by `tables::create_all`) and their counters in the state row.
+fn v2_to_v3(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let mut meta = txn.open_table(tables::META)?;
+    let old: v2::StateRow = match meta.get(tables::META_STATE)? {
+        Some(bytes) => decode(bytes.value(), "version 2 meta state")?,
+        None => return Err(StorageError::Corrupt("meta state row is missing".into())),
+    };
+    let state = tables::StateRow {
+        instrument_id_last: old.instrument_id_last,
+        patient_key_last: old.patient_key_last,
+        treatment_key_last: old.treatment_key_last,
+        dish_key_last: old.dish_key_last,
+        embryo_key_last: old.embryo_key_last,
+        change_last_seq: old.change_last_seq,
+        change_oldest_seq: old.change_oldest_seq,
+        instruments: old.instruments,
+        patients: old.patients,
+        treatments: old.treatments,
+        dishes: old.dishes,
+        embryos: old.embryos,
+        acquisitions: old.acquisitions,
+        images: old.images,
+        image_bytes: old.image_bytes,
+        telemetry_samples: old.telemetry_samples,
+        annotation_id_last: old.annotation_id_last,
+        audit_last_seq: old.audit_last_seq,
+        annotations: old.annotations,
+        users: old.users,
+        transfer_key_last: 0,
+        transfers: 0,
+        scores: 0,
+        api_keys: 0,
+    };
+    meta.insert(tables::META_STATE, encode(&state).as_slice())?;
+    Ok(())
+}
+
 /// Version 2 adds versions, comments and fate to patients, treatments and embryos, the
 /// `embryo_by_key` and `dish_by_treatment` indexes, natural ids in change rows, and the
 /// annotation, audit and user tables (created empty by `tables::create_all`).
@@ -86,7 +154,7 @@ fn v1_to_v2(txn: &WriteTransaction) -> Result<(), StorageError> {
         Some(bytes) => decode(bytes.value(), "version 1 meta state")?,
         None => return Err(StorageError::Corrupt("meta state row is missing".into())),
     };
-    let state = tables::StateRow {
+    let state = v2::StateRow {
         instrument_id_last: old_state.instrument_id_last,
         patient_key_last: old_state.patient_key_last,
         treatment_key_last: old_state.treatment_key_last,
@@ -255,7 +323,10 @@ fn migrate_changes(
             Some(ChangeEntity::Embryo | ChangeEntity::Acquisition) => {
                 embryo_ids.get(&key).cloned().unwrap_or_default()
             }
-            Some(ChangeEntity::User) | None => String::new(),
+            // Version 1 had no users, transfers or API keys.
+            Some(ChangeEntity::User | ChangeEntity::Transfer | ChangeEntity::ApiKey) | None => {
+                String::new()
+            }
         })
     };
     let mut changes = txn.open_table(tables::CHANGES)?;

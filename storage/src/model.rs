@@ -82,6 +82,10 @@ pub enum ChangeEntity {
     Acquisition,
     /// A viewer or API user (audit trail only; user changes are not pushed).
     User,
+    /// An embryo transfer and its outcome; key: transfer_key, id: the transfer key in decimal.
+    Transfer,
+    /// A public API key (audit trail only; key changes are not pushed).
+    ApiKey,
 }
 
 impl ChangeEntity {
@@ -95,6 +99,8 @@ impl ChangeEntity {
             ChangeEntity::Embryo => 5,
             ChangeEntity::Acquisition => 6,
             ChangeEntity::User => 7,
+            ChangeEntity::Transfer => 8,
+            ChangeEntity::ApiKey => 9,
         }
     }
 
@@ -107,6 +113,8 @@ impl ChangeEntity {
             5 => Some(ChangeEntity::Embryo),
             6 => Some(ChangeEntity::Acquisition),
             7 => Some(ChangeEntity::User),
+            8 => Some(ChangeEntity::Transfer),
+            9 => Some(ChangeEntity::ApiKey),
             _ => None,
         }
     }
@@ -120,6 +128,8 @@ impl ChangeEntity {
             ChangeEntity::Embryo => "embryo",
             ChangeEntity::Acquisition => "acquisition",
             ChangeEntity::User => "user",
+            ChangeEntity::Transfer => "transfer",
+            ChangeEntity::ApiKey => "api_key",
         }
     }
 }
@@ -238,6 +248,23 @@ impl Rights {
 }
 
 stable_enum! {
+    /// What a public API key may do.
+    ApiScope {
+        /// Read everything the API offers.
+        Read = 1, "read";
+        /// Also write decisions, outcomes, scores and patient demographics.
+        Write = 2, "write";
+    }
+}
+
+impl ApiScope {
+    /// True when this scope includes `needed`.
+    pub fn allows(self, needed: ApiScope) -> bool {
+        self >= needed
+    }
+}
+
+stable_enum! {
     /// What became of an audited attempt.
     AuditOutcome {
         Applied = 1, "applied";
@@ -307,6 +334,64 @@ pub struct EmbryoRecord {
     pub updated_at_ms: i64,
     /// Ascending by annotation id (the order they were added).
     pub annotations: Vec<AnnotationRecord>,
+    /// Ascending by model name.
+    pub scores: Vec<ScoreRecord>,
+}
+
+/// A named score of an embryo: a user-defined model's class or a vendor score (KIDScore,
+/// iDAScore), with the model version that produced it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ScoreRecord {
+    pub model: String,
+    pub model_version: String,
+    pub value: String,
+    /// The vendor's viability class or probability, as given; empty when the model has none.
+    pub viability: String,
+    pub set_by: String,
+    pub set_at_ms: i64,
+}
+
+/// What became of a transfer. Every field is unknown (`None`) until the EMR reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct TransferOutcome {
+    /// Known implantation data: gestational sacs seen on ultrasound.
+    pub gestational_sacs: Option<u32>,
+    /// Known implantation data: fetal heartbeats seen.
+    pub fetal_heartbeats: Option<u32>,
+    pub clinical_pregnancy: Option<bool>,
+    pub live_birth: Option<bool>,
+}
+
+/// An embryo transfer of a treatment, with its outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TransferRecord {
+    pub transfer_key: u64,
+    pub patient_id: String,
+    pub treatment_name: String,
+    pub transferred_at_ms: i64,
+    /// The embryos transferred, in the order given.
+    pub embryo_ids: Vec<String>,
+    pub outcome: TransferOutcome,
+    pub comment: String,
+    pub version: u64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// A public API key, without its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApiKeyRecord {
+    /// The public part of the key (`esk_<key_id>_<secret>`), 16 hex characters.
+    pub key_id: String,
+    pub name: String,
+    pub scope: ApiScope,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    /// 0 while the key is valid.
+    pub revoked_at_ms: i64,
+    /// Never serialised: only the authentication check reads it.
+    #[serde(skip)]
+    pub secret_sha256: [u8; 32],
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -381,12 +466,14 @@ mod tests {
             ChangeEntity::Embryo,
             ChangeEntity::Acquisition,
             ChangeEntity::User,
+            ChangeEntity::Transfer,
+            ChangeEntity::ApiKey,
         ];
         for entity in all {
             assert_eq!(ChangeEntity::from_u8(entity.to_u8()), Some(entity));
         }
         assert_eq!(ChangeEntity::from_u8(0), None);
-        assert_eq!(ChangeEntity::from_u8(8), None);
+        assert_eq!(ChangeEntity::from_u8(10), None);
         for &fate in Fate::ALL {
             assert_eq!(Fate::from_u8(fate.to_u8()), Some(fate));
             assert_eq!(Fate::from_name(fate.as_str()), Some(fate));
@@ -398,6 +485,11 @@ mod tests {
         for &source in AnnotationSource::ALL {
             assert_eq!(AnnotationSource::from_u8(source.to_u8()), Some(source));
         }
+        for &scope in ApiScope::ALL {
+            assert_eq!(ApiScope::from_u8(scope.to_u8()), Some(scope));
+            assert_eq!(ApiScope::from_name(scope.as_str()), Some(scope));
+        }
+        assert!(ApiScope::Write.allows(ApiScope::Read) && !ApiScope::Read.allows(ApiScope::Write));
         for &outcome in AuditOutcome::ALL {
             assert_eq!(AuditOutcome::from_u8(outcome.to_u8()), Some(outcome));
         }

@@ -2,7 +2,7 @@
 
 use crate::error::WriteError;
 use crate::limits;
-use crate::model::{AnnotationSource, ChangeEntity, Fate, Rights};
+use crate::model::{AnnotationSource, ApiScope, ChangeEntity, Fate, Rights, TransferOutcome};
 use std::collections::BTreeSet;
 use std::fmt;
 
@@ -88,9 +88,29 @@ pub enum WriteOp {
     /// A change to clinical data from a viewer or the public API. Every edit of an existing
     /// row names the version the client last saw; a stale one is refused with
     /// `WriteError::Conflict` (carrying the current state) and audited as a conflict.
+    ///
+    /// With `idempotency`, the outcome is recorded under the key in the same transaction: the
+    /// same key and request again is answered with the recorded outcome (`replayed`) and
+    /// changes nothing; the same key with another request is refused (`IdempotencyKeyReused`).
     Edit {
         actor: Actor,
         edit: ClinicalEdit,
+        idempotency: Option<Idempotency>,
+        at_ms: i64,
+    },
+    /// Creates a public API key. The caller makes the secret and passes its SHA-256 only.
+    ApiKeyCreate {
+        actor: Actor,
+        key_id: String,
+        name: String,
+        scope: ApiScope,
+        secret_sha256: [u8; 32],
+        at_ms: i64,
+    },
+    /// Revokes a public API key; it can never be used again.
+    ApiKeyRevoke {
+        actor: Actor,
+        key_id: String,
         at_ms: i64,
     },
     /// Records a refused attempt (the user lacked the right) in the audit trail.
@@ -127,6 +147,16 @@ pub enum WriteOp {
         lockout_ms: i64,
         at_ms: i64,
     },
+}
+
+/// An `Idempotency-Key` sent with a write, scoped to who sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    /// `user:NAME` or `key:KEY_ID`: keys of different clients never collide.
+    pub principal: String,
+    pub key: String,
+    /// SHA-256 of the request (method, path, body), to tell a retry from a reuse.
+    pub request_sha256: [u8; 32],
 }
 
 /// Who makes a change, from which computer. Recorded in the audit trail.
@@ -183,6 +213,36 @@ pub enum ClinicalEdit {
         expected_version: u64,
         comment: String,
     },
+    /// Sets (replaces) the embryo's score of one model.
+    SetScore {
+        embryo_id: String,
+        expected_version: u64,
+        score: ScoreInput,
+    },
+    /// Records a transfer of embryos of one treatment. Its key is allocated by the server.
+    CreateTransfer {
+        patient_id: String,
+        treatment_name: String,
+        transferred_at_ms: i64,
+        embryo_ids: Vec<String>,
+        comment: String,
+    },
+    /// Replaces a transfer's outcome and comment.
+    UpdateTransfer {
+        transfer_key: u64,
+        expected_version: u64,
+        outcome: TransferOutcome,
+        comment: String,
+    },
+}
+
+/// A score as a client gives it; who set it and when come from the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScoreInput {
+    pub model: String,
+    pub model_version: String,
+    pub value: String,
+    pub viability: String,
 }
 
 impl ClinicalEdit {
@@ -198,6 +258,9 @@ impl ClinicalEdit {
             ClinicalEdit::RemoveAnnotation { .. } => "annotation.remove",
             ClinicalEdit::SetFate { .. } => "embryo.fate",
             ClinicalEdit::SetEmbryoComment { .. } => "embryo.comment",
+            ClinicalEdit::SetScore { .. } => "embryo.score",
+            ClinicalEdit::CreateTransfer { .. } => "transfer.create",
+            ClinicalEdit::UpdateTransfer { .. } => "transfer.update",
         }
     }
 
@@ -256,6 +319,59 @@ impl ClinicalEdit {
                 embryo_id, comment, ..
             } => {
                 text("embryo id", embryo_id, Required::Yes)?;
+                comment_text(comment)
+            }
+            ClinicalEdit::SetScore {
+                embryo_id, score, ..
+            } => {
+                text("embryo id", embryo_id, Required::Yes)?;
+                text("score model", &score.model, Required::Yes)?;
+                text("score model version", &score.model_version, Required::No)?;
+                text("score value", &score.value, Required::Yes)?;
+                text("score viability", &score.viability, Required::No)
+            }
+            ClinicalEdit::CreateTransfer {
+                patient_id,
+                treatment_name,
+                transferred_at_ms,
+                embryo_ids,
+                comment,
+            } => {
+                text("patient id", patient_id, Required::Yes)?;
+                text("treatment name", treatment_name, Required::Yes)?;
+                instant("transfer time", *transferred_at_ms)?;
+                if embryo_ids.is_empty() || embryo_ids.len() > limits::EMBRYOS_PER_TRANSFER_MAX {
+                    return Err(invalid(format!(
+                        "a transfer names 1 to {} embryos, not {}",
+                        limits::EMBRYOS_PER_TRANSFER_MAX,
+                        embryo_ids.len()
+                    )));
+                }
+                let mut seen = BTreeSet::new();
+                for embryo_id in embryo_ids {
+                    text("embryo id", embryo_id, Required::Yes)?;
+                    if !seen.insert(embryo_id) {
+                        return Err(invalid(format!(
+                            "embryo {embryo_id} is named twice in the transfer"
+                        )));
+                    }
+                }
+                comment_text(comment)
+            }
+            ClinicalEdit::UpdateTransfer {
+                outcome, comment, ..
+            } => {
+                for (what, count) in [
+                    ("gestational sacs", outcome.gestational_sacs),
+                    ("fetal heartbeats", outcome.fetal_heartbeats),
+                ] {
+                    if count.is_some_and(|n| n > limits::OUTCOME_COUNT_MAX) {
+                        return Err(invalid(format!(
+                            "{what} must be at most {}",
+                            limits::OUTCOME_COUNT_MAX
+                        )));
+                    }
+                }
                 comment_text(comment)
             }
         }
@@ -346,7 +462,11 @@ pub enum WriteOutcome {
         change_seq: u64,
         /// The annotation added, changed or removed.
         annotation_id: Option<u64>,
+        /// True when this is the recorded outcome of an earlier request with the same
+        /// Idempotency-Key: nothing was changed now.
+        replayed: bool,
     },
+    ApiKeyChanged,
     Audited,
     UserChanged,
     LoginRecorded {
@@ -380,7 +500,9 @@ impl WriteOp {
             | WriteOp::AuditDenied { at_ms, .. }
             | WriteOp::UserAdd { at_ms, .. }
             | WriteOp::UserUpdate { at_ms, .. }
-            | WriteOp::LoginAttempt { at_ms, .. } => Some(*at_ms),
+            | WriteOp::LoginAttempt { at_ms, .. }
+            | WriteOp::ApiKeyCreate { at_ms, .. }
+            | WriteOp::ApiKeyRevoke { at_ms, .. } => Some(*at_ms),
             WriteOp::ResetInstrumentSecret { .. } => None,
         }
     }
@@ -434,9 +556,36 @@ impl WriteOp {
                 Ok(())
             }
             WriteOp::PutTelemetry { samples, .. } => validate_telemetry(samples),
-            WriteOp::Edit { actor, edit, .. } => {
+            WriteOp::Edit {
+                actor,
+                edit,
+                idempotency,
+                ..
+            } => {
                 validate_actor(actor)?;
+                if let Some(idempotency) = idempotency {
+                    text(
+                        "idempotency principal",
+                        &idempotency.principal,
+                        Required::Yes,
+                    )?;
+                    text("Idempotency-Key", &idempotency.key, Required::Yes)?;
+                }
                 edit.validate()
+            }
+            WriteOp::ApiKeyCreate {
+                actor,
+                key_id,
+                name,
+                ..
+            } => {
+                validate_actor(actor)?;
+                key_id_text(key_id)?;
+                text("API key name", name, Required::Yes)
+            }
+            WriteOp::ApiKeyRevoke { actor, key_id, .. } => {
+                validate_actor(actor)?;
+                key_id_text(key_id)
             }
             WriteOp::AuditDenied {
                 actor,
@@ -525,6 +674,29 @@ fn hash_text(hash: &str) -> Result<(), WriteError> {
         ));
     }
     Ok(())
+}
+
+/// An API key id: 16 lowercase hex characters.
+fn key_id_text(key_id: &str) -> Result<(), WriteError> {
+    let hex = key_id.len() == 16
+        && key_id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if hex {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "API key id {key_id:?} is not 16 lowercase hex characters"
+        )))
+    }
+}
+
+fn instant(what: &str, at_ms: i64) -> Result<(), WriteError> {
+    if (0..=limits::INSTANT_MS_MAX).contains(&at_ms) {
+        Ok(())
+    } else {
+        Err(invalid(format!("{what} {at_ms} ms is outside 1970..2286")))
+    }
 }
 
 fn comment_text(comment: &str) -> Result<(), WriteError> {
@@ -713,11 +885,26 @@ impl fmt::Debug for WriteOp {
                 .field("samples", &samples.len())
                 .field("at_ms", at_ms)
                 .finish(),
-            WriteOp::Edit { actor, edit, at_ms } => f
+            WriteOp::Edit {
+                actor,
+                edit,
+                idempotency,
+                at_ms,
+            } => f
                 .debug_struct("Edit")
                 .field("user", &actor.user)
                 .field("action", &edit.action())
+                .field("idempotent", &idempotency.is_some())
                 .field("at_ms", at_ms)
+                .finish_non_exhaustive(),
+            WriteOp::ApiKeyCreate { key_id, scope, .. } => f
+                .debug_struct("ApiKeyCreate")
+                .field("key_id", key_id)
+                .field("scope", scope)
+                .finish_non_exhaustive(),
+            WriteOp::ApiKeyRevoke { key_id, .. } => f
+                .debug_struct("ApiKeyRevoke")
+                .field("key_id", key_id)
                 .finish_non_exhaustive(),
             WriteOp::AuditDenied {
                 actor,

@@ -18,7 +18,7 @@ use redb::TableDefinition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The schema version this binary writes and reads. See the module documentation.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// `meta`: name -> bytes. Rows: [`META_SCHEMA_VERSION`] (u64 LE), [`META_SERVER_ID`] (UTF-8,
 /// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]).
@@ -74,6 +74,27 @@ pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// `users`: user name -> [`UserRow`]. Viewer and API users; passwords as argon2id PHC strings.
 pub const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 
+/// `scores`: (embryo_key, model name) -> [`ScoreRow`]. One current score per model; the audit
+/// trail keeps the earlier ones.
+pub const SCORES: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("scores");
+
+/// `transfers`: transfer_key -> [`TransferRow`].
+pub const TRANSFERS: TableDefinition<u64, &[u8]> = TableDefinition::new("transfers");
+/// `transfer_by_treatment`: (treatment_key, transfer_key) -> (). The transfers of a treatment.
+pub const TRANSFER_BY_TREATMENT: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("transfer_by_treatment");
+
+/// `api_keys`: key id (16 hex chars) -> [`ApiKeyRow`].
+pub const API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
+
+/// `idempotency`: (principal, Idempotency-Key) -> [`IdempotencyRow`]: the outcome of the first
+/// write sent with that key, written in the same transaction as the write itself, so a retry
+/// cannot apply it twice. Rows older than the change-log retention are pruned with it.
+pub const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idempotency");
+/// `idempotency_by_age`: (at_ms, principal, Idempotency-Key) -> (). The pruning order.
+pub const IDEMPOTENCY_BY_AGE: TableDefinition<(i64, &str, &str), ()> =
+    TableDefinition::new("idempotency_by_age");
+
 /// `acquisitions`: (dish_key, well, acquired_at_ms) -> [`AcquisitionRow`] (the focal planes
 /// stored for that acquisition, sorted).
 pub const ACQUISITIONS: TableDefinition<AcquisitionKey, &[u8]> =
@@ -102,7 +123,7 @@ pub type ImageKey = (u64, u32, i64, i32);
 pub type TelemetryKey = (u64, &'static str, i64);
 
 /// The names of every table, for tooling and for the "create all tables on open" step.
-pub const TABLE_NAMES: [&str; 20] = [
+pub const TABLE_NAMES: [&str; 26] = [
     "meta",
     "instruments",
     "instrument_by_serial",
@@ -123,6 +144,12 @@ pub const TABLE_NAMES: [&str; 20] = [
     "annotations",
     "audit",
     "users",
+    "scores",
+    "transfers",
+    "transfer_by_treatment",
+    "api_keys",
+    "idempotency",
+    "idempotency_by_age",
 ];
 
 /// Creates every table that does not exist yet, so read transactions never miss one.
@@ -147,6 +174,12 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), StorageErro
     txn.open_table(ANNOTATIONS)?;
     txn.open_table(AUDIT)?;
     txn.open_table(USERS)?;
+    txn.open_table(SCORES)?;
+    txn.open_table(TRANSFERS)?;
+    txn.open_table(TRANSFER_BY_TREATMENT)?;
+    txn.open_table(API_KEYS)?;
+    txn.open_table(IDEMPOTENCY)?;
+    txn.open_table(IDEMPOTENCY_BY_AGE)?;
     Ok(())
 }
 
@@ -178,6 +211,10 @@ pub struct StateRow {
     pub audit_last_seq: u64,
     pub annotations: u64,
     pub users: u64,
+    pub transfer_key_last: u64,
+    pub transfers: u64,
+    pub scores: u64,
+    pub api_keys: u64,
 }
 
 impl StateRow {
@@ -326,6 +363,55 @@ pub struct UserRow {
     pub updated_at_ms: i64,
     pub password_changed_at_ms: i64,
     pub last_login_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScoreRow {
+    pub model_version: String,
+    pub value: String,
+    pub viability: String,
+    pub set_by: String,
+    pub set_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferRow {
+    pub treatment_key: u64,
+    pub transferred_at_ms: i64,
+    /// The embryo keys transferred, in the order given.
+    pub embryo_keys: Vec<u64>,
+    pub outcome: crate::TransferOutcome,
+    pub comment: String,
+    pub version: u64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyRow {
+    /// SHA-256 of the secret part. The secret is 32 random bytes, so a plain hash suffices.
+    pub secret_sha256: [u8; 32],
+    /// [`crate::ApiScope`] as its stable number.
+    pub scope: u8,
+    pub name: String,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    /// 0 while the key is valid.
+    pub revoked_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRow {
+    /// SHA-256 of the request (method, path and body) first sent with the key.
+    pub request_sha256: [u8; 32],
+    pub at_ms: i64,
+    /// [`crate::ChangeEntity`] as its stable number.
+    pub entity: u8,
+    pub key: u64,
+    pub id: String,
+    pub version: u64,
+    pub change_seq: u64,
+    pub annotation_id: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

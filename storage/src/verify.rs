@@ -366,6 +366,31 @@ fn check_counters(
         ),
         ("users", state.users, txn.open_table(tables::USERS)?.len()?),
         (
+            "scores",
+            state.scores,
+            txn.open_table(tables::SCORES)?.len()?,
+        ),
+        (
+            "transfers",
+            state.transfers,
+            txn.open_table(tables::TRANSFERS)?.len()?,
+        ),
+        (
+            "transfers by treatment",
+            state.transfers,
+            txn.open_table(tables::TRANSFER_BY_TREATMENT)?.len()?,
+        ),
+        (
+            "API keys",
+            state.api_keys,
+            txn.open_table(tables::API_KEYS)?.len()?,
+        ),
+        (
+            "idempotency records by age",
+            txn.open_table(tables::IDEMPOTENCY)?.len()?,
+            txn.open_table(tables::IDEMPOTENCY_BY_AGE)?.len()?,
+        ),
+        (
             "audit rows",
             state.audit_last_seq,
             txn.open_table(tables::AUDIT)?.len()?,

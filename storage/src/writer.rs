@@ -348,6 +348,7 @@ fn commit_batch(
             let retention_ms = store.inner.options.change_log_retention_ms;
             let cutoff_ms = now_ms.saturating_sub(retention_ms);
             tables.prune_changes(cutoff_ms, limits::PRUNE_CHANGES_PER_BATCH_MAX)?;
+            tables.prune_idempotency(cutoff_ms, limits::PRUNE_IDEMPOTENCY_PER_BATCH_MAX)?;
         }
         tables.finish()?;
         results

@@ -705,17 +705,17 @@ fn newer_schema_is_refused_with_a_clear_message() {
     drop(open(dir.path()));
     set_schema_version_for_tests(dir.path(), Store::SCHEMA_VERSION + 1).unwrap();
     let error = Store::open(dir.path(), &StoreOptions::default(), SEED).unwrap_err();
+    let (found, supported) = (Store::SCHEMA_VERSION + 1, Store::SCHEMA_VERSION);
     assert!(matches!(
         error,
-        StorageError::SchemaTooNew {
-            found: 3,
-            supported: 2
-        }
+        StorageError::SchemaTooNew { found: f, supported: s } if f == found && s == supported
     ));
     assert_eq!(error.code(), "schema_too_new");
     assert_eq!(
         error.to_string(),
-        "database schema version 3 is newer than this esserver supports (2); upgrade esserver"
+        format!(
+            "database schema version {found} is newer than this esserver supports ({supported}); upgrade esserver"
+        )
     );
     // The refusal did not touch the file: the current version still opens after a downgrade.
     set_schema_version_for_tests(dir.path(), Store::SCHEMA_VERSION).unwrap();
@@ -1162,9 +1162,278 @@ fn edit(writer: &Writer, user: &str, edit: ClinicalEdit) -> Result<WriteOutcome,
         WriteOp::Edit {
             actor: actor(user),
             edit,
+            idempotency: None,
             at_ms: T0 + 5 * MINUTE_MS,
         },
     )
+}
+
+fn idempotent_edit(
+    writer: &Writer,
+    key: &str,
+    request: u8,
+    edit: ClinicalEdit,
+    at_ms: i64,
+) -> Result<WriteOutcome, WriteError> {
+    write(
+        writer,
+        WriteOp::Edit {
+            actor: actor("emr"),
+            edit,
+            idempotency: Some(Idempotency {
+                principal: "key:0123456789abcdef".into(),
+                key: key.into(),
+                request_sha256: [request; 32],
+            }),
+            at_ms,
+        },
+    )
+}
+
+fn score(embryo_id: &str, expected_version: u64, model: &str, value: &str) -> ClinicalEdit {
+    ClinicalEdit::SetScore {
+        embryo_id: embryo_id.into(),
+        expected_version,
+        score: ScoreInput {
+            model: model.into(),
+            model_version: "2.1".into(),
+            value: value.into(),
+            viability: String::new(),
+        },
+    }
+}
+
+#[test]
+fn scores_are_set_per_model_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, _) = setup(&store);
+    edit(&writer, "emr", score("E1", 1, "KIDScore", "4.1")).unwrap();
+    edit(&writer, "emr", score("E1", 2, "iDAScore", "7.9")).unwrap();
+    let outcome = edit(&writer, "emr", score("E1", 3, "KIDScore", "5.0")).unwrap();
+    assert!(matches!(outcome, WriteOutcome::Edited { version: 4, .. }));
+    let stale = edit(&writer, "emr", score("E1", 3, "KIDScore", "1.0")).unwrap_err();
+    assert_eq!(stale.code(), "conflict");
+    let embryo = store.read().unwrap().embryo("E1").unwrap().unwrap();
+    let scores: Vec<_> = embryo
+        .scores
+        .iter()
+        .map(|s| (s.model.as_str(), s.value.as_str(), s.set_by.as_str()))
+        .collect();
+    assert_eq!(
+        scores,
+        [("KIDScore", "5.0", "emr"), ("iDAScore", "7.9", "emr")]
+    );
+    // Another embryo's scores are its own.
+    let other = store.read().unwrap().embryo("E2").unwrap().unwrap();
+    assert!(other.scores.is_empty());
+    assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+    writer.shutdown();
+}
+
+#[test]
+fn transfers_are_recorded_with_outcomes_and_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    register(&writer, instrument_id, dish("D9", "MRN-9", &[(1, "E9")]));
+    let create = |embryo_ids: &[&str]| ClinicalEdit::CreateTransfer {
+        patient_id: "MRN-1".into(),
+        treatment_name: "2022-1411".into(),
+        transferred_at_ms: T0 + 5 * 24 * 3_600_000,
+        embryo_ids: embryo_ids.iter().map(|e| e.to_string()).collect(),
+        comment: "single blastocyst".into(),
+    };
+    // An embryo of another patient cannot be transferred in this treatment.
+    let refused = edit(&writer, "emr", create(&["E1", "E9"])).unwrap_err();
+    assert_eq!(refused.code(), "invalid_input", "{refused}");
+    let unknown = edit(&writer, "emr", create(&["E404"])).unwrap_err();
+    assert_eq!(unknown.code(), "not_found");
+    let twice = edit(&writer, "emr", create(&["E1", "E1"])).unwrap_err();
+    assert_eq!(twice.code(), "invalid_input");
+
+    let outcome = edit(&writer, "emr", create(&["E2"])).unwrap();
+    let WriteOutcome::Edited {
+        entity,
+        key,
+        id,
+        version,
+        ..
+    } = outcome
+    else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(
+        (entity, id.as_str(), version),
+        (ChangeEntity::Transfer, "1", 1)
+    );
+    let update = |expected_version, heartbeats| ClinicalEdit::UpdateTransfer {
+        transfer_key: key,
+        expected_version,
+        outcome: TransferOutcome {
+            gestational_sacs: Some(1),
+            fetal_heartbeats: heartbeats,
+            clinical_pregnancy: Some(true),
+            live_birth: None,
+        },
+        comment: "6 week scan".into(),
+    };
+    edit(&writer, "emr", update(1, Some(1))).unwrap();
+    let WriteError::Conflict { current, .. } =
+        edit(&writer, "emr", update(1, Some(2))).unwrap_err()
+    else {
+        panic!("a stale version is a conflict")
+    };
+    assert!(current.contains("\"fetal_heartbeats\":1"), "{current}");
+    let too_many = edit(&writer, "emr", update(2, Some(99))).unwrap_err();
+    assert_eq!(too_many.code(), "invalid_input");
+
+    let reader = store.read().unwrap();
+    let transfers = reader
+        .treatment_transfers("MRN-1", "2022-1411")
+        .unwrap()
+        .unwrap();
+    assert_eq!(transfers.len(), 1);
+    let transfer = &transfers[0];
+    assert_eq!(transfer.embryo_ids, ["E2"]);
+    assert_eq!(transfer.version, 2);
+    assert_eq!(transfer.outcome.fetal_heartbeats, Some(1));
+    assert_eq!(transfer.outcome.clinical_pregnancy, Some(true));
+    assert_eq!(transfer.comment, "6 week scan");
+    assert!(reader
+        .treatment_transfers("MRN-1", "nope")
+        .unwrap()
+        .is_none());
+    let changes = reader.changes_after(0, 1000).unwrap();
+    let transfer_changes: Vec<_> = changes
+        .iter()
+        .filter(|c| c.entity == ChangeEntity::Transfer)
+        .map(|c| (c.id.as_str(), c.version))
+        .collect();
+    assert_eq!(transfer_changes, [("1", 1), ("1", 2)]);
+    drop(reader);
+    assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+    writer.shutdown();
+}
+
+#[test]
+fn an_idempotency_key_applies_a_write_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, _) = setup(&store);
+    let at = T0 + 10 * MINUTE_MS;
+    let first = idempotent_edit(&writer, "k-1", 1, score("E1", 1, "KIDScore", "4"), at).unwrap();
+    let WriteOutcome::Edited {
+        version,
+        change_seq,
+        replayed: false,
+        ..
+    } = first
+    else {
+        panic!("{first:?}")
+    };
+    assert_eq!(version, 2);
+    // The retry is answered with the first outcome and changes nothing.
+    let again = idempotent_edit(&writer, "k-1", 1, score("E1", 1, "KIDScore", "4"), at).unwrap();
+    assert!(
+        matches!(again, WriteOutcome::Edited { version: 2, change_seq: c, replayed: true, .. } if c == change_seq),
+        "{again:?}"
+    );
+    let embryo = store.read().unwrap().embryo("E1").unwrap().unwrap();
+    assert_eq!(embryo.version, 2);
+    assert_eq!(store.read().unwrap().last_change_seq().unwrap(), change_seq);
+    // The same key for another request is refused.
+    let reused =
+        idempotent_edit(&writer, "k-1", 2, score("E1", 2, "KIDScore", "9"), at).unwrap_err();
+    assert_eq!(reused.code(), "idempotency_key_reused");
+    // A refused write is not recorded: after a conflict the same key may be retried.
+    let stale = idempotent_edit(&writer, "k-2", 3, score("E1", 1, "KIDScore", "6"), at);
+    assert_eq!(stale.unwrap_err().code(), "conflict");
+    let fixed = idempotent_edit(&writer, "k-2", 3, score("E1", 2, "KIDScore", "6"), at).unwrap();
+    assert!(matches!(
+        fixed,
+        WriteOutcome::Edited {
+            version: 3,
+            replayed: false,
+            ..
+        }
+    ));
+    assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+    writer.shutdown();
+}
+
+#[test]
+fn idempotency_records_are_pruned_with_the_change_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_retention(dir.path(), 60 * MINUTE_MS);
+    let (writer, _) = setup(&store);
+    let old = T0 + MINUTE_MS;
+    idempotent_edit(&writer, "old", 1, score("E1", 1, "KIDScore", "4"), old).unwrap();
+    // Two hours later the old record is gone: the key is free again (a new write).
+    let later = old + 120 * MINUTE_MS;
+    idempotent_edit(&writer, "new", 2, score("E1", 2, "KIDScore", "5"), later).unwrap();
+    let again = idempotent_edit(&writer, "old", 1, score("E1", 3, "KIDScore", "4"), later).unwrap();
+    assert!(
+        matches!(
+            again,
+            WriteOutcome::Edited {
+                version: 4,
+                replayed: false,
+                ..
+            }
+        ),
+        "{again:?}"
+    );
+    assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+    writer.shutdown();
+}
+
+#[test]
+fn api_keys_are_created_listed_and_revoked_without_their_secret_in_the_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let writer = store.start_writer(WriterOptions::default());
+    let create = |key_id: &str| WriteOp::ApiKeyCreate {
+        actor: actor("admin"),
+        key_id: key_id.into(),
+        name: "EMR".into(),
+        scope: ApiScope::Write,
+        secret_sha256: [7; 32],
+        at_ms: T0,
+    };
+    write(&writer, create("00112233445566ff")).unwrap();
+    let twice = write(&writer, create("00112233445566ff")).unwrap_err();
+    assert_eq!(twice.code(), "already_exists");
+    let bad = write(&writer, create("not-hex")).unwrap_err();
+    assert_eq!(bad.code(), "invalid_input");
+    let key = store
+        .read()
+        .unwrap()
+        .api_key("00112233445566ff")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (key.scope, key.revoked_at_ms, key.secret_sha256),
+        (ApiScope::Write, 0, [7; 32])
+    );
+    write(
+        &writer,
+        WriteOp::ApiKeyRevoke {
+            actor: actor("admin"),
+            key_id: "00112233445566ff".into(),
+            at_ms: T0 + 1,
+        },
+    )
+    .unwrap();
+    let keys = store.read().unwrap().api_keys().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].revoked_at_ms, T0 + 1);
+    let audit = store.read().unwrap().audit_after(0, 100).unwrap();
+    let actions: Vec<_> = audit.iter().map(|a| a.action.as_str()).collect();
+    assert_eq!(actions, ["api_key.create", "api_key.revoke"]);
+    assert!(audit.iter().all(|a| !a.after.contains("secret")));
+    assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+    writer.shutdown();
 }
 
 fn t2(embryo_id: &str, expected_version: u64, event_at_ms: i64) -> ClinicalEdit {

@@ -1,4 +1,5 @@
-//! Applying clinical edits (viewers, public API), users and logins, with the audit trail.
+//! Applying clinical edits (viewers, public API), users, logins and API keys, with the audit
+//! trail.
 //!
 //! Every edit of an existing row checks the version the client names against the stored one.
 //! A stale version writes nothing but an audit row (outcome `conflict`) and is answered with
@@ -7,10 +8,15 @@
 use super::{get_row, insert_new, treatment_id, Applied, Batch};
 use crate::error::{StorageError, WriteError};
 use crate::limits;
-use crate::model::{AnnotationSource, AuditOutcome, ChangeEntity, Fate, Rights};
-use crate::ops::{Actor, AnnotationInput, ClinicalEdit, PatientRef, UserChange, WriteOutcome};
+use crate::model::{
+    AnnotationSource, ApiScope, AuditOutcome, ChangeEntity, Fate, Rights, TransferOutcome,
+};
+use crate::ops::{
+    Actor, AnnotationInput, ClinicalEdit, Idempotency, PatientRef, UserChange, WriteOutcome,
+};
 use crate::tables::{
-    decode, encode, AnnotationRow, AuditRow, EmbryoRow, PatientRow, TreatmentRow, UserRow, WellKey,
+    decode, encode, AnnotationRow, ApiKeyRow, AuditRow, DishRow, EmbryoRow, IdempotencyRow,
+    PatientRow, ScoreRow, TransferRow, TreatmentRow, UserRow, WellKey,
 };
 use redb::ReadableTable;
 use serde_json::json;
@@ -55,8 +61,101 @@ impl Batch<'_> {
             | ClinicalEdit::ChangeAnnotation { .. }
             | ClinicalEdit::RemoveAnnotation { .. }
             | ClinicalEdit::SetFate { .. }
-            | ClinicalEdit::SetEmbryoComment { .. } => self.embryo_edit(actor, edit, at_ms),
+            | ClinicalEdit::SetEmbryoComment { .. }
+            | ClinicalEdit::SetScore { .. } => self.embryo_edit(actor, edit, at_ms),
+            ClinicalEdit::CreateTransfer {
+                patient_id,
+                treatment_name,
+                transferred_at_ms,
+                embryo_ids,
+                comment,
+            } => self.transfer_create(
+                actor,
+                NewTransfer {
+                    patient_id,
+                    treatment_name,
+                    transferred_at_ms: *transferred_at_ms,
+                    embryo_ids,
+                    comment,
+                },
+                at_ms,
+            ),
+            ClinicalEdit::UpdateTransfer {
+                transfer_key,
+                expected_version,
+                outcome,
+                comment,
+            } => self.transfer_update(
+                actor,
+                *transfer_key,
+                *expected_version,
+                outcome,
+                comment,
+                at_ms,
+            ),
         }
+    }
+
+    /// Applies an edit under an Idempotency-Key: a retry of the same request is answered with
+    /// the recorded outcome and changes nothing; the same key with another request is refused.
+    /// Only an applied edit is recorded, so a refused one (conflict, not found) may be retried.
+    pub(super) fn idempotent_edit(
+        &mut self,
+        actor: &Actor,
+        edit: &ClinicalEdit,
+        idempotency: Option<&Idempotency>,
+        at_ms: i64,
+    ) -> Applied {
+        let Some(idempotency) = idempotency else {
+            return self.edit(actor, edit, at_ms);
+        };
+        let slot = (idempotency.principal.as_str(), idempotency.key.as_str());
+        if let Some(bytes) = self.idempotency.get(slot)? {
+            let row: IdempotencyRow = decode(bytes.value(), "idempotency")?;
+            if row.request_sha256 != idempotency.request_sha256 {
+                return Ok(Err(WriteError::IdempotencyKeyReused(
+                    idempotency.key.clone(),
+                )));
+            }
+            let entity = ChangeEntity::from_u8(row.entity).ok_or_else(|| {
+                StorageError::Corrupt(format!("idempotency row names entity {}", row.entity))
+            })?;
+            return Ok(Ok(WriteOutcome::Edited {
+                entity,
+                key: row.key,
+                id: row.id,
+                version: row.version,
+                change_seq: row.change_seq,
+                annotation_id: row.annotation_id,
+                replayed: true,
+            }));
+        }
+        let outcome = self.edit(actor, edit, at_ms)?;
+        if let Ok(WriteOutcome::Edited {
+            entity,
+            key,
+            id,
+            version,
+            change_seq,
+            annotation_id,
+            ..
+        }) = &outcome
+        {
+            let row = IdempotencyRow {
+                request_sha256: idempotency.request_sha256,
+                at_ms,
+                entity: entity.to_u8(),
+                key: *key,
+                id: id.clone(),
+                version: *version,
+                change_seq: *change_seq,
+                annotation_id: *annotation_id,
+            };
+            self.idempotency.insert(slot, encode(&row).as_slice())?;
+            self.idempotency_by_age
+                .insert((at_ms, slot.0, slot.1), ())?;
+        }
+        Ok(outcome)
     }
 
     // ---------------------------------------------------------------- patients
@@ -294,11 +393,36 @@ impl Batch<'_> {
         Ok(out)
     }
 
+    fn embryo_scores(&self, embryo_key: u64) -> Result<Vec<(String, ScoreRow)>, StorageError> {
+        let mut out = Vec::new();
+        for entry in self
+            .scores
+            .range((embryo_key, "")..(embryo_key.saturating_add(1), ""))?
+        {
+            let (key, value) = entry?;
+            if key.value().0 != embryo_key {
+                break;
+            }
+            out.push((key.value().1.to_string(), decode(value.value(), "score")?));
+        }
+        Ok(out)
+    }
+
     fn embryo_json(&self, row: &EmbryoRow) -> Result<String, StorageError> {
         let annotations: Vec<_> = self
             .embryo_annotations(row.embryo_key)?
             .into_iter()
             .map(|(id, a)| annotation_json(id, &a))
+            .collect();
+        let scores: Vec<_> = self
+            .embryo_scores(row.embryo_key)?
+            .into_iter()
+            .map(|(model, s)| {
+                json!({
+                    "model": model, "model_version": s.model_version, "value": s.value,
+                    "viability": s.viability, "set_by": s.set_by, "set_at_ms": s.set_at_ms,
+                })
+            })
             .collect();
         Ok(json!({
             "embryo_id": row.embryo_id,
@@ -306,8 +430,234 @@ impl Batch<'_> {
             "fate": Fate::from_u8(row.fate).map_or("unknown", Fate::as_str),
             "comment": row.comment,
             "annotations": annotations,
+            "scores": scores,
         })
         .to_string())
+    }
+
+    // ---------------------------------------------------------------- transfers
+
+    fn transfer_create(&mut self, actor: &Actor, new: NewTransfer<'_>, at_ms: i64) -> Applied {
+        let NewTransfer {
+            patient_id,
+            treatment_name,
+            transferred_at_ms,
+            embryo_ids,
+            comment,
+        } = new;
+        let Some(patient_key) = self.patient_by_id.get(patient_id)?.map(|g| g.value()) else {
+            return Ok(Err(WriteError::NotFound(format!("patient {patient_id}"))));
+        };
+        let treatment = treatment_id(patient_id, treatment_name);
+        let Some(treatment_key) = self
+            .treatment_by_patient_name
+            .get((patient_key, treatment_name))?
+            .map(|g| g.value())
+        else {
+            return Ok(Err(WriteError::NotFound(format!("treatment {treatment}"))));
+        };
+        let mut embryo_keys = Vec::with_capacity(embryo_ids.len());
+        for embryo_id in embryo_ids {
+            let Some(EmbryoAt { well_key, row }) = self.embryo_at(embryo_id)? else {
+                return Ok(Err(WriteError::NotFound(format!("embryo {embryo_id}"))));
+            };
+            let dish: DishRow = get_row(&self.dishes, well_key.0, "dish")?;
+            if dish.treatment_key != treatment_key {
+                return Ok(Err(WriteError::InvalidInput(format!(
+                    "embryo {embryo_id} does not belong to treatment {treatment}"
+                ))));
+            }
+            embryo_keys.push(row.embryo_key);
+        }
+        let transfer_key = self.state.transfer_key_last + 1;
+        let row = TransferRow {
+            treatment_key,
+            transferred_at_ms,
+            embryo_keys,
+            outcome: TransferOutcome::default(),
+            comment: comment.to_string(),
+            version: 1,
+            created_at_ms: at_ms,
+            updated_at_ms: at_ms,
+        };
+        insert_new(&mut self.transfers, transfer_key, &encode(&row), "transfer")?;
+        self.transfer_by_treatment
+            .insert((treatment_key, transfer_key), ())?;
+        self.state.transfer_key_last = transfer_key;
+        self.state.transfers += 1;
+        let id = transfer_key.to_string();
+        let change_seq = self.logged_change(
+            ChangeEntity::Transfer,
+            transfer_key,
+            &id,
+            1,
+            at_ms,
+            format!("transfer {id} of treatment {treatment} recorded"),
+        )?;
+        self.audit_row(
+            Audit {
+                actor,
+                action: "transfer.create",
+                entity: ChangeEntity::Transfer,
+                target: &id,
+                outcome: AuditOutcome::Applied,
+                before: String::new(),
+                after: transfer_json(&row, embryo_ids),
+            },
+            at_ms,
+        )?;
+        Ok(Ok(edited(
+            ChangeEntity::Transfer,
+            transfer_key,
+            &id,
+            1,
+            change_seq,
+        )))
+    }
+
+    fn transfer_update(
+        &mut self,
+        actor: &Actor,
+        transfer_key: u64,
+        expected_version: u64,
+        outcome: &TransferOutcome,
+        comment: &str,
+        at_ms: i64,
+    ) -> Applied {
+        let id = transfer_key.to_string();
+        let Some(bytes) = self.transfers.get(transfer_key)? else {
+            return Ok(Err(WriteError::NotFound(format!("transfer {id}"))));
+        };
+        let mut row: TransferRow = decode(bytes.value(), "transfer")?;
+        drop(bytes);
+        let embryo_ids = self.embryo_ids_of_keys(&row.embryo_keys)?;
+        let before = transfer_json(&row, &embryo_ids);
+        let mut attempt = row.clone();
+        attempt.outcome = outcome.clone();
+        attempt.comment = comment.to_string();
+        let audit = |outcome, after| Audit {
+            actor,
+            action: "transfer.update",
+            entity: ChangeEntity::Transfer,
+            target: &id,
+            outcome,
+            before: before.clone(),
+            after,
+        };
+        if row.version != expected_version {
+            let attempted = transfer_json(&attempt, &embryo_ids);
+            self.audit_row(audit(AuditOutcome::Conflict, attempted), at_ms)?;
+            return Ok(Err(conflict(expected_version, row.version, &before)));
+        }
+        row = attempt;
+        row.version += 1;
+        row.updated_at_ms = at_ms;
+        self.transfers
+            .insert(transfer_key, encode(&row).as_slice())?;
+        let change_seq = self.logged_change(
+            ChangeEntity::Transfer,
+            transfer_key,
+            &id,
+            row.version,
+            at_ms,
+            format!("outcome of transfer {id} updated"),
+        )?;
+        let after = transfer_json(&row, &embryo_ids);
+        self.audit_row(audit(AuditOutcome::Applied, after), at_ms)?;
+        Ok(Ok(edited(
+            ChangeEntity::Transfer,
+            transfer_key,
+            &id,
+            row.version,
+            change_seq,
+        )))
+    }
+
+    fn embryo_ids_of_keys(&self, embryo_keys: &[u64]) -> Result<Vec<String>, StorageError> {
+        let mut ids = Vec::with_capacity(embryo_keys.len());
+        for &embryo_key in embryo_keys {
+            let Some(well_key) = self.embryo_by_key.get(embryo_key)?.map(|g| g.value()) else {
+                return Err(StorageError::Corrupt(format!(
+                    "a transfer names embryo key {embryo_key}, which is not indexed"
+                )));
+            };
+            let row: EmbryoRow = match self.wells.get(well_key)? {
+                Some(bytes) => decode(bytes.value(), "embryo")?,
+                None => {
+                    return Err(StorageError::Corrupt(format!(
+                        "embryo key {embryo_key} is indexed but its well row is missing"
+                    )))
+                }
+            };
+            ids.push(row.embryo_id);
+        }
+        Ok(ids)
+    }
+
+    // ---------------------------------------------------------------- API keys
+
+    pub(super) fn api_key_create(
+        &mut self,
+        actor: &Actor,
+        key_id: &str,
+        name: &str,
+        scope: ApiScope,
+        secret_sha256: &[u8; 32],
+        at_ms: i64,
+    ) -> Applied {
+        if self.api_keys.get(key_id)?.is_some() {
+            return Ok(Err(WriteError::AlreadyExists(format!("API key {key_id}"))));
+        }
+        let row = ApiKeyRow {
+            secret_sha256: *secret_sha256,
+            scope: scope.to_u8(),
+            name: name.to_string(),
+            created_by: actor.user.clone(),
+            created_at_ms: at_ms,
+            revoked_at_ms: 0,
+        };
+        self.api_keys.insert(key_id, encode(&row).as_slice())?;
+        self.state.api_keys += 1;
+        self.audit_row(
+            Audit {
+                actor,
+                action: "api_key.create",
+                entity: ChangeEntity::ApiKey,
+                target: key_id,
+                outcome: AuditOutcome::Applied,
+                before: String::new(),
+                after: api_key_json(&row),
+            },
+            at_ms,
+        )?;
+        Ok(Ok(WriteOutcome::ApiKeyChanged))
+    }
+
+    pub(super) fn api_key_revoke(&mut self, actor: &Actor, key_id: &str, at_ms: i64) -> Applied {
+        let Some(bytes) = self.api_keys.get(key_id)? else {
+            return Ok(Err(WriteError::NotFound(format!("API key {key_id}"))));
+        };
+        let mut row: ApiKeyRow = decode(bytes.value(), "API key")?;
+        drop(bytes);
+        if row.revoked_at_ms != 0 {
+            return Ok(Ok(WriteOutcome::ApiKeyChanged));
+        }
+        let before = api_key_json(&row);
+        row.revoked_at_ms = at_ms;
+        self.api_keys.insert(key_id, encode(&row).as_slice())?;
+        self.audit_row(
+            Audit {
+                actor,
+                action: "api_key.revoke",
+                entity: ChangeEntity::ApiKey,
+                target: key_id,
+                outcome: AuditOutcome::Applied,
+                before,
+                after: api_key_json(&row),
+            },
+            at_ms,
+        )?;
+        Ok(Ok(WriteOutcome::ApiKeyChanged))
     }
 
     fn embryo_edit(&mut self, actor: &Actor, edit: &ClinicalEdit, at_ms: i64) -> Applied {
@@ -333,6 +683,11 @@ impl Batch<'_> {
                 ..
             }
             | ClinicalEdit::SetEmbryoComment {
+                embryo_id,
+                expected_version,
+                ..
+            }
+            | ClinicalEdit::SetScore {
                 embryo_id,
                 expected_version,
                 ..
@@ -479,6 +834,31 @@ impl Batch<'_> {
             ClinicalEdit::SetEmbryoComment { comment, .. } => {
                 row.comment.clone_from(comment);
                 (None, format!("comment of embryo {embryo_id} changed"))
+            }
+            ClinicalEdit::SetScore { score, .. } => {
+                let value = ScoreRow {
+                    model_version: score.model_version.clone(),
+                    value: score.value.clone(),
+                    viability: score.viability.clone(),
+                    set_by: actor.user.clone(),
+                    set_at_ms: at_ms,
+                };
+                let key = (embryo_key, score.model.as_str());
+                if self.scores.get(key)?.is_none() {
+                    let count = self.embryo_scores(embryo_key)?.len() as u64;
+                    if count >= limits::SCORES_PER_EMBRYO_MAX {
+                        return Ok(Err(WriteError::InvalidInput(format!(
+                            "embryo {embryo_id} has {count} scores, the most it may have"
+                        ))));
+                    }
+                    self.state.scores += 1;
+                }
+                self.scores.insert(key, encode(&value).as_slice())?;
+                let summary = format!(
+                    "{} score of embryo {embryo_id} set to {}",
+                    score.model, score.value
+                );
+                (None, summary)
             }
             _ => unreachable!("embryo_apply is called for embryo edits only"),
         }))
@@ -732,7 +1112,38 @@ fn edited(entity: ChangeEntity, key: u64, id: &str, version: u64, change_seq: u6
         version,
         change_seq,
         annotation_id: None,
+        replayed: false,
     }
+}
+
+/// A transfer to record, as the edit names it.
+struct NewTransfer<'a> {
+    patient_id: &'a str,
+    treatment_name: &'a str,
+    transferred_at_ms: i64,
+    embryo_ids: &'a [String],
+    comment: &'a str,
+}
+
+fn transfer_json(row: &TransferRow, embryo_ids: &[String]) -> String {
+    json!({
+        "transferred_at_ms": row.transferred_at_ms,
+        "embryo_ids": embryo_ids,
+        "outcome": row.outcome,
+        "comment": row.comment,
+        "version": row.version,
+    })
+    .to_string()
+}
+
+/// An API key's audited state: never the secret's hash.
+fn api_key_json(row: &ApiKeyRow) -> String {
+    json!({
+        "name": row.name,
+        "scope": ApiScope::from_u8(row.scope).map_or("unknown", ApiScope::as_str),
+        "revoked_at_ms": row.revoked_at_ms,
+    })
+    .to_string()
 }
 
 fn conflict(expected: u64, version: u64, current: &str) -> WriteError {
@@ -786,6 +1197,10 @@ fn attempt_json(edit: &ClinicalEdit) -> String {
         }
         ClinicalEdit::SetFate { fate, .. } => json!({ "fate": fate.as_str() }),
         ClinicalEdit::SetEmbryoComment { comment, .. } => json!({ "comment": comment }),
+        ClinicalEdit::SetScore { score, .. } => json!({
+            "model": score.model, "model_version": score.model_version,
+            "value": score.value, "viability": score.viability,
+        }),
         _ => json!({}),
     };
     value.to_string()

@@ -1,17 +1,19 @@
 //! Reads for viewers and the public API: patients, treatments, dishes, embryos with their
-//! annotations, acquisitions, images and time-lapse frames, users and the audit trail.
+//! annotations and scores, transfers, acquisitions, images and time-lapse frames, users, API
+//! keys and the audit trail.
 
 use super::{checked_jpeg, image_key_text, Reader};
 use crate::apply::{get_row, treatment_id};
 use crate::error::StorageError;
 use crate::limits;
 use crate::model::{
-    AcquisitionRecord, AnnotationRecord, AnnotationSource, AuditOutcome, AuditRecord, ChangeEntity,
-    DishRecord, EmbryoRecord, Fate, Frame, PatientRecord, Rights, TreatmentRecord, UserRecord,
+    AcquisitionRecord, AnnotationRecord, AnnotationSource, ApiKeyRecord, ApiScope, AuditOutcome,
+    AuditRecord, ChangeEntity, DishRecord, EmbryoRecord, Fate, Frame, PatientRecord, Rights,
+    ScoreRecord, TransferRecord, TreatmentRecord, UserRecord,
 };
 use crate::tables::{
-    self, decode, AcquisitionRow, AnnotationRow, AuditRow, DishRow, EmbryoRow, InstrumentRow,
-    PatientRow, TreatmentRow, UserRow, WellKey,
+    self, decode, AcquisitionRow, AnnotationRow, ApiKeyRow, AuditRow, DishRow, EmbryoRow,
+    InstrumentRow, PatientRow, ScoreRow, TransferRow, TreatmentRow, UserRow, WellKey,
 };
 use redb::ReadableTable;
 use std::ops::Bound;
@@ -238,6 +240,24 @@ impl Reader {
                 dish.insemination_at_ms,
             ));
         }
+        let scores_table = self.txn.open_table(tables::SCORES)?;
+        let mut scores = Vec::new();
+        for entry in scores_table.range((row.embryo_key, "")..)? {
+            let (key, value) = entry?;
+            let (embryo_key, model) = key.value();
+            if embryo_key != row.embryo_key {
+                break;
+            }
+            let score: ScoreRow = decode(value.value(), "score")?;
+            scores.push(ScoreRecord {
+                model: model.to_string(),
+                model_version: score.model_version,
+                value: score.value,
+                viability: score.viability,
+                set_by: score.set_by,
+                set_at_ms: score.set_at_ms,
+            });
+        }
         Ok(EmbryoRecord {
             embryo_key: row.embryo_key,
             embryo_id: row.embryo_id,
@@ -254,6 +274,7 @@ impl Reader {
             comment: row.comment,
             updated_at_ms: row.updated_at_ms,
             annotations,
+            scores,
         })
     }
 
@@ -430,6 +451,83 @@ impl Reader {
         Ok(out)
     }
 
+    /// The transfers of a treatment, oldest first; None if the treatment is unknown.
+    pub fn treatment_transfers(
+        &self,
+        patient_id: &str,
+        name: &str,
+    ) -> Result<Option<Vec<TransferRecord>>, StorageError> {
+        let Some(treatment_key) = self.treatment_key(patient_id, name)? else {
+            return Ok(None);
+        };
+        let index = self.txn.open_table(tables::TRANSFER_BY_TREATMENT)?;
+        let mut out = Vec::new();
+        for entry in index.range((treatment_key, 0)..=(treatment_key, u64::MAX))? {
+            let (key, _) = entry?;
+            if let Some(transfer) = self.transfer(key.value().1)? {
+                out.push(transfer);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// One transfer by its key.
+    pub fn transfer(&self, transfer_key: u64) -> Result<Option<TransferRecord>, StorageError> {
+        let transfers = self.txn.open_table(tables::TRANSFERS)?;
+        let Some(bytes) = transfers.get(transfer_key)? else {
+            return Ok(None);
+        };
+        let row: TransferRow = decode(bytes.value(), "transfer")?;
+        let (patient_id, treatment_name) = self.treatment_names(row.treatment_key)?;
+        let mut embryo_ids = Vec::with_capacity(row.embryo_keys.len());
+        for &embryo_key in &row.embryo_keys {
+            let id = self.embryo_id_of_key(embryo_key)?.ok_or_else(|| {
+                StorageError::Corrupt(format!(
+                    "transfer {transfer_key} names embryo key {embryo_key}, which is unknown"
+                ))
+            })?;
+            embryo_ids.push(id);
+        }
+        Ok(Some(TransferRecord {
+            transfer_key,
+            patient_id,
+            treatment_name,
+            transferred_at_ms: row.transferred_at_ms,
+            embryo_ids,
+            outcome: row.outcome,
+            comment: row.comment,
+            version: row.version,
+            created_at_ms: row.created_at_ms,
+            updated_at_ms: row.updated_at_ms,
+        }))
+    }
+
+    /// One API key by its id (the public part of the key).
+    pub fn api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>, StorageError> {
+        let keys = self.txn.open_table(tables::API_KEYS)?;
+        match keys.get(key_id)? {
+            Some(bytes) => Ok(Some(api_key_record(
+                key_id,
+                decode(bytes.value(), "API key")?,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every API key, revoked ones included, by id.
+    pub fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StorageError> {
+        let keys = self.txn.open_table(tables::API_KEYS)?;
+        let mut out = Vec::new();
+        for entry in keys.iter()? {
+            let (key, value) = entry?;
+            out.push(api_key_record(
+                key.value(),
+                decode(value.value(), "API key")?,
+            )?);
+        }
+        Ok(out)
+    }
+
     pub fn user(&self, name: &str) -> Result<Option<UserRecord>, StorageError> {
         let users = self.txn.open_table(tables::USERS)?;
         match users.get(name)? {
@@ -530,5 +628,19 @@ fn user_record(name: &str, row: UserRow) -> Result<UserRecord, StorageError> {
         password_changed_at_ms: row.password_changed_at_ms,
         last_login_ms: row.last_login_ms,
         password_hash: row.password_hash,
+    })
+}
+
+fn api_key_record(key_id: &str, row: ApiKeyRow) -> Result<ApiKeyRecord, StorageError> {
+    let scope = ApiScope::from_u8(row.scope)
+        .ok_or_else(|| StorageError::Corrupt(format!("API key {key_id} has unknown scope")))?;
+    Ok(ApiKeyRecord {
+        key_id: key_id.to_string(),
+        name: row.name,
+        scope,
+        created_by: row.created_by,
+        created_at_ms: row.created_at_ms,
+        revoked_at_ms: row.revoked_at_ms,
+        secret_sha256: row.secret_sha256,
     })
 }
