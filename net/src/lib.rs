@@ -11,6 +11,7 @@
 
 pub mod client;
 mod event_loop;
+pub mod http;
 mod limits;
 mod pool;
 mod slab;
