@@ -114,7 +114,7 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed {
     /// A complete request, removed from the front of the buffer.
-    Request(Request),
+    Request(Box<Request>),
     /// More bytes are needed; call again when some arrive.
     NeedMore,
     /// The head is complete, asked for `Expect: 100-continue`, and its body has not fully
@@ -276,7 +276,7 @@ impl RequestParser {
             } => {
                 if buf.len() >= content_length {
                     head.body = buf.split_to(content_length).freeze();
-                    Ok(Parsed::Request(*head))
+                    Ok(Parsed::Request(head))
                 } else {
                     self.state = State::Body {
                         head,
@@ -381,7 +381,7 @@ impl RequestParser {
         if buf.len() >= content_length {
             let mut request = head;
             request.body = buf.split_to(content_length).freeze();
-            return Ok(Parsed::Request(request));
+            return Ok(Parsed::Request(Box::new(request)));
         }
         self.state = State::Body {
             head: Box::new(head),
@@ -968,7 +968,7 @@ mod tests {
 
     fn request(input: &[u8]) -> Request {
         match parse_one(input) {
-            Ok(Parsed::Request(request)) => request,
+            Ok(Parsed::Request(request)) => *request,
             other => panic!("expected a request, got {other:?}"),
         }
     }
