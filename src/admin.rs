@@ -2,8 +2,10 @@
 //! runs on the data directory, and opens the database directly otherwise.
 
 use crate::config::Config;
-use crate::control::{self, Request, Response, UserRequest};
-use es_storage::{Actor, Rights, Store, StoreOptions, UserChange, WriteOp, WriteOutcome, Writer};
+use crate::control::{self, ApiKeyRequest, Request, Response, UserRequest};
+use es_storage::{
+    Actor, ApiScope, Rights, Store, StoreOptions, UserChange, WriteOp, WriteOutcome, Writer,
+};
 use std::path::Path;
 
 /// Verifies every stored image and the store's invariants (the same report, online or
@@ -138,6 +140,63 @@ pub fn user(writer: &Writer, store: &Store, request: UserRequest) -> Response {
     }
 }
 
+/// Public API keys: create, revoke, list.
+pub fn api_key(writer: &Writer, store: &Store, request: ApiKeyRequest) -> Response {
+    let actor = |by: &str| Actor {
+        user: by.to_string(),
+        computer: "esserver apikey".to_string(),
+    };
+    let (op, done) = match request {
+        ApiKeyRequest::List => {
+            return match store.read().and_then(|reader| reader.api_keys()) {
+                Ok(keys) => Response::ok(serde_json::json!({ "keys": keys })),
+                Err(error) => Response::error(error.code(), error.to_string()),
+            };
+        }
+        ApiKeyRequest::Create {
+            key_id,
+            name,
+            scope,
+            secret_sha256,
+            by,
+        } => {
+            let Some(scope) = ApiScope::from_name(&scope) else {
+                return Response::error(
+                    "invalid_input",
+                    format!("scope {scope:?} is not read or write"),
+                );
+            };
+            let mut digest = [0u8; 32];
+            if hex::decode_to_slice(&secret_sha256, &mut digest).is_err() {
+                return Response::error("invalid_input", "the secret's SHA-256 is not 64 hex");
+            }
+            let message = format!("API key {key_id} ({name}) created with scope `{scope}`");
+            let op = WriteOp::ApiKeyCreate {
+                actor: actor(&by),
+                key_id,
+                name,
+                scope,
+                secret_sha256: digest,
+                at_ms: now_ms(),
+            };
+            (op, message)
+        }
+        ApiKeyRequest::Revoke { key_id, by } => {
+            let message = format!("API key {key_id} revoked; it can no longer be used");
+            let op = WriteOp::ApiKeyRevoke {
+                actor: actor(&by),
+                key_id,
+                at_ms: now_ms(),
+            };
+            (op, message)
+        }
+    };
+    match write_and_wait(writer, op) {
+        Ok(_) => Response::ok(serde_json::json!({ "message": done })),
+        Err(response) => response,
+    }
+}
+
 fn user_change(actor: Actor, name: String, change: UserChange, done: &str) -> (WriteOp, String) {
     let message = format!("user {name}: {done}");
     let op = WriteOp::UserUpdate {
@@ -216,6 +275,12 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
         Request::User { action } => {
             let writer = store.start_writer(es_storage::WriterOptions::default());
             let response = user(&writer, &store, action);
+            writer.shutdown();
+            response
+        }
+        Request::ApiKey { action } => {
+            let writer = store.start_writer(es_storage::WriterOptions::default());
+            let response = api_key(&writer, &store, action);
             writer.shutdown();
             response
         }

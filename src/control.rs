@@ -38,6 +38,27 @@ pub enum Request {
     Verify,
     ResetSecret { serial: String },
     User { action: UserRequest },
+    ApiKey { action: ApiKeyRequest },
+}
+
+/// Public API key management. The command line tool makes the key and sends only its id and
+/// the SHA-256 of its secret: no secret crosses the control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum ApiKeyRequest {
+    Create {
+        key_id: String,
+        name: String,
+        scope: String,
+        /// Hex.
+        secret_sha256: String,
+        by: String,
+    },
+    Revoke {
+        key_id: String,
+        by: String,
+    },
+    List,
 }
 
 /// User management. Passwords are hashed by the command line tool (argon2id) before they are

@@ -6,6 +6,8 @@
 //! command line. It holds no socket loops (es-net) and no redb details (es-storage).
 
 pub mod admin;
+pub mod api;
+pub mod civil;
 pub mod config;
 pub mod control;
 pub mod disk_guard;

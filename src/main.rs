@@ -58,6 +58,11 @@ enum Command {
         #[command(subcommand)]
         action: UserAction,
     },
+    /// Manage public API keys (for EMR and data-warehouse systems).
+    Apikey {
+        #[command(subcommand)]
+        action: ApiKeyAction,
+    },
     /// A command-line viewer: log in to a server of Viewer_d.ini, browse, export, annotate.
     Viewer(ViewerArgs),
     /// Print a complete, commented EmbryoServer.ini with the defaults.
@@ -167,6 +172,35 @@ enum UserAction {
         common: Common,
     },
     /// List users, their rights and state.
+    List {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiKeyAction {
+    /// Create a key; it is printed once and cannot be shown again.
+    Create {
+        /// What the key is for (the EMR's name, for example); shown in lists and the audit.
+        #[arg(long)]
+        name: String,
+        /// read (everything the API offers) or write (also outcomes, scores, fate,
+        /// demographics).
+        #[arg(long, default_value = "read", value_name = "SCOPE")]
+        scope: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Revoke a key at once (by its id, the 16 hex characters after `esk_`).
+    Revoke {
+        key_id: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List keys (never their secrets).
     List {
         #[command(flatten)]
         common: Common,
@@ -292,6 +326,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             println!("{}", body["message"].as_str().unwrap_or("done"));
         }),
         Command::User { action } => user(action),
+        Command::Apikey { action } => api_key(action),
         Command::Viewer(args) => viewer(args),
         Command::DefaultConfig => {
             print!("{}", Config::default().to_ini());
@@ -411,6 +446,68 @@ fn user(action: UserAction) -> Result<ExitCode, String> {
             );
         }
     })
+}
+
+fn api_key(action: ApiKeyAction) -> Result<ExitCode, String> {
+    use esserver::control::ApiKeyRequest;
+    let by = operator();
+    match action {
+        ApiKeyAction::Create {
+            name,
+            scope,
+            common,
+        } => {
+            if es_storage::ApiScope::from_name(&scope).is_none() {
+                return Err(format!("--scope is read or write, not {scope:?}"));
+            }
+            let (key_id, key, digest) = esserver::api::auth::new_api_key()?;
+            let request = ApiKeyRequest::Create {
+                key_id,
+                name,
+                scope,
+                secret_sha256: hex::encode(digest),
+                by,
+            };
+            admin(&common, Request::ApiKey { action: request }, |body| {
+                println!("{}", body["message"].as_str().unwrap_or("created"));
+                println!("key (shown once; store it in the client's configuration):");
+                println!("{key}");
+            })
+        }
+        ApiKeyAction::Revoke { key_id, common } => {
+            let request = ApiKeyRequest::Revoke { key_id, by };
+            admin(&common, Request::ApiKey { action: request }, |body| {
+                println!("{}", body["message"].as_str().unwrap_or("revoked"));
+            })
+        }
+        ApiKeyAction::List { common, json } => admin(
+            &common,
+            Request::ApiKey {
+                action: ApiKeyRequest::List,
+            },
+            |body| {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(body).unwrap_or_default());
+                    return;
+                }
+                println!(
+                    "{:<16} {:<6} {:<8} {:<24} name",
+                    "key id", "scope", "state", "created"
+                );
+                for key in body["keys"].as_array().into_iter().flatten() {
+                    let revoked = key["revoked_at_ms"].as_i64().unwrap_or(0) != 0;
+                    println!(
+                        "{:<16} {:<6} {:<8} {:<24} {}",
+                        key["key_id"].as_str().unwrap_or("?"),
+                        key["scope"].as_str().unwrap_or("?"),
+                        if revoked { "revoked" } else { "active" },
+                        esserver::civil::time_text(key["created_at_ms"].as_i64().unwrap_or(0)),
+                        key["name"].as_str().unwrap_or("?"),
+                    );
+                }
+            },
+        ),
+    }
 }
 
 fn viewer(args: ViewerArgs) -> Result<ExitCode, String> {

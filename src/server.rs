@@ -2,6 +2,7 @@
 //! listener, the control socket, and the `server.json` file that tells tools where the
 //! listeners are.
 
+use crate::api::{ApiService, ApiSettings};
 use crate::config::{Config, Listener};
 use crate::control::{ControlServer, Request, Response};
 use crate::disk_guard::{DiskGuard, DiskState};
@@ -218,27 +219,32 @@ fn start_services(
         &limits,
         viewer,
     )?);
-    let unavailable = [
-        (
-            "public-api",
-            &config.public_api,
-            UnavailableService::http("public-api", "public API"),
-        ),
-        (
-            "web",
-            &config.web,
-            UnavailableService::http("web", "web interface"),
-        ),
-    ];
-    for (name, listener, service) in unavailable {
-        pools.push(start_pool(
-            name,
-            listener,
-            Some(listener_tls(name, listener, &tls)?),
-            &limits,
-            Arc::new(service),
-        )?);
-    }
+    let api = Arc::new(ApiService::new(
+        store.clone(),
+        writer.clone(),
+        server.workers.clone(),
+        disk.clone(),
+        ApiSettings {
+            http: es_net::http::HttpLimits::default(),
+            login_failures_max: config.security.login_failures_max,
+            lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
+        },
+    ));
+    pools.push(start_pool(
+        "public-api",
+        &config.public_api,
+        Some(listener_tls("public-api", &config.public_api, &tls)?),
+        &limits,
+        api,
+    )?);
+    let web = UnavailableService::http("web", "web interface");
+    pools.push(start_pool(
+        "web",
+        &config.web,
+        Some(listener_tls("web", &config.web, &tls)?),
+        &limits,
+        Arc::new(web),
+    )?);
 
     let status_context = StatusContext {
         store: store.clone(),
@@ -457,6 +463,7 @@ impl StatusContext {
             Request::Verify => crate::admin::verify_report(&self.store),
             Request::ResetSecret { serial } => crate::admin::reset_secret(&self.writer, &serial),
             Request::User { action } => crate::admin::user(&self.writer, &self.store, action),
+            Request::ApiKey { action } => crate::admin::api_key(&self.writer, &self.store, action),
         }
     }
 

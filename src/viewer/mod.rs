@@ -1261,7 +1261,7 @@ fn check_login_fields(login: &pb::Login) -> Result<(), String> {
 }
 
 /// Runs on a worker: the user's state and the password check (argon2id).
-fn check_password(store: &Store, user: &str, password: &str) -> LoginCheck {
+pub(crate) fn check_password(store: &Store, user: &str, password: &str) -> LoginCheck {
     let record = match store.read().and_then(|reader| reader.user(user)) {
         Ok(record) => record,
         Err(error) => return LoginCheck::Unavailable(error.to_string()),
@@ -1287,7 +1287,7 @@ fn check_password(store: &Store, user: &str, password: &str) -> LoginCheck {
     }
 }
 
-fn locked_message(user: &str, until_ms: i64) -> String {
+pub(crate) fn locked_message(user: &str, until_ms: i64) -> String {
     let minutes = ((until_ms - now_ms()).max(0) + 59_999) / 60_000;
     format!(
         "the account {user} is locked after too many failed logins, for about {minutes} more \

@@ -1,0 +1,352 @@
+//! The original Public API, for clients written against it: `GET /LOGIN?username=&password=`
+//! and `GET /GET/<name>?...` with the original's parameter names, JSON keys, `yyyy.mm.dd`
+//! dates and status codes (200, 204 when there are no images, 400, 401, 500, 503). Names and
+//! parameter names are matched without regard to case, as the original did. Every call and
+//! field is listed in `docs/api-compat.md`.
+
+use super::routes::{self, focal_plane_param, jpeg_response, treatment_embryos};
+use super::{auth, ApiMsg, ApiShared, Response, Step, ZipPlan};
+use crate::civil::{legacy_date, legacy_time};
+use es_net::http::Request;
+use es_net::ConnHandle;
+use es_storage::{EmbryoRecord, Fate, PatientRecord, Reader, StorageError};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+
+/// A treatment is "in culture" while a dish of it was inseminated less than this long ago
+/// (culture lasts at most 7 days).
+pub const ONGOING_MS: i64 = 7 * 24 * 3600 * 1000;
+/// Patients one `patients` call lists at most (the original had no paging).
+pub const PATIENTS_MAX: usize = 100_000;
+
+type Refusal = Box<Response>;
+
+/// The original answers every bad request with 400, never 404.
+fn bad(message: impl Into<String>) -> Refusal {
+    Box::new(Response::error(400, "bad_request", message))
+}
+
+fn storage(error: StorageError) -> Refusal {
+    Box::new(Response::storage(&error))
+}
+
+pub(super) fn login(
+    shared: &ApiShared,
+    request: &Request,
+    peer: SocketAddr,
+    handle: &ConnHandle<ApiMsg>,
+) -> Result<Step, Refusal> {
+    let (Some(user), Some(password)) = (
+        request.query_param_ci("username"),
+        request.query_param_ci("password"),
+    ) else {
+        return Err(bad("LOGIN needs username and password"));
+    };
+    routes::start_login(shared, user, password, true, peer, handle)
+}
+
+pub(super) fn call(shared: &ApiShared, request: &Request, name: &str) -> Result<Step, Refusal> {
+    match auth::authenticate(
+        &shared.store,
+        &shared.tokens,
+        request,
+        std::time::Instant::now(),
+    ) {
+        Ok(_) => {}
+        Err(auth::Refused::Unavailable(detail)) => {
+            return Err(Box::new(Response::error(
+                503,
+                "storage_unavailable",
+                detail,
+            )))
+        }
+        Err(_) => {
+            return Err(Box::new(Response::error(
+                401,
+                "auth_failed",
+                "the API-token is unknown or expired; log in again",
+            )))
+        }
+    }
+    let name = name.to_ascii_lowercase();
+    let param = |key: &str| request.query_param_ci(key).filter(|v| !v.is_empty());
+    let need = |key: &str| param(key).ok_or_else(|| bad(format!("{name} needs {key}")));
+    if name == "allimages" {
+        let embryo_id = need("EmbryoID")?;
+        let focal_plane = focal_plane_param(param("focalPlane"))
+            .map_err(|_| bad("focalPlane must be a whole number"))?;
+        // ImageOverlay is accepted; images are always sent as stored (see api-compat.md).
+        return Ok(Step::Zip(ZipPlan {
+            embryo_id: embryo_id.to_string(),
+            focal_plane,
+            name_prefix: routes::file_name_part(embryo_id),
+        }));
+    }
+    let reader = shared.store.read().map_err(storage)?;
+    let value = match name.as_str() {
+        "patients" => patients(&reader, false)?,
+        "ongoingpatients" => patients(&reader, true)?,
+        "treatment" => {
+            let patient = patient_of(&reader, need("PatientIDx")?)?;
+            let names: Vec<&str> = patient.treatments.iter().map(|t| t.name.as_str()).collect();
+            json!({ "TreatmentList": names })
+        }
+        "embryoid" => {
+            let embryos = embryos_of(&reader, need("PatientIDx")?, need("TreatmentName")?)?;
+            let ids: Vec<&str> = embryos.iter().map(|e| e.embryo_id.as_str()).collect();
+            json!({ "EmbryoIDs": ids })
+        }
+        "embryodata" => {
+            let embryos = embryos_of(&reader, need("PatientIDx")?, need("TreatmentName")?)?;
+            let list: Vec<Value> = embryos.iter().map(embryo_data).collect();
+            json!({ "EmbryoDataList": list })
+        }
+        "embryodetails" => {
+            let embryo = embryo_of(&reader, need("EmbryoID")?)?;
+            json!({ "EmbryoID": embryo.embryo_id, "EmbryoDetails": details(&embryo) })
+        }
+        "embryofate" => {
+            let embryo = embryo_of(&reader, need("EmbryoID")?)?;
+            json!({ "EmbryoID": embryo.embryo_id, "EmbryoFate": fate_name(embryo.fate) })
+        }
+        "evaluation" => {
+            let embryo = embryo_of(&reader, need("EmbryoID")?)?;
+            json!({ "EmbryoID": embryo.embryo_id, "Evaluation": evaluation(&embryo) })
+        }
+        "fertilizationtime" => {
+            let embryo = embryo_of(&reader, need("EmbryoID")?)?;
+            json!({
+                "EmbryoID": embryo.embryo_id,
+                "FertilizationTime": legacy_time(embryo.insemination_at_ms),
+            })
+        }
+        "imageruns" => {
+            let embryo_id = need("EmbryoID")?;
+            let acquisitions = reader
+                .acquisitions(embryo_id, None, u32::MAX)
+                .map_err(storage)?
+                .ok_or_else(|| bad(format!("embryo {embryo_id} is unknown")))?;
+            let runs: Vec<Value> = acquisitions
+                .iter()
+                .enumerate()
+                .map(|(index, a)| {
+                    json!({
+                        "ImageRun": index + 1,
+                        "Time": legacy_time(a.acquired_at_ms),
+                        "FocalPlanes": a.focal_planes,
+                    })
+                })
+                .collect();
+            json!({ "EmbryoID": embryo_id, "ImageRuns": runs })
+        }
+        "idascore" => {
+            let embryos = embryos_of(&reader, need("PatientIDx")?, need("TreatmentName")?)?;
+            let scores: Vec<Value> = embryos
+                .iter()
+                .filter_map(|e| {
+                    let score = e
+                        .scores
+                        .iter()
+                        .find(|s| s.model.eq_ignore_ascii_case("iDAScore"))?;
+                    Some(json!({
+                        "EmbryoID": e.embryo_id,
+                        "Score": score.value,
+                        "Viability": score.viability,
+                    }))
+                })
+                .collect();
+            json!({ "Scores": scores })
+        }
+        "transfers" => {
+            let patient = patient_of(&reader, need("PatientIDx")?)?;
+            let mut list = Vec::new();
+            for treatment in &patient.treatments {
+                let transfers = reader
+                    .treatment_transfers(&patient.patient_id, &treatment.name)
+                    .map_err(storage)?
+                    .unwrap_or_default();
+                for t in transfers {
+                    list.push(json!({
+                        "TransferID": t.transfer_key,
+                        "TreatmentName": t.treatment_name,
+                        "TransferDate": legacy_time(t.transferred_at_ms),
+                        "EmbryoIDs": t.embryo_ids,
+                        "GestationalSacs": t.outcome.gestational_sacs,
+                        "FetalHeartbeats": t.outcome.fetal_heartbeats,
+                        "ClinicalPregnancy": t.outcome.clinical_pregnancy,
+                        "LiveBirth": t.outcome.live_birth,
+                        "Comment": t.comment,
+                    }));
+                }
+            }
+            json!({ "PatientIDx": patient.patient_key, "Transfers": list })
+        }
+        "image" => {
+            let embryo_id = need("EmbryoID")?;
+            let run: usize = need("ImageRun")?
+                .parse()
+                .ok()
+                .filter(|&run| run >= 1)
+                .ok_or_else(|| bad("ImageRun is a run number from 1"))?;
+            let focal_plane = focal_plane_param(param("focalPlane"))
+                .map_err(|_| bad("focalPlane must be a whole number"))?;
+            let acquisitions = reader
+                .acquisitions(embryo_id, None, u32::try_from(run).unwrap_or(u32::MAX))
+                .map_err(storage)?
+                .ok_or_else(|| bad(format!("embryo {embryo_id} is unknown")))?;
+            let Some(acquisition) = acquisitions.get(run - 1) else {
+                return Ok(Step::Respond(no_content()));
+            };
+            let jpeg = reader
+                .embryo_image(embryo_id, acquisition.acquired_at_ms, focal_plane)
+                .map_err(storage)?;
+            return Ok(Step::Respond(match jpeg {
+                Some(jpeg) => jpeg_response(jpeg),
+                None => no_content(),
+            }));
+        }
+        other => return Err(bad(format!("unknown call GET/{other}"))),
+    };
+    Ok(Step::Respond(Response::json(200, &value)))
+}
+
+fn no_content() -> Response {
+    Response {
+        status: 204,
+        headers: Vec::new(),
+        body: bytes::Bytes::new(),
+    }
+}
+
+fn patients(reader: &Reader, ongoing_only: bool) -> Result<Value, Refusal> {
+    let now = crate::now_ms();
+    let mut list = Vec::new();
+    let mut after: Option<String> = None;
+    'pages: loop {
+        let page = reader
+            .patients(after.as_deref(), es_storage::limits::READ_ROWS_MAX)
+            .map_err(storage)?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.patient_id.clone());
+        for patient in &page {
+            if ongoing_only && !in_culture(reader, patient, now).map_err(storage)? {
+                continue;
+            }
+            list.push(json!({
+                "PatientIDx": patient.patient_key,
+                "PatientID": patient.patient_id,
+                "FirstName": patient.first_name,
+                "LastName": patient.last_name,
+                "DateOfBirth": legacy_date(&patient.date_of_birth),
+            }));
+            if list.len() >= PATIENTS_MAX {
+                break 'pages;
+            }
+        }
+    }
+    Ok(json!({ "Patients": list }))
+}
+
+fn in_culture(reader: &Reader, patient: &PatientRecord, now: i64) -> Result<bool, StorageError> {
+    for treatment in &patient.treatments {
+        let dishes = reader
+            .treatment_dishes(&patient.patient_id, &treatment.name)?
+            .unwrap_or_default();
+        if dishes
+            .iter()
+            .any(|d| now.saturating_sub(d.insemination_at_ms) < ONGOING_MS)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn patient_of(reader: &Reader, patient_idx: &str) -> Result<PatientRecord, Refusal> {
+    let key: u64 = patient_idx
+        .parse()
+        .map_err(|_| bad(format!("PatientIDx {patient_idx:?} is not a number")))?;
+    reader
+        .patient_of_key(key)
+        .map_err(storage)?
+        .ok_or_else(|| bad(format!("patient {key} is unknown")))
+}
+
+fn embryos_of(
+    reader: &Reader,
+    patient_idx: &str,
+    treatment: &str,
+) -> Result<Vec<EmbryoRecord>, Refusal> {
+    let patient = patient_of(reader, patient_idx)?;
+    treatment_embryos(reader, &patient.patient_id, treatment)
+        .map_err(storage)?
+        .ok_or_else(|| {
+            bad(format!(
+                "treatment {treatment} of patient {patient_idx} is unknown"
+            ))
+        })
+}
+
+fn embryo_of(reader: &Reader, embryo_id: &str) -> Result<EmbryoRecord, Refusal> {
+    reader
+        .embryo(embryo_id)
+        .map_err(storage)?
+        .ok_or_else(|| bad(format!("embryo {embryo_id} is unknown")))
+}
+
+/// The original's fate names.
+fn fate_name(fate: Fate) -> &'static str {
+    match fate {
+        Fate::Undecided => "Undecided",
+        Fate::Transfer => "Transfer",
+        Fate::Freeze => "Freeze",
+        Fate::Avoid => "Avoid",
+    }
+}
+
+fn details(e: &EmbryoRecord) -> Value {
+    json!({
+        "InstrumentNumber": e.instrument_number,
+        "Position": e.dish_id,
+        "WellNumber": e.well,
+        "FertilizationTime": legacy_time(e.insemination_at_ms),
+        "EmbryoFate": fate_name(e.fate),
+        "Description": e.comment,
+        "EmbryoDescriptionID": e.embryo_key,
+    })
+}
+
+/// The most recent score of the embryo (a user-defined model, KIDScore or iDAScore), or
+/// empty fields when it has none.
+fn evaluation(e: &EmbryoRecord) -> Value {
+    match e.scores.iter().max_by_key(|s| s.set_at_ms) {
+        Some(score) => json!({
+            "Model": score.model,
+            "Evaluation": score.value,
+            "User": score.set_by,
+            "EvaluationDate": legacy_time(score.set_at_ms),
+        }),
+        None => json!({ "Model": "", "Evaluation": "", "User": "", "EvaluationDate": "" }),
+    }
+}
+
+fn embryo_data(e: &EmbryoRecord) -> Value {
+    let annotations: Vec<Value> = e
+        .annotations
+        .iter()
+        .map(|a| {
+            json!({
+                "Name": a.name,
+                "Time": a.hours.map(|h| (h * 100.0).round() / 100.0),
+                "Value": a.value,
+                "Timestamp": legacy_time(a.event_at_ms.unwrap_or(a.set_at_ms)),
+            })
+        })
+        .collect();
+    json!({
+        "EmbryoID": e.embryo_id,
+        "AnnotationList": annotations,
+        "EmbryoDetails": details(e),
+        "Evaluation": evaluation(e),
+    })
+}

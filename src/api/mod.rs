@@ -1,0 +1,856 @@
+//! The public API (port 4000, HTTPS): REST under `/api/v1` for EMR and data-warehouse
+//! systems, and the original API's `/LOGIN` and `/GET/<name>` calls for clients written
+//! against it (`docs/api.md`, `docs/api-compat.md`, `docs/api/openapi.json`).
+//!
+//! Threads: the session runs on its event loop and never blocks it. It parses one request at
+//! a time (pipelined requests wait in the input buffer, in order) and hands it to the worker
+//! pool ([`crate::workers`]), where the credential is checked, the store read and the
+//! response built. A write goes from the worker to the storage writer; its completion comes
+//! back to the session, which has a worker render the result from the store (the new state,
+//! or the current state of a refused stale write). A time-lapse ZIP streams one chunk of
+//! frames per worker job while the connection's unsent output is below
+//! [`STREAM_OUTPUT_HIGH_BYTES`]. A change-feed long poll waits on the session, woken by
+//! store commits ([`WaitHub`]) or its deadline.
+
+pub mod auth;
+mod compat;
+mod routes;
+pub mod zip;
+
+use crate::disk_guard::DiskState;
+use crate::workers::Workers;
+use auth::Tokens;
+use bytes::{Bytes, BytesMut};
+use es_net::http::{self, HttpError, HttpLimits, Parsed, RequestParser};
+use es_net::{CloseReason, ConnHandle, Service, Session, SessionIo, TimeoutKind};
+use es_storage::{Frame, Rights, StorageError, Store, WriteError, WriteOutcome, Writer};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Frames read per worker job of a ZIP stream.
+pub const ZIP_CHUNK_FRAMES: u32 = 16;
+/// A ZIP stream reads its next chunk only while less than this waits to be sent.
+pub const STREAM_OUTPUT_HIGH_BYTES: usize = 2 * 1024 * 1024;
+/// Longest change-feed wait a client may ask for.
+pub const CHANGES_WAIT_MAX: Duration = Duration::from_secs(60);
+/// Connections waiting on the change feed at once, at most (each holds a connection only).
+pub const WAITERS_MAX: usize = 512;
+
+/// Settings of the public API service.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub http: HttpLimits,
+    pub login_failures_max: u32,
+    pub lockout_ms: i64,
+}
+
+/// A complete response, built on a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Bytes,
+}
+
+impl Response {
+    pub fn json(status: u16, value: &serde_json::Value) -> Response {
+        let mut body = serde_json::to_vec(value).unwrap_or_default();
+        body.push(b'\n');
+        Response {
+            status,
+            headers: vec![("content-type", "application/json".into())],
+            body: Bytes::from(body),
+        }
+    }
+
+    /// The one error shape: `{"code", "message"}`.
+    pub fn error(status: u16, code: &str, message: impl Into<String>) -> Response {
+        let value = serde_json::json!({ "code": code, "message": message.into() });
+        let mut response = Response::json(status, &value);
+        if status == 503 {
+            response.headers.push(("retry-after", "1".into()));
+        }
+        if status == 401 {
+            response
+                .headers
+                .push(("www-authenticate", "Bearer realm=\"esserver\"".into()));
+        }
+        response
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn busy() -> Response {
+        Response::error(503, "busy", "the server is busy; retry in a moment")
+    }
+
+    pub fn storage(error: &StorageError) -> Response {
+        match error {
+            StorageError::ImageDamaged { .. } | StorageError::Corrupt(_) => {
+                tracing::error!("public API read failed: {error}");
+                Response::error(500, error.code(), error.to_string())
+            }
+            _ => Response::error(503, error.code(), error.to_string()),
+        }
+    }
+}
+
+/// What a worker decided for a request.
+pub enum Step {
+    Respond(Response),
+    /// A write (or login record) was handed to the storage writer; its completion answers.
+    Submitted,
+    /// Stream a ZIP of an embryo's frames at one focal plane.
+    Zip(ZipPlan),
+    /// Nothing after `after` yet: wait for a commit until `until`, then answer.
+    Wait {
+        after: u64,
+        limit: u32,
+        until: Instant,
+    },
+}
+
+pub struct ZipPlan {
+    pub embryo_id: String,
+    pub focal_plane: i32,
+    /// File names in the archive: `<prefix>_<run>.jpg`.
+    pub name_prefix: String,
+}
+
+/// How to answer once a write is durable (or refused).
+#[derive(Debug, Clone)]
+pub enum Render {
+    Patient { patient_id: String, created: bool },
+    Treatment { patient_id: String, name: String },
+    Embryo { embryo_id: String },
+    Transfer { created: bool },
+}
+
+/// Messages delivered to an API connection from other threads.
+pub enum ApiMsg {
+    Step(Step),
+    /// A write is durable or refused.
+    Written {
+        result: Result<WriteOutcome, WriteError>,
+        render: Render,
+    },
+    /// A login was recorded: issue a token or refuse.
+    LoginRecorded {
+        user: String,
+        rights: Rights,
+        legacy: bool,
+        result: Result<WriteOutcome, WriteError>,
+    },
+    /// A ZIP chunk was read: frames, or None when the embryo is unknown.
+    Frames(Result<Option<Vec<Frame>>, StorageError>),
+    /// New changes were committed.
+    ChangesCommitted,
+}
+
+/// Sends its message when dropped without [`Fallback::disarm`]: a worker job that panics
+/// still answers, so a request is never left without a response.
+struct Fallback<'a> {
+    handle: &'a ConnHandle<ApiMsg>,
+    armed: bool,
+}
+
+impl<'a> Fallback<'a> {
+    fn new(handle: &'a ConnHandle<ApiMsg>) -> Self {
+        Fallback {
+            handle,
+            armed: true,
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Fallback<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::error!("a public API worker job failed; answering with an internal error");
+            self.handle.send(ApiMsg::Step(Step::Respond(Response::error(
+                500,
+                "internal_error",
+                "internal error while handling the request",
+            ))));
+        }
+    }
+}
+
+/// The connections waiting on the change feed, woken by store commits.
+#[derive(Default)]
+pub struct WaitHub {
+    members: Mutex<HashMap<u64, ConnHandle<ApiMsg>>>,
+}
+
+impl WaitHub {
+    fn committed(&self) {
+        for handle in self.members.lock().values() {
+            // A full loop queue: the waiter answers at its deadline or next commit.
+            handle.try_send(ApiMsg::ChangesCommitted);
+        }
+    }
+
+    fn join(&self, handle: ConnHandle<ApiMsg>) -> bool {
+        let mut members = self.members.lock();
+        if members.len() >= WAITERS_MAX {
+            return false;
+        }
+        members.insert(handle.id(), handle);
+        true
+    }
+
+    fn leave(&self, connection_id: u64) {
+        self.members.lock().remove(&connection_id);
+    }
+}
+
+pub(crate) struct ApiShared {
+    pub store: Store,
+    pub writer: Writer,
+    pub workers: Workers,
+    pub disk: Arc<DiskState>,
+    pub settings: ApiSettings,
+    pub tokens: Tokens,
+    pub waiters: WaitHub,
+}
+
+pub struct ApiService {
+    shared: Arc<ApiShared>,
+}
+
+impl ApiService {
+    pub fn new(
+        store: Store,
+        writer: Writer,
+        workers: Workers,
+        disk: Arc<DiskState>,
+        settings: ApiSettings,
+    ) -> ApiService {
+        let shared = Arc::new(ApiShared {
+            store: store.clone(),
+            writer,
+            workers,
+            disk,
+            settings,
+            tokens: Tokens::default(),
+            waiters: WaitHub::default(),
+        });
+        let weak = Arc::downgrade(&shared);
+        store.on_commit(Box::new(move |_| {
+            if let Some(shared) = weak.upgrade() {
+                shared.waiters.committed();
+            }
+        }));
+        ApiService { shared }
+    }
+}
+
+impl Service for ApiService {
+    type Msg = ApiMsg;
+    type Session = ApiSession;
+
+    fn name(&self) -> &'static str {
+        "public-api"
+    }
+
+    fn open(&self, peer: SocketAddr, handle: ConnHandle<ApiMsg>, _now: Instant) -> ApiSession {
+        ApiSession {
+            parser: RequestParser::new(self.shared.settings.http),
+            shared: self.shared.clone(),
+            handle,
+            peer,
+            state: State::Idle,
+            exchange: None,
+            pending: 0,
+            stopping: false,
+            peer_gone: false,
+        }
+    }
+}
+
+/// The request being answered, as far as writing its response needs it.
+struct Exchange {
+    method: String,
+    /// The path only: never the query (the original's `/LOGIN` carries the password there).
+    path: String,
+    keep_alive: bool,
+    head_only: bool,
+    http10: bool,
+    started: Instant,
+}
+
+struct ZipState {
+    plan: ZipPlan,
+    next_from_ms: i64,
+    run: u32,
+    zip: zip::ZipStream,
+    started: bool,
+    job_pending: bool,
+}
+
+enum State {
+    Idle,
+    /// A worker job or a storage write is answering.
+    Working,
+    Streaming(Box<ZipState>),
+    Waiting {
+        after: u64,
+        limit: u32,
+        until: Instant,
+    },
+}
+
+pub struct ApiSession {
+    parser: RequestParser,
+    shared: Arc<ApiShared>,
+    handle: ConnHandle<ApiMsg>,
+    peer: SocketAddr,
+    state: State,
+    exchange: Option<Exchange>,
+    /// Worker jobs and storage writes this connection waits for.
+    pending: u32,
+    stopping: bool,
+    peer_gone: bool,
+}
+
+impl ApiSession {
+    fn run_job(&mut self, job: crate::workers::Job) -> bool {
+        if self.shared.workers.try_run(job).is_ok() {
+            self.pending += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn start(&mut self, request: http::Request, io: &mut SessionIo<'_>) {
+        self.exchange = Some(Exchange {
+            method: request.method.clone(),
+            path: request.path.clone(),
+            keep_alive: request.keep_alive && !self.stopping,
+            head_only: request.method == "HEAD",
+            http10: request.minor_version == 0,
+            started: io.now(),
+        });
+        self.state = State::Working;
+        let shared = self.shared.clone();
+        let handle = self.handle.clone();
+        let peer = self.peer;
+        let job = Box::new(move || {
+            let fallback = Fallback::new(&handle);
+            let step = routes::handle(&shared, &request, peer, &handle);
+            fallback.disarm();
+            if !matches!(step, Step::Submitted) {
+                handle.send(ApiMsg::Step(step));
+            }
+        });
+        if !self.run_job(job) {
+            self.finish(Response::busy(), io);
+        }
+    }
+
+    /// Writes a complete response and makes the connection ready for the next request.
+    fn finish(&mut self, response: Response, io: &mut SessionIo<'_>) {
+        let Some(exchange) = self.exchange.take() else {
+            return;
+        };
+        self.state = State::Idle;
+        let keep_alive = exchange.keep_alive && !self.stopping && !self.peer_gone;
+        let mut headers: Vec<(&str, &str)> = response
+            .headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect();
+        if keep_alive && exchange.http10 {
+            headers.push(("connection", "keep-alive"));
+        }
+        let mut out = Vec::with_capacity(256 + response.body.len());
+        http::write_response(
+            &mut out,
+            response.status,
+            &headers,
+            &response.body,
+            keep_alive,
+            exchange.head_only,
+        );
+        io.write(&out);
+        self.log(&exchange, response.status, io.now());
+        if !keep_alive {
+            io.close(CloseReason::Requested("response sent".into()));
+        }
+    }
+
+    fn log(&self, exchange: &Exchange, status: u16, now: Instant) {
+        let ms = now.saturating_duration_since(exchange.started).as_millis() as u64;
+        if status >= 500 {
+            tracing::warn!(peer = %self.peer, method = %exchange.method, path = %exchange.path, status, ms, "public API request");
+        } else {
+            tracing::debug!(peer = %self.peer, method = %exchange.method, path = %exchange.path, status, ms, "public API request");
+        }
+    }
+
+    /// A request that could not be parsed: answer and close (the stream is out of step).
+    fn refuse(&mut self, error: &HttpError, io: &mut SessionIo<'_>) {
+        tracing::warn!(peer = %self.peer, code = error.code(), "public API request refused: {}", error.message());
+        let body = serde_json::json!({ "code": error.code(), "message": error.message() });
+        let mut out = Vec::new();
+        http::write_response(
+            &mut out,
+            error.status(),
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+            false,
+            false,
+        );
+        io.write(&out);
+        io.close(CloseReason::Requested(format!(
+            "{}: {}",
+            error.code(),
+            error.message()
+        )));
+        self.exchange = None;
+        self.state = State::Idle;
+    }
+
+    fn process(&mut self, input: &mut BytesMut, io: &mut SessionIo<'_>) {
+        while matches!(self.state, State::Idle) && !io.is_closing() && !self.stopping {
+            match self.parser.parse(input) {
+                Ok(Parsed::NeedMore) => break,
+                Ok(Parsed::SendContinue) => io.write(http::CONTINUE_RESPONSE),
+                Ok(Parsed::Request(request)) => self.start(*request, io),
+                Err(error) => {
+                    self.refuse(&error, io);
+                    break;
+                }
+            }
+        }
+        self.update_reading(io);
+    }
+
+    fn update_reading(&mut self, io: &mut SessionIo<'_>) {
+        if matches!(self.state, State::Idle) && !self.stopping {
+            io.resume_reading();
+        } else {
+            io.pause_reading();
+        }
+    }
+
+    fn on_step(&mut self, step: Step, io: &mut SessionIo<'_>) {
+        match step {
+            Step::Respond(response) => self.finish(response, io),
+            Step::Submitted => {}
+            Step::Zip(plan) => {
+                self.state = State::Streaming(Box::new(ZipState {
+                    plan,
+                    next_from_ms: i64::MIN,
+                    run: 0,
+                    zip: zip::ZipStream::default(),
+                    started: false,
+                    job_pending: false,
+                }));
+                self.pump_zip(io);
+            }
+            Step::Wait {
+                after,
+                limit,
+                until,
+            } => {
+                if self.stopping || !self.shared.waiters.join(self.handle.clone()) {
+                    // Answer at once with nothing new: the client simply asks again.
+                    self.read_changes(after, limit, io);
+                    return;
+                }
+                self.state = State::Waiting {
+                    after,
+                    limit,
+                    until,
+                };
+            }
+        }
+    }
+
+    /// Answers a change-feed wait (woken, timed out or stopping).
+    fn read_changes(&mut self, after: u64, limit: u32, io: &mut SessionIo<'_>) {
+        self.shared.waiters.leave(self.handle.id());
+        self.state = State::Working;
+        let shared = self.shared.clone();
+        let handle = self.handle.clone();
+        let job = Box::new(move || {
+            let fallback = Fallback::new(&handle);
+            let response = routes::changes_now(&shared, after, limit);
+            fallback.disarm();
+            handle.send(ApiMsg::Step(Step::Respond(response)));
+        });
+        if !self.run_job(job) {
+            self.finish(Response::busy(), io);
+        }
+    }
+
+    fn written(
+        &mut self,
+        result: Result<WriteOutcome, WriteError>,
+        render: Render,
+        io: &mut SessionIo<'_>,
+    ) {
+        let shared = self.shared.clone();
+        let handle = self.handle.clone();
+        let job = Box::new(move || {
+            let fallback = Fallback::new(&handle);
+            let response = routes::render_written(&shared, result, &render);
+            fallback.disarm();
+            handle.send(ApiMsg::Step(Step::Respond(response)));
+        });
+        if !self.run_job(job) {
+            // The write itself is durable; only rendering it failed for lack of a worker.
+            self.finish(
+                Response::error(
+                    503,
+                    "busy",
+                    "the write was handled but the server is too busy to show its result; \
+                     read the resource again",
+                ),
+                io,
+            );
+        }
+    }
+
+    fn login_recorded(
+        &mut self,
+        user: String,
+        rights: Rights,
+        legacy: bool,
+        result: Result<WriteOutcome, WriteError>,
+        io: &mut SessionIo<'_>,
+    ) {
+        let response = match result {
+            Ok(WriteOutcome::LoginRecorded { granted: true, .. }) => {
+                match self.shared.tokens.issue(&user, rights, io.now()) {
+                    Some(token) => {
+                        tracing::info!(%user, peer = %self.peer, rights = rights.as_str(), "public API login");
+                        routes::token_response(&token, legacy)
+                    }
+                    None => Response::error(500, "internal_error", "no randomness for a token"),
+                }
+            }
+            Ok(WriteOutcome::LoginRecorded { disabled: true, .. }) => {
+                tracing::warn!(%user, peer = %self.peer, code = "account_disabled", "public API login refused");
+                Response::error(
+                    401,
+                    "account_disabled",
+                    format!("the account {user} is disabled; ask an administrator"),
+                )
+            }
+            Ok(WriteOutcome::LoginRecorded {
+                locked_until_ms, ..
+            }) if locked_until_ms > 0 => {
+                tracing::warn!(%user, peer = %self.peer, code = "account_locked", "public API login refused");
+                Response::error(
+                    401,
+                    "account_locked",
+                    crate::viewer::locked_message(&user, locked_until_ms),
+                )
+            }
+            Ok(WriteOutcome::LoginRecorded { .. }) => {
+                tracing::warn!(%user, peer = %self.peer, code = "auth_failed", "public API login refused");
+                Response::error(401, "auth_failed", "wrong user name or password")
+            }
+            Ok(other) => Response::error(
+                500,
+                "internal_error",
+                format!("unexpected storage outcome {other:?}"),
+            ),
+            Err(error) => routes::write_error(&error),
+        };
+        self.finish(response, io);
+    }
+
+    fn pump_zip(&mut self, io: &mut SessionIo<'_>) {
+        let State::Streaming(stream) = &mut self.state else {
+            return;
+        };
+        if stream.job_pending || io.pending_output_bytes() >= STREAM_OUTPUT_HIGH_BYTES {
+            return;
+        }
+        stream.job_pending = true;
+        let store = self.shared.store.clone();
+        let handle = self.handle.clone();
+        let embryo_id = stream.plan.embryo_id.clone();
+        let focal_plane = stream.plan.focal_plane;
+        let from_ms = stream.next_from_ms;
+        let job = Box::new(move || {
+            let result = store.read().and_then(|reader| {
+                reader.frames(&embryo_id, focal_plane, from_ms, i64::MAX, ZIP_CHUNK_FRAMES)
+            });
+            handle.send(ApiMsg::Frames(result));
+        });
+        if !self.run_job(job) {
+            if let State::Streaming(stream) = &mut self.state {
+                stream.job_pending = false;
+                if !stream.started {
+                    self.finish(Response::busy(), io);
+                }
+                // Started: the next tick tries again.
+            }
+        }
+    }
+
+    fn frames_read(
+        &mut self,
+        result: Result<Option<Vec<Frame>>, StorageError>,
+        io: &mut SessionIo<'_>,
+    ) {
+        let State::Streaming(stream) = &mut self.state else {
+            return;
+        };
+        stream.job_pending = false;
+        let frames = match result {
+            Ok(Some(frames)) => frames,
+            Ok(None) if !stream.started => {
+                let message = format!("embryo {} is unknown", stream.plan.embryo_id);
+                self.finish(Response::error(404, "not_found", message), io);
+                return;
+            }
+            Ok(None) | Err(_) if stream.started => {
+                // The status line is gone: end the connection without the last chunk, so
+                // the client sees a truncated archive rather than a short one.
+                if let Err(error) = &result {
+                    tracing::error!(peer = %self.peer, "time-lapse ZIP stream failed: {error}");
+                }
+                let exchange = self.exchange.take();
+                if let Some(exchange) = &exchange {
+                    self.log(exchange, 500, io.now());
+                }
+                self.state = State::Idle;
+                io.close(CloseReason::Requested("ZIP stream failed".into()));
+                return;
+            }
+            Ok(None) => unreachable!("handled above"),
+            Err(error) => {
+                self.finish(Response::storage(&error), io);
+                return;
+            }
+        };
+        let mut out = Vec::new();
+        if !stream.started {
+            if frames.is_empty() {
+                // The original answers 204 when there are no images.
+                self.finish(
+                    Response {
+                        status: 204,
+                        headers: Vec::new(),
+                        body: Bytes::new(),
+                    },
+                    io,
+                );
+                return;
+            }
+            stream.started = true;
+            let Some(exchange) = &self.exchange else {
+                return;
+            };
+            let disposition = format!("attachment; filename=\"{}.zip\"", stream.plan.name_prefix);
+            if exchange.http10 {
+                // No chunked framing in HTTP/1.0: the end of the connection ends the body.
+                out.extend_from_slice(
+                    format!(
+                        "HTTP/1.0 200 OK\r\ncontent-type: application/zip\r\ncontent-disposition: {disposition}\r\nconnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                );
+            } else {
+                http::write_chunked_head(
+                    &mut out,
+                    200,
+                    &[
+                        ("content-type", "application/zip"),
+                        ("content-disposition", &disposition),
+                    ],
+                    exchange.keep_alive && !self.stopping,
+                );
+            }
+            if exchange.head_only {
+                // HEAD: the head says what a GET would send; no body.
+                io.write(&out);
+                let exchange = self.exchange.take();
+                self.state = State::Idle;
+                if let Some(exchange) = exchange {
+                    self.log(&exchange, 200, io.now());
+                    if !exchange.keep_alive || exchange.http10 {
+                        io.close(CloseReason::Requested("response sent".into()));
+                    }
+                }
+                return;
+            }
+        }
+        let http10 = self.exchange.as_ref().is_some_and(|e| e.http10);
+        let mut data = Vec::new();
+        let mut full = false;
+        let last = frames.len() < ZIP_CHUNK_FRAMES as usize;
+        for frame in &frames {
+            let run = stream.run + 1;
+            let name = format!("{}_{run:05}.jpg", stream.plan.name_prefix);
+            if !stream.zip.fits(&name, frame.jpeg.len()) {
+                full = true;
+                break;
+            }
+            stream
+                .zip
+                .entry(&name, frame.acquired_at_ms, &frame.jpeg, &mut data);
+            stream.run = run;
+            stream.next_from_ms = frame.acquired_at_ms.saturating_add(1);
+        }
+        if full || last {
+            if full {
+                tracing::warn!(peer = %self.peer, embryo = %stream.plan.embryo_id, entries = stream.zip.len(), "time-lapse ZIP reached the classic ZIP limits; the archive ends early");
+            }
+            std::mem::take(&mut stream.zip).finish(&mut data);
+        }
+        if http10 {
+            out.extend_from_slice(&data);
+        } else {
+            http::write_chunk(&mut out, &data);
+        }
+        if full || last {
+            if !http10 {
+                http::write_last_chunk(&mut out);
+            }
+            io.write(&out);
+            let exchange = self.exchange.take();
+            self.state = State::Idle;
+            if let Some(exchange) = exchange {
+                self.log(&exchange, 200, io.now());
+                if !exchange.keep_alive || exchange.http10 || self.stopping {
+                    io.close(CloseReason::Requested("response sent".into()));
+                }
+            }
+            return;
+        }
+        io.write(&out);
+        self.pump_zip(io);
+    }
+
+    fn waits_on_server(&self) -> bool {
+        self.pending > 0 || !matches!(self.state, State::Idle)
+    }
+
+    /// After a response: read the next request (buffered ones included), or close.
+    fn after_response(&mut self, io: &mut SessionIo<'_>) {
+        if !matches!(self.state, State::Idle) || io.is_closing() {
+            return;
+        }
+        if self.stopping {
+            io.close(CloseReason::Shutdown);
+            return;
+        }
+        if self.peer_gone && io.unread_input_bytes() == 0 {
+            io.close(CloseReason::PeerClosed);
+            return;
+        }
+        self.update_reading(io);
+    }
+}
+
+impl Session for ApiSession {
+    type Msg = ApiMsg;
+
+    fn on_input(&mut self, input: &mut BytesMut, io: &mut SessionIo<'_>) {
+        self.process(input, io);
+        if self.peer_gone && !self.waits_on_server() && !io.is_closing() {
+            io.close(CloseReason::PeerClosed);
+        }
+    }
+
+    fn on_message(&mut self, message: ApiMsg, io: &mut SessionIo<'_>) {
+        match message {
+            ApiMsg::Step(step) => {
+                self.pending = self.pending.saturating_sub(1);
+                self.on_step(step, io);
+            }
+            ApiMsg::Written { result, render } => {
+                // The write's worker job ended with Submitted; this is its answer.
+                self.pending = self.pending.saturating_sub(1);
+                self.written(result, render, io);
+            }
+            ApiMsg::LoginRecorded {
+                user,
+                rights,
+                legacy,
+                result,
+            } => {
+                self.pending = self.pending.saturating_sub(1);
+                self.login_recorded(user, rights, legacy, result, io);
+            }
+            ApiMsg::Frames(result) => {
+                self.pending = self.pending.saturating_sub(1);
+                self.frames_read(result, io);
+            }
+            ApiMsg::ChangesCommitted => {
+                if let State::Waiting { after, limit, .. } = self.state {
+                    self.read_changes(after, limit, io);
+                }
+                return;
+            }
+        }
+        self.after_response(io);
+    }
+
+    fn on_output_drained(&mut self, io: &mut SessionIo<'_>) {
+        self.pump_zip(io);
+    }
+
+    fn on_tick(&mut self, io: &mut SessionIo<'_>) {
+        match self.state {
+            State::Waiting {
+                after,
+                limit,
+                until,
+            } if io.now() >= until || self.stopping => self.read_changes(after, limit, io),
+            State::Streaming(_) => self.pump_zip(io),
+            _ => {}
+        }
+    }
+
+    fn on_peer_closed(&mut self, io: &mut SessionIo<'_>) {
+        if self.waits_on_server() || io.unread_input_bytes() > 0 {
+            self.peer_gone = true;
+        } else {
+            io.close(CloseReason::PeerClosed);
+        }
+    }
+
+    fn on_timeout(&mut self, kind: TimeoutKind, io: &mut SessionIo<'_>) {
+        if self.waits_on_server() {
+            return;
+        }
+        io.close(CloseReason::Timeout(kind));
+    }
+
+    fn on_shutdown(&mut self, io: &mut SessionIo<'_>) {
+        self.stopping = true;
+        io.pause_reading();
+        match self.state {
+            State::Idle => io.close(CloseReason::Shutdown),
+            State::Waiting { after, limit, .. } => self.read_changes(after, limit, io),
+            _ => {}
+        }
+    }
+
+    fn on_closed(&mut self, reason: &CloseReason) {
+        self.shared.waiters.leave(self.handle.id());
+        tracing::debug!(peer = %self.peer, %reason, "public API connection closed");
+    }
+
+    fn is_established(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,1225 @@
+//! The REST API v1 (`/api/v1/...`), run on a worker: authentication, routing, reads and
+//! the building of writes. The JSON shapes are described in `docs/api/openapi.json`, which
+//! the contract test checks the server against.
+
+use super::auth::{self, Grant, Principal, Refused};
+use super::{compat, ApiMsg, ApiShared, Render, Response, Step, ZipPlan, CHANGES_WAIT_MAX};
+use crate::civil::{iso_utc, parse_iso_utc};
+use crate::now_ms;
+use crate::viewer::{check_password, LoginCheck};
+use es_net::http::Request;
+use es_net::ConnHandle;
+use es_storage::{
+    Actor, AnnotationRecord, Change, ChangeEntity, ClinicalEdit, DishRecord, EmbryoRecord, Fate,
+    Idempotency, PatientRecord, PatientRef, Reader, ScoreInput, StorageError, SubmitError,
+    TransferOutcome, TransferRecord, TreatmentRecord, WriteError, WriteOp, WriteOutcome,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Items per page unless `limit` says otherwise.
+pub const PAGE_DEFAULT: u32 = 100;
+/// Items per page at most.
+pub const PAGE_MAX: u32 = 1000;
+/// Longest Idempotency-Key accepted, in bytes.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
+
+/// The OpenAPI description, served as it is in `docs/api/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("../../docs/api/openapi.json");
+
+/// A refusal before any work: the response to send.
+type Refusal = Box<Response>;
+
+fn refuse(status: u16, code: &str, message: impl Into<String>) -> Refusal {
+    Box::new(Response::error(status, code, message))
+}
+
+pub(super) fn handle(
+    shared: &ApiShared,
+    request: &Request,
+    peer: SocketAddr,
+    handle: &ConnHandle<ApiMsg>,
+) -> Step {
+    match route(shared, request, peer, handle) {
+        Ok(step) => step,
+        Err(response) => Step::Respond(*response),
+    }
+}
+
+fn route(
+    shared: &ApiShared,
+    request: &Request,
+    peer: SocketAddr,
+    handle: &ConnHandle<ApiMsg>,
+) -> Result<Step, Refusal> {
+    let segments: Vec<&str> = request.segments.iter().map(String::as_str).collect();
+    let method = request.method.as_str();
+    let read = method == "GET" || method == "HEAD";
+    match segments.as_slice() {
+        ["LOGIN"] if read => return compat::login(shared, request, peer, handle),
+        ["GET", name] if read => return compat::call(shared, request, name),
+        ["LOGIN"] | ["GET", _] => return Err(method_not_allowed("GET")),
+        ["api", "v1", "openapi.json"] if read => {
+            return Ok(Step::Respond(
+                Response {
+                    status: 200,
+                    headers: vec![("content-type", "application/json".into())],
+                    body: bytes::Bytes::from_static(OPENAPI_JSON.as_bytes()),
+                }
+                .with_header("cache-control", "no-cache"),
+            ))
+        }
+        ["api", "v1", "login"] if method == "POST" => {
+            let body: LoginBody = json_body(request)?;
+            return start_login(shared, &body.username, &body.password, false, peer, handle);
+        }
+        ["api", "v1", "openapi.json"] => return Err(method_not_allowed("GET, HEAD")),
+        ["api", "v1", "login"] => return Err(method_not_allowed("POST")),
+        ["api", "v1", ..] => {}
+        _ => {
+            return Err(refuse(
+                404,
+                "not_found",
+                format!("no such resource: {}", request.path),
+            ))
+        }
+    }
+    let principal = authenticate(shared, request)?;
+    let at = &segments[2..];
+    match (method, at) {
+        ("POST", ["logout"]) => {
+            if let Some(credential) = auth::credential(request) {
+                shared.tokens.revoke(credential);
+            }
+            Ok(Step::Respond(Response {
+                status: 204,
+                headers: Vec::new(),
+                body: bytes::Bytes::new(),
+            }))
+        }
+        ("GET" | "HEAD", ["patients"]) => read_step(shared, |r| list_patients(r, request)),
+        ("POST", ["patients"]) => {
+            let body: PatientBody = json_body(request)?;
+            let edit = ClinicalEdit::CreatePatient {
+                patient: body.into_ref(),
+            };
+            let render = Render::Patient {
+                patient_id: patient_id_of(&edit),
+                created: true,
+            };
+            submit(shared, request, &principal, peer, edit, render, handle)
+        }
+        ("GET" | "HEAD", ["patients", patient_id]) => read_step(shared, |r| {
+            let patient = r
+                .patient(patient_id)?
+                .ok_or_else(|| not_found(format!("patient {patient_id}")))?;
+            Ok(tagged(patient_json(&patient), patient.version))
+        }),
+        ("PUT", ["patients", patient_id]) => {
+            let body: PatientUpdateBody = json_body(request)?;
+            let expected_version = if_match(request)?;
+            let edit = ClinicalEdit::UpdatePatient {
+                patient: PatientRef {
+                    patient_id: patient_id.to_string(),
+                    first_name: body.first_name,
+                    last_name: body.last_name,
+                    date_of_birth: body.date_of_birth,
+                },
+                expected_version,
+            };
+            let render = Render::Patient {
+                patient_id: patient_id.to_string(),
+                created: false,
+            };
+            submit(shared, request, &principal, peer, edit, render, handle)
+        }
+        ("GET" | "HEAD", ["patients", patient_id, "treatments", name]) => read_step(shared, |r| {
+            let treatment = r
+                .treatment(patient_id, name)?
+                .ok_or_else(|| not_found(format!("treatment {patient_id}/{name}")))?;
+            let dishes = r.treatment_dishes(patient_id, name)?.unwrap_or_default();
+            let mut value = treatment_json(&treatment);
+            value["dishes"] = dishes.iter().map(dish_json).collect();
+            Ok(tagged(value, treatment.version))
+        }),
+        ("PUT", ["patients", patient_id, "treatments", name]) => {
+            let body: TreatmentBody = json_body(request)?;
+            let expected_version = if_match(request)?;
+            let edit = ClinicalEdit::UpdateTreatment {
+                patient_id: patient_id.to_string(),
+                name: name.to_string(),
+                comment: body.comment,
+                expected_version,
+            };
+            let render = Render::Treatment {
+                patient_id: patient_id.to_string(),
+                name: name.to_string(),
+            };
+            submit(shared, request, &principal, peer, edit, render, handle)
+        }
+        ("GET" | "HEAD", ["patients", patient_id, "treatments", name, "embryos"]) => {
+            read_step(shared, |r| {
+                let embryos = treatment_embryos(r, patient_id, name)?
+                    .ok_or_else(|| not_found(format!("treatment {patient_id}/{name}")))?;
+                let (items, next) = page_by_index(request, &embryos)?;
+                Ok(Response::json(
+                    200,
+                    &json!({ "items": items.iter().map(embryo_json).collect::<Vec<_>>(), "next_after": next }),
+                ))
+            })
+        }
+        ("GET" | "HEAD", ["patients", patient_id, "treatments", name, "transfers"]) => {
+            read_step(shared, |r| {
+                let transfers = r
+                    .treatment_transfers(patient_id, name)?
+                    .ok_or_else(|| not_found(format!("treatment {patient_id}/{name}")))?;
+                let (items, next) = page_by_index(request, &transfers)?;
+                Ok(Response::json(
+                    200,
+                    &json!({ "items": items.iter().map(transfer_json).collect::<Vec<_>>(), "next_after": next }),
+                ))
+            })
+        }
+        ("POST", ["patients", patient_id, "treatments", name, "transfers"]) => {
+            let body: TransferBody = json_body(request)?;
+            let transferred_at_ms = instant_field("transferred_at", &body.transferred_at)?;
+            let edit = ClinicalEdit::CreateTransfer {
+                patient_id: patient_id.to_string(),
+                treatment_name: name.to_string(),
+                transferred_at_ms,
+                embryo_ids: body.embryo_ids,
+                comment: body.comment,
+            };
+            submit(
+                shared,
+                request,
+                &principal,
+                peer,
+                edit,
+                Render::Transfer { created: true },
+                handle,
+            )
+        }
+        ("GET" | "HEAD", ["transfers", number]) => {
+            let transfer_key = number_segment("transfer number", number)?;
+            read_step(shared, |r| {
+                let transfer = r
+                    .transfer(transfer_key)?
+                    .ok_or_else(|| not_found(format!("transfer {transfer_key}")))?;
+                Ok(tagged(transfer_json(&transfer), transfer.version))
+            })
+        }
+        ("PUT", ["transfers", number, "outcome"]) => {
+            let transfer_key = number_segment("transfer number", number)?;
+            let body: OutcomeBody = json_body(request)?;
+            let expected_version = if_match(request)?;
+            let edit = ClinicalEdit::UpdateTransfer {
+                transfer_key,
+                expected_version,
+                outcome: TransferOutcome {
+                    gestational_sacs: body.gestational_sacs,
+                    fetal_heartbeats: body.fetal_heartbeats,
+                    clinical_pregnancy: body.clinical_pregnancy,
+                    live_birth: body.live_birth,
+                },
+                comment: body.comment,
+            };
+            submit(
+                shared,
+                request,
+                &principal,
+                peer,
+                edit,
+                Render::Transfer { created: false },
+                handle,
+            )
+        }
+        ("GET" | "HEAD", ["embryos", embryo_id]) => read_step(shared, |r| {
+            let embryo = r
+                .embryo(embryo_id)?
+                .ok_or_else(|| not_found(format!("embryo {embryo_id}")))?;
+            Ok(tagged(embryo_json(&embryo), embryo.version))
+        }),
+        ("PUT", ["embryos", embryo_id, "fate"]) => {
+            let body: FateBody = json_body(request)?;
+            let fate = Fate::from_name(&body.fate).ok_or_else(|| {
+                refuse(
+                    422,
+                    "invalid_input",
+                    format!(
+                        "fate {:?} is not one of undecided, transfer, freeze, avoid",
+                        body.fate
+                    ),
+                )
+            })?;
+            let expected_version = if_match(request)?;
+            let edit = ClinicalEdit::SetFate {
+                embryo_id: embryo_id.to_string(),
+                expected_version,
+                fate,
+            };
+            let render = Render::Embryo {
+                embryo_id: embryo_id.to_string(),
+            };
+            submit(shared, request, &principal, peer, edit, render, handle)
+        }
+        ("PUT", ["embryos", embryo_id, "scores", model]) => {
+            let body: ScoreBody = json_body(request)?;
+            let expected_version = if_match(request)?;
+            let edit = ClinicalEdit::SetScore {
+                embryo_id: embryo_id.to_string(),
+                expected_version,
+                score: ScoreInput {
+                    model: model.to_string(),
+                    model_version: body.model_version,
+                    value: body.value,
+                    viability: body.viability,
+                },
+            };
+            let render = Render::Embryo {
+                embryo_id: embryo_id.to_string(),
+            };
+            submit(shared, request, &principal, peer, edit, render, handle)
+        }
+        ("GET" | "HEAD", ["embryos", embryo_id, "acquisitions"]) => read_step(shared, |r| {
+            let limit = page_limit(request)?;
+            let after = match request.query_param("after") {
+                None | Some("") => None,
+                Some(text) => Some(number_param("after", text)?),
+            };
+            let acquisitions = r
+                .acquisitions(embryo_id, after, limit)?
+                .ok_or_else(|| not_found(format!("embryo {embryo_id}")))?;
+            let next = (acquisitions.len() == limit as usize)
+                .then(|| acquisitions.last().map(|a| a.acquired_at_ms))
+                .flatten();
+            let items: Vec<Value> = acquisitions
+                .iter()
+                .map(|a| {
+                    json!({
+                        "acquired_at": iso_utc(a.acquired_at_ms),
+                        "acquired_at_ms": a.acquired_at_ms,
+                        "focal_planes": a.focal_planes,
+                    })
+                })
+                .collect();
+            Ok(Response::json(
+                200,
+                &json!({ "items": items, "next_after": next.map(|n| n.to_string()) }),
+            ))
+        }),
+        ("GET" | "HEAD", ["embryos", embryo_id, "images", acquired]) => {
+            let acquired_at_ms = number_param("acquisition", acquired)?;
+            let focal_plane = focal_plane_param(request.query_param("focal_plane"))?;
+            read_step(shared, |r| {
+                let jpeg = r
+                    .embryo_image(embryo_id, acquired_at_ms, focal_plane)?
+                    .ok_or_else(|| {
+                        not_found(format!(
+                            "no image of embryo {embryo_id} at {acquired_at_ms} ms, focal plane {focal_plane}"
+                        ))
+                    })?;
+                Ok(jpeg_response(jpeg))
+            })
+        }
+        ("GET" | "HEAD", ["embryos", embryo_id, "timelapse"]) => {
+            let focal_plane = focal_plane_param(request.query_param("focal_plane"))?;
+            Ok(Step::Zip(ZipPlan {
+                embryo_id: embryo_id.to_string(),
+                focal_plane,
+                name_prefix: file_name_part(embryo_id),
+            }))
+        }
+        ("GET" | "HEAD", ["changes"]) => {
+            let after = match request.query_param("after") {
+                None => 0,
+                Some(text) => number_param("after", text)?,
+            };
+            let limit = page_limit(request)?;
+            let wait = match request.query_param("wait") {
+                None => 0,
+                Some(text) => number_param::<u64>("wait", text)?,
+            };
+            if wait > CHANGES_WAIT_MAX.as_secs() {
+                return Err(refuse(
+                    400,
+                    "invalid_parameter",
+                    format!("wait is at most {} seconds", CHANGES_WAIT_MAX.as_secs()),
+                ));
+            }
+            let reader = shared.store.read().map_err(storage_refusal)?;
+            let changes = reader.changes_after(after, limit).map_err(change_refusal)?;
+            if changes.is_empty() && wait > 0 {
+                return Ok(Step::Wait {
+                    after,
+                    limit,
+                    until: Instant::now() + Duration::from_secs(wait),
+                });
+            }
+            let last = reader.last_change_seq().map_err(storage_refusal)?;
+            Ok(Step::Respond(changes_response(&changes, after, last)))
+        }
+        (_, ["patients" | "changes" | "embryos" | "transfers" | "logout", ..]) => Err(refuse(
+            405,
+            "method_not_allowed",
+            format!("{method} is not allowed on {}", request.path),
+        )),
+        _ => Err(refuse(
+            404,
+            "not_found",
+            format!("no such resource: {}", request.path),
+        )),
+    }
+}
+
+fn method_not_allowed(allowed: &str) -> Refusal {
+    Box::new(
+        Response::error(
+            405,
+            "method_not_allowed",
+            format!("this resource answers {allowed} only"),
+        )
+        .with_header("allow", allowed),
+    )
+}
+
+// ---------------------------------------------------------------- authentication
+
+fn authenticate(shared: &ApiShared, request: &Request) -> Result<Principal, Refusal> {
+    match auth::authenticate(&shared.store, &shared.tokens, request, Instant::now()) {
+        Ok(principal) => Ok(principal),
+        Err(Refused::Missing) => Err(refuse(
+            401,
+            "auth_required",
+            "send an API key or a login token: Authorization: Bearer <key or token>",
+        )),
+        Err(Refused::Invalid) => Err(refuse(
+            401,
+            "auth_failed",
+            "the API key or token is unknown, revoked or expired; log in again",
+        )),
+        Err(Refused::Unavailable(detail)) => Err(refuse(503, "storage_unavailable", detail)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    username: String,
+    password: String,
+}
+
+/// Checks a password on this worker, then has the storage writer record the attempt (and
+/// lock the account after too many failures); the session issues the token.
+pub(super) fn start_login(
+    shared: &ApiShared,
+    user: &str,
+    password: &str,
+    legacy: bool,
+    peer: SocketAddr,
+    handle: &ConnHandle<ApiMsg>,
+) -> Result<Step, Refusal> {
+    if es_storage::user_name(user).is_err()
+        || password.is_empty()
+        || password.len() > crate::viewer::auth::PASSWORD_BYTES_MAX
+    {
+        return Err(refuse(401, "auth_failed", "wrong user name or password"));
+    }
+    let computer = format!("api {}", peer.ip());
+    let check = check_password(&shared.store, user, password);
+    let (success, rights) = match check {
+        LoginCheck::Correct { rights } => (true, rights),
+        LoginCheck::Wrong | LoginCheck::Disabled | LoginCheck::Locked { .. } => {
+            (false, es_storage::Rights::View)
+        }
+        LoginCheck::UnknownUser => {
+            tracing::warn!(%user, peer = %peer, code = "auth_failed", "public API login refused: unknown user");
+            let op = WriteOp::AuditDenied {
+                actor: Actor {
+                    user: user.to_string(),
+                    computer,
+                },
+                action: "user.login".into(),
+                entity: ChangeEntity::User,
+                target: user.to_string(),
+                attempted: r#"{"refused":"unknown user"}"#.into(),
+                at_ms: now_ms(),
+            };
+            if shared.writer.try_submit(op, Box::new(|_| {})).is_err() {
+                tracing::warn!(%user, "the refused login could not be audited: the storage queue is full");
+            }
+            return Err(refuse(401, "auth_failed", "wrong user name or password"));
+        }
+        LoginCheck::Unavailable(detail) => {
+            return Err(refuse(
+                503,
+                "storage_unavailable",
+                format!("cannot check the login: {detail}"),
+            ))
+        }
+    };
+    let op = WriteOp::LoginAttempt {
+        name: user.to_string(),
+        computer,
+        success,
+        failures_max: shared.settings.login_failures_max,
+        lockout_ms: shared.settings.lockout_ms,
+        at_ms: now_ms(),
+    };
+    let reply = handle.clone();
+    let user = user.to_string();
+    let done: es_storage::Completion = Box::new(move |result| {
+        reply.send(ApiMsg::LoginRecorded {
+            user,
+            rights,
+            legacy,
+            result,
+        });
+    });
+    match shared.writer.try_submit(op, done) {
+        Ok(()) => Ok(Step::Submitted),
+        Err(SubmitError::Full(..)) => Err(Box::new(Response::busy())),
+        Err(SubmitError::Closed(..)) => {
+            Err(refuse(503, "shutting_down", "the server is shutting down"))
+        }
+    }
+}
+
+pub(super) fn token_response(token: &str, legacy: bool) -> Response {
+    if legacy {
+        return Response::json(200, &json!({ "Token": token }));
+    }
+    Response::json(
+        200,
+        &json!({
+            "token": token,
+            "idle_timeout_seconds": auth::TOKEN_IDLE.as_secs(),
+            "lifetime_seconds": auth::TOKEN_LIFETIME.as_secs(),
+        }),
+    )
+}
+
+// ---------------------------------------------------------------- writes
+
+/// Hands a clinical edit to the storage writer; the completion answers through the session.
+fn submit(
+    shared: &ApiShared,
+    request: &Request,
+    principal: &Principal,
+    peer: SocketAddr,
+    edit: ClinicalEdit,
+    render: Render,
+    handle: &ConnHandle<ApiMsg>,
+) -> Result<Step, Refusal> {
+    if !principal.grant.may_write() {
+        let needed = match principal.grant {
+            Grant::User(_) => "a user with edit rights",
+            Grant::Key(_) => "an API key with write scope",
+        };
+        return Err(refuse(
+            403,
+            "forbidden",
+            format!("{} may only read; writing needs {needed}", principal.id),
+        ));
+    }
+    if shared.disk.is_low() {
+        return Err(refuse(
+            503,
+            "disk_full",
+            "the server's disk is nearly full; writes are refused until space is freed",
+        ));
+    }
+    let idempotency = match request.header("idempotency-key") {
+        None => None,
+        Some(key) => {
+            if key.is_empty()
+                || key.len() > IDEMPOTENCY_KEY_BYTES_MAX
+                || !key.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(refuse(
+                    400,
+                    "invalid_idempotency_key",
+                    format!(
+                        "an Idempotency-Key has 1 to {IDEMPOTENCY_KEY_BYTES_MAX} visible ASCII characters"
+                    ),
+                ));
+            }
+            let mut hasher = Sha256::new();
+            hasher.update(request.method.as_bytes());
+            hasher.update(b" ");
+            hasher.update(request.path.as_bytes());
+            hasher.update(b"\n");
+            hasher.update(request.header("if-match").unwrap_or("").as_bytes());
+            hasher.update(b"\n");
+            hasher.update(&request.body);
+            Some(Idempotency {
+                principal: principal.id.clone(),
+                key: key.to_string(),
+                request_sha256: hasher.finalize().into(),
+            })
+        }
+    };
+    let op = WriteOp::Edit {
+        actor: principal.actor(peer),
+        edit,
+        idempotency,
+        at_ms: now_ms(),
+    };
+    let reply = handle.clone();
+    let done: es_storage::Completion = Box::new(move |result| {
+        reply.send(ApiMsg::Written { result, render });
+    });
+    match shared.writer.try_submit(op, done) {
+        Ok(()) => Ok(Step::Submitted),
+        Err(SubmitError::Full(..)) => Err(Box::new(Response::busy())),
+        Err(SubmitError::Closed(..)) => {
+            Err(refuse(503, "shutting_down", "the server is shutting down"))
+        }
+    }
+}
+
+/// The answer to a durable or refused write: the resource as it is now. A stale version
+/// gets 412 with the current state and its ETag, so the client can merge and retry.
+pub(super) fn render_written(
+    shared: &ApiShared,
+    result: Result<WriteOutcome, WriteError>,
+    render: &Render,
+) -> Response {
+    let reader = match shared.store.read() {
+        Ok(reader) => reader,
+        Err(error) => return Response::storage(&error),
+    };
+    let (outcome, stale) = match result {
+        Ok(outcome) => (Some(outcome), None),
+        Err(WriteError::Conflict {
+            expected, version, ..
+        }) => (None, Some((expected, version))),
+        Err(error) => return write_error(&error),
+    };
+    let replayed = matches!(outcome, Some(WriteOutcome::Edited { replayed: true, .. }));
+    let current = match current_state(&reader, render, outcome.as_ref()) {
+        Ok(Some(found)) => found,
+        Ok(None) => return Response::error(404, "not_found", "the resource no longer exists"),
+        Err(error) => return Response::storage(&error),
+    };
+    let (value, version, location) = current;
+    if let Some((expected, version)) = stale {
+        let message = format!(
+            "the resource is at version {version}, not {expected}: someone changed it meanwhile; \
+             merge with the current state and send it again with If-Match: \"{version}\""
+        );
+        let body = json!({ "code": "precondition_failed", "message": message, "current": value });
+        return Response::json(412, &body).with_header("etag", etag(version));
+    }
+    let created = matches!(
+        render,
+        Render::Patient { created: true, .. } | Render::Transfer { created: true }
+    );
+    let mut response =
+        Response::json(if created { 201 } else { 200 }, &value).with_header("etag", etag(version));
+    if created {
+        response = response.with_header("location", location);
+    }
+    if replayed {
+        response = response.with_header("idempotent-replayed", "true");
+    }
+    response
+}
+
+type Current = (Value, u64, String);
+
+fn current_state(
+    reader: &Reader,
+    render: &Render,
+    outcome: Option<&WriteOutcome>,
+) -> Result<Option<Current>, StorageError> {
+    Ok(match render {
+        Render::Patient { patient_id, .. } => reader.patient(patient_id)?.map(|p| {
+            let location = format!("/api/v1/patients/{}", path_part(&p.patient_id));
+            (patient_json(&p), p.version, location)
+        }),
+        Render::Treatment { patient_id, name } => reader.treatment(patient_id, name)?.map(|t| {
+            let location = format!(
+                "/api/v1/patients/{}/treatments/{}",
+                path_part(patient_id),
+                path_part(name)
+            );
+            (treatment_json(&t), t.version, location)
+        }),
+        Render::Embryo { embryo_id } => reader.embryo(embryo_id)?.map(|e| {
+            let location = format!("/api/v1/embryos/{}", path_part(embryo_id));
+            (embryo_json(&e), e.version, location)
+        }),
+        Render::Transfer { .. } => {
+            let Some(WriteOutcome::Edited { key, .. }) = outcome else {
+                return Ok(None);
+            };
+            reader.transfer(*key)?.map(|t| {
+                let location = format!("/api/v1/transfers/{}", t.transfer_key);
+                (transfer_json(&t), t.version, location)
+            })
+        }
+    })
+}
+
+/// A refused write as a response.
+pub(super) fn write_error(error: &WriteError) -> Response {
+    let (status, message) = match error {
+        WriteError::NotFound(what) => (404, format!("{what} is unknown")),
+        WriteError::AlreadyExists(what) => (409, format!("{what} already exists")),
+        WriteError::InvalidInput(message) => (422, message.clone()),
+        WriteError::IdempotencyKeyReused(_) => (422, error.to_string()),
+        WriteError::Conflict { .. } => (412, error.to_string()),
+        WriteError::DiskFull | WriteError::ShuttingDown | WriteError::Storage(_) => {
+            (503, error.to_string())
+        }
+        WriteError::AuthFailed
+        | WriteError::ImageConflict
+        | WriteError::UnknownDish
+        | WriteError::UnknownWell
+        | WriteError::UnknownInstrument => (500, error.to_string()),
+    };
+    Response::error(status, error.code(), message)
+}
+
+/// The version a write expects, from `If-Match: "N"`. Required: a write that does not say
+/// which version it saw could overwrite a change it never saw.
+fn if_match(request: &Request) -> Result<u64, Refusal> {
+    let Some(value) = request.header("if-match") else {
+        return Err(refuse(
+            428,
+            "precondition_required",
+            "send If-Match with the ETag you read (for example If-Match: \"3\")",
+        ));
+    };
+    let value = value.trim();
+    let value = value.strip_prefix("W/").unwrap_or(value);
+    let unquoted = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value);
+    if !unquoted.is_empty() && unquoted.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(version) = unquoted.parse::<u64>() {
+            return Ok(version);
+        }
+    }
+    Err(refuse(
+        400,
+        "invalid_if_match",
+        "If-Match must be one ETag this server gave, such as \"3\"",
+    ))
+}
+
+fn etag(version: u64) -> String {
+    format!("\"{version}\"")
+}
+
+fn tagged(value: Value, version: u64) -> Response {
+    Response::json(200, &value).with_header("etag", etag(version))
+}
+
+// ---------------------------------------------------------------- bodies
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatientBody {
+    patient_id: String,
+    first_name: String,
+    last_name: String,
+    date_of_birth: String,
+}
+
+impl PatientBody {
+    fn into_ref(self) -> PatientRef {
+        PatientRef {
+            patient_id: self.patient_id,
+            first_name: self.first_name,
+            last_name: self.last_name,
+            date_of_birth: self.date_of_birth,
+        }
+    }
+}
+
+fn patient_id_of(edit: &ClinicalEdit) -> String {
+    match edit {
+        ClinicalEdit::CreatePatient { patient } => patient.patient_id.clone(),
+        _ => String::new(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatientUpdateBody {
+    first_name: String,
+    last_name: String,
+    date_of_birth: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TreatmentBody {
+    comment: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferBody {
+    transferred_at: String,
+    embryo_ids: Vec<String>,
+    #[serde(default)]
+    comment: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutcomeBody {
+    gestational_sacs: Option<u32>,
+    fetal_heartbeats: Option<u32>,
+    clinical_pregnancy: Option<bool>,
+    live_birth: Option<bool>,
+    #[serde(default)]
+    comment: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FateBody {
+    fate: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScoreBody {
+    value: String,
+    #[serde(default)]
+    model_version: String,
+    #[serde(default)]
+    viability: String,
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(request: &Request) -> Result<T, Refusal> {
+    if let Some(kind) = request.header("content-type") {
+        let media = kind.split(';').next().unwrap_or("").trim();
+        if !media.eq_ignore_ascii_case("application/json") {
+            return Err(refuse(
+                415,
+                "unsupported_media_type",
+                format!("send the body as application/json, not {media}"),
+            ));
+        }
+    }
+    serde_json::from_slice(&request.body).map_err(|error| {
+        refuse(
+            400,
+            "invalid_json",
+            format!("the body is not the JSON this call takes: {error}"),
+        )
+    })
+}
+
+fn instant_field(name: &str, text: &str) -> Result<i64, Refusal> {
+    parse_iso_utc(text).ok_or_else(|| {
+        refuse(
+            422,
+            "invalid_input",
+            format!("{name} must be a UTC instant such as 2024-06-11T10:00:00Z, not {text:?}"),
+        )
+    })
+}
+
+// ---------------------------------------------------------------- reads
+
+fn read_step(
+    shared: &ApiShared,
+    read: impl FnOnce(&Reader) -> Result<Response, ReadFailure>,
+) -> Result<Step, Refusal> {
+    let reader = shared.store.read().map_err(storage_refusal)?;
+    match read(&reader) {
+        Ok(response) => Ok(Step::Respond(response)),
+        Err(ReadFailure::Storage(error)) => Err(Box::new(Response::storage(&error))),
+        Err(ReadFailure::Refused(response)) => Err(response),
+    }
+}
+
+/// Why a read did not produce its resource.
+enum ReadFailure {
+    Storage(StorageError),
+    Refused(Refusal),
+}
+
+impl From<StorageError> for ReadFailure {
+    fn from(error: StorageError) -> Self {
+        ReadFailure::Storage(error)
+    }
+}
+
+impl From<Refusal> for ReadFailure {
+    fn from(response: Refusal) -> Self {
+        ReadFailure::Refused(response)
+    }
+}
+
+fn not_found(what: String) -> ReadFailure {
+    ReadFailure::Refused(refuse(404, "not_found", format!("{what} is unknown")))
+}
+
+fn storage_refusal(error: StorageError) -> Refusal {
+    Box::new(Response::storage(&error))
+}
+
+fn change_refusal(error: StorageError) -> Refusal {
+    match error {
+        StorageError::CursorExpired { oldest } => refuse(
+            410,
+            "cursor_expired",
+            format!(
+                "changes before {oldest} are no longer kept (or the cursor is from another \
+                 server): read everything again, then follow the feed from the newest seq"
+            ),
+        ),
+        other => storage_refusal(other),
+    }
+}
+
+/// Answers a change-feed poll now (after a wait ended).
+pub(super) fn changes_now(shared: &ApiShared, after: u64, limit: u32) -> Response {
+    let reader = match shared.store.read() {
+        Ok(reader) => reader,
+        Err(error) => return Response::storage(&error),
+    };
+    let changes = match reader.changes_after(after, limit) {
+        Ok(changes) => changes,
+        Err(error) => return *change_refusal(error),
+    };
+    match reader.last_change_seq() {
+        Ok(last) => changes_response(&changes, after, last),
+        Err(error) => Response::storage(&error),
+    }
+}
+
+fn changes_response(changes: &[Change], after: u64, last: u64) -> Response {
+    let next = changes.last().map_or(after, |c| c.seq);
+    let items: Vec<Value> = changes
+        .iter()
+        .map(|c| {
+            json!({
+                "seq": c.seq,
+                "entity": c.entity.as_str(),
+                "id": c.id,
+                "version": c.version,
+                "at": iso_utc(c.at_ms),
+                "summary": c.summary,
+            })
+        })
+        .collect();
+    Response::json(
+        200,
+        &json!({ "items": items, "next_after": next, "last_seq": last }),
+    )
+}
+
+fn page_limit(request: &Request) -> Result<u32, Refusal> {
+    match request.query_param("limit") {
+        None => Ok(PAGE_DEFAULT),
+        Some(text) => {
+            let limit: u32 = number_param("limit", text)?;
+            if (1..=PAGE_MAX).contains(&limit) {
+                Ok(limit)
+            } else {
+                Err(refuse(
+                    400,
+                    "invalid_parameter",
+                    format!("limit is 1 to {PAGE_MAX}"),
+                ))
+            }
+        }
+    }
+}
+
+fn number_param<T: std::str::FromStr>(name: &str, text: &str) -> Result<T, Refusal> {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(refuse(
+            400,
+            "invalid_parameter",
+            format!("{name} must be a whole number, not {text:?}"),
+        ));
+    }
+    text.parse().map_err(|_| {
+        refuse(
+            400,
+            "invalid_parameter",
+            format!("{name} {text:?} is out of range"),
+        )
+    })
+}
+
+fn number_segment(name: &str, text: &str) -> Result<u64, Refusal> {
+    number_param(name, text).map_err(|_| refuse(404, "not_found", format!("no {name} {text:?}")))
+}
+
+pub(super) fn focal_plane_param(text: Option<&str>) -> Result<i32, Refusal> {
+    match text {
+        None | Some("") => Ok(0),
+        Some(text) => number_param("focal plane", text),
+    }
+}
+
+/// A page of an in-memory list, by position: `after` is the index of the last item seen.
+fn page_by_index<'a, T>(
+    request: &Request,
+    items: &'a [T],
+) -> Result<(&'a [T], Option<String>), Refusal> {
+    let limit = page_limit(request)? as usize;
+    let start = match request.query_param("after") {
+        None | Some("") => 0,
+        Some(text) => number_param::<usize>("after", text)?.min(items.len()),
+    };
+    let end = (start + limit).min(items.len());
+    let next = (end < items.len()).then(|| end.to_string());
+    Ok((&items[start..end], next))
+}
+
+fn list_patients(reader: &Reader, request: &Request) -> Result<Response, ReadFailure> {
+    let limit = page_limit(request)?;
+    let after = request.query_param("after").filter(|a| !a.is_empty());
+    let patients = reader.patients(after, limit)?;
+    let next = (patients.len() == limit as usize)
+        .then(|| patients.last().map(|p| p.patient_id.clone()))
+        .flatten();
+    let items: Vec<Value> = patients.iter().map(patient_json).collect();
+    Ok(Response::json(
+        200,
+        &json!({ "items": items, "next_after": next }),
+    ))
+}
+
+/// The embryos of a treatment, by dish and well; None if the treatment is unknown.
+pub(super) fn treatment_embryos(
+    reader: &Reader,
+    patient_id: &str,
+    name: &str,
+) -> Result<Option<Vec<EmbryoRecord>>, StorageError> {
+    let Some(dishes) = reader.treatment_dishes(patient_id, name)? else {
+        return Ok(None);
+    };
+    let mut embryos = Vec::new();
+    for dish in &dishes {
+        for (_, embryo_id) in &dish.wells {
+            if let Some(embryo) = reader.embryo(embryo_id)? {
+                embryos.push(embryo);
+            }
+        }
+    }
+    Ok(Some(embryos))
+}
+
+pub(super) fn jpeg_response(jpeg: bytes::Bytes) -> Response {
+    Response {
+        status: 200,
+        headers: vec![
+            ("content-type", "image/jpeg".into()),
+            // A stored image never changes (a different one under its key is refused).
+            (
+                "cache-control",
+                "private, max-age=31536000, immutable".into(),
+            ),
+        ],
+        body: jpeg,
+    }
+}
+
+/// An identifier as part of a file name: path separators and controls replaced.
+pub(super) fn file_name_part(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// An identifier as one path segment (percent-encoding what is not unreserved).
+fn path_part(id: &str) -> String {
+    let mut out = String::new();
+    for byte in id.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- JSON shapes
+
+fn patient_json(p: &PatientRecord) -> Value {
+    json!({
+        "patient_id": p.patient_id,
+        "first_name": p.first_name,
+        "last_name": p.last_name,
+        "date_of_birth": p.date_of_birth,
+        "version": p.version,
+        "created_at": iso_utc(p.created_at_ms),
+        "updated_at": iso_utc(p.updated_at_ms),
+        "treatments": p.treatments.iter().map(treatment_json).collect::<Vec<_>>(),
+    })
+}
+
+fn treatment_json(t: &TreatmentRecord) -> Value {
+    json!({
+        "patient_id": t.patient_id,
+        "name": t.name,
+        "comment": t.comment,
+        "version": t.version,
+        "created_at": iso_utc(t.created_at_ms),
+        "updated_at": iso_utc(t.updated_at_ms),
+    })
+}
+
+fn dish_json(d: &DishRecord) -> Value {
+    json!({
+        "dish_id": d.dish_id,
+        "instrument_serial": d.instrument_serial,
+        "instrument_number": d.instrument_number,
+        "slot": d.slot,
+        "insemination_at": iso_utc(d.insemination_at_ms),
+        "wells": d.wells.iter().map(|(well, embryo_id)| json!({ "well": well, "embryo_id": embryo_id })).collect::<Vec<_>>(),
+    })
+}
+
+fn annotation_json(a: &AnnotationRecord) -> Value {
+    json!({
+        "annotation_id": a.annotation_id,
+        "name": a.name,
+        "value": a.value,
+        "event_at": a.event_at_ms.map(iso_utc),
+        "hours": a.hours,
+        "source": a.source.as_str(),
+        "set_by": a.set_by,
+        "set_at": iso_utc(a.set_at_ms),
+    })
+}
+
+/// Derived morphokinetic variables from the timing annotations (hours after insemination):
+/// cell-cycle and synchrony intervals, each present when both its events are annotated.
+pub(super) fn derived_variables(annotations: &[AnnotationRecord]) -> Vec<(&'static str, f64)> {
+    let hours = |name: &str| {
+        annotations
+            .iter()
+            .rev()
+            .find(|a| a.name.eq_ignore_ascii_case(name))
+            .and_then(|a| a.hours)
+    };
+    const INTERVALS: [(&str, &str, &str); 6] = [
+        ("cc2", "t2", "t3"),
+        ("cc3", "t3", "t5"),
+        ("s2", "t3", "t4"),
+        ("s3", "t5", "t8"),
+        ("t5-t2", "t2", "t5"),
+        ("tB-tSB", "tSB", "tB"),
+    ];
+    let mut out = Vec::new();
+    for (name, from, to) in INTERVALS {
+        if let (Some(start), Some(end)) = (hours(from), hours(to)) {
+            out.push((name, ((end - start) * 100.0).round() / 100.0));
+        }
+    }
+    out
+}
+
+fn embryo_json(e: &EmbryoRecord) -> Value {
+    let derived: serde_json::Map<String, Value> = derived_variables(&e.annotations)
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), json!(value)))
+        .collect();
+    json!({
+        "embryo_id": e.embryo_id,
+        "patient_id": e.patient_id,
+        "treatment": e.treatment_name,
+        "dish_id": e.dish_id,
+        "well": e.well,
+        "instrument_serial": e.instrument_serial,
+        "instrument_number": e.instrument_number,
+        "insemination_at": iso_utc(e.insemination_at_ms),
+        "fate": e.fate.as_str(),
+        "comment": e.comment,
+        "version": e.version,
+        "updated_at": iso_utc(e.updated_at_ms),
+        "annotations": e.annotations.iter().map(annotation_json).collect::<Vec<_>>(),
+        "derived": derived,
+        "scores": e.scores.iter().map(|s| json!({
+            "model": s.model,
+            "model_version": s.model_version,
+            "value": s.value,
+            "viability": s.viability,
+            "set_by": s.set_by,
+            "set_at": iso_utc(s.set_at_ms),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn transfer_json(t: &TransferRecord) -> Value {
+    json!({
+        "transfer_id": t.transfer_key,
+        "patient_id": t.patient_id,
+        "treatment": t.treatment_name,
+        "transferred_at": iso_utc(t.transferred_at_ms),
+        "embryo_ids": t.embryo_ids,
+        "outcome": {
+            "gestational_sacs": t.outcome.gestational_sacs,
+            "fetal_heartbeats": t.outcome.fetal_heartbeats,
+            "clinical_pregnancy": t.outcome.clinical_pregnancy,
+            "live_birth": t.outcome.live_birth,
+        },
+        "comment": t.comment,
+        "version": t.version,
+        "created_at": iso_utc(t.created_at_ms),
+        "updated_at": iso_utc(t.updated_at_ms),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use es_storage::AnnotationSource;
+
+    fn annotation(name: &str, hours: f64) -> AnnotationRecord {
+        AnnotationRecord {
+            annotation_id: 1,
+            name: name.into(),
+            value: String::new(),
+            event_at_ms: Some(0),
+            hours: Some(hours),
+            source: AnnotationSource::Manual,
+            set_by: "anna".into(),
+            set_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn derived_variables_need_both_events() {
+        let annotations = [
+            annotation("t2", 25.0),
+            annotation("t3", 36.5),
+            annotation("t4", 37.25),
+        ];
+        assert_eq!(
+            derived_variables(&annotations),
+            [("cc2", 11.5), ("s2", 0.75)]
+        );
+    }
+
+    #[test]
+    fn path_and_file_name_parts() {
+        assert_eq!(path_part("D 1/2"), "D%201%2F2");
+        assert_eq!(file_name_part("E/1:2"), "E_1_2");
+    }
+}
