@@ -14,35 +14,8 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const START_MS: i64 = 1_760_000_000_000;
+use common::START_MS;
 const PASSWORD: &str = "Embryo-2026!";
-
-/// Adds a user through the command line, as an administrator would (`--password-stdin`).
-fn add_user(server: &ServerProcess, name: &str, rights: &str, password: &str) {
-    let mut child = Command::new(common::esserver_path())
-        .args([
-            "user",
-            "add",
-            name,
-            "--rights",
-            rights,
-            "--password-stdin",
-            "--data",
-        ])
-        .arg(server.data_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("esserver user add runs");
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "user add {name}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 fn credentials(user: &str, password: &str) -> Credentials {
     Credentials {
@@ -59,40 +32,6 @@ fn login(server: &ServerProcess, user: &str, password: &str) -> Result<ViewerCli
         &credentials(user, password),
         common::TIMEOUT,
     )
-}
-
-/// One dish of 3 wells, `cycles` acquisitions at focal plane 0, uploaded and acknowledged.
-fn upload_dish(server: &ServerProcess, serial: &str, cycles: u32) -> Workload {
-    let mut identity = common::identity(serial, "es-plus");
-    let mut client = common::connect(server, &mut identity);
-    let workload = Workload {
-        serial: serial.into(),
-        model: DeviceModel::EmbryoScopePlus,
-        dishes: 1,
-        wells_per_dish: 3,
-        planes: vec![0],
-        cycles,
-        start_ms: START_MS,
-        interval_ms: 600_000,
-    };
-    sim::register_dishes(&mut client, &workload, common::TIMEOUT).unwrap();
-    let frames = es_loadtest::frames::generate(4, 7);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let (stats, error) = sim::upload(
-        &mut client,
-        &workload,
-        0..workload.len(),
-        &frames,
-        Pacing::Window,
-        deadline,
-    );
-    assert!(
-        error.is_none() && stats.errors.is_empty(),
-        "{error:?} {:?}",
-        stats.errors
-    );
-    assert_eq!(stats.acked, workload.len());
-    workload
 }
 
 fn embryo(client: &mut ViewerClient, embryo_id: &str) -> pb::Embryo {
@@ -122,9 +61,9 @@ fn add_t2(embryo_id: &str, expected_version: u64, hours: i64) -> Request {
 #[test]
 fn two_viewers_share_a_save_and_a_stale_write_is_a_conflict_in_the_audit_trail() {
     let (mut server, dir) = common::spawn(true);
-    add_user(&server, "anna", "edit", PASSWORD);
-    add_user(&server, "bert", "edit", PASSWORD);
-    let workload = upload_dish(&server, "VW-1", 2);
+    common::add_user(&server, "anna", "edit", PASSWORD);
+    common::add_user(&server, "bert", "edit", PASSWORD);
+    let workload = common::upload_dish(&server, "VW-1", 2);
     let embryo_id = format!("{}_S1_P-1", workload.serial);
 
     let mut anna = login(&server, "anna", PASSWORD).unwrap();
@@ -261,9 +200,9 @@ fn two_viewers_share_a_save_and_a_stale_write_is_a_conflict_in_the_audit_trail()
 #[test]
 fn a_view_user_cannot_write_and_five_wrong_passwords_lock_the_account() {
     let (server, dir) = common::spawn(true);
-    add_user(&server, "vera", "view", PASSWORD);
-    add_user(&server, "carl", "edit", PASSWORD);
-    let workload = upload_dish(&server, "VW-2", 1);
+    common::add_user(&server, "vera", "view", PASSWORD);
+    common::add_user(&server, "carl", "edit", PASSWORD);
+    let workload = common::upload_dish(&server, "VW-2", 1);
     let embryo_id = format!("{}_S1_P-2", workload.serial);
 
     let mut vera = login(&server, "vera", PASSWORD).unwrap();
@@ -354,8 +293,8 @@ fn frame_of(body: Body) -> pb::Frame {
 #[test]
 fn playback_resumes_after_the_connection_drops() {
     let (server, _dir) = common::spawn(true);
-    add_user(&server, "anna", "edit", PASSWORD);
-    let workload = upload_dish(&server, "VW-3", 40);
+    common::add_user(&server, "anna", "edit", PASSWORD);
+    let workload = common::upload_dish(&server, "VW-3", 40);
     let embryo_id = format!("{}_S1_P-3", workload.serial);
 
     let mut anna = login(&server, "anna", PASSWORD).unwrap();
@@ -432,7 +371,7 @@ fn playback_resumes_after_the_connection_drops() {
 #[test]
 fn a_1000_frame_playback_completes_while_16_incubators_upload_at_10x() {
     let (server, _dir) = common::spawn(true);
-    add_user(&server, "anna", "edit", PASSWORD);
+    common::add_user(&server, "anna", "edit", PASSWORD);
     // One embryo with 1,000 acquisitions at plane 0 (1 dish x 1 well).
     let mut identity = common::identity("VW-PLAY", "es-plus");
     let mut client = common::connect(&server, &mut identity);
@@ -558,8 +497,8 @@ fn viewer_tool(
 #[test]
 fn the_viewer_tool_pins_the_certificate_exports_and_annotates() {
     let (server, dir) = common::spawn(true);
-    add_user(&server, "anna", "edit", PASSWORD);
-    let workload = upload_dish(&server, "VW-4", 5);
+    common::add_user(&server, "anna", "edit", PASSWORD);
+    let workload = common::upload_dish(&server, "VW-4", 5);
     let embryo_id = format!("{}_S1_P-1", workload.serial);
     let ini = dir.path().join("Viewer_d.ini");
     std::fs::write(
@@ -636,10 +575,10 @@ fn the_viewer_tool_pins_the_certificate_exports_and_annotates() {
 #[test]
 fn python_viewer_client_from_the_documents_alone() {
     let (server, _dir) = common::spawn(true);
-    add_user(&server, "pyanna", "edit", PASSWORD);
-    add_user(&server, "pybert", "edit", PASSWORD);
-    add_user(&server, "pyvera", "view", PASSWORD);
-    upload_dish(&server, "VW-PY", 3);
+    common::add_user(&server, "pyanna", "edit", PASSWORD);
+    common::add_user(&server, "pybert", "edit", PASSWORD);
+    common::add_user(&server, "pyvera", "view", PASSWORD);
+    common::upload_dish(&server, "VW-PY", 3);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let address = server.info.address("viewer");
     let output = Command::new("python3")
@@ -689,7 +628,7 @@ fn the_viewer_port_takes_its_own_certificate() {
         key.display()
     );
     let server = common::spawn_in(&dir, true, &extra);
-    add_user(&server, "anna", "edit", PASSWORD);
+    common::add_user(&server, "anna", "edit", PASSWORD);
     let pinned = |path: &std::path::Path| es_net::client::ClientTls::Tls {
         config: es_net::tls::pinned_client_config(es_net::tls::read_certificate(path).unwrap()),
         server_name: "esserver".try_into().unwrap(),
@@ -716,7 +655,7 @@ fn the_viewer_port_takes_its_own_certificate() {
 #[test]
 fn pipelined_requests_before_a_half_close_are_all_answered() {
     let (server, _dir) = common::spawn(true);
-    add_user(&server, "anna", "edit", PASSWORD);
+    common::add_user(&server, "anna", "edit", PASSWORD);
     let mut anna = login(&server, "anna", PASSWORD).unwrap();
     let limit = anna.login.inflight_requests_max as usize;
     // Reads go to the worker threads, so the first `limit` stay in flight while the rest wait
@@ -740,8 +679,8 @@ fn pipelined_requests_before_a_half_close_are_all_answered() {
 fn a_viewer_that_does_not_read_is_disconnected() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::spawn_in(&dir, true, "[Limits]\nidle_timeout_ms = 1500\n");
-    add_user(&server, "anna", "edit", PASSWORD);
-    let workload = upload_dish(&server, "VW-SLOW", 1000);
+    common::add_user(&server, "anna", "edit", PASSWORD);
+    let workload = common::upload_dish(&server, "VW-SLOW", 1000);
     let mut stalled = login(&server, "anna", PASSWORD).unwrap();
     stalled.send(Request::Playback(pb::Playback {
         embryo_id: format!("{}_S1_P-1", workload.serial),
@@ -769,8 +708,8 @@ fn a_viewer_that_does_not_read_is_disconnected() {
 #[test]
 fn shutdown_during_a_playback_exits_cleanly() {
     let (mut server, _dir) = common::spawn(true);
-    add_user(&server, "anna", "edit", PASSWORD);
-    let workload = upload_dish(&server, "VW-STOP", 300);
+    common::add_user(&server, "anna", "edit", PASSWORD);
+    let workload = common::upload_dish(&server, "VW-STOP", 300);
     let mut anna = login(&server, "anna", PASSWORD).unwrap();
     let seq = anna.send(Request::Playback(pb::Playback {
         embryo_id: format!("{}_S1_P-1", workload.serial),

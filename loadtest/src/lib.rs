@@ -12,6 +12,7 @@ pub mod bench;
 pub mod client;
 pub mod disk;
 pub mod frames;
+pub mod http_client;
 pub mod sim;
 pub mod spawn;
 pub mod viewer_bench;

@@ -4,9 +4,14 @@
 #![allow(dead_code)]
 
 use es_loadtest::client::{Identity, IncubatorClient};
+use es_loadtest::sim::{self, Pacing, Workload};
 use es_loadtest::spawn::{ServerProcess, SpawnOptions};
+use es_perf::catalog::DeviceModel;
+use std::io::Write;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::Duration;
+use std::time::Instant;
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -53,4 +58,68 @@ pub fn connect(server: &ServerProcess, identity: &mut Identity) -> IncubatorClie
         TIMEOUT,
     )
     .expect("incubator connects")
+}
+
+/// The first time-lapse start of the uploaded test dishes (Unix ms).
+pub const START_MS: i64 = 1_760_000_000_000;
+
+/// Adds a user through the command line, as an administrator would (`--password-stdin`).
+pub fn add_user(server: &ServerProcess, name: &str, rights: &str, password: &str) {
+    let mut child = Command::new(esserver_path())
+        .args([
+            "user",
+            "add",
+            name,
+            "--rights",
+            rights,
+            "--password-stdin",
+            "--data",
+        ])
+        .arg(server.data_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("esserver user add runs");
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "user add {name}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// One dish of 3 wells, `cycles` acquisitions at focal plane 0, uploaded and acknowledged.
+pub fn upload_dish(server: &ServerProcess, serial: &str, cycles: u32) -> Workload {
+    let mut identity = identity(serial, "es-plus");
+    let mut client = connect(server, &mut identity);
+    let workload = Workload {
+        serial: serial.into(),
+        model: DeviceModel::EmbryoScopePlus,
+        dishes: 1,
+        wells_per_dish: 3,
+        planes: vec![0],
+        cycles,
+        start_ms: START_MS,
+        interval_ms: 600_000,
+    };
+    sim::register_dishes(&mut client, &workload, TIMEOUT).unwrap();
+    let frames = es_loadtest::frames::generate(4, 7);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (stats, error) = sim::upload(
+        &mut client,
+        &workload,
+        0..workload.len(),
+        &frames,
+        Pacing::Window,
+        deadline,
+    );
+    assert!(
+        error.is_none() && stats.errors.is_empty(),
+        "{error:?} {:?}",
+        stats.errors
+    );
+    assert_eq!(stats.acked, workload.len());
+    workload
 }

@@ -1,0 +1,522 @@
+//! The public API against a real server (HTTPS with the generated certificate, pinned):
+//! REST writes with ETag/If-Match and Idempotency-Key, the change feed and its long poll, a
+//! viewer seeing an EMR's write, rights, API keys, images and time-lapse ZIPs; the original
+//! API walked by a Python client written like the field clients; and the OpenAPI contract
+//! checked by schemathesis against the served description.
+
+mod common;
+
+use es_loadtest::http_client::{HttpClient, HttpResponse};
+use es_loadtest::spawn::ServerProcess;
+use es_loadtest::viewer_client::{Credentials, ViewerClient};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const PASSWORD: &str = "Embryo-2026!";
+
+/// A server with users `emr` (edit) and `reader` (view), a write key and a read key, and one
+/// uploaded dish of 3 embryos with `cycles` acquisitions.
+struct Fixture {
+    server: ServerProcess,
+    dir: tempfile::TempDir,
+    write_key: String,
+    read_key: String,
+}
+
+fn api_key(server: &ServerProcess, name: &str, scope: &str) -> String {
+    let output = Command::new(common::esserver_path())
+        .args([
+            "apikey", "create", "--name", name, "--scope", scope, "--data",
+        ])
+        .arg(server.data_dir())
+        .output()
+        .expect("esserver apikey create runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find(|line| line.starts_with("esk_"))
+        .unwrap_or_else(|| panic!("the key is printed: {stdout}"))
+        .to_string()
+}
+
+fn fixture(serial: &str, cycles: u32) -> Fixture {
+    let (server, dir) = common::spawn(true);
+    common::add_user(&server, "emr", "edit", PASSWORD);
+    common::add_user(&server, "reader", "view", PASSWORD);
+    common::upload_dish(&server, serial, cycles);
+    let write_key = api_key(&server, "EMR bridge", "write");
+    let read_key = api_key(&server, "warehouse", "read");
+    Fixture {
+        server,
+        dir,
+        write_key,
+        read_key,
+    }
+}
+
+fn client(server: &ServerProcess) -> HttpClient {
+    HttpClient::new(
+        server.info.address("public-api"),
+        server.info.client_tls("public-api"),
+        common::TIMEOUT,
+    )
+}
+
+struct Api {
+    http: HttpClient,
+    auth: String,
+}
+
+impl Api {
+    fn new(server: &ServerProcess, key: &str) -> Api {
+        Api {
+            http: client(server),
+            auth: format!("Bearer {key}"),
+        }
+    }
+
+    fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> HttpResponse {
+        let mut all = vec![("authorization", self.auth.as_str())];
+        all.extend_from_slice(headers);
+        let body = body.map(|b| b.to_string());
+        if body.is_some() {
+            all.push(("content-type", "application/json"));
+        }
+        self.http
+            .request(method, path, &all, body.as_deref().map(str::as_bytes))
+            .unwrap_or_else(|error| panic!("{method} {path}: {error}"))
+    }
+
+    fn get(&mut self, path: &str) -> HttpResponse {
+        self.call("GET", path, &[], None)
+    }
+}
+
+fn ok(response: &HttpResponse, status: u16) -> Value {
+    assert_eq!(
+        response.status,
+        status,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    response.json()
+}
+
+fn treatment_path(api: &mut Api) -> (String, String, Vec<String>) {
+    let patients = ok(&api.get("/api/v1/patients"), 200);
+    let patient = &patients["items"][0];
+    let patient_id = patient["patient_id"].as_str().unwrap().to_string();
+    let treatment = patient["treatments"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/api/v1/patients/{patient_id}/treatments/{treatment}");
+    let embryos = ok(&api.get(&format!("{path}/embryos")), 200);
+    let ids = embryos["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["embryo_id"].as_str().unwrap().to_string())
+        .collect();
+    (path, patient_id, ids)
+}
+
+fn last_seq(api: &mut Api) -> u64 {
+    ok(&api.get("/api/v1/changes?limit=1"), 200)["last_seq"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn emr_writes_are_versioned_idempotent_fed_and_pushed_to_viewers() {
+    let fx = fixture("API-1", 3);
+    let mut api = Api::new(&fx.server, &fx.write_key);
+    let (treatment, _patient_id, embryo_ids) = treatment_path(&mut api);
+    assert_eq!(embryo_ids.len(), 3);
+    let embryo_id = embryo_ids[0].clone();
+    let embryo_path = format!("/api/v1/embryos/{embryo_id}");
+
+    // A viewer is logged in and sees every change.
+    let mut viewer = ViewerClient::login(
+        fx.server.info.address("viewer"),
+        &fx.server.info.client_tls("viewer"),
+        &Credentials {
+            user: "reader".into(),
+            password: PASSWORD.into(),
+            computer: "VIEWER-1".into(),
+        },
+        common::TIMEOUT,
+    )
+    .unwrap();
+
+    let embryo = api.get(&embryo_path);
+    assert_eq!(embryo.header("etag"), Some("\"1\""));
+    assert_eq!(ok(&embryo, 200)["fate"], "undecided");
+
+    // A write without If-Match could overwrite a change it never saw: 428.
+    let blind = api.call(
+        "PUT",
+        &format!("{embryo_path}/fate"),
+        &[],
+        Some(json!({"fate": "transfer"})),
+    );
+    assert_eq!(ok(&blind, 428)["code"], "precondition_required");
+
+    // The same Idempotency-Key twice is one change.
+    let before = last_seq(&mut api);
+    let headers = [("if-match", "\"1\""), ("idempotency-key", "fate-E1-0001")];
+    let first = api.call(
+        "PUT",
+        &format!("{embryo_path}/fate"),
+        &headers,
+        Some(json!({"fate": "transfer"})),
+    );
+    assert_eq!(ok(&first, 200)["version"], 2);
+    assert_eq!(first.header("etag"), Some("\"2\""));
+    let retry = api.call(
+        "PUT",
+        &format!("{embryo_path}/fate"),
+        &headers,
+        Some(json!({"fate": "transfer"})),
+    );
+    assert_eq!(ok(&retry, 200)["version"], 2);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    let feed = ok(&api.get(&format!("/api/v1/changes?after={before}")), 200);
+    let embryo_changes: Vec<&Value> = feed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["entity"] == "embryo" && c["id"] == embryo_id.as_str())
+        .collect();
+    assert_eq!(embryo_changes.len(), 1, "{feed}");
+    assert_eq!(embryo_changes[0]["version"], 2);
+    // The same key with another request is refused, and changes nothing.
+    let reused = api.call(
+        "PUT",
+        &format!("{embryo_path}/fate"),
+        &headers,
+        Some(json!({"fate": "avoid"})),
+    );
+    assert_eq!(ok(&reused, 422)["code"], "idempotency_key_reused");
+
+    // A stale ETag gets 412 with the current state and its ETag.
+    let stale = api.call(
+        "PUT",
+        &format!("{embryo_path}/fate"),
+        &[("if-match", "\"1\"")],
+        Some(json!({"fate": "freeze"})),
+    );
+    let body = ok(&stale, 412);
+    assert_eq!(body["code"], "precondition_failed");
+    assert_eq!(body["current"]["version"], 2);
+    assert_eq!(body["current"]["fate"], "transfer");
+    assert_eq!(stale.header("etag"), Some("\"2\""));
+    assert_eq!(ok(&api.get(&embryo_path), 200)["fate"], "transfer");
+
+    // A score, then a transfer and its outcome.
+    let scored = api.call(
+        "PUT",
+        &format!("{embryo_path}/scores/iDAScore"),
+        &[("if-match", "\"2\"")],
+        Some(json!({"value": "8.7", "model_version": "2.0", "viability": "high"})),
+    );
+    assert_eq!(ok(&scored, 200)["scores"][0]["value"], "8.7");
+    let created = api.call(
+        "POST",
+        &format!("{treatment}/transfers"),
+        &[("idempotency-key", "transfer-1")],
+        Some(json!({"transferred_at": "2025-10-14T09:30:00Z", "embryo_ids": [embryo_id], "comment": "SET"})),
+    );
+    let transfer = ok(&created, 201);
+    let location = created.header("location").unwrap().to_string();
+    assert_eq!(
+        location,
+        format!("/api/v1/transfers/{}", transfer["transfer_id"])
+    );
+    let again = api.call(
+        "POST",
+        &format!("{treatment}/transfers"),
+        &[("idempotency-key", "transfer-1")],
+        Some(json!({"transferred_at": "2025-10-14T09:30:00Z", "embryo_ids": [embryo_id], "comment": "SET"})),
+    );
+    assert_eq!(ok(&again, 201)["transfer_id"], transfer["transfer_id"]);
+    let listed = ok(&api.get(&format!("{treatment}/transfers")), 200);
+    assert_eq!(
+        listed["items"].as_array().unwrap().len(),
+        1,
+        "one transfer after a retried POST"
+    );
+
+    let held = last_seq(&mut api);
+    let outcome = api.call(
+        "PUT",
+        &format!("{location}/outcome"),
+        &[("if-match", "\"1\"")],
+        Some(json!({"gestational_sacs": 1, "fetal_heartbeats": 1, "clinical_pregnancy": true, "live_birth": null, "comment": "7w scan"})),
+    );
+    let outcome = ok(&outcome, 200);
+    assert_eq!(outcome["outcome"]["fetal_heartbeats"], 1);
+    assert_eq!(outcome["version"], 2);
+
+    // The change feed returns it after the seq the EMR held ...
+    let feed = ok(&api.get(&format!("/api/v1/changes?after={held}")), 200);
+    let items = feed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{feed}");
+    assert_eq!(items[0]["entity"], "transfer");
+    assert_eq!(items[0]["version"], 2);
+    // ... and the logged-in viewer received it.
+    let transfer_id = transfer["transfer_id"].to_string();
+    viewer.wait_for_change(held + 1).unwrap();
+    assert!(
+        viewer
+            .notices
+            .iter()
+            .any(|n| n.entity == "transfer" && n.id == transfer_id && n.version == 2),
+        "the viewer got the transfer's change"
+    );
+
+    // A long poll waits for the next change and returns it.
+    let now_seq = last_seq(&mut api);
+    let server_api = fx.server.info.address("public-api");
+    let tls = fx.server.info.client_tls("public-api");
+    let key = fx.write_key.clone();
+    let poll = std::thread::spawn(move || {
+        let mut http = HttpClient::new(server_api, tls, Duration::from_secs(60));
+        let auth = format!("Bearer {key}");
+        http.get(
+            &format!("/api/v1/changes?after={now_seq}&wait=30"),
+            &[("authorization", &auth)],
+        )
+        .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let comment = api.call(
+        "PUT",
+        &format!("{treatment}"),
+        &[("if-match", "\"1\"")],
+        Some(json!({"comment": "from the EMR"})),
+    );
+    assert_eq!(ok(&comment, 200)["comment"], "from the EMR");
+    let polled = poll.join().unwrap();
+    let polled = ok(&polled, 200);
+    assert_eq!(polled["items"][0]["entity"], "treatment", "{polled}");
+    assert_eq!(polled["items"][0]["seq"], now_seq + 1);
+
+    // A cursor from the future is refused: the client must resynchronise.
+    let ahead = api.get(&format!("/api/v1/changes?after={}", now_seq + 1000));
+    assert_eq!(ok(&ahead, 410)["code"], "cursor_expired");
+    drop(fx.dir);
+}
+
+#[test]
+fn rights_keys_errors_images_and_zip() {
+    let fx = fixture("API-2", 4);
+    let mut api = Api::new(&fx.server, &fx.write_key);
+    let (_treatment, _, embryo_ids) = treatment_path(&mut api);
+    let embryo_path = format!("/api/v1/embryos/{}", embryo_ids[1]);
+
+    // No credential, a bad one, a revoked key.
+    let mut anonymous = client(&fx.server);
+    let none = anonymous.get("/api/v1/patients", &[]).unwrap();
+    assert_eq!(ok(&none, 401)["code"], "auth_required");
+    let bogus = anonymous
+        .get(
+            "/api/v1/patients",
+            &[("authorization", "Bearer 0123456789abcdef0123456789abcdef")],
+        )
+        .unwrap();
+    assert_eq!(ok(&bogus, 401)["code"], "auth_failed");
+
+    // A read key reads but may not write.
+    let mut reader = Api::new(&fx.server, &fx.read_key);
+    assert_eq!(reader.get(&embryo_path).status, 200);
+    let refused = reader.call(
+        "PUT",
+        &format!("{embryo_path}/fate"),
+        &[("if-match", "\"1\"")],
+        Some(json!({"fate": "avoid"})),
+    );
+    assert_eq!(ok(&refused, 403)["code"], "forbidden");
+    let key_id = &fx.read_key[4..20];
+    let revoke = Command::new(common::esserver_path())
+        .args(["apikey", "revoke", key_id, "--data"])
+        .arg(fx.server.data_dir())
+        .output()
+        .unwrap();
+    assert!(revoke.status.success(), "{revoke:?}");
+    assert_eq!(
+        reader.get(&embryo_path).status,
+        401,
+        "a revoked key stops at once"
+    );
+
+    // A user logs in for a token; a view user may not write.
+    let login = anonymous
+        .request(
+            "POST",
+            "/api/v1/login",
+            &[("content-type", "application/json")],
+            Some(
+                json!({"username": "reader", "password": PASSWORD})
+                    .to_string()
+                    .as_bytes(),
+            ),
+        )
+        .unwrap();
+    let token = ok(&login, 200)["token"].as_str().unwrap().to_string();
+    let mut viewer_user = Api::new(&fx.server, &token);
+    assert_eq!(viewer_user.get(&embryo_path).status, 200);
+    let refused = viewer_user.call(
+        "PUT",
+        &format!("{embryo_path}/fate"),
+        &[("if-match", "\"1\"")],
+        Some(json!({"fate": "avoid"})),
+    );
+    assert_eq!(refused.status, 403);
+    let wrong = anonymous
+        .request(
+            "POST",
+            "/api/v1/login",
+            &[("content-type", "application/json")],
+            Some(
+                json!({"username": "reader", "password": "wrong-Password-1"})
+                    .to_string()
+                    .as_bytes(),
+            ),
+        )
+        .unwrap();
+    assert_eq!(ok(&wrong, 401)["code"], "auth_failed");
+
+    // Errors have one shape with stable codes.
+    let cases: [(&str, &str, Option<&str>, u16, &str); 6] = [
+        ("GET", "/api/v1/embryos/NO-SUCH", None, 404, "not_found"),
+        ("GET", "/api/v1/nothing", None, 404, "not_found"),
+        (
+            "DELETE",
+            "/api/v1/patients",
+            None,
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "PUT",
+            &format!("{embryo_path}/fate"),
+            Some("{not json"),
+            400,
+            "invalid_json",
+        ),
+        (
+            "GET",
+            "/api/v1/patients?limit=0",
+            None,
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/api/v1/changes?wait=3600",
+            None,
+            400,
+            "invalid_parameter",
+        ),
+    ];
+    for (method, path, body, status, code) in cases {
+        let mut headers = vec![("authorization", api.auth.clone())];
+        headers.push(("if-match", "\"1\"".to_string()));
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let response = api
+            .http
+            .request(method, path, &headers, body.map(str::as_bytes))
+            .unwrap();
+        let value = ok(&response, status);
+        assert_eq!(value["code"], code, "{method} {path}");
+        assert!(value["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    // Acquisitions, one image, the time-lapse as a ZIP.
+    let acquisitions = ok(
+        &api.get(&format!("{embryo_path}/acquisitions?limit=2")),
+        200,
+    );
+    let items = acquisitions["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    let next = acquisitions["next_after"].as_str().unwrap();
+    let rest = ok(
+        &api.get(&format!("{embryo_path}/acquisitions?after={next}")),
+        200,
+    );
+    assert_eq!(rest["items"].as_array().unwrap().len(), 2);
+    assert!(rest["next_after"].is_null());
+    let at = items[0]["acquired_at_ms"].as_i64().unwrap();
+    let image = api.get(&format!("{embryo_path}/images/{at}?focal_plane=0"));
+    assert_eq!(image.status, 200);
+    assert_eq!(image.header("content-type"), Some("image/jpeg"));
+    assert_eq!(&image.body[..2], &[0xff, 0xd8]);
+    let zip = api.get(&format!("{embryo_path}/timelapse?focal_plane=0"));
+    assert_eq!(zip.status, 200);
+    assert_eq!(zip.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(zip_entries(&zip.body), 4);
+    let missing = api.get(&format!("{embryo_path}/timelapse?focal_plane=7"));
+    assert_eq!(missing.status, 204, "no images at that plane");
+
+    // Nothing secret reaches the log.
+    let log = common::server_log(&fx.dir);
+    for secret in [PASSWORD, &token, &fx.write_key[20..]] {
+        assert!(!log.contains(secret), "the log holds a secret");
+    }
+}
+
+/// The entry count of a ZIP's end record, after checking its signatures.
+fn zip_entries(bytes: &[u8]) -> u16 {
+    assert_eq!(&bytes[..4], b"PK\x03\x04");
+    let end = &bytes[bytes.len() - 22..];
+    assert_eq!(&end[..4], b"PK\x05\x06");
+    u16::from_le_bytes([end[10], end[11]])
+}
+
+fn python(script: &str, args: &[String]) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new("python3")
+        .arg(root.join("tests/python").join(script))
+        .args(args)
+        .output()
+        .expect("python3 runs (scripts/test.sh installs its packages)");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{stdout}\n{stderr}"
+    );
+    stdout
+}
+
+#[test]
+fn the_original_api_walk_of_a_field_client() {
+    let fx = fixture("API-3", 3);
+    let address = fx.server.info.address("public-api");
+    let stdout = python(
+        "api_compat_walk.py",
+        &[
+            "--base".into(),
+            format!("https://{address}"),
+            "--user".into(),
+            "emr".into(),
+            "--password".into(),
+            PASSWORD.into(),
+        ],
+    );
+    assert!(stdout.contains("PASS: all checks passed"), "{stdout}");
+}
