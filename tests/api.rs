@@ -305,7 +305,7 @@ fn emr_writes_are_versioned_idempotent_fed_and_pushed_to_viewers() {
     std::thread::sleep(Duration::from_millis(300));
     let comment = api.call(
         "PUT",
-        &format!("{treatment}"),
+        &treatment,
         &[("if-match", "\"1\"")],
         Some(json!({"comment": "from the EMR"})),
     );

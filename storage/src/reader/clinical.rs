@@ -58,6 +58,16 @@ impl Reader {
         Ok(out)
     }
 
+    /// One patient by the server's key for it (the original API's `PatientIDx`).
+    pub fn patient_of_key(&self, patient_key: u64) -> Result<Option<PatientRecord>, StorageError> {
+        let patients = self.txn.open_table(tables::PATIENTS)?;
+        if patients.get(patient_key)?.is_none() {
+            return Ok(None);
+        }
+        drop(patients);
+        self.patient_by_key(patient_key).map(Some)
+    }
+
     fn patient_by_key(&self, patient_key: u64) -> Result<PatientRecord, StorageError> {
         let patients = self.txn.open_table(tables::PATIENTS)?;
         let row: PatientRow = get_row(&patients, patient_key, "patient")?;
