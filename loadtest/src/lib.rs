@@ -8,6 +8,7 @@
 //! the reports. The `loadtest` binary drives it; the server's integration tests reuse the
 //! client and the simulator.
 
+pub mod api_bench;
 pub mod bench;
 pub mod client;
 pub mod disk;

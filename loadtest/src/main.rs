@@ -28,6 +28,9 @@ enum Command {
     /// Viewer benchmark: 4 viewers (frame fetch, dish overview, annotation save, change push,
     /// playback) while simulated high-capacity incubators upload at a multiple of nominal.
     ViewerBench(ViewerArgs),
+    /// Public API benchmark: EMR clients (patient list, embryo data, one image, change feed)
+    /// over HTTPS while simulated high-capacity incubators upload at a multiple of nominal.
+    ApiBench(ApiArgs),
     /// The disk's own limit alone: write + fsync of 30 KB records in batches.
     DiskLimit {
         /// Directory on the filesystem to measure (default: the system temporary directory).
@@ -99,6 +102,33 @@ struct ViewerArgs {
     json: Option<PathBuf>,
 }
 
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// Simulated EMR clients.
+    #[arg(long, default_value_t = 4)]
+    clients: u32,
+    /// Calls per second of each client (field clients send up to 10).
+    #[arg(long, default_value_t = 10.0)]
+    calls_per_s: f64,
+    /// Simulated EmbryoScope+ incubators in the background (8: a full high-capacity site).
+    #[arg(long, default_value_t = 8)]
+    incubators: u32,
+    /// Their rate as a multiple of nominal (4.4 images/s each).
+    #[arg(long, default_value_t = 100.0)]
+    multiple: f64,
+    /// Acquisitions of each seeded embryo.
+    #[arg(long, default_value_t = 1000)]
+    seed_cycles: u32,
+    #[arg(long, default_value_t = 15)]
+    duration_s: u64,
+    #[arg(long)]
+    esserver: Option<PathBuf>,
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(serde::Serialize)]
 struct ModeReport {
     incubator_tls: bool,
@@ -120,6 +150,14 @@ fn main() -> ExitCode {
             }
         },
         Command::ViewerBench(args) => match viewer_bench(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(2),
+            Err(message) => {
+                eprintln!("loadtest: {message}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::ApiBench(args) => match api_bench(args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(2),
             Err(message) => {
@@ -403,15 +441,29 @@ fn print_report(reports: &[ModeReport]) {
     }
 }
 
-/// Runs the viewer benchmark; true when every target passed.
-fn viewer_bench(args: ViewerArgs) -> Result<bool, String> {
-    use es_loadtest::viewer_bench::{self as vb, ViewerBenchOptions};
-    let scratch_root = args.scratch.clone().unwrap_or_else(std::env::temp_dir);
-    let rate = DeviceModel::EmbryoScopePlus.spec().images_per_second()
-        * args.incubators as f64
-        * args.multiple;
+/// A spawned server on a scratch directory, for the viewer and API benchmarks. Checks free
+/// space first (about 3 x the bytes the run writes: `rate` images/s for `duration_s` plus the
+/// seed), and seeds `seed_cycles` acquisitions of `viewer_bench::SEED_WELLS` embryos.
+struct BenchServer {
+    scratch: tempfile::TempDir,
+    server: ServerProcess,
+    esserver: PathBuf,
+    frames: Arc<Vec<bytes::Bytes>>,
+    embryos: Vec<String>,
+}
+
+fn bench_server(
+    prefix: &str,
+    scratch: Option<PathBuf>,
+    esserver: Option<PathBuf>,
+    rate: f64,
+    duration_s: u64,
+    seed_cycles: u32,
+) -> Result<BenchServer, String> {
+    use es_loadtest::viewer_bench as vb;
+    let scratch_root = scratch.unwrap_or_else(std::env::temp_dir);
     let frame_bytes_typical = 32_000.0;
-    let needed = ((rate * args.duration_s as f64 + (args.seed_cycles * vb::SEED_WELLS) as f64)
+    let needed = ((rate * duration_s as f64 + (seed_cycles * vb::SEED_WELLS) as f64)
         * frame_bytes_typical
         * 3.0) as u64;
     let free =
@@ -425,29 +477,104 @@ fn viewer_bench(args: ViewerArgs) -> Result<bool, String> {
         ));
     }
     let scratch = tempfile::Builder::new()
-        .prefix("esserver-viewer-bench-")
+        .prefix(prefix)
         .tempdir_in(&scratch_root)
         .map_err(|e| e.to_string())?;
-    let esserver = args.esserver.clone().unwrap_or_else(find_esserver);
+    let esserver = esserver.unwrap_or_else(find_esserver);
     let mut options = SpawnOptions::new(esserver.clone(), scratch.path().join("data"));
     options.log_level = "warn".into();
     options.log_file = Some(scratch.path().join("server.log"));
-    let mut server = ServerProcess::spawn(options)
+    let server = ServerProcess::spawn(options)
         .map_err(|e| format!("cannot start {}: {e}", esserver.display()))?;
+    eprintln!("generating frames...");
+    let frames = Arc::new(es_loadtest::frames::generate(16, 3));
+    eprintln!(
+        "seeding {} embryos of {} acquisitions...",
+        vb::SEED_WELLS,
+        seed_cycles
+    );
+    let embryos = vb::seed(&server, &frames, seed_cycles)?;
+    Ok(BenchServer {
+        scratch,
+        server,
+        esserver,
+        frames,
+        embryos,
+    })
+}
+
+/// Prints the operations' figures.
+fn report_operations(operations: &[es_loadtest::viewer_bench::Operation]) {
+    println!();
+    println!(
+        "{:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "operation", "per s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
+    );
+    for op in operations {
+        let l = &op.latency;
+        println!(
+            "{:<24} {:>8.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+            op.name,
+            op.per_s,
+            l.p50_us as f64 / 1000.0,
+            l.p99_us as f64 / 1000.0,
+            l.p999_us as f64 / 1000.0,
+            l.max_us as f64 / 1000.0,
+            op.errors
+        );
+    }
+}
+
+fn check_targets(operations: &[es_loadtest::viewer_bench::Operation]) -> bool {
+    let mut all_pass = true;
+    for op in operations {
+        if let Some(target) = es_perf::targets::target(&op.name) {
+            for check in es_perf::targets::evaluate(target, &op.latency, op.per_s) {
+                all_pass &= check.pass;
+                println!("  {check}");
+            }
+        }
+    }
+    all_pass
+}
+
+fn report_background(rate: f64, inc: &IngestResult, rss: Option<u64>) {
+    println!(
+        "background incubators: offered {:.0}/s, achieved {:.0}/s, ack p50 {:.2} ms p99 {:.2} ms, errors {:?} {:?}",
+        rate, inc.images_per_s, inc.ack_latency.p50_us as f64 / 1000.0, inc.ack_latency.p99_us as f64 / 1000.0,
+        inc.errors, inc.connection_errors
+    );
+    if let Some(rss) = rss {
+        println!("server peak RSS: {:.0} MB", rss as f64 / 1e6);
+    }
+}
+
+/// Runs the viewer benchmark; true when every target passed.
+fn viewer_bench(args: ViewerArgs) -> Result<bool, String> {
+    use es_loadtest::viewer_bench::{self as vb, ViewerBenchOptions};
+    let rate = DeviceModel::EmbryoScopePlus.spec().images_per_second()
+        * args.incubators as f64
+        * args.multiple;
+    let BenchServer {
+        scratch,
+        mut server,
+        esserver,
+        frames,
+        embryos,
+    } = bench_server(
+        "esserver-viewer-bench-",
+        args.scratch.clone(),
+        args.esserver.clone(),
+        rate,
+        args.duration_s,
+        args.seed_cycles,
+    )?;
     let users: Vec<String> = (0..args.viewers.max(1))
         .map(|n| format!("bench{n}"))
         .collect();
     for user in &users {
         add_user(&esserver, server.data_dir(), user)?;
     }
-    eprintln!("generating frames...");
-    let frames = Arc::new(es_loadtest::frames::generate(16, 3));
-    eprintln!(
-        "seeding {} embryos of {} acquisitions...",
-        vb::SEED_WELLS,
-        args.seed_cycles
-    );
-    let embryos = vb::seed(&server, &frames, args.seed_cycles)?;
     eprintln!(
         "running {} s: {} viewers, {} incubators at {:.0} images/s ({} x nominal)",
         args.duration_s, args.viewers, args.incubators, rate, args.multiple
@@ -466,51 +593,18 @@ fn viewer_bench(args: ViewerArgs) -> Result<bool, String> {
     if code != Some(0) {
         eprintln!("warning: the server exited with {code:?}");
     }
-    println!();
-    println!(
-        "{:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}",
-        "operation", "per s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
-    );
-    for op in &result.operations {
-        let l = &op.latency;
-        println!(
-            "{:<24} {:>8.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
-            op.name,
-            op.per_s,
-            l.p50_us as f64 / 1000.0,
-            l.p99_us as f64 / 1000.0,
-            l.p999_us as f64 / 1000.0,
-            l.max_us as f64 / 1000.0,
-            op.errors
-        );
-    }
+    report_operations(&result.operations);
     println!(
         "{:<24} {:>8.0} frames/s to one viewer ({} frames)",
         "viewer_playback", result.playback_frames_per_s, result.playback_frames
     );
-    let inc = &result.incubators_result;
-    println!(
-        "background incubators: offered {:.0}/s, achieved {:.0}/s, ack p50 {:.2} ms p99 {:.2} ms, errors {:?} {:?}",
-        rate, inc.images_per_s, inc.ack_latency.p50_us as f64 / 1000.0, inc.ack_latency.p99_us as f64 / 1000.0,
-        inc.errors, inc.connection_errors
-    );
-    if let Some(rss) = rss {
-        println!("server peak RSS: {:.0} MB", rss as f64 / 1e6);
-    }
+    report_background(rate, &result.incubators_result, rss);
     if !result.errors.is_empty() {
         println!("viewer errors: {:?}", result.errors);
     }
     println!();
     println!("targets (es-perf):");
-    let mut all_pass = result.errors.is_empty();
-    for op in &result.operations {
-        if let Some(target) = es_perf::targets::target(&op.name) {
-            for check in es_perf::targets::evaluate(target, &op.latency, op.per_s) {
-                all_pass &= check.pass;
-                println!("  {check}");
-            }
-        }
-    }
+    let mut all_pass = result.errors.is_empty() & check_targets(&result.operations);
     if let Some(target) = es_perf::targets::target("viewer_playback") {
         let empty = es_perf::latency::LatencyRecorder::new().summary();
         for check in es_perf::targets::evaluate(target, &empty, result.playback_frames_per_s) {
@@ -525,6 +619,88 @@ fn viewer_bench(args: ViewerArgs) -> Result<bool, String> {
     drop(server);
     drop(scratch);
     Ok(all_pass)
+}
+
+/// Runs the public API benchmark; true when every target passed.
+fn api_bench(args: ApiArgs) -> Result<bool, String> {
+    use es_loadtest::api_bench::{self as ab, ApiBenchOptions};
+    let rate = DeviceModel::EmbryoScopePlus.spec().images_per_second()
+        * args.incubators as f64
+        * args.multiple;
+    let BenchServer {
+        scratch,
+        mut server,
+        esserver,
+        frames,
+        embryos,
+    } = bench_server(
+        "esserver-api-bench-",
+        args.scratch.clone(),
+        args.esserver.clone(),
+        rate,
+        args.duration_s,
+        args.seed_cycles,
+    )?;
+    let key = create_api_key(&esserver, server.data_dir())?;
+    eprintln!(
+        "running {} s: {} API clients at {} calls/s, {} incubators at {:.0} images/s ({} x nominal)",
+        args.duration_s, args.clients, args.calls_per_s, args.incubators, rate, args.multiple
+    );
+    let options = ApiBenchOptions {
+        clients: args.clients,
+        incubator_rate: rate,
+        incubators: args.incubators,
+        duration: Duration::from_secs(args.duration_s),
+        calls_per_s: args.calls_per_s,
+        frames,
+        key,
+    };
+    let result = ab::run(&server, &options, &embryos);
+    let rss = bench::peak_rss_bytes(server.pid());
+    let code = server.terminate(Duration::from_secs(30));
+    if code != Some(0) {
+        eprintln!("warning: the server exited with {code:?}");
+    }
+    report_operations(&result.operations);
+    report_background(rate, &result.incubators_result, rss);
+    if !result.errors.is_empty() {
+        println!("API client errors: {:?}", result.errors);
+    }
+    println!();
+    println!("targets (es-perf):");
+    let all_pass = result.errors.is_empty() & check_targets(&result.operations);
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&result).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    drop(server);
+    drop(scratch);
+    Ok(all_pass)
+}
+
+/// `esserver apikey create --scope read`; returns the key.
+fn create_api_key(
+    esserver: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> Result<String, String> {
+    let output = std::process::Command::new(esserver)
+        .args([
+            "apikey", "create", "--name", "bench", "--scope", "read", "--data",
+        ])
+        .arg(data_dir)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", esserver.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find(|line| line.starts_with("esk_"))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            format!(
+                "apikey create printed no key: {stdout} {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
 }
 
 fn add_user(

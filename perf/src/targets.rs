@@ -104,6 +104,23 @@ pub const TARGETS: &[Target] = &[
         p999_ms_max: None,
         throughput_per_s_min: None,
     },
+    // The public API issue's targets, with the high-capacity incubators at 100 x nominal: a
+    // JSON GET (patient list, embryo data, change feed) until its whole answer arrives ...
+    Target {
+        operation: "api_get",
+        p50_ms_max: None,
+        p99_ms_max: Some(20.0),
+        p999_ms_max: None,
+        throughput_per_s_min: None,
+    },
+    // ... and one image (JPEG) until its bytes arrive.
+    Target {
+        operation: "api_image",
+        p50_ms_max: None,
+        p99_ms_max: Some(20.0),
+        p999_ms_max: None,
+        throughput_per_s_min: None,
+    },
 ];
 
 /// The target of `operation`, if there is one.
