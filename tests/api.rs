@@ -386,13 +386,24 @@ fn rights_keys_errors_images_and_zip() {
         Some(json!({"fate": "avoid"})),
     );
     assert_eq!(refused.status, 403);
+    let disable = Command::new(common::esserver_path())
+        .args(["user", "disable", "reader", "--data"])
+        .arg(fx.server.data_dir())
+        .output()
+        .unwrap();
+    assert!(disable.status.success(), "{disable:?}");
+    assert_eq!(
+        viewer_user.get(&embryo_path).status,
+        401,
+        "a disabled user's token stops at once"
+    );
     let wrong = anonymous
         .request(
             "POST",
             "/api/v1/login",
             &[("content-type", "application/json")],
             Some(
-                json!({"username": "reader", "password": "wrong-Password-1"})
+                json!({"username": "emr", "password": "wrong-Password-1"})
                     .to_string()
                     .as_bytes(),
             ),

@@ -3,7 +3,8 @@
 //!
 //! A token is 32 hex characters (the original's form), valid while used at least once per
 //! [`TOKEN_IDLE`] and for [`TOKEN_LIFETIME`] at most; then the client gets 401 and logs in
-//! again. Tokens live in memory only: a restart logs every API client out. An API key is
+//! again. Tokens live in memory only: a restart logs every API client out. Each use checks
+//! the account in the store, so disabling a user ends its tokens at once. An API key is
 //! checked against the SHA-256 of its secret in the store on every request, so a revoked
 //! key stops working at once.
 
@@ -123,11 +124,6 @@ impl Tokens {
         self.map.lock().remove(token).is_some()
     }
 
-    /// Drops every token of `user` (disabled, password changed).
-    pub fn revoke_user(&self, user: &str) {
-        self.map.lock().retain(|_, entry| entry.user != user);
-    }
-
     pub fn len(&self) -> usize {
         self.map.lock().len()
     }
@@ -229,7 +225,20 @@ pub fn authenticate(
     if credential.starts_with(KEY_PREFIX) {
         return check_api_key(store, credential);
     }
-    let (user, rights) = tokens.check(credential, now).ok_or(Refused::Invalid)?;
+    let (user, _) = tokens.check(credential, now).ok_or(Refused::Invalid)?;
+    // The account as it is now: a disabled or removed user's tokens stop at once, and
+    // changed rights apply from the next request.
+    let record = store
+        .read()
+        .and_then(|reader| reader.user(&user))
+        .map_err(|error| Refused::Unavailable(error.to_string()))?;
+    let rights = match record {
+        Some(record) if !record.disabled => record.rights,
+        _ => {
+            tokens.revoke(credential);
+            return Err(Refused::Invalid);
+        }
+    };
     Ok(Principal {
         id: format!("user:{user}"),
         actor_user: user,
@@ -259,7 +268,7 @@ mod tests {
         let idle = tokens.issue("bo", Rights::View, t0).unwrap();
         assert!(tokens.check(&idle, t0 + TOKEN_IDLE).is_none());
         let other = tokens.issue("cy", Rights::View, t0).unwrap();
-        tokens.revoke_user("cy");
+        assert!(tokens.revoke(&other));
         assert!(tokens.check(&other, t0).is_none());
     }
 
