@@ -12,7 +12,7 @@ use es_loadtest::viewer_client::{Credentials, ViewerClient};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const PASSWORD: &str = "Embryo-2026!";
 
@@ -530,4 +530,47 @@ fn the_original_api_walk_of_a_field_client() {
         ],
     );
     assert!(stdout.contains("PASS: all checks passed"), "{stdout}");
+}
+
+/// Raw bytes on one connection: pipelined requests are answered in order; a body over the
+/// limit is refused from its declared length and the connection closed; smuggling-shaped
+/// framing is refused; the server keeps serving.
+#[test]
+fn pipelining_limits_and_malformed_requests() {
+    use es_net::client::ClientConn;
+    let (server, _dir) = common::spawn(true);
+    let address = server.info.address("public-api");
+    let tls = server.info.client_tls("public-api");
+    let exchange = |bytes: &[u8]| -> String {
+        let mut conn = ClientConn::connect(address, &tls, common::TIMEOUT).unwrap();
+        conn.queue(bytes);
+        let deadline = Instant::now() + common::TIMEOUT;
+        while !conn.is_eof() && Instant::now() < deadline {
+            conn.pump(deadline).unwrap();
+        }
+        String::from_utf8_lossy(conn.input()).to_string()
+    };
+    let two = exchange(
+        b"GET /api/v1/openapi.json HTTP/1.1\r\nhost: x\r\n\r\nGET /api/v1/patients HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    let first = two.find("HTTP/1.1 200").expect("the first answer");
+    let second = two.find("HTTP/1.1 401").expect("the second answer");
+    assert!(first < second, "answers in request order");
+
+    let big =
+        exchange(b"POST /api/v1/login HTTP/1.1\r\nhost: x\r\ncontent-length: 99999999\r\n\r\n");
+    assert!(big.starts_with("HTTP/1.1 413"), "{big}");
+    assert!(big.contains("body_too_large"));
+    let smuggled = exchange(
+        b"POST /api/v1/login HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    );
+    assert!(smuggled.starts_with("HTTP/1.1 400"), "{smuggled}");
+    let garbage = exchange(b"\x16\x03\x01 not http at all\r\n\r\n");
+    assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+    let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(10_000));
+    assert!(exchange(long.as_bytes()).starts_with("HTTP/1.1 414"));
+
+    // Still serving.
+    let mut http = client(&server);
+    assert_eq!(http.get("/api/v1/openapi.json", &[]).unwrap().status, 200);
 }
