@@ -361,10 +361,10 @@ impl ApiSession {
 
     /// Writes a complete response and makes the connection ready for the next request.
     fn finish(&mut self, response: Response, io: &mut SessionIo<'_>) {
+        self.state = State::Idle;
         let Some(exchange) = self.exchange.take() else {
             return;
         };
-        self.state = State::Idle;
         let keep_alive = exchange.keep_alive && !self.stopping && !self.peer_gone;
         let mut headers: Vec<(&str, &str)> = response
             .headers
@@ -821,6 +821,12 @@ impl Session for ApiSession {
     }
 
     fn on_peer_closed(&mut self, io: &mut SessionIo<'_>) {
+        if matches!(self.state, State::Waiting { .. }) {
+            // Nobody is left to hear the long poll's answer.
+            self.shared.waiters.leave(self.handle.id());
+            io.close(CloseReason::PeerClosed);
+            return;
+        }
         if self.waits_on_server() || io.unread_input_bytes() > 0 {
             self.peer_gone = true;
         } else {
