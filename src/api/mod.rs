@@ -27,6 +27,7 @@ use es_storage::{Frame, Rights, StorageError, Store, WriteError, WriteOutcome, W
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -190,10 +191,14 @@ impl Drop for Fallback<'_> {
 #[derive(Default)]
 pub struct WaitHub {
     members: Mutex<HashMap<u64, ConnHandle<ApiMsg>>>,
+    /// The newest change seq committed. Set before the members are woken, so a session that
+    /// joins and then finds it beyond its cursor missed no wake-up.
+    last_seq: AtomicU64,
 }
 
 impl WaitHub {
-    fn committed(&self) {
+    fn committed(&self, seq: u64) {
+        self.last_seq.fetch_max(seq, Ordering::AcqRel);
         for handle in self.members.lock().values() {
             // A full loop queue: the waiter answers at its deadline or next commit.
             handle.try_send(ApiMsg::ChangesCommitted);
@@ -246,9 +251,12 @@ impl ApiService {
             waiters: WaitHub::default(),
         });
         let weak = Arc::downgrade(&shared);
-        store.on_commit(Box::new(move |_| {
+        if let Ok(seq) = store.read().and_then(|reader| reader.last_change_seq()) {
+            shared.waiters.last_seq.store(seq, Ordering::Release);
+        }
+        store.on_commit(Box::new(move |seq| {
             if let Some(shared) = weak.upgrade() {
-                shared.waiters.committed();
+                shared.waiters.committed(seq);
             }
         }));
         ApiService { shared }
@@ -465,8 +473,12 @@ impl ApiSession {
                 limit,
                 until,
             } => {
-                if self.stopping || !self.shared.waiters.join(self.handle.clone()) {
-                    // Answer at once with nothing new: the client simply asks again.
+                if self.stopping
+                    || !self.shared.waiters.join(self.handle.clone())
+                    || self.shared.waiters.last_seq.load(Ordering::Acquire) > after
+                {
+                    // Stopping, too many waiters (the client gets nothing new and asks
+                    // again), or a change committed since the worker looked: answer now.
                     self.read_changes(after, limit, io);
                     return;
                 }
