@@ -483,8 +483,14 @@ fn rights_keys_errors_images_and_zip() {
     let missing = api.get(&format!("{embryo_path}/timelapse?focal_plane=7"));
     assert_eq!(missing.status, 204, "no images at that plane");
 
-    // Nothing secret reaches the log.
+    // Every request is logged with who made it; nothing secret reaches the log.
     let log = common::server_log(&fx.dir);
+    let key_id = &fx.write_key[4..20];
+    assert!(
+        log.lines()
+            .any(|l| l.contains("public API request") && l.contains(&format!("key:{key_id}"))),
+        "requests are logged with their key"
+    );
     for secret in [PASSWORD, &token, &fx.write_key[20..]] {
         assert!(!log.contains(secret), "the log holds a secret");
     }

@@ -135,6 +135,8 @@ pub enum Render {
 
 /// Messages delivered to an API connection from other threads.
 pub enum ApiMsg {
+    /// Who made the request being answered (an API key or a user), for the request log.
+    Caller(String),
     Step(Step),
     /// A write is durable or refused.
     Written {
@@ -295,6 +297,8 @@ struct Exchange {
     head_only: bool,
     http10: bool,
     started: Instant,
+    /// `key:<id>` or `user:<name>` once authenticated.
+    caller: Option<String>,
 }
 
 struct ZipState {
@@ -349,6 +353,7 @@ impl ApiSession {
             head_only: request.method == "HEAD",
             http10: request.minor_version == 0,
             started: io.now(),
+            caller: None,
         });
         self.state = State::Working;
         let shared = self.shared.clone();
@@ -356,8 +361,13 @@ impl ApiSession {
         let peer = self.peer;
         let job = Box::new(move || {
             let fallback = Fallback::new(&handle);
-            let step = routes::handle(&shared, &request, peer, &handle);
+            let mut caller = None;
+            let step = routes::handle(&shared, &request, peer, &handle, &mut caller);
             fallback.disarm();
+            if let Some(caller) = caller {
+                // Delivered before the answer: messages to a connection keep their order.
+                handle.send(ApiMsg::Caller(caller));
+            }
             if !matches!(step, Step::Submitted) {
                 handle.send(ApiMsg::Step(step));
             }
@@ -398,12 +408,15 @@ impl ApiSession {
         }
     }
 
+    /// One line per request: who, what, the answer. The path only: never the query string
+    /// (the original's `/LOGIN` carries the password there) nor any credential.
     fn log(&self, exchange: &Exchange, status: u16, now: Instant) {
         let ms = now.saturating_duration_since(exchange.started).as_millis() as u64;
+        let caller = exchange.caller.as_deref().unwrap_or("-");
         if status >= 500 {
-            tracing::warn!(peer = %self.peer, method = %exchange.method, path = %exchange.path, status, ms, "public API request");
+            tracing::warn!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "public API request");
         } else {
-            tracing::debug!(peer = %self.peer, method = %exchange.method, path = %exchange.path, status, ms, "public API request");
+            tracing::info!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "public API request");
         }
     }
 
@@ -784,6 +797,12 @@ impl Session for ApiSession {
 
     fn on_message(&mut self, message: ApiMsg, io: &mut SessionIo<'_>) {
         match message {
+            ApiMsg::Caller(caller) => {
+                if let Some(exchange) = &mut self.exchange {
+                    exchange.caller = Some(caller);
+                }
+                return;
+            }
             ApiMsg::Step(step) => {
                 self.pending = self.pending.saturating_sub(1);
                 self.on_step(step, io);

@@ -37,13 +37,16 @@ fn refuse(status: u16, code: &str, message: impl Into<String>) -> Refusal {
     Box::new(Response::error(status, code, message))
 }
 
+/// Handles one request on a worker; `caller` is set to who made it once that is known (the
+/// key or user, for the request log).
 pub(super) fn handle(
     shared: &ApiShared,
     request: &Request,
     peer: SocketAddr,
     handle: &ConnHandle<ApiMsg>,
+    caller: &mut Option<String>,
 ) -> Step {
-    match route(shared, request, peer, handle) {
+    match route(shared, request, peer, handle, caller) {
         Ok(step) => step,
         Err(response) => Step::Respond(*response),
     }
@@ -54,6 +57,7 @@ fn route(
     request: &Request,
     peer: SocketAddr,
     handle: &ConnHandle<ApiMsg>,
+    caller: &mut Option<String>,
 ) -> Result<Step, Refusal> {
     let segments: Vec<&str> = request.segments.iter().map(String::as_str).collect();
     let method = request.method.as_str();
@@ -74,6 +78,7 @@ fn route(
         }
         ["api", "v1", "login"] if method == "POST" => {
             let body: LoginBody = json_body(request)?;
+            *caller = Some(format!("login:{}", body.username));
             return start_login(shared, &body.username, &body.password, false, peer, handle);
         }
         ["api", "v1", "openapi.json"] => return Err(method_not_allowed("GET, HEAD")),
@@ -88,6 +93,7 @@ fn route(
         }
     }
     let principal = authenticate(shared, request)?;
+    *caller = Some(principal.id.clone());
     let at = &segments[2..];
     match (method, at) {
         ("POST", ["logout"]) => {
