@@ -4,12 +4,13 @@
 //! parameter names are matched without regard to case, as the original did. Every call and
 //! field is listed in `docs/api-compat.md`.
 
-use super::routes::{self, focal_plane_param, jpeg_response, treatment_embryos};
+use super::routes::{self, focal_plane_param, jpeg_response};
 use super::{auth, ApiMsg, ApiShared, Response, Step, ZipPlan};
 use crate::civil::{legacy_date, legacy_time};
 use es_net::http::Request;
 use es_net::ConnHandle;
-use es_storage::{EmbryoRecord, Fate, PatientRecord, Reader, StorageError};
+use es_storage::limits::READ_ROWS_MAX;
+use es_storage::{AcquisitionRecord, EmbryoRecord, Fate, PatientRecord, Reader, StorageError};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 
@@ -75,6 +76,16 @@ pub(super) fn call(shared: &ApiShared, request: &Request, name: &str) -> Result<
         let embryo_id = need("EmbryoID")?;
         let focal_plane = focal_plane_param(param("focalPlane"))
             .map_err(|_| bad("focalPlane must be a whole number"))?;
+        // The stream would answer an unknown embryo with 404; the original answers 400.
+        let known = shared
+            .store
+            .read()
+            .and_then(|reader| reader.acquisitions(embryo_id, None, 1))
+            .map_err(storage)?
+            .is_some();
+        if !known {
+            return Err(bad(format!("embryo {embryo_id} is unknown")));
+        }
         // ImageOverlay is accepted; images are always sent as stored (see api-compat.md).
         return Ok(Step::Zip(ZipPlan {
             embryo_id: embryo_id.to_string(),
@@ -93,17 +104,21 @@ pub(super) fn call(shared: &ApiShared, request: &Request, name: &str) -> Result<
         }
         "embryoid" => {
             let embryos = embryos_of(&reader, need("PatientIDx")?, need("TreatmentName")?)?;
-            let ids: Vec<&str> = embryos.iter().map(|e| e.embryo_id.as_str()).collect();
+            let ids: Vec<&str> = embryos.iter().map(|(e, _)| e.embryo_id.as_str()).collect();
             json!({ "EmbryoIDs": ids })
         }
         "embryodata" => {
             let embryos = embryos_of(&reader, need("PatientIDx")?, need("TreatmentName")?)?;
-            let list: Vec<Value> = embryos.iter().map(embryo_data).collect();
+            let list: Vec<Value> = embryos
+                .iter()
+                .map(|(e, slot)| embryo_data(e, *slot))
+                .collect();
             json!({ "EmbryoDataList": list })
         }
         "embryodetails" => {
             let embryo = embryo_of(&reader, need("EmbryoID")?)?;
-            json!({ "EmbryoID": embryo.embryo_id, "EmbryoDetails": details(&embryo) })
+            let slot = slot_of(&reader, &embryo)?;
+            json!({ "EmbryoID": embryo.embryo_id, "EmbryoDetails": details(&embryo, slot) })
         }
         "embryofate" => {
             let embryo = embryo_of(&reader, need("EmbryoID")?)?;
@@ -122,8 +137,7 @@ pub(super) fn call(shared: &ApiShared, request: &Request, name: &str) -> Result<
         }
         "imageruns" => {
             let embryo_id = need("EmbryoID")?;
-            let acquisitions = reader
-                .acquisitions(embryo_id, None, u32::MAX)
+            let acquisitions = all_acquisitions(&reader, embryo_id)
                 .map_err(storage)?
                 .ok_or_else(|| bad(format!("embryo {embryo_id} is unknown")))?;
             let runs: Vec<Value> = acquisitions
@@ -140,7 +154,23 @@ pub(super) fn call(shared: &ApiShared, request: &Request, name: &str) -> Result<
             json!({ "EmbryoID": embryo_id, "ImageRuns": runs })
         }
         "idascore" => {
-            let embryos = embryos_of(&reader, need("PatientIDx")?, need("TreatmentName")?)?;
+            // The scores of a treatment's embryos, or of one embryo.
+            let embryos = match param("EmbryoID") {
+                Some(embryo_id) => vec![embryo_of(&reader, embryo_id)?],
+                None => {
+                    let (Some(patient_idx), Some(treatment)) =
+                        (param("PatientIDx"), param("TreatmentName"))
+                    else {
+                        return Err(bad(
+                            "idascore needs PatientIDx and TreatmentName, or EmbryoID",
+                        ));
+                    };
+                    embryos_of(&reader, patient_idx, treatment)?
+                        .into_iter()
+                        .map(|(e, _)| e)
+                        .collect()
+                }
+            };
             let scores: Vec<Value> = embryos
                 .iter()
                 .filter_map(|e| {
@@ -190,11 +220,10 @@ pub(super) fn call(shared: &ApiShared, request: &Request, name: &str) -> Result<
                 .ok_or_else(|| bad("ImageRun is a run number from 1"))?;
             let focal_plane = focal_plane_param(param("focalPlane"))
                 .map_err(|_| bad("focalPlane must be a whole number"))?;
-            let acquisitions = reader
-                .acquisitions(embryo_id, None, u32::try_from(run).unwrap_or(u32::MAX))
+            let acquisition = nth_acquisition(&reader, embryo_id, run)
                 .map_err(storage)?
                 .ok_or_else(|| bad(format!("embryo {embryo_id} is unknown")))?;
-            let Some(acquisition) = acquisitions.get(run - 1) else {
+            let Some(acquisition) = acquisition else {
                 return Ok(Step::Respond(no_content()));
             };
             let jpeg = reader
@@ -272,19 +301,82 @@ fn patient_of(reader: &Reader, patient_idx: &str) -> Result<PatientRecord, Refus
         .ok_or_else(|| bad(format!("patient {key} is unknown")))
 }
 
+/// The embryos of a treatment by dish and well, each with the slot of its dish.
 fn embryos_of(
     reader: &Reader,
     patient_idx: &str,
     treatment: &str,
-) -> Result<Vec<EmbryoRecord>, Refusal> {
+) -> Result<Vec<(EmbryoRecord, u32)>, Refusal> {
     let patient = patient_of(reader, patient_idx)?;
-    treatment_embryos(reader, &patient.patient_id, treatment)
+    let dishes = reader
+        .treatment_dishes(&patient.patient_id, treatment)
         .map_err(storage)?
         .ok_or_else(|| {
             bad(format!(
                 "treatment {treatment} of patient {patient_idx} is unknown"
             ))
-        })
+        })?;
+    let mut embryos = Vec::new();
+    for dish in &dishes {
+        for (_, embryo_id) in &dish.wells {
+            if let Some(embryo) = reader.embryo(embryo_id).map_err(storage)? {
+                embryos.push((embryo, dish.slot));
+            }
+        }
+    }
+    Ok(embryos)
+}
+
+/// The slot of the instrument the embryo's dish is in (1-based; 0 when unknown).
+fn slot_of(reader: &Reader, e: &EmbryoRecord) -> Result<u32, Refusal> {
+    Ok(reader
+        .dish(e.dish_key)
+        .map_err(storage)?
+        .map_or(0, |dish| dish.slot))
+}
+
+/// Every acquisition of an embryo, ascending (read in pages); None if the embryo is unknown.
+fn all_acquisitions(
+    reader: &Reader,
+    embryo_id: &str,
+) -> Result<Option<Vec<AcquisitionRecord>>, StorageError> {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let Some(page) = reader.acquisitions(embryo_id, after, READ_ROWS_MAX)? else {
+            return Ok(None);
+        };
+        let full = page.len() >= READ_ROWS_MAX as usize;
+        after = page.last().map(|a| a.acquired_at_ms);
+        all.extend(page);
+        if !full {
+            return Ok(Some(all));
+        }
+    }
+}
+
+/// Image run `run` (1-based) of an embryo: None if the embryo is unknown, Some(None) if it
+/// has fewer runs.
+fn nth_acquisition(
+    reader: &Reader,
+    embryo_id: &str,
+    run: usize,
+) -> Result<Option<Option<AcquisitionRecord>>, StorageError> {
+    let mut skip = run - 1;
+    let mut after = None;
+    loop {
+        let Some(page) = reader.acquisitions(embryo_id, after, READ_ROWS_MAX)? else {
+            return Ok(None);
+        };
+        if skip < page.len() {
+            return Ok(Some(page.into_iter().nth(skip)));
+        }
+        if page.len() < READ_ROWS_MAX as usize {
+            return Ok(Some(None));
+        }
+        skip -= page.len();
+        after = page.last().map(|a| a.acquired_at_ms);
+    }
 }
 
 fn embryo_of(reader: &Reader, embryo_id: &str) -> Result<EmbryoRecord, Refusal> {
@@ -304,10 +396,11 @@ fn fate_name(fate: Fate) -> &'static str {
     }
 }
 
-fn details(e: &EmbryoRecord) -> Value {
+/// `slot`: the position of the embryo's dish in the instrument (see [`slot_of`]).
+fn details(e: &EmbryoRecord, slot: u32) -> Value {
     json!({
         "InstrumentNumber": e.instrument_number,
-        "Position": e.dish_id,
+        "Position": slot,
         "WellNumber": e.well,
         "FertilizationTime": legacy_time(e.insemination_at_ms),
         "EmbryoFate": fate_name(e.fate),
@@ -330,7 +423,7 @@ fn evaluation(e: &EmbryoRecord) -> Value {
     }
 }
 
-fn embryo_data(e: &EmbryoRecord) -> Value {
+fn embryo_data(e: &EmbryoRecord, slot: u32) -> Value {
     let annotations: Vec<Value> = e
         .annotations
         .iter()
@@ -346,7 +439,7 @@ fn embryo_data(e: &EmbryoRecord) -> Value {
     json!({
         "EmbryoID": e.embryo_id,
         "AnnotationList": annotations,
-        "EmbryoDetails": details(e),
+        "EmbryoDetails": details(e, slot),
         "Evaluation": evaluation(e),
     })
 }
