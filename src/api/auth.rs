@@ -204,14 +204,12 @@ pub fn check_api_key(store: &Store, key: &str) -> Result<Principal, Refused> {
 /// The credential a request carries: `Authorization: Bearer <token or key>`, or the
 /// original API's `API-token: <token>` header.
 pub fn credential(request: &es_net::http::Request) -> Option<&str> {
-    if let Some(value) = request.header("authorization") {
+    let bearer = request.header("authorization").and_then(|value| {
         let (scheme, rest) = value.split_once(' ')?;
-        if scheme.eq_ignore_ascii_case("bearer") {
-            return Some(rest.trim());
-        }
-        return None;
-    }
-    request.header("api-token").map(str::trim)
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    });
+    // Another scheme (a proxy's Basic, say) does not hide the original API's header.
+    bearer.or_else(|| request.header("api-token").map(str::trim))
 }
 
 /// Checks whatever credential the request carries.
