@@ -791,7 +791,7 @@ fn well_number(well: u32) -> Result<(), WriteError> {
     }
 }
 
-/// `yyyy-mm-dd` with a plausible month and day, or empty.
+/// `yyyy-mm-dd`, a date that exists, or empty.
 fn date_of_birth(value: &str) -> Result<(), WriteError> {
     if value.is_empty() {
         return Ok(());
@@ -807,7 +807,16 @@ fn date_of_birth(value: &str) -> Result<(), WriteError> {
     let number = |range: std::ops::Range<usize>| -> u32 {
         value[range].parse().unwrap_or(0) // Digits were checked above.
     };
-    if shape_ok && (1..=12).contains(&number(5..7)) && (1..=31).contains(&number(8..10)) {
+    let (year, month, day) = (number(0..4), number(5..7), number(8..10));
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => 0,
+    };
+    if shape_ok && (1..=days_in_month).contains(&day) {
         Ok(())
     } else {
         Err(invalid(format!(
@@ -979,7 +988,7 @@ mod tests {
 
     #[test]
     fn dates_of_birth() {
-        for good in ["", "1985-02-28", "2000-12-31"] {
+        for good in ["", "1985-02-28", "2000-12-31", "2000-02-29", "1996-02-29"] {
             assert!(date_of_birth(good).is_ok(), "{good}");
         }
         for bad in [
@@ -988,6 +997,9 @@ mod tests {
             "1985-00-10",
             "85-02-28",
             "1985-02-2x",
+            "1985-02-31",
+            "1900-02-29",
+            "1985-04-31",
         ] {
             assert!(date_of_birth(bad).is_err(), "{bad}");
         }
