@@ -804,6 +804,11 @@ fn date_of_birth(value: &str) -> Result<(), WriteError> {
             .iter()
             .enumerate()
             .all(|(i, b)| i == 4 || i == 7 || b.is_ascii_digit());
+    if !shape_ok {
+        return Err(invalid(format!(
+            "date of birth {value:?} is not yyyy-mm-dd"
+        )));
+    }
     let number = |range: std::ops::Range<usize>| -> u32 {
         value[range].parse().unwrap_or(0) // Digits were checked above.
     };
@@ -816,7 +821,7 @@ fn date_of_birth(value: &str) -> Result<(), WriteError> {
         2 => 28,
         _ => 0,
     };
-    if shape_ok && (1..=days_in_month).contains(&day) {
+    if (1..=days_in_month).contains(&day) {
         Ok(())
     } else {
         Err(invalid(format!(
