@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod disk_guard;
 pub mod incubator;
+pub mod license;
 pub mod os;
 pub mod server;
 pub mod unavailable;

@@ -1,0 +1,368 @@
+//! Licences (manual 3.3 and 5): a signed document naming the clinic, the server it is for,
+//! the configuration (basic or high capacity), the viewer computers allowed by name, the
+//! number of mobile devices and an optional expiry.
+//!
+//! # File format
+//!
+//! A licence file is JSON: `{"format": "esserver-license-1", "key_id": "<16 hex>",
+//! "payload": "<the licence as JSON text>", "signature": "<128 hex>"}`. The signature is
+//! Ed25519 over the UTF-8 bytes of `payload` exactly as they stand in the file, so no
+//! canonical JSON is needed: the payload is parsed only after its signature checked out.
+//! `key_id` is the first 8 bytes of the SHA-256 of the signing public key, in hex; it only
+//! selects which trusted key to try.
+//!
+//! # Keys
+//!
+//! The issuing side keeps its private key (PKCS#8, hex, in a file readable by its owner only)
+//! away from the server; the server trusts public keys (64 hex characters each) named in its
+//! configuration. Signing and verification use `ring`, already linked for TLS.
+
+use ring::rand::SystemRandom;
+use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The `format` of every licence file this server reads.
+pub const FORMAT: &str = "esserver-license-1";
+/// Largest licence file read, in bytes.
+pub const FILE_BYTES_MAX: usize = 64 * 1024;
+/// Most viewer computers one licence may name.
+pub const COMPUTERS_MAX: usize = 64;
+
+/// The configuration a licence grants (manual 3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Configuration {
+    /// One viewer computer and 2 incubator capacity units.
+    Basic,
+    /// Four viewer computers and 16 incubator capacity units.
+    HighCapacity,
+}
+
+impl Configuration {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Configuration::Basic => "basic",
+            Configuration::HighCapacity => "high-capacity",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Configuration> {
+        match name {
+            "basic" => Some(Configuration::Basic),
+            "high-capacity" => Some(Configuration::HighCapacity),
+            _ => None,
+        }
+    }
+}
+
+/// What a licence says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct License {
+    /// An identifier the issuer chooses, shown in logs and on the web interface.
+    pub license_id: String,
+    pub clinic: String,
+    /// The server id this licence is for (`esserver info` prints it).
+    pub server_id: String,
+    pub configuration: Configuration,
+    /// The viewer computers allowed, by name.
+    pub viewer_computers: Vec<String>,
+    pub mobile_devices: u32,
+    /// Unix ms.
+    pub issued_at_ms: i64,
+    /// Unix ms; None: does not expire.
+    pub expires_at_ms: Option<i64>,
+    /// A licence the server made for itself on a fresh installation.
+    #[serde(default)]
+    pub demo: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LicenseFile {
+    format: String,
+    key_id: String,
+    payload: String,
+    signature: String,
+}
+
+/// Why a licence is not valid. Each says exactly what is wrong, for the log and the web
+/// interface.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LicenseError {
+    #[error("no licence is installed")]
+    Missing,
+    #[error("the licence file cannot be read: {0}")]
+    Unreadable(String),
+    #[error("the licence file is malformed: {0}")]
+    Malformed(String),
+    #[error("the licence is signed by key {0}, which this server does not trust")]
+    UntrustedKey(String),
+    #[error(
+        "the licence's signature does not match its content (the file was changed after signing)"
+    )]
+    BadSignature,
+    #[error("the licence is for server {licensed}, but this server is {actual}")]
+    OtherServer { licensed: String, actual: String },
+    #[error("the licence expired at {0}")]
+    Expired(String),
+    #[error("demo licences are not accepted when trusted licence keys are configured")]
+    DemoNotAccepted,
+}
+
+impl LicenseError {
+    /// A stable snake_case code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            LicenseError::Missing => "license_missing",
+            LicenseError::Unreadable(_) => "license_unreadable",
+            LicenseError::Malformed(_) => "license_malformed",
+            LicenseError::UntrustedKey(_) => "license_untrusted_key",
+            LicenseError::BadSignature => "license_bad_signature",
+            LicenseError::OtherServer { .. } => "license_other_server",
+            LicenseError::Expired(_) => "license_expired",
+            LicenseError::DemoNotAccepted => "license_demo_not_accepted",
+        }
+    }
+}
+
+/// A signing key of the issuing side.
+pub struct SigningKey {
+    pair: Ed25519KeyPair,
+    pkcs8: Vec<u8>,
+}
+
+impl SigningKey {
+    pub fn generate() -> Result<SigningKey, String> {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+            .map_err(|_| "no randomness for a signing key".to_string())?;
+        SigningKey::from_pkcs8(pkcs8.as_ref())
+    }
+
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<SigningKey, String> {
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8)
+            .map_err(|e| format!("not an Ed25519 PKCS#8 key: {e}"))?;
+        Ok(SigningKey {
+            pair,
+            pkcs8: pkcs8.to_vec(),
+        })
+    }
+
+    /// The key as stored: PKCS#8 in hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(&self.pkcs8)
+    }
+
+    pub fn from_hex(text: &str) -> Result<SigningKey, String> {
+        let bytes = hex::decode(text.trim()).map_err(|e| format!("not hex: {e}"))?;
+        SigningKey::from_pkcs8(&bytes)
+    }
+
+    /// The public key, 64 hex characters: what a server's configuration trusts.
+    pub fn public_hex(&self) -> String {
+        hex::encode(self.pair.public_key().as_ref())
+    }
+
+    /// Signs `license` into the text of a licence file.
+    pub fn issue(&self, license: &License) -> String {
+        let payload = serde_json::to_string_pretty(license).expect("a licence serialises");
+        let signature = self.pair.sign(payload.as_bytes());
+        let file = LicenseFile {
+            format: FORMAT.into(),
+            key_id: key_id(self.pair.public_key().as_ref()),
+            payload,
+            signature: hex::encode(signature.as_ref()),
+        };
+        let mut text = serde_json::to_string_pretty(&file).expect("a licence file serialises");
+        text.push('\n');
+        text
+    }
+}
+
+/// The id of a public key: the first 8 bytes of its SHA-256, in hex.
+pub fn key_id(public_key: &[u8]) -> String {
+    hex::encode(&Sha256::digest(public_key)[..8])
+}
+
+/// A trusted public key, parsed from its 64 hex characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedKey {
+    pub public_key: [u8; 32],
+}
+
+impl TrustedKey {
+    pub fn from_hex(text: &str) -> Result<TrustedKey, String> {
+        let mut public_key = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut public_key)
+            .map_err(|_| format!("a licence public key is 64 hex characters, not {text:?}"))?;
+        Ok(TrustedKey { public_key })
+    }
+
+    pub fn key_id(&self) -> String {
+        key_id(&self.public_key)
+    }
+}
+
+/// Checks a licence file: its form, its signature against the trusted keys, that it names
+/// `server_id` and has not expired at `now_ms`. `demo_allowed` is false when the
+/// configuration names trusted keys of its own (a demo licence is then refused).
+pub fn verify(
+    text: &[u8],
+    trusted: &[TrustedKey],
+    server_id: &str,
+    now_ms: i64,
+    demo_allowed: bool,
+) -> Result<License, LicenseError> {
+    if text.len() > FILE_BYTES_MAX {
+        return Err(LicenseError::Malformed(format!(
+            "it is larger than {FILE_BYTES_MAX} bytes"
+        )));
+    }
+    let file: LicenseFile =
+        serde_json::from_slice(text).map_err(|e| LicenseError::Malformed(e.to_string()))?;
+    if file.format != FORMAT {
+        return Err(LicenseError::Malformed(format!(
+            "format {:?} is not {FORMAT}",
+            file.format
+        )));
+    }
+    let key = trusted
+        .iter()
+        .find(|k| k.key_id() == file.key_id)
+        .ok_or_else(|| LicenseError::UntrustedKey(file.key_id.clone()))?;
+    let signature = hex::decode(&file.signature).map_err(|_| LicenseError::BadSignature)?;
+    UnparsedPublicKey::new(&ED25519, &key.public_key)
+        .verify(file.payload.as_bytes(), &signature)
+        .map_err(|_| LicenseError::BadSignature)?;
+    let license: License = serde_json::from_str(&file.payload)
+        .map_err(|e| LicenseError::Malformed(format!("signed content: {e}")))?;
+    if license.demo && !demo_allowed {
+        return Err(LicenseError::DemoNotAccepted);
+    }
+    if license.server_id != server_id {
+        return Err(LicenseError::OtherServer {
+            licensed: license.server_id,
+            actual: server_id.to_string(),
+        });
+    }
+    if let Some(expires) = license.expires_at_ms {
+        if now_ms >= expires {
+            return Err(LicenseError::Expired(crate::civil::time_text(expires)));
+        }
+    }
+    Ok(license)
+}
+
+/// Checks what a licence names before it is signed.
+pub fn check_content(license: &License) -> Result<(), String> {
+    if license.server_id.len() != 32 || !license.server_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "server id {:?} is not the 32 hex characters `esserver info` prints",
+            license.server_id
+        ));
+    }
+    if license.clinic.trim().is_empty() || license.clinic.len() > 200 {
+        return Err("the clinic's name has 1 to 200 bytes".into());
+    }
+    if license.viewer_computers.len() > COMPUTERS_MAX {
+        return Err(format!("at most {COMPUTERS_MAX} viewer computers"));
+    }
+    for name in &license.viewer_computers {
+        if name.trim().is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            return Err(format!(
+                "viewer computer name {name:?} must have 1 to 128 bytes and no control characters"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVER: &str = "0123456789abcdef0123456789abcdef";
+
+    fn license() -> License {
+        License {
+            license_id: "L-1".into(),
+            clinic: "Clinic".into(),
+            server_id: SERVER.into(),
+            configuration: Configuration::HighCapacity,
+            viewer_computers: vec!["LAB-1".into(), "LAB-2".into()],
+            mobile_devices: 2,
+            issued_at_ms: 1_700_000_000_000,
+            expires_at_ms: Some(1_800_000_000_000),
+            demo: false,
+        }
+    }
+
+    #[test]
+    fn a_signed_licence_verifies_and_any_changed_byte_is_refused() {
+        let key = SigningKey::generate().unwrap();
+        let again = SigningKey::from_hex(&key.to_hex()).unwrap();
+        assert_eq!(again.public_hex(), key.public_hex());
+        let trusted = [TrustedKey::from_hex(&key.public_hex()).unwrap()];
+        let text = key.issue(&license());
+        let now = 1_750_000_000_000;
+        assert_eq!(
+            verify(text.as_bytes(), &trusted, SERVER, now, false).unwrap(),
+            license()
+        );
+        // Every single-byte change is refused, whatever the byte.
+        let bytes = text.as_bytes();
+        for at in 0..bytes.len() {
+            let mut tampered = bytes.to_vec();
+            tampered[at] ^= 0x01;
+            if tampered == bytes {
+                continue;
+            }
+            let result = verify(&tampered, &trusted, SERVER, now, false);
+            // Whitespace between JSON tokens is not signed: flipping a space to '!' breaks
+            // the JSON; flipping '\n' (0x0a) to 0x0b is a control character JSON refuses.
+            assert!(result.is_err(), "byte {at} changed and still accepted");
+        }
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let key = SigningKey::generate().unwrap();
+        let other = SigningKey::generate().unwrap();
+        let trusted = [TrustedKey::from_hex(&key.public_hex()).unwrap()];
+        let now = 1_750_000_000_000;
+        let text = other.issue(&license());
+        let error = verify(text.as_bytes(), &trusted, SERVER, now, false).unwrap_err();
+        assert_eq!(error.code(), "license_untrusted_key");
+        let text = key.issue(&license());
+        let error = verify(
+            text.as_bytes(),
+            &trusted,
+            "ffffffffffffffffffffffffffffffff",
+            now,
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(error.code(), "license_other_server");
+        assert!(error.to_string().contains(SERVER));
+        let error =
+            verify(text.as_bytes(), &trusted, SERVER, 1_900_000_000_000, false).unwrap_err();
+        assert_eq!(error.code(), "license_expired");
+        let demo = License {
+            demo: true,
+            ..license()
+        };
+        let text = key.issue(&demo);
+        let error = verify(text.as_bytes(), &trusted, SERVER, now, false).unwrap_err();
+        assert_eq!(error.code(), "license_demo_not_accepted");
+        assert!(verify(text.as_bytes(), &trusted, SERVER, now, true).is_ok());
+        let error = verify(b"{}", &trusted, SERVER, now, true).unwrap_err();
+        assert_eq!(error.code(), "license_malformed");
+        assert!(check_content(&license()).is_ok());
+        let bad = License {
+            server_id: "nope".into(),
+            ..license()
+        };
+        assert!(check_content(&bad).unwrap_err().contains("esserver info"));
+    }
+}
