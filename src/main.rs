@@ -58,6 +58,12 @@ enum Command {
         #[command(subcommand)]
         action: UserAction,
     },
+    /// Licences: make a signing key, issue, verify and show licence files (the issuing side
+    /// keeps its private key away from the server).
+    License {
+        #[command(subcommand)]
+        action: LicenseAction,
+    },
     /// Manage public API keys (for EMR and data-warehouse systems).
     Apikey {
         #[command(subcommand)]
@@ -210,6 +216,54 @@ enum ApiKeyAction {
 }
 
 #[derive(Subcommand)]
+enum LicenseAction {
+    /// Make a new signing key (private, owner-only file) and print its public key.
+    Keygen {
+        /// Where to write the private key; an existing file is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Sign a licence for one server.
+    Issue {
+        /// The private key made by `license keygen`.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The server id the licence is for (`esserver info` prints it).
+        #[arg(long)]
+        server_id: String,
+        #[arg(long)]
+        clinic: String,
+        /// basic (1 viewer computer, 2 units) or high-capacity (4 computers, 16 units).
+        #[arg(long, value_name = "CONFIGURATION")]
+        configuration: String,
+        /// A viewer computer allowed to connect, by name (repeat for each).
+        #[arg(long = "computer", value_name = "NAME")]
+        computers: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        mobile_devices: u32,
+        /// Last day of validity, yyyy-mm-dd (UTC, inclusive); none: does not expire.
+        #[arg(long, value_name = "DATE")]
+        expires: Option<String>,
+        /// The licence's identifier (default: made from the time of issue).
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Check a licence file against trusted public keys and a server id.
+    Verify {
+        file: PathBuf,
+        /// A trusted public key, 64 hex characters (repeat for each).
+        #[arg(long = "trust", value_name = "HEX", required = true)]
+        trusted: Vec<String>,
+        #[arg(long)]
+        server_id: String,
+    },
+    /// Print what a licence file says, without checking its signature.
+    Show { file: PathBuf },
+}
+
+#[derive(Subcommand)]
 enum InstrumentAction {
     /// Forget an instrument's secret: its next HELLO is issued a new one.
     ResetSecret {
@@ -327,6 +381,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }),
         Command::User { action } => user(action),
         Command::Apikey { action } => api_key(action),
+        Command::License { action } => license(action),
         Command::Viewer(args) => viewer(args),
         Command::DefaultConfig => {
             print!("{}", Config::default().to_ini());
@@ -446,6 +501,145 @@ fn user(action: UserAction) -> Result<ExitCode, String> {
             );
         }
     })
+}
+
+fn license(action: LicenseAction) -> Result<ExitCode, String> {
+    use esserver::license::{self as lic, Configuration, License, SigningKey, TrustedKey};
+    match action {
+        LicenseAction::Keygen { out } => {
+            let key = SigningKey::generate()?;
+            write_new_private_file(&out, &key.to_hex())?;
+            println!(
+                "private key written to {} (keep it away from the server)",
+                out.display()
+            );
+            println!("public key (the servers' trusted licence key):");
+            println!("{}", key.public_hex());
+            Ok(ExitCode::SUCCESS)
+        }
+        LicenseAction::Issue {
+            key,
+            server_id,
+            clinic,
+            configuration,
+            computers,
+            mobile_devices,
+            expires,
+            id,
+            out,
+        } => {
+            let text = std::fs::read_to_string(&key)
+                .map_err(|e| format!("cannot read {}: {e}", key.display()))?;
+            let key = SigningKey::from_hex(&text).map_err(|e| format!("{}: {e}", key.display()))?;
+            let configuration = Configuration::from_name(&configuration).ok_or_else(|| {
+                format!("--configuration is basic or high-capacity, not {configuration:?}")
+            })?;
+            let expires_at_ms = match expires {
+                None => None,
+                Some(day) => {
+                    let start = esserver::civil::parse_iso_utc(&format!("{day}T00:00:00Z"))
+                        .ok_or_else(|| format!("--expires {day:?} is not a yyyy-mm-dd date"))?;
+                    Some(start + 86_400_000)
+                }
+            };
+            let now = esserver::now_ms();
+            let license = License {
+                license_id: id.unwrap_or_else(|| format!("L-{now}")),
+                clinic,
+                server_id,
+                configuration,
+                viewer_computers: computers,
+                mobile_devices,
+                issued_at_ms: now,
+                expires_at_ms,
+                demo: false,
+            };
+            lic::check_content(&license)?;
+            if out.exists() {
+                return Err(format!("{} exists; name a new file", out.display()));
+            }
+            std::fs::write(&out, key.issue(&license))
+                .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+            println!(
+                "licence {} for {} ({}) written to {}",
+                license.license_id,
+                license.clinic,
+                configuration.as_str(),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LicenseAction::Verify {
+            file,
+            trusted,
+            server_id,
+        } => {
+            let trusted = trusted
+                .iter()
+                .map(|k| TrustedKey::from_hex(k))
+                .collect::<Result<Vec<_>, _>>()?;
+            let text =
+                std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            match lic::verify(&text, &trusted, &server_id, esserver::now_ms(), false) {
+                Ok(license) => {
+                    println!("valid: {}", license_summary(&license));
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(error) => {
+                    println!("invalid ({}): {error}", error.code());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        LicenseAction::Show { file } => {
+            let text =
+                std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let outer: serde_json::Value = serde_json::from_slice(&text)
+                .map_err(|e| format!("{} is not a licence file: {e}", file.display()))?;
+            let payload = outer["payload"].as_str().unwrap_or("");
+            let license: License = serde_json::from_str(payload).map_err(|e| {
+                format!("{}: the licence content is malformed: {e}", file.display())
+            })?;
+            println!(
+                "{} (signature NOT checked; use `license verify`)",
+                license_summary(&license)
+            );
+            println!("signed by key {}", outer["key_id"].as_str().unwrap_or("?"));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn license_summary(license: &esserver::license::License) -> String {
+    let expires = license
+        .expires_at_ms
+        .map_or("never".to_string(), esserver::civil::time_text);
+    format!(
+        "licence {} for {}, server {}, {}, viewer computers [{}], {} mobile devices, expires {}{}",
+        license.license_id,
+        license.clinic,
+        license.server_id,
+        license.configuration.as_str(),
+        license.viewer_computers.join(", "),
+        license.mobile_devices,
+        expires,
+        if license.demo { " (DEMO)" } else { "" }
+    )
+}
+
+/// Creates `path` readable by its owner only and writes `text`; an existing file is an error.
+fn write_new_private_file(path: &std::path::Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    writeln!(file, "{text}").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    file.sync_all()
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 fn api_key(action: ApiKeyAction) -> Result<ExitCode, String> {
