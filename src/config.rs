@@ -49,6 +49,16 @@ pub struct Config {
     pub security: Security,
     /// Section `[Server]`.
     pub server: ServerSection,
+    /// Section `[License]`.
+    pub license: LicenseSection,
+}
+
+/// Section `[License]`: which licence signers the server trusts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LicenseSection {
+    /// Ed25519 public keys (64 hex characters each) whose licences are accepted. Empty: the
+    /// server makes a demo licence for itself on first start (a fresh installation works).
+    pub trusted_keys: Vec<String>,
 }
 
 /// One listening port.
@@ -182,6 +192,7 @@ impl Default for Config {
             server: ServerSection {
                 log_level: "info".to_owned(),
             },
+            license: LicenseSection::default(),
         }
     }
 }
@@ -256,7 +267,11 @@ impl Config {
             Section::ViewerTransport => Some(&self.viewer),
             Section::WebInterface => Some(&self.web),
             Section::PublicApi => Some(&self.public_api),
-            Section::Storage | Section::Limits | Section::Security | Section::Server => None,
+            Section::Storage
+            | Section::Limits
+            | Section::Security
+            | Section::Server
+            | Section::License => None,
         }
     }
 
@@ -266,7 +281,11 @@ impl Config {
             Section::ViewerTransport => Some(&mut self.viewer),
             Section::WebInterface => Some(&mut self.web),
             Section::PublicApi => Some(&mut self.public_api),
-            Section::Storage | Section::Limits | Section::Security | Section::Server => None,
+            Section::Storage
+            | Section::Limits
+            | Section::Security
+            | Section::Server
+            | Section::License => None,
         }
     }
 
@@ -294,6 +313,19 @@ impl Config {
             Section::Server => {
                 out.push_str(&format!("; One of {}.\n", LOG_LEVELS.join(", ")));
                 out.push_str(&format!("log_level = {}\n", self.server.log_level));
+            }
+            Section::License => {
+                out.push_str("; Ed25519 public keys (64 hex characters, comma-separated) whose\n");
+                out.push_str("; licences this server accepts. None: a demo licence is made on\n");
+                out.push_str("; first start, so a fresh installation works.\n");
+                if self.license.trusted_keys.is_empty() {
+                    out.push_str("; trusted_keys = <64 hex>, <64 hex>\n");
+                } else {
+                    out.push_str(&format!(
+                        "trusted_keys = {}\n",
+                        self.license.trusted_keys.join(", ")
+                    ));
+                }
             }
             Section::ViewerTransport | Section::WebInterface | Section::PublicApi => {}
         }
@@ -360,13 +392,14 @@ enum Section {
     Limits,
     Security,
     Server,
+    License,
 }
 
 /// Keys of every listener section.
 const LISTENER_KEYS: [&str; 5] = ["bind", "port", "cert", "key", "workers"];
 
 impl Section {
-    const ALL: [Section; 8] = [
+    const ALL: [Section; 9] = [
         Section::IncubatorTransport,
         Section::ViewerTransport,
         Section::WebInterface,
@@ -375,6 +408,7 @@ impl Section {
         Section::Limits,
         Section::Security,
         Section::Server,
+        Section::License,
     ];
 
     fn name(self) -> &'static str {
@@ -387,6 +421,7 @@ impl Section {
             Section::Limits => "Limits",
             Section::Security => "Security",
             Section::Server => "Server",
+            Section::License => "License",
         }
     }
 
@@ -406,6 +441,7 @@ impl Section {
             }
             Section::Security => "Logins of viewer and API users.",
             Section::Server => "The server process.",
+            Section::License => "Licences: the signers this server trusts.",
         }
     }
 
@@ -436,6 +472,7 @@ impl Section {
             Section::Limits => LIMIT_NUMBERS.iter().map(|k| k.name).collect(),
             Section::Security => SECURITY_NUMBERS.iter().map(|k| k.name).collect(),
             Section::Server => vec!["log_level"],
+            Section::License => vec!["trusted_keys"],
         }
     }
 }
@@ -982,12 +1019,27 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
             set_number(SECURITY_NUMBERS, &mut config.security, key, value)?;
         }
         (Section::Server, _) => config.server.log_level = parse_log_level(value)?,
+        (Section::License, _) => config.license.trusted_keys = parse_keys(value)?,
         (_, _) => match config.listener_mut(section) {
             Some(listener) => apply_listener(listener, key, value)?,
             None => return Err(format!("`{key}` has no setter (a bug in esserver)")),
         },
     }
     Ok(())
+}
+
+/// A comma-separated list of Ed25519 public keys, 64 hex characters each.
+fn parse_keys(value: &str) -> Result<Vec<String>, String> {
+    let mut keys = Vec::new();
+    for key in value.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+        if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "expected public keys of 64 hex characters, separated by commas; got `{key}`"
+            ));
+        }
+        keys.push(key.to_ascii_lowercase());
+    }
+    Ok(keys)
 }
 
 fn apply_listener(listener: &mut Listener, key: &str, value: &str) -> Result<(), String> {
@@ -1217,6 +1269,9 @@ shutdown_timeout_ms = 30000
 
 [Server]
 log_level = debug
+
+[License]
+trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134, c0bb48ac58b87039c0bb48ac58b87039c0bb48ac58b87039c0bb48ac58b87039
 ";
 
     #[test]
@@ -1267,6 +1322,15 @@ log_level = debug
         assert_eq!(config.storage.data_dir, PathBuf::from("/var/lib/esserver"));
         assert_eq!(config.storage.cache_bytes, GIB);
         assert_eq!(config.storage.change_log_retention_days, 90);
+        assert_eq!(
+            config.license.trusted_keys,
+            [
+                "8f3a8a96143873732c3ba668a0c225868b20251a1dfd4cc4ea0f8ab9e36d5134",
+                "c0bb48ac58b87039c0bb48ac58b87039c0bb48ac58b87039c0bb48ac58b87039"
+            ]
+        );
+        let message = error_at("[License]\ntrusted_keys = abc\n", 2);
+        assert!(message.contains("64 hex characters"), "{message}");
         assert_eq!(config.storage.reserve_bytes, 20_000_000_000);
         assert_eq!(config.limits.frame_bytes_max, 8 * 1024 * 1024);
         assert_eq!(config.limits.connections_max, 2048);
@@ -1288,7 +1352,7 @@ log_level = debug
             message.starts_with("unknown section [Database]; valid sections: "),
             "{message}"
         );
-        assert!(message.contains("[IncubatorTransport], [ViewerTransport], [WebInterface], [PublicApi], [Storage], [Limits], [Security], [Server]"), "{message}");
+        assert!(message.contains("[IncubatorTransport], [ViewerTransport], [WebInterface], [PublicApi], [Storage], [Limits], [Security], [Server], [License]"), "{message}");
         let message = error_at("[storage]\n", 1);
         assert!(message.contains("did you mean [Storage]?"), "{message}");
     }
