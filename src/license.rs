@@ -366,3 +366,223 @@ mod tests {
         assert!(check_content(&bad).unwrap_err().contains("esserver info"));
     }
 }
+
+/// The licence file in the data directory.
+pub const LICENSE_FILE: &str = "license.json";
+/// The local licence authority's private key (demo mode only), in the data directory.
+pub const AUTHORITY_KEY_FILE: &str = "license-authority.key";
+
+/// The server's licence: loaded at start, checked again (expiry) at every use, replaced at
+/// once by [`Licensing::install`].
+pub struct Licensing {
+    trusted: Vec<TrustedKey>,
+    demo_allowed: bool,
+    server_id: String,
+    path: std::path::PathBuf,
+    state: parking_lot::RwLock<Result<License, LicenseError>>,
+}
+
+impl Licensing {
+    /// Loads the licence of `data_dir`. With no `trusted_keys` configured, a local licence
+    /// authority (its key in the data directory) is trusted, and when no licence is
+    /// installed it issues a DEMO high-capacity licence for this server, so a fresh
+    /// installation works out of the box.
+    pub fn load(
+        data_dir: &std::path::Path,
+        trusted_keys: &[String],
+        server_id: &str,
+        now_ms: i64,
+    ) -> Result<Licensing, String> {
+        let path = data_dir.join(LICENSE_FILE);
+        let (trusted, demo_allowed) = if trusted_keys.is_empty() {
+            let authority = local_authority(data_dir)?;
+            let trusted = TrustedKey::from_hex(&authority.public_hex())?;
+            if !path.exists() {
+                let demo = License {
+                    license_id: format!("DEMO-{}", &server_id[..8.min(server_id.len())]),
+                    clinic: "DEMO (no licence installed)".into(),
+                    server_id: server_id.to_string(),
+                    configuration: Configuration::HighCapacity,
+                    viewer_computers: Vec::new(),
+                    mobile_devices: 0,
+                    issued_at_ms: now_ms,
+                    expires_at_ms: None,
+                    demo: true,
+                };
+                write_atomically(&path, authority.issue(&demo).as_bytes())
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                tracing::warn!(path = %path.display(), "no licence keys are configured: made a DEMO high-capacity licence for this server; configure [License] trusted_keys and install a real licence for production");
+            }
+            (vec![trusted], true)
+        } else {
+            let trusted = trusted_keys
+                .iter()
+                .map(|k| TrustedKey::from_hex(k))
+                .collect::<Result<Vec<_>, _>>()?;
+            (trusted, false)
+        };
+        let licensing = Licensing {
+            trusted,
+            demo_allowed,
+            server_id: server_id.to_string(),
+            path,
+            state: parking_lot::RwLock::new(Err(LicenseError::Missing)),
+        };
+        let state = licensing.read_file(now_ms);
+        match &state {
+            Ok(license) => tracing::info!(
+                license = %license.license_id,
+                clinic = %license.clinic,
+                configuration = license.configuration.as_str(),
+                demo = license.demo,
+                "licence valid"
+            ),
+            Err(error) => tracing::error!(code = error.code(), "licence invalid: {error}; viewers and the public API are refused until a valid licence is installed (incubators keep uploading)"),
+        }
+        *licensing.state.write() = state;
+        Ok(licensing)
+    }
+
+    fn read_file(&self, now_ms: i64) -> Result<License, LicenseError> {
+        let text = match std::fs::read(&self.path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Err(LicenseError::Missing)
+            }
+            Err(error) => return Err(LicenseError::Unreadable(error.to_string())),
+        };
+        verify(
+            &text,
+            &self.trusted,
+            &self.server_id,
+            now_ms,
+            self.demo_allowed,
+        )
+    }
+
+    /// The licence if it is valid now, else why not.
+    pub fn current(&self, now_ms: i64) -> Result<License, LicenseError> {
+        let state = self.state.read().clone();
+        let license = state?;
+        match license.expires_at_ms {
+            Some(expires) if now_ms >= expires => {
+                Err(LicenseError::Expired(crate::civil::time_text(expires)))
+            }
+            _ => Ok(license),
+        }
+    }
+
+    /// Verifies `text` and, when valid, makes it the server's licence at once (written to
+    /// the data directory first, atomically). An invalid one changes nothing.
+    pub fn install(&self, text: &[u8], now_ms: i64) -> Result<License, LicenseError> {
+        let license = verify(
+            text,
+            &self.trusted,
+            &self.server_id,
+            now_ms,
+            self.demo_allowed,
+        )?;
+        write_atomically(&self.path, text)
+            .map_err(|e| LicenseError::Unreadable(format!("cannot store it: {e}")))?;
+        tracing::info!(license = %license.license_id, clinic = %license.clinic, configuration = license.configuration.as_str(), "licence installed");
+        *self.state.write() = Ok(license.clone());
+        Ok(license)
+    }
+}
+
+/// The local authority's key, made on first use (demo mode only).
+fn local_authority(data_dir: &std::path::Path) -> Result<SigningKey, String> {
+    let path = data_dir.join(AUTHORITY_KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => SigningKey::from_hex(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let key = SigningKey::generate()?;
+            write_private(&path, key.to_hex().as_bytes())
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Ok(key)
+        }
+        Err(error) => Err(format!("cannot read {}: {error}", path.display())),
+    }
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Writes a temporary file beside `path`, syncs it, and renames it over `path`.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let temporary = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temporary, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod licensing_tests {
+    use super::*;
+
+    const SERVER: &str = "0123456789abcdef0123456789abcdef";
+    const NOW: i64 = 1_750_000_000_000;
+
+    #[test]
+    fn a_fresh_installation_gets_a_demo_licence_and_trusted_keys_refuse_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let licensing = Licensing::load(dir.path(), &[], SERVER, NOW).unwrap();
+        let license = licensing.current(NOW).unwrap();
+        assert!(license.demo);
+        assert_eq!(license.configuration, Configuration::HighCapacity);
+        // Loading again keeps the same authority and licence.
+        let again = Licensing::load(dir.path(), &[], SERVER, NOW).unwrap();
+        assert_eq!(again.current(NOW).unwrap(), license);
+        // With a trusted key configured, the demo licence is refused, and a real one works.
+        let issuer = SigningKey::generate().unwrap();
+        let strict = Licensing::load(dir.path(), &[issuer.public_hex()], SERVER, NOW).unwrap();
+        assert_eq!(
+            strict.current(NOW).unwrap_err().code(),
+            "license_untrusted_key"
+        );
+        let real = License {
+            license_id: "L-9".into(),
+            clinic: "Clinic".into(),
+            server_id: SERVER.into(),
+            configuration: Configuration::Basic,
+            viewer_computers: vec!["LAB-1".into()],
+            mobile_devices: 0,
+            issued_at_ms: NOW,
+            expires_at_ms: Some(NOW + 1000),
+            demo: false,
+        };
+        let mut tampered = issuer.issue(&real).into_bytes();
+        let at = tampered.len() / 2;
+        tampered[at] ^= 0x01;
+        assert!(strict.install(&tampered, NOW).is_err());
+        assert!(
+            strict.current(NOW).is_err(),
+            "a refused file changes nothing"
+        );
+        let installed = strict.install(issuer.issue(&real).as_bytes(), NOW).unwrap();
+        assert_eq!(strict.current(NOW).unwrap(), installed);
+        assert_eq!(
+            strict.current(NOW + 1000).unwrap_err().code(),
+            "license_expired"
+        );
+        // It was stored: a restart finds it.
+        let restarted = Licensing::load(dir.path(), &[issuer.public_hex()], SERVER, NOW).unwrap();
+        assert_eq!(restarted.current(NOW).unwrap().license_id, "L-9");
+    }
+}
