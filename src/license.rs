@@ -29,32 +29,8 @@ pub const FILE_BYTES_MAX: usize = 64 * 1024;
 /// Most viewer computers one licence may name.
 pub const COMPUTERS_MAX: usize = 64;
 
-/// The configuration a licence grants (manual 3.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Configuration {
-    /// One viewer computer and 2 incubator capacity units.
-    Basic,
-    /// Four viewer computers and 16 incubator capacity units.
-    HighCapacity,
-}
-
-impl Configuration {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Configuration::Basic => "basic",
-            Configuration::HighCapacity => "high-capacity",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Configuration> {
-        match name {
-            "basic" => Some(Configuration::Basic),
-            "high-capacity" => Some(Configuration::HighCapacity),
-            _ => None,
-        }
-    }
-}
+/// The configuration a licence grants (manual 3.3): the capacity planner's own rules.
+pub use es_perf::config_rules::Configuration;
 
 /// What a licence says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -433,7 +409,7 @@ impl Licensing {
             Ok(license) => tracing::info!(
                 license = %license.license_id,
                 clinic = %license.clinic,
-                configuration = license.configuration.as_str(),
+                configuration = license.configuration.name(),
                 demo = license.demo,
                 "licence valid"
             ),
@@ -484,7 +460,7 @@ impl Licensing {
         )?;
         write_atomically(&self.path, text)
             .map_err(|e| LicenseError::Unreadable(format!("cannot store it: {e}")))?;
-        tracing::info!(license = %license.license_id, clinic = %license.clinic, configuration = license.configuration.as_str(), "licence installed");
+        tracing::info!(license = %license.license_id, clinic = %license.clinic, configuration = license.configuration.name(), "licence installed");
         *self.state.write() = Ok(license.clone());
         Ok(license)
     }

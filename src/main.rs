@@ -531,9 +531,9 @@ fn license(action: LicenseAction) -> Result<ExitCode, String> {
             let text = std::fs::read_to_string(&key)
                 .map_err(|e| format!("cannot read {}: {e}", key.display()))?;
             let key = SigningKey::from_hex(&text).map_err(|e| format!("{}: {e}", key.display()))?;
-            let configuration = Configuration::from_name(&configuration).ok_or_else(|| {
-                format!("--configuration is basic or high-capacity, not {configuration:?}")
-            })?;
+            let configuration: Configuration = configuration
+                .parse()
+                .map_err(|e| format!("--configuration: {e}"))?;
             let expires_at_ms = match expires {
                 None => None,
                 Some(day) => {
@@ -564,7 +564,7 @@ fn license(action: LicenseAction) -> Result<ExitCode, String> {
                 "licence {} for {} ({}) written to {}",
                 license.license_id,
                 license.clinic,
-                configuration.as_str(),
+                configuration.name(),
                 out.display()
             );
             Ok(ExitCode::SUCCESS)
@@ -619,7 +619,7 @@ fn license_summary(license: &esserver::license::License) -> String {
         license.license_id,
         license.clinic,
         license.server_id,
-        license.configuration.as_str(),
+        license.configuration.name(),
         license.viewer_computers.join(", "),
         license.mobile_devices,
         expires,
