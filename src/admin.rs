@@ -284,5 +284,25 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
             writer.shutdown();
             response
         }
+        Request::LicenseInstall { text } => {
+            let loaded = crate::license::Licensing::load(
+                data_dir,
+                &config.license.trusted_keys,
+                &store.server_id(),
+                now_ms(),
+            );
+            match loaded {
+                Ok(licensing) => match licensing.install(text.as_bytes(), now_ms()) {
+                    Ok(license) => Response::ok(serde_json::json!({
+                        "message": format!(
+                            "licence {} for {} installed; the server uses it at its next start",
+                            license.license_id, license.clinic
+                        ),
+                    })),
+                    Err(error) => Response::error(error.code(), format!("not installed: {error}")),
+                },
+                Err(detail) => Response::error("license_unreadable", detail),
+            }
+        }
     })
 }

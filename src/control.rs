@@ -36,9 +36,19 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 pub enum Request {
     Status,
     Verify,
-    ResetSecret { serial: String },
-    User { action: UserRequest },
-    ApiKey { action: ApiKeyRequest },
+    ResetSecret {
+        serial: String,
+    },
+    User {
+        action: UserRequest,
+    },
+    ApiKey {
+        action: ApiKeyRequest,
+    },
+    /// Install a licence file (its whole text); it takes effect at once.
+    LicenseInstall {
+        text: String,
+    },
 }
 
 /// Public API key management. The command line tool makes the key and sends only its id and

@@ -335,12 +335,70 @@ mod tests {
         let error = verify(b"{}", &trusted, SERVER, now, true).unwrap_err();
         assert_eq!(error.code(), "license_malformed");
         assert!(check_content(&license()).is_ok());
+        // Named computers only, and no more than the configuration allows.
+        let basic = License {
+            configuration: Configuration::Basic,
+            ..license()
+        };
+        let none = std::collections::BTreeSet::new();
+        assert!(allow_computer(&basic, "lab-1", &none).is_ok());
+        assert!(allow_computer(&basic, "LAB-9", &none)
+            .unwrap_err()
+            .contains("not named"));
+        let one: std::collections::BTreeSet<String> = ["lab-1".to_string()].into();
+        assert!(
+            allow_computer(&basic, "LAB-1", &one).is_ok(),
+            "the same computer again"
+        );
+        assert!(allow_computer(&basic, "LAB-2", &one)
+            .unwrap_err()
+            .contains("allows 1 viewer computer"));
+        let demo = License {
+            demo: true,
+            viewer_computers: Vec::new(),
+            ..license()
+        };
+        assert!(allow_computer(&demo, "ANY", &one).is_ok());
         let bad = License {
             server_id: "nope".into(),
             ..license()
         };
         assert!(check_content(&bad).unwrap_err().contains("esserver info"));
     }
+}
+
+/// Whether `computer` may connect a viewer, given the computers already connected
+/// (lowercased): the licence must name it (a DEMO licence naming none allows any), and the
+/// configuration's computers must not all be taken by others.
+pub fn allow_computer(
+    license: &License,
+    computer: &str,
+    connected: &std::collections::BTreeSet<String>,
+) -> Result<(), String> {
+    let named = license
+        .viewer_computers
+        .iter()
+        .any(|name| name.eq_ignore_ascii_case(computer));
+    let any_allowed = license.demo && license.viewer_computers.is_empty();
+    if !named && !any_allowed {
+        return Err(format!(
+            "computer {computer:?} is not named in the licence {} (it allows: {})",
+            license.license_id,
+            license.viewer_computers.join(", ")
+        ));
+    }
+    let max = license.configuration.computers_max() as usize;
+    let key = computer.to_lowercase();
+    if !connected.contains(&key) && connected.len() >= max {
+        return Err(format!(
+            "the {} configuration allows {max} viewer computer(s) and {} are connected ({}); \
+             close a viewer on one of them first",
+            license.configuration.name(),
+            connected.len(),
+            connected.iter().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// The licence file in the data directory.

@@ -261,6 +261,12 @@ enum LicenseAction {
     },
     /// Print what a licence file says, without checking its signature.
     Show { file: PathBuf },
+    /// Install a licence on this server (a running one uses it at once).
+    Install {
+        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 #[derive(Subcommand)]
@@ -590,6 +596,21 @@ fn license(action: LicenseAction) -> Result<ExitCode, String> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        LicenseAction::Install { file, common } => {
+            let text =
+                std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            if text.len() > lic::FILE_BYTES_MAX {
+                return Err(format!(
+                    "{} is not a licence file (too large)",
+                    file.display()
+                ));
+            }
+            let text = String::from_utf8(text)
+                .map_err(|_| format!("{} is not a licence file (not text)", file.display()))?;
+            admin(&common, Request::LicenseInstall { text }, |body| {
+                println!("{}", body["message"].as_str().unwrap_or("installed"));
+            })
         }
         LicenseAction::Show { file } => {
             let text =

@@ -53,6 +53,8 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("licence: {detail}")]
+    License { detail: String },
     #[error("cannot start the worker threads: {source}")]
     Workers { source: std::io::Error },
     #[error("cannot start the disk space monitor: {source}")]
@@ -110,6 +112,15 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
     check_open_files_limit(config);
     let (certificate, tls) = server_tls(config)?;
     let store = open_store(config)?;
+    let licensing = Arc::new(
+        crate::license::Licensing::load(
+            &data_dir,
+            &config.license.trusted_keys,
+            &store.server_id(),
+            crate::now_ms(),
+        )
+        .map_err(|detail| StartError::License { detail })?,
+    );
     let disk = Arc::new(crate::disk_guard::DiskState::default());
     let disk_guard = DiskGuard::start(data_dir.clone(), config.storage.reserve_bytes, disk.clone())
         .map_err(|source| StartError::DiskGuard { source })?;
@@ -147,6 +158,7 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
         registry,
         limits,
         disk,
+        licensing,
     );
     match started {
         Ok(()) => Ok(server),
@@ -166,6 +178,7 @@ fn start_services(
     registry: Arc<Registry>,
     limits: NetLimits,
     disk: Arc<DiskState>,
+    licensing: Arc<crate::license::Licensing>,
 ) -> Result<(), StartError> {
     let data_dir = config.storage.data_dir.clone();
     let store = server.store.clone();
@@ -203,6 +216,7 @@ fn start_services(
         writer.clone(),
         server.workers.clone(),
         disk.clone(),
+        licensing.clone(),
         ViewerSettings {
             limits: es_proto::viewer::ServerLimits::default(),
             login_failures_max: config.security.login_failures_max,
@@ -224,6 +238,7 @@ fn start_services(
         writer.clone(),
         server.workers.clone(),
         disk.clone(),
+        licensing.clone(),
         ApiSettings {
             http: es_net::http::HttpLimits::default(),
             login_failures_max: config.security.login_failures_max,
@@ -259,6 +274,7 @@ fn start_services(
         data_dir: data_dir.clone(),
         disk: disk.clone(),
         reserve_bytes: config.storage.reserve_bytes,
+        licensing: licensing.clone(),
     };
     let control = ControlServer::start(&data_dir, move |request| status_context.handle(request))
         .map_err(|source| StartError::Control {
@@ -454,6 +470,7 @@ struct StatusContext {
     data_dir: PathBuf,
     disk: Arc<DiskState>,
     reserve_bytes: u64,
+    licensing: Arc<crate::license::Licensing>,
 }
 
 impl StatusContext {
@@ -464,6 +481,19 @@ impl StatusContext {
             Request::ResetSecret { serial } => crate::admin::reset_secret(&self.writer, &serial),
             Request::User { action } => crate::admin::user(&self.writer, &self.store, action),
             Request::ApiKey { action } => crate::admin::api_key(&self.writer, &self.store, action),
+            Request::LicenseInstall { text } => {
+                match self.licensing.install(text.as_bytes(), crate::now_ms()) {
+                    Ok(license) => Response::ok(serde_json::json!({
+                        "message": format!(
+                            "licence {} for {} ({}) installed; it applies now",
+                            license.license_id,
+                            license.clinic,
+                            license.configuration.name()
+                        ),
+                    })),
+                    Err(error) => Response::error(error.code(), format!("not installed: {error}")),
+                }
+            }
         }
     }
 

@@ -47,6 +47,10 @@ pub(super) fn login(
 }
 
 pub(super) fn call(shared: &ApiShared, request: &Request, name: &str) -> Result<Step, Refusal> {
+    // The original's clients know 503 as "try again later", not a new status.
+    if let Some(message) = routes::license_refusal(shared) {
+        return Err(Box::new(Response::error(503, "license_invalid", message)));
+    }
     match auth::authenticate(
         &shared.store,
         &shared.tokens,

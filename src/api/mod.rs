@@ -226,6 +226,7 @@ pub(crate) struct ApiShared {
     pub writer: Writer,
     pub workers: Workers,
     pub disk: Arc<DiskState>,
+    pub licensing: Arc<crate::license::Licensing>,
     pub settings: ApiSettings,
     pub tokens: Tokens,
     pub waiters: WaitHub,
@@ -241,6 +242,7 @@ impl ApiService {
         writer: Writer,
         workers: Workers,
         disk: Arc<DiskState>,
+        licensing: Arc<crate::license::Licensing>,
         settings: ApiSettings,
     ) -> ApiService {
         let shared = Arc::new(ApiShared {
@@ -248,6 +250,7 @@ impl ApiService {
             writer,
             workers,
             disk,
+            licensing,
             settings,
             tokens: Tokens::default(),
             waiters: WaitHub::default(),

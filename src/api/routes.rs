@@ -62,10 +62,23 @@ fn route(
     let segments: Vec<&str> = request.segments.iter().map(String::as_str).collect();
     let method = request.method.as_str();
     let read = method == "GET" || method == "HEAD";
+    // The original server did not care about the case of `/LOGIN` and `/GET`.
+    let legacy_login =
+        matches!(segments.as_slice(), [login] if login.eq_ignore_ascii_case("login"));
+    let legacy_call = match segments.as_slice() {
+        [get, name] if get.eq_ignore_ascii_case("get") => Some(*name),
+        _ => None,
+    };
+    if legacy_login || legacy_call.is_some() {
+        if !read {
+            return Err(method_not_allowed("GET"));
+        }
+        return match legacy_call {
+            Some(name) => compat::call(shared, request, name),
+            None => compat::login(shared, request, peer, handle),
+        };
+    }
     match segments.as_slice() {
-        ["LOGIN"] if read => return compat::login(shared, request, peer, handle),
-        ["GET", name] if read => return compat::call(shared, request, name),
-        ["LOGIN"] | ["GET", _] => return Err(method_not_allowed("GET")),
         ["api", "v1", "openapi.json"] if read => {
             return Ok(Step::Respond(
                 Response {
@@ -109,6 +122,14 @@ fn route(
         ("GET" | "HEAD", ["patients"]) => read_step(shared, |r| list_patients(r, request)),
         ("POST", ["patients"]) => {
             let body: PatientBody = json_body(request)?;
+            if !usable_in_path(&body.patient_id) {
+                return Err(refuse(
+                    422,
+                    "invalid_input",
+                    "a patient id has no control characters and is not . or .. \
+                     (it must be usable as a path segment)",
+                ));
+            }
             let edit = ClinicalEdit::CreatePatient {
                 patient: body.into_ref(),
             };
@@ -368,17 +389,33 @@ fn route(
             let last = reader.last_change_seq().map_err(storage_refusal)?;
             Ok(Step::Respond(changes_response(&changes, after, last)))
         }
-        (_, ["patients" | "changes" | "embryos" | "transfers" | "logout", ..]) => Err(refuse(
-            405,
-            "method_not_allowed",
-            format!("{method} is not allowed on {}", request.path),
-        )),
-        _ => Err(refuse(
-            404,
-            "not_found",
-            format!("no such resource: {}", request.path),
-        )),
+        _ => match allowed_methods(at) {
+            Some(allowed) => Err(method_not_allowed(allowed)),
+            None => Err(refuse(
+                404,
+                "not_found",
+                format!("no such resource: {}", request.path),
+            )),
+        },
     }
+}
+
+/// The methods a resource under `/api/v1` answers (for 405 and its `Allow`); None when there
+/// is no such resource.
+fn allowed_methods(at: &[&str]) -> Option<&'static str> {
+    Some(match at {
+        ["logout"] => "POST",
+        ["patients"] | ["patients", _, "treatments", _, "transfers"] => "GET, HEAD, POST",
+        ["patients", _] | ["patients", _, "treatments", _] => "GET, HEAD, PUT",
+        ["patients", _, "treatments", _, "embryos"]
+        | ["transfers", _]
+        | ["embryos", _]
+        | ["embryos", _, "acquisitions" | "timelapse"]
+        | ["embryos", _, "images", _]
+        | ["changes"] => "GET, HEAD",
+        ["transfers", _, "outcome"] | ["embryos", _, "fate"] | ["embryos", _, "scores", _] => "PUT",
+        _ => return None,
+    })
 }
 
 fn method_not_allowed(allowed: &str) -> Refusal {
@@ -394,7 +431,18 @@ fn method_not_allowed(allowed: &str) -> Refusal {
 
 // ---------------------------------------------------------------- authentication
 
+/// Without a valid licence no client is served (incubators keep uploading; the web
+/// interface stays up to install one).
+pub(super) fn license_refusal(shared: &ApiShared) -> Option<String> {
+    shared.licensing.current(now_ms()).err().map(|error| {
+        format!("licence invalid: {error}; an administrator must install a valid licence")
+    })
+}
+
 fn authenticate(shared: &ApiShared, request: &Request) -> Result<Principal, Refusal> {
+    if let Some(message) = license_refusal(shared) {
+        return Err(refuse(403, "license_invalid", message));
+    }
     match auth::authenticate(&shared.store, &shared.tokens, request, Instant::now()) {
         Ok(principal) => Ok(principal),
         Err(Refused::Missing) => Err(refuse(
@@ -428,6 +476,10 @@ pub(super) fn start_login(
     peer: SocketAddr,
     handle: &ConnHandle<ApiMsg>,
 ) -> Result<Step, Refusal> {
+    if let Some(message) = license_refusal(shared) {
+        let status = if legacy { 503 } else { 403 };
+        return Err(refuse(status, "license_invalid", message));
+    }
     if es_storage::user_name(user).is_err()
         || password.is_empty()
         || password.len() > crate::viewer::auth::PASSWORD_BYTES_MAX
@@ -1051,6 +1103,12 @@ pub(super) fn file_name_part(id: &str) -> String {
         .collect()
 }
 
+/// True when `id` can name a resource in a path: the HTTP layer refuses control characters
+/// in paths, and clients resolve the segments `.` and `..` before sending.
+fn usable_in_path(id: &str) -> bool {
+    id != "." && id != ".." && !id.chars().any(|c| c.is_ascii_control())
+}
+
 /// An identifier as one path segment (percent-encoding what is not unreserved).
 fn path_part(id: &str) -> String {
     let mut out = String::new();
@@ -1227,5 +1285,11 @@ mod tests {
     fn path_and_file_name_parts() {
         assert_eq!(path_part("D 1/2"), "D%201%2F2");
         assert_eq!(file_name_part("E/1:2"), "E_1_2");
+        for usable in ["MRN-1", "a/b", "...", ".a", "Sørensen"] {
+            assert!(usable_in_path(usable), "{usable:?}");
+        }
+        for unusable in [".", "..", "a\nb", "\u{7f}"] {
+            assert!(!usable_in_path(unusable), "{unusable:?}");
+        }
     }
 }

@@ -193,6 +193,16 @@ impl<M: Send + 'static> Sessions<M> {
         self.map.lock().remove(token);
     }
 
+    /// The computers (lowercased) with a connected session, but `except` (a connection).
+    pub fn connected_computers(&self, except: u64) -> std::collections::BTreeSet<String> {
+        self.map
+            .lock()
+            .values()
+            .filter(|s| s.connection.as_ref().is_some_and(|c| c.id() != except))
+            .map(|s| s.computer.to_lowercase())
+            .collect()
+    }
+
     /// Sessions alive now (connected or resumable).
     pub fn len(&self) -> usize {
         self.map.lock().len()

@@ -184,6 +184,7 @@ struct Shared {
     writer: Writer,
     workers: Workers,
     disk: Arc<DiskState>,
+    licensing: Arc<crate::license::Licensing>,
     settings: ViewerSettings,
     sessions: Sessions<ViewerMsg>,
     hub: Arc<Hub>,
@@ -195,6 +196,7 @@ impl ViewerService {
         writer: Writer,
         workers: Workers,
         disk: Arc<DiskState>,
+        licensing: Arc<crate::license::Licensing>,
         settings: ViewerSettings,
     ) -> ViewerService {
         let hub = Arc::new(Hub::default());
@@ -209,6 +211,7 @@ impl ViewerService {
                 writer,
                 workers,
                 disk,
+                licensing,
                 sessions: Sessions::new(settings.session_resume, settings.sessions_max),
                 settings,
                 hub,
@@ -367,7 +370,29 @@ impl ViewerSession {
 
     // ------------------------------------------------------------ login
 
+    /// The licence refuses this computer: (code, message), or None when it may connect.
+    fn license_check(&self, computer: &str) -> Option<(ErrorCode, String)> {
+        let license = match self.shared.licensing.current(now_ms()) {
+            Ok(license) => license,
+            Err(error) => {
+                let message = format!(
+                    "licence invalid: {error}; an administrator must install a valid licence"
+                );
+                return Some((ErrorCode::LicenseInvalid, message));
+            }
+        };
+        let connected = self.shared.sessions.connected_computers(self.handle.id());
+        crate::license::allow_computer(&license, computer, &connected)
+            .err()
+            .map(|message| (ErrorCode::ComputerNotLicensed, message))
+    }
+
     fn start_login(&mut self, seq: u64, login: pb::Login, io: &mut SessionIo<'_>) {
+        if let Some((code, message)) = self.license_check(&login.computer) {
+            tracing::warn!(peer = %self.peer, computer = %login.computer, code = code.name(), "login refused: {message}");
+            self.refuse_login(code, message, io);
+            return;
+        }
         if let Err(message) = check_login_fields(&login) {
             tracing::warn!(viewer = %self.name(), code = "invalid_field", "login refused: {message}");
             self.refuse_login(ErrorCode::InvalidField, message, io);
@@ -542,6 +567,13 @@ impl ViewerSession {
             self.refuse_login(code, message, io);
             return;
         }
+        // Checked again now that the password is right: another computer may have connected
+        // meanwhile.
+        if let Some((code, message)) = self.license_check(&computer) {
+            tracing::warn!(%user, %computer, peer = %self.peer, code = code.name(), "login refused: {message}");
+            self.refuse_login(code, message, io);
+            return;
+        }
         let Some(token) = auth::new_token() else {
             self.refuse_login(
                 ErrorCode::InternalError,
@@ -575,6 +607,13 @@ impl ViewerSession {
     }
 
     fn start_resume(&mut self, resume: pb::Resume, io: &mut SessionIo<'_>) {
+        if let Err(error) = self.shared.licensing.current(now_ms()) {
+            let message =
+                format!("licence invalid: {error}; an administrator must install a valid licence");
+            tracing::warn!(peer = %self.peer, code = "license_invalid", "resume refused: {message}");
+            self.refuse_login(ErrorCode::LicenseInvalid, message, io);
+            return;
+        }
         let found =
             self.shared
                 .sessions

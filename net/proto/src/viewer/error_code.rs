@@ -58,11 +58,16 @@ pub enum ErrorCode {
     ImageDamaged = 25,
     /// The session was resumed on another connection; this one is closed.
     Superseded = 26,
+    /// The server has no valid licence (missing, changed, for another server, expired).
+    LicenseInvalid = 27,
+    /// The licence does not name this computer, or its configuration's computers are all
+    /// connected.
+    ComputerNotLicensed = 28,
 }
 
 impl ErrorCode {
     /// Every code, ascending.
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 28] = [
         ErrorCode::MalformedFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnsupportedVersion,
@@ -89,6 +94,8 @@ impl ErrorCode {
         ErrorCode::TooManyRequests,
         ErrorCode::ImageDamaged,
         ErrorCode::Superseded,
+        ErrorCode::LicenseInvalid,
+        ErrorCode::ComputerNotLicensed,
     ];
 
     /// The number on the wire (Error.code).
@@ -125,6 +132,8 @@ impl ErrorCode {
             ErrorCode::TooManyRequests => "too_many_requests",
             ErrorCode::ImageDamaged => "image_damaged",
             ErrorCode::Superseded => "superseded",
+            ErrorCode::LicenseInvalid => "license_invalid",
+            ErrorCode::ComputerNotLicensed => "computer_not_licensed",
         }
     }
 
@@ -171,6 +180,6 @@ mod tests {
             assert_eq!(ErrorCode::from_name(code.name()), Some(*code));
         }
         assert_eq!(ErrorCode::from_code(0), None);
-        assert_eq!(ErrorCode::from_code(27), None);
+        assert_eq!(ErrorCode::from_code(29), None);
     }
 }

@@ -1,0 +1,174 @@
+//! Licence enforcement against a real server with a trusted signing key configured: without
+//! a valid licence the viewer port and the public API refuse clients with the reason while
+//! incubators keep uploading; a tampered licence is refused; installing a valid one applies
+//! at once, without a restart; viewer computers are limited to those the licence names and to
+//! its configuration's count.
+
+mod common;
+
+use es_loadtest::http_client::HttpClient;
+use es_loadtest::spawn::ServerProcess;
+use es_loadtest::viewer_client::{Credentials, ViewerClient, ViewerError};
+use es_proto::viewer::ErrorCode;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const PASSWORD: &str = "Embryo-2026!";
+
+fn esserver(args: &[&str], data_dir: Option<&Path>) -> Output {
+    let mut command = Command::new(common::esserver_path());
+    command.args(args);
+    if let Some(dir) = data_dir {
+        command.arg("--data").arg(dir);
+    }
+    command.output().expect("esserver runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+fn login(server: &ServerProcess, computer: &str) -> Result<ViewerClient, ViewerError> {
+    ViewerClient::login(
+        server.info.address("viewer"),
+        &server.info.client_tls("viewer"),
+        &Credentials {
+            user: "anna".into(),
+            password: PASSWORD.into(),
+            computer: computer.into(),
+        },
+        common::TIMEOUT,
+    )
+}
+
+fn refused_with(result: Result<ViewerClient, ViewerError>, code: ErrorCode) -> String {
+    match result {
+        Err(error @ ViewerError::Server { .. }) => {
+            assert_eq!(error.error_code(), Some(code), "{error}");
+            error.to_string()
+        }
+        Err(other) => panic!("expected {code:?}, got {other}"),
+        Ok(_) => panic!("expected {code:?}, the login was accepted"),
+    }
+}
+
+#[test]
+fn no_valid_licence_refuses_clients_until_one_is_installed() {
+    let scratch = tempfile::tempdir().unwrap();
+    let key_file = scratch.path().join("issuer.key");
+    let keygen = esserver(
+        &["license", "keygen", "--out", key_file.to_str().unwrap()],
+        None,
+    );
+    assert!(keygen.status.success(), "{keygen:?}");
+    let public = stdout(&keygen).lines().last().unwrap().trim().to_string();
+    assert_eq!(public.len(), 64);
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, true, &format!("[License]\ntrusted_keys = {public}\n"));
+    common::add_user(&server, "anna", "edit", PASSWORD);
+    let info = esserver(&["info"], Some(server.data_dir()));
+    let server_id = server.info.server_id.clone();
+    assert!(
+        stdout(&info).contains(&server_id),
+        "esserver info prints the server id"
+    );
+
+    // No licence: viewers and the public API are refused with the reason ...
+    let message = refused_with(login(&server, "LAB-1"), ErrorCode::LicenseInvalid);
+    assert!(message.contains("no licence is installed"), "{message}");
+    let output = esserver(
+        &["apikey", "create", "--name", "EMR", "--scope", "read"],
+        Some(server.data_dir()),
+    );
+    let key = stdout(&output)
+        .lines()
+        .find(|l| l.starts_with("esk_"))
+        .unwrap()
+        .to_string();
+    let mut http = HttpClient::new(
+        server.info.address("public-api"),
+        server.info.client_tls("public-api"),
+        common::TIMEOUT,
+    );
+    let auth = format!("Bearer {key}");
+    let refused = http
+        .get("/api/v1/patients", &[("authorization", &auth)])
+        .unwrap();
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.json()["code"], "license_invalid");
+    let legacy = http.get("/LOGIN?username=anna&password=x", &[]).unwrap();
+    assert_eq!(legacy.status, 503);
+    // ... while incubators keep uploading: culture data is never turned away.
+    common::upload_dish(&server, "LIC-1", 2);
+
+    // A licence changed after signing is refused, with its reason, and changes nothing.
+    let file = scratch.path().join("clinic.lic");
+    let issue = esserver(
+        &[
+            "license",
+            "issue",
+            "--key",
+            key_file.to_str().unwrap(),
+            "--server-id",
+            &server_id,
+            "--clinic",
+            "Clinic A",
+            "--configuration",
+            "basic",
+            "--computer",
+            "LAB-1",
+            "--computer",
+            "LAB-2",
+            "--out",
+            file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(issue.status.success(), "{issue:?}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let tampered = scratch.path().join("tampered.lic");
+    std::fs::write(&tampered, text.replacen("Clinic A", "Clinic B", 1)).unwrap();
+    let install = esserver(
+        &["license", "install", tampered.to_str().unwrap()],
+        Some(server.data_dir()),
+    );
+    assert!(!install.status.success());
+    let stderr = String::from_utf8_lossy(&install.stderr);
+    assert!(stderr.contains("signature does not match"), "{stderr}");
+    refused_with(login(&server, "LAB-1"), ErrorCode::LicenseInvalid);
+
+    // The valid licence applies at once, without a restart.
+    let install = esserver(
+        &["license", "install", file.to_str().unwrap()],
+        Some(server.data_dir()),
+    );
+    assert!(install.status.success(), "{install:?}");
+    let ok = http
+        .get("/api/v1/patients", &[("authorization", &auth)])
+        .unwrap();
+    assert_eq!(ok.status, 200);
+    let lab1 = login(&server, "LAB-1").expect("a licensed computer logs in");
+
+    // Only the computers it names, and only as many as basic allows (1).
+    let message = refused_with(login(&server, "LAB-9"), ErrorCode::ComputerNotLicensed);
+    assert!(message.contains("not named in the licence"), "{message}");
+    let message = refused_with(login(&server, "LAB-2"), ErrorCode::ComputerNotLicensed);
+    assert!(
+        message.contains("basic configuration allows 1"),
+        "{message}"
+    );
+    drop(lab1);
+    // Once LAB-1 is gone, LAB-2 may connect.
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    loop {
+        match login(&server, "LAB-2") {
+            Ok(_) => break,
+            Err(error) if std::time::Instant::now() < deadline => {
+                assert_eq!(error.error_code(), Some(ErrorCode::ComputerNotLicensed));
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(error) => panic!("LAB-2 still refused: {error}"),
+        }
+    }
+}
