@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs what the tests need when it is missing, so a fresh
-# machine needs nothing by hand: cargo-nextest, and the Python packages of the protocol
-# client tests (protobuf, grpcio-tools for its protoc).
+# machine needs nothing by hand: cargo-nextest, and the Python packages of the client tests
+# (protobuf, grpcio-tools for its protoc; requests for the original public API's walk;
+# schemathesis for the OpenAPI contract).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,8 +17,10 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "== installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
-if ! python3 -c 'import google.protobuf, grpc_tools' >/dev/null 2>&1; then
-  echo "== installing Python packages for the protocol client tests"
+schemathesis_pin=$(sed -n 's/^schemathesis==//p' tests/python/requirements.txt)
+if ! python3 -c 'import google.protobuf, grpc_tools, requests, schemathesis' >/dev/null 2>&1 \
+  || [ "$(python3 -c 'import schemathesis; print(schemathesis.__version__)' 2>/dev/null)" != "$schemathesis_pin" ]; then
+  echo "== installing Python packages for the client and contract tests"
   python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 fi
 phase setup

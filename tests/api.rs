@@ -25,34 +25,13 @@ struct Fixture {
     read_key: String,
 }
 
-fn api_key(server: &ServerProcess, name: &str, scope: &str) -> String {
-    let output = Command::new(common::esserver_path())
-        .args([
-            "apikey", "create", "--name", name, "--scope", scope, "--data",
-        ])
-        .arg(server.data_dir())
-        .output()
-        .expect("esserver apikey create runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    stdout
-        .lines()
-        .find(|line| line.starts_with("esk_"))
-        .unwrap_or_else(|| panic!("the key is printed: {stdout}"))
-        .to_string()
-}
-
 fn fixture(serial: &str, cycles: u32) -> Fixture {
     let (server, dir) = common::spawn(true);
     common::add_user(&server, "emr", "edit", PASSWORD);
     common::add_user(&server, "reader", "view", PASSWORD);
     common::upload_dish(&server, serial, cycles);
-    let write_key = api_key(&server, "EMR bridge", "write");
-    let read_key = api_key(&server, "warehouse", "read");
+    let write_key = common::create_api_key(&server, "EMR bridge", "write");
+    let read_key = common::create_api_key(&server, "warehouse", "read");
     Fixture {
         server,
         dir,

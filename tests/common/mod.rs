@@ -123,3 +123,25 @@ pub fn upload_dish(server: &ServerProcess, serial: &str, cycles: u32) -> Workloa
     assert_eq!(stats.acked, workload.len());
     workload
 }
+
+/// `esserver apikey create` as an administrator runs it; returns the key it prints once.
+pub fn create_api_key(server: &ServerProcess, name: &str, scope: &str) -> String {
+    let output = Command::new(esserver_path())
+        .args([
+            "apikey", "create", "--name", name, "--scope", scope, "--data",
+        ])
+        .arg(server.data_dir())
+        .output()
+        .expect("esserver apikey create runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find(|line| line.starts_with("esk_"))
+        .unwrap_or_else(|| panic!("the key is printed: {stdout}"))
+        .to_string()
+}
