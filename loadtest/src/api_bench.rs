@@ -4,11 +4,10 @@
 //! (JPEG) and the change feed (a poll after the client's last seq). JSON GETs together form
 //! `api_get`, images `api_image` (the targets).
 
-use crate::bench::{self, IngestOptions, IngestResult};
+use crate::bench::{self, IngestResult};
 use crate::http_client::HttpClient;
 use crate::spawn::ServerProcess;
 use bytes::Bytes;
-use es_perf::catalog::DeviceModel;
 use es_perf::latency::LatencyRecorder;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,18 +59,14 @@ pub fn run(
     options: &ApiBenchOptions,
     embryos: &[String],
 ) -> ApiBenchResult {
-    let incubators = (options.incubator_rate > 0.0).then(|| {
-        let ingest = IngestOptions {
-            incubators: options.incubators,
-            model: DeviceModel::EmbryoScopePlus,
-            offered_per_s: Some(options.incubator_rate),
-            duration: options.duration,
-            bytes_max: (options.incubator_rate * options.duration.as_secs_f64() * 40_000.0) as u64,
-            frames: options.frames.clone(),
-        };
-        let server_info = server.info.clone();
-        std::thread::spawn(move || bench::run_ingest_on(&server_info, &ingest, "abench"))
-    });
+    let incubators = bench::background_ingest(
+        server,
+        options.incubators,
+        options.incubator_rate,
+        options.duration,
+        options.frames.clone(),
+        "abench",
+    );
     let begin = Instant::now() + Duration::from_millis(300);
     let end = begin + options.duration;
     let mut threads = Vec::new();

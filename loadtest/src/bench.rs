@@ -162,3 +162,27 @@ pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// Simulated EmbryoScope+ incubators uploading open loop at `rate` images/s for `duration`
+/// on their own thread, in the background of another benchmark (None when `rate` is 0).
+pub fn background_ingest(
+    server: &crate::spawn::ServerProcess,
+    incubators: u32,
+    rate: f64,
+    duration: std::time::Duration,
+    frames: std::sync::Arc<Vec<bytes::Bytes>>,
+    tag: &'static str,
+) -> Option<std::thread::JoinHandle<IngestResult>> {
+    (rate > 0.0).then(|| {
+        let ingest = IngestOptions {
+            incubators,
+            model: es_perf::catalog::DeviceModel::EmbryoScopePlus,
+            offered_per_s: Some(rate),
+            duration,
+            bytes_max: (rate * duration.as_secs_f64() * 40_000.0) as u64,
+            frames,
+        };
+        let server_info = server.info.clone();
+        std::thread::spawn(move || run_ingest_on(&server_info, &ingest, tag))
+    })
+}

@@ -4,7 +4,7 @@
 //! save (durable), change push (save request to the notice's arrival at the other viewers) and
 //! playback throughput to one viewer (frames/s).
 
-use crate::bench::{self, IngestOptions, IngestResult};
+use crate::bench::{self, IngestResult};
 use crate::spawn::ServerProcess;
 use crate::viewer_client::{Credentials, ViewerClient, ViewerError};
 use bytes::Bytes;
@@ -121,18 +121,14 @@ pub fn run(
     let shared = Arc::new(Shared {
         saves: Mutex::new(HashMap::new()),
     });
-    let incubators = (options.incubator_rate > 0.0).then(|| {
-        let ingest = IngestOptions {
-            incubators: options.incubators,
-            model: DeviceModel::EmbryoScopePlus,
-            offered_per_s: Some(options.incubator_rate),
-            duration: options.duration,
-            bytes_max: (options.incubator_rate * options.duration.as_secs_f64() * 40_000.0) as u64,
-            frames: options.frames.clone(),
-        };
-        let server_info = server.info.clone();
-        std::thread::spawn(move || bench::run_ingest_on(&server_info, &ingest, "vbench"))
-    });
+    let incubators = bench::background_ingest(
+        server,
+        options.incubators,
+        options.incubator_rate,
+        options.duration,
+        options.frames.clone(),
+        "vbench",
+    );
     let begin = Instant::now() + Duration::from_millis(300);
     let end = begin + options.duration;
     let mut threads = Vec::new();

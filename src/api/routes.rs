@@ -10,9 +10,9 @@ use crate::viewer::{check_password, LoginCheck};
 use es_net::http::Request;
 use es_net::ConnHandle;
 use es_storage::{
-    Actor, AnnotationRecord, Change, ChangeEntity, ClinicalEdit, DishRecord, EmbryoRecord, Fate,
-    Idempotency, PatientRecord, PatientRef, Reader, ScoreInput, StorageError, SubmitError,
-    TransferOutcome, TransferRecord, TreatmentRecord, WriteError, WriteOp, WriteOutcome,
+    AnnotationRecord, Change, ClinicalEdit, DishRecord, EmbryoRecord, Fate, Idempotency,
+    PatientRecord, PatientRef, Reader, ScoreInput, StorageError, SubmitError, TransferOutcome,
+    TransferRecord, TreatmentRecord, WriteError, WriteOp, WriteOutcome,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -495,20 +495,7 @@ pub(super) fn start_login(
         }
         LoginCheck::UnknownUser => {
             tracing::warn!(%user, peer = %peer, code = "auth_failed", "public API login refused: unknown user");
-            let op = WriteOp::AuditDenied {
-                actor: Actor {
-                    user: user.to_string(),
-                    computer,
-                },
-                action: "user.login".into(),
-                entity: ChangeEntity::User,
-                target: user.to_string(),
-                attempted: r#"{"refused":"unknown user"}"#.into(),
-                at_ms: now_ms(),
-            };
-            if shared.writer.try_submit(op, Box::new(|_| {})).is_err() {
-                tracing::warn!(%user, "the refused login could not be audited: the storage queue is full");
-            }
+            crate::viewer::audit_unknown_user(&shared.writer, user, &computer);
             return Err(refuse(401, "auth_failed", "wrong user name or password"));
         }
         LoginCheck::Unavailable(detail) => {

@@ -446,20 +446,7 @@ impl ViewerSession {
             LoginCheck::Wrong | LoginCheck::Disabled | LoginCheck::Locked { .. } => false,
             LoginCheck::UnknownUser => {
                 tracing::warn!(%user, %computer, peer = %self.peer, code = "auth_failed", "login refused: unknown user");
-                let op = WriteOp::AuditDenied {
-                    actor: Actor {
-                        user: user.clone(),
-                        computer: computer.clone(),
-                    },
-                    action: "user.login".into(),
-                    entity: ChangeEntity::User,
-                    target: user.clone(),
-                    attempted: r#"{"refused":"unknown user"}"#.into(),
-                    at_ms: now_ms(),
-                };
-                if self.shared.writer.try_submit(op, Box::new(|_| {})).is_err() {
-                    tracing::warn!(%user, "the refused login could not be audited: the storage queue is full");
-                }
+                audit_unknown_user(&self.shared.writer, &user, &computer);
                 self.refuse_login(
                     ErrorCode::AuthFailed,
                     "wrong user name or password".into(),
@@ -1323,6 +1310,25 @@ pub(crate) fn check_password(store: &Store, user: &str, password: &str) -> Login
         }
     } else {
         LoginCheck::Wrong
+    }
+}
+
+/// Records a login attempt for a user that does not exist in the audit trail (best effort:
+/// when the storage queue is full it is logged instead).
+pub(crate) fn audit_unknown_user(writer: &Writer, user: &str, computer: &str) {
+    let op = WriteOp::AuditDenied {
+        actor: Actor {
+            user: user.to_string(),
+            computer: computer.to_string(),
+        },
+        action: "user.login".into(),
+        entity: ChangeEntity::User,
+        target: user.to_string(),
+        attempted: r#"{"refused":"unknown user"}"#.into(),
+        at_ms: now_ms(),
+    };
+    if writer.try_submit(op, Box::new(|_| {})).is_err() {
+        tracing::warn!(%user, "the refused login could not be audited: the storage queue is full");
     }
 }
 
