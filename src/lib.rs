@@ -1,7 +1,8 @@
 //! esserver: the central data server of an IVF clinic's time-lapse embryo culture system.
 //!
 //! This crate owns the configuration (`EmbryoServer.ini`), the services (the incubator and
-//! viewer interfaces now; web, public API and instrument monitoring as they land), the
+//! viewer interfaces, the public API, the web interface; instrument monitoring as it lands),
+//! licences, the
 //! domain logic that maps protocol requests onto storage, the admin commands and the
 //! command line. It holds no socket loops (es-net) and no redb details (es-storage).
 
@@ -15,9 +16,9 @@ pub mod incubator;
 pub mod license;
 pub mod os;
 pub mod server;
-pub mod unavailable;
 pub mod viewer;
 pub mod viewer_tool;
+pub mod web;
 pub mod workers;
 
 /// Now, as Unix milliseconds UTC (the time every stored instant uses).

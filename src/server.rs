@@ -7,7 +7,6 @@ use crate::config::{Config, Listener};
 use crate::control::{ControlServer, Request, Response};
 use crate::disk_guard::{DiskGuard, DiskState};
 use crate::incubator::{IncubatorService, Registry};
-use crate::unavailable::UnavailableService;
 use crate::viewer::{Hub, ViewerService, ViewerSettings};
 use crate::workers::Workers;
 use es_net::{NetLimits, Pool, PoolConfig};
@@ -244,6 +243,7 @@ fn start_services(
             login_failures_max: config.security.login_failures_max,
             lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
         },
+        None,
     ));
     pools.push(start_pool(
         "public-api",
@@ -252,13 +252,29 @@ fn start_services(
         &limits,
         api,
     )?);
-    let web = UnavailableService::http("web", "web interface");
+    let web = Arc::new(ApiService::new(
+        store.clone(),
+        writer.clone(),
+        server.workers.clone(),
+        disk.clone(),
+        licensing.clone(),
+        ApiSettings {
+            http: es_net::http::HttpLimits::default(),
+            login_failures_max: config.security.login_failures_max,
+            lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
+        },
+        Some(crate::web::WebContext {
+            registry: registry.clone(),
+            viewers: viewers.clone(),
+            sessions: crate::api::auth::Tokens::default(),
+        }),
+    ));
     pools.push(start_pool(
         "web",
         &config.web,
         Some(listener_tls("web", &config.web, &tls)?),
         &limits,
-        Arc::new(web),
+        web,
     )?);
 
     let status_context = StatusContext {

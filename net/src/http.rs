@@ -649,6 +649,13 @@ fn decode_path(raw: &str) -> Result<String, HttpError> {
     Ok(path)
 }
 
+/// Decodes an `application/x-www-form-urlencoded` body (an HTML form's POST) into its pairs,
+/// by the same rules as the query.
+pub fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, HttpError> {
+    let text = std::str::from_utf8(body).map_err(|_| bad("form body is not UTF-8"))?;
+    parse_query(text)
+}
+
 /// Decodes an `application/x-www-form-urlencoded` query into its pairs.
 fn parse_query(raw: &str) -> Result<Vec<(String, String)>, HttpError> {
     let mut pairs = Vec::new();

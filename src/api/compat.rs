@@ -43,7 +43,14 @@ pub(super) fn login(
     ) else {
         return Err(bad("LOGIN needs username and password"));
     };
-    routes::start_login(shared, user, password, true, peer, handle)
+    routes::start_login(
+        shared,
+        user,
+        password,
+        super::LoginKind::Legacy,
+        peer,
+        handle,
+    )
 }
 
 pub(super) fn call(shared: &ApiShared, request: &Request, name: &str) -> Result<Step, Refusal> {

@@ -14,7 +14,7 @@
 
 pub mod auth;
 mod compat;
-mod routes;
+pub(crate) mod routes;
 pub mod zip;
 
 use crate::disk_guard::DiskState;
@@ -147,13 +147,22 @@ pub enum ApiMsg {
     LoginRecorded {
         user: String,
         rights: Rights,
-        legacy: bool,
+        kind: LoginKind,
         result: Result<WriteOutcome, WriteError>,
     },
     /// A ZIP chunk was read: frames, or None when the embryo is unknown.
     Frames(Result<Option<Vec<Frame>>, StorageError>),
     /// New changes were committed.
     ChangesCommitted,
+}
+
+/// Which login asked: the REST API (`POST /api/v1/login`), the original API (`/LOGIN`) or
+/// the web interface's form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginKind {
+    Rest,
+    Legacy,
+    Web,
 }
 
 /// Sends its message when dropped without [`Fallback::disarm`]: a worker job that panics
@@ -230,6 +239,8 @@ pub(crate) struct ApiShared {
     pub settings: ApiSettings,
     pub tokens: Tokens,
     pub waiters: WaitHub,
+    /// Set for the web interface's listener: its routes instead of the API's.
+    pub web: Option<crate::web::WebContext>,
 }
 
 pub struct ApiService {
@@ -244,6 +255,7 @@ impl ApiService {
         disk: Arc<DiskState>,
         licensing: Arc<crate::license::Licensing>,
         settings: ApiSettings,
+        web: Option<crate::web::WebContext>,
     ) -> ApiService {
         let shared = Arc::new(ApiShared {
             store: store.clone(),
@@ -254,6 +266,7 @@ impl ApiService {
             settings,
             tokens: Tokens::default(),
             waiters: WaitHub::default(),
+            web,
         });
         let weak = Arc::downgrade(&shared);
         if let Ok(seq) = store.read().and_then(|reader| reader.last_change_seq()) {
@@ -273,7 +286,11 @@ impl Service for ApiService {
     type Session = ApiSession;
 
     fn name(&self) -> &'static str {
-        "public-api"
+        if self.shared.web.is_some() {
+            "web"
+        } else {
+            "public-api"
+        }
     }
 
     fn open(&self, peer: SocketAddr, handle: ConnHandle<ApiMsg>, _now: Instant) -> ApiSession {
@@ -365,7 +382,11 @@ impl ApiSession {
         let job = Box::new(move || {
             let fallback = Fallback::new(&handle);
             let mut caller = None;
-            let step = routes::handle(&shared, &request, peer, &handle, &mut caller);
+            let step = if shared.web.is_some() {
+                crate::web::handle(&shared, &request, peer, &handle, &mut caller)
+            } else {
+                routes::handle(&shared, &request, peer, &handle, &mut caller)
+            };
             fallback.disarm();
             if let Some(caller) = caller {
                 // Delivered before the answer: messages to a connection keep their order.
@@ -556,10 +577,35 @@ impl ApiSession {
         &mut self,
         user: String,
         rights: Rights,
-        legacy: bool,
+        kind: LoginKind,
         result: Result<WriteOutcome, WriteError>,
         io: &mut SessionIo<'_>,
     ) {
+        if kind == LoginKind::Web {
+            let refused = match &result {
+                Ok(WriteOutcome::LoginRecorded { granted: true, .. }) => None,
+                Ok(WriteOutcome::LoginRecorded { disabled: true, .. }) => {
+                    Some(format!("the account {user} is disabled"))
+                }
+                Ok(WriteOutcome::LoginRecorded {
+                    locked_until_ms, ..
+                }) if *locked_until_ms > 0 => {
+                    Some(crate::viewer::locked_message(&user, *locked_until_ms))
+                }
+                Ok(WriteOutcome::LoginRecorded { .. }) => {
+                    Some("wrong user name or password".to_string())
+                }
+                Ok(other) => Some(format!("unexpected storage outcome {other:?}")),
+                Err(error) => Some(format!("cannot record the login: {error}")),
+            };
+            if let Some(message) = &refused {
+                tracing::warn!(%user, peer = %self.peer, "web interface login refused: {message}");
+            }
+            let response = crate::web::login_answer(&self.shared, &user, rights, refused, io.now());
+            self.finish(response, io);
+            return;
+        }
+        let legacy = kind == LoginKind::Legacy;
         let response = match result {
             Ok(WriteOutcome::LoginRecorded { granted: true, .. }) => {
                 match self.shared.tokens.issue(&user, rights, io.now()) {
@@ -818,11 +864,11 @@ impl Session for ApiSession {
             ApiMsg::LoginRecorded {
                 user,
                 rights,
-                legacy,
+                kind,
                 result,
             } => {
                 self.pending = self.pending.saturating_sub(1);
-                self.login_recorded(user, rights, legacy, result, io);
+                self.login_recorded(user, rights, kind, result, io);
             }
             ApiMsg::Frames(result) => {
                 self.pending = self.pending.saturating_sub(1);

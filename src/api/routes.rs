@@ -3,7 +3,9 @@
 //! the contract test checks the server against.
 
 use super::auth::{self, Grant, Principal, Refused};
-use super::{compat, ApiMsg, ApiShared, Render, Response, Step, ZipPlan, CHANGES_WAIT_MAX};
+use super::{
+    compat, ApiMsg, ApiShared, LoginKind, Render, Response, Step, ZipPlan, CHANGES_WAIT_MAX,
+};
 use crate::civil::{iso_utc, parse_iso_utc};
 use crate::now_ms;
 use crate::viewer::{check_password, LoginCheck};
@@ -92,7 +94,14 @@ fn route(
         ["api", "v1", "login"] if method == "POST" => {
             let body: LoginBody = json_body(request)?;
             *caller = Some(format!("login:{}", body.username));
-            return start_login(shared, &body.username, &body.password, false, peer, handle);
+            return start_login(
+                shared,
+                &body.username,
+                &body.password,
+                LoginKind::Rest,
+                peer,
+                handle,
+            );
         }
         ["api", "v1", "openapi.json"] => return Err(method_not_allowed("GET, HEAD")),
         ["api", "v1", "login"] => return Err(method_not_allowed("POST")),
@@ -468,17 +477,20 @@ struct LoginBody {
 
 /// Checks a password on this worker, then has the storage writer record the attempt (and
 /// lock the account after too many failures); the session issues the token.
-pub(super) fn start_login(
+pub(crate) fn start_login(
     shared: &ApiShared,
     user: &str,
     password: &str,
-    legacy: bool,
+    kind: LoginKind,
     peer: SocketAddr,
     handle: &ConnHandle<ApiMsg>,
 ) -> Result<Step, Refusal> {
-    if let Some(message) = license_refusal(shared) {
-        let status = if legacy { 503 } else { 403 };
-        return Err(refuse(status, "license_invalid", message));
+    // The web interface stays usable without a licence, to install one.
+    if kind != LoginKind::Web {
+        if let Some(message) = license_refusal(shared) {
+            let status = if kind == LoginKind::Legacy { 503 } else { 403 };
+            return Err(refuse(status, "license_invalid", message));
+        }
     }
     if es_storage::user_name(user).is_err()
         || password.is_empty()
@@ -486,7 +498,10 @@ pub(super) fn start_login(
     {
         return Err(refuse(401, "auth_failed", "wrong user name or password"));
     }
-    let computer = format!("api {}", peer.ip());
+    let computer = match kind {
+        LoginKind::Web => format!("web {}", peer.ip()),
+        LoginKind::Rest | LoginKind::Legacy => format!("api {}", peer.ip()),
+    };
     let check = check_password(&shared.store, user, password);
     let (success, rights) = match check {
         LoginCheck::Correct { rights } => (true, rights),
@@ -520,7 +535,7 @@ pub(super) fn start_login(
         reply.send(ApiMsg::LoginRecorded {
             user,
             rights,
-            legacy,
+            kind,
             result,
         });
     });

@@ -1,0 +1,519 @@
+//! The web interface (port 4010, HTTPS by default) for the clinic's system administrator:
+//! the status dashboard, the licence (show, install), `GET /healthz` for monitoring and
+//! `GET /metrics` (Prometheus text). Server-rendered HTML with inline style, embedded in the
+//! binary; no external resources. It runs on the public API's session and worker machinery
+//! ([`crate::api`]) with its own routes, and stays up without a valid licence so an
+//! administrator can install one.
+//!
+//! Login: a user with `admin` rights, checked like every login (argon2id, lock-out shared
+//! with the viewer port). The session is a cookie (HttpOnly, Secure, SameSite=Strict, idle
+//! 30 min); every form carries a CSRF token derived from the session's secret, checked on
+//! every POST.
+
+use crate::api::auth::Tokens;
+use crate::api::{ApiMsg, ApiShared, LoginKind, Response, Step};
+use crate::civil::time_text;
+use crate::now_ms;
+use es_net::http::Request;
+use es_net::ConnHandle;
+use es_storage::Rights;
+use sha2::{Digest, Sha256};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The session cookie's name.
+pub const COOKIE: &str = "esweb";
+
+/// What the dashboard shows besides storage: who is connected.
+pub struct WebContext {
+    pub registry: Arc<crate::incubator::Registry>,
+    pub viewers: Arc<crate::viewer::Hub>,
+    pub sessions: Tokens,
+}
+
+/// Escapes text for HTML content and attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The CSRF token of a session: derived from its secret, so it needs no storage.
+fn csrf_of(session: &str) -> String {
+    hex::encode(&Sha256::digest(format!("esserver-csrf:{session}").as_bytes())[..16])
+}
+
+fn html(status: u16, body: String) -> Response {
+    Response {
+        status,
+        headers: vec![
+            ("content-type", "text/html; charset=utf-8".into()),
+            ("cache-control", "no-store".into()),
+            ("x-frame-options", "DENY".into()),
+            ("content-security-policy", "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'".into()),
+            ("referrer-policy", "no-referrer".into()),
+        ],
+        body: bytes::Bytes::from(body),
+    }
+}
+
+fn redirect(to: &str) -> Response {
+    Response {
+        status: 303,
+        headers: vec![("location", to.to_string())],
+        body: bytes::Bytes::new(),
+    }
+}
+
+fn text(status: u16, body: String, content_type: &str) -> Response {
+    Response {
+        status,
+        headers: vec![("content-type", content_type.to_string())],
+        body: bytes::Bytes::from(body),
+    }
+}
+
+/// The page around every body: the licence banner (DEMO, or why it is invalid) on each page.
+fn page(shared: &ApiShared, title: &str, user: Option<(&str, &str)>, body: &str) -> String {
+    let banner = match shared.licensing.current(now_ms()) {
+        Ok(license) if license.demo => format!(
+            "<div class=banner>DEMO licence ({}): install the clinic's licence for production.</div>",
+            escape(license.configuration.name())
+        ),
+        Ok(_) => String::new(),
+        Err(error) => format!(
+            "<div class='banner bad'>Licence invalid: {}. Viewers and the public API are refused; incubators keep uploading. <a href='/license'>Install a licence</a>.</div>",
+            escape(&error.to_string())
+        ),
+    };
+    let nav = match user {
+        Some((name, csrf)) => format!(
+            "<nav><a href='/'>Status</a> <a href='/license'>Licence</a> <span class=who>{}</span> \
+             <form method=post action='/logout' class=inline><input type=hidden name=csrf value='{csrf}'>\
+             <button id=logout>Log out</button></form></nav>",
+            escape(name)
+        ),
+        None => String::new(),
+    };
+    format!(
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>{} - esserver</title>\
+         <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.banner{{background:#fff3c4;padding:.6em;margin:1em 0}}\
+         .bad{{background:#ffd6d6}}.inline{{display:inline}}nav a{{margin-right:1em}}.who{{margin:0 1em}}\
+         textarea{{width:100%;height:12em}}.ok{{color:#060}}.err{{color:#a00}}</style></head><body>\
+         <h1>esserver: {}</h1>{nav}{banner}{body}</body></html>",
+        escape(title),
+        escape(title)
+    )
+}
+
+/// The logged-in administrator, from the session cookie.
+fn session_of(shared: &ApiShared, request: &Request) -> Option<(String, String)> {
+    let web = shared.web.as_ref()?;
+    let cookies = request.header("cookie")?;
+    let token = cookies.split(';').find_map(|pair| {
+        let (name, value) = pair.trim().split_once('=')?;
+        (name == COOKIE).then(|| value.trim().to_string())
+    })?;
+    let (user, rights) = web.sessions.check(&token, Instant::now())?;
+    // The account as it is now: a disabled user or lost admin right ends the session.
+    let record = shared.store.read().ok()?.user(&user).ok()??;
+    if record.disabled || !record.rights.allows(Rights::Admin) || !rights.allows(Rights::Admin) {
+        web.sessions.revoke(&token);
+        return None;
+    }
+    Some((user, token))
+}
+
+fn form(request: &Request) -> Vec<(String, String)> {
+    es_net::http::parse_form(&request.body).unwrap_or_default()
+}
+
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+pub(crate) fn handle(
+    shared: &ApiShared,
+    request: &Request,
+    peer: SocketAddr,
+    handle: &ConnHandle<ApiMsg>,
+    caller: &mut Option<String>,
+) -> Step {
+    let method = request.method.as_str();
+    let path = request.path.as_str();
+    if method == "GET" || method == "HEAD" {
+        match path {
+            "/healthz" => return Step::Respond(healthz(shared)),
+            "/login" => return Step::Respond(login_page(shared, None)),
+            _ => {}
+        }
+    }
+    if (method, path) == ("POST", "/login") {
+        let fields = form(request);
+        let user = field(&fields, "username").unwrap_or("");
+        *caller = Some(format!("login:{user}"));
+        let password = field(&fields, "password").unwrap_or("");
+        return match crate::api::routes::start_login(
+            shared,
+            user,
+            password,
+            LoginKind::Web,
+            peer,
+            handle,
+        ) {
+            Ok(step) => step,
+            Err(refusal) => Step::Respond(login_failed(shared, &refusal)),
+        };
+    }
+    if (method, path) == ("GET", "/metrics") || (method, path) == ("HEAD", "/metrics") {
+        // For scrapers: an API key (any scope) or an administrator's session.
+        let key_ok = crate::api::auth::credential(request)
+            .filter(|c| c.starts_with(crate::api::auth::KEY_PREFIX))
+            .is_some_and(|c| crate::api::auth::check_api_key(&shared.store, c).is_ok());
+        if !key_ok && session_of(shared, request).is_none() {
+            return Step::Respond(text(
+                401,
+                "log in as an administrator or send an API key\n".into(),
+                "text/plain; charset=utf-8",
+            ));
+        }
+        return Step::Respond(metrics(shared));
+    }
+    let Some((user, token)) = session_of(shared, request) else {
+        return Step::Respond(redirect("/login"));
+    };
+    *caller = Some(format!("web:{user}"));
+    let csrf = csrf_of(&token);
+    if method == "POST" {
+        let fields = form(request);
+        if field(&fields, "csrf") != Some(csrf.as_str()) {
+            tracing::warn!(%user, peer = %peer, path, "web form refused: missing or wrong CSRF token");
+            return Step::Respond(html(
+                403,
+                page(shared, "Refused", Some((&user, &csrf)), "<p class=err>This form is stale or was not sent by this site; reload the page and try again.</p>"),
+            ));
+        }
+        return Step::Respond(match path {
+            "/logout" => {
+                if let Some(web) = &shared.web {
+                    web.sessions.revoke(&token);
+                }
+                let mut response = redirect("/login");
+                response.headers.push((
+                    "set-cookie",
+                    format!("{COOKIE}=; Max-Age=0; Path=/; HttpOnly; Secure; SameSite=Strict"),
+                ));
+                response
+            }
+            "/license" => {
+                let text = field(&fields, "license").unwrap_or("");
+                let message = match shared.licensing.install(text.trim().as_bytes(), now_ms()) {
+                    Ok(license) => {
+                        tracing::info!(%user, license = %license.license_id, "licence installed from the web interface");
+                        format!(
+                            "<p class=ok id=result>Licence {} for {} installed; it applies now.</p>",
+                            escape(&license.license_id),
+                            escape(&license.clinic)
+                        )
+                    }
+                    Err(error) => format!(
+                        "<p class=err id=result>Not installed: {}</p>",
+                        escape(&error.to_string())
+                    ),
+                };
+                license_page(shared, &user, &csrf, &message)
+            }
+            _ => html(
+                404,
+                page(
+                    shared,
+                    "Not found",
+                    Some((&user, &csrf)),
+                    "<p>No such page.</p>",
+                ),
+            ),
+        });
+    }
+    Step::Respond(match path {
+        "/" => dashboard(shared, &user, &csrf),
+        "/license" => license_page(shared, &user, &csrf, ""),
+        _ => html(
+            404,
+            page(
+                shared,
+                "Not found",
+                Some((&user, &csrf)),
+                "<p>No such page.</p>",
+            ),
+        ),
+    })
+}
+
+fn login_page(shared: &ApiShared, error: Option<&str>) -> Response {
+    let error = error.map_or(String::new(), |e| {
+        format!("<p class=err id=error>{}</p>", escape(e))
+    });
+    let body = format!(
+        "{error}<form method=post action='/login'><p><label>User <input name=username id=username autocomplete=username></label></p>\
+         <p><label>Password <input type=password name=password id=password autocomplete=current-password></label></p>\
+         <p><button id=login>Log in</button></p></form><p>Administrators only (rights <code>admin</code>).</p>"
+    );
+    html(
+        if error.is_empty() { 200 } else { 401 },
+        page(shared, "Log in", None, &body),
+    )
+}
+
+fn login_failed(shared: &ApiShared, refusal: &Response) -> Response {
+    let value: serde_json::Value = serde_json::from_slice(&refusal.body).unwrap_or_default();
+    let message = value["message"].as_str().unwrap_or("login refused");
+    login_page(shared, Some(message))
+}
+
+/// The answer to a recorded web login: a session cookie and the dashboard, or the form again.
+pub(crate) fn login_answer(
+    shared: &ApiShared,
+    user: &str,
+    rights: Rights,
+    refused: Option<String>,
+    now: Instant,
+) -> Response {
+    if let Some(message) = refused {
+        return login_page(shared, Some(&message));
+    }
+    if !rights.allows(Rights::Admin) {
+        return login_page(
+            shared,
+            Some(&format!(
+                "{user} may not use the web interface: it needs the admin right"
+            )),
+        );
+    }
+    let Some(web) = &shared.web else {
+        return login_page(shared, Some("the web interface is not configured"));
+    };
+    let Some(token) = web.sessions.issue(user, rights, now) else {
+        return login_page(shared, Some("no randomness for a session"));
+    };
+    tracing::info!(%user, "web interface login");
+    let mut response = redirect("/");
+    response.headers.push((
+        "set-cookie",
+        format!("{COOKIE}={token}; Path=/; HttpOnly; Secure; SameSite=Strict"),
+    ));
+    response
+}
+
+fn healthz(shared: &ApiShared) -> Response {
+    let storage = shared.store.read().and_then(|r| r.last_change_seq());
+    let license = shared.licensing.current(now_ms());
+    let healthy = storage.is_ok() && !shared.disk.is_low();
+    let body = serde_json::json!({
+        "status": if healthy { "ok" } else { "degraded" },
+        "storage": match &storage { Ok(_) => "ok".to_string(), Err(e) => e.to_string() },
+        "disk_low": shared.disk.is_low(),
+        "license": match &license { Ok(l) if l.demo => "demo".to_string(), Ok(_) => "valid".to_string(), Err(e) => format!("invalid: {e}") },
+    });
+    Response::json(if healthy { 200 } else { 503 }, &body)
+}
+
+fn metrics(shared: &ApiShared) -> Response {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    };
+    gauge("esserver_up", "1 while the server answers.", 1);
+    gauge(
+        "esserver_license_valid",
+        "1 when a valid licence is installed.",
+        u64::from(shared.licensing.current(now_ms()).is_ok()),
+    );
+    gauge(
+        "esserver_disk_free_bytes",
+        "Free bytes on the data directory's filesystem.",
+        shared.disk.free_bytes(),
+    );
+    if let Some(web) = &shared.web {
+        gauge(
+            "esserver_incubators_connected",
+            "Incubators connected now.",
+            web.registry.snapshot().len() as u64,
+        );
+        gauge(
+            "esserver_viewers_connected",
+            "Logged-in viewer connections now.",
+            web.viewers.len() as u64,
+        );
+    }
+    if let Ok(stats) = shared.store.read().and_then(|r| r.stats()) {
+        gauge("esserver_patients", "Patients stored.", stats.patients);
+        gauge("esserver_embryos", "Embryos stored.", stats.embryos);
+        gauge("esserver_images", "Images stored.", stats.images);
+        gauge(
+            "esserver_image_bytes",
+            "Bytes of stored images.",
+            stats.image_bytes,
+        );
+        gauge(
+            "esserver_last_change_seq",
+            "The newest change-log sequence number.",
+            stats.last_change_seq,
+        );
+    }
+    if let Some(web) = &shared.web {
+        let _ = writeln!(
+            out,
+            "# HELP esserver_incubator_images_total Images received from each connected incubator on its connection.\n# TYPE esserver_incubator_images_total counter"
+        );
+        for incubator in web.registry.snapshot() {
+            let _ = writeln!(
+                out,
+                "esserver_incubator_images_total{{serial=\"{}\"}} {}",
+                incubator.serial.replace(['"', '\\', '\n'], "_"),
+                incubator.images
+            );
+        }
+    }
+    text(200, out, "text/plain; version=0.0.4; charset=utf-8")
+}
+
+fn dashboard(shared: &ApiShared, user: &str, csrf: &str) -> Response {
+    let mut body = String::new();
+    let now = now_ms();
+    body.push_str("<h2>Licence</h2>");
+    match shared.licensing.current(now) {
+        Ok(license) => {
+            let _ = write!(
+                body,
+                "<p id=license-state>{} configuration, licence {} for {}{}</p>",
+                escape(license.configuration.name()),
+                escape(&license.license_id),
+                escape(&license.clinic),
+                if license.demo { " (DEMO)" } else { "" }
+            );
+        }
+        Err(error) => {
+            let _ = write!(
+                body,
+                "<p id=license-state class=err>licence invalid: {}</p>",
+                escape(&error.to_string())
+            );
+        }
+    }
+    body.push_str("<h2>Incubators</h2><table id=incubators><tr><th>Serial</th><th>Model</th><th>Address</th><th>Since</th><th>Images on this connection</th></tr>");
+    if let Some(web) = &shared.web {
+        for c in web.registry.snapshot() {
+            let _ = write!(
+                body,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&c.serial),
+                escape(&c.model),
+                escape(&c.peer),
+                escape(&time_text(c.connected_at_ms)),
+                c.images
+            );
+        }
+        let _ = write!(
+            body,
+            "</table><h2>Viewers</h2><p id=viewers>{} logged-in viewer connection(s)</p>",
+            web.viewers.len()
+        );
+    } else {
+        body.push_str("</table>");
+    }
+    body.push_str("<h2>Storage</h2>");
+    match shared.store.read().and_then(|r| r.stats()) {
+        Ok(stats) => {
+            let _ = write!(
+                body,
+                "<table id=storage><tr><td>Patients</td><td>{}</td></tr><tr><td>Embryos</td><td>{}</td></tr>\
+                 <tr><td>Images</td><td>{}</td></tr><tr><td>Image data</td><td>{:.1} GB</td></tr>\
+                 <tr><td>Free on disk</td><td>{:.1} GB{}</td></tr></table>",
+                stats.patients,
+                stats.embryos,
+                stats.images,
+                stats.image_bytes as f64 / 1e9,
+                shared.disk.free_bytes() as f64 / 1e9,
+                if shared.disk.is_low() { " (LOW: writes refused)" } else { "" }
+            );
+        }
+        Err(error) => {
+            let _ = write!(
+                body,
+                "<p class=err>storage unavailable: {}</p>",
+                escape(&error.to_string())
+            );
+        }
+    }
+    html(200, page(shared, "Status", Some((user, csrf)), &body))
+}
+
+fn license_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Response {
+    let current = match shared.licensing.current(now_ms()) {
+        Ok(license) => format!(
+            "<table id=license><tr><td>Licence</td><td>{}</td></tr><tr><td>Clinic</td><td>{}</td></tr>\
+             <tr><td>Configuration</td><td>{}</td></tr><tr><td>Viewer computers</td><td>{}</td></tr>\
+             <tr><td>Expires</td><td>{}</td></tr></table>",
+            escape(&license.license_id),
+            escape(&license.clinic),
+            escape(license.configuration.name()),
+            escape(&if license.viewer_computers.is_empty() {
+                "any (DEMO)".to_string()
+            } else {
+                license.viewer_computers.join(", ")
+            }),
+            license
+                .expires_at_ms
+                .map_or("never".to_string(), time_text)
+        ),
+        Err(error) => format!(
+            "<p class=err id=license-state>licence invalid: {}</p>",
+            escape(&error.to_string())
+        ),
+    };
+    let body = format!(
+        "{message}{current}<h2>Install a licence</h2>\
+         <form method=post action='/license' id=install>\
+         <input type=hidden name=csrf value='{csrf}'>\
+         <p><input type=file id=file accept='.lic,.json,application/json'></p>\
+         <p><textarea name=license id=license-text placeholder='or paste the licence file here'></textarea></p>\
+         <p><button id=install-button>Install</button></p></form>\
+         <script>document.getElementById('file').addEventListener('change',function(e){{\
+         var f=e.target.files[0];if(!f)return;f.text().then(function(t){{document.getElementById('license-text').value=t;}});}});</script>"
+    );
+    html(200, page(shared, "Licence", Some((user, csrf)), &body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_is_escaped_and_csrf_is_stable_per_session() {
+        assert_eq!(
+            escape("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+        assert_eq!(csrf_of("s1"), csrf_of("s1"));
+        assert_ne!(csrf_of("s1"), csrf_of("s2"));
+        assert_eq!(csrf_of("s1").len(), 32);
+    }
+}

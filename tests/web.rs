@@ -1,0 +1,245 @@
+//! The web interface against a real server (HTTPS, certificate pinned): health and metrics,
+//! admin login with a session cookie, CSRF on forms, the dashboard showing a connected
+//! incubator and the licence state, and a licence installed through the form restoring
+//! access without a restart.
+
+mod common;
+
+use es_loadtest::http_client::{HttpClient, HttpResponse};
+use es_loadtest::spawn::ServerProcess;
+use std::process::Command;
+
+const PASSWORD: &str = "Embryo-2026!";
+
+fn web(server: &ServerProcess) -> HttpClient {
+    HttpClient::new(
+        server.info.address("web"),
+        server.info.client_tls("web"),
+        common::TIMEOUT,
+    )
+}
+
+fn body(response: &HttpResponse) -> String {
+    String::from_utf8_lossy(&response.body).to_string()
+}
+
+fn post_form(
+    http: &mut HttpClient,
+    path: &str,
+    cookie: Option<&str>,
+    fields: &[(&str, &str)],
+) -> HttpResponse {
+    let encoded: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("{k}={}", form_encode(v)))
+        .collect();
+    let mut headers = vec![("content-type", "application/x-www-form-urlencoded")];
+    let cookie_header;
+    if let Some(cookie) = cookie {
+        cookie_header = format!("esweb={cookie}");
+        headers.push(("cookie", &cookie_header));
+    }
+    http.request("POST", path, &headers, Some(encoded.join("&").as_bytes()))
+        .unwrap()
+}
+
+fn form_encode(text: &str) -> String {
+    let mut out = String::new();
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn get(http: &mut HttpClient, path: &str, cookie: &str) -> HttpResponse {
+    let cookie = format!("esweb={cookie}");
+    http.get(path, &[("cookie", &cookie)]).unwrap()
+}
+
+/// The value of the hidden csrf field of a page.
+fn csrf(page: &str) -> String {
+    let at = page
+        .find("name=csrf value='")
+        .expect("a form with a CSRF token")
+        + 17;
+    page[at..at + 32].to_string()
+}
+
+#[test]
+fn admin_logs_in_sees_the_server_and_installs_a_licence() {
+    let scratch = tempfile::tempdir().unwrap();
+    let key_file = scratch.path().join("issuer.key");
+    let keygen = Command::new(common::esserver_path())
+        .args(["license", "keygen", "--out"])
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    let public = String::from_utf8_lossy(&keygen.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, true, &format!("[License]\ntrusted_keys = {public}\n"));
+    common::add_user(&server, "root", "admin", PASSWORD);
+    common::add_user(&server, "anna", "edit", PASSWORD);
+    let mut http = web(&server);
+
+    // Health for monitoring, without login; metrics need one.
+    let health = http.get("/healthz", &[]).unwrap();
+    assert_eq!(health.status, 200);
+    assert!(health.json()["license"]
+        .as_str()
+        .unwrap()
+        .starts_with("invalid: no licence"));
+    assert_eq!(http.get("/metrics", &[]).unwrap().status, 401);
+
+    // Not logged in: to the login form. Wrong password, non-admin: refused with the reason.
+    let home = http.get("/", &[]).unwrap();
+    assert_eq!(home.status, 303);
+    assert_eq!(home.header("location"), Some("/login"));
+    let wrong = post_form(
+        &mut http,
+        "/login",
+        None,
+        &[("username", "root"), ("password", "nope")],
+    );
+    assert_eq!(wrong.status, 401);
+    assert!(body(&wrong).contains("wrong user name or password"));
+    let editor = post_form(
+        &mut http,
+        "/login",
+        None,
+        &[("username", "anna"), ("password", PASSWORD)],
+    );
+    assert!(
+        body(&editor).contains("needs the admin right"),
+        "{}",
+        body(&editor)
+    );
+
+    let login = post_form(
+        &mut http,
+        "/login",
+        None,
+        &[("username", "root"), ("password", PASSWORD)],
+    );
+    assert_eq!(login.status, 303, "{}", body(&login));
+    let set_cookie = login.header("set-cookie").unwrap().to_string();
+    for flag in ["HttpOnly", "Secure", "SameSite=Strict"] {
+        assert!(set_cookie.contains(flag), "{set_cookie}");
+    }
+    let cookie = set_cookie
+        .trim_start_matches("esweb=")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+
+    // The dashboard: the licence warning on the page, a connected incubator listed.
+    let mut identity = common::identity("WEB-INC-1", "es-plus");
+    let _incubator = common::connect(&server, &mut identity);
+    let dashboard = get(&mut http, "/", &cookie);
+    assert_eq!(dashboard.status, 200);
+    let page = body(&dashboard);
+    assert!(
+        page.contains("Licence invalid: no licence is installed"),
+        "{page}"
+    );
+    assert!(page.contains("WEB-INC-1"), "{page}");
+    let metrics = body(&get(&mut http, "/metrics", &cookie));
+    assert!(metrics.contains("esserver_up 1"));
+    assert!(metrics.contains("esserver_license_valid 0"));
+    assert!(metrics.contains("esserver_incubators_connected 1"));
+
+    // Forms need the page's CSRF token.
+    let licence_page = body(&get(&mut http, "/license", &cookie));
+    let token = csrf(&licence_page);
+    let issue = Command::new(common::esserver_path())
+        .args(["license", "issue", "--key"])
+        .arg(&key_file)
+        .args([
+            "--server-id",
+            &server.info.server_id,
+            "--clinic",
+            "Clinic W",
+            "--configuration",
+            "high-capacity",
+            "--computer",
+            "LAB-1",
+            "--out",
+        ])
+        .arg(scratch.path().join("w.lic"))
+        .output()
+        .unwrap();
+    assert!(issue.status.success(), "{issue:?}");
+    let licence = std::fs::read_to_string(scratch.path().join("w.lic")).unwrap();
+    let forged = post_form(
+        &mut http,
+        "/license",
+        Some(&cookie),
+        &[("license", &licence)],
+    );
+    assert_eq!(forged.status, 403, "no CSRF token, no change");
+    let tampered = licence.replacen("Clinic W", "Clinic X", 1);
+    let refused = post_form(
+        &mut http,
+        "/license",
+        Some(&cookie),
+        &[("csrf", &token), ("license", &tampered)],
+    );
+    assert!(
+        body(&refused).contains("Not installed"),
+        "{}",
+        body(&refused)
+    );
+    assert!(body(&refused).contains("signature does not match"));
+
+    // A valid licence applies at once: the API serves again, the page says so.
+    let key = common::create_api_key(&server, "EMR", "read");
+    let mut api = HttpClient::new(
+        server.info.address("public-api"),
+        server.info.client_tls("public-api"),
+        common::TIMEOUT,
+    );
+    let auth = format!("Bearer {key}");
+    assert_eq!(
+        api.get("/api/v1/patients", &[("authorization", &auth)])
+            .unwrap()
+            .status,
+        403
+    );
+    let installed = post_form(
+        &mut http,
+        "/license",
+        Some(&cookie),
+        &[("csrf", &token), ("license", &licence)],
+    );
+    assert!(
+        body(&installed).contains("installed; it applies now"),
+        "{}",
+        body(&installed)
+    );
+    assert_eq!(
+        api.get("/api/v1/patients", &[("authorization", &auth)])
+            .unwrap()
+            .status,
+        200
+    );
+    let page = body(&get(&mut http, "/", &cookie));
+    assert!(
+        page.contains("high-capacity configuration, licence"),
+        "{page}"
+    );
+    assert!(!page.contains("Licence invalid"));
+
+    // Logging out ends the session.
+    let out = post_form(&mut http, "/logout", Some(&cookie), &[("csrf", &token)]);
+    assert_eq!(out.status, 303);
+    assert_eq!(get(&mut http, "/", &cookie).status, 303);
+}
