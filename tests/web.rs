@@ -243,3 +243,83 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
     assert_eq!(out.status, 303);
     assert_eq!(get(&mut http, "/", &cookie).status, 303);
 }
+
+/// Headless Chromium through WebDriver: log in, install a licence by choosing its file, see
+/// the dashboard change and a simulated incubator appear; the screenshot is left in
+/// `target/test-artifacts/web-dashboard.png`.
+#[test]
+fn a_real_browser_installs_a_licence_and_sees_an_incubator() {
+    for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+        assert!(
+            std::path::Path::new(tool).exists(),
+            "{tool} is missing: run ./scripts/test.sh, which installs Debian's chromium and chromium-driver"
+        );
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let key_file = scratch.path().join("issuer.key");
+    let keygen = Command::new(common::esserver_path())
+        .args(["license", "keygen", "--out"])
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    let public = String::from_utf8_lossy(&keygen.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, true, &format!("[License]\ntrusted_keys = {public}\n"));
+    common::add_user(&server, "root", "admin", PASSWORD);
+    let licence = scratch.path().join("clinic.lic");
+    let issue = Command::new(common::esserver_path())
+        .args(["license", "issue", "--key"])
+        .arg(&key_file)
+        .args([
+            "--server-id",
+            &server.info.server_id,
+            "--clinic",
+            "Browser Clinic",
+            "--configuration",
+            "basic",
+            "--computer",
+            "LAB-1",
+            "--out",
+        ])
+        .arg(&licence)
+        .output()
+        .unwrap();
+    assert!(issue.status.success(), "{issue:?}");
+    let artefacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&artefacts).unwrap();
+    let screenshot = artefacts.join("web-dashboard.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let address = server.info.address("web");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/web_browser_test.py");
+    let child = Command::new("python3")
+        .arg(script)
+        .args(["--base", &format!("https://{address}")])
+        .args(["--user", "root", "--password", PASSWORD])
+        .arg("--license")
+        .arg(&licence)
+        .args(["--serial", "BROWSER-INC-1"])
+        .arg("--screenshot")
+        .arg(&screenshot)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs (scripts/test.sh installs selenium)");
+    // The incubator connects while the browser works; the dashboard must show it.
+    let mut identity = common::identity("BROWSER-INC-1", "es-plus");
+    let _incubator = common::connect(&server, &mut identity);
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("PASS: all checks passed"),
+        "the browser test failed:\n{stdout}\n{stderr}"
+    );
+    let png = std::fs::read(&screenshot).expect("the screenshot was saved");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+}
