@@ -55,6 +55,25 @@ pub fn reset_secret(writer: &Writer, serial: &str) -> Response {
     }
 }
 
+/// Renames an instrument (display name only; its serial, dishes and images stay).
+pub fn instrument_rename(writer: &Writer, serial: &str, display_name: &str, by: &str) -> Response {
+    let op = WriteOp::InstrumentRename {
+        actor: Actor {
+            user: by.to_string(),
+            computer: "esserver instrument".to_string(),
+        },
+        serial: serial.to_string(),
+        display_name: display_name.to_string(),
+        at_ms: now_ms(),
+    };
+    match write_and_wait(writer, op) {
+        Ok(_) => Response::ok(serde_json::json!({
+            "message": format!("instrument {serial} is now shown as {display_name:?}; its data is unchanged"),
+        })),
+        Err(response) => response,
+    }
+}
+
 /// Runs one write through the storage writer and waits for it to be durable.
 fn write_and_wait(writer: &Writer, op: WriteOp) -> Result<WriteOutcome, Response> {
     let (sender, receiver) = crossbeam_channel::bounded(1);
@@ -281,6 +300,16 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
         Request::ApiKey { action } => {
             let writer = store.start_writer(es_storage::WriterOptions::default());
             let response = api_key(&writer, &store, action);
+            writer.shutdown();
+            response
+        }
+        Request::InstrumentRename {
+            serial,
+            display_name,
+            by,
+        } => {
+            let writer = store.start_writer(es_storage::WriterOptions::default());
+            let response = instrument_rename(&writer, &serial, &display_name, &by);
             writer.shutdown();
             response
         }

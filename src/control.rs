@@ -45,6 +45,12 @@ pub enum Request {
     ApiKey {
         action: ApiKeyRequest,
     },
+    /// Change an instrument's display name (its data stays as it is).
+    InstrumentRename {
+        serial: String,
+        display_name: String,
+        by: String,
+    },
     /// Install a licence file (its whole text); it takes effect at once.
     LicenseInstall {
         text: String,

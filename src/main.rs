@@ -271,6 +271,13 @@ enum LicenseAction {
 
 #[derive(Subcommand)]
 enum InstrumentAction {
+    /// Change the name an instrument is shown by; its serial number, dishes and images stay.
+    Rename {
+        serial: String,
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Forget an instrument's secret: its next HELLO is issued a new one.
     ResetSecret {
         /// The instrument's serial number.
@@ -380,6 +387,22 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Instrument {
+            action:
+                InstrumentAction::Rename {
+                    serial,
+                    name,
+                    common,
+                },
+        } => admin(
+            &common,
+            Request::InstrumentRename {
+                serial,
+                display_name: name,
+                by: operator(),
+            },
+            |body| println!("{}", body["message"].as_str().unwrap_or("done")),
+        ),
         Command::Instrument {
             action: InstrumentAction::ResetSecret { serial, common },
         } => admin(&common, Request::ResetSecret { serial }, |body| {

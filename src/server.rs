@@ -497,6 +497,11 @@ impl StatusContext {
             Request::ResetSecret { serial } => crate::admin::reset_secret(&self.writer, &serial),
             Request::User { action } => crate::admin::user(&self.writer, &self.store, action),
             Request::ApiKey { action } => crate::admin::api_key(&self.writer, &self.store, action),
+            Request::InstrumentRename {
+                serial,
+                display_name,
+                by,
+            } => crate::admin::instrument_rename(&self.writer, &serial, &display_name, &by),
             Request::LicenseInstall { text } => {
                 match self.licensing.install(text.as_bytes(), crate::now_ms()) {
                     Ok(license) => Response::ok(serde_json::json!({

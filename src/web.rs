@@ -99,7 +99,7 @@ fn page(shared: &ApiShared, title: &str, user: Option<(&str, &str)>, body: &str)
     };
     let nav = match user {
         Some((name, csrf)) => format!(
-            "<nav><a href='/'>Status</a> <a href='/license'>Licence</a> <span class=who>{}</span> \
+            "<nav><a href='/'>Status</a> <a href='/license'>Licence</a> <a href='/instruments'>Instruments</a> <span class=who>{}</span> \
              <form method=post action='/logout' class=inline><input type=hidden name=csrf value='{csrf}'>\
              <button id=logout>Log out</button></form></nav>",
             escape(name)
@@ -238,6 +238,23 @@ pub(crate) fn handle(
                 };
                 license_page(shared, &user, &csrf, &message)
             }
+            "/instruments" => {
+                let serial = field(&fields, "serial").unwrap_or("");
+                let name = field(&fields, "name").unwrap_or("").trim();
+                let response = crate::admin::instrument_rename(&shared.writer, serial, name, &user);
+                let message = if response.ok {
+                    format!(
+                        "<p class=ok id=result>{}</p>",
+                        escape(response.body["message"].as_str().unwrap_or("renamed"))
+                    )
+                } else {
+                    format!(
+                        "<p class=err id=result>Not renamed: {}</p>",
+                        escape(response.message.as_deref().unwrap_or("refused"))
+                    )
+                };
+                instruments_page(shared, &user, &csrf, &message)
+            }
             _ => html(
                 404,
                 page(
@@ -252,6 +269,7 @@ pub(crate) fn handle(
     Step::Respond(match path {
         "/" => dashboard(shared, &user, &csrf),
         "/license" => license_page(shared, &user, &csrf, ""),
+        "/instruments" => instruments_page(shared, &user, &csrf, ""),
         _ => html(
             404,
             page(
@@ -464,6 +482,42 @@ fn dashboard(shared: &ApiShared, user: &str, csrf: &str) -> Response {
         }
     }
     html(200, page(shared, "Status", Some((user, csrf)), &body))
+}
+
+/// Every instrument ever seen, with a form to change the name it is shown by. The manual
+/// warns that renaming an instrument there loses its data; here the name is a label and the
+/// serial number the identity, so nothing moves.
+fn instruments_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Response {
+    let mut body = String::from(message);
+    match shared.store.read().and_then(|r| r.instruments()) {
+        Ok(instruments) => {
+            body.push_str("<table id=instruments><tr><th>Serial</th><th>Model</th><th>Number</th><th>Shown as</th><th>Last seen</th><th>Rename</th></tr>");
+            for i in instruments {
+                let _ = write!(
+                    body,
+                    "<tr><td>{serial}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>\
+                     <form method=post action='/instruments' class=inline>\
+                     <input type=hidden name=csrf value='{csrf}'><input type=hidden name=serial value='{serial}'>\
+                     <input name=name value='{}' aria-label='new name'> <button>Rename</button></form></td></tr>",
+                    escape(&i.model),
+                    i.number,
+                    escape(&i.display_name),
+                    escape(&time_text(i.last_seen_ms)),
+                    escape(&i.display_name),
+                    serial = escape(&i.serial),
+                );
+            }
+            body.push_str("</table><p>Renaming changes only the name shown; the instrument's serial number, dishes, images and annotations stay as they are.</p>");
+        }
+        Err(error) => {
+            let _ = write!(
+                body,
+                "<p class=err>storage unavailable: {}</p>",
+                escape(&error.to_string())
+            );
+        }
+    }
+    html(200, page(shared, "Instruments", Some((user, csrf)), &body))
 }
 
 fn license_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Response {

@@ -238,6 +238,24 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
     );
     assert!(!page.contains("Licence invalid"));
 
+    // An instrument is renamed from its page; only the name shown changes.
+    let renamed = post_form(
+        &mut http,
+        "/instruments",
+        Some(&cookie),
+        &[
+            ("csrf", &token),
+            ("serial", "WEB-INC-1"),
+            ("name", "Lab 3 <left>"),
+        ],
+    );
+    let page = body(&renamed);
+    assert!(page.contains("is now shown as"), "{page}");
+    assert!(
+        page.contains("Lab 3 &lt;left&gt;"),
+        "the name is shown, escaped"
+    );
+
     // Logging out ends the session.
     let out = post_form(&mut http, "/logout", Some(&cookie), &[("csrf", &token)]);
     assert_eq!(out.status, 303);

@@ -119,6 +119,12 @@ impl<'txn> Batch<'txn> {
                 *at_ms,
             ),
             WriteOp::ResetInstrumentSecret { serial } => self.reset_secret(serial),
+            WriteOp::InstrumentRename {
+                actor,
+                serial,
+                display_name,
+                at_ms,
+            } => self.instrument_rename(actor, serial, display_name, *at_ms),
             WriteOp::RegisterDish {
                 instrument_id,
                 dish,

@@ -63,6 +63,14 @@ pub enum WriteOp {
     },
     /// Admin: forget the secret; the next HELLO of that serial is issued a new one.
     ResetInstrumentSecret { serial: String },
+    /// Changes an instrument's display name. Its identity (serial number) and every image,
+    /// dish and annotation stay as they are: names are labels, never keys.
+    InstrumentRename {
+        actor: Actor,
+        serial: String,
+        display_name: String,
+        at_ms: i64,
+    },
     /// Create or update a culture dish (key: instrument_id + dish_id), creating its patient and
     /// treatment when missing. An embryo id, once assigned to (dish, well), never changes.
     RegisterDish {
@@ -467,6 +475,7 @@ pub enum WriteOutcome {
         replayed: bool,
     },
     ApiKeyChanged,
+    InstrumentRenamed,
     Audited,
     UserChanged,
     LoginRecorded {
@@ -504,6 +513,7 @@ impl WriteOp {
             | WriteOp::ApiKeyCreate { at_ms, .. }
             | WriteOp::ApiKeyRevoke { at_ms, .. } => Some(*at_ms),
             WriteOp::ResetInstrumentSecret { .. } => None,
+            WriteOp::InstrumentRename { at_ms, .. } => Some(*at_ms),
         }
     }
 
@@ -528,6 +538,16 @@ impl WriteOp {
                 }
             }
             WriteOp::ResetInstrumentSecret { serial } => text("serial", serial, Required::Yes),
+            WriteOp::InstrumentRename {
+                actor,
+                serial,
+                display_name,
+                ..
+            } => {
+                validate_actor(actor)?;
+                text("serial", serial, Required::Yes)?;
+                text("display name", display_name, Required::Yes)
+            }
             WriteOp::RegisterDish { dish, .. } => validate_dish(dish),
             WriteOp::PutImage {
                 dish_id,
@@ -855,6 +875,15 @@ impl fmt::Debug for WriteOp {
                     &presented_secret.as_ref().map(|_| "<redacted>"),
                 )
                 .field("at_ms", at_ms)
+                .finish_non_exhaustive(),
+            WriteOp::InstrumentRename {
+                serial,
+                display_name,
+                ..
+            } => f
+                .debug_struct("InstrumentRename")
+                .field("serial", serial)
+                .field("display_name", display_name)
                 .finish_non_exhaustive(),
             WriteOp::ResetInstrumentSecret { serial } => f
                 .debug_struct("ResetInstrumentSecret")

@@ -1878,3 +1878,43 @@ fn a_version_1_database_is_migrated_on_open() {
         2
     );
 }
+
+#[test]
+fn renaming_an_instrument_keeps_every_image_and_annotation_reachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    write(&writer, image_op(instrument_id, 1, 0, T0, jpeg(1, 100))).unwrap();
+    edit(&writer, "anna", t2("E1", 1, T0 + 3_600_000)).unwrap();
+    let rename = |serial: &str, name: &str| WriteOp::InstrumentRename {
+        actor: actor("admin"),
+        serial: serial.into(),
+        display_name: name.into(),
+        at_ms: T0 + 10 * MINUTE_MS,
+    };
+    let outcome = write(&writer, rename("SN-1", "Lab 2, left")).unwrap();
+    assert_eq!(outcome, WriteOutcome::InstrumentRenamed);
+    let unknown = write(&writer, rename("SN-404", "x"));
+    assert_eq!(unknown.unwrap_err().code(), "not_found");
+    let reader = store.read().unwrap();
+    let instruments = reader.instruments().unwrap();
+    assert_eq!(instruments.len(), 1);
+    assert_eq!(
+        (
+            instruments[0].serial.as_str(),
+            instruments[0].display_name.as_str()
+        ),
+        ("SN-1", "Lab 2, left")
+    );
+    let embryo = reader.embryo("E1").unwrap().unwrap();
+    assert_eq!(embryo.annotations.len(), 1);
+    assert_eq!(embryo.instrument_serial, "SN-1");
+    assert!(reader.embryo_image("E1", T0, 0).unwrap().is_some());
+    drop(reader);
+    // The same instrument says HELLO again under its serial: the same instrument, its data.
+    assert_eq!(hello(&writer, "SN-1"), instrument_id);
+    let audit = store.read().unwrap().audit_after(0, 100).unwrap();
+    assert!(audit.iter().any(|a| a.action == "instrument.rename"));
+    assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+    writer.shutdown();
+}

@@ -16,7 +16,7 @@ use crate::ops::{
 };
 use crate::tables::{
     decode, encode, AnnotationRow, ApiKeyRow, AuditRow, DishRow, EmbryoRow, IdempotencyRow,
-    PatientRow, ScoreRow, TransferRow, TreatmentRow, UserRow, WellKey,
+    InstrumentRow, PatientRow, ScoreRow, TransferRow, TreatmentRow, UserRow, WellKey,
 };
 use redb::ReadableTable;
 use serde_json::json;
@@ -592,6 +592,46 @@ impl Batch<'_> {
             ids.push(row.embryo_id);
         }
         Ok(ids)
+    }
+
+    // ---------------------------------------------------------------- instruments
+
+    pub(super) fn instrument_rename(
+        &mut self,
+        actor: &Actor,
+        serial: &str,
+        display_name: &str,
+        at_ms: i64,
+    ) -> Applied {
+        let Some(instrument_id) = self.instrument_by_serial.get(serial)?.map(|g| g.value()) else {
+            return Ok(Err(WriteError::NotFound(format!("instrument {serial}"))));
+        };
+        let mut row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
+        let before = json!({ "display_name": row.display_name }).to_string();
+        row.display_name = display_name.to_string();
+        self.instruments
+            .insert(instrument_id, encode(&row).as_slice())?;
+        self.logged_change(
+            ChangeEntity::Instrument,
+            instrument_id,
+            serial,
+            0,
+            at_ms,
+            format!("instrument {serial} renamed {display_name}"),
+        )?;
+        self.audit_row(
+            Audit {
+                actor,
+                action: "instrument.rename",
+                entity: ChangeEntity::Instrument,
+                target: serial,
+                outcome: AuditOutcome::Applied,
+                before,
+                after: json!({ "display_name": display_name }).to_string(),
+            },
+            at_ms,
+        )?;
+        Ok(Ok(WriteOutcome::InstrumentRenamed))
     }
 
     // ---------------------------------------------------------------- API keys
