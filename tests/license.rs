@@ -172,3 +172,92 @@ fn no_valid_licence_refuses_clients_until_one_is_installed() {
         }
     }
 }
+
+/// A viewer computer replaced (a new name) is handled by a licence update; its users' data
+/// is theirs, not the computer's, so nothing is lost.
+#[test]
+fn a_renamed_viewer_computer_is_a_licence_update_and_loses_nothing() {
+    use es_proto::viewer::pb::{self, client_message::Request, server_message::Body};
+    let scratch = tempfile::tempdir().unwrap();
+    let key_file = scratch.path().join("issuer.key");
+    let keygen = esserver(
+        &["license", "keygen", "--out", key_file.to_str().unwrap()],
+        None,
+    );
+    let public = stdout(&keygen).lines().last().unwrap().trim().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, true, &format!("[License]\ntrusted_keys = {public}\n"));
+    common::add_user(&server, "anna", "edit", PASSWORD);
+    let workload = common::upload_dish(&server, "LIC-2", 1);
+    let issue = |computer: &str, file: &str| {
+        let path = scratch.path().join(file);
+        let output = esserver(
+            &[
+                "license",
+                "issue",
+                "--key",
+                key_file.to_str().unwrap(),
+                "--server-id",
+                &server.info.server_id,
+                "--clinic",
+                "Clinic A",
+                "--configuration",
+                "basic",
+                "--computer",
+                computer,
+                "--out",
+                path.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert!(output.status.success(), "{output:?}");
+        let install = esserver(
+            &["license", "install", path.to_str().unwrap()],
+            Some(server.data_dir()),
+        );
+        assert!(install.status.success(), "{install:?}");
+    };
+    issue("LAB-OLD", "old.lic");
+    let embryo_id = format!("{}_S1_P-1", workload.serial);
+    let mut old = login(&server, "LAB-OLD").unwrap();
+    let Body::Embryo(embryo) = old
+        .call(Request::GetEmbryo(pb::GetEmbryo {
+            embryo_id: embryo_id.clone(),
+        }))
+        .unwrap()
+    else {
+        panic!("an embryo")
+    };
+    let saved = old
+        .call(Request::AddAnnotation(pb::AddAnnotation {
+            embryo_id: embryo_id.clone(),
+            expected_version: embryo.version,
+            annotation: Some(pb::AnnotationInput {
+                name: "FRAG".into(),
+                value: "2".into(),
+                source: "manual".into(),
+                ..Default::default()
+            }),
+        }))
+        .unwrap();
+    assert!(matches!(saved, Body::Saved(_)), "{saved:?}");
+    drop(old);
+
+    // The computer is replaced: the licence names the new one.
+    issue("LAB-NEW", "new.lic");
+    refused_with(login(&server, "LAB-OLD"), ErrorCode::ComputerNotLicensed);
+    let mut new = login(&server, "LAB-NEW").expect("the new computer logs in");
+    let Body::Embryo(embryo) = new
+        .call(Request::GetEmbryo(pb::GetEmbryo { embryo_id }))
+        .unwrap()
+    else {
+        panic!("an embryo")
+    };
+    assert!(
+        embryo
+            .annotations
+            .iter()
+            .any(|a| a.name == "FRAG" && a.set_by == "anna"),
+        "the annotation made on the old computer is there"
+    );
+}
