@@ -99,7 +99,7 @@ fn page(shared: &ApiShared, title: &str, user: Option<(&str, &str)>, body: &str)
     };
     let nav = match user {
         Some((name, csrf)) => format!(
-            "<nav><a href='/'>Status</a> <a href='/license'>Licence</a> <a href='/instruments'>Instruments</a> <span class=who>{}</span> \
+            "<nav><a href='/'>Status</a> <a href='/license'>Licence</a> <a href='/instruments'>Instruments</a> <a href='/users'>Users</a> <span class=who>{}</span> \
              <form method=post action='/logout' class=inline><input type=hidden name=csrf value='{csrf}'>\
              <button id=logout>Log out</button></form></nav>",
             escape(name)
@@ -238,6 +238,10 @@ pub(crate) fn handle(
                 };
                 license_page(shared, &user, &csrf, &message)
             }
+            "/users" => {
+                let message = user_action(shared, &user, &fields);
+                users_page(shared, &user, &csrf, &message)
+            }
             "/instruments" => {
                 let serial = field(&fields, "serial").unwrap_or("");
                 let name = field(&fields, "name").unwrap_or("").trim();
@@ -270,6 +274,7 @@ pub(crate) fn handle(
         "/" => dashboard(shared, &user, &csrf),
         "/license" => license_page(shared, &user, &csrf, ""),
         "/instruments" => instruments_page(shared, &user, &csrf, ""),
+        "/users" => users_page(shared, &user, &csrf, ""),
         _ => html(
             404,
             page(
@@ -482,6 +487,114 @@ fn dashboard(shared: &ApiShared, user: &str, csrf: &str) -> Response {
         }
     }
     html(200, page(shared, "Status", Some((user, csrf)), &body))
+}
+
+/// Adds a user, disables or enables one, or sets a password (the policy of every password),
+/// as `esserver user` does; returns the message to show.
+fn user_action(shared: &ApiShared, admin: &str, fields: &[(String, String)]) -> String {
+    use crate::control::UserRequest;
+    let name = field(fields, "name").unwrap_or("").trim().to_string();
+    let by = format!("web:{admin}");
+    let new_hash = || -> Result<String, String> {
+        let password = field(fields, "password").unwrap_or("");
+        crate::viewer::auth::check_password_policy(password)?;
+        crate::viewer::auth::hash_password(password)
+    };
+    let request = match field(fields, "action").unwrap_or("") {
+        "add" => new_hash().map(|password_hash| UserRequest::Add {
+            name: name.clone(),
+            password_hash,
+            rights: field(fields, "rights").unwrap_or("view").to_string(),
+            by,
+        }),
+        "password" => new_hash().map(|password_hash| UserRequest::Passwd {
+            name: name.clone(),
+            password_hash,
+            by,
+        }),
+        "disable" if name == admin => Err("you cannot disable your own account here".into()),
+        "disable" => Ok(UserRequest::Disable {
+            name: name.clone(),
+            by,
+        }),
+        "enable" => Ok(UserRequest::Enable {
+            name: name.clone(),
+            by,
+        }),
+        other => Err(format!("unknown action {other:?}")),
+    };
+    let request = match request {
+        Ok(request) => request,
+        Err(message) => {
+            return format!(
+                "<p class=err id=result>{}: {}</p>",
+                escape(&name),
+                escape(&message)
+            )
+        }
+    };
+    let response = crate::admin::user(&shared.writer, &shared.store, request);
+    if response.ok {
+        tracing::info!(%admin, user = %name, "user changed from the web interface");
+        format!(
+            "<p class=ok id=result>{}</p>",
+            escape(response.body["message"].as_str().unwrap_or("done"))
+        )
+    } else {
+        format!(
+            "<p class=err id=result>{}</p>",
+            escape(response.message.as_deref().unwrap_or("refused"))
+        )
+    }
+}
+
+fn users_page(shared: &ApiShared, admin: &str, csrf: &str, message: &str) -> Response {
+    let mut body = String::from(message);
+    let hidden = format!("<input type=hidden name=csrf value='{csrf}'>");
+    match shared.store.read().and_then(|r| r.users()) {
+        Ok(users) => {
+            body.push_str("<table id=users><tr><th>User</th><th>Rights</th><th>State</th><th>Last login</th><th></th></tr>");
+            for u in users {
+                let state = if u.disabled {
+                    "disabled"
+                } else if u.locked_until_ms > now_ms() {
+                    "locked"
+                } else {
+                    "active"
+                };
+                let toggle = if u.disabled { "enable" } else { "disable" };
+                let name = escape(&u.name);
+                let _ = write!(
+                    body,
+                    "<tr><td>{name}</td><td>{}</td><td>{state}</td><td>{}</td><td>\
+                     <form method=post action='/users' class=inline>{hidden}<input type=hidden name=name value='{name}'>\
+                     <input type=hidden name=action value={toggle}><button>{toggle}</button></form> \
+                     <form method=post action='/users' class=inline>{hidden}<input type=hidden name=name value='{name}'>\
+                     <input type=hidden name=action value=password><input type=password name=password aria-label='new password' placeholder='new password'> \
+                     <button>set password</button></form></td></tr>",
+                    u.rights.as_str(),
+                    if u.last_login_ms > 0 { escape(&time_text(u.last_login_ms)) } else { "never".into() },
+                );
+            }
+            body.push_str("</table>");
+        }
+        Err(error) => {
+            let _ = write!(
+                body,
+                "<p class=err>storage unavailable: {}</p>",
+                escape(&error.to_string())
+            );
+        }
+    }
+    let _ = write!(
+        body,
+        "<h2>Add a user</h2><form method=post action='/users' id=add-user>{hidden}<input type=hidden name=action value=add>\
+         <label>Name <input name=name id=new-name></label> <label>Rights <select name=rights id=new-rights>\
+         <option>view</option><option>edit</option><option>admin</option></select></label> \
+         <label>Password <input type=password name=password id=new-password></label> <button id=add-button>Add</button></form>\
+         <p>Passwords need at least 8 characters with an upper-case letter, a lower-case letter, a digit and a special character.</p>"
+    );
+    html(200, page(shared, "Users", Some((admin, csrf)), &body))
 }
 
 /// Every instrument ever seen, with a form to change the name it is shown by. The manual

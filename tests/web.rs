@@ -256,6 +256,72 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
         "the name is shown, escaped"
     );
 
+    // Users: added (the password policy applies), disabled, given a new password.
+    let weak = post_form(
+        &mut http,
+        "/users",
+        Some(&cookie),
+        &[
+            ("csrf", &token),
+            ("action", "add"),
+            ("name", "bob"),
+            ("rights", "view"),
+            ("password", "short"),
+        ],
+    );
+    assert!(
+        body(&weak).contains("does not meet the policy"),
+        "{}",
+        body(&weak)
+    );
+    let added = post_form(
+        &mut http,
+        "/users",
+        Some(&cookie),
+        &[
+            ("csrf", &token),
+            ("action", "add"),
+            ("name", "bob"),
+            ("rights", "view"),
+            ("password", "Bob-pass-2026"),
+        ],
+    );
+    assert!(body(&added).contains("user bob added"), "{}", body(&added));
+    let disabled = post_form(
+        &mut http,
+        "/users",
+        Some(&cookie),
+        &[("csrf", &token), ("action", "disable"), ("name", "bob")],
+    );
+    assert!(
+        body(&disabled).contains("bob: disabled"),
+        "{}",
+        body(&disabled)
+    );
+    let reset = post_form(
+        &mut http,
+        "/users",
+        Some(&cookie),
+        &[
+            ("csrf", &token),
+            ("action", "password"),
+            ("name", "bob"),
+            ("password", "Bob-new-2026!"),
+        ],
+    );
+    assert!(
+        body(&reset).contains("password changed"),
+        "{}",
+        body(&reset)
+    );
+    let list = Command::new(common::esserver_path())
+        .args(["user", "list", "--json", "--data"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    let users = String::from_utf8_lossy(&list.stdout);
+    assert!(users.contains("\"bob\""), "{users}");
+
     // Logging out ends the session.
     let out = post_form(&mut http, "/logout", Some(&cookie), &[("csrf", &token)]);
     assert_eq!(out.status, 303);
