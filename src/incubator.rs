@@ -62,11 +62,23 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Records a connection; returns the handle of the older connection it replaces.
-    fn insert(&self, connected: Connected) -> Option<ConnHandle<IncubatorMsg>> {
+    /// Records a connection if `admit` accepts the models connected besides it (checked and
+    /// inserted under one lock, so two HELLOs cannot both take the last room); returns the
+    /// handle of the older connection it replaces.
+    fn admit(
+        &self,
+        connected: Connected,
+        admit: impl FnOnce(&[String]) -> Result<(), String>,
+    ) -> Result<Option<ConnHandle<IncubatorMsg>>, String> {
         let mut map = self.by_serial.lock();
+        let others: Vec<String> = map
+            .values()
+            .filter(|c| c.serial != connected.serial)
+            .map(|c| c.model.clone())
+            .collect();
+        admit(&others)?;
         let older = map.insert(connected.serial.clone(), connected);
-        older.map(|older| older.handle)
+        Ok(older.map(|older| older.handle))
     }
 
     fn remove_if_current(&self, serial: &str, connection_id: u64) {
@@ -120,6 +132,7 @@ pub struct IncubatorService {
     pub registry: Arc<Registry>,
     pub limits: ServerLimits,
     pub disk: Arc<crate::disk_guard::DiskState>,
+    pub licensing: Arc<crate::license::Licensing>,
 }
 
 impl Service for IncubatorService {
@@ -142,6 +155,7 @@ impl Service for IncubatorService {
             writer: self.writer.clone(),
             registry: self.registry.clone(),
             disk: self.disk.clone(),
+            licensing: self.licensing.clone(),
             handle,
             peer,
             instrument: None,
@@ -166,6 +180,7 @@ pub struct IncubatorSession {
     writer: Writer,
     registry: Arc<Registry>,
     disk: Arc<crate::disk_guard::DiskState>,
+    licensing: Arc<crate::license::Licensing>,
     handle: ConnHandle<IncubatorMsg>,
     peer: SocketAddr,
     instrument: Option<Instrument>,
@@ -282,15 +297,28 @@ impl IncubatorSession {
             id: instrument_id,
             serial: hello.serial_number.clone(),
         });
-        let older = self.registry.insert(Connected {
-            handle: self.handle.clone(),
-            serial: hello.serial_number.clone(),
-            model: hello.model.clone(),
-            firmware: hello.firmware_version.clone(),
-            peer: self.peer,
-            connected_at_ms: now_ms(),
-            counters: self.counters.clone(),
-        });
+        let licensing = self.licensing.clone();
+        let model = hello.model.clone();
+        let admitted = self.registry.admit(
+            Connected {
+                handle: self.handle.clone(),
+                serial: hello.serial_number.clone(),
+                model: hello.model.clone(),
+                firmware: hello.firmware_version.clone(),
+                peer: self.peer,
+                connected_at_ms: now_ms(),
+                counters: self.counters.clone(),
+            },
+            |others| capacity_check(&licensing, &model, others),
+        );
+        let older = match admitted {
+            Ok(older) => older,
+            Err(message) => {
+                self.instrument = None;
+                self.fail(ErrorCode::CapacityExceeded, message, io);
+                return;
+            }
+        };
         if let Some(older) = older {
             if older.id() != self.handle.id() {
                 tracing::warn!(incubator = %self.name(),
@@ -604,6 +632,48 @@ fn dish_registration(dish: pb::RegisterDish) -> DishRegistration {
             })
             .collect(),
     }
+}
+
+/// Whether the licence's configuration has room for one more instrument of `model` beside
+/// those connected, by the capacity planner's rules. Without a valid licence every
+/// instrument is admitted: culture data is never turned away.
+fn capacity_check(
+    licensing: &crate::license::Licensing,
+    model: &str,
+    others: &[String],
+) -> Result<(), String> {
+    use es_perf::catalog::DeviceModel;
+    use es_perf::config_rules;
+    let Ok(license) = licensing.current(now_ms()) else {
+        return Ok(());
+    };
+    // A model the catalog does not know counts as one unit, like the smaller instruments.
+    let parse = |name: &str| {
+        name.parse::<DeviceModel>()
+            .unwrap_or(DeviceModel::EmbryoScope8)
+    };
+    let mut devices: Vec<(DeviceModel, u32)> = Vec::new();
+    for name in others.iter().map(String::as_str).chain([model]) {
+        let device = parse(name);
+        match devices.iter_mut().find(|(m, _)| *m == device) {
+            Some((_, count)) => *count += 1,
+            None => devices.push((device, 1)),
+        }
+    }
+    let violations = config_rules::violations(license.configuration, &devices, 0);
+    if violations.is_empty() {
+        return Ok(());
+    }
+    let used = config_rules::usage(license.configuration, &devices, 0);
+    let reasons: Vec<String> = violations.iter().map(ToString::to_string).collect();
+    Err(format!(
+        "no room for this {model} in the licence's {} configuration: {}; with it, {} of {} capacity units would be used by {} instrument(s)",
+        license.configuration.name(),
+        reasons.join("; "),
+        used.units_used,
+        used.units_max,
+        others.len() + 1
+    ))
 }
 
 /// The wire code of a storage refusal.

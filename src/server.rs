@@ -202,6 +202,7 @@ fn start_services(
             inflight_requests_max: config.limits.inflight_requests_max,
         },
         disk: disk.clone(),
+        licensing: licensing.clone(),
     });
     pools.push(start_pool(
         "incubator",

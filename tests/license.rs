@@ -261,3 +261,108 @@ fn a_renamed_viewer_computer_is_a_licence_update_and_loses_nothing() {
         "the annotation made on the old computer is there"
     );
 }
+
+/// The manual's configuration table at HELLO: basic has 2 capacity units; high capacity 16
+/// units and at most 8 EmbryoScope+/Flex (an EmbryoScope+/Flex takes 2 units, other models
+/// 1). A refused instrument is told the configuration and the current use.
+#[test]
+fn instruments_over_the_configuration_are_refused_at_hello() {
+    use es_loadtest::client::IncubatorClient;
+    use es_proto::incubator::ErrorCode as IncubatorCode;
+    let scratch = tempfile::tempdir().unwrap();
+    let key_file = scratch.path().join("issuer.key");
+    let keygen = esserver(
+        &["license", "keygen", "--out", key_file.to_str().unwrap()],
+        None,
+    );
+    let public = stdout(&keygen).lines().last().unwrap().trim().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, true, &format!("[License]\ntrusted_keys = {public}\n"));
+    let install = |configuration: &str, file: &str| {
+        let path = scratch.path().join(file);
+        let issue = esserver(
+            &[
+                "license",
+                "issue",
+                "--key",
+                key_file.to_str().unwrap(),
+                "--server-id",
+                &server.info.server_id,
+                "--clinic",
+                "Clinic A",
+                "--configuration",
+                configuration,
+                "--out",
+                path.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert!(issue.status.success(), "{issue:?}");
+        let done = esserver(
+            &["license", "install", path.to_str().unwrap()],
+            Some(server.data_dir()),
+        );
+        assert!(done.status.success(), "{done:?}");
+    };
+    let connect = |serial: &str, model: &str| {
+        let mut identity = common::identity(serial, model);
+        IncubatorClient::connect(
+            server.info.address("incubator"),
+            &server.info.client_tls("incubator"),
+            &mut identity,
+            common::TIMEOUT,
+        )
+    };
+    let refused = |result: Result<IncubatorClient, _>| match result {
+        Err(error @ es_loadtest::client::ClientError::Server { .. }) => {
+            assert_eq!(error.error_code(), Some(IncubatorCode::CapacityExceeded));
+            error.to_string()
+        }
+        Err(other) => panic!("expected capacity_exceeded, got {other}"),
+        Ok(_) => panic!("expected capacity_exceeded, the instrument was admitted"),
+    };
+
+    // Without a licence nothing is refused: culture data is never turned away.
+    let free: Vec<_> = (0..3)
+        .map(|n| connect(&format!("FREE-{n}"), "es-plus").expect("admitted"))
+        .collect();
+    drop(free);
+
+    install("basic", "basic.lic");
+    let plus = connect("B-PLUS", "es-plus").expect("an EmbryoScope+ fits basic (2 units)");
+    let message = refused(connect("B-D", "es-d"));
+    assert!(message.contains("basic configuration"), "{message}");
+    assert!(message.contains("3 of 2 capacity units"), "{message}");
+    // The same instrument connecting again takes no more room.
+    let again = connect("B-PLUS", "es-plus").expect("a reconnect replaces its connection");
+    drop((plus, again));
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    let d1 = loop {
+        match connect("B-D1", "es-d") {
+            Ok(client) => break client,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            Err(error) => panic!("room was not freed: {error}"),
+        }
+    };
+    let d2 = connect("B-D2", "culturepro").expect("two 1-unit instruments fit basic");
+    refused(connect("B-D3", "es-8"));
+    drop((d1, d2));
+
+    install("high-capacity", "high.lic");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let pluses: Vec<_> = (0..8)
+        .map(|n| {
+            connect(&format!("H-PLUS-{n}"), "es-flex")
+                .or_else(|_| {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    connect(&format!("H-PLUS-{n}"), "es-flex")
+                })
+                .expect("8 EmbryoScope+/Flex fit high capacity")
+        })
+        .collect();
+    let message = refused(connect("H-PLUS-8", "es-plus"));
+    assert!(message.contains("high-capacity configuration"), "{message}");
+    assert_eq!(pluses.len(), 8);
+}

@@ -399,8 +399,11 @@ fn a_1000_frame_playback_completes_while_16_incubators_upload_at_10x() {
         error.is_none() && stats.acked == 1000,
         "{error:?} {stats:?}"
     );
+    // Gone before the 16 others connect: they fill the DEMO licence's 16 capacity units.
+    client.close(common::TIMEOUT).unwrap();
 
-    // 16 incubators at 10 x nominal (44 images/s each), for about 8 seconds.
+    // 16 incubators at 10 x nominal (44 images/s each), for about 8 seconds; EmbryoScope 8
+    // (1 unit each, the same 11 planes as EmbryoScope+), so that 16 fit high capacity.
     let rate = DeviceModel::EmbryoScopePlus.spec().images_per_second() * 10.0;
     let interval = Duration::from_secs_f64(1.0 / rate);
     let per_incubator = (rate * 8.0) as u64;
@@ -411,7 +414,7 @@ fn a_1000_frame_playback_completes_while_16_incubators_upload_at_10x() {
             let frames = frames.clone();
             std::thread::spawn(move || {
                 let serial = format!("VW-LOAD-{index:02}");
-                let mut identity = common::identity(&serial, "es-plus");
+                let mut identity = common::identity(&serial, "es-8");
                 let mut client = es_loadtest::client::IncubatorClient::connect(
                     address,
                     &tls,
@@ -419,7 +422,7 @@ fn a_1000_frame_playback_completes_while_16_incubators_upload_at_10x() {
                     common::TIMEOUT,
                 )
                 .expect("incubator connects");
-                let workload = Workload::full(&serial, DeviceModel::EmbryoScopePlus, 1, START_MS);
+                let workload = Workload::full(&serial, DeviceModel::EmbryoScope8, 1, START_MS);
                 sim::register_dishes(&mut client, &workload, common::TIMEOUT).unwrap();
                 let pacing = Pacing::OpenLoop {
                     start: Instant::now(),

@@ -206,6 +206,22 @@ impl IncubatorClient {
         Ok(())
     }
 
+    /// Closes gracefully and waits until the server has closed its side too, so the server
+    /// no longer counts this instrument as connected (its licence capacity is free again).
+    pub fn close(mut self, timeout: Duration) -> Result<(), ClientError> {
+        let deadline = Instant::now() + timeout;
+        self.finish_sending(timeout)?;
+        while !self.conn.is_eof() {
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout("the server to close the connection"));
+            }
+            self.conn.pump(deadline)?;
+            // Answers still coming are read and dropped.
+            self.conn.input().clear();
+        }
+        Ok(())
+    }
+
     /// Drops the connection without a goodbye.
     pub fn abort(mut self) {
         self.conn.shutdown();

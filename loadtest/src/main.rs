@@ -48,8 +48,10 @@ struct IngestArgs {
     /// Simulated incubators.
     #[arg(long, default_value_t = 16)]
     incubators: u32,
-    /// Device model of every simulated incubator (es-d, es-plus, es-flex, es-8).
-    #[arg(long, default_value = "es-plus")]
+    /// Device model of every simulated incubator (es-d, es-plus, es-flex, es-8). es-8 takes
+    /// one capacity unit, so 16 of them fit the high-capacity licence the spawned server runs
+    /// with (16 EmbryoScope+ would need 32 units); its images are EmbryoScope+'s (11 planes).
+    #[arg(long, default_value = "es-8")]
     model: DeviceModel,
     /// Longest duration of each phase, in seconds.
     #[arg(long, default_value_t = 15)]

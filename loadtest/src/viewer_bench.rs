@@ -101,6 +101,10 @@ pub fn seed(server: &ServerProcess, frames: &[Bytes], cycles: u32) -> Result<Vec
             workload.len()
         ));
     }
+    // Gone before the benchmark's incubators connect: they fill the licence's capacity.
+    client
+        .close(Duration::from_secs(30))
+        .map_err(|e| format!("seeding: closing: {e}"))?;
     Ok((1..=SEED_WELLS)
         .map(|well| format!("VIEWSEED_S1_P-{well}"))
         .collect())

@@ -71,6 +71,7 @@ ERROR_CODES = {
     17: "idle_timeout",
     18: "internal_error",
     19: "unexpected_message",
+    20: "capacity_exceeded",
 }
 ERROR_BY_NAME = {name: code for code, name in ERROR_CODES.items()}
 

@@ -45,11 +45,14 @@ pub enum ErrorCode {
     InternalError = 18,
     /// A message not valid in this state (a second HELLO, a server-to-client type, ...).
     UnexpectedMessage = 19,
+    /// The licence's configuration has no room for this instrument (capacity units or
+    /// EmbryoScope+/Flex count); the message names the configuration and the current use.
+    CapacityExceeded = 20,
 }
 
 impl ErrorCode {
     /// Every code, ascending.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::MalformedFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnknownMessageType,
@@ -69,6 +72,7 @@ impl ErrorCode {
         ErrorCode::IdleTimeout,
         ErrorCode::InternalError,
         ErrorCode::UnexpectedMessage,
+        ErrorCode::CapacityExceeded,
     ];
 
     /// The number on the wire (ERROR.code).
@@ -98,6 +102,7 @@ impl ErrorCode {
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::InternalError => "internal_error",
             ErrorCode::UnexpectedMessage => "unexpected_message",
+            ErrorCode::CapacityExceeded => "capacity_exceeded",
         }
     }
 
@@ -128,6 +133,7 @@ impl ErrorCode {
                 | ErrorCode::HandshakeTimeout
                 | ErrorCode::IdleTimeout
                 | ErrorCode::UnexpectedMessage
+                | ErrorCode::CapacityExceeded
         )
     }
 }
@@ -160,7 +166,7 @@ mod tests {
             assert_eq!(ErrorCode::from_name(code.name()), Some(code));
         }
         assert_eq!(ErrorCode::from_code(0), None);
-        assert_eq!(ErrorCode::from_code(20), None);
+        assert_eq!(ErrorCode::from_code(21), None);
         assert_eq!(ErrorCode::ImageConflict.code(), 7);
         assert_eq!(ErrorCode::UnexpectedMessage.name(), "unexpected_message");
     }
@@ -172,7 +178,7 @@ mod tests {
             .filter(|code| code.closes_connection())
             .map(ErrorCode::code)
             .collect();
-        assert_eq!(closing, vec![1, 2, 3, 4, 5, 6, 11, 14, 15, 16, 17, 19]);
+        assert_eq!(closing, vec![1, 2, 3, 4, 5, 6, 11, 14, 15, 16, 17, 19, 20]);
     }
 
     #[test]
