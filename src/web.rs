@@ -454,9 +454,11 @@ fn dashboard(shared: &ApiShared, user: &str, csrf: &str) -> Response {
                 c.images
             );
         }
+        body.push_str("</table>");
+        body.push_str(&capacity_and_rate(shared, web, now));
         let _ = write!(
             body,
-            "</table><h2>Viewers</h2><p id=viewers>{} logged-in viewer connection(s)</p>",
+            "<h2>Viewers</h2><p id=viewers>{} logged-in viewer connection(s)</p>",
             web.viewers.len()
         );
     } else {
@@ -631,6 +633,50 @@ fn instruments_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -
         }
     }
     html(200, page(shared, "Instruments", Some((user, csrf)), &body))
+}
+
+/// Capacity units used of the licence's, the ingestion rate of the connected instruments
+/// (images since each connected, over its connected time) and, from it, days until the disk
+/// is full.
+fn capacity_and_rate(shared: &ApiShared, web: &WebContext, now: i64) -> String {
+    use es_perf::catalog::DeviceModel;
+    let connected = web.registry.snapshot();
+    let mut devices: Vec<(DeviceModel, u32)> = Vec::new();
+    let (mut images_per_s, mut bytes_per_s) = (0.0f64, 0.0f64);
+    for c in &connected {
+        let model = c.model.parse().unwrap_or(DeviceModel::EmbryoScope8);
+        match devices.iter_mut().find(|(m, _)| *m == model) {
+            Some((_, n)) => *n += 1,
+            None => devices.push((model, 1)),
+        }
+        let seconds = ((now - c.connected_at_ms).max(1000) as f64) / 1000.0;
+        images_per_s += c.images as f64 / seconds;
+        bytes_per_s += c.image_bytes as f64 / seconds;
+    }
+    let mut out = String::new();
+    if let Ok(license) = shared.licensing.current(now) {
+        let used = es_perf::config_rules::usage(license.configuration, &devices, 0);
+        let _ = write!(
+            out,
+            "<p id=capacity>Capacity units: {} of {} used ({} EmbryoScope+/Flex of {})</p>",
+            used.units_used, used.units_max, used.plus_flex_used, used.plus_flex_max
+        );
+    }
+    let days = if bytes_per_s > 0.0 {
+        format!(
+            "{:.0} days until the disk is full at this rate",
+            shared.disk.free_bytes() as f64 / bytes_per_s / 86_400.0
+        )
+    } else {
+        "no images arriving".to_string()
+    };
+    let _ = write!(
+        out,
+        "<p id=rate>Ingestion: {images_per_s:.1} images/s ({:.2} MB/s); {days}</p>\
+         <p>Monitoring queue (IMS) and backups: not part of this version.</p>",
+        bytes_per_s / 1e6
+    );
+    out
 }
 
 fn license_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Response {

@@ -236,6 +236,10 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
         page.contains("high-capacity configuration, licence"),
         "{page}"
     );
+    assert!(
+        page.contains("Capacity units: 2 of 16 used (1 EmbryoScope+/Flex of 8)"),
+        "{page}"
+    );
     assert!(!page.contains("Licence invalid"));
 
     // An instrument is renamed from its page; only the name shown changes.
