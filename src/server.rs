@@ -233,19 +233,23 @@ fn start_services(
         &limits,
         viewer,
     )?);
-    let api = Arc::new(ApiService::new(
-        store.clone(),
-        writer.clone(),
-        server.workers.clone(),
-        disk.clone(),
-        licensing.clone(),
-        ApiSettings {
-            http: es_net::http::HttpLimits::default(),
-            login_failures_max: config.security.login_failures_max,
-            lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
-        },
-        None,
-    ));
+    // The public API and the web interface: one HTTP service, each with its own routes.
+    let http_service = |web: Option<crate::web::WebContext>| {
+        Arc::new(ApiService::new(
+            store.clone(),
+            writer.clone(),
+            server.workers.clone(),
+            disk.clone(),
+            licensing.clone(),
+            ApiSettings {
+                http: es_net::http::HttpLimits::default(),
+                login_failures_max: config.security.login_failures_max,
+                lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
+            },
+            web,
+        ))
+    };
+    let api = http_service(None);
     pools.push(start_pool(
         "public-api",
         &config.public_api,
@@ -253,23 +257,11 @@ fn start_services(
         &limits,
         api,
     )?);
-    let web = Arc::new(ApiService::new(
-        store.clone(),
-        writer.clone(),
-        server.workers.clone(),
-        disk.clone(),
-        licensing.clone(),
-        ApiSettings {
-            http: es_net::http::HttpLimits::default(),
-            login_failures_max: config.security.login_failures_max,
-            lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
-        },
-        Some(crate::web::WebContext {
-            registry: registry.clone(),
-            viewers: viewers.clone(),
-            sessions: crate::api::auth::Tokens::default(),
-        }),
-    ));
+    let web = http_service(Some(crate::web::WebContext {
+        registry: registry.clone(),
+        viewers: viewers.clone(),
+        sessions: crate::api::auth::Tokens::default(),
+    }));
     pools.push(start_pool(
         "web",
         &config.web,

@@ -54,18 +54,9 @@ fn refused_with(result: Result<ViewerClient, ViewerError>, code: ErrorCode) -> S
 
 #[test]
 fn no_valid_licence_refuses_clients_until_one_is_installed() {
-    let scratch = tempfile::tempdir().unwrap();
-    let key_file = scratch.path().join("issuer.key");
-    let keygen = esserver(
-        &["license", "keygen", "--out", key_file.to_str().unwrap()],
-        None,
-    );
-    assert!(keygen.status.success(), "{keygen:?}");
-    let public = stdout(&keygen).lines().last().unwrap().trim().to_string();
-    assert_eq!(public.len(), 64);
-
+    let issuer = common::Issuer::new();
     let dir = tempfile::tempdir().unwrap();
-    let server = common::spawn_in(&dir, true, &format!("[License]\ntrusted_keys = {public}\n"));
+    let server = issuer.spawn(&dir);
     common::add_user(&server, "anna", "edit", PASSWORD);
     let info = esserver(&["info"], Some(server.data_dir()));
     let server_id = server.info.server_id.clone();
@@ -103,46 +94,18 @@ fn no_valid_licence_refuses_clients_until_one_is_installed() {
     common::upload_dish(&server, "LIC-1", 2);
 
     // A licence changed after signing is refused, with its reason, and changes nothing.
-    let file = scratch.path().join("clinic.lic");
-    let issue = esserver(
-        &[
-            "license",
-            "issue",
-            "--key",
-            key_file.to_str().unwrap(),
-            "--server-id",
-            &server_id,
-            "--clinic",
-            "Clinic A",
-            "--configuration",
-            "basic",
-            "--computer",
-            "LAB-1",
-            "--computer",
-            "LAB-2",
-            "--out",
-            file.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert!(issue.status.success(), "{issue:?}");
+    let file = issuer.issue(&server, "basic", &["LAB-1", "LAB-2"], "clinic.lic");
     let text = std::fs::read_to_string(&file).unwrap();
-    let tampered = scratch.path().join("tampered.lic");
+    let tampered = file.with_file_name("tampered.lic");
     std::fs::write(&tampered, text.replacen("Clinic A", "Clinic B", 1)).unwrap();
-    let install = esserver(
-        &["license", "install", tampered.to_str().unwrap()],
-        Some(server.data_dir()),
-    );
+    let install = issuer.install(&server, &tampered);
     assert!(!install.status.success());
     let stderr = String::from_utf8_lossy(&install.stderr);
     assert!(stderr.contains("signature does not match"), "{stderr}");
     refused_with(login(&server, "LAB-1"), ErrorCode::LicenseInvalid);
 
     // The valid licence applies at once, without a restart.
-    let install = esserver(
-        &["license", "install", file.to_str().unwrap()],
-        Some(server.data_dir()),
-    );
+    let install = issuer.install(&server, &file);
     assert!(install.status.success(), "{install:?}");
     let ok = http
         .get("/api/v1/patients", &[("authorization", &auth)])
@@ -178,43 +141,14 @@ fn no_valid_licence_refuses_clients_until_one_is_installed() {
 #[test]
 fn a_renamed_viewer_computer_is_a_licence_update_and_loses_nothing() {
     use es_proto::viewer::pb::{self, client_message::Request, server_message::Body};
-    let scratch = tempfile::tempdir().unwrap();
-    let key_file = scratch.path().join("issuer.key");
-    let keygen = esserver(
-        &["license", "keygen", "--out", key_file.to_str().unwrap()],
-        None,
-    );
-    let public = stdout(&keygen).lines().last().unwrap().trim().to_string();
+    let issuer = common::Issuer::new();
     let dir = tempfile::tempdir().unwrap();
-    let server = common::spawn_in(&dir, true, &format!("[License]\ntrusted_keys = {public}\n"));
+    let server = issuer.spawn(&dir);
     common::add_user(&server, "anna", "edit", PASSWORD);
     let workload = common::upload_dish(&server, "LIC-2", 1);
     let issue = |computer: &str, file: &str| {
-        let path = scratch.path().join(file);
-        let output = esserver(
-            &[
-                "license",
-                "issue",
-                "--key",
-                key_file.to_str().unwrap(),
-                "--server-id",
-                &server.info.server_id,
-                "--clinic",
-                "Clinic A",
-                "--configuration",
-                "basic",
-                "--computer",
-                computer,
-                "--out",
-                path.to_str().unwrap(),
-            ],
-            None,
-        );
-        assert!(output.status.success(), "{output:?}");
-        let install = esserver(
-            &["license", "install", path.to_str().unwrap()],
-            Some(server.data_dir()),
-        );
+        let path = issuer.issue(&server, "basic", &[computer], file);
+        let install = issuer.install(&server, &path);
         assert!(install.status.success(), "{install:?}");
     };
     issue("LAB-OLD", "old.lic");
@@ -269,39 +203,12 @@ fn a_renamed_viewer_computer_is_a_licence_update_and_loses_nothing() {
 fn instruments_over_the_configuration_are_refused_at_hello() {
     use es_loadtest::client::IncubatorClient;
     use es_proto::incubator::ErrorCode as IncubatorCode;
-    let scratch = tempfile::tempdir().unwrap();
-    let key_file = scratch.path().join("issuer.key");
-    let keygen = esserver(
-        &["license", "keygen", "--out", key_file.to_str().unwrap()],
-        None,
-    );
-    let public = stdout(&keygen).lines().last().unwrap().trim().to_string();
+    let issuer = common::Issuer::new();
     let dir = tempfile::tempdir().unwrap();
-    let server = common::spawn_in(&dir, true, &format!("[License]\ntrusted_keys = {public}\n"));
+    let server = issuer.spawn(&dir);
     let install = |configuration: &str, file: &str| {
-        let path = scratch.path().join(file);
-        let issue = esserver(
-            &[
-                "license",
-                "issue",
-                "--key",
-                key_file.to_str().unwrap(),
-                "--server-id",
-                &server.info.server_id,
-                "--clinic",
-                "Clinic A",
-                "--configuration",
-                configuration,
-                "--out",
-                path.to_str().unwrap(),
-            ],
-            None,
-        );
-        assert!(issue.status.success(), "{issue:?}");
-        let done = esserver(
-            &["license", "install", path.to_str().unwrap()],
-            Some(server.data_dir()),
-        );
+        let path = issuer.issue(&server, configuration, &[], file);
+        let done = issuer.install(&server, &path);
         assert!(done.status.success(), "{done:?}");
     };
     let connect = |serial: &str, model: &str| {

@@ -71,21 +71,9 @@ fn csrf(page: &str) -> String {
 
 #[test]
 fn admin_logs_in_sees_the_server_and_installs_a_licence() {
-    let scratch = tempfile::tempdir().unwrap();
-    let key_file = scratch.path().join("issuer.key");
-    let keygen = Command::new(common::esserver_path())
-        .args(["license", "keygen", "--out"])
-        .arg(&key_file)
-        .output()
-        .unwrap();
-    let public = String::from_utf8_lossy(&keygen.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let issuer = common::Issuer::new();
     let dir = tempfile::tempdir().unwrap();
-    let server = common::spawn_in(&dir, true, &format!("[License]\ntrusted_keys = {public}\n"));
+    let server = issuer.spawn(&dir);
     common::add_user(&server, "root", "admin", PASSWORD);
     common::add_user(&server, "anna", "edit", PASSWORD);
     let mut http = web(&server);
@@ -160,25 +148,8 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
     // Forms need the page's CSRF token.
     let licence_page = body(&get(&mut http, "/license", &cookie));
     let token = csrf(&licence_page);
-    let issue = Command::new(common::esserver_path())
-        .args(["license", "issue", "--key"])
-        .arg(&key_file)
-        .args([
-            "--server-id",
-            &server.info.server_id,
-            "--clinic",
-            "Clinic W",
-            "--configuration",
-            "high-capacity",
-            "--computer",
-            "LAB-1",
-            "--out",
-        ])
-        .arg(scratch.path().join("w.lic"))
-        .output()
-        .unwrap();
-    assert!(issue.status.success(), "{issue:?}");
-    let licence = std::fs::read_to_string(scratch.path().join("w.lic")).unwrap();
+    let file = issuer.issue(&server, "high-capacity", &["LAB-1"], "w.lic");
+    let licence = std::fs::read_to_string(file).unwrap();
     let forged = post_form(
         &mut http,
         "/license",
@@ -186,7 +157,7 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
         &[("license", &licence)],
     );
     assert_eq!(forged.status, 403, "no CSRF token, no change");
-    let tampered = licence.replacen("Clinic W", "Clinic X", 1);
+    let tampered = licence.replacen("Clinic A", "Clinic X", 1);
     let refused = post_form(
         &mut http,
         "/license",
@@ -343,41 +314,11 @@ fn a_real_browser_installs_a_licence_and_sees_an_incubator() {
             "{tool} is missing: run ./scripts/test.sh, which installs Debian's chromium and chromium-driver"
         );
     }
-    let scratch = tempfile::tempdir().unwrap();
-    let key_file = scratch.path().join("issuer.key");
-    let keygen = Command::new(common::esserver_path())
-        .args(["license", "keygen", "--out"])
-        .arg(&key_file)
-        .output()
-        .unwrap();
-    let public = String::from_utf8_lossy(&keygen.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let issuer = common::Issuer::new();
     let dir = tempfile::tempdir().unwrap();
-    let server = common::spawn_in(&dir, true, &format!("[License]\ntrusted_keys = {public}\n"));
+    let server = issuer.spawn(&dir);
     common::add_user(&server, "root", "admin", PASSWORD);
-    let licence = scratch.path().join("clinic.lic");
-    let issue = Command::new(common::esserver_path())
-        .args(["license", "issue", "--key"])
-        .arg(&key_file)
-        .args([
-            "--server-id",
-            &server.info.server_id,
-            "--clinic",
-            "Browser Clinic",
-            "--configuration",
-            "basic",
-            "--computer",
-            "LAB-1",
-            "--out",
-        ])
-        .arg(&licence)
-        .output()
-        .unwrap();
-    assert!(issue.status.success(), "{issue:?}");
+    let licence = issuer.issue(&server, "basic", &["LAB-1"], "clinic.lic");
     let artefacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&artefacts).unwrap();
     let screenshot = artefacts.join("web-dashboard.png");

@@ -145,3 +145,84 @@ pub fn create_api_key(server: &ServerProcess, name: &str, scope: &str) -> String
         .unwrap_or_else(|| panic!("the key is printed: {stdout}"))
         .to_string()
 }
+
+/// The issuing side of licences: a signing key made with `esserver license keygen`, and
+/// licences issued with it for a server.
+pub struct Issuer {
+    dir: tempfile::TempDir,
+    key_file: PathBuf,
+    /// The public key a server trusts (`[License] trusted_keys`).
+    pub public: String,
+}
+
+impl Issuer {
+    pub fn new() -> Issuer {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let key_file = dir.path().join("issuer.key");
+        let output = Command::new(esserver_path())
+            .args(["license", "keygen", "--out"])
+            .arg(&key_file)
+            .output()
+            .expect("esserver license keygen runs");
+        assert!(output.status.success(), "{output:?}");
+        let public = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .last()
+            .expect("the public key is printed")
+            .trim()
+            .to_string();
+        assert_eq!(public.len(), 64, "{public}");
+        Issuer {
+            dir,
+            key_file,
+            public,
+        }
+    }
+
+    /// A server on a fresh data directory that trusts this issuer (and has no licence yet).
+    pub fn spawn(&self, dir: &tempfile::TempDir) -> ServerProcess {
+        spawn_in(
+            dir,
+            true,
+            &format!("[License]\ntrusted_keys = {}\n", self.public),
+        )
+    }
+
+    /// Issues a licence for `server` into a new file named `name`; returns its path.
+    pub fn issue(
+        &self,
+        server: &ServerProcess,
+        configuration: &str,
+        computers: &[&str],
+        name: &str,
+    ) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let mut command = Command::new(esserver_path());
+        command
+            .args(["license", "issue", "--key"])
+            .arg(&self.key_file)
+            .args(["--server-id", &server.info.server_id])
+            .args(["--clinic", "Clinic A", "--configuration", configuration]);
+        for computer in computers {
+            command.args(["--computer", computer]);
+        }
+        let output = command
+            .arg("--out")
+            .arg(&path)
+            .output()
+            .expect("esserver license issue runs");
+        assert!(output.status.success(), "{output:?}");
+        path
+    }
+
+    /// `esserver license install` on the server, as an administrator runs it.
+    pub fn install(&self, server: &ServerProcess, path: &std::path::Path) -> std::process::Output {
+        Command::new(esserver_path())
+            .args(["license", "install"])
+            .arg(path)
+            .arg("--data")
+            .arg(server.data_dir())
+            .output()
+            .expect("esserver license install runs")
+    }
+}
