@@ -456,11 +456,18 @@ fn dashboard(shared: &ApiShared, user: &str, csrf: &str) -> Response {
         }
         body.push_str("</table>");
         body.push_str(&capacity_and_rate(shared, web, now));
-        let _ = write!(
-            body,
-            "<h2>Viewers</h2><p id=viewers>{} logged-in viewer connection(s)</p>",
-            web.viewers.len()
-        );
+        body.push_str("<h2>Viewers</h2><table id=viewers><tr><th>User</th><th>Computer</th><th>Address</th><th>Since</th></tr>");
+        for v in web.viewers.snapshot() {
+            let _ = write!(
+                body,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&v.user),
+                escape(&v.computer),
+                escape(&v.peer),
+                escape(&time_text(v.since_ms))
+            );
+        }
+        body.push_str("</table>");
     } else {
         body.push_str("</table>");
     }

@@ -211,6 +211,20 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
         page.contains("Capacity units: 2 of 16 used (1 EmbryoScope+/Flex of 8)"),
         "{page}"
     );
+    // A logged-in viewer is listed with its computer.
+    let _viewer = es_loadtest::viewer_client::ViewerClient::login(
+        server.info.address("viewer"),
+        &server.info.client_tls("viewer"),
+        &es_loadtest::viewer_client::Credentials {
+            user: "anna".into(),
+            password: PASSWORD.into(),
+            computer: "LAB-1".into(),
+        },
+        common::TIMEOUT,
+    )
+    .expect("a licensed computer logs in");
+    let page = body(&get(&mut http, "/", &cookie));
+    assert!(page.contains("<td>anna</td><td>LAB-1</td>"), "{page}");
     assert!(!page.contains("Licence invalid"));
 
     // An instrument is renamed from its page; only the name shown changes.

@@ -120,8 +120,17 @@ pub enum LoginCheck {
     Unavailable(String),
 }
 
-/// A logged-in connection and its "a wake-up is queued" flag.
-type Member = (ConnHandle<ViewerMsg>, Arc<AtomicBool>);
+/// A logged-in connection, its "a wake-up is queued" flag, and who it is (for status pages).
+type Member = (ConnHandle<ViewerMsg>, Arc<AtomicBool>, ViewerSnapshot);
+
+/// A logged-in viewer connection, as status pages show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ViewerSnapshot {
+    pub user: String,
+    pub computer: String,
+    pub peer: String,
+    pub since_ms: i64,
+}
 
 /// The logged-in connections to wake when changes are committed.
 #[derive(Default)]
@@ -134,7 +143,7 @@ impl Hub {
     fn committed(&self, seq: u64) {
         self.committed_seq.fetch_max(seq, Ordering::AcqRel);
         let members = self.members.lock();
-        for (handle, wake_pending) in members.values() {
+        for (handle, wake_pending, _) in members.values() {
             if !wake_pending.swap(true, Ordering::AcqRel)
                 && !handle.try_send(ViewerMsg::ChangesCommitted)
             {
@@ -144,10 +153,27 @@ impl Hub {
         }
     }
 
-    fn join(&self, handle: ConnHandle<ViewerMsg>, wake_pending: Arc<AtomicBool>) {
+    fn join(
+        &self,
+        handle: ConnHandle<ViewerMsg>,
+        wake_pending: Arc<AtomicBool>,
+        who: ViewerSnapshot,
+    ) {
         self.members
             .lock()
-            .insert(handle.id(), (handle, wake_pending));
+            .insert(handle.id(), (handle, wake_pending, who));
+    }
+
+    /// The logged-in viewer connections, by user then computer.
+    pub fn snapshot(&self) -> Vec<ViewerSnapshot> {
+        let mut list: Vec<ViewerSnapshot> = self
+            .members
+            .lock()
+            .values()
+            .map(|(_, _, who)| who.clone())
+            .collect();
+        list.sort_by(|a, b| (&a.user, &a.computer).cmp(&(&b.user, &b.computer)));
+        list
     }
 
     fn leave(&self, connection_id: u64) {
@@ -687,6 +713,12 @@ impl ViewerSession {
         let mut out = BytesMut::new();
         self.protocol.accept_login(reply, &mut out);
         io.write(&out);
+        let who = ViewerSnapshot {
+            user: user.clone(),
+            computer: computer.clone(),
+            peer: self.peer.to_string(),
+            since_ms: now_ms(),
+        };
         self.login = Some(LoggedIn {
             token,
             user,
@@ -695,7 +727,7 @@ impl ViewerSession {
         });
         self.shared
             .hub
-            .join(self.handle.clone(), self.wake_pending.clone());
+            .join(self.handle.clone(), self.wake_pending.clone(), who);
         self.push_changes(io);
     }
 
