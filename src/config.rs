@@ -39,6 +39,8 @@ pub struct Config {
     pub viewer: Listener,
     /// Web interface (NIC 1), section `[WebInterface]`.
     pub web: Listener,
+    /// HTTPS on the web interface (`[WebInterface] tls`); plain HTTP only when turned off.
+    pub web_tls: bool,
     /// Public API for EMR systems (NIC 1), section `[PublicApi]`.
     pub public_api: Listener,
     /// Section `[Storage]`.
@@ -185,6 +187,7 @@ impl Default for Config {
             },
             viewer: Listener::local(3010),
             web: Listener::local(4010),
+            web_tls: true,
             public_api: Listener::local(4000),
             storage: StorageConfig::default(),
             limits: Limits::default(),
@@ -300,6 +303,16 @@ impl Config {
                 let tls = if self.incubator.tls { "on" } else { "off" };
                 out.push_str(&format!("tls = {tls}\n"));
             }
+            Section::WebInterface => {
+                out.push_str(
+                    "; HTTPS on this port: on or off. Off serves plain HTTP (session cookies\n",
+                );
+                out.push_str(
+                    "; and passwords then cross the network in clear); only on a trusted link.\n",
+                );
+                let tls = if self.web_tls { "on" } else { "off" };
+                out.push_str(&format!("tls = {tls}\n"));
+            }
             Section::Storage => {
                 out.push_str("; Directory of the database; relative to the current directory.\n");
                 out.push_str(&format!(
@@ -327,7 +340,7 @@ impl Config {
                     ));
                 }
             }
-            Section::ViewerTransport | Section::WebInterface | Section::PublicApi => {}
+            Section::ViewerTransport | Section::PublicApi => {}
         }
     }
 }
@@ -461,10 +474,10 @@ impl Section {
 
     fn keys(self) -> Vec<&'static str> {
         match self {
-            Section::IncubatorTransport => LISTENER_KEYS.iter().copied().chain(["tls"]).collect(),
-            Section::ViewerTransport | Section::WebInterface | Section::PublicApi => {
-                LISTENER_KEYS.to_vec()
+            Section::IncubatorTransport | Section::WebInterface => {
+                LISTENER_KEYS.iter().copied().chain(["tls"]).collect()
             }
+            Section::ViewerTransport | Section::PublicApi => LISTENER_KEYS.to_vec(),
             Section::Storage => ["data_dir"]
                 .into_iter()
                 .chain(STORAGE_NUMBERS.iter().map(|k| k.name))
@@ -983,9 +996,13 @@ fn unknown_section(name: &str) -> String {
 
 /// The key's static name, or why it is not allowed in `section`.
 fn known_key(section: Section, key: &str) -> Result<&'static str, String> {
-    if key == "tls" && section.is_listener() && section != Section::IncubatorTransport {
+    if key == "tls"
+        && section.is_listener()
+        && !matches!(section, Section::IncubatorTransport | Section::WebInterface)
+    {
         return Err(
-            "tls can only be turned off for [IncubatorTransport]; the other ports always use TLS"
+            "tls can only be turned off for [IncubatorTransport] and [WebInterface]; the viewer \
+             port and the public API always use TLS"
                 .to_owned(),
         );
     }
@@ -1010,6 +1027,7 @@ fn known_key(section: Section, key: &str) -> Result<&'static str, String> {
 fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Result<(), String> {
     match (section, key) {
         (Section::IncubatorTransport, "tls") => config.incubator.tls = parse_switch(value)?,
+        (Section::WebInterface, "tls") => config.web_tls = parse_switch(value)?,
         (Section::Storage, "data_dir") => {
             config.storage.data_dir = parse_path(value, "a directory path")?;
         }
@@ -1461,8 +1479,11 @@ trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134,
         let message = error_at("[PublicApi]\ntls = off\n", 2);
         assert_eq!(
             message,
-            "tls can only be turned off for [IncubatorTransport]; the other ports always use TLS"
+            "tls can only be turned off for [IncubatorTransport] and [WebInterface]; the viewer \
+             port and the public API always use TLS"
         );
+        assert!(!parse("[WebInterface]\ntls = off\n").unwrap().web_tls);
+        assert!(Config::default().web_tls);
     }
 
     #[test]

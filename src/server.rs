@@ -261,14 +261,18 @@ fn start_services(
         registry: registry.clone(),
         viewers: viewers.clone(),
         sessions: crate::api::auth::Tokens::default(),
+        tls: config.web_tls,
     }));
-    pools.push(start_pool(
-        "web",
-        &config.web,
-        Some(listener_tls("web", &config.web, &tls)?),
-        &limits,
-        web,
-    )?);
+    let web_tls = if config.web_tls {
+        Some(listener_tls("web", &config.web, &tls)?)
+    } else {
+        tracing::warn!(
+            "the web interface runs WITHOUT TLS (tls = off in [WebInterface]): \
+            administrators' passwords and session cookies cross the network in clear"
+        );
+        None
+    };
+    pools.push(start_pool("web", &config.web, web_tls, &limits, web)?);
 
     let status_context = StatusContext {
         store: store.clone(),

@@ -31,6 +31,9 @@ pub struct WebContext {
     pub registry: Arc<crate::incubator::Registry>,
     pub viewers: Arc<crate::viewer::Hub>,
     pub sessions: Tokens,
+    /// False when the port serves plain HTTP (`[WebInterface] tls = off`): the session
+    /// cookie then cannot be `Secure`.
+    pub tls: bool,
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -335,9 +338,10 @@ pub(crate) fn login_answer(
     };
     tracing::info!(%user, "web interface login");
     let mut response = redirect("/");
+    let secure = if web.tls { "; Secure" } else { "" };
     response.headers.push((
         "set-cookie",
-        format!("{COOKIE}={token}; Path=/; HttpOnly; Secure; SameSite=Strict"),
+        format!("{COOKIE}={token}; Path=/; HttpOnly{secure}; SameSite=Strict"),
     ));
     response
 }

@@ -366,3 +366,31 @@ fn a_real_browser_installs_a_licence_and_sees_an_incubator() {
     let png = std::fs::read(&screenshot).expect("the screenshot was saved");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }
+
+/// `[WebInterface] tls = off` serves plain HTTP (a trusted link only): the session cookie is
+/// then not `Secure`, since a browser would never send it back.
+#[test]
+fn plain_http_only_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, true, "[WebInterface]\ntls = off\n");
+    assert!(matches!(
+        server.info.client_tls("web"),
+        es_net::client::ClientTls::Plain
+    ));
+    common::add_user(&server, "root", "admin", PASSWORD);
+    let mut http = web(&server);
+    assert_eq!(http.get("/healthz", &[]).unwrap().status, 200);
+    let login = post_form(
+        &mut http,
+        "/login",
+        None,
+        &[("username", "root"), ("password", PASSWORD)],
+    );
+    assert_eq!(login.status, 303);
+    let cookie = login.header("set-cookie").unwrap();
+    assert!(
+        cookie.contains("HttpOnly") && !cookie.contains("Secure"),
+        "{cookie}"
+    );
+    assert!(common::server_log(&dir).contains("WITHOUT TLS"));
+}
