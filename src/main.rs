@@ -64,6 +64,10 @@ enum Command {
         #[command(subcommand)]
         action: LicenseAction,
     },
+    /// Plan capacity: which licence configuration a set of devices and computers needs, the
+    /// load they bring, storage growth and days until the disk is full, and the headroom a
+    /// load-test report measured.
+    Capacity(CapacityArgs),
     /// Manage public API keys (for EMR and data-warehouse systems).
     Apikey {
         #[command(subcommand)]
@@ -213,6 +217,26 @@ enum ApiKeyAction {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct CapacityArgs {
+    /// The devices: model:count, comma-separated (es-plus, es-flex, es-8, es-d, culturepro).
+    #[arg(long, value_name = "MIX")]
+    devices: String,
+    /// Viewer computers.
+    #[arg(long, default_value_t = 1)]
+    computers: u32,
+    /// Free space on the data disk (e.g. 4TB, 800 GiB), for days until full.
+    #[arg(long, value_name = "SIZE")]
+    disk_free: Option<String>,
+    /// A `loadtest ingest-bench --json` report: the headroom is its measured ingestion
+    /// throughput over the peak load required.
+    #[arg(long, value_name = "FILE")]
+    measured: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -411,6 +435,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::User { action } => user(action),
         Command::Apikey { action } => api_key(action),
         Command::License { action } => license(action),
+        Command::Capacity(args) => capacity(args),
         Command::Viewer(args) => viewer(args),
         Command::DefaultConfig => {
             print!("{}", Config::default().to_ini());
@@ -530,6 +555,117 @@ fn user(action: UserAction) -> Result<ExitCode, String> {
             );
         }
     })
+}
+
+/// The capacity planner: configuration, load, storage growth, headroom. Exit 1 when no
+/// configuration fits.
+fn capacity(args: CapacityArgs) -> Result<ExitCode, String> {
+    use es_perf::{capacity, config_rules};
+    let devices =
+        config_rules::parse_devices(&args.devices).map_err(|e| format!("--devices: {e}"))?;
+    if devices.is_empty() {
+        return Err("--devices names no device (for example es-plus:3,es-d:10)".into());
+    }
+    let fits = config_rules::smallest_fitting(&devices, args.computers);
+    let load = capacity::estimate(&devices);
+    let disk_free =
+        match &args.disk_free {
+            None => None,
+            Some(text) => Some(esserver::config::parse_size(text.trim()).ok_or_else(|| {
+                format!("--disk-free {text:?} is not a size such as 4TB or 800 GiB")
+            })?),
+        };
+    let days_until_full = disk_free.map(|free| free as f64 / load.bytes_per_day.max(1) as f64);
+    let measured = match &args.measured {
+        None => None,
+        Some(path) => Some(measured_images_per_s(path)?),
+    };
+    let headroom = measured.map(|m| m / load.images_per_s_peak());
+    let report = serde_json::json!({
+        "devices": devices.iter().map(|(m, n)| serde_json::json!({"model": m.name(), "count": n})).collect::<Vec<_>>(),
+        "computers": args.computers,
+        "configuration": fits.as_ref().ok().map(|c| c.name()),
+        "refused": fits.as_ref().err().map(|v| v.iter().map(ToString::to_string).collect::<Vec<_>>()),
+        "usage": fits.as_ref().ok().map(|c| config_rules::usage(*c, &devices, args.computers)),
+        "load": load,
+        "images_per_s_peak": load.images_per_s_peak(),
+        "disk_free_bytes": disk_free,
+        "days_until_full": days_until_full,
+        "measured_images_per_s": measured,
+        "headroom": headroom,
+    });
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        match &fits {
+            Ok(configuration) => {
+                let used = config_rules::usage(*configuration, &devices, args.computers);
+                println!(
+                    "configuration: {} ({} of {} capacity units, {} of {} EmbryoScope+/Flex, {} of {} computers)",
+                    configuration.name(), used.units_used, used.units_max, used.plus_flex_used,
+                    used.plus_flex_max, used.computers_used, used.computers_max
+                );
+            }
+            Err(violations) => {
+                println!("no configuration fits:");
+                for violation in violations {
+                    println!("  {violation}");
+                }
+            }
+        }
+        println!(
+            "load: {:.1} images/s mean, {:.1} at peaks ({:.0} x), {:.2} MB/s",
+            load.images_per_s,
+            load.images_per_s_peak(),
+            es_perf::capacity::BURST_FACTOR,
+            load.bytes_per_s / 1e6
+        );
+        println!(
+            "storage growth: {} images and {:.1} GB a day",
+            load.images_per_day,
+            load.bytes_per_day as f64 / 1e9
+        );
+        if let (Some(free), Some(days)) = (disk_free, days_until_full) {
+            println!(
+                "disk: {:.0} GB free, full in {days:.0} days at this rate",
+                free as f64 / 1e9
+            );
+        }
+        if let (Some(measured), Some(headroom)) = (measured, headroom) {
+            println!(
+                "headroom: measured {measured:.0} images/s / required {:.1} at peaks = {headroom:.0} x",
+                load.images_per_s_peak()
+            );
+        }
+    }
+    Ok(if fits.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The highest sustained ingestion (images/s) in a `loadtest ingest-bench --json` report.
+fn measured_images_per_s(path: &std::path::Path) -> Result<f64, String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let report: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| format!("{} is not a JSON report: {e}", path.display()))?;
+    let runs = match &report {
+        serde_json::Value::Array(runs) => runs.clone(),
+        other => vec![other.clone()],
+    };
+    runs.iter()
+        .filter_map(|run| run["throughput"]["images_per_s"].as_f64())
+        .reduce(f64::max)
+        .ok_or_else(|| {
+            format!(
+                "{} has no throughput.images_per_s: give the JSON of `loadtest ingest-bench --json FILE`",
+                path.display()
+            )
+        })
 }
 
 fn license(action: LicenseAction) -> Result<ExitCode, String> {

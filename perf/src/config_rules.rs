@@ -293,6 +293,31 @@ pub fn check_devices(
     }
 }
 
+/// Parses a device mix such as `es-plus:3,es-d:10` (model names of the catalog, counts of at
+/// most 1,000; a model may appear once). Errors name the part that is wrong.
+pub fn parse_devices(text: &str) -> Result<Vec<(DeviceModel, u32)>, String> {
+    let mut devices: Vec<(DeviceModel, u32)> = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, count) = part
+            .split_once(':')
+            .ok_or_else(|| format!("`{part}` is not model:count (for example es-plus:3)"))?;
+        let model: DeviceModel = name
+            .parse()
+            .map_err(|e: crate::catalog::UnknownModel| e.to_string())?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| format!("`{part}`: the count must be a whole number from 1 to 1000"))?;
+        if devices.iter().any(|(m, _)| *m == model) {
+            return Err(format!("{model} is named twice"));
+        }
+        devices.push((model, count));
+    }
+    Ok(devices)
+}
+
 /// The smallest configuration the devices and computers fit in; when none does, every
 /// limit of the largest configuration that they exceed.
 pub fn smallest_fitting(
@@ -407,6 +432,73 @@ mod tests {
             smallest_fitting(&[(EmbryoScopeD, 2)], 2),
             Ok(Configuration::HighCapacity)
         );
+    }
+
+    /// The manual's table (MISSION.md 3.3), every row: basic takes one EmbryoScope+/Flex or
+    /// two small devices; high capacity 16 small ones where an EmbryoScope+/Flex counts two
+    /// (16 small, 14 + 1, 12 + 2, ..., 0 + 8), with one computer and four.
+    #[test]
+    fn the_configuration_table_of_the_manual_row_by_row() {
+        let smalls = [EmbryoScopeD, EmbryoScope8, CulturePro];
+        let larges = [EmbryoScopePlus, EmbryoScopeFlex];
+        for small in smalls {
+            assert!(check_devices(Configuration::Basic, &[(small, 2)], 1).is_ok());
+            assert!(check_devices(Configuration::Basic, &[(small, 3)], 1).is_err());
+            for large in larges {
+                assert!(check_devices(Configuration::Basic, &[(large, 1)], 1).is_ok());
+                assert!(check_devices(Configuration::Basic, &[(large, 2)], 1).is_err());
+                assert!(check_devices(Configuration::Basic, &[(large, 1), (small, 1)], 1).is_err());
+                for plus in 0..=8u32 {
+                    let room = 16 - 2 * plus;
+                    let mut mix = vec![(small, room)];
+                    if plus > 0 {
+                        mix.push((large, plus));
+                    }
+                    mix.retain(|(_, n)| *n > 0);
+                    let used = check_devices(Configuration::HighCapacity, &mix, 4)
+                        .unwrap_or_else(|e| panic!("{plus} large + {room} small: {e}"));
+                    assert_eq!(used.units_used, 16);
+                    let mut over = mix.clone();
+                    match over.iter_mut().find(|(m, _)| *m == small) {
+                        Some((_, n)) => *n += 1,
+                        None => over.push((small, 1)),
+                    }
+                    assert!(
+                        check_devices(Configuration::HighCapacity, &over, 4).is_err(),
+                        "{plus} large + {} small must not fit",
+                        room + 1
+                    );
+                    assert_eq!(
+                        smallest_fitting(&mix, 1),
+                        Ok(if plus <= 1 && room + 2 * plus <= 2 && mix.len() == 1 {
+                            Configuration::Basic
+                        } else {
+                            Configuration::HighCapacity
+                        })
+                    );
+                }
+            }
+        }
+        assert!(check_devices(Configuration::HighCapacity, &[(EmbryoScopeFlex, 9)], 4).is_err());
+    }
+
+    #[test]
+    fn device_mixes_parse_with_clear_errors() {
+        assert_eq!(
+            parse_devices("es-plus:3, es-d:10").unwrap(),
+            [(EmbryoScopePlus, 3), (EmbryoScopeD, 10)]
+        );
+        assert!(parse_devices("es-plus")
+            .unwrap_err()
+            .contains("model:count"));
+        assert!(parse_devices("es-x:1")
+            .unwrap_err()
+            .contains("unknown device model"));
+        assert!(parse_devices("es-d:0").unwrap_err().contains("1 to 1000"));
+        assert!(parse_devices("es-d:1,es-d:2")
+            .unwrap_err()
+            .contains("twice"));
+        assert!(parse_devices("").unwrap().is_empty());
     }
 
     #[test]
