@@ -755,7 +755,7 @@ fn parse_whole(text: &str) -> Option<u64> {
     text.parse().ok()
 }
 
-/// `4194304`, `4 MiB`, `4MiB`, `64 KB`, `4 TB`; suffixes ignore ASCII case.
+/// `4194304`, `4 MiB`, `4MiB`, `64 KB`; suffixes ignore ASCII case.
 pub fn parse_size(text: &str) -> Option<u64> {
     let digits_end = text
         .find(|c: char| !c.is_ascii_digit())
@@ -766,11 +766,9 @@ pub fn parse_size(text: &str) -> Option<u64> {
         "kib" => KIB,
         "mib" => MIB,
         "gib" => GIB,
-        "tib" => GIB * 1024,
         "kb" => 1000,
         "mb" => 1000 * 1000,
         "gb" => 1000 * 1000 * 1000,
-        "tb" => 1000 * 1000 * 1000 * 1000,
         _ => return None,
     };
     number.checked_mul(multiplier)

@@ -571,7 +571,7 @@ fn capacity(args: CapacityArgs) -> Result<ExitCode, String> {
     let disk_free =
         match &args.disk_free {
             None => None,
-            Some(text) => Some(esserver::config::parse_size(text.trim()).ok_or_else(|| {
+            Some(text) => Some(disk_size(text.trim()).ok_or_else(|| {
                 format!("--disk-free {text:?} is not a size such as 4TB or 800 GiB")
             })?),
         };
@@ -646,6 +646,21 @@ fn capacity(args: CapacityArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A disk size: the configuration's sizes, and TB / TiB as disks are sold.
+fn disk_size(text: &str) -> Option<u64> {
+    let lower = text.to_ascii_lowercase();
+    for (suffix, unit) in [("tib", 1u64 << 40), ("tb", 1_000_000_000_000)] {
+        if let Some(number) = lower.strip_suffix(suffix) {
+            let number = number.trim();
+            if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            return number.parse::<u64>().ok()?.checked_mul(unit);
+        }
+    }
+    esserver::config::parse_size(text)
 }
 
 /// The highest sustained ingestion (images/s) in a `loadtest ingest-bench --json` report.
