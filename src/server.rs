@@ -492,7 +492,20 @@ impl StatusContext {
             Request::Status => self.status(),
             Request::Verify => crate::admin::verify_report(&self.store),
             Request::ResetSecret { serial } => crate::admin::reset_secret(&self.writer, &serial),
-            Request::User { action } => crate::admin::user(&self.writer, &self.store, action),
+            Request::User { action } => {
+                let disabled = match &action {
+                    crate::control::UserRequest::Disable { name, .. } => Some(name.clone()),
+                    _ => None,
+                };
+                let response = crate::admin::user(&self.writer, &self.store, action);
+                if let (true, Some(name)) = (response.ok, disabled) {
+                    let ended = self.viewers.disconnect_user(&name);
+                    if ended > 0 {
+                        tracing::info!(user = %name, connections = ended, "disabled account: its viewer connections were closed");
+                    }
+                }
+                response
+            }
             Request::ApiKey { action } => crate::admin::api_key(&self.writer, &self.store, action),
             Request::InstrumentRename {
                 serial,

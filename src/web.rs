@@ -546,7 +546,13 @@ fn user_action(shared: &ApiShared, admin: &str, fields: &[(String, String)]) -> 
             )
         }
     };
+    let disabling = matches!(request, UserRequest::Disable { .. });
     let response = crate::admin::user(&shared.writer, &shared.store, request);
+    if response.ok && disabling {
+        if let Some(web) = &shared.web {
+            web.viewers.disconnect_user(&name);
+        }
+    }
     if response.ok {
         tracing::info!(%admin, user = %name, "user changed from the web interface");
         format!(

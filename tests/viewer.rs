@@ -743,3 +743,34 @@ fn shutdown_during_a_playback_exits_cleanly() {
     }
     assert!(ended, "the playback was ended before the connection closed");
 }
+
+/// Disabling an account ends its live viewer connections at once, not only its next login.
+#[test]
+fn disabling_an_account_closes_its_live_viewer_connections() {
+    let (server, _dir) = common::spawn(true);
+    common::add_user(&server, "anna", "edit", PASSWORD);
+    common::add_user(&server, "bert", "edit", PASSWORD);
+    let mut anna = login(&server, "anna", PASSWORD).unwrap();
+    let mut bert = login(&server, "bert", PASSWORD).unwrap();
+    let output = Command::new(common::esserver_path())
+        .args(["user", "disable", "anna", "--data"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    match anna.call(Request::Ping(pb::Ping {})) {
+        Err(error @ ViewerError::Server { .. }) => {
+            assert_eq!(
+                error.error_code(),
+                Some(ErrorCode::AccountDisabled),
+                "{error}"
+            )
+        }
+        other => panic!("anna's connection should have been closed: {other:?}"),
+    }
+    // Only anna's.
+    assert!(bert.call(Request::Ping(pb::Ping {})).is_ok());
+    // And her session cannot be resumed or logged into.
+    let again = login(&server, "anna", PASSWORD);
+    assert!(matches!(again, Err(ViewerError::Server { .. })));
+}

@@ -79,6 +79,8 @@ pub enum ViewerMsg {
     ChangesCommitted,
     /// The session was resumed on another connection.
     Superseded,
+    /// An administrator disabled the account: the connection ends at once.
+    AccountDisabled,
 }
 
 /// Sends its message when dropped without [`Fallback::disarm`]: a worker job that panics
@@ -162,6 +164,18 @@ impl Hub {
         self.members
             .lock()
             .insert(handle.id(), (handle, wake_pending, who));
+    }
+
+    /// Ends every logged-in connection of `user` (the account was disabled); returns how many.
+    pub fn disconnect_user(&self, user: &str) -> usize {
+        let members = self.members.lock();
+        let mut ended = 0;
+        for (handle, _, who) in members.values() {
+            if who.user == user && handle.send(ViewerMsg::AccountDisabled) {
+                ended += 1;
+            }
+        }
+        ended
     }
 
     /// The logged-in viewer connections, by user then computer.
@@ -1229,6 +1243,17 @@ impl Session for ViewerSession {
                 self.fail(
                     ErrorCode::Superseded,
                     "the session was resumed on another connection".into(),
+                    io,
+                );
+                return;
+            }
+            ViewerMsg::AccountDisabled => {
+                if let Some(login) = &self.login {
+                    self.shared.sessions.remove(&login.token);
+                }
+                self.fail(
+                    ErrorCode::AccountDisabled,
+                    "an administrator disabled this account".into(),
                     io,
                 );
                 return;
