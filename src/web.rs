@@ -57,6 +57,14 @@ fn csrf_of(session: &str) -> String {
     hex::encode(&Sha256::digest(format!("esserver-csrf:{session}").as_bytes())[..16])
 }
 
+/// A page's paragraph for a store that cannot be read.
+fn storage_unavailable(error: &es_storage::StorageError) -> String {
+    format!(
+        "<p class=err>storage unavailable: {}</p>",
+        escape(&error.to_string())
+    )
+}
+
 fn html(status: u16, body: String) -> Response {
     Response {
         status,
@@ -491,13 +499,7 @@ fn dashboard(shared: &ApiShared, user: &str, csrf: &str) -> Response {
                 if shared.disk.is_low() { " (LOW: writes refused)" } else { "" }
             );
         }
-        Err(error) => {
-            let _ = write!(
-                body,
-                "<p class=err>storage unavailable: {}</p>",
-                escape(&error.to_string())
-            );
-        }
+        Err(error) => body.push_str(&storage_unavailable(&error)),
     }
     html(200, page(shared, "Status", Some((user, csrf)), &body))
 }
@@ -597,13 +599,7 @@ fn users_page(shared: &ApiShared, admin: &str, csrf: &str, message: &str) -> Res
             }
             body.push_str("</table>");
         }
-        Err(error) => {
-            let _ = write!(
-                body,
-                "<p class=err>storage unavailable: {}</p>",
-                escape(&error.to_string())
-            );
-        }
+        Err(error) => body.push_str(&storage_unavailable(&error)),
     }
     let _ = write!(
         body,
@@ -641,13 +637,7 @@ fn instruments_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -
             }
             body.push_str("</table><p>Renaming changes only the name shown; the instrument's serial number, dishes, images and annotations stay as they are.</p>");
         }
-        Err(error) => {
-            let _ = write!(
-                body,
-                "<p class=err>storage unavailable: {}</p>",
-                escape(&error.to_string())
-            );
-        }
+        Err(error) => body.push_str(&storage_unavailable(&error)),
     }
     html(200, page(shared, "Instruments", Some((user, csrf)), &body))
 }
