@@ -1634,4 +1634,41 @@ trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134,
         assert_eq!(error.line, 0);
         assert!(error.message.starts_with("cannot open the file"), "{error}");
     }
+
+    /// Any text, and any mutation of a valid file, parses to a configuration or to an error
+    /// with a line number: never a panic (a seeded loop, so a failure replays).
+    #[test]
+    fn random_and_mutated_files_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let seed = 0x5eed_c0f1_u64;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let valid = Config::default().to_ini();
+        let alphabet = b"[]=;#\n\r\t abcdefghijklmnopqrstuvwxyzKMGBi0123456789.:-_/\\\xff\xc3";
+        for case in 0..3000 {
+            let mut bytes: Vec<u8> = if case % 2 == 0 {
+                valid.as_bytes().to_vec()
+            } else {
+                (0..rng.random_range(0..400))
+                    .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                    .collect()
+            };
+            for _ in 0..rng.random_range(0..8) {
+                if bytes.is_empty() {
+                    break;
+                }
+                let at = rng.random_range(0..bytes.len());
+                match rng.random_range(0..3) {
+                    0 => bytes[at] = alphabet[rng.random_range(0..alphabet.len())],
+                    1 => {
+                        bytes.remove(at);
+                    }
+                    _ => bytes.insert(at, alphabet[rng.random_range(0..alphabet.len())]),
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            if let Err(error) = parse(&text) {
+                assert!(!error.message.is_empty(), "seed {seed:#x} case {case}");
+            }
+        }
+    }
 }

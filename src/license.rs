@@ -301,6 +301,48 @@ mod tests {
         }
     }
 
+    /// Random and mutated licence files are refused with a reason, never a panic, and never
+    /// accepted (a seeded loop, so a failure replays).
+    #[test]
+    fn random_and_mutated_files_are_refused_without_panic() {
+        use rand::{Rng, SeedableRng};
+        let seed = 0x11ce_45e5_u64;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let key = SigningKey::generate().unwrap();
+        let trusted = [TrustedKey::from_hex(&key.public_hex()).unwrap()];
+        let valid = key.issue(&license()).into_bytes();
+        for case in 0..2000 {
+            let mut bytes = if case % 4 == 0 {
+                (0..rng.random_range(0..300))
+                    .map(|_| rng.random::<u8>())
+                    .collect()
+            } else {
+                valid.clone()
+            };
+            for _ in 0..rng.random_range(1..6) {
+                if bytes.is_empty() {
+                    break;
+                }
+                let at = rng.random_range(0..bytes.len());
+                match rng.random_range(0..3) {
+                    0 => bytes[at] = rng.random::<u8>(),
+                    1 => {
+                        bytes.remove(at);
+                    }
+                    _ => bytes.insert(at, rng.random::<u8>()),
+                }
+            }
+            if bytes == valid {
+                continue;
+            }
+            if let Ok(accepted) = verify(&bytes, &trusted, SERVER, 1_750_000_000_000, true) {
+                // Only a change outside the signed payload (whitespace between JSON tokens)
+                // may keep a file valid, and then it says exactly what was signed.
+                assert_eq!(accepted, license(), "seed {seed:#x} case {case}");
+            }
+        }
+    }
+
     #[test]
     fn refusals_say_why() {
         let key = SigningKey::generate().unwrap();
