@@ -225,9 +225,13 @@ pub(crate) fn handle(
                     web.sessions.revoke(&token);
                 }
                 let mut response = redirect("/login");
+                let secure = match &shared.web {
+                    Some(web) if !web.tls => "",
+                    _ => "; Secure",
+                };
                 response.headers.push((
                     "set-cookie",
-                    format!("{COOKIE}=; Max-Age=0; Path=/; HttpOnly; Secure; SameSite=Strict"),
+                    format!("{COOKIE}=; Max-Age=0; Path=/; HttpOnly{secure}; SameSite=Strict"),
                 ));
                 response
             }
@@ -257,17 +261,7 @@ pub(crate) fn handle(
                 let serial = field(&fields, "serial").unwrap_or("");
                 let name = field(&fields, "name").unwrap_or("").trim();
                 let response = crate::admin::instrument_rename(&shared.writer, serial, name, &user);
-                let message = if response.ok {
-                    format!(
-                        "<p class=ok id=result>{}</p>",
-                        escape(response.body["message"].as_str().unwrap_or("renamed"))
-                    )
-                } else {
-                    format!(
-                        "<p class=err id=result>Not renamed: {}</p>",
-                        escape(response.message.as_deref().unwrap_or("refused"))
-                    )
-                };
+                let message = result_paragraph(&response, "Not renamed: ");
                 instruments_page(shared, &user, &csrf, &message)
             }
             _ => html(
@@ -557,13 +551,21 @@ fn user_action(shared: &ApiShared, admin: &str, fields: &[(String, String)]) -> 
     }
     if response.ok {
         tracing::info!(%admin, user = %name, "user changed from the web interface");
+    }
+    result_paragraph(&response, "")
+}
+
+/// The paragraph a form's answer shows for an admin command's response: its message, or why
+/// it was refused (after `refused_prefix`).
+fn result_paragraph(response: &crate::control::Response, refused_prefix: &str) -> String {
+    if response.ok {
         format!(
             "<p class=ok id=result>{}</p>",
             escape(response.body["message"].as_str().unwrap_or("done"))
         )
     } else {
         format!(
-            "<p class=err id=result>{}</p>",
+            "<p class=err id=result>{refused_prefix}{}</p>",
             escape(response.message.as_deref().unwrap_or("refused"))
         )
     }

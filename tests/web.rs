@@ -393,4 +393,24 @@ fn plain_http_only_when_configured() {
         "{cookie}"
     );
     assert!(common::server_log(&dir).contains("WITHOUT TLS"));
+    // Logging out clears the cookie the same way (a Secure one would be ignored over HTTP).
+    let session = cookie
+        .trim_start_matches("esweb=")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let page = body(&get(&mut http, "/", &session));
+    let out = post_form(
+        &mut http,
+        "/logout",
+        Some(&session),
+        &[("csrf", &csrf(&page))],
+    );
+    assert_eq!(out.status, 303);
+    let cleared = out.header("set-cookie").unwrap();
+    assert!(
+        cleared.contains("Max-Age=0") && !cleared.contains("Secure"),
+        "{cleared}"
+    );
 }
