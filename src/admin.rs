@@ -333,5 +333,26 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
                 Err(detail) => Response::error("license_unreadable", detail),
             }
         }
+        Request::Ims { action } => match action {
+            crate::control::ImsRequest::Status => {
+                match store.read().and_then(|reader| reader.ims_stats()) {
+                    Ok(queue) => Response::ok(serde_json::json!({
+                        "server_running": false,
+                        "receive": config.ims.receive,
+                        "upload": config.ims.upload,
+                        "endpoint": config.ims.endpoint.as_ref().map(crate::ims::Endpoint::url),
+                        "queue": queue,
+                        "queue_bytes_max": config.ims.queue_bytes_max,
+                    })),
+                    Err(error) => Response::error(error.code(), error.to_string()),
+                }
+            }
+            crate::control::ImsRequest::Set { .. } => Response::error(
+                "server_not_running",
+                "no server is running; the switches act on a running server. To change the \
+                 default, set receive or upload in the [IMS] section of the configuration file"
+                    .to_owned(),
+            ),
+        },
     })
 }

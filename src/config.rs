@@ -53,6 +53,50 @@ pub struct Config {
     pub server: ServerSection,
     /// Section `[License]`.
     pub license: LicenseSection,
+    /// Section `[IMS]`: instrument monitoring.
+    pub ims: ImsConfig,
+}
+
+/// Section `[IMS]`: the monitoring queue and its uploader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImsConfig {
+    /// Queue incubator telemetry and alarms for upload (`receive = on|off`, default on).
+    pub receive: bool,
+    /// Upload the queue (`upload = on|off`, default on); nothing is sent without `endpoint`.
+    pub upload: bool,
+    /// The vendor's monitoring endpoint. None (the default): upload stays off.
+    pub endpoint: Option<crate::ims::Endpoint>,
+    /// CA certificates (PEM) for an https endpoint; default: the system's bundle.
+    pub ca_file: Option<PathBuf>,
+    /// The queue's bound; when full, the oldest records are dropped (and counted).
+    pub queue_bytes_max: u64,
+    /// Records in one upload request at most.
+    pub batch_records_max: u32,
+    /// Time allowed for one upload request, ms.
+    pub request_timeout_ms: u64,
+    /// First wait after a failed upload, ms; doubled after each failure.
+    pub retry_initial_ms: u64,
+    /// Longest wait between failed uploads, ms.
+    pub retry_max_ms: u64,
+    /// How often an idle uploader looks at the queue, ms.
+    pub upload_interval_ms: u64,
+}
+
+impl Default for ImsConfig {
+    fn default() -> Self {
+        Self {
+            receive: true,
+            upload: true,
+            endpoint: None,
+            ca_file: None,
+            queue_bytes_max: 256 * MIB,
+            batch_records_max: 1000,
+            request_timeout_ms: 30_000,
+            retry_initial_ms: 2_000,
+            retry_max_ms: 300_000,
+            upload_interval_ms: 10_000,
+        }
+    }
 }
 
 /// Section `[License]`: which licence signers the server trusts.
@@ -196,6 +240,7 @@ impl Default for Config {
                 log_level: "info".to_owned(),
             },
             license: LicenseSection::default(),
+            ims: ImsConfig::default(),
         }
     }
 }
@@ -274,7 +319,8 @@ impl Config {
             | Section::Limits
             | Section::Security
             | Section::Server
-            | Section::License => None,
+            | Section::License
+            | Section::Ims => None,
         }
     }
 
@@ -288,7 +334,8 @@ impl Config {
             | Section::Limits
             | Section::Security
             | Section::Server
-            | Section::License => None,
+            | Section::License
+            | Section::Ims => None,
         }
     }
 
@@ -339,6 +386,30 @@ impl Config {
                         self.license.trusted_keys.join(", ")
                     ));
                 }
+            }
+            Section::Ims => {
+                out.push_str(
+                    "; Queue incubator telemetry and alarms for the vendor's monitoring:\n",
+                );
+                out.push_str("; on or off. Patient data never enters the queue.\n");
+                out.push_str(&format!("receive = {}\n", switch(self.ims.receive)));
+                out.push_str("; Upload the queue to `endpoint`: on or off.\n");
+                out.push_str(&format!("upload = {}\n", switch(self.ims.upload)));
+                out.push_str(
+                    "; http:// or https:// URL (port 80 or 443 unless given). None: no upload.\n",
+                );
+                match &self.ims.endpoint {
+                    Some(endpoint) => out.push_str(&format!("endpoint = {}\n", endpoint.url())),
+                    None => out.push_str("; endpoint = http://ims.example.com/upload\n"),
+                }
+                out.push_str(
+                    "; CA certificates (PEM) for an https endpoint; default: the system's.\n",
+                );
+                match &self.ims.ca_file {
+                    Some(path) => out.push_str(&format!("ca_file = {}\n", ini_path(path))),
+                    None => out.push_str("; ca_file = /etc/ssl/certs/ca-certificates.crt\n"),
+                }
+                write_numbers(IMS_NUMBERS, &self.ims, out);
             }
             Section::ViewerTransport | Section::PublicApi => {}
         }
@@ -406,13 +477,14 @@ enum Section {
     Security,
     Server,
     License,
+    Ims,
 }
 
 /// Keys of every listener section.
 const LISTENER_KEYS: [&str; 5] = ["bind", "port", "cert", "key", "workers"];
 
 impl Section {
-    const ALL: [Section; 9] = [
+    const ALL: [Section; 10] = [
         Section::IncubatorTransport,
         Section::ViewerTransport,
         Section::WebInterface,
@@ -422,6 +494,7 @@ impl Section {
         Section::Security,
         Section::Server,
         Section::License,
+        Section::Ims,
     ];
 
     fn name(self) -> &'static str {
@@ -435,6 +508,7 @@ impl Section {
             Section::Security => "Security",
             Section::Server => "Server",
             Section::License => "License",
+            Section::Ims => "IMS",
         }
     }
 
@@ -455,6 +529,7 @@ impl Section {
             Section::Security => "Logins of viewer and API users.",
             Section::Server => "The server process.",
             Section::License => "Licences: the signers this server trusts.",
+            Section::Ims => "Instrument monitoring (IMS): the telemetry queue and its uploader.",
         }
     }
 
@@ -486,6 +561,10 @@ impl Section {
             Section::Security => SECURITY_NUMBERS.iter().map(|k| k.name).collect(),
             Section::Server => vec!["log_level"],
             Section::License => vec!["trusted_keys"],
+            Section::Ims => ["receive", "upload", "endpoint", "ca_file"]
+                .into_iter()
+                .chain(IMS_NUMBERS.iter().map(|k| k.name))
+                .collect(),
         }
     }
 }
@@ -618,6 +697,63 @@ const STORAGE_NUMBERS: &[NumberKey<StorageConfig>] = &[
         doc: "Free disk space kept in reserve: uploads are refused before the disk is this full.",
         get: |s| s.reserve_bytes,
         set: |s, v| s.reserve_bytes = v,
+    },
+];
+
+const IMS_NUMBERS: &[NumberKey<ImsConfig>] = &[
+    NumberKey {
+        name: "queue_bytes_max",
+        unit: Unit::Bytes,
+        min: 64 * KIB,
+        max: 64 * GIB,
+        doc: "The monitoring queue's bound; when full, its oldest records are dropped.",
+        get: |s| s.queue_bytes_max,
+        set: |s, v| s.queue_bytes_max = v,
+    },
+    NumberKey {
+        name: "batch_records_max",
+        unit: Unit::Count,
+        min: 1,
+        max: 10_000,
+        doc: "Records in one upload request at most.",
+        get: |s| u64::from(s.batch_records_max),
+        set: |s, v| s.batch_records_max = to_u32(v),
+    },
+    NumberKey {
+        name: "request_timeout_ms",
+        unit: Unit::Millis,
+        min: 100,
+        max: 600_000,
+        doc: "Time allowed for one upload request.",
+        get: |s| s.request_timeout_ms,
+        set: |s, v| s.request_timeout_ms = v,
+    },
+    NumberKey {
+        name: "retry_initial_ms",
+        unit: Unit::Millis,
+        min: 10,
+        max: 3_600_000,
+        doc: "Wait after a failed upload; doubled after each further failure, with jitter.",
+        get: |s| s.retry_initial_ms,
+        set: |s, v| s.retry_initial_ms = v,
+    },
+    NumberKey {
+        name: "retry_max_ms",
+        unit: Unit::Millis,
+        min: 10,
+        max: 24 * 3_600_000,
+        doc: "Longest wait between failed uploads.",
+        get: |s| s.retry_max_ms,
+        set: |s, v| s.retry_max_ms = v,
+    },
+    NumberKey {
+        name: "upload_interval_ms",
+        unit: Unit::Millis,
+        min: 10,
+        max: 3_600_000,
+        doc: "How often an idle uploader looks for new records.",
+        get: |s| s.upload_interval_ms,
+        set: |s, v| s.upload_interval_ms = v,
     },
 ];
 
@@ -782,6 +918,14 @@ fn format_size(bytes: u64) -> String {
         }
     }
     bytes.to_string()
+}
+
+fn switch(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 fn parse_switch(text: &str) -> Result<bool, String> {
@@ -1038,6 +1182,15 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
         }
         (Section::Server, _) => config.server.log_level = parse_log_level(value)?,
         (Section::License, _) => config.license.trusted_keys = parse_keys(value)?,
+        (Section::Ims, "receive") => config.ims.receive = parse_switch(value)?,
+        (Section::Ims, "upload") => config.ims.upload = parse_switch(value)?,
+        (Section::Ims, "endpoint") => {
+            config.ims.endpoint = Some(crate::ims::Endpoint::parse(value)?);
+        }
+        (Section::Ims, "ca_file") => {
+            config.ims.ca_file = Some(parse_path(value, "a CA certificate file path")?);
+        }
+        (Section::Ims, _) => set_number(IMS_NUMBERS, &mut config.ims, key, value)?,
         (_, _) => match config.listener_mut(section) {
             Some(listener) => apply_listener(listener, key, value)?,
             None => return Err(format!("`{key}` has no setter (a bug in esserver)")),

@@ -55,6 +55,22 @@ pub enum Request {
     LicenseInstall {
         text: String,
     },
+    /// Instrument monitoring: status, or a run-time switch.
+    Ims {
+        action: ImsRequest,
+    },
+}
+
+/// `esserver ims status|pause|resume`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum ImsRequest {
+    Status,
+    Set {
+        part: crate::ims::Part,
+        on: bool,
+        by: String,
+    },
 }
 
 /// Public API key management. The command line tool makes the key and sends only its id and

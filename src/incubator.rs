@@ -9,8 +9,8 @@ use es_proto::incubator::{
     ServerLimits, ServerSession, PROTOCOL_VERSION,
 };
 use es_storage::{
-    Completion, DishRegistration, ImageBytes, PatientRef, Store, SubmitError, TelemetrySample,
-    WellRegistration, WriteError, WriteOp, WriteOutcome, Writer,
+    AlarmInput, Completion, DishRegistration, ImageBytes, PatientRef, Store, SubmitError,
+    TelemetrySample, WellRegistration, WriteError, WriteOp, WriteOutcome, Writer,
 };
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -133,6 +133,8 @@ pub struct IncubatorService {
     pub limits: ServerLimits,
     pub disk: Arc<crate::disk_guard::DiskState>,
     pub licensing: Arc<crate::license::Licensing>,
+    /// Instrument monitoring: whether telemetry is queued for upload, and the queue's bound.
+    pub ims: Arc<crate::ims::ImsShared>,
 }
 
 impl Service for IncubatorService {
@@ -156,6 +158,7 @@ impl Service for IncubatorService {
             registry: self.registry.clone(),
             disk: self.disk.clone(),
             licensing: self.licensing.clone(),
+            ims: self.ims.clone(),
             handle,
             peer,
             instrument: None,
@@ -181,6 +184,7 @@ pub struct IncubatorSession {
     registry: Arc<Registry>,
     disk: Arc<crate::disk_guard::DiskState>,
     licensing: Arc<crate::license::Licensing>,
+    ims: Arc<crate::ims::ImsShared>,
     handle: ConnHandle<IncubatorMsg>,
     peer: SocketAddr,
     instrument: Option<Instrument>,
@@ -400,6 +404,18 @@ impl IncubatorSession {
                         at_ms: s.at_ms,
                     })
                     .collect(),
+                alarms: telemetry
+                    .alarms
+                    .into_iter()
+                    .map(|a| AlarmInput {
+                        code: a.code,
+                        severity: u8::try_from(a.severity).unwrap_or(0),
+                        raised_at_ms: a.raised_at_ms,
+                        cleared_at_ms: a.cleared_at_ms,
+                        text: a.text,
+                    })
+                    .collect(),
+                ims: self.ims.queueing(),
                 at_ms,
             },
             Message::SyncState(request) => {
@@ -513,6 +529,24 @@ impl IncubatorSession {
                     self.counters.images.fetch_add(1, Ordering::Relaxed);
                 }
                 Message::Ack(pb::Ack { seq, duplicate })
+            }
+            Ok(WriteOutcome::TelemetryStored {
+                ims_withheld,
+                ims_dropped,
+                ..
+            }) => {
+                if ims_dropped > 0 {
+                    tracing::warn!(incubator = %self.name(), dropped = ims_dropped,
+                        "monitoring (IMS) queue full: its oldest records were dropped to make room; is the upload working?");
+                }
+                if ims_withheld > 0 {
+                    tracing::info!(incubator = %self.name(), withheld = ims_withheld,
+                        "telemetry stored but not queued for monitoring: unknown channel, or an alarm code that could name patient data");
+                }
+                Message::Ack(pb::Ack {
+                    seq,
+                    duplicate: false,
+                })
             }
             Ok(WriteOutcome::DishRegistered { changed, .. }) => Message::Ack(pb::Ack {
                 seq,

@@ -12,6 +12,7 @@ pub mod civil;
 pub mod config;
 pub mod control;
 pub mod disk_guard;
+pub mod ims;
 pub mod incubator;
 pub mod license;
 pub mod os;

@@ -68,6 +68,11 @@ enum Command {
     /// load they bring, storage growth and days until the disk is full, and the headroom a
     /// load-test report measured.
     Capacity(CapacityArgs),
+    /// Instrument monitoring (IMS): the telemetry queue and its uploader.
+    Ims {
+        #[command(subcommand)]
+        action: ImsAction,
+    },
     /// Manage public API keys (for EMR and data-warehouse systems).
     Apikey {
         #[command(subcommand)]
@@ -311,6 +316,59 @@ enum InstrumentAction {
     },
 }
 
+#[derive(Subcommand)]
+enum ImsAction {
+    /// Queue depth, oldest record, last success and error, bytes sent per incubator.
+    Status {
+        #[command(flatten)]
+        common: Common,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause receiving, uploading or both on the running server (until its next start).
+    Pause {
+        /// receive, upload or all.
+        #[arg(default_value = "all", value_parser = ["receive", "upload", "all"])]
+        part: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Resume receiving, uploading or both on the running server.
+    Resume {
+        /// receive, upload or all.
+        #[arg(default_value = "all", value_parser = ["receive", "upload", "all"])]
+        part: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn ims(action: ImsAction) -> Result<ExitCode, String> {
+    use esserver::control::ImsRequest;
+    let switch = |part: &str, on: bool| -> Result<ImsRequest, String> {
+        let part = esserver::ims::Part::parse(part)
+            .ok_or_else(|| format!("`{part}`: expected receive, upload or all"))?;
+        Ok(ImsRequest::Set {
+            part,
+            on,
+            by: operator(),
+        })
+    };
+    let (common, request, json) = match action {
+        ImsAction::Status { common, json } => (common, ImsRequest::Status, json),
+        ImsAction::Pause { part, common } => (common, switch(&part, false)?, false),
+        ImsAction::Resume { part, common } => (common, switch(&part, true)?, false),
+    };
+    admin(&common, Request::Ims { action: request }, |body| {
+        if json {
+            println!("{}", serde_json::to_string_pretty(body).unwrap_or_default());
+        } else {
+            print_ims_status(body);
+        }
+    })
+}
+
 fn load_config(common: &Common) -> Result<Config, String> {
     let default_file = PathBuf::from("EmbryoServer.ini");
     let path = common
@@ -434,6 +492,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }),
         Command::User { action } => user(action),
         Command::Apikey { action } => api_key(action),
+        Command::Ims { action } => ims(action),
         Command::License { action } => license(action),
         Command::Capacity(args) => capacity(args),
         Command::Viewer(args) => viewer(args),
@@ -1032,6 +1091,89 @@ fn report(response: &Response, print: impl FnOnce(&serde_json::Value)) {
             response.message.as_deref().unwrap_or("failed"),
             response.code.as_deref().unwrap_or("error")
         );
+    }
+}
+
+fn print_ims_status(body: &serde_json::Value) {
+    let on = |key: &str| match body[key].as_bool() {
+        Some(true) => "on",
+        Some(false) => "off (paused or configured off)",
+        None => "?",
+    };
+    let running = body.get("server_running").and_then(|v| v.as_bool()) != Some(false);
+    if !running {
+        println!(
+            "server:        not running (queue read from the database; switches as configured)"
+        );
+    }
+    println!("receive:       {}", on("receive"));
+    println!("upload:        {}", on("upload"));
+    println!(
+        "endpoint:      {}",
+        body["endpoint"]
+            .as_str()
+            .unwrap_or("none configured: nothing is uploaded ([IMS] endpoint)")
+    );
+    let queue = &body["queue"];
+    let mib = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as f64 / 1048576.0;
+    println!(
+        "queue:         {} records, {:.2} MiB of {:.0} MiB",
+        queue["records"],
+        mib(&queue["bytes"]),
+        mib(&body["queue_bytes_max"])
+    );
+    if let Some(age) = body["oldest_age_s"].as_f64() {
+        println!("oldest queued: {age:.0} s ago");
+    }
+    println!(
+        "dropped:       {} records ({:.2} MiB) because the queue was full",
+        queue["dropped_records"],
+        mib(&queue["dropped_bytes"])
+    );
+    println!("withheld:      {} (kept here, not queued: not a monitoring channel, or an alarm code that could name patient data)", queue["withheld"]);
+    println!(
+        "uploaded:      {} records in all",
+        queue["uploaded_records"]
+    );
+    if !running {
+        return;
+    }
+    let when = |key: &str| match body[key].as_i64() {
+        Some(ms) if ms > 0 => {
+            let ago = (esserver::now_ms() - ms).max(0) as f64 / 1000.0;
+            format!("{ago:.0} s ago")
+        }
+        _ => "never".to_owned(),
+    };
+    println!("last success:  {}", when("last_success_ms"));
+    match body["last_error"].as_str() {
+        Some(error) => println!(
+            "last error:    {} ({}); retry in {} ms",
+            error,
+            when("last_error_ms"),
+            body["backoff_ms"]
+        ),
+        None => println!("last error:    none"),
+    }
+    println!(
+        "since start:   {} batches, {} records, {} bytes sent; {} failed attempts",
+        body["batches_sent"], body["records_sent"], body["bytes_sent"], body["failures"]
+    );
+    if let Some(rows) = body["per_instrument"].as_array().filter(|r| !r.is_empty()) {
+        println!("sent per incubator, last hour (budget 0.5 Mbit/s each):");
+        println!(
+            "  {:<20} {:>14} {:>12} {:>10}",
+            "serial", "bytes", "bit/s", "of budget"
+        );
+        for row in rows {
+            println!(
+                "  {:<20} {:>14} {:>12.1} {:>9.4}%",
+                row["serial"].as_str().unwrap_or("?"),
+                row["bytes_last_hour"],
+                row["bits_per_s"].as_f64().unwrap_or(0.0),
+                row["budget_used"].as_f64().unwrap_or(0.0) * 100.0
+            );
+        }
     }
 }
 

@@ -56,6 +56,8 @@ pub enum StartError {
     License { detail: String },
     #[error("cannot start the worker threads: {source}")]
     Workers { source: std::io::Error },
+    #[error("cannot start the monitoring (IMS) uploader: {source}")]
+    Ims { source: std::io::Error },
     #[error("cannot start the disk space monitor: {source}")]
     DiskGuard { source: std::io::Error },
     #[error("cannot write {path}: {source}")]
@@ -94,6 +96,7 @@ pub struct RunningServer {
     pools: Vec<(Pool, ListenerInfo)>,
     control: Option<ControlServer>,
     disk_guard: Option<DiskGuard>,
+    ims: Option<crate::ims::Ims>,
     info_path: PathBuf,
 }
 
@@ -139,6 +142,16 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
             return Err(StartError::Workers { source });
         }
     };
+    let ims = match crate::ims::Ims::start(&config.ims, store.clone(), writer.clone()) {
+        Ok(ims) => ims,
+        Err(source) => {
+            workers.shutdown();
+            writer.shutdown();
+            disk_guard.stop();
+            return Err(StartError::Ims { source });
+        }
+    };
+    let ims_shared = ims.shared();
     // From here on, a failure stops whatever was started (listeners, writer) before returning.
     let mut server = RunningServer {
         store: store.clone(),
@@ -147,6 +160,7 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
         pools: Vec::new(),
         control: None,
         disk_guard: Some(disk_guard),
+        ims: Some(ims),
         info_path: data_dir.join(INFO_FILE),
     };
     let started = start_services(
@@ -158,6 +172,7 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
         limits,
         disk,
         licensing,
+        ims_shared,
     );
     match started {
         Ok(()) => Ok(server),
@@ -178,6 +193,7 @@ fn start_services(
     limits: NetLimits,
     disk: Arc<DiskState>,
     licensing: Arc<crate::license::Licensing>,
+    ims: Arc<crate::ims::ImsShared>,
 ) -> Result<(), StartError> {
     let data_dir = config.storage.data_dir.clone();
     let store = server.store.clone();
@@ -203,6 +219,7 @@ fn start_services(
         },
         disk: disk.clone(),
         licensing: licensing.clone(),
+        ims: ims.clone(),
     });
     pools.push(start_pool(
         "incubator",
@@ -262,6 +279,7 @@ fn start_services(
         viewers: viewers.clone(),
         sessions: crate::api::auth::Tokens::default(),
         tls: config.web_tls,
+        ims: ims.clone(),
     }));
     let web_tls = if config.web_tls {
         Some(listener_tls("web", &config.web, &tls)?)
@@ -288,6 +306,7 @@ fn start_services(
         disk: disk.clone(),
         reserve_bytes: config.storage.reserve_bytes,
         licensing: licensing.clone(),
+        ims,
     };
     let control = ControlServer::start(&data_dir, move |request| status_context.handle(request))
         .map_err(|source| StartError::Control {
@@ -456,6 +475,9 @@ impl RunningServer {
             tracing::debug!(service = %info.service, "listener stopped");
         }
         self.workers.shutdown();
+        if let Some(ims) = self.ims.take() {
+            ims.stop();
+        }
         self.writer.shutdown();
         if let Some(control) = self.control.take() {
             control.stop();
@@ -484,6 +506,7 @@ struct StatusContext {
     disk: Arc<DiskState>,
     reserve_bytes: u64,
     licensing: Arc<crate::license::Licensing>,
+    ims: Arc<crate::ims::ImsShared>,
 }
 
 impl StatusContext {
@@ -512,6 +535,13 @@ impl StatusContext {
                 display_name,
                 by,
             } => crate::admin::instrument_rename(&self.writer, &serial, &display_name, &by),
+            Request::Ims { action } => match action {
+                crate::control::ImsRequest::Status => self.ims_status(),
+                crate::control::ImsRequest::Set { part, on, by } => {
+                    self.ims.set(part, on, &by);
+                    self.ims_status()
+                }
+            },
             Request::LicenseInstall { text } => {
                 match self.licensing.install(text.as_bytes(), crate::now_ms()) {
                     Ok(license) => Response::ok(serde_json::json!({
@@ -525,6 +555,13 @@ impl StatusContext {
                     Err(error) => Response::error(error.code(), format!("not installed: {error}")),
                 }
             }
+        }
+    }
+
+    fn ims_status(&self) -> Response {
+        match self.ims.status(&self.store, crate::now_ms()) {
+            Ok(status) => Response::ok(serde_json::to_value(status).unwrap_or_default()),
+            Err(error) => Response::error("storage_unavailable", error.to_string()),
         }
     }
 

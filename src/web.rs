@@ -34,6 +34,8 @@ pub struct WebContext {
     /// False when the port serves plain HTTP (`[WebInterface] tls = off`): the session
     /// cookie then cannot be `Secure`.
     pub tls: bool,
+    /// Instrument monitoring: its status on the dashboard and its run-time switches.
+    pub ims: Arc<crate::ims::ImsShared>,
 }
 
 /// Escapes text for HTML content and attribute values.

@@ -6,16 +6,19 @@
 //! is the op's own outcome.
 
 use crate::error::{StorageError, WriteError};
+use crate::ims;
 use crate::model::ChangeEntity;
 use crate::ops::{
-    DishRegistration, ImageBytes, PatientRef, TelemetrySample, WriteOp, WriteOutcome,
+    AlarmInput, DishRegistration, ImageBytes, ImsQueueing, PatientRef, TelemetrySample, WriteOp,
+    WriteOutcome,
 };
 use crate::tables::{
-    self, decode, encode, AcquisitionKey, AcquisitionRow, ChangeRow, DishRow, EmbryoRow, ImageKey,
-    ImageValue, InstrumentRow, PatientRow, StateRow, TelemetryKey, TelemetryRow, TreatmentRow,
-    WellKey,
+    self, decode, encode, AcquisitionKey, AcquisitionRow, AlarmKey, AlarmRow, ChangeRow, DishRow,
+    EmbryoRow, ImageKey, ImageValue, ImsBody, ImsRecordRow, ImsStateRow, InstrumentRow, PatientRow,
+    StateRow, TelemetryKey, TelemetryRow, TreatmentRow, WellKey,
 };
 use redb::{ReadableTable, Table, WriteTransaction};
+use std::collections::HashSet;
 
 mod clinical;
 
@@ -52,13 +55,20 @@ pub(crate) struct Batch<'txn> {
     api_keys: Rows<'txn, &'static str>,
     idempotency: Rows<'txn, (&'static str, &'static str)>,
     idempotency_by_age: Table<'txn, (i64, &'static str, &'static str), ()>,
+    ims_queue: Rows<'txn, u64>,
+    ims_alarms: Rows<'txn, AlarmKey>,
     state: StateRow,
+    ims_state: ImsStateRow,
+    /// Upper-cased patient names and treatment names, read once per batch when an alarm code
+    /// must be checked against them.
+    patient_words: Option<HashSet<String>>,
 }
 
 impl<'txn> Batch<'txn> {
     pub(crate) fn open(txn: &'txn WriteTransaction) -> Result<Batch<'txn>, StorageError> {
         let meta = txn.open_table(tables::META)?;
         let state = read_state(&meta)?;
+        let ims_state = read_ims_state(&meta)?;
         Ok(Batch {
             meta,
             instruments: txn.open_table(tables::INSTRUMENTS)?,
@@ -86,7 +96,11 @@ impl<'txn> Batch<'txn> {
             api_keys: txn.open_table(tables::API_KEYS)?,
             idempotency: txn.open_table(tables::IDEMPOTENCY)?,
             idempotency_by_age: txn.open_table(tables::IDEMPOTENCY_BY_AGE)?,
+            ims_queue: txn.open_table(tables::IMS_QUEUE)?,
+            ims_alarms: txn.open_table(tables::IMS_ALARMS)?,
             state,
+            ims_state,
+            patient_words: None,
         })
     }
 
@@ -95,6 +109,8 @@ impl<'txn> Batch<'txn> {
         self.state.check()?;
         self.meta
             .insert(tables::META_STATE, encode(&self.state).as_slice())?;
+        self.meta
+            .insert(tables::META_IMS, encode(&self.ims_state).as_slice())?;
         Ok(())
     }
 
@@ -152,8 +168,11 @@ impl<'txn> Batch<'txn> {
             WriteOp::PutTelemetry {
                 instrument_id,
                 samples,
+                alarms,
+                ims,
                 at_ms,
-            } => self.put_telemetry(*instrument_id, samples, *at_ms),
+            } => self.put_telemetry(*instrument_id, samples, alarms, *ims, *at_ms),
+            WriteOp::ImsRemove { ids } => self.ims_remove(ids),
             WriteOp::Edit {
                 actor,
                 edit,
@@ -779,14 +798,19 @@ impl<'txn> Batch<'txn> {
         &mut self,
         instrument_id: u64,
         samples: &[TelemetrySample],
+        alarms: &[AlarmInput],
+        ims: Option<ImsQueueing>,
         at_ms: i64,
     ) -> Applied {
-        if self.instruments.get(instrument_id)?.is_none() {
-            return Ok(Err(WriteError::UnknownInstrument));
-        }
+        let instrument: InstrumentRow = match self.instruments.get(instrument_id)? {
+            Some(bytes) => decode(bytes.value(), "instrument")?,
+            None => return Ok(Err(WriteError::UnknownInstrument)),
+        };
+        let mut queued = Vec::new();
+        let mut withheld = 0u32;
         for sample in samples {
             // Idempotent by (instrument, channel, time): a resend after a lost ACK stores
-            // nothing new (the first value received is kept).
+            // nothing new (the first value received is kept) and queues nothing.
             let key = (instrument_id, sample.channel.as_str(), sample.at_ms);
             if self.telemetry.get(key)?.is_some() {
                 continue;
@@ -797,9 +821,162 @@ impl<'txn> Batch<'txn> {
             };
             self.telemetry.insert(key, encode(&row).as_slice())?;
             self.state.telemetry_samples += 1;
+            if ims.is_none() {
+                continue;
+            }
+            if ims::channel_allowed(&sample.channel) {
+                queued.push(ImsBody::Sample {
+                    channel: sample.channel.clone(),
+                    value: sample.value,
+                    at_ms: sample.at_ms,
+                });
+            } else {
+                withheld += 1;
+            }
         }
+        for alarm in alarms {
+            // A resend stores nothing; a clear (or a changed severity) updates the row and is
+            // queued again.
+            let key = (instrument_id, alarm.code.as_str(), alarm.raised_at_ms);
+            let existing: Option<AlarmRow> = match self.ims_alarms.get(key)? {
+                Some(bytes) => Some(decode(bytes.value(), "alarm")?),
+                None => None,
+            };
+            let unchanged = existing.as_ref().is_some_and(|row| {
+                row.severity == alarm.severity && row.cleared_at_ms == alarm.cleared_at_ms
+            });
+            if unchanged {
+                continue;
+            }
+            if existing.is_none() {
+                self.ims_state.alarms += 1;
+            }
+            let row = AlarmRow {
+                severity: alarm.severity,
+                cleared_at_ms: alarm.cleared_at_ms,
+                text: alarm.text.clone(),
+                stored_at_ms: at_ms,
+            };
+            self.ims_alarms.insert(key, encode(&row).as_slice())?;
+            if ims.is_none() {
+                continue;
+            }
+            if self.alarm_code_queueable(instrument_id, &alarm.code)? {
+                queued.push(ImsBody::Alarm {
+                    code: alarm.code.clone(),
+                    severity: alarm.severity,
+                    raised_at_ms: alarm.raised_at_ms,
+                    cleared_at_ms: alarm.cleared_at_ms,
+                });
+            } else {
+                withheld += 1;
+            }
+        }
+        let mut dropped = 0u32;
+        let queued_count = u32::try_from(queued.len()).unwrap_or(u32::MAX);
+        if let Some(ims) = ims {
+            for body in queued {
+                dropped += self.ims_push(&instrument, body, at_ms, ims.queue_bytes_max)?;
+            }
+        }
+        self.ims_state.withheld += u64::from(withheld);
         let samples = u32::try_from(samples.len()).expect("validate bounds the sample count");
-        Ok(Ok(WriteOutcome::TelemetryStored { samples }))
+        Ok(Ok(WriteOutcome::TelemetryStored {
+            samples,
+            ims_queued: queued_count,
+            ims_withheld: withheld,
+            ims_dropped: dropped,
+        }))
+    }
+
+    /// Queues one record (built here from the instrument's serial and model and `body`
+    /// only) and drops the oldest records while the queue is over `bytes_max`. Returns how
+    /// many were dropped.
+    fn ims_push(
+        &mut self,
+        instrument: &InstrumentRow,
+        body: ImsBody,
+        at_ms: i64,
+        bytes_max: u64,
+    ) -> Result<u32, StorageError> {
+        let row = ImsRecordRow {
+            serial: instrument.serial.clone(),
+            model: instrument.model.clone(),
+            received_at_ms: at_ms,
+            body,
+        };
+        let bytes = encode(&row);
+        self.ims_state.id_last += 1;
+        self.ims_queue
+            .insert(self.ims_state.id_last, bytes.as_slice())?;
+        self.ims_state.records += 1;
+        self.ims_state.bytes += ims_row_bytes(bytes.len());
+        let mut dropped = 0u32;
+        while self.ims_state.bytes > bytes_max {
+            let Some((_, value)) = self.ims_queue.pop_first()? else {
+                break;
+            };
+            let size = ims_row_bytes(value.value().len());
+            self.ims_state.records = self.ims_state.records.saturating_sub(1);
+            self.ims_state.bytes = self.ims_state.bytes.saturating_sub(size);
+            self.ims_state.dropped_records += 1;
+            self.ims_state.dropped_bytes += size;
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+
+    fn ims_remove(&mut self, ids: &[u64]) -> Applied {
+        let mut removed = 0u32;
+        for id in ids {
+            if let Some(value) = self.ims_queue.remove(*id)? {
+                let size = ims_row_bytes(value.value().len());
+                self.ims_state.records = self.ims_state.records.saturating_sub(1);
+                self.ims_state.bytes = self.ims_state.bytes.saturating_sub(size);
+                self.ims_state.uploaded_records += 1;
+                removed += 1;
+            }
+        }
+        Ok(Ok(WriteOutcome::ImsRemoved { removed }))
+    }
+
+    /// An alarm code may be queued when it has the shape of a code and equals no stored
+    /// patient id, patient name, treatment name, dish id (of this instrument) or embryo id.
+    fn alarm_code_queueable(
+        &mut self,
+        instrument_id: u64,
+        code: &str,
+    ) -> Result<bool, StorageError> {
+        if !ims::alarm_code_shape_ok(code) {
+            return Ok(false);
+        }
+        if self.patient_by_id.get(code)?.is_some()
+            || self.embryo_by_id.get(code)?.is_some()
+            || self
+                .dish_by_instrument
+                .get((instrument_id, code))?
+                .is_some()
+        {
+            return Ok(false);
+        }
+        if self.patient_words.is_none() {
+            let mut words = HashSet::new();
+            for entry in self.patients.iter()? {
+                let (_, value) = entry?;
+                let row: PatientRow = decode(value.value(), "patient")?;
+                words.insert(row.patient_id.to_uppercase());
+                words.insert(row.first_name.to_uppercase());
+                words.insert(row.last_name.to_uppercase());
+            }
+            for entry in self.treatments.iter()? {
+                let (_, value) = entry?;
+                let row: TreatmentRow = decode(value.value(), "treatment")?;
+                words.insert(row.name.to_uppercase());
+            }
+            self.patient_words = Some(words);
+        }
+        let words = self.patient_words.as_ref().expect("filled above");
+        Ok(!words.contains(code))
     }
 
     // ---------------------------------------------------------------- change log
@@ -930,6 +1107,22 @@ struct ImageRef<'a> {
     well: u32,
     focal_plane: i32,
     acquired_at_ms: i64,
+}
+
+/// The bytes a queue row counts for: its encoded value plus its 8-byte key.
+fn ims_row_bytes(value_len: usize) -> u64 {
+    value_len as u64 + 8
+}
+
+pub(crate) fn read_ims_state(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<ImsStateRow, StorageError> {
+    let Some(bytes) = meta.get(tables::META_IMS)? else {
+        return Err(StorageError::Corrupt(
+            "meta ims_state row is missing".into(),
+        ));
+    };
+    decode(bytes.value(), "meta ims_state")
 }
 
 pub(crate) fn read_state(

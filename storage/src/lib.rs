@@ -28,6 +28,7 @@
 //! [`StorageError`] (opening, reading, verifying) and [`WriteError`] (per write request) are
 //! typed, and each has a stable snake_case `code()`.
 
+pub mod ims;
 pub mod limits;
 pub mod tables;
 
@@ -51,8 +52,9 @@ pub use model::{
     WellSync,
 };
 pub use ops::{
-    user_name, Actor, AnnotationInput, ClinicalEdit, DishRegistration, Idempotency, ImageBytes,
-    PatientRef, ScoreInput, TelemetrySample, UserChange, WellRegistration, WriteOp, WriteOutcome,
+    user_name, Actor, AlarmInput, AnnotationInput, ClinicalEdit, DishRegistration, Idempotency,
+    ImageBytes, ImsQueueing, PatientRef, ScoreInput, TelemetrySample, UserChange, WellRegistration,
+    WriteOp, WriteOutcome,
 };
 pub use reader::Reader;
 pub use store::{

@@ -11,6 +11,14 @@ pub const WELLS_PER_DISH_MAX: usize = 1024;
 pub const JPEG_BYTES_MIN: usize = 1;
 pub const JPEG_BYTES_MAX: usize = 16 * 1024 * 1024;
 pub const TELEMETRY_SAMPLES_PER_OP_MAX: usize = 10_000;
+/// Alarms in one telemetry request.
+pub const ALARMS_PER_OP_MAX: usize = 1024;
+/// An alarm's readable text, bytes.
+pub const ALARM_TEXT_BYTES_MAX: usize = 1024;
+/// Queue ids one `ImsRemove` may name.
+pub const IMS_REMOVE_IDS_MAX: usize = 100_000;
+/// Queue records one `ims_batch` read returns at most.
+pub const IMS_BATCH_RECORDS_MAX: u32 = 10_000;
 /// Change-log entries pruned per group commit at most, so pruning never makes a batch slow.
 pub const PRUNE_CHANGES_PER_BATCH_MAX: u64 = 1024;
 /// Upper bound of the `limit` of paginated reads (`changes_after`, `list_patients`).

@@ -15,10 +15,22 @@ pub(crate) fn step(txn: &WriteTransaction, from: u64) -> Result<(), StorageError
     match from {
         1 => v1_to_v2(txn),
         2 => v2_to_v3(txn),
+        3 => v3_to_v4(txn),
         _ => Err(StorageError::Corrupt(format!(
             "no migration from schema version {from}"
         ))),
     }
+}
+
+/// Version 4 adds the instrument-monitoring queue and alarm tables (created empty by
+/// `tables::create_all`) and their counters row.
+fn v3_to_v4(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let mut meta = txn.open_table(tables::META)?;
+    meta.insert(
+        tables::META_IMS,
+        encode(&tables::ImsStateRow::default()).as_slice(),
+    )?;
+    Ok(())
 }
 
 /// The version 1 record layouts, frozen.

@@ -88,11 +88,19 @@ pub enum WriteOp {
         jpeg: ImageBytes,
         at_ms: i64,
     },
+    /// Idempotent by (instrument, channel, at_ms) per sample and (instrument, code,
+    /// raised_at_ms) per alarm. With `ims`, what is new and allowed is also queued for the
+    /// monitoring uploader (see `crate::ims`).
     PutTelemetry {
         instrument_id: u64,
         samples: Vec<TelemetrySample>,
+        alarms: Vec<AlarmInput>,
+        ims: Option<ImsQueueing>,
         at_ms: i64,
     },
+    /// The monitoring endpoint accepted these queue records: remove them. Ids no longer
+    /// queued (dropped meanwhile) are skipped.
+    ImsRemove { ids: Vec<u64> },
     /// A change to clinical data from a viewer or the public API. Every edit of an existing
     /// row names the version the client last saw; a stale one is refused with
     /// `WriteError::Conflict` (carrying the current state) and audited as a conflict.
@@ -432,6 +440,26 @@ pub struct WellRegistration {
     pub embryo_id: String,
 }
 
+/// One alarm reported by an instrument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlarmInput {
+    pub code: String,
+    /// 1 info, 2 warning, 3 critical.
+    pub severity: u8,
+    pub raised_at_ms: i64,
+    /// 0 while active.
+    pub cleared_at_ms: i64,
+    /// Readable description; kept on the server, never queued.
+    pub text: String,
+}
+
+/// How telemetry enters the monitoring queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImsQueueing {
+    /// The queue's bound; the oldest records are dropped to stay under it.
+    pub queue_bytes_max: u64,
+}
+
 /// One telemetry reading, e.g. channel `temperature_c`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TelemetrySample {
@@ -460,6 +488,15 @@ pub enum WriteOutcome {
     },
     TelemetryStored {
         samples: u32,
+        /// Records added to the monitoring queue.
+        ims_queued: u32,
+        /// Samples and alarms kept but not queued (see `crate::ims`).
+        ims_withheld: u32,
+        /// Oldest queue records dropped to make room.
+        ims_dropped: u32,
+    },
+    ImsRemoved {
+        removed: u32,
     },
     /// A clinical edit was applied and logged with change `change_seq`.
     Edited {
@@ -493,7 +530,9 @@ impl WriteOp {
     pub fn payload_bytes(&self) -> u64 {
         match self {
             WriteOp::PutImage { jpeg, .. } => jpeg.len() as u64,
-            WriteOp::PutTelemetry { samples, .. } => (samples.len() as u64).saturating_mul(32),
+            WriteOp::PutTelemetry {
+                samples, alarms, ..
+            } => ((samples.len() + alarms.len()) as u64).saturating_mul(32),
             _ => 0,
         }
     }
@@ -512,7 +551,7 @@ impl WriteOp {
             | WriteOp::LoginAttempt { at_ms, .. }
             | WriteOp::ApiKeyCreate { at_ms, .. }
             | WriteOp::ApiKeyRevoke { at_ms, .. } => Some(*at_ms),
-            WriteOp::ResetInstrumentSecret { .. } => None,
+            WriteOp::ResetInstrumentSecret { .. } | WriteOp::ImsRemove { .. } => None,
             WriteOp::InstrumentRename { at_ms, .. } => Some(*at_ms),
         }
     }
@@ -575,7 +614,19 @@ impl WriteOp {
                 }
                 Ok(())
             }
-            WriteOp::PutTelemetry { samples, .. } => validate_telemetry(samples),
+            WriteOp::PutTelemetry {
+                samples, alarms, ..
+            } => validate_telemetry(samples, alarms),
+            WriteOp::ImsRemove { ids } => {
+                if ids.len() > limits::IMS_REMOVE_IDS_MAX {
+                    return Err(invalid(format!(
+                        "{} queue ids exceed the {} allowed per request",
+                        ids.len(),
+                        limits::IMS_REMOVE_IDS_MAX
+                    )));
+                }
+                Ok(())
+            }
             WriteOp::Edit {
                 actor,
                 edit,
@@ -759,7 +810,34 @@ fn validate_dish(dish: &DishRegistration) -> Result<(), WriteError> {
     Ok(())
 }
 
-fn validate_telemetry(samples: &[TelemetrySample]) -> Result<(), WriteError> {
+fn validate_telemetry(
+    samples: &[TelemetrySample],
+    alarms: &[AlarmInput],
+) -> Result<(), WriteError> {
+    if alarms.len() > limits::ALARMS_PER_OP_MAX {
+        return Err(invalid(format!(
+            "{} alarms exceed the {} allowed per request",
+            alarms.len(),
+            limits::ALARMS_PER_OP_MAX
+        )));
+    }
+    for alarm in alarms {
+        text("alarm code", &alarm.code, Required::Yes)?;
+        if alarm.text.len() > limits::ALARM_TEXT_BYTES_MAX {
+            return Err(invalid(format!(
+                "alarm {:?} has a text of {} bytes, more than {}",
+                alarm.code,
+                alarm.text.len(),
+                limits::ALARM_TEXT_BYTES_MAX
+            )));
+        }
+        if !(1..=3).contains(&alarm.severity) {
+            return Err(invalid(format!(
+                "alarm {:?} has severity {}; expected 1, 2 or 3",
+                alarm.code, alarm.severity
+            )));
+        }
+    }
     if samples.len() > limits::TELEMETRY_SAMPLES_PER_OP_MAX {
         return Err(invalid(format!(
             "{} telemetry samples exceed the {} allowed per request",
@@ -921,12 +999,20 @@ impl fmt::Debug for WriteOp {
             WriteOp::PutTelemetry {
                 instrument_id,
                 samples,
+                alarms,
+                ims,
                 at_ms,
             } => f
                 .debug_struct("PutTelemetry")
                 .field("instrument_id", instrument_id)
                 .field("samples", &samples.len())
+                .field("alarms", &alarms.len())
+                .field("ims", &ims.is_some())
                 .field("at_ms", at_ms)
+                .finish(),
+            WriteOp::ImsRemove { ids } => f
+                .debug_struct("ImsRemove")
+                .field("ids", &ids.len())
                 .finish(),
             WriteOp::Edit {
                 actor,

@@ -1,8 +1,9 @@
 //! Typed reads from one MVCC snapshot (a redb read transaction). Readers never block the writer
 //! and never see a partial group commit.
 
-use crate::apply::{get_row, read_state};
+use crate::apply::{get_row, read_ims_state, read_state};
 use crate::error::StorageError;
+use crate::ims::{severity_name, AlarmRecord, ImsQueueStats, ImsRecord, ImsRecordBody};
 use crate::limits;
 use crate::model::{
     AcquisitionSync, Change, ChangeEntity, DishSyncState, InstrumentRecord, PatientSummary,
@@ -12,7 +13,7 @@ use crate::tables::{
     self, decode, AcquisitionRow, ChangeRow, EmbryoRow, ImageValue, InstrumentRow, PatientRow,
     StateRow,
 };
-use redb::ReadTransaction;
+use redb::{ReadTransaction, ReadableTable};
 use std::ops::Bound;
 
 mod clinical;
@@ -218,6 +219,103 @@ impl Reader {
             changes: state.changes_retained(),
             last_change_seq: state.change_last_seq,
         })
+    }
+
+    /// The monitoring queue's counters and the receive time of its oldest record.
+    pub fn ims_stats(&self) -> Result<ImsQueueStats, StorageError> {
+        let state = read_ims_state(&self.txn.open_table(tables::META)?)?;
+        let oldest_received_at_ms = match self.txn.open_table(tables::IMS_QUEUE)?.first()? {
+            Some((_, value)) => {
+                let row: tables::ImsRecordRow = decode(value.value(), "monitoring record")?;
+                row.received_at_ms
+            }
+            None => 0,
+        };
+        Ok(ImsQueueStats {
+            records: state.records,
+            bytes: state.bytes,
+            oldest_received_at_ms,
+            dropped_records: state.dropped_records,
+            dropped_bytes: state.dropped_bytes,
+            uploaded_records: state.uploaded_records,
+            withheld: state.withheld,
+            alarms: state.alarms,
+        })
+    }
+
+    /// The oldest queued monitoring records, at most `limit` (capped at
+    /// `limits::IMS_BATCH_RECORDS_MAX`) and, past the first, at most `bytes_max` encoded bytes.
+    pub fn ims_batch(&self, limit: u32, bytes_max: u64) -> Result<Vec<ImsRecord>, StorageError> {
+        let limit = limit.min(limits::IMS_BATCH_RECORDS_MAX) as usize;
+        let table = self.txn.open_table(tables::IMS_QUEUE)?;
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for entry in table.iter()? {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = entry?;
+            bytes += value.value().len() as u64 + 8;
+            if !out.is_empty() && bytes > bytes_max {
+                break;
+            }
+            let row: tables::ImsRecordRow = decode(value.value(), "monitoring record")?;
+            let body = match row.body {
+                tables::ImsBody::Sample {
+                    channel,
+                    value,
+                    at_ms,
+                } => ImsRecordBody::Sample {
+                    channel,
+                    value,
+                    at_ms,
+                },
+                tables::ImsBody::Alarm {
+                    code,
+                    severity,
+                    raised_at_ms,
+                    cleared_at_ms,
+                } => ImsRecordBody::Alarm {
+                    code,
+                    severity: severity_name(severity),
+                    raised_at_ms,
+                    cleared_at_ms,
+                },
+            };
+            out.push(ImsRecord {
+                id: key.value(),
+                serial: row.serial,
+                model: row.model,
+                received_at_ms: row.received_at_ms,
+                body,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The alarms instruments reported, newest raised first, at most `limit`.
+    pub fn alarms(&self, limit: u32) -> Result<Vec<AlarmRecord>, StorageError> {
+        let instruments = self.txn.open_table(tables::INSTRUMENTS)?;
+        let table = self.txn.open_table(tables::IMS_ALARMS)?;
+        let mut all = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let (instrument_id, code, raised_at_ms) = key.value();
+            let row: tables::AlarmRow = decode(value.value(), "alarm")?;
+            let serial =
+                get_row::<InstrumentRow>(&instruments, instrument_id, "instrument")?.serial;
+            all.push(AlarmRecord {
+                serial,
+                code: code.to_owned(),
+                severity: severity_name(row.severity),
+                raised_at_ms,
+                cleared_at_ms: row.cleared_at_ms,
+                text: row.text,
+            });
+        }
+        all.sort_by_key(|a| std::cmp::Reverse(a.raised_at_ms));
+        all.truncate(limit.min(limits::READ_ROWS_MAX) as usize);
+        Ok(all)
     }
 
     fn state(&self) -> Result<StateRow, StorageError> {

@@ -228,6 +228,10 @@ fn prepare(db: &Database, server_id_seed: [u8; 16]) -> Result<String, StorageErr
                 meta.insert(tables::META_SCHEMA_VERSION, version.as_slice())?;
                 meta.insert(tables::META_SERVER_ID, server_id.as_bytes())?;
                 meta.insert(tables::META_STATE, encode(&StateRow::initial()).as_slice())?;
+                meta.insert(
+                    tables::META_IMS,
+                    encode(&tables::ImsStateRow::default()).as_slice(),
+                )?;
                 tracing::info!(%server_id, "new database created");
             }
             Some(found) if found > tables::SCHEMA_VERSION => {

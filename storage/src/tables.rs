@@ -18,14 +18,16 @@ use redb::TableDefinition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The schema version this binary writes and reads. See the module documentation.
-pub const SCHEMA_VERSION: u64 = 3;
+pub const SCHEMA_VERSION: u64 = 4;
 
 /// `meta`: name -> bytes. Rows: [`META_SCHEMA_VERSION`] (u64 LE), [`META_SERVER_ID`] (UTF-8,
-/// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]).
+/// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]), [`META_IMS`] (postcard
+/// [`ImsStateRow`], since version 4).
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub const META_SCHEMA_VERSION: &str = "schema_version";
 pub const META_SERVER_ID: &str = "server_id";
 pub const META_STATE: &str = "state";
+pub const META_IMS: &str = "ims_state";
 
 /// `instruments`: instrument_id -> [`InstrumentRow`].
 pub const INSTRUMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("instruments");
@@ -109,6 +111,15 @@ pub const IMAGES: TableDefinition<ImageKey, &[u8]> = TableDefinition::new("image
 /// its instrument, channel and time, so a resent sample is stored once.
 pub const TELEMETRY: TableDefinition<TelemetryKey, &[u8]> = TableDefinition::new("telemetry");
 
+/// `ims_queue`: record id (from 1, increasing, never reused) -> [`ImsRecordRow`]. The
+/// instrument-monitoring queue: instrument data only, never patient data (see `crate::ims`).
+/// Oldest first; the uploader removes rows after the endpoint accepted them, and a full queue
+/// drops its oldest rows.
+pub const IMS_QUEUE: TableDefinition<u64, &[u8]> = TableDefinition::new("ims_queue");
+/// `ims_alarms`: (instrument_id, alarm code, raised_at_ms) -> [`AlarmRow`]: every alarm an
+/// instrument reported, kept locally; a resend is stored once, a clear updates the row.
+pub const IMS_ALARMS: TableDefinition<AlarmKey, &[u8]> = TableDefinition::new("ims_alarms");
+
 /// `changes`: change seq (gapless from [`StateRow::change_oldest_seq`] to
 /// [`StateRow::change_last_seq`]) -> [`ChangeRow`].
 pub const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
@@ -119,11 +130,13 @@ pub type WellKey = (u64, u32);
 pub type AcquisitionKey = (u64, u32, i64);
 /// (dish_key, well, acquired_at_ms, focal_plane)
 pub type ImageKey = (u64, u32, i64, i32);
-/// (instrument_id, at_ms, telemetry_seq)
+/// (instrument_id, channel, at_ms)
 pub type TelemetryKey = (u64, &'static str, i64);
+/// (instrument_id, alarm code, raised_at_ms)
+pub type AlarmKey = (u64, &'static str, i64);
 
 /// The names of every table, for tooling and for the "create all tables on open" step.
-pub const TABLE_NAMES: [&str; 26] = [
+pub const TABLE_NAMES: [&str; 28] = [
     "meta",
     "instruments",
     "instrument_by_serial",
@@ -150,6 +163,8 @@ pub const TABLE_NAMES: [&str; 26] = [
     "api_keys",
     "idempotency",
     "idempotency_by_age",
+    "ims_queue",
+    "ims_alarms",
 ];
 
 /// Creates every table that does not exist yet, so read transactions never miss one.
@@ -180,6 +195,8 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), StorageErro
     txn.open_table(API_KEYS)?;
     txn.open_table(IDEMPOTENCY)?;
     txn.open_table(IDEMPOTENCY_BY_AGE)?;
+    txn.open_table(IMS_QUEUE)?;
+    txn.open_table(IMS_ALARMS)?;
     Ok(())
 }
 
@@ -419,6 +436,66 @@ pub struct AcquisitionRow {
     /// Sorted ascending, no duplicates, never empty.
     pub focal_planes: Vec<i32>,
     pub first_stored_at_ms: i64,
+}
+
+/// The monitoring queue's counters (`meta/ims_state`), updated in the same transaction as the
+/// queue rows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImsStateRow {
+    /// The id of the newest record ever queued; 0 when none was.
+    pub id_last: u64,
+    /// Rows in `ims_queue`.
+    pub records: u64,
+    /// Their bytes (encoded row plus its 8-byte key).
+    pub bytes: u64,
+    /// Records dropped, oldest first, because the queue was full (since the database was made).
+    pub dropped_records: u64,
+    pub dropped_bytes: u64,
+    /// Records removed after the endpoint accepted them.
+    pub uploaded_records: u64,
+    /// Samples and alarms kept locally but not queued, because their channel is not a
+    /// monitoring channel or their alarm code could name patient data.
+    pub withheld: u64,
+    /// Rows in `ims_alarms`.
+    pub alarms: u64,
+}
+
+/// One queued monitoring record. Built only from instrument data (see `crate::ims`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImsRecordRow {
+    /// The instrument's serial number and model, as it reported them at HELLO.
+    pub serial: String,
+    pub model: String,
+    /// When the server received it.
+    pub received_at_ms: i64,
+    pub body: ImsBody,
+}
+
+/// What a monitoring record carries. Variants are numbered by position: append only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ImsBody {
+    Sample {
+        channel: String,
+        value: f64,
+        at_ms: i64,
+    },
+    Alarm {
+        code: String,
+        /// 1 info, 2 warning, 3 critical (the protocol's numbering).
+        severity: u8,
+        raised_at_ms: i64,
+        /// 0 while the alarm is active.
+        cleared_at_ms: i64,
+    },
+}
+
+/// One alarm as the instrument reported it, text included (the text stays on the server).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlarmRow {
+    pub severity: u8,
+    pub cleared_at_ms: i64,
+    pub text: String,
+    pub stored_at_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -281,6 +281,7 @@ fn check_counters(
     images: &ImageTotals,
     report: &mut Report,
 ) -> Result<(), StorageError> {
+    let ims_state = crate::apply::read_ims_state(&txn.open_table(tables::META)?)?;
     let counts = [
         (
             "instruments",
@@ -343,6 +344,16 @@ fn check_counters(
             "telemetry samples",
             state.telemetry_samples,
             txn.open_table(tables::TELEMETRY)?.len()?,
+        ),
+        (
+            "monitoring queue records",
+            ims_state.records,
+            txn.open_table(tables::IMS_QUEUE)?.len()?,
+        ),
+        (
+            "instrument alarms",
+            ims_state.alarms,
+            txn.open_table(tables::IMS_ALARMS)?.len()?,
         ),
         (
             "changes",

@@ -744,17 +744,19 @@ fn reopen_after_drop_keeps_everything() {
                 at_ms: T0,
             },
         ],
+        alarms: vec![],
+        ims: None,
         at_ms: T0,
     };
-    assert_eq!(
-        write(&writer, telemetry()),
-        Ok(WriteOutcome::TelemetryStored { samples: 2 })
-    );
+    let stored = |ims_queued| WriteOutcome::TelemetryStored {
+        samples: 2,
+        ims_queued,
+        ims_withheld: 0,
+        ims_dropped: 0,
+    };
+    assert_eq!(write(&writer, telemetry()), Ok(stored(0)));
     // A resend (a lost ACK) stores nothing new.
-    assert_eq!(
-        write(&writer, telemetry()),
-        Ok(WriteOutcome::TelemetryStored { samples: 2 })
-    );
+    assert_eq!(write(&writer, telemetry()), Ok(stored(0)));
     let stats_before = store.read().unwrap().stats().unwrap();
     assert_eq!(stats_before.telemetry_samples, 2);
     let changes_before = all_changes(&store);
@@ -1116,6 +1118,8 @@ fn input_bounds_are_enforced() {
                 };
                 10_001
             ],
+            alarms: vec![],
+            ims: None,
             at_ms: T0,
         },
     ];
@@ -1131,6 +1135,8 @@ fn input_bounds_are_enforced() {
         WriteOp::PutTelemetry {
             instrument_id: 77,
             samples: vec![],
+            alarms: vec![],
+            ims: None,
             at_ms: T0,
         },
     );
@@ -1917,4 +1923,148 @@ fn renaming_an_instrument_keeps_every_image_and_annotation_reachable() {
     assert!(audit.iter().any(|a| a.action == "instrument.rename"));
     assert!(store.verify(&mut |_| {}).unwrap().is_clean());
     writer.shutdown();
+}
+
+fn ims_telemetry(
+    instrument_id: u64,
+    samples: &[(&str, i64)],
+    alarms: &[(&str, i64, i64)],
+    queue_bytes_max: u64,
+) -> WriteOp {
+    WriteOp::PutTelemetry {
+        instrument_id,
+        samples: samples
+            .iter()
+            .map(|(channel, at_ms)| TelemetrySample {
+                channel: (*channel).into(),
+                value: 37.0,
+                at_ms: *at_ms,
+            })
+            .collect(),
+        alarms: alarms
+            .iter()
+            .map(|(code, raised_at_ms, cleared_at_ms)| AlarmInput {
+                code: (*code).into(),
+                severity: 2,
+                raised_at_ms: *raised_at_ms,
+                cleared_at_ms: *cleared_at_ms,
+                text: "Patient Ada Lovelace, dish D1: door left open".into(),
+            })
+            .collect(),
+        ims: Some(ImsQueueing { queue_bytes_max }),
+        at_ms: T0,
+    }
+}
+
+fn telemetry_outcome(op: WriteOutcome) -> (u32, u32, u32) {
+    match op {
+        WriteOutcome::TelemetryStored {
+            ims_queued,
+            ims_withheld,
+            ims_dropped,
+            ..
+        } => (ims_queued, ims_withheld, ims_dropped),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn monitoring_queue_takes_instrument_data_only_and_drops_the_oldest_when_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let big = 1 << 30;
+    // Allowed channels and a code-shaped alarm are queued; an unknown channel and alarm codes
+    // equal to patient data (patient id, name, treatment, dish id, embryo id) are withheld.
+    let op = || {
+        ims_telemetry(
+            instrument_id,
+            &[("temperature_c", T0), ("co2_percent", T0), ("Lovelace", T0)],
+            &[
+                ("CO2-LOW", T0, 0),
+                ("MRN-1", T0, 0),
+                ("LOVELACE", T0, 0),
+                ("ADA", T0, 0),
+                ("D1", T0, 0),
+                ("E2", T0, 0),
+                ("door open", T0, 0),
+            ],
+            big,
+        )
+    };
+    assert_eq!(telemetry_outcome(write(&writer, op()).unwrap()), (3, 7, 0));
+    // A resend queues nothing; clearing the alarm queues it again.
+    assert_eq!(telemetry_outcome(write(&writer, op()).unwrap()), (0, 0, 0));
+    let clear = ims_telemetry(instrument_id, &[], &[("CO2-LOW", T0, T0 + 5)], big);
+    assert_eq!(telemetry_outcome(write(&writer, clear).unwrap()), (1, 0, 0));
+
+    let reader = store.read().unwrap();
+    let stats = reader.ims_stats().unwrap();
+    assert_eq!((stats.records, stats.withheld, stats.alarms), (4, 7, 7));
+    assert_eq!(stats.oldest_received_at_ms, T0);
+    let batch = reader.ims_batch(100, u64::MAX).unwrap();
+    assert_eq!(
+        batch.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    let json = serde_json::to_string(&batch).unwrap();
+    for secret in [
+        "Ada",
+        "ADA",
+        "Lovelace",
+        "MRN-1",
+        "2022-1411",
+        "\"D1\"",
+        "E2",
+        "door",
+    ] {
+        assert!(!json.contains(secret), "{secret} in {json}");
+    }
+    assert!(json.contains("\"type\":\"alarm\""), "{json}");
+    // The alarm's text stays on the server.
+    let alarms = reader.alarms(10).unwrap();
+    assert_eq!(alarms.len(), 7);
+    assert!(alarms.iter().all(|a| a.text.contains("door left open")));
+    drop(reader);
+
+    // Removing after upload: ids gone are skipped.
+    let removed = write(
+        &writer,
+        WriteOp::ImsRemove {
+            ids: vec![1, 2, 99],
+        },
+    )
+    .unwrap();
+    assert_eq!(removed, WriteOutcome::ImsRemoved { removed: 2 });
+    let stats = store.read().unwrap().ims_stats().unwrap();
+    assert_eq!((stats.records, stats.uploaded_records), (2, 2));
+
+    // A small bound: the oldest go first, counted.
+    let row_bytes = stats.bytes / stats.records;
+    let bound = row_bytes * 5;
+    for minute in 1..=20 {
+        let op = ims_telemetry(
+            instrument_id,
+            &[("temperature_c", T0 + minute * MINUTE_MS)],
+            &[],
+            bound,
+        );
+        write(&writer, op).unwrap();
+    }
+    let reader = store.read().unwrap();
+    let stats = reader.ims_stats().unwrap();
+    assert!(stats.bytes <= bound, "{stats:?}");
+    assert!(stats.dropped_records >= 15, "{stats:?}");
+    assert_eq!(
+        stats.records + stats.dropped_records + stats.uploaded_records,
+        24
+    );
+    let batch = reader.ims_batch(100, u64::MAX).unwrap();
+    assert_eq!(batch.last().unwrap().id, 24);
+    let kept_newest = batch.iter().all(|r| r.id > 24 - stats.records);
+    assert!(kept_newest, "{batch:?}");
+    drop(reader);
+    writer.shutdown();
+    let report = store.verify(&mut |_| {}).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
