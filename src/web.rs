@@ -259,6 +259,18 @@ pub(crate) fn handle(
                 let message = user_action(shared, &user, &fields);
                 users_page(shared, &user, &csrf, &message)
             }
+            "/ims" => {
+                let part = field(&fields, "part").and_then(crate::ims::Part::parse);
+                let on = field(&fields, "on") == Some("on");
+                let message = match (part, &shared.web) {
+                    (Some(part), Some(web)) => {
+                        web.ims.set(part, on, &format!("web:{user}"));
+                        "<p class=ok id=result>Monitoring switched; it applies now, until the next start.</p>".to_string()
+                    }
+                    _ => "<p class=err id=result>Not switched: unknown part.</p>".to_string(),
+                };
+                dashboard_with(shared, &user, &csrf, &message)
+            }
             "/instruments" => {
                 let serial = field(&fields, "serial").unwrap_or("");
                 let name = field(&fields, "name").unwrap_or("").trim();
@@ -410,6 +422,29 @@ fn metrics(shared: &ApiShared) -> Response {
         );
     }
     if let Some(web) = &shared.web {
+        if let Ok(ims) = web.ims.status(&shared.store, now_ms()) {
+            let mut gauge = |name: &str, help: &str, value: u64| {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+                );
+            };
+            gauge("esserver_ims_receive", "1 while telemetry is queued for monitoring.", u64::from(ims.receive));
+            gauge("esserver_ims_upload", "1 while the monitoring queue is uploaded.", u64::from(ims.upload));
+            gauge("esserver_ims_queue_records", "Records in the monitoring queue.", ims.queue.records);
+            gauge("esserver_ims_queue_bytes", "Bytes of the monitoring queue.", ims.queue.bytes);
+            gauge("esserver_ims_oldest_age_seconds", "Age of the oldest queued monitoring record.", ims.oldest_age_s as u64);
+            let mut counter = |name: &str, help: &str, value: u64| {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+                );
+            };
+            counter("esserver_ims_dropped_records_total", "Monitoring records dropped because the queue was full.", ims.queue.dropped_records);
+            counter("esserver_ims_uploaded_records_total", "Monitoring records the endpoint accepted.", ims.queue.uploaded_records);
+            counter("esserver_ims_withheld_total", "Telemetry kept on the server but not queued for monitoring.", ims.queue.withheld);
+            counter("esserver_ims_upload_failures_total", "Failed upload attempts since the start.", ims.failures);
+        }
         let _ = writeln!(
             out,
             "# HELP esserver_incubator_images_total Images received from each connected incubator on its connection.\n# TYPE esserver_incubator_images_total counter"
@@ -427,7 +462,11 @@ fn metrics(shared: &ApiShared) -> Response {
 }
 
 fn dashboard(shared: &ApiShared, user: &str, csrf: &str) -> Response {
-    let mut body = String::new();
+    dashboard_with(shared, user, csrf, "")
+}
+
+fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Response {
+    let mut body = String::from(message);
     let now = now_ms();
     body.push_str("<h2>Licence</h2>");
     match shared.licensing.current(now) {
@@ -476,6 +515,7 @@ fn dashboard(shared: &ApiShared, user: &str, csrf: &str) -> Response {
             );
         }
         body.push_str("</table>");
+        body.push_str(&ims_panel(shared, web, csrf, now));
     } else {
         body.push_str("</table>");
     }
@@ -498,6 +538,72 @@ fn dashboard(shared: &ApiShared, user: &str, csrf: &str) -> Response {
         Err(error) => body.push_str(&storage_unavailable(&error)),
     }
     html(200, page(shared, "Status", Some((user, csrf)), &body))
+}
+
+/// The monitoring queue and uploader: switches, queue, drops, last success and error, and
+/// each incubator's measured upload against the manual's 0.5 Mbit/s budget.
+fn ims_panel(shared: &ApiShared, web: &WebContext, csrf: &str, now: i64) -> String {
+    let mut out = String::from("<h2>Instrument monitoring (IMS)</h2>");
+    let status = match web.ims.status(&shared.store, now) {
+        Ok(status) => status,
+        Err(error) => return out + &storage_unavailable(&error),
+    };
+    let switch = |part: &str, on: bool| {
+        let (label, state, value) = if on {
+            ("pause", "on", "off")
+        } else {
+            ("resume", "off", "on")
+        };
+        format!(
+            "{part} {state} <form method=post action='/ims' class=inline><input type=hidden name=csrf value='{csrf}'>\
+             <input type=hidden name=part value={part}><input type=hidden name=on value={value}>\
+             <button id=ims-{part}>{label}</button></form>"
+        )
+    };
+    let _ = write!(
+        out,
+        "<p id=ims-switches>{}; {}</p><table id=ims>\
+         <tr><td>Endpoint</td><td>{}</td></tr>\
+         <tr><td>Queue</td><td id=ims-queue>{} records, {:.2} MB of {:.0} MB; oldest {}</td></tr>\
+         <tr><td>Dropped (queue full)</td><td id=ims-dropped{}>{} records</td></tr>\
+         <tr><td>Withheld (kept here, not sent)</td><td>{}</td></tr>\
+         <tr><td>Last success</td><td>{}</td></tr>\
+         <tr><td>Last error</td><td id=ims-error>{}</td></tr></table>",
+        switch("receive", status.receive),
+        switch("upload", status.upload),
+        escape(status.endpoint.as_deref().unwrap_or("none configured: nothing is uploaded")),
+        status.queue.records,
+        status.queue.bytes as f64 / 1e6,
+        status.queue_bytes_max as f64 / 1e6,
+        if status.queue.records == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.0} s ago", status.oldest_age_s)
+        },
+        if status.queue.dropped_records > 0 { " class=err" } else { "" },
+        status.queue.dropped_records,
+        status.queue.withheld,
+        if status.last_success_ms > 0 { escape(&time_text(status.last_success_ms)) } else { "never".into() },
+        match &status.last_error {
+            Some(error) => format!("{} ({})", escape(error), escape(&time_text(status.last_error_ms))),
+            None => "none".into(),
+        },
+    );
+    if !status.per_instrument.is_empty() {
+        out.push_str("<table id=ims-budget><tr><th>Incubator</th><th>Sent, last hour</th><th>Mean rate</th><th>Of the 0.5 Mbit/s budget</th></tr>");
+        for row in &status.per_instrument {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{} bytes</td><td>{:.1} bit/s</td><td>{:.4} %</td></tr>",
+                escape(&row.serial),
+                row.bytes_last_hour,
+                row.bits_per_s,
+                row.budget_used * 100.0
+            );
+        }
+        out.push_str("</table>");
+    }
+    out
 }
 
 /// Adds a user, disables or enables one, or sets a password (the policy of every password),
@@ -684,7 +790,7 @@ fn capacity_and_rate(shared: &ApiShared, web: &WebContext, now: i64) -> String {
     let _ = write!(
         out,
         "<p id=rate>Ingestion: {images_per_s:.1} images/s ({:.2} MB/s); {days}</p>\
-         <p>Monitoring queue (IMS) and backups: not part of this version.</p>",
+         <p>Backups: not part of this version.</p>",
         bytes_per_s / 1e6
     );
     out

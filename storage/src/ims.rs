@@ -75,7 +75,9 @@ pub fn alarm_code_shape_ok(code: &str) -> bool {
 /// One queued monitoring record, as read back for upload.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImsRecord {
-    /// Unique and increasing within this database; the uploader prefixes the server id.
+    /// Unique and increasing within this database. Not serialised: the uploader writes its
+    /// own `id`, this number prefixed with the server id.
+    #[serde(skip)]
     pub id: u64,
     pub serial: String,
     pub model: String,

@@ -1,0 +1,558 @@
+//! Instrument monitoring (IMS) against a real server and a local HTTP sink on loopback:
+//! the uploader survives a flaky and a downed endpoint, a kill -9, and a full queue, and no
+//! patient data ever reaches the endpoint.
+
+mod common;
+
+use common::TIMEOUT;
+use es_loadtest::client::IncubatorClient;
+use es_loadtest::http_client::HttpClient;
+use es_loadtest::sim::Workload;
+use es_loadtest::spawn::ServerProcess;
+use es_perf::catalog::DeviceModel;
+use es_proto::incubator::{pb, Message};
+use flate2::read::GzDecoder;
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const T0: i64 = 1_770_000_000_000;
+
+/// What the sink does with the n-th request (deterministic: 3 in 10 fail, one way each).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fate {
+    Accept,
+    /// Answers 500 without keeping anything.
+    ServerError,
+    /// Closes before reading the body.
+    CloseEarly,
+    /// Keeps the batch, then closes without answering: the server must send it again, and
+    /// the sink drops the duplicate ids.
+    LoseAnswer,
+}
+
+#[derive(Default)]
+struct Received {
+    requests: u64,
+    failed: u64,
+    /// Every decompressed request body the sink kept, plus every raw byte it read.
+    bodies: Vec<Vec<u8>>,
+    raw: Vec<u8>,
+    /// record id -> the record, after de-duplication by id.
+    records: HashMap<String, serde_json::Value>,
+    duplicate_ids: u64,
+}
+
+struct Sink {
+    port: u16,
+    received: Arc<Mutex<Received>>,
+    down: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sink {
+    /// Listens on `port` (0: any free port); `flaky` fails 3 requests in 10.
+    fn start(port: u16, flaky: bool) -> Sink {
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("sink binds");
+        let port = listener.local_addr().unwrap().port();
+        let received = Arc::new(Mutex::new(Received::default()));
+        let down = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (received, down, stop) = (received.clone(), down.clone(), stop.clone());
+            std::thread::spawn(move || serve(listener, port, flaky, &received, &down, &stop))
+        };
+        Sink {
+            port,
+            received,
+            down,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/ims/upload", self.port)
+    }
+
+    fn records(&self) -> HashMap<String, serde_json::Value> {
+        self.received.lock().unwrap().records.clone()
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(
+    listener: TcpListener,
+    port: u16,
+    flaky: bool,
+    received: &Mutex<Received>,
+    down: &AtomicBool,
+    stop: &AtomicBool,
+) {
+    let mut listener = Some(listener);
+    let mut count = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        if down.load(Ordering::Relaxed) {
+            // Down: the port is closed, so connections are refused.
+            listener = None;
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        let active = match &listener {
+            Some(listener) => listener,
+            None => {
+                listener = Some(TcpListener::bind(("127.0.0.1", port)).expect("sink rebinds"));
+                continue;
+            }
+        };
+        active.set_nonblocking(true).unwrap();
+        let stream = match active.accept() {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+        };
+        stream.set_nonblocking(false).unwrap();
+        count += 1;
+        let fate = match (flaky, count % 10) {
+            (true, 2) => Fate::ServerError,
+            (true, 5) => Fate::CloseEarly,
+            (true, 8) => Fate::LoseAnswer,
+            _ => Fate::Accept,
+        };
+        handle(stream, fate, received);
+    }
+}
+
+fn handle(mut stream: TcpStream, fate: Fate, received: &Mutex<Received>) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let head_end = loop {
+        if let Some(at) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => data.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).to_lowercase();
+    assert!(head.starts_with("post /ims/upload http/1.1\r\n"), "{head}");
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    let mut state = received.lock().unwrap();
+    state.requests += 1;
+    if fate == Fate::CloseEarly {
+        state.failed += 1;
+        return;
+    }
+    drop(state);
+    while data.len() < head_end + length {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => data.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let mut state = received.lock().unwrap();
+    state.raw.extend_from_slice(&data);
+    if fate == Fate::ServerError {
+        state.failed += 1;
+        drop(state);
+        let _ = stream.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n");
+        return;
+    }
+    let mut json = Vec::new();
+    GzDecoder::new(&data[head_end..head_end + length])
+        .read_to_end(&mut json)
+        .expect("a gzip body");
+    let document: serde_json::Value = serde_json::from_slice(&json).expect("a JSON body");
+    assert_eq!(document["format"], "esserver-ims/1");
+    for record in document["records"].as_array().expect("records") {
+        let id = record["id"].as_str().expect("an id").to_string();
+        if state.records.insert(id, record.clone()).is_some() {
+            state.duplicate_ids += 1;
+        }
+    }
+    state.bodies.push(json);
+    if fate == Fate::LoseAnswer {
+        state.failed += 1;
+        return;
+    }
+    drop(state);
+    let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+}
+
+fn ims_config(endpoint: &str, extra: &str) -> String {
+    format!(
+        "[IMS]\nendpoint = {endpoint}\nupload_interval_ms = 50\nretry_initial_ms = 20\n\
+         retry_max_ms = 300\nrequest_timeout_ms = 3000\nbatch_records_max = 40\n{extra}"
+    )
+}
+
+/// Sends telemetry messages of `per_message` samples each, from `first` on, one minute
+/// apart; every one acknowledged. Returns the (serial, channel, at_ms) sent.
+fn send_samples(
+    client: &mut IncubatorClient,
+    serial: &str,
+    messages: std::ops::Range<i64>,
+    alarms: &[pb::Alarm],
+) -> HashSet<(String, String, i64)> {
+    const CHANNELS: [&str; 4] = ["temperature_c", "co2_percent", "o2_percent", "dishes_loaded"];
+    let mut sent = HashSet::new();
+    for minute in messages {
+        let at_ms = T0 + minute * 60_000;
+        let samples = CHANNELS
+            .iter()
+            .map(|channel| {
+                sent.insert((serial.to_string(), channel.to_string(), at_ms));
+                pb::TelemetrySample {
+                    channel: channel.to_string(),
+                    value: 37.0 + minute as f64 / 1000.0,
+                    at_ms,
+                }
+            })
+            .collect();
+        let reply = client
+            .request(
+                Message::Telemetry(pb::Telemetry {
+                    seq: 0,
+                    samples,
+                    alarms: if minute == 0 { alarms.to_vec() } else { vec![] },
+                }),
+                TIMEOUT,
+            )
+            .expect("telemetry answered");
+        assert!(matches!(reply, Message::Ack(_)), "{reply:?}");
+    }
+    sent
+}
+
+fn ims_status(server: &ServerProcess) -> serde_json::Value {
+    let output = Command::new(common::esserver_path())
+        .args(["ims", "status", "--json", "--data"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn ims_switch(server: &ServerProcess, verb: &str, part: &str) {
+    let output = Command::new(common::esserver_path())
+        .args(["ims", verb, part, "--data"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Waits until the sink holds `expected` distinct ids and the server's queue is empty.
+fn wait_delivered(server: &ServerProcess, sink: &Sink, expected: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let have = sink.records().len();
+        let queued = ims_status(server)["queue"]["records"].as_u64().unwrap();
+        if have >= expected && queued == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {have} of {expected} records arrived; {queued} still queued; status {}",
+            ims_status(server)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// (serial, channel, at_ms) of the sample records the sink kept, and whether one sample came
+/// under two ids.
+fn samples_of(records: &HashMap<String, serde_json::Value>) -> (HashSet<(String, String, i64)>, usize) {
+    let mut samples = HashSet::new();
+    let mut twice = 0;
+    for record in records.values() {
+        if record["type"] != "sample" {
+            continue;
+        }
+        let key = (
+            record["serial"].as_str().unwrap().to_string(),
+            record["channel"].as_str().unwrap().to_string(),
+            record["at_ms"].as_i64().unwrap(),
+        );
+        if !samples.insert(key) {
+            twice += 1;
+        }
+    }
+    (samples, twice)
+}
+
+#[test]
+fn every_sample_arrives_once_through_a_flaky_endpoint_that_goes_down_for_a_while() {
+    let sink = Sink::start(0, true);
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, false, &ims_config(&sink.url(), ""));
+    let mut sent = HashSet::new();
+    let serials = ["IMS-A", "IMS-B", "IMS-C"];
+    let mut clients: Vec<_> = serials
+        .iter()
+        .map(|serial| {
+            let mut identity = common::identity(serial, "es-8");
+            common::connect(&server, &mut identity)
+        })
+        .collect();
+    for (client, serial) in clients.iter_mut().zip(serials) {
+        sent.extend(send_samples(client, serial, 0..30, &[]));
+    }
+    // The endpoint goes down while the incubators carry on.
+    sink.down.store(true, Ordering::Relaxed);
+    let down_since = Instant::now();
+    for (client, serial) in clients.iter_mut().zip(serials) {
+        sent.extend(send_samples(client, serial, 30..60, &[]));
+    }
+    std::thread::sleep(Duration::from_millis(1500).saturating_sub(down_since.elapsed()));
+    let during = ims_status(&server);
+    assert!(
+        during["last_error"].as_str().is_some(),
+        "an error while the endpoint is down: {during}"
+    );
+    sink.down.store(false, Ordering::Relaxed);
+    for (client, serial) in clients.iter_mut().zip(serials) {
+        sent.extend(send_samples(client, serial, 60..80, &[]));
+    }
+    assert_eq!(sent.len(), 3 * 80 * 4);
+    wait_delivered(&server, &sink, sent.len(), Duration::from_secs(90));
+
+    let records = sink.records();
+    let (samples, twice) = samples_of(&records);
+    assert_eq!(twice, 0, "a sample arrived under two ids");
+    assert_eq!(records.len(), sent.len(), "one id per sample");
+    assert_eq!(samples, sent, "every sample sent arrived");
+    let received = sink.received.lock().unwrap();
+    assert!(received.failed >= 3, "the sink failed {} requests", received.failed);
+    assert!(
+        received.duplicate_ids > 0,
+        "a batch whose answer was lost was sent again"
+    );
+    drop(received);
+    let status = ims_status(&server);
+    assert!(status["failures"].as_u64().unwrap() >= 3, "{status}");
+    assert!(status["last_success_ms"].as_i64().unwrap() > 0, "{status}");
+    assert_eq!(status["queue"]["dropped_records"], 0, "{status}");
+    let per_instrument = status["per_instrument"].as_array().unwrap();
+    assert_eq!(per_instrument.len(), 3, "{status}");
+    for row in per_instrument {
+        assert!(row["bytes_last_hour"].as_u64().unwrap() > 0, "{row}");
+        assert_eq!(row["budget_bits_per_s"], 500_000);
+    }
+    assert!(
+        !common::server_log(&dir).contains("ERROR"),
+        "{}",
+        common::server_log(&dir)
+    );
+}
+
+#[test]
+fn what_was_queued_before_a_kill_9_is_sent_after_the_restart() {
+    // An endpoint that is not there yet: reserve a port, then free it.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/ims/upload");
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::spawn_in(&dir, false, &ims_config(&url, ""));
+    let mut identity = common::identity("IMS-K", "es-8");
+    let mut client = common::connect(&server, &mut identity);
+    let alarm = pb::Alarm {
+        code: "CO2-LOW".into(),
+        severity: pb::AlarmSeverity::Warning.into(),
+        raised_at_ms: T0,
+        cleared_at_ms: 0,
+        text: "CO2 below set point".into(),
+    };
+    let sent = send_samples(&mut client, "IMS-K", 0..50, &[alarm]);
+    let deadline = Instant::now() + TIMEOUT;
+    let before = loop {
+        let status = ims_status(&server);
+        if status["last_error"].as_str().is_some() || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(before["queue"]["records"], 50 * 4 + 1, "{before}");
+    let error = before["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("cannot connect"), "{before}");
+    drop(client);
+    server.kill9();
+
+    let sink = Sink::start(port, false);
+    server.restart().expect("the server starts again");
+    wait_delivered(&server, &sink, sent.len() + 1, Duration::from_secs(60));
+    let records = sink.records();
+    let (samples, twice) = samples_of(&records);
+    assert_eq!((samples, twice), (sent, 0));
+    let alarms: Vec<_> = records.values().filter(|r| r["type"] == "alarm").collect();
+    assert_eq!(alarms.len(), 1, "{alarms:?}");
+    assert_eq!(alarms[0]["code"], "CO2-LOW");
+    assert_eq!(alarms[0]["severity"], "warning");
+    assert!(alarms[0].get("text").is_none(), "alarm text stays on the server");
+}
+
+#[test]
+fn a_paused_upload_fills_the_queue_which_drops_its_oldest_and_never_holds_patient_data() {
+    let sink = Sink::start(0, false);
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(
+        &dir,
+        false,
+        &ims_config(&sink.url(), "queue_bytes_max = 64 KiB\n"),
+    );
+    ims_switch(&server, "pause", "upload");
+    assert_eq!(ims_status(&server)["upload"], false);
+
+    // Patients, treatments, dishes and embryos on the same instrument that sends telemetry.
+    let workload = Workload {
+        serial: "IMS-P".into(),
+        model: DeviceModel::EmbryoScope8,
+        dishes: 1,
+        wells_per_dish: 3,
+        planes: vec![0],
+        cycles: 1,
+        start_ms: T0,
+        interval_ms: 600_000,
+    };
+    let mut identity = common::identity("IMS-P", "es-8");
+    let mut client = common::connect(&server, &mut identity);
+    es_loadtest::sim::register_dishes(&mut client, &workload, TIMEOUT).unwrap();
+    let patient = workload.dish_registrations().remove(0);
+    let person = patient.patient.clone().unwrap();
+    // Alarms whose codes or texts name patient data, and telemetry on a channel named after
+    // the patient: all stored on the server, none queued.
+    let hostile: Vec<pb::Alarm> = [
+        person.patient_id.clone(),
+        patient.dish_id.clone(),
+        patient.wells[0].embryo_id.clone(),
+        person.last_name.to_uppercase(),
+        patient.treatment_name.clone(),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(n, code)| pb::Alarm {
+        code,
+        severity: pb::AlarmSeverity::Critical.into(),
+        raised_at_ms: T0 + n as i64,
+        cleared_at_ms: 0,
+        text: format!(
+            "{} {} in dish {}",
+            person.first_name, person.last_name, patient.dish_id
+        ),
+    })
+    .collect();
+    let reply = client
+        .request(
+            Message::Telemetry(pb::Telemetry {
+                seq: 0,
+                samples: vec![pb::TelemetrySample {
+                    channel: person.last_name.clone(),
+                    value: 1.0,
+                    at_ms: T0,
+                }],
+                alarms: hostile,
+            }),
+            TIMEOUT,
+        )
+        .unwrap();
+    assert!(matches!(reply, Message::Ack(_)), "{reply:?}");
+    // Far more samples than 64 KiB of queue holds.
+    let sent = send_samples(&mut client, "IMS-P", 0..600, &[]);
+    let status = ims_status(&server);
+    let dropped = status["queue"]["dropped_records"].as_u64().unwrap();
+    let queued = status["queue"]["records"].as_u64().unwrap();
+    assert!(dropped > 0, "{status}");
+    assert!(status["queue"]["bytes"].as_u64().unwrap() <= 64 * 1024, "{status}");
+    assert_eq!(dropped + queued, sent.len() as u64, "{status}");
+    assert_eq!(status["queue"]["withheld"], 6, "{status}");
+    assert!(
+        common::server_log(&dir).contains("monitoring (IMS) queue full"),
+        "the log says the queue dropped records"
+    );
+    // /metrics reports the count.
+    let key = common::create_api_key(&server, "monitoring", "read");
+    let mut http = HttpClient::new(
+        server.info.address("web"),
+        server.info.client_tls("web"),
+        TIMEOUT,
+    );
+    let metrics = http
+        .get("/metrics", &[("authorization", &format!("Bearer {key}"))])
+        .unwrap();
+    assert_eq!(metrics.status, 200);
+    let metrics = String::from_utf8(metrics.body).unwrap();
+    assert!(
+        metrics.contains(&format!("esserver_ims_dropped_records_total {dropped}")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("esserver_ims_upload 0"), "{metrics}");
+
+    ims_switch(&server, "resume", "upload");
+    wait_delivered(&server, &sink, queued as usize, Duration::from_secs(60));
+    let records = sink.records();
+    let (samples, twice) = samples_of(&records);
+    assert_eq!((samples.len() as u64, twice), (queued, 0));
+    // The oldest were dropped, the newest kept.
+    let newest = T0 + 599 * 60_000;
+    assert!(samples.iter().any(|(_, _, at)| *at == newest));
+    assert!(!samples.iter().any(|(_, _, at)| *at == T0));
+    assert!(records.values().all(|r| r["type"] == "sample"));
+
+    // Every byte the endpoint received, compressed and not, holds no patient data.
+    let received = sink.received.lock().unwrap();
+    let mut haystacks: Vec<&[u8]> = received.bodies.iter().map(Vec::as_slice).collect();
+    haystacks.push(&received.raw);
+    let mut needles = vec![
+        person.patient_id.clone(),
+        person.first_name.clone(),
+        person.last_name.clone(),
+        person.last_name.to_uppercase(),
+        patient.treatment_name.clone(),
+        patient.dish_id.clone(),
+    ];
+    needles.extend(patient.wells.iter().map(|w| w.embryo_id.clone()));
+    for haystack in haystacks {
+        let text = String::from_utf8_lossy(haystack);
+        for needle in &needles {
+            assert!(!text.contains(needle.as_str()), "{needle} reached the endpoint");
+        }
+    }
+    assert!(received.bodies.iter().map(Vec::len).sum::<usize>() > 10_000);
+}
