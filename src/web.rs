@@ -429,21 +429,57 @@ fn metrics(shared: &ApiShared) -> Response {
                     "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
                 );
             };
-            gauge("esserver_ims_receive", "1 while telemetry is queued for monitoring.", u64::from(ims.receive));
-            gauge("esserver_ims_upload", "1 while the monitoring queue is uploaded.", u64::from(ims.upload));
-            gauge("esserver_ims_queue_records", "Records in the monitoring queue.", ims.queue.records);
-            gauge("esserver_ims_queue_bytes", "Bytes of the monitoring queue.", ims.queue.bytes);
-            gauge("esserver_ims_oldest_age_seconds", "Age of the oldest queued monitoring record.", ims.oldest_age_s as u64);
+            gauge(
+                "esserver_ims_receive",
+                "1 while telemetry is queued for monitoring.",
+                u64::from(ims.receive),
+            );
+            gauge(
+                "esserver_ims_upload",
+                "1 while the monitoring queue is uploaded.",
+                u64::from(ims.upload),
+            );
+            gauge(
+                "esserver_ims_queue_records",
+                "Records in the monitoring queue.",
+                ims.queue.records,
+            );
+            gauge(
+                "esserver_ims_queue_bytes",
+                "Bytes of the monitoring queue.",
+                ims.queue.bytes,
+            );
+            gauge(
+                "esserver_ims_oldest_age_seconds",
+                "Age of the oldest queued monitoring record.",
+                ims.oldest_age_s as u64,
+            );
             let mut counter = |name: &str, help: &str, value: u64| {
                 let _ = writeln!(
                     out,
                     "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
                 );
             };
-            counter("esserver_ims_dropped_records_total", "Monitoring records dropped because the queue was full.", ims.queue.dropped_records);
-            counter("esserver_ims_uploaded_records_total", "Monitoring records the endpoint accepted.", ims.queue.uploaded_records);
-            counter("esserver_ims_withheld_total", "Telemetry kept on the server but not queued for monitoring.", ims.queue.withheld);
-            counter("esserver_ims_upload_failures_total", "Failed upload attempts since the start.", ims.failures);
+            counter(
+                "esserver_ims_dropped_records_total",
+                "Monitoring records dropped because the queue was full.",
+                ims.queue.dropped_records,
+            );
+            counter(
+                "esserver_ims_uploaded_records_total",
+                "Monitoring records the endpoint accepted.",
+                ims.queue.uploaded_records,
+            );
+            counter(
+                "esserver_ims_withheld_total",
+                "Telemetry kept on the server but not queued for monitoring.",
+                ims.queue.withheld,
+            );
+            counter(
+                "esserver_ims_upload_failures_total",
+                "Failed upload attempts since the start.",
+                ims.failures,
+            );
         }
         let _ = writeln!(
             out,
@@ -571,7 +607,12 @@ fn ims_panel(shared: &ApiShared, web: &WebContext, csrf: &str, now: i64) -> Stri
          <tr><td>Last error</td><td id=ims-error>{}</td></tr></table>",
         switch("receive", status.receive),
         switch("upload", status.upload),
-        escape(status.endpoint.as_deref().unwrap_or("none configured: nothing is uploaded")),
+        escape(
+            status
+                .endpoint
+                .as_deref()
+                .unwrap_or("none configured: nothing is uploaded")
+        ),
         status.queue.records,
         status.queue.bytes as f64 / 1e6,
         status.queue_bytes_max as f64 / 1e6,
@@ -580,12 +621,24 @@ fn ims_panel(shared: &ApiShared, web: &WebContext, csrf: &str, now: i64) -> Stri
         } else {
             format!("{:.0} s ago", status.oldest_age_s)
         },
-        if status.queue.dropped_records > 0 { " class=err" } else { "" },
+        if status.queue.dropped_records > 0 {
+            " class=err"
+        } else {
+            ""
+        },
         status.queue.dropped_records,
         status.queue.withheld,
-        if status.last_success_ms > 0 { escape(&time_text(status.last_success_ms)) } else { "never".into() },
+        if status.last_success_ms > 0 {
+            escape(&time_text(status.last_success_ms))
+        } else {
+            "never".into()
+        },
         match &status.last_error {
-            Some(error) => format!("{} ({})", escape(error), escape(&time_text(status.last_error_ms))),
+            Some(error) => format!(
+                "{} ({})",
+                escape(error),
+                escape(&time_text(status.last_error_ms))
+            ),
             None => "none".into(),
         },
     );

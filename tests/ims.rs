@@ -180,7 +180,8 @@ fn handle(mut stream: TcpStream, fate: Fate, received: &Mutex<Received>) {
     if fate == Fate::ServerError {
         state.failed += 1;
         drop(state);
-        let _ = stream.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n");
+        let _ =
+            stream.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n");
         return;
     }
     let mut json = Vec::new();
@@ -219,7 +220,12 @@ fn send_samples(
     messages: std::ops::Range<i64>,
     alarms: &[pb::Alarm],
 ) -> HashSet<(String, String, i64)> {
-    const CHANNELS: [&str; 4] = ["temperature_c", "co2_percent", "o2_percent", "dishes_loaded"];
+    const CHANNELS: [&str; 4] = [
+        "temperature_c",
+        "co2_percent",
+        "o2_percent",
+        "dishes_loaded",
+    ];
     let mut sent = HashSet::new();
     for minute in messages {
         let at_ms = T0 + minute * 60_000;
@@ -296,7 +302,9 @@ fn wait_delivered(server: &ServerProcess, sink: &Sink, expected: usize, within: 
 
 /// (serial, channel, at_ms) of the sample records the sink kept, and whether one sample came
 /// under two ids.
-fn samples_of(records: &HashMap<String, serde_json::Value>) -> (HashSet<(String, String, i64)>, usize) {
+fn samples_of(
+    records: &HashMap<String, serde_json::Value>,
+) -> (HashSet<(String, String, i64)>, usize) {
     let mut samples = HashSet::new();
     let mut twice = 0;
     for record in records.values() {
@@ -357,7 +365,11 @@ fn every_sample_arrives_once_through_a_flaky_endpoint_that_goes_down_for_a_while
     assert_eq!(records.len(), sent.len(), "one id per sample");
     assert_eq!(samples, sent, "every sample sent arrived");
     let received = sink.received.lock().unwrap();
-    assert!(received.failed >= 3, "the sink failed {} requests", received.failed);
+    assert!(
+        received.failed >= 3,
+        "the sink failed {} requests",
+        received.failed
+    );
     assert!(
         received.duplicate_ids > 0,
         "a batch whose answer was lost was sent again"
@@ -425,7 +437,10 @@ fn what_was_queued_before_a_kill_9_is_sent_after_the_restart() {
     assert_eq!(alarms.len(), 1, "{alarms:?}");
     assert_eq!(alarms[0]["code"], "CO2-LOW");
     assert_eq!(alarms[0]["severity"], "warning");
-    assert!(alarms[0].get("text").is_none(), "alarm text stays on the server");
+    assert!(
+        alarms[0].get("text").is_none(),
+        "alarm text stays on the server"
+    );
 }
 
 #[test]
@@ -499,7 +514,10 @@ fn a_paused_upload_fills_the_queue_which_drops_its_oldest_and_never_holds_patien
     let dropped = status["queue"]["dropped_records"].as_u64().unwrap();
     let queued = status["queue"]["records"].as_u64().unwrap();
     assert!(dropped > 0, "{status}");
-    assert!(status["queue"]["bytes"].as_u64().unwrap() <= 64 * 1024, "{status}");
+    assert!(
+        status["queue"]["bytes"].as_u64().unwrap() <= 64 * 1024,
+        "{status}"
+    );
     assert_eq!(dropped + queued, sent.len() as u64, "{status}");
     assert_eq!(status["queue"]["withheld"], 6, "{status}");
     assert!(
@@ -551,7 +569,10 @@ fn a_paused_upload_fills_the_queue_which_drops_its_oldest_and_never_holds_patien
     for haystack in haystacks {
         let text = String::from_utf8_lossy(haystack);
         for needle in &needles {
-            assert!(!text.contains(needle.as_str()), "{needle} reached the endpoint");
+            assert!(
+                !text.contains(needle.as_str()),
+                "{needle} reached the endpoint"
+            );
         }
     }
     assert!(received.bodies.iter().map(Vec::len).sum::<usize>() > 10_000);
