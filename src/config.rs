@@ -1740,6 +1740,29 @@ trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134,
     }
 
     #[test]
+    fn monitoring_section() {
+        let config = parse(
+            "[IMS]\nreceive = on\nupload = off\nendpoint = https://ims.example.com:8443/in\n\
+             ca_file = /etc/ims-ca.pem\nqueue_bytes_max = 1 GiB\nretry_max_ms = 60000\n",
+        )
+        .unwrap();
+        let endpoint = config.ims.endpoint.clone().unwrap();
+        assert_eq!((endpoint.https, endpoint.port), (true, 8443));
+        assert!(!config.ims.upload && config.ims.receive);
+        assert_eq!(config.ims.queue_bytes_max, GIB);
+        assert_eq!(parse(&config.to_ini()), Ok(config));
+        let defaults = Config::default().ims;
+        assert_eq!(
+            (defaults.endpoint, defaults.receive, defaults.upload),
+            (None, true, true)
+        );
+        let error = error_at("[IMS]\n\nendpoint = ftp://x/\n", 3);
+        assert!(error.contains("http:// or https://"), "{error}");
+        error_at("[IMS]\nqueue_bytes_max = 1 KiB\n", 2);
+        error_at("[IMS]\nupload = maybe\n", 2);
+    }
+
+    #[test]
     fn crlf_line_endings_and_byte_order_mark() {
         let text = FULL.replace('\n', "\r\n");
         assert_eq!(parse(&text), parse(FULL));

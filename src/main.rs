@@ -355,12 +355,21 @@ fn ims(action: ImsAction) -> Result<ExitCode, String> {
             by: operator(),
         })
     };
-    let (common, request, json) = match action {
-        ImsAction::Status { common, json } => (common, ImsRequest::Status, json),
-        ImsAction::Pause { part, common } => (common, switch(&part, false)?, false),
-        ImsAction::Resume { part, common } => (common, switch(&part, true)?, false),
+    let (common, request, json, done) = match action {
+        ImsAction::Status { common, json } => (common, ImsRequest::Status, json, None),
+        ImsAction::Pause { part, common } => {
+            let done = format!("{part}: paused until the server's next start");
+            (common, switch(&part, false)?, false, Some(done))
+        }
+        ImsAction::Resume { part, common } => {
+            let done = format!("{part}: resumed");
+            (common, switch(&part, true)?, false, Some(done))
+        }
     };
     admin(&common, Request::Ims { action: request }, |body| {
+        if let Some(done) = done {
+            println!("{done}");
+        }
         if json {
             println!("{}", serde_json::to_string_pretty(body).unwrap_or_default());
         } else {
@@ -1122,8 +1131,11 @@ fn print_ims_status(body: &serde_json::Value) {
         mib(&queue["bytes"]),
         mib(&body["queue_bytes_max"])
     );
-    if let Some(age) = body["oldest_age_s"].as_f64() {
-        println!("oldest queued: {age:.0} s ago");
+    match body["oldest_age_s"].as_f64() {
+        Some(age) if queue["records"].as_u64().unwrap_or(0) > 0 => {
+            println!("oldest queued: {age:.0} s ago");
+        }
+        _ => {}
     }
     println!(
         "dropped:       {} records ({:.2} MiB) because the queue was full",

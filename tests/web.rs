@@ -144,6 +144,46 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
     assert!(metrics.contains("esserver_up 1"));
     assert!(metrics.contains("esserver_license_valid 0"));
     assert!(metrics.contains("esserver_incubators_connected 1"));
+    assert!(
+        metrics.contains("esserver_ims_queue_records 0"),
+        "{metrics}"
+    );
+
+    // Instrument monitoring: its panel, and a pause from the dashboard that applies at once.
+    assert!(page.contains("Instrument monitoring (IMS)"), "{page}");
+    assert!(
+        page.contains("none configured: nothing is uploaded"),
+        "{page}"
+    );
+    let paused = post_form(
+        &mut http,
+        "/ims",
+        Some(&cookie),
+        &[("csrf", &csrf(&page)), ("part", "upload"), ("on", "off")],
+    );
+    assert!(
+        body(&paused).contains("Monitoring switched"),
+        "{}",
+        body(&paused)
+    );
+    assert!(body(&paused).contains("upload off"), "{}", body(&paused));
+    let status = Command::new(common::esserver_path())
+        .args(["ims", "status", "--json", "--data"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        (&status["upload"], &status["receive"]),
+        (&false.into(), &true.into())
+    );
+    let forged = post_form(
+        &mut http,
+        "/ims",
+        Some(&cookie),
+        &[("part", "all"), ("on", "off")],
+    );
+    assert_eq!(forged.status, 403, "no CSRF token, no switch");
 
     // Forms need the page's CSRF token.
     let licence_page = body(&get(&mut http, "/license", &cookie));
