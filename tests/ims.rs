@@ -14,7 +14,7 @@ use es_proto::incubator::{pb, Message};
 use flate2::read::GzDecoder;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,8 +24,10 @@ use std::time::{Duration, Instant};
 const T0: i64 = 1_770_000_000_000;
 
 /// What the sink does with the n-th request (deterministic: 3 in 10 fail, one way each).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 enum Fate {
+    /// Answers 302 to another address.
+    Redirect(String),
     Accept,
     /// Answers 500 without keeping anything.
     ServerError,
@@ -48,6 +50,17 @@ struct Received {
     duplicate_ids: u64,
 }
 
+/// How the sink behaves.
+#[derive(Clone)]
+enum Mode {
+    /// Plain HTTP; `flaky` fails 3 requests in 10.
+    Plain { flaky: bool },
+    /// HTTPS with this server configuration.
+    Tls(std::sync::Arc<rustls::ServerConfig>),
+    /// Answers every request with a redirect to this URL.
+    Redirect(String),
+}
+
 struct Sink {
     port: u16,
     received: Arc<Mutex<Received>>,
@@ -59,6 +72,10 @@ struct Sink {
 impl Sink {
     /// Listens on `port` (0: any free port); `flaky` fails 3 requests in 10.
     fn start(port: u16, flaky: bool) -> Sink {
+        Sink::with_mode(port, Mode::Plain { flaky })
+    }
+
+    fn with_mode(port: u16, mode: Mode) -> Sink {
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("sink binds");
         let port = listener.local_addr().unwrap().port();
         let received = Arc::new(Mutex::new(Received::default()));
@@ -66,7 +83,7 @@ impl Sink {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (received, down, stop) = (received.clone(), down.clone(), stop.clone());
-            std::thread::spawn(move || serve(listener, port, flaky, &received, &down, &stop))
+            std::thread::spawn(move || serve(listener, port, mode, &received, &down, &stop))
         };
         Sink {
             port,
@@ -98,7 +115,7 @@ impl Drop for Sink {
 fn serve(
     listener: TcpListener,
     port: u16,
-    flaky: bool,
+    mode: Mode,
     received: &Mutex<Received>,
     down: &AtomicBool,
     stop: &AtomicBool,
@@ -128,21 +145,36 @@ fn serve(
             }
         };
         stream.set_nonblocking(false).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         count += 1;
-        let fate = match (flaky, count % 10) {
-            (true, 2) => Fate::ServerError,
-            (true, 5) => Fate::CloseEarly,
-            (true, 8) => Fate::LoseAnswer,
-            _ => Fate::Accept,
-        };
-        handle(stream, fate, received);
+        match &mode {
+            Mode::Plain { flaky } => {
+                let fate = match (flaky, count % 10) {
+                    (true, 2) => Fate::ServerError,
+                    (true, 5) => Fate::CloseEarly,
+                    (true, 8) => Fate::LoseAnswer,
+                    _ => Fate::Accept,
+                };
+                handle(stream, fate, received);
+            }
+            Mode::Tls(config) => {
+                let connection = rustls::ServerConnection::new(config.clone()).unwrap();
+                handle(
+                    rustls::StreamOwned::new(connection, stream),
+                    Fate::Accept,
+                    received,
+                );
+            }
+            Mode::Redirect(location) => {
+                handle(stream, Fate::Redirect(location.clone()), received);
+            }
+        }
     }
 }
 
-fn handle(mut stream: TcpStream, fate: Fate, received: &Mutex<Received>) {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+fn handle(mut stream: impl Read + Write, fate: Fate, received: &Mutex<Received>) {
     let mut data = Vec::new();
     let mut chunk = [0u8; 65536];
     let head_end = loop {
@@ -184,6 +216,14 @@ fn handle(mut stream: TcpStream, fate: Fate, received: &Mutex<Received>) {
             stream.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n");
         return;
     }
+    if let Fate::Redirect(location) = &fate {
+        state.failed += 1;
+        drop(state);
+        let answer =
+            format!("HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n");
+        let _ = stream.write_all(answer.as_bytes());
+        return;
+    }
     let mut json = Vec::new();
     GzDecoder::new(&data[head_end..head_end + length])
         .read_to_end(&mut json)
@@ -203,6 +243,7 @@ fn handle(mut stream: TcpStream, fate: Fate, received: &Mutex<Received>) {
     }
     drop(state);
     let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+    let _ = stream.flush();
 }
 
 fn ims_config(endpoint: &str, extra: &str) -> String {
@@ -576,4 +617,75 @@ fn a_paused_upload_fills_the_queue_which_drops_its_oldest_and_never_holds_patien
         }
     }
     assert!(received.bodies.iter().map(Vec::len).sum::<usize>() > 10_000);
+}
+
+#[test]
+fn an_https_endpoint_is_verified_and_a_redirect_is_never_followed() {
+    // HTTPS: the sink's certificate is trusted through [IMS] ca_file.
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key, _) =
+        es_net::tls::ensure_self_signed(certs.path(), &["localhost".to_string()]).unwrap();
+    let tls = es_net::tls::server_config(&cert, &key).unwrap();
+    let sink = Sink::with_mode(0, Mode::Tls(tls));
+    let url = format!("https://localhost:{}/ims/upload", sink.port);
+    // Without the CA file the system's bundle does not know the sink: refused, nothing sent.
+    let dir = tempfile::tempdir().unwrap();
+    let untrusting = common::spawn_in(&dir, false, &ims_config(&url, ""));
+    let mut identity = common::identity("IMS-U", "es-8");
+    let mut client = common::connect(&untrusting, &mut identity);
+    send_samples(&mut client, "IMS-U", 0..3, &[]);
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        let status = ims_status(&untrusting);
+        if status["last_error"].as_str().is_some() || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(error.to_lowercase().contains("certificate"), "{status}");
+    assert!(sink.records().is_empty());
+    drop(client);
+    drop(untrusting);
+
+    let extra = format!("ca_file = {}\n", cert.display());
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, false, &ims_config(&url, &extra));
+    let mut identity = common::identity("IMS-T", "es-8");
+    let mut client = common::connect(&server, &mut identity);
+    let sent = send_samples(&mut client, "IMS-T", 0..10, &[]);
+    wait_delivered(&server, &sink, sent.len(), Duration::from_secs(30));
+    assert_eq!(samples_of(&sink.records()), (sent, 0));
+    drop(client);
+    drop(server);
+
+    // A redirect to another port: the uploader reports it and never connects there.
+    let elsewhere = TcpListener::bind("127.0.0.1:0").unwrap();
+    elsewhere.set_nonblocking(true).unwrap();
+    let target = format!(
+        "http://127.0.0.1:{}/ims/upload",
+        elsewhere.local_addr().unwrap().port()
+    );
+    let redirecting = Sink::with_mode(0, Mode::Redirect(target));
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, false, &ims_config(&redirecting.url(), ""));
+    let mut identity = common::identity("IMS-R", "es-8");
+    let mut client = common::connect(&server, &mut identity);
+    send_samples(&mut client, "IMS-R", 0..5, &[]);
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        let status = ims_status(&server);
+        let redirects = redirecting.received.lock().unwrap().failed;
+        if redirects >= 3 || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("never follows redirects"), "{status}");
+    assert_eq!(status["queue"]["records"], 20, "nothing removed: {status}");
+    assert!(
+        elsewhere.accept().is_err(),
+        "the uploader connected to the redirect's target"
+    );
 }
