@@ -118,6 +118,10 @@ impl<'txn> Batch<'txn> {
         if let Err(error) = op.validate() {
             return Ok(Err(error));
         }
+        if !matches!(op, WriteOp::PutTelemetry { .. }) {
+            // Patients or treatments may change: alarm codes are checked against fresh names.
+            self.patient_words = None;
+        }
         match op {
             WriteOp::InstrumentHello {
                 serial,
