@@ -103,6 +103,7 @@ pub fn run(
         latency: recorder.summary(),
         per_s: recorder.count() as f64 / seconds,
         errors,
+        curve: recorder.percentile_curve(),
     };
     let mut operations: Vec<Operation> = KINDS
         .iter()

@@ -14,6 +14,8 @@ pub mod client;
 pub mod disk;
 pub mod frames;
 pub mod http_client;
+pub mod plot;
+pub mod run;
 pub mod sim;
 pub mod spawn;
 pub mod viewer_bench;

@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod run_cli;
+
 #[derive(Parser)]
 #[command(
     name = "loadtest",
@@ -22,6 +24,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A device mix (a licence configuration or explicit devices) at its real rates times
+    /// --speedup, open loop, with progress; a table against the targets, JSON and a plot.
+    /// Exits 2 when a target fails.
+    Run(run_cli::RunArgs),
+    /// Raises the offered load step by step until a target fails (within a duration and byte
+    /// budget) and reports the highest load that met every target.
+    Saturate(run_cli::SaturateArgs),
+    /// One incubator uploads an H-hour backlog as fast as the server accepts while the other
+    /// devices carry on live; reports the catch-up time and the live devices' latency.
+    CatchUp(run_cli::CatchUpArgs),
     /// Ingestion benchmark: throughput and ack latency from simulated incubators against a
     /// spawned server, and the disk's own limit for the same bytes and batching.
     IngestBench(IngestArgs),
@@ -143,7 +155,18 @@ struct ModeReport {
 }
 
 fn main() -> ExitCode {
+    let verdict = |result: Result<bool, String>| match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(message) => {
+            eprintln!("loadtest: {message}");
+            ExitCode::FAILURE
+        }
+    };
     match Cli::parse().command {
+        Command::Run(args) => verdict(run_cli::run(args)),
+        Command::Saturate(args) => verdict(run_cli::saturate(args)),
+        Command::CatchUp(args) => verdict(run_cli::catch_up(args)),
         Command::IngestBench(args) => match ingest_bench(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(message) => {

@@ -167,6 +167,34 @@ pub fn upload(
     pacing: Pacing,
     deadline: Instant,
 ) -> (UploadStats, Option<ClientError>) {
+    upload_with_progress(client, workload, range, frames, pacing, deadline, None)
+}
+
+/// Live figures shared by the upload threads of a run, read by its progress display.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Images sent and acknowledged so far.
+    pub sent: std::sync::atomic::AtomicU64,
+    pub acked: std::sync::atomic::AtomicU64,
+    /// ERROR answers so far.
+    pub errors: std::sync::atomic::AtomicU64,
+    /// Ack latencies since the display last took them.
+    pub window: parking_lot::Mutex<LatencyRecorder>,
+    /// Set to end the uploads before their deadline (what is in flight is still awaited).
+    pub stop: std::sync::atomic::AtomicBool,
+}
+
+/// [`upload`], also counting into `progress`.
+pub fn upload_with_progress(
+    client: &mut IncubatorClient,
+    workload: &Workload,
+    range: std::ops::Range<u64>,
+    frames: &[Bytes],
+    pacing: Pacing,
+    deadline: Instant,
+    progress: Option<&Progress>,
+) -> (UploadStats, Option<ClientError>) {
+    use std::sync::atomic::Ordering::Relaxed;
     let started = Instant::now();
     let mut stats = UploadStats::default();
     let mut in_flight: HashMap<u64, (u64, Instant, usize)> = HashMap::new();
@@ -175,6 +203,12 @@ pub fn upload(
         let now = Instant::now();
         if now >= deadline || (next >= range.end && in_flight.is_empty()) {
             break None;
+        }
+        if progress.is_some_and(|p| p.stop.load(Relaxed)) {
+            if in_flight.is_empty() {
+                break None;
+            }
+            next = range.end;
         }
         // Send everything that is due, within the server's window.
         while next < range.end && client.can_send() {
@@ -204,6 +238,9 @@ pub fn upload(
             };
             in_flight.insert(seq, (next, measured_from, size));
             stats.sent += 1;
+            if let Some(progress) = progress {
+                progress.sent.fetch_add(1, Relaxed);
+            }
             next += 1;
         }
         let wait_until = match pacing {
@@ -220,15 +257,23 @@ pub fn upload(
                 };
                 match message {
                     Message::Ack(ack) => {
-                        stats
-                            .latency
-                            .record(Instant::now().saturating_duration_since(from));
+                        let latency = Instant::now().saturating_duration_since(from);
+                        stats.latency.record(latency);
+                        if let Some(progress) = progress {
+                            progress.acked.fetch_add(1, Relaxed);
+                            progress.window.lock().record(latency);
+                        }
                         stats.acked += 1;
                         stats.bytes_acked += size as u64;
                         stats.duplicates += ack.duplicate as u64;
                         stats.acked_indexes.push(index);
                     }
-                    Message::Error(error) => *stats.errors.entry(error.name).or_default() += 1,
+                    Message::Error(error) => {
+                        if let Some(progress) = progress {
+                            progress.errors.fetch_add(1, Relaxed);
+                        }
+                        *stats.errors.entry(error.name).or_default() += 1
+                    }
                     _ => {
                         *stats
                             .errors

@@ -27,6 +27,21 @@ pub struct ListenerInfo {
 }
 
 impl ServerInfo {
+    /// A server this process did not start: its incubator port, and the certificate to pin
+    /// (None: plain TCP).
+    pub fn remote_incubator(address: SocketAddr, certificate: Option<PathBuf>) -> ServerInfo {
+        ServerInfo {
+            pid: 0,
+            server_id: String::new(),
+            listeners: vec![ListenerInfo {
+                service: "incubator".into(),
+                address,
+                tls: certificate.is_some(),
+            }],
+            certificate: certificate.unwrap_or_default(),
+        }
+    }
+
     pub fn address(&self, service: &str) -> SocketAddr {
         self.listeners
             .iter()

@@ -38,6 +38,9 @@ pub struct Operation {
     pub latency: LatencySummary,
     pub per_s: f64,
     pub errors: u64,
+    /// (percentile, µs) points of the latency distribution, for plots.
+    #[serde(skip)]
+    pub curve: Vec<(f64, u64)>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -209,6 +212,7 @@ pub fn run(
         latency: recorder.summary(),
         per_s: recorder.count() as f64 / seconds,
         errors,
+        curve: recorder.percentile_curve(),
     };
     ViewerBenchResult {
         viewers: options.viewers,

@@ -1,0 +1,494 @@
+//! `loadtest run`, `saturate` and `catch-up`: a device mix (a licence configuration or an
+//! explicit list) at its real rates times a speed-up, open loop, with live progress, a report
+//! against the targets in es-perf, JSON and an SVG plot.
+
+use crate::bench::IngestResult;
+use crate::client::{ClientError, Identity, IncubatorClient};
+use crate::sim::{self, Pacing, Progress, Workload};
+use crate::spawn::ServerInfo;
+use bytes::Bytes;
+use es_perf::catalog::DeviceModel;
+use es_perf::config_rules::{self, Configuration};
+use es_perf::latency::{LatencyRecorder, LatencySummary};
+use es_perf::targets::{self, TargetResult};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a run simulates: incubators (one entry per device) and viewer computers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mix {
+    pub incubators: Vec<DeviceModel>,
+    pub viewers: u32,
+}
+
+impl Mix {
+    /// The devices a licence configuration allows at most: basic is one EmbryoScope+ (its
+    /// two units) and one viewer computer; high capacity eight EmbryoScope+ (sixteen units)
+    /// and four viewer computers.
+    pub fn of_configuration(configuration: Configuration) -> Mix {
+        let plus = configuration
+            .plus_flex_max()
+            .min(configuration.units_max() / 2);
+        Mix {
+            incubators: vec![DeviceModel::EmbryoScopePlus; plus as usize],
+            viewers: configuration.computers_max(),
+        }
+    }
+
+    /// `es-plus:7,es-d:2,viewer:4`: every catalog model by name, and `viewer`.
+    pub fn parse(text: &str) -> Result<Mix, String> {
+        let mut viewers = 0;
+        let mut rest = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.split_once(':') {
+                Some(("viewer" | "viewers", count)) => {
+                    viewers = count
+                        .trim()
+                        .parse()
+                        .ok()
+                        .filter(|n| *n <= 64)
+                        .ok_or_else(|| format!("`{part}`: viewers are a number from 0 to 64"))?;
+                }
+                _ => rest.push(part),
+            }
+        }
+        let devices = config_rules::parse_devices(&rest.join(","))?;
+        let incubators = devices
+            .into_iter()
+            .flat_map(|(model, count)| std::iter::repeat_n(model, count as usize))
+            .collect();
+        Ok(Mix {
+            incubators,
+            viewers,
+        })
+    }
+
+    /// Images/s of the incubators at their real rates.
+    pub fn nominal_images_per_s(&self) -> f64 {
+        self.incubators
+            .iter()
+            .map(|m| m.spec().images_per_second())
+            .sum()
+    }
+
+    pub fn describe(&self) -> String {
+        let mut counts: Vec<(DeviceModel, u32)> = Vec::new();
+        for model in &self.incubators {
+            match counts.iter_mut().find(|(m, _)| m == model) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((*model, 1)),
+            }
+        }
+        let mut parts: Vec<String> = counts
+            .iter()
+            .map(|(m, n)| format!("{}:{n}", m.name()))
+            .collect();
+        if self.viewers > 0 {
+            parts.push(format!("viewer:{}", self.viewers));
+        }
+        parts.join(",")
+    }
+}
+
+/// The high-capacity configuration's nominal image rate: the unit saturate reports in.
+pub fn high_capacity_nominal_per_s() -> f64 {
+    Mix::of_configuration(Configuration::HighCapacity).nominal_images_per_s()
+}
+
+/// One incubator of a phase that uploads a backlog as fast as the server accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct Backlog {
+    /// Which incubator of the mix.
+    pub index: usize,
+    pub hours: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PhaseOptions {
+    pub mix: Mix,
+    /// Multiple of the real rates.
+    pub speedup: f64,
+    pub duration: Duration,
+    /// Most image bytes the phase sends.
+    pub bytes_max: u64,
+    pub frames: Arc<Vec<Bytes>>,
+    /// Serial prefix, distinct per phase.
+    pub tag: String,
+    pub backlog: Option<Backlog>,
+    /// Print a progress line every second.
+    pub progress: bool,
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub t_s: f64,
+    pub offered_per_s: f64,
+    pub achieved_per_s: f64,
+    /// Ack p99 of the images acknowledged in that second, ms.
+    pub p99_ms: f64,
+}
+
+/// One operation's figures and its curve (percentile, µs).
+#[derive(Debug, Clone, Serialize)]
+pub struct OperationReport {
+    pub name: String,
+    pub per_s: f64,
+    pub latency: LatencySummary,
+    pub errors: u64,
+    pub curve: Vec<(f64, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseReport {
+    pub mix: String,
+    pub speedup: f64,
+    pub offered_per_s: f64,
+    /// The offered rate as a multiple of the high-capacity configuration's nominal rate.
+    pub offered_high_capacity_multiple: f64,
+    pub live: IngestResult,
+    pub backlog: Option<IngestResult>,
+    pub operations: Vec<OperationReport>,
+    pub timeline: Vec<Sample>,
+    pub targets: Vec<TargetResult>,
+    pub errors: Vec<String>,
+    pub pass: bool,
+}
+
+/// Viewers for a phase: they need a spawned server (users and a seeded dish).
+pub struct ViewerSetup<'a> {
+    pub server: &'a crate::spawn::ServerProcess,
+    pub embryos: &'a [String],
+    pub users: &'a [String],
+    pub ops_per_s: f64,
+}
+
+/// Runs one phase: every incubator of the mix open loop at its real rate x `speedup` (the
+/// backlog one, if any, as fast as the server accepts), and the viewers, for `duration`.
+pub fn run_phase(
+    info: &ServerInfo,
+    options: &PhaseOptions,
+    viewers: Option<&ViewerSetup<'_>>,
+) -> PhaseReport {
+    let frame_bytes = (options.frames.iter().map(|f| f.len() as u64).sum::<u64>()
+        / options.frames.len().max(1) as u64)
+        .max(1);
+    let live_rates: Vec<f64> = options
+        .mix
+        .incubators
+        .iter()
+        .enumerate()
+        .map(|(i, m)| match options.backlog {
+            Some(b) if b.index == i => 0.0,
+            _ => m.spec().images_per_second() * options.speedup,
+        })
+        .collect();
+    let offered: f64 = live_rates.iter().sum();
+    // The byte budget: the live incubators' share first (their schedule), the rest to the
+    // backlog.
+    let live_bytes =
+        ((offered * options.duration.as_secs_f64()) as u64 * frame_bytes).min(options.bytes_max);
+    let backlog_bytes = options.bytes_max.saturating_sub(live_bytes);
+    let live_progress = Arc::new(Progress::default());
+    let backlog_progress = Arc::new(Progress::default());
+    let start_ms = crate::client::now_ms() - 86_400_000;
+    let begin = Instant::now() + Duration::from_millis(300);
+    let deadline = begin + options.duration;
+    let mut threads = Vec::new();
+    for (index, model) in options.mix.incubators.iter().copied().enumerate() {
+        let serial = format!("{}-{index:02}", options.tag);
+        let address = info.address("incubator");
+        let tls = info.client_tls("incubator");
+        let frames = options.frames.clone();
+        let backlog = options.backlog.filter(|b| b.index == index);
+        let (progress, pacing, images) = match backlog {
+            Some(b) => {
+                let images = ((model.spec().images_per_second() * b.hours * 3600.0) as u64)
+                    .min(backlog_bytes / frame_bytes)
+                    .max(1);
+                (backlog_progress.clone(), Pacing::Window, images)
+            }
+            None => {
+                let rate = live_rates[index];
+                let share = if offered > 0.0 { rate / offered } else { 0.0 };
+                let by_time = (rate * options.duration.as_secs_f64()).ceil() as u64 + 1;
+                let by_bytes = (live_bytes as f64 * share) as u64 / frame_bytes;
+                let pacing = Pacing::OpenLoop {
+                    start: begin,
+                    interval: Duration::from_secs_f64(1.0 / rate.max(1e-6)),
+                };
+                (live_progress.clone(), pacing, by_time.min(by_bytes).max(1))
+            }
+        };
+        let is_backlog = backlog.is_some();
+        threads.push((
+            is_backlog,
+            std::thread::spawn(move || {
+                upload_one(
+                    &serial, model, address, &tls, &frames, pacing, images, start_ms, deadline,
+                    &progress,
+                )
+            }),
+        ));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let display = {
+        let (live, backlog, stop) = (
+            live_progress.clone(),
+            backlog_progress.clone(),
+            stop.clone(),
+        );
+        let (show, total) = (options.progress, options.duration);
+        let has_backlog = options.backlog.is_some();
+        std::thread::spawn(move || {
+            progress_loop(
+                &live,
+                &backlog,
+                has_backlog,
+                offered,
+                begin,
+                total,
+                show,
+                &stop,
+            )
+        })
+    };
+    // The viewers run on this thread while the incubators upload.
+    let viewer_result = viewers.filter(|_| options.mix.viewers > 0).map(|v| {
+        let viewer_options = crate::viewer_bench::ViewerBenchOptions {
+            viewers: options.mix.viewers,
+            incubator_rate: 0.0,
+            incubators: 0,
+            duration: options.duration,
+            viewer_ops_per_s: v.ops_per_s,
+            frames: options.frames.clone(),
+        };
+        crate::viewer_bench::run(v.server, &viewer_options, v.embryos, v.users)
+    });
+    let mut live = Collected::default();
+    let mut backlog = options.backlog.map(|_| Collected::default());
+    // The backlog first: once it is uploaded, the live incubators stop too.
+    let (backlog_threads, live_threads): (Vec<_>, Vec<_>) =
+        threads.into_iter().partition(|(is_backlog, _)| *is_backlog);
+    if let Some(collected) = &mut backlog {
+        for (_, thread) in backlog_threads {
+            let (stats, error) = thread.join().expect("incubator thread");
+            collected.add(stats, error);
+        }
+        live_progress.stop.store(true, Ordering::Relaxed);
+    }
+    for (_, thread) in live_threads {
+        let (stats, error) = thread.join().expect("incubator thread");
+        live.add(stats, error);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let timeline = display.join().expect("progress thread");
+    let live_incubators = options.mix.incubators.len() - usize::from(backlog.is_some());
+    let (live, live_curve) = live.result(live_incubators as u32, Some(offered));
+    let backlog = backlog.map(|b| b.result(1, None).0);
+    let mut operations = vec![OperationReport {
+        name: "image_ack".into(),
+        per_s: live.images_per_s,
+        latency: live.ack_latency,
+        errors: live.errors.values().sum(),
+        curve: live_curve,
+    }];
+    let mut errors: Vec<String> = live.connection_errors.clone();
+    if let Some(b) = &backlog {
+        errors.extend(b.connection_errors.iter().cloned());
+    }
+    if let Some(v) = &viewer_result {
+        for op in &v.operations {
+            operations.push(OperationReport {
+                name: op.name.clone(),
+                per_s: op.per_s,
+                latency: op.latency,
+                errors: op.errors,
+                curve: op.curve.clone(),
+            });
+        }
+        errors.extend(v.errors.iter().cloned());
+    }
+    let mut target_results = Vec::new();
+    for op in &operations {
+        if let Some(target) = targets::target(&op.name) {
+            // Throughput floors belong to the sustained-ingestion test, not a paced run.
+            let latency_only = targets::Target {
+                throughput_per_s_min: None,
+                ..*target
+            };
+            target_results.extend(targets::evaluate(&latency_only, &op.latency, op.per_s));
+        }
+    }
+    if !live.errors.is_empty() {
+        errors.push(format!("incubator ERROR answers: {:?}", live.errors));
+    }
+    let pass = errors.is_empty() && target_results.iter().all(|t| t.pass);
+    PhaseReport {
+        mix: options.mix.describe(),
+        speedup: options.speedup,
+        offered_per_s: offered,
+        offered_high_capacity_multiple: offered / high_capacity_nominal_per_s(),
+        live,
+        backlog,
+        operations,
+        timeline,
+        targets: target_results,
+        errors,
+        pass,
+    }
+}
+
+#[derive(Default)]
+struct Collected {
+    latency: LatencyRecorder,
+    acked: u64,
+    bytes: u64,
+    elapsed: Duration,
+    errors: std::collections::BTreeMap<String, u64>,
+    connection_errors: Vec<String>,
+}
+
+impl Collected {
+    fn add(&mut self, stats: sim::UploadStats, error: Option<ClientError>) {
+        self.latency.merge(&stats.latency);
+        self.acked += stats.acked;
+        self.bytes += stats.bytes_acked;
+        self.elapsed = self.elapsed.max(stats.elapsed);
+        for (name, count) in stats.errors {
+            *self.errors.entry(name).or_default() += count;
+        }
+        if let Some(error) = error {
+            self.connection_errors.push(error.to_string());
+        }
+    }
+
+    /// The figures, and the latency curve (percentile, µs).
+    fn result(self, incubators: u32, offered: Option<f64>) -> (IngestResult, Vec<(f64, u64)>) {
+        let elapsed = self.elapsed.as_secs_f64().max(1e-9);
+        let curve = self.latency.percentile_curve();
+        let result = IngestResult {
+            incubators,
+            offered_per_s: offered,
+            images_acked: self.acked,
+            bytes_acked: self.bytes,
+            elapsed_s: elapsed,
+            images_per_s: self.acked as f64 / elapsed,
+            megabytes_per_s: self.bytes as f64 / elapsed / 1e6,
+            ack_latency: self.latency.summary(),
+            errors: self.errors,
+            connection_errors: self.connection_errors,
+        };
+        (result, curve)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn upload_one(
+    serial: &str,
+    model: DeviceModel,
+    address: std::net::SocketAddr,
+    tls: &es_net::client::ClientTls,
+    frames: &[Bytes],
+    pacing: Pacing,
+    images: u64,
+    start_ms: i64,
+    deadline: Instant,
+    progress: &Progress,
+) -> (sim::UploadStats, Option<ClientError>) {
+    let spec = model.spec();
+    let cycles = images.div_ceil(spec.images_per_cycle().max(1)) as u32;
+    let workload = Workload::full(serial, model, cycles.max(1), start_ms);
+    let mut identity = Identity {
+        serial: serial.to_owned(),
+        model: model.name().into(),
+        firmware: "sim-1.0".into(),
+        secret: String::new(),
+    };
+    let mut client =
+        match IncubatorClient::connect(address, tls, &mut identity, Duration::from_secs(30)) {
+            Ok(client) => client,
+            Err(error) => return (sim::UploadStats::default(), Some(error)),
+        };
+    if let Err(error) = sim::register_dishes(&mut client, &workload, Duration::from_secs(30)) {
+        return (sim::UploadStats::default(), Some(error));
+    }
+    sim::upload_with_progress(
+        &mut client,
+        &workload,
+        0..images.min(workload.len()),
+        frames,
+        pacing,
+        deadline,
+        Some(progress),
+    )
+}
+
+/// Prints a line a second (elapsed, offered, achieved, that second's ack p99) and returns
+/// the timeline.
+#[allow(clippy::too_many_arguments)]
+fn progress_loop(
+    live: &Progress,
+    backlog: &Progress,
+    has_backlog: bool,
+    offered: f64,
+    begin: Instant,
+    total: Duration,
+    show: bool,
+    stop: &AtomicBool,
+) -> Vec<Sample> {
+    let mut timeline = Vec::new();
+    let mut last_acked = 0u64;
+    let mut last_backlog = 0u64;
+    let mut tick = begin + Duration::from_secs(1);
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now < tick {
+            std::thread::sleep((tick - now).min(Duration::from_millis(100)));
+            continue;
+        }
+        let acked = live.acked.load(Ordering::Relaxed);
+        let window = std::mem::take(&mut *live.window.lock());
+        let backlog_acked = backlog.acked.load(Ordering::Relaxed);
+        let _ = std::mem::take(&mut *backlog.window.lock());
+        let t_s = (tick - begin).as_secs_f64();
+        let sample = Sample {
+            t_s,
+            offered_per_s: offered,
+            achieved_per_s: (acked - last_acked) as f64,
+            p99_ms: window.value_at_quantile(0.99) as f64 / 1000.0,
+        };
+        if show {
+            let mut line = format!(
+                "[{:>4.0} s/{:.0} s] offered {:>7.0}/s achieved {:>7.0}/s  image_ack p99 {:>7.2} ms",
+                t_s,
+                total.as_secs_f64(),
+                offered,
+                sample.achieved_per_s,
+                sample.p99_ms
+            );
+            if has_backlog {
+                let _ = write!(
+                    line,
+                    "  backlog {:>6.0}/s ({} done)",
+                    (backlog_acked - last_backlog) as f64,
+                    backlog_acked
+                );
+            }
+            let errors =
+                live.errors.load(Ordering::Relaxed) + backlog.errors.load(Ordering::Relaxed);
+            if errors > 0 {
+                let _ = write!(line, "  errors {errors}");
+            }
+            eprintln!("{line}");
+        }
+        timeline.push(sample);
+        last_acked = acked;
+        last_backlog = backlog_acked;
+        tick += Duration::from_secs(1);
+    }
+    timeline
+}

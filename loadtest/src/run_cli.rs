@@ -1,0 +1,632 @@
+//! The `run`, `saturate` and `catch-up` subcommands of the `loadtest` binary.
+
+use es_loadtest::disk;
+use es_loadtest::run::{self, Backlog, Mix, PhaseOptions, PhaseReport, ViewerSetup};
+use es_loadtest::spawn::{find_esserver, ServerInfo, ServerProcess, SpawnOptions};
+use es_perf::config_rules::Configuration;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Typical frame size, for budgets before the frames exist.
+const FRAME_BYTES_TYPICAL: u64 = 32_000;
+
+#[derive(clap::Args, Clone)]
+pub struct MixArgs {
+    /// basic or high-capacity: the most devices that licence configuration allows (basic: one
+    /// EmbryoScope+ and one viewer; high-capacity: eight EmbryoScope+ and four viewers).
+    /// Default: high-capacity.
+    #[arg(long, conflicts_with = "devices")]
+    configuration: Option<String>,
+    /// Explicit devices: every model of the catalog by name (es-d, es-plus, es-flex, es-8,
+    /// culturepro), and viewer, e.g. es-plus:7,es-d:2,viewer:4.
+    #[arg(long)]
+    devices: Option<String>,
+    /// Operations per second of each simulated viewer.
+    #[arg(long, default_value_t = 10.0)]
+    viewer_ops_per_s: f64,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct TargetArgs {
+    /// Start the esserver found beside this executable (or --esserver) on a temporary data
+    /// directory and free ports (the default unless --server is given).
+    #[arg(long)]
+    spawn_server: bool,
+    /// A running server's incubator port instead (incubators only: viewers log in with users
+    /// the run creates, so they need --spawn-server).
+    #[arg(long, conflicts_with = "spawn_server", value_name = "HOST:PORT")]
+    server: Option<SocketAddr>,
+    /// The running server's certificate to pin (PEM); without it, plain TCP.
+    #[arg(long, requires = "server", value_name = "FILE")]
+    server_cert: Option<PathBuf>,
+    /// The esserver binary to spawn.
+    #[arg(long)]
+    esserver: Option<PathBuf>,
+    /// Where the spawned server's data directory goes (a temporary directory under it).
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    mix: MixArgs,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Multiple of the devices' real rates.
+    #[arg(long, default_value_t = 1.0)]
+    speedup: f64,
+    /// How long the load runs, e.g. 60s, 5m.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Most image bytes sent, MB (default: what the schedule needs).
+    #[arg(long)]
+    bytes_max_mb: Option<u64>,
+    /// Write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw the latency curves and throughput over time (SVG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct SaturateArgs {
+    #[command(flatten)]
+    mix: MixArgs,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// The first step's multiple of the real rates.
+    #[arg(long, default_value_t = 10.0)]
+    start: f64,
+    /// Each step offers this much more than the one before.
+    #[arg(long, default_value_t = 1.5)]
+    factor: f64,
+    /// Length of each step.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    step: Duration,
+    /// Stop before the steps take longer than this in all.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    max_duration: Duration,
+    /// Stop before the steps send more image bytes than this, MB.
+    #[arg(long, default_value_t = 20_000)]
+    bytes_max_mb: u64,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw the highest passing step (SVG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct CatchUpArgs {
+    #[command(flatten)]
+    mix: MixArgs,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Hours of backlog the first incubator of the mix uploads as fast as the server accepts.
+    #[arg(long, default_value_t = 24.0)]
+    backlog_hours: f64,
+    /// Multiple of the real rates of the other, live devices.
+    #[arg(long, default_value_t = 1.0)]
+    speedup: f64,
+    /// Give up after this long (the report then projects the catch-up time).
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    max_duration: Duration,
+    /// Most image bytes sent, MB (default: the backlog's and the live devices' bytes).
+    #[arg(long)]
+    bytes_max_mb: Option<u64>,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// `60s`, `5m`, `2h`, `90` (seconds).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 60s, 5m or 1h"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("`{text}`: the unit must be ms, s, m or h")),
+    };
+    if !(seconds > 0.0 && seconds <= 86_400.0) {
+        return Err(format!("`{text}` must be more than 0 and at most a day"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn mix_of(args: &MixArgs) -> Result<Mix, String> {
+    match (&args.configuration, &args.devices) {
+        (_, Some(devices)) => {
+            let mix = Mix::parse(devices)?;
+            if mix.incubators.is_empty() {
+                return Err("--devices names no incubator".into());
+            }
+            Ok(mix)
+        }
+        (Some(name), None) => Ok(Mix::of_configuration(
+            name.parse::<Configuration>().map_err(|e| e.to_string())?,
+        )),
+        (None, None) => Ok(Mix::of_configuration(Configuration::HighCapacity)),
+    }
+}
+
+/// The server under load, and what viewers need from it.
+struct Target {
+    info: ServerInfo,
+    spawned: Option<(ServerProcess, tempfile::TempDir)>,
+    embryos: Vec<String>,
+    users: Vec<String>,
+}
+
+impl Target {
+    fn viewers(&self, ops_per_s: f64) -> Option<ViewerSetup<'_>> {
+        self.spawned.as_ref().map(|(server, _)| ViewerSetup {
+            server,
+            embryos: &self.embryos,
+            users: &self.users,
+            ops_per_s,
+        })
+    }
+
+    fn stop(self) {
+        if let Some((mut server, scratch)) = self.spawned {
+            let rss = es_loadtest::bench::peak_rss_bytes(server.pid());
+            let code = server.terminate(Duration::from_secs(30));
+            if code != Some(0) {
+                eprintln!("warning: the server exited with {code:?}");
+            }
+            if let Some(rss) = rss {
+                println!("server peak RSS: {:.0} MB", rss as f64 / 1e6);
+            }
+            drop(server);
+            drop(scratch);
+        }
+    }
+}
+
+fn prepare(
+    args: &TargetArgs,
+    mix: &Mix,
+    bytes_max: u64,
+    frames: &[bytes::Bytes],
+) -> Result<Target, String> {
+    if let Some(address) = args.server {
+        if mix.viewers > 0 {
+            return Err(
+                "viewers need --spawn-server (they log in with users the run creates); \
+                 drop viewer:N from --devices or spawn the server"
+                    .into(),
+            );
+        }
+        return Ok(Target {
+            info: ServerInfo::remote_incubator(address, args.server_cert.clone()),
+            spawned: None,
+            embryos: Vec::new(),
+            users: Vec::new(),
+        });
+    }
+    let scratch_root = args.scratch.clone().unwrap_or_else(std::env::temp_dir);
+    // redb needs headroom over the image bytes (pages, the seed, deleted space).
+    let needed = bytes_max.saturating_mul(2) + 500_000_000;
+    let free =
+        disk::free_bytes(&scratch_root).map_err(|e| format!("cannot read free space: {e}"))?;
+    if free < needed {
+        return Err(format!(
+            "{} has {} MB free; this run needs about {} MB (lower --bytes-max-mb, --duration or --speedup)",
+            scratch_root.display(),
+            free / 1_000_000,
+            needed / 1_000_000
+        ));
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("esserver-loadtest-")
+        .tempdir_in(&scratch_root)
+        .map_err(|e| e.to_string())?;
+    let esserver = args.esserver.clone().unwrap_or_else(find_esserver);
+    let mut options = SpawnOptions::new(esserver.clone(), scratch.path().join("data"));
+    options.log_level = "warn".into();
+    options.log_file = Some(scratch.path().join("server.log"));
+    let server = ServerProcess::spawn(options)
+        .map_err(|e| format!("cannot start {}: {e}", esserver.display()))?;
+    let (mut embryos, mut users) = (Vec::new(), Vec::new());
+    if mix.viewers > 0 {
+        eprintln!(
+            "seeding {} embryos for the viewers...",
+            es_loadtest::viewer_bench::SEED_WELLS
+        );
+        embryos = es_loadtest::viewer_bench::seed(&server, frames, 200)?;
+        for n in 0..mix.viewers {
+            let user = format!("load{n}");
+            crate::add_user(&esserver, server.data_dir(), &user)?;
+            users.push(user);
+        }
+    }
+    Ok(Target {
+        info: server.info.clone(),
+        spawned: Some((server, scratch)),
+        embryos,
+        users,
+    })
+}
+
+fn frames() -> Arc<Vec<bytes::Bytes>> {
+    eprintln!("generating frames...");
+    Arc::new(es_loadtest::frames::generate(16, 5))
+}
+
+fn write_outputs(
+    report: &impl serde::Serialize,
+    json: Option<&Path>,
+    plot: Option<(&Path, &PhaseReport, &str)>,
+) -> Result<(), String> {
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("JSON report: {}", path.display());
+    }
+    if let Some((path, phase, title)) = plot {
+        if path.extension().and_then(|e| e.to_str()) != Some("svg") {
+            return Err(format!(
+                "{}: the plot is SVG; name it *.svg",
+                path.display()
+            ));
+        }
+        let text = es_loadtest::plot::svg(title, &phase.operations, &phase.timeline);
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("plot: {}", path.display());
+    }
+    Ok(())
+}
+
+/// The operations table and the targets.
+fn print_phase(report: &PhaseReport) {
+    println!();
+    println!(
+        "devices {}, {} x real rates: {:.0} images/s offered ({:.1} x the high-capacity nominal load)",
+        report.mix, report.speedup, report.offered_per_s, report.offered_high_capacity_multiple
+    );
+    println!(
+        "{:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "operation", "per s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
+    );
+    for op in &report.operations {
+        let l = &op.latency;
+        println!(
+            "{:<24} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+            op.name,
+            op.per_s,
+            l.p50_us as f64 / 1000.0,
+            l.p99_us as f64 / 1000.0,
+            l.p999_us as f64 / 1000.0,
+            l.max_us as f64 / 1000.0,
+            op.errors
+        );
+    }
+    println!("targets (es-perf):");
+    for target in &report.targets {
+        println!("  {target}");
+    }
+    for error in &report.errors {
+        println!("  error: {error}");
+    }
+    println!("result: {}", if report.pass { "PASS" } else { "FAIL" });
+}
+
+pub fn run(args: RunArgs) -> Result<bool, String> {
+    let mix = mix_of(&args.mix)?;
+    if !(args.speedup > 0.0 && args.speedup <= 10_000.0) {
+        return Err("--speedup must be more than 0 and at most 10000".into());
+    }
+    let offered = mix.nominal_images_per_s() * args.speedup;
+    let bytes_max = match args.bytes_max_mb {
+        Some(mb) => mb * 1_000_000,
+        None => (offered * args.duration.as_secs_f64() * 1.05) as u64 * FRAME_BYTES_TYPICAL,
+    };
+    let frames = frames();
+    let target = prepare(&args.target, &mix, bytes_max, &frames)?;
+    eprintln!(
+        "running {:.0} s: {} at {} x real rates ({:.0} images/s)",
+        args.duration.as_secs_f64(),
+        mix.describe(),
+        args.speedup,
+        offered
+    );
+    let options = PhaseOptions {
+        mix,
+        speedup: args.speedup,
+        duration: args.duration,
+        bytes_max,
+        frames,
+        tag: "run".into(),
+        backlog: None,
+        progress: true,
+    };
+    let report = run::run_phase(
+        &target.info,
+        &options,
+        target.viewers(args.mix.viewer_ops_per_s).as_ref(),
+    );
+    target.stop();
+    print_phase(&report);
+    let title = format!(
+        "loadtest run: {} at {} x real rates",
+        report.mix, report.speedup
+    );
+    write_outputs(
+        &report,
+        args.json.as_deref(),
+        args.plot.as_deref().map(|p| (p, &report, title.as_str())),
+    )?;
+    Ok(report.pass)
+}
+
+#[derive(serde::Serialize)]
+struct SaturateReport {
+    steps: Vec<PhaseReport>,
+    /// The highest speed-up whose step met every target.
+    highest_passing_speedup: Option<f64>,
+    /// The same, as a multiple of the high-capacity configuration's nominal load.
+    highest_passing_high_capacity_multiple: Option<f64>,
+    stopped_because: String,
+}
+
+pub fn saturate(args: SaturateArgs) -> Result<bool, String> {
+    let mix = mix_of(&args.mix)?;
+    if !(args.start > 0.0 && args.factor > 1.0) {
+        return Err("--start must be more than 0 and --factor more than 1".into());
+    }
+    let budget = args.bytes_max_mb * 1_000_000;
+    let frames = frames();
+    let target = prepare(&args.target, &mix, budget, &frames)?;
+    let started = Instant::now();
+    let mut steps: Vec<PhaseReport> = Vec::new();
+    let mut used = 0u64;
+    let mut speedup = args.start;
+    let stopped_because = loop {
+        let offered = mix.nominal_images_per_s() * speedup;
+        let step_bytes = (offered * args.step.as_secs_f64()) as u64 * FRAME_BYTES_TYPICAL;
+        if used + step_bytes > budget {
+            break format!("the next step ({speedup:.0} x) would pass the byte budget");
+        }
+        if started.elapsed() + args.step > args.max_duration {
+            break format!("the next step ({speedup:.0} x) would pass --max-duration");
+        }
+        eprintln!(
+            "step {}: {speedup:.1} x real rates, {offered:.0} images/s offered, {:.0} s",
+            steps.len() + 1,
+            args.step.as_secs_f64()
+        );
+        let options = PhaseOptions {
+            mix: mix.clone(),
+            speedup,
+            duration: args.step,
+            bytes_max: step_bytes,
+            frames: frames.clone(),
+            tag: format!("sat{}", steps.len() + 1),
+            backlog: None,
+            progress: true,
+        };
+        let report = run::run_phase(
+            &target.info,
+            &options,
+            target.viewers(args.mix.viewer_ops_per_s).as_ref(),
+        );
+        used += report.live.bytes_acked;
+        let pass = report.pass;
+        eprintln!(
+            "step {}: achieved {:.0}/s, image_ack p99 {:.2} ms: {}",
+            steps.len() + 1,
+            report.live.images_per_s,
+            report.live.ack_latency.p99_us as f64 / 1000.0,
+            if pass { "pass" } else { "FAIL" }
+        );
+        steps.push(report);
+        if !pass {
+            break format!("a target failed at {speedup:.1} x");
+        }
+        speedup *= args.factor;
+    };
+    target.stop();
+    println!();
+    println!(
+        "{:>10} {:>12} {:>12} {:>12} {:>10} {:>10}  result",
+        "speed-up", "x high-cap", "offered/s", "achieved/s", "p99 ms", "p99.9 ms"
+    );
+    for step in &steps {
+        let l = &step.live.ack_latency;
+        println!(
+            "{:>10.1} {:>12.1} {:>12.0} {:>12.0} {:>10.2} {:>10.2}  {}",
+            step.speedup,
+            step.offered_high_capacity_multiple,
+            step.offered_per_s,
+            step.live.images_per_s,
+            l.p99_us as f64 / 1000.0,
+            l.p999_us as f64 / 1000.0,
+            if step.pass { "pass" } else { "FAIL" }
+        );
+        for failed in step.targets.iter().filter(|t| !t.pass) {
+            println!("{:>12}{failed}", "");
+        }
+        for error in &step.errors {
+            println!("{:>12}error: {error}", "");
+        }
+    }
+    let best = steps.iter().rfind(|s| s.pass);
+    println!("stopped: {stopped_because}");
+    match best {
+        Some(step) => println!(
+            "highest load meeting every target: {:.1} x real rates of {} = {:.0} images/s = {:.1} x the high-capacity nominal load",
+            step.speedup, step.mix, step.offered_per_s, step.offered_high_capacity_multiple
+        ),
+        None => println!("no step met every target"),
+    }
+    let report = SaturateReport {
+        highest_passing_speedup: best.map(|s| s.speedup),
+        highest_passing_high_capacity_multiple: best.map(|s| s.offered_high_capacity_multiple),
+        stopped_because,
+        steps: steps.clone(),
+    };
+    let title = best.map(|s| {
+        format!(
+            "loadtest saturate: highest passing step, {:.1} x high-capacity nominal",
+            s.offered_high_capacity_multiple
+        )
+    });
+    write_outputs(
+        &report,
+        args.json.as_deref(),
+        match (args.plot.as_deref(), best, title.as_deref()) {
+            (Some(path), Some(step), Some(title)) => Some((path, step, title)),
+            _ => None,
+        },
+    )?;
+    Ok(best.is_some())
+}
+
+#[derive(serde::Serialize)]
+struct CatchUpReport {
+    backlog_hours: f64,
+    backlog_model: String,
+    backlog_images: u64,
+    uploaded_images: u64,
+    uploaded_all: bool,
+    elapsed_s: f64,
+    images_per_s: f64,
+    /// Measured when the whole backlog was uploaded, else projected at the measured rate.
+    catch_up_s: f64,
+    catch_up_projected: bool,
+    phase: PhaseReport,
+}
+
+pub fn catch_up(args: CatchUpArgs) -> Result<bool, String> {
+    let mix = mix_of(&args.mix)?;
+    let backlog_model = mix.incubators[0];
+    let backlog_images =
+        (backlog_model.spec().images_per_second() * args.backlog_hours * 3600.0) as u64;
+    let live_offered =
+        (mix.nominal_images_per_s() - backlog_model.spec().images_per_second()) * args.speedup;
+    let live_bytes = (live_offered * args.max_duration.as_secs_f64()) as u64 * FRAME_BYTES_TYPICAL;
+    let bytes_max = match args.bytes_max_mb {
+        Some(mb) => mb * 1_000_000,
+        None => backlog_images * FRAME_BYTES_TYPICAL + live_bytes,
+    };
+    let frames = frames();
+    let target = prepare(&args.target, &mix, bytes_max, &frames)?;
+    eprintln!(
+        "catch-up: {} uploads a {} h backlog ({} images) as fast as the server accepts; the rest of {} live at {} x",
+        backlog_model.name(),
+        args.backlog_hours,
+        backlog_images,
+        mix.describe(),
+        args.speedup
+    );
+    let options = PhaseOptions {
+        mix,
+        speedup: args.speedup,
+        duration: args.max_duration,
+        bytes_max,
+        frames,
+        tag: "catchup".into(),
+        backlog: Some(Backlog {
+            index: 0,
+            hours: args.backlog_hours,
+        }),
+        progress: true,
+    };
+    let phase = run::run_phase(
+        &target.info,
+        &options,
+        target.viewers(args.mix.viewer_ops_per_s).as_ref(),
+    );
+    target.stop();
+    print_phase(&phase);
+    let backlog = phase
+        .backlog
+        .clone()
+        .unwrap_or_else(es_loadtest::bench::empty_result);
+    let uploaded_all = backlog.images_acked >= backlog_images;
+    let rate = backlog.images_per_s.max(1e-9);
+    let catch_up_s = if uploaded_all {
+        backlog.elapsed_s
+    } else {
+        backlog_images as f64 / rate
+    };
+    println!(
+        "backlog: {} of {} images in {:.1} s, {:.0} images/s ({:.1} MB/s)",
+        backlog.images_acked,
+        backlog_images,
+        backlog.elapsed_s,
+        backlog.images_per_s,
+        backlog.megabytes_per_s
+    );
+    if uploaded_all {
+        println!(
+            "catch-up time for {} h of one {}: {:.0} s (measured), while the live devices' image_ack p99 was {:.2} ms",
+            args.backlog_hours,
+            backlog_model.name(),
+            catch_up_s,
+            phase.live.ack_latency.p99_us as f64 / 1000.0
+        );
+    } else {
+        println!(
+            "catch-up time for {} h of one {}: about {:.0} s, PROJECTED from the measured rate (the run stopped at its byte budget or --max-duration)",
+            args.backlog_hours,
+            backlog_model.name(),
+            catch_up_s
+        );
+    }
+    let report = CatchUpReport {
+        backlog_hours: args.backlog_hours,
+        backlog_model: backlog_model.name().into(),
+        backlog_images,
+        uploaded_images: backlog.images_acked,
+        uploaded_all,
+        elapsed_s: backlog.elapsed_s,
+        images_per_s: backlog.images_per_s,
+        catch_up_s,
+        catch_up_projected: !uploaded_all,
+        phase,
+    };
+    let title = format!(
+        "loadtest catch-up: {} h backlog of one {}",
+        args.backlog_hours,
+        backlog_model.name()
+    );
+    write_outputs(
+        &report,
+        args.json.as_deref(),
+        args.plot
+            .as_deref()
+            .map(|p| (p, &report.phase, title.as_str())),
+    )?;
+    Ok(report.phase.pass)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("2d").is_err());
+        assert!(parse_duration("abc").is_err());
+    }
+}
