@@ -14,6 +14,8 @@ pub struct DiskLimit {
     pub elapsed_s: f64,
     pub records_per_s: f64,
     pub bytes_per_s: f64,
+    /// Time of each batch's write + fdatasync.
+    pub batch_latency: es_perf::latency::LatencySummary,
 }
 
 /// Appends `records` records of `record_bytes` in batches of `batch_records`, one
@@ -54,10 +56,13 @@ fn write_batches(
     let batch: Vec<u8> = record.repeat(batch_records as usize);
     let started = Instant::now();
     let mut written = 0u64;
+    let mut latency = es_perf::latency::LatencyRecorder::new();
     while written < records && started.elapsed() < duration_max {
         let count = batch_records.min(records - written);
+        let batch_started = Instant::now();
         file.write_all(&batch[..count as usize * record_bytes])?;
         file.sync_data()?;
+        latency.record(batch_started.elapsed());
         written += count;
     }
     let elapsed_s = started.elapsed().as_secs_f64().max(1e-9);
@@ -68,6 +73,7 @@ fn write_batches(
         elapsed_s,
         records_per_s: written as f64 / elapsed_s,
         bytes_per_s: (written * record_bytes as u64) as f64 / elapsed_s,
+        batch_latency: latency.summary(),
     })
 }
 

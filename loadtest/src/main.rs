@@ -34,6 +34,10 @@ enum Command {
     /// One incubator uploads an H-hour backlog as fast as the server accepts while the other
     /// devices carry on live; reports the catch-up time and the live devices' latency.
     CatchUp(run_cli::CatchUpArgs),
+    /// The CI performance gate (at most 60 s of load): ingestion over the same-run disk
+    /// limit, and ack p99 at 10 x nominal over the same-run write+fsync p99. Exits 2 when a
+    /// ratio is out of bounds.
+    Gate(run_cli::GateArgs),
     /// Ingestion benchmark: throughput and ack latency from simulated incubators against a
     /// spawned server, and the disk's own limit for the same bytes and batching.
     IngestBench(IngestArgs),
@@ -167,6 +171,7 @@ fn main() -> ExitCode {
         Command::Run(args) => verdict(run_cli::run(args)),
         Command::Saturate(args) => verdict(run_cli::saturate(args)),
         Command::CatchUp(args) => verdict(run_cli::catch_up(args)),
+        Command::Gate(args) => verdict(run_cli::gate(args)),
         Command::IngestBench(args) => match ingest_bench(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(message) => {

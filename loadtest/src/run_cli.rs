@@ -630,3 +630,178 @@ mod tests {
         assert!(parse_duration("abc").is_err());
     }
 }
+
+/// The CI performance gate's thresholds: ratios measured in the same run, with wide margins
+/// under what this project's 2-core VM measures (docs/benchmarks.md), so a noisy machine does
+/// not fail it by chance while a real regression (a lost group commit, an fsync per image, a
+/// blocked event loop) does.
+pub mod gate_limits {
+    /// Ingestion at full speed over the disk's own write+fsync limit for the same bytes and
+    /// batches, at least.
+    pub const THROUGHPUT_TO_DISK_MIN: f64 = 0.20;
+    /// Ack p99 at 10 x the high-capacity nominal load over the disk's write+fsync p99 of one
+    /// image, at most.
+    pub const ACK_P99_TO_FSYNC_P99_MAX: f64 = 12.0;
+}
+
+#[derive(clap::Args)]
+pub struct GateArgs {
+    /// Length of each of the two load phases (at most 60 s of load in all).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    phase: Duration,
+    /// Most image bytes of the full-speed phase, MB.
+    #[arg(long, default_value_t = 600)]
+    bytes_max_mb: u64,
+    #[arg(long)]
+    esserver: Option<PathBuf>,
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(serde::Serialize)]
+struct GateReport {
+    throughput: es_loadtest::bench::IngestResult,
+    disk_limit: disk::DiskLimit,
+    throughput_to_disk: f64,
+    throughput_to_disk_min: f64,
+    ack_at_10x: PhaseReport,
+    fsync_one_image: disk::DiskLimit,
+    ack_p99_to_fsync_p99: f64,
+    ack_p99_to_fsync_p99_max: f64,
+    pass: bool,
+}
+
+/// The CI performance gate: (a) ingestion throughput as a fraction of the same-run disk
+/// limit, (b) ack p99 at 10 x nominal as a multiple of the same-run write+fsync p99.
+pub fn gate(args: GateArgs) -> Result<bool, String> {
+    if args.phase > Duration::from_secs(30) {
+        return Err("--phase is at most 30s (the gate runs at most 60 s of load)".into());
+    }
+    let bytes_max = args.bytes_max_mb * 1_000_000;
+    let mix = Mix::of_configuration(Configuration::HighCapacity);
+    let mix = Mix { viewers: 0, ..mix };
+    let frames = frames();
+    let frame_bytes = frames.iter().map(|f| f.len()).sum::<usize>() / frames.len();
+    let target = prepare(
+        &TargetArgs {
+            spawn_server: true,
+            server: None,
+            server_cert: None,
+            esserver: args.esserver.clone(),
+            scratch: args.scratch.clone(),
+        },
+        &mix,
+        bytes_max * 2,
+        &frames,
+    )?;
+    let (server, scratch) = target.spawned.as_ref().expect("spawned");
+    let esserver = args.esserver.clone().unwrap_or_else(find_esserver);
+
+    // (b) first, on a settled system: ack latency at 10 x the high-capacity nominal load.
+    eprintln!(
+        "gate: ack latency at 10 x the high-capacity nominal load, {:.0} s",
+        args.phase.as_secs_f64()
+    );
+    let options = PhaseOptions {
+        mix: mix.clone(),
+        speedup: 10.0,
+        duration: args.phase,
+        bytes_max,
+        frames: frames.clone(),
+        tag: "gate10x".into(),
+        backlog: None,
+        progress: false,
+    };
+    let ack_at_10x = run::run_phase(&target.info, &options, None);
+    // (a) ingestion at full speed: 16 one-unit incubators as fast as the server accepts.
+    eprintln!(
+        "gate: ingestion at full speed, up to {:.0} s or {} MB",
+        args.phase.as_secs_f64(),
+        args.bytes_max_mb
+    );
+    let before = crate::writer_counters(&esserver, server.data_dir());
+    let ingest = es_loadtest::bench::IngestOptions {
+        incubators: 16,
+        model: es_perf::catalog::DeviceModel::EmbryoScope8,
+        offered_per_s: None,
+        duration: args.phase,
+        bytes_max,
+        frames: frames.clone(),
+    };
+    let throughput = es_loadtest::bench::run_ingest(server, &ingest, "gatemax");
+    let after = crate::writer_counters(&esserver, server.data_dir());
+    let batch = match (before, after) {
+        (Some((c0, r0)), Some((c1, r1))) if c1 > c0 => (r1 - r0) / (c1 - c0),
+        _ => 1.0,
+    };
+    // The same filesystem as the server's data, once that is deleted.
+    let scratch_dir = scratch
+        .path()
+        .parent()
+        .map_or_else(std::env::temp_dir, Path::to_path_buf);
+    target.stop();
+    eprintln!("gate: the disk's own limit for the same bytes in batches of {batch:.0}, and one image per fsync");
+    let disk_limit = disk::measure(
+        &scratch_dir,
+        throughput.images_acked.max(1000),
+        frame_bytes,
+        batch.round() as u64,
+        args.phase * 2,
+    )
+    .map_err(|e| format!("disk limit: {e}"))?;
+    let fsync_one_image =
+        disk::measure(&scratch_dir, 2000, frame_bytes, 1, Duration::from_secs(10))
+            .map_err(|e| format!("disk fsync latency: {e}"))?;
+    let throughput_to_disk = throughput.megabytes_per_s * 1e6 / disk_limit.bytes_per_s.max(1.0);
+    let fsync_p99 = (fsync_one_image.batch_latency.p99_us as f64).max(1.0);
+    let ack_p99_to_fsync_p99 = ack_at_10x.live.ack_latency.p99_us as f64 / fsync_p99;
+    let errors_free = throughput.connection_errors.is_empty()
+        && throughput.errors.is_empty()
+        && ack_at_10x.errors.is_empty();
+    let pass = errors_free
+        && throughput_to_disk >= gate_limits::THROUGHPUT_TO_DISK_MIN
+        && ack_p99_to_fsync_p99 <= gate_limits::ACK_P99_TO_FSYNC_P99_MAX;
+    println!("== performance gate (ratios from one run)");
+    println!(
+        "(a) ingestion {:.0} images/s, {:.1} MB/s; disk limit {:.1} MB/s (batches of {:.0}); ratio {:.2}, minimum {:.2}: {}",
+        throughput.images_per_s,
+        throughput.megabytes_per_s,
+        disk_limit.bytes_per_s / 1e6,
+        batch,
+        throughput_to_disk,
+        gate_limits::THROUGHPUT_TO_DISK_MIN,
+        if throughput_to_disk >= gate_limits::THROUGHPUT_TO_DISK_MIN { "pass" } else { "FAIL" }
+    );
+    println!(
+        "(b) ack p99 at 10 x nominal ({:.0} images/s offered, {:.0} achieved) {:.2} ms; disk write+fsync p99 of one image {:.2} ms; ratio {:.2}, maximum {:.1}: {}",
+        ack_at_10x.offered_per_s,
+        ack_at_10x.live.images_per_s,
+        ack_at_10x.live.ack_latency.p99_us as f64 / 1000.0,
+        fsync_p99 / 1000.0,
+        ack_p99_to_fsync_p99,
+        gate_limits::ACK_P99_TO_FSYNC_P99_MAX,
+        if ack_p99_to_fsync_p99 <= gate_limits::ACK_P99_TO_FSYNC_P99_MAX { "pass" } else { "FAIL" }
+    );
+    if !errors_free {
+        println!(
+            "errors: {:?} {:?} {:?}",
+            throughput.errors, throughput.connection_errors, ack_at_10x.errors
+        );
+    }
+    println!("gate: {}", if pass { "PASS" } else { "FAIL" });
+    let report = GateReport {
+        throughput,
+        disk_limit,
+        throughput_to_disk,
+        throughput_to_disk_min: gate_limits::THROUGHPUT_TO_DISK_MIN,
+        ack_at_10x,
+        fsync_one_image,
+        ack_p99_to_fsync_p99,
+        ack_p99_to_fsync_p99_max: gate_limits::ACK_P99_TO_FSYNC_P99_MAX,
+        pass,
+    };
+    write_outputs(&report, args.json.as_deref(), None)?;
+    Ok(pass)
+}
