@@ -220,7 +220,13 @@ pub fn run_phase(
                     start: begin,
                     interval: Duration::from_secs_f64(1.0 / rate.max(1e-6)),
                 };
-                (live_progress.clone(), pacing, by_time.min(by_bytes).max(1))
+                // A device that makes no images (CulturePro) connects and sends none.
+                let images = if rate > 0.0 {
+                    by_time.min(by_bytes).max(1)
+                } else {
+                    0
+                };
+                (live_progress.clone(), pacing, images)
             }
         };
         let is_backlog = backlog.is_some();

@@ -1,0 +1,146 @@
+//! The load generator's `run`, `saturate` and `catch-up` as a user runs them, briefly: each
+//! spawns its own server, writes its JSON and plot, and says what it measured. Pass or fail
+//! against the targets is not asserted here (a shared test machine is noisy); the shape and
+//! the arithmetic of the reports are.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// `loadtest`, built beside `esserver` by `cargo build --workspace`.
+fn loadtest() -> PathBuf {
+    let path = common::esserver_path().with_file_name("loadtest");
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace first (cargo build --workspace --release)",
+        path.display()
+    );
+    path
+}
+
+fn run(args: &[&str], dir: &tempfile::TempDir) -> (i32, String, serde_json::Value) {
+    let json = dir.path().join("report.json");
+    let output = Command::new(loadtest())
+        .args(args)
+        .arg("--esserver")
+        .arg(common::esserver_path())
+        .arg("--scratch")
+        .arg(dir.path())
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    let code = output.status.code().unwrap_or(-1);
+    assert!(code == 0 || code == 2, "exit {code}: {stdout}\n{stderr}");
+    let report = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (code, stdout + &stderr, report)
+}
+
+#[test]
+fn run_reports_every_operation_with_progress_json_and_a_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("run.svg");
+    let (code, output, report) = run(
+        &[
+            "run",
+            "--devices",
+            "es-plus:2,es-d:1,viewer:1",
+            "--speedup",
+            "5",
+            "--duration",
+            "4s",
+            "--spawn-server",
+            "--plot",
+            plot.to_str().unwrap(),
+        ],
+        &dir,
+    );
+    assert!(
+        output.contains("[   2 s/4 s] offered"),
+        "progress lines: {output}"
+    );
+    assert!(
+        output.contains("image_ack.p99_ms_max: measured"),
+        "{output}"
+    );
+    // es-plus 4.4 images/s x 2 + es-d 504 images per 10 min (the catalog), x 5.
+    let offered = report["offered_per_s"].as_f64().unwrap();
+    assert!(
+        (offered - 5.0 * (2.0 * 4.4 + 0.84)).abs() < 0.01,
+        "{offered}"
+    );
+    let names: Vec<&str> = report["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| op["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"image_ack") && names.contains(&"viewer_frame_fetch"),
+        "{names:?}"
+    );
+    assert!(
+        report["live"]["images_acked"].as_u64().unwrap() > 50,
+        "{report}"
+    );
+    assert!(report["timeline"].as_array().unwrap().len() >= 3);
+    assert_eq!(report["pass"].as_bool().unwrap(), code == 0);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("image_ack"));
+    // Nothing is left behind but what the test itself wrote.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+}
+
+#[test]
+fn saturate_steps_up_and_catch_up_uploads_a_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, output, report) = run(
+        &[
+            "saturate",
+            "--devices",
+            "es-plus:2",
+            "--start",
+            "2",
+            "--factor",
+            "2",
+            "--step",
+            "2s",
+            "--max-duration",
+            "7s",
+        ],
+        &dir,
+    );
+    let steps = report["steps"].as_array().unwrap();
+    assert!(!steps.is_empty() && steps.len() <= 3, "{output}");
+    assert_eq!(steps[0]["speedup"], 2.0);
+    if steps.len() > 1 {
+        assert_eq!(steps[1]["speedup"], 4.0);
+    }
+    assert!(output.contains("stopped:"), "{output}");
+
+    // 0.05 h of one EmbryoScope+ is 792 images, while the other uploads live.
+    let (_, output, report) = run(
+        &[
+            "catch-up",
+            "--devices",
+            "es-plus:2",
+            "--backlog-hours",
+            "0.05",
+            "--max-duration",
+            "60s",
+        ],
+        &dir,
+    );
+    assert_eq!(report["backlog_images"], 792, "{output}");
+    assert_eq!(report["uploaded_all"], true, "{output}");
+    assert_eq!(report["catch_up_projected"], false);
+    assert!(report["catch_up_s"].as_f64().unwrap() > 0.0);
+    assert!(output.contains("(measured)"), "{output}");
+}
