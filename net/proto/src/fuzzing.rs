@@ -22,7 +22,7 @@ impl Noise {
         Noise(seed)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -35,7 +35,7 @@ impl Noise {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.next_u64() % n as u64) as usize
         }
     }
 }
@@ -475,12 +475,12 @@ pub fn mutate(noise: &mut Noise, input: &mut Vec<u8>, splice: &[u8]) {
         let len = input.len();
         match noise.below(9) {
             0 if len > 0 => input[noise.below(len)] ^= 1 << noise.below(8),
-            1 if len > 0 => input[noise.below(len)] = noise.next() as u8,
+            1 if len > 0 => input[noise.below(len)] = noise.next_u64() as u8,
             2 if len > 0 => input[noise.below(len)] = INTERESTING[noise.below(INTERESTING.len())],
             3 if len > 0 => {
                 input.remove(noise.below(len));
             }
-            4 => input.insert(noise.below(len + 1), noise.next() as u8),
+            4 => input.insert(noise.below(len + 1), noise.next_u64() as u8),
             5 if len > 0 => input.truncate(noise.below(len)),
             6 if len > 1 => {
                 // Duplicate a range (a repeated frame, a repeated field).
@@ -498,7 +498,7 @@ pub fn mutate(noise: &mut Noise, input: &mut Vec<u8>, splice: &[u8]) {
                     1 => u32::MAX,
                     2 => 1 << noise.below(32),
                     3 => noise.below(300) as u32,
-                    _ => noise.next() as u32,
+                    _ => noise.next_u64() as u32,
                 };
                 input[at..at + 4].copy_from_slice(&value.to_be_bytes());
             }
@@ -572,7 +572,7 @@ mod tests {
             protocol_version: crate::viewer::PROTOCOL_VERSION,
             ..Default::default()
         });
-        let requests = vec![
+        let requests = [
             Request::Ping(pb::Ping {}),
             Request::ListPatients(pb::ListPatients::default()),
             Request::GetEmbryo(pb::GetEmbryo::default()),
@@ -585,14 +585,13 @@ mod tests {
         let mut seeds = Vec::new();
         for first in [login, resume] {
             let mut stream = BytesMut::new();
-            let mut seq = 1;
-            for request in std::iter::once(first).chain(requests.iter().cloned()) {
+            for (seq, request) in (1..).zip(std::iter::once(first).chain(requests.iter().cloned()))
+            {
                 let message = pb::ClientMessage {
                     seq,
                     request: Some(request),
                 };
                 encode_frame(&message, &mut stream);
-                seq += 1;
             }
             seeds.push(stream.to_vec());
         }
@@ -614,13 +613,13 @@ mod tests {
             }
         }
         for case in 0..cases {
-            let mut input = vec![noise.next() as u8];
+            let mut input = vec![noise.next_u64() as u8];
             match case % 4 {
-                0 => input.extend((0..noise.below(200)).map(|_| noise.next() as u8)),
+                0 => input.extend((0..noise.below(200)).map(|_| noise.next_u64() as u8)),
                 1 => {
                     // Structured: records behind valid frame headers, after a handshake.
                     input[0] |= 0xc0;
-                    input.extend((0..noise.below(200)).map(|_| noise.next() as u8));
+                    input.extend((0..noise.below(200)).map(|_| noise.next_u64() as u8));
                 }
                 _ => {
                     input[0] &= 0x7f;
