@@ -12,6 +12,9 @@ pub mod civil;
 pub mod config;
 pub mod control;
 pub mod disk_guard;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ims;
 pub mod incubator;
 pub mod license;

@@ -11,6 +11,9 @@
 
 pub mod client;
 mod event_loop;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 mod limits;
 mod pool;

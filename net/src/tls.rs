@@ -5,7 +5,10 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{ring, CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use rustls::version::{TLS12, TLS13};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme, SupportedProtocolVersion,
+};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::io;
@@ -27,6 +30,12 @@ pub enum TlsError {
     #[error("TLS configuration refused: {0}")]
     Config(String),
 }
+
+/// The TLS versions every listener and client of ours speaks: TLS 1.3 and TLS 1.2, nothing
+/// older. rustls implements nothing older either; naming them keeps a change of rustls's
+/// defaults from changing what the server accepts. A TLS 1.0 or 1.1 ClientHello is answered
+/// with a `protocol_version` alert (`tests/tls.rs`).
+pub const PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] = &[&TLS13, &TLS12];
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
@@ -59,7 +68,8 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(chain)
 }
 
-/// A server configuration (TLS 1.2 and 1.3, ring) from a PEM certificate chain and key.
+/// A server configuration ([`PROTOCOL_VERSIONS`]: TLS 1.3 and 1.2; ring's default cipher
+/// suites and key exchange groups) from a PEM certificate chain and key.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = read_chain(cert)?;
     let key_bytes = fs::read(key).map_err(|source| TlsError::Read {
@@ -71,7 +81,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
         detail: error.to_string(),
     })?;
     let config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(PROTOCOL_VERSIONS)
         .map_err(|error| TlsError::Config(error.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain, key_der)
@@ -140,9 +150,19 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 /// A client configuration that trusts exactly one server certificate (pinned), whatever
 /// its name or issuer: the server's certificate is self-signed by default.
 pub fn pinned_client_config(pinned: CertificateDer<'static>) -> Arc<ClientConfig> {
-    first_use_client_config(
+    pinned_client_config_with_versions(pinned, PROTOCOL_VERSIONS)
+}
+
+/// [`pinned_client_config`] speaking only `versions` (a subset of [`PROTOCOL_VERSIONS`]):
+/// tests use it to check that the server completes a handshake in each version.
+pub fn pinned_client_config_with_versions(
+    pinned: CertificateDer<'static>,
+    versions: &[&'static SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
+    client_config(
         Some(fingerprint(&pinned)),
         Arc::new(parking_lot::Mutex::new(None)),
+        versions,
     )
 }
 
@@ -153,14 +173,22 @@ pub fn first_use_client_config(
     expected: Option<String>,
     seen: Arc<parking_lot::Mutex<Option<String>>>,
 ) -> Arc<ClientConfig> {
+    client_config(expected, seen, PROTOCOL_VERSIONS)
+}
+
+fn client_config(
+    expected: Option<String>,
+    seen: Arc<parking_lot::Mutex<Option<String>>>,
+    versions: &[&'static SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
     let verifier = Arc::new(FingerprintVerifier {
         expected,
         seen,
         algorithms: provider().signature_verification_algorithms,
     });
     let config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
+        .with_protocol_versions(versions)
+        .expect("ring supports TLS 1.2 and 1.3")
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
@@ -186,8 +214,8 @@ pub fn ca_client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, TlsError> {
         });
     }
     let config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
+        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .map_err(|error| TlsError::Config(error.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))

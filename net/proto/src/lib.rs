@@ -10,3 +10,7 @@
 
 pub mod incubator;
 pub mod viewer;
+
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
