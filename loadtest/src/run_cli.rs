@@ -93,6 +93,12 @@ pub struct SaturateArgs {
     /// Stop before the steps send more image bytes than this, MB.
     #[arg(long, default_value_t = 20_000)]
     bytes_max_mb: u64,
+    /// The disk-relative criterion, reported beside the targets: a step holds when it
+    /// achieves 95 % of the offered rate with image_ack p99 at most this multiple of the
+    /// disk's own write+fsync p99 of one image (measured first, same filesystem). The steps
+    /// go on while either the targets or this criterion hold.
+    #[arg(long, default_value_t = 3.0)]
+    relative_p99_max: f64,
     #[arg(long)]
     json: Option<PathBuf>,
     /// Draw the highest passing step (SVG).
@@ -380,6 +386,15 @@ struct SaturateReport {
     highest_passing_speedup: Option<f64>,
     /// The same, as a multiple of the high-capacity configuration's nominal load.
     highest_passing_high_capacity_multiple: Option<f64>,
+    /// The disk's write+fsync p99 of one image, µs, measured before the steps.
+    disk_fsync_p99_us: u64,
+    relative_p99_max: f64,
+    /// Per step: achieved >= 95 % of offered and image_ack p99 <= relative_p99_max x the
+    /// disk's fsync p99.
+    steps_relative_ok: Vec<bool>,
+    /// The highest load meeting that disk-relative criterion.
+    highest_relative_speedup: Option<f64>,
+    highest_relative_high_capacity_multiple: Option<f64>,
     stopped_because: String,
 }
 
@@ -390,6 +405,24 @@ pub fn saturate(args: SaturateArgs) -> Result<bool, String> {
     }
     let budget = args.bytes_max_mb * 1_000_000;
     let frames = frames();
+    let frame_bytes = frames.iter().map(|f| f.len()).sum::<usize>() / frames.len();
+    let disk_dir = args
+        .target
+        .scratch
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    eprintln!(
+        "the disk's write+fsync latency of one image, {}",
+        disk_dir.display()
+    );
+    let fsync = disk::measure(&disk_dir, 1000, frame_bytes, 1, Duration::from_secs(5))
+        .map_err(|e| format!("disk fsync latency: {e}"))?;
+    let fsync_p99_us = fsync.batch_latency.p99_us.max(1);
+    let relative_ok = |step: &PhaseReport| {
+        step.live.images_per_s >= 0.95 * step.offered_per_s
+            && step.live.ack_latency.p99_us as f64 <= args.relative_p99_max * fsync_p99_us as f64
+            && step.errors.is_empty()
+    };
     let target = prepare(&args.target, &mix, budget, &frames)?;
     let started = Instant::now();
     let mut steps: Vec<PhaseReport> = Vec::new();
@@ -426,36 +459,45 @@ pub fn saturate(args: SaturateArgs) -> Result<bool, String> {
         );
         used += report.live.bytes_acked;
         let pass = report.pass;
+        let relative = relative_ok(&report);
         eprintln!(
-            "step {}: achieved {:.0}/s, image_ack p99 {:.2} ms: {}",
+            "step {}: achieved {:.0}/s, image_ack p99 {:.2} ms: targets {}, disk-relative {}",
             steps.len() + 1,
             report.live.images_per_s,
             report.live.ack_latency.p99_us as f64 / 1000.0,
-            if pass { "pass" } else { "FAIL" }
+            if pass { "pass" } else { "FAIL" },
+            if relative { "pass" } else { "FAIL" }
         );
         steps.push(report);
-        if !pass {
-            break format!("a target failed at {speedup:.1} x");
+        if !pass && !relative {
+            break format!("the targets and the disk-relative criterion failed at {speedup:.1} x");
         }
         speedup *= args.factor;
     };
     target.stop();
     println!();
     println!(
-        "{:>10} {:>12} {:>12} {:>12} {:>10} {:>10}  result",
-        "speed-up", "x high-cap", "offered/s", "achieved/s", "p99 ms", "p99.9 ms"
+        "disk write+fsync p99 of one image: {:.2} ms; disk-relative criterion: >= 95 % achieved, image_ack p99 <= {} x that = {:.2} ms",
+        fsync_p99_us as f64 / 1000.0,
+        args.relative_p99_max,
+        args.relative_p99_max * fsync_p99_us as f64 / 1000.0
+    );
+    println!(
+        "{:>10} {:>12} {:>12} {:>12} {:>10} {:>10}  {:<8} disk-relative",
+        "speed-up", "x high-cap", "offered/s", "achieved/s", "p99 ms", "p99.9 ms", "targets"
     );
     for step in &steps {
         let l = &step.live.ack_latency;
         println!(
-            "{:>10.1} {:>12.1} {:>12.0} {:>12.0} {:>10.2} {:>10.2}  {}",
+            "{:>10.1} {:>12.1} {:>12.0} {:>12.0} {:>10.2} {:>10.2}  {:<8} {}",
             step.speedup,
             step.offered_high_capacity_multiple,
             step.offered_per_s,
             step.live.images_per_s,
             l.p99_us as f64 / 1000.0,
             l.p999_us as f64 / 1000.0,
-            if step.pass { "pass" } else { "FAIL" }
+            if step.pass { "pass" } else { "FAIL" },
+            if relative_ok(step) { "pass" } else { "FAIL" }
         );
         for failed in step.targets.iter().filter(|t| !t.pass) {
             println!("{:>12}{failed}", "");
@@ -465,7 +507,20 @@ pub fn saturate(args: SaturateArgs) -> Result<bool, String> {
         }
     }
     let best = steps.iter().rfind(|s| s.pass);
+    let steps_relative_ok: Vec<bool> = steps.iter().map(relative_ok).collect();
+    let best_relative = steps
+        .iter()
+        .zip(&steps_relative_ok)
+        .rfind(|(_, ok)| **ok)
+        .map(|(s, _)| s);
     println!("stopped: {stopped_because}");
+    match best_relative {
+        Some(step) => println!(
+            "highest load meeting the disk-relative criterion: {:.1} x real rates = {:.0} images/s = {:.1} x the high-capacity nominal load",
+            step.speedup, step.offered_per_s, step.offered_high_capacity_multiple
+        ),
+        None => println!("no step met the disk-relative criterion"),
+    }
     match best {
         Some(step) => println!(
             "highest load meeting every target: {:.1} x real rates of {} = {:.0} images/s = {:.1} x the high-capacity nominal load",
@@ -476,24 +531,31 @@ pub fn saturate(args: SaturateArgs) -> Result<bool, String> {
     let report = SaturateReport {
         highest_passing_speedup: best.map(|s| s.speedup),
         highest_passing_high_capacity_multiple: best.map(|s| s.offered_high_capacity_multiple),
+        disk_fsync_p99_us: fsync_p99_us,
+        relative_p99_max: args.relative_p99_max,
+        steps_relative_ok: steps_relative_ok.clone(),
+        highest_relative_speedup: best_relative.map(|s| s.speedup),
+        highest_relative_high_capacity_multiple: best_relative
+            .map(|s| s.offered_high_capacity_multiple),
         stopped_because,
         steps: steps.clone(),
     };
-    let title = best.map(|s| {
+    let drawn = best.or(best_relative);
+    let title = drawn.map(|s| {
         format!(
-            "loadtest saturate: highest passing step, {:.1} x high-capacity nominal",
+            "loadtest saturate: highest step that held, {:.1} x high-capacity nominal",
             s.offered_high_capacity_multiple
         )
     });
     write_outputs(
         &report,
         args.json.as_deref(),
-        match (args.plot.as_deref(), best, title.as_deref()) {
+        match (args.plot.as_deref(), drawn, title.as_deref()) {
             (Some(path), Some(step), Some(title)) => Some((path, step, title)),
             _ => None,
         },
     )?;
-    Ok(best.is_some())
+    Ok(best.is_some() || best_relative.is_some())
 }
 
 #[derive(serde::Serialize)]
