@@ -120,9 +120,18 @@ fn saturate_steps_up_and_catch_up_uploads_a_backlog() {
     let steps = report["steps"].as_array().unwrap();
     assert!(!steps.is_empty() && steps.len() <= 3, "{output}");
     assert_eq!(steps[0]["speedup"], 2.0);
-    if steps.len() > 1 {
-        assert_eq!(steps[1]["speedup"], 4.0);
+    // Each step doubles the load, or repeats it once to confirm a failure.
+    for pair in steps.windows(2) {
+        let (a, b) = (
+            pair[0]["speedup"].as_f64().unwrap(),
+            pair[1]["speedup"].as_f64().unwrap(),
+        );
+        assert!(b == a || b == 2.0 * a, "{a} then {b}");
     }
+    assert_eq!(
+        report["steps_relative_ok"].as_array().unwrap().len(),
+        steps.len()
+    );
     assert!(output.contains("stopped:"), "{output}");
 
     // 0.05 h of one EmbryoScope+ is 792 images, while the other uploads live.
