@@ -815,6 +815,13 @@ mod tests {
     }
 
     #[test]
+    fn every_channel_of_the_device_catalog_is_a_monitoring_channel() {
+        for channel in es_perf::catalog::telemetry_channels() {
+            assert!(es_storage::ims::channel_allowed(channel), "{channel}");
+        }
+    }
+
+    #[test]
     fn status_lines() {
         assert_eq!(status_code(b"HTTP/1.1 204 No Content\r\n"), Ok(Some(204)));
         assert_eq!(

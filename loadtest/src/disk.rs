@@ -77,6 +77,29 @@ fn write_batches(
     })
 }
 
+/// A temporary directory under `root` for a run that writes about `needed` bytes, once the
+/// free space there is checked; `lower` says what to lower when it is not enough.
+pub fn scratch_dir(
+    root: &Path,
+    needed: u64,
+    prefix: &str,
+    lower: &str,
+) -> Result<tempfile::TempDir, String> {
+    let free = free_bytes(root).map_err(|e| format!("cannot read free space: {e}"))?;
+    if free < needed {
+        return Err(format!(
+            "{} has {} MB free; this run needs about {} MB (lower {lower})",
+            root.display(),
+            free / 1_000_000,
+            needed / 1_000_000
+        ));
+    }
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(root)
+        .map_err(|e| e.to_string())
+}
+
 /// Bytes free for this user on the filesystem holding `path`.
 #[cfg(unix)]
 pub fn free_bytes(path: &Path) -> io::Result<u64> {

@@ -496,20 +496,7 @@ fn bench_server(
     let needed = ((rate * duration_s as f64 + (seed_cycles * vb::SEED_WELLS) as f64)
         * frame_bytes_typical
         * 3.0) as u64;
-    let free =
-        disk::free_bytes(&scratch_root).map_err(|e| format!("cannot read free space: {e}"))?;
-    if free < needed {
-        return Err(format!(
-            "{} has {} MB free; this run needs about {} MB (lower --multiple or --duration-s)",
-            scratch_root.display(),
-            free / 1_000_000,
-            needed / 1_000_000
-        ));
-    }
-    let scratch = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(&scratch_root)
-        .map_err(|e| e.to_string())?;
+    let scratch = disk::scratch_dir(&scratch_root, needed, prefix, "--multiple or --duration-s")?;
     let esserver = esserver.unwrap_or_else(find_esserver);
     let mut options = SpawnOptions::new(esserver.clone(), scratch.path().join("data"));
     options.log_level = "warn".into();

@@ -229,20 +229,12 @@ fn prepare(
     let scratch_root = args.scratch.clone().unwrap_or_else(std::env::temp_dir);
     // redb needs headroom over the image bytes (pages, the seed, deleted space).
     let needed = bytes_max.saturating_mul(2) + 500_000_000;
-    let free =
-        disk::free_bytes(&scratch_root).map_err(|e| format!("cannot read free space: {e}"))?;
-    if free < needed {
-        return Err(format!(
-            "{} has {} MB free; this run needs about {} MB (lower --bytes-max-mb, --duration or --speedup)",
-            scratch_root.display(),
-            free / 1_000_000,
-            needed / 1_000_000
-        ));
-    }
-    let scratch = tempfile::Builder::new()
-        .prefix("esserver-loadtest-")
-        .tempdir_in(&scratch_root)
-        .map_err(|e| e.to_string())?;
+    let scratch = disk::scratch_dir(
+        &scratch_root,
+        needed,
+        "esserver-loadtest-",
+        "--bytes-max-mb, --duration or --speedup",
+    )?;
     let esserver = args.esserver.clone().unwrap_or_else(find_esserver);
     let mut options = SpawnOptions::new(esserver.clone(), scratch.path().join("data"));
     options.log_level = "warn".into();
