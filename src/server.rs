@@ -611,6 +611,7 @@ impl StatusContext {
             "storage": storage,
             "writer": serde_json::to_value(self.writer.stats()).unwrap_or_default(),
             "writer_queue": self.writer.queue_len(),
+            "database_reopens": self.store.reopens(),
             "disk_free_bytes": crate::os::disk_free_bytes(&self.data_dir).ok(),
             "disk_reserve_bytes": self.reserve_bytes,
             "writes_refused_disk_low": self.disk.is_low(),

@@ -63,6 +63,9 @@ fn from_redb(error: redb::Error) -> StorageError {
             StorageError::DiskFull
         }
         redb::Error::Io(io) => StorageError::Io(io),
+        redb::Error::PreviousIo => StorageError::Io(std::io::Error::other(
+            "an earlier I/O error left the database unusable until it is reopened",
+        )),
         redb::Error::Corrupted(message) => StorageError::Corrupt(message),
         other => StorageError::Redb(other.to_string()),
     }

@@ -5,7 +5,7 @@ use crate::reader::Reader;
 use crate::tables::{self, decode_u64, encode, encode_u64, ImageValue, StateRow};
 use crate::writer::{Writer, WriterOptions};
 use crate::{model, verify};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,8 +41,17 @@ pub struct Store {
     pub(crate) inner: Arc<StoreInner>,
 }
 
+/// Opens the database file again (the file, or the backend a test gave).
+type Opener = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
 pub(crate) struct StoreInner {
-    pub(crate) db: Database,
+    /// The open database. redb answers every call with an error after a failed I/O (a full
+    /// disk, say) until the database is closed and opened again: the writer does that
+    /// ([`Store::reopen`]), so this is replaced in place. `None` only during a reopen.
+    db: RwLock<Option<Database>>,
+    opener: Opener,
+    /// Times the database was reopened after an I/O error.
+    pub(crate) reopens: std::sync::atomic::AtomicU64,
     pub(crate) path: PathBuf,
     pub(crate) server_id: String,
     pub(crate) options: StoreOptions,
@@ -52,6 +61,28 @@ pub(crate) struct StoreInner {
     test_write: Mutex<()>,
     /// Called by the writer after every commit that added changes (see [`Store::on_commit`]).
     pub(crate) commit_listeners: Mutex<Vec<CommitListener>>,
+}
+
+impl StoreInner {
+    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction, StorageError> {
+        match self.db.read().as_ref() {
+            Some(db) => Ok(db.begin_read()?),
+            None => Err(closed()),
+        }
+    }
+
+    pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction, StorageError> {
+        match self.db.read().as_ref() {
+            Some(db) => Ok(db.begin_write()?),
+            None => Err(closed()),
+        }
+    }
+}
+
+fn closed() -> StorageError {
+    StorageError::Io(std::io::Error::other(
+        "the database is being reopened after an I/O error; try again",
+    ))
 }
 
 /// Called with the newest change seq after a commit that logged changes.
@@ -78,14 +109,46 @@ impl Store {
         options: &StoreOptions,
         server_id_seed: [u8; 16],
     ) -> Result<Store, StorageError> {
+        let path = dir.join(DATABASE_FILE_NAME);
+        let cache_bytes = usize::try_from(options.cache_bytes).unwrap_or(usize::MAX);
+        let file = path.clone();
+        let opener: Opener = Box::new(move || {
+            Database::builder()
+                .set_cache_size(cache_bytes)
+                .create(&file)
+        });
+        Store::open_with(dir, options, server_id_seed, opener)
+    }
+
+    /// [`Store::open`] on a storage backend `backend` makes (called again for every reopen),
+    /// for tests of disk failures. The database's path is still `<dir>/esserver.redb`.
+    #[doc(hidden)]
+    pub fn open_with_backend<B: redb::StorageBackend>(
+        dir: &Path,
+        options: &StoreOptions,
+        server_id_seed: [u8; 16],
+        backend: impl Fn() -> std::io::Result<B> + Send + Sync + 'static,
+    ) -> Result<Store, StorageError> {
+        let cache_bytes = usize::try_from(options.cache_bytes).unwrap_or(usize::MAX);
+        let opener: Opener = Box::new(move || {
+            Database::builder()
+                .set_cache_size(cache_bytes)
+                .create_with_backend(backend().map_err(redb::StorageError::from)?)
+        });
+        Store::open_with(dir, options, server_id_seed, opener)
+    }
+
+    fn open_with(
+        dir: &Path,
+        options: &StoreOptions,
+        server_id_seed: [u8; 16],
+        opener: Opener,
+    ) -> Result<Store, StorageError> {
         assert!(options.change_log_retention_ms >= 0);
         std::fs::create_dir_all(dir)?;
         let path = dir.join(DATABASE_FILE_NAME);
         let created = !path.exists();
-        let cache_bytes = usize::try_from(options.cache_bytes).unwrap_or(usize::MAX);
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(&path)?;
+        let db = opener()?;
         if created {
             // The new file's directory entry must be durable too, or a power cut after the
             // first acknowledged write could lose the whole file.
@@ -95,7 +158,9 @@ impl Store {
         tracing::info!(path = %path.display(), %server_id, "storage opened");
         Ok(Store {
             inner: Arc::new(StoreInner {
-                db,
+                db: RwLock::new(Some(db)),
+                opener,
+                reopens: std::sync::atomic::AtomicU64::new(0),
                 path,
                 server_id,
                 options: options.clone(),
@@ -122,7 +187,43 @@ impl Store {
 
     /// A read snapshot (MVCC): sees every commit made before this call, nothing later.
     pub fn read(&self) -> Result<Reader, StorageError> {
-        Ok(Reader::new(self.inner.db.begin_read()?))
+        Ok(Reader::new(self.inner.begin_read()?))
+    }
+
+    /// Closes the database and opens it again: after a failed I/O (ENOSPC, EIO) redb refuses
+    /// every call until then. Read transactions still open on the old one end with an error.
+    /// Retries for up to `patience` while the file cannot be opened yet.
+    pub(crate) fn reopen(&self, patience: std::time::Duration) -> Result<(), StorageError> {
+        let started = std::time::Instant::now();
+        let mut slot = self.inner.db.write();
+        if let Some(old) = slot.take() {
+            if let Err(error) = old.close() {
+                tracing::warn!(%error, "closing the database after an I/O error");
+            }
+        }
+        let mut delay = std::time::Duration::from_millis(10);
+        loop {
+            match (self.inner.opener)() {
+                Ok(db) => {
+                    *slot = Some(db);
+                    self.inner.reopens.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(path = %self.inner.path.display(),
+                        "database reopened after an I/O error; writes go on");
+                    return Ok(());
+                }
+                Err(error) if started.elapsed() < patience => {
+                    tracing::warn!(%error, "cannot reopen the database yet; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(std::time::Duration::from_secs(1));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Times the database was reopened after an I/O error since it was opened.
+    pub fn reopens(&self) -> u64 {
+        self.inner.reopens.load(Ordering::Relaxed)
     }
 
     /// Registers `listener`, called on the writer thread after every commit that logged
@@ -148,7 +249,7 @@ impl Store {
         &self,
         progress: &mut dyn FnMut(model::VerifyProgress),
     ) -> Result<model::VerifyReport, StorageError> {
-        let txn = self.inner.db.begin_read()?;
+        let txn = self.inner.begin_read()?;
         verify::verify(&txn, progress)
     }
 
@@ -164,7 +265,7 @@ impl Store {
         acquired_at_ms: i64,
     ) -> Result<bool, StorageError> {
         let _guard = self.inner.test_write.lock();
-        let mut txn = self.inner.db.begin_write()?;
+        let mut txn = self.inner.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         {
             let by_instrument = txn.open_table(tables::DISH_BY_INSTRUMENT)?;

@@ -228,7 +228,16 @@ fn run(
         }
         let requests = batch.len() as u64;
         let mut results = commit_batch_guarded(store, &batch, stats);
-        if results.is_err() && batch.len() > 1 {
+        let disk_failed = results.as_ref().is_err_and(|failure| failure.disk);
+        if disk_failed {
+            // The disk failed (full, or an I/O error): redb refuses everything until the
+            // database is reopened. The batch fails as a whole (nothing of it was
+            // acknowledged; clients resend), and the writer carries on.
+            if let Err(reopen) = store.reopen(std::time::Duration::from_secs(30)) {
+                tracing::error!(%reopen, "cannot reopen the database; writes keep failing");
+            }
+        }
+        if results.is_err() && batch.len() > 1 && !disk_failed {
             // One bad request (a corrupt record it touches, say) must not fail the others,
             // and a client that resends it must not fail every batch it lands in: retry
             // each request in a transaction of its own, so only the culprit fails.
@@ -237,13 +246,13 @@ fn run(
                 .map(|request| {
                     match commit_batch_guarded(store, std::slice::from_ref(request), stats) {
                         Ok(mut one) => one.pop().expect("one result per request"),
-                        Err(error) => Err(error),
+                        Err(failure) => Err(failure.error),
                     }
                 })
                 .collect());
         }
         record(stats, requests, batch_bytes, results.is_ok());
-        complete(&mut batch, results);
+        complete(&mut batch, results.map_err(|failure| failure.error));
         notify_commit(store, &mut last_change_seq);
     }
     tracing::info!("storage writer stopped");
@@ -305,27 +314,39 @@ fn call(done: Completion, result: OpResult) {
     }
 }
 
+/// Why a batch failed as a whole.
+struct BatchFailure {
+    error: WriteError,
+    /// The disk failed (full, or an I/O error): the database must be reopened.
+    disk: bool,
+}
+
 /// Commits the batch; a panic while applying it aborts the transaction and fails the batch
 /// instead of killing the thread (which would leave every later request without an answer).
 fn commit_batch_guarded(
     store: &Store,
     batch: &[Request],
     stats: &StatsCounters,
-) -> Result<Vec<OpResult>, WriteError> {
+) -> Result<Vec<OpResult>, BatchFailure> {
     match catch_unwind(AssertUnwindSafe(|| commit_batch(store, batch, stats))) {
         Ok(Ok(results)) => Ok(results),
         Ok(Err(error)) => {
             tracing::error!(code = error.code(), %error, requests = batch.len(), "group commit failed");
-            Err(WriteError::from(error))
+            let disk = matches!(error, StorageError::DiskFull | StorageError::Io(_));
+            Err(BatchFailure {
+                error: WriteError::from(error),
+                disk,
+            })
         }
         Err(_) => {
             tracing::error!(
                 requests = batch.len(),
                 "group commit panicked; batch aborted"
             );
-            Err(WriteError::Storage(
-                "internal error while applying the batch".into(),
-            ))
+            Err(BatchFailure {
+                error: WriteError::Storage("internal error while applying the batch".into()),
+                disk: false,
+            })
         }
     }
 }
@@ -336,7 +357,7 @@ fn commit_batch(
     stats: &StatsCounters,
 ) -> Result<Vec<OpResult>, StorageError> {
     let started = std::time::Instant::now();
-    let mut txn = store.inner.db.begin_write()?;
+    let mut txn = store.inner.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
     let results = {
         let mut tables = Batch::open(&txn)?;
