@@ -11,6 +11,7 @@
 //! See `docs/reliability.md`, section "Deterministic simulation".
 
 mod incubator;
+mod viewer;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
