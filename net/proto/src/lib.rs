@@ -14,3 +14,6 @@ pub mod viewer;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+
+#[cfg(test)]
+mod simulation;

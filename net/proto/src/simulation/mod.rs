@@ -1,0 +1,164 @@
+//! Deterministic simulation of the incubator and viewer protocols (tests only).
+//!
+//! One seeded generator drives a whole world: a client and the real sans-I/O server session
+//! of each protocol, a byte pipe in each direction that delivers random-sized pieces, stalls
+//! and drops the connection, a storage that completes writes after random delays and in any
+//! order, and a client that reconnects and resends what was never answered. After a bounded
+//! number of faulty steps a calm phase (no faults) must bring every item home. The invariants
+//! are checked at every step and at the end; a failure names its seed and step, and
+//! `ESSERVER_SIM_SEED=<seed>` replays that one seed with a trace of every event.
+//!
+//! See `docs/reliability.md`, section "Deterministic simulation".
+
+mod incubator;
+mod viewer;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+
+use crate::fuzzing::Noise;
+
+/// Seeds run on every test run, before the random ones.
+const FIXED_SEEDS: [u64; 8] = [1, 2, 3, 42, 0xdead_beef, 0x5eed, 1 << 40, u64::MAX];
+
+/// Random seeds added to the fixed ones on every run (`ESSERVER_SIM_SEEDS` overrides).
+const RANDOM_SEEDS_DEFAULT: usize = 192;
+
+/// The environment variable that replays one seed (with a trace).
+pub const SEED_VARIABLE: &str = "ESSERVER_SIM_SEED";
+
+/// The seeds of this run: the one of [`SEED_VARIABLE`] alone (and `true`: trace it), or the
+/// fixed ones and random ones drawn from the clock.
+fn seeds(name: &str) -> (Vec<u64>, bool) {
+    if let Ok(value) = std::env::var(SEED_VARIABLE) {
+        let value = value.trim();
+        let seed = value
+            .strip_prefix("0x")
+            .map(|hex| u64::from_str_radix(hex, 16))
+            .unwrap_or_else(|| value.parse())
+            .unwrap_or_else(|_| panic!("{SEED_VARIABLE}={value} is not a number"));
+        return (vec![seed], true);
+    }
+    let count = std::env::var("ESSERVER_SIM_SEEDS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(RANDOM_SEEDS_DEFAULT);
+    let clock = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+    let mut noise = Noise::new(clock ^ name.len() as u64);
+    let mut seeds = FIXED_SEEDS.to_vec();
+    seeds.extend((0..count).map(|_| noise.next_u64()));
+    (seeds, false)
+}
+
+/// Runs `world(seed, trace)` for every seed of this run; a panic is reported with its seed
+/// and the command that replays it.
+fn run_seeds(name: &str, test: &str, world: fn(u64, bool) -> Totals) -> Totals {
+    let (seeds, trace) = seeds(name);
+    let started = std::time::Instant::now();
+    let mut totals = Totals::default();
+    for seed in &seeds {
+        let seed = *seed;
+        match std::panic::catch_unwind(|| world(seed, trace)) {
+            Ok(run) => totals.add(&run),
+            Err(panic) => {
+                let text = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                panic!(
+                    "{name} simulation failed with seed {seed}: {text}\nreplay: \
+                     {SEED_VARIABLE}={seed} cargo nextest run --release -p es-proto -E \
+                     'test(simulation::{test})' --no-capture"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "{name} simulation: {} seeds, {} steps, {} drops, {} answers lost, {} duplicates, \
+         {} partial pieces, {} items acknowledged, {:?}",
+        seeds.len(),
+        totals.steps,
+        totals.drops,
+        totals.lost_answers,
+        totals.duplicates,
+        totals.partial_pieces,
+        totals.acknowledged,
+        started.elapsed()
+    );
+    totals
+}
+
+/// What the runs did, so the test can check that the faults really happened.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    steps: u64,
+    drops: u64,
+    acknowledged: u64,
+    /// Writes that reached storage after their connection was gone (answer lost).
+    lost_answers: u64,
+    /// Answers that said "already stored" (a resend or a deliberate duplicate).
+    duplicates: u64,
+    /// Partial deliveries: a piece that ended inside a frame.
+    partial_pieces: u64,
+}
+
+impl Totals {
+    fn add(&mut self, other: &Totals) {
+        self.steps += other.steps;
+        self.drops += other.drops;
+        self.acknowledged += other.acknowledged;
+        self.lost_answers += other.lost_answers;
+        self.duplicates += other.duplicates;
+        self.partial_pieces += other.partial_pieces;
+    }
+}
+
+/// One direction of a connection: bytes written and not yet read by the other side.
+#[derive(Debug, Default)]
+struct Pipe {
+    /// In transit (written by the sender, not yet delivered).
+    wire: BytesMut,
+    /// Delivered and not yet consumed by the receiver's session.
+    inbox: BytesMut,
+    /// The largest piece one delivery moves (a slow peer or small socket buffers).
+    piece_max: usize,
+    /// No delivery before this step (a stalled peer).
+    stalled_until: u64,
+}
+
+impl Pipe {
+    fn new(noise: &mut Noise) -> Pipe {
+        Pipe {
+            piece_max: [1, 3, 7, 16, 64, 512, 1 << 16][noise.below(7)],
+            ..Pipe::default()
+        }
+    }
+
+    /// Moves a random prefix of what is in transit to the receiver; true when it ended
+    /// inside the transit bytes (a partial read). `calm`: everything at once.
+    fn deliver(&mut self, noise: &mut Noise, step: u64, calm: bool) -> bool {
+        if self.wire.is_empty() {
+            return false;
+        }
+        if calm {
+            let all = self.wire.split();
+            self.inbox.extend_from_slice(&all);
+            return false;
+        }
+        if step < self.stalled_until {
+            return false;
+        }
+        if noise.below(40) == 0 {
+            self.stalled_until = step + 1 + noise.below(60) as u64;
+            return false;
+        }
+        let n = noise.below(self.piece_max.min(self.wire.len()) + 1);
+        let piece = self.wire.split_to(n);
+        self.inbox.extend_from_slice(&piece);
+        !self.wire.is_empty() && n > 0
+    }
+}
