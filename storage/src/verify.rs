@@ -28,6 +28,7 @@ pub(crate) fn verify(
             image_totals.images
         ));
     }
+    check_wells(txn, &mut report)?;
     check_changes(txn, &state, &mut report)?;
     check_audit(txn, &state, &mut report)?;
     check_counters(txn, &state, &image_totals, &mut report)?;
@@ -88,9 +89,20 @@ struct ImageTotals {
 struct DishNames<'t> {
     dishes: &'t redb::ReadOnlyTable<u64, &'static [u8]>,
     cache: HashMap<u64, (u64, String)>,
+    exists: HashMap<u64, bool>,
 }
 
 impl DishNames<'_> {
+    /// True when the dish row exists (looked up once per dish).
+    fn exists(&mut self, dish_key: u64) -> Result<bool, StorageError> {
+        if let Some(&exists) = self.exists.get(&dish_key) {
+            return Ok(exists);
+        }
+        let exists = self.dishes.get(dish_key)?.is_some();
+        self.exists.insert(dish_key, exists);
+        Ok(exists)
+    }
+
     fn image_key(&mut self, key: tables::ImageKey) -> Result<String, StorageError> {
         let (dish_key, well, acquired_at_ms, focal_plane) = key;
         if !self.cache.contains_key(&dish_key) {
@@ -126,6 +138,7 @@ fn check_images(
     let mut names = DishNames {
         dishes: &dishes,
         cache: HashMap::new(),
+        exists: HashMap::new(),
     };
     let images_total = images.len()?;
     let mut totals = ImageTotals::default();
@@ -144,6 +157,10 @@ fn check_images(
                 }
             }
             Err(error) => report.damaged(format!("{} ({error})", names.image_key(key)?)),
+        }
+        if !names.exists(dish_key)? {
+            let text = names.image_key(key)?;
+            report.problem(format!("image {text} has no dish"));
         }
         if wells.get((dish_key, well))?.is_none() {
             let text = names.image_key(key)?;
@@ -210,6 +227,26 @@ fn check_acquisitions(txn: &ReadTransaction, report: &mut Report) -> Result<u64,
         }
     }
     Ok(planes_total)
+}
+
+/// Every well (embryo) belongs to an existing dish.
+fn check_wells(txn: &ReadTransaction, report: &mut Report) -> Result<(), StorageError> {
+    let wells = txn.open_table(tables::WELLS)?;
+    let dishes = txn.open_table(tables::DISHES)?;
+    let mut last_dish: Option<(u64, bool)> = None;
+    for entry in wells.range::<tables::WellKey>(..)? {
+        let (key, _) = entry?;
+        let (dish_key, well) = key.value();
+        let exists = match last_dish {
+            Some((key, exists)) if key == dish_key => exists,
+            _ => dishes.get(dish_key)?.is_some(),
+        };
+        last_dish = Some((dish_key, exists));
+        if !exists {
+            report.problem(format!("well {well} of dish {dish_key} has no dish"));
+        }
+    }
+    Ok(())
 }
 
 fn check_changes(

@@ -885,6 +885,64 @@ fn verify_detects_a_damaged_image() {
 }
 
 #[test]
+fn verify_finds_images_and_wells_without_a_dish_and_a_gap_in_the_change_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    for i in 0..3u32 {
+        let op = image_op(instrument_id, i + 1, 0, T0 + i64::from(i), jpeg(i, 30));
+        write(&writer, op).unwrap();
+    }
+    writer.shutdown();
+    let report = store.verify(&mut |_| {}).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    let dish_key = store
+        .read()
+        .unwrap()
+        .embryo("E1")
+        .unwrap()
+        .unwrap()
+        .dish_key;
+    let changes = store.read().unwrap().changes_after(0, 100).unwrap();
+    assert!(changes.len() >= 3, "{changes:?}");
+    drop(store);
+
+    // Take the dish row and one change from the middle of the log, behind the store's back.
+    let db = redb::Database::open(dir.path().join(DATABASE_FILE_NAME)).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut dishes = txn.open_table(tables::DISHES).unwrap();
+        assert!(dishes.remove(dish_key).unwrap().is_some());
+        let mut log = txn.open_table(tables::CHANGES).unwrap();
+        assert!(log.remove(changes[1].seq).unwrap().is_some());
+    }
+    txn.commit().unwrap();
+    drop(db);
+
+    let store = open(dir.path());
+    let report = store.verify(&mut |_| {}).unwrap();
+    let has = |text: &str| report.problems.iter().any(|p| p.contains(text));
+    assert!(has("has no dish"), "{:?}", report.problems);
+    assert!(
+        has(&format!("well 1 of dish {dish_key} has no dish")),
+        "{:?}",
+        report.problems
+    );
+    let images_without_dish = report
+        .problems
+        .iter()
+        .filter(|p| p.starts_with("image ") && p.ends_with("has no dish"))
+        .count();
+    assert_eq!(images_without_dish, 3, "{:?}", report.problems);
+    let gap = format!(
+        "change log gap: expected seq {}, found {}",
+        changes[1].seq, changes[2].seq
+    );
+    assert!(has(&gap), "{:?}", report.problems);
+    assert!(report.damaged_images.is_empty());
+}
+
+#[test]
 fn shutdown_completes_queued_requests() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
