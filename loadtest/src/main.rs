@@ -807,6 +807,8 @@ struct SystemReport {
     /// table with its TOAST table and index, plus pg_wal).
     stored_bytes_after_throughput: Option<u64>,
     peak_rss_bytes: Option<u64>,
+    /// PostgreSQL only: checkpoints started during the throughput and the latency phase.
+    checkpoints: Option<(u64, u64)>,
     notes: Vec<String>,
 }
 
@@ -903,7 +905,7 @@ fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
         args.duration_s,
         bytes_max / 1_000_000
     );
-    let (pg_max, pg_stored, pg_settings) = postgres_phase(
+    let (pg_max, pg_stored, pg_settings, pg_checkpoints_max) = postgres_phase(
         &binaries,
         &scratch_root,
         &settings,
@@ -944,7 +946,7 @@ fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
         "[PostgreSQL] latency phase: {offered:.0} images/s offered, open loop, {} s",
         args.duration_s
     );
-    let (pg_lat, _, _) = postgres_phase(
+    let (pg_lat, _, _, pg_checkpoints_lat) = postgres_phase(
         &binaries,
         &scratch_root,
         &settings,
@@ -981,6 +983,7 @@ fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
             latency_at_offered: es_lat,
             stored_bytes_after_throughput: es_stored,
             peak_rss_bytes: es_rss_max.max(es_rss_lat),
+            checkpoints: None,
             notes: vec![
                 "incubator port with tls = off (PostgreSQL's connections are plain loopback TCP too)".into(),
                 "up to 64 unacknowledged images in flight per connection; one group commit (one fsync) per batch".into(),
@@ -993,6 +996,7 @@ fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
             latency_at_offered: pg_lat,
             stored_bytes_after_throughput: pg_stored,
             peak_rss_bytes: None,
+            checkpoints: Some((pg_checkpoints_max, pg_checkpoints_lat)),
             notes: vec![
                 "one INSERT ... ON CONFLICT DO NOTHING per image in its own transaction (autocommit), one image in flight per connection".into(),
                 "jpeg column STORAGE EXTERNAL (out of line, uncompressed); SHA-256 and storing time computed by the server".into(),
@@ -1042,14 +1046,15 @@ fn esserver_phase(
 type PgSettingsShown = std::collections::BTreeMap<String, String>;
 
 /// One PostgreSQL phase on a fresh cluster, deleted afterwards: the result, the bytes stored
-/// (table, TOAST, index and WAL) and the server's settings.
+/// (table, TOAST, index and WAL), the server's settings and the checkpoints it started
+/// during the phase.
 fn postgres_phase(
     binaries: &es_loadtest::pg::PgBinaries,
     scratch_root: &std::path::Path,
     settings: &es_loadtest::pg::PgSettings,
     options: &IngestOptions,
     tag: &str,
-) -> Result<(IngestResult, Option<u64>, PgSettingsShown), String> {
+) -> Result<(IngestResult, Option<u64>, PgSettingsShown, u64), String> {
     let mut server = es_loadtest::pg::PgServer::start(binaries, scratch_root, settings)?;
     let shown = server.settings()?;
     let result = es_loadtest::pg::run_pg_ingest(&server, options, tag);
@@ -1068,8 +1073,9 @@ fn postgres_phase(
             None
         }
     };
+    let checkpoints = server.checkpoints_logged();
     server.stop()?;
-    Ok((result, stored, shown))
+    Ok((result, stored, shown, checkpoints))
 }
 
 fn print_pg_compare(report: &PgCompareReport) {
@@ -1143,6 +1149,12 @@ fn print_pg_compare(report: &PgCompareReport) {
                 system.system,
                 bytes as f64 / 1e6,
                 system.throughput.bytes_acked as f64 / 1e6
+            );
+        }
+        if let Some((full_speed, open_loop)) = system.checkpoints {
+            println!(
+                "{} checkpoints started: {full_speed} at full speed, {open_loop} in the open-loop phase",
+                system.system
             );
         }
         for run in [&system.throughput, &system.latency_at_offered] {

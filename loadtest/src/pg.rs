@@ -124,6 +124,7 @@ pub const REPORTED_SETTINGS: &[&str] = &[
     "wal_buffers",
     "max_wal_size",
     "checkpoint_timeout",
+    "log_checkpoints",
     "max_connections",
 ];
 
@@ -289,6 +290,16 @@ impl PgServer {
             .filter(|m| m.is_file())
             .map(|m| m.len())
             .sum()
+    }
+
+    /// Checkpoints the server has started so far (PostgreSQL 15 logs each one by default:
+    /// `log_checkpoints = on`), from its log.
+    pub fn checkpoints_logged(&self) -> u64 {
+        std::fs::read_to_string(self.dir.path().join("postgres.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("checkpoint starting"))
+            .count() as u64
     }
 
     /// Stops the server (fast shutdown: a checkpoint, clients disconnected).
