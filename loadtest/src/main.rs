@@ -161,6 +161,10 @@ struct PgCompareArgs {
     /// PostgreSQL shared_buffers, in MB.
     #[arg(long, default_value_t = 256)]
     pg_shared_buffers_mb: u64,
+    /// Another PostgreSQL setting, NAME=VALUE (repeatable; applied after the defaults of
+    /// this mode, e.g. --pg-set max_wal_size=8GB).
+    #[arg(long = "pg-set", value_name = "NAME=VALUE", value_parser = es_loadtest::pg::parse_setting)]
+    pg_set: Vec<(String, String)>,
     /// Directory holding initdb, pg_ctl and postgres (default: the highest version under
     /// /usr/lib/postgresql/<version>/bin, then PATH).
     #[arg(long)]
@@ -868,6 +872,7 @@ fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
     let settings = pg::PgSettings {
         shared_buffers_mb: args.pg_shared_buffers_mb,
         max_connections: (connections + 10).max(100),
+        extra: args.pg_set.clone(),
     };
     eprintln!("generating frames...");
     let frames = Arc::new(es_loadtest::frames::generate(16, 1));

@@ -86,12 +86,31 @@ pub fn find_binaries(
 pub struct PgSettings {
     pub shared_buffers_mb: u64,
     pub max_connections: u32,
+    /// More `name = value` settings, after ours (so they win), from `--pg-set`.
+    pub extra: Vec<(String, String)>,
+}
+
+/// One `--pg-set NAME=VALUE`: a setting name (letters, digits, `_`, `.`) and a one-line
+/// value.
+pub fn parse_setting(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    let name = name.trim();
+    let valid_name = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    if !valid_name || value.contains(['\n', '\r']) {
+        return Err(format!("{text:?} is not NAME=VALUE"));
+    }
+    Ok((name.to_string(), value.trim().to_string()))
 }
 
 impl PgSettings {
     /// The lines appended to the cluster's `postgresql.conf`.
     pub fn config_lines(&self, port: u16, socket_dir: &Path) -> String {
-        format!(
+        let mut text = format!(
             "\n# written by loadtest pg-compare\n\
              listen_addresses = '127.0.0.1'\n\
              port = {port}\n\
@@ -106,7 +125,11 @@ impl PgSettings {
             socket_dir.display(),
             self.max_connections,
             self.shared_buffers_mb
-        )
+        );
+        for (name, value) in &self.extra {
+            text.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
+        }
+        text
     }
 }
 
@@ -159,6 +182,8 @@ pub struct PgServer {
     dir: tempfile::TempDir,
     pub port: u16,
     started: bool,
+    /// The `--pg-set` names, shown with `REPORTED_SETTINGS`.
+    extra_names: Vec<String>,
 }
 
 impl PgServer {
@@ -191,6 +216,11 @@ impl PgServer {
             dir,
             port: 0,
             started: false,
+            extra_names: settings
+                .extra
+                .iter()
+                .map(|(name, _)| name.clone())
+                .collect(),
         };
         let data = server.data_dir();
         server.run(
@@ -255,11 +285,15 @@ impl PgServer {
             .map_err(|e| format!("cannot connect to PostgreSQL on port {}: {e}", self.port))
     }
 
-    /// `REPORTED_SETTINGS` as the server has them (with units).
+    /// `REPORTED_SETTINGS` and the `--pg-set` ones as the server has them (with units).
     pub fn settings(&self) -> Result<BTreeMap<String, String>, String> {
         let mut client = self.connect()?;
         let mut settings = BTreeMap::new();
-        for name in REPORTED_SETTINGS {
+        let names = REPORTED_SETTINGS
+            .iter()
+            .copied()
+            .chain(self.extra_names.iter().map(String::as_str));
+        for name in names {
             let row = client
                 .query_one(&format!("SHOW {name}"), &[])
                 .map_err(|e| format!("SHOW {name}: {e}"))?;
@@ -611,6 +645,7 @@ mod tests {
         let settings = PgSettings {
             shared_buffers_mb: 256,
             max_connections: 100,
+            extra: vec![parse_setting("max_wal_size=8GB").unwrap()],
         };
         let text = settings.config_lines(5999, Path::new("/tmp/x/socket"));
         for line in [
@@ -621,8 +656,12 @@ mod tests {
             "synchronous_commit = on",
             "full_page_writes = on",
             "shared_buffers = 256MB",
+            "max_wal_size = '8GB'",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in {text}");
         }
+        assert!(parse_setting("fsync").is_err());
+        assert!(parse_setting("a b=1").is_err());
+        assert!(parse_setting("x=1\nfsync=off").is_err());
     }
 }
