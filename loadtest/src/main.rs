@@ -811,6 +811,10 @@ struct SystemReport {
     /// table with its TOAST table and index, plus pg_wal).
     stored_bytes_after_throughput: Option<u64>,
     peak_rss_bytes: Option<u64>,
+    /// Images per fsync in the full-speed and the open-loop phase: esserver's requests per
+    /// group commit (from `esserver status`), PostgreSQL's commits per WAL sync (from
+    /// `pg_stat_wal`, PostgreSQL 14 and later).
+    images_per_fsync: (Option<f64>, Option<f64>),
     /// PostgreSQL only: checkpoints started during the throughput and the latency phase.
     checkpoints: Option<(u64, u64)>,
     notes: Vec<String>,
@@ -828,7 +832,7 @@ struct PgCompareReport {
     offered_rule: String,
     esserver: SystemReport,
     postgresql: SystemReport,
-    postgresql_settings: PgSettingsShown,
+    postgresql_settings: std::collections::BTreeMap<String, String>,
     /// esserver images/s / PostgreSQL images/s at full speed (above 1: esserver ingests more).
     throughput_ratio_esserver_over_postgresql: f64,
     /// PostgreSQL p99 / esserver p99 of the open-loop phase (above 1: esserver's tail is
@@ -898,11 +902,10 @@ fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
         args.duration_s,
         bytes_max / 1_000_000
     );
-    let (es_max, es_stored, es_rss_max) =
-        esserver_phase(&esserver, &scratch_root, &full_speed, "es-max")?;
+    let es_max = esserver_phase(&esserver, &scratch_root, &full_speed, "es-max")?;
     eprintln!(
         "[esserver] {:.0} images/s, {:.1} MB/s",
-        es_max.images_per_s, es_max.megabytes_per_s
+        es_max.result.images_per_s, es_max.result.megabytes_per_s
     );
     settle();
     eprintln!(
@@ -910,7 +913,7 @@ fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
         args.duration_s,
         bytes_max / 1_000_000
     );
-    let (pg_max, pg_stored, pg_settings, pg_checkpoints_max) = postgres_phase(
+    let pg_max = postgres_phase(
         &binaries,
         &scratch_root,
         &settings,
@@ -919,13 +922,13 @@ fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
     )?;
     eprintln!(
         "[PostgreSQL] {:.0} images/s, {:.1} MB/s",
-        pg_max.images_per_s, pg_max.megabytes_per_s
+        pg_max.result.images_per_s, pg_max.result.megabytes_per_s
     );
 
     let (offered, offered_rule) = match args.offered {
         Some(rate) => (rate, "given (--offered)".to_string()),
         None => (
-            (es_max.images_per_s.min(pg_max.images_per_s) * 0.5)
+            (es_max.result.images_per_s.min(pg_max.result.images_per_s) * 0.5)
                 .round()
                 .max(1.0),
             "half the lower of the two throughputs measured in this run".to_string(),
@@ -945,13 +948,13 @@ fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
         "[esserver] latency phase: {offered:.0} images/s offered, open loop, {} s",
         args.duration_s
     );
-    let (es_lat, _, es_rss_lat) = esserver_phase(&esserver, &scratch_root, &at_offered, "es-lat")?;
+    let es_lat = esserver_phase(&esserver, &scratch_root, &at_offered, "es-lat")?;
     settle();
     eprintln!(
         "[PostgreSQL] latency phase: {offered:.0} images/s offered, open loop, {} s",
         args.duration_s
     );
-    let (pg_lat, _, _, pg_checkpoints_lat) = postgres_phase(
+    let pg_lat = postgres_phase(
         &binaries,
         &scratch_root,
         &settings,
@@ -970,24 +973,25 @@ fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
         offered_per_s: offered,
         offered_rule,
         throughput_ratio_esserver_over_postgresql: ratio(
-            es_max.images_per_s,
-            pg_max.images_per_s,
+            es_max.result.images_per_s,
+            pg_max.result.images_per_s,
         ),
         p99_ratio_postgresql_over_esserver: ratio(
-            pg_lat.ack_latency.p99_us as f64,
-            es_lat.ack_latency.p99_us as f64,
+            pg_lat.result.ack_latency.p99_us as f64,
+            es_lat.result.ack_latency.p99_us as f64,
         ),
         p999_ratio_postgresql_over_esserver: ratio(
-            pg_lat.ack_latency.p999_us as f64,
-            es_lat.ack_latency.p999_us as f64,
+            pg_lat.result.ack_latency.p999_us as f64,
+            es_lat.result.ack_latency.p999_us as f64,
         ),
         esserver: SystemReport {
             system: "esserver",
             client_connections: args.incubators,
-            throughput: es_max,
-            latency_at_offered: es_lat,
-            stored_bytes_after_throughput: es_stored,
-            peak_rss_bytes: es_rss_max.max(es_rss_lat),
+            throughput: es_max.result,
+            latency_at_offered: es_lat.result,
+            stored_bytes_after_throughput: es_max.stored,
+            peak_rss_bytes: es_max.rss.max(es_lat.rss),
+            images_per_fsync: (es_max.images_per_fsync, es_lat.images_per_fsync),
             checkpoints: None,
             notes: vec![
                 "incubator port with tls = off (PostgreSQL's connections are plain loopback TCP too)".into(),
@@ -997,17 +1001,18 @@ fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
         postgresql: SystemReport {
             system: "PostgreSQL",
             client_connections: connections,
-            throughput: pg_max,
-            latency_at_offered: pg_lat,
-            stored_bytes_after_throughput: pg_stored,
+            throughput: pg_max.result,
+            latency_at_offered: pg_lat.result,
+            stored_bytes_after_throughput: pg_max.stored,
             peak_rss_bytes: None,
-            checkpoints: Some((pg_checkpoints_max, pg_checkpoints_lat)),
+            images_per_fsync: (pg_max.images_per_fsync, pg_lat.images_per_fsync),
+            checkpoints: pg_max.checkpoints.zip(pg_lat.checkpoints),
             notes: vec![
                 "one INSERT ... ON CONFLICT DO NOTHING per image in its own transaction (autocommit), one image in flight per connection".into(),
                 "jpeg column STORAGE EXTERNAL (out of line, uncompressed); SHA-256 and storing time computed by the server".into(),
             ],
         },
-        postgresql_settings: pg_settings,
+        postgresql_settings: pg_max.settings,
     };
     print_pg_compare(&report);
     if let Some(path) = &args.json {
@@ -1017,14 +1022,27 @@ fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// What one phase of `pg-compare` measured.
+struct Phase {
+    result: IngestResult,
+    /// Bytes on disk at the end of the phase.
+    stored: Option<u64>,
+    rss: Option<u64>,
+    images_per_fsync: Option<f64>,
+    /// PostgreSQL: checkpoints started during the phase.
+    checkpoints: Option<u64>,
+    /// PostgreSQL: its settings as `SHOW` gives them.
+    settings: std::collections::BTreeMap<String, String>,
+}
+
 /// One esserver phase on a fresh server (incubator port plain TCP) and data directory,
-/// deleted afterwards: the result, the redb file's size and the server's peak RSS.
+/// deleted afterwards.
 fn esserver_phase(
     esserver: &std::path::Path,
     scratch_root: &std::path::Path,
     options: &IngestOptions,
     tag: &str,
-) -> Result<(IngestResult, Option<u64>, Option<u64>), String> {
+) -> Result<Phase, String> {
     let scratch = tempfile::Builder::new()
         .prefix("esserver-pgcompare-")
         .tempdir_in(scratch_root)
@@ -1035,7 +1053,13 @@ fn esserver_phase(
     spawn.log_file = Some(scratch.path().join("server.log"));
     let mut server = ServerProcess::spawn(spawn)
         .map_err(|e| format!("cannot start {}: {e}", esserver.display()))?;
+    let before = writer_counters(esserver, server.data_dir());
     let result = bench::run_ingest(&server, options, tag);
+    let after = writer_counters(esserver, server.data_dir());
+    let images_per_fsync = match (before, after) {
+        (Some((c0, r0)), Some((c1, r1))) if c1 > c0 => Some((r1 - r0) / (c1 - c0)),
+        _ => None,
+    };
     let stored = std::fs::metadata(server.data_dir().join("esserver.redb"))
         .ok()
         .map(|m| m.len());
@@ -1044,25 +1068,35 @@ fn esserver_phase(
     if code != Some(0) {
         eprintln!("[esserver] warning: the server exited with {code:?}");
     }
-    Ok((result, stored, rss))
+    Ok(Phase {
+        result,
+        stored,
+        rss,
+        images_per_fsync,
+        checkpoints: None,
+        settings: Default::default(),
+    })
 }
 
-/// The server's settings as `SHOW` gives them.
-type PgSettingsShown = std::collections::BTreeMap<String, String>;
-
-/// One PostgreSQL phase on a fresh cluster, deleted afterwards: the result, the bytes stored
-/// (table, TOAST, index and WAL), the server's settings and the checkpoints it started
-/// during the phase.
+/// One PostgreSQL phase on a fresh cluster, deleted afterwards.
 fn postgres_phase(
     binaries: &es_loadtest::pg::PgBinaries,
     scratch_root: &std::path::Path,
     settings: &es_loadtest::pg::PgSettings,
     options: &IngestOptions,
     tag: &str,
-) -> Result<(IngestResult, Option<u64>, PgSettingsShown, u64), String> {
+) -> Result<Phase, String> {
     let mut server = es_loadtest::pg::PgServer::start(binaries, scratch_root, settings)?;
     let shown = server.settings()?;
+    let before = server.wal_syncs();
     let result = es_loadtest::pg::run_pg_ingest(&server, options, tag);
+    // The clients' backends report their statistics as they exit.
+    std::thread::sleep(Duration::from_secs(2));
+    let after = server.wal_syncs();
+    let images_per_fsync = match (before, after) {
+        (Some(s0), Some(s1)) if s1 > s0 => Some(result.images_acked as f64 / (s1 - s0) as f64),
+        _ => None,
+    };
     let stored = match server.table_size() {
         Ok((rows, bytes)) => {
             if rows != result.images_acked {
@@ -1080,7 +1114,14 @@ fn postgres_phase(
     };
     let checkpoints = server.checkpoints_logged();
     server.stop()?;
-    Ok((result, stored, shown, checkpoints))
+    Ok(Phase {
+        result,
+        stored,
+        rss: None,
+        images_per_fsync,
+        checkpoints: Some(checkpoints),
+        settings: shown,
+    })
 }
 
 fn print_pg_compare(report: &PgCompareReport) {
@@ -1154,6 +1195,12 @@ fn print_pg_compare(report: &PgCompareReport) {
                 system.system,
                 bytes as f64 / 1e6,
                 system.throughput.bytes_acked as f64 / 1e6
+            );
+        }
+        if let (Some(full_speed), Some(open_loop)) = system.images_per_fsync {
+            println!(
+                "{} images per fsync: {full_speed:.1} at full speed, {open_loop:.1} in the open-loop phase",
+                system.system
             );
         }
         if let Some((full_speed, open_loop)) = system.checkpoints {

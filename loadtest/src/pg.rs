@@ -314,6 +314,16 @@ impl PgServer {
         Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
     }
 
+    /// WAL syncs so far (`pg_stat_wal.wal_sync`, PostgreSQL 14 and later): with one image
+    /// per transaction, commits per sync is how many images each fsync made durable.
+    pub fn wal_syncs(&self) -> Option<u64> {
+        let mut client = self.connect().ok()?;
+        let row = client
+            .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
+            .ok()?;
+        Some(row.get::<_, i64>(0) as u64)
+    }
+
     /// Bytes of the WAL directory.
     pub fn wal_bytes(&self) -> u64 {
         std::fs::read_dir(self.data_dir().join("pg_wal"))
