@@ -353,6 +353,10 @@ impl PgServer {
         }
         self.started = false;
         let data = self.data_dir();
+        if !data.join("postmaster.pid").exists() {
+            // It never started (or has already stopped).
+            return Ok(());
+        }
         self.run(
             &self.binaries.pg_ctl,
             &[
