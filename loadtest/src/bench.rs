@@ -39,6 +39,32 @@ pub struct IngestResult {
     pub connection_errors: Vec<String>,
 }
 
+/// Starts the clients of one phase together: each connects (and registers) first, then
+/// [`StartGate::wait`]s; every one gets the same start instant, shortly after the last one
+/// is ready, so connection set-up never counts as latency of the first images.
+pub struct StartGate {
+    barrier: std::sync::Barrier,
+    begin: std::sync::OnceLock<Instant>,
+}
+
+impl StartGate {
+    pub fn new(clients: u32) -> StartGate {
+        StartGate {
+            barrier: std::sync::Barrier::new(clients.max(1) as usize),
+            begin: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Blocks until every client has called it; returns the common start instant. Each
+    /// client must call it exactly once, also when its set-up failed.
+    pub fn wait(&self) -> Instant {
+        self.barrier.wait();
+        *self
+            .begin
+            .get_or_init(|| Instant::now() + Duration::from_millis(50))
+    }
+}
+
 /// Runs one ingestion phase against `server` (incubator serials are prefixed by `tag` so
 /// phases do not collide).
 pub fn run_ingest(server: &ServerProcess, options: &IngestOptions, tag: &str) -> IngestResult {
@@ -74,12 +100,13 @@ pub fn run_ingest_on(
     let images_total = options.bytes_max / frame_bytes.max(1);
     let per_incubator = (images_total / options.incubators.max(1) as u64).max(1);
     let start_ms = crate::client::now_ms() - 86_400_000;
-    let begin = Instant::now() + Duration::from_millis(200);
+    let gate = Arc::new(StartGate::new(options.incubators));
     let threads: Vec<_> = (0..options.incubators)
         .map(|n| {
             let options = options.clone();
             let tls = tls.clone();
             let serial = format!("{tag}-{n:02}");
+            let gate = gate.clone();
             std::thread::spawn(move || -> (UploadStats, Option<ClientError>) {
                 let spec = options.model.spec();
                 let per_cycle = spec.positions() as u64 * spec.focal_planes.len() as u64;
@@ -93,15 +120,16 @@ pub fn run_ingest_on(
                 };
                 let connect =
                     IncubatorClient::connect(address, &tls, &mut identity, Duration::from_secs(30));
-                let mut client = match connect {
+                let ready = connect.and_then(|mut client| {
+                    sim::register_dishes(&mut client, &workload, Duration::from_secs(30))
+                        .map(|()| client)
+                });
+                // Every incubator is connected and registered before the schedule starts.
+                let begin = gate.wait();
+                let mut client = match ready {
                     Ok(client) => client,
                     Err(error) => return (UploadStats::default(), Some(error)),
                 };
-                if let Err(error) =
-                    sim::register_dishes(&mut client, &workload, Duration::from_secs(30))
-                {
-                    return (UploadStats::default(), Some(error));
-                }
                 let pacing = match options.offered_per_s {
                     Some(total) => Pacing::OpenLoop {
                         start: begin,

@@ -5,8 +5,9 @@
 //! client session and es-net's client connection, nothing else of the server), real-sized
 //! JPEG frames, open-loop schedules measured from the intended send time into HdrHistogram,
 //! spawning a server on a temporary data directory, measuring the disk's own limit, and
-//! the reports. The `loadtest` binary drives it; the server's integration tests reuse the
-//! client and the simulator.
+//! the reports; and, for a same-run comparison (`pg-compare`), a private PostgreSQL server
+//! fed the same ingestion workload. The `loadtest` binary drives it; the server's integration
+//! tests reuse the client and the simulator.
 
 pub mod api_bench;
 pub mod bench;
@@ -14,6 +15,7 @@ pub mod client;
 pub mod disk;
 pub mod frames;
 pub mod http_client;
+pub mod pg;
 pub mod plot;
 pub mod run;
 pub mod sim;

@@ -47,6 +47,10 @@ enum Command {
     /// Public API benchmark: EMR clients (patient list, embryo data, one image, change feed)
     /// over HTTPS while simulated high-capacity incubators upload at a multiple of nominal.
     ApiBench(ApiArgs),
+    /// Same-run comparison with PostgreSQL: the ingestion workload (same frames, same
+    /// incubators, one durable commit per acknowledged image) against esserver and against a
+    /// PostgreSQL server this mode starts on loopback; reports esserver/PostgreSQL ratios.
+    PgCompare(PgCompareArgs),
     /// The disk's own limit alone: write + fsync of 30 KB records in batches.
     DiskLimit {
         /// Directory on the filesystem to measure (default: the system temporary directory).
@@ -147,6 +151,52 @@ struct ApiArgs {
     json: Option<PathBuf>,
 }
 
+#[derive(clap::Args)]
+struct PgCompareArgs {
+    /// Simulated incubators sending to esserver; PostgreSQL gets as many client connections
+    /// (unless --pg-connections), each on its own thread.
+    #[arg(long, default_value_t = 16)]
+    incubators: u32,
+    /// Device model of every simulated incubator (as for ingest-bench).
+    #[arg(long, default_value = "es-8")]
+    model: DeviceModel,
+    /// Longest duration of each phase, in seconds.
+    #[arg(long, default_value_t = 15)]
+    duration_s: u64,
+    /// Most image bytes sent per throughput phase, in MB.
+    #[arg(long, default_value_t = 1000)]
+    bytes_max_mb: u64,
+    /// Offered rate (images/s over all incubators) of the open-loop latency phases (default:
+    /// half the lower of the two throughputs measured in this run, so both systems can carry
+    /// it).
+    #[arg(long)]
+    offered: Option<f64>,
+    /// PostgreSQL client connections (default: one per incubator).
+    #[arg(long)]
+    pg_connections: Option<u32>,
+    /// PostgreSQL shared_buffers, in MB.
+    #[arg(long, default_value_t = 256)]
+    pg_shared_buffers_mb: u64,
+    /// Another PostgreSQL setting, NAME=VALUE (repeatable; applied after the defaults of
+    /// this mode, e.g. --pg-set max_wal_size=8GB).
+    #[arg(long = "pg-set", value_name = "NAME=VALUE", value_parser = es_loadtest::pg::parse_setting)]
+    pg_set: Vec<(String, String)>,
+    /// Directory holding initdb, pg_ctl and postgres (default: the highest version under
+    /// /usr/lib/postgresql/<version>/bin, then PATH).
+    #[arg(long)]
+    pg_bin: Option<PathBuf>,
+    /// The esserver binary (default: beside this executable).
+    #[arg(long)]
+    esserver: Option<PathBuf>,
+    /// Where the data directories go (temporary directories under it; with root, the
+    /// `postgres` user must be able to reach it).
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(serde::Serialize)]
 struct ModeReport {
     incubator_tls: bool,
@@ -190,6 +240,13 @@ fn main() -> ExitCode {
         Command::ApiBench(args) => match api_bench(args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(2),
+            Err(message) => {
+                eprintln!("loadtest: {message}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::PgCompare(args) => match pg_compare(args) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(message) => {
                 eprintln!("loadtest: {message}");
                 ExitCode::FAILURE
@@ -756,4 +813,430 @@ fn add_user(
         ));
     }
     Ok(())
+}
+
+/// One system's figures in `pg-compare`.
+#[derive(serde::Serialize)]
+struct SystemReport {
+    system: &'static str,
+    client_connections: u32,
+    throughput: IngestResult,
+    latency_at_offered: IngestResult,
+    /// Bytes on disk after the throughput phase (esserver: the redb file; PostgreSQL: the
+    /// table with its TOAST table and index, plus pg_wal).
+    stored_bytes_after_throughput: Option<u64>,
+    peak_rss_bytes: Option<u64>,
+    /// Images per fsync in the full-speed and the open-loop phase: esserver's requests per
+    /// group commit (from `esserver status`), PostgreSQL's commits per WAL sync (from
+    /// `pg_stat_wal`, PostgreSQL 14 and later).
+    images_per_fsync: (Option<f64>, Option<f64>),
+    /// PostgreSQL only: checkpoints started during the throughput and the latency phase.
+    checkpoints: Option<(u64, u64)>,
+    notes: Vec<String>,
+}
+
+#[derive(serde::Serialize)]
+struct PgCompareReport {
+    incubators: u32,
+    model: String,
+    frames: usize,
+    frame_bytes_average: usize,
+    duration_s: u64,
+    bytes_max_mb: u64,
+    offered_per_s: f64,
+    offered_rule: String,
+    esserver: SystemReport,
+    postgresql: SystemReport,
+    postgresql_settings: std::collections::BTreeMap<String, String>,
+    /// esserver images/s / PostgreSQL images/s at full speed (above 1: esserver ingests more).
+    throughput_ratio_esserver_over_postgresql: f64,
+    /// PostgreSQL p99 / esserver p99 of the open-loop phase (above 1: esserver's tail is
+    /// shorter).
+    p99_ratio_postgresql_over_esserver: f64,
+    p999_ratio_postgresql_over_esserver: f64,
+}
+
+fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
+    use es_loadtest::pg;
+    let binaries = match &args.pg_bin {
+        Some(dir) => pg::PgBinaries::in_dir(dir).ok_or_else(|| {
+            format!(
+                "{} does not hold initdb, pg_ctl and postgres; {}",
+                dir.display(),
+                pg::INSTALL_HINT
+            )
+        })?,
+        None => pg::find_binaries(
+            std::path::Path::new(pg::DEBIAN_ROOT),
+            std::env::var_os("PATH").as_deref(),
+        )?,
+    };
+    eprintln!("PostgreSQL: {}", binaries.postgres.display());
+    let scratch_root = args.scratch.clone().unwrap_or_else(std::env::temp_dir);
+    let bytes_max = args.bytes_max_mb * 1_000_000;
+    // One phase's data at a time: redb's file (about 2 x the images), or PostgreSQL's WAL
+    // and table (about 2 x, plus max_wal_size).
+    let needed = bytes_max * 4;
+    let free =
+        disk::free_bytes(&scratch_root).map_err(|e| format!("cannot read free space: {e}"))?;
+    if free < needed {
+        return Err(format!(
+            "{} has {} MB free; this run needs {} MB (lower --bytes-max-mb)",
+            scratch_root.display(),
+            free / 1_000_000,
+            needed / 1_000_000
+        ));
+    }
+    let connections = args.pg_connections.unwrap_or(args.incubators).max(1);
+    let settings = pg::PgSettings {
+        shared_buffers_mb: args.pg_shared_buffers_mb,
+        max_connections: (connections + 10).max(100),
+        extra: args.pg_set.clone(),
+    };
+    eprintln!("generating frames...");
+    let frames = Arc::new(es_loadtest::frames::generate(16, 1));
+    let frame_bytes = frames.iter().map(|f| f.len()).sum::<usize>() / frames.len();
+    let esserver = args.esserver.clone().unwrap_or_else(find_esserver);
+    let full_speed = IngestOptions {
+        incubators: args.incubators,
+        model: args.model,
+        offered_per_s: None,
+        duration: Duration::from_secs(args.duration_s),
+        bytes_max,
+        frames: frames.clone(),
+    };
+    let pg_full_speed = IngestOptions {
+        incubators: connections,
+        ..full_speed.clone()
+    };
+
+    settle();
+    eprintln!(
+        "[esserver] throughput phase: {} incubators (plain TCP), up to {} s or {} MB",
+        args.incubators,
+        args.duration_s,
+        bytes_max / 1_000_000
+    );
+    let es_max = esserver_phase(&esserver, &scratch_root, &full_speed, "es-max")?;
+    eprintln!(
+        "[esserver] {:.0} images/s, {:.1} MB/s",
+        es_max.result.images_per_s, es_max.result.megabytes_per_s
+    );
+    settle();
+    eprintln!(
+        "[PostgreSQL] throughput phase: {connections} connections, up to {} s or {} MB",
+        args.duration_s,
+        bytes_max / 1_000_000
+    );
+    let pg_max = postgres_phase(
+        &binaries,
+        &scratch_root,
+        &settings,
+        &pg_full_speed,
+        "pg-max",
+    )?;
+    eprintln!(
+        "[PostgreSQL] {:.0} images/s, {:.1} MB/s",
+        pg_max.result.images_per_s, pg_max.result.megabytes_per_s
+    );
+
+    let (offered, offered_rule) = match args.offered {
+        Some(rate) => (rate, "given (--offered)".to_string()),
+        None => (
+            (es_max.result.images_per_s.min(pg_max.result.images_per_s) * 0.5)
+                .round()
+                .max(1.0),
+            "half the lower of the two throughputs measured in this run".to_string(),
+        ),
+    };
+    let at_offered = IngestOptions {
+        offered_per_s: Some(offered),
+        bytes_max: (offered * args.duration_s as f64 * frame_bytes as f64) as u64,
+        ..full_speed.clone()
+    };
+    let pg_at_offered = IngestOptions {
+        incubators: connections,
+        ..at_offered.clone()
+    };
+    settle();
+    eprintln!(
+        "[esserver] latency phase: {offered:.0} images/s offered, open loop, {} s",
+        args.duration_s
+    );
+    let es_lat = esserver_phase(&esserver, &scratch_root, &at_offered, "es-lat")?;
+    settle();
+    eprintln!(
+        "[PostgreSQL] latency phase: {offered:.0} images/s offered, open loop, {} s",
+        args.duration_s
+    );
+    let pg_lat = postgres_phase(
+        &binaries,
+        &scratch_root,
+        &settings,
+        &pg_at_offered,
+        "pg-lat",
+    )?;
+
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let report = PgCompareReport {
+        incubators: args.incubators,
+        model: args.model.name().to_string(),
+        frames: frames.len(),
+        frame_bytes_average: frame_bytes,
+        duration_s: args.duration_s,
+        bytes_max_mb: args.bytes_max_mb,
+        offered_per_s: offered,
+        offered_rule,
+        throughput_ratio_esserver_over_postgresql: ratio(
+            es_max.result.images_per_s,
+            pg_max.result.images_per_s,
+        ),
+        p99_ratio_postgresql_over_esserver: ratio(
+            pg_lat.result.ack_latency.p99_us as f64,
+            es_lat.result.ack_latency.p99_us as f64,
+        ),
+        p999_ratio_postgresql_over_esserver: ratio(
+            pg_lat.result.ack_latency.p999_us as f64,
+            es_lat.result.ack_latency.p999_us as f64,
+        ),
+        esserver: SystemReport {
+            system: "esserver",
+            client_connections: args.incubators,
+            throughput: es_max.result,
+            latency_at_offered: es_lat.result,
+            stored_bytes_after_throughput: es_max.stored,
+            peak_rss_bytes: es_max.rss.max(es_lat.rss),
+            images_per_fsync: (es_max.images_per_fsync, es_lat.images_per_fsync),
+            checkpoints: None,
+            notes: vec![
+                "incubator port with tls = off (PostgreSQL's connections are plain loopback TCP too)".into(),
+                "up to 64 unacknowledged images in flight per connection; one group commit (one fsync) per batch".into(),
+            ],
+        },
+        postgresql: SystemReport {
+            system: "PostgreSQL",
+            client_connections: connections,
+            throughput: pg_max.result,
+            latency_at_offered: pg_lat.result,
+            stored_bytes_after_throughput: pg_max.stored,
+            peak_rss_bytes: None,
+            images_per_fsync: (pg_max.images_per_fsync, pg_lat.images_per_fsync),
+            checkpoints: pg_max.checkpoints.zip(pg_lat.checkpoints),
+            notes: vec![
+                "one INSERT ... ON CONFLICT DO NOTHING per image in its own transaction (autocommit), one image in flight per connection".into(),
+                "jpeg column STORAGE EXTERNAL (out of line, uncompressed); SHA-256 and storing time computed by the server".into(),
+            ],
+        },
+        postgresql_settings: pg_max.settings,
+    };
+    print_pg_compare(&report);
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// What one phase of `pg-compare` measured.
+struct Phase {
+    result: IngestResult,
+    /// Bytes on disk at the end of the phase.
+    stored: Option<u64>,
+    rss: Option<u64>,
+    images_per_fsync: Option<f64>,
+    /// PostgreSQL: checkpoints started during the phase.
+    checkpoints: Option<u64>,
+    /// PostgreSQL: its settings as `SHOW` gives them.
+    settings: std::collections::BTreeMap<String, String>,
+}
+
+/// One esserver phase on a fresh server (incubator port plain TCP) and data directory,
+/// deleted afterwards.
+fn esserver_phase(
+    esserver: &std::path::Path,
+    scratch_root: &std::path::Path,
+    options: &IngestOptions,
+    tag: &str,
+) -> Result<Phase, String> {
+    let scratch = tempfile::Builder::new()
+        .prefix("esserver-pgcompare-")
+        .tempdir_in(scratch_root)
+        .map_err(|e| e.to_string())?;
+    let mut spawn = SpawnOptions::new(esserver.to_path_buf(), scratch.path().join("data"));
+    spawn.incubator_tls = false;
+    spawn.log_level = "warn".into();
+    spawn.log_file = Some(scratch.path().join("server.log"));
+    let mut server = ServerProcess::spawn(spawn)
+        .map_err(|e| format!("cannot start {}: {e}", esserver.display()))?;
+    let before = writer_counters(esserver, server.data_dir());
+    let result = bench::run_ingest(&server, options, tag);
+    let after = writer_counters(esserver, server.data_dir());
+    let images_per_fsync = match (before, after) {
+        (Some((c0, r0)), Some((c1, r1))) if c1 > c0 => Some((r1 - r0) / (c1 - c0)),
+        _ => None,
+    };
+    let stored = std::fs::metadata(server.data_dir().join("esserver.redb"))
+        .ok()
+        .map(|m| m.len());
+    let rss = bench::peak_rss_bytes(server.pid());
+    let code = server.terminate(Duration::from_secs(30));
+    if code != Some(0) {
+        eprintln!("[esserver] warning: the server exited with {code:?}");
+    }
+    Ok(Phase {
+        result,
+        stored,
+        rss,
+        images_per_fsync,
+        checkpoints: None,
+        settings: Default::default(),
+    })
+}
+
+/// One PostgreSQL phase on a fresh cluster, deleted afterwards.
+fn postgres_phase(
+    binaries: &es_loadtest::pg::PgBinaries,
+    scratch_root: &std::path::Path,
+    settings: &es_loadtest::pg::PgSettings,
+    options: &IngestOptions,
+    tag: &str,
+) -> Result<Phase, String> {
+    let mut server = es_loadtest::pg::PgServer::start(binaries, scratch_root, settings)?;
+    let shown = server.settings()?;
+    let before = server.wal_syncs();
+    let result = es_loadtest::pg::run_pg_ingest(&server, options, tag);
+    // The clients' backends report their statistics as they exit.
+    std::thread::sleep(Duration::from_secs(2));
+    let after = server.wal_syncs();
+    let images_per_fsync = match (before, after) {
+        (Some(s0), Some(s1)) if s1 > s0 => Some(result.images_acked as f64 / (s1 - s0) as f64),
+        _ => None,
+    };
+    let stored = match server.table_size() {
+        Ok((rows, bytes)) => {
+            if rows != result.images_acked {
+                eprintln!(
+                    "[PostgreSQL] warning: {rows} rows in the table, {} inserts committed",
+                    result.images_acked
+                );
+            }
+            Some(bytes + server.wal_bytes())
+        }
+        Err(error) => {
+            eprintln!("[PostgreSQL] warning: table size: {error}");
+            None
+        }
+    };
+    let checkpoints = server.checkpoints_logged();
+    server.stop()?;
+    Ok(Phase {
+        result,
+        stored,
+        rss: None,
+        images_per_fsync,
+        checkpoints: Some(checkpoints),
+        settings: shown,
+    })
+}
+
+fn print_pg_compare(report: &PgCompareReport) {
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!();
+    println!(
+        "{} incubators ({}), {} frames of {} bytes on average; PostgreSQL {}",
+        report.incubators,
+        report.model,
+        report.frames,
+        report.frame_bytes_average,
+        report
+            .postgresql_settings
+            .get("server_version")
+            .map(String::as_str)
+            .unwrap_or("?")
+    );
+    println!(
+        "{:<11} {:<18} {:>6} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "system",
+        "phase",
+        "conns",
+        "images/s",
+        "MB/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "errors"
+    );
+    for system in [&report.esserver, &report.postgresql] {
+        for (phase, run) in [
+            ("full speed".to_string(), &system.throughput),
+            (
+                format!("open loop {:.0}/s", report.offered_per_s),
+                &system.latency_at_offered,
+            ),
+        ] {
+            let errors: u64 = run.errors.values().sum::<u64>() + run.connection_errors.len() as u64;
+            println!(
+                "{:<11} {:<18} {:>6} {:>10.0} {:>8.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+                system.system,
+                phase,
+                system.client_connections,
+                run.images_per_s,
+                run.megabytes_per_s,
+                ms(run.ack_latency.p50_us),
+                ms(run.ack_latency.p99_us),
+                ms(run.ack_latency.p999_us),
+                ms(run.ack_latency.max_us),
+                errors
+            );
+        }
+    }
+    println!();
+    println!(
+        "throughput esserver/PostgreSQL: {:.2} (above 1: esserver ingests more)",
+        report.throughput_ratio_esserver_over_postgresql
+    );
+    println!(
+        "p99 at {:.0}/s offered, PostgreSQL/esserver: {:.2} (above 1: esserver's p99 is lower); p99.9: {:.2}",
+        report.offered_per_s,
+        report.p99_ratio_postgresql_over_esserver,
+        report.p999_ratio_postgresql_over_esserver
+    );
+    println!("offered rate: {}", report.offered_rule);
+    for system in [&report.esserver, &report.postgresql] {
+        if let Some(bytes) = system.stored_bytes_after_throughput {
+            println!(
+                "{} stored {:.0} MB for {:.0} MB of images",
+                system.system,
+                bytes as f64 / 1e6,
+                system.throughput.bytes_acked as f64 / 1e6
+            );
+        }
+        if let (Some(full_speed), Some(open_loop)) = system.images_per_fsync {
+            println!(
+                "{} images per fsync: {full_speed:.1} at full speed, {open_loop:.1} in the open-loop phase",
+                system.system
+            );
+        }
+        if let Some((full_speed, open_loop)) = system.checkpoints {
+            println!(
+                "{} checkpoints started: {full_speed} at full speed, {open_loop} in the open-loop phase",
+                system.system
+            );
+        }
+        for run in [&system.throughput, &system.latency_at_offered] {
+            if !run.errors.is_empty() || !run.connection_errors.is_empty() {
+                println!(
+                    "{} errors: {:?} {:?}",
+                    system.system, run.errors, run.connection_errors
+                );
+            }
+        }
+    }
+    let settings: Vec<String> = report
+        .postgresql_settings
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!("PostgreSQL settings: {}", settings.join(" "));
 }
