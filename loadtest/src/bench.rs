@@ -55,6 +55,11 @@ impl StartGate {
         }
     }
 
+    /// The start instant, once every client is ready.
+    pub fn started(&self) -> Option<Instant> {
+        self.begin.get().copied()
+    }
+
     /// Blocks until every client has called it; returns the common start instant. Each
     /// client must call it exactly once, also when its set-up failed.
     pub fn wait(&self) -> Instant {

@@ -195,8 +195,11 @@ pub fn run_phase(
     let live_progress = Arc::new(Progress::default());
     let backlog_progress = Arc::new(Progress::default());
     let start_ms = crate::client::now_ms() - 86_400_000;
-    let begin = Instant::now() + Duration::from_millis(300);
-    let deadline = begin + options.duration;
+    // Every incubator connects and registers its dishes first; the schedule starts after.
+    let gate = Arc::new(crate::bench::StartGate::new(
+        options.mix.incubators.len() as u32
+    ));
+    let duration = options.duration;
     let mut threads = Vec::new();
     for (index, model) in options.mix.incubators.iter().copied().enumerate() {
         let serial = format!("{}-{index:02}", options.tag);
@@ -204,38 +207,41 @@ pub fn run_phase(
         let tls = info.client_tls("incubator");
         let frames = options.frames.clone();
         let backlog = options.backlog.filter(|b| b.index == index);
-        let (progress, pacing, images) = match backlog {
+        let (progress, interval, images) = match backlog {
             Some(b) => {
                 let images = ((model.spec().images_per_second() * b.hours * 3600.0) as u64)
                     .min(backlog_bytes / frame_bytes)
                     .max(1);
-                (backlog_progress.clone(), Pacing::Window, images)
+                (backlog_progress.clone(), None, images)
             }
             None => {
                 let rate = live_rates[index];
                 let share = if offered > 0.0 { rate / offered } else { 0.0 };
                 let by_time = (rate * options.duration.as_secs_f64()).ceil() as u64 + 1;
                 let by_bytes = (live_bytes as f64 * share) as u64 / frame_bytes;
-                let pacing = Pacing::OpenLoop {
-                    start: begin,
-                    interval: Duration::from_secs_f64(1.0 / rate.max(1e-6)),
-                };
+                let interval = Duration::from_secs_f64(1.0 / rate.max(1e-6));
                 // A device that makes no images (CulturePro) connects and sends none.
                 let images = if rate > 0.0 {
                     by_time.min(by_bytes).max(1)
                 } else {
                     0
                 };
-                (live_progress.clone(), pacing, images)
+                (live_progress.clone(), Some(interval), images)
             }
         };
         let is_backlog = backlog.is_some();
+        let gate = gate.clone();
         threads.push((
             is_backlog,
             std::thread::spawn(move || {
+                let device = Device {
+                    serial: &serial,
+                    model,
+                    address,
+                    tls: &tls,
+                };
                 upload_one(
-                    &serial, model, address, &tls, &frames, pacing, images, start_ms, deadline,
-                    &progress,
+                    &device, &frames, interval, images, start_ms, duration, &gate, &progress,
                 )
             }),
         ));
@@ -249,7 +255,18 @@ pub fn run_phase(
         );
         let (show, total) = (options.progress, options.duration);
         let has_backlog = options.backlog.is_some();
+        let gate = gate.clone();
         std::thread::spawn(move || {
+            // The clock starts when every incubator is ready.
+            let begin = loop {
+                if let Some(begin) = gate.started() {
+                    break begin;
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return Vec::new();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
             progress_loop(
                 &live,
                 &backlog,
@@ -392,36 +409,59 @@ impl Collected {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn upload_one(
-    serial: &str,
+/// One simulated incubator's identity and where it connects.
+struct Device<'a> {
+    serial: &'a str,
     model: DeviceModel,
     address: std::net::SocketAddr,
-    tls: &es_net::client::ClientTls,
+    tls: &'a es_net::client::ClientTls,
+}
+
+/// Connects, registers the dishes, waits for every other incubator at `gate`, then uploads
+/// `images` open loop at `interval` (None: as fast as the server's window allows) until
+/// `duration` after the common start.
+#[allow(clippy::too_many_arguments)]
+fn upload_one(
+    device: &Device<'_>,
     frames: &[Bytes],
-    pacing: Pacing,
+    interval: Option<Duration>,
     images: u64,
     start_ms: i64,
-    deadline: Instant,
+    duration: Duration,
+    gate: &crate::bench::StartGate,
     progress: &Progress,
 ) -> (sim::UploadStats, Option<ClientError>) {
-    let spec = model.spec();
+    let spec = device.model.spec();
     let cycles = images.div_ceil(spec.images_per_cycle().max(1)) as u32;
-    let workload = Workload::full(serial, model, cycles.max(1), start_ms);
+    let workload = Workload::full(device.serial, device.model, cycles.max(1), start_ms);
     let mut identity = Identity {
-        serial: serial.to_owned(),
-        model: model.name().into(),
+        serial: device.serial.to_owned(),
+        model: device.model.name().into(),
         firmware: "sim-1.0".into(),
         secret: String::new(),
     };
-    let mut client =
-        match IncubatorClient::connect(address, tls, &mut identity, Duration::from_secs(30)) {
-            Ok(client) => client,
-            Err(error) => return (sim::UploadStats::default(), Some(error)),
-        };
-    if let Err(error) = sim::register_dishes(&mut client, &workload, Duration::from_secs(30)) {
-        return (sim::UploadStats::default(), Some(error));
-    }
+    let ready = IncubatorClient::connect(
+        device.address,
+        device.tls,
+        &mut identity,
+        Duration::from_secs(30),
+    )
+    .and_then(|mut client| {
+        sim::register_dishes(&mut client, &workload, Duration::from_secs(30)).map(|()| client)
+    });
+    let begin = gate.wait();
+    let mut client = match ready {
+        Ok(client) => client,
+        Err(error) => return (sim::UploadStats::default(), Some(error)),
+    };
+    let pacing = match interval {
+        Some(interval) => Pacing::OpenLoop {
+            start: begin,
+            interval,
+        },
+        None => Pacing::Window,
+    };
+    let deadline = begin + duration;
     sim::upload_with_progress(
         &mut client,
         &workload,
