@@ -369,45 +369,60 @@ fn floods_and_slow_peers_do_not_reach_the_incubators() {
          ({noisy_budget} from 127.0.0.2, {spread_budget} from each of the others)"
     );
 
-    // Phase 1: no flood.
-    let calm = ingest(&server, "CALM");
-    check_phase("flood-free phase", &calm);
+    // A flood-free phase, then the same upload while the flood runs. The pair runs again
+    // once when the p99 criterion fails: a machine this test shares can stall either phase;
+    // what must never happen (a refused incubator, a lost ack) is checked on every run.
+    let mut attempt = 0;
+    let (calm, flooded, flood_stats, during, after) = loop {
+        attempt += 1;
+        let calm = ingest(&server, &format!("CALM{attempt}"));
+        check_phase("flood-free phase", &calm);
 
-    // Phase 2: the same upload while the flood runs.
-    let stop = Arc::new(AtomicBool::new(false));
-    let spread = FLOOD_HEAD_START + Duration::from_secs_f64(SEND_SECONDS);
-    let flooders: Vec<_> = FLOOD_SOURCES
-        .map(|last| {
-            let targets = targets.clone();
-            let stop = stop.clone();
-            let budget = if last == *FLOOD_SOURCES.start() {
-                noisy_budget
-            } else {
-                spread_budget
-            };
-            std::thread::spawn(move || {
-                flood(
-                    Ipv4Addr::new(127, 0, 0, last),
-                    targets,
-                    budget,
-                    budget,
-                    spread,
-                    stop,
-                )
+        let stop = Arc::new(AtomicBool::new(false));
+        let spread = FLOOD_HEAD_START + Duration::from_secs_f64(SEND_SECONDS);
+        let flooders: Vec<_> = FLOOD_SOURCES
+            .map(|last| {
+                let targets = targets.clone();
+                let stop = stop.clone();
+                let budget = if last == *FLOOD_SOURCES.start() {
+                    noisy_budget
+                } else {
+                    spread_budget
+                };
+                std::thread::spawn(move || {
+                    flood(
+                        Ipv4Addr::new(127, 0, 0, last),
+                        targets,
+                        budget,
+                        budget,
+                        spread,
+                        stop,
+                    )
+                })
             })
-        })
-        .collect();
-    std::thread::sleep(FLOOD_HEAD_START);
-    let during = listener_figures(&server);
-    let flooded = ingest(&server, "FLOOD");
-    stop.store(true, Ordering::Relaxed);
-    let mut flood_stats = FloodStats::default();
-    for flooder in flooders {
-        flood_stats.add(&flooder.join().expect("flood thread"));
-    }
-    let after = listener_figures(&server);
-    assert!(server.is_running(), "the server is still up");
-    check_phase("flooded phase", &flooded);
+            .collect();
+        std::thread::sleep(FLOOD_HEAD_START);
+        let during = listener_figures(&server);
+        let flooded = ingest(&server, &format!("FLOOD{attempt}"));
+        stop.store(true, Ordering::Relaxed);
+        let mut flood_stats = FloodStats::default();
+        for flooder in flooders {
+            flood_stats.add(&flooder.join().expect("flood thread"));
+        }
+        let after = listener_figures(&server);
+        assert!(server.is_running(), "the server is still up");
+        check_phase("flooded phase", &flooded);
+        let base_us = calm.ack_latency.p99_us.max(P99_BASE_MIN_US);
+        if attempt >= 2 || flooded.ack_latency.p99_us as f64 <= 3.0 * base_us as f64 {
+            break (calm, flooded, flood_stats, during, after);
+        }
+        eprintln!(
+            "attempt {attempt}: flood-free p99 {} us, flooded p99 {} us; running the pair again",
+            calm.ack_latency.p99_us, flooded.ack_latency.p99_us
+        );
+        // Let the last flood connections time out before the next flood-free phase.
+        std::thread::sleep(Duration::from_millis(HANDSHAKE_TIMEOUT_MS) + CLOSE_SLACK);
+    };
 
     let base_us = calm.ack_latency.p99_us.max(P99_BASE_MIN_US);
     let ratio = flooded.ack_latency.p99_us as f64 / base_us as f64;
@@ -423,7 +438,7 @@ fn floods_and_slow_peers_do_not_reach_the_incubators() {
         flooded.ack_latency.max_us,
         flooded.images_acked
     );
-    eprintln!("flood (client side): {flood_stats:?}");
+    eprintln!("flood (client side, attempt {attempt}): {flood_stats:?}");
     let (mut refused_per_address, mut evicted, mut refused_full) = (0, 0, 0);
     for (service, figures) in &after {
         let open_during = during
@@ -490,4 +505,15 @@ fn floods_and_slow_peers_do_not_reach_the_incubators() {
     );
     assert!(!log.contains("panicked"), "no panic in the log");
     assert_eq!(server.terminate(Duration::from_secs(20)), Some(0));
+    // The refusals and evictions not logged one by one are summed up (at the latest when the
+    // loops stop).
+    let log = common::server_log(&dir);
+    for summary in [
+        "connections refused at accept",
+        "unauthenticated connections dropped for newer ones",
+    ] {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(summary)).collect();
+        assert!(!lines.is_empty(), "the log sums up: {summary}");
+        eprintln!("{}", lines.join("\n"));
+    }
 }

@@ -62,11 +62,12 @@ impl LogThrottle {
         }
     }
 
-    /// The events counted since the last line, once the interval has passed (then reset).
-    fn summary_due(&mut self, now: Instant) -> Option<(u64, Duration)> {
+    /// The events counted since the last line, once the interval has passed or when `force`
+    /// (then reset).
+    fn summary_due(&mut self, now: Instant, force: bool) -> Option<(u64, Duration)> {
         let since = self.last_logged?;
         let elapsed = now.duration_since(since);
-        if self.suppressed == 0 || elapsed < FLOOD_LOG_INTERVAL {
+        if self.suppressed == 0 || (elapsed < FLOOD_LOG_INTERVAL && !force) {
             return None;
         }
         self.last_logged = Some(now);
@@ -457,6 +458,8 @@ impl<S: Service> Worker<S> {
     /// Runs until shutdown completes.
     pub(crate) fn run(mut self) {
         self.run_turns();
+        // What the rate-limited warnings still owe is said before the loop ends.
+        self.log_flood_summaries(Instant::now(), true);
         // Connections handed to this loop after it stopped are closed and uncounted.
         while let Ok(command) = self.receiver.try_recv() {
             if let Command::Adopt(socket, peer) = command {
@@ -944,8 +947,8 @@ impl<S: Service> Worker<S> {
     }
 
     /// The summary lines of the rate-limited warnings, once their interval has passed.
-    fn log_flood_summaries(&mut self, now: Instant) {
-        if let Some((count, over)) = self.refusal_log.summary_due(now) {
+    fn log_flood_summaries(&mut self, now: Instant, force: bool) {
+        if let Some((count, over)) = self.refusal_log.summary_due(now, force) {
             tracing::warn!(
                 service = self.service.name(),
                 refused = count,
@@ -955,7 +958,7 @@ impl<S: Service> Worker<S> {
                 "connections refused at accept (connections_per_address_max or connections_max)"
             );
         }
-        if let Some((count, over)) = self.eviction_log.summary_due(now) {
+        if let Some((count, over)) = self.eviction_log.summary_due(now, force) {
             tracing::warn!(service = self.service.name(), evicted = count, over_s = over.as_secs(),
                 evicted_total = self.stats.connections_evicted(),
                 "unauthenticated connections dropped for newer ones (unauthenticated_connections_max)");
@@ -966,7 +969,7 @@ impl<S: Service> Worker<S> {
         if std::mem::take(&mut self.accept_retry) {
             self.accept(now);
         }
-        self.log_flood_summaries(now);
+        self.log_flood_summaries(now, false);
         self.prune_unestablished();
         for token in self.conns.tokens() {
             let Some(conn) = self.conns.get_mut(token) else {
