@@ -152,6 +152,11 @@ pub struct Limits {
     pub frame_bytes_max: u32,
     /// Open connections per listener.
     pub connections_max: u32,
+    /// Open connections per listener from one IP address.
+    pub connections_per_address_max: u32,
+    /// Connections per listener that have not completed their handshake (TLS and HELLO or
+    /// login); at the bound, the oldest is dropped for a new one.
+    pub unauthenticated_connections_max: u32,
     /// Requests in flight per connection before the server stops reading it.
     pub inflight_requests_max: u32,
     /// Time allowed from accept to a completed handshake (TLS and HELLO), ms.
@@ -261,6 +266,8 @@ impl Default for Limits {
         Self {
             frame_bytes_max: 4 * MIB as u32,
             connections_max: 1024,
+            connections_per_address_max: 64,
+            unauthenticated_connections_max: 256,
             inflight_requests_max: es_proto::incubator::INFLIGHT_REQUESTS_MAX_DEFAULT,
             handshake_timeout_ms: 10_000,
             idle_timeout_ms: 120_000,
@@ -805,6 +812,27 @@ const LIMIT_NUMBERS: &[NumberKey<Limits>] = &[
         doc: "Open connections per listener.",
         get: |l| u64::from(l.connections_max),
         set: |l, v| l.connections_max = to_u32(v),
+    },
+    NumberKey {
+        name: "connections_per_address_max",
+        unit: Unit::Count,
+        min: 1,
+        max: 65_536,
+        doc: "Open connections per listener from one IP address; more are closed at accept \
+              (viewers behind one NAT address share it).",
+        get: |l| u64::from(l.connections_per_address_max),
+        set: |l, v| l.connections_per_address_max = to_u32(v),
+    },
+    NumberKey {
+        name: "unauthenticated_connections_max",
+        unit: Unit::Count,
+        min: 1,
+        max: 65_536,
+        doc: "Connections per listener that have not completed their handshake (TLS, then \
+              HELLO or login); at the bound the oldest is dropped for a new one. Each event \
+              loop of the listener keeps its share (the bound divided by its workers).",
+        get: |l| u64::from(l.unauthenticated_connections_max),
+        set: |l, v| l.unauthenticated_connections_max = to_u32(v),
     },
     NumberKey {
         name: "inflight_requests_max",
@@ -1429,6 +1457,8 @@ reserve_bytes = 20 GB
 [Limits]
 frame_bytes_max = 8 MiB
 connections_max = 2048
+connections_per_address_max = 32
+unauthenticated_connections_max = 128
 inflight_requests_max = 64
 handshake_timeout_ms = 5000
 idle_timeout_ms = 60000
@@ -1505,6 +1535,8 @@ trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134,
         assert_eq!(config.storage.reserve_bytes, 20_000_000_000);
         assert_eq!(config.limits.frame_bytes_max, 8 * 1024 * 1024);
         assert_eq!(config.limits.connections_max, 2048);
+        assert_eq!(config.limits.connections_per_address_max, 32);
+        assert_eq!(config.limits.unauthenticated_connections_max, 128);
         assert_eq!(config.limits.inflight_requests_max, 64);
         assert_eq!(config.limits.handshake_timeout_ms, 5000);
         assert_eq!(config.limits.idle_timeout_ms, 60_000);

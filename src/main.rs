@@ -1205,12 +1205,15 @@ fn print_status(body: &serde_json::Value) {
         println!("listeners:");
         for l in body["listeners"].as_array().into_iter().flatten() {
             println!(
-                "  {:<11} {:<22} tls={:<5} open={} accepted={} in={} B out={} B",
+                "  {:<11} {:<22} tls={:<5} open={} accepted={} refused={} (per address {}) evicted={} in={} B out={} B",
                 l["service"].as_str().unwrap_or("?"),
                 l["address"].as_str().unwrap_or("?"),
                 l["tls"],
                 l["connections_open"],
                 l["connections_accepted"],
+                l["connections_refused"],
+                l["connections_refused_per_address"],
+                l["connections_evicted"],
                 l["bytes_in"],
                 l["bytes_out"]
             );

@@ -403,6 +403,8 @@ fn net_limits(config: &Config) -> NetLimits {
     let limits = &config.limits;
     NetLimits {
         connections_max: limits.connections_max,
+        connections_per_address_max: limits.connections_per_address_max,
+        unauthenticated_max: limits.unauthenticated_connections_max,
         input_bytes_max: limits.frame_bytes_max as usize + 64 * 1024,
         output_bytes_max: 8 * 1024 * 1024,
         read_bytes_per_turn_max: limits.read_bytes_per_turn_max as usize,
@@ -597,6 +599,8 @@ impl StatusContext {
                     "service": info.service, "address": info.address.to_string(), "tls": info.tls,
                     "connections_open": stats.connections_open(), "connections_accepted": stats.connections_accepted(),
                     "connections_refused": stats.connections_refused(),
+                    "connections_refused_per_address": stats.connections_refused_per_address(),
+                    "connections_evicted": stats.connections_evicted(),
                     "bytes_in": stats.bytes_in(), "bytes_out": stats.bytes_out(),
                 })
             })

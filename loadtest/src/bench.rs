@@ -29,6 +29,8 @@ pub struct IngestOptions {
 pub struct IngestResult {
     pub incubators: u32,
     pub offered_per_s: Option<f64>,
+    /// Images sent (an image sent and not acknowledged was lost or cut by the deadline).
+    pub images_sent: u64,
     pub images_acked: u64,
     pub bytes_acked: u64,
     pub elapsed_s: f64,
@@ -81,6 +83,7 @@ pub fn empty_result() -> IngestResult {
     IngestResult {
         incubators: 0,
         offered_per_s: None,
+        images_sent: 0,
         images_acked: 0,
         bytes_acked: 0,
         elapsed_s: 0.0,
@@ -158,6 +161,7 @@ pub fn run_ingest_on(
     let mut result = IngestResult {
         incubators: options.incubators,
         offered_per_s: options.offered_per_s,
+        images_sent: 0,
         images_acked: 0,
         bytes_acked: 0,
         elapsed_s: 0.0,
@@ -171,6 +175,7 @@ pub fn run_ingest_on(
     for thread in threads {
         let (stats, error) = thread.join().expect("incubator thread");
         latency.merge(&stats.latency);
+        result.images_sent += stats.sent;
         result.images_acked += stats.acked;
         result.bytes_acked += stats.bytes_acked;
         elapsed_max = elapsed_max.max(stats.elapsed);

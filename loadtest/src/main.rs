@@ -340,6 +340,7 @@ fn run_mode(
         .tempdir_in(scratch_root)
         .map_err(|e| e.to_string())?;
     let mut options = SpawnOptions::new(esserver.to_path_buf(), scratch.path().join("data"));
+    options.extra_config = es_loadtest::spawn::LOAD_GENERATOR_CONFIG.into();
     options.incubator_tls = tls;
     options.log_level = "warn".into();
     options.log_file = Some(scratch.path().join("server.log"));
@@ -556,6 +557,7 @@ fn bench_server(
     let scratch = disk::scratch_dir(&scratch_root, needed, prefix, "--multiple or --duration-s")?;
     let esserver = esserver.unwrap_or_else(find_esserver);
     let mut options = SpawnOptions::new(esserver.clone(), scratch.path().join("data"));
+    options.extra_config = es_loadtest::spawn::LOAD_GENERATOR_CONFIG.into();
     options.log_level = "warn".into();
     options.log_file = Some(scratch.path().join("server.log"));
     let server = ServerProcess::spawn(options)

@@ -368,6 +368,7 @@ pub fn run_phase(
 #[derive(Default)]
 struct Collected {
     latency: LatencyRecorder,
+    sent: u64,
     acked: u64,
     bytes: u64,
     elapsed: Duration,
@@ -378,6 +379,7 @@ struct Collected {
 impl Collected {
     fn add(&mut self, stats: sim::UploadStats, error: Option<ClientError>) {
         self.latency.merge(&stats.latency);
+        self.sent += stats.sent;
         self.acked += stats.acked;
         self.bytes += stats.bytes_acked;
         self.elapsed = self.elapsed.max(stats.elapsed);
@@ -396,6 +398,7 @@ impl Collected {
         let result = IngestResult {
             incubators,
             offered_per_s: offered,
+            images_sent: self.sent,
             images_acked: self.acked,
             bytes_acked: self.bytes,
             elapsed_s: elapsed,

@@ -237,6 +237,7 @@ fn prepare(
     )?;
     let esserver = args.esserver.clone().unwrap_or_else(find_esserver);
     let mut options = SpawnOptions::new(esserver.clone(), scratch.path().join("data"));
+    options.extra_config = es_loadtest::spawn::LOAD_GENERATOR_CONFIG.into();
     options.log_level = "warn".into();
     options.log_file = Some(scratch.path().join("server.log"));
     let server = ServerProcess::spawn(options)

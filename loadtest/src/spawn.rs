@@ -70,6 +70,11 @@ impl ServerInfo {
     }
 }
 
+/// The load generator's simulated devices all connect from one address, so a server it spawns
+/// for a benchmark lifts `[Limits] connections_per_address_max`: the cap is not what a
+/// benchmark measures.
+pub const LOAD_GENERATOR_CONFIG: &str = "[Limits]\nconnections_per_address_max = 65536\n";
+
 /// Settings for a spawned server.
 #[derive(Debug, Clone)]
 pub struct SpawnOptions {

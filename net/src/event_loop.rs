@@ -9,7 +9,7 @@
 //! rather than waiting for an edge that may never come.
 
 use crate::limits::NetLimits;
-use crate::pool::PoolStats;
+use crate::pool::{Admission, PoolStats};
 use crate::slab::{Slab, SlotToken};
 use crate::transport::{ReadStop, Transport};
 use bytes::BytesMut;
@@ -35,6 +35,45 @@ const CLOSING_FLUSH_MAX: Duration = Duration::from_secs(5);
 /// and discarded for at most this long, so closing never resets the connection over unsent
 /// data (a close with unread input makes the kernel send RST and drop its send queue).
 const LINGER_MAX: Duration = Duration::from_secs(2);
+/// Refusals and evictions are logged one by one at most this often; in between they are
+/// counted and summed up in one line, so a flood cannot flood the log.
+const FLOOD_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Rate-limits one kind of warning: the first is logged in full, the ones that follow within
+/// [`FLOOD_LOG_INTERVAL`] are counted and summed up at the first tick after it.
+#[derive(Default)]
+struct LogThrottle {
+    last_logged: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogThrottle {
+    /// True when this event should be logged in full; otherwise it is counted.
+    fn admit(&mut self, now: Instant) -> bool {
+        let due = self
+            .last_logged
+            .is_none_or(|at| now.duration_since(at) >= FLOOD_LOG_INTERVAL);
+        if due && self.suppressed == 0 {
+            self.last_logged = Some(now);
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// The events counted since the last line, once the interval has passed or when `force`
+    /// (then reset).
+    fn summary_due(&mut self, now: Instant, force: bool) -> Option<(u64, Duration)> {
+        let since = self.last_logged?;
+        let elapsed = now.duration_since(since);
+        if self.suppressed == 0 || (elapsed < FLOOD_LOG_INTERVAL && !force) {
+            return None;
+        }
+        self.last_logged = Some(now);
+        Some((std::mem::take(&mut self.suppressed), elapsed))
+    }
+}
 
 /// A protocol plugged into a worker pool: it opens one [`Session`] per connection.
 pub trait Service: Send + Sync + 'static {
@@ -325,6 +364,9 @@ struct Conn<S> {
     linger_since: Option<Instant>,
     peer_eof: bool,
     interest: Interest,
+    /// Counted among the loop's unauthenticated connections (TLS or the protocol's own
+    /// handshake not complete yet).
+    unestablished: bool,
 }
 
 pub(crate) struct Worker<S: Service> {
@@ -346,6 +388,15 @@ pub(crate) struct Worker<S: Service> {
     /// An accept failed (EMFILE, ...): try again at the next tick, since the edge-triggered
     /// listener will not report the connections already waiting.
     accept_retry: bool,
+    /// This loop's unauthenticated connections, oldest first. Entries of connections that
+    /// have since completed their handshake or closed are skipped and pruned at each tick.
+    unestablished: VecDeque<SlotToken>,
+    /// How many connections of this loop are unauthenticated (marked `unestablished`).
+    unestablished_count: usize,
+    /// This loop's share of `unauthenticated_max`.
+    unestablished_max: usize,
+    refusal_log: LogThrottle,
+    eviction_log: LogThrottle,
 }
 
 pub(crate) fn new_handle<M>(
@@ -377,6 +428,8 @@ impl<S: Service> Worker<S> {
         stats: Arc<PoolStats>,
     ) -> Worker<S> {
         let conns = Slab::new(limits.connections_max.max(1));
+        let loops = siblings.len().max(1);
+        let unestablished_max = (limits.unauthenticated_max as usize).div_ceil(loops).max(1);
         Worker {
             name,
             poll,
@@ -394,17 +447,24 @@ impl<S: Service> Worker<S> {
             shutdown_deadline: None,
             last_tick: Instant::now(),
             accept_retry: false,
+            unestablished: VecDeque::new(),
+            unestablished_count: 0,
+            unestablished_max,
+            refusal_log: LogThrottle::default(),
+            eviction_log: LogThrottle::default(),
         }
     }
 
     /// Runs until shutdown completes.
     pub(crate) fn run(mut self) {
         self.run_turns();
+        // What the rate-limited warnings still owe is said before the loop ends.
+        self.log_flood_summaries(Instant::now(), true);
         // Connections handed to this loop after it stopped are closed and uncounted.
         while let Ok(command) = self.receiver.try_recv() {
-            if let Command::Adopt(socket, _) = command {
+            if let Command::Adopt(socket, peer) = command {
                 drop(socket);
-                self.stats.closed();
+                self.stats.closed(peer.ip());
             }
         }
     }
@@ -483,10 +543,29 @@ impl<S: Service> Worker<S> {
 
     /// Gives an accepted socket to the next loop of the pool, round robin.
     fn place(&mut self, socket: TcpStream, peer: SocketAddr, now: Instant) {
-        if !self.stats.try_open(self.limits.connections_max) {
-            tracing::warn!(service = self.service.name(), %peer,
-                limit = self.limits.connections_max, "connection refused: the pool's connection limit is reached");
-            return;
+        let admission = self.stats.try_open(
+            peer.ip(),
+            self.limits.connections_max,
+            self.limits.connections_per_address_max,
+        );
+        match admission {
+            Admission::Admitted => {}
+            Admission::PoolFull => {
+                if self.refusal_log.admit(now) {
+                    tracing::warn!(service = self.service.name(), %peer,
+                        limit = self.limits.connections_max,
+                        "connection refused: the pool's connection limit is reached (further refusals are summed up every 10 s)");
+                }
+                return;
+            }
+            Admission::AddressFull => {
+                if self.refusal_log.admit(now) {
+                    tracing::warn!(service = self.service.name(), %peer,
+                        limit = self.limits.connections_per_address_max,
+                        "connection refused: this address holds its connections_per_address_max (further refusals are summed up every 10 s)");
+                }
+                return;
+            }
         }
         let target = self.next_sibling % self.siblings.len().max(1);
         self.next_sibling = self.next_sibling.wrapping_add(1);
@@ -494,7 +573,7 @@ impl<S: Service> Worker<S> {
         match sibling {
             Some(handle) if !self.is_own(&handle) => {
                 if let Err(error) = handle.try_send(Command::Adopt(socket, peer)) {
-                    self.stats.closed();
+                    self.stats.closed(peer.ip());
                     tracing::warn!(service = self.service.name(), %peer,
                         "connection refused: the worker's queue is full ({})", error);
                 }
@@ -509,7 +588,7 @@ impl<S: Service> Worker<S> {
 
     fn adopt(&mut self, socket: TcpStream, peer: SocketAddr, now: Instant) {
         if self.shutdown_deadline.is_some() {
-            self.stats.closed();
+            self.stats.closed(peer.ip());
             return;
         }
         let _ = socket.set_nodelay(true); // acks are small and latency matters
@@ -518,12 +597,15 @@ impl<S: Service> Worker<S> {
             Some(config) => match rustls::ServerConnection::new(config.clone()) {
                 Ok(tls) => Transport::tls(socket, rustls::Connection::Server(tls)),
                 Err(error) => {
-                    self.stats.closed();
+                    self.stats.closed(peer.ip());
                     tracing::error!(%peer, %error, "cannot start a TLS session");
                     return;
                 }
             },
         };
+        if self.unestablished_count >= self.unestablished_max {
+            self.evict_oldest_unestablished(peer, now);
+        }
         let service = self.service.clone();
         let own = self.own.clone();
         let registry_result;
@@ -551,14 +633,20 @@ impl<S: Service> Worker<S> {
                     linger_since: None,
                     peer_eof: false,
                     interest: Interest::READABLE,
+                    unestablished: true,
                 }
             })
         };
         let Some(token) = inserted else {
-            self.stats.closed();
+            self.stats.closed(peer.ip());
             tracing::warn!(%peer, "connection refused: this loop's slab is full");
             return;
         };
+        self.unestablished_count += 1;
+        self.unestablished.push_back(token);
+        if self.unestablished.len() > 2 * self.unestablished_max + 64 {
+            self.prune_unestablished();
+        }
         {
             let conn = self.conns.get_mut(token).expect("just inserted");
             registry_result = self.poll.registry().register(
@@ -659,6 +747,10 @@ impl<S: Service> Worker<S> {
         let Some(conn) = self.conns.get_mut(token) else {
             return;
         };
+        if conn.unestablished && conn.session.is_established() && !conn.transport.is_handshaking() {
+            conn.unestablished = false;
+            self.unestablished_count -= 1;
+        }
         let before = conn.transport.pending_output_bytes();
         if let Err(error) = conn.transport.flush() {
             self.remove(token, CloseReason::Io(error.to_string()));
@@ -761,7 +853,10 @@ impl<S: Service> Worker<S> {
         let _ = self.poll.registry().deregister(conn.transport.socket_mut());
         conn.transport.shutdown();
         conn.session.on_closed(&reason);
-        self.stats.closed();
+        if conn.unestablished {
+            self.unestablished_count -= 1;
+        }
+        self.stats.closed(conn.peer.ip());
         tracing::debug!(service = self.service.name(), peer = %conn.peer, %reason, "connection closed");
     }
 
@@ -816,10 +911,66 @@ impl<S: Service> Worker<S> {
         }
     }
 
+    /// Drops this loop's oldest connection that has not completed its handshake, to make
+    /// room for the one from `newcomer`.
+    fn evict_oldest_unestablished(&mut self, newcomer: SocketAddr, now: Instant) {
+        while let Some(token) = self.unestablished.pop_front() {
+            let Some(conn) = self.conns.get(token) else {
+                continue;
+            };
+            if !conn.unestablished {
+                continue;
+            }
+            let (victim, age) = (conn.peer, now.duration_since(conn.opened_at));
+            self.stats.evicted();
+            if self.eviction_log.admit(now) {
+                tracing::warn!(service = self.service.name(), peer = %victim, %newcomer,
+                    age_ms = age.as_millis() as u64, limit = self.limits.unauthenticated_max,
+                    "unauthenticated connections at their limit: the oldest is dropped for a new one (further evictions are summed up every 10 s)");
+            }
+            self.remove(
+                token,
+                CloseReason::Requested(
+                    "dropped for a newer connection: too many connections without a completed handshake"
+                        .into(),
+                ),
+            );
+            return;
+        }
+    }
+
+    /// Forgets the queue entries of connections that completed their handshake or closed.
+    fn prune_unestablished(&mut self) {
+        let conns = &self.conns;
+        self.unestablished
+            .retain(|token| conns.get(*token).is_some_and(|conn| conn.unestablished));
+    }
+
+    /// The summary lines of the rate-limited warnings, once their interval has passed.
+    fn log_flood_summaries(&mut self, now: Instant, force: bool) {
+        if let Some((count, over)) = self.refusal_log.summary_due(now, force) {
+            tracing::warn!(
+                service = self.service.name(),
+                refused = count,
+                over_s = over.as_secs(),
+                per_address_refused_total = self.stats.connections_refused_per_address(),
+                pool_full_refused_total = self.stats.connections_refused(),
+                "connections refused at accept (connections_per_address_max or connections_max)"
+            );
+        }
+        if let Some((count, over)) = self.eviction_log.summary_due(now, force) {
+            tracing::warn!(service = self.service.name(), evicted = count, over_s = over.as_secs(),
+                evicted_total = self.stats.connections_evicted(),
+                "unauthenticated connections dropped for newer ones (unauthenticated_connections_max)");
+        }
+    }
+
     fn tick(&mut self, now: Instant) {
         if std::mem::take(&mut self.accept_retry) {
             self.accept(now);
         }
+        self.log_flood_summaries(now, false);
+        self.prune_unestablished();
         for token in self.conns.tokens() {
             let Some(conn) = self.conns.get_mut(token) else {
                 continue;

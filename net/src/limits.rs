@@ -7,6 +7,15 @@ use std::time::Duration;
 pub struct NetLimits {
     /// Most connections open at once in the pool; further accepts are closed at once.
     pub connections_max: u32,
+    /// Most connections open at once from one IP address, counted across the pool's loops;
+    /// a connection over it is closed at accept.
+    pub connections_per_address_max: u32,
+    /// Most connections of the pool whose handshake (TLS, then the protocol's own: HELLO,
+    /// login) has not completed. When a new connection arrives and the bound is reached, the
+    /// oldest of them is dropped, not the new one, so idle sockets cannot lock out a device
+    /// that connects later. Each of the pool's N loops keeps its own share, `ceil(bound / N)`
+    /// (connections are dealt out round robin, so the shares fill evenly).
+    pub unauthenticated_max: u32,
     /// Most plaintext bytes buffered from one peer before its session consumes them.
     pub input_bytes_max: usize,
     /// Most plaintext bytes waiting to be sent to one peer; above it, reading from that
@@ -15,7 +24,8 @@ pub struct NetLimits {
     /// Most bytes read from one connection per loop turn, so one busy peer cannot starve
     /// the others on the same loop.
     pub read_bytes_per_turn_max: usize,
-    /// A connection whose session has not completed its handshake by then is closed.
+    /// A connection whose session has not completed its handshake by then (counted from the
+    /// accept, not from its last byte, so a peer dribbling bytes is closed too) is closed.
     pub handshake_timeout: Duration,
     /// A connection that sent nothing for this long is closed.
     pub idle_timeout: Duration,
@@ -29,6 +39,8 @@ impl Default for NetLimits {
     fn default() -> Self {
         NetLimits {
             connections_max: 1024,
+            connections_per_address_max: 64,
+            unauthenticated_max: 256,
             input_bytes_max: 4 * 1024 * 1024 + 64 * 1024,
             output_bytes_max: 8 * 1024 * 1024,
             read_bytes_per_turn_max: 256 * 1024,

@@ -6,8 +6,10 @@ use crate::event_loop::{new_handle, LoopHandle, Service, Worker};
 use crate::limits::NetLimits;
 use mio::net::TcpListener;
 use mio::Poll;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -31,30 +33,75 @@ pub struct PoolStats {
     connections_open: AtomicU32,
     connections_accepted: AtomicU64,
     connections_refused: AtomicU64,
+    connections_refused_per_address: AtomicU64,
+    connections_evicted: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// Open connections per peer address; an address leaves the map when its count is 0,
+    /// so the map never holds more entries than there are open connections.
+    per_address: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// Whether an accepted connection may stay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    Admitted,
+    /// The pool holds `connections_max` connections.
+    PoolFull,
+    /// The peer's address holds `connections_per_address_max` connections.
+    AddressFull,
 }
 
 impl PoolStats {
-    /// Counts a new connection unless the limit is reached.
-    pub(crate) fn try_open(&self, limit: u32) -> bool {
-        let admitted = self
+    /// Counts a new connection from `peer` unless the pool's or the address's limit is
+    /// reached.
+    pub(crate) fn try_open(&self, peer: IpAddr, limit: u32, per_address_max: u32) -> Admission {
+        let mut per_address = self.per_address.lock();
+        let from_peer = per_address.get(&peer).copied().unwrap_or(0);
+        let admission = if from_peer >= per_address_max {
+            Admission::AddressFull
+        } else if self
             .connections_open
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |open| {
                 (open < limit).then_some(open + 1)
             })
-            .is_ok();
-        if admitted {
-            self.connections_accepted.fetch_add(1, Ordering::Relaxed);
+            .is_err()
+        {
+            Admission::PoolFull
         } else {
-            self.connections_refused.fetch_add(1, Ordering::Relaxed);
+            per_address.insert(peer, from_peer + 1);
+            Admission::Admitted
+        };
+        drop(per_address);
+        match admission {
+            Admission::Admitted => &self.connections_accepted,
+            Admission::PoolFull => &self.connections_refused,
+            Admission::AddressFull => &self.connections_refused_per_address,
         }
-        admitted
+        .fetch_add(1, Ordering::Relaxed);
+        admission
     }
 
-    pub(crate) fn closed(&self) {
+    /// A connection admitted by [`PoolStats::try_open`] is gone.
+    pub(crate) fn closed(&self, peer: IpAddr) {
+        {
+            let mut per_address = self.per_address.lock();
+            match per_address.get_mut(&peer) {
+                Some(count) if *count > 1 => *count -= 1,
+                Some(_) => {
+                    per_address.remove(&peer);
+                }
+                None => {
+                    tracing::error!(%peer, "a connection closed that was never counted (a bug)")
+                }
+            }
+        }
         let previous = self.connections_open.fetch_sub(1, Ordering::SeqCst);
         assert!(previous > 0, "connection count went below zero");
+    }
+
+    pub(crate) fn evicted(&self) {
+        self.connections_evicted.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn add_bytes_in(&self, count: u64) {
@@ -73,8 +120,25 @@ impl PoolStats {
         self.connections_accepted.load(Ordering::Relaxed)
     }
 
+    /// Connections refused because the pool was full.
     pub fn connections_refused(&self) -> u64 {
         self.connections_refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused because their address already held its share.
+    pub fn connections_refused_per_address(&self) -> u64 {
+        self.connections_refused_per_address.load(Ordering::Relaxed)
+    }
+
+    /// Connections that had not completed their handshake, dropped to make room for a newer
+    /// one (the bound on unauthenticated connections).
+    pub fn connections_evicted(&self) -> u64 {
+        self.connections_evicted.load(Ordering::Relaxed)
+    }
+
+    /// Addresses with at least one open connection.
+    pub fn addresses_open(&self) -> usize {
+        self.per_address.lock().len()
     }
 
     pub fn bytes_in(&self) -> u64 {

@@ -82,6 +82,14 @@ impl<T> Slab<T> {
         Some(token)
     }
 
+    pub fn get(&self, token: SlotToken) -> Option<&T> {
+        let slot = self.slots.get(token.index as usize)?;
+        if slot.generation != token.generation {
+            return None;
+        }
+        slot.value.as_ref()
+    }
+
     pub fn get_mut(&mut self, token: SlotToken) -> Option<&mut T> {
         let slot = self.slots.get_mut(token.index as usize)?;
         if slot.generation != token.generation {
