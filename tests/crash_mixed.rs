@@ -35,6 +35,8 @@ const IMAGE_SERIAL: &str = "CRASH-IMG";
 const TELEMETRY_SERIAL: &str = "CRASH-TEL";
 const PASSWORD: &str = "Embryo-2026!";
 const VIEWER_USER: &str = "crashviewer";
+/// Annotation saves of the viewer per round at most.
+const VIEWER_SAVES_PER_ROUND: u32 = 15;
 /// Images per round at most, so the run stays small in bytes (a frame is about 30 KB), and
 /// their pace, so that uploads are in flight when the kill comes.
 const IMAGES_PER_ROUND: u64 = 40;
@@ -359,7 +361,8 @@ impl Viewer {
             Ok(other) => panic!("unexpected {other:?}"),
             Err(error) => return self.ended_by(error),
         };
-        loop {
+        // An embryo holds at most 1,000 annotations: 50 rounds of at most 15 saves stay below.
+        for _ in 0..VIEWER_SAVES_PER_ROUND {
             let value = format!("a{}", self.next);
             self.next += 1;
             let save = Request::AddAnnotation(vpb::AddAnnotation {
@@ -383,6 +386,7 @@ impl Viewer {
                 Err(error) => return self.ended_by(error),
             }
         }
+        self
     }
 
     /// The server vanishing ends a round, and so does `busy` (overloaded: nothing was
