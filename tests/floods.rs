@@ -517,3 +517,44 @@ fn floods_and_slow_peers_do_not_reach_the_incubators() {
         eprintln!("{}", lines.join("\n"));
     }
 }
+
+/// A peer that completes TLS on the public API or the web interface and then dribbles its
+/// first request head is closed by the handshake timeout (it is not "established" until a
+/// whole request head arrived), while a client that sends its request at once is served.
+#[test]
+fn a_slow_first_http_request_after_tls_is_closed_by_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, false, "[Limits]\nhandshake_timeout_ms = 1000\n");
+    for (service, path) in [("public-api", "/api/v1/openapi.json"), ("web", "/healthz")] {
+        let address = server.info.address(service);
+        let tls = server.info.client_tls(service);
+        let mut slow = es_net::client::ClientConn::connect(address, &tls, common::TIMEOUT)
+            .expect("TLS handshake");
+        let started = std::time::Instant::now();
+        let deadline = started + Duration::from_secs(10);
+        let mut sent = 0usize;
+        let head = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: aaaaaaaaaaaaaaaa\r\n";
+        while !slow.is_eof() && std::time::Instant::now() < deadline {
+            // One byte every 200 ms: never a whole head within the timeout.
+            if sent < head.len() {
+                slow.queue(&head[sent..sent + 1]);
+                sent += 1;
+            }
+            let _ = slow.pump(std::time::Instant::now() + Duration::from_millis(200));
+        }
+        assert!(
+            slow.is_eof(),
+            "{service}: the dribbling peer was not closed"
+        );
+        let held = started.elapsed();
+        assert!(
+            held < Duration::from_secs(5),
+            "{service}: closed only after {held:?}"
+        );
+        // A client that sends its request at once is answered (and stays past the timeout).
+        let mut http = es_loadtest::http_client::HttpClient::new(address, tls, common::TIMEOUT);
+        assert_eq!(http.get(path, &[]).unwrap().status, 200, "{service}");
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(http.get(path, &[]).unwrap().status, 200, "{service}");
+    }
+}

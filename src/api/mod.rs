@@ -304,6 +304,7 @@ impl Service for ApiService {
             pending: 0,
             stopping: false,
             peer_gone: false,
+            requested: false,
         }
     }
 }
@@ -353,6 +354,10 @@ pub struct ApiSession {
     pending: u32,
     stopping: bool,
     peer_gone: bool,
+    /// A whole request head has arrived. Until then the connection counts as a handshake:
+    /// the handshake timeout closes a peer that dribbles its first request (slowloris after
+    /// TLS), and it counts towards the bound on unauthenticated connections.
+    requested: bool,
 }
 
 impl ApiSession {
@@ -366,6 +371,7 @@ impl ApiSession {
     }
 
     fn start(&mut self, request: http::Request, io: &mut SessionIo<'_>) {
+        self.requested = true;
         self.exchange = Some(Exchange {
             method: request.method.clone(),
             path: request.path.clone(),
@@ -937,6 +943,6 @@ impl Session for ApiSession {
     }
 
     fn is_established(&self) -> bool {
-        true
+        self.requested
     }
 }
