@@ -662,6 +662,7 @@ fn viewer_bench(args: ViewerArgs) -> Result<bool, String> {
         duration: Duration::from_secs(args.duration_s),
         viewer_ops_per_s: args.ops_per_s,
         frames,
+        stop: None,
     };
     let result = vb::run(&server, &bench_options, &embryos, &users);
     let rss = bench::peak_rss_bytes(server.pid());

@@ -279,34 +279,42 @@ pub fn run_phase(
             )
         })
     };
-    // The viewers run on this thread while the incubators upload.
-    let viewer_result = viewers.filter(|_| options.mix.viewers > 0).map(|v| {
-        let viewer_options = crate::viewer_bench::ViewerBenchOptions {
-            viewers: options.mix.viewers,
-            incubator_rate: 0.0,
-            incubators: 0,
-            duration: options.duration,
-            viewer_ops_per_s: v.ops_per_s,
-            frames: options.frames.clone(),
-        };
-        crate::viewer_bench::run(v.server, &viewer_options, v.embryos, v.users)
-    });
     let mut live = Collected::default();
     let mut backlog = options.backlog.map(|_| Collected::default());
-    // The backlog first: once it is uploaded, the live incubators stop too.
-    let (backlog_threads, live_threads): (Vec<_>, Vec<_>) =
-        threads.into_iter().partition(|(is_backlog, _)| *is_backlog);
-    if let Some(collected) = &mut backlog {
-        for (_, thread) in backlog_threads {
-            let (stats, error) = thread.join().expect("incubator thread");
-            collected.add(stats, error);
+    let viewers_stop = Arc::new(AtomicBool::new(false));
+    let viewer_result = std::thread::scope(|scope| {
+        // The viewers run beside the incubators.
+        let viewer_thread = viewers.filter(|_| options.mix.viewers > 0).map(|v| {
+            let viewer_options = crate::viewer_bench::ViewerBenchOptions {
+                viewers: options.mix.viewers,
+                incubator_rate: 0.0,
+                incubators: 0,
+                duration: options.duration,
+                viewer_ops_per_s: v.ops_per_s,
+                frames: options.frames.clone(),
+                stop: Some(viewers_stop.clone()),
+            };
+            scope.spawn(move || {
+                crate::viewer_bench::run(v.server, &viewer_options, v.embryos, v.users)
+            })
+        });
+        // The backlog first: once it is uploaded, the live devices stop too.
+        let (backlog_threads, live_threads): (Vec<_>, Vec<_>) =
+            threads.into_iter().partition(|(is_backlog, _)| *is_backlog);
+        if let Some(collected) = &mut backlog {
+            for (_, thread) in backlog_threads {
+                let (stats, error) = thread.join().expect("incubator thread");
+                collected.add(stats, error);
+            }
+            live_progress.stop.store(true, Ordering::Relaxed);
+            viewers_stop.store(true, Ordering::Relaxed);
         }
-        live_progress.stop.store(true, Ordering::Relaxed);
-    }
-    for (_, thread) in live_threads {
-        let (stats, error) = thread.join().expect("incubator thread");
-        live.add(stats, error);
-    }
+        for (_, thread) in live_threads {
+            let (stats, error) = thread.join().expect("incubator thread");
+            live.add(stats, error);
+        }
+        viewer_thread.map(|thread| thread.join().expect("viewer thread"))
+    });
     stop.store(true, Ordering::Relaxed);
     let timeline = display.join().expect("progress thread");
     let live_incubators = options.mix.incubators.len() - usize::from(backlog.is_some());

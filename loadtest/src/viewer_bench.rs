@@ -30,6 +30,8 @@ pub struct ViewerBenchOptions {
     /// are one in ten each).
     pub viewer_ops_per_s: f64,
     pub frames: Arc<Vec<Bytes>>,
+    /// Set to end the viewers before `duration` (a catch-up run ends when its backlog is in).
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -154,12 +156,26 @@ pub fn run(
             };
             let mut client =
                 ViewerClient::login(address, &tls, &credentials, Duration::from_secs(30))?;
+            let stop = options.stop.clone();
+            let stopped = move || {
+                stop.as_ref()
+                    .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+            };
             if index == 0 {
-                playback_loop(&mut client, &embryos[0], begin, end).map(ViewerOutcome::Playback)
+                playback_loop(&mut client, &embryos[0], begin, end, &stopped)
+                    .map(ViewerOutcome::Playback)
             } else {
                 let embryo = embryos[(index as usize) % embryos.len()].clone();
-                interactive_loop(&mut client, &embryo, &shared, &options, begin, end)
-                    .map(|stats| ViewerOutcome::Interactive(Box::new(stats)))
+                interactive_loop(
+                    &mut client,
+                    &embryo,
+                    &shared,
+                    &options,
+                    begin,
+                    end,
+                    &stopped,
+                )
+                .map(|stats| ViewerOutcome::Interactive(Box::new(stats)))
             }
         }));
     }
@@ -192,7 +208,12 @@ pub fn run(
         Some(thread) => thread.join().expect("incubator thread"),
         None => bench::empty_result(),
     };
-    let seconds = options.duration.as_secs_f64();
+    // The time the viewers ran (less than the duration when stopped early).
+    let seconds = Instant::now()
+        .saturating_duration_since(begin)
+        .min(options.duration)
+        .as_secs_f64()
+        .max(1e-3);
     // Push latency: every other viewer's arrival of each save's notice.
     let mut push = LatencyRecorder::new();
     let saves = shared.saves.lock();
@@ -257,11 +278,12 @@ fn playback_loop(
     embryo_id: &str,
     begin: Instant,
     end: Instant,
+    stopped: &dyn Fn() -> bool,
 ) -> Result<(u64, f64), ViewerError> {
     std::thread::sleep(begin.saturating_duration_since(Instant::now()));
     let started = Instant::now();
     let mut frames = 0u64;
-    while Instant::now() < end {
+    while Instant::now() < end && !stopped() {
         let seq = client.send(Request::Playback(pb::Playback {
             embryo_id: embryo_id.into(),
             focal_plane: 0,
@@ -291,6 +313,7 @@ fn interactive_loop(
     options: &ViewerBenchOptions,
     begin: Instant,
     end: Instant,
+    stopped: &dyn Fn() -> bool,
 ) -> Result<InteractiveStats, ViewerError> {
     let mut stats = InteractiveStats::default();
     let Body::Embryo(embryo) = client.call(Request::GetEmbryo(pb::GetEmbryo {
@@ -318,7 +341,7 @@ fn interactive_loop(
     let interval = Duration::from_secs_f64(1.0 / options.viewer_ops_per_s.max(0.1));
     for i in 0u64.. {
         let due = begin + interval * i as u32;
-        if due >= end {
+        if due >= end || stopped() {
             break;
         }
         // Read what arrives (notices) while waiting for the next operation's time.
