@@ -85,6 +85,15 @@ pub fn scratch_dir(
     prefix: &str,
     lower: &str,
 ) -> Result<tempfile::TempDir, String> {
+    check_free(root, needed, lower)?;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(root)
+        .map_err(|e| e.to_string())
+}
+
+/// Refuses a run that needs more than the free space under `root`, saying what to lower.
+pub fn check_free(root: &Path, needed: u64, lower: &str) -> Result<(), String> {
     let free = free_bytes(root).map_err(|e| format!("cannot read free space: {e}"))?;
     if free < needed {
         return Err(format!(
@@ -94,10 +103,7 @@ pub fn scratch_dir(
             needed / 1_000_000
         ));
     }
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(root)
-        .map_err(|e| e.to_string())
+    Ok(())
 }
 
 /// Bytes free for this user on the filesystem holding `path`.

@@ -286,16 +286,7 @@ fn ingest_bench(args: IngestArgs) -> Result<(), String> {
     let bytes_max = args.bytes_max_mb * 1_000_000;
     // Each mode writes two phases plus the disk-limit file; redb needs headroom.
     let needed = bytes_max * 4;
-    let free =
-        disk::free_bytes(&scratch_root).map_err(|e| format!("cannot read free space: {e}"))?;
-    if free < needed {
-        return Err(format!(
-            "{} has {} MB free; this run needs {} MB (lower --bytes-max-mb)",
-            scratch_root.display(),
-            free / 1_000_000,
-            needed / 1_000_000
-        ));
-    }
+    disk::check_free(&scratch_root, needed, "--bytes-max-mb")?;
     eprintln!("generating frames...");
     let frames = Arc::new(es_loadtest::frames::generate(16, 1));
     let frame_bytes = frames.iter().map(|f| f.len()).sum::<usize>() / frames.len();
@@ -581,22 +572,32 @@ fn bench_server(
 
 /// Prints the operations' figures.
 fn report_operations(operations: &[es_loadtest::viewer_bench::Operation]) {
+    print_operations(
+        operations
+            .iter()
+            .map(|op| (op.name.as_str(), op.per_s, &op.latency, op.errors)),
+    );
+}
+
+/// One line per operation: name, rate, p50, p99, p99.9, max (ms) and errors.
+pub(crate) fn print_operations<'a>(
+    rows: impl Iterator<Item = (&'a str, f64, &'a es_perf::latency::LatencySummary, u64)>,
+) {
     println!();
     println!(
-        "{:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "{:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
         "operation", "per s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
     );
-    for op in operations {
-        let l = &op.latency;
+    for (name, per_s, l, errors) in rows {
         println!(
-            "{:<24} {:>8.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
-            op.name,
-            op.per_s,
+            "{:<24} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+            name,
+            per_s,
             l.p50_us as f64 / 1000.0,
             l.p99_us as f64 / 1000.0,
             l.p999_us as f64 / 1000.0,
             l.max_us as f64 / 1000.0,
-            op.errors
+            errors
         );
     }
 }
@@ -880,16 +881,7 @@ fn pg_compare(args: PgCompareArgs) -> Result<(), String> {
     // One phase's data at a time: redb's file (about 2 x the images), or PostgreSQL's WAL
     // and table (about 2 x, plus max_wal_size).
     let needed = bytes_max * 4;
-    let free =
-        disk::free_bytes(&scratch_root).map_err(|e| format!("cannot read free space: {e}"))?;
-    if free < needed {
-        return Err(format!(
-            "{} has {} MB free; this run needs {} MB (lower --bytes-max-mb)",
-            scratch_root.display(),
-            free / 1_000_000,
-            needed / 1_000_000
-        ));
-    }
+    disk::check_free(&scratch_root, needed, "--bytes-max-mb")?;
     let connections = args.pg_connections.unwrap_or(args.incubators).max(1);
     let settings = pg::PgSettings {
         shared_buffers_mb: args.pg_shared_buffers_mb,

@@ -299,23 +299,12 @@ fn print_phase(report: &PhaseReport) {
         "devices {}, {} x real rates: {:.0} images/s offered ({:.1} x the high-capacity nominal load)",
         report.mix, report.speedup, report.offered_per_s, report.offered_high_capacity_multiple
     );
-    println!(
-        "{:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
-        "operation", "per s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
+    crate::print_operations(
+        report
+            .operations
+            .iter()
+            .map(|op| (op.name.as_str(), op.per_s, &op.latency, op.errors)),
     );
-    for op in &report.operations {
-        let l = &op.latency;
-        println!(
-            "{:<24} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
-            op.name,
-            op.per_s,
-            l.p50_us as f64 / 1000.0,
-            l.p99_us as f64 / 1000.0,
-            l.p999_us as f64 / 1000.0,
-            l.max_us as f64 / 1000.0,
-            op.errors
-        );
-    }
     println!("targets (es-perf):");
     for target in &report.targets {
         println!("  {target}");
