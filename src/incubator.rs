@@ -212,7 +212,12 @@ impl IncubatorSession {
 
     /// Answers and closes: a connection-level error.
     fn fail(&mut self, code: ErrorCode, message: String, io: &mut SessionIo<'_>) {
-        tracing::warn!(incubator = %self.name(), code = code.name(), "{message}; closing the connection");
+        if code == ErrorCode::HandshakeTimeout {
+            // The event loop logs these, rate-limited (a flood of silent peers).
+            tracing::debug!(incubator = %self.name(), code = code.name(), "{message}; closing the connection");
+        } else {
+            tracing::warn!(incubator = %self.name(), code = code.name(), "{message}; closing the connection");
+        }
         let mut out = BytesMut::new();
         error_message(0, code, message.clone()).encode(&mut out);
         io.write(&out);

@@ -397,6 +397,9 @@ pub(crate) struct Worker<S: Service> {
     unestablished_max: usize,
     refusal_log: LogThrottle,
     eviction_log: LogThrottle,
+    /// Connections closed for not completing their handshake (TLS and the protocol's own) in
+    /// time: one line, then a count every interval, so slow or silent floods stay quiet.
+    handshake_timeout_log: LogThrottle,
 }
 
 pub(crate) fn new_handle<M>(
@@ -452,6 +455,7 @@ impl<S: Service> Worker<S> {
             unestablished_max,
             refusal_log: LogThrottle::default(),
             eviction_log: LogThrottle::default(),
+            handshake_timeout_log: LogThrottle::default(),
         }
     }
 
@@ -963,6 +967,14 @@ impl<S: Service> Worker<S> {
                 evicted_total = self.stats.connections_evicted(),
                 "unauthenticated connections dropped for newer ones (unauthenticated_connections_max)");
         }
+        if let Some((count, over)) = self.handshake_timeout_log.summary_due(now, force) {
+            tracing::warn!(
+                service = self.service.name(),
+                closed = count,
+                over_s = over.as_secs(),
+                "connections closed for not completing their handshake in time (handshake_timeout_ms)"
+            );
+        }
     }
 
     fn tick(&mut self, now: Instant) {
@@ -1025,6 +1037,11 @@ impl<S: Service> Worker<S> {
                 self.finish(token, now);
                 continue;
             };
+            if kind == TimeoutKind::Handshake && self.handshake_timeout_log.admit(now) {
+                tracing::warn!(service = self.service.name(), peer = %conn.peer,
+                    tls_done = !conn.transport.is_handshaking(),
+                    "no handshake in time; closing (further ones are counted, one line every 10 s)");
+            }
             let (session, _, mut io) = conn.split(now);
             session.on_timeout(kind, &mut io);
             self.finish(token, now);

@@ -364,7 +364,12 @@ impl ViewerSession {
     }
 
     fn fail(&mut self, code: ErrorCode, message: String, io: &mut SessionIo<'_>) {
-        tracing::warn!(viewer = %self.name(), code = code.name(), "{message}; closing the connection");
+        if code == ErrorCode::HandshakeTimeout {
+            // The event loop logs these, rate-limited (a flood of silent peers).
+            tracing::debug!(viewer = %self.name(), code = code.name(), "{message}; closing the connection");
+        } else {
+            tracing::warn!(viewer = %self.name(), code = code.name(), "{message}; closing the connection");
+        }
         let mut out = BytesMut::new();
         self.protocol
             .close_with_error(code, message.clone(), &mut out);
