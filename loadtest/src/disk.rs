@@ -79,17 +79,32 @@ fn write_batches(
 
 /// A temporary directory under `root` for a run that writes about `needed` bytes, once the
 /// free space there is checked; `lower` says what to lower when it is not enough.
-pub fn scratch_dir(
-    root: &Path,
-    needed: u64,
-    prefix: &str,
-    lower: &str,
-) -> Result<tempfile::TempDir, String> {
+pub fn scratch_dir(root: &Path, needed: u64, prefix: &str, lower: &str) -> Result<Scratch, String> {
     check_free(root, needed, lower)?;
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(root)
-        .map_err(|e| e.to_string())
+    Scratch::new(root, prefix)
+}
+
+/// A temporary directory of a run: deleted when dropped, and also when the load generator
+/// is interrupted (see [`crate::cleanup`]).
+#[derive(Debug)]
+pub struct Scratch {
+    dir: tempfile::TempDir,
+    _undo: crate::cleanup::Registration,
+}
+
+impl Scratch {
+    pub fn new(root: &Path, prefix: &str) -> Result<Scratch, String> {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(root)
+            .map_err(|e| format!("cannot make a scratch directory in {}: {e}", root.display()))?;
+        let undo = crate::cleanup::remove_on_interrupt(dir.path().to_path_buf());
+        Ok(Scratch { dir, _undo: undo })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
 }
 
 /// Refuses a run that needs more than the free space under `root`, saying what to lower.

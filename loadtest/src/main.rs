@@ -209,6 +209,9 @@ struct ModeReport {
 }
 
 fn main() -> ExitCode {
+    if let Err(error) = es_loadtest::cleanup::install() {
+        eprintln!("loadtest: cannot watch for Ctrl-C ({error}); an interrupted run leaves its data behind");
+    }
     let verdict = |result: Result<bool, String>| match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),
@@ -326,10 +329,7 @@ fn run_mode(
     frames: Arc<Vec<bytes::Bytes>>,
     frame_bytes: usize,
 ) -> Result<ModeReport, String> {
-    let scratch = tempfile::Builder::new()
-        .prefix("esserver-bench-")
-        .tempdir_in(scratch_root)
-        .map_err(|e| e.to_string())?;
+    let scratch = disk::Scratch::new(scratch_root, "esserver-bench-")?;
     let mut options = SpawnOptions::new(esserver.to_path_buf(), scratch.path().join("data"));
     options.extra_config = es_loadtest::spawn::LOAD_GENERATOR_CONFIG.into();
     options.incubator_tls = tls;
@@ -524,7 +524,7 @@ fn print_report(reports: &[ModeReport]) {
 /// space first (about 3 x the bytes the run writes: `rate` images/s for `duration_s` plus the
 /// seed), and seeds `seed_cycles` acquisitions of `viewer_bench::SEED_WELLS` embryos.
 struct BenchServer {
-    scratch: tempfile::TempDir,
+    scratch: disk::Scratch,
     server: ServerProcess,
     esserver: PathBuf,
     frames: Arc<Vec<bytes::Bytes>>,
@@ -1053,10 +1053,7 @@ fn esserver_phase(
     options: &IngestOptions,
     tag: &str,
 ) -> Result<Phase, String> {
-    let scratch = tempfile::Builder::new()
-        .prefix("esserver-pgcompare-")
-        .tempdir_in(scratch_root)
-        .map_err(|e| e.to_string())?;
+    let scratch = disk::Scratch::new(scratch_root, "esserver-pgcompare-")?;
     let mut spawn = SpawnOptions::new(esserver.to_path_buf(), scratch.path().join("data"));
     spawn.incubator_tls = false;
     spawn.log_level = "warn".into();

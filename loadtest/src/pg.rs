@@ -184,6 +184,8 @@ pub struct PgServer {
     started: bool,
     /// The `--pg-set` names, shown with `REPORTED_SETTINGS`.
     extra_names: Vec<String>,
+    /// An immediate stop and the directory's removal if the load generator is interrupted.
+    _undo: crate::cleanup::Registration,
 }
 
 impl PgServer {
@@ -210,6 +212,31 @@ impl PgServer {
             give_to(user, dir.path())?;
             give_to(user, &socket_dir)?;
         }
+        let undo = {
+            let (pg_ctl, user, root) = (
+                binaries.pg_ctl.clone(),
+                run_as.clone(),
+                dir.path().to_path_buf(),
+            );
+            crate::cleanup::on_interrupt(move || {
+                // An immediate stop (no checkpoint), then the directory goes.
+                let mut command = match &user {
+                    Some(user) => {
+                        let mut command = Command::new("runuser");
+                        command.args(["-u", user, "--"]).arg(&pg_ctl);
+                        command
+                    }
+                    None => Command::new(&pg_ctl),
+                };
+                let _ = command
+                    .arg("-D")
+                    .arg(root.join("data"))
+                    .args(["-m", "immediate", "-w", "stop"])
+                    .current_dir(&root)
+                    .output();
+                let _ = std::fs::remove_dir_all(&root);
+            })
+        };
         let mut server = PgServer {
             binaries: binaries.clone(),
             run_as,
@@ -221,6 +248,7 @@ impl PgServer {
                 .iter()
                 .map(|(name, _)| name.clone())
                 .collect(),
+            _undo: undo,
         };
         let data = server.data_dir();
         server.run(

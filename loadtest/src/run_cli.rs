@@ -174,7 +174,7 @@ fn mix_of(args: &MixArgs) -> Result<Mix, String> {
 /// The server under load, and what viewers need from it.
 struct Target {
     info: ServerInfo,
-    spawned: Option<(ServerProcess, tempfile::TempDir)>,
+    spawned: Option<(ServerProcess, disk::Scratch)>,
     embryos: Vec<String>,
     users: Vec<String>,
 }

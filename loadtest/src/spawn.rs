@@ -169,6 +169,8 @@ pub struct ServerProcess {
     child: Option<Child>,
     pub info: ServerInfo,
     pub options: SpawnOptions,
+    /// kill -9 of this server if the load generator is interrupted.
+    _undo: crate::cleanup::Registration,
 }
 
 impl ServerProcess {
@@ -194,10 +196,12 @@ impl ServerProcess {
             .stderr(stderr)
             .spawn()?;
         let info = wait_for_info(&options.data_dir, child.id(), &mut child)?;
+        let pid = child.id();
         Ok(ServerProcess {
             child: Some(child),
             info,
             options,
+            _undo: crate::cleanup::on_interrupt(move || kill9_pid(pid)),
         })
     }
 
@@ -307,4 +311,15 @@ pub fn find_esserver() -> PathBuf {
         }
     }
     PathBuf::from("esserver")
+}
+
+/// kill -9 by PID (the interrupt undo of a spawned server).
+fn kill9_pid(pid: u32) {
+    #[cfg(unix)]
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill(2) with a PID this process started; a stale one fails harmlessly.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
 }
