@@ -774,3 +774,46 @@ fn disabling_an_account_closes_its_live_viewer_connections() {
     let again = login(&server, "anna", PASSWORD);
     assert!(matches!(again, Err(ViewerError::Server { .. })));
 }
+
+/// A viewer that logged in while the change log was empty (LoginOk.last_change_seq 0) and
+/// saw no notice before its connection dropped resumes with changes_after 0: at a resume that
+/// means "after seq 0", so the changes made while it was away are pushed, not skipped.
+#[test]
+fn a_resume_after_an_empty_change_log_misses_nothing() {
+    let (server, _dir) = common::spawn(true);
+    common::add_user(&server, "anna", "edit", PASSWORD);
+    let anna = login(&server, "anna", PASSWORD).unwrap();
+    let token = anna.login.session_token.clone();
+    assert_eq!(
+        anna.login.last_change_seq, 0,
+        "a fresh server's change log is empty"
+    );
+    anna.drop_connection();
+    // Meanwhile an incubator registers a dish and uploads: changes 1, 2, ...
+    common::upload_dish(&server, "VW-EMPTY", 1);
+    let mut again = ViewerClient::resume(
+        server.info.address("viewer"),
+        &server.info.client_tls("viewer"),
+        &token,
+        0,
+        common::TIMEOUT,
+    )
+    .unwrap();
+    assert!(!again.login.resync_required);
+    let last = again.login.last_change_seq;
+    assert!(last > 0);
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while !again.notices.iter().any(|n| n.change_seq == last)
+        && std::time::Instant::now() < deadline
+    {
+        again
+            .poll(std::time::Instant::now() + std::time::Duration::from_millis(100))
+            .unwrap();
+    }
+    let seqs: Vec<u64> = again.notices.iter().map(|n| n.change_seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=last).collect::<Vec<_>>(),
+        "every change from the first"
+    );
+}

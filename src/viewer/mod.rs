@@ -635,7 +635,7 @@ impl ViewerSession {
             return;
         }
         tracing::info!(%user, %computer, peer = %self.peer, rights = rights.as_str(), "viewer logged in");
-        self.establish(token, user, computer, rights, changes_after, io);
+        self.establish(token, user, computer, rights, changes_after, true, io);
     }
 
     fn start_resume(&mut self, resume: pb::Resume, io: &mut SessionIo<'_>) {
@@ -695,6 +695,7 @@ impl ViewerSession {
             computer,
             rights,
             resume.changes_after,
+            false,
             io,
         );
     }
@@ -706,16 +707,18 @@ impl ViewerSession {
         computer: String,
         rights: Rights,
         changes_after: u64,
+        zero_is_now: bool,
         io: &mut SessionIo<'_>,
     ) {
-        let (cursor, last, resync) = match start_cursor(&self.shared.store, changes_after) {
-            Ok(found) => found,
-            Err(error) => {
-                self.shared.sessions.remove(&token);
-                self.refuse_login(ErrorCode::StorageUnavailable, error.to_string(), io);
-                return;
-            }
-        };
+        let (cursor, last, resync) =
+            match start_cursor(&self.shared.store, changes_after, zero_is_now) {
+                Ok(found) => found,
+                Err(error) => {
+                    self.shared.sessions.remove(&token);
+                    self.refuse_login(ErrorCode::StorageUnavailable, error.to_string(), io);
+                    return;
+                }
+            };
         self.cursor = cursor;
         let reply = pb::LoginOk {
             session_token: token.clone(),
@@ -1402,11 +1405,18 @@ pub(crate) fn locked_message(user: &str, until_ms: i64) -> String {
     )
 }
 
-/// Where pushes start: (cursor, newest seq, resync needed).
-fn start_cursor(store: &Store, changes_after: u64) -> Result<(u64, u64, bool), StorageError> {
+/// Where pushes start: (cursor, newest seq, resync needed). At a login, `changes_after` 0
+/// means "from now on"; at a resume it means what it says, every change after seq 0, so a
+/// viewer that logged in while the change log was empty and saw no notice before its
+/// connection dropped misses nothing.
+fn start_cursor(
+    store: &Store,
+    changes_after: u64,
+    zero_is_now: bool,
+) -> Result<(u64, u64, bool), StorageError> {
     let reader = store.read()?;
     let last = reader.last_change_seq()?;
-    if changes_after == 0 {
+    if changes_after == 0 && zero_is_now {
         return Ok((last, last, false));
     }
     match reader.changes_after(changes_after, 0) {
