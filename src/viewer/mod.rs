@@ -635,7 +635,14 @@ impl ViewerSession {
             return;
         }
         tracing::info!(%user, %computer, peer = %self.peer, rights = rights.as_str(), "viewer logged in");
-        self.establish(token, user, computer, rights, changes_after, true, io);
+        self.establish(
+            token,
+            user,
+            computer,
+            rights,
+            PushStart::Login(changes_after),
+            io,
+        );
     }
 
     fn start_resume(&mut self, resume: pb::Resume, io: &mut SessionIo<'_>) {
@@ -694,8 +701,7 @@ impl ViewerSession {
             user,
             computer,
             rights,
-            resume.changes_after,
-            false,
+            PushStart::Resume(resume.changes_after),
             io,
         );
     }
@@ -706,19 +712,17 @@ impl ViewerSession {
         user: String,
         computer: String,
         rights: Rights,
-        changes_after: u64,
-        zero_is_now: bool,
+        start: PushStart,
         io: &mut SessionIo<'_>,
     ) {
-        let (cursor, last, resync) =
-            match start_cursor(&self.shared.store, changes_after, zero_is_now) {
-                Ok(found) => found,
-                Err(error) => {
-                    self.shared.sessions.remove(&token);
-                    self.refuse_login(ErrorCode::StorageUnavailable, error.to_string(), io);
-                    return;
-                }
-            };
+        let (cursor, last, resync) = match start_cursor(&self.shared.store, start) {
+            Ok(found) => found,
+            Err(error) => {
+                self.shared.sessions.remove(&token);
+                self.refuse_login(ErrorCode::StorageUnavailable, error.to_string(), io);
+                return;
+            }
+        };
         self.cursor = cursor;
         let reply = pb::LoginOk {
             session_token: token.clone(),
@@ -1405,20 +1409,24 @@ pub(crate) fn locked_message(user: &str, until_ms: i64) -> String {
     )
 }
 
+/// The `changes_after` of a Login or of a Resume (they read 0 differently).
+#[derive(Debug, Clone, Copy)]
+enum PushStart {
+    Login(u64),
+    Resume(u64),
+}
+
 /// Where pushes start: (cursor, newest seq, resync needed). At a login, `changes_after` 0
 /// means "from now on"; at a resume it means what it says, every change after seq 0, so a
 /// viewer that logged in while the change log was empty and saw no notice before its
 /// connection dropped misses nothing.
-fn start_cursor(
-    store: &Store,
-    changes_after: u64,
-    zero_is_now: bool,
-) -> Result<(u64, u64, bool), StorageError> {
+fn start_cursor(store: &Store, start: PushStart) -> Result<(u64, u64, bool), StorageError> {
     let reader = store.read()?;
     let last = reader.last_change_seq()?;
-    if changes_after == 0 && zero_is_now {
-        return Ok((last, last, false));
-    }
+    let changes_after = match start {
+        PushStart::Login(0) => return Ok((last, last, false)),
+        PushStart::Login(after) | PushStart::Resume(after) => after,
+    };
     match reader.changes_after(changes_after, 0) {
         Ok(_) => Ok((changes_after, last, false)),
         Err(StorageError::CursorExpired { .. }) => Ok((last, last, true)),
