@@ -24,7 +24,6 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const KILL_POINTS: u32 = 50;
@@ -414,17 +413,7 @@ fn seed() -> u64 {
 }
 
 fn ims_status(server: &ServerProcess) -> Value {
-    let output = Command::new(common::esserver_path())
-        .args(["ims", "status", "--json", "--data"])
-        .arg(server.data_dir())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    common::admin_json(server.data_dir(), &["ims", "status"])
 }
 
 /// Runs one writer's round on its own thread against the server described by `info`.

@@ -316,13 +316,7 @@ fn check_phase(name: &str, result: &IngestResult) {
 fn listener_figures(
     server: &es_loadtest::spawn::ServerProcess,
 ) -> Vec<(String, serde_json::Value)> {
-    let output = std::process::Command::new(common::esserver_path())
-        .args(["status", "--json", "--data"])
-        .arg(server.data_dir())
-        .output()
-        .expect("esserver status runs");
-    assert!(output.status.success(), "{output:?}");
-    let body: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let body = common::admin_json(server.data_dir(), &["status"]);
     body["listeners"]
         .as_array()
         .expect("a running server lists its listeners")

@@ -157,12 +157,7 @@ fn enospc_refuses_the_batch_the_server_reopens_and_carries_on_when_space_returns
         String::from_utf8_lossy(&verify.stdout),
         String::from_utf8_lossy(&verify.stderr)
     );
-    let status = Command::new(common::esserver_path())
-        .args(["status", "--json", "--data"])
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = common::admin_json(&dir.path().join("data"), &["status"]);
     assert_eq!(status["storage"]["images"], total, "{status}");
     println!(
         "ENOSPC after {refused_at} images on a 16 MB tmpfs; {total} stored after it grew to 128 MB"

@@ -297,17 +297,7 @@ fn send_samples(
 }
 
 fn ims_status(server: &ServerProcess) -> serde_json::Value {
-    let output = Command::new(common::esserver_path())
-        .args(["ims", "status", "--json", "--data"])
-        .arg(server.data_dir())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    common::admin_json(server.data_dir(), &["ims", "status"])
 }
 
 fn ims_switch(server: &ServerProcess, verb: &str, part: &str) {

@@ -191,17 +191,7 @@ fn status_shows_connected_incubators_their_figures_and_storage() {
     );
     assert!(error.is_none() && stats.acked == 100, "{error:?} {stats:?}");
 
-    let output = std::process::Command::new(common::esserver_path())
-        .args(["status", "--json", "--data"])
-        .arg(server.data_dir())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let body: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let body = common::admin_json(server.data_dir(), &["status"]);
     let incubators = body["incubators"].as_array().unwrap();
     assert_eq!(incubators.len(), 1, "{body}");
     assert_eq!(incubators[0]["serial"], "STAT-01");

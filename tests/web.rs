@@ -167,12 +167,7 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
         body(&paused)
     );
     assert!(body(&paused).contains("upload off"), "{}", body(&paused));
-    let status = Command::new(common::esserver_path())
-        .args(["ims", "status", "--json", "--data"])
-        .arg(server.data_dir())
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = common::admin_json(server.data_dir(), &["ims", "status"]);
     assert_eq!(
         (&status["upload"], &status["receive"]),
         (&false.into(), &true.into())

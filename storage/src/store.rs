@@ -195,8 +195,10 @@ impl Store {
     /// Retries for up to `patience` while the file cannot be opened yet.
     pub(crate) fn reopen(&self, patience: std::time::Duration) -> Result<(), StorageError> {
         let started = std::time::Instant::now();
-        let mut slot = self.inner.db.write();
-        if let Some(old) = slot.take() {
+        // Close under the lock, then retry the open without it: readers on the event loops
+        // get a prompt "being reopened" error meanwhile instead of waiting on the lock.
+        let old = self.inner.db.write().take();
+        if let Some(old) = old {
             if let Err(error) = old.close() {
                 tracing::warn!(%error, "closing the database after an I/O error");
             }
@@ -205,7 +207,7 @@ impl Store {
         loop {
             match (self.inner.opener)() {
                 Ok(db) => {
-                    *slot = Some(db);
+                    *self.inner.db.write() = Some(db);
                     self.inner.reopens.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(path = %self.inner.path.display(),
                         "database reopened after an I/O error; writes go on");

@@ -60,6 +60,23 @@ pub fn connect(server: &ServerProcess, identity: &mut Identity) -> IncubatorClie
     .expect("incubator connects")
 }
 
+/// `esserver <args...> --json --data <data_dir>` as an administrator runs it: its JSON, after
+/// checking it succeeded (e.g. `["status"]`, `["ims", "status"]`).
+pub fn admin_json(data_dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let output = Command::new(esserver_path())
+        .args(args)
+        .args(["--json", "--data"])
+        .arg(data_dir)
+        .output()
+        .expect("esserver runs");
+    assert!(
+        output.status.success(),
+        "esserver {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("esserver printed JSON")
+}
+
 /// The first time-lapse start of the uploaded test dishes (Unix ms).
 pub const START_MS: i64 = 1_760_000_000_000;
 
