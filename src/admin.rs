@@ -28,6 +28,10 @@ pub fn verify_report(store: &Store) -> Response {
             "images_checked": report.images_checked,
             "damaged_images": report.damaged_images,
             "problems": report.problems,
+            "orphan_records": report.orphan_records,
+            "unreadable_ranges": report.unreadable_ranges,
+            "volumes_checked": report.volumes_checked,
+            "records_superseded": report.records_superseded,
         })),
         Err(error) => Response::error(error.code(), error.to_string()),
     }
@@ -259,6 +263,7 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
     }
     let options = StoreOptions {
         cache_bytes: config.storage.cache_bytes,
+        volume_bytes_max: config.storage.volume_bytes_max,
         ..StoreOptions::default()
     };
     // The seed names a database created here; an existing one keeps its server id.
@@ -280,6 +285,8 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
                     "storage": stats,
                     "disk_free_bytes": crate::os::disk_free_bytes(data_dir).ok(),
                     "database_file": store.path(),
+                    "database_bytes": std::fs::metadata(store.path()).map(|m| m.len()).ok(),
+                    "volumes_dir": store.volumes_dir(),
                 })),
                 Err(error) => Response::error(error.code(), error.to_string()),
             }

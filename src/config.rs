@@ -143,6 +143,8 @@ pub struct StorageConfig {
     pub change_log_retention_days: u32,
     /// Free disk space kept in reserve: uploads are refused before the disk is this full.
     pub reserve_bytes: u64,
+    /// An image volume file is sealed (never written again) at this size, and the next begun.
+    pub volume_bytes_max: u64,
 }
 
 /// Section `[Limits]`: every bound of the data path, in one place.
@@ -257,6 +259,7 @@ impl Default for StorageConfig {
             cache_bytes: 256 * MIB,
             change_log_retention_days: 30,
             reserve_bytes: GIB,
+            volume_bytes_max: 4 * GIB,
         }
     }
 }
@@ -704,6 +707,16 @@ const STORAGE_NUMBERS: &[NumberKey<StorageConfig>] = &[
         doc: "Free disk space kept in reserve: uploads are refused before the disk is this full.",
         get: |s| s.reserve_bytes,
         set: |s, v| s.reserve_bytes = v,
+    },
+    NumberKey {
+        name: "volume_bytes_max",
+        unit: Unit::Bytes,
+        min: MIB,
+        max: TIB,
+        doc: "Size at which an image volume file is sealed (never written again) and the next \
+              one begun. Sealed volumes are what backups copy once and archives move.",
+        get: |s| s.volume_bytes_max,
+        set: |s, v| s.volume_bytes_max = v,
     },
 ];
 
@@ -1572,7 +1585,7 @@ trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134,
         assert_eq!(
             message,
             "unknown key `cache` in [Storage]; valid keys: data_dir, cache_bytes, \
-             change_log_retention_days, reserve_bytes"
+             change_log_retention_days, reserve_bytes, volume_bytes_max"
         );
         let message = error_at("[ViewerTransport]\nPort = 3010\n", 2);
         assert!(message.contains("did you mean `port`?"), "{message}");

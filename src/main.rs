@@ -1253,6 +1253,26 @@ fn print_status(body: &serde_json::Value) {
         "            {} telemetry samples; change log up to {} ({} kept)",
         storage["telemetry_samples"], storage["last_change_seq"], storage["changes"]
     );
+    let volume_bytes = storage["volume_bytes"].as_u64().unwrap_or(0);
+    let database_bytes = body["database_bytes"].as_u64().unwrap_or(0);
+    let image_bytes = storage["image_bytes"].as_u64().unwrap_or(0);
+    let images = storage["images"].as_u64().unwrap_or(0);
+    println!(
+        "volumes:    {} ({} sealed), active {}; {:.1} MB of records in {}",
+        storage["volumes"],
+        storage["volumes_sealed"],
+        storage["active_volume"],
+        volume_bytes as f64 / 1e6,
+        body["volumes_dir"].as_str().unwrap_or("?")
+    );
+    if images > 0 {
+        println!(
+            "            database {:.1} MB ({:.0} bytes per image); {:.3} bytes stored per image byte",
+            database_bytes as f64 / 1e6,
+            database_bytes as f64 / images as f64,
+            (volume_bytes + database_bytes) as f64 / image_bytes.max(1) as f64
+        );
+    }
     let writer = &body["writer"];
     if let (Some(commits), Some(requests)) =
         (writer["commits"].as_u64(), writer["requests"].as_u64())

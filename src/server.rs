@@ -349,6 +349,7 @@ fn open_store(config: &Config) -> Result<Store, StartError> {
     let options = StoreOptions {
         cache_bytes: config.storage.cache_bytes,
         change_log_retention_ms: config.storage.change_log_retention_days as i64 * 24 * 3600 * 1000,
+        volume_bytes_max: config.storage.volume_bytes_max,
     };
     Store::open(&config.storage.data_dir, &options, seed).map_err(|error| StartError::Storage {
         path: config.storage.data_dir.clone(),
@@ -621,6 +622,8 @@ impl StatusContext {
             "writes_refused_disk_low": self.disk.is_low(),
             "resident_bytes": crate::os::resident_bytes(),
             "database_file": self.store.path(),
+            "database_bytes": std::fs::metadata(self.store.path()).map(|m| m.len()).ok(),
+            "volumes_dir": self.store.volumes_dir(),
         }))
     }
 }

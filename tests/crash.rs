@@ -1,7 +1,9 @@
 //! kill -9 at random moments during upload, 20 times, restarting on the same data
 //! directory: every acknowledged image survives byte for byte, and re-sent images are
 //! stored once. The schedule comes from a seed, printed so a failure can be replayed
-//! (ESSERVER_CRASH_SEED=<seed>).
+//! (ESSERVER_CRASH_SEED=<seed>). A second run does the same with 1 MiB image volumes, so a
+//! volume is sealed and the next one started every few dozen images and the kills land
+//! around seals too.
 
 mod common;
 
@@ -17,6 +19,20 @@ const KILL_POINTS: u32 = 20;
 
 #[test]
 fn kill_9_during_upload_loses_no_acknowledged_image() {
+    crash_run("", KILL_POINTS);
+}
+
+#[test]
+fn kill_9_while_volumes_are_sealed_loses_no_acknowledged_image() {
+    let volumes = crash_run("[Storage]\nvolume_bytes_max = 1 MiB\n", 15);
+    assert!(
+        volumes > 15,
+        "volumes were sealed throughout the run ({volumes} volumes)"
+    );
+}
+
+/// Runs the kill schedule; returns the number of image volumes at the end.
+fn crash_run(extra_config: &str, kill_points: u32) -> u64 {
     let seed: u64 = std::env::var("ESSERVER_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -29,7 +45,7 @@ fn kill_9_during_upload_loses_no_acknowledged_image() {
     println!("crash schedule seed: {seed} (replay with ESSERVER_CRASH_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
-    let mut server = common::spawn_in(&dir, false, "");
+    let mut server = common::spawn_in(&dir, false, extra_config);
     let frames = es_loadtest::frames::generate(8, seed);
     let workload = Workload::full(
         "CRASH-01",
@@ -41,7 +57,7 @@ fn kill_9_during_upload_loses_no_acknowledged_image() {
     let mut acked: BTreeSet<u64> = BTreeSet::new();
     let mut registered = false;
 
-    for round in 0..KILL_POINTS {
+    for round in 0..kill_points {
         let address = server.info.address("incubator");
         let tls = server.info.client_tls("incubator");
         let mut client =
@@ -156,4 +172,117 @@ fn kill_9_during_upload_loses_no_acknowledged_image() {
         !acked.is_empty(),
         "the schedule acknowledged something before the kills"
     );
+    stats.volumes
+}
+
+/// A version-4 store with about 170 MB of images inside redb; the server is killed with -9
+/// five times while it moves them into volume files (each time once a random number of
+/// volumes exist), then started to the end: every image is byte-identical, verify is clean.
+#[test]
+fn kill_9_during_the_migration_from_version_4_loses_no_image() {
+    use es_loadtest::spawn::{ServerProcess, SpawnOptions};
+    let seed: u64 = std::env::var("ESSERVER_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    println!("migration crash seed: {seed} (replay with ESSERVER_CRASH_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    const JPEG_BYTES: usize = 30_000;
+    let planes = [-45, -30, -15, 0, 15, 30, 45];
+    let images = es_storage::write_v4_fixture(&data, 400, &planes, JPEG_BYTES).unwrap();
+    let total = images.len() as u64;
+    let mut options = SpawnOptions::new(common::esserver_path(), data.clone());
+    options.extra_config = "[Storage]\nvolume_bytes_max = 8 MiB\n".into();
+    options.log_file = Some(dir.path().join("server.log"));
+    let config = data.join("EmbryoServer.ini");
+    std::fs::write(&config, options.config_text()).unwrap();
+    let volumes_dir = data.join("volumes");
+    let volume_files = || {
+        std::fs::read_dir(&volumes_dir)
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    };
+    // About 210 MB in 8 MiB volumes: some 25 of them when done.
+    let legacy_left = || -> Option<u64> {
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        let db = redb::Database::open(data.join(es_storage::DATABASE_FILE_NAME)).unwrap();
+        let txn = db.begin_read().unwrap();
+        match txn.open_table(es_storage::tables::LEGACY_IMAGES) {
+            Ok(table) => Some(table.len().unwrap()),
+            Err(_) => None,
+        }
+    };
+    let mut interrupted_midway = 0;
+    for round in 0..5 {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("server.log"))
+            .unwrap();
+        let mut child = std::process::Command::new(common::esserver_path())
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let kill_at = volume_files() + rng.random_range(1..6usize);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while volume_files() < kill_at
+            && Instant::now() < deadline
+            && matches!(child.try_wait(), Ok(None))
+            && !data.join("server.json").exists()
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(data.join("server.json"));
+        let left = legacy_left();
+        println!(
+            "round {round}: killed at {} volume files; {left:?} of {total} images not moved yet",
+            volume_files()
+        );
+        if left.is_some_and(|left| left > 0 && left < total) {
+            interrupted_midway += 1;
+        }
+    }
+    assert!(
+        interrupted_midway >= 1,
+        "at least one kill landed in the middle of the migration"
+    );
+    let mut server = ServerProcess::spawn(options).expect("the server finishes the migration");
+    assert_eq!(server.terminate(Duration::from_secs(30)), Some(0));
+    drop(server);
+    assert_eq!(legacy_left(), None, "the old table is gone");
+    let store =
+        es_storage::Store::open(&data, &es_storage::StoreOptions::default(), [0; 16]).unwrap();
+    let reader = store.read().unwrap();
+    for image in &images {
+        let stored = reader
+            .image(
+                image.instrument_id,
+                &image.dish_id,
+                image.well,
+                image.focal_plane,
+                image.acquired_at_ms,
+            )
+            .unwrap()
+            .unwrap_or_else(|| panic!("{image:?} is missing after the migration"));
+        let original =
+            es_storage::fixture_jpeg(image.well, image.index, image.focal_plane, JPEG_BYTES);
+        assert!(stored.as_ref() == original.as_slice(), "{image:?} differs");
+    }
+    assert_eq!(reader.stats().unwrap().images, total);
+    let report = store.verify(&mut |_| {}).unwrap();
+    assert!(report.is_clean(), "verify after the migration: {report:?}");
 }

@@ -99,8 +99,27 @@ fn enospc_refuses_the_batch_the_server_reopens_and_carries_on_when_space_returns
         "{log}"
     );
 
-    // Still up; reads answer; more writes are refused while the disk stays full.
+    // Still up; more writes are refused while the disk stays full. A failed batch may leave
+    // volume space it had allocated (fallocate) for its records, or redb may shrink its file
+    // when it is reopened; an image or two can fit into that before the next refusal.
     assert!(server.is_running());
+    let mut fitted_after = 0u64;
+    loop {
+        let reply = client
+            .request(image(&workload, acked, &frames), common::TIMEOUT)
+            .unwrap();
+        match reply {
+            Message::Ack(ref a) if !a.duplicate => {
+                acked += 1;
+                fitted_after += 1;
+                assert!(fitted_after <= 20, "the disk never refused again");
+            }
+            Message::Error(ref e) if e.name == "disk_full" => break,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // Reads answer, and see every acknowledged image.
     let mut stored = 0usize;
     for dish in &dishes {
         let reply = client
@@ -123,13 +142,6 @@ fn enospc_refuses_the_batch_the_server_reopens_and_carries_on_when_space_returns
             .sum::<usize>();
     }
     assert_eq!(stored as u64, acked, "every acknowledged image is readable");
-    let reply = client
-        .request(image(&workload, acked, &frames), common::TIMEOUT)
-        .unwrap();
-    assert!(
-        matches!(reply, Message::Error(ref e) if e.name == "disk_full"),
-        "{reply:?}"
-    );
 
     // Space returns: the refused image and the rest are accepted.
     tmpfs.resize(128);
@@ -160,7 +172,7 @@ fn enospc_refuses_the_batch_the_server_reopens_and_carries_on_when_space_returns
     let status = common::admin_json(&dir.path().join("data"), &["status"]);
     assert_eq!(status["storage"]["images"], total, "{status}");
     println!(
-        "ENOSPC after {refused_at} images on a 16 MB tmpfs; {total} stored after it grew to 128 MB"
+        "ENOSPC after {refused_at} images on a 16 MB tmpfs ({fitted_after} more fitted before the next refusal); {total} stored after it grew to 128 MB"
     );
     drop(tmpfs);
 }

@@ -14,9 +14,10 @@ use crate::ops::{
 };
 use crate::tables::{
     self, decode, encode, AcquisitionKey, AcquisitionRow, AlarmKey, AlarmRow, ChangeRow, DishRow,
-    EmbryoRow, ImageKey, ImageValue, ImsBody, ImsRecordRow, ImsStateRow, InstrumentRow, PatientRow,
-    StateRow, TelemetryKey, TelemetryRow, TreatmentRow, WellKey,
+    EmbryoRow, ImsBody, ImsRecordRow, ImsStateRow, InstrumentRow, PatientRow, StateRow,
+    TelemetryKey, TelemetryRow, TreatmentRow, WellKey,
 };
+use crate::volume::{self, Appender, Location, RecordHeader, Volumes};
 use redb::{ReadableTable, Table, WriteTransaction};
 use std::collections::HashSet;
 
@@ -43,7 +44,10 @@ pub(crate) struct Batch<'txn> {
     embryo_by_id: Table<'txn, &'static str, WellKey>,
     embryo_by_key: Table<'txn, u64, WellKey>,
     acquisitions: Rows<'txn, AcquisitionKey>,
-    images: Rows<'txn, ImageKey>,
+    volume_rows: Rows<'txn, u32>,
+    /// Where the batch's image records go, and the volumes to read stored ones from.
+    appender: &'txn mut Appender,
+    volumes: &'txn Volumes,
     telemetry: Rows<'txn, TelemetryKey>,
     changes: Rows<'txn, u64>,
     annotations: Rows<'txn, (u64, u64)>,
@@ -65,7 +69,11 @@ pub(crate) struct Batch<'txn> {
 }
 
 impl<'txn> Batch<'txn> {
-    pub(crate) fn open(txn: &'txn WriteTransaction) -> Result<Batch<'txn>, StorageError> {
+    pub(crate) fn open(
+        txn: &'txn WriteTransaction,
+        appender: &'txn mut Appender,
+        volumes: &'txn Volumes,
+    ) -> Result<Batch<'txn>, StorageError> {
         let meta = txn.open_table(tables::META)?;
         let state = read_state(&meta)?;
         let ims_state = read_ims_state(&meta)?;
@@ -84,7 +92,9 @@ impl<'txn> Batch<'txn> {
             embryo_by_id: txn.open_table(tables::EMBRYO_BY_ID)?,
             embryo_by_key: txn.open_table(tables::EMBRYO_BY_KEY)?,
             acquisitions: txn.open_table(tables::ACQUISITIONS)?,
-            images: txn.open_table(tables::IMAGES)?,
+            volume_rows: txn.open_table(tables::VOLUMES)?,
+            appender,
+            volumes,
             telemetry: txn.open_table(tables::TELEMETRY)?,
             changes: txn.open_table(tables::CHANGES)?,
             annotations: txn.open_table(tables::ANNOTATIONS)?,
@@ -104,14 +114,20 @@ impl<'txn> Batch<'txn> {
         })
     }
 
-    /// Writes the counters row. Call once, after the last op and before commit.
-    pub(crate) fn finish(mut self) -> Result<(), StorageError> {
+    /// Makes the batch's image records durable (one write and one `fdatasync` per volume
+    /// touched), records the volumes' new ends and writes the counters row. Call once, after the
+    /// last op and just before commit; whatever fails after it, call `Appender::abort`.
+    pub(crate) fn finish(mut self, at_ms: i64) -> Result<volume::VolumeChanges, StorageError> {
         self.state.check()?;
+        let changes = self.appender.sync(at_ms)?;
+        for (id, row) in &changes.rows {
+            self.volume_rows.insert(*id, encode(row).as_slice())?;
+        }
         self.meta
             .insert(tables::META_STATE, encode(&self.state).as_slice())?;
         self.meta
             .insert(tables::META_IMS, encode(&self.ims_state).as_slice())?;
-        Ok(())
+        Ok(changes)
     }
 
     pub(crate) fn apply(&mut self, op: &WriteOp) -> Applied {
@@ -694,29 +710,38 @@ impl<'txn> Batch<'txn> {
             image.acquired_at_ms,
             image.focal_plane,
         );
+        let acquisition_key = (dish_key, image.well, image.acquired_at_ms);
+        let acquisition = match self.acquisitions.get(acquisition_key)? {
+            Some(guard) => Some(decode::<AcquisitionRow>(guard.value(), "acquisition")?),
+            None => None,
+        };
+        let stored = acquisition
+            .as_ref()
+            .and_then(|row| row.location(image.focal_plane));
         let mut repaired_bytes: Option<u64> = None;
-        if let Some(stored) = self.images.get(key)? {
-            match ImageValue::decode(stored.value()) {
-                Ok(stored) if stored.is_intact() => {
-                    return Ok(if stored.sha256 == sha256 && stored.jpeg == &jpeg[..] {
+        if let Some(location) = stored {
+            match self.stored_image(location, key)? {
+                Stored::Intact {
+                    sha256: stored_sha,
+                    jpeg_len,
+                } => {
+                    return Ok(if stored_sha == sha256 && jpeg_len == jpeg.len() as u64 {
                         Ok(WriteOutcome::ImageStored { duplicate: true })
                     } else {
                         Err(WriteError::ImageConflict)
                     });
                 }
-                Ok(stored) if stored.sha256 != sha256 && tables::sha256(stored.jpeg) != sha256 => {
-                    // Damaged, and not a copy of these bytes either way: keep it for an
-                    // administrator rather than guess.
+                Stored::Damaged {
+                    sha256: Some(stored_sha),
+                } if stored_sha != sha256 => {
+                    // Damaged, and not a copy of these bytes: keep it for an administrator
+                    // rather than guess.
                     return Ok(Err(WriteError::ImageConflict));
                 }
-                damaged => {
-                    // The stored copy is damaged and this is its original: repair it, so the
-                    // instrument does not drop its only good copy believing it delivered.
-                    let old_bytes = match damaged {
-                        Ok(stored) => stored.jpeg.len() as u64,
-                        Err(_) => (stored.value().len() as u64)
-                            .saturating_sub(ImageValue::HEADER_BYTES as u64),
-                    };
+                Stored::Damaged { .. } => {
+                    // The stored copy is damaged and this is its original (or its header is
+                    // gone): store it again, so the instrument does not drop its only good
+                    // copy believing it delivered. The damaged record stays, superseded.
                     tracing::warn!(
                         dish_key,
                         well = image.well,
@@ -724,20 +749,32 @@ impl<'txn> Batch<'txn> {
                         acquired_at_ms = image.acquired_at_ms,
                         "repairing a damaged stored image from a resend of its original"
                     );
-                    repaired_bytes = Some(old_bytes);
+                    let header_len = (volume::HEADER_FIXED_BYTES + image.dish_id.len()) as u64;
+                    repaired_bytes = Some(u64::from(location.length).saturating_sub(header_len));
                 }
             }
         }
         // Apply.
-        let value = ImageValue {
-            sha256,
+        let header = RecordHeader {
+            dish_key,
+            instrument_id: image.instrument_id,
+            dish_id: image.dish_id.to_string(),
+            well: image.well,
+            acquired_at_ms: image.acquired_at_ms,
+            focal_plane: image.focal_plane,
             stored_at_ms: at_ms,
-            jpeg,
+            sha256,
+            jpeg_len: u32::try_from(jpeg.len()).expect("validated against JPEG_BYTES_MAX"),
         };
-        // Written straight into the page redb reserves: no intermediate copy of the image.
-        let mut slot = self.images.insert_reserve(key, value.encoded_len())?;
-        value.encode_into(slot.as_mut());
-        drop(slot);
+        let location = self.appender.append(&header, jpeg, at_ms)?;
+        let created = acquisition.is_none();
+        let mut row = acquisition.unwrap_or(AcquisitionRow {
+            planes: Vec::new(),
+            first_stored_at_ms: at_ms,
+        });
+        row.set(image.focal_plane, location);
+        self.acquisitions
+            .insert(acquisition_key, encode(&row).as_slice())?;
         if let Some(old_bytes) = repaired_bytes {
             self.state.image_bytes =
                 self.state.image_bytes.saturating_sub(old_bytes) + jpeg.len() as u64;
@@ -745,39 +782,6 @@ impl<'txn> Batch<'txn> {
         }
         self.state.images += 1;
         self.state.image_bytes += jpeg.len() as u64;
-        self.acquisition_add_plane(&image, dish_key, &embryo, at_ms)?;
-        Ok(Ok(WriteOutcome::ImageStored { duplicate: false }))
-    }
-
-    /// Records the focal plane in its acquisition row; a new acquisition gets one change.
-    fn acquisition_add_plane(
-        &mut self,
-        image: &ImageRef<'_>,
-        dish_key: u64,
-        embryo: &EmbryoRow,
-        at_ms: i64,
-    ) -> Result<(), StorageError> {
-        let key = (dish_key, image.well, image.acquired_at_ms);
-        let existing = match self.acquisitions.get(key)? {
-            Some(guard) => Some(decode::<AcquisitionRow>(guard.value(), "acquisition")?),
-            None => None,
-        };
-        let (row, created) = match existing {
-            Some(mut row) => {
-                if let Err(index) = row.focal_planes.binary_search(&image.focal_plane) {
-                    row.focal_planes.insert(index, image.focal_plane);
-                }
-                (row, false)
-            }
-            None => {
-                let row = AcquisitionRow {
-                    focal_planes: vec![image.focal_plane],
-                    first_stored_at_ms: at_ms,
-                };
-                (row, true)
-            }
-        };
-        self.acquisitions.insert(key, encode(&row).as_slice())?;
         if created {
             self.state.acquisitions += 1;
             let summary = format!(
@@ -793,7 +797,46 @@ impl<'txn> Batch<'txn> {
                 summary,
             )?;
         }
-        Ok(())
+        Ok(Ok(WriteOutcome::ImageStored { duplicate: false }))
+    }
+
+    /// What is stored at `location` for `key`: read back from the batch's pending records or
+    /// from its volume, and checked. Only a failing disk is an error.
+    fn stored_image(
+        &self,
+        location: Location,
+        key: tables::ImageKey,
+    ) -> Result<Stored, StorageError> {
+        if let Some(header) = self.appender.pending_header(location) {
+            // Appended earlier in this batch: written by us a moment ago, intact.
+            return Ok(Stored::Intact {
+                sha256: header.sha256,
+                jpeg_len: u64::from(header.jpeg_len),
+            });
+        }
+        if location.is_legacy() {
+            // The migration moves every legacy image before the writer starts.
+            return Ok(Stored::Damaged { sha256: None });
+        }
+        match self.volumes.read_record(location, key) {
+            Ok(record) => Ok(Stored::Intact {
+                sha256: record.header.sha256,
+                jpeg_len: u64::from(record.header.jpeg_len),
+            }),
+            Err(volume::ReadFailure::Io(error)) => Err(StorageError::Io(error)),
+            Err(volume::ReadFailure::Damaged(_)) => {
+                // The header may still be readable: it says whose bytes these were.
+                let header = self
+                    .volumes
+                    .read_at(location.volume, location.offset, location.length as usize)
+                    .ok()
+                    .and_then(|bytes| RecordHeader::decode(&bytes).ok().flatten())
+                    .filter(|header| header.image_key() == key);
+                Ok(Stored::Damaged {
+                    sha256: header.map(|h| h.sha256),
+                })
+            }
+        }
     }
 
     // ---------------------------------------------------------------- telemetry
@@ -1103,6 +1146,18 @@ fn insert_new(
 /// The natural id of a treatment: `patient id/treatment name`.
 pub(crate) fn treatment_id(patient_id: &str, name: &str) -> String {
     format!("{patient_id}/{name}")
+}
+
+/// A stored image as a resend of it finds it.
+enum Stored {
+    Intact {
+        sha256: [u8; 32],
+        jpeg_len: u64,
+    },
+    /// The record does not check; its header's SHA-256 when that still reads.
+    Damaged {
+        sha256: Option<[u8; 32]>,
+    },
 }
 
 struct ImageRef<'a> {

@@ -31,6 +31,7 @@
 pub mod ims;
 pub mod limits;
 pub mod tables;
+pub mod volume;
 
 mod apply;
 mod error;
@@ -43,7 +44,7 @@ mod verify;
 mod writer;
 
 pub use error::{StorageError, SubmitError, WriteError};
-pub use migrate::write_v1_fixture;
+pub use migrate::{fixture_jpeg, write_v1_fixture, write_v4_fixture, FixtureImage};
 pub use model::{
     AcquisitionRecord, AcquisitionSync, AnnotationRecord, AnnotationSource, ApiKeyRecord, ApiScope,
     AuditOutcome, AuditRecord, Change, ChangeEntity, DishRecord, DishSyncState, EmbryoRecord, Fate,
@@ -60,4 +61,5 @@ pub use reader::Reader;
 pub use store::{
     set_schema_version_for_tests, CommitListener, Store, StoreOptions, DATABASE_FILE_NAME,
 };
+pub use volume::{Location, Recovery};
 pub use writer::{Completion, Writer, WriterOptions, WriterStats};

@@ -5,8 +5,13 @@
 use crate::apply::{get_row, treatment_id};
 use crate::error::StorageError;
 use crate::model::{ChangeEntity, Fate};
-use crate::tables::{self, decode, encode, WellKey};
-use redb::{ReadableTable, WriteTransaction};
+use crate::tables::{
+    self, decode, encode, AcquisitionRow, ImageValue, Location, PlaneRow, WellKey,
+};
+use crate::volume::{Appender, RecordHeader};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -16,6 +21,7 @@ pub(crate) fn step(txn: &WriteTransaction, from: u64) -> Result<(), StorageError
         1 => v1_to_v2(txn),
         2 => v2_to_v3(txn),
         3 => v3_to_v4(txn),
+        4 => v4_to_v5(txn),
         _ => Err(StorageError::Corrupt(format!(
             "no migration from schema version {from}"
         ))),
@@ -31,6 +37,326 @@ fn v3_to_v4(txn: &WriteTransaction) -> Result<(), StorageError> {
         encode(&tables::ImsStateRow::default()).as_slice(),
     )?;
     Ok(())
+}
+
+/// Version 5 moves the JPEG bytes out of redb into volume files; `acquisitions` becomes the
+/// image index. This step, inside the opening transaction, only rewrites every acquisition row
+/// with its planes at `Location::LEGACY` ("still in the old `images` table"). The bytes are
+/// moved afterwards by [`move_legacy_images`], in chunks that each commit, so a large store's
+/// migration can be interrupted at any point and resumes where it stopped.
+fn v4_to_v5(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let mut rows = txn.open_table(tables::ACQUISITIONS)?;
+    let mut converted = Vec::new();
+    for entry in rows.iter()? {
+        let (key, value) = entry?;
+        let old: v4::AcquisitionRow = decode(value.value(), "version 4 acquisition")?;
+        let row = AcquisitionRow {
+            planes: old
+                .focal_planes
+                .into_iter()
+                .map(|focal_plane| PlaneRow {
+                    focal_plane,
+                    location: Location::LEGACY,
+                })
+                .collect(),
+            first_stored_at_ms: old.first_stored_at_ms,
+        };
+        converted.push((key.value(), encode(&row)));
+    }
+    for (key, bytes) in converted {
+        rows.insert(key, bytes.as_slice())?;
+    }
+    Ok(())
+}
+
+/// The version 4 record layouts, frozen.
+pub(crate) mod v4 {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct AcquisitionRow {
+        pub focal_planes: Vec<i32>,
+        pub first_stored_at_ms: i64,
+    }
+}
+
+/// Most JPEG bytes moved per commit of [`move_legacy_images`].
+const MOVE_CHUNK_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// Most images moved per commit of [`move_legacy_images`].
+const MOVE_CHUNK_IMAGES_MAX: usize = 2048;
+
+/// Moves every image still in version 4's `images` table into the volumes, a chunk per
+/// commit: append the chunk's records, `fdatasync`, then one transaction points their index
+/// entries at the records and deletes the old rows. A crash between the two leaves records past
+/// the volume's committed end, which the next open cuts off; the old rows are still there and
+/// are moved again. The old table is deleted once empty. Logs progress every few seconds.
+pub(crate) fn move_legacy_images(
+    db: &Database,
+    appender: &mut Appender,
+) -> Result<(), StorageError> {
+    let total = {
+        let txn = db.begin_read()?;
+        match txn.open_table(tables::LEGACY_IMAGES) {
+            Ok(table) => table.len()?,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(error) => return Err(error.into()),
+        }
+    };
+    tracing::info!(
+        images = total,
+        "moving images of schema version 4 into volume files (resumable)"
+    );
+    let started = std::time::Instant::now();
+    let mut last_log = started;
+    let mut moved = 0u64;
+    let mut moved_bytes = 0u64;
+    let mut dishes: HashMap<u64, (u64, String)> = HashMap::new();
+    loop {
+        let chunk = read_legacy_chunk(db)?;
+        if chunk.is_empty() {
+            break;
+        }
+        let result = move_chunk(db, appender, &chunk, &mut dishes);
+        if let Err(error) = result {
+            appender.abort();
+            return Err(error);
+        }
+        moved += chunk.len() as u64;
+        moved_bytes += chunk.iter().map(|(_, v)| v.len() as u64).sum::<u64>();
+        if last_log.elapsed() >= std::time::Duration::from_secs(2) {
+            last_log = std::time::Instant::now();
+            let seconds = started.elapsed().as_secs_f64().max(0.001);
+            tracing::info!(
+                moved,
+                total,
+                mb_per_s = format!("{:.0}", moved_bytes as f64 / 1e6 / seconds),
+                "moving images into volume files"
+            );
+        }
+    }
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    txn.delete_table(tables::LEGACY_IMAGES)?;
+    txn.commit()?;
+    tracing::info!(
+        moved,
+        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        "every image of schema version 4 is in a volume file; the old table is deleted"
+    );
+    Ok(())
+}
+
+type LegacyRow = (tables::ImageKey, Vec<u8>);
+
+fn read_legacy_chunk(db: &Database) -> Result<Vec<LegacyRow>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::LEGACY_IMAGES)?;
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        bytes += value.value().len() as u64;
+        out.push((key.value(), value.value().to_vec()));
+        if out.len() >= MOVE_CHUNK_IMAGES_MAX || bytes >= MOVE_CHUNK_BYTES_MAX {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn move_chunk(
+    db: &Database,
+    appender: &mut Appender,
+    chunk: &[LegacyRow],
+    dishes: &mut HashMap<u64, (u64, String)>,
+) -> Result<(), StorageError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    {
+        let dish_rows = txn.open_table(tables::DISHES)?;
+        let mut acquisitions = txn.open_table(tables::ACQUISITIONS)?;
+        let mut legacy = txn.open_table(tables::LEGACY_IMAGES)?;
+        let mut volume_rows = txn.open_table(tables::VOLUMES)?;
+        let mut stored_at_last = 0i64;
+        for (key, value) in chunk {
+            let (dish_key, well, acquired_at_ms, focal_plane) = *key;
+            if let std::collections::hash_map::Entry::Vacant(entry) = dishes.entry(dish_key) {
+                let dish = match dish_rows.get(dish_key)? {
+                    Some(row) => decode::<tables::DishRow>(row.value(), "dish")
+                        .map(|row| (row.instrument_id, row.dish_id))
+                        .unwrap_or((0, String::new())),
+                    None => (0, String::new()),
+                };
+                entry.insert(dish);
+            }
+            let (instrument_id, dish_id) = dishes[&dish_key].clone();
+            // A damaged image moves as it is (its SHA-256 no longer matches): verify names it.
+            let (sha256, stored_at_ms, jpeg): ([u8; 32], i64, &[u8]) =
+                match ImageValue::decode(value) {
+                    Ok(image) => (image.sha256, image.stored_at_ms, image.jpeg),
+                    Err(_) => ([0; 32], 0, value.as_slice()),
+                };
+            let jpeg = &jpeg[..jpeg.len().min(crate::limits::JPEG_BYTES_MAX)];
+            let header = RecordHeader {
+                dish_key,
+                instrument_id,
+                dish_id,
+                well,
+                acquired_at_ms,
+                focal_plane,
+                stored_at_ms,
+                sha256,
+                jpeg_len: jpeg.len() as u32,
+            };
+            let location = appender.append(&header, jpeg, stored_at_ms)?;
+            stored_at_last = stored_at_last.max(stored_at_ms);
+            let acquisition_key = (dish_key, well, acquired_at_ms);
+            let mut row = match acquisitions.get(acquisition_key)? {
+                Some(row) => decode::<AcquisitionRow>(row.value(), "acquisition")?,
+                None => AcquisitionRow {
+                    planes: Vec::new(),
+                    first_stored_at_ms: stored_at_ms,
+                },
+            };
+            row.set(focal_plane, location);
+            acquisitions.insert(acquisition_key, encode(&row).as_slice())?;
+            legacy.remove(*key)?;
+        }
+        let changes = appender.sync(stored_at_last)?;
+        for (id, row) in &changes.rows {
+            volume_rows.insert(*id, encode(row).as_slice())?;
+        }
+        drop((dish_rows, acquisitions, legacy, volume_rows));
+        txn.commit()?;
+        appender.committed(&changes);
+    }
+    Ok(())
+}
+
+/// The bytes of image `index` of a fixture: deterministic, distinct per key, JPEG-framed.
+#[doc(hidden)]
+pub fn fixture_jpeg(well: u32, index: u32, focal_plane: i32, len: usize) -> Vec<u8> {
+    let mut x = (u64::from(well) << 40) ^ (u64::from(index) << 8) ^ (focal_plane as u64 & 0xff);
+    x = x.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len.max(4));
+    out.extend_from_slice(&[0xff, 0xd8]);
+    while out.len() + 2 < len.max(4) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.push(x as u8);
+    }
+    out.extend_from_slice(&[0xff, 0xd9]);
+    out
+}
+
+/// One image of [`write_v4_fixture`]: its bytes are `fixture_jpeg(well, index, focal_plane,
+/// jpeg_bytes)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FixtureImage {
+    pub instrument_id: u64,
+    pub dish_id: String,
+    pub well: u32,
+    pub index: u32,
+    pub acquired_at_ms: i64,
+    pub focal_plane: i32,
+}
+
+/// Writes a version 4 database with images into `dir`, as the version 4 binary would have: the
+/// version 1 fixture migrated to 4, then `acquisitions_per_well` acquisitions of each of its
+/// two wells, each at every plane of `planes`, `jpeg_bytes` each, JPEGs inside redb.
+#[doc(hidden)]
+pub fn write_v4_fixture(
+    dir: &std::path::Path,
+    acquisitions_per_well: u32,
+    planes: &[i32],
+    jpeg_bytes: usize,
+) -> Result<Vec<FixtureImage>, StorageError> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(crate::DATABASE_FILE_NAME);
+    write_v1_fixture(&path)?;
+    let db = Database::open(&path)?;
+    {
+        let txn = db.begin_write()?;
+        for from in 1..4 {
+            step(&txn, from)?;
+        }
+        tables::create_all_v4(&txn)?;
+        txn.open_table(tables::META)?.insert(
+            tables::META_SCHEMA_VERSION,
+            tables::encode_u64(4).as_slice(),
+        )?;
+        txn.commit()?;
+    }
+    let mut planes: Vec<i32> = planes.to_vec();
+    planes.sort_unstable();
+    planes.dedup();
+    let mut images = Vec::new();
+    let t0 = 1_700_000_000_000i64;
+    for well in 1..=2u32 {
+        let mut index = 0u32;
+        while index < acquisitions_per_well {
+            // About 32 MB per commit.
+            let per_commit = (32_000_000 / (jpeg_bytes.max(1) * planes.len().max(1))).max(1) as u32;
+            let until = (index + per_commit).min(acquisitions_per_well);
+            let txn = db.begin_write()?;
+            {
+                let mut meta = txn.open_table(tables::META)?;
+                let mut state: tables::StateRow = decode(
+                    meta.get(tables::META_STATE)?.expect("state row").value(),
+                    "state",
+                )?;
+                let mut legacy = txn.open_table(tables::LEGACY_IMAGES)?;
+                let mut acquisitions = txn.open_table(tables::ACQUISITIONS)?;
+                let mut changes = txn.open_table(tables::CHANGES)?;
+                for i in index..until {
+                    let acquired_at_ms = t0 + i64::from(i) * 600_000;
+                    for &focal_plane in &planes {
+                        let jpeg = fixture_jpeg(well, i, focal_plane, jpeg_bytes);
+                        let value = ImageValue {
+                            sha256: tables::sha256(&jpeg),
+                            stored_at_ms: acquired_at_ms + 1000,
+                            jpeg: &jpeg,
+                        };
+                        legacy.insert(
+                            (1, well, acquired_at_ms, focal_plane),
+                            value.encode().as_slice(),
+                        )?;
+                        state.images += 1;
+                        state.image_bytes += jpeg.len() as u64;
+                        images.push(FixtureImage {
+                            instrument_id: 1,
+                            dish_id: "D-V1".into(),
+                            well,
+                            index: i,
+                            acquired_at_ms,
+                            focal_plane,
+                        });
+                    }
+                    let row = v4::AcquisitionRow {
+                        focal_planes: planes.clone(),
+                        first_stored_at_ms: acquired_at_ms + 1000,
+                    };
+                    acquisitions.insert((1, well, acquired_at_ms), encode(&row).as_slice())?;
+                    state.acquisitions += 1;
+                    state.change_last_seq += 1;
+                    let change = tables::ChangeRow {
+                        at_ms: acquired_at_ms + 1000,
+                        entity: ChangeEntity::Acquisition.to_u8(),
+                        key: u64::from(well),
+                        id: format!("E-V1-{well}"),
+                        version: 0,
+                        summary: format!("acquisition of embryo E-V1-{well}"),
+                    };
+                    changes.insert(state.change_last_seq, encode(&change).as_slice())?;
+                }
+                meta.insert(tables::META_STATE, encode(&state).as_slice())?;
+            }
+            txn.commit()?;
+            index = until;
+        }
+    }
+    Ok(images)
 }
 
 /// The version 1 record layouts, frozen.

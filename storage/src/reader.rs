@@ -10,17 +10,20 @@ use crate::model::{
     StoreStats, WellSync,
 };
 use crate::tables::{
-    self, decode, AcquisitionRow, ChangeRow, EmbryoRow, ImageValue, InstrumentRow, PatientRow,
-    StateRow,
+    self, decode, AcquisitionRow, ChangeRow, EmbryoRow, ImageKey, ImageValue, InstrumentRow,
+    PatientRow, StateRow,
 };
+use crate::volume::{Location, Volumes};
 use redb::{ReadTransaction, ReadableTable};
 use std::ops::Bound;
+use std::sync::Arc;
 
 mod clinical;
 
 /// A read snapshot. Dropping it releases the snapshot; keep it short-lived on event loops.
 pub struct Reader {
     txn: ReadTransaction,
+    volumes: Arc<Volumes>,
 }
 
 impl std::fmt::Debug for Reader {
@@ -30,8 +33,36 @@ impl std::fmt::Debug for Reader {
 }
 
 impl Reader {
-    pub(crate) fn new(txn: ReadTransaction) -> Reader {
-        Reader { txn }
+    pub(crate) fn new(txn: ReadTransaction, volumes: Arc<Volumes>) -> Reader {
+        Reader { txn, volumes }
+    }
+
+    /// The JPEG of the image `key` at `location`, read from its volume (or, during the
+    /// migration from version 4, from the old table) and checked: a record that is not
+    /// intact is `ImageDamaged`, named by `text`.
+    pub(crate) fn read_jpeg(
+        &self,
+        location: Location,
+        key: ImageKey,
+        text: impl FnOnce() -> String,
+    ) -> Result<bytes::Bytes, StorageError> {
+        if location.is_legacy() {
+            let legacy = match self.txn.open_table(tables::LEGACY_IMAGES) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => {
+                    return Err(StorageError::ImageDamaged { key: text() });
+                }
+                Err(error) => return Err(error.into()),
+            };
+            let Some(stored) = legacy.get(key)? else {
+                return Err(StorageError::ImageDamaged { key: text() });
+            };
+            return checked_jpeg(stored.value(), text);
+        }
+        self.volumes
+            .read_record(location, key)
+            .map(|record| record.jpeg)
+            .map_err(|failure| failure.into_storage_error(text()))
     }
 
     pub fn instrument_by_serial(
@@ -99,7 +130,7 @@ impl Reader {
                 let row: AcquisitionRow = decode(value.value(), "acquisition")?;
                 well_sync.acquisitions.push(AcquisitionSync {
                     acquired_at_ms: key.value().2,
-                    focal_planes: row.focal_planes,
+                    focal_planes: row.focal_planes(),
                 });
             }
             out.wells.push(well_sync);
@@ -159,12 +190,28 @@ impl Reader {
         let Some(dish_key) = self.dish_key(instrument_id, dish_id)? else {
             return Ok(None);
         };
-        let images = self.txn.open_table(tables::IMAGES)?;
-        let Some(stored) = images.get((dish_key, well, acquired_at_ms, focal_plane))? else {
+        let Some(location) = self.location(dish_key, well, acquired_at_ms, focal_plane)? else {
             return Ok(None);
         };
-        let key = || image_key_text(instrument_id, dish_id, well, focal_plane, acquired_at_ms);
-        checked_jpeg(stored.value(), key).map(Some)
+        let key = (dish_key, well, acquired_at_ms, focal_plane);
+        let text = || image_key_text(instrument_id, dish_id, well, focal_plane, acquired_at_ms);
+        self.read_jpeg(location, key, text).map(Some)
+    }
+
+    /// Where the image is, from its acquisition row.
+    pub(crate) fn location(
+        &self,
+        dish_key: u64,
+        well: u32,
+        acquired_at_ms: i64,
+        focal_plane: i32,
+    ) -> Result<Option<Location>, StorageError> {
+        let acquisitions = self.txn.open_table(tables::ACQUISITIONS)?;
+        let Some(row) = acquisitions.get((dish_key, well, acquired_at_ms))? else {
+            return Ok(None);
+        };
+        let row: AcquisitionRow = decode(row.value(), "acquisition")?;
+        Ok(row.location(focal_plane))
     }
 
     /// Up to `limit` (capped at `limits::READ_ROWS_MAX`) changes with seq > `after`. A cursor
@@ -203,10 +250,26 @@ impl Reader {
         Ok(self.state()?.change_last_seq)
     }
 
-    /// O(1): reads the counters row.
+    /// Reads the counters row and the volume rows (one per volume file).
     pub fn stats(&self) -> Result<StoreStats, StorageError> {
         let state = self.state()?;
+        let (mut volumes, mut volumes_sealed, mut active_volume, mut volume_bytes) = (0, 0, 0, 0);
+        for entry in self.txn.open_table(tables::VOLUMES)?.range::<u32>(..)? {
+            let (id, row) = entry?;
+            let row: tables::VolumeRow = decode(row.value(), "volume")?;
+            volumes += 1;
+            volume_bytes += row.end;
+            if row.sealed {
+                volumes_sealed += 1;
+            } else {
+                active_volume = id.value();
+            }
+        }
         Ok(StoreStats {
+            volumes,
+            volumes_sealed,
+            active_volume,
+            volume_bytes,
             instruments: state.instruments,
             patients: state.patients,
             treatments: state.treatments,

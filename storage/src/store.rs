@@ -2,7 +2,8 @@
 
 use crate::error::StorageError;
 use crate::reader::Reader;
-use crate::tables::{self, decode_u64, encode, encode_u64, ImageValue, StateRow};
+use crate::tables::{self, decode_u64, encode, encode_u64, StateRow};
+use crate::volume::{Appender, ListedVolume, Recovery, Volumes};
 use crate::writer::{Writer, WriterOptions};
 use crate::{model, verify};
 use parking_lot::{Mutex, RwLock};
@@ -24,6 +25,9 @@ pub struct StoreOptions {
     /// Change-log entries older than this (by their `at_ms`) are pruned by the writer, measured
     /// back from the newest `at_ms` of each batch. Must be >= 0.
     pub change_log_retention_ms: i64,
+    /// An image volume is sealed, and the next one started, before a record would take it past
+    /// this many bytes. At least 1 MiB.
+    pub volume_bytes_max: u64,
 }
 
 impl Default for StoreOptions {
@@ -31,6 +35,7 @@ impl Default for StoreOptions {
         StoreOptions {
             cache_bytes: 256 * MIB,
             change_log_retention_ms: 30 * DAY_MS,
+            volume_bytes_max: 4 * 1024 * MIB,
         }
     }
 }
@@ -57,10 +62,14 @@ pub(crate) struct StoreInner {
     pub(crate) options: StoreOptions,
     /// Set while a writer thread runs: there is one writer at a time.
     pub(crate) writer_running: AtomicBool,
-    /// Serialises the test-only write helpers with each other.
-    test_write: Mutex<()>,
     /// Called by the writer after every commit that added changes (see [`Store::on_commit`]).
     pub(crate) commit_listeners: Mutex<Vec<CommitListener>>,
+    /// The image volumes, read by everyone.
+    pub(crate) volumes: Arc<Volumes>,
+    /// Appends image records: used by the writer thread (and the migration before it).
+    pub(crate) appender: Mutex<Appender>,
+    /// What the opening found past the last index commit.
+    pub(crate) recovery: Recovery,
 }
 
 impl StoreInner {
@@ -145,6 +154,10 @@ impl Store {
         opener: Opener,
     ) -> Result<Store, StorageError> {
         assert!(options.change_log_retention_ms >= 0);
+        assert!(
+            options.volume_bytes_max >= MIB,
+            "volumes hold at least 1 MiB"
+        );
         std::fs::create_dir_all(dir)?;
         let path = dir.join(DATABASE_FILE_NAME);
         let created = !path.exists();
@@ -155,7 +168,12 @@ impl Store {
             sync_directory(dir)?;
         }
         let server_id = prepare(&db, server_id_seed)?;
-        tracing::info!(path = %path.display(), %server_id, "storage opened");
+        let volumes = Arc::new(Volumes::new(dir));
+        let listed = list_volumes(&db)?;
+        let (mut appender, recovery) =
+            Appender::open(Arc::clone(&volumes), options.volume_bytes_max, &listed)?;
+        crate::migrate::move_legacy_images(&db, &mut appender)?;
+        tracing::info!(path = %path.display(), %server_id, volumes = listed.len(), "storage opened");
         Ok(Store {
             inner: Arc::new(StoreInner {
                 db: RwLock::new(Some(db)),
@@ -165,10 +183,22 @@ impl Store {
                 server_id,
                 options: options.clone(),
                 writer_running: AtomicBool::new(false),
-                test_write: Mutex::new(()),
                 commit_listeners: Mutex::new(Vec::new()),
+                volumes,
+                appender: Mutex::new(appender),
+                recovery,
             }),
         })
+    }
+
+    /// What opening the store cut off past the last index commit (never acknowledged).
+    pub fn recovery(&self) -> Recovery {
+        self.inner.recovery.clone()
+    }
+
+    /// The directory of the image volumes.
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.inner.volumes.dir().to_path_buf()
     }
 
     /// 32 lowercase hex characters, fixed when the database was created.
@@ -187,7 +217,10 @@ impl Store {
 
     /// A read snapshot (MVCC): sees every commit made before this call, nothing later.
     pub fn read(&self) -> Result<Reader, StorageError> {
-        Ok(Reader::new(self.inner.begin_read()?))
+        Ok(Reader::new(
+            self.inner.begin_read()?,
+            Arc::clone(&self.inner.volumes),
+        ))
     }
 
     /// Closes the database and opens it again: after a failed I/O (ENOSPC, EIO) redb refuses
@@ -252,11 +285,12 @@ impl Store {
         progress: &mut dyn FnMut(model::VerifyProgress),
     ) -> Result<model::VerifyReport, StorageError> {
         let txn = self.inner.begin_read()?;
-        verify::verify(&txn, progress)
+        verify::verify(&txn, &self.inner.volumes, progress)
     }
 
-    /// Test hook: flips one byte of a stored image's JPEG in place, keeping its stored SHA-256,
-    /// so that reads and `verify` see a damaged image. Returns false if there is no such image.
+    /// Test hook: flips one byte of a stored image's JPEG in place in its volume, keeping its
+    /// header, so that reads and `verify` see a damaged image. Returns false if there is no such
+    /// image.
     #[doc(hidden)]
     pub fn corrupt_image_for_tests(
         &self,
@@ -266,34 +300,71 @@ impl Store {
         focal_plane: i32,
         acquired_at_ms: i64,
     ) -> Result<bool, StorageError> {
-        let _guard = self.inner.test_write.lock();
-        let mut txn = self.inner.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        {
-            let by_instrument = txn.open_table(tables::DISH_BY_INSTRUMENT)?;
-            let Some(dish_key) = by_instrument
-                .get((instrument_id, dish_id))?
-                .map(|g| g.value())
-            else {
-                return Ok(false);
-            };
-            let mut images = txn.open_table(tables::IMAGES)?;
-            let key = (dish_key, well, acquired_at_ms, focal_plane);
-            let Some(mut bytes) = images.get(key)?.map(|g| g.value().to_vec()) else {
-                return Ok(false);
-            };
-            if bytes.len() <= ImageValue::HEADER_BYTES {
-                return Err(StorageError::Corrupt(
-                    "image value has no JPEG bytes".into(),
-                ));
-            }
-            let last = bytes.len() - 1;
-            bytes[last] ^= 0x5a;
-            images.insert(key, bytes.as_slice())?;
-        }
-        txn.commit()?;
+        let Some(location) =
+            self.image_location(instrument_id, dish_id, well, focal_plane, acquired_at_ms)?
+        else {
+            return Ok(false);
+        };
+        let path = self.inner.volumes.path(location.volume);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let last = location.offset + u64::from(location.length) - 1;
+        let mut byte = [0u8; 1];
+        crate::volume::read_exact_at(&file, &mut byte, last)?;
+        byte[0] ^= 0x5a;
+        crate::volume::write_all_at(&file, &byte, last)?;
+        file.sync_data()?;
         Ok(true)
     }
+
+    /// Test hook: after `bytes` more bytes of image records, volume writes fail as on a full
+    /// disk (`None`: no limit).
+    #[doc(hidden)]
+    pub fn set_volume_write_budget_for_tests(&self, bytes: Option<u64>) {
+        self.inner.appender.lock().set_write_budget(bytes);
+    }
+
+    /// Where an image's record is (volume, offset, length), for tools and tests.
+    pub fn image_location(
+        &self,
+        instrument_id: u64,
+        dish_id: &str,
+        well: u32,
+        focal_plane: i32,
+        acquired_at_ms: i64,
+    ) -> Result<Option<tables::Location>, StorageError> {
+        let txn = self.inner.begin_read()?;
+        let by_instrument = txn.open_table(tables::DISH_BY_INSTRUMENT)?;
+        let Some(dish_key) = by_instrument
+            .get((instrument_id, dish_id))?
+            .map(|g| g.value())
+        else {
+            return Ok(None);
+        };
+        let acquisitions = txn.open_table(tables::ACQUISITIONS)?;
+        let Some(row) = acquisitions.get((dish_key, well, acquired_at_ms))? else {
+            return Ok(None);
+        };
+        let row: tables::AcquisitionRow = tables::decode(row.value(), "acquisition")?;
+        Ok(row.location(focal_plane))
+    }
+}
+
+/// The rows of the `volumes` table, by id.
+fn list_volumes(db: &Database) -> Result<Vec<ListedVolume>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::VOLUMES)?;
+    let mut out = Vec::new();
+    for entry in table.range::<u32>(..)? {
+        let (id, row): (redb::AccessGuard<u32>, redb::AccessGuard<&[u8]>) = entry?;
+        out.push(ListedVolume {
+            id: id.value(),
+            row: tables::decode(row.value(), "volume")?,
+        });
+    }
+    Ok(out)
 }
 
 /// Test hook: write a schema version into an existing database (no server may have it open).

@@ -14,11 +14,12 @@
 //! are `u64`, allocated from [`StateRow`] starting at 1, and never reused.
 
 use crate::error::StorageError;
+pub use crate::volume::Location;
 use redb::TableDefinition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The schema version this binary writes and reads. See the module documentation.
-pub const SCHEMA_VERSION: u64 = 4;
+pub const SCHEMA_VERSION: u64 = 5;
 
 /// `meta`: name -> bytes. Rows: [`META_SCHEMA_VERSION`] (u64 LE), [`META_SERVER_ID`] (UTF-8,
 /// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]), [`META_IMS`] (postcard
@@ -97,15 +98,23 @@ pub const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::n
 pub const IDEMPOTENCY_BY_AGE: TableDefinition<(i64, &str, &str), ()> =
     TableDefinition::new("idempotency_by_age");
 
-/// `acquisitions`: (dish_key, well, acquired_at_ms) -> [`AcquisitionRow`] (the focal planes
-/// stored for that acquisition, sorted).
+/// `acquisitions`: (dish_key, well, acquired_at_ms) -> [`AcquisitionRow`]: the focal planes
+/// stored for that acquisition, sorted, each with where its record is in the volumes. This is
+/// the image index (one row per acquisition, not per image, to keep it small).
 pub const ACQUISITIONS: TableDefinition<AcquisitionKey, &[u8]> =
     TableDefinition::new("acquisitions");
 
-/// `images`: (dish_key, well, acquired_at_ms, focal_plane) -> image value, laid out as
-/// 32-byte SHA-256 of the JPEG || stored_at_ms (8 bytes, i64 LE) || JPEG bytes.
-/// See [`ImageValue`].
-pub const IMAGES: TableDefinition<ImageKey, &[u8]> = TableDefinition::new("images");
+/// `volumes`: volume id (from 1) -> [`VolumeRow`]: the image volume files (`crate::volume`),
+/// how many bytes of each hold committed records, and whether it is sealed. Updated in the
+/// same transaction as the index entries of the records it counts.
+pub const VOLUMES: TableDefinition<u32, &[u8]> = TableDefinition::new("volumes");
+
+/// Version 4's `images` table: (dish_key, well, acquired_at_ms, focal_plane) -> SHA-256 ||
+/// stored_at_ms (i64 LE) || JPEG bytes ([`ImageValue`]). In version 5 it exists only while
+/// the migration moves its images into volumes (`crate::migrate::move_legacy_images`), which
+/// deletes it when it is empty; index entries still pointing into it have
+/// `Location::LEGACY`.
+pub const LEGACY_IMAGES: TableDefinition<ImageKey, &[u8]> = TableDefinition::new("images");
 
 /// `telemetry`: (instrument_id, channel, at_ms) -> [`TelemetryRow`]. A sample is identified by
 /// its instrument, channel and time, so a resent sample is stored once.
@@ -151,7 +160,7 @@ pub const TABLE_NAMES: [&str; 28] = [
     "embryo_by_id",
     "embryo_by_key",
     "acquisitions",
-    "images",
+    "volumes",
     "telemetry",
     "changes",
     "annotations",
@@ -183,7 +192,7 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), StorageErro
     txn.open_table(EMBRYO_BY_ID)?;
     txn.open_table(EMBRYO_BY_KEY)?;
     txn.open_table(ACQUISITIONS)?;
-    txn.open_table(IMAGES)?;
+    txn.open_table(VOLUMES)?;
     txn.open_table(TELEMETRY)?;
     txn.open_table(CHANGES)?;
     txn.open_table(ANNOTATIONS)?;
@@ -197,6 +206,15 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), StorageErro
     txn.open_table(IDEMPOTENCY_BY_AGE)?;
     txn.open_table(IMS_QUEUE)?;
     txn.open_table(IMS_ALARMS)?;
+    Ok(())
+}
+
+/// Creates the tables of schema version 4 (for the version-4 fixture of the migration tests).
+#[doc(hidden)]
+pub(crate) fn create_all_v4(txn: &redb::WriteTransaction) -> Result<(), StorageError> {
+    create_all(txn)?;
+    txn.delete_table(VOLUMES)?;
+    txn.open_table(LEGACY_IMAGES)?;
     Ok(())
 }
 
@@ -433,9 +451,70 @@ pub struct IdempotencyRow {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AcquisitionRow {
-    /// Sorted ascending, no duplicates, never empty.
-    pub focal_planes: Vec<i32>,
+    /// Sorted ascending by focal plane, no duplicates, never empty.
+    pub planes: Vec<PlaneRow>,
     pub first_stored_at_ms: i64,
+}
+
+impl AcquisitionRow {
+    /// The focal planes stored, ascending.
+    pub fn focal_planes(&self) -> Vec<i32> {
+        self.planes.iter().map(|p| p.focal_plane).collect()
+    }
+
+    /// Where the image of `focal_plane` is, if it is stored.
+    pub fn location(&self, focal_plane: i32) -> Option<Location> {
+        self.planes
+            .binary_search_by_key(&focal_plane, |p| p.focal_plane)
+            .ok()
+            .map(|at| self.planes[at].location)
+    }
+
+    /// Records (or moves) the image of `focal_plane`; true when the plane is new.
+    pub fn set(&mut self, focal_plane: i32, location: Location) -> bool {
+        match self
+            .planes
+            .binary_search_by_key(&focal_plane, |p| p.focal_plane)
+        {
+            Ok(at) => {
+                self.planes[at].location = location;
+                false
+            }
+            Err(at) => {
+                self.planes.insert(
+                    at,
+                    PlaneRow {
+                        focal_plane,
+                        location,
+                    },
+                );
+                true
+            }
+        }
+    }
+}
+
+/// One focal plane of an acquisition and where its record is. The SHA-256 and stored_at are in
+/// the record's header (checked on every read), not here: about 12 bytes per image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaneRow {
+    pub focal_plane: i32,
+    pub location: Location,
+}
+
+/// A volume file's row in [`VOLUMES`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRow {
+    /// Bytes of committed records, from offset 0: everything before is durable and indexed;
+    /// anything after was never acknowledged and is cut off at start.
+    pub end: u64,
+    /// Records in `[0, end)`, indexed or superseded.
+    pub records: u64,
+    /// Sealed volumes never change again.
+    pub sealed: bool,
+    pub created_at_ms: i64,
+    /// 0 while active.
+    pub sealed_at_ms: i64,
 }
 
 /// The monitoring queue's counters (`meta/ims_state`), updated in the same transaction as the
@@ -540,7 +619,7 @@ pub fn decode_u64(bytes: &[u8], what: &str) -> Result<u64, StorageError> {
     Ok(u64::from_le_bytes(array))
 }
 
-/// The value of an [`IMAGES`] row: SHA-256 (32 bytes) || stored_at_ms (i64 LE) || JPEG.
+/// The value of a version-4 [`LEGACY_IMAGES`] row: SHA-256 (32 bytes) || stored_at_ms (i64 LE) || JPEG.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageValue<'a> {
     pub sha256: [u8; 32],

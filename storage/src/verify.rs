@@ -5,7 +5,10 @@ use crate::apply::read_state;
 use crate::error::StorageError;
 use crate::model::{ChangeEntity, VerifyProgress, VerifyReport};
 use crate::reader::image_key_text;
-use crate::tables::{self, decode, AcquisitionRow, ChangeRow, DishRow, ImageValue, StateRow};
+use crate::tables::{
+    self, decode, AcquisitionRow, ChangeRow, DishRow, ImageValue, StateRow, VolumeRow,
+};
+use crate::volume::{self, Volumes};
 use redb::{ReadTransaction, ReadableTableMetadata};
 use std::collections::HashMap;
 
@@ -16,18 +19,13 @@ const REPORT_ITEMS_MAX: usize = 10_000;
 
 pub(crate) fn verify(
     txn: &ReadTransaction,
+    volumes: &Volumes,
     progress: &mut dyn FnMut(VerifyProgress),
 ) -> Result<VerifyReport, StorageError> {
     let state = read_state(&txn.open_table(tables::META)?)?;
     let mut report = Report::default();
-    let image_totals = check_images(txn, &mut report, progress)?;
-    let planes_total = check_acquisitions(txn, &mut report)?;
-    if planes_total != image_totals.images {
-        report.problem(format!(
-            "acquisitions list {planes_total} focal planes but {} images are stored",
-            image_totals.images
-        ));
-    }
+    let image_totals = check_images(txn, volumes, &state, &mut report, progress)?;
+    check_volumes(txn, volumes, &mut report)?;
     check_wells(txn, &mut report)?;
     check_changes(txn, &state, &mut report)?;
     check_audit(txn, &state, &mut report)?;
@@ -41,40 +39,75 @@ struct Report {
     damaged_more: u64,
     problems: Vec<String>,
     problems_more: u64,
+    orphans: Vec<String>,
+    orphans_more: u64,
+    unreadable: Vec<String>,
+    unreadable_more: u64,
+    volumes_checked: u64,
+    records_superseded: u64,
+}
+
+/// Adds `item` to a bounded list of the report, or counts it past the bound.
+fn bounded_push(list: &mut Vec<String>, more: &mut u64, item: String) {
+    if list.len() < REPORT_ITEMS_MAX {
+        list.push(item);
+    } else {
+        *more += 1;
+    }
 }
 
 impl Report {
     fn damaged(&mut self, key: String) {
         tracing::error!(%key, "verify: damaged image");
-        if self.damaged_images.len() < REPORT_ITEMS_MAX {
-            self.damaged_images.push(key);
-        } else {
-            self.damaged_more += 1;
-        }
+        bounded_push(&mut self.damaged_images, &mut self.damaged_more, key);
     }
 
     fn problem(&mut self, problem: String) {
         tracing::error!(%problem, "verify: invariant violated");
-        if self.problems.len() < REPORT_ITEMS_MAX {
-            self.problems.push(problem);
-        } else {
-            self.problems_more += 1;
-        }
+        bounded_push(&mut self.problems, &mut self.problems_more, problem);
+    }
+
+    fn orphan(&mut self, record: String) {
+        tracing::error!(%record, "verify: volume record not in the index");
+        bounded_push(&mut self.orphans, &mut self.orphans_more, record);
+    }
+
+    fn unreadable(&mut self, range: String) {
+        tracing::warn!(%range, "verify: volume bytes hold no readable record");
+        bounded_push(&mut self.unreadable, &mut self.unreadable_more, range);
     }
 
     fn finish(mut self, images_checked: u64) -> VerifyReport {
-        if self.damaged_more > 0 {
-            let more = format!("... and {} more damaged images", self.damaged_more);
-            self.damaged_images.push(more);
-        }
-        if self.problems_more > 0 {
-            let more = format!("... and {} more problems", self.problems_more);
-            self.problems.push(more);
+        for (list, more, what) in [
+            (
+                &mut self.damaged_images,
+                self.damaged_more,
+                "damaged images",
+            ),
+            (&mut self.problems, self.problems_more, "problems"),
+            (
+                &mut self.orphans,
+                self.orphans_more,
+                "records not in the index",
+            ),
+            (
+                &mut self.unreadable,
+                self.unreadable_more,
+                "unreadable ranges",
+            ),
+        ] {
+            if more > 0 {
+                list.push(format!("... and {more} more {what}"));
+            }
         }
         VerifyReport {
             images_checked,
             damaged_images: self.damaged_images,
             problems: self.problems,
+            orphan_records: self.orphans,
+            unreadable_ranges: self.unreadable,
+            volumes_checked: self.volumes_checked,
+            records_superseded: self.records_superseded,
         }
     }
 }
@@ -88,37 +121,34 @@ struct ImageTotals {
 /// Readable names of dishes, looked up on demand for messages.
 struct DishNames<'t> {
     dishes: &'t redb::ReadOnlyTable<u64, &'static [u8]>,
-    cache: HashMap<u64, (u64, String)>,
-    exists: HashMap<u64, bool>,
+    cache: HashMap<u64, Option<(u64, String)>>,
 }
 
 impl DishNames<'_> {
-    /// True when the dish row exists (looked up once per dish).
-    fn exists(&mut self, dish_key: u64) -> Result<bool, StorageError> {
-        if let Some(&exists) = self.exists.get(&dish_key) {
-            return Ok(exists);
+    /// The dish's (instrument id, dish id), None when its row is missing or unreadable (looked
+    /// up once per dish).
+    fn get(&mut self, dish_key: u64) -> Result<Option<(u64, String)>, StorageError> {
+        if let Some(found) = self.cache.get(&dish_key) {
+            return Ok(found.clone());
         }
-        let exists = self.dishes.get(dish_key)?.is_some();
-        self.exists.insert(dish_key, exists);
-        Ok(exists)
+        let found = match self.dishes.get(dish_key)? {
+            Some(bytes) => decode::<DishRow>(bytes.value(), "dish")
+                .ok()
+                .map(|row| (row.instrument_id, row.dish_id)),
+            None => None,
+        };
+        self.cache.insert(dish_key, found.clone());
+        Ok(found)
     }
 
     fn image_key(&mut self, key: tables::ImageKey) -> Result<String, StorageError> {
         let (dish_key, well, acquired_at_ms, focal_plane) = key;
-        if !self.cache.contains_key(&dish_key) {
-            let name = match self.dishes.get(dish_key)? {
-                Some(bytes) => match decode::<DishRow>(bytes.value(), "dish") {
-                    Ok(row) => (row.instrument_id, row.dish_id),
-                    Err(_) => (0, format!("<undecodable dish {dish_key}>")),
-                },
-                None => (0, format!("<missing dish {dish_key}>")),
-            };
-            self.cache.insert(dish_key, name);
-        }
-        let (instrument_id, dish_id) = &self.cache[&dish_key];
+        let (instrument_id, dish_id) = self
+            .get(dish_key)?
+            .unwrap_or((0, format!("<missing dish {dish_key}>")));
         Ok(image_key_text(
-            *instrument_id,
-            dish_id,
+            instrument_id,
+            &dish_id,
             well,
             focal_plane,
             acquired_at_ms,
@@ -126,68 +156,109 @@ impl DishNames<'_> {
     }
 }
 
+/// Walks the image index (the acquisition rows): every focal plane's record is read back and
+/// checked (header, key, SHA-256), and every acquisition has its well and dish.
 fn check_images(
     txn: &ReadTransaction,
+    volumes: &Volumes,
+    state: &StateRow,
     report: &mut Report,
     progress: &mut dyn FnMut(VerifyProgress),
 ) -> Result<ImageTotals, StorageError> {
-    let images = txn.open_table(tables::IMAGES)?;
-    let wells = txn.open_table(tables::WELLS)?;
     let acquisitions = txn.open_table(tables::ACQUISITIONS)?;
+    let wells = txn.open_table(tables::WELLS)?;
     let dishes = txn.open_table(tables::DISHES)?;
+    let legacy = match txn.open_table(tables::LEGACY_IMAGES) {
+        Ok(table) => Some(table),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(error) => return Err(error.into()),
+    };
     let mut names = DishNames {
         dishes: &dishes,
         cache: HashMap::new(),
-        exists: HashMap::new(),
     };
-    let images_total = images.len()?;
+    let images_total = state.images;
     let mut totals = ImageTotals::default();
-    // Images are sorted by acquisition, so the acquisition row is decoded once per acquisition.
-    let mut acquisition: Option<(tables::AcquisitionKey, Option<AcquisitionRow>)> = None;
-    for entry in images.range::<tables::ImageKey>(..)? {
+    for entry in acquisitions.range::<tables::AcquisitionKey>(..)? {
         let (key, value) = entry?;
-        let key = key.value();
-        let (dish_key, well, acquired_at_ms, focal_plane) = key;
-        totals.images += 1;
-        match ImageValue::decode(value.value()) {
-            Ok(image) => {
-                totals.image_bytes += image.jpeg.len() as u64;
-                if !image.is_intact() {
-                    report.damaged(names.image_key(key)?);
+        let (dish_key, well, acquired_at_ms) = key.value();
+        let row: AcquisitionRow = match decode(value.value(), "acquisition") {
+            Ok(row) => row,
+            Err(error) => {
+                report.problem(format!(
+                    "acquisition (dish {dish_key} well {well} at {acquired_at_ms}): {error}"
+                ));
+                continue;
+            }
+        };
+        let sorted = row
+            .planes
+            .windows(2)
+            .all(|pair| pair[0].focal_plane < pair[1].focal_plane);
+        if row.planes.is_empty() || !sorted {
+            report.problem(format!(
+                "acquisition (dish {dish_key} well {well} at {acquired_at_ms}) has \
+                 empty or unsorted focal planes"
+            ));
+        }
+        let dish = names.get(dish_key)?;
+        let well_registered = wells.get((dish_key, well))?.is_some();
+        let dish_id_len = dish.as_ref().map_or(0, |(_, id)| id.len());
+        for plane in &row.planes {
+            let key = (dish_key, well, acquired_at_ms, plane.focal_plane);
+            totals.images += 1;
+            if dish.is_none() {
+                let text = names.image_key(key)?;
+                report.problem(format!("image {text} has no dish"));
+            }
+            if !well_registered {
+                let text = names.image_key(key)?;
+                report.problem(format!("image {text} has no registered well"));
+            }
+            let location = plane.location;
+            if location.is_legacy() {
+                let stored = match &legacy {
+                    Some(table) => table.get(key)?.map(|v| v.value().to_vec()),
+                    None => None,
+                };
+                match stored.as_deref().map(ImageValue::decode) {
+                    Some(Ok(image)) => {
+                        totals.image_bytes += image.jpeg.len() as u64;
+                        if !image.is_intact() {
+                            report.damaged(names.image_key(key)?);
+                        }
+                    }
+                    Some(Err(error)) => {
+                        report.damaged(format!("{} ({error})", names.image_key(key)?))
+                    }
+                    None => report.damaged(format!(
+                        "{} (listed as not yet moved, but not in the old table)",
+                        names.image_key(key)?
+                    )),
+                }
+            } else {
+                let header_len = (volume::HEADER_FIXED_BYTES + dish_id_len) as u64;
+                totals.image_bytes += u64::from(location.length).saturating_sub(header_len);
+                match volumes.read_record(location, key) {
+                    Ok(_) => {}
+                    Err(volume::ReadFailure::Damaged(reason)) => {
+                        let text = names.image_key(key)?;
+                        tracing::error!(key = %text, %reason, "verify: image record damaged");
+                        report.damaged(text);
+                    }
+                    Err(volume::ReadFailure::Io(error)) => {
+                        let text = names.image_key(key)?;
+                        tracing::error!(key = %text, %error, "verify: image record unreadable");
+                        report.damaged(text);
+                    }
                 }
             }
-            Err(error) => report.damaged(format!("{} ({error})", names.image_key(key)?)),
-        }
-        if !names.exists(dish_key)? {
-            let text = names.image_key(key)?;
-            report.problem(format!("image {text} has no dish"));
-        }
-        if wells.get((dish_key, well))?.is_none() {
-            let text = names.image_key(key)?;
-            report.problem(format!("image {text} has no registered well"));
-        }
-        let acquisition_key = (dish_key, well, acquired_at_ms);
-        if acquisition.as_ref().map(|(k, _)| *k) != Some(acquisition_key) {
-            let row = match acquisitions.get(acquisition_key)? {
-                // A bad row is reported (check_acquisitions) and the walk goes on.
-                Some(bytes) => decode::<AcquisitionRow>(bytes.value(), "acquisition").ok(),
-                None => None,
-            };
-            acquisition = Some((acquisition_key, row));
-        }
-        let listed = acquisition
-            .as_ref()
-            .and_then(|(_, row)| row.as_ref())
-            .is_some_and(|row| row.focal_planes.binary_search(&focal_plane).is_ok());
-        if !listed {
-            let text = names.image_key(key)?;
-            report.problem(format!("image {text} is not listed in its acquisition row"));
-        }
-        if totals.images % PROGRESS_IMAGES_INTERVAL == 0 {
-            progress(VerifyProgress {
-                images_checked: totals.images,
-                images_total,
-            });
+            if totals.images % PROGRESS_IMAGES_INTERVAL == 0 {
+                progress(VerifyProgress {
+                    images_checked: totals.images,
+                    images_total,
+                });
+            }
         }
     }
     progress(VerifyProgress {
@@ -197,36 +268,84 @@ fn check_images(
     Ok(totals)
 }
 
-/// Returns the number of focal planes listed over all acquisitions.
-fn check_acquisitions(txn: &ReadTransaction, report: &mut Report) -> Result<u64, StorageError> {
+/// The other direction: every record in every volume's committed part is the one the index
+/// names for its key (or an older copy the index moved away from: superseded); its file is
+/// there and long enough.
+fn check_volumes(
+    txn: &ReadTransaction,
+    volumes: &Volumes,
+    report: &mut Report,
+) -> Result<(), StorageError> {
+    let rows = txn.open_table(tables::VOLUMES)?;
     let acquisitions = txn.open_table(tables::ACQUISITIONS)?;
-    let wells = txn.open_table(tables::WELLS)?;
-    let mut planes_total: u64 = 0;
-    for entry in acquisitions.range::<tables::AcquisitionKey>(..)? {
-        let (key, value) = entry?;
-        let (dish_key, well, acquired_at_ms) = key.value();
-        let row: AcquisitionRow = match decode(value.value(), "acquisition") {
+    for entry in rows.range::<u32>(..)? {
+        let (id, row) = entry?;
+        let id = id.value();
+        let row: VolumeRow = match decode(row.value(), "volume") {
             Ok(row) => row,
             Err(error) => {
-                report.problem(error.to_string());
+                report.problem(format!("volume {id}: {error}"));
                 continue;
             }
         };
-        planes_total += row.focal_planes.len() as u64;
-        let sorted = row.focal_planes.windows(2).all(|pair| pair[0] < pair[1]);
-        if row.focal_planes.is_empty() || !sorted {
+        report.volumes_checked += 1;
+        let path = volumes.path(id);
+        let len = match std::fs::metadata(&path) {
+            Ok(meta) => meta.len(),
+            Err(error) => {
+                report.problem(format!(
+                    "volume {id} ({}) cannot be opened: {error}",
+                    path.display()
+                ));
+                continue;
+            }
+        };
+        if len < row.end {
             report.problem(format!(
-                "acquisition (dish {dish_key} well {well} at {acquired_at_ms}) has \
-                 empty or unsorted focal planes"
+                "volume {id} is {len} bytes, shorter than its {} committed bytes",
+                row.end
             ));
+            continue;
         }
-        if wells.get((dish_key, well))?.is_none() {
+        let mut records = 0u64;
+        volume::walk(volumes, id, row.end, &mut |walked| {
+            match walked {
+                volume::Walked::Record { offset, header } => {
+                    records += 1;
+                    let key = header.image_key();
+                    let indexed = match acquisitions.get((key.0, key.1, key.2))? {
+                        Some(value) => decode::<AcquisitionRow>(value.value(), "acquisition")
+                            .ok()
+                            .and_then(|row| row.location(key.3)),
+                        None => None,
+                    };
+                    match indexed {
+                        Some(at) if at.volume == id && at.offset == offset => {}
+                        Some(_) => report.records_superseded += 1,
+                        None => report.orphan(format!(
+                            "volume {id} offset {offset}: dish {:?} well {} acquired_at_ms {} \
+                             focal_plane {}",
+                            header.dish_id, key.1, key.2, key.3
+                        )),
+                    }
+                }
+                volume::Walked::Unreadable { offset, bytes } => {
+                    report.unreadable(format!(
+                        "volume {id} bytes {offset}..{} hold no readable record",
+                        offset + bytes
+                    ));
+                }
+            }
+            Ok(())
+        })?;
+        if records != row.records && report.unreadable.is_empty() {
             report.problem(format!(
-                "acquisition (dish {dish_key} well {well} at {acquired_at_ms}) has no well"
+                "volume {id} holds {records} records, its row says {}",
+                row.records
             ));
         }
     }
-    Ok(planes_total)
+    Ok(())
 }
 
 /// Every well (embryo) belongs to an existing dish.

@@ -343,6 +343,8 @@ fn commit_batch_guarded(
                 requests = batch.len(),
                 "group commit panicked; batch aborted"
             );
+            // The panic unwound past commit_batch's own abort.
+            store.inner.appender.lock().abort();
             Err(BatchFailure {
                 error: WriteError::Storage("internal error while applying the batch".into()),
                 disk: false,
@@ -356,26 +358,44 @@ fn commit_batch(
     batch: &[Request],
     stats: &StatsCounters,
 ) -> Result<Vec<OpResult>, StorageError> {
+    let mut appender = store.inner.appender.lock();
+    let result = commit_batch_with(store, &mut appender, batch, stats);
+    if result.is_err() {
+        // Nothing of the batch is committed: its image records are cut off again.
+        appender.abort();
+    }
+    result
+}
+
+fn commit_batch_with(
+    store: &Store,
+    appender: &mut crate::volume::Appender,
+    batch: &[Request],
+    stats: &StatsCounters,
+) -> Result<Vec<OpResult>, StorageError> {
     let started = std::time::Instant::now();
     let mut txn = store.inner.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
-    let results = {
-        let mut tables = Batch::open(&txn)?;
+    let now_ms = batch.iter().filter_map(|r| r.op.at_ms()).max();
+    let (results, volume_changes) = {
+        let mut tables = Batch::open(&txn, appender, &store.inner.volumes)?;
         let mut results = Vec::with_capacity(batch.len());
         for request in batch {
             results.push(tables.apply(&request.op)?);
         }
-        if let Some(now_ms) = batch.iter().filter_map(|r| r.op.at_ms()).max() {
+        if let Some(now_ms) = now_ms {
             let retention_ms = store.inner.options.change_log_retention_ms;
             let cutoff_ms = now_ms.saturating_sub(retention_ms);
             tables.prune_changes(cutoff_ms, limits::PRUNE_CHANGES_PER_BATCH_MAX)?;
             tables.prune_idempotency(cutoff_ms, limits::PRUNE_IDEMPOTENCY_PER_BATCH_MAX)?;
         }
-        tables.finish()?;
-        results
+        // The image records are written and fdatasync'd here, before the index commit.
+        let changes = tables.finish(now_ms.unwrap_or(0))?;
+        (results, changes)
     };
     let applied = std::time::Instant::now();
     txn.commit()?;
+    appender.committed(&volume_changes);
     stats
         .apply_us
         .fetch_add(micros(applied - started), Ordering::Relaxed);

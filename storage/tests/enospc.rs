@@ -1,7 +1,9 @@
-//! A real ENOSPC: the database file lives on a storage backend that fails every write past a
-//! byte budget with `StorageFull`, as a full filesystem does. redb then refuses every call until
-//! the database is reopened; the writer must reopen it and carry on. Nothing acknowledged may be
-//! lost, reads go on, and when space returns, writes succeed again.
+//! A real ENOSPC, twice: first the image volumes run out of space (the appender's write budget,
+//! a test hook inside the real write path), then the database file itself (it lives on a
+//! storage backend that fails every write past a byte budget with `StorageFull`, as a full
+//! filesystem does; redb then refuses every call until the database is reopened, and the writer
+//! must reopen it and carry on). Nothing acknowledged may be lost, reads go on, and when space
+//! returns, writes succeed again.
 
 use bytes::Bytes;
 use crossbeam_channel::bounded;
@@ -180,9 +182,8 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
     )
     .unwrap();
 
-    // The disk fills up 3 MB from here.
-    let start_len = std::fs::metadata(store.path()).unwrap().len();
-    budget.store(start_len + 3_000_000, Ordering::SeqCst);
+    // The volumes' disk fills up 3 MB from here.
+    store.set_volume_write_budget_for_tests(Some(3_000_000));
     let mut acked = Vec::new();
     let mut n = 0u32;
     let first_failure = loop {
@@ -194,10 +195,6 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
         }
         n += 1;
     };
-    assert!(
-        refused.load(Ordering::SeqCst) > 0,
-        "the backend refused a write"
-    );
     assert!(
         matches!(first_failure, WriteError::DiskFull),
         "the failed commit says disk_full: {first_failure:?}"
@@ -237,7 +234,7 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
     check_acked(&store, &acked);
 
     // Space returns: the same images are accepted, and more.
-    budget.store(u64::MAX, Ordering::SeqCst);
+    store.set_volume_write_budget_for_tests(None);
     for k in n..n + 10 {
         match write(&writer, image(instrument_id, k)) {
             Ok(WriteOutcome::ImageStored { duplicate: false }) => acked.push(k),
@@ -245,6 +242,53 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
         }
     }
     check_acked(&store, &acked);
+    assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+
+    // Now the database file's disk fills up 1 MB from here: telemetry (which lives in redb)
+    // fails with disk_full, the database is reopened, and writes go on once space returns.
+    let reopens_before = store.reopens();
+    let start_len = std::fs::metadata(store.path()).unwrap().len();
+    budget.store(start_len + 1_000_000, Ordering::SeqCst);
+    let mut samples_acked = 0u64;
+    let mut round = 0i64;
+    let telemetry = |round: i64| WriteOp::PutTelemetry {
+        instrument_id,
+        samples: (0..2000)
+            .map(|i| TelemetrySample {
+                channel: "temperature".into(),
+                value: 37.0,
+                at_ms: T0 + round * 1_000_000 + i,
+            })
+            .collect(),
+        alarms: Vec::new(),
+        ims: None,
+        at_ms: T0,
+    };
+    let failure = loop {
+        assert!(round < 1000, "the database budget never ran out");
+        match write(&writer, telemetry(round)) {
+            Ok(_) => samples_acked += 2000,
+            Err(error) => break error,
+        }
+        round += 1;
+    };
+    assert_eq!(failure.code(), "disk_full", "{failure:?}");
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "the backend refused a write"
+    );
+    assert!(
+        store.reopens() > reopens_before,
+        "the writer reopened the database"
+    );
+    check_acked(&store, &acked);
+    budget.store(u64::MAX, Ordering::SeqCst);
+    write(&writer, telemetry(round)).unwrap();
+    samples_acked += 2000;
+    assert_eq!(
+        store.read().unwrap().stats().unwrap().telemetry_samples,
+        samples_acked
+    );
     assert!(store.verify(&mut |_| {}).unwrap().is_clean());
     writer.shutdown();
     drop(store);

@@ -2,7 +2,7 @@
 //! annotations and scores, transfers, acquisitions, images and time-lapse frames, users, API
 //! keys and the audit trail.
 
-use super::{checked_jpeg, image_key_text, Reader};
+use super::{image_key_text, Reader};
 use crate::apply::{get_row, treatment_id};
 use crate::error::StorageError;
 use crate::limits;
@@ -328,7 +328,7 @@ impl Reader {
             let row: AcquisitionRow = decode(value.value(), "acquisition")?;
             out.push(AcquisitionRecord {
                 acquired_at_ms: key.value().2,
-                focal_planes: row.focal_planes,
+                focal_planes: row.focal_planes(),
             });
         }
         Ok(Some(out))
@@ -345,11 +345,11 @@ impl Reader {
             return Ok(None);
         };
         let (dish_key, well) = place.well_key;
-        let images = self.txn.open_table(tables::IMAGES)?;
-        let Some(stored) = images.get((dish_key, well, acquired_at_ms, focal_plane))? else {
+        let Some(location) = self.location(dish_key, well, acquired_at_ms, focal_plane)? else {
             return Ok(None);
         };
-        let key = || {
+        let key = (dish_key, well, acquired_at_ms, focal_plane);
+        let text = || {
             image_key_text(
                 place.dish.instrument_id,
                 &place.dish.dish_id,
@@ -358,7 +358,7 @@ impl Reader {
                 acquired_at_ms,
             )
         };
-        checked_jpeg(stored.value(), key).map(Some)
+        self.read_jpeg(location, key, text).map(Some)
     }
 
     /// Time-lapse frames of an embryo at one focal plane, acquisitions from `from_ms` to
@@ -378,7 +378,6 @@ impl Reader {
         };
         let (dish_key, well) = place.well_key;
         let acquisitions = self.txn.open_table(tables::ACQUISITIONS)?;
-        let images = self.txn.open_table(tables::IMAGES)?;
         let limit = limit.min(limits::READ_ROWS_MAX) as usize;
         let mut out = Vec::new();
         if from_ms > to_ms {
@@ -388,12 +387,14 @@ impl Reader {
             if out.len() >= limit {
                 break;
             }
-            let (key, _) = entry?;
+            let (key, value) = entry?;
             let acquired_at_ms = key.value().2;
-            let Some(stored) = images.get((dish_key, well, acquired_at_ms, focal_plane))? else {
+            let row: AcquisitionRow = decode(value.value(), "acquisition")?;
+            let Some(location) = row.location(focal_plane) else {
                 continue;
             };
-            let key = || {
+            let key = (dish_key, well, acquired_at_ms, focal_plane);
+            let text = || {
                 image_key_text(
                     place.dish.instrument_id,
                     &place.dish.dish_id,
@@ -405,7 +406,7 @@ impl Reader {
             out.push(Frame {
                 acquired_at_ms,
                 focal_plane,
-                jpeg: checked_jpeg(stored.value(), key)?,
+                jpeg: self.read_jpeg(location, key, text)?,
             });
         }
         Ok(Some(out))
@@ -420,7 +421,6 @@ impl Reader {
     ) -> Result<Vec<(u32, String, Option<Frame>)>, StorageError> {
         let wells = self.txn.open_table(tables::WELLS)?;
         let acquisitions = self.txn.open_table(tables::ACQUISITIONS)?;
-        let images = self.txn.open_table(tables::IMAGES)?;
         let mut out = Vec::new();
         for entry in wells.range((dish_key, 0)..=(dish_key, u32::MAX))? {
             let (key, value) = entry?;
@@ -437,25 +437,20 @@ impl Reader {
             let acquired_at_ms = acquisition_key.value().2;
             let row: AcquisitionRow = decode(acquisition.value(), "acquisition")?;
             let Some(plane) = row
-                .focal_planes
+                .planes
                 .iter()
-                .copied()
-                .min_by_key(|plane| (i64::from(*plane) - i64::from(focal_plane)).abs())
+                .min_by_key(|plane| (i64::from(plane.focal_plane) - i64::from(focal_plane)).abs())
             else {
                 out.push((well, embryo.embryo_id, None));
                 continue;
             };
-            let frame = match images.get((dish_key, well, acquired_at_ms, plane))? {
-                Some(stored) => {
-                    let key = || format!("dish {dish_key} well {well} at {acquired_at_ms}");
-                    Some(Frame {
-                        acquired_at_ms,
-                        focal_plane: plane,
-                        jpeg: checked_jpeg(stored.value(), key)?,
-                    })
-                }
-                None => None,
-            };
+            let key = (dish_key, well, acquired_at_ms, plane.focal_plane);
+            let text = || format!("dish {dish_key} well {well} at {acquired_at_ms}");
+            let frame = Some(Frame {
+                acquired_at_ms,
+                focal_plane: plane.focal_plane,
+                jpeg: self.read_jpeg(plane.location, key, text)?,
+            });
             out.push((well, embryo.embryo_id, frame));
         }
         Ok(out)
