@@ -264,6 +264,7 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
     let options = StoreOptions {
         cache_bytes: config.storage.cache_bytes,
         volume_bytes_max: config.storage.volume_bytes_max,
+        volume_direct_io: config.storage.volume_direct_io,
         ..StoreOptions::default()
     };
     // The seed names a database created here; an existing one keeps its server id.

@@ -145,6 +145,9 @@ pub struct StorageConfig {
     pub reserve_bytes: u64,
     /// An image volume file is sealed (never written again) at this size, and the next begun.
     pub volume_bytes_max: u64,
+    /// Write image records with O_DIRECT where the filesystem allows it
+    /// (`volume_direct_io = on|off`, default on).
+    pub volume_direct_io: bool,
 }
 
 /// Section `[Limits]`: every bound of the data path, in one place.
@@ -260,6 +263,7 @@ impl Default for StorageConfig {
             change_log_retention_days: 30,
             reserve_bytes: GIB,
             volume_bytes_max: 4 * GIB,
+            volume_direct_io: true,
         }
     }
 }
@@ -377,6 +381,16 @@ impl Config {
                     ini_path(&self.storage.data_dir)
                 ));
                 write_numbers(STORAGE_NUMBERS, &self.storage, out);
+                out.push_str(
+                    "; Write image records with O_DIRECT (no copy into the page cache) where the\n",
+                );
+                out.push_str("; filesystem allows it: on or off.\n");
+                let direct = if self.storage.volume_direct_io {
+                    "on"
+                } else {
+                    "off"
+                };
+                out.push_str(&format!("volume_direct_io = {direct}\n"));
             }
             Section::Limits => write_numbers(LIMIT_NUMBERS, &self.limits, out),
             Section::Security => write_numbers(SECURITY_NUMBERS, &self.security, out),
@@ -563,7 +577,7 @@ impl Section {
                 LISTENER_KEYS.iter().copied().chain(["tls"]).collect()
             }
             Section::ViewerTransport | Section::PublicApi => LISTENER_KEYS.to_vec(),
-            Section::Storage => ["data_dir"]
+            Section::Storage => ["data_dir", "volume_direct_io"]
                 .into_iter()
                 .chain(STORAGE_NUMBERS.iter().map(|k| k.name))
                 .collect(),
@@ -1216,6 +1230,9 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
         (Section::Storage, "data_dir") => {
             config.storage.data_dir = parse_path(value, "a directory path")?;
         }
+        (Section::Storage, "volume_direct_io") => {
+            config.storage.volume_direct_io = parse_switch(value)?;
+        }
         (Section::Storage, _) => set_number(STORAGE_NUMBERS, &mut config.storage, key, value)?,
         (Section::Limits, _) => set_number(LIMIT_NUMBERS, &mut config.limits, key, value)?,
         (Section::Security, _) => {
@@ -1584,8 +1601,8 @@ trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134,
         let message = error_at("[Storage]\ndata_dir = x\ncache = 1 GiB\n", 3);
         assert_eq!(
             message,
-            "unknown key `cache` in [Storage]; valid keys: data_dir, cache_bytes, \
-             change_log_retention_days, reserve_bytes, volume_bytes_max"
+            "unknown key `cache` in [Storage]; valid keys: data_dir, volume_direct_io, \
+             cache_bytes, change_log_retention_days, reserve_bytes, volume_bytes_max"
         );
         let message = error_at("[ViewerTransport]\nPort = 3010\n", 2);
         assert!(message.contains("did you mean `port`?"), "{message}");

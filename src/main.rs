@@ -1278,11 +1278,12 @@ fn print_status(body: &serde_json::Value) {
         (writer["commits"].as_u64(), writer["requests"].as_u64())
     {
         println!(
-            "writer:     {} commits, {:.1} requests per commit, queue {}; apply {:.1} s, commit {:.1} s in total",
+            "writer:     {} commits, {:.1} requests per commit, queue {}; apply {:.1} s, volume write+fdatasync {:.1} s, commit {:.1} s in total",
             commits,
             requests as f64 / commits.max(1) as f64,
             body["writer_queue"],
             writer["apply_us"].as_u64().unwrap_or(0) as f64 / 1e6,
+            writer["volume_sync_us"].as_u64().unwrap_or(0) as f64 / 1e6,
             writer["commit_us"].as_u64().unwrap_or(0) as f64 / 1e6
         );
     }

@@ -350,6 +350,7 @@ fn open_store(config: &Config) -> Result<Store, StartError> {
         cache_bytes: config.storage.cache_bytes,
         change_log_retention_ms: config.storage.change_log_retention_days as i64 * 24 * 3600 * 1000,
         volume_bytes_max: config.storage.volume_bytes_max,
+        volume_direct_io: config.storage.volume_direct_io,
     };
     Store::open(&config.storage.data_dir, &options, seed).map_err(|error| StartError::Storage {
         path: config.storage.data_dir.clone(),

@@ -224,3 +224,113 @@ pub fn background_ingest(
         std::thread::spawn(move || run_ingest_on(&server_info, &ingest, tag))
     })
 }
+
+/// What the server process has used so far (Linux: `/proc/<pid>/stat` and `/proc/<pid>/io`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcessCounters {
+    /// User plus system CPU time, seconds.
+    pub cpu_s: f64,
+    /// Bytes the process caused to be written to the storage layer (`write_bytes`).
+    pub write_bytes: u64,
+}
+
+/// The counters of process `pid`, None where /proc does not have them.
+pub fn process_counters(pid: u32) -> Option<ProcessCounters> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime) of stat(5); `after` starts at field 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let write_bytes = io
+        .lines()
+        .find_map(|line| line.strip_prefix("write_bytes:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(ProcessCounters {
+        cpu_s: (utime + stime) as f64 / clock_ticks_per_s(),
+        write_bytes,
+    })
+}
+
+fn clock_ticks_per_s() -> f64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf reads a constant of the system.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if ticks > 0 {
+            return ticks as f64;
+        }
+    }
+    100.0
+}
+
+/// The server's cost of a phase: CPU per image, bytes written per image byte, and what its data
+/// directory holds per image byte stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct ServerCost {
+    /// Images and image bytes acknowledged in the phase.
+    pub images: u64,
+    pub image_bytes: u64,
+    /// Server CPU (user + system) during the phase, per image, milliseconds.
+    pub cpu_ms_per_image: f64,
+    /// Bytes the server wrote to disk during the phase per image byte acknowledged.
+    pub written_per_image_byte: f64,
+    /// The data directory's bytes (database and volumes) per image byte stored, at the end.
+    pub data_dir_per_image_byte: Option<f64>,
+}
+
+impl ServerCost {
+    /// From the counters before and after a phase that acknowledged `images` of
+    /// `image_bytes`; `stored` is (data directory bytes, image bytes stored) at the end.
+    pub fn between(
+        before: ProcessCounters,
+        after: ProcessCounters,
+        images: u64,
+        image_bytes: u64,
+        stored: Option<(u64, u64)>,
+    ) -> ServerCost {
+        ServerCost {
+            images,
+            image_bytes,
+            cpu_ms_per_image: (after.cpu_s - before.cpu_s) * 1000.0 / images.max(1) as f64,
+            written_per_image_byte: after.write_bytes.saturating_sub(before.write_bytes) as f64
+                / image_bytes.max(1) as f64,
+            data_dir_per_image_byte: stored.map(|(dir, images)| dir as f64 / images.max(1) as f64),
+        }
+    }
+
+    /// One line for the report.
+    pub fn line(&self) -> String {
+        let stored = match self.data_dir_per_image_byte {
+            Some(ratio) => format!("; data directory {ratio:.3} bytes per image byte stored"),
+            None => String::new(),
+        };
+        format!(
+            "server cost: {:.4} ms CPU per image; {:.3} bytes written per image byte{stored}",
+            self.cpu_ms_per_image, self.written_per_image_byte
+        )
+    }
+}
+
+/// Bytes of a server's store on disk: the database file and the image volumes (`volumes/`).
+/// None when the database file is not there.
+pub fn stored_bytes(data_dir: &std::path::Path) -> Option<u64> {
+    let database = std::fs::metadata(data_dir.join("esserver.redb"))
+        .ok()?
+        .len();
+    let volumes: u64 = std::fs::read_dir(data_dir.join("volumes"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| entry.metadata().ok())
+                .filter(|meta| meta.is_file())
+                .map(|meta| meta.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    Some(database + volumes)
+}

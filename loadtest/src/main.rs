@@ -1067,7 +1067,7 @@ fn esserver_phase(
         (Some((c0, r0)), Some((c1, r1))) if c1 > c0 => Some((r1 - r0) / (c1 - c0)),
         _ => None,
     };
-    let stored = stored_bytes(server.data_dir());
+    let stored = bench::stored_bytes(server.data_dir());
     let rss = bench::peak_rss_bytes(server.pid());
     let code = server.terminate(Duration::from_secs(30));
     if code != Some(0) {
@@ -1229,23 +1229,4 @@ fn print_pg_compare(report: &PgCompareReport) {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     println!("PostgreSQL settings: {}", settings.join(" "));
-}
-
-/// Bytes the server's store takes on disk: the database file and the image volumes
-/// (`volumes/`). None when the database file is not there.
-fn stored_bytes(data_dir: &std::path::Path) -> Option<u64> {
-    let database = std::fs::metadata(data_dir.join("esserver.redb"))
-        .ok()?
-        .len();
-    let volumes: u64 = std::fs::read_dir(data_dir.join("volumes"))
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter_map(|entry| entry.metadata().ok())
-                .filter(|meta| meta.is_file())
-                .map(|meta| meta.len())
-                .sum()
-        })
-        .unwrap_or(0);
-    Some(database + volumes)
 }

@@ -156,6 +156,9 @@ pub struct PhaseReport {
     pub targets: Vec<TargetResult>,
     pub errors: Vec<String>,
     pub pass: bool,
+    /// The spawned server's CPU per image, bytes written per image byte and data directory
+    /// per image byte stored (None for a server this run did not start).
+    pub server_cost: Option<crate::bench::ServerCost>,
 }
 
 /// Viewers for a phase: they need a spawned server (users and a seeded dish).
@@ -370,6 +373,7 @@ pub fn run_phase(
         targets: target_results,
         errors,
         pass,
+        server_cost: None,
     }
 }
 

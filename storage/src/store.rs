@@ -28,6 +28,9 @@ pub struct StoreOptions {
     /// An image volume is sealed, and the next one started, before a record would take it past
     /// this many bytes. At least 1 MiB.
     pub volume_bytes_max: u64,
+    /// Write image records with `O_DIRECT` (no copy into the page cache) where the filesystem
+    /// allows it; reads still go through the page cache.
+    pub volume_direct_io: bool,
 }
 
 impl Default for StoreOptions {
@@ -36,6 +39,7 @@ impl Default for StoreOptions {
             cache_bytes: 256 * MIB,
             change_log_retention_ms: 30 * DAY_MS,
             volume_bytes_max: 4 * 1024 * MIB,
+            volume_direct_io: true,
         }
     }
 }
@@ -170,8 +174,12 @@ impl Store {
         let server_id = prepare(&db, server_id_seed)?;
         let volumes = Arc::new(Volumes::new(dir));
         let listed = list_volumes(&db)?;
-        let (mut appender, recovery) =
-            Appender::open(Arc::clone(&volumes), options.volume_bytes_max, &listed)?;
+        let (mut appender, recovery) = Appender::open(
+            Arc::clone(&volumes),
+            options.volume_bytes_max,
+            options.volume_direct_io,
+            &listed,
+        )?;
         crate::migrate::move_legacy_images(&db, &mut appender)?;
         tracing::info!(path = %path.display(), %server_id, volumes = listed.len(), "storage opened");
         Ok(Store {

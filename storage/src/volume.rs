@@ -65,7 +65,7 @@ pub(crate) const RECORD_BYTES_MAX: u64 =
     (HEADER_FIXED_BYTES + DISH_ID_BYTES_MAX + crate::limits::JPEG_BYTES_MAX) as u64;
 /// Volumes are grown by `fallocate` in steps of this many bytes, so most appends write into
 /// space already allocated.
-const PREALLOCATE_STEP_BYTES: u64 = 64 * 1024 * 1024;
+const PREALLOCATE_STEP_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The key and metadata of one record: what its header says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -417,9 +417,144 @@ fn preallocate(_file: &File, _from: u64, _len: u64) -> io::Result<()> {
     Ok(())
 }
 
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> io::Result<File> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "direct I/O is used on Linux only",
+    ))
+}
+
 /// `fdatasync`: the data and what is needed to read it back, not the timestamps.
 fn sync_data(file: &File) -> io::Result<()> {
     file.sync_data()
+}
+
+/// Bytes of one direct-I/O block: `O_DIRECT` writes start and end on multiples of it, from a
+/// buffer aligned to it. 4096 suits disks of 512- and 4096-byte sectors alike.
+const BLOCK_BYTES: usize = 4096;
+
+#[repr(C, align(4096))]
+#[derive(Clone, Copy)]
+struct Block([u8; BLOCK_BYTES]);
+
+/// A growable byte buffer whose start is aligned for `O_DIRECT`.
+#[derive(Default)]
+struct AlignedBuf {
+    blocks: Vec<Block>,
+    len: usize,
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len)
+    }
+}
+
+impl AlignedBuf {
+    fn capacity(&self) -> usize {
+        self.blocks.len() * BLOCK_BYTES
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `blocks` is one contiguous allocation of plain bytes, `capacity()` long.
+        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast::<u8>(), self.capacity()) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let capacity = self.capacity();
+        // SAFETY: as in `bytes`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast::<u8>(), capacity) }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes()[..self.len]
+    }
+
+    fn extend_from_slice(&mut self, data: &[u8]) {
+        let need = self.len + data.len();
+        if need > self.capacity() {
+            let blocks = need.div_ceil(BLOCK_BYTES).max(self.blocks.len() * 2);
+            self.blocks.resize(blocks, Block([0; BLOCK_BYTES]));
+        }
+        let len = self.len;
+        self.bytes_mut()[len..need].copy_from_slice(data);
+        self.len = need;
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// The bytes, padded with zeros to a whole number of blocks.
+    fn padded(&mut self) -> &[u8] {
+        let padded = self.len.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+        let len = self.len;
+        self.bytes_mut()[len..padded].fill(0);
+        &self.bytes()[..padded]
+    }
+
+    /// Keeps only the last `keep` bytes, moved to the start.
+    fn keep_last(&mut self, keep: usize) {
+        assert!(keep <= self.len);
+        let len = self.len;
+        self.bytes_mut().copy_within(len - keep..len, 0);
+        self.len = keep;
+    }
+}
+
+/// The records of the batch being applied, not yet written. With direct I/O the buffer starts
+/// with the bytes of the volume's last partial block (`prefix` of them, already on disk), so
+/// the write can start on a block boundary.
+#[derive(Debug, Default)]
+struct Pending {
+    buf: AlignedBuf,
+    prefix: usize,
+    /// Scratch for encoding one record header.
+    header: Vec<u8>,
+}
+
+impl Pending {
+    fn records_len(&self) -> usize {
+        self.buf.len - self.prefix
+    }
+
+    fn records(&self) -> &[u8] {
+        &self.buf.as_slice()[self.prefix..]
+    }
+
+    fn push(&mut self, header: &RecordHeader, jpeg: &[u8]) {
+        self.header.clear();
+        header.encode_into(&mut self.header);
+        self.buf.extend_from_slice(&self.header);
+        self.buf.extend_from_slice(jpeg);
+    }
+
+    /// Forgets the records (the prefix stays).
+    fn discard(&mut self) {
+        self.buf.truncate(self.prefix);
+    }
+
+    /// The records were written and committed, ending at `end`: keep what direct I/O needs of
+    /// the last partial block.
+    fn written(&mut self, end: u64, direct: bool) {
+        let keep = if direct {
+            (end % BLOCK_BYTES as u64) as usize
+        } else {
+            0
+        };
+        self.buf.keep_last(keep.min(self.buf.len));
+        self.prefix = self.buf.len;
+    }
 }
 
 /// The volume being appended to.
@@ -427,12 +562,14 @@ fn sync_data(file: &File) -> io::Result<()> {
 struct Active {
     id: u32,
     file: File,
+    /// The same file opened with `O_DIRECT` for writing, when the filesystem allows it.
+    direct: Option<File>,
     /// Bytes of committed records: everything before is durable and indexed.
     end: u64,
     /// Bytes allocated (file length).
     allocated: u64,
     /// Records of the batch being applied, not yet written; they go at `end`.
-    pending: Vec<u8>,
+    pending: Pending,
     /// Records in `[0, end)` (for the row in redb).
     records: u64,
     pending_records: u64,
@@ -465,6 +602,8 @@ pub(crate) struct Appender {
     seal_missing: Option<(u32, VolumeRow)>,
     /// Test hook: bytes the appender may still write before writes fail as on a full disk.
     write_budget: Option<u64>,
+    /// Write records with `O_DIRECT` where the filesystem allows it.
+    direct_io: bool,
 }
 
 /// One volume as redb's `volumes` table lists it, for `Appender::open`.
@@ -493,6 +632,7 @@ impl Appender {
     pub(crate) fn open(
         volumes: Arc<Volumes>,
         volume_bytes_max: u64,
+        direct_io: bool,
         listed: &[ListedVolume],
     ) -> Result<(Appender, Recovery), StorageError> {
         assert!(volume_bytes_max >= RECORD_BYTES_MAX.min(1 << 20));
@@ -532,6 +672,7 @@ impl Appender {
             batch_new_from: None,
             seal_missing: None,
             write_budget: None,
+            direct_io,
         };
         for listed in listed {
             if listed.row.sealed {
@@ -578,12 +719,23 @@ impl Appender {
                     "cut off records past the last index commit (never acknowledged)"
                 );
             }
+            let direct = appender.open_direct(&path);
+            let mut pending = Pending::default();
+            if direct.is_some() {
+                // The last partial block, which the next direct write rewrites whole.
+                let start = last.row.end - last.row.end % BLOCK_BYTES as u64;
+                let mut tail = vec![0u8; (last.row.end - start) as usize];
+                read_exact_at(&file, &mut tail, start)?;
+                pending.buf.extend_from_slice(&tail);
+                pending.prefix = tail.len();
+            }
             appender.active = Some(Active {
                 id: last.id,
                 file,
+                direct,
                 end: last.row.end,
                 allocated,
-                pending: Vec::new(),
+                pending,
                 records: last.row.records,
                 pending_records: 0,
                 created_at_ms: last.row.created_at_ms,
@@ -605,16 +757,15 @@ impl Appender {
         assert_eq!(header.jpeg_len as usize, jpeg.len());
         let record_len = header.record_len();
         let full = self.active.as_ref().is_none_or(|active| {
-            let used = active.end + active.pending.len() as u64;
+            let used = active.end + active.pending.records_len() as u64;
             used > 0 && used + record_len > self.volume_bytes_max
         });
         if full {
             self.start_volume(at_ms)?;
         }
         let active = self.active.as_mut().expect("an active volume");
-        let offset = active.end + active.pending.len() as u64;
-        header.encode_into(&mut active.pending);
-        active.pending.extend_from_slice(jpeg);
+        let offset = active.end + active.pending.records_len() as u64;
+        active.pending.push(header, jpeg);
         active.pending_records += 1;
         Ok(Location {
             volume: active.id,
@@ -630,7 +781,7 @@ impl Appender {
             return None;
         }
         let at = usize::try_from(location.offset - active.end).ok()?;
-        RecordHeader::decode(active.pending.get(at..)?)
+        RecordHeader::decode(active.pending.records().get(at..)?)
             .ok()
             .flatten()
     }
@@ -640,7 +791,7 @@ impl Appender {
         if let Some(full) = self.active.take() {
             tracing::info!(
                 volume = full.id,
-                bytes = full.end + full.pending.len() as u64,
+                bytes = full.end + full.pending.records_len() as u64,
                 "volume full; sealing it and starting the next"
             );
             self.filling.push(full);
@@ -660,12 +811,14 @@ impl Appender {
         sync_directory(self.volumes.dir())?;
         self.id_last = id;
         self.batch_new_from.get_or_insert(id);
+        let direct = self.open_direct(&path);
         self.active = Some(Active {
             id,
             file,
+            direct,
             end: 0,
             allocated: 0,
-            pending: Vec::new(),
+            pending: Pending::default(),
             records: 0,
             pending_records: 0,
             created_at_ms: at_ms,
@@ -685,7 +838,7 @@ impl Appender {
             changes.rows.push((*id, row));
         }
         for full in &mut self.filling {
-            spend(&mut self.write_budget, full.pending.len())?;
+            spend(&mut self.write_budget, full.pending.records_len())?;
             write_pending(full)?;
             let mut row = row_of(full);
             row.sealed = true;
@@ -693,8 +846,8 @@ impl Appender {
             changes.rows.push((full.id, row));
         }
         if let Some(active) = self.active.as_mut() {
-            if !active.pending.is_empty() {
-                spend(&mut self.write_budget, active.pending.len())?;
+            if active.pending.records_len() > 0 {
+                spend(&mut self.write_budget, active.pending.records_len())?;
                 write_pending(active)?;
                 changes.rows.push((active.id, row_of(active)));
             }
@@ -715,15 +868,15 @@ impl Appender {
         }
         self.batch_new_from = None;
         for mut full in self.filling.drain(..) {
-            full.end += full.pending.len() as u64;
+            full.end += full.pending.records_len() as u64;
             full.records += full.pending_records;
             self.sealed_to_trim.push((full.id, full.end));
             self.volumes.forget(full.id);
         }
         if let Some(active) = self.active.as_mut() {
-            active.end += active.pending.len() as u64;
+            active.end += active.pending.records_len() as u64;
             active.records += active.pending_records;
-            active.pending.clear();
+            active.pending.written(active.end, active.direct.is_some());
             active.pending_records = 0;
         }
         self.trim_sealed();
@@ -744,7 +897,7 @@ impl Appender {
                     tracing::warn!(%error, path = %path.display(), "removing an unused volume file");
                 }
             } else {
-                volume.pending.clear();
+                volume.pending.discard();
                 volume.pending_records = 0;
                 self.active = Some(volume);
             }
@@ -783,6 +936,22 @@ impl Appender {
 }
 
 impl Appender {
+    /// The volume file opened for `O_DIRECT` writes, or None (buffered writes) where direct
+    /// I/O is off or the filesystem refuses it (tmpfs, for one).
+    fn open_direct(&self, path: &Path) -> Option<File> {
+        if !self.direct_io {
+            return None;
+        }
+        match open_direct(path) {
+            Ok(file) => Some(file),
+            Err(error) => {
+                tracing::info!(path = %path.display(), %error,
+                    "direct I/O is not available for this volume; writing through the page cache");
+                None
+            }
+        }
+    }
+
     /// Test hook: after `bytes` more bytes, every volume write fails with ENOSPC (`None`: no
     /// limit), so tests can fill the disk under the real write path.
     pub(crate) fn set_write_budget(&mut self, bytes: Option<u64>) {
@@ -803,7 +972,7 @@ fn spend(budget: &mut Option<u64>, bytes: usize) -> Result<(), StorageError> {
 
 fn row_of(volume: &Active) -> VolumeRow {
     VolumeRow {
-        end: volume.end + volume.pending.len() as u64,
+        end: volume.end + volume.pending.records_len() as u64,
         records: volume.records + volume.pending_records,
         sealed: false,
         created_at_ms: volume.created_at_ms,
@@ -811,25 +980,44 @@ fn row_of(volume: &Active) -> VolumeRow {
     }
 }
 
-/// One `pwrite` of the pending records at the committed end, then `fdatasync`.
+/// One `pwrite` of the pending records at the committed end, then `fdatasync`. With direct
+/// I/O the write starts at the block holding the committed end (its first bytes rewritten as
+/// they are) and is padded with zeros to a whole block; nothing past the committed end is
+/// read as a record until a commit says so.
 fn write_pending(volume: &mut Active) -> Result<(), StorageError> {
-    if volume.pending.is_empty() {
+    let records = volume.pending.records_len() as u64;
+    if records == 0 {
         return Ok(());
     }
-    let end = volume.end + volume.pending.len() as u64;
-    if end > volume.allocated {
-        let want = end.max(volume.allocated + PREALLOCATE_STEP_BYTES);
+    let end = volume.end + records;
+    let write_end = if volume.direct.is_some() {
+        let start = volume.end - volume.pending.prefix as u64;
+        start + end.saturating_sub(start).div_ceil(BLOCK_BYTES as u64) * BLOCK_BYTES as u64
+    } else {
+        end
+    };
+    if write_end > volume.allocated {
+        let want = write_end.max(volume.allocated + PREALLOCATE_STEP_BYTES);
         match preallocate(&volume.file, volume.allocated, want - volume.allocated) {
             Ok(()) => volume.allocated = want.max(volume.file.metadata()?.len()),
             // Not room for a whole step: allocate what this batch needs, or fail as full.
             Err(_) => {
-                preallocate(&volume.file, volume.allocated, end - volume.allocated)
+                preallocate(&volume.file, volume.allocated, write_end - volume.allocated)
                     .map_err(io_error)?;
-                volume.allocated = end.max(volume.file.metadata()?.len());
+                volume.allocated = write_end.max(volume.file.metadata()?.len());
             }
         }
     }
-    write_all_at(&volume.file, &volume.pending, volume.end).map_err(io_error)?;
+    match &volume.direct {
+        Some(direct) => {
+            let start = volume.end - volume.pending.prefix as u64;
+            let bytes = volume.pending.buf.padded();
+            write_all_at(direct, bytes, start).map_err(io_error)?;
+        }
+        None => {
+            write_all_at(&volume.file, volume.pending.records(), volume.end).map_err(io_error)?
+        }
+    }
     sync_data(&volume.file).map_err(io_error)?;
     Ok(())
 }
@@ -1002,7 +1190,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let volumes = Arc::new(Volumes::new(dir.path()));
         let (mut appender, recovery) =
-            Appender::open(Arc::clone(&volumes), 1 << 20, &listed(&volumes)).unwrap();
+            Appender::open(Arc::clone(&volumes), 1 << 20, true, &listed(&volumes)).unwrap();
         assert_eq!(recovery, Recovery::default());
         let jpeg: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
         let h = header("D1", 0, &jpeg);
@@ -1033,7 +1221,7 @@ mod tests {
     fn a_full_volume_is_sealed_and_the_next_one_started_within_one_batch() {
         let dir = tempfile::tempdir().unwrap();
         let volumes = Arc::new(Volumes::new(dir.path()));
-        let (mut appender, _) = Appender::open(Arc::clone(&volumes), 1 << 20, &[]).unwrap();
+        let (mut appender, _) = Appender::open(Arc::clone(&volumes), 1 << 20, true, &[]).unwrap();
         let jpeg = vec![0x42u8; 300_000];
         let mut locations = Vec::new();
         for plane in 0..5 {
@@ -1062,7 +1250,7 @@ mod tests {
     fn walk_reports_a_damaged_range_and_finds_the_records_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let volumes = Arc::new(Volumes::new(dir.path()));
-        let (mut appender, _) = Appender::open(Arc::clone(&volumes), 1 << 30, &[]).unwrap();
+        let (mut appender, _) = Appender::open(Arc::clone(&volumes), 1 << 30, true, &[]).unwrap();
         let jpeg = vec![0x17u8; 10_000];
         let mut locations = Vec::new();
         for plane in 0..4 {
@@ -1105,7 +1293,7 @@ mod tests {
     fn open_cuts_off_an_unindexed_tail_and_removes_unnamed_volume_files() {
         let dir = tempfile::tempdir().unwrap();
         let volumes = Arc::new(Volumes::new(dir.path()));
-        let (mut appender, _) = Appender::open(Arc::clone(&volumes), 1 << 30, &[]).unwrap();
+        let (mut appender, _) = Appender::open(Arc::clone(&volumes), 1 << 30, true, &[]).unwrap();
         let jpeg = vec![1u8; 1000];
         appender.append(&header("D", 0, &jpeg), &jpeg, 1).unwrap();
         let changes = appender.sync(1).unwrap();
@@ -1118,7 +1306,8 @@ mod tests {
         drop(appender);
         std::fs::write(volumes.path(2), b"half a volume").unwrap();
         let listed = vec![ListedVolume { id: 1, row }];
-        let (appender, recovery) = Appender::open(Arc::clone(&volumes), 1 << 30, &listed).unwrap();
+        let (appender, recovery) =
+            Appender::open(Arc::clone(&volumes), 1 << 30, true, &listed).unwrap();
         assert_eq!(recovery.tail_records_cut, 2);
         assert_eq!(recovery.files_removed, 1);
         assert!(!volumes.path(2).exists());
