@@ -265,6 +265,7 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
         cache_bytes: config.storage.cache_bytes,
         volume_bytes_max: config.storage.volume_bytes_max,
         volume_direct_io: config.storage.volume_direct_io,
+        quick_repair: config.storage.quick_repair,
         ..StoreOptions::default()
     };
     // The seed names a database created here; an existing one keeps its server id.

@@ -148,6 +148,9 @@ pub struct StorageConfig {
     /// Write image records with O_DIRECT where the filesystem allows it
     /// (`volume_direct_io = on|off`, default on).
     pub volume_direct_io: bool,
+    /// Save the database's allocator state with every commit, so a restart after a crash
+    /// does not walk the whole index (`quick_repair = on|off`, default on).
+    pub quick_repair: bool,
 }
 
 /// Section `[Limits]`: every bound of the data path, in one place.
@@ -264,6 +267,7 @@ impl Default for StorageConfig {
             reserve_bytes: GIB,
             volume_bytes_max: 4 * GIB,
             volume_direct_io: true,
+            quick_repair: true,
         }
     }
 }
@@ -577,7 +581,7 @@ impl Section {
                 LISTENER_KEYS.iter().copied().chain(["tls"]).collect()
             }
             Section::ViewerTransport | Section::PublicApi => LISTENER_KEYS.to_vec(),
-            Section::Storage => ["data_dir", "volume_direct_io"]
+            Section::Storage => ["data_dir", "volume_direct_io", "quick_repair"]
                 .into_iter()
                 .chain(STORAGE_NUMBERS.iter().map(|k| k.name))
                 .collect(),
@@ -1233,6 +1237,9 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
         (Section::Storage, "volume_direct_io") => {
             config.storage.volume_direct_io = parse_switch(value)?;
         }
+        (Section::Storage, "quick_repair") => {
+            config.storage.quick_repair = parse_switch(value)?;
+        }
         (Section::Storage, _) => set_number(STORAGE_NUMBERS, &mut config.storage, key, value)?,
         (Section::Limits, _) => set_number(LIMIT_NUMBERS, &mut config.limits, key, value)?,
         (Section::Security, _) => {
@@ -1602,7 +1609,8 @@ trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134,
         assert_eq!(
             message,
             "unknown key `cache` in [Storage]; valid keys: data_dir, volume_direct_io, \
-             cache_bytes, change_log_retention_days, reserve_bytes, volume_bytes_max"
+             quick_repair, cache_bytes, change_log_retention_days, reserve_bytes, \
+             volume_bytes_max"
         );
         let message = error_at("[ViewerTransport]\nPort = 3010\n", 2);
         assert!(message.contains("did you mean `port`?"), "{message}");

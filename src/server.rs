@@ -351,6 +351,7 @@ fn open_store(config: &Config) -> Result<Store, StartError> {
         change_log_retention_ms: config.storage.change_log_retention_days as i64 * 24 * 3600 * 1000,
         volume_bytes_max: config.storage.volume_bytes_max,
         volume_direct_io: config.storage.volume_direct_io,
+        quick_repair: config.storage.quick_repair,
     };
     Store::open(&config.storage.data_dir, &options, seed).map_err(|error| StartError::Storage {
         path: config.storage.data_dir.clone(),

@@ -1,8 +1,10 @@
 //! The disk's own limit: the same bytes, in the same batches, written and fsynced to a file
-//! on the filesystem under test. The server's ingestion is reported as a ratio of this.
+//! on the filesystem under test, the way the server writes its image volumes (`O_DIRECT` from
+//! an aligned buffer into space preallocated in steps, where the filesystem allows it; else
+//! through the page cache). The server's ingestion is reported as a ratio of this.
 
 use std::fs::OpenOptions;
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,8 @@ pub struct DiskLimit {
     pub bytes_per_s: f64,
     /// Time of each batch's write + fdatasync.
     pub batch_latency: es_perf::latency::LatencySummary,
+    /// Written with `O_DIRECT` (false: through the page cache).
+    pub direct: bool,
 }
 
 /// Appends `records` records of `record_bytes` in batches of `batch_records`, one
@@ -47,22 +51,58 @@ fn write_batches(
     batch_records: u64,
     duration_max: Duration,
 ) -> io::Result<DiskLimit> {
-    let mut file = OpenOptions::new()
+    const BLOCK: usize = 4096;
+    const STEP: u64 = 16 * 1024 * 1024;
+    let file = OpenOptions::new()
         .create(true)
+        .read(true)
         .write(true)
         .truncate(true)
         .open(path)?;
+    let direct = open_direct(path).ok();
     let record: Vec<u8> = (0..record_bytes).map(|i| (i * 31 % 251) as u8).collect();
-    let batch: Vec<u8> = record.repeat(batch_records as usize);
+    let batch_bytes = record_bytes * batch_records as usize;
+    // An aligned buffer: a Vec of 4096-aligned blocks, one block spare for the padding.
+    #[repr(C, align(4096))]
+    #[derive(Clone, Copy)]
+    struct Block([u8; BLOCK]);
+    let mut blocks = vec![Block([0; BLOCK]); batch_bytes.div_ceil(BLOCK) + 1];
+    // SAFETY: the blocks are one contiguous allocation of plain bytes.
+    let buffer: &mut [u8] = unsafe {
+        std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast::<u8>(), blocks.len() * BLOCK)
+    };
+    for (i, byte) in buffer.iter_mut().enumerate() {
+        *byte = record[i % record_bytes.max(1)];
+    }
     let started = Instant::now();
     let mut written = 0u64;
+    let mut end = 0u64;
+    let mut allocated = 0u64;
     let mut latency = es_perf::latency::LatencyRecorder::new();
     while written < records && started.elapsed() < duration_max {
         let count = batch_records.min(records - written);
+        let bytes = count as usize * record_bytes;
         let batch_started = Instant::now();
-        file.write_all(&batch[..count as usize * record_bytes])?;
+        match &direct {
+            Some(direct) => {
+                // Like the server: from the block holding the end, padded to whole blocks.
+                let start = end - end % BLOCK as u64;
+                let head = (end - start) as usize;
+                let len = (head + bytes).div_ceil(BLOCK) * BLOCK;
+                if start + len as u64 > allocated {
+                    let want = (start + len as u64).max(allocated + STEP);
+                    preallocate(&file, allocated, want - allocated)?;
+                    allocated = want;
+                }
+                std::os::unix::fs::FileExt::write_all_at(direct, &buffer[..len], start)?;
+            }
+            None => {
+                std::os::unix::fs::FileExt::write_all_at(&file, &buffer[..bytes], end)?;
+            }
+        }
         file.sync_data()?;
         latency.record(batch_started.elapsed());
+        end += bytes as u64;
         written += count;
     }
     let elapsed_s = started.elapsed().as_secs_f64().max(1e-9);
@@ -74,11 +114,41 @@ fn write_batches(
         records_per_s: written as f64 / elapsed_s,
         bytes_per_s: (written * record_bytes as u64) as f64 / elapsed_s,
         batch_latency: latency.summary(),
+        direct: direct.is_some(),
     })
 }
 
-/// A temporary directory under `root` for a run that writes about `needed` bytes, once the
-/// free space there is checked; `lower` says what to lower when it is not enough.
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> io::Result<std::fs::File> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
+#[cfg(target_os = "linux")]
+fn preallocate(file: &std::fs::File, from: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: fallocate on a file descriptor we own; no memory is passed.
+    let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, from as i64, len as i64) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn preallocate(_file: &std::fs::File, _from: u64, _len: u64) -> io::Result<()> {
+    Ok(())
+}
+
 pub fn scratch_dir(root: &Path, needed: u64, prefix: &str, lower: &str) -> Result<Scratch, String> {
     check_free(root, needed, lower)?;
     Scratch::new(root, prefix)

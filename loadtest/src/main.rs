@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod restart_cli;
 mod run_cli;
 
 #[derive(Parser)]
@@ -38,6 +39,9 @@ enum Command {
     /// limit, and ack p99 at 10 x nominal over the same-run write+fsync p99. Exits 2 when a
     /// ratio is out of bounds.
     Gate(run_cli::GateArgs),
+    /// Restart time after kill -9 as the store grows: fills a spawned server to each size,
+    /// kills it while incubators upload, and times it until every port listens again.
+    Restart(restart_cli::RestartArgs),
     /// Ingestion benchmark: throughput and ack latency from simulated incubators against a
     /// spawned server, and the disk's own limit for the same bytes and batching.
     IngestBench(IngestArgs),
@@ -225,6 +229,7 @@ fn main() -> ExitCode {
         Command::Saturate(args) => verdict(run_cli::saturate(args)),
         Command::CatchUp(args) => verdict(run_cli::catch_up(args)),
         Command::Gate(args) => verdict(run_cli::gate(args)),
+        Command::Restart(args) => verdict(restart_cli::restart(args)),
         Command::IngestBench(args) => match ingest_bench(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(message) => {

@@ -47,6 +47,10 @@ pub struct TargetArgs {
     /// Where the spawned server's data directory goes (a temporary directory under it).
     #[arg(long)]
     scratch: Option<PathBuf>,
+    /// A setting for the spawned server, as SECTION.KEY=VALUE (repeatable), e.g.
+    /// Storage.volume_direct_io=off.
+    #[arg(long = "server-setting", value_name = "SECTION.KEY=VALUE")]
+    server_settings: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -268,7 +272,7 @@ fn prepare(
     )?;
     let esserver = args.esserver.clone().unwrap_or_else(find_esserver);
     let mut options = SpawnOptions::new(esserver.clone(), scratch.path().join("data"));
-    options.extra_config = es_loadtest::spawn::LOAD_GENERATOR_CONFIG.into();
+    options.extra_config = server_config(&args.server_settings)?;
     options.log_level = "warn".into();
     options.log_file = Some(scratch.path().join("server.log"));
     let server = ServerProcess::spawn(options)
@@ -293,6 +297,29 @@ fn prepare(
         embryos,
         users,
     })
+}
+
+/// The spawned server's extra configuration: the load generator's own and the
+/// `--server-setting`s.
+pub fn server_config(settings: &[String]) -> Result<String, String> {
+    let mut config = String::from(es_loadtest::spawn::LOAD_GENERATOR_CONFIG);
+    for setting in settings {
+        let parsed = setting
+            .split_once('=')
+            .and_then(|(name, value)| name.split_once('.').map(|(s, k)| (s, k, value)));
+        let Some((section, key, value)) = parsed else {
+            return Err(format!(
+                "--server-setting {setting:?}: write SECTION.KEY=VALUE, e.g. Storage.volume_direct_io=off"
+            ));
+        };
+        config.push_str(&format!(
+            "[{}]\n{} = {}\n",
+            section.trim(),
+            key.trim(),
+            value.trim()
+        ));
+    }
+    Ok(config)
 }
 
 /// The image bytes a running server has stored (`esserver status --json`).
@@ -750,6 +777,9 @@ pub struct GateArgs {
     scratch: Option<PathBuf>,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// A setting for the spawned server, as SECTION.KEY=VALUE (repeatable).
+    #[arg(long = "server-setting", value_name = "SECTION.KEY=VALUE")]
+    server_settings: Vec<String>,
 }
 
 #[derive(serde::Serialize)]
@@ -787,6 +817,7 @@ pub fn gate(args: GateArgs) -> Result<bool, String> {
             server_cert: None,
             esserver: args.esserver.clone(),
             scratch: args.scratch.clone(),
+            server_settings: args.server_settings.clone(),
         },
         &mix,
         bytes_max * 2,
@@ -882,10 +913,11 @@ pub fn gate(args: GateArgs) -> Result<bool, String> {
         && written_ok;
     println!("== performance gate (ratios from one run)");
     println!(
-        "(a) ingestion {:.0} images/s, {:.1} MB/s; disk limit {:.1} MB/s (batches of {:.0}); ratio {:.2}, minimum {:.2}: {}",
+        "(a) ingestion {:.0} images/s, {:.1} MB/s; disk limit {:.1} MB/s ({}, batches of {:.0}); ratio {:.2}, minimum {:.2}: {}",
         throughput.images_per_s,
         throughput.megabytes_per_s,
         disk_limit.bytes_per_s / 1e6,
+        if disk_limit.direct { "O_DIRECT" } else { "buffered" },
         batch,
         throughput_to_disk,
         gate_limits::THROUGHPUT_TO_DISK_MIN,

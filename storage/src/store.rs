@@ -31,6 +31,9 @@ pub struct StoreOptions {
     /// Write image records with `O_DIRECT` (no copy into the page cache) where the filesystem
     /// allows it; reads still go through the page cache.
     pub volume_direct_io: bool,
+    /// Every commit also saves redb's allocator state, so that opening after a crash loads it
+    /// instead of walking every B-tree of the database to rebuild it (redb's "quick repair").
+    pub quick_repair: bool,
 }
 
 impl Default for StoreOptions {
@@ -40,6 +43,7 @@ impl Default for StoreOptions {
             change_log_retention_ms: 30 * DAY_MS,
             volume_bytes_max: 4 * 1024 * MIB,
             volume_direct_io: true,
+            quick_repair: true,
         }
     }
 }

@@ -381,6 +381,7 @@ fn commit_batch_with(
     let started = std::time::Instant::now();
     let mut txn = store.inner.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
+    txn.set_quick_repair(store.inner.options.quick_repair);
     let now_ms = batch.iter().filter_map(|r| r.op.at_ms()).max();
     let (results, volume_changes) = {
         let mut tables = Batch::open(&txn, appender, &store.inner.volumes)?;
