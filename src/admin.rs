@@ -268,6 +268,16 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
         quick_repair: config.storage.quick_repair,
         ..StoreOptions::default()
     };
+    if matches!(request, Request::Verify) {
+        // Checking changes nothing: the store is opened read-only.
+        let store = Store::open_read_only(data_dir, &options).map_err(|error| {
+            format!(
+                "cannot open the database in {} read-only: {error}",
+                data_dir.display()
+            )
+        })?;
+        return Ok(verify_report(&store));
+    }
     // The seed names a database created here; an existing one keeps its server id.
     let mut seed = [0u8; 16];
     getrandom::fill(&mut seed).map_err(|error| format!("no randomness: {error}"))?;

@@ -668,8 +668,10 @@ impl ApiSession {
         let focal_plane = stream.plan.focal_plane;
         let from_ms = stream.next_from_ms;
         let job = Box::new(move || {
-            let result = store.read().and_then(|reader| {
-                reader.frames(&embryo_id, focal_plane, from_ms, i64::MAX, ZIP_CHUNK_FRAMES)
+            let result = es_storage::guarded("time-lapse frames", || {
+                store.read().and_then(|reader| {
+                    reader.frames(&embryo_id, focal_plane, from_ms, i64::MAX, ZIP_CHUNK_FRAMES)
+                })
             });
             handle.send(ApiMsg::Frames(result));
         });

@@ -48,9 +48,15 @@ pub(super) fn handle(
     handle: &ConnHandle<ApiMsg>,
     caller: &mut Option<String>,
 ) -> Step {
-    match route(shared, request, peer, handle, caller) {
-        Ok(step) => step,
-        Err(response) => Step::Respond(*response),
+    // A read that panics (a dependency meeting damaged data) ends its request with an error
+    // rather than never answering it.
+    let routed = es_storage::guarded("a public API request", || {
+        Ok(route(shared, request, peer, handle, caller))
+    });
+    match routed {
+        Ok(Ok(step)) => step,
+        Ok(Err(response)) => Step::Respond(*response),
+        Err(error) => Step::Respond(Response::storage(&error)),
     }
 }
 

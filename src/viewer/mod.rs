@@ -989,9 +989,11 @@ impl ViewerSession {
                         result: failed,
                     },
                 );
-                let result = store
-                    .read()
-                    .and_then(|reader| reader.frames(&embryo_id, plane, from, to, count));
+                let result = es_storage::guarded("playback frames", || {
+                    store
+                        .read()
+                        .and_then(|reader| reader.frames(&embryo_id, plane, from, to, count))
+                });
                 fallback.disarm();
                 handle.send(ViewerMsg::Frames { seq, result });
             });
@@ -1450,7 +1452,7 @@ fn read(store: &Store, request: Request) -> Body {
         Ok(reader) => reader,
         Err(error) => return error_body(0, storage_error_code(&error), error.to_string()),
     };
-    let result: Result<Body, StorageError> = (|| {
+    let result: Result<Body, StorageError> = es_storage::guarded("a viewer read", || {
         Ok(match request {
             Request::ListPatients(list) => {
                 let limit = match list.limit {
@@ -1562,7 +1564,7 @@ fn read(store: &Store, request: Request) -> Body {
                 format!("{} is not a read", request_name(&other)),
             ),
         })
-    })();
+    });
     result.unwrap_or_else(|error| error_body(0, storage_error_code(&error), error.to_string()))
 }
 

@@ -38,6 +38,13 @@ pub enum StorageError {
     /// An I/O error of the disk or directory.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The database was not closed cleanly and must be recovered by a read-write open first.
+    #[error(
+        "the database was not closed cleanly and needs the recovery a start does; start \
+         esserver (it recovers and listens within a second) and check it through the running \
+         server"
+    )]
+    NeedsRecovery,
 }
 
 impl StorageError {
@@ -52,6 +59,7 @@ impl StorageError {
             StorageError::Locked => "database_locked",
             StorageError::DiskFull => "disk_full",
             StorageError::Io(_) => "io_error",
+            StorageError::NeedsRecovery => "database_needs_recovery",
         }
     }
 }

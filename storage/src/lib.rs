@@ -58,8 +58,64 @@ pub use ops::{
     WriteOp, WriteOutcome,
 };
 pub use reader::Reader;
+
+/// Runs a storage read, turning a panic inside it (a dependency meeting damaged data, say)
+/// into `StorageError::Corrupt` that says what was being read and what the panic said, so
+/// the request ends with an error instead of never being answered. Logged at ERROR.
+pub fn guarded<T>(
+    what: &str,
+    read: impl FnOnce() -> Result<T, StorageError>,
+) -> Result<T, StorageError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            tracing::error!(what, panic = %message, "a storage read panicked");
+            Err(StorageError::Corrupt(format!(
+                "reading {what} failed inside the storage engine (panic: {message})"
+            )))
+        }
+    }
+}
 pub use store::{
     set_schema_version_for_tests, CommitListener, Store, StoreOptions, DATABASE_FILE_NAME,
 };
 pub use volume::{Location, Recovery};
 pub use writer::{Completion, Writer, WriterOptions, WriterStats};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_read_becomes_database_corrupt_naming_what_was_read() {
+        let result: Result<u32, StorageError> =
+            guarded("frames of embryo E1", || panic!("index page 7 is garbage"));
+        let error = result.unwrap_err();
+        assert_eq!(error.code(), "database_corrupt");
+        let text = error.to_string();
+        assert!(text.contains("frames of embryo E1"), "{text}");
+        assert!(text.contains("index page 7 is garbage"), "{text}");
+        assert_eq!(guarded("x", || Ok(5)).unwrap(), 5);
+    }
+
+    #[test]
+    fn a_store_opened_read_only_reads_and_refuses_to_write() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), &StoreOptions::default(), [3; 16]).unwrap());
+        let store = Store::open_read_only(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(store.server_id(), hex::encode([3u8; 16]));
+        assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+        let writer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.start_writer(WriterOptions::default())
+        }));
+        assert!(writer.is_err(), "a read-only store has no writer");
+        // Nothing was changed: the store opens for writing as before.
+        drop(store);
+        assert!(Store::open(dir.path(), &StoreOptions::default(), [4; 16]).is_ok());
+    }
+}

@@ -57,11 +57,17 @@ pub struct Store {
 /// Opens the database file again (the file, or the backend a test gave).
 type Opener = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
 
+/// The database, opened for writing (the server, admin tools) or read-only (offline verify).
+enum Db {
+    Write(Database),
+    Read(redb::ReadOnlyDatabase),
+}
+
 pub(crate) struct StoreInner {
     /// The open database. redb answers every call with an error after a failed I/O (a full
     /// disk, say) until the database is closed and opened again: the writer does that
     /// ([`Store::reopen`]), so this is replaced in place. `None` only during a reopen.
-    db: RwLock<Option<Database>>,
+    db: RwLock<Option<Db>>,
     opener: Opener,
     /// Times the database was reopened after an I/O error.
     pub(crate) reopens: std::sync::atomic::AtomicU64,
@@ -74,8 +80,9 @@ pub(crate) struct StoreInner {
     pub(crate) commit_listeners: Mutex<Vec<CommitListener>>,
     /// The image volumes, read by everyone.
     pub(crate) volumes: Arc<Volumes>,
-    /// Appends image records: used by the writer thread (and the migration before it).
-    pub(crate) appender: Mutex<Appender>,
+    /// Appends image records: used by the writer thread (and the migration before it). None
+    /// for a store opened read-only.
+    pub(crate) appender: Mutex<Option<Appender>>,
     /// What the opening found past the last index commit.
     pub(crate) recovery: Recovery,
 }
@@ -83,14 +90,18 @@ pub(crate) struct StoreInner {
 impl StoreInner {
     pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction, StorageError> {
         match self.db.read().as_ref() {
-            Some(db) => Ok(db.begin_read()?),
+            Some(Db::Write(db)) => Ok(db.begin_read()?),
+            Some(Db::Read(db)) => Ok(db.begin_read()?),
             None => Err(closed()),
         }
     }
 
     pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction, StorageError> {
         match self.db.read().as_ref() {
-            Some(db) => Ok(db.begin_write()?),
+            Some(Db::Write(db)) => Ok(db.begin_write()?),
+            Some(Db::Read(_)) => Err(StorageError::Redb(
+                "the store is open read-only; it takes no writes".into(),
+            )),
             None => Err(closed()),
         }
     }
@@ -188,7 +199,7 @@ impl Store {
         tracing::info!(path = %path.display(), %server_id, volumes = listed.len(), "storage opened");
         Ok(Store {
             inner: Arc::new(StoreInner {
-                db: RwLock::new(Some(db)),
+                db: RwLock::new(Some(Db::Write(db))),
                 opener,
                 reopens: std::sync::atomic::AtomicU64::new(0),
                 path,
@@ -197,7 +208,7 @@ impl Store {
                 writer_running: AtomicBool::new(false),
                 commit_listeners: Mutex::new(Vec::new()),
                 volumes,
-                appender: Mutex::new(appender),
+                appender: Mutex::new(Some(appender)),
                 recovery,
             }),
         })
@@ -211,6 +222,74 @@ impl Store {
     /// The directory of the image volumes.
     pub fn volumes_dir(&self) -> PathBuf {
         self.inner.volumes.dir().to_path_buf()
+    }
+
+    /// Opens `<dir>/esserver.redb` read-only, changing nothing on disk: for checking a store
+    /// no server runs on. A database of another schema version is refused (start the server
+    /// once to migrate it), and so is one that was not closed cleanly: redb would have to
+    /// repair it, which only a read-write open does (starting the server does it, in well
+    /// under a second with quick repair).
+    pub fn open_read_only(dir: &Path, options: &StoreOptions) -> Result<Store, StorageError> {
+        let path = dir.join(DATABASE_FILE_NAME);
+        if !path.exists() {
+            return Err(StorageError::Io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no database at {}", path.display()),
+            )));
+        }
+        let cache_bytes = usize::try_from(options.cache_bytes).unwrap_or(usize::MAX);
+        let db = match redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .open_read_only(&path)
+        {
+            Ok(db) => db,
+            Err(redb::DatabaseError::RepairAborted) => {
+                return Err(StorageError::NeedsRecovery);
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let server_id = {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(tables::META)?;
+            let version = match meta.get(tables::META_SCHEMA_VERSION)? {
+                Some(bytes) => decode_u64(bytes.value(), "schema version")?,
+                None => return Err(StorageError::Corrupt("schema version is missing".into())),
+            };
+            if version > tables::SCHEMA_VERSION {
+                return Err(StorageError::SchemaTooNew {
+                    found: version,
+                    supported: tables::SCHEMA_VERSION,
+                });
+            }
+            if version < tables::SCHEMA_VERSION {
+                return Err(StorageError::Corrupt(format!(
+                    "schema version {version} is older than this esserver's ({}); start the \
+                     server once to migrate it, then check it",
+                    tables::SCHEMA_VERSION
+                )));
+            }
+            read_server_id(&meta)?
+        };
+        let opener: Opener = Box::new(|| {
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(
+                std::io::Error::other("a read-only store is not reopened"),
+            )))
+        });
+        Ok(Store {
+            inner: Arc::new(StoreInner {
+                db: RwLock::new(Some(Db::Read(db))),
+                opener,
+                reopens: std::sync::atomic::AtomicU64::new(0),
+                path,
+                server_id,
+                options: options.clone(),
+                writer_running: AtomicBool::new(false),
+                commit_listeners: Mutex::new(Vec::new()),
+                volumes: Arc::new(Volumes::new(dir)),
+                appender: Mutex::new(None),
+                recovery: Recovery::default(),
+            }),
+        })
     }
 
     /// 32 lowercase hex characters, fixed when the database was created.
@@ -243,7 +322,7 @@ impl Store {
         // Close under the lock, then retry the open without it: readers on the event loops
         // get a prompt "being reopened" error meanwhile instead of waiting on the lock.
         let old = self.inner.db.write().take();
-        if let Some(old) = old {
+        if let Some(Db::Write(old)) = old {
             if let Err(error) = old.close() {
                 tracing::warn!(%error, "closing the database after an I/O error");
             }
@@ -252,7 +331,7 @@ impl Store {
         loop {
             match (self.inner.opener)() {
                 Ok(db) => {
-                    *self.inner.db.write() = Some(db);
+                    *self.inner.db.write() = Some(Db::Write(db));
                     self.inner.reopens.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(path = %self.inner.path.display(),
                         "database reopened after an I/O error; writes go on");
@@ -285,6 +364,10 @@ impl Store {
     /// # Panics
     /// If a writer of this store is running already: one thread owns all write transactions.
     pub fn start_writer(&self, options: WriterOptions) -> Writer {
+        assert!(
+            self.inner.appender.lock().is_some(),
+            "a store opened read-only has no writer"
+        );
         let already = self.inner.writer_running.swap(true, Ordering::AcqRel);
         assert!(!already, "a writer of this store is running already");
         Writer::start(self.clone(), options)
@@ -296,8 +379,10 @@ impl Store {
         &self,
         progress: &mut dyn FnMut(model::VerifyProgress),
     ) -> Result<model::VerifyReport, StorageError> {
-        let txn = self.inner.begin_read()?;
-        verify::verify(&txn, &self.inner.volumes, progress)
+        crate::guarded("verify", || {
+            let txn = self.inner.begin_read()?;
+            verify::verify(&txn, &self.inner.volumes, progress)
+        })
     }
 
     /// Test hook: flips one byte of a stored image's JPEG in place in its volume, keeping its
@@ -335,7 +420,9 @@ impl Store {
     /// disk (`None`: no limit).
     #[doc(hidden)]
     pub fn set_volume_write_budget_for_tests(&self, bytes: Option<u64>) {
-        self.inner.appender.lock().set_write_budget(bytes);
+        if let Some(appender) = self.inner.appender.lock().as_mut() {
+            appender.set_write_budget(bytes);
+        }
     }
 
     /// Where an image's record is (volume, offset, length), for tools and tests.

@@ -349,7 +349,9 @@ fn commit_batch_guarded(
                 "group commit panicked; batch aborted"
             );
             // The panic unwound past commit_batch's own abort.
-            store.inner.appender.lock().abort();
+            if let Some(appender) = store.inner.appender.lock().as_mut() {
+                appender.abort();
+            }
             Err(BatchFailure {
                 error: WriteError::Storage("internal error while applying the batch".into()),
                 disk: false,
@@ -363,8 +365,11 @@ fn commit_batch(
     batch: &[Request],
     stats: &StatsCounters,
 ) -> Result<Vec<OpResult>, StorageError> {
-    let mut appender = store.inner.appender.lock();
-    let result = commit_batch_with(store, &mut appender, batch, stats);
+    let mut guard = store.inner.appender.lock();
+    let appender = guard
+        .as_mut()
+        .expect("a writer runs only on a store opened for writing");
+    let result = commit_batch_with(store, appender, batch, stats);
     if result.is_err() {
         // Nothing of the batch is committed: its image records are cut off again.
         appender.abort();
