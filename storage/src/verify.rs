@@ -308,10 +308,15 @@ fn check_volumes(
             continue;
         }
         let mut records = 0u64;
+        let mut offsets = Vec::new();
+        let unreadable_before = report.unreadable.len() + report.unreadable_more as usize;
         volume::walk(volumes, id, row.end, &mut |walked| {
             match walked {
                 volume::Walked::Record { offset, header } => {
                     records += 1;
+                    if row.sealed {
+                        offsets.push(offset);
+                    }
                     let key = header.image_key();
                     let indexed = match acquisitions.get((key.0, key.1, key.2))? {
                         Some(value) => decode::<AcquisitionRow>(value.value(), "acquisition")
@@ -338,6 +343,28 @@ fn check_volumes(
             }
             Ok(())
         })?;
+        let unreadable_here =
+            report.unreadable.len() + report.unreadable_more as usize > unreadable_before;
+        // Where damage hides records from the walk, the damaged images are reported already.
+        if row.sealed && !unreadable_here && volumes.companion_path(id).exists() {
+            match volume::read_companion(volumes, id) {
+                Ok((end, listed)) => {
+                    let listed: Vec<u64> = listed.iter().map(|(offset, _)| *offset).collect();
+                    if end != row.end || listed != offsets {
+                        report.problem(format!(
+                            "the companion file of volume {id} lists {} records up to {end}, \
+                             the volume holds {} readable records up to {}",
+                            listed.len(),
+                            offsets.len(),
+                            row.end
+                        ));
+                    }
+                }
+                Err(reason) => report.problem(format!(
+                    "the companion file of volume {id} is damaged: {reason}"
+                )),
+            }
+        }
         if records != row.records && report.unreadable.is_empty() {
             report.problem(format!(
                 "volume {id} holds {records} records, its row says {}",

@@ -268,6 +268,11 @@ impl Volumes {
         self.dir.join(volume_file_name(volume))
     }
 
+    /// The companion file of a sealed volume: the list of its records.
+    pub(crate) fn companion_path(&self, volume: u32) -> PathBuf {
+        self.dir.join(format!("{volume:08}.idx"))
+    }
+
     fn file(&self, volume: u32) -> io::Result<Arc<File>> {
         if let Some(file) = self.files.read().get(&volume) {
             return Ok(Arc::clone(file));
@@ -604,6 +609,8 @@ pub(crate) struct Appender {
     write_budget: Option<u64>,
     /// Write records with `O_DIRECT` where the filesystem allows it.
     direct_io: bool,
+    /// Sealed volumes whose companion file is still to be written: (id, end).
+    companions_due: Vec<(u32, u64)>,
 }
 
 /// One volume as redb's `volumes` table lists it, for `Appender::open`.
@@ -673,8 +680,15 @@ impl Appender {
             seal_missing: None,
             write_budget: None,
             direct_io,
+            companions_due: Vec::new(),
         };
         for listed in listed {
+            if listed.row.sealed
+                && !appender.volumes.companion_path(listed.id).exists()
+                && appender.volumes.path(listed.id).exists()
+            {
+                appender.companions_due.push((listed.id, listed.row.end));
+            }
             if listed.row.sealed {
                 let path = appender.volumes.path(listed.id);
                 if let Ok(meta) = std::fs::metadata(&path) {
@@ -925,6 +939,34 @@ impl Appender {
                     tracing::warn!(volume = id, %error, "cutting a sealed volume's spare tail")
                 }
             }
+            self.companions_due.push((id, end));
+        }
+        self.write_companions();
+    }
+
+    /// Writes the companion files of the volumes sealed since the last call, on a thread of
+    /// their own (a volume's headers are read from end to end; the writer does not wait).
+    fn write_companions(&mut self) {
+        if self.companions_due.is_empty() {
+            return;
+        }
+        let due = std::mem::take(&mut self.companions_due);
+        let volumes = Arc::clone(&self.volumes);
+        let spawned = std::thread::Builder::new()
+            .name("es-volume-seal".into())
+            .spawn(move || {
+                for (id, end) in due {
+                    match write_companion(&volumes, id, end) {
+                        Ok(records) => {
+                            tracing::info!(volume = id, records, "volume companion file written")
+                        }
+                        Err(error) => tracing::warn!(volume = id, %error,
+                            "cannot write the volume's companion file; the next start tries again"),
+                    }
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start the thread that writes companion files");
         }
     }
 
@@ -1130,6 +1172,93 @@ fn find_next_header(file: &File, from: u64, end: u64) -> Result<u64, StorageErro
         at += scan.max(1) as u64;
     }
     Ok(end)
+}
+
+/// The companion file of a sealed volume (`NNNNNNNN.idx`), so the records of a volume can be
+/// listed without reading it whole (backup, archive, recovery without the database):
+///
+/// ```text
+/// [4]  magic "ESIX"
+/// u8   format (1), [3] reserved
+/// u32  volume id
+/// u64  the volume's end (bytes of records)
+/// u64  number of records
+/// then per record: u64 offset, and the record's header as it is in the volume (88 + n bytes)
+/// u32  CRC-32 of everything before
+/// ```
+///
+/// It is written to a temporary file, synced and renamed, so it is whole or absent.
+pub(crate) const COMPANION_MAGIC: [u8; 4] = *b"ESIX";
+
+/// Walks the sealed volume's headers and writes its companion file; returns its records.
+pub(crate) fn write_companion(volumes: &Volumes, id: u32, end: u64) -> Result<u64, StorageError> {
+    let mut body = Vec::new();
+    let mut records = 0u64;
+    walk(volumes, id, end, &mut |walked| {
+        if let Walked::Record { offset, header } = walked {
+            body.extend_from_slice(&offset.to_le_bytes());
+            header.encode_into(&mut body);
+            records += 1;
+        }
+        Ok(())
+    })?;
+    let mut out = Vec::with_capacity(body.len() + 32);
+    out.extend_from_slice(&COMPANION_MAGIC);
+    out.extend_from_slice(&[1, 0, 0, 0]);
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&end.to_le_bytes());
+    out.extend_from_slice(&records.to_le_bytes());
+    out.extend_from_slice(&body);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    let path = volumes.companion_path(id);
+    let temporary = path.with_extension("idx.tmp");
+    {
+        use std::io::Write;
+        let mut file = File::create(&temporary)?;
+        file.write_all(&out)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temporary, &path)?;
+    sync_directory(volumes.dir())?;
+    Ok(records)
+}
+
+/// Reads a companion file: the volume's end and its records' (offset, header). `Err` with the
+/// reason when it is not a whole, valid companion of `id`.
+pub(crate) fn read_companion(
+    volumes: &Volumes,
+    id: u32,
+) -> Result<(u64, Vec<(u64, RecordHeader)>), String> {
+    let bytes = std::fs::read(volumes.companion_path(id)).map_err(|e| e.to_string())?;
+    if bytes.len() < 32 || bytes[..4] != COMPANION_MAGIC || bytes[4] != 1 {
+        return Err("not a companion file of format 1".into());
+    }
+    let (content, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(content) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+        return Err("checksum does not match".into());
+    }
+    if u32_at(content, 8) != id {
+        return Err(format!("names volume {}, not {id}", u32_at(content, 8)));
+    }
+    let end = u64_at(content, 12);
+    let count = u64_at(content, 20);
+    let mut at = 28;
+    let mut records = Vec::new();
+    while at < content.len() {
+        if at + 8 > content.len() {
+            return Err("ends inside a record".into());
+        }
+        let offset = u64_at(content, at);
+        let header = RecordHeader::decode(&content[at + 8..])?
+            .ok_or_else(|| "ends inside a record header".to_string())?;
+        at += 8 + header.header_len();
+        records.push((offset, header));
+    }
+    if records.len() as u64 != count {
+        return Err(format!("lists {} records, says {count}", records.len()));
+    }
+    Ok((end, records))
 }
 
 /// fsync of a directory, so entries created in it survive a power cut.

@@ -231,36 +231,73 @@ fn run(
             batch_bytes = batch_bytes.saturating_add(request.op.payload_bytes());
             batch.push(request);
         }
-        let requests = batch.len() as u64;
-        let mut results = commit_batch_guarded(store, &batch, stats);
-        let disk_failed = results.as_ref().is_err_and(|failure| failure.disk);
-        if disk_failed {
-            // The disk failed (full, or an I/O error): redb refuses everything until the
-            // database is reopened. The batch fails as a whole (nothing of it was
-            // acknowledged; clients resend), and the writer carries on.
-            if let Err(reopen) = store.reopen(std::time::Duration::from_secs(30)) {
-                tracing::error!(%reopen, "cannot reopen the database; writes keep failing");
-            }
+        let image_bytes: u64 = batch
+            .iter()
+            .filter(|r| matches!(r.op, WriteOp::PutImage { .. }))
+            .map(|r| r.op.payload_bytes())
+            .sum();
+        let small = batch
+            .iter()
+            .filter(|r| !matches!(r.op, WriteOp::PutImage { .. }))
+            .count();
+        if small > 0 && small < batch.len() && image_bytes >= PRIORITY_SPLIT_IMAGE_BYTES {
+            // Small writes (annotation saves, API writes, dish registrations, telemetry) do
+            // not wait for megabytes of images to be written: they commit first, on their
+            // own, and are answered; then the images. Nothing a small write does depends on
+            // an image of the same batch.
+            let (mut first, mut images): (Vec<Request>, Vec<Request>) = batch
+                .drain(..)
+                .partition(|r| !matches!(r.op, WriteOp::PutImage { .. }));
+            commit_and_complete(store, &mut first, stats, &mut last_change_seq);
+            commit_and_complete(store, &mut images, stats, &mut last_change_seq);
+        } else {
+            commit_and_complete(store, &mut batch, stats, &mut last_change_seq);
         }
-        if results.is_err() && batch.len() > 1 && !disk_failed {
-            // One bad request (a corrupt record it touches, say) must not fail the others,
-            // and a client that resends it must not fail every batch it lands in: retry
-            // each request in a transaction of its own, so only the culprit fails.
-            results = Ok(batch
-                .iter()
-                .map(|request| {
-                    match commit_batch_guarded(store, std::slice::from_ref(request), stats) {
-                        Ok(mut one) => one.pop().expect("one result per request"),
-                        Err(failure) => Err(failure.error),
-                    }
-                })
-                .collect());
-        }
-        record(stats, requests, batch_bytes, results.is_ok());
-        complete(&mut batch, results.map_err(|failure| failure.error));
-        notify_commit(store, &mut last_change_seq);
     }
     tracing::info!("storage writer stopped");
+}
+
+/// When a batch carries at least this many image bytes and also small writes, the small
+/// writes are committed first in a transaction of their own.
+const PRIORITY_SPLIT_IMAGE_BYTES: u64 = 256 * 1024;
+
+/// Commits `batch` (each request on its own if the batch fails for one of them), completes
+/// every request, and tells the commit listeners. Empties `batch`.
+fn commit_and_complete(
+    store: &Store,
+    batch: &mut Vec<Request>,
+    stats: &StatsCounters,
+    last_change_seq: &mut u64,
+) {
+    let requests = batch.len() as u64;
+    let batch_bytes: u64 = batch.iter().map(|r| r.op.payload_bytes()).sum();
+    let mut results = commit_batch_guarded(store, batch, stats);
+    let disk_failed = results.as_ref().is_err_and(|failure| failure.disk);
+    if disk_failed {
+        // The disk failed (full, or an I/O error): redb refuses everything until the
+        // database is reopened. The batch fails as a whole (nothing of it was
+        // acknowledged; clients resend), and the writer carries on.
+        if let Err(reopen) = store.reopen(std::time::Duration::from_secs(30)) {
+            tracing::error!(%reopen, "cannot reopen the database; writes keep failing");
+        }
+    }
+    if results.is_err() && batch.len() > 1 && !disk_failed {
+        // One bad request (a corrupt record it touches, say) must not fail the others,
+        // and a client that resends it must not fail every batch it lands in: retry
+        // each request in a transaction of its own, so only the culprit fails.
+        results = Ok(batch
+            .iter()
+            .map(|request| {
+                match commit_batch_guarded(store, std::slice::from_ref(request), stats) {
+                    Ok(mut one) => one.pop().expect("one result per request"),
+                    Err(failure) => Err(failure.error),
+                }
+            })
+            .collect());
+    }
+    record(stats, requests, batch_bytes, results.is_ok());
+    complete(batch, results.map_err(|failure| failure.error));
+    notify_commit(store, last_change_seq);
 }
 
 /// Tells the commit listeners when the change log grew.

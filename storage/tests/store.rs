@@ -2126,3 +2126,58 @@ fn monitoring_queue_takes_instrument_data_only_and_drops_the_oldest_when_full() 
     let report = store.verify(&mut |_| {}).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+/// Small writes queued behind megabytes of images are committed and answered first, in a
+/// transaction of their own; the images follow in the next one.
+#[test]
+fn small_writes_do_not_wait_for_the_images_of_their_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let gate = block_writer(&writer);
+    let order = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let (all_done, done_rx) = bounded::<()>(64);
+    for i in 0..20u32 {
+        let order = order.clone();
+        let all_done = all_done.clone();
+        let op = image_op(instrument_id, 1, 0, T0 + i64::from(i), jpeg(i, 60_000));
+        let done: Completion = Box::new(move |result| {
+            assert!(result.is_ok());
+            order.lock().push("image");
+            all_done.send(()).unwrap();
+        });
+        writer.try_submit(op, done).unwrap();
+    }
+    let embryo_version = store.read().unwrap().embryo("E1").unwrap().unwrap().version;
+    let edit = WriteOp::Edit {
+        actor: actor("anna"),
+        edit: ClinicalEdit::SetEmbryoComment {
+            embryo_id: "E1".into(),
+            expected_version: embryo_version,
+            comment: "looks good".into(),
+        },
+        idempotency: None,
+        at_ms: T0,
+    };
+    {
+        let order = order.clone();
+        let all_done = all_done.clone();
+        let done: Completion = Box::new(move |result| {
+            assert!(result.is_ok(), "{result:?}");
+            order.lock().push("edit");
+            all_done.send(()).unwrap();
+        });
+        writer.try_submit(edit, done).unwrap();
+    }
+    let commits_before = writer.stats().commits;
+    drop(gate);
+    for _ in 0..21 {
+        done_rx.recv().unwrap();
+    }
+    let order = order.lock().clone();
+    assert_eq!(order[0], "edit", "{order:?}");
+    assert_eq!(order.len(), 21);
+    // One commit for the edit, one for the 20 images (1.2 MB).
+    assert_eq!(writer.stats().commits, commits_before + 2);
+    writer.shutdown();
+}

@@ -307,3 +307,50 @@ fn damage_costs_only_the_records_it_touches() {
     }
     assert_eq!(store.read().unwrap().stats().unwrap().images, 40);
 }
+
+#[test]
+fn a_sealed_volume_gets_a_companion_file_listing_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), 1 << 20);
+    let writer = store.start_writer(WriterOptions::default());
+    let instrument_id = setup(&writer);
+    for n in 0..25 {
+        let (op, _) = image(instrument_id, n, 100_000);
+        write(&writer, op).unwrap();
+    }
+    writer.shutdown();
+    let stats = store.read().unwrap().stats().unwrap();
+    assert!(stats.volumes_sealed >= 2, "{stats:?}");
+    drop(store);
+    // The companions are written on a thread of their own; a reopen writes any missing one.
+    let companion = |id: u64| dir.path().join("volumes").join(format!("{id:08}.idx"));
+    for id in 1..=stats.volumes_sealed {
+        let _ = std::fs::remove_file(companion(id));
+    }
+    let store = open_with(dir.path(), 1 << 20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while (1..=stats.volumes_sealed).any(|id| !companion(id).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "companion files were not written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        !companion(u64::from(stats.active_volume)).exists(),
+        "the active volume has none"
+    );
+    let report = store.verify(&mut |_| {}).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    // A companion that does not match its volume is reported.
+    let bytes = std::fs::read(companion(1)).unwrap();
+    std::fs::write(companion(1), &bytes[..bytes.len() - 10]).unwrap();
+    let report = store.verify(&mut |_| {}).unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("companion file of volume 1 is damaged")),
+        "{report:?}"
+    );
+}
