@@ -33,15 +33,7 @@ fn kill_9_while_volumes_are_sealed_loses_no_acknowledged_image() {
 
 /// Runs the kill schedule; returns the number of image volumes at the end.
 fn crash_run(extra_config: &str, kill_points: u32) -> u64 {
-    let seed: u64 = std::env::var("ESSERVER_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
+    let seed = crash_seed();
     println!("crash schedule seed: {seed} (replay with ESSERVER_CRASH_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
@@ -181,15 +173,7 @@ fn crash_run(extra_config: &str, kill_points: u32) -> u64 {
 #[test]
 fn kill_9_during_the_migration_from_version_4_loses_no_image() {
     use es_loadtest::spawn::{ServerProcess, SpawnOptions};
-    let seed: u64 = std::env::var("ESSERVER_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
+    let seed = crash_seed();
     println!("migration crash seed: {seed} (replay with ESSERVER_CRASH_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
@@ -285,4 +269,17 @@ fn kill_9_during_the_migration_from_version_4_loses_no_image() {
     assert_eq!(reader.stats().unwrap().images, total);
     let report = store.verify(&mut |_| {}).unwrap();
     assert!(report.is_clean(), "verify after the migration: {report:?}");
+}
+
+/// ESSERVER_CRASH_SEED, or a seed from the clock (printed by each test so it can be replayed).
+fn crash_seed() -> u64 {
+    std::env::var("ESSERVER_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
 }
