@@ -197,21 +197,16 @@ impl Store {
         )?;
         crate::migrate::move_legacy_images(&db, &mut appender)?;
         tracing::info!(path = %path.display(), %server_id, volumes = listed.len(), "storage opened");
-        Ok(Store {
-            inner: Arc::new(StoreInner {
-                db: RwLock::new(Some(Db::Write(db))),
-                opener,
-                reopens: std::sync::atomic::AtomicU64::new(0),
-                path,
-                server_id,
-                options: options.clone(),
-                writer_running: AtomicBool::new(false),
-                commit_listeners: Mutex::new(Vec::new()),
-                volumes,
-                appender: Mutex::new(Some(appender)),
-                recovery,
-            }),
-        })
+        Ok(Store::assemble(
+            Db::Write(db),
+            opener,
+            path,
+            server_id,
+            options,
+            volumes,
+            Some(appender),
+            recovery,
+        ))
     }
 
     /// What opening the store cut off past the last index commit (never acknowledged).
@@ -275,9 +270,33 @@ impl Store {
                 std::io::Error::other("a read-only store is not reopened"),
             )))
         });
-        Ok(Store {
+        Ok(Store::assemble(
+            Db::Read(db),
+            opener,
+            path,
+            server_id,
+            options,
+            Arc::new(Volumes::new(dir)),
+            None,
+            Recovery::default(),
+        ))
+    }
+
+    /// The store around an opened database (read-write with its appender, or read-only).
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        db: Db,
+        opener: Opener,
+        path: PathBuf,
+        server_id: String,
+        options: &StoreOptions,
+        volumes: Arc<Volumes>,
+        appender: Option<Appender>,
+        recovery: Recovery,
+    ) -> Store {
+        Store {
             inner: Arc::new(StoreInner {
-                db: RwLock::new(Some(Db::Read(db))),
+                db: RwLock::new(Some(db)),
                 opener,
                 reopens: std::sync::atomic::AtomicU64::new(0),
                 path,
@@ -285,11 +304,11 @@ impl Store {
                 options: options.clone(),
                 writer_running: AtomicBool::new(false),
                 commit_listeners: Mutex::new(Vec::new()),
-                volumes: Arc::new(Volumes::new(dir)),
-                appender: Mutex::new(None),
-                recovery: Recovery::default(),
+                volumes,
+                appender: Mutex::new(appender),
+                recovery,
             }),
-        })
+        }
     }
 
     /// 32 lowercase hex characters, fixed when the database was created.

@@ -721,6 +721,20 @@ impl Appender {
                 Err(error) => return Err(error.into()),
             };
             let allocated = file.metadata()?.len();
+            if allocated < last.row.end {
+                // Shorter than its committed records: damaged or cut by hand. Its readable
+                // records still serve; new images go to a new volume.
+                tracing::error!(
+                    volume = last.id,
+                    bytes = allocated,
+                    end = last.row.end,
+                    "the active volume file is shorter than its committed records; \
+                     sealing it and starting a new volume"
+                );
+                appender.seal_missing = Some((last.id, last.row.clone()));
+                appender.trim_sealed();
+                return Ok((appender, recovery));
+            }
             let (records, bytes) = scan_tail(&file, last.row.end, allocated);
             recovery.tail_records_cut = records;
             recovery.tail_bytes_cut = bytes;
@@ -1441,5 +1455,33 @@ mod tests {
         assert_eq!(recovery.files_removed, 1);
         assert!(!volumes.path(2).exists());
         assert_eq!(appender.active_volume(), Some(1));
+    }
+
+    #[test]
+    fn an_active_volume_shorter_than_its_records_is_sealed_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let volumes = Arc::new(Volumes::new(dir.path()));
+        let (mut appender, _) = Appender::open(Arc::clone(&volumes), 1 << 30, true, &[]).unwrap();
+        let jpeg = vec![3u8; 5000];
+        appender.append(&header("D", 0, &jpeg), &jpeg, 1).unwrap();
+        let changes = appender.sync(1).unwrap();
+        let row = changes.rows[0].1.clone();
+        appender.committed(&changes);
+        drop(appender);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(volumes.path(1))
+            .unwrap();
+        file.set_len(100).unwrap();
+        let listed = vec![ListedVolume { id: 1, row }];
+        let (mut appender, _) =
+            Appender::open(Arc::clone(&volumes), 1 << 30, true, &listed).unwrap();
+        let location = appender.append(&header("D", 1, &jpeg), &jpeg, 2).unwrap();
+        assert_eq!(location.volume, 2, "new images go to a new volume");
+        let changes = appender.sync(2).unwrap();
+        assert!(
+            changes.rows.iter().any(|(id, r)| *id == 1 && r.sealed),
+            "{changes:?}"
+        );
     }
 }
