@@ -4,7 +4,8 @@
 use crate::config::Config;
 use crate::control::{self, ApiKeyRequest, Request, Response, UserRequest};
 use es_storage::{
-    Actor, ApiScope, Rights, Store, StoreOptions, UserChange, WriteOp, WriteOutcome, Writer,
+    Actor, ApiKeyCreate, ApiKeyRevoke, ApiScope, InstrumentRename, Operation,
+    ResetInstrumentSecret, Rights, Store, StoreOptions, UserAdd, UserChange, UserUpdate, Writer,
 };
 use std::path::Path;
 
@@ -38,30 +39,24 @@ pub fn verify_report(store: &Store) -> Response {
 }
 
 pub fn reset_secret(writer: &Writer, serial: &str) -> Response {
-    let (sender, receiver) = crossbeam_channel::bounded(1);
-    let op = crate::server::reset_secret_op(serial);
-    let done: es_storage::Completion = Box::new(move |result| {
-        let _ = sender.send(result);
-    });
-    if writer.submit(op, done).is_err() {
-        return Response::error("shutting_down", "the server is shutting down");
-    }
-    match receiver.recv() {
-        Ok(Ok(WriteOutcome::SecretReset { existed: true })) => Response::ok(serde_json::json!({
+    let op = ResetInstrumentSecret {
+        serial: serial.to_string(),
+    };
+    match write_and_wait(writer, op) {
+        Ok(reset) if reset.existed => Response::ok(serde_json::json!({
             "serial": serial, "message": format!("the secret of {serial} was reset; its next HELLO is issued a new one"),
         })),
-        Ok(Ok(_)) => Response::error(
+        Ok(_) => Response::error(
             "unknown_instrument",
             format!("no instrument with serial number {serial} is known"),
         ),
-        Ok(Err(error)) => Response::error(error.code(), error.to_string()),
-        Err(_) => Response::error("internal_error", "the storage writer stopped"),
+        Err(response) => response,
     }
 }
 
 /// Renames an instrument (display name only; its serial, dishes and images stay).
 pub fn instrument_rename(writer: &Writer, serial: &str, display_name: &str, by: &str) -> Response {
-    let op = WriteOp::InstrumentRename {
+    let op = InstrumentRename {
         actor: Actor {
             user: by.to_string(),
             computer: "esserver instrument".to_string(),
@@ -79,25 +74,10 @@ pub fn instrument_rename(writer: &Writer, serial: &str, display_name: &str, by: 
 }
 
 /// Runs one write through the storage writer and waits for it to be durable.
-fn write_and_wait(writer: &Writer, op: WriteOp) -> Result<WriteOutcome, Response> {
-    let (sender, receiver) = crossbeam_channel::bounded(1);
-    let done: es_storage::Completion = Box::new(move |result| {
-        let _ = sender.send(result);
-    });
-    if writer.submit(op, done).is_err() {
-        return Err(Response::error(
-            "shutting_down",
-            "the server is shutting down",
-        ));
-    }
-    match receiver.recv() {
-        Ok(Ok(outcome)) => Ok(outcome),
-        Ok(Err(error)) => Err(Response::error(error.code(), error.to_string())),
-        Err(_) => Err(Response::error(
-            "internal_error",
-            "the storage writer stopped",
-        )),
-    }
+fn write_and_wait<O: Operation>(writer: &Writer, op: O) -> Result<O::Outcome, Response> {
+    writer
+        .write(op)
+        .map_err(|error| Response::error(error.code(), error.to_string()))
 }
 
 use crate::now_ms;
@@ -108,7 +88,7 @@ pub fn user(writer: &Writer, store: &Store, request: UserRequest) -> Response {
         user: by.to_string(),
         computer: "esserver user".to_string(),
     };
-    let (op, done) = match request {
+    let (result, done) = match request {
         UserRequest::List => {
             return match store.read().and_then(|reader| reader.users()) {
                 Ok(users) => Response::ok(serde_json::json!({ "users": users })),
@@ -128,37 +108,46 @@ pub fn user(writer: &Writer, store: &Store, request: UserRequest) -> Response {
                 );
             };
             let message = format!("user {name} added with the right `{rights}`");
-            let op = WriteOp::UserAdd {
+            let op = UserAdd {
                 actor: actor(&by),
                 name,
                 password_hash,
                 rights,
                 at_ms: now_ms(),
             };
-            (op, message)
+            (write_and_wait(writer, op), message)
         }
         UserRequest::Passwd {
             name,
             password_hash,
             by,
         } => user_change(
+            writer,
             actor(&by),
             name,
             UserChange::Password(password_hash),
             "password changed",
         ),
-        UserRequest::Disable { name, by } => {
-            user_change(actor(&by), name, UserChange::Disabled(true), "disabled")
-        }
-        UserRequest::Enable { name, by } => {
-            user_change(actor(&by), name, UserChange::Disabled(false), "enabled")
-        }
+        UserRequest::Disable { name, by } => user_change(
+            writer,
+            actor(&by),
+            name,
+            UserChange::Disabled(true),
+            "disabled",
+        ),
+        UserRequest::Enable { name, by } => user_change(
+            writer,
+            actor(&by),
+            name,
+            UserChange::Disabled(false),
+            "enabled",
+        ),
         UserRequest::Unlock { name, by } => {
-            user_change(actor(&by), name, UserChange::Unlock, "unlocked")
+            user_change(writer, actor(&by), name, UserChange::Unlock, "unlocked")
         }
     };
-    match write_and_wait(writer, op) {
-        Ok(_) => Response::ok(serde_json::json!({ "message": done })),
+    match result {
+        Ok(()) => Response::ok(serde_json::json!({ "message": done })),
         Err(response) => response,
     }
 }
@@ -169,7 +158,7 @@ pub fn api_key(writer: &Writer, store: &Store, request: ApiKeyRequest) -> Respon
         user: by.to_string(),
         computer: "esserver apikey".to_string(),
     };
-    let (op, done) = match request {
+    let (result, done) = match request {
         ApiKeyRequest::List => {
             return match store.read().and_then(|reader| reader.api_keys()) {
                 Ok(keys) => Response::ok(serde_json::json!({ "keys": keys })),
@@ -194,7 +183,7 @@ pub fn api_key(writer: &Writer, store: &Store, request: ApiKeyRequest) -> Respon
                 return Response::error("invalid_input", "the secret's SHA-256 is not 64 hex");
             }
             let message = format!("API key {key_id} ({name}) created with scope `{scope}`");
-            let op = WriteOp::ApiKeyCreate {
+            let op = ApiKeyCreate {
                 actor: actor(&by),
                 key_id,
                 name,
@@ -202,33 +191,39 @@ pub fn api_key(writer: &Writer, store: &Store, request: ApiKeyRequest) -> Respon
                 secret_sha256: digest,
                 at_ms: now_ms(),
             };
-            (op, message)
+            (write_and_wait(writer, op), message)
         }
         ApiKeyRequest::Revoke { key_id, by } => {
             let message = format!("API key {key_id} revoked; it can no longer be used");
-            let op = WriteOp::ApiKeyRevoke {
+            let op = ApiKeyRevoke {
                 actor: actor(&by),
                 key_id,
                 at_ms: now_ms(),
             };
-            (op, message)
+            (write_and_wait(writer, op), message)
         }
     };
-    match write_and_wait(writer, op) {
-        Ok(_) => Response::ok(serde_json::json!({ "message": done })),
+    match result {
+        Ok(()) => Response::ok(serde_json::json!({ "message": done })),
         Err(response) => response,
     }
 }
 
-fn user_change(actor: Actor, name: String, change: UserChange, done: &str) -> (WriteOp, String) {
+fn user_change(
+    writer: &Writer,
+    actor: Actor,
+    name: String,
+    change: UserChange,
+    done: &str,
+) -> (Result<(), Response>, String) {
     let message = format!("user {name}: {done}");
-    let op = WriteOp::UserUpdate {
+    let op = UserUpdate {
         actor,
         name,
         change,
         at_ms: now_ms(),
     };
-    (op, message)
+    (write_and_wait(writer, op), message)
 }
 
 /// Runs `request` on the live server, or on the database directly when none runs.

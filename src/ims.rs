@@ -12,7 +12,7 @@
 
 use crate::config::ImsConfig;
 use es_storage::ims::{ImsQueueStats, ImsRecord};
-use es_storage::{ImsQueueing, Store, WriteOp, WriteOutcome, Writer};
+use es_storage::{ImsQueueing, ImsRemove, Store, Writer};
 use flate2::write::GzEncoder;
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -521,16 +521,12 @@ impl Uploader {
     fn remove(&self, ids: Vec<u64>) -> Result<(), String> {
         let (done, result) = crossbeam_channel::bounded(1);
         self.writer
-            .submit(
-                WriteOp::ImsRemove { ids },
-                Box::new(move |outcome| {
-                    let _ = done.send(outcome);
-                }),
-            )
+            .submit(ImsRemove { ids }, move |outcome| {
+                let _ = done.send(outcome);
+            })
             .map_err(|error| format!("the storage writer refused the request: {error}"))?;
         match result.recv_timeout(Duration::from_secs(60)) {
-            Ok(Ok(WriteOutcome::ImsRemoved { .. })) => Ok(()),
-            Ok(Ok(other)) => Err(format!("unexpected outcome {other:?}")),
+            Ok(Ok(_removed)) => Ok(()),
             Ok(Err(error)) => Err(error.to_string()),
             Err(_) => Err("the storage writer did not answer within 60 s".into()),
         }

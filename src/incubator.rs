@@ -9,8 +9,9 @@ use es_proto::incubator::{
     ServerLimits, ServerSession, PROTOCOL_VERSION,
 };
 use es_storage::{
-    AlarmInput, Completion, DishRegistration, ImageBytes, PatientRef, Store, SubmitError,
-    TelemetrySample, WellRegistration, WriteError, WriteOp, WriteOutcome, Writer,
+    AlarmInput, DishRegistration, HelloRefusal, ImageBytes, ImageRefusal, InstrumentHello,
+    OpResult, PatientRef, PutImage, PutTelemetry, RegisterDish, Store, Submission, SubmitError,
+    TelemetrySample, WellRegistration, WriteError, Writer,
 };
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -24,15 +25,65 @@ pub enum IncubatorMsg {
     /// The storage writer finished the HELLO's instrument record.
     HelloDone {
         hello: pb::Hello,
-        result: Result<WriteOutcome, WriteError>,
+        result: OpResult<InstrumentHello>,
     },
     /// The storage writer finished a request.
-    Done {
-        seq: u64,
-        result: Result<WriteOutcome, WriteError>,
-    },
+    Done { seq: u64, answer: Answer },
     /// A newer connection of the same instrument took over.
     Superseded,
+}
+
+/// What the storage writer made of a request, in the terms the answer needs.
+pub enum Answer {
+    Image { duplicate: bool },
+    Dish { changed: bool },
+    Telemetry { withheld: u32, dropped: u32 },
+    Refused { code: ErrorCode, message: String },
+}
+
+impl Answer {
+    fn image(result: OpResult<PutImage>) -> Answer {
+        match result {
+            Ok(stored) => Answer::Image {
+                duplicate: stored.duplicate,
+            },
+            Err(error) => Answer::refused(&error, |refusal| match refusal {
+                ImageRefusal::Conflict => ErrorCode::ImageConflict,
+                ImageRefusal::UnknownDish => ErrorCode::UnknownDish,
+                ImageRefusal::UnknownWell => ErrorCode::UnknownWell,
+                ImageRefusal::UnknownInstrument => ErrorCode::InternalError,
+            }),
+        }
+    }
+
+    fn dish(result: OpResult<RegisterDish>) -> Answer {
+        match result {
+            Ok(registered) => Answer::Dish {
+                changed: registered.changed,
+            },
+            Err(error) => Answer::refused(&error, |_| ErrorCode::InternalError),
+        }
+    }
+
+    fn telemetry(result: OpResult<PutTelemetry>) -> Answer {
+        match result {
+            Ok(stored) => Answer::Telemetry {
+                withheld: stored.ims_withheld,
+                dropped: stored.ims_dropped,
+            },
+            Err(error) => Answer::refused(&error, |_| ErrorCode::InternalError),
+        }
+    }
+
+    fn refused<R: es_storage::Refusal>(
+        error: &WriteError<R>,
+        refusal_code: impl FnOnce(&R) -> ErrorCode,
+    ) -> Answer {
+        Answer::Refused {
+            code: error_code(error, refusal_code),
+            message: error.to_string(),
+        }
+    }
 }
 
 /// Live figures of one connected instrument, for `esserver status`.
@@ -192,7 +243,7 @@ pub struct IncubatorSession {
     /// The HELLO is with the storage writer; nothing else is read meanwhile.
     waiting_for_hello: bool,
     /// A request the storage queue had no room for; retried before reading more.
-    blocked: Option<(WriteOp, Completion)>,
+    blocked: Option<Submission>,
     stopping: bool,
     /// The peer half-closed: close once every answer it waits for is sent.
     peer_gone: bool,
@@ -250,7 +301,7 @@ impl IncubatorSession {
             );
             return;
         }
-        let op = WriteOp::InstrumentHello {
+        let op = InstrumentHello {
             serial: hello.serial_number.clone(),
             model: hello.model.clone(),
             firmware: hello.firmware_version.clone(),
@@ -259,35 +310,24 @@ impl IncubatorSession {
             at_ms: now_ms(),
         };
         let handle = self.handle.clone();
-        let done: Completion = Box::new(move |result| {
+        let submission = Submission::new(op, move |result| {
             handle.send(IncubatorMsg::HelloDone { hello, result });
         });
         self.waiting_for_hello = true;
         io.pause_reading();
-        self.submit(op, done, io);
+        self.submit(submission, io);
     }
 
     fn finish_hello(
         &mut self,
         hello: pb::Hello,
-        result: Result<WriteOutcome, WriteError>,
+        result: OpResult<InstrumentHello>,
         io: &mut SessionIo<'_>,
     ) {
         self.waiting_for_hello = false;
         let (instrument_id, issued_secret) = match result {
-            Ok(WriteOutcome::InstrumentAccepted {
-                instrument_id,
-                issued_secret,
-            }) => (instrument_id, issued_secret),
-            Ok(other) => {
-                self.fail(
-                    ErrorCode::InternalError,
-                    format!("unexpected storage outcome {other:?}"),
-                    io,
-                );
-                return;
-            }
-            Err(WriteError::AuthFailed) => {
+            Ok(accepted) => (accepted.instrument_id, accepted.issued_secret),
+            Err(WriteError::Refused(HelloRefusal::AuthFailed)) => {
                 let message = format!(
                     "instrument {} presented a wrong secret; an administrator can reset it with \
                      `esserver instrument reset-secret {}`",
@@ -297,7 +337,7 @@ impl IncubatorSession {
                 return;
             }
             Err(error) => {
-                let code = error_code(&error);
+                let code = error_code(&error, |_| ErrorCode::AuthFailed);
                 self.fail(code, format!("HELLO refused: {error}"), io);
                 return;
             }
@@ -378,12 +418,13 @@ impl IncubatorSession {
         }
         let instrument_id = self.instrument_id();
         let at_ms = now_ms();
-        let op = match message {
+        let handle = self.handle.clone();
+        let submission = match message {
             Message::Image(image) => {
                 self.counters
                     .image_bytes
                     .fetch_add(image.jpeg.len() as u64, Ordering::Relaxed);
-                WriteOp::PutImage {
+                let op = PutImage {
                     instrument_id,
                     dish_id: image.dish_id,
                     well: image.well,
@@ -391,38 +432,54 @@ impl IncubatorSession {
                     acquired_at_ms: image.acquired_at_ms,
                     jpeg: ImageBytes::new(image.jpeg),
                     at_ms,
-                }
+                };
+                Submission::new(op, move |result| {
+                    let answer = Answer::image(result);
+                    handle.send(IncubatorMsg::Done { seq, answer });
+                })
             }
-            Message::RegisterDish(dish) => WriteOp::RegisterDish {
-                instrument_id,
-                dish: dish_registration(dish),
-                at_ms,
-            },
-            Message::Telemetry(telemetry) => WriteOp::PutTelemetry {
-                instrument_id,
-                samples: telemetry
-                    .samples
-                    .into_iter()
-                    .map(|s| TelemetrySample {
-                        channel: s.channel,
-                        value: s.value,
-                        at_ms: s.at_ms,
-                    })
-                    .collect(),
-                alarms: telemetry
-                    .alarms
-                    .into_iter()
-                    .map(|a| AlarmInput {
-                        code: a.code,
-                        severity: u8::try_from(a.severity).unwrap_or(0),
-                        raised_at_ms: a.raised_at_ms,
-                        cleared_at_ms: a.cleared_at_ms,
-                        text: a.text,
-                    })
-                    .collect(),
-                ims: self.ims.queueing(),
-                at_ms,
-            },
+            Message::RegisterDish(dish) => {
+                let op = RegisterDish {
+                    instrument_id,
+                    dish: dish_registration(dish),
+                    at_ms,
+                };
+                Submission::new(op, move |result| {
+                    let answer = Answer::dish(result);
+                    handle.send(IncubatorMsg::Done { seq, answer });
+                })
+            }
+            Message::Telemetry(telemetry) => Submission::new(
+                PutTelemetry {
+                    instrument_id,
+                    samples: telemetry
+                        .samples
+                        .into_iter()
+                        .map(|s| TelemetrySample {
+                            channel: s.channel,
+                            value: s.value,
+                            at_ms: s.at_ms,
+                        })
+                        .collect(),
+                    alarms: telemetry
+                        .alarms
+                        .into_iter()
+                        .map(|a| AlarmInput {
+                            code: a.code,
+                            severity: u8::try_from(a.severity).unwrap_or(0),
+                            raised_at_ms: a.raised_at_ms,
+                            cleared_at_ms: a.cleared_at_ms,
+                            text: a.text,
+                        })
+                        .collect(),
+                    ims: self.ims.queueing(),
+                    at_ms,
+                },
+                move |result| {
+                    let answer = Answer::telemetry(result);
+                    handle.send(IncubatorMsg::Done { seq, answer });
+                },
+            ),
             Message::SyncState(request) => {
                 let reply = self.sync_state(seq, instrument_id, &request.dish_id);
                 self.respond(reply, io);
@@ -466,22 +523,18 @@ impl IncubatorSession {
             self.respond(error_message(seq, ErrorCode::DiskFull, message), io);
             return;
         }
-        let handle = self.handle.clone();
-        let done: Completion = Box::new(move |result| {
-            handle.send(IncubatorMsg::Done { seq, result });
-        });
-        self.submit(op, done, io);
+        self.submit(submission, io);
     }
 
-    fn submit(&mut self, op: WriteOp, done: Completion, io: &mut SessionIo<'_>) {
-        match self.writer.try_submit(op, done) {
+    fn submit(&mut self, submission: Submission, io: &mut SessionIo<'_>) {
+        match self.writer.try_resubmit(submission) {
             Ok(()) => self.in_storage += 1,
-            Err(SubmitError::Full(op, done)) => {
+            Err(SubmitError::Full(submission)) => {
                 // Backpressure: stop reading until the storage queue has room.
-                self.blocked = Some((op, done));
+                self.blocked = Some(submission);
                 io.pause_reading();
             }
-            Err(SubmitError::Closed(_, _)) => {
+            Err(SubmitError::Closed(_)) => {
                 // Answered here, not through the completion: that would queue a message to
                 // this very loop from this loop.
                 self.fail(
@@ -494,8 +547,8 @@ impl IncubatorSession {
     }
 
     fn retry_blocked(&mut self, io: &mut SessionIo<'_>) {
-        if let Some((op, done)) = self.blocked.take() {
-            self.submit(op, done, io);
+        if let Some(submission) = self.blocked.take() {
+            self.submit(submission, io);
         }
         self.update_reading(io);
     }
@@ -520,14 +573,9 @@ impl IncubatorSession {
         }
     }
 
-    fn finish_request(
-        &mut self,
-        seq: u64,
-        result: Result<WriteOutcome, WriteError>,
-        io: &mut SessionIo<'_>,
-    ) {
-        let reply = match result {
-            Ok(WriteOutcome::ImageStored { duplicate }) => {
+    fn finish_request(&mut self, seq: u64, answer: Answer, io: &mut SessionIo<'_>) {
+        let reply = match answer {
+            Answer::Image { duplicate } => {
                 if duplicate {
                     self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -535,17 +583,13 @@ impl IncubatorSession {
                 }
                 Message::Ack(pb::Ack { seq, duplicate })
             }
-            Ok(WriteOutcome::TelemetryStored {
-                ims_withheld,
-                ims_dropped,
-                ..
-            }) => {
-                if ims_dropped > 0 {
-                    tracing::warn!(incubator = %self.name(), dropped = ims_dropped,
+            Answer::Telemetry { withheld, dropped } => {
+                if dropped > 0 {
+                    tracing::warn!(incubator = %self.name(), dropped,
                         "monitoring (IMS) queue full: its oldest records were dropped to make room; is the upload working?");
                 }
-                if ims_withheld > 0 {
-                    tracing::info!(incubator = %self.name(), withheld = ims_withheld,
+                if withheld > 0 {
+                    tracing::info!(incubator = %self.name(), withheld,
                         "telemetry stored but not queued for monitoring: unknown channel, or an alarm code that could name patient data");
                 }
                 Message::Ack(pb::Ack {
@@ -553,19 +597,14 @@ impl IncubatorSession {
                     duplicate: false,
                 })
             }
-            Ok(WriteOutcome::DishRegistered { changed, .. }) => Message::Ack(pb::Ack {
+            Answer::Dish { changed } => Message::Ack(pb::Ack {
                 seq,
                 duplicate: !changed,
             }),
-            Ok(_) => Message::Ack(pb::Ack {
-                seq,
-                duplicate: false,
-            }),
-            Err(error) => {
+            Answer::Refused { code, message } => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                let code = error_code(&error);
-                tracing::warn!(incubator = %self.name(), seq, code = code.name(), "request refused: {error}");
-                error_message(seq, code, error.to_string())
+                tracing::warn!(incubator = %self.name(), seq, code = code.name(), "request refused: {message}");
+                error_message(seq, code, message)
             }
         };
         self.respond(reply, io);
@@ -715,23 +754,17 @@ fn capacity_check(
     ))
 }
 
-/// The wire code of a storage refusal.
-pub fn error_code(error: &WriteError) -> ErrorCode {
+/// The wire code of a storage error; `refusal_code` names the operation's own refusals.
+pub fn error_code<R>(
+    error: &WriteError<R>,
+    refusal_code: impl FnOnce(&R) -> ErrorCode,
+) -> ErrorCode {
     match error {
-        WriteError::AuthFailed => ErrorCode::AuthFailed,
-        WriteError::ImageConflict => ErrorCode::ImageConflict,
-        WriteError::UnknownDish => ErrorCode::UnknownDish,
-        WriteError::UnknownWell => ErrorCode::UnknownWell,
-        WriteError::UnknownInstrument => ErrorCode::InternalError,
+        WriteError::Refused(refusal) => refusal_code(refusal),
         WriteError::InvalidInput(_) => ErrorCode::InvalidField,
         WriteError::DiskFull => ErrorCode::DiskFull,
         WriteError::Storage(_) => ErrorCode::StorageUnavailable,
         WriteError::ShuttingDown => ErrorCode::ShuttingDown,
-        // Viewer and API edits; an incubator's requests never produce them.
-        WriteError::Conflict { .. }
-        | WriteError::NotFound(_)
-        | WriteError::AlreadyExists(_)
-        | WriteError::IdempotencyKeyReused(_) => ErrorCode::InternalError,
     }
 }
 
@@ -763,9 +796,9 @@ impl Session for IncubatorSession {
                 self.in_storage -= 1;
                 self.finish_hello(hello, result, io);
             }
-            IncubatorMsg::Done { seq, result } => {
+            IncubatorMsg::Done { seq, answer } => {
                 self.in_storage -= 1;
-                self.finish_request(seq, result, io);
+                self.finish_request(seq, answer, io);
             }
             IncubatorMsg::Superseded => {
                 let message =

@@ -11,7 +11,7 @@ use crate::viewer::{Hub, ViewerService, ViewerSettings};
 use crate::workers::Workers;
 use es_net::{NetLimits, Pool, PoolConfig};
 use es_proto::incubator::ServerLimits;
-use es_storage::{Store, StoreOptions, WriteOp, WriterOptions};
+use es_storage::{Store, StoreOptions, WriterOptions};
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -648,11 +648,4 @@ pub fn serve(config: &Config) -> Result<(), StartError> {
     server.shutdown();
     tracing::info!("stopped cleanly");
     Ok(())
-}
-
-/// Admin request to reset an instrument's secret, through the storage writer.
-pub fn reset_secret_op(serial: &str) -> WriteOp {
-    WriteOp::ResetInstrumentSecret {
-        serial: serial.to_string(),
-    }
 }

@@ -23,7 +23,7 @@ use auth::Tokens;
 use bytes::{Bytes, BytesMut};
 use es_net::http::{self, HttpError, HttpLimits, Parsed, RequestParser};
 use es_net::{CloseReason, ConnHandle, Service, Session, SessionIo, TimeoutKind};
-use es_storage::{Frame, Rights, StorageError, Store, WriteError, WriteOutcome, Writer};
+use es_storage::{Edit, Frame, LoginAttempt, OpResult, Rights, StorageError, Store, Writer};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -140,7 +140,7 @@ pub enum ApiMsg {
     Step(Step),
     /// A write is durable or refused.
     Written {
-        result: Result<WriteOutcome, WriteError>,
+        result: OpResult<Edit>,
         render: Render,
     },
     /// A login was recorded: issue a token or refuse.
@@ -148,7 +148,7 @@ pub enum ApiMsg {
         user: String,
         rights: Rights,
         kind: LoginKind,
-        result: Result<WriteOutcome, WriteError>,
+        result: OpResult<LoginAttempt>,
     },
     /// A ZIP chunk was read: frames, or None when the embryo is unknown.
     Frames(Result<Option<Vec<Frame>>, StorageError>),
@@ -551,12 +551,7 @@ impl ApiSession {
         }
     }
 
-    fn written(
-        &mut self,
-        result: Result<WriteOutcome, WriteError>,
-        render: Render,
-        io: &mut SessionIo<'_>,
-    ) {
+    fn written(&mut self, result: OpResult<Edit>, render: Render, io: &mut SessionIo<'_>) {
         let shared = self.shared.clone();
         let handle = self.handle.clone();
         let job = Box::new(move || {
@@ -584,24 +579,19 @@ impl ApiSession {
         user: String,
         rights: Rights,
         kind: LoginKind,
-        result: Result<WriteOutcome, WriteError>,
+        result: OpResult<LoginAttempt>,
         io: &mut SessionIo<'_>,
     ) {
         if kind == LoginKind::Web {
             let refused = match &result {
-                Ok(WriteOutcome::LoginRecorded { granted: true, .. }) => None,
-                Ok(WriteOutcome::LoginRecorded { disabled: true, .. }) => {
+                Ok(recorded) if recorded.granted => None,
+                Ok(recorded) if recorded.disabled => {
                     Some(format!("the account {user} is disabled"))
                 }
-                Ok(WriteOutcome::LoginRecorded {
-                    locked_until_ms, ..
-                }) if *locked_until_ms > 0 => {
-                    Some(crate::viewer::locked_message(&user, *locked_until_ms))
-                }
-                Ok(WriteOutcome::LoginRecorded { .. }) => {
-                    Some("wrong user name or password".to_string())
-                }
-                Ok(other) => Some(format!("unexpected storage outcome {other:?}")),
+                Ok(recorded) if recorded.locked_until_ms > 0 => Some(
+                    crate::viewer::locked_message(&user, recorded.locked_until_ms),
+                ),
+                Ok(_) => Some("wrong user name or password".to_string()),
                 Err(error) => Some(format!("cannot record the login: {error}")),
             };
             if let Some(message) = &refused {
@@ -613,7 +603,7 @@ impl ApiSession {
         }
         let legacy = kind == LoginKind::Legacy;
         let response = match result {
-            Ok(WriteOutcome::LoginRecorded { granted: true, .. }) => {
+            Ok(recorded) if recorded.granted => {
                 match self.shared.tokens.issue(&user, rights, io.now()) {
                     Some(token) => {
                         tracing::info!(%user, peer = %self.peer, rights = rights.as_str(), "public API login");
@@ -622,7 +612,7 @@ impl ApiSession {
                     None => Response::error(500, "internal_error", "no randomness for a token"),
                 }
             }
-            Ok(WriteOutcome::LoginRecorded { disabled: true, .. }) => {
+            Ok(recorded) if recorded.disabled => {
                 tracing::warn!(%user, peer = %self.peer, code = "account_disabled", "public API login refused");
                 Response::error(
                     401,
@@ -630,26 +620,19 @@ impl ApiSession {
                     format!("the account {user} is disabled; ask an administrator"),
                 )
             }
-            Ok(WriteOutcome::LoginRecorded {
-                locked_until_ms, ..
-            }) if locked_until_ms > 0 => {
+            Ok(recorded) if recorded.locked_until_ms > 0 => {
                 tracing::warn!(%user, peer = %self.peer, code = "account_locked", "public API login refused");
                 Response::error(
                     401,
                     "account_locked",
-                    crate::viewer::locked_message(&user, locked_until_ms),
+                    crate::viewer::locked_message(&user, recorded.locked_until_ms),
                 )
             }
-            Ok(WriteOutcome::LoginRecorded { .. }) => {
+            Ok(_) => {
                 tracing::warn!(%user, peer = %self.peer, code = "auth_failed", "public API login refused");
                 Response::error(401, "auth_failed", "wrong user name or password")
             }
-            Ok(other) => Response::error(
-                500,
-                "internal_error",
-                format!("unexpected storage outcome {other:?}"),
-            ),
-            Err(error) => routes::write_error(&error),
+            Err(error) => routes::write_error(&error, routes::admin_refusal_status),
         };
         self.finish(response, io);
     }

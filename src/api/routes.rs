@@ -12,9 +12,10 @@ use crate::viewer::{check_password, LoginCheck};
 use es_net::http::Request;
 use es_net::ConnHandle;
 use es_storage::{
-    AnnotationRecord, Change, ClinicalEdit, DishRecord, EmbryoRecord, Fate, Idempotency,
-    PatientRecord, PatientRef, Reader, ScoreInput, StorageError, SubmitError, TransferOutcome,
-    TransferRecord, TreatmentRecord, WriteError, WriteOp, WriteOutcome,
+    AdminRefusal, AnnotationRecord, Change, ClinicalEdit, DishRecord, Edit, EditRefusal, Edited,
+    EmbryoRecord, Fate, Idempotency, LoginAttempt, OpResult, PatientRecord, PatientRef, Reader,
+    ScoreInput, StorageError, SubmitError, TransferOutcome, TransferRecord, TreatmentRecord,
+    WriteError,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -527,7 +528,7 @@ pub(crate) fn start_login(
             ))
         }
     };
-    let op = WriteOp::LoginAttempt {
+    let op = LoginAttempt {
         name: user.to_string(),
         computer,
         success,
@@ -537,14 +538,14 @@ pub(crate) fn start_login(
     };
     let reply = handle.clone();
     let user = user.to_string();
-    let done: es_storage::Completion = Box::new(move |result| {
+    let done = move |result| {
         reply.send(ApiMsg::LoginRecorded {
             user,
             rights,
             kind,
             result,
         });
-    });
+    };
     match shared.writer.try_submit(op, done) {
         Ok(()) => Ok(Step::Submitted),
         Err(SubmitError::Full(..)) => Err(Box::new(Response::busy())),
@@ -628,16 +629,16 @@ fn submit(
             })
         }
     };
-    let op = WriteOp::Edit {
+    let op = Edit {
         actor: principal.actor(peer),
         edit,
         idempotency,
         at_ms: now_ms(),
     };
     let reply = handle.clone();
-    let done: es_storage::Completion = Box::new(move |result| {
+    let done = move |result| {
         reply.send(ApiMsg::Written { result, render });
-    });
+    };
     match shared.writer.try_submit(op, done) {
         Ok(()) => Ok(Step::Submitted),
         Err(SubmitError::Full(..)) => Err(Box::new(Response::busy())),
@@ -651,7 +652,7 @@ fn submit(
 /// gets 412 with the current state and its ETag, so the client can merge and retry.
 pub(super) fn render_written(
     shared: &ApiShared,
-    result: Result<WriteOutcome, WriteError>,
+    result: OpResult<Edit>,
     render: &Render,
 ) -> Response {
     let reader = match shared.store.read() {
@@ -660,12 +661,12 @@ pub(super) fn render_written(
     };
     let (outcome, stale) = match result {
         Ok(outcome) => (Some(outcome), None),
-        Err(WriteError::Conflict {
-            expected, version, ..
-        }) => (None, Some((expected, version))),
-        Err(error) => return write_error(&error),
+        Err(WriteError::Refused(EditRefusal::Stale(stale))) => {
+            (None, Some((stale.expected, stale.version)))
+        }
+        Err(error) => return write_error(&error, edit_refusal_status),
     };
-    let replayed = matches!(outcome, Some(WriteOutcome::Edited { replayed: true, .. }));
+    let replayed = outcome.as_ref().is_some_and(|edited| edited.replayed);
     let current = match current_state(&reader, render, outcome.as_ref()) {
         Ok(Some(found)) => found,
         Ok(None) => return Response::error(404, "not_found", "the resource no longer exists"),
@@ -700,7 +701,7 @@ type Current = (Value, u64, String);
 fn current_state(
     reader: &Reader,
     render: &Render,
-    outcome: Option<&WriteOutcome>,
+    outcome: Option<&Edited>,
 ) -> Result<Option<Current>, StorageError> {
     Ok(match render {
         Render::Patient { patient_id, .. } => reader.patient(patient_id)?.map(|p| {
@@ -720,10 +721,10 @@ fn current_state(
             (embryo_json(&e), e.version, location)
         }),
         Render::Transfer { .. } => {
-            let Some(WriteOutcome::Edited { key, .. }) = outcome else {
+            let Some(edited) = outcome else {
                 return Ok(None);
             };
-            reader.transfer(*key)?.map(|t| {
+            reader.transfer(edited.key)?.map(|t| {
                 let location = format!("/api/v1/transfers/{}", t.transfer_key);
                 (transfer_json(&t), t.version, location)
             })
@@ -731,24 +732,36 @@ fn current_state(
     })
 }
 
-/// A refused write as a response.
-pub(super) fn write_error(error: &WriteError) -> Response {
+/// A refused write as a response; `refusal_status` gives the operation's own refusals their
+/// status and message.
+pub(super) fn write_error<R: es_storage::Refusal>(
+    error: &WriteError<R>,
+    refusal_status: impl FnOnce(&R) -> (u16, String),
+) -> Response {
     let (status, message) = match error {
-        WriteError::NotFound(what) => (404, format!("{what} is unknown")),
-        WriteError::AlreadyExists(what) => (409, format!("{what} already exists")),
+        WriteError::Refused(refusal) => refusal_status(refusal),
         WriteError::InvalidInput(message) => (422, message.clone()),
-        WriteError::IdempotencyKeyReused(_) => (422, error.to_string()),
-        WriteError::Conflict { .. } => (412, error.to_string()),
         WriteError::DiskFull | WriteError::ShuttingDown | WriteError::Storage(_) => {
             (503, error.to_string())
         }
-        WriteError::AuthFailed
-        | WriteError::ImageConflict
-        | WriteError::UnknownDish
-        | WriteError::UnknownWell
-        | WriteError::UnknownInstrument => (500, error.to_string()),
     };
     Response::error(status, error.code(), message)
+}
+
+pub(super) fn edit_refusal_status(refusal: &EditRefusal) -> (u16, String) {
+    match refusal {
+        EditRefusal::NotFound(what) => (404, format!("{what} is unknown")),
+        EditRefusal::AlreadyExists(what) => (409, format!("{what} already exists")),
+        EditRefusal::IdempotencyKeyReused(_) => (422, refusal.to_string()),
+        EditRefusal::Stale(_) => (412, refusal.to_string()),
+    }
+}
+
+pub(super) fn admin_refusal_status(refusal: &AdminRefusal) -> (u16, String) {
+    match refusal {
+        AdminRefusal::NotFound(what) => (404, format!("{what} is unknown")),
+        AdminRefusal::AlreadyExists(what) => (409, format!("{what} already exists")),
+    }
 }
 
 /// The version a write expects, from `If-Match: "N"`. Required: a write that does not say

@@ -2,9 +2,10 @@
 
 use es_proto::viewer::pb;
 use es_storage::{
-    AnnotationInput, AnnotationRecord, AnnotationSource, ClinicalEdit, DishRecord, EmbryoRecord,
-    Fate, Frame, PatientRecord, PatientRef, TreatmentRecord,
+    AnnotationInput, AnnotationRecord, AnnotationSource, ClinicalEdit, Current, DishRecord,
+    EmbryoRecord, Fate, Frame, PatientRecord, PatientRef, TreatmentRecord,
 };
+use serde_json::json;
 
 pub fn patient(record: PatientRecord) -> pb::Patient {
     pb::Patient {
@@ -172,4 +173,54 @@ fn annotation_input(input: Option<pb::AnnotationInput>) -> Result<AnnotationInpu
         event_at_ms: input.has_event.then_some(input.event_at_ms),
         source,
     })
+}
+
+/// A conflict's `current_json`: the record as it is now, in the shape docs/protocol/viewer.md
+/// gives (for an embryo: id, version, fate, comment, annotations and scores). `{}` when the
+/// record could not be read after the commit.
+pub fn current_json(current: Option<&Current>) -> String {
+    let value = match current {
+        None => json!({}),
+        Some(Current::Patient(p)) => json!({
+            "patient_id": p.patient_id,
+            "first_name": p.first_name,
+            "last_name": p.last_name,
+            "date_of_birth": p.date_of_birth,
+            "version": p.version,
+        }),
+        Some(Current::Treatment(t)) => {
+            json!({ "name": t.name, "comment": t.comment, "version": t.version })
+        }
+        Some(Current::Embryo(e)) => json!({
+            "embryo_id": e.embryo_id,
+            "version": e.version,
+            "fate": e.fate.as_str(),
+            "comment": e.comment,
+            "annotations": e.annotations.iter().map(|a| json!({
+                "annotation_id": a.annotation_id,
+                "name": a.name,
+                "value": a.value,
+                "event_at_ms": a.event_at_ms,
+                "source": a.source.as_str(),
+                "set_by": a.set_by,
+                "set_at_ms": a.set_at_ms,
+            })).collect::<Vec<_>>(),
+            "scores": e.scores.iter().map(|s| json!({
+                "model": s.model,
+                "model_version": s.model_version,
+                "value": s.value,
+                "viability": s.viability,
+                "set_by": s.set_by,
+                "set_at_ms": s.set_at_ms,
+            })).collect::<Vec<_>>(),
+        }),
+        Some(Current::Transfer(t)) => json!({
+            "transferred_at_ms": t.transferred_at_ms,
+            "embryo_ids": t.embryo_ids,
+            "outcome": t.outcome,
+            "comment": t.comment,
+            "version": t.version,
+        }),
+    };
+    value.to_string()
 }

@@ -23,8 +23,8 @@ use es_proto::viewer::{
     FRAMES_MAX, PATIENT_PAGE_DEFAULT, PATIENT_PAGE_MAX,
 };
 use es_storage::{
-    Actor, ChangeEntity, Frame, Rights, StorageError, Store, SubmitError, WriteError, WriteOp,
-    WriteOutcome, Writer,
+    Actor, AdminRefusal, AuditDenied, ChangeEntity, Current, Edit, EditRefusal, Frame,
+    LoginAttempt, OpResult, Rights, StorageError, Store, SubmitError, WriteError, Writer,
 };
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -61,15 +61,12 @@ pub enum ViewerMsg {
         rights: Rights,
         changes_after: u64,
         success: bool,
-        result: Result<WriteOutcome, WriteError>,
+        result: OpResult<LoginAttempt>,
     },
     /// A read finished on a worker.
     Reply { seq: u64, body: Body },
     /// A write is durable (or refused).
-    Saved {
-        seq: u64,
-        result: Result<WriteOutcome, WriteError>,
-    },
+    Saved { seq: u64, result: OpResult<Edit> },
     /// A playback chunk was read: frames, or None when the embryo is unknown.
     Frames {
         seq: u64,
@@ -513,7 +510,7 @@ impl ViewerSession {
             LoginCheck::Correct { rights } => rights,
             _ => Rights::View,
         };
-        let op = WriteOp::LoginAttempt {
+        let op = LoginAttempt {
             name: user.clone(),
             computer: computer.clone(),
             success,
@@ -522,7 +519,7 @@ impl ViewerSession {
             at_ms: now_ms(),
         };
         let handle = self.handle.clone();
-        let done: es_storage::Completion = Box::new(move |result| {
+        let done = move |result| {
             handle.send(ViewerMsg::LoginRecorded {
                 seq,
                 user,
@@ -532,7 +529,7 @@ impl ViewerSession {
                 success,
                 result,
             });
-        });
+        };
         match self.shared.writer.try_submit(op, done) {
             Ok(()) => self.pending += 1,
             Err(SubmitError::Full(..)) => self.refuse_login(
@@ -557,25 +554,17 @@ impl ViewerSession {
         rights: Rights,
         changes_after: u64,
         success: bool,
-        result: Result<WriteOutcome, WriteError>,
+        result: OpResult<LoginAttempt>,
         io: &mut SessionIo<'_>,
     ) {
         let (granted, disabled, locked_until_ms) = match result {
-            Ok(WriteOutcome::LoginRecorded {
-                granted,
-                disabled,
-                locked_until_ms,
-            }) => (granted, disabled, locked_until_ms),
-            Ok(other) => {
-                self.refuse_login(
-                    ErrorCode::InternalError,
-                    format!("unexpected storage outcome {other:?}"),
-                    io,
-                );
-                return;
-            }
+            Ok(recorded) => (
+                recorded.granted,
+                recorded.disabled,
+                recorded.locked_until_ms,
+            ),
             Err(error) => {
-                let code = write_error_code(&error);
+                let code = write_error_code(&error, admin_refusal_code);
                 self.refuse_login(code, format!("cannot record the login: {error}"), io);
                 return;
             }
@@ -817,7 +806,7 @@ impl ViewerSession {
                 login.user, login.rights
             );
             tracing::warn!(viewer = %self.name(), code = "permission_denied", "{message}");
-            let op = WriteOp::AuditDenied {
+            let op = AuditDenied {
                 actor,
                 action: action.to_string(),
                 entity: ChangeEntity::User,
@@ -825,7 +814,7 @@ impl ViewerSession {
                 attempted: format!("{request:?}").chars().take(1024).collect(),
                 at_ms: now_ms(),
             };
-            if self.shared.writer.try_submit(op, Box::new(|_| {})).is_err() {
+            if self.shared.writer.try_submit(op, |_| {}).is_err() {
                 tracing::warn!(viewer = %self.name(), "the refused write could not be audited: the storage queue is full");
             }
             self.respond_error(seq, ErrorCode::PermissionDenied, message, io);
@@ -843,16 +832,16 @@ impl ViewerSession {
                 return;
             }
         };
-        let op = WriteOp::Edit {
+        let op = Edit {
             actor,
             edit,
             idempotency: None,
             at_ms: now_ms(),
         };
         let handle = self.handle.clone();
-        let done: es_storage::Completion = Box::new(move |result| {
+        let done = move |result| {
             handle.send(ViewerMsg::Saved { seq, result });
-        });
+        };
         match self.shared.writer.try_submit(op, done) {
             Ok(()) => self.pending += 1,
             Err(SubmitError::Full(..)) => self.respond_error(
@@ -870,37 +859,17 @@ impl ViewerSession {
         }
     }
 
-    fn saved(
-        &mut self,
-        seq: u64,
-        result: Result<WriteOutcome, WriteError>,
-        io: &mut SessionIo<'_>,
-    ) {
+    fn saved(&mut self, seq: u64, result: OpResult<Edit>, io: &mut SessionIo<'_>) {
         let body = match result {
-            Ok(WriteOutcome::Edited {
-                entity,
-                id,
-                version,
-                change_seq,
-                annotation_id,
-                ..
-            }) => Body::Saved(pb::Saved {
-                entity: entity.as_str().to_string(),
-                id,
-                version,
-                change_seq,
-                annotation_id: annotation_id.unwrap_or(0),
+            Ok(edited) => Body::Saved(pb::Saved {
+                entity: edited.entity.as_str().to_string(),
+                id: edited.id,
+                version: edited.version,
+                change_seq: edited.change_seq,
+                annotation_id: edited.annotation_id.unwrap_or(0),
             }),
-            Ok(other) => error_body(
-                seq,
-                ErrorCode::InternalError,
-                format!("unexpected storage outcome {other:?}"),
-            ),
-            Err(WriteError::Conflict {
-                expected,
-                version,
-                current,
-            }) => {
+            Err(WriteError::Refused(EditRefusal::Stale(stale))) => {
+                let (expected, version) = (stale.expected, stale.version);
                 tracing::info!(viewer = %self.name(), seq, expected, version, code = "conflict", "write refused: stale version");
                 Body::Error(pb::Error {
                     code: ErrorCode::Conflict.code(),
@@ -909,12 +878,12 @@ impl ViewerSession {
                         "changed by someone else since version {expected}; now at version {version}: \
                          reload, check the current value and save again"
                     ),
-                    current_version: version,
-                    current_json: current,
+                    current_version: stale.current.as_ref().map_or(version, Current::version),
+                    current_json: convert::current_json(stale.current.as_ref()),
                 })
             }
             Err(error) => {
-                let code = write_error_code(&error);
+                let code = write_error_code(&error, edit_refusal_code);
                 tracing::warn!(viewer = %self.name(), seq, code = code.name(), "write refused: {error}");
                 error_body(seq, code, error.to_string())
             }
@@ -1387,7 +1356,7 @@ pub(crate) fn check_password(store: &Store, user: &str, password: &str) -> Login
 /// Records a login attempt for a user that does not exist in the audit trail (best effort:
 /// when the storage queue is full it is logged instead).
 pub(crate) fn audit_unknown_user(writer: &Writer, user: &str, computer: &str) {
-    let op = WriteOp::AuditDenied {
+    let op = AuditDenied {
         actor: Actor {
             user: user.to_string(),
             computer: computer.to_string(),
@@ -1576,20 +1545,32 @@ fn storage_error_code(error: &StorageError) -> ErrorCode {
     }
 }
 
-fn write_error_code(error: &WriteError) -> ErrorCode {
+fn write_error_code<R>(
+    error: &WriteError<R>,
+    refusal_code: impl FnOnce(&R) -> ErrorCode,
+) -> ErrorCode {
     match error {
-        WriteError::Conflict { .. } => ErrorCode::Conflict,
-        WriteError::NotFound(_) => ErrorCode::NotFound,
-        WriteError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+        WriteError::Refused(refusal) => refusal_code(refusal),
         WriteError::InvalidInput(_) => ErrorCode::InvalidField,
         WriteError::DiskFull => ErrorCode::DiskFull,
         WriteError::ShuttingDown => ErrorCode::ShuttingDown,
         WriteError::Storage(_) => ErrorCode::StorageUnavailable,
-        WriteError::AuthFailed
-        | WriteError::ImageConflict
-        | WriteError::UnknownDish
-        | WriteError::UnknownWell
-        | WriteError::UnknownInstrument
-        | WriteError::IdempotencyKeyReused(_) => ErrorCode::InternalError,
+    }
+}
+
+fn edit_refusal_code(refusal: &EditRefusal) -> ErrorCode {
+    match refusal {
+        EditRefusal::Stale(_) => ErrorCode::Conflict,
+        EditRefusal::NotFound(_) => ErrorCode::NotFound,
+        EditRefusal::AlreadyExists(_) => ErrorCode::AlreadyExists,
+        // Viewer saves carry no Idempotency-Key.
+        EditRefusal::IdempotencyKeyReused(_) => ErrorCode::InternalError,
+    }
+}
+
+fn admin_refusal_code(refusal: &AdminRefusal) -> ErrorCode {
+    match refusal {
+        AdminRefusal::NotFound(_) => ErrorCode::NotFound,
+        AdminRefusal::AlreadyExists(_) => ErrorCode::AlreadyExists,
     }
 }

@@ -6,8 +6,8 @@
 
 use bytes::Bytes;
 use es_storage::{
-    DishRegistration, PatientRef, Store, StoreOptions, WellRegistration, WriteOp, WriteOutcome,
-    WriterOptions,
+    DishRegistration, InstrumentHello, PatientRef, PutImage, RegisterDish, Store, StoreOptions,
+    WellRegistration, WriterOptions,
 };
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,48 +25,41 @@ fn main() {
     let dir = tempfile::tempdir_in(&base).expect("scratch directory");
     let store = Store::open(dir.path(), &StoreOptions::default(), [7; 16]).expect("store");
     let writer = store.start_writer(WriterOptions::default());
-    let call = |op| {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        writer
-            .submit(op, Box::new(move |r| tx.send(r).unwrap()))
-            .ok()
-            .unwrap();
-        rx.recv().unwrap()
-    };
-    let WriteOutcome::InstrumentAccepted { instrument_id, .. } = call(WriteOp::InstrumentHello {
-        serial: "BENCH".into(),
-        model: "es-plus".into(),
-        firmware: "1".into(),
-        presented_secret: None,
-        new_secret: "s".into(),
-        at_ms: 1,
-    })
-    .unwrap() else {
-        panic!()
-    };
-    call(WriteOp::RegisterDish {
-        instrument_id,
-        dish: DishRegistration {
-            dish_id: "D1".into(),
-            slot: 1,
-            patient: PatientRef {
-                patient_id: "P1".into(),
-                first_name: "A".into(),
-                last_name: "B".into(),
-                date_of_birth: String::new(),
+    let instrument_id = writer
+        .write(InstrumentHello {
+            serial: "BENCH".into(),
+            model: "es-plus".into(),
+            firmware: "1".into(),
+            presented_secret: None,
+            new_secret: "s".into(),
+            at_ms: 1,
+        })
+        .unwrap()
+        .instrument_id;
+    writer
+        .write(RegisterDish {
+            instrument_id,
+            dish: DishRegistration {
+                dish_id: "D1".into(),
+                slot: 1,
+                patient: PatientRef {
+                    patient_id: "P1".into(),
+                    first_name: "A".into(),
+                    last_name: "B".into(),
+                    date_of_birth: String::new(),
+                },
+                treatment_name: "T".into(),
+                insemination_at_ms: 1,
+                wells: (1..=16)
+                    .map(|well| WellRegistration {
+                        well,
+                        embryo_id: format!("E{well}"),
+                    })
+                    .collect(),
             },
-            treatment_name: "T".into(),
-            insemination_at_ms: 1,
-            wells: (1..=16)
-                .map(|well| WellRegistration {
-                    well,
-                    embryo_id: format!("E{well}"),
-                })
-                .collect(),
-        },
-        at_ms: 1,
-    })
-    .unwrap();
+            at_ms: 1,
+        })
+        .unwrap();
     let frame = Bytes::from(
         (0..30_000u32)
             .map(|i| (i * 31 % 251) as u8)
@@ -81,7 +74,7 @@ fn main() {
             let done = done.clone();
             let latency = latency_us_total.clone();
             let sent = Instant::now();
-            let op = WriteOp::PutImage {
+            let op = PutImage {
                 instrument_id,
                 dish_id: "D1".into(),
                 well: (submitted % 16) as u32 + 1,
@@ -91,14 +84,11 @@ fn main() {
                 at_ms: 1,
             };
             writer
-                .submit(
-                    op,
-                    Box::new(move |r| {
-                        r.unwrap();
-                        latency.fetch_add(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }),
-                )
+                .submit(op, move |r| {
+                    r.unwrap();
+                    latency.fetch_add(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    done.fetch_add(1, Ordering::Relaxed);
+                })
                 .ok()
                 .unwrap();
             submitted += 1;

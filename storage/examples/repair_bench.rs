@@ -8,7 +8,9 @@
 //! can, kills it with SIGKILL, and times `Store::open` (the repair) in this process; times the
 //! commits of 2,000 one-sample batches. The store is deleted afterwards.
 
-use es_storage::{Store, StoreOptions, TelemetrySample, WriteOp, WriteOutcome, WriterOptions};
+use es_storage::{
+    InstrumentHello, PutTelemetry, Store, StoreOptions, TelemetrySample, WriterOptions,
+};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -19,19 +21,14 @@ fn options(quick_repair: bool) -> StoreOptions {
     }
 }
 
-fn call(writer: &es_storage::Writer, op: WriteOp) -> WriteOutcome {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    writer
-        .submit(op, Box::new(move |r| tx.send(r).unwrap()))
-        .ok()
-        .unwrap();
-    rx.recv().unwrap().unwrap()
+fn call<O: es_storage::Operation>(writer: &es_storage::Writer, op: O) -> O::Outcome {
+    writer.write(op).unwrap()
 }
 
 fn instrument(writer: &es_storage::Writer) -> u64 {
-    match call(
+    call(
         writer,
-        WriteOp::InstrumentHello {
+        InstrumentHello {
             serial: "REPAIR".into(),
             model: "es-plus".into(),
             firmware: "1".into(),
@@ -39,14 +36,12 @@ fn instrument(writer: &es_storage::Writer) -> u64 {
             new_secret: "s".into(),
             at_ms: 1,
         },
-    ) {
-        WriteOutcome::InstrumentAccepted { instrument_id, .. } => instrument_id,
-        other => panic!("{other:?}"),
-    }
+    )
+    .instrument_id
 }
 
-fn telemetry(instrument_id: u64, from_ms: i64, samples: i64) -> WriteOp {
-    WriteOp::PutTelemetry {
+fn telemetry(instrument_id: u64, from_ms: i64, samples: i64) -> PutTelemetry {
+    PutTelemetry {
         instrument_id,
         samples: (0..samples)
             .map(|i| TelemetrySample {

@@ -1,16 +1,17 @@
-//! Applying write ops inside the writer's one write transaction.
+//! Applying write operations inside the writer's one write transaction.
 //!
-//! Every op runs in two phases: *check* (reads only; any `WriteError` returns here, so a refused
-//! op writes nothing) and *apply* (writes; only a redb error can fail it, and that aborts the
-//! whole batch). The outer `Result` of each method is that fatal `StorageError`; the inner one
-//! is the op's own outcome.
+//! Every operation runs in two phases: *check* (reads only; any `WriteError` returns here, so
+//! a refused operation writes nothing) and *apply* (writes; only a redb error can fail it, and
+//! that aborts the whole batch). The outer `Result` of each method is that fatal
+//! `StorageError`; the inner one is the operation's own result (`ops::Applied`).
 
-use crate::error::{StorageError, WriteError};
+use crate::error::{HelloRefusal, ImageRefusal, StorageError, UnknownInstrument, WriteError};
 use crate::ims;
 use crate::model::ChangeEntity;
 use crate::ops::{
-    AlarmInput, DishRegistration, ImageBytes, ImsQueueing, PatientRef, TelemetrySample, WriteOp,
-    WriteOutcome,
+    AlarmInput, Applied, DishRegistered, DishRegistration, ImageStored, ImsQueueing, ImsRemove,
+    ImsRemoved, InstrumentAccepted, InstrumentHello, Operation, PatientRef, PutImage, PutTelemetry,
+    RegisterDish, ResetInstrumentSecret, SecretReset, TelemetrySample, TelemetryStored,
 };
 use crate::tables::{
     self, decode, encode, AcquisitionKey, AcquisitionRow, AlarmKey, AlarmRow, ChangeRow, DishRow,
@@ -23,13 +24,10 @@ use std::collections::HashSet;
 
 mod clinical;
 
-pub(crate) type OpResult = Result<WriteOutcome, WriteError>;
-type Applied = Result<OpResult, StorageError>;
-
 type Rows<'txn, K> = Table<'txn, K, &'static [u8]>;
 
 /// All tables of the schema, open in one write transaction, plus the counters row.
-pub(crate) struct Batch<'txn> {
+pub struct Batch<'txn> {
     meta: Table<'txn, &'static str, &'static [u8]>,
     instruments: Rows<'txn, u64>,
     instrument_by_serial: Table<'txn, &'static str, u64>,
@@ -130,123 +128,21 @@ impl<'txn> Batch<'txn> {
         Ok(changes)
     }
 
-    pub(crate) fn apply(&mut self, op: &WriteOp) -> Applied {
-        if let Err(error) = op.validate() {
-            return Ok(Err(error));
+    /// Validates `op`, then applies it (see `Operation::apply`).
+    pub(crate) fn run<O: Operation>(&mut self, op: &O) -> Applied<O> {
+        if let Err(message) = op.validate() {
+            return Ok(Err(WriteError::InvalidInput(message)));
         }
-        if !matches!(op, WriteOp::PutTelemetry { .. }) {
+        if op.may_change_names() {
             // Patients or treatments may change: alarm codes are checked against fresh names.
             self.patient_words = None;
         }
-        match op {
-            WriteOp::InstrumentHello {
-                serial,
-                model,
-                firmware,
-                presented_secret,
-                new_secret,
-                at_ms,
-            } => self.instrument_hello(
-                serial,
-                model,
-                firmware,
-                presented_secret.as_deref(),
-                new_secret,
-                *at_ms,
-            ),
-            WriteOp::ResetInstrumentSecret { serial } => self.reset_secret(serial),
-            WriteOp::InstrumentRename {
-                actor,
-                serial,
-                display_name,
-                at_ms,
-            } => self.instrument_rename(actor, serial, display_name, *at_ms),
-            WriteOp::RegisterDish {
-                instrument_id,
-                dish,
-                at_ms,
-            } => self.register_dish(*instrument_id, dish, *at_ms),
-            WriteOp::PutImage {
-                instrument_id,
-                dish_id,
-                well,
-                focal_plane,
-                acquired_at_ms,
-                jpeg,
-                at_ms,
-            } => self.put_image(
-                ImageRef {
-                    instrument_id: *instrument_id,
-                    dish_id,
-                    well: *well,
-                    focal_plane: *focal_plane,
-                    acquired_at_ms: *acquired_at_ms,
-                },
-                jpeg,
-                *at_ms,
-            ),
-            WriteOp::PutTelemetry {
-                instrument_id,
-                samples,
-                alarms,
-                ims,
-                at_ms,
-            } => self.put_telemetry(*instrument_id, samples, alarms, *ims, *at_ms),
-            WriteOp::ImsRemove { ids } => self.ims_remove(ids),
-            WriteOp::Edit {
-                actor,
-                edit,
-                idempotency,
-                at_ms,
-            } => self.idempotent_edit(actor, edit, idempotency.as_ref(), *at_ms),
-            WriteOp::ApiKeyCreate {
-                actor,
-                key_id,
-                name,
-                scope,
-                secret_sha256,
-                at_ms,
-            } => self.api_key_create(actor, key_id, name, *scope, secret_sha256, *at_ms),
-            WriteOp::ApiKeyRevoke {
-                actor,
-                key_id,
-                at_ms,
-            } => self.api_key_revoke(actor, key_id, *at_ms),
-            WriteOp::AuditDenied {
-                actor,
-                action,
-                entity,
-                target,
-                attempted,
-                at_ms,
-            } => self.audit_denied(actor, action, *entity, target, attempted, *at_ms),
-            WriteOp::UserAdd {
-                actor,
-                name,
-                password_hash,
-                rights,
-                at_ms,
-            } => self.user_add(actor, name, password_hash, *rights, *at_ms),
-            WriteOp::UserUpdate {
-                actor,
-                name,
-                change,
-                at_ms,
-            } => self.user_update(actor, name, change, *at_ms),
-            WriteOp::LoginAttempt {
-                name,
-                computer,
-                success,
-                failures_max,
-                lockout_ms,
-                at_ms,
-            } => self.login_attempt(name, computer, *success, *failures_max, *lockout_ms, *at_ms),
-        }
+        op.apply(self)
     }
 
     // ---------------------------------------------------------------- instruments
 
-    fn instrument_hello(
+    pub(crate) fn instrument_hello(
         &mut self,
         serial: &str,
         model: &str,
@@ -254,7 +150,7 @@ impl<'txn> Batch<'txn> {
         presented_secret: Option<&str>,
         new_secret: &str,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<InstrumentHello> {
         let Some(instrument_id) = self.instrument_by_serial.get(serial)?.map(|g| g.value()) else {
             return self.instrument_create(
                 serial,
@@ -268,7 +164,7 @@ impl<'txn> Batch<'txn> {
         let mut row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
         let presented = tables::sha256(presented_secret.unwrap_or("").as_bytes());
         let Some(issued_secret) = check_secret(&mut row, &presented, new_secret) else {
-            return Ok(Err(WriteError::AuthFailed));
+            return Ok(Err(WriteError::Refused(HelloRefusal::AuthFailed)));
         };
         let changed = row.model != model || row.firmware != firmware;
         row.model = model.to_string();
@@ -287,7 +183,7 @@ impl<'txn> Batch<'txn> {
                 summary,
             )?;
         }
-        Ok(Ok(WriteOutcome::InstrumentAccepted {
+        Ok(Ok(InstrumentAccepted {
             instrument_id,
             issued_secret,
         }))
@@ -301,7 +197,7 @@ impl<'txn> Batch<'txn> {
         new_secret: &str,
         presented_secret: Option<&str>,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<InstrumentHello> {
         let Ok(number) = u32::try_from(self.state.instruments + 1) else {
             return Ok(Err(WriteError::InvalidInput(
                 "too many instruments".to_string(),
@@ -338,15 +234,15 @@ impl<'txn> Batch<'txn> {
             at_ms,
             summary,
         )?;
-        Ok(Ok(WriteOutcome::InstrumentAccepted {
+        Ok(Ok(InstrumentAccepted {
             instrument_id,
             issued_secret: Some(new_secret.to_string()),
         }))
     }
 
-    fn reset_secret(&mut self, serial: &str) -> Applied {
+    pub(crate) fn reset_secret(&mut self, serial: &str) -> Applied<ResetInstrumentSecret> {
         let Some(instrument_id) = self.instrument_by_serial.get(serial)?.map(|g| g.value()) else {
-            return Ok(Ok(WriteOutcome::SecretReset { existed: false }));
+            return Ok(Ok(SecretReset { existed: false }));
         };
         let mut row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
         row.secret_sha256 = None;
@@ -354,20 +250,20 @@ impl<'txn> Batch<'txn> {
         row.issued_for_sha256 = None;
         self.instruments
             .insert(instrument_id, encode(&row).as_slice())?;
-        Ok(Ok(WriteOutcome::SecretReset { existed: true }))
+        Ok(Ok(SecretReset { existed: true }))
     }
 
     // ---------------------------------------------------------------- dishes
 
-    fn register_dish(
+    pub(crate) fn register_dish(
         &mut self,
         instrument_id: u64,
         dish: &DishRegistration,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<RegisterDish> {
         // Check.
         if self.instruments.get(instrument_id)?.is_none() {
-            return Ok(Err(WriteError::UnknownInstrument));
+            return Ok(Err(WriteError::Refused(UnknownInstrument)));
         }
         let existing = self
             .dish_by_instrument
@@ -398,7 +294,7 @@ impl<'txn> Batch<'txn> {
         };
         self.wells_create(dish_key, dish, at_ms)?;
         let changed = self.state.change_last_seq != changes_before;
-        Ok(Ok(WriteOutcome::DishRegistered {
+        Ok(Ok(DishRegistered {
             dish_key,
             created,
             changed,
@@ -410,7 +306,7 @@ impl<'txn> Batch<'txn> {
         &self,
         dish_key: u64,
         dish: &DishRegistration,
-    ) -> Result<Result<(), WriteError>, StorageError> {
+    ) -> Result<Result<(), WriteError<UnknownInstrument>>, StorageError> {
         let row: DishRow = get_row(&self.dishes, dish_key, "dish")?;
         let treatment: TreatmentRow = get_row(&self.treatments, row.treatment_key, "treatment")?;
         let patient: PatientRow = get_row(&self.patients, treatment.patient_key, "patient")?;
@@ -436,7 +332,7 @@ impl<'txn> Batch<'txn> {
         &self,
         dish_key: Option<u64>,
         dish: &DishRegistration,
-    ) -> Result<Result<(), WriteError>, StorageError> {
+    ) -> Result<Result<(), WriteError<UnknownInstrument>>, StorageError> {
         for well in &dish.wells {
             if let Some(dish_key) = dish_key {
                 if let Some(row) = self.wells.get((dish_key, well.well))? {
@@ -686,20 +582,21 @@ impl<'txn> Batch<'txn> {
 
     // ---------------------------------------------------------------- images
 
-    fn put_image(&mut self, image: ImageRef<'_>, jpeg: &ImageBytes, at_ms: i64) -> Applied {
+    pub(crate) fn put_image(&mut self, image: &PutImage) -> Applied<PutImage> {
+        let (jpeg, at_ms) = (&image.jpeg, image.at_ms);
         // Check.
         if self.instruments.get(image.instrument_id)?.is_none() {
-            return Ok(Err(WriteError::UnknownInstrument));
+            return Ok(Err(WriteError::Refused(ImageRefusal::UnknownInstrument)));
         }
         let Some(dish_key) = self
             .dish_by_instrument
-            .get((image.instrument_id, image.dish_id))?
+            .get((image.instrument_id, image.dish_id.as_str()))?
             .map(|g| g.value())
         else {
-            return Ok(Err(WriteError::UnknownDish));
+            return Ok(Err(WriteError::Refused(ImageRefusal::UnknownDish)));
         };
         let Some(embryo_row) = self.wells.get((dish_key, image.well))? else {
-            return Ok(Err(WriteError::UnknownWell));
+            return Ok(Err(WriteError::Refused(ImageRefusal::UnknownWell)));
         };
         let embryo: EmbryoRow = decode(embryo_row.value(), "embryo")?;
         drop(embryo_row);
@@ -726,9 +623,9 @@ impl<'txn> Batch<'txn> {
                     jpeg_len,
                 } => {
                     return Ok(if stored_sha == sha256 && jpeg_len == jpeg.len() as u64 {
-                        Ok(WriteOutcome::ImageStored { duplicate: true })
+                        Ok(ImageStored { duplicate: true })
                     } else {
-                        Err(WriteError::ImageConflict)
+                        Err(WriteError::Refused(ImageRefusal::Conflict))
                     });
                 }
                 Stored::Damaged {
@@ -736,7 +633,7 @@ impl<'txn> Batch<'txn> {
                 } if stored_sha != sha256 => {
                     // Damaged, and not a copy of these bytes: keep it for an administrator
                     // rather than guess.
-                    return Ok(Err(WriteError::ImageConflict));
+                    return Ok(Err(WriteError::Refused(ImageRefusal::Conflict)));
                 }
                 Stored::Damaged { .. } => {
                     // The stored copy is damaged and this is its original (or its header is
@@ -778,7 +675,7 @@ impl<'txn> Batch<'txn> {
         if let Some(old_bytes) = repaired_bytes {
             self.state.image_bytes =
                 self.state.image_bytes.saturating_sub(old_bytes) + jpeg.len() as u64;
-            return Ok(Ok(WriteOutcome::ImageStored { duplicate: false }));
+            return Ok(Ok(ImageStored { duplicate: false }));
         }
         self.state.images += 1;
         self.state.image_bytes += jpeg.len() as u64;
@@ -797,7 +694,7 @@ impl<'txn> Batch<'txn> {
                 summary,
             )?;
         }
-        Ok(Ok(WriteOutcome::ImageStored { duplicate: false }))
+        Ok(Ok(ImageStored { duplicate: false }))
     }
 
     /// What is stored at `location` for `key`: read back from the batch's pending records or
@@ -841,17 +738,17 @@ impl<'txn> Batch<'txn> {
 
     // ---------------------------------------------------------------- telemetry
 
-    fn put_telemetry(
+    pub(crate) fn put_telemetry(
         &mut self,
         instrument_id: u64,
         samples: &[TelemetrySample],
         alarms: &[AlarmInput],
         ims: Option<ImsQueueing>,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<PutTelemetry> {
         let instrument: InstrumentRow = match self.instruments.get(instrument_id)? {
             Some(bytes) => decode(bytes.value(), "instrument")?,
-            None => return Ok(Err(WriteError::UnknownInstrument)),
+            None => return Ok(Err(WriteError::Refused(UnknownInstrument))),
         };
         let mut queued = Vec::new();
         let mut withheld = 0u32;
@@ -928,7 +825,7 @@ impl<'txn> Batch<'txn> {
         }
         self.ims_state.withheld += u64::from(withheld);
         let samples = u32::try_from(samples.len()).expect("validate bounds the sample count");
-        Ok(Ok(WriteOutcome::TelemetryStored {
+        Ok(Ok(TelemetryStored {
             samples,
             ims_queued: queued_count,
             ims_withheld: withheld,
@@ -973,7 +870,7 @@ impl<'txn> Batch<'txn> {
         Ok(dropped)
     }
 
-    fn ims_remove(&mut self, ids: &[u64]) -> Applied {
+    pub(crate) fn ims_remove(&mut self, ids: &[u64]) -> Applied<ImsRemove> {
         let mut removed = 0u32;
         for id in ids {
             if let Some(value) = self.ims_queue.remove(*id)? {
@@ -984,7 +881,7 @@ impl<'txn> Batch<'txn> {
                 removed += 1;
             }
         }
-        Ok(Ok(WriteOutcome::ImsRemoved { removed }))
+        Ok(Ok(ImsRemoved { removed }))
     }
 
     /// An alarm code may be queued when it has the shape of a code and equals no stored
@@ -1158,14 +1055,6 @@ enum Stored {
     Damaged {
         sha256: Option<[u8; 32]>,
     },
-}
-
-struct ImageRef<'a> {
-    instrument_id: u64,
-    dish_id: &'a str,
-    well: u32,
-    focal_plane: i32,
-    acquired_at_ms: i64,
 }
 
 /// The bytes a queue row counts for: its encoded value plus its 8-byte key.

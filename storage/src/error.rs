@@ -1,7 +1,6 @@
 //! Typed errors. Every variant has a stable snake_case code (`code()`) that goes on the wire and
 //! into logs; the Display text is for a person and may be reworded, the code may not.
 
-use crate::ops::WriteOp;
 use std::fmt;
 
 /// Errors of opening, reading and verifying the store.
@@ -99,22 +98,15 @@ from_redb_error!(
     redb::SetDurabilityError
 );
 
-/// The result of one write request that did not succeed. An op that fails validation wrote
-/// nothing.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WriteError {
-    #[error("instrument authentication failed: the presented secret does not match")]
-    AuthFailed,
-    #[error(
-        "an image with this key is already stored with different bytes; the stored one is kept"
-    )]
-    ImageConflict,
-    #[error("unknown dish: register the dish before sending its images")]
-    UnknownDish,
-    #[error("unknown well: the well is not registered in this dish")]
-    UnknownWell,
-    #[error("unknown instrument: send HELLO first")]
-    UnknownInstrument,
+/// Why one write did not happen. `R` is the operation's own refusal (see `crate::ops`): the
+/// rules of that operation said no. The other variants are shared by every operation. An
+/// operation that is refused or fails writes nothing (except the audit row some refusals
+/// record, which the operation's documentation names).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WriteError<R> {
+    /// The operation's rules refused it.
+    #[error("{0}")]
+    Refused(R),
     #[error("invalid input: {0}")]
     InvalidInput(String),
     #[error("disk full: the server cannot store data until space is freed")]
@@ -123,16 +115,135 @@ pub enum WriteError {
     Storage(String),
     #[error("the server is shutting down")]
     ShuttingDown,
-    /// The client's version is stale: someone else changed the row first. Carries the
-    /// current version and state (JSON), so the client can show it and decide.
+}
+
+impl<R: Refusal> WriteError<R> {
+    /// Stable snake_case code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            WriteError::Refused(refusal) => refusal.code(),
+            WriteError::InvalidInput(_) => "invalid_input",
+            WriteError::DiskFull => "disk_full",
+            WriteError::Storage(_) => "storage_error",
+            WriteError::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+impl<R> From<Fault> for WriteError<R> {
+    fn from(fault: Fault) -> WriteError<R> {
+        match fault {
+            Fault::DiskFull => WriteError::DiskFull,
+            Fault::Storage(message) => WriteError::Storage(message),
+            Fault::ShuttingDown => WriteError::ShuttingDown,
+        }
+    }
+}
+
+/// Why a whole batch of writes failed: every operation of it gets this as its error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Fault {
+    #[error("disk full: the server cannot store data until space is freed")]
+    DiskFull,
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl From<StorageError> for Fault {
+    fn from(error: StorageError) -> Fault {
+        match error {
+            StorageError::DiskFull => Fault::DiskFull,
+            other => Fault::Storage(other.to_string()),
+        }
+    }
+}
+
+/// An operation's own refusal: a typed reason with a stable snake_case code.
+pub trait Refusal: fmt::Display + fmt::Debug + Send + 'static {
+    fn code(&self) -> &'static str;
+}
+
+/// The refusal of operations that are never refused by their own rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Never {}
+
+impl fmt::Display for Never {
+    fn fmt(&self, _: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {}
+    }
+}
+
+impl Refusal for Never {
+    fn code(&self) -> &'static str {
+        match *self {}
+    }
+}
+
+/// An instrument's HELLO refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HelloRefusal {
+    #[error("instrument authentication failed: the presented secret does not match")]
+    AuthFailed,
+}
+
+impl Refusal for HelloRefusal {
+    fn code(&self) -> &'static str {
+        match self {
+            HelloRefusal::AuthFailed => "auth_failed",
+        }
+    }
+}
+
+/// An image refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageRefusal {
     #[error(
-        "conflict: changed by someone else since version {expected}; now at version {version}"
+        "an image with this key is already stored with different bytes; the stored one is kept"
     )]
-    Conflict {
-        expected: u64,
-        version: u64,
-        current: String,
-    },
+    Conflict,
+    #[error("unknown dish: register the dish before sending its images")]
+    UnknownDish,
+    #[error("unknown well: the well is not registered in this dish")]
+    UnknownWell,
+    #[error("unknown instrument: send HELLO first")]
+    UnknownInstrument,
+}
+
+impl Refusal for ImageRefusal {
+    fn code(&self) -> &'static str {
+        match self {
+            ImageRefusal::Conflict => "image_conflict",
+            ImageRefusal::UnknownDish => "unknown_dish",
+            ImageRefusal::UnknownWell => "unknown_well",
+            ImageRefusal::UnknownInstrument => "unknown_instrument",
+        }
+    }
+}
+
+/// A dish registration or telemetry from an instrument the store does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("unknown instrument: send HELLO first")]
+pub struct UnknownInstrument;
+
+impl Refusal for UnknownInstrument {
+    fn code(&self) -> &'static str {
+        "unknown_instrument"
+    }
+}
+
+/// A clinical edit refused. A stale version is also recorded in the audit trail as a
+/// conflict.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EditRefusal {
+    /// The client's version is stale: someone else changed the row first.
+    #[error(
+        "conflict: changed by someone else since version {}; now at version {}",
+        .0.expected,
+        .0.version
+    )]
+    Stale(Box<Stale>),
     #[error("not found: {0}")]
     NotFound(String),
     #[error("already exists: {0}")]
@@ -142,42 +253,84 @@ pub enum WriteError {
     IdempotencyKeyReused(String),
 }
 
-impl WriteError {
-    /// Stable snake_case code.
-    pub fn code(&self) -> &'static str {
+impl Refusal for EditRefusal {
+    fn code(&self) -> &'static str {
         match self {
-            WriteError::AuthFailed => "auth_failed",
-            WriteError::ImageConflict => "image_conflict",
-            WriteError::UnknownDish => "unknown_dish",
-            WriteError::UnknownWell => "unknown_well",
-            WriteError::UnknownInstrument => "unknown_instrument",
-            WriteError::InvalidInput(_) => "invalid_input",
-            WriteError::DiskFull => "disk_full",
-            WriteError::Storage(_) => "storage_error",
-            WriteError::ShuttingDown => "shutting_down",
-            WriteError::Conflict { .. } => "conflict",
-            WriteError::NotFound(_) => "not_found",
-            WriteError::AlreadyExists(_) => "already_exists",
-            WriteError::IdempotencyKeyReused(_) => "idempotency_key_reused",
+            EditRefusal::Stale(_) => "conflict",
+            EditRefusal::NotFound(_) => "not_found",
+            EditRefusal::AlreadyExists(_) => "already_exists",
+            EditRefusal::IdempotencyKeyReused(_) => "idempotency_key_reused",
         }
     }
 }
 
-impl From<StorageError> for WriteError {
-    fn from(error: StorageError) -> WriteError {
-        match error {
-            StorageError::DiskFull => WriteError::DiskFull,
-            other => WriteError::Storage(other.to_string()),
+/// A stale version: what the client named, what is stored, and the record as it is now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stale {
+    pub expected: u64,
+    pub version: u64,
+    pub entity: crate::model::ChangeEntity,
+    /// The record as a reader sees it right after the batch that refused the edit committed.
+    /// None only when it could not be read then (a storage error, logged).
+    pub current: Option<Current>,
+    /// Which record, to read it after the commit.
+    pub(crate) target: StaleTarget,
+}
+
+/// The record a stale edit names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StaleTarget {
+    Patient(String),
+    Treatment { patient_id: String, name: String },
+    Embryo(String),
+    Transfer(u64),
+}
+
+/// A versioned clinical record, as `Reader` returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Current {
+    Patient(crate::model::PatientRecord),
+    Treatment(crate::model::TreatmentRecord),
+    Embryo(Box<crate::model::EmbryoRecord>),
+    Transfer(crate::model::TransferRecord),
+}
+
+impl Current {
+    pub fn version(&self) -> u64 {
+        match self {
+            Current::Patient(record) => record.version,
+            Current::Treatment(record) => record.version,
+            Current::Embryo(record) => record.version,
+            Current::Transfer(record) => record.version,
         }
     }
 }
 
-/// A request the writer did not take. Both variants hand the op and its completion back.
+/// A user, API key or instrument change refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminRefusal {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+}
+
+impl Refusal for AdminRefusal {
+    fn code(&self) -> &'static str {
+        match self {
+            AdminRefusal::NotFound(_) => "not_found",
+            AdminRefusal::AlreadyExists(_) => "already_exists",
+        }
+    }
+}
+
+/// A request the writer did not take. Both variants hand the submission (the operation and
+/// its completion) back, to be submitted again.
 pub enum SubmitError {
     /// The bounded queue is full: stop reading the socket that feeds it and retry later.
-    Full(WriteOp, crate::writer::Completion),
+    Full(crate::writer::Submission),
     /// Shutdown began; the writer accepts nothing more.
-    Closed(WriteOp, crate::writer::Completion),
+    Closed(crate::writer::Submission),
 }
 
 impl SubmitError {
@@ -189,10 +342,10 @@ impl SubmitError {
         }
     }
 
-    /// The op and completion that were not submitted.
-    pub fn into_parts(self) -> (WriteOp, crate::writer::Completion) {
+    /// The submission that was not taken.
+    pub fn into_submission(self) -> crate::writer::Submission {
         match self {
-            SubmitError::Full(op, done) | SubmitError::Closed(op, done) => (op, done),
+            SubmitError::Full(submission) | SubmitError::Closed(submission) => submission,
         }
     }
 }
@@ -200,8 +353,8 @@ impl SubmitError {
 impl fmt::Debug for SubmitError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SubmitError::Full(op, _) => f.debug_tuple("Full").field(op).finish(),
-            SubmitError::Closed(op, _) => f.debug_tuple("Closed").field(op).finish(),
+            SubmitError::Full(submission) => f.debug_tuple("Full").field(submission).finish(),
+            SubmitError::Closed(submission) => f.debug_tuple("Closed").field(submission).finish(),
         }
     }
 }

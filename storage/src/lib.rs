@@ -25,8 +25,11 @@
 //!
 //! # Errors
 //!
-//! [`StorageError`] (opening, reading, verifying) and [`WriteError`] (per write request) are
-//! typed, and each has a stable snake_case `code()`.
+//! [`StorageError`] (opening, reading, verifying) and [`WriteError`] (per write operation) are
+//! typed, and each has a stable snake_case `code()`. Every write is its own type implementing
+//! [`Operation`], with its own outcome and refusal (`WriteError::Refused(R)`, where `R` is,
+//! say, [`ImageRefusal`] for [`PutImage`] or [`EditRefusal`] for [`Edit`]); records, never
+//! JSON, cross the storage boundary.
 
 pub mod ims;
 pub mod limits;
@@ -43,7 +46,10 @@ mod store;
 mod verify;
 mod writer;
 
-pub use error::{StorageError, SubmitError, WriteError};
+pub use error::{
+    AdminRefusal, Current, EditRefusal, Fault, HelloRefusal, ImageRefusal, Never, Refusal, Stale,
+    StorageError, SubmitError, UnknownInstrument, WriteError,
+};
 pub use migrate::{fixture_jpeg, write_v1_fixture, write_v4_fixture, FixtureImage};
 pub use model::{
     AcquisitionRecord, AcquisitionSync, AnnotationRecord, AnnotationSource, ApiKeyRecord, ApiScope,
@@ -53,9 +59,13 @@ pub use model::{
     WellSync,
 };
 pub use ops::{
-    user_name, Actor, AlarmInput, AnnotationInput, ClinicalEdit, DishRegistration, Idempotency,
-    ImageBytes, ImsQueueing, PatientRef, ScoreInput, TelemetrySample, UserChange, WellRegistration,
-    WriteOp, WriteOutcome,
+    user_name, Actor, AlarmInput, AnnotationInput, ApiKeyCreate, ApiKeyRevoke, Applied,
+    AuditDenied, Batch, ClinicalEdit, DishRegistered, DishRegistration, Edit, Edited, Idempotency,
+    ImageBytes, ImageStored, ImsQueueing, ImsRemove, ImsRemoved, InstrumentAccepted,
+    InstrumentHello, InstrumentRename, Lane, LoginAttempt, LoginRecorded, OpResult, Operation,
+    PatientRef, PutImage, PutTelemetry, RegisterDish, ResetInstrumentSecret, ScoreInput,
+    SecretReset, TelemetrySample, TelemetryStored, UserAdd, UserChange, UserUpdate,
+    WellRegistration,
 };
 pub use reader::Reader;
 
@@ -85,7 +95,7 @@ pub use store::{
     set_schema_version_for_tests, CommitListener, Store, StoreOptions, DATABASE_FILE_NAME,
 };
 pub use volume::{Location, Recovery};
-pub use writer::{Completion, Writer, WriterOptions, WriterStats};
+pub use writer::{Completion, Submission, Writer, WriterOptions, WriterStats};
 
 #[cfg(test)]
 mod tests {

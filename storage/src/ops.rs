@@ -1,6 +1,11 @@
-//! Write requests (`WriteOp`), their outcomes, and input validation against `limits`.
+//! Write operations: one type per operation with its outcome and refusal (`Operation`), their
+//! inputs, and input validation against `limits`.
 
-use crate::error::WriteError;
+pub use crate::apply::Batch;
+use crate::error::{
+    AdminRefusal, Current, EditRefusal, HelloRefusal, ImageRefusal, Never, Refusal, Stale,
+    StaleTarget, StorageError, UnknownInstrument, WriteError,
+};
 use crate::limits;
 use crate::model::{AnnotationSource, ApiScope, ChangeEntity, Fate, Rights, TransferOutcome};
 use std::collections::BTreeSet;
@@ -48,121 +53,210 @@ impl std::fmt::Debug for ImageBytes {
     }
 }
 
-/// One write request for the writer thread. See the crate documentation for each op's rules.
-pub enum WriteOp {
-    /// First message of every incubator connection. Unknown serial: record the instrument, store
-    /// the SHA-256 of `new_secret` and issue it. Known serial: `presented_secret` must hash to the
-    /// stored hash, else `AuthFailed`; model, firmware and last-seen are updated.
-    InstrumentHello {
-        serial: String,
-        model: String,
-        firmware: String,
-        presented_secret: Option<String>,
-        new_secret: String,
-        at_ms: i64,
-    },
-    /// Admin: forget the secret; the next HELLO of that serial is issued a new one.
-    ResetInstrumentSecret { serial: String },
-    /// Changes an instrument's display name. Its identity (serial number) and every image,
-    /// dish and annotation stay as they are: names are labels, never keys.
-    InstrumentRename {
-        actor: Actor,
-        serial: String,
-        display_name: String,
-        at_ms: i64,
-    },
-    /// Create or update a culture dish (key: instrument_id + dish_id), creating its patient and
-    /// treatment when missing. An embryo id, once assigned to (dish, well), never changes.
-    RegisterDish {
-        instrument_id: u64,
-        dish: DishRegistration,
-        at_ms: i64,
-    },
-    /// Idempotent by (instrument, dish, well, focal_plane, acquired_at_ms).
-    PutImage {
-        instrument_id: u64,
-        dish_id: String,
-        well: u32,
-        focal_plane: i32,
-        acquired_at_ms: i64,
-        jpeg: ImageBytes,
-        at_ms: i64,
-    },
-    /// Idempotent by (instrument, channel, at_ms) per sample and (instrument, code,
-    /// raised_at_ms) per alarm. With `ims`, what is new and allowed is also queued for the
-    /// monitoring uploader (see `crate::ims`).
-    PutTelemetry {
-        instrument_id: u64,
-        samples: Vec<TelemetrySample>,
-        alarms: Vec<AlarmInput>,
-        ims: Option<ImsQueueing>,
-        at_ms: i64,
-    },
-    /// The monitoring endpoint accepted these queue records: remove them. Ids no longer
-    /// queued (dropped meanwhile) are skipped.
-    ImsRemove { ids: Vec<u64> },
-    /// A change to clinical data from a viewer or the public API. Every edit of an existing
-    /// row names the version the client last saw; a stale one is refused with
-    /// `WriteError::Conflict` (carrying the current state) and audited as a conflict.
-    ///
-    /// With `idempotency`, the outcome is recorded under the key in the same transaction: the
-    /// same key and request again is answered with the recorded outcome (`replayed`) and
-    /// changes nothing; the same key with another request is refused (`IdempotencyKeyReused`).
-    Edit {
-        actor: Actor,
-        edit: ClinicalEdit,
-        idempotency: Option<Idempotency>,
-        at_ms: i64,
-    },
-    /// Creates a public API key. The caller makes the secret and passes its SHA-256 only.
-    ApiKeyCreate {
-        actor: Actor,
-        key_id: String,
-        name: String,
-        scope: ApiScope,
-        secret_sha256: [u8; 32],
-        at_ms: i64,
-    },
-    /// Revokes a public API key; it can never be used again.
-    ApiKeyRevoke {
-        actor: Actor,
-        key_id: String,
-        at_ms: i64,
-    },
-    /// Records a refused attempt (the user lacked the right) in the audit trail.
-    AuditDenied {
-        actor: Actor,
-        action: String,
-        entity: ChangeEntity,
-        target: String,
-        attempted: String,
-        at_ms: i64,
-    },
-    /// Creates a user. `password_hash` is an argon2id PHC string made by the caller.
-    UserAdd {
-        actor: Actor,
-        name: String,
-        password_hash: String,
-        rights: Rights,
-        at_ms: i64,
-    },
-    UserUpdate {
-        actor: Actor,
-        name: String,
-        change: UserChange,
-        at_ms: i64,
-    },
-    /// The outcome of a login attempt whose password was checked by the caller. A failure
-    /// raises the user's failure count; the `failures_max`-th locks the account for
-    /// `lockout_ms`. A success clears the count.
-    LoginAttempt {
-        name: String,
-        computer: String,
-        success: bool,
-        failures_max: u32,
-        lockout_ms: i64,
-        at_ms: i64,
-    },
+/// One write operation for the writer thread: a value with its own outcome and refusal types
+/// (`Outcome`, `Refusal`), validated against `limits` before the database is touched, and
+/// applied inside the writer's batch transaction. redb's `TableDefinition<K, V>` is the model:
+/// the types say what goes in and what comes out.
+///
+/// Each operation in this module documents its rules. Submit one with
+/// [`crate::Writer::try_submit`]; its completion receives [`OpResult<Self>`].
+pub trait Operation: fmt::Debug + Send + Sized + 'static {
+    /// What the operation reports when it was applied (or found already applied).
+    type Outcome: fmt::Debug + Send + 'static;
+    /// Why the operation's own rules may refuse it ([`Never`] when they never do).
+    type Refusal: Refusal;
+
+    /// Checks the operation against `limits` without touching the database; the message says
+    /// what is wrong. An operation that fails it is answered `WriteError::InvalidInput`.
+    fn validate(&self) -> Result<(), String>;
+
+    /// Check phase (reads only; a refusal returns here having written nothing but the audit
+    /// row the operation documents), then apply phase (writes; only a storage error can fail
+    /// it, and that aborts the whole batch).
+    #[doc(hidden)]
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self>;
+
+    /// The request's time (server receive time), if it carries one.
+    fn at_ms(&self) -> Option<i64>;
+
+    /// The bytes this operation adds to a batch, for `batch_bytes_max` (JPEG bytes for images).
+    fn payload_bytes(&self) -> u64 {
+        0
+    }
+
+    /// Images go in the image lane; everything else is small and never waits behind
+    /// megabytes of images (see `crate::writer`).
+    fn lane(&self) -> Lane {
+        Lane::Small
+    }
+
+    /// False for operations that cannot change patient or treatment names (the alarm-code
+    /// filter of telemetry caches those names for the batch).
+    fn may_change_names(&self) -> bool {
+        true
+    }
+
+    /// Called after the batch committed, with a reader of the state right after it: fills in
+    /// what the answer reports of the committed state (a stale edit's current record).
+    #[doc(hidden)]
+    fn after_commit(_result: &mut OpResult<Self>, _reader: &crate::Reader) {}
+}
+
+/// The result an operation's completion receives.
+pub type OpResult<O> = Result<<O as Operation>::Outcome, WriteError<<O as Operation>::Refusal>>;
+
+/// The result of applying an operation inside the batch: the outer error is a storage failure
+/// that aborts the batch, the inner result the operation's own.
+pub type Applied<O> = Result<OpResult<O>, StorageError>;
+
+/// Which lane of the writer an operation goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Image records: megabytes per batch written to the volumes.
+    Image,
+    /// Everything else: annotation saves, API writes, dish registrations, telemetry, users.
+    Small,
+}
+
+/// First message of every incubator connection. Unknown serial: record the instrument, store
+/// the SHA-256 of `new_secret` and issue it. Known serial: `presented_secret` must hash to the
+/// stored hash, else `HelloRefusal::AuthFailed`; model, firmware and last-seen are updated.
+pub struct InstrumentHello {
+    pub serial: String,
+    pub model: String,
+    pub firmware: String,
+    pub presented_secret: Option<String>,
+    pub new_secret: String,
+    pub at_ms: i64,
+}
+
+/// Admin: forget the secret; the next HELLO of that serial is issued a new one.
+#[derive(Debug)]
+pub struct ResetInstrumentSecret {
+    pub serial: String,
+}
+
+/// Changes an instrument's display name. Its identity (serial number) and every image, dish
+/// and annotation stay as they are: names are labels, never keys.
+#[derive(Debug)]
+pub struct InstrumentRename {
+    pub actor: Actor,
+    pub serial: String,
+    pub display_name: String,
+    pub at_ms: i64,
+}
+
+/// Create or update a culture dish (key: instrument_id + dish_id), creating its patient and
+/// treatment when missing. An embryo id, once assigned to (dish, well), never changes.
+pub struct RegisterDish {
+    pub instrument_id: u64,
+    pub dish: DishRegistration,
+    pub at_ms: i64,
+}
+
+/// One image. Idempotent by (instrument, dish, well, focal_plane, acquired_at_ms): the same
+/// bytes again are a duplicate, other bytes under the same key are refused
+/// (`ImageRefusal::Conflict`) and the stored image is kept.
+pub struct PutImage {
+    pub instrument_id: u64,
+    pub dish_id: String,
+    pub well: u32,
+    pub focal_plane: i32,
+    pub acquired_at_ms: i64,
+    pub jpeg: ImageBytes,
+    pub at_ms: i64,
+}
+
+/// Telemetry samples and alarms. Idempotent by (instrument, channel, at_ms) per sample and
+/// (instrument, code, raised_at_ms) per alarm. With `ims`, what is new and allowed is also
+/// queued for the monitoring uploader (see `crate::ims`).
+pub struct PutTelemetry {
+    pub instrument_id: u64,
+    pub samples: Vec<TelemetrySample>,
+    pub alarms: Vec<AlarmInput>,
+    pub ims: Option<ImsQueueing>,
+    pub at_ms: i64,
+}
+
+/// The monitoring endpoint accepted these queue records: remove them. Ids no longer queued
+/// (dropped meanwhile) are skipped.
+pub struct ImsRemove {
+    pub ids: Vec<u64>,
+}
+
+/// A change to clinical data from a viewer or the public API. Every edit of an existing row
+/// names the version the client last saw; a stale one is refused with `EditRefusal::Stale`
+/// (carrying the current record) and audited as a conflict.
+///
+/// With `idempotency`, the outcome is recorded under the key in the same transaction: the
+/// same key and request again is answered with the recorded outcome (`replayed`) and changes
+/// nothing; the same key with another request is refused (`IdempotencyKeyReused`).
+pub struct Edit {
+    pub actor: Actor,
+    pub edit: ClinicalEdit,
+    pub idempotency: Option<Idempotency>,
+    pub at_ms: i64,
+}
+
+/// Creates a public API key. The caller makes the secret and passes its SHA-256 only.
+pub struct ApiKeyCreate {
+    pub actor: Actor,
+    pub key_id: String,
+    pub name: String,
+    pub scope: ApiScope,
+    pub secret_sha256: [u8; 32],
+    pub at_ms: i64,
+}
+
+/// Revokes a public API key; it can never be used again. Revoking a revoked key changes
+/// nothing.
+#[derive(Debug)]
+pub struct ApiKeyRevoke {
+    pub actor: Actor,
+    pub key_id: String,
+    pub at_ms: i64,
+}
+
+/// Records a refused attempt (the user lacked the right) in the audit trail.
+#[derive(Debug)]
+pub struct AuditDenied {
+    pub actor: Actor,
+    pub action: String,
+    pub entity: ChangeEntity,
+    pub target: String,
+    pub attempted: String,
+    pub at_ms: i64,
+}
+
+/// Creates a user. `password_hash` is an argon2id PHC string made by the caller.
+pub struct UserAdd {
+    pub actor: Actor,
+    pub name: String,
+    pub password_hash: String,
+    pub rights: Rights,
+    pub at_ms: i64,
+}
+
+/// Changes a user's password, rights, lock or disabled state.
+#[derive(Debug)]
+pub struct UserUpdate {
+    pub actor: Actor,
+    pub name: String,
+    pub change: UserChange,
+    pub at_ms: i64,
+}
+
+/// The outcome of a login attempt whose password was checked by the caller. A failure
+/// raises the user's failure count; the `failures_max`-th locks the account for
+/// `lockout_ms`. A success clears the count.
+#[derive(Debug)]
+pub struct LoginAttempt {
+    pub name: String,
+    pub computer: String,
+    pub success: bool,
+    pub failures_max: u32,
+    pub lockout_ms: i64,
+    pub at_ms: i64,
 }
 
 /// An `Idempotency-Key` sent with a write, scoped to who sent it.
@@ -280,7 +374,7 @@ impl ClinicalEdit {
         }
     }
 
-    fn validate(&self) -> Result<(), WriteError> {
+    fn validate(&self) -> Result<(), String> {
         match self {
             ClinicalEdit::CreatePatient { patient }
             | ClinicalEdit::UpdatePatient { patient, .. } => validate_patient(patient),
@@ -314,16 +408,16 @@ impl ClinicalEdit {
                 text("annotation value", &annotation.value, Required::No)?;
                 if let Some(at) = annotation.event_at_ms {
                     if !(0..=limits::INSTANT_MS_MAX).contains(&at) {
-                        return Err(invalid(format!(
+                        return Err(format!(
                             "annotation event time {at} ms is outside 1970..2286"
-                        )));
+                        ));
                     }
                 }
                 if annotation.value.is_empty() && annotation.event_at_ms.is_none() {
-                    return Err(invalid(format!(
+                    return Err(format!(
                         "annotation {} has neither a value nor an event time",
                         annotation.name
-                    )));
+                    ));
                 }
                 Ok(())
             }
@@ -357,19 +451,17 @@ impl ClinicalEdit {
                 text("treatment name", treatment_name, Required::Yes)?;
                 instant("transfer time", *transferred_at_ms)?;
                 if embryo_ids.is_empty() || embryo_ids.len() > limits::EMBRYOS_PER_TRANSFER_MAX {
-                    return Err(invalid(format!(
+                    return Err(format!(
                         "a transfer names 1 to {} embryos, not {}",
                         limits::EMBRYOS_PER_TRANSFER_MAX,
                         embryo_ids.len()
-                    )));
+                    ));
                 }
                 let mut seen = BTreeSet::new();
                 for embryo_id in embryo_ids {
                     text("embryo id", embryo_id, Required::Yes)?;
                     if !seen.insert(embryo_id) {
-                        return Err(invalid(format!(
-                            "embryo {embryo_id} is named twice in the transfer"
-                        )));
+                        return Err(format!("embryo {embryo_id} is named twice in the transfer"));
                     }
                 }
                 comment_text(comment)
@@ -382,10 +474,10 @@ impl ClinicalEdit {
                     ("fetal heartbeats", outcome.fetal_heartbeats),
                 ] {
                     if count.is_some_and(|n| n > limits::OUTCOME_COUNT_MAX) {
-                        return Err(invalid(format!(
+                        return Err(format!(
                             "{what} must be at most {}",
                             limits::OUTCOME_COUNT_MAX
-                        )));
+                        ));
                     }
                 }
                 comment_text(comment)
@@ -404,7 +496,7 @@ pub struct AnnotationInput {
     pub source: AnnotationSource,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum UserChange {
     /// A new argon2id PHC string; clears failures and any lock.
     Password(String),
@@ -468,254 +560,488 @@ pub struct TelemetrySample {
     pub at_ms: i64,
 }
 
+/// `InstrumentHello` accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WriteOutcome {
-    InstrumentAccepted {
-        instrument_id: u64,
-        issued_secret: Option<String>,
-    },
-    SecretReset {
-        existed: bool,
-    },
-    DishRegistered {
-        dish_key: u64,
-        created: bool,
-        /// False when the registration was already stored exactly as given (a resend).
-        changed: bool,
-    },
-    ImageStored {
-        duplicate: bool,
-    },
-    TelemetryStored {
-        samples: u32,
-        /// Records added to the monitoring queue.
-        ims_queued: u32,
-        /// Samples and alarms kept but not queued (see `crate::ims`).
-        ims_withheld: u32,
-        /// Oldest queue records dropped to make room.
-        ims_dropped: u32,
-    },
-    ImsRemoved {
-        removed: u32,
-    },
-    /// A clinical edit was applied and logged with change `change_seq`.
-    Edited {
-        entity: ChangeEntity,
-        key: u64,
-        id: String,
-        version: u64,
-        change_seq: u64,
-        /// The annotation added, changed or removed.
-        annotation_id: Option<u64>,
-        /// True when this is the recorded outcome of an earlier request with the same
-        /// Idempotency-Key: nothing was changed now.
-        replayed: bool,
-    },
-    ApiKeyChanged,
-    InstrumentRenamed,
-    Audited,
-    UserChanged,
-    LoginRecorded {
-        /// True when the login is granted: the password was right and the account is neither
-        /// disabled nor locked at the attempt's time.
-        granted: bool,
-        disabled: bool,
-        /// The account is locked until then (0: not locked at the attempt's time).
-        locked_until_ms: i64,
-    },
+pub struct InstrumentAccepted {
+    pub instrument_id: u64,
+    /// A secret issued now (first HELLO, or after a reset), to be sent to the instrument.
+    pub issued_secret: Option<String>,
 }
 
-impl WriteOp {
-    /// The bytes this op adds to a batch, for `batch_bytes_max` (JPEG bytes for images).
-    pub fn payload_bytes(&self) -> u64 {
-        match self {
-            WriteOp::PutImage { jpeg, .. } => jpeg.len() as u64,
-            WriteOp::PutTelemetry {
-                samples, alarms, ..
-            } => ((samples.len() + alarms.len()) as u64).saturating_mul(32),
-            _ => 0,
+/// `ResetInstrumentSecret` done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretReset {
+    /// False when no instrument has that serial number.
+    pub existed: bool,
+}
+
+/// `RegisterDish` stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DishRegistered {
+    pub dish_key: u64,
+    pub created: bool,
+    /// False when the registration was already stored exactly as given (a resend).
+    pub changed: bool,
+}
+
+/// `PutImage` stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageStored {
+    /// The same bytes were already stored under the key (a resend).
+    pub duplicate: bool,
+}
+
+/// `PutTelemetry` stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TelemetryStored {
+    pub samples: u32,
+    /// Records added to the monitoring queue.
+    pub ims_queued: u32,
+    /// Samples and alarms kept but not queued (see `crate::ims`).
+    pub ims_withheld: u32,
+    /// Oldest queue records dropped to make room.
+    pub ims_dropped: u32,
+}
+
+/// `ImsRemove` done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImsRemoved {
+    pub removed: u32,
+}
+
+/// A clinical edit was applied and logged with change `change_seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edited {
+    pub entity: ChangeEntity,
+    pub key: u64,
+    pub id: String,
+    pub version: u64,
+    pub change_seq: u64,
+    /// The annotation added, changed or removed.
+    pub annotation_id: Option<u64>,
+    /// True when this is the recorded outcome of an earlier request with the same
+    /// Idempotency-Key: nothing was changed now.
+    pub replayed: bool,
+}
+
+/// `LoginAttempt` recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginRecorded {
+    /// True when the login is granted: the password was right and the account is neither
+    /// disabled nor locked at the attempt's time.
+    pub granted: bool,
+    pub disabled: bool,
+    /// The account is locked until then (0: not locked at the attempt's time).
+    pub locked_until_ms: i64,
+}
+
+impl Operation for InstrumentHello {
+    type Outcome = InstrumentAccepted;
+    type Refusal = HelloRefusal;
+
+    fn validate(&self) -> Result<(), String> {
+        text("serial", &self.serial, Required::Yes)?;
+        text("model", &self.model, Required::No)?;
+        text("firmware", &self.firmware, Required::No)?;
+        text("new secret", &self.new_secret, Required::Yes)?;
+        match &self.presented_secret {
+            Some(secret) => text("presented secret", secret, Required::No),
+            None => Ok(()),
         }
     }
 
-    /// The request's time (server receive time), if it carries one.
-    pub fn at_ms(&self) -> Option<i64> {
-        match self {
-            WriteOp::InstrumentHello { at_ms, .. }
-            | WriteOp::RegisterDish { at_ms, .. }
-            | WriteOp::PutImage { at_ms, .. }
-            | WriteOp::PutTelemetry { at_ms, .. }
-            | WriteOp::Edit { at_ms, .. }
-            | WriteOp::AuditDenied { at_ms, .. }
-            | WriteOp::UserAdd { at_ms, .. }
-            | WriteOp::UserUpdate { at_ms, .. }
-            | WriteOp::LoginAttempt { at_ms, .. }
-            | WriteOp::ApiKeyCreate { at_ms, .. }
-            | WriteOp::ApiKeyRevoke { at_ms, .. } => Some(*at_ms),
-            WriteOp::ResetInstrumentSecret { .. } | WriteOp::ImsRemove { .. } => None,
-            WriteOp::InstrumentRename { at_ms, .. } => Some(*at_ms),
-        }
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.instrument_hello(
+            &self.serial,
+            &self.model,
+            &self.firmware,
+            self.presented_secret.as_deref(),
+            &self.new_secret,
+            self.at_ms,
+        )
     }
 
-    /// Checks the op against `limits` without touching the database.
-    pub fn validate(&self) -> Result<(), WriteError> {
-        match self {
-            WriteOp::InstrumentHello {
-                serial,
-                model,
-                firmware,
-                presented_secret,
-                new_secret,
-                ..
-            } => {
-                text("serial", serial, Required::Yes)?;
-                text("model", model, Required::No)?;
-                text("firmware", firmware, Required::No)?;
-                text("new secret", new_secret, Required::Yes)?;
-                match presented_secret {
-                    Some(secret) => text("presented secret", secret, Required::No),
-                    None => Ok(()),
-                }
-            }
-            WriteOp::ResetInstrumentSecret { serial } => text("serial", serial, Required::Yes),
-            WriteOp::InstrumentRename {
-                actor,
-                serial,
-                display_name,
-                ..
-            } => {
-                validate_actor(actor)?;
-                text("serial", serial, Required::Yes)?;
-                text("display name", display_name, Required::Yes)
-            }
-            WriteOp::RegisterDish { dish, .. } => validate_dish(dish),
-            WriteOp::PutImage {
-                dish_id,
-                well,
-                focal_plane,
-                jpeg,
-                ..
-            } => {
-                text("dish id", dish_id, Required::Yes)?;
-                well_number(*well)?;
-                if !(limits::FOCAL_PLANE_MIN..=limits::FOCAL_PLANE_MAX).contains(focal_plane) {
-                    return Err(invalid(format!(
-                        "focal plane {focal_plane} is outside {}..={}",
-                        limits::FOCAL_PLANE_MIN,
-                        limits::FOCAL_PLANE_MAX
-                    )));
-                }
-                if !(limits::JPEG_BYTES_MIN..=limits::JPEG_BYTES_MAX).contains(&jpeg.len()) {
-                    return Err(invalid(format!(
-                        "image of {} bytes is outside {}..={} bytes",
-                        jpeg.len(),
-                        limits::JPEG_BYTES_MIN,
-                        limits::JPEG_BYTES_MAX
-                    )));
-                }
-                Ok(())
-            }
-            WriteOp::PutTelemetry {
-                samples, alarms, ..
-            } => validate_telemetry(samples, alarms),
-            WriteOp::ImsRemove { ids } => {
-                if ids.len() > limits::IMS_REMOVE_IDS_MAX {
-                    return Err(invalid(format!(
-                        "{} queue ids exceed the {} allowed per request",
-                        ids.len(),
-                        limits::IMS_REMOVE_IDS_MAX
-                    )));
-                }
-                Ok(())
-            }
-            WriteOp::Edit {
-                actor,
-                edit,
-                idempotency,
-                ..
-            } => {
-                validate_actor(actor)?;
-                if let Some(idempotency) = idempotency {
-                    text(
-                        "idempotency principal",
-                        &idempotency.principal,
-                        Required::Yes,
-                    )?;
-                    text("Idempotency-Key", &idempotency.key, Required::Yes)?;
-                }
-                edit.validate()
-            }
-            WriteOp::ApiKeyCreate {
-                actor,
-                key_id,
-                name,
-                ..
-            } => {
-                validate_actor(actor)?;
-                key_id_text(key_id)?;
-                text("API key name", name, Required::Yes)
-            }
-            WriteOp::ApiKeyRevoke { actor, key_id, .. } => {
-                validate_actor(actor)?;
-                key_id_text(key_id)
-            }
-            WriteOp::AuditDenied {
-                actor,
-                action,
-                target,
-                attempted,
-                ..
-            } => {
-                validate_actor(actor)?;
-                text("action", action, Required::Yes)?;
-                text("target", target, Required::No)?;
-                comment_text(attempted)
-            }
-            WriteOp::UserAdd {
-                actor,
-                name,
-                password_hash,
-                ..
-            } => {
-                validate_actor(actor)?;
-                user_name(name)?;
-                hash_text(password_hash)
-            }
-            WriteOp::UserUpdate {
-                actor,
-                name,
-                change,
-                ..
-            } => {
-                validate_actor(actor)?;
-                user_name(name)?;
-                match change {
-                    UserChange::Password(hash) => hash_text(hash),
-                    _ => Ok(()),
-                }
-            }
-            WriteOp::LoginAttempt {
-                name,
-                computer,
-                lockout_ms,
-                ..
-            } => {
-                user_name(name)?;
-                text("computer name", computer, Required::No)?;
-                if *lockout_ms < 0 {
-                    return Err(invalid("lock-out duration is negative".into()));
-                }
-                Ok(())
-            }
-        }
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
     }
 }
 
-fn validate_actor(actor: &Actor) -> Result<(), WriteError> {
+impl Operation for ResetInstrumentSecret {
+    type Outcome = SecretReset;
+    type Refusal = Never;
+
+    fn validate(&self) -> Result<(), String> {
+        text("serial", &self.serial, Required::Yes)
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.reset_secret(&self.serial)
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        None
+    }
+}
+
+impl Operation for InstrumentRename {
+    type Outcome = ();
+    type Refusal = AdminRefusal;
+
+    fn validate(&self) -> Result<(), String> {
+        validate_actor(&self.actor)?;
+        text("serial", &self.serial, Required::Yes)?;
+        text("display name", &self.display_name, Required::Yes)
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.instrument_rename(&self.actor, &self.serial, &self.display_name, self.at_ms)
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+}
+
+impl Operation for RegisterDish {
+    type Outcome = DishRegistered;
+    type Refusal = UnknownInstrument;
+
+    fn validate(&self) -> Result<(), String> {
+        validate_dish(&self.dish)
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.register_dish(self.instrument_id, &self.dish, self.at_ms)
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+}
+
+impl Operation for PutImage {
+    type Outcome = ImageStored;
+    type Refusal = ImageRefusal;
+
+    fn validate(&self) -> Result<(), String> {
+        text("dish id", &self.dish_id, Required::Yes)?;
+        well_number(self.well)?;
+        if !(limits::FOCAL_PLANE_MIN..=limits::FOCAL_PLANE_MAX).contains(&self.focal_plane) {
+            return Err(format!(
+                "focal plane {} is outside {}..={}",
+                self.focal_plane,
+                limits::FOCAL_PLANE_MIN,
+                limits::FOCAL_PLANE_MAX
+            ));
+        }
+        if !(limits::JPEG_BYTES_MIN..=limits::JPEG_BYTES_MAX).contains(&self.jpeg.len()) {
+            return Err(format!(
+                "image of {} bytes is outside {}..={} bytes",
+                self.jpeg.len(),
+                limits::JPEG_BYTES_MIN,
+                limits::JPEG_BYTES_MAX
+            ));
+        }
+        Ok(())
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.put_image(self)
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+
+    fn payload_bytes(&self) -> u64 {
+        self.jpeg.len() as u64
+    }
+
+    fn lane(&self) -> Lane {
+        Lane::Image
+    }
+
+    fn may_change_names(&self) -> bool {
+        false
+    }
+}
+
+impl Operation for PutTelemetry {
+    type Outcome = TelemetryStored;
+    type Refusal = UnknownInstrument;
+
+    fn validate(&self) -> Result<(), String> {
+        validate_telemetry(&self.samples, &self.alarms)
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.put_telemetry(
+            self.instrument_id,
+            &self.samples,
+            &self.alarms,
+            self.ims,
+            self.at_ms,
+        )
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+
+    fn payload_bytes(&self) -> u64 {
+        ((self.samples.len() + self.alarms.len()) as u64).saturating_mul(32)
+    }
+
+    fn may_change_names(&self) -> bool {
+        false
+    }
+}
+
+impl Operation for ImsRemove {
+    type Outcome = ImsRemoved;
+    type Refusal = Never;
+
+    fn validate(&self) -> Result<(), String> {
+        if self.ids.len() > limits::IMS_REMOVE_IDS_MAX {
+            return Err(format!(
+                "{} queue ids exceed the {} allowed per request",
+                self.ids.len(),
+                limits::IMS_REMOVE_IDS_MAX
+            ));
+        }
+        Ok(())
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.ims_remove(&self.ids)
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        None
+    }
+
+    fn may_change_names(&self) -> bool {
+        false
+    }
+}
+
+impl Operation for Edit {
+    type Outcome = Edited;
+    type Refusal = EditRefusal;
+
+    fn validate(&self) -> Result<(), String> {
+        validate_actor(&self.actor)?;
+        if let Some(idempotency) = &self.idempotency {
+            text(
+                "idempotency principal",
+                &idempotency.principal,
+                Required::Yes,
+            )?;
+            text("Idempotency-Key", &idempotency.key, Required::Yes)?;
+        }
+        self.edit.validate()
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.idempotent_edit(
+            &self.actor,
+            &self.edit,
+            self.idempotency.as_ref(),
+            self.at_ms,
+        )
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+
+    /// A stale edit is answered with the record as it is once the batch committed.
+    fn after_commit(result: &mut OpResult<Self>, reader: &crate::Reader) {
+        let Err(WriteError::Refused(EditRefusal::Stale(stale))) = result else {
+            return;
+        };
+        match current_record(reader, stale) {
+            Ok(current) => stale.current = current,
+            Err(error) => {
+                tracing::error!(code = error.code(), %error, "reading the current record of a stale edit failed");
+            }
+        }
+    }
+}
+
+/// The record a stale edit names, as `reader` sees it.
+fn current_record(reader: &crate::Reader, stale: &Stale) -> Result<Option<Current>, StorageError> {
+    Ok(match &stale.target {
+        StaleTarget::Patient(patient_id) => reader.patient(patient_id)?.map(Current::Patient),
+        StaleTarget::Treatment { patient_id, name } => {
+            reader.treatment(patient_id, name)?.map(Current::Treatment)
+        }
+        StaleTarget::Embryo(embryo_id) => reader
+            .embryo(embryo_id)?
+            .map(|record| Current::Embryo(Box::new(record))),
+        StaleTarget::Transfer(transfer_key) => {
+            reader.transfer(*transfer_key)?.map(Current::Transfer)
+        }
+    })
+}
+
+impl Operation for ApiKeyCreate {
+    type Outcome = ();
+    type Refusal = AdminRefusal;
+
+    fn validate(&self) -> Result<(), String> {
+        validate_actor(&self.actor)?;
+        key_id_text(&self.key_id)?;
+        text("API key name", &self.name, Required::Yes)
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.api_key_create(
+            &self.actor,
+            &self.key_id,
+            &self.name,
+            self.scope,
+            &self.secret_sha256,
+            self.at_ms,
+        )
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+}
+
+impl Operation for ApiKeyRevoke {
+    type Outcome = ();
+    type Refusal = AdminRefusal;
+
+    fn validate(&self) -> Result<(), String> {
+        validate_actor(&self.actor)?;
+        key_id_text(&self.key_id)
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.api_key_revoke(&self.actor, &self.key_id, self.at_ms)
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+}
+
+impl Operation for AuditDenied {
+    type Outcome = ();
+    type Refusal = Never;
+
+    fn validate(&self) -> Result<(), String> {
+        validate_actor(&self.actor)?;
+        text("action", &self.action, Required::Yes)?;
+        text("target", &self.target, Required::No)?;
+        comment_text(&self.attempted)
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.audit_denied(
+            &self.actor,
+            &self.action,
+            self.entity,
+            &self.target,
+            &self.attempted,
+            self.at_ms,
+        )
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+}
+
+impl Operation for UserAdd {
+    type Outcome = ();
+    type Refusal = AdminRefusal;
+
+    fn validate(&self) -> Result<(), String> {
+        validate_actor(&self.actor)?;
+        user_name(&self.name)?;
+        hash_text(&self.password_hash)
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.user_add(
+            &self.actor,
+            &self.name,
+            &self.password_hash,
+            self.rights,
+            self.at_ms,
+        )
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+}
+
+impl Operation for UserUpdate {
+    type Outcome = ();
+    type Refusal = AdminRefusal;
+
+    fn validate(&self) -> Result<(), String> {
+        validate_actor(&self.actor)?;
+        user_name(&self.name)?;
+        match &self.change {
+            UserChange::Password(hash) => hash_text(hash),
+            _ => Ok(()),
+        }
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.user_update(&self.actor, &self.name, &self.change, self.at_ms)
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+}
+
+impl Operation for LoginAttempt {
+    type Outcome = LoginRecorded;
+    type Refusal = AdminRefusal;
+
+    fn validate(&self) -> Result<(), String> {
+        user_name(&self.name)?;
+        text("computer name", &self.computer, Required::No)?;
+        if self.lockout_ms < 0 {
+            return Err("lock-out duration is negative".into());
+        }
+        Ok(())
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.login_attempt(
+            &self.name,
+            &self.computer,
+            self.success,
+            self.failures_max,
+            self.lockout_ms,
+            self.at_ms,
+        )
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+
+    fn may_change_names(&self) -> bool {
+        false
+    }
+}
+
+fn validate_actor(actor: &Actor) -> Result<(), String> {
     text("user name", &actor.user, Required::Yes)?;
     text("computer name", &actor.computer, Required::No)
 }
 
-fn validate_patient(patient: &PatientRef) -> Result<(), WriteError> {
+fn validate_patient(patient: &PatientRef) -> Result<(), String> {
     text("patient id", &patient.patient_id, Required::Yes)?;
     text("first name", &patient.first_name, Required::No)?;
     text("last name", &patient.last_name, Required::No)?;
@@ -723,32 +1049,28 @@ fn validate_patient(patient: &PatientRef) -> Result<(), WriteError> {
 }
 
 /// A user name: 1 to 64 bytes, no control characters and no white space at either end.
-pub fn user_name(name: &str) -> Result<(), WriteError> {
+pub fn user_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > limits::USER_NAME_BYTES_MAX {
-        return Err(invalid(format!(
+        return Err(format!(
             "a user name has 1 to {} bytes",
             limits::USER_NAME_BYTES_MAX
-        )));
+        ));
     }
     if name.chars().any(char::is_control) || name.trim() != name {
-        return Err(invalid(
-            "a user name has no control characters and no spaces at either end".into(),
-        ));
+        return Err("a user name has no control characters and no spaces at either end".into());
     }
     Ok(())
 }
 
-fn hash_text(hash: &str) -> Result<(), WriteError> {
+fn hash_text(hash: &str) -> Result<(), String> {
     if !hash.starts_with("$argon2id$") || hash.len() > limits::PASSWORD_HASH_BYTES_MAX {
-        return Err(invalid(
-            "the password hash is not an argon2id PHC string".into(),
-        ));
+        return Err("the password hash is not an argon2id PHC string".into());
     }
     Ok(())
 }
 
 /// An API key id: 16 lowercase hex characters.
-fn key_id_text(key_id: &str) -> Result<(), WriteError> {
+fn key_id_text(key_id: &str) -> Result<(), String> {
     let hex = key_id.len() == 16
         && key_id
             .bytes()
@@ -756,41 +1078,41 @@ fn key_id_text(key_id: &str) -> Result<(), WriteError> {
     if hex {
         Ok(())
     } else {
-        Err(invalid(format!(
+        Err(format!(
             "API key id {key_id:?} is not 16 lowercase hex characters"
-        )))
+        ))
     }
 }
 
-fn instant(what: &str, at_ms: i64) -> Result<(), WriteError> {
+fn instant(what: &str, at_ms: i64) -> Result<(), String> {
     if (0..=limits::INSTANT_MS_MAX).contains(&at_ms) {
         Ok(())
     } else {
-        Err(invalid(format!("{what} {at_ms} ms is outside 1970..2286")))
+        Err(format!("{what} {at_ms} ms is outside 1970..2286"))
     }
 }
 
-fn comment_text(comment: &str) -> Result<(), WriteError> {
+fn comment_text(comment: &str) -> Result<(), String> {
     if comment.len() > limits::COMMENT_BYTES_MAX {
-        return Err(invalid(format!(
+        return Err(format!(
             "comment has {} bytes, more than {}",
             comment.len(),
             limits::COMMENT_BYTES_MAX
-        )));
+        ));
     }
     Ok(())
 }
 
-fn validate_dish(dish: &DishRegistration) -> Result<(), WriteError> {
+fn validate_dish(dish: &DishRegistration) -> Result<(), String> {
     text("dish id", &dish.dish_id, Required::Yes)?;
     validate_patient(&dish.patient)?;
     text("treatment name", &dish.treatment_name, Required::Yes)?;
     if dish.wells.len() > limits::WELLS_PER_DISH_MAX {
-        return Err(invalid(format!(
+        return Err(format!(
             "{} wells exceed the {} wells a dish may have",
             dish.wells.len(),
             limits::WELLS_PER_DISH_MAX
-        )));
+        ));
     }
     let mut wells = BTreeSet::new();
     let mut embryo_ids = BTreeSet::new();
@@ -798,60 +1120,57 @@ fn validate_dish(dish: &DishRegistration) -> Result<(), WriteError> {
         well_number(well.well)?;
         text("embryo id", &well.embryo_id, Required::Yes)?;
         if !wells.insert(well.well) {
-            return Err(invalid(format!("well {} is listed twice", well.well)));
+            return Err(format!("well {} is listed twice", well.well));
         }
         if !embryo_ids.insert(well.embryo_id.as_str()) {
-            return Err(invalid(format!(
+            return Err(format!(
                 "embryo id {:?} is listed for two wells",
                 well.embryo_id
-            )));
+            ));
         }
     }
     Ok(())
 }
 
-fn validate_telemetry(
-    samples: &[TelemetrySample],
-    alarms: &[AlarmInput],
-) -> Result<(), WriteError> {
+fn validate_telemetry(samples: &[TelemetrySample], alarms: &[AlarmInput]) -> Result<(), String> {
     if alarms.len() > limits::ALARMS_PER_OP_MAX {
-        return Err(invalid(format!(
+        return Err(format!(
             "{} alarms exceed the {} allowed per request",
             alarms.len(),
             limits::ALARMS_PER_OP_MAX
-        )));
+        ));
     }
     for alarm in alarms {
         text("alarm code", &alarm.code, Required::Yes)?;
         if alarm.text.len() > limits::ALARM_TEXT_BYTES_MAX {
-            return Err(invalid(format!(
+            return Err(format!(
                 "alarm {:?} has a text of {} bytes, more than {}",
                 alarm.code,
                 alarm.text.len(),
                 limits::ALARM_TEXT_BYTES_MAX
-            )));
+            ));
         }
         if !(1..=3).contains(&alarm.severity) {
-            return Err(invalid(format!(
+            return Err(format!(
                 "alarm {:?} has severity {}; expected 1, 2 or 3",
                 alarm.code, alarm.severity
-            )));
+            ));
         }
     }
     if samples.len() > limits::TELEMETRY_SAMPLES_PER_OP_MAX {
-        return Err(invalid(format!(
+        return Err(format!(
             "{} telemetry samples exceed the {} allowed per request",
             samples.len(),
             limits::TELEMETRY_SAMPLES_PER_OP_MAX
-        )));
+        ));
     }
     for sample in samples {
         text("telemetry channel", &sample.channel, Required::Yes)?;
         if !sample.value.is_finite() {
-            return Err(invalid(format!(
+            return Err(format!(
                 "telemetry channel {:?} has a non-finite value",
                 sample.channel
-            )));
+            ));
         }
     }
     Ok(())
@@ -863,34 +1182,34 @@ enum Required {
     No,
 }
 
-fn text(what: &str, value: &str, required: Required) -> Result<(), WriteError> {
+fn text(what: &str, value: &str, required: Required) -> Result<(), String> {
     if required == Required::Yes && value.is_empty() {
-        return Err(invalid(format!("{what} is empty")));
+        return Err(format!("{what} is empty"));
     }
     if value.len() > limits::TEXT_BYTES_MAX {
-        return Err(invalid(format!(
+        return Err(format!(
             "{what} has {} bytes, more than {}",
             value.len(),
             limits::TEXT_BYTES_MAX
-        )));
+        ));
     }
     Ok(())
 }
 
-fn well_number(well: u32) -> Result<(), WriteError> {
+fn well_number(well: u32) -> Result<(), String> {
     if (limits::WELL_MIN..=limits::WELL_MAX).contains(&well) {
         Ok(())
     } else {
-        Err(invalid(format!(
+        Err(format!(
             "well {well} is outside {}..={}",
             limits::WELL_MIN,
             limits::WELL_MAX
-        )))
+        ))
     }
 }
 
 /// `yyyy-mm-dd`, a date that exists, or empty.
-fn date_of_birth(value: &str) -> Result<(), WriteError> {
+fn date_of_birth(value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Ok(());
     }
@@ -903,9 +1222,7 @@ fn date_of_birth(value: &str) -> Result<(), WriteError> {
             .enumerate()
             .all(|(i, b)| i == 4 || i == 7 || b.is_ascii_digit());
     if !shape_ok {
-        return Err(invalid(format!(
-            "date of birth {value:?} is not yyyy-mm-dd"
-        )));
+        return Err(format!("date of birth {value:?} is not yyyy-mm-dd"));
     }
     let number = |range: std::ops::Range<usize>| -> u32 {
         value[range].parse().unwrap_or(0) // Digits were checked above.
@@ -922,153 +1239,107 @@ fn date_of_birth(value: &str) -> Result<(), WriteError> {
     if (1..=days_in_month).contains(&day) {
         Ok(())
     } else {
-        Err(invalid(format!(
-            "date of birth {value:?} is not yyyy-mm-dd"
-        )))
+        Err(format!("date of birth {value:?} is not yyyy-mm-dd"))
     }
 }
 
-fn invalid(message: String) -> WriteError {
-    WriteError::InvalidInput(message)
+/// Secret-free Debug: secrets and hashes are never printed, images print their length only.
+impl fmt::Debug for InstrumentHello {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InstrumentHello")
+            .field("serial", &self.serial)
+            .field("model", &self.model)
+            .field("firmware", &self.firmware)
+            .field(
+                "presented_secret",
+                &self.presented_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("at_ms", &self.at_ms)
+            .finish_non_exhaustive()
+    }
 }
 
-/// Compact, secret-free Debug: secrets are never printed and images print their length only.
-impl fmt::Debug for WriteOp {
+impl fmt::Debug for RegisterDish {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegisterDish")
+            .field("instrument_id", &self.instrument_id)
+            .field("dish_id", &self.dish.dish_id)
+            .field("wells", &self.dish.wells.len())
+            .field("at_ms", &self.at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for PutImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PutImage")
+            .field("instrument_id", &self.instrument_id)
+            .field("dish_id", &self.dish_id)
+            .field("well", &self.well)
+            .field("focal_plane", &self.focal_plane)
+            .field("acquired_at_ms", &self.acquired_at_ms)
+            .field("jpeg_bytes", &self.jpeg.len())
+            .field("at_ms", &self.at_ms)
+            .finish()
+    }
+}
+
+impl fmt::Debug for PutTelemetry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PutTelemetry")
+            .field("instrument_id", &self.instrument_id)
+            .field("samples", &self.samples.len())
+            .field("alarms", &self.alarms.len())
+            .field("ims", &self.ims.is_some())
+            .field("at_ms", &self.at_ms)
+            .finish()
+    }
+}
+
+impl fmt::Debug for ImsRemove {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImsRemove")
+            .field("ids", &self.ids.len())
+            .finish()
+    }
+}
+
+impl fmt::Debug for Edit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Edit")
+            .field("user", &self.actor.user)
+            .field("action", &self.edit.action())
+            .field("idempotent", &self.idempotency.is_some())
+            .field("at_ms", &self.at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for ApiKeyCreate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeyCreate")
+            .field("key_id", &self.key_id)
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for UserAdd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserAdd")
+            .field("name", &self.name)
+            .field("rights", &self.rights)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for UserChange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            WriteOp::InstrumentHello {
-                serial,
-                model,
-                firmware,
-                presented_secret,
-                at_ms,
-                ..
-            } => f
-                .debug_struct("InstrumentHello")
-                .field("serial", serial)
-                .field("model", model)
-                .field("firmware", firmware)
-                .field(
-                    "presented_secret",
-                    &presented_secret.as_ref().map(|_| "<redacted>"),
-                )
-                .field("at_ms", at_ms)
-                .finish_non_exhaustive(),
-            WriteOp::InstrumentRename {
-                serial,
-                display_name,
-                ..
-            } => f
-                .debug_struct("InstrumentRename")
-                .field("serial", serial)
-                .field("display_name", display_name)
-                .finish_non_exhaustive(),
-            WriteOp::ResetInstrumentSecret { serial } => f
-                .debug_struct("ResetInstrumentSecret")
-                .field("serial", serial)
-                .finish(),
-            WriteOp::RegisterDish {
-                instrument_id,
-                dish,
-                at_ms,
-            } => f
-                .debug_struct("RegisterDish")
-                .field("instrument_id", instrument_id)
-                .field("dish_id", &dish.dish_id)
-                .field("wells", &dish.wells.len())
-                .field("at_ms", at_ms)
-                .finish_non_exhaustive(),
-            WriteOp::PutImage {
-                instrument_id,
-                dish_id,
-                well,
-                focal_plane,
-                acquired_at_ms,
-                jpeg,
-                at_ms,
-            } => f
-                .debug_struct("PutImage")
-                .field("instrument_id", instrument_id)
-                .field("dish_id", dish_id)
-                .field("well", well)
-                .field("focal_plane", focal_plane)
-                .field("acquired_at_ms", acquired_at_ms)
-                .field("jpeg_bytes", &jpeg.len())
-                .field("at_ms", at_ms)
-                .finish(),
-            WriteOp::PutTelemetry {
-                instrument_id,
-                samples,
-                alarms,
-                ims,
-                at_ms,
-            } => f
-                .debug_struct("PutTelemetry")
-                .field("instrument_id", instrument_id)
-                .field("samples", &samples.len())
-                .field("alarms", &alarms.len())
-                .field("ims", &ims.is_some())
-                .field("at_ms", at_ms)
-                .finish(),
-            WriteOp::ImsRemove { ids } => f
-                .debug_struct("ImsRemove")
-                .field("ids", &ids.len())
-                .finish(),
-            WriteOp::Edit {
-                actor,
-                edit,
-                idempotency,
-                at_ms,
-            } => f
-                .debug_struct("Edit")
-                .field("user", &actor.user)
-                .field("action", &edit.action())
-                .field("idempotent", &idempotency.is_some())
-                .field("at_ms", at_ms)
-                .finish_non_exhaustive(),
-            WriteOp::ApiKeyCreate { key_id, scope, .. } => f
-                .debug_struct("ApiKeyCreate")
-                .field("key_id", key_id)
-                .field("scope", scope)
-                .finish_non_exhaustive(),
-            WriteOp::ApiKeyRevoke { key_id, .. } => f
-                .debug_struct("ApiKeyRevoke")
-                .field("key_id", key_id)
-                .finish_non_exhaustive(),
-            WriteOp::AuditDenied {
-                actor,
-                action,
-                at_ms,
-                ..
-            } => f
-                .debug_struct("AuditDenied")
-                .field("user", &actor.user)
-                .field("action", action)
-                .field("at_ms", at_ms)
-                .finish_non_exhaustive(),
-            WriteOp::UserAdd { name, rights, .. } => f
-                .debug_struct("UserAdd")
-                .field("name", name)
-                .field("rights", rights)
-                .finish_non_exhaustive(),
-            WriteOp::UserUpdate { name, change, .. } => {
-                let change = match change {
-                    UserChange::Password(_) => "password",
-                    UserChange::Disabled(true) => "disable",
-                    UserChange::Disabled(false) => "enable",
-                    UserChange::Unlock => "unlock",
-                    UserChange::Rights(_) => "rights",
-                };
-                f.debug_struct("UserUpdate")
-                    .field("name", name)
-                    .field("change", &change)
-                    .finish_non_exhaustive()
-            }
-            WriteOp::LoginAttempt { name, success, .. } => f
-                .debug_struct("LoginAttempt")
-                .field("name", name)
-                .field("success", success)
-                .finish_non_exhaustive(),
+            UserChange::Password(_) => f.write_str("Password(<redacted>)"),
+            UserChange::Disabled(disabled) => write!(f, "Disabled({disabled})"),
+            UserChange::Unlock => f.write_str("Unlock"),
+            UserChange::Rights(rights) => write!(f, "Rights({})", rights.as_str()),
         }
     }
 }
@@ -1077,8 +1348,8 @@ impl fmt::Debug for WriteOp {
 mod tests {
     use super::*;
 
-    fn image(well: u32, focal_plane: i32, jpeg_bytes: usize) -> WriteOp {
-        WriteOp::PutImage {
+    fn image(well: u32, focal_plane: i32, jpeg_bytes: usize) -> PutImage {
+        PutImage {
             instrument_id: 1,
             dish_id: "D1".into(),
             well,
@@ -1102,7 +1373,7 @@ mod tests {
             image(1, 0, 0),
             image(1, 0, limits::JPEG_BYTES_MAX + 1),
         ] {
-            assert_eq!(op.validate().unwrap_err().code(), "invalid_input", "{op:?}");
+            assert!(op.validate().is_err(), "{op:?}");
         }
     }
 
@@ -1127,7 +1398,7 @@ mod tests {
 
     #[test]
     fn debug_never_shows_secrets() {
-        let op = WriteOp::InstrumentHello {
+        let op = InstrumentHello {
             serial: "S1".into(),
             model: "M".into(),
             firmware: "F".into(),
@@ -1142,9 +1413,10 @@ mod tests {
 
     #[test]
     fn long_text_is_refused() {
-        let op = WriteOp::ResetInstrumentSecret {
+        let op = ResetInstrumentSecret {
             serial: "x".repeat(limits::TEXT_BYTES_MAX + 1),
         };
-        assert!(matches!(op.validate(), Err(WriteError::InvalidInput(_))));
+        let message = op.validate().unwrap_err();
+        assert!(message.contains("more than"), "{message}");
     }
 }

@@ -6,7 +6,6 @@
 //! returns, writes succeed again.
 
 use bytes::Bytes;
-use crossbeam_channel::bounded;
 use es_storage::*;
 use redb::backends::FileBackend;
 use redb::{BackendError, StorageBackend};
@@ -99,20 +98,11 @@ fn open_full_disk(dir: &Path, budget: &Arc<AtomicU64>, refused: &Arc<AtomicU64>)
     .unwrap()
 }
 
-fn write(writer: &Writer, op: WriteOp) -> Result<WriteOutcome, WriteError> {
-    let (sender, receiver) = bounded(1);
-    writer
-        .submit(
-            op,
-            Box::new(move |result| {
-                sender.send(result).unwrap();
-            }),
-        )
-        .unwrap();
-    receiver.recv().unwrap()
+fn write<O: Operation>(writer: &Writer, op: O) -> OpResult<O> {
+    writer.write(op)
 }
 
-fn image(instrument_id: u64, n: u32) -> WriteOp {
+fn image(instrument_id: u64, n: u32) -> PutImage {
     // Distinct bytes per image: 60 KB that do not compress or repeat.
     let mut jpeg = vec![0u8; 60_000];
     let mut x = n.wrapping_mul(2_654_435_761).wrapping_add(1);
@@ -122,7 +112,7 @@ fn image(instrument_id: u64, n: u32) -> WriteOp {
         x ^= x << 5;
         *byte = x as u8;
     }
-    WriteOp::PutImage {
+    PutImage {
         instrument_id,
         dish_id: "D1".into(),
         well: 1 + n % 4,
@@ -142,7 +132,7 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
     let writer = store.start_writer(WriterOptions::default());
     let instrument_id = match write(
         &writer,
-        WriteOp::InstrumentHello {
+        InstrumentHello {
             serial: "SN-FULL".into(),
             model: "EmbryoScope+".into(),
             firmware: "1".into(),
@@ -151,7 +141,7 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
             at_ms: T0,
         },
     ) {
-        Ok(WriteOutcome::InstrumentAccepted { instrument_id, .. }) => instrument_id,
+        Ok(InstrumentAccepted { instrument_id, .. }) => instrument_id,
         other => panic!("{other:?}"),
     };
     let dish = DishRegistration {
@@ -174,7 +164,7 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
     };
     write(
         &writer,
-        WriteOp::RegisterDish {
+        RegisterDish {
             instrument_id,
             dish,
             at_ms: T0,
@@ -189,7 +179,7 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
     let first_failure = loop {
         assert!(n < 2000, "the budget never ran out");
         match write(&writer, image(instrument_id, n)) {
-            Ok(WriteOutcome::ImageStored { duplicate: false }) => acked.push(n),
+            Ok(ImageStored { duplicate: false }) => acked.push(n),
             Ok(other) => panic!("{other:?}"),
             Err(error) => break error,
         }
@@ -212,17 +202,14 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
         let reader = store.read().unwrap();
         for &k in acked {
             let op = image(instrument_id, k);
-            let WriteOp::PutImage {
+            let PutImage {
                 dish_id,
                 well,
                 focal_plane,
                 acquired_at_ms,
                 jpeg,
                 ..
-            } = op
-            else {
-                unreachable!()
-            };
+            } = op;
             let stored = reader
                 .image(instrument_id, &dish_id, well, focal_plane, acquired_at_ms)
                 .unwrap()
@@ -237,7 +224,7 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
     store.set_volume_write_budget_for_tests(None);
     for k in n..n + 10 {
         match write(&writer, image(instrument_id, k)) {
-            Ok(WriteOutcome::ImageStored { duplicate: false }) => acked.push(k),
+            Ok(ImageStored { duplicate: false }) => acked.push(k),
             other => panic!("after space returned: {other:?}"),
         }
     }
@@ -251,7 +238,7 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
     budget.store(start_len + 1_000_000, Ordering::SeqCst);
     let mut samples_acked = 0u64;
     let mut round = 0i64;
-    let telemetry = |round: i64| WriteOp::PutTelemetry {
+    let telemetry = |round: i64| PutTelemetry {
         instrument_id,
         samples: (0..2000)
             .map(|i| TelemetrySample {

@@ -23,22 +23,25 @@ fn open_with_retention(dir: &Path, change_log_retention_ms: i64) -> Store {
 }
 
 /// Submits and waits for the completion.
-fn write(writer: &Writer, op: WriteOp) -> Result<WriteOutcome, WriteError> {
-    let (done, result) = completion();
-    writer.submit(op, done).unwrap();
-    result.recv().unwrap()
+fn write<O: Operation>(writer: &Writer, op: O) -> OpResult<O> {
+    writer.write(op)
 }
 
-fn completion() -> (Completion, Receiver<Result<WriteOutcome, WriteError>>) {
+fn completion<O: Operation>() -> (Completion<O>, Receiver<OpResult<O>>) {
     let (sender, receiver) = bounded(1);
-    let done: Completion = Box::new(move |result| {
+    let done: Completion<O> = Box::new(move |result| {
         sender.send(result).unwrap();
     });
     (done, receiver)
 }
 
-fn hello_op(serial: &str, presented: Option<&str>, new_secret: &str, at_ms: i64) -> WriteOp {
-    WriteOp::InstrumentHello {
+fn hello_op(
+    serial: &str,
+    presented: Option<&str>,
+    new_secret: &str,
+    at_ms: i64,
+) -> InstrumentHello {
+    InstrumentHello {
         serial: serial.into(),
         model: "EmbryoScope+".into(),
         firmware: "7.9".into(),
@@ -54,7 +57,7 @@ fn hello(writer: &Writer, serial: &str) -> u64 {
         writer,
         hello_op(serial, None, &format!("secret-{serial}"), T0),
     ) {
-        Ok(WriteOutcome::InstrumentAccepted { instrument_id, .. }) => instrument_id,
+        Ok(InstrumentAccepted { instrument_id, .. }) => instrument_id,
         other => panic!("unexpected {other:?}"),
     }
 }
@@ -81,10 +84,10 @@ fn dish(dish_id: &str, patient_id: &str, wells: &[(u32, &str)]) -> DishRegistrat
     }
 }
 
-fn register(writer: &Writer, instrument_id: u64, dish: DishRegistration) -> WriteOutcome {
+fn register(writer: &Writer, instrument_id: u64, dish: DishRegistration) -> DishRegistered {
     write(
         writer,
-        WriteOp::RegisterDish {
+        RegisterDish {
             instrument_id,
             dish,
             at_ms: T0,
@@ -106,8 +109,8 @@ fn image_op(
     plane: i32,
     acquired_at_ms: i64,
     jpeg: Bytes,
-) -> WriteOp {
-    WriteOp::PutImage {
+) -> PutImage {
+    PutImage {
         instrument_id,
         dish_id: "D1".into(),
         well,
@@ -136,10 +139,10 @@ struct Gate {
 fn block_writer(writer: &Writer) -> Gate {
     let (entered_tx, entered_rx) = bounded(1);
     let (release_tx, release_rx) = bounded::<()>(0);
-    let op = WriteOp::ResetInstrumentSecret {
+    let op = ResetInstrumentSecret {
         serial: "gate".into(),
     };
-    let done: Completion = Box::new(move |_| {
+    let done: Completion<ResetInstrumentSecret> = Box::new(move |_| {
         entered_tx.send(()).unwrap();
         let _ = release_rx.recv(); // Returns when the Gate is dropped.
     });
@@ -148,6 +151,13 @@ fn block_writer(writer: &Writer) -> Gate {
     Gate {
         _release: release_tx,
     }
+}
+
+/// `op` is refused as invalid input.
+fn assert_invalid<O: Operation>(writer: &Writer, op: O) {
+    let text = format!("{op:?}");
+    let error = write(writer, op).unwrap_err();
+    assert_eq!(error.code(), "invalid_input", "{text}");
 }
 
 fn all_changes(store: &Store) -> Vec<Change> {
@@ -179,7 +189,7 @@ fn group_commit_of_many_concurrent_submissions() {
                         t,
                         jpeg(i, 100),
                     );
-                    let done: Completion = Box::new(move |result| tx.send(result).unwrap());
+                    let done = move |result| tx.send(result).unwrap();
                     writer.try_submit(op, done).unwrap();
                 }
             });
@@ -190,7 +200,7 @@ fn group_commit_of_many_concurrent_submissions() {
     drop(gate);
     for _ in 0..total {
         let result = results_rx.recv().unwrap();
-        assert_eq!(result, Ok(WriteOutcome::ImageStored { duplicate: false }));
+        assert_eq!(result, Ok(ImageStored { duplicate: false }));
     }
     let stats = writer.stats();
     // The gate's batch, then ONE batch holding every queued request.
@@ -224,7 +234,7 @@ fn batch_limits_split_batches() {
     let gate = block_writer(&writer);
     let mut receivers = Vec::new();
     for i in 0..10 {
-        let (done, rx) = completion();
+        let (done, rx) = completion::<PutImage>();
         let op = image_op(instrument_id, 1, 0, T0 + i, jpeg(1, 10));
         writer.try_submit(op, done).unwrap();
         receivers.push(rx);
@@ -251,17 +261,19 @@ fn full_queue_hands_the_request_back() {
     });
     let gate = block_writer(&writer);
     for _ in 0..2 {
-        let (done, _rx) = completion();
-        let op = WriteOp::ResetInstrumentSecret { serial: "x".into() };
+        let (done, _rx) = completion::<ResetInstrumentSecret>();
+        let op = ResetInstrumentSecret { serial: "x".into() };
         writer.try_submit(op, done).unwrap();
     }
-    let (done, _rx) = completion();
-    let op = WriteOp::ResetInstrumentSecret {
+    let (done, _rx) = completion::<ResetInstrumentSecret>();
+    let op = ResetInstrumentSecret {
         serial: "third".into(),
     };
     match writer.try_submit(op, done) {
-        Err(SubmitError::Full(WriteOp::ResetInstrumentSecret { serial }, _)) => {
-            assert_eq!(serial, "third")
+        Err(SubmitError::Full(submission)) => {
+            // Handed back whole: the operation is the one submitted.
+            let text = format!("{submission:?}");
+            assert!(text.contains("third"), "{text}");
         }
         other => panic!("expected Full, got {other:?}"),
     }
@@ -285,7 +297,7 @@ fn batch_with_a_refused_op_commits_the_others_and_sees_earlier_ops() {
     let receivers: Vec<_> = ops
         .into_iter()
         .map(|op| {
-            let (done, rx) = completion();
+            let (done, rx) = completion::<PutImage>();
             writer.try_submit(op, done).unwrap();
             rx
         })
@@ -295,11 +307,11 @@ fn batch_with_a_refused_op_commits_the_others_and_sees_earlier_ops() {
     assert_eq!(
         results,
         vec![
-            Ok(WriteOutcome::ImageStored { duplicate: false }),
-            Ok(WriteOutcome::ImageStored { duplicate: true }),
-            Err(WriteError::ImageConflict),
-            Err(WriteError::UnknownWell),
-            Ok(WriteOutcome::ImageStored { duplicate: false }),
+            Ok(ImageStored { duplicate: false }),
+            Ok(ImageStored { duplicate: true }),
+            Err(WriteError::Refused(ImageRefusal::Conflict)),
+            Err(WriteError::Refused(ImageRefusal::UnknownWell)),
+            Ok(ImageStored { duplicate: false }),
         ]
     );
     let reader = store.read().unwrap();
@@ -322,10 +334,10 @@ fn idempotent_re_put() {
     let store = open(dir.path());
     let (writer, instrument_id) = setup(&store);
     let first = write(&writer, image_op(instrument_id, 1, 0, T0, jpeg(7, 300)));
-    assert_eq!(first, Ok(WriteOutcome::ImageStored { duplicate: false }));
+    assert_eq!(first, Ok(ImageStored { duplicate: false }));
     let seq_after_first = store.read().unwrap().last_change_seq().unwrap();
     let second = write(&writer, image_op(instrument_id, 1, 0, T0, jpeg(7, 300)));
-    assert_eq!(second, Ok(WriteOutcome::ImageStored { duplicate: true }));
+    assert_eq!(second, Ok(ImageStored { duplicate: true }));
     let reader = store.read().unwrap();
     let stats = reader.stats().unwrap();
     assert_eq!(stats.images, 1);
@@ -342,7 +354,7 @@ fn conflict_keeps_the_original_bytes() {
     let (writer, instrument_id) = setup(&store);
     write(&writer, image_op(instrument_id, 1, 2, T0, jpeg(1, 300))).unwrap();
     let conflict = write(&writer, image_op(instrument_id, 1, 2, T0, jpeg(2, 300)));
-    assert_eq!(conflict, Err(WriteError::ImageConflict));
+    assert_eq!(conflict, Err(WriteError::Refused(ImageRefusal::Conflict)));
     assert_eq!(conflict.unwrap_err().code(), "image_conflict");
     let reader = store.read().unwrap();
     assert_eq!(
@@ -360,25 +372,32 @@ fn unknown_dish_well_and_instrument_write_nothing() {
     let (writer, instrument_id) = setup(&store);
     let before = store.read().unwrap().stats().unwrap();
     let mut op = image_op(instrument_id, 1, 0, T0, jpeg(1, 10));
-    if let WriteOp::PutImage { dish_id, .. } = &mut op {
-        *dish_id = "NO-SUCH-DISH".into();
-    }
+    op.dish_id = "NO-SUCH-DISH".into();
     let unknown_dish = write(&writer, op).unwrap_err();
-    assert_eq!(unknown_dish, WriteError::UnknownDish);
+    assert_eq!(unknown_dish, WriteError::Refused(ImageRefusal::UnknownDish));
     assert_eq!(unknown_dish.code(), "unknown_dish");
     let unknown_well = write(&writer, image_op(instrument_id, 4, 0, T0, jpeg(1, 10)));
-    assert_eq!(unknown_well, Err(WriteError::UnknownWell));
+    assert_eq!(
+        unknown_well,
+        Err(WriteError::Refused(ImageRefusal::UnknownWell))
+    );
     let unknown_instrument = write(&writer, image_op(999, 1, 0, T0, jpeg(1, 10)));
-    assert_eq!(unknown_instrument, Err(WriteError::UnknownInstrument));
+    assert_eq!(
+        unknown_instrument,
+        Err(WriteError::Refused(ImageRefusal::UnknownInstrument))
+    );
     let register_unknown = write(
         &writer,
-        WriteOp::RegisterDish {
+        RegisterDish {
             instrument_id: 999,
             dish: dish("D9", "MRN-9", &[(1, "E9")]),
             at_ms: T0,
         },
     );
-    assert_eq!(register_unknown, Err(WriteError::UnknownInstrument));
+    assert_eq!(
+        register_unknown,
+        Err(WriteError::Refused(UnknownInstrument))
+    );
     let empty = write(&writer, image_op(instrument_id, 1, 0, T0, Bytes::new()));
     assert_eq!(empty.unwrap_err().code(), "invalid_input");
     let reader = store.read().unwrap();
@@ -395,14 +414,10 @@ fn instrument_secret_issue_accept_refuse_reset() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let writer = store.start_writer(WriterOptions::default());
-    let first = write(&writer, hello_op("SN-7", None, "s-one", T0)).unwrap();
-    let WriteOutcome::InstrumentAccepted {
+    let InstrumentAccepted {
         instrument_id,
         issued_secret,
-    } = first
-    else {
-        panic!("unexpected {first:?}");
-    };
+    } = write(&writer, hello_op("SN-7", None, "s-one", T0)).unwrap();
     assert_eq!(issued_secret.as_deref(), Some("s-one"));
 
     // The HELLO_OK carrying s-one was lost: the instrument says HELLO without a secret again
@@ -410,21 +425,21 @@ fn instrument_secret_issue_accept_refuse_reset() {
     let lost = write(&writer, hello_op("SN-7", None, "s-fresh", T0 + 1));
     assert_eq!(
         lost,
-        Ok(WriteOutcome::InstrumentAccepted {
+        Ok(InstrumentAccepted {
             instrument_id,
             issued_secret: Some("s-fresh".into())
         })
     );
     // Presenting the older, superseded issue is refused; the fresh one confirms.
     let stale = write(&writer, hello_op("SN-7", Some("s-one"), "s-x", T0 + 2));
-    assert_eq!(stale, Err(WriteError::AuthFailed));
+    assert_eq!(stale, Err(WriteError::Refused(HelloRefusal::AuthFailed)));
     let confirmed = write(
         &writer,
         hello_op("SN-7", Some("s-fresh"), "s-unused", T0 + 3),
     );
     assert_eq!(
         confirmed,
-        Ok(WriteOutcome::InstrumentAccepted {
+        Ok(InstrumentAccepted {
             instrument_id,
             issued_secret: None
         })
@@ -435,13 +450,13 @@ fn instrument_secret_issue_accept_refuse_reset() {
     );
     assert_eq!(
         accepted,
-        Ok(WriteOutcome::InstrumentAccepted {
+        Ok(InstrumentAccepted {
             instrument_id,
             issued_secret: None
         })
     );
     let wrong = write(&writer, hello_op("SN-7", Some("s-wrong"), "s-x", T0 + 6));
-    assert_eq!(wrong, Err(WriteError::AuthFailed));
+    assert_eq!(wrong, Err(WriteError::Refused(HelloRefusal::AuthFailed)));
     let missing = write(&writer, hello_op("SN-7", None, "s-x", T0 + 7));
     assert_eq!(missing.unwrap_err().code(), "auth_failed");
     // A refused HELLO changes nothing.
@@ -458,25 +473,22 @@ fn instrument_secret_issue_accept_refuse_reset() {
 
     let reset = write(
         &writer,
-        WriteOp::ResetInstrumentSecret {
+        ResetInstrumentSecret {
             serial: "SN-7".into(),
         },
     );
-    assert_eq!(reset, Ok(WriteOutcome::SecretReset { existed: true }));
+    assert_eq!(reset, Ok(SecretReset { existed: true }));
     let reset_unknown = write(
         &writer,
-        WriteOp::ResetInstrumentSecret {
+        ResetInstrumentSecret {
             serial: "SN-0".into(),
         },
     );
-    assert_eq!(
-        reset_unknown,
-        Ok(WriteOutcome::SecretReset { existed: false })
-    );
+    assert_eq!(reset_unknown, Ok(SecretReset { existed: false }));
     let reissued = write(&writer, hello_op("SN-7", Some("s-one"), "s-two", T0 + 8));
     assert_eq!(
         reissued,
-        Ok(WriteOutcome::InstrumentAccepted {
+        Ok(InstrumentAccepted {
             instrument_id,
             issued_secret: Some("s-two".into())
         })
@@ -484,14 +496,17 @@ fn instrument_secret_issue_accept_refuse_reset() {
     let new_secret = write(&writer, hello_op("SN-7", Some("s-two"), "s-x", T0 + 9));
     assert!(matches!(
         new_secret,
-        Ok(WriteOutcome::InstrumentAccepted {
+        Ok(InstrumentAccepted {
             issued_secret: None,
             ..
         })
     ));
     // Once s-two is confirmed, the secret that led to it no longer opens the door.
     let old_secret = write(&writer, hello_op("SN-7", Some("s-one"), "s-x", T0 + 10));
-    assert_eq!(old_secret, Err(WriteError::AuthFailed));
+    assert_eq!(
+        old_secret,
+        Err(WriteError::Refused(HelloRefusal::AuthFailed))
+    );
     let instruments = store.read().unwrap().instruments().unwrap();
     assert_eq!(instruments.len(), 1);
     assert_eq!(instruments[0].serial, "SN-7");
@@ -585,7 +600,7 @@ fn change_log_is_gapless_with_one_change_per_acquisition() {
     let gate = block_writer(&writer);
     let receivers: Vec<_> = (-5..=5)
         .map(|plane| {
-            let (done, rx) = completion();
+            let (done, rx) = completion::<PutImage>();
             writer
                 .try_submit(image_op(instrument_id, 2, plane, T0, jpeg(2, 40)), done)
                 .unwrap();
@@ -730,7 +745,7 @@ fn reopen_after_drop_keeps_everything() {
     assert_eq!(store.path(), dir.path().join("esserver.redb"));
     let (writer, instrument_id) = setup(&store);
     write(&writer, image_op(instrument_id, 3, 1, T0, jpeg(9, 500))).unwrap();
-    let telemetry = || WriteOp::PutTelemetry {
+    let telemetry = || PutTelemetry {
         instrument_id,
         samples: vec![
             TelemetrySample {
@@ -748,7 +763,7 @@ fn reopen_after_drop_keeps_everything() {
         ims: None,
         at_ms: T0,
     };
-    let stored = |ims_queued| WriteOutcome::TelemetryStored {
+    let stored = |ims_queued| TelemetryStored {
         samples: 2,
         ims_queued,
         ims_withheld: 0,
@@ -806,7 +821,7 @@ fn verify_detects_a_damaged_image() {
     let gate = block_writer(&writer);
     let receivers: Vec<_> = (0..count)
         .map(|i| {
-            let (done, rx) = completion();
+            let (done, rx) = completion::<PutImage>();
             let op = image_op(instrument_id, i % 3 + 1, 0, T0 + i64::from(i), jpeg(i, 30));
             writer.try_submit(op, done).unwrap();
             rx
@@ -863,12 +878,12 @@ fn verify_detects_a_damaged_image() {
         &writer,
         image_op(instrument_id, 2, 0, damaged_t, jpeg(999, 30)),
     );
-    assert_eq!(other, Err(WriteError::ImageConflict));
+    assert_eq!(other, Err(WriteError::Refused(ImageRefusal::Conflict)));
     let repaired = write(
         &writer,
         image_op(instrument_id, 2, 0, damaged_t, jpeg(4, 30)),
     );
-    assert_eq!(repaired, Ok(WriteOutcome::ImageStored { duplicate: false }));
+    assert_eq!(repaired, Ok(ImageStored { duplicate: false }));
     writer.shutdown();
     let read = store
         .read()
@@ -950,7 +965,7 @@ fn shutdown_completes_queued_requests() {
     let gate = block_writer(&writer);
     let receivers: Vec<_> = (0..100)
         .map(|i| {
-            let (done, rx) = completion();
+            let (done, rx) = completion::<PutImage>();
             let op = image_op(instrument_id, 1, 0, T0 + i, jpeg(1, 10));
             writer.try_submit(op, done).unwrap();
             rx
@@ -963,8 +978,8 @@ fn shutdown_completes_queued_requests() {
         // Probe until shutdown has closed the queue (no clock: spin on the observable state).
         // Probes taken before that are queued requests like the others and must complete.
         loop {
-            let (done, rx) = completion();
-            let probe = WriteOp::ResetInstrumentSecret {
+            let (done, rx) = completion::<ResetInstrumentSecret>();
+            let probe = ResetInstrumentSecret {
                 serial: "probe".into(),
             };
             match writer.try_submit(probe, done) {
@@ -978,20 +993,14 @@ fn shutdown_completes_queued_requests() {
         shutting.join().unwrap();
     });
     for rx in receivers {
-        assert_eq!(
-            rx.recv().unwrap(),
-            Ok(WriteOutcome::ImageStored { duplicate: false })
-        );
+        assert_eq!(rx.recv().unwrap(), Ok(ImageStored { duplicate: false }));
     }
     for rx in probes {
-        assert_eq!(
-            rx.recv().unwrap(),
-            Ok(WriteOutcome::SecretReset { existed: false })
-        );
+        assert_eq!(rx.recv().unwrap(), Ok(SecretReset { existed: false }));
     }
     assert_eq!(store.read().unwrap().stats().unwrap().images, 100);
-    let (done, _rx) = completion();
-    let late = writer.submit(WriteOp::ResetInstrumentSecret { serial: "x".into() }, done);
+    let (done, _rx) = completion::<ResetInstrumentSecret>();
+    let late = writer.submit(ResetInstrumentSecret { serial: "x".into() }, done);
     assert_eq!(late.unwrap_err().code(), "shutting_down");
     // Shutdown is idempotent, and the store accepts a new writer afterwards.
     writer.shutdown();
@@ -999,11 +1008,11 @@ fn shutdown_completes_queued_requests() {
     assert_eq!(
         write(
             &writer,
-            WriteOp::ResetInstrumentSecret {
+            ResetInstrumentSecret {
                 serial: "SN-1".into()
             }
         ),
-        Ok(WriteOutcome::SecretReset { existed: true })
+        Ok(SecretReset { existed: true })
     );
     writer.shutdown();
 }
@@ -1023,7 +1032,7 @@ fn register_dish_rules() {
     );
     assert_eq!(
         again,
-        WriteOutcome::DishRegistered {
+        DishRegistered {
             dish_key: 1,
             created: false,
             changed: false
@@ -1036,7 +1045,7 @@ fn register_dish_rules() {
     moved_t0.insemination_at_ms += 3_600_000;
     let refused = write(
         &writer,
-        WriteOp::RegisterDish {
+        RegisterDish {
             instrument_id,
             dish: moved_t0,
             at_ms: T0,
@@ -1050,7 +1059,7 @@ fn register_dish_rules() {
     // Changing a well's embryo id is refused and writes nothing.
     let changed = write(
         &writer,
-        WriteOp::RegisterDish {
+        RegisterDish {
             instrument_id,
             dish: dish("D1", "MRN-1", &[(4, "E4"), (1, "E1-other")]),
             at_ms: T0,
@@ -1060,7 +1069,7 @@ fn register_dish_rules() {
     // An embryo id used in another well is refused.
     let reused = write(
         &writer,
-        WriteOp::RegisterDish {
+        RegisterDish {
             instrument_id,
             dish: dish("D2", "MRN-1", &[(1, "E1")]),
             at_ms: T0,
@@ -1070,7 +1079,7 @@ fn register_dish_rules() {
     // A dish cannot move to another patient.
     let moved = write(
         &writer,
-        WriteOp::RegisterDish {
+        RegisterDish {
             instrument_id,
             dish: dish("D1", "MRN-2", &[]),
             at_ms: T0,
@@ -1087,7 +1096,7 @@ fn register_dish_rules() {
     let added = register(&writer, instrument_id, dish("D1", "MRN-1", &[(4, "E4")]));
     assert_eq!(
         added,
-        WriteOutcome::DishRegistered {
+        DishRegistered {
             dish_key: 1,
             created: false,
             changed: true
@@ -1100,7 +1109,7 @@ fn register_dish_rules() {
     let created = register(&writer, instrument_id, other);
     assert_eq!(
         created,
-        WriteOutcome::DishRegistered {
+        DishRegistered {
             dish_key: 2,
             created: true,
             changed: true
@@ -1151,22 +1160,30 @@ fn input_bounds_are_enforced() {
     let store = open(dir.path());
     let (writer, instrument_id) = setup(&store);
     let long = "x".repeat(129);
-    let cases = vec![
-        hello_op(&long, None, "s", T0),
-        hello_op("", None, "s", T0),
-        image_op(instrument_id, 1, 1001, T0, jpeg(1, 10)),
-        image_op(instrument_id, 0, 0, T0, jpeg(1, 10)),
-        WriteOp::RegisterDish {
+    let before = store.read().unwrap().stats().unwrap();
+    assert_invalid(&writer, hello_op(&long, None, "s", T0));
+    assert_invalid(&writer, hello_op("", None, "s", T0));
+    assert_invalid(&writer, image_op(instrument_id, 1, 1001, T0, jpeg(1, 10)));
+    assert_invalid(&writer, image_op(instrument_id, 0, 0, T0, jpeg(1, 10)));
+    assert_invalid(
+        &writer,
+        RegisterDish {
             instrument_id,
             dish: dish("D5", "MRN-5", &[(1, &long)]),
             at_ms: T0,
         },
-        WriteOp::RegisterDish {
+    );
+    assert_invalid(
+        &writer,
+        RegisterDish {
             instrument_id,
             dish: dish("D5", "MRN-5", &[(1, "A"), (1, "B")]),
             at_ms: T0,
         },
-        WriteOp::PutTelemetry {
+    );
+    assert_invalid(
+        &writer,
+        PutTelemetry {
             instrument_id,
             samples: vec![
                 TelemetrySample {
@@ -1180,17 +1197,11 @@ fn input_bounds_are_enforced() {
             ims: None,
             at_ms: T0,
         },
-    ];
-    let before = store.read().unwrap().stats().unwrap();
-    for op in cases {
-        let text = format!("{op:?}");
-        let error = write(&writer, op).unwrap_err();
-        assert_eq!(error.code(), "invalid_input", "{text}");
-    }
+    );
     assert_eq!(store.read().unwrap().stats().unwrap(), before);
     let telemetry_unknown = write(
         &writer,
-        WriteOp::PutTelemetry {
+        PutTelemetry {
             instrument_id: 77,
             samples: vec![],
             alarms: vec![],
@@ -1198,7 +1209,10 @@ fn input_bounds_are_enforced() {
             at_ms: T0,
         },
     );
-    assert_eq!(telemetry_unknown, Err(WriteError::UnknownInstrument));
+    assert_eq!(
+        telemetry_unknown,
+        Err(WriteError::Refused(UnknownInstrument))
+    );
     writer.shutdown();
 }
 
@@ -1220,10 +1234,10 @@ fn actor(user: &str) -> Actor {
     }
 }
 
-fn edit(writer: &Writer, user: &str, edit: ClinicalEdit) -> Result<WriteOutcome, WriteError> {
+fn edit(writer: &Writer, user: &str, edit: ClinicalEdit) -> OpResult<Edit> {
     write(
         writer,
-        WriteOp::Edit {
+        Edit {
             actor: actor(user),
             edit,
             idempotency: None,
@@ -1238,10 +1252,10 @@ fn idempotent_edit(
     request: u8,
     edit: ClinicalEdit,
     at_ms: i64,
-) -> Result<WriteOutcome, WriteError> {
+) -> OpResult<Edit> {
     write(
         writer,
-        WriteOp::Edit {
+        Edit {
             actor: actor("emr"),
             edit,
             idempotency: Some(Idempotency {
@@ -1275,7 +1289,7 @@ fn scores_are_set_per_model_and_replaced() {
     edit(&writer, "emr", score("E1", 1, "KIDScore", "4.1")).unwrap();
     edit(&writer, "emr", score("E1", 2, "iDAScore", "7.9")).unwrap();
     let outcome = edit(&writer, "emr", score("E1", 3, "KIDScore", "5.0")).unwrap();
-    assert!(matches!(outcome, WriteOutcome::Edited { version: 4, .. }));
+    assert!(matches!(outcome, Edited { version: 4, .. }));
     let stale = edit(&writer, "emr", score("E1", 3, "KIDScore", "1.0")).unwrap_err();
     assert_eq!(stale.code(), "conflict");
     let embryo = store.read().unwrap().embryo("E1").unwrap().unwrap();
@@ -1317,16 +1331,13 @@ fn transfers_are_recorded_with_outcomes_and_versions() {
     assert_eq!(twice.code(), "invalid_input");
 
     let outcome = edit(&writer, "emr", create(&["E2"])).unwrap();
-    let WriteOutcome::Edited {
+    let Edited {
         entity,
         key,
         id,
         version,
         ..
-    } = outcome
-    else {
-        panic!("{outcome:?}")
-    };
+    } = outcome;
     assert_eq!(
         (entity, id.as_str(), version),
         (ChangeEntity::Transfer, "1", 1)
@@ -1343,12 +1354,16 @@ fn transfers_are_recorded_with_outcomes_and_versions() {
         comment: "6 week scan".into(),
     };
     edit(&writer, "emr", update(1, Some(1))).unwrap();
-    let WriteError::Conflict { current, .. } =
+    let WriteError::Refused(EditRefusal::Stale(stale)) =
         edit(&writer, "emr", update(1, Some(2))).unwrap_err()
     else {
         panic!("a stale version is a conflict")
     };
-    assert!(current.contains("\"fetal_heartbeats\":1"), "{current}");
+    let Some(Current::Transfer(current)) = &stale.current else {
+        panic!("the current transfer comes with the conflict: {stale:?}");
+    };
+    assert_eq!(current.outcome.fetal_heartbeats, Some(1));
+    assert_eq!(current.version, stale.version);
     let too_many = edit(&writer, "emr", update(2, Some(99))).unwrap_err();
     assert_eq!(too_many.code(), "invalid_input");
 
@@ -1387,7 +1402,7 @@ fn an_idempotency_key_applies_a_write_once() {
     let (writer, _) = setup(&store);
     let at = T0 + 10 * MINUTE_MS;
     let first = idempotent_edit(&writer, "k-1", 1, score("E1", 1, "KIDScore", "4"), at).unwrap();
-    let WriteOutcome::Edited {
+    let Edited {
         version,
         change_seq,
         replayed: false,
@@ -1400,7 +1415,7 @@ fn an_idempotency_key_applies_a_write_once() {
     // The retry is answered with the first outcome and changes nothing.
     let again = idempotent_edit(&writer, "k-1", 1, score("E1", 1, "KIDScore", "4"), at).unwrap();
     assert!(
-        matches!(again, WriteOutcome::Edited { version: 2, change_seq: c, replayed: true, .. } if c == change_seq),
+        matches!(again, Edited { version: 2, change_seq: c, replayed: true, .. } if c == change_seq),
         "{again:?}"
     );
     let embryo = store.read().unwrap().embryo("E1").unwrap().unwrap();
@@ -1416,7 +1431,7 @@ fn an_idempotency_key_applies_a_write_once() {
     let fixed = idempotent_edit(&writer, "k-2", 3, score("E1", 2, "KIDScore", "6"), at).unwrap();
     assert!(matches!(
         fixed,
-        WriteOutcome::Edited {
+        Edited {
             version: 3,
             replayed: false,
             ..
@@ -1440,7 +1455,7 @@ fn idempotency_records_are_pruned_with_the_change_log() {
     assert!(
         matches!(
             again,
-            WriteOutcome::Edited {
+            Edited {
                 version: 4,
                 replayed: false,
                 ..
@@ -1457,7 +1472,7 @@ fn api_keys_are_created_listed_and_revoked_without_their_secret_in_the_audit() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let writer = store.start_writer(WriterOptions::default());
-    let create = |key_id: &str| WriteOp::ApiKeyCreate {
+    let create = |key_id: &str| ApiKeyCreate {
         actor: actor("admin"),
         key_id: key_id.into(),
         name: "EMR".into(),
@@ -1482,7 +1497,7 @@ fn api_keys_are_created_listed_and_revoked_without_their_secret_in_the_audit() {
     );
     write(
         &writer,
-        WriteOp::ApiKeyRevoke {
+        ApiKeyRevoke {
             actor: actor("admin"),
             key_id: "00112233445566ff".into(),
             at_ms: T0 + 1,
@@ -1526,17 +1541,14 @@ fn embryo_edits_check_the_version_and_audit_every_attempt() {
     // A saves t2 at 25 h after insemination (insemination is T0 - 1 h).
     let at = T0 + 24 * 3_600_000;
     let outcome = edit(&writer, "anna", t2("E1", 1, at)).unwrap();
-    let WriteOutcome::Edited {
+    let Edited {
         entity,
         id,
         version,
         change_seq,
         annotation_id,
         ..
-    } = outcome
-    else {
-        panic!("unexpected {outcome:?}");
-    };
+    } = outcome;
     assert_eq!(
         (entity, id.as_str(), version),
         (ChangeEntity::Embryo, "E1", 2)
@@ -1545,17 +1557,15 @@ fn embryo_edits_check_the_version_and_audit_every_attempt() {
 
     // B, still at version 1, is refused with the current state; nothing of B's is stored.
     let error = edit(&writer, "bert", t2("E1", 1, at + 3_600_000)).unwrap_err();
-    let WriteError::Conflict {
-        expected,
-        version,
-        current,
-    } = &error
-    else {
+    let WriteError::Refused(EditRefusal::Stale(stale)) = &error else {
         panic!("unexpected {error:?}");
     };
-    assert_eq!((*expected, *version), (1, 2));
-    let current: serde_json::Value = serde_json::from_str(current).unwrap();
-    assert_eq!(current["annotations"][0]["set_by"], "anna");
+    assert_eq!((stale.expected, stale.version), (1, 2));
+    let Some(Current::Embryo(current)) = &stale.current else {
+        panic!("the current embryo comes with the conflict: {stale:?}");
+    };
+    assert_eq!(current.version, 2);
+    assert_eq!(current.annotations[0].set_by, "anna");
     assert_eq!(error.code(), "conflict");
 
     let embryo = store.read().unwrap().embryo("E1").unwrap().unwrap();
@@ -1736,7 +1746,7 @@ fn users_lock_out_after_failures_and_unlock() {
     let store = open(dir.path());
     let writer = store.start_writer(WriterOptions::default());
     let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo".to_string();
-    let add = WriteOp::UserAdd {
+    let add = UserAdd {
         actor: actor("admin"),
         name: "anna".into(),
         password_hash: hash.clone(),
@@ -1747,7 +1757,7 @@ fn users_lock_out_after_failures_and_unlock() {
     let login = |success: bool, at_ms: i64| {
         write(
             &writer,
-            WriteOp::LoginAttempt {
+            LoginAttempt {
                 name: "anna".into(),
                 computer: "VIEWER-1".into(),
                 success,
@@ -1757,7 +1767,7 @@ fn users_lock_out_after_failures_and_unlock() {
             },
         )
     };
-    let recorded = |granted, locked_until_ms| WriteOutcome::LoginRecorded {
+    let recorded = |granted, locked_until_ms| LoginRecorded {
         granted,
         disabled: false,
         locked_until_ms,
@@ -1779,7 +1789,7 @@ fn users_lock_out_after_failures_and_unlock() {
     let user = store.read().unwrap().user("anna").unwrap().unwrap();
     assert_eq!(user.locked_until_ms, locked_until + 14 + 15 * MINUTE_MS);
     assert_eq!(user.rights, Rights::Edit);
-    let unlock = WriteOp::UserUpdate {
+    let unlock = UserUpdate {
         actor: actor("admin"),
         name: "anna".into(),
         change: UserChange::Unlock,
@@ -1802,7 +1812,7 @@ fn users_lock_out_after_failures_and_unlock() {
     assert!(audit
         .iter()
         .all(|a| !a.after.contains("argon2") && !a.before.contains("argon2")));
-    let bad_hash = WriteOp::UserAdd {
+    let bad_hash = UserAdd {
         actor: actor("admin"),
         name: "bert".into(),
         password_hash: "plain-text".into(),
@@ -1919,7 +1929,7 @@ fn a_version_1_database_is_migrated_on_open() {
     assert!(
         matches!(
             outcome,
-            WriteOutcome::Edited {
+            Edited {
                 version: 2,
                 change_seq: 7,
                 ..
@@ -1950,14 +1960,13 @@ fn renaming_an_instrument_keeps_every_image_and_annotation_reachable() {
     let (writer, instrument_id) = setup(&store);
     write(&writer, image_op(instrument_id, 1, 0, T0, jpeg(1, 100))).unwrap();
     edit(&writer, "anna", t2("E1", 1, T0 + 3_600_000)).unwrap();
-    let rename = |serial: &str, name: &str| WriteOp::InstrumentRename {
+    let rename = |serial: &str, name: &str| InstrumentRename {
         actor: actor("admin"),
         serial: serial.into(),
         display_name: name.into(),
         at_ms: T0 + 10 * MINUTE_MS,
     };
-    let outcome = write(&writer, rename("SN-1", "Lab 2, left")).unwrap();
-    assert_eq!(outcome, WriteOutcome::InstrumentRenamed);
+    write(&writer, rename("SN-1", "Lab 2, left")).unwrap();
     let unknown = write(&writer, rename("SN-404", "x"));
     assert_eq!(unknown.unwrap_err().code(), "not_found");
     let reader = store.read().unwrap();
@@ -1988,8 +1997,8 @@ fn ims_telemetry(
     samples: &[(&str, i64)],
     alarms: &[(&str, i64, i64)],
     queue_bytes_max: u64,
-) -> WriteOp {
-    WriteOp::PutTelemetry {
+) -> PutTelemetry {
+    PutTelemetry {
         instrument_id,
         samples: samples
             .iter()
@@ -2014,16 +2023,8 @@ fn ims_telemetry(
     }
 }
 
-fn telemetry_outcome(op: WriteOutcome) -> (u32, u32, u32) {
-    match op {
-        WriteOutcome::TelemetryStored {
-            ims_queued,
-            ims_withheld,
-            ims_dropped,
-            ..
-        } => (ims_queued, ims_withheld, ims_dropped),
-        other => panic!("unexpected {other:?}"),
-    }
+fn telemetry_outcome(stored: TelemetryStored) -> (u32, u32, u32) {
+    (stored.ims_queued, stored.ims_withheld, stored.ims_dropped)
 }
 
 #[test]
@@ -2088,12 +2089,12 @@ fn monitoring_queue_takes_instrument_data_only_and_drops_the_oldest_when_full() 
     // Removing after upload: ids gone are skipped.
     let removed = write(
         &writer,
-        WriteOp::ImsRemove {
+        ImsRemove {
             ids: vec![1, 2, 99],
         },
     )
     .unwrap();
-    assert_eq!(removed, WriteOutcome::ImsRemoved { removed: 2 });
+    assert_eq!(removed, ImsRemoved { removed: 2 });
     let stats = store.read().unwrap().ims_stats().unwrap();
     assert_eq!((stats.records, stats.uploaded_records), (2, 2));
 
@@ -2141,15 +2142,15 @@ fn small_writes_do_not_wait_for_the_images_of_their_batch() {
         let order = order.clone();
         let all_done = all_done.clone();
         let op = image_op(instrument_id, 1, 0, T0 + i64::from(i), jpeg(i, 60_000));
-        let done: Completion = Box::new(move |result| {
+        let done = move |result: OpResult<PutImage>| {
             assert!(result.is_ok());
             order.lock().push("image");
             all_done.send(()).unwrap();
-        });
+        };
         writer.try_submit(op, done).unwrap();
     }
     let embryo_version = store.read().unwrap().embryo("E1").unwrap().unwrap().version;
-    let edit = WriteOp::Edit {
+    let edit = Edit {
         actor: actor("anna"),
         edit: ClinicalEdit::SetEmbryoComment {
             embryo_id: "E1".into(),
@@ -2162,11 +2163,11 @@ fn small_writes_do_not_wait_for_the_images_of_their_batch() {
     {
         let order = order.clone();
         let all_done = all_done.clone();
-        let done: Completion = Box::new(move |result| {
+        let done = move |result: OpResult<Edit>| {
             assert!(result.is_ok(), "{result:?}");
             order.lock().push("edit");
             all_done.send(()).unwrap();
-        });
+        };
         writer.try_submit(edit, done).unwrap();
     }
     let commits_before = writer.stats().commits;

@@ -2,7 +2,6 @@
 //! a version-4 store, sealing, damage that stays where it is, the tail cut at open.
 
 use bytes::Bytes;
-use crossbeam_channel::bounded;
 use es_storage::*;
 use std::path::Path;
 
@@ -17,24 +16,15 @@ fn open_with(dir: &Path, volume_bytes_max: u64) -> Store {
     Store::open(dir, &options, SEED).unwrap()
 }
 
-fn write(writer: &Writer, op: WriteOp) -> Result<WriteOutcome, WriteError> {
-    let (sender, receiver) = bounded(1);
-    writer
-        .submit(
-            op,
-            Box::new(move |result| {
-                sender.send(result).unwrap();
-            }),
-        )
-        .unwrap();
-    receiver.recv().unwrap()
+fn write<O: Operation>(writer: &Writer, op: O) -> OpResult<O> {
+    writer.write(op)
 }
 
 /// One instrument "SN-V" with dish "D1", wells 1..=4. Returns the instrument id.
 fn setup(writer: &Writer) -> u64 {
     let instrument_id = match write(
         writer,
-        WriteOp::InstrumentHello {
+        InstrumentHello {
             serial: "SN-V".into(),
             model: "EmbryoScope+".into(),
             firmware: "1".into(),
@@ -43,7 +33,7 @@ fn setup(writer: &Writer) -> u64 {
             at_ms: T0,
         },
     ) {
-        Ok(WriteOutcome::InstrumentAccepted { instrument_id, .. }) => instrument_id,
+        Ok(InstrumentAccepted { instrument_id, .. }) => instrument_id,
         other => panic!("{other:?}"),
     };
     let dish = DishRegistration {
@@ -66,7 +56,7 @@ fn setup(writer: &Writer) -> u64 {
     };
     write(
         writer,
-        WriteOp::RegisterDish {
+        RegisterDish {
             instrument_id,
             dish,
             at_ms: T0,
@@ -76,9 +66,9 @@ fn setup(writer: &Writer) -> u64 {
     instrument_id
 }
 
-fn image(instrument_id: u64, n: u32, len: usize) -> (WriteOp, Bytes) {
+fn image(instrument_id: u64, n: u32, len: usize) -> (PutImage, Bytes) {
     let jpeg = Bytes::from(fixture_jpeg(1 + n % 4, n, 0, len));
-    let op = WriteOp::PutImage {
+    let op = PutImage {
         instrument_id,
         dish_id: "D1".into(),
         well: 1 + n % 4,
@@ -110,23 +100,18 @@ fn images_roll_over_into_new_volumes_and_read_back_after_reopen() {
     let mut jpegs = Vec::new();
     for n in 0..60 {
         let (op, jpeg) = image(instrument_id, n, 100_000);
-        assert_eq!(
-            write(&writer, op),
-            Ok(WriteOutcome::ImageStored { duplicate: false })
-        );
+        assert_eq!(write(&writer, op), Ok(ImageStored { duplicate: false }));
         jpegs.push(jpeg);
     }
     // A resend is a duplicate, other bytes a conflict.
     let (op, _) = image(instrument_id, 7, 100_000);
+    assert_eq!(write(&writer, op), Ok(ImageStored { duplicate: true }));
+    let (mut op, _) = image(instrument_id, 7, 100_000);
+    op.jpeg = ImageBytes::new(Bytes::from_static(b"\xff\xd8other\xff\xd9"));
     assert_eq!(
         write(&writer, op),
-        Ok(WriteOutcome::ImageStored { duplicate: true })
+        Err(WriteError::Refused(ImageRefusal::Conflict))
     );
-    let (mut op, _) = image(instrument_id, 7, 100_000);
-    if let WriteOp::PutImage { jpeg, .. } = &mut op {
-        *jpeg = ImageBytes::new(Bytes::from_static(b"\xff\xd8other\xff\xd9"));
-    }
-    assert_eq!(write(&writer, op), Err(WriteError::ImageConflict));
     writer.shutdown();
     let stats = store.read().unwrap().stats().unwrap();
     assert!(stats.volumes >= 5, "{stats:?}");
@@ -290,10 +275,7 @@ fn damage_costs_only_the_records_it_touches() {
     let writer = store.start_writer(WriterOptions::default());
     for &n in &touched {
         let (op, _) = image(instrument_id, n, 30_000);
-        assert_eq!(
-            write(&writer, op),
-            Ok(WriteOutcome::ImageStored { duplicate: false })
-        );
+        assert_eq!(write(&writer, op), Ok(ImageStored { duplicate: false }));
     }
     writer.shutdown();
     let report = store.verify(&mut |_| {}).unwrap();

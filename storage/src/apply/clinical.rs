@@ -3,16 +3,21 @@
 //!
 //! Every edit of an existing row checks the version the client names against the stored one.
 //! A stale version writes nothing but an audit row (outcome `conflict`) and is answered with
-//! `WriteError::Conflict` carrying the current state as JSON.
+//! `EditRefusal::Stale`, which names the record; the writer reads it once the batch
+//! committed (`Edit::after_commit`). The audit trail's before and after states are JSON text:
+//! that is the audit table's stored format, and it never crosses the storage boundary as an
+//! answer.
 
-use super::{get_row, insert_new, treatment_id, Applied, Batch};
-use crate::error::{StorageError, WriteError};
+use super::{get_row, insert_new, treatment_id, Batch};
+use crate::error::{AdminRefusal, EditRefusal, Stale, StaleTarget, StorageError, WriteError};
 use crate::limits;
 use crate::model::{
     AnnotationSource, ApiScope, AuditOutcome, ChangeEntity, Fate, Rights, TransferOutcome,
 };
 use crate::ops::{
-    Actor, AnnotationInput, ClinicalEdit, Idempotency, PatientRef, UserChange, WriteOutcome,
+    Actor, AnnotationInput, ApiKeyCreate, ApiKeyRevoke, Applied, AuditDenied, ClinicalEdit, Edit,
+    Edited, Idempotency, InstrumentRename, LoginAttempt, LoginRecorded, PatientRef, UserAdd,
+    UserChange, UserUpdate,
 };
 use crate::tables::{
     decode, encode, AnnotationRow, ApiKeyRow, AuditRow, DishRow, EmbryoRow, IdempotencyRow,
@@ -32,6 +37,30 @@ struct Audit<'a> {
     after: String,
 }
 
+/// An edit of an existing versioned record, for `Batch::versioned_update`.
+struct VersionedUpdate<'a> {
+    actor: &'a Actor,
+    action: &'a str,
+    entity: ChangeEntity,
+    key: u64,
+    id: &'a str,
+    /// The version the client saw.
+    expected_version: u64,
+    stored_version: u64,
+    /// The record's audited state before the edit, and what the edit attempted.
+    before: String,
+    attempted: String,
+    target: StaleTarget,
+}
+
+/// What `versioned_update`'s write did.
+struct Written {
+    summary: String,
+    /// The record's audited state after the edit.
+    after: String,
+    annotation_id: Option<u64>,
+}
+
 /// An embryo row located by its id.
 struct EmbryoAt {
     well_key: WellKey,
@@ -39,7 +68,7 @@ struct EmbryoAt {
 }
 
 impl Batch<'_> {
-    pub(super) fn edit(&mut self, actor: &Actor, edit: &ClinicalEdit, at_ms: i64) -> Applied {
+    pub(super) fn edit(&mut self, actor: &Actor, edit: &ClinicalEdit, at_ms: i64) -> Applied<Edit> {
         match edit {
             ClinicalEdit::CreatePatient { patient } => self.patient_create(actor, patient, at_ms),
             ClinicalEdit::UpdatePatient {
@@ -99,13 +128,13 @@ impl Batch<'_> {
     /// Applies an edit under an Idempotency-Key: a retry of the same request is answered with
     /// the recorded outcome and changes nothing; the same key with another request is refused.
     /// Only an applied edit is recorded, so a refused one (conflict, not found) may be retried.
-    pub(super) fn idempotent_edit(
+    pub(crate) fn idempotent_edit(
         &mut self,
         actor: &Actor,
         edit: &ClinicalEdit,
         idempotency: Option<&Idempotency>,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<Edit> {
         let Some(idempotency) = idempotency else {
             return self.edit(actor, edit, at_ms);
         };
@@ -113,14 +142,14 @@ impl Batch<'_> {
         if let Some(bytes) = self.idempotency.get(slot)? {
             let row: IdempotencyRow = decode(bytes.value(), "idempotency")?;
             if row.request_sha256 != idempotency.request_sha256 {
-                return Ok(Err(WriteError::IdempotencyKeyReused(
+                return Ok(Err(WriteError::Refused(EditRefusal::IdempotencyKeyReused(
                     idempotency.key.clone(),
-                )));
+                ))));
             }
             let entity = ChangeEntity::from_u8(row.entity).ok_or_else(|| {
                 StorageError::Corrupt(format!("idempotency row names entity {}", row.entity))
             })?;
-            return Ok(Ok(WriteOutcome::Edited {
+            return Ok(Ok(Edited {
                 entity,
                 key: row.key,
                 id: row.id,
@@ -131,7 +160,7 @@ impl Batch<'_> {
             }));
         }
         let outcome = self.edit(actor, edit, at_ms)?;
-        if let Ok(WriteOutcome::Edited {
+        if let Ok(Edited {
             entity,
             key,
             id,
@@ -160,10 +189,12 @@ impl Batch<'_> {
 
     // ---------------------------------------------------------------- patients
 
-    fn patient_create(&mut self, actor: &Actor, patient: &PatientRef, at_ms: i64) -> Applied {
+    fn patient_create(&mut self, actor: &Actor, patient: &PatientRef, at_ms: i64) -> Applied<Edit> {
         let id = patient.patient_id.as_str();
         if self.patient_by_id.get(id)?.is_some() {
-            return Ok(Err(WriteError::AlreadyExists(format!("patient {id}"))));
+            return Ok(Err(WriteError::Refused(EditRefusal::AlreadyExists(
+                format!("patient {id}"),
+            ))));
         }
         let patient_key = self.state.patient_key_last + 1;
         let row = PatientRow {
@@ -211,50 +242,40 @@ impl Batch<'_> {
         patient: &PatientRef,
         expected_version: u64,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<Edit> {
         let id = patient.patient_id.as_str();
         let Some(patient_key) = self.patient_by_id.get(id)?.map(|g| g.value()) else {
-            return Ok(Err(WriteError::NotFound(format!("patient {id}"))));
+            return Ok(Err(not_found(format!("patient {id}"))));
         };
-        let mut row: PatientRow = get_row(&self.patients, patient_key, "patient")?;
-        let before = patient_json(&row);
+        let row: PatientRow = get_row(&self.patients, patient_key, "patient")?;
         let mut attempt = row.clone();
         attempt.first_name.clone_from(&patient.first_name);
         attempt.last_name.clone_from(&patient.last_name);
         attempt.date_of_birth.clone_from(&patient.date_of_birth);
-        let audit = |outcome, after| Audit {
+        let update = VersionedUpdate {
             actor,
             action: "patient.update",
             entity: ChangeEntity::Patient,
-            target: id,
-            outcome,
-            before: before.clone(),
-            after,
+            key: patient_key,
+            id,
+            expected_version,
+            stored_version: row.version,
+            before: patient_json(&row),
+            attempted: patient_json(&attempt),
+            target: StaleTarget::Patient(id.to_string()),
         };
-        if row.version != expected_version {
-            self.audit_row(audit(AuditOutcome::Conflict, patient_json(&attempt)), at_ms)?;
-            return Ok(Err(conflict(expected_version, row.version, &before)));
-        }
-        row = attempt;
-        row.version += 1;
-        row.updated_at_ms = at_ms;
-        self.patients.insert(patient_key, encode(&row).as_slice())?;
-        let change_seq = self.logged_change(
-            ChangeEntity::Patient,
-            patient_key,
-            id,
-            row.version,
-            at_ms,
-            format!("patient {id} updated"),
-        )?;
-        self.audit_row(audit(AuditOutcome::Applied, patient_json(&row)), at_ms)?;
-        Ok(Ok(edited(
-            ChangeEntity::Patient,
-            patient_key,
-            id,
-            row.version,
-            change_seq,
-        )))
+        self.versioned_update(update, at_ms, |batch, version| {
+            attempt.version = version;
+            attempt.updated_at_ms = at_ms;
+            batch
+                .patients
+                .insert(patient_key, encode(&attempt).as_slice())?;
+            Ok(Ok(Written {
+                summary: format!("patient {id} updated"),
+                after: patient_json(&attempt),
+                annotation_id: None,
+            }))
+        })
     }
 
     // ---------------------------------------------------------------- treatments
@@ -266,9 +287,11 @@ impl Batch<'_> {
         name: &str,
         comment: &str,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<Edit> {
         let Some(patient_key) = self.patient_by_id.get(patient_id)?.map(|g| g.value()) else {
-            return Ok(Err(WriteError::NotFound(format!("patient {patient_id}"))));
+            return Ok(Err(WriteError::Refused(EditRefusal::NotFound(format!(
+                "patient {patient_id}"
+            )))));
         };
         let id = treatment_id(patient_id, name);
         if self
@@ -276,7 +299,9 @@ impl Batch<'_> {
             .get((patient_key, name))?
             .is_some()
         {
-            return Ok(Err(WriteError::AlreadyExists(format!("treatment {id}"))));
+            return Ok(Err(WriteError::Refused(EditRefusal::AlreadyExists(
+                format!("treatment {id}"),
+            ))));
         }
         let treatment_key = self.treatment_create(patient_key, name, comment, at_ms)?;
         let row: TreatmentRow = get_row(&self.treatments, treatment_key, "treatment")?;
@@ -310,57 +335,48 @@ impl Batch<'_> {
         comment: &str,
         expected_version: u64,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<Edit> {
         let id = treatment_id(patient_id, name);
         let Some(patient_key) = self.patient_by_id.get(patient_id)?.map(|g| g.value()) else {
-            return Ok(Err(WriteError::NotFound(format!("patient {patient_id}"))));
+            return Ok(Err(not_found(format!("patient {patient_id}"))));
         };
         let Some(treatment_key) = self
             .treatment_by_patient_name
             .get((patient_key, name))?
             .map(|g| g.value())
         else {
-            return Ok(Err(WriteError::NotFound(format!("treatment {id}"))));
+            return Ok(Err(not_found(format!("treatment {id}"))));
         };
-        let mut row: TreatmentRow = get_row(&self.treatments, treatment_key, "treatment")?;
-        let before = treatment_json(&row);
+        let row: TreatmentRow = get_row(&self.treatments, treatment_key, "treatment")?;
         let mut attempt = row.clone();
         attempt.comment = comment.to_string();
-        let audit = |outcome, after| Audit {
+        let update = VersionedUpdate {
             actor,
             action: "treatment.update",
             entity: ChangeEntity::Treatment,
-            target: &id,
-            outcome,
-            before: before.clone(),
-            after,
+            key: treatment_key,
+            id: &id,
+            expected_version,
+            stored_version: row.version,
+            before: treatment_json(&row),
+            attempted: treatment_json(&attempt),
+            target: StaleTarget::Treatment {
+                patient_id: patient_id.to_string(),
+                name: name.to_string(),
+            },
         };
-        if row.version != expected_version {
-            let attempted = treatment_json(&attempt);
-            self.audit_row(audit(AuditOutcome::Conflict, attempted), at_ms)?;
-            return Ok(Err(conflict(expected_version, row.version, &before)));
-        }
-        row = attempt;
-        row.version += 1;
-        row.updated_at_ms = at_ms;
-        self.treatments
-            .insert(treatment_key, encode(&row).as_slice())?;
-        let change_seq = self.logged_change(
-            ChangeEntity::Treatment,
-            treatment_key,
-            &id,
-            row.version,
-            at_ms,
-            format!("treatment {id} updated"),
-        )?;
-        self.audit_row(audit(AuditOutcome::Applied, treatment_json(&row)), at_ms)?;
-        Ok(Ok(edited(
-            ChangeEntity::Treatment,
-            treatment_key,
-            &id,
-            row.version,
-            change_seq,
-        )))
+        self.versioned_update(update, at_ms, |batch, version| {
+            attempt.version = version;
+            attempt.updated_at_ms = at_ms;
+            batch
+                .treatments
+                .insert(treatment_key, encode(&attempt).as_slice())?;
+            Ok(Ok(Written {
+                summary: format!("treatment {id} updated"),
+                after: treatment_json(&attempt),
+                annotation_id: None,
+            }))
+        })
     }
 
     // ---------------------------------------------------------------- embryos
@@ -437,7 +453,12 @@ impl Batch<'_> {
 
     // ---------------------------------------------------------------- transfers
 
-    fn transfer_create(&mut self, actor: &Actor, new: NewTransfer<'_>, at_ms: i64) -> Applied {
+    fn transfer_create(
+        &mut self,
+        actor: &Actor,
+        new: NewTransfer<'_>,
+        at_ms: i64,
+    ) -> Applied<Edit> {
         let NewTransfer {
             patient_id,
             treatment_name,
@@ -446,7 +467,9 @@ impl Batch<'_> {
             comment,
         } = new;
         let Some(patient_key) = self.patient_by_id.get(patient_id)?.map(|g| g.value()) else {
-            return Ok(Err(WriteError::NotFound(format!("patient {patient_id}"))));
+            return Ok(Err(WriteError::Refused(EditRefusal::NotFound(format!(
+                "patient {patient_id}"
+            )))));
         };
         let treatment = treatment_id(patient_id, treatment_name);
         let Some(treatment_key) = self
@@ -454,12 +477,16 @@ impl Batch<'_> {
             .get((patient_key, treatment_name))?
             .map(|g| g.value())
         else {
-            return Ok(Err(WriteError::NotFound(format!("treatment {treatment}"))));
+            return Ok(Err(WriteError::Refused(EditRefusal::NotFound(format!(
+                "treatment {treatment}"
+            )))));
         };
         let mut embryo_keys = Vec::with_capacity(embryo_ids.len());
         for embryo_id in embryo_ids {
             let Some(EmbryoAt { well_key, row }) = self.embryo_at(embryo_id)? else {
-                return Ok(Err(WriteError::NotFound(format!("embryo {embryo_id}"))));
+                return Ok(Err(WriteError::Refused(EditRefusal::NotFound(format!(
+                    "embryo {embryo_id}"
+                )))));
             };
             let dish: DishRow = get_row(&self.dishes, well_key.0, "dish")?;
             if dish.treatment_key != treatment_key {
@@ -523,54 +550,41 @@ impl Batch<'_> {
         outcome: &TransferOutcome,
         comment: &str,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<Edit> {
         let id = transfer_key.to_string();
         let Some(bytes) = self.transfers.get(transfer_key)? else {
-            return Ok(Err(WriteError::NotFound(format!("transfer {id}"))));
+            return Ok(Err(not_found(format!("transfer {id}"))));
         };
-        let mut row: TransferRow = decode(bytes.value(), "transfer")?;
+        let row: TransferRow = decode(bytes.value(), "transfer")?;
         drop(bytes);
         let embryo_ids = self.embryo_ids_of_keys(&row.embryo_keys)?;
-        let before = transfer_json(&row, &embryo_ids);
         let mut attempt = row.clone();
         attempt.outcome = outcome.clone();
         attempt.comment = comment.to_string();
-        let audit = |outcome, after| Audit {
+        let update = VersionedUpdate {
             actor,
             action: "transfer.update",
             entity: ChangeEntity::Transfer,
-            target: &id,
-            outcome,
-            before: before.clone(),
-            after,
+            key: transfer_key,
+            id: &id,
+            expected_version,
+            stored_version: row.version,
+            before: transfer_json(&row, &embryo_ids),
+            attempted: transfer_json(&attempt, &embryo_ids),
+            target: StaleTarget::Transfer(transfer_key),
         };
-        if row.version != expected_version {
-            let attempted = transfer_json(&attempt, &embryo_ids);
-            self.audit_row(audit(AuditOutcome::Conflict, attempted), at_ms)?;
-            return Ok(Err(conflict(expected_version, row.version, &before)));
-        }
-        row = attempt;
-        row.version += 1;
-        row.updated_at_ms = at_ms;
-        self.transfers
-            .insert(transfer_key, encode(&row).as_slice())?;
-        let change_seq = self.logged_change(
-            ChangeEntity::Transfer,
-            transfer_key,
-            &id,
-            row.version,
-            at_ms,
-            format!("outcome of transfer {id} updated"),
-        )?;
-        let after = transfer_json(&row, &embryo_ids);
-        self.audit_row(audit(AuditOutcome::Applied, after), at_ms)?;
-        Ok(Ok(edited(
-            ChangeEntity::Transfer,
-            transfer_key,
-            &id,
-            row.version,
-            change_seq,
-        )))
+        self.versioned_update(update, at_ms, |batch, version| {
+            attempt.version = version;
+            attempt.updated_at_ms = at_ms;
+            batch
+                .transfers
+                .insert(transfer_key, encode(&attempt).as_slice())?;
+            Ok(Ok(Written {
+                summary: format!("outcome of transfer {id} updated"),
+                after: transfer_json(&attempt, &embryo_ids),
+                annotation_id: None,
+            }))
+        })
     }
 
     fn embryo_ids_of_keys(&self, embryo_keys: &[u64]) -> Result<Vec<String>, StorageError> {
@@ -596,15 +610,17 @@ impl Batch<'_> {
 
     // ---------------------------------------------------------------- instruments
 
-    pub(super) fn instrument_rename(
+    pub(crate) fn instrument_rename(
         &mut self,
         actor: &Actor,
         serial: &str,
         display_name: &str,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<InstrumentRename> {
         let Some(instrument_id) = self.instrument_by_serial.get(serial)?.map(|g| g.value()) else {
-            return Ok(Err(WriteError::NotFound(format!("instrument {serial}"))));
+            return Ok(Err(WriteError::Refused(AdminRefusal::NotFound(format!(
+                "instrument {serial}"
+            )))));
         };
         let mut row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
         let before = json!({ "display_name": row.display_name }).to_string();
@@ -631,12 +647,12 @@ impl Batch<'_> {
             },
             at_ms,
         )?;
-        Ok(Ok(WriteOutcome::InstrumentRenamed))
+        Ok(Ok(()))
     }
 
     // ---------------------------------------------------------------- API keys
 
-    pub(super) fn api_key_create(
+    pub(crate) fn api_key_create(
         &mut self,
         actor: &Actor,
         key_id: &str,
@@ -644,9 +660,11 @@ impl Batch<'_> {
         scope: ApiScope,
         secret_sha256: &[u8; 32],
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<ApiKeyCreate> {
         if self.api_keys.get(key_id)?.is_some() {
-            return Ok(Err(WriteError::AlreadyExists(format!("API key {key_id}"))));
+            return Ok(Err(WriteError::Refused(AdminRefusal::AlreadyExists(
+                format!("API key {key_id}"),
+            ))));
         }
         let row = ApiKeyRow {
             secret_sha256: *secret_sha256,
@@ -670,17 +688,24 @@ impl Batch<'_> {
             },
             at_ms,
         )?;
-        Ok(Ok(WriteOutcome::ApiKeyChanged))
+        Ok(Ok(()))
     }
 
-    pub(super) fn api_key_revoke(&mut self, actor: &Actor, key_id: &str, at_ms: i64) -> Applied {
+    pub(crate) fn api_key_revoke(
+        &mut self,
+        actor: &Actor,
+        key_id: &str,
+        at_ms: i64,
+    ) -> Applied<ApiKeyRevoke> {
         let Some(bytes) = self.api_keys.get(key_id)? else {
-            return Ok(Err(WriteError::NotFound(format!("API key {key_id}"))));
+            return Ok(Err(WriteError::Refused(AdminRefusal::NotFound(format!(
+                "API key {key_id}"
+            )))));
         };
         let mut row: ApiKeyRow = decode(bytes.value(), "API key")?;
         drop(bytes);
         if row.revoked_at_ms != 0 {
-            return Ok(Ok(WriteOutcome::ApiKeyChanged));
+            return Ok(Ok(()));
         }
         let before = api_key_json(&row);
         row.revoked_at_ms = at_ms;
@@ -697,10 +722,10 @@ impl Batch<'_> {
             },
             at_ms,
         )?;
-        Ok(Ok(WriteOutcome::ApiKeyChanged))
+        Ok(Ok(()))
     }
 
-    fn embryo_edit(&mut self, actor: &Actor, edit: &ClinicalEdit, at_ms: i64) -> Applied {
+    fn embryo_edit(&mut self, actor: &Actor, edit: &ClinicalEdit, at_ms: i64) -> Applied<Edit> {
         let (embryo_id, expected_version) = match edit {
             ClinicalEdit::AddAnnotation {
                 embryo_id,
@@ -735,68 +760,34 @@ impl Batch<'_> {
             _ => unreachable!("embryo_edit is called for embryo edits only"),
         };
         let Some(EmbryoAt { well_key, mut row }) = self.embryo_at(embryo_id)? else {
-            return Ok(Err(WriteError::NotFound(format!("embryo {embryo_id}"))));
+            return Ok(Err(not_found(format!("embryo {embryo_id}"))));
         };
-        let before = self.embryo_json(&row)?;
-        let action = edit.action();
-        if row.version != expected_version {
-            self.audit_row(
-                Audit {
-                    actor,
-                    action,
-                    entity: ChangeEntity::Embryo,
-                    target: embryo_id,
-                    outcome: AuditOutcome::Conflict,
-                    before: before.clone(),
-                    after: attempt_json(edit),
-                },
-                at_ms,
-            )?;
-            return Ok(Err(conflict(expected_version, row.version, &before)));
-        }
-        let (annotation_id, summary) = match self.embryo_apply(actor, &mut row, edit, at_ms)? {
-            Ok(done) => done,
-            Err(error) => return Ok(Err(error)),
+        let update = VersionedUpdate {
+            actor,
+            action: edit.action(),
+            entity: ChangeEntity::Embryo,
+            key: row.embryo_key,
+            id: embryo_id,
+            expected_version,
+            stored_version: row.version,
+            before: self.embryo_json(&row)?,
+            attempted: attempt_json(edit),
+            target: StaleTarget::Embryo(embryo_id.to_string()),
         };
-        row.version += 1;
-        row.updated_at_ms = at_ms;
-        self.wells.insert(well_key, encode(&row).as_slice())?;
-        let change_seq = self.logged_change(
-            ChangeEntity::Embryo,
-            row.embryo_key,
-            embryo_id,
-            row.version,
-            at_ms,
-            summary,
-        )?;
-        let after = self.embryo_json(&row)?;
-        self.audit_row(
-            Audit {
-                actor,
-                action,
-                entity: ChangeEntity::Embryo,
-                target: embryo_id,
-                outcome: AuditOutcome::Applied,
-                before,
-                after,
-            },
-            at_ms,
-        )?;
-        let mut outcome = edited(
-            ChangeEntity::Embryo,
-            row.embryo_key,
-            embryo_id,
-            row.version,
-            change_seq,
-        );
-        if let WriteOutcome::Edited {
-            annotation_id: slot,
-            ..
-        } = &mut outcome
-        {
-            *slot = annotation_id;
-        }
-        Ok(Ok(outcome))
+        self.versioned_update(update, at_ms, |batch, version| {
+            let (annotation_id, summary) = match batch.embryo_apply(actor, &mut row, edit, at_ms)? {
+                Ok(done) => done,
+                Err(error) => return Ok(Err(error)),
+            };
+            row.version = version;
+            row.updated_at_ms = at_ms;
+            batch.wells.insert(well_key, encode(&row).as_slice())?;
+            Ok(Ok(Written {
+                summary,
+                after: batch.embryo_json(&row)?,
+                annotation_id,
+            }))
+        })
     }
 
     /// Applies an embryo edit to its row and annotations; returns the annotation touched and
@@ -808,7 +799,7 @@ impl Batch<'_> {
         row: &mut EmbryoRow,
         edit: &ClinicalEdit,
         at_ms: i64,
-    ) -> Result<Result<(Option<u64>, String), WriteError>, StorageError> {
+    ) -> Result<Result<(Option<u64>, String), WriteError<EditRefusal>>, StorageError> {
         let embryo_key = row.embryo_key;
         let embryo_id = row.embryo_id.clone();
         Ok(Ok(match edit {
@@ -842,9 +833,9 @@ impl Batch<'_> {
             } => {
                 let key = (embryo_key, *annotation_id);
                 if self.annotations.get(key)?.is_none() {
-                    return Ok(Err(WriteError::NotFound(format!(
+                    return Ok(Err(WriteError::Refused(EditRefusal::NotFound(format!(
                         "annotation {annotation_id} of embryo {embryo_id}"
-                    ))));
+                    )))));
                 }
                 let value = annotation_row(annotation, actor, at_ms);
                 self.annotations.insert(key, encode(&value).as_slice())?;
@@ -855,9 +846,9 @@ impl Batch<'_> {
                 let key = (embryo_key, *annotation_id);
                 let removed = self.annotations.remove(key)?;
                 let Some(removed) = removed else {
-                    return Ok(Err(WriteError::NotFound(format!(
+                    return Ok(Err(WriteError::Refused(EditRefusal::NotFound(format!(
                         "annotation {annotation_id} of embryo {embryo_id}"
-                    ))));
+                    )))));
                 };
                 let name = decode::<AnnotationRow>(removed.value(), "annotation")
                     .map(|a| a.name)
@@ -906,7 +897,7 @@ impl Batch<'_> {
 
     // ---------------------------------------------------------------- denied attempts
 
-    pub(super) fn audit_denied(
+    pub(crate) fn audit_denied(
         &mut self,
         actor: &Actor,
         action: &str,
@@ -914,7 +905,7 @@ impl Batch<'_> {
         target: &str,
         attempted: &str,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<AuditDenied> {
         self.audit_row(
             Audit {
                 actor,
@@ -927,21 +918,23 @@ impl Batch<'_> {
             },
             at_ms,
         )?;
-        Ok(Ok(WriteOutcome::Audited))
+        Ok(Ok(()))
     }
 
     // ---------------------------------------------------------------- users
 
-    pub(super) fn user_add(
+    pub(crate) fn user_add(
         &mut self,
         actor: &Actor,
         name: &str,
         password_hash: &str,
         rights: Rights,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<UserAdd> {
         if self.users.get(name)?.is_some() {
-            return Ok(Err(WriteError::AlreadyExists(format!("user {name}"))));
+            return Ok(Err(WriteError::Refused(AdminRefusal::AlreadyExists(
+                format!("user {name}"),
+            ))));
         }
         let row = UserRow {
             password_hash: password_hash.to_string(),
@@ -968,18 +961,20 @@ impl Batch<'_> {
             },
             at_ms,
         )?;
-        Ok(Ok(WriteOutcome::UserChanged))
+        Ok(Ok(()))
     }
 
-    pub(super) fn user_update(
+    pub(crate) fn user_update(
         &mut self,
         actor: &Actor,
         name: &str,
         change: &UserChange,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<UserUpdate> {
         let Some(mut row) = self.user_row(name)? else {
-            return Ok(Err(WriteError::NotFound(format!("user {name}"))));
+            return Ok(Err(WriteError::Refused(AdminRefusal::NotFound(format!(
+                "user {name}"
+            )))));
         };
         let before = user_json(&row);
         let action = match change {
@@ -1022,10 +1017,10 @@ impl Batch<'_> {
             },
             at_ms,
         )?;
-        Ok(Ok(WriteOutcome::UserChanged))
+        Ok(Ok(()))
     }
 
-    pub(super) fn login_attempt(
+    pub(crate) fn login_attempt(
         &mut self,
         name: &str,
         computer: &str,
@@ -1033,9 +1028,11 @@ impl Batch<'_> {
         failures_max: u32,
         lockout_ms: i64,
         at_ms: i64,
-    ) -> Applied {
+    ) -> Applied<LoginAttempt> {
         let Some(mut row) = self.user_row(name)? else {
-            return Ok(Err(WriteError::NotFound(format!("user {name}"))));
+            return Ok(Err(WriteError::Refused(AdminRefusal::NotFound(format!(
+                "user {name}"
+            )))));
         };
         let actor = Actor {
             user: name.to_string(),
@@ -1095,7 +1092,7 @@ impl Batch<'_> {
         } else {
             0
         };
-        Ok(Ok(WriteOutcome::LoginRecorded {
+        Ok(Ok(LoginRecorded {
             granted,
             disabled: row.disabled,
             locked_until_ms,
@@ -1110,6 +1107,66 @@ impl Batch<'_> {
     }
 
     // ---------------------------------------------------------------- shared
+
+    /// The steps every edit of an existing versioned record takes, in this order and only
+    /// here: check the version the client saw (a stale one is audited as a conflict, with
+    /// what was attempted, and refused with `EditRefusal::Stale`; nothing else is written),
+    /// then `write` the record at the next version, log the change and audit it as applied.
+    /// A refusal from `write` (an unknown annotation, say) writes nothing.
+    fn versioned_update(
+        &mut self,
+        update: VersionedUpdate<'_>,
+        at_ms: i64,
+        write: impl FnOnce(
+            &mut Self,
+            u64,
+        ) -> Result<Result<Written, WriteError<EditRefusal>>, StorageError>,
+    ) -> Applied<Edit> {
+        let audit = |outcome, before: String, after| Audit {
+            actor: update.actor,
+            action: update.action,
+            entity: update.entity,
+            target: update.id,
+            outcome,
+            before,
+            after,
+        };
+        if update.stored_version != update.expected_version {
+            self.audit_row(
+                audit(AuditOutcome::Conflict, update.before, update.attempted),
+                at_ms,
+            )?;
+            return Ok(Err(WriteError::Refused(EditRefusal::Stale(Box::new(
+                Stale {
+                    expected: update.expected_version,
+                    version: update.stored_version,
+                    entity: update.entity,
+                    current: None,
+                    target: update.target,
+                },
+            )))));
+        }
+        let version = update.stored_version + 1;
+        let written = match write(self, version)? {
+            Ok(written) => written,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        let change_seq = self.logged_change(
+            update.entity,
+            update.key,
+            update.id,
+            version,
+            at_ms,
+            written.summary,
+        )?;
+        self.audit_row(
+            audit(AuditOutcome::Applied, update.before, written.after),
+            at_ms,
+        )?;
+        let mut outcome = edited(update.entity, update.key, update.id, version, change_seq);
+        outcome.annotation_id = written.annotation_id;
+        Ok(Ok(outcome))
+    }
 
     /// Records a change and returns its seq.
     fn logged_change(
@@ -1144,8 +1201,8 @@ impl Batch<'_> {
     }
 }
 
-fn edited(entity: ChangeEntity, key: u64, id: &str, version: u64, change_seq: u64) -> WriteOutcome {
-    WriteOutcome::Edited {
+fn edited(entity: ChangeEntity, key: u64, id: &str, version: u64, change_seq: u64) -> Edited {
+    Edited {
         entity,
         key,
         id: id.to_string(),
@@ -1186,12 +1243,8 @@ fn api_key_json(row: &ApiKeyRow) -> String {
     .to_string()
 }
 
-fn conflict(expected: u64, version: u64, current: &str) -> WriteError {
-    WriteError::Conflict {
-        expected,
-        version,
-        current: current.to_string(),
-    }
+fn not_found(what: String) -> WriteError<EditRefusal> {
+    WriteError::Refused(EditRefusal::NotFound(what))
 }
 
 fn annotation_row(input: &AnnotationInput, actor: &Actor, at_ms: i64) -> AnnotationRow {
