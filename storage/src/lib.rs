@@ -55,8 +55,8 @@ pub use model::{
     AcquisitionRecord, AcquisitionSync, AnnotationRecord, AnnotationSource, ApiKeyRecord, ApiScope,
     AuditOutcome, AuditRecord, Change, ChangeEntity, DishRecord, DishSyncState, EmbryoRecord, Fate,
     Frame, InstrumentRecord, PatientRecord, PatientSummary, Rights, ScoreRecord, StoreStats,
-    TransferOutcome, TransferRecord, TreatmentRecord, UserRecord, VerifyProgress, VerifyReport,
-    WellSync,
+    TableSpace, TransferOutcome, TransferRecord, TreatmentRecord, UserRecord, VerifyProgress,
+    VerifyReport, WellSync,
 };
 pub use ops::{
     user_name, Actor, AlarmInput, AnnotationInput, ApiKeyCreate, ApiKeyRevoke, Applied,

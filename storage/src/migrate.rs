@@ -22,10 +22,20 @@ pub(crate) fn step(txn: &WriteTransaction, from: u64) -> Result<(), StorageError
         2 => v2_to_v3(txn),
         3 => v3_to_v4(txn),
         4 => v4_to_v5(txn),
+        5 => v5_to_v6(txn),
         _ => Err(StorageError::Corrupt(format!(
             "no migration from schema version {from}"
         ))),
     }
+}
+
+/// Version 6 packs acquisition rows (`AcquisitionRow::encode`) and stores no summary text in
+/// the change rows of new acquisitions (the reader words it). Nothing is rewritten: rows of
+/// version 5 read as they are and are written packed when next changed. The version number
+/// goes up so that an older esserver, which cannot read packed rows, refuses the file instead
+/// of calling it corrupt.
+fn v5_to_v6(_txn: &WriteTransaction) -> Result<(), StorageError> {
+    Ok(())
 }
 
 /// Version 4 adds the instrument-monitoring queue and alarm tables (created empty by
@@ -61,7 +71,7 @@ fn v4_to_v5(txn: &WriteTransaction) -> Result<(), StorageError> {
                 .collect(),
             first_stored_at_ms: old.first_stored_at_ms,
         };
-        converted.push((key.value(), encode(&row)));
+        converted.push((key.value(), row.encode()));
     }
     for (key, bytes) in converted {
         rows.insert(key, bytes.as_slice())?;
@@ -212,14 +222,14 @@ fn move_chunk(
             stored_at_last = stored_at_last.max(stored_at_ms);
             let acquisition_key = (dish_key, well, acquired_at_ms);
             let mut row = match acquisitions.get(acquisition_key)? {
-                Some(row) => decode::<AcquisitionRow>(row.value(), "acquisition")?,
+                Some(row) => AcquisitionRow::decode(row.value())?,
                 None => AcquisitionRow {
                     planes: Vec::new(),
                     first_stored_at_ms: stored_at_ms,
                 },
             };
             row.set(focal_plane, location);
-            acquisitions.insert(acquisition_key, encode(&row).as_slice())?;
+            acquisitions.insert(acquisition_key, row.encode().as_slice())?;
             legacy.remove(*key)?;
         }
         let changes = appender.sync(stored_at_last)?;

@@ -70,6 +70,26 @@ pub struct StoreStats {
     pub volume_bytes: u64,
 }
 
+/// The space one redb table takes, as redb counts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TableSpace {
+    pub name: String,
+    pub entries: u64,
+    /// Bytes of the keys and values in its leaf pages.
+    pub stored_bytes: u64,
+    /// Branch-page keys and other B-tree metadata.
+    pub metadata_bytes: u64,
+    /// Unused space inside its pages.
+    pub fragmented_bytes: u64,
+}
+
+impl TableSpace {
+    /// Everything the table's pages take.
+    pub fn total_bytes(&self) -> u64 {
+        self.stored_bytes + self.metadata_bytes + self.fragmented_bytes
+    }
+}
+
 /// The kind of thing a change-log entry is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -7,7 +7,7 @@ use crate::ims::{severity_name, AlarmRecord, ImsQueueStats, ImsRecord, ImsRecord
 use crate::limits;
 use crate::model::{
     AcquisitionSync, Change, ChangeEntity, DishSyncState, InstrumentRecord, PatientSummary,
-    StoreStats, WellSync,
+    StoreStats, TableSpace, WellSync,
 };
 use crate::tables::{
     self, decode, AcquisitionRow, ChangeRow, EmbryoRow, ImageKey, ImageValue, InstrumentRow,
@@ -127,7 +127,7 @@ impl Reader {
             let range = (dish_key, well, i64::MIN)..=(dish_key, well, i64::MAX);
             for entry in acquisitions.range(range)? {
                 let (key, value) = entry?;
-                let row: AcquisitionRow = decode(value.value(), "acquisition")?;
+                let row = AcquisitionRow::decode(value.value())?;
                 well_sync.acquisitions.push(AcquisitionSync {
                     acquired_at_ms: key.value().2,
                     focal_planes: row.focal_planes(),
@@ -210,7 +210,7 @@ impl Reader {
         let Some(row) = acquisitions.get((dish_key, well, acquired_at_ms))? else {
             return Ok(None);
         };
-        let row: AcquisitionRow = decode(row.value(), "acquisition")?;
+        let row = AcquisitionRow::decode(row.value())?;
         Ok(row.location(focal_plane))
     }
 
@@ -251,6 +251,66 @@ impl Reader {
     }
 
     /// Reads the counters row and the volume rows (one per volume file).
+    /// The space each table takes, largest first: where the database's bytes per image go.
+    pub fn table_space(&self) -> Result<Vec<TableSpace>, StorageError> {
+        use redb::{ReadableTableMetadata, TableDefinition, TableHandle};
+        fn space<K: redb::Key + 'static, V: redb::Value + 'static>(
+            txn: &ReadTransaction,
+            definition: TableDefinition<K, V>,
+        ) -> Result<Option<TableSpace>, StorageError> {
+            let table = match txn.open_table(definition) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(error) => return Err(error.into()),
+            };
+            let stats = table.stats()?;
+            Ok(Some(TableSpace {
+                name: definition.name().to_string(),
+                entries: table.len()?,
+                stored_bytes: stats.stored_bytes(),
+                metadata_bytes: stats.metadata_bytes(),
+                fragmented_bytes: stats.fragmented_bytes(),
+            }))
+        }
+        let txn = &self.txn;
+        let mut out: Vec<TableSpace> = [
+            space(txn, tables::META)?,
+            space(txn, tables::INSTRUMENTS)?,
+            space(txn, tables::INSTRUMENT_BY_SERIAL)?,
+            space(txn, tables::PATIENTS)?,
+            space(txn, tables::PATIENT_BY_ID)?,
+            space(txn, tables::TREATMENTS)?,
+            space(txn, tables::TREATMENT_BY_PATIENT_NAME)?,
+            space(txn, tables::DISHES)?,
+            space(txn, tables::DISH_BY_INSTRUMENT)?,
+            space(txn, tables::DISH_BY_TREATMENT)?,
+            space(txn, tables::WELLS)?,
+            space(txn, tables::EMBRYO_BY_ID)?,
+            space(txn, tables::EMBRYO_BY_KEY)?,
+            space(txn, tables::ANNOTATIONS)?,
+            space(txn, tables::AUDIT)?,
+            space(txn, tables::USERS)?,
+            space(txn, tables::SCORES)?,
+            space(txn, tables::TRANSFERS)?,
+            space(txn, tables::TRANSFER_BY_TREATMENT)?,
+            space(txn, tables::API_KEYS)?,
+            space(txn, tables::IDEMPOTENCY)?,
+            space(txn, tables::IDEMPOTENCY_BY_AGE)?,
+            space(txn, tables::ACQUISITIONS)?,
+            space(txn, tables::VOLUMES)?,
+            space(txn, tables::LEGACY_IMAGES)?,
+            space(txn, tables::TELEMETRY)?,
+            space(txn, tables::IMS_QUEUE)?,
+            space(txn, tables::IMS_ALARMS)?,
+            space(txn, tables::CHANGES)?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        out.sort_by_key(|t| std::cmp::Reverse(t.total_bytes()));
+        Ok(out)
+    }
+
     pub fn stats(&self) -> Result<StoreStats, StorageError> {
         let state = self.state()?;
         let (mut volumes, mut volumes_sealed, mut active_volume, mut volume_bytes) = (0, 0, 0, 0);
@@ -406,6 +466,12 @@ pub(crate) fn change_from_row(seq: u64, row: ChangeRow) -> Result<Change, Storag
             row.entity
         )));
     };
+    let summary = if row.summary.is_empty() && entity == ChangeEntity::Acquisition {
+        // Since version 6 an acquisition's change row carries no text of its own.
+        format!("new acquisition of embryo {}", row.id)
+    } else {
+        row.summary
+    };
     Ok(Change {
         seq,
         at_ms: row.at_ms,
@@ -413,7 +479,7 @@ pub(crate) fn change_from_row(seq: u64, row: ChangeRow) -> Result<Change, Storag
         key: row.key,
         id: row.id,
         version: row.version,
-        summary: row.summary,
+        summary,
     })
 }
 

@@ -465,7 +465,7 @@ impl Store {
         let Some(row) = acquisitions.get((dish_key, well, acquired_at_ms))? else {
             return Ok(None);
         };
-        let row: tables::AcquisitionRow = tables::decode(row.value(), "acquisition")?;
+        let row = tables::AcquisitionRow::decode(row.value())?;
         Ok(row.location(focal_plane))
     }
 }
@@ -615,6 +615,146 @@ mod tests {
         set_schema_version_for_tests(dir.path(), 0).unwrap();
         let error = Store::open(dir.path(), &StoreOptions::default(), [1; 16]).unwrap_err();
         assert_eq!(error.code(), "database_corrupt");
+    }
+
+    /// A version-5 store (plain acquisition rows, worded acquisition changes) opens as version
+    /// 6, reads every image as before, verifies clean and takes new planes into its old rows.
+    #[test]
+    fn a_version_5_store_opens_reads_and_grows_unchanged() {
+        use crate::ops::{DishRegistration, InstrumentHello, PatientRef, PutImage, RegisterDish};
+        use crate::ops::{ImageBytes, WellRegistration};
+        #[derive(serde::Serialize)]
+        struct PlainV5<'a> {
+            planes: &'a [tables::PlaneRow],
+            first_stored_at_ms: i64,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions::default();
+        let jpeg = |well: u32, plane: i32| {
+            bytes::Bytes::from(format!("\u{ff}jpeg of well {well} plane {plane}").repeat(40))
+        };
+        let put = |writer: &Writer, instrument_id, well, plane, at| PutImage {
+            instrument_id,
+            dish_id: "D1".into(),
+            well,
+            focal_plane: plane,
+            acquired_at_ms: at,
+            jpeg: ImageBytes::new(jpeg(well, plane)),
+            at_ms: at,
+        };
+        let instrument_id;
+        {
+            let store = Store::open(dir.path(), &options, [1; 16]).unwrap();
+            let writer = store.start_writer(WriterOptions::default());
+            instrument_id = writer
+                .write(InstrumentHello {
+                    serial: "S".into(),
+                    model: "es-plus".into(),
+                    firmware: "1".into(),
+                    presented_secret: None,
+                    new_secret: "x".into(),
+                    at_ms: 1,
+                })
+                .unwrap()
+                .instrument_id;
+            writer
+                .write(RegisterDish {
+                    instrument_id,
+                    dish: DishRegistration {
+                        dish_id: "D1".into(),
+                        slot: 1,
+                        patient: PatientRef {
+                            patient_id: "P".into(),
+                            first_name: String::new(),
+                            last_name: String::new(),
+                            date_of_birth: String::new(),
+                        },
+                        treatment_name: "T".into(),
+                        insemination_at_ms: 1,
+                        wells: (1..=2)
+                            .map(|well| WellRegistration {
+                                well,
+                                embryo_id: format!("E{well}"),
+                            })
+                            .collect(),
+                    },
+                    at_ms: 1,
+                })
+                .unwrap();
+            for well in 1..=2 {
+                for plane in -2..=2 {
+                    writer
+                        .write(put(&writer, instrument_id, well, plane, 1_000))
+                        .unwrap();
+                }
+            }
+            writer.shutdown();
+        }
+        // Write the rows back as version 5 did, and say version 5.
+        {
+            let db = Database::open(dir.path().join(DATABASE_FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut rows = txn.open_table(tables::ACQUISITIONS).unwrap();
+                let mut plain = Vec::new();
+                for entry in rows.range::<tables::AcquisitionKey>(..).unwrap() {
+                    let (key, value) = entry.unwrap();
+                    let row = tables::AcquisitionRow::decode(value.value()).unwrap();
+                    let bytes = tables::encode(&PlainV5 {
+                        planes: &row.planes,
+                        first_stored_at_ms: row.first_stored_at_ms,
+                    });
+                    plain.push((key.value(), bytes));
+                }
+                assert_eq!(plain.len(), 2);
+                for (key, bytes) in plain {
+                    rows.insert(key, bytes.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        set_schema_version_for_tests(dir.path(), 5).unwrap();
+        let store = Store::open(dir.path(), &options, [1; 16]).unwrap();
+        {
+            let reader = store.read().unwrap();
+            for well in 1..=2 {
+                for plane in -2..=2 {
+                    let stored = reader
+                        .image(instrument_id, "D1", well, plane, 1_000)
+                        .unwrap();
+                    assert_eq!(stored, Some(jpeg(well, plane)), "well {well} plane {plane}");
+                }
+            }
+            let changes = reader.changes_after(0, 100).unwrap();
+            let acquisitions: Vec<_> = changes
+                .iter()
+                .filter(|c| c.entity == crate::model::ChangeEntity::Acquisition)
+                .collect();
+            assert_eq!(acquisitions.len(), 2);
+            assert_eq!(acquisitions[0].summary, "new acquisition of embryo E1");
+        }
+        assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+        let writer = store.start_writer(WriterOptions::default());
+        writer
+            .write(put(&writer, instrument_id, 1, 3, 1_000))
+            .unwrap();
+        writer.shutdown();
+        let reader = store.read().unwrap();
+        assert_eq!(
+            reader.image(instrument_id, "D1", 1, 3, 1_000).unwrap(),
+            Some(jpeg(1, 3))
+        );
+        assert_eq!(
+            reader.image(instrument_id, "D1", 1, -2, 1_000).unwrap(),
+            Some(jpeg(1, -2))
+        );
+        let version = {
+            let txn = store.inner.begin_read().unwrap();
+            let meta = txn.open_table(tables::META).unwrap();
+            let bytes = meta.get(tables::META_SCHEMA_VERSION).unwrap().unwrap();
+            tables::decode_u64(bytes.value(), "schema version").unwrap()
+        };
+        assert_eq!(version, 6);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use redb::TableDefinition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The schema version this binary writes and reads. See the module documentation.
-pub const SCHEMA_VERSION: u64 = 5;
+pub const SCHEMA_VERSION: u64 = 6;
 
 /// `meta`: name -> bytes. Rows: [`META_SCHEMA_VERSION`] (u64 LE), [`META_SERVER_ID`] (UTF-8,
 /// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]), [`META_IMS`] (postcard
@@ -449,14 +449,144 @@ pub struct IdempotencyRow {
     pub annotation_id: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One acquisition's row in [`ACQUISITIONS`]: where each focal plane's record is.
+///
+/// Encoded by [`AcquisitionRow::encode`] in the packed layout of version 6 (a 0 byte, then
+/// varints, each plane's focal plane, volume and offset as the difference from the previous
+/// plane's, so the planes of one stack written one after the other take about 6 bytes each);
+/// [`AcquisitionRow::decode`] also reads the plain postcard layout version 5 wrote (which never
+/// starts with a 0 byte: it starts with the number of planes, and a row has at least one).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcquisitionRow {
     /// Sorted ascending by focal plane, no duplicates, never empty.
     pub planes: Vec<PlaneRow>,
     pub first_stored_at_ms: i64,
 }
 
+/// Version 5's layout of [`AcquisitionRow`], frozen: read, never written.
+#[derive(Deserialize)]
+struct AcquisitionRowV5 {
+    planes: Vec<PlaneRow>,
+    first_stored_at_ms: i64,
+}
+
+/// The first byte of a packed (version 6) acquisition row.
+const ACQUISITION_PACKED: u8 = 0;
+
 impl AcquisitionRow {
+    /// The row's bytes in the packed layout.
+    pub fn encode(&self) -> Vec<u8> {
+        debug_assert!(!self.planes.is_empty(), "an acquisition row has a plane");
+        let mut out = Vec::with_capacity(8 + self.planes.len() * 8);
+        out.push(ACQUISITION_PACKED);
+        put_varint(&mut out, zigzag(self.first_stored_at_ms));
+        put_varint(&mut out, self.planes.len() as u64);
+        let mut previous: Option<&PlaneRow> = None;
+        for plane in &self.planes {
+            let location = plane.location;
+            match previous {
+                None => {
+                    put_varint(&mut out, zigzag(i64::from(plane.focal_plane)));
+                    put_varint(&mut out, u64::from(location.volume));
+                    put_varint(&mut out, location.offset);
+                }
+                Some(before) => {
+                    let step = i64::from(plane.focal_plane) - i64::from(before.focal_plane);
+                    put_varint(&mut out, zigzag(step - 1));
+                    let volume_step =
+                        i64::from(location.volume) - i64::from(before.location.volume);
+                    put_varint(&mut out, zigzag(volume_step));
+                    if volume_step == 0 {
+                        let after_before =
+                            before.location.offset as i64 + i64::from(before.location.length);
+                        put_varint(&mut out, zigzag(location.offset as i64 - after_before));
+                    } else {
+                        put_varint(&mut out, location.offset);
+                    }
+                }
+            }
+            put_varint(&mut out, u64::from(location.length));
+            previous = Some(plane);
+        }
+        out
+    }
+
+    /// Reads a row of either layout; anything else is corruption.
+    pub fn decode(bytes: &[u8]) -> Result<AcquisitionRow, StorageError> {
+        let corrupt = |what: &str| {
+            StorageError::Corrupt(format!("acquisition record does not decode: {what}"))
+        };
+        let row = match bytes.first() {
+            None => return Err(corrupt("empty")),
+            Some(&ACQUISITION_PACKED) => {
+                let mut at = 1;
+                let mut next = || get_varint(bytes, &mut at).ok_or_else(|| corrupt("truncated"));
+                let first_stored_at_ms = unzigzag(next()?);
+                let count = next()?;
+                if count == 0 || count > 4096 {
+                    return Err(corrupt("bad plane count"));
+                }
+                let mut planes: Vec<PlaneRow> = Vec::with_capacity(count as usize);
+                for index in 0..count {
+                    let (focal_plane, volume, offset) = match planes.last() {
+                        None => (unzigzag(next()?), next()? as i64, next()?),
+                        Some(before) => {
+                            let focal_plane = i64::from(before.focal_plane) + unzigzag(next()?) + 1;
+                            let volume_step = unzigzag(next()?);
+                            let volume = i64::from(before.location.volume) + volume_step;
+                            let offset = if volume_step == 0 {
+                                let after_before = before.location.offset as i64
+                                    + i64::from(before.location.length);
+                                (after_before + unzigzag(next()?)) as u64
+                            } else {
+                                next()?
+                            };
+                            (focal_plane, volume, offset)
+                        }
+                    };
+                    let length = next()?;
+                    let (Ok(focal_plane), Ok(volume), Ok(length)) = (
+                        i32::try_from(focal_plane),
+                        u32::try_from(volume),
+                        u32::try_from(length),
+                    ) else {
+                        return Err(corrupt(&format!("plane {index} is out of range")));
+                    };
+                    planes.push(PlaneRow {
+                        focal_plane,
+                        location: Location {
+                            volume,
+                            offset,
+                            length,
+                        },
+                    });
+                }
+                if at != bytes.len() {
+                    return Err(corrupt("trailing bytes"));
+                }
+                AcquisitionRow {
+                    planes,
+                    first_stored_at_ms,
+                }
+            }
+            Some(_) => {
+                let old: AcquisitionRowV5 = decode(bytes, "version 5 acquisition")?;
+                AcquisitionRow {
+                    planes: old.planes,
+                    first_stored_at_ms: old.first_stored_at_ms,
+                }
+            }
+        };
+        let ascending = row
+            .planes
+            .windows(2)
+            .all(|pair| pair[0].focal_plane < pair[1].focal_plane);
+        if row.planes.is_empty() || !ascending {
+            return Err(corrupt("planes not ascending"));
+        }
+        Ok(row)
+    }
+
     /// The focal planes stored, ascending.
     pub fn focal_planes(&self) -> Vec<i32> {
         self.planes.iter().map(|p| p.focal_plane).collect()
@@ -597,6 +727,36 @@ pub struct ChangeRow {
     pub summary: String,
 }
 
+fn zigzag(value: i64) -> u64 {
+    ((value << 1) ^ (value >> 63)) as u64
+}
+
+fn unzigzag(value: u64) -> i64 {
+    ((value >> 1) as i64) ^ -((value & 1) as i64)
+}
+
+/// LEB128, as postcard writes its integers.
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn get_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *bytes.get(*at)?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f).checked_shl(shift)?;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
 /// Encodes a record. Encoding into a Vec cannot fail for these types; a failure is a bug.
 pub fn encode<T: Serialize>(row: &T) -> Vec<u8> {
     postcard::to_stdvec(row).expect("postcard encodes plain records into a Vec")
@@ -687,6 +847,109 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plane(focal_plane: i32, volume: u32, offset: u64, length: u32) -> PlaneRow {
+        PlaneRow {
+            focal_plane,
+            location: Location {
+                volume,
+                offset,
+                length,
+            },
+        }
+    }
+
+    /// Version 5's layout, as it wrote rows.
+    #[derive(Serialize)]
+    struct WrittenByV5<'a> {
+        planes: &'a [PlaneRow],
+        first_stored_at_ms: i64,
+    }
+
+    #[test]
+    fn acquisition_rows_pack_and_read_both_layouts() {
+        let stack: Vec<PlaneRow> = (0..11)
+            .map(|p| plane(p, 3, 3_900_000_000 + p as u64 * 30_100, 30_100))
+            .collect();
+        let cases = [
+            // A stack written back to back near the end of a 4 GiB volume.
+            stack.clone(),
+            // Gaps (other instruments' records in between), a plane written again later at a
+            // lower offset, negative planes (EmbryoScope D offsets), a volume change.
+            vec![
+                plane(-75, 1, 4_000_000_000, 29_000),
+                plane(-45, 1, 4_000_450_000, 31_000),
+                plane(-15, 1, 12_288, 30_500),
+                plane(15, 2, 0, 30_000),
+                plane(45, 1, 100, 1),
+                plane(75, u32::MAX, u64::MAX / 4, u32::MAX),
+            ],
+            vec![plane(i32::MIN, 0, 0, 0), plane(i32::MAX, 0, 0, 0)],
+        ];
+        for planes in cases {
+            let row = AcquisitionRow {
+                planes: planes.clone(),
+                first_stored_at_ms: 1_764_806_400_123,
+            };
+            let packed = row.encode();
+            assert_eq!(packed[0], ACQUISITION_PACKED);
+            assert_eq!(AcquisitionRow::decode(&packed).unwrap(), row);
+            let plain = encode(&WrittenByV5 {
+                planes: &planes,
+                first_stored_at_ms: row.first_stored_at_ms,
+            });
+            assert_ne!(plain[0], ACQUISITION_PACKED);
+            assert_eq!(AcquisitionRow::decode(&plain).unwrap(), row);
+        }
+        // The stack: 11 planes of 30 KB in 78 bytes; the plain layout takes 117.
+        let plain = encode(&WrittenByV5 {
+            planes: &stack,
+            first_stored_at_ms: 1_764_806_400_123,
+        });
+        let row = AcquisitionRow {
+            planes: stack,
+            first_stored_at_ms: 1_764_806_400_123,
+        };
+        assert_eq!((row.encode().len(), plain.len()), (78, 117));
+    }
+
+    #[test]
+    fn a_damaged_acquisition_row_is_corruption_never_a_panic() {
+        let row = AcquisitionRow {
+            planes: (0..5).map(|p| plane(p, 1, p as u64 * 100, 100)).collect(),
+            first_stored_at_ms: 7,
+        };
+        let packed = row.encode();
+        for cut in 0..packed.len() {
+            assert!(
+                AcquisitionRow::decode(&packed[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = packed.clone();
+        longer.push(0);
+        assert!(AcquisitionRow::decode(&longer).is_err());
+        // Every single-byte change either fails to decode or decodes to ascending planes.
+        for at in 0..packed.len() {
+            for value in [0u8, 1, 0x7f, 0x80, 0xff] {
+                let mut damaged = packed.clone();
+                damaged[at] = value;
+                if let Ok(decoded) = AcquisitionRow::decode(&damaged) {
+                    assert!(decoded
+                        .planes
+                        .windows(2)
+                        .all(|w| w[0].focal_plane < w[1].focal_plane));
+                }
+            }
+        }
+        // A packed row claiming no planes, or planes out of order.
+        assert!(AcquisitionRow::decode(&[ACQUISITION_PACKED, 14, 0]).is_err());
+        let unordered = encode(&WrittenByV5 {
+            planes: &[plane(2, 1, 0, 1), plane(1, 1, 1, 1)],
+            first_stored_at_ms: 0,
+        });
+        assert!(AcquisitionRow::decode(&unordered).is_err());
+    }
 
     #[test]
     fn image_value_round_trips_and_detects_damage() {

@@ -182,7 +182,7 @@ fn check_images(
     for entry in acquisitions.range::<tables::AcquisitionKey>(..)? {
         let (key, value) = entry?;
         let (dish_key, well, acquired_at_ms) = key.value();
-        let row: AcquisitionRow = match decode(value.value(), "acquisition") {
+        let row = match AcquisitionRow::decode(value.value()) {
             Ok(row) => row,
             Err(error) => {
                 report.problem(format!(
@@ -319,7 +319,7 @@ fn check_volumes(
                     }
                     let key = header.image_key();
                     let indexed = match acquisitions.get((key.0, key.1, key.2))? {
-                        Some(value) => decode::<AcquisitionRow>(value.value(), "acquisition")
+                        Some(value) => AcquisitionRow::decode(value.value())
                             .ok()
                             .and_then(|row| row.location(key.3)),
                         None => None,

@@ -325,7 +325,7 @@ impl Reader {
         let mut out = Vec::new();
         for entry in table.range::<(u64, u32, i64)>((start, end))?.take(limit) {
             let (key, value) = entry?;
-            let row: AcquisitionRow = decode(value.value(), "acquisition")?;
+            let row = AcquisitionRow::decode(value.value())?;
             out.push(AcquisitionRecord {
                 acquired_at_ms: key.value().2,
                 focal_planes: row.focal_planes(),
@@ -389,7 +389,7 @@ impl Reader {
             }
             let (key, value) = entry?;
             let acquired_at_ms = key.value().2;
-            let row: AcquisitionRow = decode(value.value(), "acquisition")?;
+            let row = AcquisitionRow::decode(value.value())?;
             let Some(location) = row.location(focal_plane) else {
                 continue;
             };
@@ -435,7 +435,7 @@ impl Reader {
                 continue;
             };
             let acquired_at_ms = acquisition_key.value().2;
-            let row: AcquisitionRow = decode(acquisition.value(), "acquisition")?;
+            let row = AcquisitionRow::decode(acquisition.value())?;
             let Some(plane) = row
                 .planes
                 .iter()
