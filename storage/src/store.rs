@@ -633,7 +633,7 @@ mod tests {
         let jpeg = |well: u32, plane: i32| {
             bytes::Bytes::from(format!("\u{ff}jpeg of well {well} plane {plane}").repeat(40))
         };
-        let put = |writer: &Writer, instrument_id, well, plane, at| PutImage {
+        let put = |instrument_id, well, plane, at| PutImage {
             instrument_id,
             dish_id: "D1".into(),
             well,
@@ -684,7 +684,7 @@ mod tests {
             for well in 1..=2 {
                 for plane in -2..=2 {
                     writer
-                        .write(put(&writer, instrument_id, well, plane, 1_000))
+                        .write(put(instrument_id, well, plane, 1_000))
                         .unwrap();
                 }
             }
@@ -735,9 +735,7 @@ mod tests {
         }
         assert!(store.verify(&mut |_| {}).unwrap().is_clean());
         let writer = store.start_writer(WriterOptions::default());
-        writer
-            .write(put(&writer, instrument_id, 1, 3, 1_000))
-            .unwrap();
+        writer.write(put(instrument_id, 1, 3, 1_000)).unwrap();
         writer.shutdown();
         let reader = store.read().unwrap();
         assert_eq!(
