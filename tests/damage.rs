@@ -214,9 +214,10 @@ fn check_paths(server: &ServerProcess, key: &str, images: &[Stored], damaged: &B
         .filter(|i| i.embryo_id == first_damaged.embryo_id)
         .filter(|i| i.acquired_at_ms < first_damaged.acquired_at_ms)
         .count();
-    // Frames are read in chunks; the chunk holding the damaged frame ends the playback.
-    assert!(
-        played <= before,
+    // Every frame before the damaged one is played, even those read in its chunk; the
+    // damaged frame ends the playback.
+    assert_eq!(
+        played, before,
         "{played} frames played, {before} before the damaged one"
     );
 }

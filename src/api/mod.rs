@@ -23,7 +23,7 @@ use auth::Tokens;
 use bytes::{Bytes, BytesMut};
 use es_net::http::{self, HttpError, HttpLimits, Parsed, RequestParser};
 use es_net::{CloseReason, ConnHandle, Service, Session, SessionIo, TimeoutKind};
-use es_storage::{Edit, Frame, LoginAttempt, OpResult, Rights, StorageError, Store, Writer};
+use es_storage::{Edit, FrameChunk, LoginAttempt, OpResult, Rights, StorageError, Store, Writer};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -151,7 +151,7 @@ pub enum ApiMsg {
         result: OpResult<LoginAttempt>,
     },
     /// A ZIP chunk was read: frames, or None when the embryo is unknown.
-    Frames(Result<Option<Vec<Frame>>, StorageError>),
+    Frames(Result<Option<FrameChunk>, StorageError>),
     /// New changes were committed.
     ChangesCommitted,
 }
@@ -671,9 +671,17 @@ impl ApiSession {
 
     fn frames_read(
         &mut self,
-        result: Result<Option<Vec<Frame>>, StorageError>,
+        result: Result<Option<FrameChunk>, StorageError>,
         io: &mut SessionIo<'_>,
     ) {
+        // Frames before a damaged one are sent, and the chunk is not the last however short:
+        // the next read starts at the damaged frame and ends the stream with its error.
+        let damage_follows = matches!(&result, Ok(Some(chunk)) if chunk.damaged.is_some());
+        let result = match result {
+            Ok(Some(chunk)) => chunk.into_frames().map(Some),
+            Ok(None) => Ok(None),
+            Err(error) => Err(error),
+        };
         let State::Streaming(stream) = &mut self.state else {
             return;
         };
@@ -760,7 +768,7 @@ impl ApiSession {
         let http10 = self.exchange.as_ref().is_some_and(|e| e.http10);
         let mut data = Vec::new();
         let mut full = false;
-        let last = frames.len() < ZIP_CHUNK_FRAMES as usize;
+        let last = !damage_follows && frames.len() < ZIP_CHUNK_FRAMES as usize;
         for frame in &frames {
             let run = stream.run + 1;
             let name = format!("{}_{run:05}.jpg", stream.plan.name_prefix);

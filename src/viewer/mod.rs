@@ -23,7 +23,7 @@ use es_proto::viewer::{
     FRAMES_MAX, PATIENT_PAGE_DEFAULT, PATIENT_PAGE_MAX,
 };
 use es_storage::{
-    Actor, AdminRefusal, AuditDenied, ChangeEntity, Current, Edit, EditRefusal, Frame,
+    Actor, AdminRefusal, AuditDenied, ChangeEntity, Current, Edit, EditRefusal, FrameChunk,
     LoginAttempt, OpResult, Rights, StorageError, Store, SubmitError, WriteError, Writer,
 };
 use parking_lot::Mutex;
@@ -70,7 +70,7 @@ pub enum ViewerMsg {
     /// A playback chunk was read: frames, or None when the embryo is unknown.
     Frames {
         seq: u64,
-        result: Result<Option<Vec<Frame>>, StorageError>,
+        result: Result<Option<FrameChunk>, StorageError>,
     },
     /// New changes were committed.
     ChangesCommitted,
@@ -976,7 +976,7 @@ impl ViewerSession {
     fn frames_read(
         &mut self,
         seq: u64,
-        result: Result<Option<Vec<Frame>>, StorageError>,
+        result: Result<Option<FrameChunk>, StorageError>,
         io: &mut SessionIo<'_>,
     ) {
         let Some(position) = self.playbacks.iter().position(|p| p.seq == seq) else {
@@ -993,8 +993,9 @@ impl ViewerSession {
             );
             return;
         }
-        let frames = match result {
-            Ok(Some(frames)) => frames,
+        let (frames, damaged) = match result {
+            // Frames before a damaged one are played; the damaged one ends the playback.
+            Ok(Some(FrameChunk { frames, damaged })) => (frames, damaged),
             Ok(None) => {
                 let embryo_id = self.playbacks.remove(position).embryo_id;
                 self.respond_error(
@@ -1016,7 +1017,7 @@ impl ViewerSession {
         let count = u32::try_from(frames.len()).unwrap_or(u32::MAX);
         let playback = &mut self.playbacks[position];
         playback.remaining = playback.remaining.saturating_sub(count);
-        let finished = count < asked || playback.remaining == 0;
+        let finished = damaged.is_none() && (count < asked || playback.remaining == 0);
         if let Some(last) = frames.last() {
             playback.next_from_ms = last.acquired_at_ms.saturating_add(1);
         }
@@ -1045,6 +1046,13 @@ impl ViewerSession {
             self.protocol.respond(seq, end, &mut out);
         }
         io.write(&out);
+        if let Some(damage) = damaged {
+            if let Some(position) = self.playbacks.iter().position(|p| p.seq == seq) {
+                self.playbacks.remove(position);
+            }
+            let code = storage_error_code(&damage);
+            self.respond_error(seq, code, damage.to_string(), io);
+        }
         self.pump_playbacks(io);
     }
 

@@ -459,6 +459,26 @@ pub struct Frame {
     pub jpeg: bytes::Bytes,
 }
 
+/// Frames of an embryo in time order, read up to a limit or up to the first damaged one.
+#[derive(Debug)]
+pub struct FrameChunk {
+    pub frames: Vec<Frame>,
+    /// The read stopped at a damaged frame (`StorageError::ImageDamaged`): `frames` holds
+    /// every frame before it, and a read starting after the last of them meets it first.
+    pub damaged: Option<crate::StorageError>,
+}
+
+impl FrameChunk {
+    /// The frames, or the damage when it comes before any frame: a reader that goes on from
+    /// after the last frame meets the damaged one at the start of its next read.
+    pub fn into_frames(self) -> Result<Vec<Frame>, crate::StorageError> {
+        match self.damaged {
+            Some(damage) if self.frames.is_empty() => Err(damage),
+            _ => Ok(self.frames),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditRecord {
     pub seq: u64,

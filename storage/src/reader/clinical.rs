@@ -8,8 +8,8 @@ use crate::error::StorageError;
 use crate::limits;
 use crate::model::{
     AcquisitionRecord, AnnotationRecord, AnnotationSource, ApiKeyRecord, ApiScope, AuditOutcome,
-    AuditRecord, ChangeEntity, DishRecord, EmbryoRecord, Fate, Frame, PatientRecord, Rights,
-    ScoreRecord, TransferRecord, TreatmentRecord, UserRecord,
+    AuditRecord, ChangeEntity, DishRecord, EmbryoRecord, Fate, Frame, FrameChunk, PatientRecord,
+    Rights, ScoreRecord, TransferRecord, TreatmentRecord, UserRecord,
 };
 use crate::tables::{
     self, decode, AcquisitionRow, AnnotationRow, ApiKeyRow, AuditRow, DishRow, EmbryoRow,
@@ -364,7 +364,8 @@ impl Reader {
     /// Time-lapse frames of an embryo at one focal plane, acquisitions from `from_ms` to
     /// `to_ms` inclusive, ascending, at most `limit` frames (capped at
     /// `limits::READ_ROWS_MAX`). Acquisitions without that plane are skipped. None if the
-    /// embryo is unknown.
+    /// embryo is unknown. A damaged frame ends the chunk: the frames before it are returned
+    /// with the damage (`FrameChunk::damaged`), so a playback or export ends exactly there.
     pub fn frames(
         &self,
         embryo_id: &str,
@@ -372,7 +373,7 @@ impl Reader {
         from_ms: i64,
         to_ms: i64,
         limit: u32,
-    ) -> Result<Option<Vec<Frame>>, StorageError> {
+    ) -> Result<Option<FrameChunk>, StorageError> {
         let Some(place) = self.embryo_place(embryo_id)? else {
             return Ok(None);
         };
@@ -381,7 +382,10 @@ impl Reader {
         let limit = limit.min(limits::READ_ROWS_MAX) as usize;
         let mut out = Vec::new();
         if from_ms > to_ms {
-            return Ok(Some(out));
+            return Ok(Some(FrameChunk {
+                frames: out,
+                damaged: None,
+            }));
         }
         for entry in acquisitions.range((dish_key, well, from_ms)..=(dish_key, well, to_ms))? {
             if out.len() >= limit {
@@ -403,13 +407,26 @@ impl Reader {
                     acquired_at_ms,
                 )
             };
+            let jpeg = match self.read_jpeg(location, key, text) {
+                Ok(jpeg) => jpeg,
+                Err(damage @ StorageError::ImageDamaged { .. }) => {
+                    return Ok(Some(FrameChunk {
+                        frames: out,
+                        damaged: Some(damage),
+                    }));
+                }
+                Err(error) => return Err(error),
+            };
             out.push(Frame {
                 acquired_at_ms,
                 focal_plane,
-                jpeg: self.read_jpeg(location, key, text)?,
+                jpeg,
             });
         }
-        Ok(Some(out))
+        Ok(Some(FrameChunk {
+            frames: out,
+            damaged: None,
+        }))
     }
 
     /// The latest image of every well of a dish: at `focal_plane` when that acquisition has
