@@ -579,6 +579,43 @@ struct Active {
     records: u64,
     pending_records: u64,
     created_at_ms: i64,
+    /// The companion file's list of the committed records, kept while the volume fills so
+    /// that sealing it reads nothing back. None for a volume this appender did not start
+    /// (active at a restart): its companion is written by walking it.
+    listed: Option<Listed>,
+    /// The same for the records of the batch being applied.
+    pending_listed: Listed,
+}
+
+/// The most memory a volume's kept list of records may take (about 120 bytes a record: 30 KB
+/// images fill a 4 GiB volume with some 140,000, 17 MB); past it the volume is walked when it
+/// is sealed.
+const LISTED_BYTES_MAX: usize = 64 << 20;
+
+/// Records as a companion file lists them: per record its offset (u64 LE) and its header as
+/// it is in the volume.
+#[derive(Debug, Default)]
+pub(crate) struct Listed {
+    body: Vec<u8>,
+    records: u64,
+}
+
+impl Listed {
+    fn push(&mut self, offset: u64, header: &RecordHeader) {
+        self.body.extend_from_slice(&offset.to_le_bytes());
+        header.encode_into(&mut self.body);
+        self.records += 1;
+    }
+
+    fn append(&mut self, other: &mut Listed) {
+        self.body.append(&mut other.body);
+        self.records += std::mem::take(&mut other.records);
+    }
+
+    fn clear(&mut self) {
+        self.body.clear();
+        self.records = 0;
+    }
 }
 
 /// What a batch changed about the volumes, to be written into its transaction.
@@ -597,8 +634,9 @@ pub(crate) struct Appender {
     active: Option<Active>,
     /// Volumes filled during the current batch: written, to be synced and sealed with it.
     filling: Vec<Active>,
-    /// Sealed by the last committed batch: the preallocated tails are to be cut off.
-    sealed_to_trim: Vec<(u32, u64)>,
+    /// Sealed by the last committed batch: the preallocated tails are to be cut off; with
+    /// their records' list when it was kept.
+    sealed_to_trim: Vec<(u32, u64, Option<Listed>)>,
     /// The highest volume id in use (rows and files).
     id_last: u32,
     /// The first volume the current batch created, if it created one.
@@ -609,8 +647,9 @@ pub(crate) struct Appender {
     write_budget: Option<u64>,
     /// Write records with `O_DIRECT` where the filesystem allows it.
     direct_io: bool,
-    /// Sealed volumes whose companion file is still to be written: (id, end).
-    companions_due: Vec<(u32, u64)>,
+    /// Sealed volumes whose companion file is still to be written: (id, end, the records'
+    /// list when it was kept; else the volume is walked).
+    companions_due: Vec<(u32, u64, Option<Listed>)>,
 }
 
 /// One volume as redb's `volumes` table lists it, for `Appender::open`.
@@ -687,14 +726,18 @@ impl Appender {
                 && !appender.volumes.companion_path(listed.id).exists()
                 && appender.volumes.path(listed.id).exists()
             {
-                appender.companions_due.push((listed.id, listed.row.end));
+                appender
+                    .companions_due
+                    .push((listed.id, listed.row.end, None));
             }
             if listed.row.sealed {
                 let path = appender.volumes.path(listed.id);
                 if let Ok(meta) = std::fs::metadata(&path) {
                     if meta.len() > listed.row.end {
                         // Sealed, but the preallocated tail was not cut yet.
-                        appender.sealed_to_trim.push((listed.id, listed.row.end));
+                        appender
+                            .sealed_to_trim
+                            .push((listed.id, listed.row.end, None));
                     }
                 } else {
                     tracing::error!(volume = listed.id, path = %path.display(),
@@ -767,6 +810,8 @@ impl Appender {
                 records: last.row.records,
                 pending_records: 0,
                 created_at_ms: last.row.created_at_ms,
+                listed: None,
+                pending_listed: Listed::default(),
             });
         }
         appender.trim_sealed();
@@ -795,6 +840,15 @@ impl Appender {
         let offset = active.end + active.pending.records_len() as u64;
         active.pending.push(header, jpeg);
         active.pending_records += 1;
+        if let Some(listed) = &active.listed {
+            if listed.body.len() + active.pending_listed.body.len() < LISTED_BYTES_MAX {
+                active.pending_listed.push(offset, header);
+            } else {
+                // Tiny records in a large volume: walk it at sealing instead of holding more.
+                active.listed = None;
+                active.pending_listed.clear();
+            }
+        }
         Ok(Location {
             volume: active.id,
             offset,
@@ -850,6 +904,8 @@ impl Appender {
             records: 0,
             pending_records: 0,
             created_at_ms: at_ms,
+            listed: Some(Listed::default()),
+            pending_listed: Listed::default(),
         });
         Ok(())
     }
@@ -898,7 +954,12 @@ impl Appender {
         for mut full in self.filling.drain(..) {
             full.end += full.pending.records_len() as u64;
             full.records += full.pending_records;
-            self.sealed_to_trim.push((full.id, full.end));
+            let mut listed = full.listed.take();
+            if let Some(listed) = listed.as_mut() {
+                listed.append(&mut full.pending_listed);
+                debug_assert_eq!(listed.records, full.records);
+            }
+            self.sealed_to_trim.push((full.id, full.end, listed));
             self.volumes.forget(full.id);
         }
         if let Some(active) = self.active.as_mut() {
@@ -906,6 +967,9 @@ impl Appender {
             active.records += active.pending_records;
             active.pending.written(active.end, active.direct.is_some());
             active.pending_records = 0;
+            if let Some(listed) = active.listed.as_mut() {
+                listed.append(&mut active.pending_listed);
+            }
         }
         self.trim_sealed();
     }
@@ -927,6 +991,7 @@ impl Appender {
             } else {
                 volume.pending.discard();
                 volume.pending_records = 0;
+                volume.pending_listed.clear();
                 self.active = Some(volume);
             }
         }
@@ -938,7 +1003,7 @@ impl Appender {
     /// Cuts the preallocated tails off sealed volumes. Failures are logged; the tail is
     /// harmless (nothing reads past `end`) and is tried again at the next start.
     fn trim_sealed(&mut self) {
-        for (id, end) in self.sealed_to_trim.drain(..) {
+        for (id, end, listed) in std::mem::take(&mut self.sealed_to_trim) {
             let path = self.volumes.path(id);
             let result = std::fs::OpenOptions::new()
                 .write(true)
@@ -953,13 +1018,14 @@ impl Appender {
                     tracing::warn!(volume = id, %error, "cutting a sealed volume's spare tail")
                 }
             }
-            self.companions_due.push((id, end));
+            self.companions_due.push((id, end, listed));
         }
         self.write_companions();
     }
 
     /// Writes the companion files of the volumes sealed since the last call, on a thread of
-    /// their own (a volume's headers are read from end to end; the writer does not wait).
+    /// their own (from the records' list kept while the volume filled, or by reading its
+    /// headers from end to end; the writer does not wait).
     fn write_companions(&mut self) {
         if self.companions_due.is_empty() {
             return;
@@ -969,8 +1035,8 @@ impl Appender {
         let spawned = std::thread::Builder::new()
             .name("es-volume-seal".into())
             .spawn(move || {
-                for (id, end) in due {
-                    match write_companion(&volumes, id, end) {
+                for (id, end, listed) in due {
+                    match write_companion(&volumes, id, end, listed) {
                         Ok(records) => {
                             tracing::info!(volume = id, records, "volume companion file written")
                         }
@@ -1204,18 +1270,27 @@ fn find_next_header(file: &File, from: u64, end: u64) -> Result<u64, StorageErro
 /// It is written to a temporary file, synced and renamed, so it is whole or absent.
 pub(crate) const COMPANION_MAGIC: [u8; 4] = *b"ESIX";
 
-/// Walks the sealed volume's headers and writes its companion file; returns its records.
-pub(crate) fn write_companion(volumes: &Volumes, id: u32, end: u64) -> Result<u64, StorageError> {
-    let mut body = Vec::new();
-    let mut records = 0u64;
-    walk(volumes, id, end, &mut |walked| {
-        if let Walked::Record { offset, header } = walked {
-            body.extend_from_slice(&offset.to_le_bytes());
-            header.encode_into(&mut body);
-            records += 1;
+/// Writes the sealed volume's companion file from `listed`, the list of its records kept
+/// while it filled, or else by walking its headers; returns its records.
+pub(crate) fn write_companion(
+    volumes: &Volumes,
+    id: u32,
+    end: u64,
+    listed: Option<Listed>,
+) -> Result<u64, StorageError> {
+    let Listed { body, records } = match listed {
+        Some(listed) => listed,
+        None => {
+            let mut listed = Listed::default();
+            walk(volumes, id, end, &mut |walked| {
+                if let Walked::Record { offset, header } = walked {
+                    listed.push(offset, &header);
+                }
+                Ok(())
+            })?;
+            listed
         }
-        Ok(())
-    })?;
+    };
     let mut out = Vec::with_capacity(body.len() + 32);
     out.extend_from_slice(&COMPANION_MAGIC);
     out.extend_from_slice(&[1, 0, 0, 0]);

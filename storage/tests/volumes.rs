@@ -304,19 +304,35 @@ fn a_sealed_volume_gets_a_companion_file_listing_its_records() {
     let stats = store.read().unwrap().stats().unwrap();
     assert!(stats.volumes_sealed >= 2, "{stats:?}");
     drop(store);
-    // The companions are written on a thread of their own; a reopen writes any missing one.
+    // The companions are written on a thread of their own, from the list of records the
+    // writer kept while each volume filled; a reopen writes any missing one by walking the
+    // volume. Both give the same bytes.
     let companion = |id: u64| dir.path().join("volumes").join(format!("{id:08}.idx"));
+    let wait_for_companions = || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while (1..=stats.volumes_sealed).any(|id| !companion(id).exists()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "companion files were not written"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    wait_for_companions();
+    let kept: Vec<Vec<u8>> = (1..=stats.volumes_sealed)
+        .map(|id| std::fs::read(companion(id)).unwrap())
+        .collect();
     for id in 1..=stats.volumes_sealed {
-        let _ = std::fs::remove_file(companion(id));
+        std::fs::remove_file(companion(id)).unwrap();
     }
     let store = open_with(dir.path(), 1 << 20);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while (1..=stats.volumes_sealed).any(|id| !companion(id).exists()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "companion files were not written"
+    wait_for_companions();
+    for (id, kept) in (1..=stats.volumes_sealed).zip(&kept) {
+        assert_eq!(
+            &std::fs::read(companion(id)).unwrap(),
+            kept,
+            "companion of volume {id}: kept list and walk differ"
         );
-        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     assert!(
         !companion(u64::from(stats.active_volume)).exists(),
