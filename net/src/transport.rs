@@ -29,6 +29,17 @@ pub struct Transport {
     out: BytesMut,
     /// The orderly close began (TLS close_notify queued): nothing more may be sent.
     close_sent: bool,
+    /// TLS: what rustls said after it last processed records, so a read sizes its buffer
+    /// to the plaintext there is instead of zero-filling a whole chunk for nothing.
+    tls_state: TlsReadState,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct TlsReadState {
+    /// Decrypted bytes waiting in rustls.
+    plaintext_bytes: usize,
+    /// The peer sent close_notify.
+    peer_closed: bool,
 }
 
 impl Transport {
@@ -38,6 +49,7 @@ impl Transport {
             tls: None,
             out: BytesMut::new(),
             close_sent: false,
+            tls_state: TlsReadState::default(),
         }
     }
 
@@ -47,6 +59,7 @@ impl Transport {
             tls: Some(Box::new(connection)),
             out: BytesMut::new(),
             close_sent: false,
+            tls_state: TlsReadState::default(),
         }
     }
 
@@ -93,7 +106,9 @@ impl Transport {
             }
             let step = match self.tls.as_mut() {
                 None => read_chunk(&mut self.socket, input, allowed)?,
-                Some(tls) => read_tls_chunk(tls, &mut self.socket, input, allowed)?,
+                Some(tls) => {
+                    read_tls_chunk(tls, &mut self.tls_state, &mut self.socket, input, allowed)?
+                }
             };
             match step {
                 Step::Read(count) => total += count,
@@ -181,32 +196,47 @@ fn read_chunk(socket: &mut TcpStream, input: &mut BytesMut, allowed: usize) -> i
 
 fn read_tls_chunk(
     tls: &mut rustls::Connection,
+    state: &mut TlsReadState,
     socket: &mut TcpStream,
     input: &mut BytesMut,
     allowed: usize,
 ) -> io::Result<Step> {
-    // Plaintext already decrypted comes first.
-    let start = input.len();
-    input.resize(start + allowed, 0);
-    let result = tls.reader().read(&mut input[start..]);
-    let count = *result.as_ref().unwrap_or(&0);
-    input.truncate(start + count);
-    match result {
-        Ok(0) => return Ok(Step::Eof),
-        Ok(count) => return Ok(Step::Read(count)),
-        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-        Err(error) => return Err(error),
+    // Plaintext already decrypted comes first, read into exactly as much buffer as there is
+    // of it.
+    if state.plaintext_bytes > 0 {
+        let start = input.len();
+        input.resize(start + allowed.min(state.plaintext_bytes), 0);
+        let result = tls.reader().read(&mut input[start..]);
+        let count = *result.as_ref().unwrap_or(&0);
+        input.truncate(start + count);
+        match result {
+            Ok(0) => return Ok(Step::Eof),
+            Ok(count) => {
+                state.plaintext_bytes = state.plaintext_bytes.saturating_sub(count);
+                return Ok(Step::Read(count));
+            }
+            // rustls has less than it said: ask it again after the next records.
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => state.plaintext_bytes = 0,
+            Err(error) => return Err(error),
+        }
+    }
+    if state.peer_closed {
+        return Ok(Step::Eof);
     }
     match tls.read_tls(socket) {
         Ok(0) => Ok(Step::Eof),
-        Ok(_) => {
-            if let Err(error) = tls.process_new_packets() {
+        Ok(_) => match tls.process_new_packets() {
+            Ok(io_state) => {
+                state.plaintext_bytes = io_state.plaintext_bytes_to_read();
+                state.peer_closed = io_state.peer_has_closed();
+                Ok(Step::Progress)
+            }
+            Err(error) => {
                 // Try to tell the peer why (the alert is queued by rustls).
                 let _ = tls.write_tls(socket);
-                return Err(io::Error::new(io::ErrorKind::InvalidData, error));
+                Err(io::Error::new(io::ErrorKind::InvalidData, error))
             }
-            Ok(Step::Progress)
-        }
+        },
         Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(Step::WouldBlock),
         Err(error) if error.kind() == io::ErrorKind::Interrupted => Ok(Step::Progress),
         Err(error) => Err(error),
