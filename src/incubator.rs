@@ -9,9 +9,9 @@ use es_proto::incubator::{
     ServerLimits, ServerSession, PROTOCOL_VERSION,
 };
 use es_storage::{
-    AlarmInput, DishRegistration, HelloRefusal, ImageBytes, ImageRefusal, InstrumentHello,
-    OpResult, PatientRef, PutImage, PutTelemetry, RegisterDish, Store, Submission, SubmitError,
-    TelemetrySample, WellRegistration, WriteError, Writer,
+    AlarmInput, ConfirmInstrumentSecret, DishRegistration, HelloRefusal, ImageBytes, ImageRefusal,
+    InstrumentHello, OpResult, PatientRef, PutImage, PutTelemetry, RegisterDish, Store, Submission,
+    SubmitError, TelemetrySample, WellRegistration, WriteError, Writer,
 };
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -104,6 +104,9 @@ pub struct Connected {
     pub peer: SocketAddr,
     pub connected_at_ms: i64,
     pub counters: Arc<LiveCounters>,
+    /// True while this connection holds a secret issued to it and not yet confirmed (it has
+    /// sent no request yet): no other secret is issued for the serial meanwhile.
+    pub enrolling: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The instruments connected right now, by serial number.
@@ -130,6 +133,30 @@ impl Registry {
         admit(&others)?;
         let older = map.insert(connected.serial.clone(), connected);
         Ok(older.map(|older| older.handle))
+    }
+
+    /// True when an open connection of `serial` holds an issued, unconfirmed secret.
+    fn issued_connection_open(&self, serial: &str) -> bool {
+        self.by_serial
+            .lock()
+            .get(serial)
+            .is_some_and(|c| c.enrolling.load(Ordering::Acquire))
+    }
+
+    /// The capacity check `admit` makes, without admitting: a HELLO the licence has no room
+    /// for is refused before anything is stored.
+    fn would_admit(
+        &self,
+        serial: &str,
+        admit: impl FnOnce(&[String]) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let map = self.by_serial.lock();
+        let others: Vec<String> = map
+            .values()
+            .filter(|c| c.serial != serial)
+            .map(|c| c.model.clone())
+            .collect();
+        admit(&others)
     }
 
     fn remove_if_current(&self, serial: &str, connection_id: u64) {
@@ -226,6 +253,11 @@ impl Service for IncubatorService {
 struct Instrument {
     id: u64,
     serial: String,
+    /// The SHA-256 of the secret issued on this connection, until its first request confirms
+    /// it (see `confirm_secret`).
+    unconfirmed_secret_sha256: Option<[u8; 32]>,
+    /// This connection's flag in the registry.
+    enrolling: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct IncubatorSession {
@@ -301,12 +333,23 @@ impl IncubatorSession {
             );
             return;
         }
+        // A HELLO the licence has no room for is refused before it changes anything stored;
+        // `finish_hello` checks again when it admits the connection.
+        let licensing = self.licensing.clone();
+        let capacity = self.registry.would_admit(&hello.serial_number, |others| {
+            capacity_check(&licensing, &hello.model, others)
+        });
+        if let Err(message) = capacity {
+            self.fail(ErrorCode::CapacityExceeded, message, io);
+            return;
+        }
         let op = InstrumentHello {
             serial: hello.serial_number.clone(),
             model: hello.model.clone(),
             firmware: hello.firmware_version.clone(),
             presented_secret: (!hello.secret.is_empty()).then(|| hello.secret.clone()),
             new_secret: hex::encode(secret_bytes),
+            issued_connection_open: self.registry.issued_connection_open(&hello.serial_number),
             at_ms: now_ms(),
         };
         let handle = self.handle.clone();
@@ -336,15 +379,30 @@ impl IncubatorSession {
                 self.fail(ErrorCode::AuthFailed, message, io);
                 return;
             }
+            Err(WriteError::Refused(HelloRefusal::EnrolmentInProgress)) => {
+                let message = format!(
+                    "another connection of instrument {} was issued a secret it has not \
+                     confirmed yet; nothing was changed; retry once that connection has sent \
+                     a request or closed",
+                    hello.serial_number
+                );
+                self.fail(ErrorCode::EnrolmentInProgress, message, io);
+                return;
+            }
             Err(error) => {
                 let code = error_code(&error, |_| ErrorCode::AuthFailed);
                 self.fail(code, format!("HELLO refused: {error}"), io);
                 return;
             }
         };
+        let enrolling = Arc::new(std::sync::atomic::AtomicBool::new(issued_secret.is_some()));
         self.instrument = Some(Instrument {
             id: instrument_id,
             serial: hello.serial_number.clone(),
+            unconfirmed_secret_sha256: issued_secret
+                .as_deref()
+                .map(|secret| es_storage::tables::sha256(secret.as_bytes())),
+            enrolling: enrolling.clone(),
         });
         let licensing = self.licensing.clone();
         let model = hello.model.clone();
@@ -357,6 +415,7 @@ impl IncubatorSession {
                 peer: self.peer,
                 connected_at_ms: now_ms(),
                 counters: self.counters.clone(),
+                enrolling,
             },
             |others| capacity_check(&licensing, &model, others),
         );
@@ -408,7 +467,36 @@ impl IncubatorSession {
             .expect("requests come only after an accepted HELLO")
     }
 
+    /// The first request on a connection that was issued a secret: the instrument stored it
+    /// (it must, before any request), so it becomes the confirmed secret. The registry's flag
+    /// clears once that is committed, so no HELLO in between can be issued another secret.
+    fn confirm_secret(&mut self) {
+        let Some(instrument) = self.instrument.as_mut() else {
+            return;
+        };
+        let Some(secret_sha256) = instrument.unconfirmed_secret_sha256 else {
+            return;
+        };
+        let enrolling = instrument.enrolling.clone();
+        let serial = instrument.serial.clone();
+        let op = ConfirmInstrumentSecret {
+            instrument_id: instrument.id,
+            secret_sha256,
+        };
+        let submitted = self.writer.try_submit(op, move |result| match result {
+            Ok(_) => enrolling.store(false, Ordering::Release),
+            Err(error) => {
+                tracing::warn!(incubator = %serial, %error, "the issued secret could not be confirmed; the next HELLO presenting it confirms it");
+            }
+        });
+        // A full queue: the next request tries again.
+        if submitted.is_ok() {
+            instrument.unconfirmed_secret_sha256 = None;
+        }
+    }
+
     fn handle_request(&mut self, message: Message, io: &mut SessionIo<'_>) {
+        self.confirm_secret();
         let seq = message.seq();
         if let Err(error) = validate_request(&message) {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);

@@ -4,8 +4,9 @@
 
 mod common;
 
-use es_loadtest::client::{ClientError, IncubatorClient};
+use es_loadtest::client::{ClientError, Identity, IncubatorClient};
 use es_loadtest::sim::{self, Pacing, Workload};
+use es_loadtest::spawn::ServerProcess;
 use es_perf::catalog::DeviceModel;
 use es_proto::incubator::{pb, ErrorCode, Message};
 use std::time::{Duration, Instant};
@@ -141,15 +142,40 @@ fn wrong_secret_is_refused_and_an_admin_reset_issues_a_new_one() {
     );
 }
 
+/// Connects as an instrument retries: again after a short backoff while the server answers
+/// `enrolment_in_progress` (an earlier connection of the serial is still open on its side).
+fn connect_retrying(server: &ServerProcess, identity: &mut Identity) -> IncubatorClient {
+    let deadline = Instant::now() + common::TIMEOUT;
+    loop {
+        let attempt = IncubatorClient::connect(
+            server.info.address("incubator"),
+            &server.info.client_tls("incubator"),
+            identity,
+            common::TIMEOUT,
+        );
+        match attempt {
+            Ok(client) => return client,
+            Err(error)
+                if error.error_code() == Some(ErrorCode::EnrolmentInProgress)
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(error) => panic!("incubator connects: {error}"),
+        }
+    }
+}
+
 #[test]
 fn a_lost_hello_ok_does_not_lock_the_instrument_out() {
     let (server, _dir) = common::spawn(false);
     let mut first = common::identity("LOST-01", "es-d");
     drop(common::connect(&server, &mut first));
     assert!(!first.secret.is_empty());
-    // The instrument never stored that secret (its HELLO_OK was lost) and says HELLO again.
+    // The instrument never stored that secret (its HELLO_OK was lost) and says HELLO again,
+    // once the server has seen the first connection close.
     let mut again = common::identity("LOST-01", "es-d");
-    drop(common::connect(&server, &mut again));
+    drop(connect_retrying(&server, &mut again));
     assert!(
         !again.secret.is_empty() && again.secret != first.secret,
         "a fresh secret is issued"
@@ -165,6 +191,77 @@ fn a_lost_hello_ok_does_not_lock_the_instrument_out() {
         common::TIMEOUT,
     );
     assert!(matches!(refused, Err(ref e) if e.error_code() == Some(ErrorCode::AuthFailed)));
+}
+
+#[test]
+fn an_instrument_that_was_issued_a_secret_cannot_be_taken_over_while_it_is_connected() {
+    let (server, dir) = common::spawn(false);
+    let mut real = common::identity("TAKE-01", "es-plus");
+    // Issued a secret; it has sent no request yet, so the secret is not confirmed.
+    let mut real_connection = common::connect(&server, &mut real);
+    assert!(!real.secret.is_empty());
+    let connect = |identity: &mut Identity| {
+        IncubatorClient::connect(
+            server.info.address("incubator"),
+            &server.info.client_tls("incubator"),
+            identity,
+            common::TIMEOUT,
+        )
+    };
+    // Another device with the same serial number and no secret (or the empty one the real
+    // instrument first presented) is refused, and nothing changes.
+    for attempt in 0..3 {
+        let mut impostor = common::identity("TAKE-01", "es-plus");
+        match connect(&mut impostor) {
+            Err(error) => assert_eq!(
+                error.error_code(),
+                Some(ErrorCode::EnrolmentInProgress),
+                "attempt {attempt}: {error}"
+            ),
+            Ok(_) => panic!("attempt {attempt}: the impostor was accepted"),
+        }
+        assert!(impostor.secret.is_empty(), "no secret was issued to it");
+    }
+    // The real instrument was not superseded: its first request is answered.
+    let reply = real_connection
+        .request(Message::Ping(pb::Ping { seq: 0 }), common::TIMEOUT)
+        .expect("the real instrument still works");
+    assert!(matches!(reply, Message::Ack(_)), "{reply:?}");
+    // That request confirmed its secret: from now on only the secret opens the serial.
+    let deadline = Instant::now() + common::TIMEOUT;
+    loop {
+        let mut impostor = common::identity("TAKE-01", "es-plus");
+        let error = match connect(&mut impostor) {
+            Err(error) => error,
+            Ok(_) => panic!("the impostor was accepted after the confirmation"),
+        };
+        match error.error_code() {
+            Some(ErrorCode::AuthFailed) => break,
+            // The confirmation's commit may still be on its way.
+            Some(ErrorCode::EnrolmentInProgress) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => panic!("unexpected {other:?}: {error}"),
+        }
+    }
+    let reply = real_connection
+        .request(Message::Ping(pb::Ping { seq: 0 }), common::TIMEOUT)
+        .expect("the real instrument still works");
+    assert!(matches!(reply, Message::Ack(_)), "{reply:?}");
+    // The real instrument reconnects with its secret and keeps it.
+    let secret = real.secret.clone();
+    drop(real_connection);
+    let mut again = real.clone();
+    drop(common::connect(&server, &mut again));
+    assert_eq!(
+        again.secret, secret,
+        "no new secret for the confirmed instrument"
+    );
+    let log = common::server_log(&dir);
+    assert!(
+        log.contains("enrolment_in_progress"),
+        "refusals are logged:\n{log}"
+    );
 }
 
 #[test]

@@ -236,12 +236,27 @@ fn instruments_over_the_configuration_are_refused_at_hello() {
     drop(free);
 
     install("basic", "basic.lic");
-    let plus = connect("B-PLUS", "es-plus").expect("an EmbryoScope+ fits basic (2 units)");
+    let mut plus_identity = common::identity("B-PLUS", "es-plus");
+    let plus = IncubatorClient::connect(
+        server.info.address("incubator"),
+        &server.info.client_tls("incubator"),
+        &mut plus_identity,
+        common::TIMEOUT,
+    )
+    .expect("an EmbryoScope+ fits basic (2 units)");
     let message = refused(connect("B-D", "es-d"));
     assert!(message.contains("basic configuration"), "{message}");
     assert!(message.contains("3 of 2 capacity units"), "{message}");
-    // The same instrument connecting again takes no more room.
-    let again = connect("B-PLUS", "es-plus").expect("a reconnect replaces its connection");
+    // A known instrument refused for capacity changes nothing stored (checked at the end).
+    refused(connect("FREE-0", "es-d"));
+    // The same instrument connecting again (with the secret it was issued) takes no more room.
+    let again = IncubatorClient::connect(
+        server.info.address("incubator"),
+        &server.info.client_tls("incubator"),
+        &mut plus_identity,
+        common::TIMEOUT,
+    )
+    .expect("a reconnect replaces its connection");
     drop((plus, again));
     let deadline = std::time::Instant::now() + common::TIMEOUT;
     let d1 = loop {
@@ -272,4 +287,16 @@ fn instruments_over_the_configuration_are_refused_at_hello() {
     let message = refused(connect("H-PLUS-8", "es-plus"));
     assert!(message.contains("high-capacity configuration"), "{message}");
     assert_eq!(pluses.len(), 8);
+    drop(pluses);
+    let mut server = server;
+    server.terminate(common::TIMEOUT);
+    let store =
+        es_storage::Store::open_read_only(server.data_dir(), &es_storage::StoreOptions::default())
+            .unwrap();
+    let instruments = store.read().unwrap().instruments().unwrap();
+    let free = instruments.iter().find(|i| i.serial == "FREE-0").unwrap();
+    assert_eq!(
+        free.model, "es-plus",
+        "the refused HELLO rewrote the stored model"
+    );
 }

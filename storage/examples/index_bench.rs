@@ -45,6 +45,7 @@ fn main() {
             firmware: "1".into(),
             presented_secret: None,
             new_secret: "s".into(),
+            issued_connection_open: false,
             at_ms: 1,
         })
         .unwrap()

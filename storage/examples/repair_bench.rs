@@ -34,6 +34,7 @@ fn instrument(writer: &es_storage::Writer) -> u64 {
             firmware: "1".into(),
             presented_secret: Some("s".into()),
             new_secret: "s".into(),
+            issued_connection_open: false,
             at_ms: 1,
         },
     )

@@ -9,9 +9,10 @@ use crate::error::{HelloRefusal, ImageRefusal, StorageError, UnknownInstrument, 
 use crate::ims;
 use crate::model::ChangeEntity;
 use crate::ops::{
-    AlarmInput, Applied, DishRegistered, DishRegistration, ImageStored, ImsQueueing, ImsRemove,
-    ImsRemoved, InstrumentAccepted, InstrumentHello, Operation, PatientRef, PutImage, PutTelemetry,
-    RegisterDish, ResetInstrumentSecret, SecretReset, TelemetrySample, TelemetryStored,
+    AlarmInput, Applied, ConfirmInstrumentSecret, DishRegistered, DishRegistration, ImageStored,
+    ImsQueueing, ImsRemove, ImsRemoved, InstrumentAccepted, InstrumentHello, Operation, PatientRef,
+    PutImage, PutTelemetry, RegisterDish, ResetInstrumentSecret, SecretConfirmed, SecretReset,
+    TelemetrySample, TelemetryStored,
 };
 use crate::tables::{
     self, decode, encode, AcquisitionKey, AcquisitionRow, AlarmKey, AlarmRow, ChangeRow, DishRow,
@@ -142,16 +143,22 @@ impl<'txn> Batch<'txn> {
 
     // ---------------------------------------------------------------- instruments
 
-    pub(crate) fn instrument_hello(
-        &mut self,
-        serial: &str,
-        model: &str,
-        firmware: &str,
-        presented_secret: Option<&str>,
-        new_secret: &str,
-        at_ms: i64,
-    ) -> Applied<InstrumentHello> {
-        let Some(instrument_id) = self.instrument_by_serial.get(serial)?.map(|g| g.value()) else {
+    pub(crate) fn instrument_hello(&mut self, hello: &InstrumentHello) -> Applied<InstrumentHello> {
+        let InstrumentHello {
+            serial,
+            model,
+            firmware,
+            presented_secret,
+            new_secret,
+            issued_connection_open,
+            at_ms,
+        } = hello;
+        let (presented_secret, at_ms) = (presented_secret.as_deref(), *at_ms);
+        let Some(instrument_id) = self
+            .instrument_by_serial
+            .get(serial.as_str())?
+            .map(|g| g.value())
+        else {
             return self.instrument_create(
                 serial,
                 model,
@@ -163,10 +170,12 @@ impl<'txn> Batch<'txn> {
         };
         let mut row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
         let presented = tables::sha256(presented_secret.unwrap_or("").as_bytes());
-        let Some(issued_secret) = check_secret(&mut row, &presented, new_secret) else {
-            return Ok(Err(WriteError::Refused(HelloRefusal::AuthFailed)));
-        };
-        let changed = row.model != model || row.firmware != firmware;
+        let issued_secret =
+            match check_secret(&mut row, &presented, new_secret, *issued_connection_open) {
+                SecretCheck::Accepted { issued_secret } => issued_secret,
+                SecretCheck::Refused(refusal) => return Ok(Err(WriteError::Refused(refusal))),
+            };
+        let changed = &row.model != model || &row.firmware != firmware;
         row.model = model.to_string();
         row.firmware = firmware.to_string();
         row.last_seen_ms = row.last_seen_ms.max(at_ms);
@@ -238,6 +247,29 @@ impl<'txn> Batch<'txn> {
             instrument_id,
             issued_secret: Some(new_secret.to_string()),
         }))
+    }
+
+    pub(crate) fn confirm_secret(
+        &mut self,
+        instrument_id: u64,
+        secret_sha256: &[u8; 32],
+    ) -> Applied<ConfirmInstrumentSecret> {
+        let Some(bytes) = self.instruments.get(instrument_id)? else {
+            return Ok(Ok(SecretConfirmed { confirmed: false }));
+        };
+        let mut row: InstrumentRow = decode(bytes.value(), "instrument")?;
+        drop(bytes);
+        let issued = row
+            .issued_secret_sha256
+            .is_some_and(|hash| equal_constant_time(secret_sha256, &hash));
+        if !issued {
+            return Ok(Ok(SecretConfirmed { confirmed: false }));
+        }
+        row.secret_sha256 = row.issued_secret_sha256.take();
+        row.issued_for_sha256 = None;
+        self.instruments
+            .insert(instrument_id, encode(&row).as_slice())?;
+        Ok(Ok(SecretConfirmed { confirmed: true }))
     }
 
     pub(crate) fn reset_secret(&mut self, serial: &str) -> Applied<ResetInstrumentSecret> {
@@ -1103,31 +1135,54 @@ fn equal_constant_time(a: &[u8; 32], b: &[u8; 32]) -> bool {
 /// The instrument secret rules of the protocol (docs/protocol/incubator.md, section 6.2):
 /// `None` refuses the HELLO; `Some(issued)` accepts it, with a newly issued secret or none.
 /// Updates `row` for an accepted HELLO.
+/// What a HELLO's secret allows.
+enum SecretCheck {
+    /// With the secret issued now, if one is.
+    Accepted {
+        issued_secret: Option<String>,
+    },
+    Refused(HelloRefusal),
+}
+
+/// Checks the presented secret (its SHA-256) against the row; on acceptance updates the row's
+/// secrets (a refusal leaves the row as it was).
 fn check_secret(
     row: &mut InstrumentRow,
     presented: &[u8; 32],
     new_secret: &str,
-) -> Option<Option<String>> {
+    issued_connection_open: bool,
+) -> SecretCheck {
     let matches =
         |hash: Option<[u8; 32]>| hash.is_some_and(|hash| equal_constant_time(presented, &hash));
     if matches(row.issued_secret_sha256) {
         // The instrument stored what it was issued: that secret is now the one.
         row.secret_sha256 = row.issued_secret_sha256.take();
         row.issued_for_sha256 = None;
-        return Some(None);
+        return SecretCheck::Accepted {
+            issued_secret: None,
+        };
     }
     let reissue = row.issued_secret_sha256.is_some() && matches(row.issued_for_sha256);
     let first = row.secret_sha256.is_none() && row.issued_secret_sha256.is_none();
+    if reissue && issued_connection_open {
+        // The connection holding the issued secret is open: this is not the instrument whose
+        // HELLO_OK was lost (that connection would be gone), or it reconnected too early.
+        return SecretCheck::Refused(HelloRefusal::EnrolmentInProgress);
+    }
     if reissue || first {
         // A HELLO_OK may have been lost: issue afresh, still accepting what led to it.
         row.issued_secret_sha256 = Some(tables::sha256(new_secret.as_bytes()));
         if first {
             row.issued_for_sha256 = Some(*presented);
         }
-        return Some(Some(new_secret.to_string()));
+        return SecretCheck::Accepted {
+            issued_secret: Some(new_secret.to_string()),
+        };
     }
     if matches(row.secret_sha256) {
-        return Some(None);
+        return SecretCheck::Accepted {
+            issued_secret: None,
+        };
     }
-    None
+    SecretCheck::Refused(HelloRefusal::AuthFailed)
 }

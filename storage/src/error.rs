@@ -186,12 +186,20 @@ impl Refusal for Never {
 pub enum HelloRefusal {
     #[error("instrument authentication failed: the presented secret does not match")]
     AuthFailed,
+    /// The HELLO did not present the secret issued to another, still open, connection of the
+    /// serial: until that connection confirms it or closes, no other secret is issued.
+    #[error(
+        "another connection of this instrument was issued a secret it has not confirmed yet; \
+         retry once that connection is closed"
+    )]
+    EnrolmentInProgress,
 }
 
 impl Refusal for HelloRefusal {
     fn code(&self) -> &'static str {
         match self {
             HelloRefusal::AuthFailed => "auth_failed",
+            HelloRefusal::EnrolmentInProgress => "enrolment_in_progress",
         }
     }
 }

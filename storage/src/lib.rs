@@ -60,11 +60,11 @@ pub use model::{
 };
 pub use ops::{
     user_name, Actor, AlarmInput, AnnotationInput, ApiKeyCreate, ApiKeyRevoke, Applied,
-    AuditDenied, Batch, ClinicalEdit, DishRegistered, DishRegistration, Edit, Edited, Idempotency,
-    ImageBytes, ImageStored, ImsQueueing, ImsRemove, ImsRemoved, InstrumentAccepted,
-    InstrumentHello, InstrumentRename, Lane, LoginAttempt, LoginRecorded, OpResult, Operation,
-    PatientRef, PutImage, PutTelemetry, RegisterDish, ResetInstrumentSecret, ScoreInput,
-    SecretReset, TelemetrySample, TelemetryStored, UserAdd, UserChange, UserUpdate,
+    AuditDenied, Batch, ClinicalEdit, ConfirmInstrumentSecret, DishRegistered, DishRegistration,
+    Edit, Edited, Idempotency, ImageBytes, ImageStored, ImsQueueing, ImsRemove, ImsRemoved,
+    InstrumentAccepted, InstrumentHello, InstrumentRename, Lane, LoginAttempt, LoginRecorded,
+    OpResult, Operation, PatientRef, PutImage, PutTelemetry, RegisterDish, ResetInstrumentSecret,
+    ScoreInput, SecretReset, TelemetrySample, TelemetryStored, UserAdd, UserChange, UserUpdate,
     WellRegistration,
 };
 pub use reader::Reader;

@@ -120,14 +120,30 @@ pub enum Lane {
 
 /// First message of every incubator connection. Unknown serial: record the instrument, store
 /// the SHA-256 of `new_secret` and issue it. Known serial: `presented_secret` must hash to the
-/// stored hash, else `HelloRefusal::AuthFailed`; model, firmware and last-seen are updated.
+/// confirmed or the issued secret, else `HelloRefusal::AuthFailed`; model, firmware and
+/// last-seen are updated. The HELLO that led to an issued secret is answered with a fresh one
+/// (its HELLO_OK may have been lost), but not while the connection the secret was issued on
+/// is still open (`issued_connection_open`): then it is `HelloRefusal::EnrolmentInProgress`.
+/// A refused HELLO writes nothing.
 pub struct InstrumentHello {
     pub serial: String,
     pub model: String,
     pub firmware: String,
     pub presented_secret: Option<String>,
     pub new_secret: String,
+    /// Another connection of this serial is open and has not confirmed the secret it was
+    /// issued.
+    pub issued_connection_open: bool,
     pub at_ms: i64,
+}
+
+/// The connection an instrument was issued a secret on sent its first request: the
+/// instrument stored the secret (it must, before any request), so it is the confirmed one.
+/// Nothing changes when `secret_sha256` is no longer the issued secret (reset meanwhile).
+#[derive(Debug)]
+pub struct ConfirmInstrumentSecret {
+    pub instrument_id: u64,
+    pub secret_sha256: [u8; 32],
 }
 
 /// Admin: forget the secret; the next HELLO of that serial is issued a new one.
@@ -568,6 +584,13 @@ pub struct InstrumentAccepted {
     pub issued_secret: Option<String>,
 }
 
+/// `ConfirmInstrumentSecret` done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretConfirmed {
+    /// False when the secret was no longer the issued one.
+    pub confirmed: bool,
+}
+
 /// `ResetInstrumentSecret` done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SecretReset {
@@ -651,18 +674,32 @@ impl Operation for InstrumentHello {
     }
 
     fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
-        batch.instrument_hello(
-            &self.serial,
-            &self.model,
-            &self.firmware,
-            self.presented_secret.as_deref(),
-            &self.new_secret,
-            self.at_ms,
-        )
+        batch.instrument_hello(self)
     }
 
     fn at_ms(&self) -> Option<i64> {
         Some(self.at_ms)
+    }
+}
+
+impl Operation for ConfirmInstrumentSecret {
+    type Outcome = SecretConfirmed;
+    type Refusal = Never;
+
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.confirm_secret(self.instrument_id, &self.secret_sha256)
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        None
+    }
+
+    fn may_change_names(&self) -> bool {
+        false
     }
 }
 
@@ -1254,6 +1291,7 @@ impl fmt::Debug for InstrumentHello {
                 "presented_secret",
                 &self.presented_secret.as_ref().map(|_| "<redacted>"),
             )
+            .field("issued_connection_open", &self.issued_connection_open)
             .field("at_ms", &self.at_ms)
             .finish_non_exhaustive()
     }
@@ -1404,6 +1442,7 @@ mod tests {
             firmware: "F".into(),
             presented_secret: Some("hunter2-presented".into()),
             new_secret: "hunter2-new".into(),
+            issued_connection_open: false,
             at_ms: 0,
         };
         let text = format!("{op:?}");

@@ -653,6 +653,7 @@ mod tests {
                     firmware: "1".into(),
                     presented_secret: None,
                     new_secret: "x".into(),
+                    issued_connection_open: false,
                     at_ms: 1,
                 })
                 .unwrap()

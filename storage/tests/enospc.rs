@@ -138,6 +138,7 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
             firmware: "1".into(),
             presented_secret: None,
             new_secret: "secret".into(),
+            issued_connection_open: false,
             at_ms: T0,
         },
     ) {

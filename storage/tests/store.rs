@@ -47,6 +47,7 @@ fn hello_op(
         firmware: "7.9".into(),
         presented_secret: presented.map(Into::into),
         new_secret: new_secret.into(),
+        issued_connection_open: false,
         at_ms,
     }
 }

@@ -30,6 +30,7 @@ fn setup(writer: &Writer) -> u64 {
             firmware: "1".into(),
             presented_secret: None,
             new_secret: "s".into(),
+            issued_connection_open: false,
             at_ms: T0,
         },
     ) {

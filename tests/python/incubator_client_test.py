@@ -72,6 +72,7 @@ ERROR_CODES = {
     18: "internal_error",
     19: "unexpected_message",
     20: "capacity_exceeded",
+    21: "enrolment_in_progress",
 }
 ERROR_BY_NAME = {name: code for code, name in ERROR_CODES.items()}
 

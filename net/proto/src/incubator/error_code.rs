@@ -48,11 +48,15 @@ pub enum ErrorCode {
     /// The licence's configuration has no room for this instrument (capacity units or
     /// EmbryoScope+/Flex count); the message names the configuration and the current use.
     CapacityExceeded = 20,
+    /// Answer to HELLO: another connection of this serial number was issued a secret it has
+    /// not confirmed yet (by a request or a HELLO presenting it); no other secret is issued
+    /// while that connection is open. Retry after a backoff.
+    EnrolmentInProgress = 21,
 }
 
 impl ErrorCode {
     /// Every code, ascending.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::MalformedFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnknownMessageType,
@@ -73,6 +77,7 @@ impl ErrorCode {
         ErrorCode::InternalError,
         ErrorCode::UnexpectedMessage,
         ErrorCode::CapacityExceeded,
+        ErrorCode::EnrolmentInProgress,
     ];
 
     /// The number on the wire (ERROR.code).
@@ -103,6 +108,7 @@ impl ErrorCode {
             ErrorCode::InternalError => "internal_error",
             ErrorCode::UnexpectedMessage => "unexpected_message",
             ErrorCode::CapacityExceeded => "capacity_exceeded",
+            ErrorCode::EnrolmentInProgress => "enrolment_in_progress",
         }
     }
 
@@ -134,6 +140,7 @@ impl ErrorCode {
                 | ErrorCode::IdleTimeout
                 | ErrorCode::UnexpectedMessage
                 | ErrorCode::CapacityExceeded
+                | ErrorCode::EnrolmentInProgress
         )
     }
 }
@@ -166,7 +173,8 @@ mod tests {
             assert_eq!(ErrorCode::from_name(code.name()), Some(code));
         }
         assert_eq!(ErrorCode::from_code(0), None);
-        assert_eq!(ErrorCode::from_code(21), None);
+        assert_eq!(ErrorCode::from_code(22), None);
+        assert_eq!(ErrorCode::EnrolmentInProgress.code(), 21);
         assert_eq!(ErrorCode::ImageConflict.code(), 7);
         assert_eq!(ErrorCode::UnexpectedMessage.name(), "unexpected_message");
     }
@@ -178,7 +186,10 @@ mod tests {
             .filter(|code| code.closes_connection())
             .map(ErrorCode::code)
             .collect();
-        assert_eq!(closing, vec![1, 2, 3, 4, 5, 6, 11, 14, 15, 16, 17, 19, 20]);
+        assert_eq!(
+            closing,
+            vec![1, 2, 3, 4, 5, 6, 11, 14, 15, 16, 17, 19, 20, 21]
+        );
     }
 
     #[test]
