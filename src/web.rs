@@ -74,8 +74,8 @@ fn html(status: u16, body: String) -> Response {
             ("content-type", "text/html; charset=utf-8".into()),
             ("cache-control", "no-store".into()),
             ("x-frame-options", "DENY".into()),
-            ("content-security-policy", "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'".into()),
-            ("referrer-policy", "no-referrer".into()),
+            ("content-security-policy", "default-src 'self'; style-src 'unsafe-inline'; script-src 'self'; form-action 'self'; frame-ancestors 'none'".into()),
+            ("referrer-policy", "same-origin".into()),
         ],
         body: bytes::Bytes::from(body),
     }
@@ -149,6 +149,36 @@ fn session_of(shared: &ApiShared, request: &Request) -> Option<(String, String)>
     Some((user, token))
 }
 
+/// The licence page's only script, served as a file so the pages' policy allows no inline
+/// script (`script-src 'self'`).
+const LICENSE_SCRIPT_PATH: &str = "/license.js";
+const LICENSE_SCRIPT: &str =
+    "document.getElementById('file').addEventListener('change',function(e){\
+var f=e.target.files[0];if(!f)return;\
+f.text().then(function(t){document.getElementById('license-text').value=t;});});\n";
+
+/// Why a form POST did not come from this site's own pages, if it did not. Browsers send
+/// `Sec-Fetch-Site` and `Origin` with every POST; a request with neither (a script, an old
+/// browser) is let through, since it cannot carry another site's page's cookies by itself.
+fn cross_site(request: &Request, tls: bool) -> Option<&'static str> {
+    if let Some(site) = request.header("sec-fetch-site") {
+        // The browser says where the request came from; it cannot be set by a page.
+        let site = site.trim().to_ascii_lowercase();
+        return (site != "same-origin" && site != "none")
+            .then_some("sec-fetch-site is not same-origin");
+    }
+    // Older browsers: the Origin (pages are served with `referrer-policy: same-origin`, so a
+    // browser sends the real origin, not "null", for this site's own forms).
+    let origin = request.header("origin")?.trim();
+    let host = request.header("host").unwrap_or("").trim();
+    let scheme = if tls { "https" } else { "http" };
+    let expected = format!("{scheme}://{host}");
+    if host.is_empty() || !origin.eq_ignore_ascii_case(&expected) {
+        return Some("origin is not this server");
+    }
+    None
+}
+
 fn form(request: &Request) -> Vec<(String, String)> {
     es_net::http::parse_form(&request.body).unwrap_or_default()
 }
@@ -173,7 +203,31 @@ pub(crate) fn handle(
         match path {
             "/healthz" => return Step::Respond(healthz(shared)),
             "/login" => return Step::Respond(login_page(shared, None)),
+            LICENSE_SCRIPT_PATH => {
+                return Step::Respond(text(
+                    200,
+                    LICENSE_SCRIPT.into(),
+                    "text/javascript; charset=utf-8",
+                ))
+            }
             _ => {}
+        }
+    }
+    if method == "POST" {
+        let tls = shared.web.as_ref().is_none_or(|web| web.tls);
+        if let Some(reason) = cross_site(request, tls) {
+            // Login CSRF included: another site's page must not log a browser in here.
+            tracing::warn!(peer = %peer, path, reason, "web form refused: sent from another site");
+            return Step::Respond(html(
+                403,
+                page(
+                    shared,
+                    "Refused",
+                    None,
+                    "<p class=err>This form was not sent by this site's own pages; open the \
+                     server's address directly and try again.</p>",
+                ),
+            ));
         }
     }
     if (method, path) == ("POST", "/login") {
@@ -879,8 +933,7 @@ fn license_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Re
          <p><input type=file id=file accept='.lic,.json,application/json'></p>\
          <p><textarea name=license id=license-text placeholder='or paste the licence file here'></textarea></p>\
          <p><button id=install-button>Install</button></p></form>\
-         <script>document.getElementById('file').addEventListener('change',function(e){{\
-         var f=e.target.files[0];if(!f)return;f.text().then(function(t){{document.getElementById('license-text').value=t;}});}});</script>"
+         <script src='{LICENSE_SCRIPT_PATH}'></script>"
     );
     html(200, page(shared, "Licence", Some((user, csrf)), &body))
 }
@@ -888,6 +941,55 @@ fn license_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn post(headers: &[(&str, &str)]) -> Request {
+        let mut text = String::from("POST /login HTTP/1.1\r\ncontent-length: 0\r\n");
+        for (name, value) in headers {
+            text.push_str(&format!("{name}: {value}\r\n"));
+        }
+        text.push_str("\r\n");
+        let mut parser = es_net::http::RequestParser::new(es_net::http::HttpLimits::default());
+        let mut input = bytes::BytesMut::from(text.as_bytes());
+        match parser.parse(&mut input) {
+            Ok(es_net::http::Parsed::Request(request)) => *request,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn forms_from_another_site_are_told_apart() {
+        let host = ("host", "10.0.0.5:4010");
+        let same = [
+            host,
+            ("origin", "https://10.0.0.5:4010"),
+            ("sec-fetch-site", "same-origin"),
+        ];
+        assert_eq!(cross_site(&post(&same), true), None);
+        // Chrome sends Origin: null under some referrer policies; Sec-Fetch-Site decides.
+        let null_origin = [host, ("origin", "null"), ("sec-fetch-site", "same-origin")];
+        assert_eq!(cross_site(&post(&null_origin), true), None);
+        assert_eq!(cross_site(&post(&[host]), true), None, "no browser headers");
+        for evil in [
+            vec![host, ("origin", "https://evil.example")],
+            vec![host, ("origin", "null")],
+            vec![host, ("origin", "http://10.0.0.5:4010")],
+            vec![host, ("sec-fetch-site", "cross-site")],
+            vec![
+                host,
+                ("sec-fetch-site", "same-site"),
+                ("origin", "https://10.0.0.5:4010"),
+            ],
+            vec![
+                host,
+                ("sec-fetch-site", "cross-site"),
+                ("origin", "https://10.0.0.5:4010"),
+            ],
+        ] {
+            assert!(cross_site(&post(&evil), true).is_some(), "{evil:?}");
+        }
+        let plain = [host, ("origin", "http://10.0.0.5:4010")];
+        assert_eq!(cross_site(&post(&plain), false), None);
+    }
 
     #[test]
     fn html_is_escaped_and_csrf_is_stable_per_session() {

@@ -99,6 +99,39 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
     );
     assert_eq!(wrong.status, 401);
     assert!(body(&wrong).contains("wrong user name or password"));
+    // Login CSRF: another site's page posting the login form (with the right password even)
+    // is refused and logs nobody in.
+    let encoded = format!("username=root&password={}", form_encode(PASSWORD));
+    for (name, value) in [
+        ("origin", "https://evil.example"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let cross = http
+            .request(
+                "POST",
+                "/login",
+                &[
+                    ("content-type", "application/x-www-form-urlencoded"),
+                    (name, value),
+                ],
+                Some(encoded.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(cross.status, 403, "{name}: {value}: {}", body(&cross));
+        assert!(cross.header("set-cookie").is_none(), "{name}: {value}");
+    }
+    // Over HTTPS: HSTS, and no inline script allowed (the licence page's script is a file).
+    let page = http.get("/login", &[]).unwrap();
+    assert_eq!(
+        page.header("strict-transport-security"),
+        Some("max-age=31536000")
+    );
+    let policy = page.header("content-security-policy").unwrap();
+    assert!(policy.contains("script-src 'self'"), "{policy}");
+    assert!(!policy.contains("script-src 'unsafe-inline'"), "{policy}");
+    let script = http.get("/license.js", &[]).unwrap();
+    assert_eq!(script.status, 200);
+    assert!(body(&script).contains("license-text"));
     let editor = post_form(
         &mut http,
         "/login",

@@ -422,6 +422,10 @@ impl ApiSession {
         if keep_alive && exchange.http10 {
             headers.push(("connection", "keep-alive"));
         }
+        if io.is_tls() {
+            // Browsers come back over HTTPS only, for a year.
+            headers.push(("strict-transport-security", "max-age=31536000"));
+        }
         let mut out = Vec::with_capacity(256 + response.body.len());
         http::write_response(
             &mut out,
