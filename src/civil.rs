@@ -57,6 +57,13 @@ pub fn time_text(ms: i64) -> String {
     format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02} UTC")
 }
 
+/// The last day an expiry instant leaves valid, for people: a licence expiring at
+/// `2032-01-01 00:00 UTC` is `valid through 2031-12-31 (UTC)`.
+pub fn valid_through(expires_at_ms: i64) -> String {
+    let (year, month, day, ..) = parts(expires_at_ms.saturating_sub(1));
+    format!("valid through {year:04}-{month:02}-{day:02} (UTC)")
+}
+
 /// The original API's date and time: `2024.06.11 10:00:00`.
 pub fn legacy_time(ms: i64) -> String {
     let (year, month, day, hour, minute, second, _) = parts(ms);

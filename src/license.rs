@@ -81,7 +81,7 @@ pub enum LicenseError {
     BadSignature,
     #[error("the licence is for server {licensed}, but this server is {actual}")]
     OtherServer { licensed: String, actual: String },
-    #[error("the licence expired at {0}")]
+    #[error("the licence has expired: it was {0}")]
     Expired(String),
     #[error("demo licences are not accepted when trusted licence keys are configured")]
     DemoNotAccepted,
@@ -231,7 +231,7 @@ pub fn verify(
     }
     if let Some(expires) = license.expires_at_ms {
         if now_ms >= expires {
-            return Err(LicenseError::Expired(crate::civil::time_text(expires)));
+            return Err(LicenseError::Expired(crate::civil::valid_through(expires)));
         }
     }
     Ok(license)
@@ -549,7 +549,7 @@ impl Licensing {
         let license = state?;
         match license.expires_at_ms {
             Some(expires) if now_ms >= expires => {
-                Err(LicenseError::Expired(crate::civil::time_text(expires)))
+                Err(LicenseError::Expired(crate::civil::valid_through(expires)))
             }
             _ => Ok(license),
         }

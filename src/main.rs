@@ -791,6 +791,18 @@ fn license(action: LicenseAction) -> Result<ExitCode, String> {
                 }
             };
             let now = esserver::now_ms();
+            if let Some(expires_at_ms) = expires_at_ms {
+                if expires_at_ms <= now {
+                    return Err(format!(
+                        "--expires {}: that day is past, so the licence would never be valid; \
+                         name its last valid day",
+                        expires_at_ms
+                            .checked_sub(86_400_000)
+                            .map_or_else(String::new, |ms| esserver::civil::iso_utc(ms)[..10]
+                                .to_string())
+                    ));
+                }
+            }
             let license = License {
                 license_id: id.unwrap_or_else(|| format!("L-{now}")),
                 clinic,
@@ -809,10 +821,13 @@ fn license(action: LicenseAction) -> Result<ExitCode, String> {
             std::fs::write(&out, key.issue(&license))
                 .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
             println!(
-                "licence {} for {} ({}) written to {}",
+                "licence {} for {} ({}, {}) written to {}",
                 license.license_id,
                 license.clinic,
                 configuration.name(),
+                license
+                    .expires_at_ms
+                    .map_or("never expires".to_string(), esserver::civil::valid_through),
                 out.display()
             );
             Ok(ExitCode::SUCCESS)
@@ -876,9 +891,9 @@ fn license(action: LicenseAction) -> Result<ExitCode, String> {
 fn license_summary(license: &esserver::license::License) -> String {
     let expires = license
         .expires_at_ms
-        .map_or("never".to_string(), esserver::civil::time_text);
+        .map_or("never expires".to_string(), esserver::civil::valid_through);
     format!(
-        "licence {} for {}, server {}, {}, viewer computers [{}], {} mobile devices, expires {}{}",
+        "licence {} for {}, server {}, {}, viewer computers [{}], {} mobile devices, {}{}",
         license.license_id,
         license.clinic,
         license.server_id,

@@ -908,7 +908,7 @@ fn license_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Re
         Ok(license) => format!(
             "<table id=license><tr><td>Licence</td><td>{}</td></tr><tr><td>Clinic</td><td>{}</td></tr>\
              <tr><td>Configuration</td><td>{}</td></tr><tr><td>Viewer computers</td><td>{}</td></tr>\
-             <tr><td>Expires</td><td>{}</td></tr></table>",
+             <tr><td>Validity</td><td>{}</td></tr></table>",
             escape(&license.license_id),
             escape(&license.clinic),
             escape(license.configuration.name()),
@@ -919,7 +919,7 @@ fn license_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Re
             }),
             license
                 .expires_at_ms
-                .map_or("never".to_string(), time_text)
+                .map_or("never expires".to_string(), crate::civil::valid_through)
         ),
         Err(error) => format!(
             "<p class=err id=license-state>licence invalid: {}</p>",

@@ -300,3 +300,34 @@ fn instruments_over_the_configuration_are_refused_at_hello() {
         "the refused HELLO rewrote the stored model"
     );
 }
+
+/// `license issue` refuses an expiry day that is past, and says a licence's expiry as its
+/// last valid day (`--expires 2031-12-31` is valid through that day, not "2032-01-01 00:00").
+#[test]
+fn license_issue_refuses_a_past_expiry_and_names_the_last_valid_day() {
+    let issuer = common::Issuer::new();
+    let out = tempfile::tempdir().unwrap();
+    let base = |expires: &str, file: &str| {
+        let mut command = issuer.issue_command();
+        command
+            .args(["--server-id", "0123456789abcdef0123456789abcdef"])
+            .args(["--clinic", "Clinic A", "--configuration", "basic"])
+            .args(["--computer", "LAB-1", "--expires", expires, "--out"])
+            .arg(out.path().join(file));
+        command.output().unwrap()
+    };
+    let past = base("2020-01-01", "past.lic");
+    assert!(!past.status.success());
+    let message = String::from_utf8_lossy(&past.stderr);
+    assert!(message.contains("past"), "{message}");
+    assert!(!out.path().join("past.lic").exists());
+    let good = base("2031-12-31", "good.lic");
+    assert!(good.status.success(), "{good:?}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&good.stdout),
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(text.contains("valid through 2031-12-31 (UTC)"), "{text}");
+    assert!(!text.contains("2032-01-01"), "{text}");
+}

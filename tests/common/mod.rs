@@ -205,6 +205,16 @@ impl Issuer {
         )
     }
 
+    /// `esserver license issue --key <this issuer's key>`, to add arguments to.
+    #[allow(dead_code)] // Not every test binary uses it.
+    pub fn issue_command(&self) -> Command {
+        let mut command = Command::new(esserver_path());
+        command
+            .args(["license", "issue", "--key"])
+            .arg(&self.key_file);
+        command
+    }
+
     /// Issues a licence for `server` into a new file named `name`; returns its path.
     pub fn issue(
         &self,
