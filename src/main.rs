@@ -603,12 +603,21 @@ fn user(action: UserAction) -> Result<ExitCode, String> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0);
+            let locked_from: Vec<&str> = user["locks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|lock| lock[1].as_i64().unwrap_or(0) > now_ms)
+                .filter_map(|lock| lock[0].as_str())
+                .collect();
             let state = if user["disabled"].as_bool() == Some(true) {
-                "disabled"
+                "disabled".to_string()
             } else if user["locked_until_ms"].as_i64().unwrap_or(0) > now_ms {
-                "locked"
+                "locked".to_string()
+            } else if !locked_from.is_empty() {
+                format!("locked from {}", locked_from.join(","))
             } else {
-                "active"
+                "active".to_string()
             };
             let last = match user["last_login_ms"].as_i64() {
                 Some(ms) if ms > 0 => esserver::viewer_tool::time_text(ms),

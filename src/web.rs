@@ -793,13 +793,23 @@ fn users_page(shared: &ApiShared, admin: &str, csrf: &str, message: &str) -> Res
         Ok(users) => {
             body.push_str("<table id=users><tr><th>User</th><th>Rights</th><th>State</th><th>Last login</th><th></th></tr>");
             for u in users {
+                let now = now_ms();
+                let locked_for: Vec<&str> = u
+                    .locks
+                    .iter()
+                    .filter(|(_, until)| *until > now)
+                    .map(|(address, _)| address.as_str())
+                    .collect();
                 let state = if u.disabled {
-                    "disabled"
-                } else if u.locked_until_ms > now_ms() {
-                    "locked"
+                    "disabled".to_string()
+                } else if u.locked_until_ms > now {
+                    "locked".to_string()
+                } else if !locked_for.is_empty() {
+                    format!("locked from {}", locked_for.join(", "))
                 } else {
-                    "active"
+                    "active".to_string()
                 };
+                let state = escape(&state);
                 let toggle = if u.disabled { "enable" } else { "disable" };
                 let name = escape(&u.name);
                 let _ = write!(

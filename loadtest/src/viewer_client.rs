@@ -102,6 +102,36 @@ impl ViewerClient {
         Ok(client)
     }
 
+    /// `login` over a TCP stream connected already (from a chosen source address, say).
+    pub fn login_over(
+        stream: std::net::TcpStream,
+        tls: &ClientTls,
+        credentials: &Credentials,
+        timeout: Duration,
+    ) -> Result<ViewerClient, ViewerError> {
+        let mut client = ViewerClient {
+            conn: ClientConn::over(stream, tls)?,
+            decoder: FrameDecoder::new(u32::MAX),
+            next_seq: 1,
+            timeout,
+            backlog: VecDeque::new(),
+            notices: VecDeque::new(),
+            notice_arrivals: Vec::new(),
+            last_change_seq: 0,
+            login: pb::LoginOk::default(),
+        };
+        let login = Request::Login(pb::Login {
+            protocol_version: PROTOCOL_VERSION,
+            user: credentials.user.clone(),
+            password: credentials.password.clone(),
+            computer: credentials.computer.clone(),
+            client: "es-loadtest viewer client".into(),
+            changes_after: 0,
+        });
+        client.start_session(login)?;
+        Ok(client)
+    }
+
     /// Connects and resumes a session after a dropped connection; pushes restart after
     /// `changes_after`.
     pub fn resume(

@@ -38,6 +38,11 @@ pub enum ClientTls {
 impl ClientConn {
     pub fn connect(addr: SocketAddr, tls: &ClientTls, timeout: Duration) -> io::Result<ClientConn> {
         let stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        ClientConn::over(stream, tls)
+    }
+
+    /// A connection over a TCP stream connected already (from a chosen source address, say).
+    pub fn over(stream: std::net::TcpStream, tls: &ClientTls) -> io::Result<ClientConn> {
         stream.set_nodelay(true)?;
         stream.set_nonblocking(true)?;
         let mut socket = mio::net::TcpStream::from_std(stream);

@@ -23,7 +23,9 @@ use auth::Tokens;
 use bytes::{Bytes, BytesMut};
 use es_net::http::{self, HttpError, HttpLimits, Parsed, RequestParser};
 use es_net::{CloseReason, ConnHandle, Service, Session, SessionIo, TimeoutKind};
-use es_storage::{Edit, FrameChunk, LoginAttempt, OpResult, Rights, StorageError, Store, Writer};
+use es_storage::{
+    Edit, FrameChunk, LoginAttempt, OpResult, Rights, StorageError, Store, WriteError, Writer,
+};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -586,57 +588,43 @@ impl ApiSession {
         result: OpResult<LoginAttempt>,
         io: &mut SessionIo<'_>,
     ) {
+        // One answer to every refused login, whatever the reason (the log and the audit
+        // trail keep it), so a login cannot tell which accounts exist or are locked.
+        let reason = match &result {
+            Ok(recorded) if recorded.granted => None,
+            Ok(recorded) if recorded.disabled => Some("account disabled"),
+            Ok(recorded) if recorded.locked_until_ms > 0 => Some("account locked for this address"),
+            Ok(_) => Some("wrong password"),
+            Err(WriteError::Refused(_)) => Some("unknown user"),
+            Err(_) => None,
+        };
         if kind == LoginKind::Web {
-            let refused = match &result {
-                Ok(recorded) if recorded.granted => None,
-                Ok(recorded) if recorded.disabled => {
-                    Some(format!("the account {user} is disabled"))
+            let refused = match (&result, reason) {
+                (Err(error), None) => Some(format!("cannot record the login: {error}")),
+                (_, Some(reason)) => {
+                    tracing::warn!(%user, peer = %self.peer, reason, "web interface login refused");
+                    Some(crate::viewer::LOGIN_REFUSED.to_string())
                 }
-                Ok(recorded) if recorded.locked_until_ms > 0 => Some(
-                    crate::viewer::locked_message(&user, recorded.locked_until_ms),
-                ),
-                Ok(_) => Some("wrong user name or password".to_string()),
-                Err(error) => Some(format!("cannot record the login: {error}")),
+                (Ok(_), None) => None,
             };
-            if let Some(message) = &refused {
-                tracing::warn!(%user, peer = %self.peer, "web interface login refused: {message}");
-            }
             let response = crate::web::login_answer(&self.shared, &user, rights, refused, io.now());
             self.finish(response, io);
             return;
         }
         let legacy = kind == LoginKind::Legacy;
-        let response = match result {
-            Ok(recorded) if recorded.granted => {
-                match self.shared.tokens.issue(&user, rights, io.now()) {
-                    Some(token) => {
-                        tracing::info!(%user, peer = %self.peer, rights = rights.as_str(), "public API login");
-                        routes::token_response(&token, legacy)
-                    }
-                    None => Response::error(500, "internal_error", "no randomness for a token"),
+        let response = match (result, reason) {
+            (Ok(_), None) => match self.shared.tokens.issue(&user, rights, io.now()) {
+                Some(token) => {
+                    tracing::info!(%user, peer = %self.peer, rights = rights.as_str(), "public API login");
+                    routes::token_response(&token, legacy)
                 }
+                None => Response::error(500, "internal_error", "no randomness for a token"),
+            },
+            (_, Some(reason)) => {
+                tracing::warn!(%user, peer = %self.peer, code = "auth_failed", reason, "public API login refused");
+                Response::error(401, "auth_failed", crate::viewer::LOGIN_REFUSED)
             }
-            Ok(recorded) if recorded.disabled => {
-                tracing::warn!(%user, peer = %self.peer, code = "account_disabled", "public API login refused");
-                Response::error(
-                    401,
-                    "account_disabled",
-                    format!("the account {user} is disabled; ask an administrator"),
-                )
-            }
-            Ok(recorded) if recorded.locked_until_ms > 0 => {
-                tracing::warn!(%user, peer = %self.peer, code = "account_locked", "public API login refused");
-                Response::error(
-                    401,
-                    "account_locked",
-                    crate::viewer::locked_message(&user, recorded.locked_until_ms),
-                )
-            }
-            Ok(_) => {
-                tracing::warn!(%user, peer = %self.peer, code = "auth_failed", "public API login refused");
-                Response::error(401, "auth_failed", "wrong user name or password")
-            }
-            Err(error) => routes::write_error(&error, routes::admin_refusal_status),
+            (Err(error), None) => routes::write_error(&error, routes::admin_refusal_status),
         };
         self.finish(response, io);
     }

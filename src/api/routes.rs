@@ -509,7 +509,8 @@ pub(crate) fn start_login(
         LoginKind::Web => format!("web {}", peer.ip()),
         LoginKind::Rest | LoginKind::Legacy => format!("api {}", peer.ip()),
     };
-    let check = check_password(&shared.store, user, password);
+    let address = peer.ip().to_string();
+    let check = check_password(&shared.store, user, password, &address);
     let (success, rights) = match check {
         LoginCheck::Correct { rights } => (true, rights),
         LoginCheck::Wrong | LoginCheck::Disabled | LoginCheck::Locked { .. } => {
@@ -518,7 +519,7 @@ pub(crate) fn start_login(
         LoginCheck::UnknownUser => {
             tracing::warn!(%user, peer = %peer, code = "auth_failed", "public API login refused: unknown user");
             crate::viewer::audit_unknown_user(&shared.writer, user, &computer);
-            return Err(refuse(401, "auth_failed", "wrong user name or password"));
+            return Err(refuse(401, "auth_failed", crate::viewer::LOGIN_REFUSED));
         }
         LoginCheck::Unavailable(detail) => {
             return Err(refuse(
@@ -531,6 +532,7 @@ pub(crate) fn start_login(
     let op = LoginAttempt {
         name: user.to_string(),
         computer,
+        address,
         success,
         failures_max: shared.settings.login_failures_max,
         lockout_ms: shared.settings.lockout_ms,

@@ -442,6 +442,7 @@ impl ViewerSession {
         }
         let store = self.shared.store.clone();
         let handle = self.handle.clone();
+        let address = self.peer.ip().to_string();
         let job = Box::new(move || {
             let fallback = Fallback::new(
                 &handle,
@@ -453,7 +454,7 @@ impl ViewerSession {
                     check: LoginCheck::Unavailable("internal error while checking".into()),
                 },
             );
-            let check = check_password(&store, &login.user, &login.password);
+            let check = check_password(&store, &login.user, &login.password, &address);
             fallback.disarm();
             handle.send(ViewerMsg::LoginChecked {
                 seq,
@@ -489,11 +490,7 @@ impl ViewerSession {
             LoginCheck::UnknownUser => {
                 tracing::warn!(%user, %computer, peer = %self.peer, code = "auth_failed", "login refused: unknown user");
                 audit_unknown_user(&self.shared.writer, &user, &computer);
-                self.refuse_login(
-                    ErrorCode::AuthFailed,
-                    "wrong user name or password".into(),
-                    io,
-                );
+                self.refuse_login(ErrorCode::AuthFailed, LOGIN_REFUSED.into(), io);
                 return;
             }
             LoginCheck::Unavailable(detail) => {
@@ -513,6 +510,7 @@ impl ViewerSession {
         let op = LoginAttempt {
             name: user.clone(),
             computer: computer.clone(),
+            address: self.peer.ip().to_string(),
             success,
             failures_max: self.shared.settings.login_failures_max,
             lockout_ms: self.shared.settings.lockout_ms,
@@ -570,22 +568,17 @@ impl ViewerSession {
             }
         };
         if !granted {
-            let (code, message) = if disabled {
-                let message = format!("the account {user} is disabled; ask an administrator");
-                (ErrorCode::AccountDisabled, message)
+            // One answer whatever the reason, so a login cannot tell which accounts exist or
+            // are locked; the log and the audit trail keep the reason.
+            let reason = if disabled {
+                "account disabled"
             } else if locked_until_ms > 0 {
-                (
-                    ErrorCode::AccountLocked,
-                    locked_message(&user, locked_until_ms),
-                )
+                "account locked for this address"
             } else {
-                (
-                    ErrorCode::AuthFailed,
-                    "wrong user name or password".to_string(),
-                )
+                "wrong password"
             };
-            tracing::warn!(%user, %computer, peer = %self.peer, code = code.name(), password_right = success, "login refused");
-            self.refuse_login(code, message, io);
+            tracing::warn!(%user, %computer, peer = %self.peer, code = "auth_failed", reason, locked_until_ms, password_right = success, "login refused");
+            self.refuse_login(ErrorCode::AuthFailed, LOGIN_REFUSED.into(), io);
             return;
         }
         // Checked again now that the password is right: another computer may have connected
@@ -1334,8 +1327,19 @@ fn check_login_fields(login: &pb::Login) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs on a worker: the user's state and the password check (argon2id).
-pub(crate) fn check_password(store: &Store, user: &str, password: &str) -> LoginCheck {
+/// The one answer to every refused login (unknown user, wrong password, disabled, locked).
+pub(crate) const LOGIN_REFUSED: &str = "wrong user name or password, or the account is \
+    disabled or locked for this computer after too many failed logins; an administrator can \
+    check and unlock it";
+
+/// Runs on a worker: the user's state and the password check (argon2id). `address` is where
+/// the attempt comes from: a lock is per account and address.
+pub(crate) fn check_password(
+    store: &Store,
+    user: &str,
+    password: &str,
+    address: &str,
+) -> LoginCheck {
     let record = match store.read().and_then(|reader| reader.user(user)) {
         Ok(record) => record,
         Err(error) => return LoginCheck::Unavailable(error.to_string()),
@@ -1347,10 +1351,17 @@ pub(crate) fn check_password(store: &Store, user: &str, password: &str) -> Login
     if record.disabled {
         return LoginCheck::Disabled;
     }
-    if record.locked_until_ms > now_ms() {
-        return LoginCheck::Locked {
-            until_ms: record.locked_until_ms,
-        };
+    let now = now_ms();
+    let address_lock = record
+        .locks
+        .iter()
+        .filter(|(locked, _)| locked == address)
+        .map(|(_, until)| *until)
+        .max()
+        .unwrap_or(0);
+    let until_ms = record.locked_until_ms.max(address_lock);
+    if until_ms > now {
+        return LoginCheck::Locked { until_ms };
     }
     if auth::verify_password(password, &record.password_hash) {
         LoginCheck::Correct {
@@ -1378,14 +1389,6 @@ pub(crate) fn audit_unknown_user(writer: &Writer, user: &str, computer: &str) {
     if writer.try_submit(op, Box::new(|_| {})).is_err() {
         tracing::warn!(%user, "the refused login could not be audited: the storage queue is full");
     }
-}
-
-pub(crate) fn locked_message(user: &str, until_ms: i64) -> String {
-    let minutes = ((until_ms - now_ms()).max(0) + 59_999) / 60_000;
-    format!(
-        "the account {user} is locked after too many failed logins, for about {minutes} more \
-         minute(s); an administrator can unlock it with `esserver user unlock {user}`"
-    )
 }
 
 /// The `changes_after` of a Login or of a Resume (they read 0 differently).

@@ -23,10 +23,18 @@ pub(crate) fn step(txn: &WriteTransaction, from: u64) -> Result<(), StorageError
         3 => v3_to_v4(txn),
         4 => v4_to_v5(txn),
         5 => v5_to_v6(txn),
+        6 => v6_to_v7(txn),
         _ => Err(StorageError::Corrupt(format!(
             "no migration from schema version {from}"
         ))),
     }
+}
+
+/// Version 7 adds `login_failures` (created empty by `tables::create_all`): failed logins are
+/// counted and locked per account and source address. A lock an earlier version wrote on the
+/// user row is honoured until it passes.
+fn v6_to_v7(_txn: &WriteTransaction) -> Result<(), StorageError> {
+    Ok(())
 }
 
 /// Version 6 packs acquisition rows (`AcquisitionRow::encode`) and stores no summary text in

@@ -499,7 +499,10 @@ pub struct UserRecord {
     pub rights: Rights,
     pub disabled: bool,
     pub failed_logins: u32,
+    /// A lock for every address (written by schema 6 and earlier), 0 when none.
     pub locked_until_ms: i64,
+    /// Source addresses the account is locked for, each until when (compare with the time).
+    pub locks: Vec<(String, i64)>,
     pub created_at_ms: i64,
     pub password_changed_at_ms: i64,
     pub last_login_ms: i64,

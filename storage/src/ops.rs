@@ -263,12 +263,15 @@ pub struct UserUpdate {
 }
 
 /// The outcome of a login attempt whose password was checked by the caller. A failure
-/// raises the user's failure count; the `failures_max`-th locks the account for
-/// `lockout_ms`. A success clears the count.
+/// raises the failure count of the account from `address`; the `failures_max`-th locks the
+/// account for `lockout_ms` from that address only (audited as `user.lockout`). A success
+/// clears that address's count.
 #[derive(Debug)]
 pub struct LoginAttempt {
     pub name: String,
     pub computer: String,
+    /// The source address (IP) the attempt came from: failures lock the account for it only.
+    pub address: String,
     pub success: bool,
     pub failures_max: u32,
     pub lockout_ms: i64,
@@ -1047,6 +1050,7 @@ impl Operation for LoginAttempt {
     fn validate(&self) -> Result<(), String> {
         user_name(&self.name)?;
         text("computer name", &self.computer, Required::No)?;
+        text("source address", &self.address, Required::No)?;
         if self.lockout_ms < 0 {
             return Err("lock-out duration is negative".into());
         }
@@ -1057,6 +1061,7 @@ impl Operation for LoginAttempt {
         batch.login_attempt(
             &self.name,
             &self.computer,
+            &self.address,
             self.success,
             self.failures_max,
             self.lockout_ms,

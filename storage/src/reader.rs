@@ -290,6 +290,7 @@ impl Reader {
             space(txn, tables::ANNOTATIONS)?,
             space(txn, tables::AUDIT)?,
             space(txn, tables::USERS)?,
+            space(txn, tables::LOGIN_FAILURES)?,
             space(txn, tables::SCORES)?,
             space(txn, tables::TRANSFERS)?,
             space(txn, tables::TRANSFER_BY_TREATMENT)?,

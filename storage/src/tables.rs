@@ -19,7 +19,7 @@ use redb::TableDefinition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The schema version this binary writes and reads. See the module documentation.
-pub const SCHEMA_VERSION: u64 = 6;
+pub const SCHEMA_VERSION: u64 = 7;
 
 /// `meta`: name -> bytes. Rows: [`META_SCHEMA_VERSION`] (u64 LE), [`META_SERVER_ID`] (UTF-8,
 /// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]), [`META_IMS`] (postcard
@@ -76,6 +76,13 @@ pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
 /// `users`: user name -> [`UserRow`]. Viewer and API users; passwords as argon2id PHC strings.
 pub const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+
+/// `login_failures`: (user name, source address) -> [`LoginFailureRow`] (since version 7).
+/// Failed logins are counted per account and address, so failures from one address lock the
+/// account for that address only; at most `limits::LOGIN_ADDRESSES_PER_USER_MAX` rows per
+/// user (the least recent goes).
+pub const LOGIN_FAILURES: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("login_failures");
 
 /// `scores`: (embryo_key, model name) -> [`ScoreRow`]. One current score per model; the audit
 /// trail keeps the earlier ones.
@@ -206,6 +213,7 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), StorageErro
     txn.open_table(IDEMPOTENCY_BY_AGE)?;
     txn.open_table(IMS_QUEUE)?;
     txn.open_table(IMS_ALARMS)?;
+    txn.open_table(LOGIN_FAILURES)?;
     Ok(())
 }
 
@@ -383,6 +391,16 @@ pub struct AuditRow {
     pub after: String,
 }
 
+/// Failed logins of one account from one source address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginFailureRow {
+    /// Consecutive failures from the address since its last success, lock or unlock.
+    pub failures: u32,
+    /// Logins of the account from the address are refused until then (0: not locked).
+    pub locked_until_ms: i64,
+    pub last_at_ms: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRow {
     /// argon2id PHC string (`$argon2id$v=19$...`); never logged.
@@ -390,9 +408,11 @@ pub struct UserRow {
     /// [`crate::Rights`] as its stable number.
     pub rights: u8,
     pub disabled: bool,
-    /// Consecutive failed logins since the last success or unlock.
+    /// Consecutive failed logins since the last success or unlock, from every address.
     pub failed_logins: u32,
-    /// Logins are refused until this instant (0: not locked).
+    /// Logins are refused until this instant from every address (0: not locked). Written by
+    /// version 6 and earlier; since version 7 locks are per address (`LOGIN_FAILURES`) and this
+    /// is only honoured until it passes.
     pub locked_until_ms: i64,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,

@@ -1755,12 +1755,13 @@ fn users_lock_out_after_failures_and_unlock() {
         at_ms: T0,
     };
     assert!(write(&writer, add).is_ok());
-    let login = |success: bool, at_ms: i64| {
+    let login_from = |address: &str, success: bool, at_ms: i64| {
         write(
             &writer,
             LoginAttempt {
                 name: "anna".into(),
                 computer: "VIEWER-1".into(),
+                address: address.into(),
                 success,
                 failures_max: 5,
                 lockout_ms: 15 * MINUTE_MS,
@@ -1768,6 +1769,7 @@ fn users_lock_out_after_failures_and_unlock() {
             },
         )
     };
+    let login = |success: bool, at_ms: i64| login_from("10.0.0.7", success, at_ms);
     let recorded = |granted, locked_until_ms| LoginRecorded {
         granted,
         disabled: false,
@@ -1780,6 +1782,17 @@ fn users_lock_out_after_failures_and_unlock() {
     assert_eq!(login(false, T0 + 5).unwrap(), recorded(false, locked_until));
     // While locked, even the right password is refused (checked in the transaction).
     assert_eq!(login(true, T0 + 6).unwrap(), recorded(false, locked_until));
+    // The lock is for that address only: the account logs in from another one, and the
+    // failures from the first did not count there.
+    assert_eq!(
+        login_from("10.0.0.8", true, T0 + 7).unwrap(),
+        recorded(true, 0)
+    );
+    assert_eq!(
+        login_from("10.0.0.8", false, T0 + 8).unwrap(),
+        recorded(false, 0)
+    );
+    assert_eq!(login(true, T0 + 9).unwrap(), recorded(false, locked_until));
     // After the lock ran out, a failure is a plain failure and a success is granted.
     assert_eq!(login(false, locked_until + 1).unwrap(), recorded(false, 0));
     assert_eq!(login(true, locked_until + 2).unwrap(), recorded(true, 0));
@@ -1788,7 +1801,11 @@ fn users_lock_out_after_failures_and_unlock() {
         login(false, locked_until + 10 + attempt).unwrap();
     }
     let user = store.read().unwrap().user("anna").unwrap().unwrap();
-    assert_eq!(user.locked_until_ms, locked_until + 14 + 15 * MINUTE_MS);
+    assert_eq!(
+        user.locks,
+        [("10.0.0.7".to_string(), locked_until + 14 + 15 * MINUTE_MS)]
+    );
+    assert_eq!(user.locked_until_ms, 0, "no lock for every address");
     assert_eq!(user.rights, Rights::Edit);
     let unlock = UserUpdate {
         actor: actor("admin"),
@@ -1797,19 +1814,24 @@ fn users_lock_out_after_failures_and_unlock() {
         at_ms: locked_until + 20,
     };
     assert!(write(&writer, unlock).is_ok());
+    assert!(store
+        .read()
+        .unwrap()
+        .user("anna")
+        .unwrap()
+        .unwrap()
+        .locks
+        .is_empty());
     assert_eq!(
-        store
-            .read()
-            .unwrap()
-            .user("anna")
-            .unwrap()
-            .unwrap()
-            .locked_until_ms,
-        0
+        login(true, locked_until + 21).unwrap(),
+        recorded(true, 0),
+        "unlocked"
     );
-    // The audit trail records the lock-out and never the hash.
+    // The audit trail records the lock-out with its address, and never the hash.
     let audit = store.read().unwrap().audit_after(0, 100).unwrap();
-    assert!(audit.iter().any(|a| a.action == "user.lockout"));
+    assert!(audit
+        .iter()
+        .any(|a| a.action == "user.lockout" && a.after.contains("10.0.0.7")));
     assert!(audit
         .iter()
         .all(|a| !a.after.contains("argon2") && !a.before.contains("argon2")));

@@ -8,6 +8,8 @@ use es_loadtest::sim::{self, Pacing, Workload};
 use es_loadtest::spawn::{ServerProcess, SpawnOptions};
 use es_perf::catalog::DeviceModel;
 use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -251,5 +253,66 @@ impl Issuer {
             .arg(server.data_dir())
             .output()
             .expect("esserver license install runs")
+    }
+}
+
+#[allow(dead_code)]
+fn sockaddr(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// A TCP connection from `source` (port chosen by the kernel) to `target`, non-blocking once
+/// connected. The connect is bounded by a 1 s send timeout.
+#[allow(dead_code)] // Not every test binary uses it.
+pub fn connect_from(source: Ipv4Addr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let SocketAddr::V4(target) = target else {
+        return Err(std::io::Error::other("IPv4 targets only"));
+    };
+    // SAFETY: a fresh socket owned by the TcpStream at once (closed on every error path);
+    // every pointer passed is to a live local of the size given.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let timeout = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            &timeout as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        let local = sockaddr(source, 0);
+        if libc::bind(
+            fd,
+            &local as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sockaddr(*target.ip(), target.port());
+        if libc::connect(
+            fd,
+            &remote as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        stream.set_nonblocking(true)?;
+        Ok(stream)
     }
 }

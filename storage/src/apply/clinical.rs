@@ -21,7 +21,8 @@ use crate::ops::{
 };
 use crate::tables::{
     decode, encode, AnnotationRow, ApiKeyRow, AuditRow, DishRow, EmbryoRow, IdempotencyRow,
-    InstrumentRow, PatientRow, ScoreRow, TransferRow, TreatmentRow, UserRow, WellKey,
+    InstrumentRow, LoginFailureRow, PatientRow, ScoreRow, TransferRow, TreatmentRow, UserRow,
+    WellKey,
 };
 use redb::ReadableTable;
 use serde_json::json;
@@ -983,6 +984,7 @@ impl Batch<'_> {
                 row.password_changed_at_ms = at_ms;
                 row.failed_logins = 0;
                 row.locked_until_ms = 0;
+                self.clear_login_failures(name)?;
                 "user.passwd"
             }
             UserChange::Disabled(disabled) => {
@@ -996,6 +998,7 @@ impl Batch<'_> {
             UserChange::Unlock => {
                 row.failed_logins = 0;
                 row.locked_until_ms = 0;
+                self.clear_login_failures(name)?;
                 "user.unlock"
             }
             UserChange::Rights(rights) => {
@@ -1020,10 +1023,12 @@ impl Batch<'_> {
         Ok(Ok(()))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn login_attempt(
         &mut self,
         name: &str,
         computer: &str,
+        address: &str,
         success: bool,
         failures_max: u32,
         lockout_ms: i64,
@@ -1038,9 +1043,15 @@ impl Batch<'_> {
             user: name.to_string(),
             computer: computer.to_string(),
         };
+        let known = match self.login_failures.get((name, address))? {
+            Some(bytes) => Some(decode::<LoginFailureRow>(bytes.value(), "login failures")?),
+            None => None,
+        };
+        let mut failure = known.clone().unwrap_or_default();
         // Checked again here, in the transaction that records the attempt: a lock or a
         // disable that happened while the password was being checked still refuses.
-        let locked = row.locked_until_ms > at_ms;
+        let locked_until_ms = row.locked_until_ms.max(failure.locked_until_ms);
+        let locked = locked_until_ms > at_ms;
         let (action, outcome, granted, detail) = if row.disabled {
             (
                 "user.login",
@@ -1049,28 +1060,46 @@ impl Batch<'_> {
                 "account disabled",
             )
         } else if locked {
-            ("user.login", AuditOutcome::Denied, false, "account locked")
+            (
+                "user.login",
+                AuditOutcome::Denied,
+                false,
+                "account locked for this address",
+            )
         } else if success {
             row.failed_logins = 0;
-            row.locked_until_ms = 0;
             row.last_login_ms = at_ms;
+            failure = LoginFailureRow::default();
             ("user.login", AuditOutcome::Applied, true, "")
         } else {
             row.failed_logins = row.failed_logins.saturating_add(1);
-            if row.failed_logins >= failures_max.max(1) {
-                row.failed_logins = 0;
-                row.locked_until_ms = at_ms.saturating_add(lockout_ms);
+            failure.failures = failure.failures.saturating_add(1);
+            failure.last_at_ms = at_ms;
+            if failure.failures >= failures_max.max(1) {
+                failure.failures = 0;
+                failure.locked_until_ms = at_ms.saturating_add(lockout_ms);
                 (
                     "user.lockout",
                     AuditOutcome::Denied,
                     false,
-                    "wrong password; account locked",
+                    "wrong password; account locked for this address",
                 )
             } else {
                 ("user.login", AuditOutcome::Denied, false, "wrong password")
             }
         };
         self.users.insert(name, encode(&row).as_slice())?;
+        if failure == LoginFailureRow::default() {
+            if known.is_some() {
+                self.login_failures.remove((name, address))?;
+            }
+        } else if known.as_ref() != Some(&failure) {
+            if known.is_none() {
+                self.forget_least_recent_address(name)?;
+            }
+            self.login_failures
+                .insert((name, address), encode(&failure).as_slice())?;
+        }
         self.audit_row(
             Audit {
                 actor: &actor,
@@ -1082,21 +1111,63 @@ impl Batch<'_> {
                 after: if detail.is_empty() {
                     String::new()
                 } else {
-                    json!({ "refused": detail }).to_string()
+                    json!({ "refused": detail, "address": address }).to_string()
                 },
             },
             at_ms,
         )?;
-        let locked_until_ms = if row.locked_until_ms > at_ms {
-            row.locked_until_ms
-        } else {
-            0
-        };
+        let locked_until_ms = row.locked_until_ms.max(failure.locked_until_ms);
         Ok(Ok(LoginRecorded {
             granted,
             disabled: row.disabled,
-            locked_until_ms,
+            locked_until_ms: if locked_until_ms > at_ms {
+                locked_until_ms
+            } else {
+                0
+            },
         }))
+    }
+
+    /// Makes room for one more address of `name` in `login_failures`: at the bound, the
+    /// address of the least recent failure is forgotten.
+    fn forget_least_recent_address(&mut self, name: &str) -> Result<(), StorageError> {
+        let mut count = 0usize;
+        let mut oldest: Option<(String, i64)> = None;
+        for entry in self.login_failures.range((name, "")..)? {
+            let (key, value) = entry?;
+            let (user, address) = key.value();
+            if user != name {
+                break;
+            }
+            count += 1;
+            let row: LoginFailureRow = decode(value.value(), "login failures")?;
+            if oldest.as_ref().is_none_or(|(_, at)| row.last_at_ms < *at) {
+                oldest = Some((address.to_string(), row.last_at_ms));
+            }
+        }
+        if count >= limits::LOGIN_ADDRESSES_PER_USER_MAX {
+            if let Some((address, _)) = oldest {
+                self.login_failures.remove((name, address.as_str()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets every address's failures and locks of `name` (unlock, new password).
+    fn clear_login_failures(&mut self, name: &str) -> Result<(), StorageError> {
+        let mut addresses = Vec::new();
+        for entry in self.login_failures.range((name, "")..)? {
+            let (key, _) = entry?;
+            let (user, address) = key.value();
+            if user != name {
+                break;
+            }
+            addresses.push(address.to_string());
+        }
+        for address in addresses {
+            self.login_failures.remove((name, address.as_str()))?;
+        }
+        Ok(())
     }
 
     fn user_row(&self, name: &str) -> Result<Option<UserRow>, StorageError> {

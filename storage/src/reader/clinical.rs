@@ -553,9 +553,35 @@ impl Reader {
     pub fn user(&self, name: &str) -> Result<Option<UserRecord>, StorageError> {
         let users = self.txn.open_table(tables::USERS)?;
         match users.get(name)? {
-            Some(bytes) => Ok(Some(user_record(name, decode(bytes.value(), "user")?)?)),
+            Some(bytes) => {
+                let mut record = user_record(name, decode(bytes.value(), "user")?)?;
+                record.locks = self.login_locks(name)?;
+                Ok(Some(record))
+            }
             None => Ok(None),
         }
+    }
+
+    /// The addresses `name` is locked for (or was: compare the instants with the time).
+    fn login_locks(&self, name: &str) -> Result<Vec<(String, i64)>, StorageError> {
+        let table = match self.txn.open_table(tables::LOGIN_FAILURES) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(error) => return Err(error.into()),
+        };
+        let mut out = Vec::new();
+        for entry in table.range((name, "")..)? {
+            let (key, value) = entry?;
+            let (user, address) = key.value();
+            if user != name {
+                break;
+            }
+            let row: tables::LoginFailureRow = decode(value.value(), "login failures")?;
+            if row.locked_until_ms > 0 {
+                out.push((address.to_string(), row.locked_until_ms));
+            }
+        }
+        Ok(out)
     }
 
     /// Every user, by name.
@@ -564,7 +590,9 @@ impl Reader {
         let mut out = Vec::new();
         for entry in users.iter()? {
             let (key, value) = entry?;
-            out.push(user_record(key.value(), decode(value.value(), "user")?)?);
+            let mut record = user_record(key.value(), decode(value.value(), "user")?)?;
+            record.locks = self.login_locks(key.value())?;
+            out.push(record);
         }
         Ok(out)
     }
@@ -646,6 +674,7 @@ fn user_record(name: &str, row: UserRow) -> Result<UserRecord, StorageError> {
         disabled: row.disabled,
         failed_logins: row.failed_logins,
         locked_until_ms: row.locked_until_ms,
+        locks: Vec::new(),
         created_at_ms: row.created_at_ms,
         password_changed_at_ms: row.password_changed_at_ms,
         last_login_ms: row.last_login_ms,
