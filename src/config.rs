@@ -55,6 +55,17 @@ pub struct Config {
     pub license: LicenseSection,
     /// Section `[IMS]`: instrument monitoring.
     pub ims: ImsConfig,
+    /// Section `[TLS]`: the generated certificate.
+    pub tls: TlsSection,
+}
+
+/// Section `[TLS]`: what the self-signed certificate the server generates names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsSection {
+    /// Host names and IP addresses the certificate names (viewers' `Viewer_d.ini` holds IP
+    /// addresses). Empty: the machine's host name, `localhost`, `esserver`, loopback and every
+    /// address a listener binds (every address of the machine for 0.0.0.0 / ::).
+    pub names: Vec<String>,
 }
 
 /// Section `[IMS]`: the monitoring queue and its uploader.
@@ -253,6 +264,7 @@ impl Default for Config {
                 log_level: "info".to_owned(),
             },
             license: LicenseSection::default(),
+            tls: TlsSection::default(),
             ims: ImsConfig::default(),
         }
     }
@@ -338,7 +350,8 @@ impl Config {
             | Section::Security
             | Section::Server
             | Section::License
-            | Section::Ims => None,
+            | Section::Ims
+            | Section::Tls => None,
         }
     }
 
@@ -353,7 +366,8 @@ impl Config {
             | Section::Security
             | Section::Server
             | Section::License
-            | Section::Ims => None,
+            | Section::Ims
+            | Section::Tls => None,
         }
     }
 
@@ -401,6 +415,21 @@ impl Config {
             Section::Server => {
                 out.push_str(&format!("; One of {}.\n", LOG_LEVELS.join(", ")));
                 out.push_str(&format!("log_level = {}\n", self.server.log_level));
+            }
+            Section::Tls => {
+                out.push_str("; Host names and IP addresses (comma-separated) the self-signed\n");
+                out.push_str(
+                    "; certificate names; viewers connecting by IP address need theirs in\n",
+                );
+                out.push_str(
+                    "; it. None: the host name, localhost, esserver, loopback and every\n",
+                );
+                out.push_str("; address the listeners bind. `esserver tls renew` makes it anew.\n");
+                if self.tls.names.is_empty() {
+                    out.push_str("; names = esserver.clinic.local, 192.168.1.10\n");
+                } else {
+                    out.push_str(&format!("names = {}\n", self.tls.names.join(", ")));
+                }
             }
             Section::License => {
                 out.push_str("; Ed25519 public keys (64 hex characters, comma-separated) whose\n");
@@ -506,13 +535,14 @@ enum Section {
     Server,
     License,
     Ims,
+    Tls,
 }
 
 /// Keys of every listener section.
 const LISTENER_KEYS: [&str; 5] = ["bind", "port", "cert", "key", "workers"];
 
 impl Section {
-    const ALL: [Section; 10] = [
+    const ALL: [Section; 11] = [
         Section::IncubatorTransport,
         Section::ViewerTransport,
         Section::WebInterface,
@@ -523,6 +553,7 @@ impl Section {
         Section::Server,
         Section::License,
         Section::Ims,
+        Section::Tls,
     ];
 
     fn name(self) -> &'static str {
@@ -537,6 +568,7 @@ impl Section {
             Section::Server => "Server",
             Section::License => "License",
             Section::Ims => "IMS",
+            Section::Tls => "TLS",
         }
     }
 
@@ -558,6 +590,7 @@ impl Section {
             Section::Server => "The server process.",
             Section::License => "Licences: the signers this server trusts.",
             Section::Ims => "Instrument monitoring (IMS): the telemetry queue and its uploader.",
+            Section::Tls => "The TLS certificate the server generates for itself.",
         }
     }
 
@@ -589,6 +622,7 @@ impl Section {
             Section::Security => SECURITY_NUMBERS.iter().map(|k| k.name).collect(),
             Section::Server => vec!["log_level"],
             Section::License => vec!["trusted_keys"],
+            Section::Tls => vec!["names"],
             Section::Ims => ["receive", "upload", "endpoint", "ca_file"]
                 .into_iter()
                 .chain(IMS_NUMBERS.iter().map(|k| k.name))
@@ -1247,6 +1281,7 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
         }
         (Section::Server, _) => config.server.log_level = parse_log_level(value)?,
         (Section::License, _) => config.license.trusted_keys = parse_keys(value)?,
+        (Section::Tls, _) => config.tls.names = parse_tls_names(value)?,
         (Section::Ims, "receive") => config.ims.receive = parse_switch(value)?,
         (Section::Ims, "upload") => config.ims.upload = parse_switch(value)?,
         (Section::Ims, "endpoint") => {
@@ -1265,6 +1300,32 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
 }
 
 /// A comma-separated list of Ed25519 public keys, 64 hex characters each.
+/// Host names and IP addresses, comma-separated: each 1 to 253 bytes of letters, digits,
+/// `.`, `-`, `:` (IPv6) or `*` (a wildcard label); at most 64.
+fn parse_tls_names(value: &str) -> Result<Vec<String>, String> {
+    let names: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect();
+    if names.len() > 64 {
+        return Err(format!("{} names; at most 64", names.len()));
+    }
+    for name in &names {
+        let shape = name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'*'));
+        if !shape {
+            return Err(format!(
+                "{name:?} is not a host name or IP address (letters, digits, '.', '-', ':')"
+            ));
+        }
+    }
+    Ok(names)
+}
+
 fn parse_keys(value: &str) -> Result<Vec<String>, String> {
     let mut keys = Vec::new();
     for key in value.split(',').map(str::trim).filter(|k| !k.is_empty()) {
@@ -1511,6 +1572,18 @@ log_level = debug
 [License]
 trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134, c0bb48ac58b87039c0bb48ac58b87039c0bb48ac58b87039c0bb48ac58b87039
 ";
+
+    #[test]
+    fn tls_names_are_host_names_or_addresses() {
+        assert_eq!(
+            parse_tls_names(" esserver.clinic.local, 192.168.1.10 ,fe80::1,").unwrap(),
+            ["esserver.clinic.local", "192.168.1.10", "fe80::1"]
+        );
+        assert!(parse_tls_names("bad name").is_err());
+        assert!(parse_tls_names("a/b").is_err());
+        let many = vec!["h"; 65].join(",");
+        assert!(parse_tls_names(&many).is_err());
+    }
 
     #[test]
     fn defaults() {

@@ -73,6 +73,11 @@ enum Command {
         #[command(subcommand)]
         action: ImsAction,
     },
+    /// The server's generated TLS certificate.
+    Tls {
+        #[command(subcommand)]
+        action: TlsAction,
+    },
     /// Manage public API keys (for EMR and data-warehouse systems).
     Apikey {
         #[command(subcommand)]
@@ -242,6 +247,14 @@ struct CapacityArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum TlsAction {
+    /// Make the self-signed certificate anew, naming `[TLS] names` (or the host name,
+    /// loopback and every address the listeners bind); the server uses it from its next start.
+    /// Prints the new SHA-256 fingerprint for viewers that pin it.
+    Renew(Common),
 }
 
 #[derive(Subcommand)]
@@ -450,6 +463,20 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Tls {
+            action: TlsAction::Renew(common),
+        } => {
+            let config = load_config(&common)?;
+            let names = esserver::server::certificate_names(&config);
+            let (cert, _key) = es_net::tls::renew_self_signed(&config.storage.data_dir, &names)
+                .map_err(|error| error.to_string())?;
+            let der = es_net::tls::read_certificate(&cert).map_err(|error| error.to_string())?;
+            println!("certificate {} made anew", cert.display());
+            println!("names:   {}", names.join(", "));
+            println!("sha256:  {}", es_net::tls::fingerprint(&der));
+            println!("a running server uses it from its next start; viewers that pin the certificate need the new one");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Info(common) => {
             let config = load_config(&common)?;

@@ -123,3 +123,68 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
 pub fn raise_open_files_limit() -> io::Result<u64> {
     Ok(u64::MAX)
 }
+
+/// The machine's host name, if it has one.
+#[cfg(unix)]
+pub fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is a valid buffer of the length given; gethostname NUL-terminates within it
+    // (or truncates, which the search for the NUL below handles).
+    let result = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if result != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+    (!name.is_empty()).then_some(name)
+}
+
+#[cfg(not(unix))]
+pub fn host_name() -> Option<String> {
+    std::env::var("COMPUTERNAME").ok()
+}
+
+/// Every IPv4 and IPv6 address of the machine's network interfaces.
+#[cfg(unix)]
+pub fn interface_addresses() -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list freed by freeifaddrs below; each node
+    // and its address are read only while the list lives, and only for the families named.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut node = list;
+        while !node.is_null() {
+            let address = (*node).ifa_addr;
+            if !address.is_null() {
+                match i32::from((*address).sa_family) {
+                    libc::AF_INET => {
+                        let v4 = &*(address as *const libc::sockaddr_in);
+                        out.push(std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+                            u32::from_be(v4.sin_addr.s_addr),
+                        )));
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = &*(address as *const libc::sockaddr_in6);
+                        out.push(std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+                            v6.sin6_addr.s6_addr,
+                        )));
+                    }
+                    _ => {}
+                }
+            }
+            node = (*node).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(not(unix))]
+pub fn interface_addresses() -> Vec<std::net::IpAddr> {
+    Vec::new()
+}

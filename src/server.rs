@@ -362,8 +362,39 @@ fn open_store(config: &Config) -> Result<Store, StartError> {
 /// The certificate of every TLS listener whose section names none (`cert`, `key`): the data
 /// directory's self-signed one, generated on first start. A section's own pair replaces it
 /// for that listener only ([`listener_tls`]).
+/// What the generated certificate names: `[TLS] names`, or by default the host name,
+/// `localhost`, `esserver`, loopback and every address a listener binds (every address of the
+/// machine for one that binds 0.0.0.0 or ::), so viewers reach it by name or by IP address.
+pub fn certificate_names(config: &Config) -> Vec<String> {
+    if !config.tls.names.is_empty() {
+        return config.tls.names.clone();
+    }
+    let mut names = vec!["localhost".to_string(), "esserver".to_string()];
+    names.extend(crate::os::host_name());
+    let mut addresses: Vec<std::net::IpAddr> = vec![
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::Ipv6Addr::LOCALHOST.into(),
+    ];
+    let binds = [
+        config.incubator.listener.bind,
+        config.viewer.bind,
+        config.web.bind,
+        config.public_api.bind,
+    ];
+    if binds.iter().any(std::net::IpAddr::is_unspecified) {
+        addresses.extend(crate::os::interface_addresses());
+    }
+    addresses.extend(binds.iter().filter(|b| !b.is_unspecified()));
+    addresses.sort();
+    addresses.dedup();
+    names.extend(addresses.iter().map(ToString::to_string));
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|name| seen.insert(name.to_ascii_lowercase()));
+    names
+}
+
 fn server_tls(config: &Config) -> Result<(PathBuf, Arc<rustls::ServerConfig>), StartError> {
-    let names = vec!["localhost".to_string(), "esserver".to_string()];
+    let names = certificate_names(config);
     let (cert, key, created) = es_net::tls::ensure_self_signed(&config.storage.data_dir, &names)
         .map_err(|error| StartError::Tls {
             service: "all listeners",
@@ -377,7 +408,12 @@ fn server_tls(config: &Config) -> Result<(PathBuf, Arc<rustls::ServerConfig>), S
         detail: error.to_string(),
     })?;
     if let Ok(der) = es_net::tls::read_certificate(&cert) {
-        tracing::info!(certificate = %cert.display(), sha256 = %es_net::tls::fingerprint(&der), "TLS certificate");
+        tracing::info!(certificate = %cert.display(), sha256 = %es_net::tls::fingerprint(&der), names = %names.join(", "), "TLS certificate");
+        let missing = es_net::tls::names_missing(&der, &names);
+        if !missing.is_empty() {
+            tracing::warn!(certificate = %cert.display(), missing = %missing.join(", "),
+                "the generated certificate does not name every address of this server; clients connecting by those fail verification: run `esserver tls renew` and restart");
+        }
     }
     Ok((cert, tls))
 }

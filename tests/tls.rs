@@ -432,3 +432,51 @@ fn the_versions_are_named_not_left_to_defaults() {
         [ProtocolVersion::TLSv1_3, ProtocolVersion::TLSv1_2]
     );
 }
+
+/// The generated certificate names the addresses the server listens on, and `esserver tls
+/// renew` makes it anew (`[TLS] names` when set), with a new fingerprint, taken at the next
+/// start.
+#[test]
+fn the_generated_certificate_names_its_addresses_and_is_renewed_on_request() {
+    let (mut server, dir) = tls_server();
+    let cert = server.data_dir().join("tls").join("server.crt");
+    let before = es_net::tls::read_certificate(&cert).unwrap();
+    let address = server.info.address("viewer").ip().to_string();
+    assert!(
+        es_net::tls::names_missing(&before, &[address.clone(), "localhost".into()]).is_empty(),
+        "the certificate names {address}"
+    );
+    server.terminate(common::TIMEOUT);
+    let config = dir.path().join("renew.ini");
+    std::fs::write(
+        &config,
+        "[TLS]\nnames = esserver.clinic.example, 192.0.2.7\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(common::esserver_path())
+        .args(["tls", "renew", "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let after = es_net::tls::read_certificate(&cert).unwrap();
+    let fingerprint = es_net::tls::fingerprint(&after);
+    assert_ne!(fingerprint, es_net::tls::fingerprint(&before));
+    assert!(stdout.contains(&fingerprint), "{stdout}");
+    let wanted = [
+        "esserver.clinic.example".to_string(),
+        "192.0.2.7".to_string(),
+    ];
+    assert!(
+        es_net::tls::names_missing(&after, &wanted).is_empty(),
+        "{stdout}"
+    );
+    assert_eq!(
+        es_net::tls::names_missing(&after, std::slice::from_ref(&address)),
+        [address],
+        "only the names asked for"
+    );
+}

@@ -543,6 +543,27 @@ fn the_viewer_tool_pins_the_certificate_exports_and_annotates() {
         es_net::tls::fingerprint(&es_net::tls::read_certificate(&server.info.certificate).unwrap());
     assert!(pins.contains(&fingerprint), "{pins}");
 
+    // The ini names the server by IP address: the generated certificate names it, so
+    // verifying it with `--ca` (its own certificate as the CA) works too.
+    assert!(
+        server.info.address("viewer").ip().is_loopback(),
+        "{}",
+        server.info.address("viewer")
+    );
+    let ca = server.data_dir().join("tls").join("server.crt");
+    let output = viewer_tool(
+        &ini,
+        "anna",
+        PASSWORD,
+        &["--ca", ca.to_str().unwrap(), "patients"],
+    );
+    assert!(
+        output.status.success(),
+        "--ca against an IP address: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("MRN-VW-4-1"));
+
     let out = dir.path().join("export");
     let output = viewer_tool(
         &ini,

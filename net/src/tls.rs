@@ -120,6 +120,46 @@ pub fn ensure_self_signed(
     Ok((cert_path, key_path, true))
 }
 
+/// Generates a new self-signed certificate and key for `names`, replacing the data
+/// directory's (a server reads them at its next start). Returns their paths.
+pub fn renew_self_signed(
+    data_dir: &Path,
+    names: &[String],
+) -> Result<(PathBuf, PathBuf), TlsError> {
+    let (cert_path, key_path) = self_signed_paths(data_dir);
+    for path in [&cert_path, &key_path] {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(TlsError::Write {
+                    path: path.clone(),
+                    source,
+                })
+            }
+        }
+    }
+    let (cert, key, _) = ensure_self_signed(data_dir, names)?;
+    Ok((cert, key))
+}
+
+/// The `names` (host names, IP addresses) the certificate's subject alternative names lack.
+pub fn names_missing(cert: &CertificateDer<'_>, names: &[String]) -> Vec<String> {
+    let Ok(parsed) = rustls::server::ParsedCertificate::try_from(cert) else {
+        return names.to_vec();
+    };
+    names
+        .iter()
+        .filter(|name| {
+            let Ok(server_name) = ServerName::try_from(name.as_str()) else {
+                return true;
+            };
+            rustls::client::verify_server_name(&parsed, &server_name).is_err()
+        })
+        .cloned()
+        .collect()
+}
+
 /// Writes a file readable by its owner only.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
     let temporary = path.with_extension("tmp");
