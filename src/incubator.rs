@@ -35,10 +35,21 @@ pub enum IncubatorMsg {
 
 /// What the storage writer made of a request, in the terms the answer needs.
 pub enum Answer {
-    Image { duplicate: bool },
-    Dish { changed: bool },
-    Telemetry { withheld: u32, dropped: u32 },
-    Refused { code: ErrorCode, message: String },
+    Image {
+        duplicate: bool,
+    },
+    Dish {
+        changed: bool,
+    },
+    Telemetry {
+        duplicate: bool,
+        withheld: u32,
+        dropped: u32,
+    },
+    Refused {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 impl Answer {
@@ -68,6 +79,7 @@ impl Answer {
     fn telemetry(result: OpResult<PutTelemetry>) -> Answer {
         match result {
             Ok(stored) => Answer::Telemetry {
+                duplicate: stored.duplicate,
                 withheld: stored.ims_withheld,
                 dropped: stored.ims_dropped,
             },
@@ -671,7 +683,11 @@ impl IncubatorSession {
                 }
                 Message::Ack(pb::Ack { seq, duplicate })
             }
-            Answer::Telemetry { withheld, dropped } => {
+            Answer::Telemetry {
+                duplicate,
+                withheld,
+                dropped,
+            } => {
                 if dropped > 0 {
                     tracing::warn!(incubator = %self.name(), dropped,
                         "monitoring (IMS) queue full: its oldest records were dropped to make room; is the upload working?");
@@ -680,10 +696,7 @@ impl IncubatorSession {
                     tracing::info!(incubator = %self.name(), withheld,
                         "telemetry stored but not queued for monitoring: unknown channel, or an alarm code that could name patient data");
                 }
-                Message::Ack(pb::Ack {
-                    seq,
-                    duplicate: false,
-                })
+                Message::Ack(pb::Ack { seq, duplicate })
             }
             Answer::Dish { changed } => Message::Ack(pb::Ack {
                 seq,

@@ -524,21 +524,43 @@ fn a_paused_upload_fills_the_queue_which_drops_its_oldest_and_never_holds_patien
         ),
     })
     .collect();
+    let hostile_telemetry = pb::Telemetry {
+        seq: 0,
+        samples: vec![pb::TelemetrySample {
+            channel: person.last_name.clone(),
+            value: 1.0,
+            at_ms: T0,
+        }],
+        alarms: hostile,
+    };
     let reply = client
-        .request(
-            Message::Telemetry(pb::Telemetry {
-                seq: 0,
-                samples: vec![pb::TelemetrySample {
-                    channel: person.last_name.clone(),
-                    value: 1.0,
-                    at_ms: T0,
-                }],
-                alarms: hostile,
-            }),
-            TIMEOUT,
-        )
+        .request(Message::Telemetry(hostile_telemetry.clone()), TIMEOUT)
         .unwrap();
-    assert!(matches!(reply, Message::Ack(_)), "{reply:?}");
+    assert!(
+        matches!(
+            reply,
+            Message::Ack(pb::Ack {
+                duplicate: false,
+                ..
+            })
+        ),
+        "{reply:?}"
+    );
+    // The same TELEMETRY again (a lost ACK): stored already, so ACK duplicate = true
+    // (incubator.md 5.10), and nothing is queued twice.
+    let reply = client
+        .request(Message::Telemetry(hostile_telemetry), TIMEOUT)
+        .unwrap();
+    assert!(
+        matches!(
+            reply,
+            Message::Ack(pb::Ack {
+                duplicate: true,
+                ..
+            })
+        ),
+        "{reply:?}"
+    );
     // Far more samples than 64 KiB of queue holds.
     let sent = send_samples(&mut client, "IMS-P", 0..600, &[]);
     let status = ims_status(&server);

@@ -784,6 +784,7 @@ impl<'txn> Batch<'txn> {
         };
         let mut queued = Vec::new();
         let mut withheld = 0u32;
+        let mut changed = 0u32;
         for sample in samples {
             // Idempotent by (instrument, channel, time): a resend after a lost ACK stores
             // nothing new (the first value received is kept) and queues nothing.
@@ -797,6 +798,7 @@ impl<'txn> Batch<'txn> {
             };
             self.telemetry.insert(key, encode(&row).as_slice())?;
             self.state.telemetry_samples += 1;
+            changed += 1;
             if ims.is_none() {
                 continue;
             }
@@ -834,6 +836,7 @@ impl<'txn> Batch<'txn> {
                 stored_at_ms: at_ms,
             };
             self.ims_alarms.insert(key, encode(&row).as_slice())?;
+            changed += 1;
             if ims.is_none() {
                 continue;
             }
@@ -856,9 +859,11 @@ impl<'txn> Batch<'txn> {
             }
         }
         self.ims_state.withheld += u64::from(withheld);
+        let samples_empty = samples.is_empty();
         let samples = u32::try_from(samples.len()).expect("validate bounds the sample count");
         Ok(Ok(TelemetryStored {
             samples,
+            duplicate: changed == 0 && (!samples_empty || !alarms.is_empty()),
             ims_queued: queued_count,
             ims_withheld: withheld,
             ims_dropped: dropped,

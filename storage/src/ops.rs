@@ -621,6 +621,9 @@ pub struct ImageStored {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TelemetryStored {
     pub samples: u32,
+    /// True when every sample and alarm was already stored as given (a resend): nothing
+    /// changed.
+    pub duplicate: bool,
     /// Records added to the monitoring queue.
     pub ims_queued: u32,
     /// Samples and alarms kept but not queued (see `crate::ims`).

@@ -764,15 +764,16 @@ fn reopen_after_drop_keeps_everything() {
         ims: None,
         at_ms: T0,
     };
-    let stored = |ims_queued| TelemetryStored {
+    let stored = |duplicate| TelemetryStored {
         samples: 2,
-        ims_queued,
+        duplicate,
+        ims_queued: 0,
         ims_withheld: 0,
         ims_dropped: 0,
     };
-    assert_eq!(write(&writer, telemetry()), Ok(stored(0)));
-    // A resend (a lost ACK) stores nothing new.
-    assert_eq!(write(&writer, telemetry()), Ok(stored(0)));
+    assert_eq!(write(&writer, telemetry()), Ok(stored(false)));
+    // A resend (a lost ACK) stores nothing new, and says it was a duplicate.
+    assert_eq!(write(&writer, telemetry()), Ok(stored(true)));
     let stats_before = store.read().unwrap().stats().unwrap();
     assert_eq!(stats_before.telemetry_samples, 2);
     let changes_before = all_changes(&store);
