@@ -171,6 +171,43 @@ impl Registry {
         admit(&others)
     }
 
+    /// Why the instruments connected now exceed the licence's configuration, if they do
+    /// (after a smaller licence was installed, say): they keep their connections, but those
+    /// that reconnect beyond it are refused.
+    pub fn over_limit(&self, licensing: &crate::license::Licensing) -> Option<String> {
+        use es_perf::catalog::DeviceModel;
+        use es_perf::config_rules;
+        let license = licensing.current(now_ms()).ok()?;
+        let mut devices: Vec<(DeviceModel, u32)> = Vec::new();
+        for connected in self.by_serial.lock().values() {
+            let model = connected
+                .model
+                .parse::<DeviceModel>()
+                .unwrap_or(DeviceModel::EmbryoScope8);
+            match devices.iter_mut().find(|(m, _)| *m == model) {
+                Some((_, count)) => *count += 1,
+                None => devices.push((model, 1)),
+            }
+        }
+        let violations = config_rules::violations(license.configuration, &devices, 0);
+        if violations.is_empty() {
+            return None;
+        }
+        let used = config_rules::usage(license.configuration, &devices, 0);
+        let reasons: Vec<String> = violations.iter().map(ToString::to_string).collect();
+        Some(format!(
+            "the instruments connected now exceed the licence's {} configuration ({}): {} of {} \
+             capacity units, {} of {} EmbryoScope+/Flex; they keep their connections, but those \
+             that reconnect beyond it are refused (capacity_exceeded)",
+            license.configuration.name(),
+            reasons.join("; "),
+            used.units_used,
+            used.units_max,
+            used.plus_flex_used,
+            used.plus_flex_max
+        ))
+    }
+
     fn remove_if_current(&self, serial: &str, connection_id: u64) {
         let mut map = self.by_serial.lock();
         if map

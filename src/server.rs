@@ -585,14 +585,21 @@ impl StatusContext {
             },
             Request::LicenseInstall { text } => {
                 match self.licensing.install(text.as_bytes(), crate::now_ms()) {
-                    Ok(license) => Response::ok(serde_json::json!({
-                        "message": format!(
-                            "licence {} for {} ({}) installed; it applies now",
-                            license.license_id,
-                            license.clinic,
-                            license.configuration.name()
-                        ),
-                    })),
+                    Ok(license) => {
+                        let over = self.registry.over_limit(&self.licensing);
+                        if let Some(warning) = &over {
+                            tracing::warn!("{warning}");
+                        }
+                        Response::ok(serde_json::json!({
+                            "message": format!(
+                                "licence {} for {} ({}) installed; it applies now{}",
+                                license.license_id,
+                                license.clinic,
+                                license.configuration.name(),
+                                over.map_or_else(String::new, |w| format!(". WARNING: {w}"))
+                            ),
+                        }))
+                    }
                     Err(error) => Response::error(error.code(), format!("not installed: {error}")),
                 }
             }

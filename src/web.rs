@@ -296,10 +296,21 @@ pub(crate) fn handle(
                 let message = match shared.licensing.install(text.trim().as_bytes(), now_ms()) {
                     Ok(license) => {
                         tracing::info!(%user, license = %license.license_id, "licence installed from the web interface");
+                        let over = shared
+                            .web
+                            .as_ref()
+                            .and_then(|web| web.registry.over_limit(&shared.licensing));
+                        if let Some(warning) = &over {
+                            tracing::warn!("{warning}");
+                        }
                         format!(
-                            "<p class=ok id=result>Licence {} for {} installed; it applies now.</p>",
+                            "<p class=ok id=result>Licence {} for {} installed; it applies now.</p>{}",
                             escape(&license.license_id),
-                            escape(&license.clinic)
+                            escape(&license.clinic),
+                            over.map_or_else(String::new, |w| format!(
+                                "<p class=err id=over-limit>Warning: {}</p>",
+                                escape(&w)
+                            ))
                         )
                     }
                     Err(error) => format!(
@@ -888,6 +899,13 @@ fn capacity_and_rate(shared: &ApiShared, web: &WebContext, now: i64) -> String {
         bytes_per_s += c.image_bytes as f64 / seconds;
     }
     let mut out = String::new();
+    if let Some(warning) = web.registry.over_limit(&shared.licensing) {
+        let _ = write!(
+            out,
+            "<p class=err id=over-limit>Over the licence: {}</p>",
+            escape(&warning)
+        );
+    }
     if let Ok(license) = shared.licensing.current(now) {
         let used = es_perf::config_rules::usage(license.configuration, &devices, 0);
         let _ = write!(

@@ -331,3 +331,33 @@ fn license_issue_refuses_a_past_expiry_and_names_the_last_valid_day() {
     assert!(text.contains("valid through 2031-12-31 (UTC)"), "{text}");
     assert!(!text.contains("2032-01-01"), "{text}");
 }
+
+/// Installing a licence smaller than what is connected works (culture data is never turned
+/// away) but says so: the instruments keep their connections, and the answer and the log
+/// warn that those reconnecting beyond the licence will be refused.
+#[test]
+fn a_licence_smaller_than_what_is_connected_is_installed_with_a_warning() {
+    use es_loadtest::client::IncubatorClient;
+    let issuer = common::Issuer::new();
+    let dir = tempfile::tempdir().unwrap();
+    let server = issuer.spawn(&dir);
+    let connected: Vec<IncubatorClient> = (0..3)
+        .map(|n| {
+            let mut identity = common::identity(&format!("OVER-{n}"), "es-plus");
+            common::connect(&server, &mut identity)
+        })
+        .collect();
+    let path = issuer.issue(&server, "basic", &[], "basic.lic");
+    let done = issuer.install(&server, &path);
+    assert!(done.status.success(), "{done:?}");
+    let answer = String::from_utf8_lossy(&done.stdout);
+    assert!(answer.contains("installed; it applies now"), "{answer}");
+    assert!(answer.contains("WARNING"), "{answer}");
+    assert!(answer.contains("6 of 2 capacity units"), "{answer}");
+    assert!(answer.contains("capacity_exceeded"), "{answer}");
+    assert!(
+        common::server_log(&dir).contains("exceed the licence's basic configuration"),
+        "the log warns too"
+    );
+    assert_eq!(connected.len(), 3);
+}
