@@ -62,6 +62,27 @@ pub fn disk_free_bytes(path: &Path) -> io::Result<u64> {
     Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
+/// Total bytes of the filesystem holding `path`.
+#[cfg(unix)]
+pub fn disk_total_bytes(path: &Path) -> io::Result<u64> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c_path =
+        CString::new(path.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string and stat a valid out-pointer.
+    let result = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_blocks as u64 * stat.f_frsize as u64)
+}
+
+#[cfg(not(unix))]
+pub fn disk_total_bytes(_path: &Path) -> io::Result<u64> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
 #[cfg(not(unix))]
 pub fn disk_free_bytes(_path: &Path) -> io::Result<u64> {
     Err(io::ErrorKind::Unsupported.into())

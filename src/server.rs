@@ -274,12 +274,18 @@ fn start_services(
         &limits,
         api,
     )?);
+    let certificate_sha256 = es_net::tls::read_certificate(&certificate)
+        .ok()
+        .map(|der| es_net::tls::fingerprint(&der));
     let web = http_service(Some(crate::web::WebContext {
         registry: registry.clone(),
         viewers: viewers.clone(),
         sessions: crate::api::auth::Tokens::default(),
         tls: config.web_tls,
         ims: ims.clone(),
+        started_at_ms: crate::now_ms(),
+        data_dir: data_dir.clone(),
+        certificate_sha256,
     }));
     let web_tls = if config.web_tls {
         Some(listener_tls("web", &config.web, &tls)?)

@@ -36,6 +36,11 @@ pub struct WebContext {
     pub tls: bool,
     /// Instrument monitoring: its status on the dashboard and its run-time switches.
     pub ims: Arc<crate::ims::ImsShared>,
+    /// When the server started, for its uptime.
+    pub started_at_ms: i64,
+    pub data_dir: std::path::PathBuf,
+    /// SHA-256 of the shared TLS certificate (what viewers pin), when it reads.
+    pub certificate_sha256: Option<String>,
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -124,7 +129,7 @@ fn page(shared: &ApiShared, title: &str, user: Option<(&str, &str)>, body: &str)
          <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}\
          td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.banner{{background:#fff3c4;padding:.6em;margin:1em 0}}\
          .bad{{background:#ffd6d6}}.inline{{display:inline}}nav a{{margin-right:1em}}.who{{margin:0 1em}}\
-         textarea{{width:100%;height:12em}}.ok{{color:#060}}.err{{color:#a00}}</style></head><body>\
+         textarea{{width:100%;height:12em}}.ok{{color:#060}}.err{{color:#a00}}.empty{{color:#666}}</style></head><body>\
          <h1>esserver: {}</h1>{nav}{banner}{body}</body></html>",
         escape(title),
         escape(title)
@@ -454,6 +459,17 @@ fn metrics(shared: &ApiShared) -> Response {
         "1 when a valid licence is installed.",
         u64::from(shared.licensing.current(now_ms()).is_ok()),
     );
+    let expires_in_s = shared
+        .licensing
+        .current(now_ms())
+        .ok()
+        .and_then(|license| license.expires_at_ms)
+        .map_or(0, |expires| ((expires - now_ms()).max(0) / 1000) as u64);
+    gauge(
+        "esserver_license_expires_in_seconds",
+        "Seconds until the licence expires (0: no expiry, or no valid licence).",
+        expires_in_s,
+    );
     gauge(
         "esserver_disk_free_bytes",
         "Free bytes on the data directory's filesystem.",
@@ -562,6 +578,62 @@ fn metrics(shared: &ApiShared) -> Response {
     text(200, out, "text/plain; version=0.0.4; charset=utf-8")
 }
 
+/// " of 500.0 GB (12 % used)" for the data directory's disk, or nothing when unknown.
+fn disk_total_text(shared: &ApiShared, free: u64) -> String {
+    let Some(web) = &shared.web else {
+        return String::new();
+    };
+    match crate::os::disk_total_bytes(&web.data_dir) {
+        Ok(total) if total > 0 => format!(
+            " of {:.1} GB ({:.0} % used)",
+            total as f64 / 1e9,
+            100.0 * (1.0 - free.min(total) as f64 / total as f64)
+        ),
+        _ => String::new(),
+    }
+}
+
+/// A licence expiring within this is flagged on the status page.
+const EXPIRY_WARNING_MS: i64 = 30 * 86_400_000;
+
+/// "valid through 2031-12-31 (UTC), 412 days left", or "never expires".
+fn validity_text(expires_at_ms: Option<i64>, now: i64) -> String {
+    match expires_at_ms {
+        None => "never expires".to_string(),
+        Some(expires) => format!(
+            "{}, {} days left",
+            crate::civil::valid_through(expires),
+            (expires - now).max(0) / 86_400_000
+        ),
+    }
+}
+
+/// Product, version, server id, uptime, data directory and the certificate's fingerprint.
+fn server_card(shared: &ApiShared, now: i64) -> String {
+    let Some(web) = &shared.web else {
+        return String::new();
+    };
+    let uptime_s = (now - web.started_at_ms).max(0) / 1000;
+    let uptime = format!(
+        "{} d {} h {} min",
+        uptime_s / 86_400,
+        uptime_s % 86_400 / 3600,
+        uptime_s % 3600 / 60
+    );
+    format!(
+        "<table id=server><tr><td>Server</td><td>esserver {}</td></tr>\
+         <tr><td>Server id</td><td id=server-id>{}</td></tr>\
+         <tr><td>Up for</td><td>{uptime} (since {})</td></tr>\
+         <tr><td>Data directory</td><td>{}</td></tr>\
+         <tr><td>Certificate SHA-256</td><td id=fingerprint>{}</td></tr></table>",
+        env!("CARGO_PKG_VERSION"),
+        escape(&shared.store.server_id()),
+        escape(&time_text(web.started_at_ms)),
+        escape(&web.data_dir.display().to_string()),
+        escape(web.certificate_sha256.as_deref().unwrap_or("unknown")),
+    )
+}
+
 fn dashboard(shared: &ApiShared, user: &str, csrf: &str) -> Response {
     dashboard_with(shared, user, csrf, "")
 }
@@ -569,17 +641,28 @@ fn dashboard(shared: &ApiShared, user: &str, csrf: &str) -> Response {
 fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Response {
     let mut body = String::from(message);
     let now = now_ms();
+    body.push_str(&server_card(shared, now));
     body.push_str("<h2>Licence</h2>");
     match shared.licensing.current(now) {
         Ok(license) => {
             let _ = write!(
                 body,
-                "<p id=license-state>{} configuration, licence {} for {}{}</p>",
+                "<p id=license-state>{} configuration, licence {} for {}{}; {}</p>",
                 escape(license.configuration.name()),
                 escape(&license.license_id),
                 escape(&license.clinic),
-                if license.demo { " (DEMO)" } else { "" }
+                if license.demo { " (DEMO)" } else { "" },
+                escape(&validity_text(license.expires_at_ms, now))
             );
+            if license
+                .expires_at_ms
+                .is_some_and(|expires| expires - now < EXPIRY_WARNING_MS)
+            {
+                body.push_str(
+                    "<p class=err id=license-expiring>The licence expires within 30 days: \
+                     order its renewal now (viewers and the public API stop when it expires).</p>",
+                );
+            }
         }
         Err(error) => {
             let _ = write!(
@@ -591,7 +674,11 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
     }
     body.push_str("<h2>Incubators</h2><table id=incubators><tr><th>Serial</th><th>Model</th><th>Address</th><th>Since</th><th>Images on this connection</th></tr>");
     if let Some(web) = &shared.web {
-        for c in web.registry.snapshot() {
+        let connected = web.registry.snapshot();
+        if connected.is_empty() {
+            body.push_str("<tr><td colspan=5 class=empty>No incubator is connected.</td></tr>");
+        }
+        for c in connected {
             let _ = write!(
                 body,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -605,7 +692,11 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
         body.push_str("</table>");
         body.push_str(&capacity_and_rate(shared, web, now));
         body.push_str("<h2>Viewers</h2><table id=viewers><tr><th>User</th><th>Computer</th><th>Address</th><th>Since</th></tr>");
-        for v in web.viewers.snapshot() {
+        let viewers = web.viewers.snapshot();
+        if viewers.is_empty() {
+            body.push_str("<tr><td colspan=4 class=empty>No viewer is logged in.</td></tr>");
+        }
+        for v in viewers {
             let _ = write!(
                 body,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -627,18 +718,25 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
                 body,
                 "<table id=storage><tr><td>Patients</td><td>{}</td></tr><tr><td>Embryos</td><td>{}</td></tr>\
                  <tr><td>Images</td><td>{}</td></tr><tr><td>Image data</td><td>{:.1} GB</td></tr>\
-                 <tr><td>Free on disk</td><td>{:.1} GB{}</td></tr></table>",
+                 <tr><td>Free on disk</td><td id=disk>{:.1} GB{}{}</td></tr></table>",
                 stats.patients,
                 stats.embryos,
                 stats.images,
                 stats.image_bytes as f64 / 1e9,
                 shared.disk.free_bytes() as f64 / 1e9,
+                disk_total_text(shared, shared.disk.free_bytes()),
                 if shared.disk.is_low() { " (LOW: writes refused)" } else { "" }
             );
         }
         Err(error) => body.push_str(&storage_unavailable(&error)),
     }
-    html(200, page(shared, "Status", Some((user, csrf)), &body))
+    // The status page refreshes itself every 30 s (it has no fields to lose).
+    let page_text = page(shared, "Status", Some((user, csrf)), &body).replacen(
+        "<meta charset=utf-8>",
+        "<meta charset=utf-8><meta http-equiv=refresh content=30>",
+        1,
+    );
+    html(200, page_text)
 }
 
 /// The monitoring queue and uploader: switches, queue, drops, last success and error, and
@@ -936,7 +1034,7 @@ fn license_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Re
         Ok(license) => format!(
             "<table id=license><tr><td>Licence</td><td>{}</td></tr><tr><td>Clinic</td><td>{}</td></tr>\
              <tr><td>Configuration</td><td>{}</td></tr><tr><td>Viewer computers</td><td>{}</td></tr>\
-             <tr><td>Validity</td><td>{}</td></tr></table>",
+             <tr><td>Issued</td><td>{}</td></tr><tr><td>Validity</td><td>{}</td></tr></table>",
             escape(&license.license_id),
             escape(&license.clinic),
             escape(license.configuration.name()),
@@ -945,17 +1043,20 @@ fn license_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Re
             } else {
                 license.viewer_computers.join(", ")
             }),
-            license
-                .expires_at_ms
-                .map_or("never expires".to_string(), crate::civil::valid_through)
+            escape(&time_text(license.issued_at_ms)),
+            escape(&validity_text(license.expires_at_ms, now_ms()))
         ),
         Err(error) => format!(
             "<p class=err id=license-state>licence invalid: {}</p>",
             escape(&error.to_string())
         ),
     };
+    let server_id = format!(
+        "<p>This server's id (a licence names it): <code id=server-id>{}</code></p>",
+        escape(&shared.store.server_id())
+    );
     let body = format!(
-        "{message}{current}<h2>Install a licence</h2>\
+        "{message}{server_id}{current}<h2>Install a licence</h2>\
          <form method=post action='/license' id=install>\
          <input type=hidden name=csrf value='{csrf}'>\
          <p><input type=file id=file accept='.lic,.json,application/json'></p>\

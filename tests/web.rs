@@ -173,7 +173,34 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
         "{page}"
     );
     assert!(page.contains("WEB-INC-1"), "{page}");
+    // What an administrator needs at a glance: version, server id, certificate fingerprint,
+    // data directory, disk use; empty tables say so; the page refreshes itself.
+    let fingerprint =
+        es_net::tls::fingerprint(&es_net::tls::read_certificate(&server.info.certificate).unwrap());
+    for wanted in [
+        format!("esserver {}", env!("CARGO_PKG_VERSION")),
+        format!("<td id=server-id>{}</td>", server.info.server_id),
+        format!("<td id=fingerprint>{fingerprint}</td>"),
+        server.data_dir().display().to_string(),
+        "% used)".to_string(),
+        "No viewer is logged in.".to_string(),
+        "<meta http-equiv=refresh content=30>".to_string(),
+    ] {
+        assert!(page.contains(&wanted), "{wanted} missing from:\n{page}");
+    }
+    let license_page = body(&get(&mut http, "/license", &cookie));
+    assert!(
+        license_page.contains(&format!(
+            "<code id=server-id>{}</code>",
+            server.info.server_id
+        )),
+        "the licence page shows the id a licence must name: {license_page}"
+    );
     let metrics = body(&get(&mut http, "/metrics", &cookie));
+    assert!(
+        metrics.contains("esserver_license_expires_in_seconds 0"),
+        "{metrics}"
+    );
     assert!(metrics.contains("esserver_up 1"));
     assert!(metrics.contains("esserver_license_valid 0"));
     assert!(metrics.contains("esserver_incubators_connected 1"));

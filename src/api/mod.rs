@@ -449,10 +449,19 @@ impl ApiSession {
     fn log(&self, exchange: &Exchange, status: u16, now: Instant) {
         let ms = now.saturating_duration_since(exchange.started).as_millis() as u64;
         let caller = exchange.caller.as_deref().unwrap_or("-");
-        if status >= 500 {
-            tracing::warn!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "public API request");
-        } else {
-            tracing::info!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "public API request");
+        match (self.shared.web.is_some(), status >= 500) {
+            (false, true) => {
+                tracing::warn!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "public API request");
+            }
+            (false, false) => {
+                tracing::info!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "public API request");
+            }
+            (true, true) => {
+                tracing::warn!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "web request");
+            }
+            (true, false) => {
+                tracing::info!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "web request");
+            }
         }
     }
 
