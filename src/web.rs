@@ -672,21 +672,42 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
             );
         }
     }
-    body.push_str("<h2>Incubators</h2><table id=incubators><tr><th>Serial</th><th>Model</th><th>Address</th><th>Since</th><th>Images on this connection</th></tr>");
+    body.push_str("<h2>Incubators</h2><table id=incubators><tr><th>Serial</th><th>Model</th><th>State</th><th>Address</th><th>Since</th><th>Images on this connection</th></tr>");
     if let Some(web) = &shared.web {
         let connected = web.registry.snapshot();
-        if connected.is_empty() {
-            body.push_str("<tr><td colspan=5 class=empty>No incubator is connected.</td></tr>");
+        // Every instrument ever seen: a disconnected one stays listed, with when it was
+        // last seen, so an administrator notices it is gone.
+        let known = shared
+            .store
+            .read()
+            .and_then(|r| r.instruments())
+            .unwrap_or_default();
+        if connected.is_empty() && known.is_empty() {
+            body.push_str(
+                "<tr><td colspan=6 class=empty>No incubator has connected yet.</td></tr>",
+            );
         }
-        for c in connected {
+        for c in &connected {
             let _ = write!(
                 body,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td class=ok>connected</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 escape(&c.serial),
                 escape(&c.model),
                 escape(&c.peer),
                 escape(&time_text(c.connected_at_ms)),
                 c.images
+            );
+        }
+        for i in known
+            .iter()
+            .filter(|i| !connected.iter().any(|c| c.serial == i.serial))
+        {
+            let _ = write!(
+                body,
+                "<tr><td>{}</td><td>{}</td><td class=err>disconnected</td><td></td><td>last connected {}</td><td></td></tr>",
+                escape(&i.serial),
+                escape(&i.model),
+                escape(&time_text(i.last_seen_ms)),
             );
         }
         body.push_str("</table>");

@@ -162,9 +162,19 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
         .unwrap()
         .to_string();
 
-    // The dashboard: the licence warning on the page, a connected incubator listed.
+    // The dashboard: the licence warning on the page, a connected incubator listed, and one
+    // that disconnected still listed as such.
+    let mut gone = common::identity("WEB-INC-GONE", "es-d");
+    drop(common::connect(&server, &mut gone));
     let mut identity = common::identity("WEB-INC-1", "es-plus");
     let _incubator = common::connect(&server, &mut identity);
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while std::time::Instant::now() < deadline
+        && !body(&get(&mut http, "/", &cookie))
+            .contains("disconnected</td><td></td><td>last connected")
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let dashboard = get(&mut http, "/", &cookie);
     assert_eq!(dashboard.status, 200);
     let page = body(&dashboard);
@@ -173,6 +183,10 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
         "{page}"
     );
     assert!(page.contains("WEB-INC-1"), "{page}");
+    assert!(
+        page.contains("<td>WEB-INC-GONE</td><td>es-d</td><td class=err>disconnected</td>"),
+        "{page}"
+    );
     // What an administrator needs at a glance: version, server id, certificate fingerprint,
     // data directory, disk use; empty tables say so; the page refreshes itself.
     let fingerprint =

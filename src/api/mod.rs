@@ -467,7 +467,12 @@ impl ApiSession {
 
     /// A request that could not be parsed: answer and close (the stream is out of step).
     fn refuse(&mut self, error: &HttpError, io: &mut SessionIo<'_>) {
-        tracing::warn!(peer = %self.peer, code = error.code(), "public API request refused: {}", error.message());
+        let service = if self.shared.web.is_some() {
+            "web"
+        } else {
+            "public API"
+        };
+        tracing::warn!(peer = %self.peer, code = error.code(), "{service} request refused: {}", error.message());
         let body = serde_json::json!({ "code": error.code(), "message": error.message() });
         let mut out = Vec::new();
         http::write_response(
