@@ -117,7 +117,7 @@ fn page(shared: &ApiShared, title: &str, user: Option<(&str, &str)>, body: &str)
     };
     let nav = match user {
         Some((name, csrf)) => format!(
-            "<nav><a href='/'>Status</a> <a href='/license'>Licence</a> <a href='/instruments'>Instruments</a> <a href='/users'>Users</a> <span class=who>{}</span> \
+            "<nav><a href='/'>Status</a> <a href='/license'>Licence</a> <a href='/instruments'>Instruments</a> <a href='/users'>Users</a> <a href='/audit'>Audit trail</a> <span class=who>{}</span> \
              <form method=post action='/logout' class=inline><input type=hidden name=csrf value='{csrf}'>\
              <button id=logout>Log out</button></form></nav>",
             escape(name)
@@ -364,6 +364,7 @@ pub(crate) fn handle(
         "/license" => license_page(shared, &user, &csrf, ""),
         "/instruments" => instruments_page(shared, &user, &csrf, ""),
         "/users" => users_page(shared, &user, &csrf, ""),
+        "/audit" => audit_page(shared, &user, &csrf, request.query_param("after")),
         _ => html(
             404,
             page(
@@ -972,6 +973,70 @@ fn users_page(shared: &ApiShared, admin: &str, csrf: &str, message: &str) -> Res
 /// Every instrument ever seen, with a form to change the name it is shown by. The manual
 /// warns that renaming an instrument there loses its data; here the name is a label and the
 /// serial number the identity, so nothing moves.
+/// Audit rows shown per page.
+const AUDIT_PAGE_ROWS: u32 = 100;
+
+/// The audit trail, oldest first, a page at a time (`?after=SEQ`), newest page by default.
+fn audit_page(shared: &ApiShared, user: &str, csrf: &str, after: Option<&str>) -> Response {
+    let reader = match shared.store.read() {
+        Ok(reader) => reader,
+        Err(error) => {
+            let body = storage_unavailable(&error);
+            return html(503, page(shared, "Audit trail", Some((user, csrf)), &body));
+        }
+    };
+    let after = match after.map(str::parse::<u64>) {
+        Some(Ok(after)) => after,
+        Some(Err(_)) => {
+            let body = "<p class=err>after must be an audit sequence number</p>".to_string();
+            return html(400, page(shared, "Audit trail", Some((user, csrf)), &body));
+        }
+        // The newest page by default.
+        None => reader
+            .last_audit_seq()
+            .unwrap_or(0)
+            .saturating_sub(u64::from(AUDIT_PAGE_ROWS)),
+    };
+    let rows = match reader.audit_after(after, AUDIT_PAGE_ROWS) {
+        Ok(rows) => rows,
+        Err(error) => {
+            let body = storage_unavailable(&error);
+            return html(503, page(shared, "Audit trail", Some((user, csrf)), &body));
+        }
+    };
+    let mut body = String::from(
+        "<table id=audit><tr><th>#</th><th>When</th><th>User</th><th>Computer</th><th>Action</th>\
+         <th>On</th><th>Outcome</th><th>After</th></tr>",
+    );
+    if rows.is_empty() {
+        body.push_str("<tr><td colspan=8 class=empty>Nothing recorded here.</td></tr>");
+    }
+    for row in &rows {
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            row.seq,
+            escape(&time_text(row.at_ms)),
+            escape(&row.user),
+            escape(&row.computer),
+            escape(&row.action),
+            escape(&row.target),
+            escape(row.outcome.as_str()),
+            escape(&row.after.chars().take(200).collect::<String>()),
+        );
+    }
+    body.push_str("</table><p>");
+    if after > 0 {
+        let previous = after.saturating_sub(u64::from(AUDIT_PAGE_ROWS));
+        let _ = write!(body, "<a href='/audit?after={previous}'>Older</a> ");
+    }
+    if let Some(last) = rows.last().filter(|_| rows.len() as u32 == AUDIT_PAGE_ROWS) {
+        let _ = write!(body, "<a href='/audit?after={}'>Newer</a>", last.seq);
+    }
+    body.push_str("</p>");
+    html(200, page(shared, "Audit trail", Some((user, csrf)), &body))
+}
+
 fn instruments_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Response {
     let mut body = String::from(message);
     match shared.store.read().and_then(|r| r.instruments()) {

@@ -202,6 +202,12 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
     ] {
         assert!(page.contains(&wanted), "{wanted} missing from:\n{page}");
     }
+    // The audit trail, newest page by default: the refused and granted logins above.
+    let audit = body(&get(&mut http, "/audit", &cookie));
+    assert!(audit.contains("<table id=audit>"), "{audit}");
+    assert!(audit.contains("user.login"), "{audit}");
+    assert!(audit.contains("wrong password"), "{audit}");
+    assert_eq!(get(&mut http, "/audit?after=x", &cookie).status, 400);
     let license_page = body(&get(&mut http, "/license", &cookie));
     assert!(
         license_page.contains(&format!(

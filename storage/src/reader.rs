@@ -250,7 +250,11 @@ impl Reader {
         Ok(self.state()?.change_last_seq)
     }
 
-    /// Reads the counters row and the volume rows (one per volume file).
+    /// The newest audit row's seq (0: none yet).
+    pub fn last_audit_seq(&self) -> Result<u64, StorageError> {
+        Ok(self.state()?.audit_last_seq)
+    }
+
     /// The space each table takes, largest first: where the database's bytes per image go.
     pub fn table_space(&self) -> Result<Vec<TableSpace>, StorageError> {
         use redb::{ReadableTableMetadata, TableDefinition, TableHandle};
@@ -312,6 +316,7 @@ impl Reader {
         Ok(out)
     }
 
+    /// Reads the counters row and the volume rows (one per volume file).
     pub fn stats(&self) -> Result<StoreStats, StorageError> {
         let state = self.state()?;
         let (mut volumes, mut volumes_sealed, mut active_volume, mut volume_bytes) = (0, 0, 0, 0);
