@@ -125,6 +125,22 @@ pub struct Connected {
 #[derive(Default)]
 pub struct Registry {
     by_serial: Mutex<HashMap<String, Connected>>,
+    /// HELLOs refused, by serial number (at most `REFUSED_SERIALS_MAX`), for the dashboard.
+    refused: Mutex<HashMap<String, Refused>>,
+}
+
+/// Serial numbers whose refused HELLOs are remembered; past it the oldest is forgotten.
+const REFUSED_SERIALS_MAX: usize = 256;
+
+/// The HELLOs refused for one serial number since the server started.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Refused {
+    pub serial: String,
+    pub count: u64,
+    /// The latest refusal's code (`capacity_exceeded`, `auth_failed`, ...), from where, when.
+    pub code: &'static str,
+    pub peer: String,
+    pub at_ms: i64,
 }
 
 impl Registry {
@@ -145,6 +161,38 @@ impl Registry {
         admit(&others)?;
         let older = map.insert(connected.serial.clone(), connected);
         Ok(older.map(|older| older.handle))
+    }
+
+    /// Counts a refused HELLO of `serial`.
+    fn refused(&self, serial: &str, code: ErrorCode, peer: SocketAddr) {
+        let mut map = self.refused.lock();
+        if !map.contains_key(serial) && map.len() >= REFUSED_SERIALS_MAX {
+            if let Some(oldest) = map
+                .values()
+                .min_by_key(|r| r.at_ms)
+                .map(|r| r.serial.clone())
+            {
+                map.remove(&oldest);
+            }
+        }
+        let entry = map.entry(serial.to_string()).or_insert_with(|| Refused {
+            serial: serial.to_string(),
+            count: 0,
+            code: code.name(),
+            peer: peer.to_string(),
+            at_ms: 0,
+        });
+        entry.count += 1;
+        entry.code = code.name();
+        entry.peer = peer.to_string();
+        entry.at_ms = now_ms();
+    }
+
+    /// The refused HELLOs, most recent first.
+    pub fn refusals(&self) -> Vec<Refused> {
+        let mut list: Vec<Refused> = self.refused.lock().values().cloned().collect();
+        list.sort_by_key(|r| std::cmp::Reverse(r.at_ms));
+        list
     }
 
     /// True when an open connection of `serial` holds an issued, unconfirmed secret.
@@ -389,6 +437,8 @@ impl IncubatorSession {
             capacity_check(&licensing, &hello.model, others)
         });
         if let Err(message) = capacity {
+            self.registry
+                .refused(&hello.serial_number, ErrorCode::CapacityExceeded, self.peer);
             self.fail(ErrorCode::CapacityExceeded, message, io);
             return;
         }
@@ -425,6 +475,8 @@ impl IncubatorSession {
                      `esserver instrument reset-secret {}`",
                     hello.serial_number, hello.serial_number
                 );
+                self.registry
+                    .refused(&hello.serial_number, ErrorCode::AuthFailed, self.peer);
                 self.fail(ErrorCode::AuthFailed, message, io);
                 return;
             }
@@ -434,6 +486,11 @@ impl IncubatorSession {
                      confirmed yet; nothing was changed; retry once that connection has sent \
                      a request or closed",
                     hello.serial_number
+                );
+                self.registry.refused(
+                    &hello.serial_number,
+                    ErrorCode::EnrolmentInProgress,
+                    self.peer,
                 );
                 self.fail(ErrorCode::EnrolmentInProgress, message, io);
                 return;
@@ -472,6 +529,8 @@ impl IncubatorSession {
             Ok(older) => older,
             Err(message) => {
                 self.instrument = None;
+                self.registry
+                    .refused(&hello.serial_number, ErrorCode::CapacityExceeded, self.peer);
                 self.fail(ErrorCode::CapacityExceeded, message, io);
                 return;
             }

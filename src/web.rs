@@ -712,6 +712,22 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
             );
         }
         body.push_str("</table>");
+        let refusals = web.registry.refusals();
+        if !refusals.is_empty() {
+            body.push_str("<h3>Refused incubator connections (since the start)</h3><table id=refused><tr><th>Serial</th><th>Times</th><th>Latest reason</th><th>From</th><th>When</th></tr>");
+            for r in refusals.iter().take(50) {
+                let _ = write!(
+                    body,
+                    "<tr><td>{}</td><td>{}</td><td class=err>{}</td><td>{}</td><td>{}</td></tr>",
+                    escape(&r.serial),
+                    r.count,
+                    escape(r.code),
+                    escape(&r.peer),
+                    escape(&time_text(r.at_ms))
+                );
+            }
+            body.push_str("</table>");
+        }
         body.push_str(&capacity_and_rate(shared, web, now));
         body.push_str("<h2>Viewers</h2><table id=viewers><tr><th>User</th><th>Computer</th><th>Address</th><th>Since</th></tr>");
         let viewers = web.viewers.snapshot();

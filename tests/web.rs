@@ -168,6 +168,16 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
     drop(common::connect(&server, &mut gone));
     let mut identity = common::identity("WEB-INC-1", "es-plus");
     let _incubator = common::connect(&server, &mut identity);
+    // A refused HELLO (a wrong secret for a known serial) is listed with its reason.
+    let mut impostor = common::identity("WEB-INC-GONE", "es-d");
+    impostor.secret = "not-its-secret".into();
+    let refused = es_loadtest::client::IncubatorClient::connect(
+        server.info.address("incubator"),
+        &server.info.client_tls("incubator"),
+        &mut impostor,
+        common::TIMEOUT,
+    );
+    assert!(refused.is_err());
     let deadline = std::time::Instant::now() + common::TIMEOUT;
     while std::time::Instant::now() < deadline
         && !body(&get(&mut http, "/", &cookie))
@@ -185,6 +195,11 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
     assert!(page.contains("WEB-INC-1"), "{page}");
     assert!(
         page.contains("<td>WEB-INC-GONE</td><td>es-d</td><td class=err>disconnected</td>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<table id=refused>")
+            && page.contains("<td>WEB-INC-GONE</td><td>1</td><td class=err>auth_failed</td>"),
         "{page}"
     );
     // What an administrator needs at a glance: version, server id, certificate fingerprint,
