@@ -46,9 +46,9 @@ impl TerminationSignals {
     }
 }
 
-/// Bytes available to this process on the filesystem holding `path`.
+/// `statvfs` of the filesystem holding `path`.
 #[cfg(unix)]
-pub fn disk_free_bytes(path: &Path) -> io::Result<u64> {
+fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let c_path =
@@ -59,22 +59,20 @@ pub fn disk_free_bytes(path: &Path) -> io::Result<u64> {
     if result != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(stat)
+}
+
+/// Bytes available to this process on the filesystem holding `path`.
+#[cfg(unix)]
+pub fn disk_free_bytes(path: &Path) -> io::Result<u64> {
+    let stat = statvfs(path)?;
     Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 /// Total bytes of the filesystem holding `path`.
 #[cfg(unix)]
 pub fn disk_total_bytes(path: &Path) -> io::Result<u64> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c_path =
-        CString::new(path.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is a valid NUL-terminated string and stat a valid out-pointer.
-    let result = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
-    if result != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let stat = statvfs(path)?;
     Ok(stat.f_blocks as u64 * stat.f_frsize as u64)
 }
 

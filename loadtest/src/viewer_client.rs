@@ -90,15 +90,7 @@ impl ViewerClient {
         timeout: Duration,
     ) -> Result<ViewerClient, ViewerError> {
         let mut client = Self::connect(addr, tls, timeout)?;
-        let login = Request::Login(pb::Login {
-            protocol_version: PROTOCOL_VERSION,
-            user: credentials.user.clone(),
-            password: credentials.password.clone(),
-            computer: credentials.computer.clone(),
-            client: "es-loadtest viewer client".into(),
-            changes_after: 0,
-        });
-        client.start_session(login)?;
+        client.start_session(login_request(credentials))?;
         Ok(client)
     }
 
@@ -109,26 +101,8 @@ impl ViewerClient {
         credentials: &Credentials,
         timeout: Duration,
     ) -> Result<ViewerClient, ViewerError> {
-        let mut client = ViewerClient {
-            conn: ClientConn::over(stream, tls)?,
-            decoder: FrameDecoder::new(u32::MAX),
-            next_seq: 1,
-            timeout,
-            backlog: VecDeque::new(),
-            notices: VecDeque::new(),
-            notice_arrivals: Vec::new(),
-            last_change_seq: 0,
-            login: pb::LoginOk::default(),
-        };
-        let login = Request::Login(pb::Login {
-            protocol_version: PROTOCOL_VERSION,
-            user: credentials.user.clone(),
-            password: credentials.password.clone(),
-            computer: credentials.computer.clone(),
-            client: "es-loadtest viewer client".into(),
-            changes_after: 0,
-        });
-        client.start_session(login)?;
+        let mut client = Self::with_conn(ClientConn::over(stream, tls)?, timeout);
+        client.start_session(login_request(credentials))?;
         Ok(client)
     }
 
@@ -157,8 +131,15 @@ impl ViewerClient {
         tls: &ClientTls,
         timeout: Duration,
     ) -> Result<ViewerClient, ViewerError> {
-        Ok(ViewerClient {
-            conn: ClientConn::connect(addr, tls, timeout)?,
+        Ok(Self::with_conn(
+            ClientConn::connect(addr, tls, timeout)?,
+            timeout,
+        ))
+    }
+
+    fn with_conn(conn: ClientConn, timeout: Duration) -> ViewerClient {
+        ViewerClient {
+            conn,
             decoder: FrameDecoder::new(u32::MAX),
             next_seq: 1,
             timeout,
@@ -167,7 +148,7 @@ impl ViewerClient {
             notice_arrivals: Vec::new(),
             last_change_seq: 0,
             login: pb::LoginOk::default(),
-        })
+        }
     }
 
     fn start_session(&mut self, request: Request) -> Result<(), ViewerError> {
@@ -301,4 +282,16 @@ impl ViewerClient {
     pub fn drop_connection(mut self) {
         self.conn.shutdown();
     }
+}
+
+/// The Login of `credentials`, as this client sends it.
+fn login_request(credentials: &Credentials) -> Request {
+    Request::Login(pb::Login {
+        protocol_version: PROTOCOL_VERSION,
+        user: credentials.user.clone(),
+        password: credentials.password.clone(),
+        computer: credentials.computer.clone(),
+        client: "es-loadtest viewer client".into(),
+        changes_after: 0,
+    })
 }
