@@ -100,6 +100,13 @@ pub trait Operation: fmt::Debug + Send + Sized + 'static {
     /// what the answer reports of the committed state (a stale edit's current record).
     #[doc(hidden)]
     fn after_commit(_result: &mut OpResult<Self>, _reader: &crate::Reader) {}
+
+    /// True when `after_commit` has something to do for `result` (the writer opens a reader
+    /// after a commit only then).
+    #[doc(hidden)]
+    fn wants_after_commit(_result: &OpResult<Self>) -> bool {
+        false
+    }
 }
 
 /// The result an operation's completion receives.
@@ -896,6 +903,10 @@ impl Operation for Edit {
 
     fn at_ms(&self) -> Option<i64> {
         Some(self.at_ms)
+    }
+
+    fn wants_after_commit(result: &OpResult<Self>) -> bool {
+        matches!(result, Err(WriteError::Refused(EditRefusal::Stale(_))))
     }
 
     /// A stale edit is answered with the record as it is once the batch committed.

@@ -119,6 +119,8 @@ trait Job: Send {
     fn forget(&mut self);
     /// After the commit: lets the operation complete its answer from the committed state.
     fn after_commit(&mut self, reader: &crate::Reader);
+    /// True when `after_commit` has something to do.
+    fn wants_after_commit(&self) -> bool;
     /// Calls the completion with the kept result, or with `fault` when the batch failed.
     fn complete(self: Box<Self>, fault: Option<Fault>);
     fn debug(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result;
@@ -160,6 +162,10 @@ impl<O: Operation> Job for Typed<O> {
         if let Some(result) = self.result.as_mut() {
             O::after_commit(result, reader);
         }
+    }
+
+    fn wants_after_commit(&self) -> bool {
+        self.result.as_ref().is_some_and(O::wants_after_commit)
     }
 
     fn complete(self: Box<Self>, fault: Option<Fault>) {
@@ -431,11 +437,16 @@ fn commit_and_complete(
     }
     let committed = faults.iter().any(Option::is_none);
     record(stats, requests, batch_bytes, committed);
-    if faults.iter().any(Option::is_none) {
+    let wanting = |request: &Request, fault: &Option<Fault>| {
+        fault.is_none() && request.job.wants_after_commit()
+    };
+    if batch.iter().zip(&faults).any(|(r, f)| wanting(r, f)) {
         match store.read() {
             Ok(reader) => {
-                for (request, _) in batch.iter_mut().zip(&faults).filter(|(_, f)| f.is_none()) {
-                    request.job.after_commit(&reader);
+                for (request, fault) in batch.iter_mut().zip(&faults) {
+                    if wanting(request, fault) {
+                        request.job.after_commit(&reader);
+                    }
                 }
             }
             Err(error) => {
