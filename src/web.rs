@@ -594,6 +594,8 @@ fn disk_total_text(shared: &ApiShared, free: u64) -> String {
     }
 }
 
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// A licence expiring within this is flagged on the status page.
 const EXPIRY_WARNING_MS: i64 = 30 * 86_400_000;
 
@@ -801,7 +803,7 @@ fn ims_panel(shared: &ApiShared, web: &WebContext, csrf: &str, now: i64) -> Stri
         out,
         "<p id=ims-switches>{}; {}</p><table id=ims>\
          <tr><td>Endpoint</td><td>{}</td></tr>\
-         <tr><td>Queue</td><td id=ims-queue>{} records, {:.2} MB of {:.0} MB; oldest {}</td></tr>\
+         <tr><td>Queue</td><td id=ims-queue>{} records, {:.2} MiB of {:.0} MiB; oldest {}</td></tr>\
          <tr><td>Dropped (queue full)</td><td id=ims-dropped{}>{} records</td></tr>\
          <tr><td>Withheld (kept here, not sent)</td><td>{}</td></tr>\
          <tr><td>Last success</td><td>{}</td></tr>\
@@ -815,8 +817,9 @@ fn ims_panel(shared: &ApiShared, web: &WebContext, csrf: &str, now: i64) -> Stri
                 .unwrap_or("none configured: nothing is uploaded")
         ),
         status.queue.records,
-        status.queue.bytes as f64 / 1e6,
-        status.queue_bytes_max as f64 / 1e6,
+        // The bound is set in binary units ([IMS] queue_bytes_max = 256 MiB): shown in them.
+        status.queue.bytes as f64 / MIB,
+        status.queue_bytes_max as f64 / MIB,
         if status.queue.records == 0 {
             "-".to_string()
         } else {
