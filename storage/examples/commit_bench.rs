@@ -4,11 +4,9 @@
 //!
 //! cargo run --release -p es-storage --example commit_bench -- [DIR] [IMAGES] [WINDOW]
 
-use bytes::Bytes;
-use es_storage::{
-    DishRegistration, InstrumentHello, PatientRef, PutImage, RegisterDish, Store, StoreOptions,
-    WellRegistration, WriterOptions,
-};
+mod common;
+
+use es_storage::{PutImage, Store, StoreOptions, WriterOptions};
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,47 +23,8 @@ fn main() {
     let dir = tempfile::tempdir_in(&base).expect("scratch directory");
     let store = Store::open(dir.path(), &StoreOptions::default(), [7; 16]).expect("store");
     let writer = store.start_writer(WriterOptions::default());
-    let instrument_id = writer
-        .write(InstrumentHello {
-            serial: "BENCH".into(),
-            model: "es-plus".into(),
-            firmware: "1".into(),
-            presented_secret: None,
-            new_secret: "s".into(),
-            issued_connection_open: false,
-            at_ms: 1,
-        })
-        .unwrap()
-        .instrument_id;
-    writer
-        .write(RegisterDish {
-            instrument_id,
-            dish: DishRegistration {
-                dish_id: "D1".into(),
-                slot: 1,
-                patient: PatientRef {
-                    patient_id: "P1".into(),
-                    first_name: "A".into(),
-                    last_name: "B".into(),
-                    date_of_birth: String::new(),
-                },
-                treatment_name: "T".into(),
-                insemination_at_ms: 1,
-                wells: (1..=16)
-                    .map(|well| WellRegistration {
-                        well,
-                        embryo_id: format!("E{well}"),
-                    })
-                    .collect(),
-            },
-            at_ms: 1,
-        })
-        .unwrap();
-    let frame = Bytes::from(
-        (0..30_000u32)
-            .map(|i| (i * 31 % 251) as u8)
-            .collect::<Vec<u8>>(),
-    );
+    let instrument_id = common::instrument_with_dish(&writer, "BENCH", "D1", 16);
+    let frame = common::frame(30_000);
     let done = Arc::new(AtomicU64::new(0));
     let latency_us_total = Arc::new(AtomicU64::new(0));
     let started = Instant::now();

@@ -5,11 +5,9 @@
 //!
 //! cargo run --release -p es-storage --example index_bench -- [DIR] [IMAGES] [PLANES]
 
-use bytes::Bytes;
-use es_storage::{
-    DishRegistration, InstrumentHello, PatientRef, PutImage, RegisterDish, Store, StoreOptions,
-    WellRegistration, WriterOptions,
-};
+mod common;
+
+use es_storage::{PutImage, Store, StoreOptions, WriterOptions};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,47 +36,8 @@ fn main() {
     let dir = tempfile::tempdir_in(&base).expect("scratch directory");
     let store = Store::open(dir.path(), &StoreOptions::default(), [7; 16]).expect("store");
     let writer = store.start_writer(WriterOptions::default());
-    let instrument_id = writer
-        .write(InstrumentHello {
-            serial: "INDEX".into(),
-            model: "es-plus".into(),
-            firmware: "1".into(),
-            presented_secret: None,
-            new_secret: "s".into(),
-            issued_connection_open: false,
-            at_ms: 1,
-        })
-        .unwrap()
-        .instrument_id;
-    writer
-        .write(RegisterDish {
-            instrument_id,
-            dish: DishRegistration {
-                dish_id: "D2026-12-04-0001".into(),
-                slot: 1,
-                patient: PatientRef {
-                    patient_id: "P1".into(),
-                    first_name: "A".into(),
-                    last_name: "B".into(),
-                    date_of_birth: String::new(),
-                },
-                treatment_name: "T".into(),
-                insemination_at_ms: 1,
-                wells: (1..=WELLS)
-                    .map(|well| WellRegistration {
-                        well,
-                        embryo_id: format!("D2026-12-04-0001_E{well}"),
-                    })
-                    .collect(),
-            },
-            at_ms: 1,
-        })
-        .unwrap();
-    let frame = Bytes::from(
-        (0..image_bytes as u32)
-            .map(|i| (i * 31 % 251) as u8)
-            .collect::<Vec<u8>>(),
-    );
+    let instrument_id = common::instrument_with_dish(&writer, "INDEX", "D2026-12-04-0001", WELLS);
+    let frame = common::frame(image_bytes as u32);
     let t0_ms = 1_764_806_400_000i64;
     let done = Arc::new(AtomicU64::new(0));
     let mut submitted = 0u64;

@@ -58,14 +58,17 @@ pub use model::{
     StoreStats, TableSpace, TransferOutcome, TransferRecord, TreatmentRecord, UserRecord,
     VerifyProgress, VerifyReport, WellSync,
 };
+/// The writer's open transaction, as `Operation::apply` receives it: opaque outside this crate.
+#[doc(hidden)]
+pub use ops::Batch;
 pub use ops::{
     user_name, Actor, AlarmInput, AnnotationInput, ApiKeyCreate, ApiKeyRevoke, Applied,
-    AuditDenied, Batch, ClinicalEdit, ConfirmInstrumentSecret, DishRegistered, DishRegistration,
-    Edit, Edited, Idempotency, ImageBytes, ImageStored, ImsQueueing, ImsRemove, ImsRemoved,
+    AuditDenied, ClinicalEdit, ConfirmInstrumentSecret, DishRegistered, DishRegistration, Edit,
+    Edited, Idempotency, ImageBytes, ImageStored, ImsQueueing, ImsRemove, ImsRemoved,
     InstrumentAccepted, InstrumentHello, InstrumentRename, Lane, LoginAttempt, LoginRecorded,
     OpResult, Operation, PatientRef, PutImage, PutTelemetry, RegisterDish, ResetInstrumentSecret,
-    ScoreInput, SecretReset, TelemetrySample, TelemetryStored, UserAdd, UserChange, UserUpdate,
-    WellRegistration,
+    ScoreInput, SecretConfirmed, SecretReset, TelemetrySample, TelemetryStored, UserAdd,
+    UserChange, UserUpdate, WellRegistration,
 };
 pub use reader::Reader;
 
