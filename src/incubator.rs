@@ -350,6 +350,8 @@ impl Service for IncubatorService {
 struct Instrument {
     id: u64,
     serial: String,
+    /// The model its HELLO named: the monitoring upload's allowlist follows it.
+    model: String,
     /// The SHA-256 of the secret issued on this connection, until its first request confirms
     /// it (see `confirm_secret`).
     unconfirmed_secret_sha256: Option<[u8; 32]>,
@@ -505,6 +507,7 @@ impl IncubatorSession {
         self.instrument = Some(Instrument {
             id: instrument_id,
             serial: hello.serial_number.clone(),
+            model: hello.model.clone(),
             unconfirmed_secret_sha256: issued_secret
                 .as_deref()
                 .map(|secret| es_storage::tables::sha256(secret.as_bytes())),
@@ -668,7 +671,10 @@ impl IncubatorSession {
                             text: a.text,
                         })
                         .collect(),
-                    ims: self.ims.queueing(),
+                    ims: self
+                        .instrument
+                        .as_ref()
+                        .and_then(|instrument| self.ims.queueing(&instrument.model)),
                     at_ms,
                 },
                 move |result| {
@@ -790,7 +796,7 @@ impl IncubatorSession {
                 }
                 if withheld > 0 {
                     tracing::info!(incubator = %self.name(), withheld,
-                        "telemetry stored but not queued for monitoring: unknown channel, or an alarm code that could name patient data");
+                        "telemetry stored but not queued for monitoring: a channel or alarm code that is not in the device catalog for this model");
                 }
                 Message::Ack(pb::Ack { seq, duplicate })
             }

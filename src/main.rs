@@ -1193,7 +1193,7 @@ fn print_ims_status(body: &serde_json::Value) {
         queue["dropped_records"],
         mib(&queue["dropped_bytes"])
     );
-    println!("withheld:      {} (kept here, not queued: not a monitoring channel, or an alarm code that could name patient data)", queue["withheld"]);
+    println!("withheld:      {} (kept here, not queued: a channel or alarm code not in the device catalog for its model)", queue["withheld"]);
     println!(
         "uploaded:      {} records in all",
         queue["uploaded_records"]

@@ -502,14 +502,29 @@ fn a_paused_upload_fills_the_queue_which_drops_its_oldest_and_never_holds_patien
     es_loadtest::sim::register_dishes(&mut client, &workload, TIMEOUT).unwrap();
     let patient = workload.dish_registrations().remove(0);
     let person = patient.patient.clone().unwrap();
-    // Alarms whose codes or texts name patient data, and telemetry on a channel named after
-    // the patient: all stored on the server, none queued.
+    // Another instrument's dish, whose id this instrument could know from the clinic.
+    let other = Workload {
+        serial: "IMS-Q".into(),
+        dishes: 1,
+        ..workload.clone()
+    };
+    let mut other_identity = common::identity("IMS-Q", "es-8");
+    let mut other_client = common::connect(&server, &mut other_identity);
+    es_loadtest::sim::register_dishes(&mut other_client, &other, TIMEOUT).unwrap();
+    let other_dish = other.dish_registrations().remove(0).dish_id;
+    assert_ne!(other_dish, patient.dish_id);
+    // Alarms whose codes equal or are built from patient data, and telemetry on a channel
+    // named after the patient: all stored on the server, none queued. Only the codes of the
+    // model's device catalog entry leave (ims.md "No patient data").
     let hostile: Vec<pb::Alarm> = [
         person.patient_id.clone(),
         patient.dish_id.clone(),
         patient.wells[0].embryo_id.clone(),
         person.last_name.to_uppercase(),
         patient.treatment_name.clone(),
+        format!("ALERT-{}", person.last_name.to_uppercase()),
+        format!("{}-LOW", person.patient_id),
+        other_dish.clone(),
     ]
     .into_iter()
     .enumerate()
@@ -572,7 +587,7 @@ fn a_paused_upload_fills_the_queue_which_drops_its_oldest_and_never_holds_patien
         "{status}"
     );
     assert_eq!(dropped + queued, sent.len() as u64, "{status}");
-    assert_eq!(status["queue"]["withheld"], 6, "{status}");
+    assert_eq!(status["queue"]["withheld"], 9, "{status}");
     assert!(
         common::server_log(&dir).contains("monitoring (IMS) queue full"),
         "the log says the queue dropped records"
@@ -617,6 +632,7 @@ fn a_paused_upload_fills_the_queue_which_drops_its_oldest_and_never_holds_patien
         person.last_name.to_uppercase(),
         patient.treatment_name.clone(),
         patient.dish_id.clone(),
+        other_dish,
     ];
     needles.extend(patient.wells.iter().map(|w| w.embryo_id.clone()));
     for haystack in haystacks {

@@ -33,6 +33,110 @@ pub fn telemetry_channels() -> &'static [&'static str] {
     &TELEMETRY_CHANNELS
 }
 
+/// The monitoring channels: every telemetry channel an instrument of the catalog may report
+/// (DOMAIN.md, "Instrument telemetry"). Only samples on these channels are uploaded to the
+/// vendor's monitoring (docs/ims.md); the ten of [`telemetry_channels`] are among them.
+/// Append only: the monitoring side keys its records on these names.
+pub const MONITORING_CHANNELS: &[&str] = &[
+    "temperature_c",
+    "temperature_set_c",
+    "co2_percent",
+    "co2_set_percent",
+    "o2_percent",
+    "o2_set_percent",
+    "humidity_percent",
+    "gas_pressure_kpa",
+    "co2_pressure_kpa",
+    "n2_pressure_kpa",
+    "gas_consumption_l",
+    "co2_flow_l_per_h",
+    "n2_flow_l_per_h",
+    "co2_consumption_l",
+    "n2_consumption_l",
+    "dishes_loaded",
+    "load_events",
+    "unload_events",
+    "door_open",
+    "camera_ok",
+    "imaging_ok",
+    "power_ok",
+    "ups_battery_percent",
+    "disk_used_percent",
+    "disk_free_bytes",
+    "last_sync_age_s",
+    "cpu_temperature_c",
+    "fan_rpm",
+    "uptime_s",
+];
+
+/// Alarm codes of every model: culture environment, gas supply, power, disk and the link to
+/// the server. Only alarms with a code of the instrument's model are uploaded to the vendor's
+/// monitoring; anything else (a code made of a patient's name, a dish id) is withheld.
+/// Append only.
+const ALARM_CODES_CULTURE: &[&str] = &[
+    "TEMP-HIGH",
+    "TEMP-LOW",
+    "TEMP-SENSOR-FAULT",
+    "CO2-HIGH",
+    "CO2-LOW",
+    "CO2-SENSOR-FAULT",
+    "O2-HIGH",
+    "O2-LOW",
+    "O2-SENSOR-FAULT",
+    "HUMIDITY-LOW",
+    "GAS-PRESSURE-LOW",
+    "CO2-SUPPLY-LOW",
+    "N2-SUPPLY-LOW",
+    "DOOR-OPEN",
+    "POWER-FAIL",
+    "UPS-ON-BATTERY",
+    "UPS-BATTERY-LOW",
+    "FAN-FAULT",
+    "DISK-LOW",
+    "DISK-FULL",
+    "SERVER-UNREACHABLE",
+    "CLOCK-FAULT",
+];
+
+/// [`ALARM_CODES_CULTURE`] and the time-lapse models' imaging alarms. Append only.
+const ALARM_CODES_TIME_LAPSE: &[&str] = &[
+    "TEMP-HIGH",
+    "TEMP-LOW",
+    "TEMP-SENSOR-FAULT",
+    "CO2-HIGH",
+    "CO2-LOW",
+    "CO2-SENSOR-FAULT",
+    "O2-HIGH",
+    "O2-LOW",
+    "O2-SENSOR-FAULT",
+    "HUMIDITY-LOW",
+    "GAS-PRESSURE-LOW",
+    "CO2-SUPPLY-LOW",
+    "N2-SUPPLY-LOW",
+    "DOOR-OPEN",
+    "POWER-FAIL",
+    "UPS-ON-BATTERY",
+    "UPS-BATTERY-LOW",
+    "FAN-FAULT",
+    "DISK-LOW",
+    "DISK-FULL",
+    "SERVER-UNREACHABLE",
+    "CLOCK-FAULT",
+    "CAMERA-FAULT",
+    "IMAGING-FAULT",
+    "FOCUS-FAULT",
+    "LIGHT-FAULT",
+    "MOTOR-FAULT",
+    "DISH-POSITION-FAULT",
+    "IMAGE-BACKLOG",
+];
+
+/// The alarm codes of a model the catalog does not know (a HELLO may name any model): the
+/// codes every model has.
+pub fn alarm_codes_of_unknown_model() -> &'static [&'static str] {
+    ALARM_CODES_CULTURE
+}
+
 /// A model of incubator that can connect to the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DeviceModel {
@@ -66,6 +170,10 @@ pub struct ModelSpec {
     pub capacity_units: u32,
     /// Typical size of one image: a 500 x 500 px greyscale JPEG, 15-40 KB (design figure 30 KB).
     pub image_bytes_typical: u32,
+    /// The alarm codes the model raises; the monitoring upload's allowlist (docs/ims.md).
+    /// DOMAIN.md names alarms (code, severity, raised, cleared) but not their codes: these
+    /// lists are the catalog's, correct them here when a vendor list is at hand.
+    pub alarm_codes: &'static [&'static str],
     /// True when any figure of this model is an estimate in DOMAIN.md.
     pub estimated: bool,
 }
@@ -90,6 +198,7 @@ static SPEC_ES_D: ModelSpec = ModelSpec {
     interval_s: INTERVAL_TEN_MINUTES_S,
     capacity_units: 1,
     image_bytes_typical: IMAGE_BYTES_TYPICAL,
+    alarm_codes: ALARM_CODES_TIME_LAPSE,
     estimated: true, // interval
 };
 
@@ -101,6 +210,7 @@ static SPEC_ES_PLUS: ModelSpec = ModelSpec {
     interval_s: INTERVAL_TEN_MINUTES_S,
     capacity_units: 2,
     image_bytes_typical: IMAGE_BYTES_TYPICAL,
+    alarm_codes: ALARM_CODES_TIME_LAPSE,
     estimated: true, // positions, interval
 };
 
@@ -112,6 +222,7 @@ static SPEC_ES_FLEX: ModelSpec = ModelSpec {
     interval_s: INTERVAL_TEN_MINUTES_S,
     capacity_units: 2,
     image_bytes_typical: IMAGE_BYTES_TYPICAL,
+    alarm_codes: ALARM_CODES_TIME_LAPSE,
     estimated: true, // positions, planes, interval
 };
 
@@ -123,6 +234,7 @@ static SPEC_ES_8: ModelSpec = ModelSpec {
     interval_s: INTERVAL_TEN_MINUTES_S,
     capacity_units: 1,
     image_bytes_typical: IMAGE_BYTES_TYPICAL,
+    alarm_codes: ALARM_CODES_TIME_LAPSE,
     estimated: true, // positions, planes, interval
 };
 
@@ -134,6 +246,7 @@ static SPEC_CULTURE_PRO: ModelSpec = ModelSpec {
     interval_s: INTERVAL_TEN_MINUTES_S,
     capacity_units: 1,
     image_bytes_typical: IMAGE_BYTES_TYPICAL,
+    alarm_codes: ALARM_CODES_CULTURE,
     estimated: true, // treated as telemetry only
 };
 
@@ -309,6 +422,42 @@ mod tests {
             error.contains("es-d, es-plus, es-flex, es-8, culturepro"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn monitoring_lists_are_closed_well_formed_and_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for channel in MONITORING_CHANNELS {
+            assert!(channel
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+            assert!(seen.insert(*channel), "{channel} twice");
+        }
+        for channel in telemetry_channels() {
+            assert!(MONITORING_CHANNELS.contains(channel), "{channel}");
+        }
+        for model in DeviceModel::ALL {
+            let codes = model.spec().alarm_codes;
+            let mut seen = std::collections::HashSet::new();
+            for code in codes {
+                // An upper-case letter, then upper-case letters, digits or `-`; short.
+                assert!(code.len() <= 32 && code.as_bytes()[0].is_ascii_uppercase());
+                assert!(code
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-'));
+                assert!(seen.insert(*code), "{model}: {code} twice");
+            }
+            // Every model has the common codes; only imaging models the imaging ones.
+            for code in ALARM_CODES_CULTURE {
+                assert!(codes.contains(code), "{model} lacks {code}");
+            }
+            assert_eq!(
+                codes.contains(&"CAMERA-FAULT"),
+                model.spec().images_per_cycle() > 0,
+                "{model}"
+            );
+        }
+        assert_eq!(alarm_codes_of_unknown_model(), ALARM_CODES_CULTURE);
     }
 
     #[test]

@@ -6,7 +6,6 @@
 //! `StorageError`; the inner one is the operation's own result (`ops::Applied`).
 
 use crate::error::{HelloRefusal, ImageRefusal, StorageError, UnknownInstrument, WriteError};
-use crate::ims;
 use crate::model::ChangeEntity;
 use crate::ops::{
     AlarmInput, Applied, ConfirmInstrumentSecret, DishRegistered, DishRegistration, ImageStored,
@@ -21,7 +20,6 @@ use crate::tables::{
 };
 use crate::volume::{self, Appender, Location, RecordHeader, Volumes};
 use redb::{ReadableTable, Table, WriteTransaction};
-use std::collections::HashSet;
 
 mod clinical;
 
@@ -63,9 +61,6 @@ pub struct Batch<'txn> {
     ims_alarms: Rows<'txn, AlarmKey>,
     state: StateRow,
     ims_state: ImsStateRow,
-    /// Upper-cased patient names and treatment names, read once per batch when an alarm code
-    /// must be checked against them.
-    patient_words: Option<HashSet<String>>,
 }
 
 impl<'txn> Batch<'txn> {
@@ -111,7 +106,6 @@ impl<'txn> Batch<'txn> {
             ims_alarms: txn.open_table(tables::IMS_ALARMS)?,
             state,
             ims_state,
-            patient_words: None,
         })
     }
 
@@ -135,10 +129,6 @@ impl<'txn> Batch<'txn> {
     pub(crate) fn run<O: Operation>(&mut self, op: &O) -> Applied<O> {
         if let Err(message) = op.validate() {
             return Ok(Err(WriteError::InvalidInput(message)));
-        }
-        if op.may_change_names() {
-            // Patients or treatments may change: alarm codes are checked against fresh names.
-            self.patient_words = None;
         }
         op.apply(self)
     }
@@ -799,10 +789,10 @@ impl<'txn> Batch<'txn> {
             self.telemetry.insert(key, encode(&row).as_slice())?;
             self.state.telemetry_samples += 1;
             changed += 1;
-            if ims.is_none() {
+            let Some(ims) = ims else {
                 continue;
-            }
-            if ims::channel_allowed(&sample.channel) {
+            };
+            if ims.channels.contains(&sample.channel.as_str()) {
                 queued.push(ImsBody::Sample {
                     channel: sample.channel.clone(),
                     value: sample.value,
@@ -837,10 +827,10 @@ impl<'txn> Batch<'txn> {
             };
             self.ims_alarms.insert(key, encode(&row).as_slice())?;
             changed += 1;
-            if ims.is_none() {
+            let Some(ims) = ims else {
                 continue;
-            }
-            if self.alarm_code_queueable(instrument_id, &alarm.code)? {
+            };
+            if ims.alarm_codes.contains(&alarm.code.as_str()) {
                 queued.push(ImsBody::Alarm {
                     code: alarm.code.clone(),
                     severity: alarm.severity,
@@ -919,45 +909,6 @@ impl<'txn> Batch<'txn> {
             }
         }
         Ok(Ok(ImsRemoved { removed }))
-    }
-
-    /// An alarm code may be queued when it has the shape of a code and equals no stored
-    /// patient id, patient name, treatment name, dish id (of this instrument) or embryo id.
-    fn alarm_code_queueable(
-        &mut self,
-        instrument_id: u64,
-        code: &str,
-    ) -> Result<bool, StorageError> {
-        if !ims::alarm_code_shape_ok(code) {
-            return Ok(false);
-        }
-        if self.patient_by_id.get(code)?.is_some()
-            || self.embryo_by_id.get(code)?.is_some()
-            || self
-                .dish_by_instrument
-                .get((instrument_id, code))?
-                .is_some()
-        {
-            return Ok(false);
-        }
-        if self.patient_words.is_none() {
-            let mut words = HashSet::new();
-            for entry in self.patients.iter()? {
-                let (_, value) = entry?;
-                let row: PatientRow = decode(value.value(), "patient")?;
-                words.insert(row.patient_id.to_uppercase());
-                words.insert(row.first_name.to_uppercase());
-                words.insert(row.last_name.to_uppercase());
-            }
-            for entry in self.treatments.iter()? {
-                let (_, value) = entry?;
-                let row: TreatmentRow = decode(value.value(), "treatment")?;
-                words.insert(row.name.to_uppercase());
-            }
-            self.patient_words = Some(words);
-        }
-        let words = self.patient_words.as_ref().expect("filled above");
-        Ok(!words.contains(code))
     }
 
     // ---------------------------------------------------------------- change log

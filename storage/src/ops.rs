@@ -90,12 +90,6 @@ pub trait Operation: fmt::Debug + Send + Sized + 'static {
         Lane::Small
     }
 
-    /// False for operations that cannot change patient or treatment names (the alarm-code
-    /// filter of telemetry caches those names for the batch).
-    fn may_change_names(&self) -> bool {
-        true
-    }
-
     /// Called after the batch committed, with a reader of the state right after it: fills in
     /// what the answer reports of the committed state (a stale edit's current record).
     #[doc(hidden)]
@@ -576,6 +570,12 @@ pub struct AlarmInput {
 pub struct ImsQueueing {
     /// The queue's bound; the oldest records are dropped to stay under it.
     pub queue_bytes_max: u64,
+    /// The allowlist of the instrument's model: only samples on these channels enter the
+    /// queue (the device catalog's monitoring channels).
+    pub channels: &'static [&'static str],
+    /// Only alarms with one of these codes enter the queue (the catalog's codes of the
+    /// instrument's model).
+    pub alarm_codes: &'static [&'static str],
 }
 
 /// One telemetry reading, e.g. channel `temperature_c`.
@@ -710,10 +710,6 @@ impl Operation for ConfirmInstrumentSecret {
     fn at_ms(&self) -> Option<i64> {
         None
     }
-
-    fn may_change_names(&self) -> bool {
-        false
-    }
 }
 
 impl Operation for ResetInstrumentSecret {
@@ -810,10 +806,6 @@ impl Operation for PutImage {
     fn lane(&self) -> Lane {
         Lane::Image
     }
-
-    fn may_change_names(&self) -> bool {
-        false
-    }
 }
 
 impl Operation for PutTelemetry {
@@ -841,10 +833,6 @@ impl Operation for PutTelemetry {
     fn payload_bytes(&self) -> u64 {
         ((self.samples.len() + self.alarms.len()) as u64).saturating_mul(32)
     }
-
-    fn may_change_names(&self) -> bool {
-        false
-    }
 }
 
 impl Operation for ImsRemove {
@@ -868,10 +856,6 @@ impl Operation for ImsRemove {
 
     fn at_ms(&self) -> Option<i64> {
         None
-    }
-
-    fn may_change_names(&self) -> bool {
-        false
     }
 }
 
@@ -1085,10 +1069,6 @@ impl Operation for LoginAttempt {
 
     fn at_ms(&self) -> Option<i64> {
         Some(self.at_ms)
-    }
-
-    fn may_change_names(&self) -> bool {
-        false
     }
 }
 

@@ -2045,7 +2045,11 @@ fn ims_telemetry(
                 text: "Patient Ada Lovelace, dish D1: door left open".into(),
             })
             .collect(),
-        ims: Some(ImsQueueing { queue_bytes_max }),
+        ims: Some(ImsQueueing {
+            queue_bytes_max,
+            channels: &["temperature_c", "co2_percent"],
+            alarm_codes: &["CO2-LOW", "DOOR-OPEN"],
+        }),
         at_ms: T0,
     }
 }
@@ -2060,8 +2064,9 @@ fn monitoring_queue_takes_instrument_data_only_and_drops_the_oldest_when_full() 
     let store = open(dir.path());
     let (writer, instrument_id) = setup(&store);
     let big = 1 << 30;
-    // Allowed channels and a code-shaped alarm are queued; an unknown channel and alarm codes
-    // equal to patient data (patient id, name, treatment, dish id, embryo id) are withheld.
+    // The model's channels and alarm codes are queued; anything else is withheld: an unknown
+    // channel, and alarm codes equal to or built from patient data (patient id, name, dish id,
+    // embryo id), free text, and another instrument's code.
     let op = || {
         ims_telemetry(
             instrument_id,
@@ -2074,11 +2079,13 @@ fn monitoring_queue_takes_instrument_data_only_and_drops_the_oldest_when_full() 
                 ("D1", T0, 0),
                 ("E2", T0, 0),
                 ("door open", T0, 0),
+                ("ALERT-LOVELACE", T0, 0),
+                ("CAMERA-FAULT", T0, 0),
             ],
             big,
         )
     };
-    assert_eq!(telemetry_outcome(write(&writer, op()).unwrap()), (3, 7, 0));
+    assert_eq!(telemetry_outcome(write(&writer, op()).unwrap()), (3, 9, 0));
     // A resend queues nothing; clearing the alarm queues it again.
     assert_eq!(telemetry_outcome(write(&writer, op()).unwrap()), (0, 0, 0));
     let clear = ims_telemetry(instrument_id, &[], &[("CO2-LOW", T0, T0 + 5)], big);
@@ -2086,7 +2093,7 @@ fn monitoring_queue_takes_instrument_data_only_and_drops_the_oldest_when_full() 
 
     let reader = store.read().unwrap();
     let stats = reader.ims_stats().unwrap();
-    assert_eq!((stats.records, stats.withheld, stats.alarms), (4, 7, 7));
+    assert_eq!((stats.records, stats.withheld, stats.alarms), (4, 9, 9));
     assert_eq!(stats.oldest_received_at_ms, T0);
     let batch = reader.ims_batch(100, u64::MAX).unwrap();
     assert_eq!(
@@ -2103,13 +2110,15 @@ fn monitoring_queue_takes_instrument_data_only_and_drops_the_oldest_when_full() 
         "\"D1\"",
         "E2",
         "door",
+        "ALERT",
+        "CAMERA",
     ] {
         assert!(!json.contains(secret), "{secret} in {json}");
     }
     assert!(json.contains("\"type\":\"alarm\""), "{json}");
     // The alarm's text stays on the server.
     let alarms = reader.alarms(10).unwrap();
-    assert_eq!(alarms.len(), 7);
+    assert_eq!(alarms.len(), 9);
     assert!(alarms.iter().all(|a| a.text.contains("door left open")));
     drop(reader);
 
