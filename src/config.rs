@@ -91,6 +91,9 @@ pub struct ImsConfig {
     pub retry_max_ms: u64,
     /// How often an idle uploader looks at the queue, ms.
     pub upload_interval_ms: u64,
+    /// Upload budget of each incubator, bits per second on the wire, backlog included
+    /// (manual 4.2: 0.5 Mbit/s).
+    pub incubator_budget_bits_per_s: u64,
 }
 
 impl Default for ImsConfig {
@@ -106,6 +109,7 @@ impl Default for ImsConfig {
             retry_initial_ms: 2_000,
             retry_max_ms: 300_000,
             upload_interval_ms: 10_000,
+            incubator_budget_bits_per_s: 500_000,
         }
     }
 }
@@ -826,6 +830,15 @@ const IMS_NUMBERS: &[NumberKey<ImsConfig>] = &[
         doc: "How often an idle uploader looks for new records.",
         get: |s| s.upload_interval_ms,
         set: |s, v| s.upload_interval_ms = v,
+    },
+    NumberKey {
+        name: "incubator_budget_bits_per_s",
+        unit: Unit::Count,
+        min: 8_000,
+        max: 1_000_000_000,
+        doc: "Upload budget of each incubator in bits per second on the wire, backlog included.",
+        get: |s| s.incubator_budget_bits_per_s,
+        set: |s, v| s.incubator_budget_bits_per_s = v,
     },
 ];
 

@@ -16,7 +16,7 @@ use es_storage::{ImsQueueing, ImsRemove, Store, Writer};
 use flate2::write::GzEncoder;
 use parking_lot::Mutex;
 use serde::Serialize;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
@@ -25,8 +25,19 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// The manual's upload budget per incubator, bits per second.
-pub const BUDGET_BITS_PER_S_PER_INCUBATOR: u64 = 500_000;
+/// Seconds of its budget an incubator may send at once (the token bucket's depth): small, so
+/// that no second carries much more than the budget.
+const BUDGET_BURST_S: f64 = 0.1;
+/// Reads of up to `batch_records_max` records each, at most, to choose one batch: the front
+/// of the queue, then on from the floors of up to 16 incubators with budget left.
+const SCAN_WINDOWS_MAX: u32 = 24;
+/// Contiguous reads from the front of the queue, at most, before reading from floors.
+const FRONT_READS_MAX: u32 = 2;
+/// Wire bytes per record assumed before the first batch is measured.
+const WIRE_BYTES_PER_RECORD_INITIAL: f64 = 200.0;
+/// Shortest and longest wait for an instrument's budget to refill.
+const BUDGET_WAIT_MIN: Duration = Duration::from_millis(5);
+const BUDGET_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Uncompressed JSON of one batch at most (after its first record).
 const BATCH_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// Response head read from the endpoint at most.
@@ -161,6 +172,8 @@ pub struct ImsShared {
     upload: AtomicBool,
     endpoint: Option<Endpoint>,
     queue_bytes_max: u64,
+    /// `[IMS] incubator_budget_bits_per_s`.
+    budget_bits_per_s: u64,
     state: Mutex<UploadState>,
     records_sent: AtomicU64,
     bytes_sent: AtomicU64,
@@ -276,8 +289,8 @@ impl ImsShared {
                     serial: serial.clone(),
                     bytes_last_hour: bytes,
                     bits_per_s,
-                    budget_bits_per_s: BUDGET_BITS_PER_S_PER_INCUBATOR,
-                    budget_used: bits_per_s / BUDGET_BITS_PER_S_PER_INCUBATOR as f64,
+                    budget_bits_per_s: self.budget_bits_per_s,
+                    budget_used: bits_per_s / self.budget_bits_per_s as f64,
                 }
             })
             .collect();
@@ -354,6 +367,7 @@ impl Ims {
             upload: AtomicBool::new(config.upload),
             endpoint: endpoint.clone(),
             queue_bytes_max: config.queue_bytes_max,
+            budget_bits_per_s: config.incubator_budget_bits_per_s,
             state: Mutex::new(UploadState::default()),
             records_sent: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
@@ -385,6 +399,7 @@ impl Ims {
             woken,
             tls,
             batch_records_max: config.batch_records_max,
+            budget: UploadBudget::new(config.incubator_budget_bits_per_s),
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             retry_initial: Duration::from_millis(config.retry_initial_ms),
             retry_max: Duration::from_millis(config.retry_max_ms),
@@ -414,6 +429,255 @@ impl Ims {
     }
 }
 
+/// What the uploader does next.
+#[derive(Debug)]
+enum Choice {
+    Batch(Vec<ImsRecord>),
+    /// Records are queued, but every instrument they belong to has spent its budget: wait
+    /// this long.
+    Spent(Duration),
+    /// The queue is empty.
+    Empty,
+}
+
+/// A batch being chosen: its records, and the instruments whose budget ran out (none of
+/// their later records may join, so each instrument's records leave in order).
+#[derive(Debug, Default)]
+struct Selection {
+    batch: Vec<ImsRecord>,
+    spent: HashSet<String>,
+}
+
+/// Per-incubator token buckets over the upload's bytes on the wire (request head and gzip'd
+/// body), so that no incubator's records take more than `[IMS] incubator_budget_bits_per_s`,
+/// a backlog after an outage included. Sans-I/O: it takes the time, a way to read the queue
+/// and the bytes each batch cost.
+///
+/// A record joins a batch while its instrument's bucket holds the estimated wire bytes of one
+/// record (a running mean of what batches really cost); after the endpoint accepted the batch
+/// each instrument is charged its share of the real bytes, by its number of records (the same
+/// share the status reports). A bucket holds at most [`BUDGET_BURST_S`] of budget and may go
+/// below zero by one batch's estimation error, which the next waits out.
+///
+/// The queue is one sequence by id across all instruments. An instrument that sends far more
+/// than the others would put its backlog in front of their records; so each bucket also
+/// remembers the instrument's *floor*, an id at or below which none of its records is queued
+/// (the highest id of it sent), and the chooser reads on from there. A record is taken only
+/// from a run of contiguous ids starting at or below its instrument's floor, which is what
+/// keeps every instrument's records in order.
+#[derive(Debug)]
+struct UploadBudget {
+    bytes_per_s: f64,
+    depth_bytes: f64,
+    wire_bytes_per_record: f64,
+    buckets: HashMap<String, Bucket>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    /// No record of this instrument with an id at or below this is queued.
+    floor_id: u64,
+}
+
+/// Buckets not touched for this long are forgotten: they would be full again, and a floor
+/// of 0 is always true.
+const BUCKET_IDLE_S: f64 = 60.0;
+
+impl UploadBudget {
+    fn new(bits_per_s: u64) -> UploadBudget {
+        assert!(
+            bits_per_s > 0,
+            "the configuration bounds the budget from below"
+        );
+        let bytes_per_s = bits_per_s as f64 / 8.0;
+        UploadBudget {
+            bytes_per_s,
+            depth_bytes: bytes_per_s * BUDGET_BURST_S,
+            wire_bytes_per_record: WIRE_BYTES_PER_RECORD_INITIAL,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// The tokens a record needs to join a batch: its estimated wire bytes, or a full bucket
+    /// when one record costs more (a very small budget: the bucket then goes below zero and
+    /// the instrument waits its debt out).
+    fn record_cost(&self) -> f64 {
+        self.wire_bytes_per_record.min(self.depth_bytes)
+    }
+
+    /// The bucket of `serial`, refilled up to `now`.
+    fn bucket(&mut self, serial: &str, now: Instant) -> &mut Bucket {
+        let (rate, depth) = (self.bytes_per_s, self.depth_bytes);
+        let bucket = self.buckets.entry(serial.to_owned()).or_insert(Bucket {
+            tokens: depth,
+            at: now,
+            floor_id: 0,
+        });
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(depth);
+        bucket.at = bucket.at.max(now);
+        bucket
+    }
+
+    /// Chooses the next batch of at most `records_max` records. `read(after_id, limit)` gives
+    /// the queued records with ids above `after_id`, oldest first, at most `limit`.
+    ///
+    /// Reads the front of the queue ([`FRONT_READS_MAX`] contiguous reads), then one read
+    /// from the floor of each instrument that still has budget and whose floor lies beyond
+    /// what was read, lowest first; at most [`SCAN_WINDOWS_MAX`] reads in all.
+    fn choose<E>(
+        &mut self,
+        mut read: impl FnMut(u64, u32) -> Result<Vec<ImsRecord>, E>,
+        records_max: u32,
+        now: Instant,
+    ) -> Result<Choice, E> {
+        let mut selection = Selection::default();
+        let limit = records_max as usize;
+        let mut reads = 0;
+        let mut seen_any = false;
+        // The front: a run from id 0, which is below every floor.
+        let mut covered = 0u64;
+        let mut queue_end = false;
+        while reads < FRONT_READS_MAX && selection.batch.len() < limit {
+            let window = read(covered, records_max)?;
+            reads += 1;
+            let Some(last) = window.last() else {
+                queue_end = true;
+                break;
+            };
+            seen_any = true;
+            queue_end = window.len() < limit;
+            let end = last.id;
+            self.take(window, 0, end, &mut selection, limit, now);
+            covered = end;
+            if queue_end {
+                break;
+            }
+        }
+        // Hops: from the floors of instruments with budget left that lie beyond.
+        while !queue_end && reads < SCAN_WINDOWS_MAX && selection.batch.len() < limit {
+            let next = self
+                .buckets
+                .iter()
+                .filter(|(serial, bucket)| {
+                    bucket.floor_id >= covered && !selection.spent.contains(*serial)
+                })
+                .map(|(_, bucket)| bucket.floor_id)
+                .min();
+            let Some(run_start) = next else { break };
+            let window = read(run_start, records_max)?;
+            reads += 1;
+            let Some(last) = window.last() else { break };
+            seen_any = true;
+            let end = last.id;
+            self.take(window, run_start, end, &mut selection, limit, now);
+            // The next hop starts beyond this read (each instrument gets at most one).
+            covered = end.max(covered) + 1;
+        }
+        Ok(if !selection.batch.is_empty() {
+            Choice::Batch(selection.batch)
+        } else if seen_any && !selection.spent.is_empty() {
+            Choice::Spent(self.refill_wait(&selection.spent, now))
+        } else if seen_any {
+            // Records are queued but none could be taken in order this time (instruments
+            // behind a read's run): the next choice starts from the front again.
+            Choice::Spent(BUDGET_WAIT_MIN)
+        } else {
+            Choice::Empty
+        })
+    }
+
+    /// Moves from `window` (oldest first, the contiguous ids above `run_start` up to `end`)
+    /// into the selection every record whose instrument can afford it, up to `records_max`.
+    /// An instrument that cannot is spent for the rest of this selection; one whose floor
+    /// lies below the run may have records before it and takes nothing from it. Instruments
+    /// the run was valid for that have nothing in it and nothing selected have no records up
+    /// to `end`: their floor moves there.
+    fn take(
+        &mut self,
+        window: Vec<ImsRecord>,
+        run_start: u64,
+        end: u64,
+        selection: &mut Selection,
+        records_max: usize,
+        now: Instant,
+    ) {
+        let cost = self.record_cost();
+        let mut present: HashSet<String> = HashSet::new();
+        for record in window {
+            if !present.contains(&record.serial) {
+                present.insert(record.serial.clone());
+            }
+            if selection.batch.len() >= records_max || selection.spent.contains(&record.serial) {
+                continue;
+            }
+            let bucket = self.bucket(&record.serial, now);
+            if bucket.floor_id < run_start {
+                continue;
+            }
+            if bucket.tokens >= cost {
+                bucket.tokens -= cost;
+                selection.batch.push(record);
+            } else {
+                selection.spent.insert(record.serial);
+            }
+        }
+        for (serial, bucket) in self.buckets.iter_mut() {
+            if bucket.floor_id >= run_start
+                && bucket.floor_id < end
+                && !present.contains(serial)
+                && !selection.batch.iter().any(|r| &r.serial == serial)
+            {
+                bucket.floor_id = end;
+            }
+        }
+    }
+
+    /// After the endpoint accepted `batch` (`wire_bytes` on the wire) and it left the queue:
+    /// each instrument pays its share of the real bytes instead of the estimate, its floor
+    /// moves up to its last record sent, and the estimate learns.
+    fn charge(&mut self, batch: &[ImsRecord], wire_bytes: u64) {
+        if batch.is_empty() {
+            return;
+        }
+        // What `take` deducted per record.
+        let deducted = self.record_cost();
+        let real = wire_bytes as f64 / batch.len() as f64;
+        for record in batch {
+            if let Some(bucket) = self.buckets.get_mut(&record.serial) {
+                bucket.tokens -= real - deducted;
+                bucket.floor_id = bucket.floor_id.max(record.id);
+            }
+        }
+        // A running mean, weighted towards recent batches.
+        self.wire_bytes_per_record = 0.7 * self.wire_bytes_per_record + 0.3 * real;
+        if let Some(newest) = self.buckets.values().map(|b| b.at).max() {
+            self.buckets.retain(|_, b| {
+                newest.saturating_duration_since(b.at).as_secs_f64() < BUCKET_IDLE_S
+            });
+        }
+    }
+
+    /// How long until the first of the `spent` instruments has a full bucket again. Waiting
+    /// for a full bucket rather than for one record's worth keeps batches large, so that the
+    /// request head is a small part of what the budget pays for.
+    fn refill_wait(&mut self, spent: &HashSet<String>, now: Instant) -> Duration {
+        let depth = self.depth_bytes;
+        let rate = self.bytes_per_s;
+        let wait_s = spent
+            .iter()
+            .map(|serial| (depth - self.bucket(serial, now).tokens).max(0.0) / rate)
+            .fold(f64::INFINITY, f64::min);
+        if wait_s.is_finite() {
+            Duration::from_secs_f64(wait_s).clamp(BUDGET_WAIT_MIN, BUDGET_WAIT_MAX)
+        } else {
+            BUDGET_WAIT_MIN
+        }
+    }
+}
+
 struct Uploader {
     shared: Arc<ImsShared>,
     store: Store,
@@ -421,6 +685,7 @@ struct Uploader {
     woken: crossbeam_channel::Receiver<()>,
     tls: Option<Arc<rustls::ClientConfig>>,
     batch_records_max: u32,
+    budget: UploadBudget,
     request_timeout: Duration,
     retry_initial: Duration,
     retry_max: Duration,
@@ -428,10 +693,10 @@ struct Uploader {
 }
 
 impl Uploader {
-    fn run(self) {
+    fn run(mut self) {
         let mut backoff = Duration::ZERO;
         while !self.stopping() {
-            let Some(endpoint) = self.shared.endpoint.as_ref() else {
+            let Some(endpoint) = self.shared.endpoint.clone() else {
                 self.wait(self.upload_interval);
                 continue;
             };
@@ -439,22 +704,23 @@ impl Uploader {
                 self.wait(self.upload_interval);
                 continue;
             }
-            let batch = match self
-                .store
-                .read()
-                .and_then(|r| r.ims_batch(self.batch_records_max, BATCH_BYTES_MAX))
-            {
-                Ok(batch) => batch,
+            let batch = match self.next_batch(Instant::now()) {
+                Ok(Choice::Batch(batch)) => batch,
+                Ok(Choice::Empty) => {
+                    self.wait(self.upload_interval);
+                    continue;
+                }
+                Ok(Choice::Spent(refill)) => {
+                    self.wait(refill);
+                    continue;
+                }
                 Err(error) => {
                     tracing::error!(%error, "monitoring (IMS): cannot read the queue");
                     self.wait(self.upload_interval);
                     continue;
                 }
             };
-            if batch.is_empty() {
-                self.wait(self.upload_interval);
-                continue;
-            }
+            let endpoint = &endpoint;
             let result = self.send(endpoint, &batch);
             let now = crate::now_ms();
             match result {
@@ -468,6 +734,7 @@ impl Uploader {
                         continue;
                     }
                     self.shared.note_sent(&batch, wire_bytes, now);
+                    self.budget.charge(&batch, wire_bytes);
                     if !backoff.is_zero() {
                         tracing::info!(endpoint = %endpoint.url(), "monitoring (IMS) upload works again");
                     }
@@ -492,6 +759,16 @@ impl Uploader {
 
     fn stopping(&self) -> bool {
         self.shared.stop.load(Ordering::Relaxed)
+    }
+
+    /// The next batch within every instrument's budget ([`UploadBudget::choose`]).
+    fn next_batch(&mut self, now: Instant) -> Result<Choice, es_storage::StorageError> {
+        let reader = self.store.read()?;
+        self.budget.choose(
+            |after_id, limit| reader.ims_batch_after(after_id, limit, BATCH_BYTES_MAX),
+            self.batch_records_max,
+            now,
+        )
     }
 
     /// Sleeps up to `delay`; a switch or stop wakes it early.
@@ -816,6 +1093,125 @@ mod tests {
                 "{j:?}"
             );
         }
+    }
+
+    fn record(id: u64, serial: &str) -> ImsRecord {
+        ImsRecord {
+            id,
+            serial: serial.into(),
+            model: "es-8".into(),
+            received_at_ms: 0,
+            body: es_storage::ims::ImsRecordBody::Sample {
+                channel: "temperature_c".into(),
+                value: 37.0,
+                at_ms: id as i64,
+            },
+        }
+    }
+
+    /// The real budget against a simulated clock and endpoint: a backlog of two instruments
+    /// (one three times the other's) drains at each one's budget, never much above it in any
+    /// second, every record once and each instrument's in order.
+    #[test]
+    fn a_backlog_drains_at_each_instruments_budget_and_in_order() {
+        let bits_per_s = 500_000u64;
+        let bytes_per_s = bits_per_s as f64 / 8.0;
+        let mut budget = UploadBudget::new(bits_per_s);
+        let mut queue: Vec<ImsRecord> = (1..=40_000u64)
+            .map(|id| record(id, if id % 4 == 0 { "B" } else { "A" }))
+            .collect();
+        let start = Instant::now();
+        let mut now = start;
+        // serial -> (second -> bytes), and the ids in the order they left.
+        let mut per_second: HashMap<String, BTreeMap<u64, f64>> = HashMap::new();
+        let mut sent: HashMap<String, Vec<u64>> = HashMap::new();
+        let mut rounds = 0;
+        while !queue.is_empty() {
+            rounds += 1;
+            assert!(rounds < 1_000_000, "the simulation does not end");
+            let choice = budget
+                .choose(
+                    |after, limit| -> Result<Vec<ImsRecord>, ()> {
+                        let from = queue.partition_point(|r| r.id <= after);
+                        Ok(queue[from..].iter().take(limit as usize).cloned().collect())
+                    },
+                    1000,
+                    now,
+                )
+                .unwrap();
+            let batch = match choice {
+                Choice::Batch(batch) => batch,
+                Choice::Spent(wait) => {
+                    now += wait;
+                    continue;
+                }
+                Choice::Empty => unreachable!("records are queued"),
+            };
+            let selection = Selection {
+                batch,
+                spent: HashSet::new(),
+            };
+            // The endpoint: a 230-byte head, 25 to 35 bytes a record gzip'd, 3 ms a request.
+            let n = selection.batch.len() as u64;
+            let wire = 230 + n * 25 + (rounds % 11) * n;
+            let share = wire as f64 / n as f64;
+            let second = now.duration_since(start).as_secs();
+            for r in &selection.batch {
+                *per_second
+                    .entry(r.serial.clone())
+                    .or_default()
+                    .entry(second)
+                    .or_default() += share;
+                sent.entry(r.serial.clone()).or_default().push(r.id);
+            }
+            budget.charge(&selection.batch, wire);
+            let ids: HashSet<u64> = selection.batch.iter().map(|r| r.id).collect();
+            queue.retain(|r| !ids.contains(&r.id));
+            now += Duration::from_millis(3);
+        }
+        for (serial, ids) in &sent {
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "{serial} out of order");
+        }
+        assert_eq!(sent["A"].len() + sent["B"].len(), 40_000);
+        for (serial, seconds) in &per_second {
+            let full: Vec<f64> = seconds.values().copied().collect();
+            // Every whole second but the last: at most 20 % above the budget (the bucket's
+            // depth and one batch's estimation error), and on average close to it.
+            let whole = &full[..full.len() - 1];
+            assert!(whole.len() >= 2, "{serial}: {full:?}");
+            for (second, bytes) in whole.iter().enumerate() {
+                assert!(
+                    *bytes <= 1.2 * bytes_per_s,
+                    "{serial} second {second}: {bytes} B"
+                );
+            }
+            let mean = whole.iter().sum::<f64>() / whole.len() as f64;
+            assert!(
+                mean >= 0.9 * bytes_per_s,
+                "{serial}: mean {mean} B/s {full:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tiny_budget_still_sends_one_record_at_a_time() {
+        // 8 kbit/s: one record (about 200 bytes) costs more than the bucket holds.
+        let mut budget = UploadBudget::new(8_000);
+        let now = Instant::now();
+        let mut selection = Selection::default();
+        budget.take(
+            vec![record(1, "A"), record(2, "A")],
+            0,
+            2,
+            &mut selection,
+            10,
+            now,
+        );
+        assert_eq!(selection.batch.len(), 1);
+        budget.charge(&selection.batch, 400);
+        let wait = budget.refill_wait(&selection.spent, now);
+        // 400 bytes at 1000 B/s: about 0.4 s of debt and refill.
+        assert!(wait >= Duration::from_millis(300), "{wait:?}");
     }
 
     #[test]

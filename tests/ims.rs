@@ -48,7 +48,13 @@ struct Received {
     /// record id -> the record, after de-duplication by id.
     records: HashMap<String, serde_json::Value>,
     duplicate_ids: u64,
+    /// Every request whose body arrived whole: when, its bytes on the wire (head and body),
+    /// and the (serial, id) of its records in order.
+    arrivals: Vec<Arrival>,
 }
+
+/// One accepted request: when it arrived, its bytes on the wire, its (serial, id) records.
+type Arrival = (Instant, u64, Vec<(String, String)>);
 
 /// How the sink behaves.
 #[derive(Clone)]
@@ -230,13 +236,19 @@ fn handle(mut stream: impl Read + Write, fate: Fate, received: &Mutex<Received>)
         .expect("a gzip body");
     let document: serde_json::Value = serde_json::from_slice(&json).expect("a JSON body");
     assert_eq!(document["format"], "esserver-ims/1");
+    let mut listed = Vec::new();
     for record in document["records"].as_array().expect("records") {
         let id = record["id"].as_str().expect("an id").to_string();
+        let serial = record["serial"].as_str().expect("a serial").to_string();
+        listed.push((serial, id.clone()));
         if state.records.insert(id, record.clone()).is_some() {
             state.duplicate_ids += 1;
         }
     }
     state.bodies.push(json);
+    state
+        .arrivals
+        .push((Instant::now(), (head_end + length) as u64, listed));
     if fate == Fate::LoseAnswer {
         state.failed += 1;
         return;
@@ -645,6 +657,118 @@ fn a_paused_upload_fills_the_queue_which_drops_its_oldest_and_never_holds_patien
         }
     }
     assert!(received.bodies.iter().map(Vec::len).sum::<usize>() > 10_000);
+}
+
+/// A backlog of two incubators (one four times the other's) drains at each incubator's
+/// `[IMS] incubator_budget_bits_per_s`, measured at the endpoint second by second, with
+/// every record delivered once and each incubator's in order.
+#[test]
+fn a_long_backlog_drains_within_each_incubators_budget_every_second() {
+    const BITS_PER_S: u64 = 160_000;
+    let bytes_per_s = BITS_PER_S as f64 / 8.0;
+    let sink = Sink::start(0, false);
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[IMS]\nendpoint = {}\nupload_interval_ms = 50\nretry_initial_ms = 20\n\
+         retry_max_ms = 300\nrequest_timeout_ms = 3000\nbatch_records_max = 1000\n\
+         incubator_budget_bits_per_s = {BITS_PER_S}\n",
+        sink.url()
+    );
+    let server = common::spawn_in(&dir, false, &config);
+    ims_switch(&server, "pause", "upload");
+    // Every monitoring channel once a minute while the endpoint is paused, as in an outage:
+    // the big one 400 minutes, the small one 100, interleaved as they arrive.
+    let channels = es_perf::catalog::MONITORING_CHANNELS;
+    let mut expected = 0usize;
+    let mut clients: Vec<(IncubatorClient, i64)> = [("IMS-BIG", 4), ("IMS-SMALL", 1)]
+        .into_iter()
+        .map(|(serial, per_round)| {
+            let mut identity = common::identity(serial, "es-8");
+            (common::connect(&server, &mut identity), per_round)
+        })
+        .collect();
+    for round in 0..100i64 {
+        for (client, per_round) in clients.iter_mut() {
+            for k in 0..*per_round {
+                let minute = round * *per_round + k;
+                let at_ms = T0 + minute * 60_000;
+                let samples = channels
+                    .iter()
+                    .enumerate()
+                    .map(|(n, channel)| pb::TelemetrySample {
+                        channel: channel.to_string(),
+                        value: 20.0 + (minute * 7 + n as i64) as f64 / 13.0,
+                        at_ms,
+                    })
+                    .collect();
+                let telemetry = pb::Telemetry {
+                    seq: 0,
+                    samples,
+                    alarms: vec![],
+                };
+                let reply = client
+                    .request(Message::Telemetry(telemetry), TIMEOUT)
+                    .expect("telemetry answered");
+                assert!(matches!(reply, Message::Ack(_)), "{reply:?}");
+                expected += channels.len();
+            }
+        }
+    }
+    assert_eq!(
+        ims_status(&server)["queue"]["records"].as_u64(),
+        Some(expected as u64)
+    );
+    ims_switch(&server, "resume", "upload");
+    wait_delivered(&server, &sink, expected, Duration::from_secs(120));
+
+    let received = sink.received.lock().unwrap();
+    assert_eq!(received.records.len(), expected);
+    assert_eq!(received.duplicate_ids, 0);
+    let start = received.arrivals[0].0;
+    // serial -> bytes in each second since the first arrival (a request's bytes shared by
+    // its number of records, as the status does), and the record ids in arrival order.
+    let mut seconds: HashMap<String, Vec<f64>> = HashMap::new();
+    let mut order: HashMap<String, Vec<u64>> = HashMap::new();
+    for (at, wire, listed) in &received.arrivals {
+        let second = at.duration_since(start).as_secs() as usize;
+        let share = *wire as f64 / listed.len() as f64;
+        for (serial, id) in listed {
+            let per = seconds.entry(serial.clone()).or_default();
+            if per.len() <= second {
+                per.resize(second + 1, 0.0);
+            }
+            per[second] += share;
+            let number = id.rsplit('-').next().unwrap().parse::<u64>().unwrap();
+            order.entry(serial.clone()).or_default().push(number);
+        }
+    }
+    for (serial, ids) in &order {
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{serial} out of order");
+    }
+    for (serial, per) in &seconds {
+        // Whole seconds only: the last is partial.
+        let whole = &per[..per.len() - 1];
+        eprintln!(
+            "{serial}: bytes per second {:?} (budget {bytes_per_s})",
+            whole.iter().map(|b| *b as u64).collect::<Vec<_>>()
+        );
+        assert!(
+            whole.len() >= 2,
+            "{serial}: the drain took under 3 s: {per:?}"
+        );
+        for (n, bytes) in whole.iter().enumerate() {
+            assert!(
+                *bytes <= 1.3 * bytes_per_s,
+                "{serial}: {bytes} B in second {n}, budget {bytes_per_s} B/s"
+            );
+        }
+        // Not starved either: the budget is what limits the drain, not the uploader.
+        let mean = whole.iter().sum::<f64>() / whole.len() as f64;
+        assert!(
+            mean >= 0.6 * bytes_per_s,
+            "{serial}: {mean} B/s on average, budget {bytes_per_s} B/s"
+        );
+    }
 }
 
 #[test]

@@ -375,11 +375,25 @@ impl Reader {
     /// The oldest queued monitoring records, at most `limit` (capped at
     /// `limits::IMS_BATCH_RECORDS_MAX`) and, past the first, at most `bytes_max` encoded bytes.
     pub fn ims_batch(&self, limit: u32, bytes_max: u64) -> Result<Vec<ImsRecord>, StorageError> {
+        self.ims_batch_after(0, limit, bytes_max)
+    }
+
+    /// [`Self::ims_batch`] of the records with ids above `after_id`: the uploader reads on
+    /// past an instrument whose upload budget is spent.
+    pub fn ims_batch_after(
+        &self,
+        after_id: u64,
+        limit: u32,
+        bytes_max: u64,
+    ) -> Result<Vec<ImsRecord>, StorageError> {
         let limit = limit.min(limits::IMS_BATCH_RECORDS_MAX) as usize;
         let table = self.txn.open_table(tables::IMS_QUEUE)?;
         let mut out = Vec::new();
         let mut bytes = 0u64;
-        for entry in table.iter()? {
+        let Some(first) = after_id.checked_add(1) else {
+            return Ok(out);
+        };
+        for entry in table.range(first..)? {
             if out.len() >= limit {
                 break;
             }
