@@ -87,6 +87,13 @@ fn run_reports_every_operation_with_progress_json_and_a_plot() {
         "{report}"
     );
     assert!(report["timeline"].as_array().unwrap().len() >= 3);
+    // Every device sends telemetry from the start (message 0 raises an alarm), acknowledged.
+    assert!(
+        report["live"]["telemetry_acked"].as_u64().unwrap() >= 3,
+        "{report}"
+    );
+    assert!(report["live"]["alarms_sent"].as_u64().unwrap() >= 3);
+    assert!(output.contains("telemetry: "), "{output}");
     assert_eq!(report["pass"].as_bool().unwrap(), code == 0);
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("image_ack"));

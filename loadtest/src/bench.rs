@@ -39,6 +39,12 @@ pub struct IngestResult {
     pub ack_latency: LatencySummary,
     pub errors: BTreeMap<String, u64>,
     pub connection_errors: Vec<String>,
+    /// TELEMETRY messages acknowledged and alarms sent in them (`esload run`: every device
+    /// sends its channels once a simulated minute; 0 in the other benchmarks).
+    #[serde(default)]
+    pub telemetry_acked: u64,
+    #[serde(default)]
+    pub alarms_sent: u64,
 }
 
 /// Starts the clients of one phase together: each connects (and registers) first, then
@@ -92,6 +98,8 @@ pub fn empty_result() -> IngestResult {
         ack_latency: LatencyRecorder::new().summary(),
         errors: BTreeMap::new(),
         connection_errors: Vec::new(),
+        telemetry_acked: 0,
+        alarms_sent: 0,
     }
 }
 
@@ -170,6 +178,8 @@ pub fn run_ingest_on(
         ack_latency: LatencyRecorder::new().summary(),
         errors: BTreeMap::new(),
         connection_errors: Vec::new(),
+        telemetry_acked: 0,
+        alarms_sent: 0,
     };
     let mut elapsed_max = Duration::ZERO;
     for thread in threads {

@@ -203,6 +203,7 @@ pub fn run_phase(
         options.mix.incubators.len() as u32
     ));
     let duration = options.duration;
+    let speedup = options.speedup;
     let mut threads = Vec::new();
     for (index, model) in options.mix.incubators.iter().copied().enumerate() {
         let serial = format!("{}-{index:02}", options.tag);
@@ -242,6 +243,7 @@ pub fn run_phase(
                     model,
                     address,
                     tls: &tls,
+                    speedup,
                 };
                 upload_one(
                     &device, &frames, interval, images, start_ms, duration, &gate, &progress,
@@ -327,7 +329,13 @@ pub fn run_phase(
         name: "image_ack".into(),
         per_s: live.images_per_s,
         latency: live.ack_latency,
-        errors: live.errors.values().sum(),
+        // TELEMETRY errors are named "telemetry ...": not the images'.
+        errors: live
+            .errors
+            .iter()
+            .filter(|(name, _)| !name.starts_with("telemetry "))
+            .map(|(_, count)| count)
+            .sum(),
         curve: live_curve,
     }];
     let mut errors: Vec<String> = live.connection_errors.clone();
@@ -386,6 +394,8 @@ struct Collected {
     elapsed: Duration,
     errors: std::collections::BTreeMap<String, u64>,
     connection_errors: Vec<String>,
+    telemetry_acked: u64,
+    alarms_sent: u64,
 }
 
 impl Collected {
@@ -394,6 +404,8 @@ impl Collected {
         self.sent += stats.sent;
         self.acked += stats.acked;
         self.bytes += stats.bytes_acked;
+        self.telemetry_acked += stats.telemetry_acked;
+        self.alarms_sent += stats.alarms_sent;
         self.elapsed = self.elapsed.max(stats.elapsed);
         for (name, count) in stats.errors {
             *self.errors.entry(name).or_default() += count;
@@ -419,6 +431,8 @@ impl Collected {
             ack_latency: self.latency.summary(),
             errors: self.errors,
             connection_errors: self.connection_errors,
+            telemetry_acked: self.telemetry_acked,
+            alarms_sent: self.alarms_sent,
         };
         (result, curve)
     }
@@ -430,6 +444,8 @@ struct Device<'a> {
     model: DeviceModel,
     address: std::net::SocketAddr,
     tls: &'a es_net::client::ClientTls,
+    /// Simulated time runs this many times faster than real time (telemetry included).
+    speedup: f64,
 }
 
 /// Connects, registers the dishes, waits for every other incubator at `gate`, then uploads
@@ -477,6 +493,14 @@ fn upload_one(
         None => Pacing::Window,
     };
     let deadline = begin + duration;
+    // Telemetry at the real rate times the same speed-up as the images.
+    let telemetry = sim::TelemetryPacing {
+        start: begin,
+        interval: Duration::from_secs_f64(
+            es_perf::catalog::TELEMETRY_INTERVAL_S as f64 / device.speedup.max(1e-6),
+        ),
+        start_ms,
+    };
     sim::upload_with_progress(
         &mut client,
         &workload,
@@ -485,6 +509,7 @@ fn upload_one(
         pacing,
         deadline,
         Some(progress),
+        Some(telemetry),
     )
 }
 

@@ -375,6 +375,15 @@ fn print_phase(report: &PhaseReport) {
             .iter()
             .map(|op| (op.name.as_str(), op.per_s, &op.latency, op.errors)),
     );
+    let (telemetry, alarms) = std::iter::once(&report.live)
+        .chain(report.backlog.as_ref())
+        .fold((0, 0), |(t, a), r| {
+            (t + r.telemetry_acked, a + r.alarms_sent)
+        });
+    println!(
+        "telemetry: {telemetry} messages acknowledged ({} channels each, one a simulated minute per device), {alarms} alarm states sent",
+        es_perf::catalog::telemetry_channels().len()
+    );
     if let Some(cost) = &report.server_cost {
         println!("{}", cost.line());
     }

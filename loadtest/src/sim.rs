@@ -154,6 +154,57 @@ pub struct UploadStats {
     /// Workload indexes acknowledged, in ack order.
     pub acked_indexes: Vec<u64>,
     pub elapsed: Duration,
+    /// TELEMETRY messages sent and acknowledged, and alarms raised in them.
+    pub telemetry_sent: u64,
+    pub telemetry_acked: u64,
+    pub alarms_sent: u64,
+}
+
+/// When a simulated device sends TELEMETRY: message `n` is due at `start + n * interval`
+/// and carries the samples of simulated minute `n` (from `start_ms`).
+#[derive(Debug, Clone, Copy)]
+pub struct TelemetryPacing {
+    pub start: Instant,
+    pub interval: Duration,
+    pub start_ms: i64,
+}
+
+/// The `n`-th TELEMETRY message of a device: one sample of each of the catalog's telemetry
+/// channels, and every [`es_perf::catalog::ALARM_INTERVAL_S`] an alarm, raised in one
+/// message and cleared in the next.
+pub fn telemetry_message(n: u64, start_ms: i64) -> pb::Telemetry {
+    use es_perf::catalog::{telemetry_channels, ALARM_CODE_SIMULATED, ALARM_INTERVAL_S};
+    let interval_ms = i64::from(es_perf::catalog::TELEMETRY_INTERVAL_S) * 1000;
+    let at_ms = start_ms + n as i64 * interval_ms;
+    let samples = telemetry_channels()
+        .iter()
+        .enumerate()
+        .map(|(c, channel)| pb::TelemetrySample {
+            channel: channel.to_string(),
+            value: 37.0 + ((n + c as u64) % 7) as f64 / 10.0,
+            at_ms,
+        })
+        .collect();
+    let per_alarm = u64::from(ALARM_INTERVAL_S / es_perf::catalog::TELEMETRY_INTERVAL_S).max(2);
+    let alarms = match n % per_alarm {
+        0 => vec![(at_ms, 0)],
+        1 => vec![(at_ms - interval_ms, at_ms)],
+        _ => vec![],
+    }
+    .into_iter()
+    .map(|(raised_at_ms, cleared_at_ms)| pb::Alarm {
+        code: ALARM_CODE_SIMULATED.into(),
+        severity: pb::AlarmSeverity::Warning.into(),
+        raised_at_ms,
+        cleared_at_ms,
+        text: "door opened".into(),
+    })
+    .collect();
+    pb::Telemetry {
+        seq: 0,
+        samples,
+        alarms,
+    }
 }
 
 /// Uploads workload images `from..to` (frames chosen by index), stopping early at
@@ -167,7 +218,9 @@ pub fn upload(
     pacing: Pacing,
     deadline: Instant,
 ) -> (UploadStats, Option<ClientError>) {
-    upload_with_progress(client, workload, range, frames, pacing, deadline, None)
+    upload_with_progress(
+        client, workload, range, frames, pacing, deadline, None, None,
+    )
 }
 
 /// Live figures shared by the upload threads of a run, read by its progress display.
@@ -184,7 +237,9 @@ pub struct Progress {
     pub stop: std::sync::atomic::AtomicBool,
 }
 
-/// [`upload`], also counting into `progress`.
+/// [`upload`], also counting into `progress`, and sending TELEMETRY as `telemetry` paces it
+/// (then the run lasts until `deadline`, images done or not).
+#[allow(clippy::too_many_arguments)]
 pub fn upload_with_progress(
     client: &mut IncubatorClient,
     workload: &Workload,
@@ -193,22 +248,42 @@ pub fn upload_with_progress(
     pacing: Pacing,
     deadline: Instant,
     progress: Option<&Progress>,
+    telemetry: Option<TelemetryPacing>,
 ) -> (UploadStats, Option<ClientError>) {
     use std::sync::atomic::Ordering::Relaxed;
     let started = Instant::now();
     let mut stats = UploadStats::default();
     let mut in_flight: HashMap<u64, (u64, Instant, usize)> = HashMap::new();
+    let mut telemetry_in_flight: std::collections::HashSet<u64> = Default::default();
+    let mut telemetry_next = 0u64;
+    let mut telemetry = telemetry;
     let mut next = range.start;
     let error = loop {
         let now = Instant::now();
-        if now >= deadline || (next >= range.end && in_flight.is_empty()) {
+        let idle = in_flight.is_empty() && telemetry_in_flight.is_empty();
+        if now >= deadline || (next >= range.end && idle && telemetry.is_none()) {
             break None;
         }
         if progress.is_some_and(|p| p.stop.load(Relaxed)) {
-            if in_flight.is_empty() {
+            if idle {
                 break None;
             }
             next = range.end;
+            telemetry = None;
+        }
+        // TELEMETRY that is due goes first: it is small.
+        while let Some(pacing) = telemetry {
+            if pacing.start + pacing.interval * telemetry_next as u32 > Instant::now()
+                || !client.can_send()
+            {
+                break;
+            }
+            let message = telemetry_message(telemetry_next, pacing.start_ms);
+            stats.alarms_sent += message.alarms.len() as u64;
+            let seq = client.send(Message::Telemetry(message));
+            telemetry_in_flight.insert(seq);
+            stats.telemetry_sent += 1;
+            telemetry_next += 1;
         }
         // Send everything that is due, within the server's window.
         while next < range.end && client.can_send() {
@@ -249,9 +324,33 @@ pub fn upload_with_progress(
             }
             _ => (Instant::now() + Duration::from_millis(50)).min(deadline),
         };
+        let wait_until = match telemetry {
+            Some(pacing) if client.can_send() => {
+                wait_until.min(pacing.start + pacing.interval * telemetry_next as u32)
+            }
+            _ => wait_until,
+        };
         match client.next_response(wait_until) {
             Ok(None) => {}
             Ok(Some((seq, message))) => {
+                if telemetry_in_flight.remove(&seq) {
+                    match message {
+                        Message::Ack(_) => stats.telemetry_acked += 1,
+                        Message::Error(error) => {
+                            *stats
+                                .errors
+                                .entry(format!("telemetry {}", error.name))
+                                .or_default() += 1
+                        }
+                        _ => {
+                            *stats
+                                .errors
+                                .entry("telemetry unexpected_response".into())
+                                .or_default() += 1
+                        }
+                    }
+                    continue;
+                }
                 let Some((index, from, size)) = in_flight.remove(&seq) else {
                     continue;
                 };
@@ -287,4 +386,44 @@ pub fn upload_with_progress(
     };
     stats.elapsed = started.elapsed();
     (stats, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_carries_the_catalog_channels_and_an_hourly_alarm_raised_then_cleared() {
+        let start_ms = 1_770_000_000_000;
+        let first = telemetry_message(0, start_ms);
+        let channels: Vec<&str> = first.samples.iter().map(|s| s.channel.as_str()).collect();
+        assert_eq!(channels, es_perf::catalog::telemetry_channels());
+        assert!(first.samples.iter().all(|s| s.at_ms == start_ms));
+        assert_eq!(first.alarms.len(), 1);
+        assert_eq!(first.alarms[0].code, es_perf::catalog::ALARM_CODE_SIMULATED);
+        assert_eq!(first.alarms[0].cleared_at_ms, 0);
+        // The next minute clears it: same code and raise time.
+        let second = telemetry_message(1, start_ms);
+        assert_eq!(second.alarms.len(), 1);
+        assert_eq!(second.alarms[0].raised_at_ms, start_ms);
+        assert_eq!(second.alarms[0].cleared_at_ms, start_ms + 60_000);
+        // One alarm an hour: none in the other minutes.
+        let raised: usize = (0..120)
+            .map(|n| {
+                telemetry_message(n, start_ms)
+                    .alarms
+                    .iter()
+                    .filter(|a| a.cleared_at_ms == 0)
+                    .count()
+            })
+            .sum();
+        assert_eq!(raised, 2);
+        // The code is one the monitoring upload accepts for every model.
+        for model in es_perf::catalog::DeviceModel::ALL {
+            assert!(model
+                .spec()
+                .alarm_codes
+                .contains(&es_perf::catalog::ALARM_CODE_SIMULATED));
+        }
+    }
 }

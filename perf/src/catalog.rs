@@ -13,6 +13,14 @@ const DAY_S: u64 = 86_400;
 /// Interval between two telemetry samples of one device (DOMAIN.md: "one sample a minute").
 pub const TELEMETRY_INTERVAL_S: u32 = 60;
 
+/// Interval between two alarms of one device: the door opened for a dish check about once an
+/// hour, raised in one TELEMETRY and cleared in the next. An estimate: DOMAIN.md names door
+/// events and alarms but gives no rate.
+pub const ALARM_INTERVAL_S: u32 = 3600;
+
+/// The alarm the load generator raises at [`ALARM_INTERVAL_S`].
+pub const ALARM_CODE_SIMULATED: &str = "DOOR-OPEN";
+
 /// The telemetry channels every device reports, one sample each per
 /// [`TELEMETRY_INTERVAL_S`] (DOMAIN.md: "about 10 channels at one sample a minute").
 const TELEMETRY_CHANNELS: [&str; 10] = [
