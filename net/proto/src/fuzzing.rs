@@ -156,7 +156,9 @@ pub fn incubator_server(data: &[u8]) -> Reached {
                     .decode(&mut again)
                     .expect("a re-encoded frame decodes")
                     .expect("a re-encoded frame is complete");
-                assert_eq!(decoded, message);
+                // Compared as bytes: a decoded NaN (refused later by validation) is not equal
+                // to itself, its encoding is.
+                assert_eq!(decoded.to_bytes(), bytes);
                 assert!(again.is_empty());
                 let _ = validate_request(&message);
             }
@@ -340,11 +342,15 @@ pub fn viewer_server(data: &[u8]) -> Reached {
                 assert!((before - src.len()) as u64 <= 4 + u64::from(frame_bytes_max));
                 let mut again = BytesMut::new();
                 encode_frame(&message, &mut again);
+                let first = again.clone();
                 let decoded = FrameDecoder::new(u32::MAX)
                     .decode::<pb::ClientMessage>(&mut again)
                     .expect("a re-encoded frame decodes")
                     .expect("a re-encoded frame is complete");
-                assert_eq!(decoded, message);
+                // Compared as bytes: a decoded NaN is not equal to itself, its encoding is.
+                let mut twice = BytesMut::new();
+                encode_frame(&decoded, &mut twice);
+                assert_eq!(twice, first);
                 assert!(again.is_empty());
                 if let Some(request) = &message.request {
                     assert!(!viewer::request_name(request).is_empty());
@@ -651,6 +657,28 @@ mod tests {
             "{name}: {:?}",
             started.elapsed()
         );
+    }
+
+    /// Found by `cargo fuzz run incubator_session` (2026-12-04): a TELEMETRY sample whose
+    /// value is NaN failed the harness's round-trip check (NaN != NaN), not the server, whose
+    /// validation refuses non-finite values.
+    #[test]
+    fn regression_a_nan_sample_round_trips_and_is_refused() {
+        let input = [
+            202u8, 5, 203, 18, 0, 18, 17, 17, 21, 0, 252, 32, 254, 255, 255, 255, 24, 223, 235,
+            223, 226, 223, 223, 50,
+        ];
+        incubator_server(&input);
+        let nan = Message::Telemetry(incubator::pb::Telemetry {
+            seq: 1,
+            samples: vec![incubator::pb::TelemetrySample {
+                channel: "temperature_c".into(),
+                value: f64::NAN,
+                at_ms: 1,
+            }],
+            alarms: vec![],
+        });
+        assert!(incubator::validate_request(&nan).is_err());
     }
 
     #[test]
