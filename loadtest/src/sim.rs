@@ -238,7 +238,7 @@ pub struct Progress {
 }
 
 /// [`upload`], also counting into `progress`, and sending TELEMETRY as `telemetry` paces it
-/// (then the run lasts until `deadline`, images done or not).
+/// while images are sent (a device with no images to send: until `deadline`).
 #[allow(clippy::too_many_arguments)]
 pub fn upload_with_progress(
     client: &mut IncubatorClient,
@@ -261,7 +261,10 @@ pub fn upload_with_progress(
     let error = loop {
         let now = Instant::now();
         let idle = in_flight.is_empty() && telemetry_in_flight.is_empty();
-        if now >= deadline || (next >= range.end && idle && telemetry.is_none()) {
+        // A device with images is done when they are; one without (CulturePro) sends
+        // telemetry until the deadline.
+        let images_done = next >= range.end && (!range.is_empty() || telemetry.is_none());
+        if now >= deadline || (images_done && idle) {
             break None;
         }
         if progress.is_some_and(|p| p.stop.load(Relaxed)) {
