@@ -77,36 +77,11 @@ pub const MONITORING_CHANNELS: &[&str] = &[
     "uptime_s",
 ];
 
-/// Alarm codes of every model: culture environment, gas supply, power, disk and the link to
-/// the server. Only alarms with a code of the instrument's model are uploaded to the vendor's
-/// monitoring; anything else (a code made of a patient's name, a dish id) is withheld.
-/// Append only.
-const ALARM_CODES_CULTURE: &[&str] = &[
-    "TEMP-HIGH",
-    "TEMP-LOW",
-    "TEMP-SENSOR-FAULT",
-    "CO2-HIGH",
-    "CO2-LOW",
-    "CO2-SENSOR-FAULT",
-    "O2-HIGH",
-    "O2-LOW",
-    "O2-SENSOR-FAULT",
-    "HUMIDITY-LOW",
-    "GAS-PRESSURE-LOW",
-    "CO2-SUPPLY-LOW",
-    "N2-SUPPLY-LOW",
-    "DOOR-OPEN",
-    "POWER-FAIL",
-    "UPS-ON-BATTERY",
-    "UPS-BATTERY-LOW",
-    "FAN-FAULT",
-    "DISK-LOW",
-    "DISK-FULL",
-    "SERVER-UNREACHABLE",
-    "CLOCK-FAULT",
-];
-
-/// [`ALARM_CODES_CULTURE`] and the time-lapse models' imaging alarms. Append only.
+/// Alarm codes of the time-lapse models: first those of every model (culture environment, gas
+/// supply, power, disk and the link to the server, [`ALARM_CODES_CULTURE`]), then imaging. Only
+/// alarms with a code of the instrument's model are uploaded to the vendor's monitoring;
+/// anything else (a code made of a patient's name, a dish id) is withheld. Append only, each
+/// part at its end.
 const ALARM_CODES_TIME_LAPSE: &[&str] = &[
     "TEMP-HIGH",
     "TEMP-LOW",
@@ -130,6 +105,7 @@ const ALARM_CODES_TIME_LAPSE: &[&str] = &[
     "DISK-FULL",
     "SERVER-UNREACHABLE",
     "CLOCK-FAULT",
+    // Imaging.
     "CAMERA-FAULT",
     "IMAGING-FAULT",
     "FOCUS-FAULT",
@@ -138,6 +114,12 @@ const ALARM_CODES_TIME_LAPSE: &[&str] = &[
     "DISH-POSITION-FAULT",
     "IMAGE-BACKLOG",
 ];
+
+/// How many of [`ALARM_CODES_TIME_LAPSE`] every model has.
+const ALARM_CODES_CULTURE_LEN: usize = 22;
+
+/// The alarm codes of every model, culture incubators included.
+const ALARM_CODES_CULTURE: &[&str] = ALARM_CODES_TIME_LAPSE.split_at(ALARM_CODES_CULTURE_LEN).0;
 
 /// The alarm codes of a model the catalog does not know (a HELLO may name any model): the
 /// codes every model has.
@@ -455,6 +437,7 @@ mod tests {
                     .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-'));
                 assert!(seen.insert(*code), "{model}: {code} twice");
             }
+            assert_eq!(ALARM_CODES_CULTURE.last(), Some(&"CLOCK-FAULT"));
             // Every model has the common codes; only imaging models the imaging ones.
             for code in ALARM_CODES_CULTURE {
                 assert!(codes.contains(code), "{model} lacks {code}");
