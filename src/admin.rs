@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::control::{self, ApiKeyRequest, Request, Response, UserRequest};
 use es_storage::{
-    Actor, ApiKeyCreate, ApiKeyRevoke, ApiScope, InstrumentRename, Operation,
+    Actor, ApiKeyCreate, ApiKeyRevoke, ApiScope, InstrumentApprove, InstrumentRename, Operation,
     ResetInstrumentSecret, Rights, Store, StoreOptions, UserAdd, UserChange, UserUpdate, Writer,
 };
 use std::path::Path;
@@ -71,6 +71,59 @@ pub fn instrument_rename(writer: &Writer, serial: &str, display_name: &str, by: 
         })),
         Err(response) => response,
     }
+}
+
+/// Enrols a serial number (`enrolment = approve`): the instrument is recorded with no
+/// secret, so its next HELLO is issued one. `model` is what its refused HELLO named, when
+/// the running server saw one.
+pub fn instrument_approve(
+    writer: &Writer,
+    serial: &str,
+    model: &str,
+    by: &str,
+    computer: &str,
+) -> Response {
+    let serial = serial.trim();
+    let op = InstrumentApprove {
+        actor: Actor {
+            user: by.to_string(),
+            computer: computer.to_string(),
+        },
+        serial: serial.to_string(),
+        model: model.to_string(),
+        at_ms: now_ms(),
+    };
+    match write_and_wait(writer, op) {
+        Ok(()) => Response::ok(serde_json::json!({
+            "serial": serial,
+            "message": format!("instrument {serial} is approved; its next connection is enrolled and issued a secret"),
+        })),
+        Err(response) => response,
+    }
+}
+
+/// Approves a serial number on the running server: the model its refused HELLO named is
+/// recorded, and it no longer shows as pending.
+pub fn approve_pending(
+    writer: &Writer,
+    registry: &crate::incubator::Registry,
+    serial: &str,
+    by: &str,
+    computer: &str,
+) -> Response {
+    let serial = serial.trim();
+    let model = registry
+        .pending()
+        .into_iter()
+        .find(|p| p.serial == serial)
+        .map(|p| p.model)
+        .unwrap_or_default();
+    let response = instrument_approve(writer, serial, &model, by, computer);
+    if response.ok {
+        registry.forget_refusals(serial);
+        tracing::info!(%serial, %by, "instrument approved");
+    }
+    response
 }
 
 /// Runs one write through the storage writer and waits for it to be durable.
@@ -324,6 +377,12 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
         } => {
             let writer = store.start_writer(es_storage::WriterOptions::default());
             let response = instrument_rename(&writer, &serial, &display_name, &by);
+            writer.shutdown();
+            response
+        }
+        Request::InstrumentApprove { serial, by } => {
+            let writer = store.start_writer(es_storage::WriterOptions::default());
+            let response = instrument_approve(&writer, &serial, "", &by, "esserver instrument");
             writer.shutdown();
             response
         }

@@ -144,6 +144,8 @@ pub struct IncubatorTransport {
     pub listener: Listener,
     /// TLS on this port (`tls = on|off`, default on).
     pub tls: bool,
+    /// How a serial number never seen is enrolled (`enrolment = open|approve`, default open).
+    pub enrolment: es_storage::Enrolment,
 }
 
 /// Section `[Storage]`.
@@ -256,6 +258,7 @@ impl Default for Config {
             incubator: IncubatorTransport {
                 listener: Listener::local(3000),
                 tls: true,
+                enrolment: es_storage::Enrolment::Open,
             },
             viewer: Listener::local(3010),
             web: Listener::local(4010),
@@ -385,6 +388,17 @@ impl Config {
                 out.push_str("; because the incubator network is isolated.\n");
                 let tls = if self.incubator.tls { "on" } else { "off" };
                 out.push_str(&format!("tls = {tls}\n"));
+                out.push_str(
+                    "; New instruments: open (enrolled at their first connection) or approve\n",
+                );
+                out.push_str(
+                    "; (refused as pending until `esserver instrument approve SERIAL` or the\n",
+                );
+                out.push_str("; web interface's Instruments page approves them).\n");
+                out.push_str(&format!(
+                    "enrolment = {}\n",
+                    self.incubator.enrolment.as_str()
+                ));
             }
             Section::WebInterface => {
                 out.push_str(
@@ -614,9 +628,12 @@ impl Section {
 
     fn keys(self) -> Vec<&'static str> {
         match self {
-            Section::IncubatorTransport | Section::WebInterface => {
-                LISTENER_KEYS.iter().copied().chain(["tls"]).collect()
-            }
+            Section::IncubatorTransport => LISTENER_KEYS
+                .iter()
+                .copied()
+                .chain(["tls", "enrolment"])
+                .collect(),
+            Section::WebInterface => LISTENER_KEYS.iter().copied().chain(["tls"]).collect(),
             Section::ViewerTransport | Section::PublicApi => LISTENER_KEYS.to_vec(),
             Section::Storage => ["data_dir", "volume_direct_io", "quick_repair"]
                 .into_iter()
@@ -1277,6 +1294,10 @@ fn known_key(section: Section, key: &str) -> Result<&'static str, String> {
 fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Result<(), String> {
     match (section, key) {
         (Section::IncubatorTransport, "tls") => config.incubator.tls = parse_switch(value)?,
+        (Section::IncubatorTransport, "enrolment") => {
+            config.incubator.enrolment = es_storage::Enrolment::parse(value)
+                .ok_or_else(|| bad_value("open or approve", value))?;
+        }
         (Section::WebInterface, "tls") => config.web_tls = parse_switch(value)?,
         (Section::Storage, "data_dir") => {
             config.storage.data_dir = parse_path(value, "a directory path")?;
@@ -1541,6 +1562,7 @@ mod tests {
 bind = 10.0.2.1
 port = 3000
 tls = off
+enrolment = approve
 workers = 2
 
 [ViewerTransport]
@@ -1633,6 +1655,7 @@ trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134,
             "10.0.2.1".parse::<IpAddr>().unwrap()
         );
         assert!(!config.incubator.tls);
+        assert_eq!(config.incubator.enrolment, es_storage::Enrolment::Approve);
         assert_eq!(config.incubator.listener.workers, 2);
         assert_eq!(
             config.viewer.cert,
@@ -1731,6 +1754,11 @@ trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134,
 
     #[test]
     fn bad_values_say_the_expected_form() {
+        let message = error_at("[IncubatorTransport]\nenrolment = closed\n", 2);
+        assert_eq!(
+            message,
+            "[IncubatorTransport] enrolment: expected open or approve; got `closed`"
+        );
         let message = error_at("[PublicApi]\nport = http\n", 2);
         assert_eq!(
             message,

@@ -51,6 +51,12 @@ pub enum Request {
         display_name: String,
         by: String,
     },
+    /// Enrol an instrument's serial number (`enrolment = approve`): its next HELLO is issued
+    /// a secret.
+    InstrumentApprove {
+        serial: String,
+        by: String,
+    },
     /// Install a licence file (its whole text); it takes effect at once.
     LicenseInstall {
         text: String,

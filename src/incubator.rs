@@ -136,6 +136,8 @@ const REFUSED_SERIALS_MAX: usize = 256;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Refused {
     pub serial: String,
+    /// The model the latest refused HELLO named.
+    pub model: String,
     pub count: u64,
     /// The latest refusal's code (`capacity_exceeded`, `auth_failed`, ...), from where, when.
     pub code: &'static str,
@@ -164,7 +166,8 @@ impl Registry {
     }
 
     /// Counts a refused HELLO of `serial`.
-    fn refused(&self, serial: &str, code: ErrorCode, peer: SocketAddr) {
+    fn refused(&self, hello: &pb::Hello, code: ErrorCode, peer: SocketAddr) {
+        let serial = hello.serial_number.as_str();
         let mut map = self.refused.lock();
         if !map.contains_key(serial) && map.len() >= REFUSED_SERIALS_MAX {
             if let Some(oldest) = map
@@ -177,12 +180,14 @@ impl Registry {
         }
         let entry = map.entry(serial.to_string()).or_insert_with(|| Refused {
             serial: serial.to_string(),
+            model: String::new(),
             count: 0,
             code: code.name(),
             peer: peer.to_string(),
             at_ms: 0,
         });
         entry.count += 1;
+        entry.model.clone_from(&hello.model);
         entry.code = code.name();
         entry.peer = peer.to_string();
         entry.at_ms = now_ms();
@@ -193,6 +198,19 @@ impl Registry {
         let mut list: Vec<Refused> = self.refused.lock().values().cloned().collect();
         list.sort_by_key(|r| std::cmp::Reverse(r.at_ms));
         list
+    }
+
+    /// Serial numbers whose latest HELLO waits for an administrator's approval
+    /// (`enrolment = approve`), most recent first.
+    pub fn pending(&self) -> Vec<Refused> {
+        let mut list = self.refusals();
+        list.retain(|r| r.code == ErrorCode::EnrolmentPending.name());
+        list
+    }
+
+    /// Forgets the refusals of `serial` (it was approved: it is no longer pending).
+    pub fn forget_refusals(&self, serial: &str) {
+        self.refused.lock().remove(serial);
     }
 
     /// True when an open connection of `serial` holds an issued, unconfirmed secret.
@@ -310,6 +328,8 @@ pub struct IncubatorService {
     pub licensing: Arc<crate::license::Licensing>,
     /// Instrument monitoring: whether telemetry is queued for upload, and the queue's bound.
     pub ims: Arc<crate::ims::ImsShared>,
+    /// How a serial number never seen is enrolled.
+    pub enrolment: es_storage::Enrolment,
 }
 
 impl Service for IncubatorService {
@@ -334,6 +354,7 @@ impl Service for IncubatorService {
             disk: self.disk.clone(),
             licensing: self.licensing.clone(),
             ims: self.ims.clone(),
+            enrolment: self.enrolment,
             handle,
             peer,
             instrument: None,
@@ -367,6 +388,7 @@ pub struct IncubatorSession {
     disk: Arc<crate::disk_guard::DiskState>,
     licensing: Arc<crate::license::Licensing>,
     ims: Arc<crate::ims::ImsShared>,
+    enrolment: es_storage::Enrolment,
     handle: ConnHandle<IncubatorMsg>,
     peer: SocketAddr,
     instrument: Option<Instrument>,
@@ -440,7 +462,7 @@ impl IncubatorSession {
         });
         if let Err(message) = capacity {
             self.registry
-                .refused(&hello.serial_number, ErrorCode::CapacityExceeded, self.peer);
+                .refused(&hello, ErrorCode::CapacityExceeded, self.peer);
             self.fail(ErrorCode::CapacityExceeded, message, io);
             return;
         }
@@ -451,6 +473,7 @@ impl IncubatorSession {
             presented_secret: (!hello.secret.is_empty()).then(|| hello.secret.clone()),
             new_secret: hex::encode(secret_bytes),
             issued_connection_open: self.registry.issued_connection_open(&hello.serial_number),
+            enrolment: self.enrolment,
             at_ms: now_ms(),
         };
         let handle = self.handle.clone();
@@ -478,7 +501,7 @@ impl IncubatorSession {
                     hello.serial_number, hello.serial_number
                 );
                 self.registry
-                    .refused(&hello.serial_number, ErrorCode::AuthFailed, self.peer);
+                    .refused(&hello, ErrorCode::AuthFailed, self.peer);
                 self.fail(ErrorCode::AuthFailed, message, io);
                 return;
             }
@@ -489,12 +512,21 @@ impl IncubatorSession {
                      a request or closed",
                     hello.serial_number
                 );
-                self.registry.refused(
-                    &hello.serial_number,
-                    ErrorCode::EnrolmentInProgress,
-                    self.peer,
-                );
+                self.registry
+                    .refused(&hello, ErrorCode::EnrolmentInProgress, self.peer);
                 self.fail(ErrorCode::EnrolmentInProgress, message, io);
+                return;
+            }
+            Err(WriteError::Refused(HelloRefusal::EnrolmentPending)) => {
+                let message = format!(
+                    "instrument {} is not enrolled on this server: it waits until an \
+                     administrator approves it (web interface, Instruments page, or \
+                     `esserver instrument approve {}`); nothing was stored",
+                    hello.serial_number, hello.serial_number
+                );
+                self.registry
+                    .refused(&hello, ErrorCode::EnrolmentPending, self.peer);
+                self.fail(ErrorCode::EnrolmentPending, message, io);
                 return;
             }
             Err(error) => {
@@ -533,7 +565,7 @@ impl IncubatorSession {
             Err(message) => {
                 self.instrument = None;
                 self.registry
-                    .refused(&hello.serial_number, ErrorCode::CapacityExceeded, self.peer);
+                    .refused(&hello, ErrorCode::CapacityExceeded, self.peer);
                 self.fail(ErrorCode::CapacityExceeded, message, io);
                 return;
             }

@@ -320,6 +320,15 @@ enum InstrumentAction {
         #[command(flatten)]
         common: Common,
     },
+    /// Enrol a new instrument's serial number (with `[IncubatorTransport] enrolment =
+    /// approve`, an unknown serial waits as pending until approved); its next connection is
+    /// issued a secret. Works with the server running or stopped.
+    Approve {
+        /// The instrument's serial number (the web interface lists those waiting).
+        serial: String,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Forget an instrument's secret: its next HELLO is issued a new one.
     ResetSecret {
         /// The instrument's serial number.
@@ -517,6 +526,16 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Request::InstrumentRename {
                 serial,
                 display_name: name,
+                by: operator(),
+            },
+            |body| println!("{}", body["message"].as_str().unwrap_or("done")),
+        ),
+        Command::Instrument {
+            action: InstrumentAction::Approve { serial, common },
+        } => admin(
+            &common,
+            Request::InstrumentApprove {
+                serial,
                 by: operator(),
             },
             |body| println!("{}", body["message"].as_str().unwrap_or("done")),

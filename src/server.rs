@@ -220,6 +220,7 @@ fn start_services(
         disk: disk.clone(),
         licensing: licensing.clone(),
         ims: ims.clone(),
+        enrolment: config.incubator.enrolment,
     });
     pools.push(start_pool(
         "incubator",
@@ -286,6 +287,7 @@ fn start_services(
         started_at_ms: crate::now_ms(),
         data_dir: data_dir.clone(),
         certificate_sha256,
+        enrolment: config.incubator.enrolment,
     }));
     let web_tls = if config.web_tls {
         Some(listener_tls("web", &config.web, &tls)?)
@@ -582,6 +584,13 @@ impl StatusContext {
                 display_name,
                 by,
             } => crate::admin::instrument_rename(&self.writer, &serial, &display_name, &by),
+            Request::InstrumentApprove { serial, by } => crate::admin::approve_pending(
+                &self.writer,
+                &self.registry,
+                &serial,
+                &by,
+                "esserver instrument",
+            ),
             Request::Ims { action } => match action {
                 crate::control::ImsRequest::Status => self.ims_status(),
                 crate::control::ImsRequest::Set { part, on, by } => {

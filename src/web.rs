@@ -41,6 +41,8 @@ pub struct WebContext {
     pub data_dir: std::path::PathBuf,
     /// SHA-256 of the shared TLS certificate (what viewers pin), when it reads.
     pub certificate_sha256: Option<String>,
+    /// How new instruments are enrolled (`[IncubatorTransport] enrolment`).
+    pub enrolment: es_storage::Enrolment,
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -343,9 +345,31 @@ pub(crate) fn handle(
             }
             "/instruments" => {
                 let serial = field(&fields, "serial").unwrap_or("");
-                let name = field(&fields, "name").unwrap_or("").trim();
-                let response = crate::admin::instrument_rename(&shared.writer, serial, name, &user);
-                let message = result_paragraph(&response, "Not renamed: ");
+                let message = if field(&fields, "action") == Some("approve") {
+                    let computer = format!("web {}", peer.ip());
+                    let response = match &shared.web {
+                        Some(web) => crate::admin::approve_pending(
+                            &shared.writer,
+                            &web.registry,
+                            serial,
+                            &format!("web:{user}"),
+                            &computer,
+                        ),
+                        None => crate::admin::instrument_approve(
+                            &shared.writer,
+                            serial,
+                            "",
+                            &format!("web:{user}"),
+                            &computer,
+                        ),
+                    };
+                    result_paragraph(&response, "Not approved: ")
+                } else {
+                    let name = field(&fields, "name").unwrap_or("").trim();
+                    let response =
+                        crate::admin::instrument_rename(&shared.writer, serial, name, &user);
+                    result_paragraph(&response, "Not renamed: ")
+                };
                 instruments_page(shared, &user, &csrf, &message)
             }
             _ => html(
@@ -730,6 +754,15 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
             }
             body.push_str("</table>");
         }
+        let pending = web.registry.pending();
+        if !pending.is_empty() {
+            let _ = write!(
+                body,
+                "<p class=err id=pending-banner>{} new instrument(s) wait for approval: \
+                 <a href='/instruments'>Instruments</a>.</p>",
+                pending.len()
+            );
+        }
         body.push_str(&capacity_and_rate(shared, web, now));
         body.push_str("<h2>Viewers</h2><table id=viewers><tr><th>User</th><th>Computer</th><th>Address</th><th>Since</th></tr>");
         let viewers = web.viewers.snapshot();
@@ -1080,7 +1113,59 @@ fn instruments_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -
         }
         Err(error) => body.push_str(&storage_unavailable(&error)),
     }
+    body.push_str(&enrolment_panel(shared, csrf));
     html(200, page(shared, "Instruments", Some((user, csrf)), &body))
+}
+
+/// New instruments: the enrolment mode, the serial numbers waiting for approval (each with an
+/// Approve button) and a form to approve one before it first connects.
+fn enrolment_panel(shared: &ApiShared, csrf: &str) -> String {
+    let Some(web) = &shared.web else {
+        return String::new();
+    };
+    let hidden = format!(
+        "<input type=hidden name=csrf value='{csrf}'><input type=hidden name=action value=approve>"
+    );
+    let mut out = String::from("<h2>Enrolment of new instruments</h2>");
+    out.push_str(match web.enrolment {
+        es_storage::Enrolment::Open => {
+            "<p id=enrolment>Open: a new serial number is enrolled at its first connection \
+             (<code>[IncubatorTransport] enrolment = approve</code> makes each wait for an \
+             administrator's approval).</p>"
+        }
+        es_storage::Enrolment::Approve => {
+            "<p id=enrolment>Approval: a new serial number is refused \
+             (<code>enrolment_pending</code>) and waits here until approved; its next \
+             connection is then enrolled and issued a secret.</p>"
+        }
+    });
+    let pending = web.registry.pending();
+    out.push_str("<table id=pending><tr><th>Serial</th><th>Model</th><th>Attempts</th><th>From</th><th>Latest</th><th></th></tr>");
+    if pending.is_empty() {
+        out.push_str(
+            "<tr><td colspan=6 class=empty>No instrument is waiting for approval.</td></tr>",
+        );
+    }
+    for p in &pending {
+        let serial = escape(&p.serial);
+        let _ = write!(
+            out,
+            "<tr><td>{serial}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>\
+             <form method=post action='/instruments' class=inline>{hidden}\
+             <input type=hidden name=serial value='{serial}'><button id='approve-{serial}'>Approve</button></form></td></tr>",
+            escape(&p.model),
+            p.count,
+            escape(&p.peer),
+            escape(&time_text(p.at_ms)),
+        );
+    }
+    let _ = write!(
+        out,
+        "</table><form method=post action='/instruments' id=approve-form>{hidden}\
+         <label>Approve a serial number before it connects <input name=serial id=approve-serial></label> \
+         <button id=approve-button>Approve</button></form>"
+    );
+    out
 }
 
 /// Capacity units used of the licence's, the ingestion rate of the connected instruments

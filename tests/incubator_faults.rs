@@ -265,6 +265,89 @@ fn an_instrument_that_was_issued_a_secret_cannot_be_taken_over_while_it_is_conne
 }
 
 #[test]
+fn with_approval_a_new_serial_waits_until_an_administrator_approves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // One instrument is enrolled while enrolment is open; then the server requires approval.
+    let server = common::spawn_in(&dir, false, "");
+    let mut known = common::identity("APPR-KNOWN", "es-d");
+    let mut known_connection = common::connect(&server, &mut known);
+    known_connection
+        .request(Message::Ping(pb::Ping { seq: 0 }), common::TIMEOUT)
+        .unwrap();
+    drop(known_connection);
+    drop(server);
+    let server = common::spawn_in(&dir, false, "[IncubatorTransport]\nenrolment = approve\n");
+    let instruments_before =
+        common::admin_json(server.data_dir(), &["status"])["storage"]["instruments"].clone();
+    assert_eq!(instruments_before, 1);
+    let connect = |identity: &mut Identity| {
+        IncubatorClient::connect(
+            server.info.address("incubator"),
+            &server.info.client_tls("incubator"),
+            identity,
+            common::TIMEOUT,
+        )
+    };
+    // The enrolled instrument keeps connecting with its secret.
+    drop(common::connect(&server, &mut known));
+    // A new serial is refused with a typed code, whatever secret it presents; nothing is
+    // stored and no secret issued.
+    for secret in ["", "made-up"] {
+        let mut new = common::identity("APPR-NEW", "es-plus");
+        new.secret = secret.into();
+        match connect(&mut new) {
+            Err(error) => assert_eq!(
+                error.error_code(),
+                Some(ErrorCode::EnrolmentPending),
+                "{error}"
+            ),
+            Ok(_) => panic!("an unapproved serial was accepted"),
+        }
+        assert_eq!(new.secret, secret, "no secret issued");
+    }
+    let status = common::admin_json(server.data_dir(), &["status"]);
+    assert_eq!(status["storage"]["instruments"], instruments_before);
+    // The administrator approves it from the command line; its next HELLO is enrolled.
+    let output = std::process::Command::new(common::esserver_path())
+        .args(["instrument", "approve", "APPR-NEW", "--data"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(said.contains("APPR-NEW is approved"), "{said}");
+    let again = std::process::Command::new(common::esserver_path())
+        .args(["instrument", "approve", "APPR-NEW", "--data"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "approving twice is refused");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already enrolled"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let mut new = common::identity("APPR-NEW", "es-plus");
+    let mut connection = common::connect(&server, &mut new);
+    assert!(
+        !new.secret.is_empty(),
+        "the approved instrument is issued a secret"
+    );
+    connection
+        .request(Message::Ping(pb::Ping { seq: 0 }), common::TIMEOUT)
+        .unwrap();
+    let log = common::server_log(&dir);
+    assert!(
+        log.contains("enrolment_pending"),
+        "refusals are logged:\n{log}"
+    );
+}
+
+#[test]
 fn a_second_hello_of_a_serial_closes_the_older_connection() {
     let (server, _dir) = common::spawn(false);
     let mut identity = common::identity("DUP-01", "es-plus");

@@ -544,3 +544,92 @@ fn plain_http_only_when_configured() {
         "{cleared}"
     );
 }
+
+/// With `enrolment = approve`, a refused serial number waits on the Instruments page; its
+/// Approve button (CSRF-checked, audited) enrols it and its next connection is accepted.
+#[test]
+fn an_administrator_approves_a_pending_instrument_from_the_instruments_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, false, "[IncubatorTransport]\nenrolment = approve\n");
+    common::add_user(&server, "root", "admin", PASSWORD);
+    let mut waiting = common::identity("PEND-01", "es-plus");
+    let refused = es_loadtest::client::IncubatorClient::connect(
+        server.info.address("incubator"),
+        &server.info.client_tls("incubator"),
+        &mut waiting,
+        common::TIMEOUT,
+    );
+    assert!(matches!(refused, Err(ref e)
+        if e.error_code() == Some(es_proto::incubator::ErrorCode::EnrolmentPending)));
+
+    let mut http = web(&server);
+    let login = post_form(
+        &mut http,
+        "/login",
+        None,
+        &[("username", "root"), ("password", PASSWORD)],
+    );
+    assert_eq!(login.status, 303);
+    let session = login
+        .header("set-cookie")
+        .unwrap()
+        .trim_start_matches("esweb=")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let home = body(&get(&mut http, "/", &session));
+    assert!(
+        home.contains("id=pending-banner>1 new instrument(s) wait for approval"),
+        "{home}"
+    );
+    let page = body(&get(&mut http, "/instruments", &session));
+    assert!(page.contains("id=enrolment>Approval"), "{page}");
+    assert!(
+        page.contains("<td>PEND-01</td><td>es-plus</td><td>1</td>"),
+        "{page}"
+    );
+    assert!(page.contains("id='approve-PEND-01'"), "{page}");
+    // Without the CSRF token nothing is approved.
+    let forged = post_form(
+        &mut http,
+        "/instruments",
+        Some(&session),
+        &[("action", "approve"), ("serial", "PEND-01")],
+    );
+    assert_eq!(forged.status, 403);
+    let approved = post_form(
+        &mut http,
+        "/instruments",
+        Some(&session),
+        &[
+            ("csrf", &csrf(&page)),
+            ("action", "approve"),
+            ("serial", "PEND-01"),
+        ],
+    );
+    let answer = body(&approved);
+    assert!(answer.contains("PEND-01 is approved"), "{answer}");
+    assert!(
+        answer.contains("No instrument is waiting for approval."),
+        "{answer}"
+    );
+    // Recorded with the model its HELLO named, and audited under the administrator.
+    assert!(
+        answer.contains("<tr><td>PEND-01</td><td>es-plus</td>"),
+        "{answer}"
+    );
+    let audit = body(&get(&mut http, "/audit", &session));
+    assert!(
+        audit.contains("<td>web:root</td>") && audit.contains("instrument.approve"),
+        "{audit}"
+    );
+    let mut connection = common::connect(&server, &mut waiting);
+    assert!(!waiting.secret.is_empty());
+    connection
+        .request(
+            es_proto::incubator::Message::Ping(es_proto::incubator::pb::Ping { seq: 0 }),
+            common::TIMEOUT,
+        )
+        .unwrap();
+}

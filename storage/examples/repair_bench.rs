@@ -35,6 +35,7 @@ fn instrument(writer: &es_storage::Writer) -> u64 {
             presented_secret: Some("s".into()),
             new_secret: "s".into(),
             issued_connection_open: false,
+            enrolment: Default::default(),
             at_ms: 1,
         },
     )

@@ -8,10 +8,10 @@
 use crate::error::{HelloRefusal, ImageRefusal, StorageError, UnknownInstrument, WriteError};
 use crate::model::ChangeEntity;
 use crate::ops::{
-    AlarmInput, Applied, ConfirmInstrumentSecret, DishRegistered, DishRegistration, ImageStored,
-    ImsQueueing, ImsRemove, ImsRemoved, InstrumentAccepted, InstrumentHello, Operation, PatientRef,
-    PutImage, PutTelemetry, RegisterDish, ResetInstrumentSecret, SecretConfirmed, SecretReset,
-    TelemetrySample, TelemetryStored,
+    AlarmInput, Applied, ConfirmInstrumentSecret, DishRegistered, DishRegistration, Enrolment,
+    ImageStored, ImsQueueing, ImsRemove, ImsRemoved, InstrumentAccepted, InstrumentHello,
+    Operation, PatientRef, PutImage, PutTelemetry, RegisterDish, ResetInstrumentSecret,
+    SecretConfirmed, SecretReset, TelemetrySample, TelemetryStored,
 };
 use crate::tables::{
     self, decode, encode, AcquisitionKey, AcquisitionRow, AlarmKey, AlarmRow, ChangeRow, DishRow,
@@ -143,6 +143,7 @@ impl<'txn> Batch<'txn> {
             presented_secret,
             new_secret,
             issued_connection_open,
+            enrolment,
             at_ms,
         } = hello;
         let (presented_secret, at_ms) = (presented_secret.as_deref(), *at_ms);
@@ -151,6 +152,9 @@ impl<'txn> Batch<'txn> {
             .get(serial.as_str())?
             .map(|g| g.value())
         else {
+            if *enrolment == Enrolment::Approve {
+                return Ok(Err(WriteError::Refused(HelloRefusal::EnrolmentPending)));
+            }
             return self.instrument_create(
                 serial,
                 model,
@@ -199,10 +203,36 @@ impl<'txn> Batch<'txn> {
         presented_secret: Option<&str>,
         at_ms: i64,
     ) -> Applied<InstrumentHello> {
+        let secrets = InstrumentSecrets {
+            issued_secret_sha256: Some(tables::sha256(new_secret.as_bytes())),
+            issued_for_sha256: Some(tables::sha256(presented_secret.unwrap_or("").as_bytes())),
+        };
+        let summary = format!("instrument {serial} ({model}) first seen");
+        let instrument_id =
+            match self.instrument_insert(serial, model, firmware, secrets, at_ms, summary)? {
+                Ok(instrument_id) => instrument_id,
+                Err(message) => return Ok(Err(WriteError::InvalidInput(message))),
+            };
+        Ok(Ok(InstrumentAccepted {
+            instrument_id,
+            issued_secret: Some(new_secret.to_string()),
+        }))
+    }
+
+    /// Records a new instrument (its serial number is not known) with the given secrets:
+    /// none for one an administrator approved, so its first HELLO is issued one. Returns its
+    /// id, or why it cannot be recorded.
+    pub(crate) fn instrument_insert(
+        &mut self,
+        serial: &str,
+        model: &str,
+        firmware: &str,
+        secrets: InstrumentSecrets,
+        at_ms: i64,
+        summary: String,
+    ) -> Result<Result<u64, String>, StorageError> {
         let Ok(number) = u32::try_from(self.state.instruments + 1) else {
-            return Ok(Err(WriteError::InvalidInput(
-                "too many instruments".to_string(),
-            )));
+            return Ok(Err("too many instruments".to_string()));
         };
         let instrument_id = self.state.instrument_id_last + 1;
         let row = InstrumentRow {
@@ -214,8 +244,8 @@ impl<'txn> Batch<'txn> {
             first_seen_ms: at_ms,
             last_seen_ms: at_ms,
             secret_sha256: None,
-            issued_secret_sha256: Some(tables::sha256(new_secret.as_bytes())),
-            issued_for_sha256: Some(tables::sha256(presented_secret.unwrap_or("").as_bytes())),
+            issued_secret_sha256: secrets.issued_secret_sha256,
+            issued_for_sha256: secrets.issued_for_sha256,
         };
         insert_new(
             &mut self.instruments,
@@ -226,7 +256,6 @@ impl<'txn> Batch<'txn> {
         self.instrument_by_serial.insert(serial, instrument_id)?;
         self.state.instrument_id_last = instrument_id;
         self.state.instruments += 1;
-        let summary = format!("instrument {serial} ({model}) first seen");
         self.change(
             ChangeEntity::Instrument,
             instrument_id,
@@ -235,10 +264,7 @@ impl<'txn> Batch<'txn> {
             at_ms,
             summary,
         )?;
-        Ok(Ok(InstrumentAccepted {
-            instrument_id,
-            issued_secret: Some(new_secret.to_string()),
-        }))
+        Ok(Ok(instrument_id))
     }
 
     pub(crate) fn confirm_secret(
@@ -1104,6 +1130,13 @@ enum SecretCheck {
 
 /// Checks the presented secret (its SHA-256) against the row; on acceptance updates the row's
 /// secrets (a refusal leaves the row as it was).
+/// The secrets a new instrument row starts with.
+#[derive(Default)]
+pub(crate) struct InstrumentSecrets {
+    pub(crate) issued_secret_sha256: Option<[u8; 32]>,
+    pub(crate) issued_for_sha256: Option<[u8; 32]>,
+}
+
 fn check_secret(
     row: &mut InstrumentRow,
     presented: &[u8; 32],

@@ -193,6 +193,13 @@ pub enum HelloRefusal {
          retry once that connection is closed"
     )]
     EnrolmentInProgress,
+    /// The server enrols new instruments only when an administrator approves them
+    /// (`enrolment = approve`): this serial number waits until then.
+    #[error(
+        "this instrument is not enrolled on this server: an administrator must approve its \
+         serial number first"
+    )]
+    EnrolmentPending,
 }
 
 impl Refusal for HelloRefusal {
@@ -200,6 +207,7 @@ impl Refusal for HelloRefusal {
         match self {
             HelloRefusal::AuthFailed => "auth_failed",
             HelloRefusal::EnrolmentInProgress => "enrolment_in_progress",
+            HelloRefusal::EnrolmentPending => "enrolment_pending",
         }
     }
 }

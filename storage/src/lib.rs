@@ -64,11 +64,11 @@ pub use ops::Batch;
 pub use ops::{
     user_name, Actor, AlarmInput, AnnotationInput, ApiKeyCreate, ApiKeyRevoke, Applied,
     AuditDenied, ClinicalEdit, ConfirmInstrumentSecret, DishRegistered, DishRegistration, Edit,
-    Edited, Idempotency, ImageBytes, ImageStored, ImsQueueing, ImsRemove, ImsRemoved,
-    InstrumentAccepted, InstrumentHello, InstrumentRename, Lane, LoginAttempt, LoginRecorded,
-    OpResult, Operation, PatientRef, PutImage, PutTelemetry, RegisterDish, ResetInstrumentSecret,
-    ScoreInput, SecretConfirmed, SecretReset, TelemetrySample, TelemetryStored, UserAdd,
-    UserChange, UserUpdate, WellRegistration,
+    Edited, Enrolment, Idempotency, ImageBytes, ImageStored, ImsQueueing, ImsRemove, ImsRemoved,
+    InstrumentAccepted, InstrumentApprove, InstrumentHello, InstrumentRename, Lane, LoginAttempt,
+    LoginRecorded, OpResult, Operation, PatientRef, PutImage, PutTelemetry, RegisterDish,
+    ResetInstrumentSecret, ScoreInput, SecretConfirmed, SecretReset, TelemetrySample,
+    TelemetryStored, UserAdd, UserChange, UserUpdate, WellRegistration,
 };
 pub use reader::Reader;
 

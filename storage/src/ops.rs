@@ -125,7 +125,8 @@ pub enum Lane {
 /// last-seen are updated. The HELLO that led to an issued secret is answered with a fresh one
 /// (its HELLO_OK may have been lost), but not while the connection the secret was issued on
 /// is still open (`issued_connection_open`): then it is `HelloRefusal::EnrolmentInProgress`.
-/// A refused HELLO writes nothing.
+/// With `Enrolment::Approve` an unknown serial is `HelloRefusal::EnrolmentPending` until an
+/// administrator approves it (`InstrumentApprove`). A refused HELLO writes nothing.
 pub struct InstrumentHello {
     pub serial: String,
     pub model: String,
@@ -135,6 +136,48 @@ pub struct InstrumentHello {
     /// Another connection of this serial is open and has not confirmed the secret it was
     /// issued.
     pub issued_connection_open: bool,
+    /// Whether a serial number never seen is recorded at its first HELLO.
+    pub enrolment: Enrolment,
+    pub at_ms: i64,
+}
+
+/// How a serial number never seen before is enrolled (`[IncubatorTransport] enrolment`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Enrolment {
+    /// Recorded at its first HELLO and issued a secret.
+    #[default]
+    Open,
+    /// Refused (`enrolment_pending`) until an administrator approves the serial number.
+    Approve,
+}
+
+impl Enrolment {
+    /// The configuration value: `open` or `approve`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enrolment::Open => "open",
+            Enrolment::Approve => "approve",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Enrolment> {
+        match text {
+            "open" => Some(Enrolment::Open),
+            "approve" => Some(Enrolment::Approve),
+            _ => None,
+        }
+    }
+}
+
+/// Admin: records a serial number that has not connected yet (or waits as pending) as an
+/// instrument with no secret, so its next HELLO is accepted like a first connection and
+/// issued one. `AdminRefusal::AlreadyExists` when the serial is known. Audited.
+#[derive(Debug)]
+pub struct InstrumentApprove {
+    pub actor: Actor,
+    pub serial: String,
+    /// The model its refused HELLO named, if known (the next HELLO records its own).
+    pub model: String,
     pub at_ms: i64,
 }
 
@@ -729,6 +772,25 @@ impl Operation for ResetInstrumentSecret {
     }
 }
 
+impl Operation for InstrumentApprove {
+    type Outcome = ();
+    type Refusal = AdminRefusal;
+
+    fn validate(&self) -> Result<(), String> {
+        validate_actor(&self.actor)?;
+        text("serial", &self.serial, Required::Yes)?;
+        text("model", &self.model, Required::No)
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.instrument_approve(&self.actor, &self.serial, &self.model, self.at_ms)
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+}
+
 impl Operation for InstrumentRename {
     type Outcome = ();
     type Refusal = AdminRefusal;
@@ -1291,6 +1353,7 @@ impl fmt::Debug for InstrumentHello {
                 &self.presented_secret.as_ref().map(|_| "<redacted>"),
             )
             .field("issued_connection_open", &self.issued_connection_open)
+            .field("enrolment", &self.enrolment)
             .field("at_ms", &self.at_ms)
             .finish_non_exhaustive()
     }
@@ -1442,6 +1505,7 @@ mod tests {
             presented_secret: Some("hunter2-presented".into()),
             new_secret: "hunter2-new".into(),
             issued_connection_open: false,
+            enrolment: Default::default(),
             at_ms: 0,
         };
         let text = format!("{op:?}");

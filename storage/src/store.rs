@@ -654,6 +654,7 @@ mod tests {
                     presented_secret: None,
                     new_secret: "x".into(),
                     issued_connection_open: false,
+                    enrolment: Default::default(),
                     at_ms: 1,
                 })
                 .unwrap()

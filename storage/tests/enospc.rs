@@ -139,6 +139,7 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
             presented_secret: None,
             new_secret: "secret".into(),
             issued_connection_open: false,
+            enrolment: Default::default(),
             at_ms: T0,
         },
     ) {

@@ -48,6 +48,7 @@ fn hello_op(
         presented_secret: presented.map(Into::into),
         new_secret: new_secret.into(),
         issued_connection_open: false,
+        enrolment: Default::default(),
         at_ms,
     }
 }
@@ -511,6 +512,95 @@ fn instrument_secret_issue_accept_refuse_reset() {
     let instruments = store.read().unwrap().instruments().unwrap();
     assert_eq!(instruments.len(), 1);
     assert_eq!(instruments[0].serial, "SN-7");
+    writer.shutdown();
+}
+
+#[test]
+fn approve_enrolment_refuses_unknown_serials_until_an_administrator_approves_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let writer = store.start_writer(WriterOptions::default());
+    // A known instrument keeps connecting when the server switches to approval.
+    let known = hello(&writer, "SN-KNOWN");
+    let approve = |mut op: InstrumentHello| {
+        op.enrolment = Enrolment::Approve;
+        op
+    };
+    let again = write(
+        &writer,
+        approve(hello_op("SN-KNOWN", Some("secret-SN-KNOWN"), "s-x", T0 + 1)),
+    );
+    assert_eq!(
+        again,
+        Ok(InstrumentAccepted {
+            instrument_id: known,
+            issued_secret: None
+        })
+    );
+    // A new serial number is refused, whatever secret it presents, and nothing is stored.
+    let changes_before = store.read().unwrap().last_change_seq().unwrap();
+    for presented in [None, Some("guess")] {
+        let refused = write(
+            &writer,
+            approve(hello_op("SN-NEW", presented, "s-new", T0 + 2)),
+        );
+        assert_eq!(
+            refused,
+            Err(WriteError::Refused(HelloRefusal::EnrolmentPending))
+        );
+        assert_eq!(refused.unwrap_err().code(), "enrolment_pending");
+    }
+    let reader = store.read().unwrap();
+    assert_eq!(reader.instruments().unwrap().len(), 1);
+    assert_eq!(reader.last_change_seq().unwrap(), changes_before);
+    drop(reader);
+
+    let actor = Actor {
+        user: "web:admin".into(),
+        computer: "web 127.0.0.1".into(),
+    };
+    let approve_op = |serial: &str| InstrumentApprove {
+        actor: actor.clone(),
+        serial: serial.into(),
+        model: "EmbryoScope+".into(),
+        at_ms: T0 + 3,
+    };
+    write(&writer, approve_op("SN-NEW")).unwrap();
+    let twice = write(&writer, approve_op("SN-NEW"));
+    assert_eq!(twice.unwrap_err().code(), "already_exists");
+    let audit_seq = store.read().unwrap().last_audit_seq().unwrap();
+    let audit = store
+        .read()
+        .unwrap()
+        .audit_after(audit_seq - 1, 10)
+        .unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].action, "instrument.approve");
+    assert_eq!(audit[0].user, "web:admin");
+    assert_eq!(audit[0].target, "SN-NEW");
+
+    // Its first HELLO is issued a secret, like a first connection; then it is an
+    // instrument like any other.
+    let first = write(
+        &writer,
+        approve(hello_op("SN-NEW", None, "s-issued", T0 + 4)),
+    )
+    .unwrap();
+    assert_eq!(first.issued_secret.as_deref(), Some("s-issued"));
+    let confirmed = write(
+        &writer,
+        approve(hello_op("SN-NEW", Some("s-issued"), "s-y", T0 + 5)),
+    )
+    .unwrap();
+    assert_eq!(confirmed.issued_secret, None);
+    assert_eq!(confirmed.instrument_id, first.instrument_id);
+    let record = store
+        .read()
+        .unwrap()
+        .instrument_by_serial("SN-NEW")
+        .unwrap()
+        .unwrap();
+    assert_eq!((record.number, record.model.as_str()), (2, "EmbryoScope+"));
     writer.shutdown();
 }
 

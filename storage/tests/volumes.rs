@@ -31,6 +31,7 @@ fn setup(writer: &Writer) -> u64 {
             presented_secret: None,
             new_secret: "s".into(),
             issued_connection_open: false,
+            enrolment: Default::default(),
             at_ms: T0,
         },
     ) {

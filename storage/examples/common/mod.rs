@@ -16,6 +16,7 @@ pub fn instrument_with_dish(writer: &Writer, serial: &str, dish_id: &str, wells:
             presented_secret: None,
             new_secret: "s".into(),
             issued_connection_open: false,
+            enrolment: Default::default(),
             at_ms: 1,
         })
         .expect("instrument")

@@ -16,8 +16,8 @@ use crate::model::{
 };
 use crate::ops::{
     Actor, AnnotationInput, ApiKeyCreate, ApiKeyRevoke, Applied, AuditDenied, ClinicalEdit, Edit,
-    Edited, Idempotency, InstrumentRename, LoginAttempt, LoginRecorded, PatientRef, UserAdd,
-    UserChange, UserUpdate,
+    Edited, Idempotency, InstrumentApprove, InstrumentRename, LoginAttempt, LoginRecorded,
+    PatientRef, UserAdd, UserChange, UserUpdate,
 };
 use crate::tables::{
     decode, encode, AnnotationRow, ApiKeyRow, AuditRow, DishRow, EmbryoRow, IdempotencyRow,
@@ -610,6 +610,39 @@ impl Batch<'_> {
     }
 
     // ---------------------------------------------------------------- instruments
+
+    pub(crate) fn instrument_approve(
+        &mut self,
+        actor: &Actor,
+        serial: &str,
+        model: &str,
+        at_ms: i64,
+    ) -> Applied<InstrumentApprove> {
+        if self.instrument_by_serial.get(serial)?.is_some() {
+            return Ok(Err(WriteError::Refused(AdminRefusal::AlreadyExists(
+                format!("instrument {serial} is already enrolled"),
+            ))));
+        }
+        let summary = format!("instrument {serial} approved by {}", actor.user);
+        // No secret: its first HELLO is issued one, like a first connection.
+        let secrets = super::InstrumentSecrets::default();
+        if let Err(message) = self.instrument_insert(serial, model, "", secrets, at_ms, summary)? {
+            return Ok(Err(WriteError::InvalidInput(message)));
+        }
+        self.audit_row(
+            Audit {
+                actor,
+                action: "instrument.approve",
+                entity: ChangeEntity::Instrument,
+                target: serial,
+                outcome: AuditOutcome::Applied,
+                before: String::new(),
+                after: json!({ "serial": serial, "model": model }).to_string(),
+            },
+            at_ms,
+        )?;
+        Ok(Ok(()))
+    }
 
     pub(crate) fn instrument_rename(
         &mut self,

@@ -52,11 +52,15 @@ pub enum ErrorCode {
     /// not confirmed yet (by a request or a HELLO presenting it); no other secret is issued
     /// while that connection is open. Retry after a backoff.
     EnrolmentInProgress = 21,
+    /// Answer to HELLO: the server enrols new instruments only once an administrator
+    /// approved their serial number, and this one is not yet; nothing was stored. Retry
+    /// after a backoff (the administrator sees it as pending).
+    EnrolmentPending = 22,
 }
 
 impl ErrorCode {
     /// Every code, ascending.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::MalformedFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnknownMessageType,
@@ -78,6 +82,7 @@ impl ErrorCode {
         ErrorCode::UnexpectedMessage,
         ErrorCode::CapacityExceeded,
         ErrorCode::EnrolmentInProgress,
+        ErrorCode::EnrolmentPending,
     ];
 
     /// The number on the wire (ERROR.code).
@@ -109,6 +114,7 @@ impl ErrorCode {
             ErrorCode::UnexpectedMessage => "unexpected_message",
             ErrorCode::CapacityExceeded => "capacity_exceeded",
             ErrorCode::EnrolmentInProgress => "enrolment_in_progress",
+            ErrorCode::EnrolmentPending => "enrolment_pending",
         }
     }
 
@@ -141,6 +147,7 @@ impl ErrorCode {
                 | ErrorCode::UnexpectedMessage
                 | ErrorCode::CapacityExceeded
                 | ErrorCode::EnrolmentInProgress
+                | ErrorCode::EnrolmentPending
         )
     }
 }
@@ -173,7 +180,8 @@ mod tests {
             assert_eq!(ErrorCode::from_name(code.name()), Some(code));
         }
         assert_eq!(ErrorCode::from_code(0), None);
-        assert_eq!(ErrorCode::from_code(22), None);
+        assert_eq!(ErrorCode::from_code(23), None);
+        assert_eq!(ErrorCode::EnrolmentPending.code(), 22);
         assert_eq!(ErrorCode::EnrolmentInProgress.code(), 21);
         assert_eq!(ErrorCode::ImageConflict.code(), 7);
         assert_eq!(ErrorCode::UnexpectedMessage.name(), "unexpected_message");
@@ -188,7 +196,7 @@ mod tests {
             .collect();
         assert_eq!(
             closing,
-            vec![1, 2, 3, 4, 5, 6, 11, 14, 15, 16, 17, 19, 20, 21]
+            vec![1, 2, 3, 4, 5, 6, 11, 14, 15, 16, 17, 19, 20, 21, 22]
         );
     }
 
