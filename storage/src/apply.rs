@@ -41,6 +41,7 @@ pub struct Batch<'txn> {
     embryo_by_id: Table<'txn, &'static str, WellKey>,
     embryo_by_key: Table<'txn, u64, WellKey>,
     acquisitions: Rows<'txn, AcquisitionKey>,
+    instrument_days: Rows<'txn, (u64, u32)>,
     volume_rows: Rows<'txn, u32>,
     /// Where the batch's image records go, and the volumes to read stored ones from.
     appender: &'txn mut Appender,
@@ -87,6 +88,7 @@ impl<'txn> Batch<'txn> {
             embryo_by_id: txn.open_table(tables::EMBRYO_BY_ID)?,
             embryo_by_key: txn.open_table(tables::EMBRYO_BY_KEY)?,
             acquisitions: txn.open_table(tables::ACQUISITIONS)?,
+            instrument_days: txn.open_table(tables::INSTRUMENT_DAYS)?,
             volume_rows: txn.open_table(tables::VOLUMES)?,
             appender,
             volumes,
@@ -729,6 +731,7 @@ impl<'txn> Batch<'txn> {
         }
         self.state.images += 1;
         self.state.image_bytes += jpeg.len() as u64;
+        self.count_instrument_day(image.instrument_id, jpeg.len() as u64, at_ms)?;
         if created {
             self.state.acquisitions += 1;
             // No summary text: one of these is logged per acquisition, about 90 bytes each
@@ -743,6 +746,25 @@ impl<'txn> Batch<'txn> {
             )?;
         }
         Ok(Ok(ImageStored { duplicate: false }))
+    }
+
+    /// Counts one new image of `instrument_id` stored at `at_ms` in its day's row.
+    fn count_instrument_day(
+        &mut self,
+        instrument_id: u64,
+        jpeg_bytes: u64,
+        at_ms: i64,
+    ) -> Result<(), StorageError> {
+        let key = (instrument_id, tables::day_of(at_ms));
+        let mut day: tables::InstrumentDayRow = match self.instrument_days.get(key)? {
+            Some(bytes) => decode(bytes.value(), "instrument day")?,
+            None => tables::InstrumentDayRow::default(),
+        };
+        day.images += 1;
+        day.image_bytes += jpeg_bytes;
+        day.last_image_ms = day.last_image_ms.max(at_ms);
+        self.instrument_days.insert(key, encode(&day).as_slice())?;
+        Ok(())
     }
 
     /// What is stored at `location` for `key`: read back from the batch's pending records or

@@ -54,9 +54,9 @@ pub use migrate::{fixture_jpeg, write_v1_fixture, write_v4_fixture, FixtureImage
 pub use model::{
     AcquisitionRecord, AcquisitionSync, AnnotationRecord, AnnotationSource, ApiKeyRecord, ApiScope,
     AuditOutcome, AuditRecord, Change, ChangeEntity, DishRecord, DishSyncState, EmbryoRecord, Fate,
-    Frame, FrameChunk, InstrumentRecord, PatientRecord, PatientSummary, Rights, ScoreRecord,
-    StoreStats, TableSpace, TransferOutcome, TransferRecord, TreatmentRecord, UserRecord,
-    VerifyProgress, VerifyReport, WellSync,
+    Frame, FrameChunk, InstrumentActivity, InstrumentRecord, PatientRecord, PatientSummary, Rights,
+    ScoreRecord, StoreStats, TableSpace, TransferOutcome, TransferRecord, TreatmentRecord,
+    UserRecord, VerifyProgress, VerifyReport, WellSync,
 };
 /// The writer's open transaction, as `Operation::apply` receives it: opaque outside this crate.
 #[doc(hidden)]

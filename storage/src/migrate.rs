@@ -24,10 +24,64 @@ pub(crate) fn step(txn: &WriteTransaction, from: u64) -> Result<(), StorageError
         4 => v4_to_v5(txn),
         5 => v5_to_v6(txn),
         6 => v6_to_v7(txn),
+        7 => v7_to_v8(txn),
         _ => Err(StorageError::Corrupt(format!(
             "no migration from schema version {from}"
         ))),
     }
+}
+
+/// Version 8 adds `instrument_days` (created empty by `tables::create_all`) and fills it from
+/// the image index, one pass over `acquisitions`: each acquisition's planes count on the day
+/// its first plane was stored, with that time as their last (the index keeps no per-plane
+/// time), and each plane's JPEG bytes are its record's length less the record header.
+fn v7_to_v8(txn: &WriteTransaction) -> Result<(), StorageError> {
+    use crate::tables::{day_of, InstrumentDayRow};
+    let acquisitions = txn.open_table(tables::ACQUISITIONS)?;
+    let dishes = txn.open_table(tables::DISHES)?;
+    let mut instrument_of: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut days: std::collections::BTreeMap<(u64, u32), InstrumentDayRow> =
+        std::collections::BTreeMap::new();
+    let mut rows = 0u64;
+    for entry in acquisitions.iter()? {
+        let (key, value) = entry?;
+        let (dish_key, _, _) = key.value();
+        let row = tables::AcquisitionRow::decode(value.value())?;
+        let (instrument_id, header_bytes) = match instrument_of.get(&dish_key) {
+            Some(known) => *known,
+            None => {
+                let Some(dish) = dishes.get(dish_key)? else {
+                    continue;
+                };
+                let dish: tables::DishRow = decode(dish.value(), "dish")?;
+                let known = (
+                    dish.instrument_id,
+                    (crate::volume::HEADER_FIXED_BYTES + dish.dish_id.len()) as u64,
+                );
+                instrument_of.insert(dish_key, known);
+                known
+            }
+        };
+        let day = days
+            .entry((instrument_id, day_of(row.first_stored_at_ms)))
+            .or_default();
+        for plane in &row.planes {
+            day.images += 1;
+            day.image_bytes += u64::from(plane.location.length).saturating_sub(header_bytes);
+        }
+        day.last_image_ms = day.last_image_ms.max(row.first_stored_at_ms);
+        rows += 1;
+    }
+    let mut table = txn.open_table(tables::INSTRUMENT_DAYS)?;
+    for (key, day) in &days {
+        table.insert(key, encode(day).as_slice())?;
+    }
+    tracing::info!(
+        acquisitions = rows,
+        rows = days.len(),
+        "counted the stored images per instrument and day (for the dashboard)"
+    );
+    Ok(())
 }
 
 /// Version 7 adds `login_failures` (created empty by `tables::create_all`): failed logins are

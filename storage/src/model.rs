@@ -14,6 +14,20 @@ pub struct InstrumentRecord {
     pub last_seen_ms: i64,
 }
 
+/// The images an instrument delivered, from `instrument_days` (see `Reader::activity`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct InstrumentActivity {
+    pub instrument_id: u64,
+    /// When its latest image was stored; 0 if none ever was.
+    pub last_image_ms: i64,
+    /// Its images and JPEG bytes stored on the UTC day asked for.
+    pub images_today: u64,
+    pub image_bytes_today: u64,
+    /// Images and JPEG bytes of each of the `days` UTC days before that day, oldest first,
+    /// from the first day it delivered one (fewer entries for a newer instrument).
+    pub days_before: Vec<(u64, u64)>,
+}
+
 /// What the server holds for one dish, so an incubator can send only what is missing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DishSyncState {

@@ -6,8 +6,8 @@ use crate::error::StorageError;
 use crate::ims::{severity_name, AlarmRecord, ImsQueueStats, ImsRecord, ImsRecordBody};
 use crate::limits;
 use crate::model::{
-    AcquisitionSync, Change, ChangeEntity, DishSyncState, InstrumentRecord, PatientSummary,
-    StoreStats, TableSpace, WellSync,
+    AcquisitionSync, Change, ChangeEntity, DishSyncState, InstrumentActivity, InstrumentRecord,
+    PatientSummary, StoreStats, TableSpace, WellSync,
 };
 use crate::tables::{
     self, decode, AcquisitionRow, ChangeRow, EmbryoRow, ImageKey, ImageValue, InstrumentRow,
@@ -86,6 +86,46 @@ impl Reader {
             let (key, value) = entry?;
             let row: InstrumentRow = decode(value.value(), "instrument")?;
             out.push(instrument_record(key.value(), row));
+        }
+        Ok(out)
+    }
+
+    /// Each instrument's images: the latest one's time, those stored on UTC day `today`
+    /// (`tables::day_of`) and on each of the `days` days before it. A few rows per instrument.
+    pub fn activity(&self, today: u32, days: u32) -> Result<Vec<InstrumentActivity>, StorageError> {
+        let instruments = self.txn.open_table(tables::INSTRUMENTS)?;
+        let table = self.txn.open_table(tables::INSTRUMENT_DAYS)?;
+        let mut out = Vec::new();
+        for entry in instruments.range::<u64>(..)? {
+            let instrument_id = entry?.0.value();
+            let mut activity = InstrumentActivity {
+                instrument_id,
+                ..InstrumentActivity::default()
+            };
+            let all = (instrument_id, 0)..=(instrument_id, u32::MAX);
+            if let Some(last) = table.range(all)?.next_back() {
+                let row: tables::InstrumentDayRow = decode(last?.1.value(), "instrument day")?;
+                activity.last_image_ms = row.last_image_ms;
+            }
+            let first = today.saturating_sub(days);
+            let mut first_seen: Option<u32> = None;
+            let mut by_day = vec![(0u64, 0u64); (today - first) as usize];
+            for entry in table.range((instrument_id, first)..=(instrument_id, today))? {
+                let (key, value) = entry?;
+                let day = key.value().1;
+                let row: tables::InstrumentDayRow = decode(value.value(), "instrument day")?;
+                if day == today {
+                    activity.images_today = row.images;
+                    activity.image_bytes_today = row.image_bytes;
+                } else {
+                    first_seen.get_or_insert(day);
+                    by_day[(day - first) as usize] = (row.images, row.image_bytes);
+                }
+            }
+            if let Some(from) = first_seen {
+                activity.days_before = by_day.split_off((from - first) as usize);
+            }
+            out.push(activity);
         }
         Ok(out)
     }

@@ -713,6 +713,8 @@ mod tests {
                     rows.insert(key, bytes.as_slice()).unwrap();
                 }
             }
+            // Version 5 had no per-day counts.
+            assert!(txn.delete_table(tables::INSTRUMENT_DAYS).unwrap());
             txn.commit().unwrap();
         }
         set_schema_version_for_tests(dir.path(), 5).unwrap();
@@ -734,12 +736,23 @@ mod tests {
                 .collect();
             assert_eq!(acquisitions.len(), 2);
             assert_eq!(acquisitions[0].summary, "new acquisition of embryo E1");
+            // Version 8's migration counted the images per instrument and day.
+            let activity = reader.activity(tables::day_of(1_000), 7).unwrap();
+            assert_eq!(activity.len(), 1);
+            assert_eq!(activity[0].images_today, 10);
+            let jpeg_bytes: usize = (1..=2)
+                .flat_map(|well| (-2..=2).map(move |plane| jpeg(well, plane).len()))
+                .sum();
+            assert_eq!(activity[0].image_bytes_today, jpeg_bytes as u64);
+            assert_eq!(activity[0].last_image_ms, 1_000);
         }
         assert!(store.verify(&mut |_| {}).unwrap().is_clean());
         let writer = store.start_writer(WriterOptions::default());
         writer.write(put(instrument_id, 1, 3, 1_000)).unwrap();
         writer.shutdown();
         let reader = store.read().unwrap();
+        let activity = reader.activity(tables::day_of(1_000), 7).unwrap();
+        assert_eq!(activity[0].images_today, 11);
         assert_eq!(
             reader.image(instrument_id, "D1", 1, 3, 1_000).unwrap(),
             Some(jpeg(1, 3))

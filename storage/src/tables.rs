@@ -19,7 +19,7 @@ use redb::TableDefinition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The schema version this binary writes and reads. See the module documentation.
-pub const SCHEMA_VERSION: u64 = 7;
+pub const SCHEMA_VERSION: u64 = 8;
 
 /// `meta`: name -> bytes. Rows: [`META_SCHEMA_VERSION`] (u64 LE), [`META_SERVER_ID`] (UTF-8,
 /// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]), [`META_IMS`] (postcard
@@ -136,6 +136,13 @@ pub const IMS_QUEUE: TableDefinition<u64, &[u8]> = TableDefinition::new("ims_que
 /// instrument reported, kept locally; a resend is stored once, a clear updates the row.
 pub const IMS_ALARMS: TableDefinition<AlarmKey, &[u8]> = TableDefinition::new("ims_alarms");
 
+/// `instrument_days`: (instrument_id, UTC day number since 1970-01-01) ->
+/// [`InstrumentDayRow`]: the images an instrument delivered that day (since version 8), for
+/// the dashboard's "last image", "images today" and the storage growth per day. Written in
+/// the transaction that stores the images; a resend stored once counts once.
+pub const INSTRUMENT_DAYS: TableDefinition<(u64, u32), &[u8]> =
+    TableDefinition::new("instrument_days");
+
 /// `changes`: change seq (gapless from [`StateRow::change_oldest_seq`] to
 /// [`StateRow::change_last_seq`]) -> [`ChangeRow`].
 pub const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
@@ -152,7 +159,7 @@ pub type TelemetryKey = (u64, &'static str, i64);
 pub type AlarmKey = (u64, &'static str, i64);
 
 /// The names of every table, for tooling and for the "create all tables on open" step.
-pub const TABLE_NAMES: [&str; 28] = [
+pub const TABLE_NAMES: [&str; 30] = [
     "meta",
     "instruments",
     "instrument_by_serial",
@@ -181,6 +188,8 @@ pub const TABLE_NAMES: [&str; 28] = [
     "idempotency_by_age",
     "ims_queue",
     "ims_alarms",
+    "login_failures",
+    "instrument_days",
 ];
 
 /// Creates every table that does not exist yet, so read transactions never miss one.
@@ -214,6 +223,7 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), StorageErro
     txn.open_table(IMS_QUEUE)?;
     txn.open_table(IMS_ALARMS)?;
     txn.open_table(LOGIN_FAILURES)?;
+    txn.open_table(INSTRUMENT_DAYS)?;
     Ok(())
 }
 
@@ -309,6 +319,21 @@ pub struct InstrumentRow {
     /// it stays acceptable until the issued one is confirmed, so a lost HELLO_OK cannot
     /// lock the instrument out (docs/protocol/incubator.md, section 6.2).
     pub issued_for_sha256: Option<[u8; 32]>,
+}
+
+/// One instrument's images of one UTC day, in [`INSTRUMENT_DAYS`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstrumentDayRow {
+    pub images: u64,
+    /// JPEG bytes.
+    pub image_bytes: u64,
+    /// When the latest of them was stored.
+    pub last_image_ms: i64,
+}
+
+/// The UTC day number (days since 1970-01-01) of a Unix time in milliseconds; 0 before 1970.
+pub fn day_of(at_ms: i64) -> u32 {
+    u32::try_from(at_ms.div_euclid(86_400_000).max(0)).unwrap_or(u32::MAX)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

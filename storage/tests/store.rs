@@ -349,6 +349,71 @@ fn idempotent_re_put() {
     writer.shutdown();
 }
 
+/// Each instrument's images are counted per UTC day as they are stored: a resend stored once
+/// counts once, a refused one not at all; the dashboard reads the latest time, today's
+/// count and the days before.
+#[test]
+fn images_are_counted_per_instrument_and_day() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let other = hello(&writer, "SN-2");
+    const DAY_MS: i64 = 86_400_000;
+    // T0 is 2023-11-14 22:13 UTC: two images that day, three the next.
+    let day0 = es_storage::tables::day_of(T0);
+    for (n, at) in [
+        T0,
+        T0 + 60_000,
+        T0 + DAY_MS,
+        T0 + DAY_MS + 1,
+        T0 + DAY_MS + 2,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        write(
+            &writer,
+            image_op(instrument_id, 1, n as i32, at, jpeg(n as u32, 100)),
+        )
+        .unwrap();
+    }
+    // A resend is a duplicate; a conflicting one is refused: neither counts.
+    let resend = write(&writer, image_op(instrument_id, 1, 0, T0, jpeg(0, 100))).unwrap();
+    assert!(resend.duplicate);
+    let conflict = write(&writer, image_op(instrument_id, 1, 0, T0, jpeg(9, 100)));
+    assert!(conflict.is_err());
+    let activity = store.read().unwrap().activity(day0 + 1, 7).unwrap();
+    assert_eq!(activity.len(), 2);
+    let mine = &activity[0];
+    assert_eq!(mine.instrument_id, instrument_id);
+    assert_eq!(mine.images_today, 3);
+    assert_eq!(
+        mine.image_bytes_today,
+        3 * 104,
+        "JPEG bytes: 100 and the markers"
+    );
+    // `image_op` stores each image a second after its acquisition.
+    assert_eq!(mine.last_image_ms, T0 + DAY_MS + 2 + 1000);
+    assert_eq!(
+        mine.days_before,
+        vec![(2, 208)],
+        "only days it delivered on, from the first"
+    );
+    // Another instrument that sent nothing.
+    assert_eq!(activity[1].instrument_id, other);
+    assert_eq!(
+        (activity[1].images_today, activity[1].last_image_ms),
+        (0, 0)
+    );
+    assert!(activity[1].days_before.is_empty());
+    // A day later nothing arrived: today is 0, the two days before are counted.
+    let later = store.read().unwrap().activity(day0 + 2, 7).unwrap();
+    assert_eq!(later[0].images_today, 0);
+    assert_eq!(later[0].days_before, vec![(2, 208), (3, 312)]);
+    assert_eq!(later[0].last_image_ms, T0 + DAY_MS + 2 + 1000);
+    writer.shutdown();
+}
+
 #[test]
 fn conflict_keeps_the_original_bytes() {
     let dir = tempfile::tempdir().unwrap();
