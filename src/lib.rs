@@ -22,6 +22,7 @@ pub mod os;
 pub mod server;
 pub mod viewer;
 pub mod viewer_tool;
+pub mod warnings;
 pub mod web;
 pub mod workers;
 

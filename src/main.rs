@@ -424,11 +424,20 @@ fn init_logging(level: &str) -> Result<(), String> {
         format!("unknown log level {level:?}; use error, warn, info, debug or trace")
     })?;
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_max_level(level)
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
+        .with_filter(LevelFilter::from_level(level));
+    // The web interface's Warnings page: WARN and ERROR, whatever the log level.
+    let warnings = esserver::warnings::layer().with_filter(LevelFilter::WARN);
+    tracing_subscriber::registry()
+        .with(log)
+        .with(warnings)
         .init();
     Ok(())
 }

@@ -288,6 +288,7 @@ fn start_services(
         data_dir: data_dir.clone(),
         certificate_sha256,
         enrolment: config.incubator.enrolment,
+        reserve_bytes: config.storage.reserve_bytes,
     }));
     let web_tls = if config.web_tls {
         Some(listener_tls("web", &config.web, &tls)?)

@@ -43,6 +43,8 @@ pub struct WebContext {
     pub certificate_sha256: Option<String>,
     /// How new instruments are enrolled (`[IncubatorTransport] enrolment`).
     pub enrolment: es_storage::Enrolment,
+    /// `[Storage] reserve_bytes`: writes are refused below this much free space.
+    pub reserve_bytes: u64,
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -119,7 +121,7 @@ fn page(shared: &ApiShared, title: &str, user: Option<(&str, &str)>, body: &str)
     };
     let nav = match user {
         Some((name, csrf)) => format!(
-            "<nav><a href='/'>Status</a> <a href='/license'>Licence</a> <a href='/instruments'>Instruments</a> <a href='/users'>Users</a> <a href='/audit'>Audit trail</a> <span class=who>{}</span> \
+            "<nav><a href='/'>Status</a> <a href='/license'>Licence</a> <a href='/instruments'>Instruments</a> <a href='/users'>Users</a> <a href='/audit'>Audit trail</a> <a href='/warnings'>Warnings</a> <span class=who>{}</span> \
              <form method=post action='/logout' class=inline><input type=hidden name=csrf value='{csrf}'>\
              <button id=logout>Log out</button></form></nav>",
             escape(name)
@@ -389,6 +391,7 @@ pub(crate) fn handle(
         "/instruments" => instruments_page(shared, &user, &csrf, ""),
         "/users" => users_page(shared, &user, &csrf, ""),
         "/audit" => audit_page(shared, &user, &csrf, request.query_param("after")),
+        "/warnings" => warnings_page(shared, &user, &csrf, request.query_param("skip")),
         _ => html(
             404,
             page(
@@ -604,21 +607,116 @@ fn metrics(shared: &ApiShared) -> Response {
 }
 
 /// " of 500.0 GB (12 % used)" for the data directory's disk, or nothing when unknown.
-fn disk_total_text(shared: &ApiShared, free: u64) -> String {
-    let Some(web) = &shared.web else {
-        return String::new();
-    };
-    match crate::os::disk_total_bytes(&web.data_dir) {
-        Ok(total) if total > 0 => format!(
-            " of {:.1} GB ({:.0} % used)",
-            total as f64 / 1e9,
-            100.0 * (1.0 - free.min(total) as f64 / total as f64)
-        ),
-        _ => String::new(),
-    }
-}
-
 const MIB: f64 = 1024.0 * 1024.0;
+const GIB: f64 = 1024.0 * MIB;
+
+/// Days of image growth averaged for the storage card.
+const GROWTH_DAYS: u32 = 7;
+
+/// Stored data, the disk (used of total, free, the reserve) and how fast it fills: the growth
+/// per day measured over the last days, the growth the capacity model expects of the
+/// instruments enrolled, and the days left at each. Sizes in binary units (GiB), as the
+/// reserve and the cache are set.
+fn storage_card(shared: &ApiShared, now: i64) -> String {
+    use es_perf::catalog::DeviceModel;
+    let mut out = String::from("<h2>Storage</h2>");
+    let read = shared.store.read().and_then(|r| {
+        Ok((
+            r.stats()?,
+            r.instruments()?,
+            r.activity(es_storage::tables::day_of(now), GROWTH_DAYS)?,
+        ))
+    });
+    let (stats, instruments, activity) = match read {
+        Ok(read) => read,
+        Err(error) => return out + &storage_unavailable(&error),
+    };
+    let free = shared.disk.free_bytes();
+    let reserve = shared.web.as_ref().map_or(0, |web| web.reserve_bytes);
+    let total = shared
+        .web
+        .as_ref()
+        .and_then(|web| crate::os::disk_total_bytes(&web.data_dir).ok())
+        .filter(|total| *total > 0);
+    let disk = match total {
+        Some(total) => format!(
+            "{:.1} GiB used of {:.1} GiB ({:.0} %); {:.1} GiB free",
+            total.saturating_sub(free) as f64 / GIB,
+            total as f64 / GIB,
+            100.0 * (1.0 - free.min(total) as f64 / total as f64),
+            free as f64 / GIB
+        ),
+        None => format!("{:.1} GiB free", free as f64 / GIB),
+    };
+    // Measured: the bytes of the days before today on which anything arrived, from the
+    // first such day; with none yet, today's so far, per day elapsed.
+    let mut per_day = vec![0u64; GROWTH_DAYS as usize];
+    let mut days_counted = 0usize;
+    for a in &activity {
+        let offset = per_day.len() - a.days_before.len();
+        for (n, (_, bytes)) in a.days_before.iter().enumerate() {
+            per_day[offset + n] += bytes;
+        }
+        days_counted = days_counted.max(a.days_before.len());
+    }
+    let today_bytes: u64 = activity.iter().map(|a| a.image_bytes_today).sum();
+    let measured = if days_counted > 0 {
+        Some((
+            per_day.iter().sum::<u64>() as f64 / days_counted as f64,
+            format!("mean of the last {days_counted} day(s)"),
+        ))
+    } else if today_bytes > 0 {
+        let elapsed_days = (now.rem_euclid(86_400_000) as f64 / 86_400_000.0).max(1.0 / 24.0);
+        Some((
+            today_bytes as f64 / elapsed_days,
+            "today so far".to_string(),
+        ))
+    } else {
+        None
+    };
+    let mut devices: Vec<(DeviceModel, u32)> = Vec::new();
+    for i in &instruments {
+        let model = i.model.parse().unwrap_or(DeviceModel::EmbryoScope8);
+        match devices.iter_mut().find(|(m, _)| *m == model) {
+            Some((_, n)) => *n += 1,
+            None => devices.push((model, 1)),
+        }
+    }
+    let expected = es_perf::capacity::estimate(&devices).bytes_per_day as f64;
+    let usable = free.saturating_sub(reserve) as f64;
+    let days_left = |per_day: f64| {
+        if per_day > 0.0 {
+            format!("{:.0} days left", usable / per_day)
+        } else {
+            "-".to_string()
+        }
+    };
+    let growth = match &measured {
+        Some((bytes, how)) => format!("{:.2} GiB/day ({how}); {}", bytes / GIB, days_left(*bytes)),
+        None => "no images stored in the last days".to_string(),
+    };
+    let _ = write!(
+        out,
+        "<table id=storage><tr><td>Patients</td><td>{}</td></tr><tr><td>Embryos</td><td>{}</td></tr>\
+         <tr><td>Images</td><td>{}</td></tr><tr><td>Image data</td><td>{:.2} GiB</td></tr>\
+         <tr><td>Disk</td><td id=disk{}>{disk}{}</td></tr>\
+         <tr><td>Reserve</td><td>{:.1} GiB kept free: uploads are refused below it</td></tr>\
+         <tr><td>Growth, measured</td><td id=growth>{growth}</td></tr>\
+         <tr><td>Growth, expected</td><td id=growth-expected>{:.1} GiB/day for the {} instrument(s) enrolled, \
+         every position cultured (capacity model); {}</td></tr></table>",
+        stats.patients,
+        stats.embryos,
+        stats.images,
+        stats.image_bytes as f64 / GIB,
+        if shared.disk.is_low() { " class=err" } else { "" },
+        if shared.disk.is_low() { " (LOW: writes refused)" } else { "" },
+        reserve as f64 / GIB,
+        expected / GIB,
+        instruments.len(),
+        days_left(expected),
+    );
+    out
+}
 
 /// A licence expiring within this is flagged on the status page.
 const EXPIRY_WARNING_MS: i64 = 30 * 86_400_000;
@@ -699,45 +797,9 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
             );
         }
     }
-    body.push_str("<h2>Incubators</h2><table id=incubators><tr><th>Serial</th><th>Model</th><th>State</th><th>Address</th><th>Since</th><th>Images on this connection</th></tr>");
+    body.push_str("<h2>Incubators</h2>");
     if let Some(web) = &shared.web {
-        let connected = web.registry.snapshot();
-        // Every instrument ever seen: a disconnected one stays listed, with when it was
-        // last seen, so an administrator notices it is gone.
-        let known = shared
-            .store
-            .read()
-            .and_then(|r| r.instruments())
-            .unwrap_or_default();
-        if connected.is_empty() && known.is_empty() {
-            body.push_str(
-                "<tr><td colspan=6 class=empty>No incubator has connected yet.</td></tr>",
-            );
-        }
-        for c in &connected {
-            let _ = write!(
-                body,
-                "<tr><td>{}</td><td>{}</td><td class=ok>connected</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                escape(&c.serial),
-                escape(&c.model),
-                escape(&c.peer),
-                escape(&time_text(c.connected_at_ms)),
-                c.images
-            );
-        }
-        for i in known
-            .iter()
-            .filter(|i| !connected.iter().any(|c| c.serial == i.serial))
-        {
-            let _ = write!(
-                body,
-                "<tr><td>{}</td><td>{}</td><td class=err>disconnected</td><td></td><td>last connected {}</td><td></td></tr>",
-                escape(&i.serial),
-                escape(&i.model),
-                escape(&time_text(i.last_seen_ms)),
-            );
-        }
-        body.push_str("</table>");
+        body.push_str(&incubators_table(shared, web, now));
         let refusals = web.registry.refusals();
         if !refusals.is_empty() {
             body.push_str("<h3>Refused incubator connections (since the start)</h3><table id=refused><tr><th>Serial</th><th>Times</th><th>Latest reason</th><th>From</th><th>When</th></tr>");
@@ -781,28 +843,9 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
         }
         body.push_str("</table>");
         body.push_str(&ims_panel(shared, web, csrf, now));
-    } else {
-        body.push_str("</table>");
+        body.push_str(&warnings_card());
     }
-    body.push_str("<h2>Storage</h2>");
-    match shared.store.read().and_then(|r| r.stats()) {
-        Ok(stats) => {
-            let _ = write!(
-                body,
-                "<table id=storage><tr><td>Patients</td><td>{}</td></tr><tr><td>Embryos</td><td>{}</td></tr>\
-                 <tr><td>Images</td><td>{}</td></tr><tr><td>Image data</td><td>{:.1} GB</td></tr>\
-                 <tr><td>Free on disk</td><td id=disk>{:.1} GB{}{}</td></tr></table>",
-                stats.patients,
-                stats.embryos,
-                stats.images,
-                stats.image_bytes as f64 / 1e9,
-                shared.disk.free_bytes() as f64 / 1e9,
-                disk_total_text(shared, shared.disk.free_bytes()),
-                if shared.disk.is_low() { " (LOW: writes refused)" } else { "" }
-            );
-        }
-        Err(error) => body.push_str(&storage_unavailable(&error)),
-    }
+    body.push_str(&storage_card(shared, now));
     // The status page refreshes itself every 30 s (it has no fields to lose).
     let page_text = page(shared, "Status", Some((user, csrf)), &body).replacen(
         "<meta charset=utf-8>",
@@ -810,6 +853,146 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
         1,
     );
     html(200, page_text)
+}
+
+/// Every instrument ever seen, connected or not: state, address, since when, its latest
+/// image and today's images (UTC day, from the store, so they survive reconnects and
+/// restarts), and its HELLOs refused since the start.
+fn incubators_table(shared: &ApiShared, web: &WebContext, now: i64) -> String {
+    let connected = web.registry.snapshot();
+    let refusals = web.registry.refusals();
+    let (known, activity) = match shared.store.read().and_then(|r| {
+        Ok((
+            r.instruments()?,
+            r.activity(es_storage::tables::day_of(now), 0)?,
+        ))
+    }) {
+        Ok(read) => read,
+        Err(error) => return storage_unavailable(&error),
+    };
+    let mut out = String::from(
+        "<table id=incubators><tr><th>Serial</th><th>Model</th><th>State</th><th>Address</th>\
+         <th>Since</th><th>Last image</th><th>Images today (UTC)</th><th>Refused</th></tr>",
+    );
+    if connected.is_empty() && known.is_empty() {
+        out.push_str("<tr><td colspan=8 class=empty>No incubator has connected yet.</td></tr>");
+    }
+    let refused_text = |serial: &str| {
+        refusals
+            .iter()
+            .find(|r| r.serial == serial)
+            .map_or_else(String::new, |r| {
+                format!("<span class=err>{} ({})</span>", r.count, escape(r.code))
+            })
+    };
+    for i in &known {
+        let live = connected.iter().find(|c| c.serial == i.serial);
+        let seen = activity.iter().find(|a| a.instrument_id == i.instrument_id);
+        let last_image = match seen.map(|a| a.last_image_ms) {
+            Some(at) if at > 0 => escape(&time_text(at)),
+            _ => "never".to_string(),
+        };
+        let today = seen.map_or(0, |a| a.images_today);
+        let (state, address, since) = match live {
+            Some(c) => (
+                "<td class=ok>connected</td>",
+                escape(&c.peer),
+                escape(&time_text(c.connected_at_ms)),
+            ),
+            None => (
+                "<td class=err>disconnected</td>",
+                String::new(),
+                format!("last seen {}", escape(&time_text(i.last_seen_ms))),
+            ),
+        };
+        let _ = write!(
+            out,
+            "<tr id='incubator-{serial}'><td>{serial}</td><td>{}</td>{state}<td>{address}</td><td>{since}</td>\
+             <td>{last_image}</td><td>{today}</td><td>{}</td></tr>",
+            escape(&i.model),
+            refused_text(&i.serial),
+            serial = escape(&i.serial),
+        );
+    }
+    out.push_str("</table>");
+    out
+}
+
+/// The newest warnings, with a link to the rest.
+fn warnings_card() -> String {
+    let log = &crate::warnings::LOG;
+    let newest = log.newest(0, 5);
+    let mut out = format!(
+        "<h2>Warnings</h2><p id=warnings-count>{} warnings and errors logged since the start \
+         (<a href='/warnings'>all kept</a>).</p>",
+        log.total()
+    );
+    out.push_str(&warnings_table(&newest));
+    out
+}
+
+fn warnings_table(rows: &[crate::warnings::Warning]) -> String {
+    let mut out = String::from(
+        "<table id=warnings><tr><th>#</th><th>When</th><th>Level</th><th>What</th></tr>",
+    );
+    if rows.is_empty() {
+        out.push_str("<tr><td colspan=4 class=empty>No warning since the start.</td></tr>");
+    }
+    for w in rows {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td class={}>{}</td><td>{}</td></tr>",
+            w.seq,
+            escape(&time_text(w.at_ms)),
+            if w.level == "ERROR" { "err" } else { "warn" },
+            w.level,
+            escape(&w.text)
+        );
+    }
+    out.push_str("</table>");
+    out
+}
+
+/// Warnings shown per page.
+const WARNINGS_PAGE_ROWS: usize = 100;
+
+/// The warnings and errors kept since the start, newest first, a page at a time
+/// (`?skip=N`).
+fn warnings_page(shared: &ApiShared, user: &str, csrf: &str, skip: Option<&str>) -> Response {
+    let skip = match skip.map(str::parse::<usize>) {
+        None => 0,
+        Some(Ok(skip)) => skip,
+        Some(Err(_)) => {
+            let body = "<p class=err>skip must be a number of warnings</p>".to_string();
+            return html(400, page(shared, "Warnings", Some((user, csrf)), &body));
+        }
+    };
+    let log = &crate::warnings::LOG;
+    let rows = log.newest(skip, WARNINGS_PAGE_ROWS);
+    let mut body = format!(
+        "<p id=warnings-count>{} warnings and errors logged since the start; the newest {} are \
+         kept here (the server's log has them all). Newest first.</p>",
+        log.total(),
+        log.kept()
+    );
+    body.push_str(&warnings_table(&rows));
+    body.push_str("<p>");
+    if skip > 0 {
+        let _ = write!(
+            body,
+            "<a href='/warnings?skip={}' id=newer>Newer</a> ",
+            skip.saturating_sub(WARNINGS_PAGE_ROWS)
+        );
+    }
+    if skip + rows.len() < log.kept() {
+        let _ = write!(
+            body,
+            "<a href='/warnings?skip={}' id=older>Older</a>",
+            skip + WARNINGS_PAGE_ROWS
+        );
+    }
+    body.push_str("</p>");
+    html(200, page(shared, "Warnings", Some((user, csrf)), &body))
 }
 
 /// The monitoring queue and uploader: switches, queue, drops, last success and error, and
@@ -1202,19 +1385,11 @@ fn capacity_and_rate(shared: &ApiShared, web: &WebContext, now: i64) -> String {
             used.units_used, used.units_max, used.plus_flex_used, used.plus_flex_max
         );
     }
-    let days = if bytes_per_s > 0.0 {
-        format!(
-            "{:.0} days until the disk is full at this rate",
-            shared.disk.free_bytes() as f64 / bytes_per_s / 86_400.0
-        )
-    } else {
-        "no images arriving".to_string()
-    };
     let _ = write!(
         out,
-        "<p id=rate>Ingestion: {images_per_s:.1} images/s ({:.2} MB/s); {days}</p>\
-         <p>Backups: not part of this version.</p>",
-        bytes_per_s / 1e6
+        "<p id=rate>Ingestion now: {images_per_s:.1} images/s ({:.2} MiB/s) from the \
+         connected incubators.</p><p>Backups: not part of this version.</p>",
+        bytes_per_s / MIB
     );
     out
 }

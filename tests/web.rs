@@ -211,12 +211,30 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
         format!("<td id=server-id>{}</td>", server.info.server_id),
         format!("<td id=fingerprint>{fingerprint}</td>"),
         server.data_dir().display().to_string(),
-        "% used)".to_string(),
+        " %); ".to_string(),
+        "GiB free".to_string(),
+        "<td id=growth>no images stored in the last days</td>".to_string(),
+        "GiB/day for the 2 instrument(s) enrolled".to_string(),
+        "<td>WEB-INC-GONE</td><td>es-d</td><td class=err>disconnected</td>".to_string(),
+        "<td>never</td><td>0</td><td><span class=err>1 (auth_failed)</span></td>".to_string(),
         "No viewer is logged in.".to_string(),
         "<meta http-equiv=refresh content=30>".to_string(),
     ] {
         assert!(page.contains(&wanted), "{wanted} missing from:\n{page}");
     }
+    // The warnings since the start: the refused HELLO among them, on the page and its own.
+    assert!(page.contains("<table id=warnings>"), "{page}");
+    assert!(
+        page.contains("WEB-INC-GONE presented a wrong secret"),
+        "{page}"
+    );
+    let warnings = body(&get(&mut http, "/warnings", &cookie));
+    assert!(
+        warnings.contains("WEB-INC-GONE presented a wrong secret")
+            && warnings.contains("code=auth_failed"),
+        "{warnings}"
+    );
+    assert_eq!(get(&mut http, "/warnings?skip=x", &cookie).status, 400);
     // The audit trail, newest page by default: the refused and granted logins above.
     let audit = body(&get(&mut http, "/audit", &cookie));
     assert!(audit.contains("<table id=audit>"), "{audit}");
