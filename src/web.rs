@@ -133,7 +133,9 @@ fn page(shared: &ApiShared, title: &str, user: Option<(&str, &str)>, body: &str)
          <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}\
          td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.banner{{background:#fff3c4;padding:.6em;margin:1em 0}}\
          .bad{{background:#ffd6d6}}.inline{{display:inline}}nav a{{margin-right:1em}}.who{{margin:0 1em}}\
-         textarea{{width:100%;height:12em}}.ok{{color:#060}}.err{{color:#a00}}.empty{{color:#666}}</style></head><body>\
+         textarea{{width:100%;height:12em}}.ok{{color:#060}}.err{{color:#a00}}.empty{{color:#666}}\
+         .card{{display:inline-block;border:1px solid #9c9;background:#efe;padding:.4em .8em;margin:0 .5em .5em 0}}\
+         .card.bad{{border-color:#c99;background:#fee}}</style></head><body>\
          <h1>esserver: {}</h1>{nav}{banner}{body}</body></html>",
         escape(title),
         escape(title)
@@ -766,6 +768,9 @@ fn dashboard(shared: &ApiShared, user: &str, csrf: &str) -> Response {
 fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Response {
     let mut body = String::from(message);
     let now = now_ms();
+    if let Some(web) = &shared.web {
+        body.push_str(&glance(shared, web, now));
+    }
     body.push_str(&server_card(shared, now));
     body.push_str("<h2>Licence</h2>");
     match shared.licensing.current(now) {
@@ -797,6 +802,11 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
             );
         }
     }
+    let (capacity, rate) = match &shared.web {
+        Some(web) => capacity_and_rate(shared, web, now),
+        None => (String::new(), String::new()),
+    };
+    body.push_str(&capacity);
     body.push_str("<h2>Incubators</h2>");
     if let Some(web) = &shared.web {
         body.push_str(&incubators_table(shared, web, now));
@@ -825,7 +835,8 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
                 pending.len()
             );
         }
-        body.push_str(&capacity_and_rate(shared, web, now));
+        body.push_str(&rate);
+        body.push_str(&storage_card(shared, now));
         body.push_str("<h2>Viewers</h2><table id=viewers><tr><th>User</th><th>Computer</th><th>Address</th><th>Since</th></tr>");
         let viewers = web.viewers.snapshot();
         if viewers.is_empty() {
@@ -845,7 +856,6 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
         body.push_str(&ims_panel(shared, web, csrf, now));
         body.push_str(&warnings_card());
     }
-    body.push_str(&storage_card(shared, now));
     // The status page refreshes itself every 30 s (it has no fields to lose).
     let page_text = page(shared, "Status", Some((user, csrf)), &body).replacen(
         "<meta charset=utf-8>",
@@ -1354,7 +1364,7 @@ fn enrolment_panel(shared: &ApiShared, csrf: &str) -> String {
 /// Capacity units used of the licence's, the ingestion rate of the connected instruments
 /// (images since each connected, over its connected time) and, from it, days until the disk
 /// is full.
-fn capacity_and_rate(shared: &ApiShared, web: &WebContext, now: i64) -> String {
+fn capacity_and_rate(shared: &ApiShared, web: &WebContext, now: i64) -> (String, String) {
     use es_perf::catalog::DeviceModel;
     let connected = web.registry.snapshot();
     let mut devices: Vec<(DeviceModel, u32)> = Vec::new();
@@ -1373,7 +1383,7 @@ fn capacity_and_rate(shared: &ApiShared, web: &WebContext, now: i64) -> String {
     if let Some(warning) = web.registry.over_limit(&shared.licensing) {
         let _ = write!(
             out,
-            "<p class=err id=over-limit>Over the licence: {}</p>",
+            "<div class='banner bad' id=over-limit>Over the licence: {}</div>",
             escape(&warning)
         );
     }
@@ -1385,13 +1395,65 @@ fn capacity_and_rate(shared: &ApiShared, web: &WebContext, now: i64) -> String {
             used.units_used, used.units_max, used.plus_flex_used, used.plus_flex_max
         );
     }
-    let _ = write!(
-        out,
+    let rate = format!(
         "<p id=rate>Ingestion now: {images_per_s:.1} images/s ({:.2} MiB/s) from the \
          connected incubators.</p><p>Backups: not part of this version.</p>",
         bytes_per_s / MIB
     );
-    out
+    (out, rate)
+}
+
+/// One line an administrator reads first: licence, incubators, disk, warnings.
+fn glance(shared: &ApiShared, web: &WebContext, now: i64) -> String {
+    let licence = match shared.licensing.current(now) {
+        Ok(license) => match license.expires_at_ms {
+            Some(expires) => format!(
+                "{} licence, {} days left",
+                license.configuration.name(),
+                (expires - now).max(0) / 86_400_000
+            ),
+            None => format!("{} licence", license.configuration.name()),
+        },
+        Err(_) => "licence invalid".to_string(),
+    };
+    let licence_bad = shared.licensing.current(now).is_err()
+        || web.registry.over_limit(&shared.licensing).is_some();
+    let connected = web.registry.snapshot().len();
+    let known = shared
+        .store
+        .read()
+        .and_then(|r| r.instruments())
+        .map_or(connected, |i| i.len().max(connected));
+    let disconnected = known - connected;
+    let free = shared.disk.free_bytes();
+    let disk = match crate::os::disk_total_bytes(&web.data_dir) {
+        Ok(total) if total > 0 => format!(
+            "disk {:.0} % used",
+            100.0 * (1.0 - free.min(total) as f64 / total as f64)
+        ),
+        _ => format!("{:.1} GiB free", free as f64 / GIB),
+    };
+    let warnings = crate::warnings::LOG.total();
+    let item = |bad: bool, text: String| {
+        format!(
+            "<span class='card{}'>{}</span>",
+            if bad { " bad" } else { "" },
+            escape(&text)
+        )
+    };
+    format!(
+        "<p id=glance>{}{}{}{}</p>",
+        item(licence_bad, licence),
+        item(
+            disconnected > 0,
+            format!("{connected} incubator(s) connected, {disconnected} disconnected")
+        ),
+        item(shared.disk.is_low(), disk),
+        item(
+            warnings > 0,
+            format!("{warnings} warning(s) since the start")
+        ),
+    )
 }
 
 fn license_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Response {

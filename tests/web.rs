@@ -465,11 +465,13 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
     assert_eq!(get(&mut http, "/", &cookie).status, 303);
 }
 
-/// Headless Chromium through WebDriver: log in, install a licence by choosing its file, see
-/// the dashboard change and a simulated incubator appear; the screenshot is left in
-/// `target/test-artifacts/web-dashboard.png`.
+/// Headless Chromium through WebDriver walks every part of the interface (see
+/// `tests/python/web_browser_test.py`): three EmbryoScope+ connected and one disconnected
+/// (with images and a refused HELLO), a basic licence installed by choosing its file and
+/// over its limit. The screenshots are left in `target/test-artifacts/web/` (docs/web.md
+/// shows them).
 #[test]
-fn a_real_browser_installs_a_licence_and_sees_an_incubator() {
+fn a_real_browser_walks_the_dashboard_with_incubators_over_a_basic_licence() {
     for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
         assert!(
             std::path::Path::new(tool).exists(),
@@ -480,39 +482,89 @@ fn a_real_browser_installs_a_licence_and_sees_an_incubator() {
     let dir = tempfile::tempdir().unwrap();
     let server = issuer.spawn(&dir);
     common::add_user(&server, "root", "admin", PASSWORD);
-    let licence = issuer.issue(&server, "basic", &["LAB-1"], "clinic.lic");
-    let artefacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
-    std::fs::create_dir_all(&artefacts).unwrap();
-    let screenshot = artefacts.join("web-dashboard.png");
-    let _ = std::fs::remove_file(&screenshot);
+    // One incubator uploads 12 images and disconnects; later a HELLO of its serial with a
+    // wrong secret is refused.
+    common::upload_dish(&server, "LAB-GONE", 4);
+    let mut impostor = common::identity("LAB-GONE", "es-plus");
+    impostor.secret = "not-its-secret".into();
+    let refused = es_loadtest::client::IncubatorClient::connect(
+        server.info.address("incubator"),
+        &server.info.client_tls("incubator"),
+        &mut impostor,
+        common::TIMEOUT,
+    );
+    assert!(refused.is_err(), "a wrong secret is refused");
+    // Three EmbryoScope+ (6 capacity units; a basic licence has 2) stay connected.
+    let serials = ["LAB-A", "LAB-B", "LAB-C"];
+    let _connections: Vec<_> = serials
+        .iter()
+        .map(|serial| {
+            let mut identity = common::identity(serial, "es-plus");
+            common::connect(&server, &mut identity)
+        })
+        .collect();
+    // Valid through a day 20 days ahead: the card counts the days left and warns of expiry.
+    let licence = dir.path().join("clinic.lic");
+    let through = day_in(20);
+    let issued = issuer
+        .issue_command()
+        .args(["--server-id", &server.info.server_id])
+        .args(["--clinic", "Clinic A", "--configuration", "basic"])
+        .args(["--computer", "LAB-1", "--expires", &through, "--out"])
+        .arg(&licence)
+        .output()
+        .unwrap();
+    assert!(issued.status.success(), "{issued:?}");
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts/web");
+    let _ = std::fs::remove_dir_all(&shots);
+    let fingerprint =
+        es_net::tls::fingerprint(&es_net::tls::read_certificate(&server.info.certificate).unwrap());
     let address = server.info.address("web");
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/web_browser_test.py");
-    let child = Command::new("python3")
+    let output = Command::new("python3")
         .arg(script)
         .args(["--base", &format!("https://{address}")])
         .args(["--user", "root", "--password", PASSWORD])
         .arg("--license")
         .arg(&licence)
-        .args(["--serial", "BROWSER-INC-1"])
-        .arg("--screenshot")
-        .arg(&screenshot)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+        .args(["--connected", &serials.join(",")])
+        .args(["--gone", "LAB-GONE"])
+        .args(["--server-id", &server.info.server_id])
+        .args(["--fingerprint", &fingerprint])
+        .arg("--shots")
+        .arg(&shots)
+        .output()
         .expect("python3 runs (scripts/test.sh installs selenium)");
-    // The incubator connects while the browser works; the dashboard must show it.
-    let mut identity = common::identity("BROWSER-INC-1", "es-plus");
-    let _incubator = common::connect(&server, &mut identity);
-    let output = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success() && stdout.contains("PASS: all checks passed"),
         "the browser test failed:\n{stdout}\n{stderr}"
     );
-    let png = std::fs::read(&screenshot).expect("the screenshot was saved");
-    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    for page in [
+        "login",
+        "status",
+        "license",
+        "warnings",
+        "instruments",
+        "audit",
+        "users",
+    ] {
+        let png = std::fs::read(shots.join(format!("{page}.png")))
+            .unwrap_or_else(|e| panic!("the screenshot of {page} was saved: {e}"));
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{page}");
+    }
+}
+
+/// The UTC day `days` from now, as yyyy-mm-dd.
+fn day_in(days: i64) -> String {
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (year, month, day) = esserver::civil::civil_from_days(now_s / 86_400 + days);
+    format!("{year:04}-{month:02}-{day:02}")
 }
 
 /// `[WebInterface] tls = off` serves plain HTTP (a trusted link only): the session cookie is
