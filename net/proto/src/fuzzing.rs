@@ -221,7 +221,17 @@ pub fn incubator_server(data: &[u8]) -> Reached {
                     assert!(src.len() < before);
                     assert!(!hello.serial_number.is_empty());
                     if plan.noise.below(8) == 0 {
-                        session.close_with_error(ErrorCode::AuthFailed, "fuzz", &mut out);
+                        // Every way the server refuses a HELLO: ERROR seq 0, then closed.
+                        let refusals = [
+                            ErrorCode::AuthFailed,
+                            ErrorCode::CapacityExceeded,
+                            ErrorCode::EnrolmentInProgress,
+                            ErrorCode::EnrolmentPending,
+                        ];
+                        let code = refusals[plan.noise.below(refusals.len())];
+                        assert!(code.closes_connection());
+                        session.close_with_error(code, "fuzz", &mut out);
+                        assert!(session.is_closed() && !session.is_established());
                     } else {
                         session.accept_hello(Default::default(), &mut out);
                         assert!(session.is_established());

@@ -227,6 +227,9 @@ struct World {
     delivered: Vec<bool>,
     dish_registered: bool,
     reconnect_at: u64,
+    /// HELLOs the server still refuses with `enrolment_pending` (`enrolment = approve`: the
+    /// serial is approved after that many attempts).
+    approval_pending: u32,
     /// ACKs with duplicate = false, per image: at most one.
     fresh_acks: Vec<u32>,
     // The link and the server.
@@ -287,6 +290,12 @@ impl World {
             inflight_requests_max: 1 + noise.below(8) as u32,
         };
         let count = items.len();
+        // A quarter of the worlds start with the instrument not yet approved.
+        let approval_pending = if noise.below(4) == 0 {
+            1 + noise.below(3) as u32
+        } else {
+            0
+        };
         World {
             seed,
             step: 0,
@@ -299,6 +308,7 @@ impl World {
             delivered: vec![false; count],
             dish_registered: false,
             reconnect_at: 0,
+            approval_pending,
             fresh_acks: vec![0; count],
             connection: None,
             next_connection: 1,
@@ -520,7 +530,8 @@ impl World {
     /// in-flight limit by itself), answers reads and PINGs at once, hands writes to storage.
     fn server_reads_from(&mut self, connection: &mut Connection) {
         let session = &mut connection.server.session;
-        loop {
+        // A refused HELLO closed the session: the server reads nothing more from it.
+        while !session.is_closed() {
             let event = match session.poll_event(&mut connection.up.inbox) {
                 Ok(Some(event)) => event,
                 Ok(None) => break,
@@ -530,6 +541,22 @@ impl World {
             match event {
                 ServerEvent::Hello(hello) => {
                     check!(self, hello.serial_number == "ESP-0001", "{hello:?}");
+                    if self.approval_pending > 0 {
+                        // As the server does: ERROR seq 0, nothing stored, then it closes.
+                        self.approval_pending -= 1;
+                        self.totals.refused_hellos += 1;
+                        session.close_with_error(
+                            ErrorCode::EnrolmentPending,
+                            "not enrolled: waiting for an administrator's approval",
+                            out,
+                        );
+                        check!(
+                            self,
+                            session.inflight() == 0,
+                            "a refused HELLO holds requests"
+                        );
+                        continue;
+                    }
                     session.accept_hello(pb::HelloOk::default(), out);
                 }
                 ServerEvent::Request(message) => {
@@ -656,8 +683,22 @@ impl World {
                         "{hello_ok:?}"
                     );
                 }
+                ClientEvent::Response { seq: 0, message } => {
+                    // The only connection-level error of this world: approval pending. The
+                    // instrument closes, backs off and says HELLO again; nothing was stored.
+                    let pending = matches!(&message, Message::Error(error)
+                        if error.code == ErrorCode::EnrolmentPending.code());
+                    check!(self, pending, "connection-level error {message:?}");
+                    check!(
+                        self,
+                        connection.client.requests.is_empty() && !self.storage.dish,
+                        "requests before HELLO_OK, or stored before approval"
+                    );
+                    self.log(|| format!("connection {}: enrolment pending", connection.id));
+                    self.reconnect_at = self.step + 1 + self.noise.below(30) as u64;
+                    return;
+                }
                 ClientEvent::Response { seq, message } => {
-                    check!(self, seq != 0, "connection-level error {message:?}");
                     let request = connection.client.requests.remove(&seq).unwrap_or_else(|| {
                         panic!("step {}: answer to unknown seq {seq}", self.step)
                     });
@@ -760,9 +801,11 @@ impl World {
                 "server session in flight {} but {queued} writes queued",
                 server.inflight()
             );
+            // Only a refused HELLO closes a session, before the instrument reads why.
+            let refused = server.is_closed() && client.hello_ok().is_none();
             check!(
                 self,
-                !server.is_closed() && !client.is_closed(),
+                refused || (!server.is_closed() && !client.is_closed()),
                 "a session closed"
             );
         }
@@ -839,6 +882,7 @@ fn incubator_uploads_survive_partial_io_drops_and_resends() {
         assert!(totals.lost_answers > 100, "{totals:?}");
         assert!(totals.duplicates > 100, "{totals:?}");
         assert!(totals.partial_pieces > 1000, "{totals:?}");
+        assert!(totals.refused_hellos > 50, "{totals:?}");
     }
 }
 

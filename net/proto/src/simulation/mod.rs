@@ -104,6 +104,9 @@ struct Totals {
     duplicates: u64,
     /// Partial deliveries: a piece that ended inside a frame.
     partial_pieces: u64,
+    /// HELLOs refused (`enrolment_pending`: the serial waits for an administrator), each
+    /// followed by a backoff and a new connection.
+    refused_hellos: u64,
 }
 
 impl Totals {
@@ -114,6 +117,7 @@ impl Totals {
         self.lost_answers += other.lost_answers;
         self.duplicates += other.duplicates;
         self.partial_pieces += other.partial_pieces;
+        self.refused_hellos += other.refused_hellos;
     }
 }
 
