@@ -119,11 +119,7 @@ fn wrong_secret_is_refused_and_an_admin_reset_issues_a_new_one() {
         "once confirmed, a serial must present its secret"
     );
 
-    let output = std::process::Command::new(common::esserver_path())
-        .args(["instrument", "reset-secret", "SEC-01", "--data"])
-        .arg(server.data_dir())
-        .output()
-        .unwrap();
+    let output = common::admin(server.data_dir(), &["instrument", "reset-secret", "SEC-01"]);
     assert!(
         output.status.success(),
         "reset-secret failed: {}",
@@ -308,11 +304,7 @@ fn with_approval_a_new_serial_waits_until_an_administrator_approves_it() {
     let status = common::admin_json(server.data_dir(), &["status"]);
     assert_eq!(status["storage"]["instruments"], instruments_before);
     // The administrator approves it from the command line; its next HELLO is enrolled.
-    let output = std::process::Command::new(common::esserver_path())
-        .args(["instrument", "approve", "APPR-NEW", "--data"])
-        .arg(server.data_dir())
-        .output()
-        .unwrap();
+    let output = common::admin(server.data_dir(), &["instrument", "approve", "APPR-NEW"]);
     assert!(
         output.status.success(),
         "{}",
@@ -320,11 +312,7 @@ fn with_approval_a_new_serial_waits_until_an_administrator_approves_it() {
     );
     let said = String::from_utf8_lossy(&output.stdout);
     assert!(said.contains("APPR-NEW is approved"), "{said}");
-    let again = std::process::Command::new(common::esserver_path())
-        .args(["instrument", "approve", "APPR-NEW", "--data"])
-        .arg(server.data_dir())
-        .output()
-        .unwrap();
+    let again = common::admin(server.data_dir(), &["instrument", "approve", "APPR-NEW"]);
     assert!(!again.status.success(), "approving twice is refused");
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("already enrolled"),

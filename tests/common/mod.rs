@@ -62,6 +62,17 @@ pub fn connect(server: &ServerProcess, identity: &mut Identity) -> IncubatorClie
     .expect("incubator connects")
 }
 
+/// `esserver <args...> --data <data_dir>` as an administrator runs it (success not checked).
+#[allow(dead_code)] // Not every test binary uses it.
+pub fn admin(data_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(esserver_path())
+        .args(args)
+        .arg("--data")
+        .arg(data_dir)
+        .output()
+        .expect("esserver runs")
+}
+
 /// `esserver <args...> --json --data <data_dir>` as an administrator runs it: its JSON, after
 /// checking it succeeded (e.g. `["status"]`, `["ims", "status"]`).
 pub fn admin_json(data_dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
