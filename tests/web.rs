@@ -60,6 +60,16 @@ fn get(http: &mut HttpClient, path: &str, cookie: &str) -> HttpResponse {
     http.get(path, &[("cookie", &cookie)]).unwrap()
 }
 
+/// The session token a login's `Set-Cookie: esweb=TOKEN; ...` carries.
+fn session_of(set_cookie: &str) -> String {
+    let token = set_cookie
+        .strip_prefix("esweb=")
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("not a session cookie: {set_cookie}"));
+    assert!(!token.is_empty(), "an empty session token: {set_cookie}");
+    token.to_string()
+}
+
 /// The value of the hidden csrf field of a page.
 fn csrf(page: &str) -> String {
     let at = page
@@ -155,12 +165,7 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
     for flag in ["HttpOnly", "Secure", "SameSite=Strict"] {
         assert!(set_cookie.contains(flag), "{set_cookie}");
     }
-    let cookie = set_cookie
-        .trim_start_matches("esweb=")
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let cookie = session_of(&set_cookie);
 
     // The dashboard: the licence warning on the page, a connected incubator listed, and one
     // that disconnected still listed as such.
@@ -594,12 +599,7 @@ fn plain_http_only_when_configured() {
     );
     assert!(common::server_log(&dir).contains("WITHOUT TLS"));
     // Logging out clears the cookie the same way (a Secure one would be ignored over HTTP).
-    let session = cookie
-        .trim_start_matches("esweb=")
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let session = session_of(cookie);
     let page = body(&get(&mut http, "/", &session));
     let out = post_form(
         &mut http,
@@ -640,14 +640,7 @@ fn an_administrator_approves_a_pending_instrument_from_the_instruments_page() {
         &[("username", "root"), ("password", PASSWORD)],
     );
     assert_eq!(login.status, 303);
-    let session = login
-        .header("set-cookie")
-        .unwrap()
-        .trim_start_matches("esweb=")
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let session = session_of(login.header("set-cookie").unwrap());
     let home = body(&get(&mut http, "/", &session));
     assert!(
         home.contains("id=pending-banner>1 new instrument(s) wait for approval"),

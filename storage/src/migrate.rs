@@ -71,6 +71,12 @@ fn v7_to_v8(txn: &WriteTransaction) -> Result<(), StorageError> {
         }
         day.last_image_ms = day.last_image_ms.max(row.first_stored_at_ms);
         rows += 1;
+        if rows % 1_000_000 == 0 {
+            tracing::info!(
+                acquisitions = rows,
+                "counting the stored images per instrument and day"
+            );
+        }
     }
     let mut table = txn.open_table(tables::INSTRUMENT_DAYS)?;
     for (key, day) in &days {
