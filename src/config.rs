@@ -57,6 +57,34 @@ pub struct Config {
     pub ims: ImsConfig,
     /// Section `[TLS]`: the generated certificate.
     pub tls: TlsSection,
+    /// Section `[Clinic]`: the site's name and time zone.
+    pub clinic: ClinicSection,
+}
+
+/// Section `[Clinic]`: what the original system took from the computer it ran on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClinicSection {
+    /// The name new patients' `PatientIDx` begin with (`<site_name>_<serial day>`): letters,
+    /// digits and `-`, at most 15, kept in capitals. Empty: the machine's host name.
+    pub site_name: String,
+    /// The IANA time zone (`Europe/Copenhagen`) the original Public API writes local times
+    /// in, as the original did. Empty: the machine's zone. The REST API writes UTC.
+    pub time_zone: String,
+}
+
+impl ClinicSection {
+    /// The site name in use: the configured one, or the host name.
+    pub fn site_name(&self) -> String {
+        let name = if self.site_name.is_empty() {
+            // The computer's own name, without its domain.
+            crate::os::host_name()
+                .and_then(|name| name.split('.').next().map(str::to_owned))
+                .unwrap_or_default()
+        } else {
+            self.site_name.clone()
+        };
+        es_storage::tables::site_name(&name)
+    }
 }
 
 /// Section `[TLS]`: what the self-signed certificate the server generates names.
@@ -273,6 +301,7 @@ impl Default for Config {
             license: LicenseSection::default(),
             tls: TlsSection::default(),
             ims: ImsConfig::default(),
+            clinic: ClinicSection::default(),
         }
     }
 }
@@ -358,7 +387,8 @@ impl Config {
             | Section::Server
             | Section::License
             | Section::Ims
-            | Section::Tls => None,
+            | Section::Tls
+            | Section::Clinic => None,
         }
     }
 
@@ -374,7 +404,8 @@ impl Config {
             | Section::Server
             | Section::License
             | Section::Ims
-            | Section::Tls => None,
+            | Section::Tls
+            | Section::Clinic => None,
         }
     }
 
@@ -433,6 +464,27 @@ impl Config {
             Section::Server => {
                 out.push_str(&format!("; One of {}.\n", LOG_LEVELS.join(", ")));
                 out.push_str(&format!("log_level = {}\n", self.server.log_level));
+            }
+            Section::Clinic => {
+                out.push_str(
+                    "; The name new patients' PatientIDx begin with (<site_name>_<serial day>),\n",
+                );
+                out.push_str("; as the original's computer name: letters, digits and -, at most\n");
+                out.push_str("; 15. None: the host name.\n");
+                if self.clinic.site_name.is_empty() {
+                    out.push_str("; site_name = IVFCLINIC\n");
+                } else {
+                    out.push_str(&format!("site_name = {}\n", self.clinic.site_name));
+                }
+                out.push_str(
+                    "; IANA time zone the original Public API writes local times in, as the\n",
+                );
+                out.push_str("; original did (the REST API writes UTC). None: the machine's.\n");
+                if self.clinic.time_zone.is_empty() {
+                    out.push_str("; time_zone = Europe/Copenhagen\n");
+                } else {
+                    out.push_str(&format!("time_zone = {}\n", self.clinic.time_zone));
+                }
             }
             Section::Tls => {
                 out.push_str("; Host names and IP addresses (comma-separated) the self-signed\n");
@@ -554,13 +606,14 @@ enum Section {
     License,
     Ims,
     Tls,
+    Clinic,
 }
 
 /// Keys of every listener section.
 const LISTENER_KEYS: [&str; 5] = ["bind", "port", "cert", "key", "workers"];
 
 impl Section {
-    const ALL: [Section; 11] = [
+    const ALL: [Section; 12] = [
         Section::IncubatorTransport,
         Section::ViewerTransport,
         Section::WebInterface,
@@ -572,6 +625,7 @@ impl Section {
         Section::License,
         Section::Ims,
         Section::Tls,
+        Section::Clinic,
     ];
 
     fn name(self) -> &'static str {
@@ -587,6 +641,7 @@ impl Section {
             Section::License => "License",
             Section::Ims => "IMS",
             Section::Tls => "TLS",
+            Section::Clinic => "Clinic",
         }
     }
 
@@ -609,6 +664,7 @@ impl Section {
             Section::License => "Licences: the signers this server trusts.",
             Section::Ims => "Instrument monitoring (IMS): the telemetry queue and its uploader.",
             Section::Tls => "The TLS certificate the server generates for itself.",
+            Section::Clinic => "The site: its name in patient identifiers and its time zone.",
         }
     }
 
@@ -644,6 +700,7 @@ impl Section {
             Section::Server => vec!["log_level"],
             Section::License => vec!["trusted_keys"],
             Section::Tls => vec!["names"],
+            Section::Clinic => vec!["site_name", "time_zone"],
             Section::Ims => ["receive", "upload", "endpoint", "ca_file"]
                 .into_iter()
                 .chain(IMS_NUMBERS.iter().map(|k| k.name))
@@ -1316,6 +1373,20 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
         (Section::Server, _) => config.server.log_level = parse_log_level(value)?,
         (Section::License, _) => config.license.trusted_keys = parse_keys(value)?,
         (Section::Tls, _) => config.tls.names = parse_tls_names(value)?,
+        (Section::Clinic, "site_name") => {
+            let name = es_storage::tables::site_name(value);
+            if name != value.to_ascii_uppercase() {
+                return Err(bad_value(
+                    "letters, digits and -, at most 15, e.g. `IVFCLINIC`",
+                    value,
+                ));
+            }
+            config.clinic.site_name = value.to_owned();
+        }
+        (Section::Clinic, _) => {
+            crate::times::clinic_zone(value)?;
+            config.clinic.time_zone = value.to_owned();
+        }
         (Section::Ims, "receive") => config.ims.receive = parse_switch(value)?,
         (Section::Ims, "upload") => config.ims.upload = parse_switch(value)?,
         (Section::Ims, "endpoint") => {

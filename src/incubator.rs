@@ -474,6 +474,7 @@ impl IncubatorSession {
             new_secret: hex::encode(secret_bytes),
             issued_connection_open: self.registry.issued_connection_open(&hello.serial_number),
             enrolment: self.enrolment,
+            number: hello.instrument_number,
             at_ms: now_ms(),
         };
         let handle = self.handle.clone();
@@ -933,6 +934,7 @@ fn dish_registration(dish: pb::RegisterDish) -> DishRegistration {
             first_name: patient.first_name,
             last_name: patient.last_name,
             date_of_birth: patient.date_of_birth,
+            patient_idx: String::new(),
         },
         treatment_name: dish.treatment_name,
         insemination_at_ms: dish.insemination_time_ms,
@@ -942,8 +944,10 @@ fn dish_registration(dish: pb::RegisterDish) -> DishRegistration {
             .map(|w| WellRegistration {
                 well: w.well,
                 embryo_id: w.embryo_id,
+                label: w.label,
             })
             .collect(),
+        fertilization_method: dish.fertilization_method,
     }
 }
 

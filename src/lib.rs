@@ -8,7 +8,6 @@
 
 pub mod admin;
 pub mod api;
-pub mod civil;
 pub mod config;
 pub mod control;
 pub mod disk_guard;
@@ -20,6 +19,7 @@ pub mod incubator;
 pub mod license;
 pub mod os;
 pub mod server;
+pub mod times;
 pub mod viewer;
 pub mod viewer_tool;
 pub mod warnings;

@@ -231,7 +231,7 @@ pub fn verify(
     }
     if let Some(expires) = license.expires_at_ms {
         if now_ms >= expires {
-            return Err(LicenseError::Expired(crate::civil::valid_through(expires)));
+            return Err(LicenseError::Expired(crate::times::valid_through(expires)));
         }
     }
     Ok(license)
@@ -549,7 +549,7 @@ impl Licensing {
         let license = state?;
         match license.expires_at_ms {
             Some(expires) if now_ms >= expires => {
-                Err(LicenseError::Expired(crate::civil::valid_through(expires)))
+                Err(LicenseError::Expired(crate::times::valid_through(expires)))
             }
             _ => Ok(license),
         }

@@ -849,7 +849,7 @@ fn license(action: LicenseAction) -> Result<ExitCode, String> {
             let expires_at_ms = match expires {
                 None => None,
                 Some(day) => {
-                    let start = esserver::civil::parse_iso_utc(&format!("{day}T00:00:00Z"))
+                    let start = esserver::times::parse_iso_utc(&format!("{day}T00:00:00Z"))
                         .ok_or_else(|| format!("--expires {day:?} is not a yyyy-mm-dd date"))?;
                     Some(start + 86_400_000)
                 }
@@ -862,7 +862,7 @@ fn license(action: LicenseAction) -> Result<ExitCode, String> {
                          name its last valid day",
                         expires_at_ms
                             .checked_sub(86_400_000)
-                            .map_or_else(String::new, |ms| esserver::civil::iso_utc(ms)[..10]
+                            .map_or_else(String::new, |ms| esserver::times::iso_utc(ms)[..10]
                                 .to_string())
                     ));
                 }
@@ -891,7 +891,7 @@ fn license(action: LicenseAction) -> Result<ExitCode, String> {
                 configuration.name(),
                 license
                     .expires_at_ms
-                    .map_or("never expires".to_string(), esserver::civil::valid_through),
+                    .map_or("never expires".to_string(), esserver::times::valid_through),
                 out.display()
             );
             Ok(ExitCode::SUCCESS)
@@ -955,7 +955,7 @@ fn license(action: LicenseAction) -> Result<ExitCode, String> {
 fn license_summary(license: &esserver::license::License) -> String {
     let expires = license
         .expires_at_ms
-        .map_or("never expires".to_string(), esserver::civil::valid_through);
+        .map_or("never expires".to_string(), esserver::times::valid_through);
     format!(
         "licence {} for {}, server {}, {}, viewer computers [{}], {} mobile devices, {}{}",
         license.license_id,
@@ -1037,7 +1037,7 @@ fn api_key(action: ApiKeyAction) -> Result<ExitCode, String> {
                         key["key_id"].as_str().unwrap_or("?"),
                         key["scope"].as_str().unwrap_or("?"),
                         if revoked { "revoked" } else { "active" },
-                        esserver::civil::time_text(key["created_at_ms"].as_i64().unwrap_or(0)),
+                        esserver::times::time_text(key["created_at_ms"].as_i64().unwrap_or(0)),
                         key["name"].as_str().unwrap_or("?"),
                     );
                 }

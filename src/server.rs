@@ -251,6 +251,15 @@ fn start_services(
         &limits,
         viewer,
     )?);
+    // The original Public API writes local times in the clinic's zone (checked when the
+    // configuration was read).
+    let time_zone =
+        crate::times::clinic_zone(&config.clinic.time_zone).unwrap_or(jiff::tz::TimeZone::UTC);
+    tracing::info!(
+        time_zone = %crate::times::zone_name(&time_zone),
+        site_name = %config.clinic.site_name(),
+        "clinic"
+    );
     // The public API and the web interface: one HTTP service, each with its own routes.
     let http_service = |web: Option<crate::web::WebContext>| {
         Arc::new(ApiService::new(
@@ -263,6 +272,7 @@ fn start_services(
                 http: es_net::http::HttpLimits::default(),
                 login_failures_max: config.security.login_failures_max,
                 lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
+                time_zone: time_zone.clone(),
             },
             web,
         ))
@@ -361,6 +371,7 @@ fn open_store(config: &Config) -> Result<Store, StartError> {
         volume_bytes_max: config.storage.volume_bytes_max,
         volume_direct_io: config.storage.volume_direct_io,
         quick_repair: config.storage.quick_repair,
+        site_name: config.clinic.site_name(),
     };
     Store::open(&config.storage.data_dir, &options, seed).map_err(|error| StartError::Storage {
         path: config.storage.data_dir.clone(),

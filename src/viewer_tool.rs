@@ -228,7 +228,7 @@ fn call(client: &mut ViewerClient, request: Request) -> Result<Body, String> {
     client.call(request).map_err(|error| error.to_string())
 }
 
-pub use crate::civil::time_text;
+pub use crate::times::time_text;
 
 /// `patients`: every patient with its treatments.
 pub fn list_patients(client: &mut ViewerClient) -> Result<(), String> {

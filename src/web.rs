@@ -12,8 +12,8 @@
 
 use crate::api::auth::Tokens;
 use crate::api::{ApiMsg, ApiShared, LoginKind, Response, Step};
-use crate::civil::time_text;
 use crate::now_ms;
+use crate::times::time_text;
 use es_net::http::Request;
 use es_net::ConnHandle;
 use es_storage::Rights;
@@ -729,7 +729,7 @@ fn validity_text(expires_at_ms: Option<i64>, now: i64) -> String {
         None => "never expires".to_string(),
         Some(expires) => format!(
             "{}, {} days left",
-            crate::civil::valid_through(expires),
+            crate::times::valid_through(expires),
             (expires - now).max(0) / 86_400_000
         ),
     }

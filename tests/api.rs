@@ -499,10 +499,153 @@ fn python(script: &str, args: &[String]) -> String {
     stdout
 }
 
+/// A clinic as the original API's field clients see one: an instrument with its own number
+/// (3253), embryo ids in the original's convention, two patients (one without a known date of
+/// birth, with a free-text record number), treatment names with spaces, ICSI and IVF dishes,
+/// image runs at three focal planes, a timing and a categorical annotation, a dish still in
+/// culture; a server whose `[Clinic]` names its site and zone.
+fn seed_like_a_clinic(server: &ServerProcess) {
+    use es_proto::incubator::{pb, Message};
+    let mut identity = common::identity("ES-3253", "es-plus");
+    identity.instrument_number = 3253;
+    let mut incubator = common::connect(server, &mut identity);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // (dish, record number, names, date of birth, treatment, method, t0, wells)
+    let dishes = [
+        (
+            "S01790",
+            "520.124",
+            ("Anna", "Berg"),
+            "1988-04-12",
+            "2022 - 1449",
+            "ICSI",
+            common::START_MS,
+            3,
+        ),
+        (
+            "S01791",
+            "send mail to Martin",
+            ("", "Olsen"),
+            "",
+            "2023-0107",
+            "IVF",
+            common::START_MS + 3_600_000,
+            2,
+        ),
+        (
+            "S01792",
+            "520.124",
+            ("Anna", "Berg"),
+            "1988-04-12",
+            "2026 - 0001",
+            "ICSI",
+            now_ms - 86_400_000,
+            2,
+        ),
+    ];
+    let mut seq = 0;
+    let mut request = |message: Message| {
+        let answer = incubator.request(message, common::TIMEOUT).unwrap();
+        assert!(matches!(answer, Message::Ack(_)), "{answer:?}");
+    };
+    for (dish_id, patient_id, (first, last), born, treatment, method, t0, wells) in dishes {
+        seq += 1;
+        let day = esserver::times::utc_day(t0).replace('-', ".");
+        let embryo_id = |well: u32| format!("D{day}_{dish_id}_I3253_P-{well}");
+        request(Message::RegisterDish(pb::RegisterDish {
+            seq,
+            dish_id: dish_id.into(),
+            slot: 4,
+            patient: Some(pb::Patient {
+                patient_id: patient_id.into(),
+                first_name: first.into(),
+                last_name: last.into(),
+                date_of_birth: born.into(),
+            }),
+            treatment_name: treatment.into(),
+            insemination_time_ms: t0,
+            wells: (1..=wells)
+                .map(|well| pb::DishWell {
+                    well,
+                    embryo_id: embryo_id(well),
+                    label: String::new(),
+                })
+                .collect(),
+            fertilization_method: method.into(),
+        }));
+        for run in 0..3i64 {
+            for well in 1..=wells {
+                for focal_plane in [-15, 0, 15] {
+                    seq += 1;
+                    let jpeg = es_loadtest::frames::generate(1, seq % 200 + 1).remove(0);
+                    request(Message::Image(pb::Image {
+                        seq,
+                        dish_id: dish_id.into(),
+                        well,
+                        focal_plane,
+                        acquired_at_ms: t0 + 1_080_000 + run * 600_000 + i64::from(well) * 1000,
+                        jpeg,
+                    }));
+                }
+            }
+        }
+    }
+    // Annotations, through the viewer as an embryologist makes them.
+    let mut viewer = ViewerClient::login(
+        server.info.address("viewer"),
+        &server.info.client_tls("viewer"),
+        &Credentials {
+            user: "emr".into(),
+            password: PASSWORD.into(),
+            computer: "PC10T4L7".into(),
+        },
+        common::TIMEOUT,
+    )
+    .unwrap();
+    use es_proto::viewer::pb as vpb;
+    let day = esserver::times::utc_day(common::START_MS).replace('-', ".");
+    let first = format!("D{day}_S01790_I3253_P-1");
+    for (version, name, value, event_at_ms) in [
+        (
+            1,
+            "t2",
+            "",
+            Some(common::START_MS + 23 * 3_600_000 + 1_080_000),
+        ),
+        (2, "PN", "2", None),
+    ] {
+        let request = vpb::client_message::Request::AddAnnotation(vpb::AddAnnotation {
+            embryo_id: first.clone(),
+            expected_version: version,
+            annotation: Some(vpb::AnnotationInput {
+                name: name.into(),
+                value: value.into(),
+                event_at_ms: event_at_ms.unwrap_or(0),
+                has_event: event_at_ms.is_some(),
+                source: "manual".into(),
+            }),
+        });
+        viewer.call(request).unwrap();
+    }
+}
+
 #[test]
-fn the_original_api_walk_of_a_field_client() {
-    let fx = fixture("API-3", 3);
-    let address = fx.server.info.address("public-api");
+fn the_original_api_answer_for_answer_and_a_typed_load_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(
+        &dir,
+        true,
+        "[Clinic]\nsite_name = NEXTGEN\ntime_zone = Europe/Copenhagen\n",
+    );
+    common::add_user(&server, "emr", "edit", PASSWORD);
+    // The original's factory API account; clients log in as `Web` or `WEB`.
+    common::add_user(&server, "Web", "view", PASSWORD);
+    seed_like_a_clinic(&server);
+    let address = server.info.address("public-api");
+    let database = dir.path().join("warehouse.sqlite");
     let stdout = python(
         "api_compat_walk.py",
         &[
@@ -512,9 +655,19 @@ fn the_original_api_walk_of_a_field_client() {
             "emr".into(),
             "--password".into(),
             PASSWORD.into(),
+            "--reader".into(),
+            "WEB".into(),
+            "--site".into(),
+            "NEXTGEN".into(),
+            "--time-zone".into(),
+            "Europe/Copenhagen".into(),
+            "--database".into(),
+            database.display().to_string(),
         ],
     );
+    println!("{stdout}");
     assert!(stdout.contains("PASS: all checks passed"), "{stdout}");
+    assert!(stdout.contains("second load: 0 new rows"), "{stdout}");
 }
 
 /// Raw bytes on one connection: pipelined requests are answered in order; a body over the

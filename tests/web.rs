@@ -564,12 +564,11 @@ fn a_real_browser_walks_the_dashboard_with_incubators_over_a_basic_licence() {
 
 /// The UTC day `days` from now, as yyyy-mm-dd.
 fn day_in(days: i64) -> String {
-    let now_s = std::time::SystemTime::now()
+    let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_secs() as i64;
-    let (year, month, day) = esserver::civil::civil_from_days(now_s / 86_400 + days);
-    format!("{year:04}-{month:02}-{day:02}")
+        .as_millis() as i64;
+    esserver::times::utc_day(now_ms + days * 86_400_000)
 }
 
 /// `[WebInterface] tls = off` serves plain HTTP (a trusted link only): the session cookie is

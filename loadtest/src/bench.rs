@@ -129,6 +129,7 @@ pub fn run_ingest_on(
                 let cycles = per_incubator.div_ceil(per_cycle.max(1)) as u32;
                 let workload = Workload::full(&serial, options.model, cycles.max(1), start_ms);
                 let mut identity = Identity {
+                    instrument_number: 0,
                     serial: serial.clone(),
                     model: options.model.name().into(),
                     firmware: "sim-1.0".into(),

@@ -47,6 +47,8 @@ pub struct Identity {
     pub firmware: String,
     /// The secret issued by the server on the first connection (empty before).
     pub secret: String,
+    /// The instrument's own number, sent in HELLO (0: none, the server numbers it).
+    pub instrument_number: u32,
 }
 
 pub struct IncubatorClient {
@@ -82,6 +84,7 @@ impl IncubatorClient {
             firmware_version: identity.firmware.clone(),
             instrument_clock_ms: now_ms(),
             secret: identity.secret.clone(),
+            instrument_number: identity.instrument_number,
         };
         client.session.hello(hello, &mut client.out);
         client.flush_out();

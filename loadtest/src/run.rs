@@ -466,6 +466,7 @@ fn upload_one(
     let cycles = images.div_ceil(spec.images_per_cycle().max(1)) as u32;
     let workload = Workload::full(device.serial, device.model, cycles.max(1), start_ms);
     let mut identity = Identity {
+        instrument_number: 0,
         serial: device.serial.to_owned(),
         model: device.model.name().into(),
         firmware: "sim-1.0".into(),

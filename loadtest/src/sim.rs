@@ -110,8 +110,10 @@ impl Workload {
                     .map(|well| pb::DishWell {
                         well,
                         embryo_id: format!("{}_S{}_P-{}", self.serial, dish + 1, well),
+                        label: String::new(),
                     })
                     .collect(),
+                fertilization_method: "ICSI".into(),
             })
             .collect()
     }

@@ -65,6 +65,7 @@ pub fn seed(server: &ServerProcess, frames: &[Bytes], cycles: u32) -> Result<Vec
     use crate::client::{Identity, IncubatorClient};
     use crate::sim::{self, Pacing, Workload};
     let mut identity = Identity {
+        instrument_number: 0,
         serial: "VIEWSEED".into(),
         model: "es-plus".into(),
         firmware: "sim-1.0".into(),

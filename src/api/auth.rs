@@ -84,7 +84,7 @@ impl Tokens {
     pub fn issue(&self, user: &str, rights: Rights, now: Instant) -> Option<String> {
         let mut bytes = [0u8; 16];
         getrandom::fill(&mut bytes).ok()?;
-        let token = hex::encode(bytes);
+        let token = hex::encode_upper(bytes);
         let mut map = self.map.lock();
         map.retain(|_, entry| !expired(entry, now));
         if map.len() >= TOKENS_MAX {

@@ -48,6 +48,8 @@ pub struct ApiSettings {
     pub http: HttpLimits,
     pub login_failures_max: u32,
     pub lockout_ms: i64,
+    /// `[Clinic] time_zone`: the original Public API writes local times in it.
+    pub time_zone: jiff::tz::TimeZone,
 }
 
 /// A complete response, built on a worker.
@@ -111,12 +113,32 @@ pub enum Step {
     Submitted,
     /// Stream a ZIP of an embryo's frames at one focal plane.
     Zip(ZipPlan),
+    /// Stream a JSON answer page by page.
+    Json(JsonPlan),
     /// Nothing after `after` yet: wait for a commit until `until`, then answer.
     Wait {
         after: u64,
         limit: u32,
         until: Instant,
     },
+}
+
+/// Reads one page of a streamed JSON answer from `cursor` on (0 at the start): its items and
+/// the cursor of the next page, None after the last.
+pub type JsonPageReader = Arc<
+    dyn Fn(&Store, u64) -> Result<(Vec<serde_json::Value>, Option<u64>), StorageError>
+        + Send
+        + Sync,
+>;
+
+/// A JSON answer too large to build at once (every scored embryo of a clinic): an object
+/// whose one array is read a page at a time on the workers and sent as it is read, so the
+/// memory it takes is a page's, whatever its length.
+pub struct JsonPlan {
+    /// Written before the first item (`{"Scores":[`) and after the last (`]}`).
+    pub open: &'static str,
+    pub close: &'static str,
+    pub read: JsonPageReader,
 }
 
 pub struct ZipPlan {
@@ -154,6 +176,8 @@ pub enum ApiMsg {
     },
     /// A ZIP chunk was read: frames, or None when the embryo is unknown.
     Frames(Result<Option<FrameChunk>, StorageError>),
+    /// A page of a streamed JSON answer was read.
+    JsonPage(Result<(Vec<serde_json::Value>, Option<u64>), StorageError>),
     /// New changes were committed.
     ChangesCommitted,
 }
@@ -333,11 +357,20 @@ struct ZipState {
     job_pending: bool,
 }
 
+struct JsonState {
+    plan: JsonPlan,
+    cursor: u64,
+    started: bool,
+    items: u64,
+    job_pending: bool,
+}
+
 enum State {
     Idle,
     /// A worker job or a storage write is answering.
     Working,
     Streaming(Box<ZipState>),
+    StreamingJson(Box<JsonState>),
     Waiting {
         after: u64,
         limit: u32,
@@ -531,6 +564,16 @@ impl ApiSession {
                 }));
                 self.pump_zip(io);
             }
+            Step::Json(plan) => {
+                self.state = State::StreamingJson(Box::new(JsonState {
+                    plan,
+                    cursor: 0,
+                    started: false,
+                    items: 0,
+                    job_pending: false,
+                }));
+                self.pump_json(io);
+            }
             Step::Wait {
                 after,
                 limit,
@@ -705,12 +748,7 @@ impl ApiSession {
                 if let Err(error) = &result {
                     tracing::error!(peer = %self.peer, "time-lapse ZIP stream failed: {error}");
                 }
-                let exchange = self.exchange.take();
-                if let Some(exchange) = &exchange {
-                    self.log(exchange, 500, io.now());
-                }
-                self.state = State::Idle;
-                io.close(CloseReason::Requested("ZIP stream failed".into()));
+                self.stream_broken("ZIP stream", io);
                 return;
             }
             Ok(None) => unreachable!("handled above"),
@@ -734,43 +772,18 @@ impl ApiSession {
                 return;
             }
             stream.started = true;
-            let Some(exchange) = &self.exchange else {
-                return;
-            };
             let disposition = format!("attachment; filename=\"{}.zip\"", stream.plan.name_prefix);
-            if exchange.http10 {
-                // No chunked framing in HTTP/1.0: the end of the connection ends the body.
-                out.extend_from_slice(
-                    format!(
-                        "HTTP/1.0 200 OK\r\ncontent-type: application/zip\r\ncontent-disposition: {disposition}\r\nconnection: close\r\n\r\n"
-                    )
-                    .as_bytes(),
-                );
-            } else {
-                http::write_chunked_head(
-                    &mut out,
-                    200,
-                    &[
-                        ("content-type", "application/zip"),
-                        ("content-disposition", &disposition),
-                    ],
-                    exchange.keep_alive && !self.stopping,
-                );
-            }
-            if exchange.head_only {
-                // HEAD: the head says what a GET would send; no body.
-                io.write(&out);
-                let exchange = self.exchange.take();
-                self.state = State::Idle;
-                if let Some(exchange) = exchange {
-                    self.log(&exchange, 200, io.now());
-                    if !exchange.keep_alive || exchange.http10 {
-                        io.close(CloseReason::Requested("response sent".into()));
-                    }
-                }
+            let headers = [
+                ("content-type", "application/zip"),
+                ("content-disposition", disposition.as_str()),
+            ];
+            if self.stream_head(&headers, &mut out, io) {
                 return;
             }
         }
+        let State::Streaming(stream) = &mut self.state else {
+            return;
+        };
         let http10 = self.exchange.as_ref().is_some_and(|e| e.http10);
         let mut data = Vec::new();
         let mut full = false;
@@ -800,22 +813,165 @@ impl ApiSession {
             http::write_chunk(&mut out, &data);
         }
         if full || last {
-            if !http10 {
-                http::write_last_chunk(&mut out);
-            }
-            io.write(&out);
-            let exchange = self.exchange.take();
-            self.state = State::Idle;
-            if let Some(exchange) = exchange {
-                self.log(&exchange, 200, io.now());
-                if !exchange.keep_alive || exchange.http10 || self.stopping {
-                    io.close(CloseReason::Requested("response sent".into()));
-                }
-            }
+            self.stream_end(out, io);
             return;
         }
         io.write(&out);
         self.pump_zip(io);
+    }
+
+    /// Writes the head of a streamed 200 answer into `out` (chunked, or for HTTP/1.0 ended by
+    /// the end of the connection). For a HEAD request it is the whole answer: it is sent and
+    /// the exchange ends, and true is returned.
+    fn stream_head(
+        &mut self,
+        headers: &[(&str, &str)],
+        out: &mut Vec<u8>,
+        io: &mut SessionIo<'_>,
+    ) -> bool {
+        let Some(exchange) = &self.exchange else {
+            return true;
+        };
+        if exchange.http10 {
+            // No chunked framing in HTTP/1.0: the end of the connection ends the body.
+            out.extend_from_slice(b"HTTP/1.0 200 OK\r\n");
+            for (name, value) in headers {
+                out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+            }
+            out.extend_from_slice(b"connection: close\r\n\r\n");
+        } else {
+            http::write_chunked_head(out, 200, headers, exchange.keep_alive && !self.stopping);
+        }
+        if !exchange.head_only {
+            return false;
+        }
+        // HEAD: the head says what a GET would send; no body.
+        io.write(out);
+        let exchange = self.exchange.take();
+        self.state = State::Idle;
+        if let Some(exchange) = exchange {
+            self.log(&exchange, 200, io.now());
+            if !exchange.keep_alive || exchange.http10 {
+                io.close(CloseReason::Requested("response sent".into()));
+            }
+        }
+        true
+    }
+
+    /// Sends the last of a streamed answer (`out`, already framed) and ends the exchange.
+    fn stream_end(&mut self, mut out: Vec<u8>, io: &mut SessionIo<'_>) {
+        let http10 = self.exchange.as_ref().is_some_and(|e| e.http10);
+        if !http10 {
+            http::write_last_chunk(&mut out);
+        }
+        io.write(&out);
+        let exchange = self.exchange.take();
+        self.state = State::Idle;
+        if let Some(exchange) = exchange {
+            self.log(&exchange, 200, io.now());
+            if !exchange.keep_alive || exchange.http10 || self.stopping {
+                io.close(CloseReason::Requested("response sent".into()));
+            }
+        }
+    }
+
+    /// A streamed answer failed after its head was sent: the connection ends without the
+    /// last chunk, so the client sees a truncated answer rather than a short one.
+    fn stream_broken(&mut self, what: &str, io: &mut SessionIo<'_>) {
+        let exchange = self.exchange.take();
+        if let Some(exchange) = &exchange {
+            self.log(exchange, 500, io.now());
+        }
+        self.state = State::Idle;
+        io.close(CloseReason::Requested(format!("{what} failed")));
+    }
+
+    fn pump_json(&mut self, io: &mut SessionIo<'_>) {
+        let State::StreamingJson(stream) = &mut self.state else {
+            return;
+        };
+        if stream.job_pending || io.pending_output_bytes() >= STREAM_OUTPUT_HIGH_BYTES {
+            return;
+        }
+        stream.job_pending = true;
+        let store = self.shared.store.clone();
+        let handle = self.handle.clone();
+        let read = stream.plan.read.clone();
+        let cursor = stream.cursor;
+        let job = Box::new(move || {
+            let result = es_storage::guarded("a streamed answer", || read(&store, cursor));
+            handle.send(ApiMsg::JsonPage(result));
+        });
+        if !self.run_job(job) {
+            if let State::StreamingJson(stream) = &mut self.state {
+                stream.job_pending = false;
+                if !stream.started {
+                    self.finish(Response::busy(), io);
+                }
+                // Started: the next tick tries again (the cursor is kept here).
+            }
+        }
+    }
+
+    fn json_page_read(
+        &mut self,
+        result: Result<(Vec<serde_json::Value>, Option<u64>), StorageError>,
+        io: &mut SessionIo<'_>,
+    ) {
+        let State::StreamingJson(stream) = &mut self.state else {
+            return;
+        };
+        stream.job_pending = false;
+        let (items, next) = match result {
+            Ok(page) => page,
+            Err(error) if !stream.started => {
+                self.finish(Response::storage(&error), io);
+                return;
+            }
+            Err(error) => {
+                tracing::error!(peer = %self.peer, "streamed answer failed: {error}");
+                self.stream_broken("streamed answer", io);
+                return;
+            }
+        };
+        let mut out = Vec::new();
+        let mut data = Vec::new();
+        if !stream.started {
+            stream.started = true;
+            data.extend_from_slice(stream.plan.open.as_bytes());
+            if self.stream_head(&[("content-type", "application/json")], &mut out, io) {
+                return;
+            }
+        }
+        let State::StreamingJson(stream) = &mut self.state else {
+            return;
+        };
+        for item in &items {
+            if stream.items > 0 {
+                data.push(b',');
+            }
+            // A Value always serialises.
+            data.extend_from_slice(&serde_json::to_vec(item).unwrap_or_default());
+            stream.items += 1;
+        }
+        let last = next.is_none();
+        if last {
+            data.extend_from_slice(stream.plan.close.as_bytes());
+            data.push(b'\n');
+        }
+        stream.cursor = next.unwrap_or(stream.cursor);
+        let http10 = self.exchange.as_ref().is_some_and(|e| e.http10);
+        if http10 {
+            out.extend_from_slice(&data);
+        } else if !data.is_empty() {
+            http::write_chunk(&mut out, &data);
+        }
+        if last {
+            self.stream_end(out, io);
+            return;
+        }
+        io.write(&out);
+        self.pump_json(io);
     }
 
     fn waits_on_server(&self) -> bool {
@@ -879,6 +1035,10 @@ impl Session for ApiSession {
                 self.pending = self.pending.saturating_sub(1);
                 self.frames_read(result, io);
             }
+            ApiMsg::JsonPage(result) => {
+                self.pending = self.pending.saturating_sub(1);
+                self.json_page_read(result, io);
+            }
             ApiMsg::ChangesCommitted => {
                 if let State::Waiting { after, limit, .. } = self.state {
                     self.read_changes(after, limit, io);
@@ -891,6 +1051,7 @@ impl Session for ApiSession {
 
     fn on_output_drained(&mut self, io: &mut SessionIo<'_>) {
         self.pump_zip(io);
+        self.pump_json(io);
     }
 
     fn on_tick(&mut self, io: &mut SessionIo<'_>) {
@@ -901,6 +1062,7 @@ impl Session for ApiSession {
                 until,
             } if io.now() >= until || self.stopping => self.read_changes(after, limit, io),
             State::Streaming(_) => self.pump_zip(io),
+            State::StreamingJson(_) => self.pump_json(io),
             _ => {}
         }
     }

@@ -6,8 +6,8 @@ use super::auth::{self, Grant, Principal, Refused};
 use super::{
     compat, ApiMsg, ApiShared, LoginKind, Render, Response, Step, ZipPlan, CHANGES_WAIT_MAX,
 };
-use crate::civil::{iso_utc, parse_iso_utc};
 use crate::now_ms;
+use crate::times::{iso_utc, parse_iso_utc};
 use crate::viewer::{check_password, LoginCheck};
 use es_net::http::Request;
 use es_net::ConnHandle;
@@ -166,6 +166,7 @@ fn route(
             let expected_version = if_match(request)?;
             let edit = ClinicalEdit::UpdatePatient {
                 patient: PatientRef {
+                    patient_idx: String::new(),
                     patient_id: patient_id.to_string(),
                     first_name: body.first_name,
                     last_name: body.last_name,
@@ -510,7 +511,8 @@ pub(crate) fn start_login(
         LoginKind::Rest | LoginKind::Legacy => format!("api {}", peer.ip()),
     };
     let address = peer.ip().to_string();
-    let check = check_password(&shared.store, user, password, &address);
+    let (user, check) = check_password(&shared.store, user, password, &address);
+    let user = user.as_str();
     let (success, rights) = match check {
         LoginCheck::Correct { rights } => (true, rights),
         LoginCheck::Wrong | LoginCheck::Disabled | LoginCheck::Locked { .. } => {
@@ -811,11 +813,16 @@ struct PatientBody {
     first_name: String,
     last_name: String,
     date_of_birth: String,
+    /// The original system's PatientIDx, for a patient that comes with one; minted when
+    /// absent.
+    #[serde(default)]
+    patient_idx: String,
 }
 
 impl PatientBody {
     fn into_ref(self) -> PatientRef {
         PatientRef {
+            patient_idx: self.patient_idx,
             patient_id: self.patient_id,
             first_name: self.first_name,
             last_name: self.last_name,
@@ -1148,8 +1155,21 @@ fn path_part(id: &str) -> String {
 // ---------------------------------------------------------------- JSON shapes
 
 fn patient_json(p: &PatientRecord) -> Value {
+    let differs = p.details_differ.as_ref().map(|d| {
+        json!({
+            "instrument_serial": d.instrument_serial,
+            "dish_id": d.dish_id,
+            "first_name": d.first_name,
+            "last_name": d.last_name,
+            "date_of_birth": d.date_of_birth,
+            "at": iso_utc(d.at_ms),
+            "times": d.times,
+        })
+    });
     json!({
         "patient_id": p.patient_id,
+        "patient_idx": p.patient_idx,
+        "details_differ": differs,
         "first_name": p.first_name,
         "last_name": p.last_name,
         "date_of_birth": p.date_of_birth,
@@ -1178,6 +1198,7 @@ fn dish_json(d: &DishRecord) -> Value {
         "instrument_number": d.instrument_number,
         "slot": d.slot,
         "insemination_at": iso_utc(d.insemination_at_ms),
+        "fertilization_method": d.fertilization_method,
         "wells": d.wells.iter().map(|(well, embryo_id)| json!({ "well": well, "embryo_id": embryo_id })).collect::<Vec<_>>(),
     })
 }
@@ -1235,6 +1256,8 @@ fn embryo_json(e: &EmbryoRecord) -> Value {
         "well": e.well,
         "instrument_serial": e.instrument_serial,
         "instrument_number": e.instrument_number,
+        "label": e.label,
+        "fertilization_method": e.fertilization_method,
         "insemination_at": iso_utc(e.insemination_at_ms),
         "fate": e.fate.as_str(),
         "comment": e.comment,

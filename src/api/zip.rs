@@ -10,15 +10,15 @@ pub const ARCHIVE_BYTES_MAX: u64 = u32::MAX as u64 - 1024 * 1024;
 
 /// DOS date and time of an instant (Unix ms), as ZIP stores modification times.
 fn dos_time(ms: i64) -> (u16, u16) {
-    let seconds = ms.div_euclid(1000);
-    let (year, month, day) = crate::civil::civil_from_days(seconds.div_euclid(86_400));
-    let rest = seconds.rem_euclid(86_400);
+    let (year, month, day, hour, minute, second) = crate::times::utc_parts(ms);
     if !(1980..=2107).contains(&year) {
         return (0, (1 << 5) | 1); // 1980-01-01 00:00
     }
-    let time = ((rest / 3600) << 11) | ((rest % 3600 / 60) << 5) | (rest % 60 / 2);
-    let date = ((year - 1980) << 9) | (i64::from(month) << 5) | i64::from(day);
-    (time as u16, date as u16)
+    let [month, day, hour, minute, second] =
+        [month, day, hour, minute, second].map(|part| part as u16);
+    let time = (hour << 11) | (minute << 5) | (second / 2);
+    let date = (((year - 1980) as u16) << 9) | (month << 5) | day;
+    (time, date)
 }
 
 struct CentralEntry {

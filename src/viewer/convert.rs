@@ -15,6 +15,16 @@ pub fn patient(record: PatientRecord) -> pb::Patient {
         date_of_birth: record.date_of_birth,
         version: record.version,
         treatments: record.treatments.into_iter().map(treatment).collect(),
+        patient_idx: record.patient_idx,
+        details_differ: record.details_differ.map(|d| pb::PatientDifference {
+            instrument_serial: d.instrument_serial,
+            dish_id: d.dish_id,
+            first_name: d.first_name,
+            last_name: d.last_name,
+            date_of_birth: d.date_of_birth,
+            at_ms: d.at_ms,
+            times: d.times,
+        }),
     }
 }
 
@@ -40,6 +50,7 @@ pub fn dish(record: DishRecord, embryos: Vec<EmbryoRecord>) -> pb::Dish {
         insemination_at_ms: record.insemination_at_ms,
         embryos: embryos.into_iter().map(embryo).collect(),
         wells: record.wells.into_iter().map(|(well, _)| well).collect(),
+        fertilization_method: record.fertilization_method,
     }
 }
 
@@ -57,6 +68,9 @@ pub fn embryo(record: EmbryoRecord) -> pb::Embryo {
         comment: record.comment,
         annotations: record.annotations.into_iter().map(annotation).collect(),
         instrument_serial: record.instrument_serial,
+        instrument_number: record.instrument_number,
+        label: record.label,
+        fertilization_method: record.fertilization_method,
     }
 }
 
@@ -93,6 +107,7 @@ pub fn edit(request: pb::client_message::Request) -> Result<ClinicalEdit, String
                 first_name: p.first_name,
                 last_name: p.last_name,
                 date_of_birth: p.date_of_birth,
+                patient_idx: String::new(),
             },
         },
         Request::UpdatePatient(p) => ClinicalEdit::UpdatePatient {
@@ -101,6 +116,7 @@ pub fn edit(request: pb::client_message::Request) -> Result<ClinicalEdit, String
                 first_name: p.first_name,
                 last_name: p.last_name,
                 date_of_birth: p.date_of_birth,
+                patient_idx: String::new(),
             },
             expected_version: p.expected_version,
         },

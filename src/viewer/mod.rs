@@ -454,11 +454,11 @@ impl ViewerSession {
                     check: LoginCheck::Unavailable("internal error while checking".into()),
                 },
             );
-            let check = check_password(&store, &login.user, &login.password, &address);
+            let (user, check) = check_password(&store, &login.user, &login.password, &address);
             fallback.disarm();
             handle.send(ViewerMsg::LoginChecked {
                 seq,
-                user: login.user,
+                user,
                 computer: login.computer,
                 changes_after: login.changes_after,
                 check,
@@ -1333,21 +1333,29 @@ pub(crate) const LOGIN_REFUSED: &str = "wrong user name or password, or the acco
     check and unlock it";
 
 /// Runs on a worker: the user's state and the password check (argon2id). `address` is where
-/// the attempt comes from: a lock is per account and address.
+/// the attempt comes from: a lock is per account and address. The user name is compared
+/// without regard to case (`Reader::user_for_login`); the account's name as stored is
+/// returned with the outcome (the name given when there is no such account), and is the one
+/// to record the attempt and issue the session for.
 pub(crate) fn check_password(
     store: &Store,
     user: &str,
     password: &str,
     address: &str,
-) -> LoginCheck {
-    let record = match store.read().and_then(|reader| reader.user(user)) {
+) -> (String, LoginCheck) {
+    let record = match store.read().and_then(|reader| reader.user_for_login(user)) {
         Ok(record) => record,
-        Err(error) => return LoginCheck::Unavailable(error.to_string()),
+        Err(error) => return (user.to_string(), LoginCheck::Unavailable(error.to_string())),
     };
     let Some(record) = record else {
         auth::verify_password(password, auth::dummy_hash());
-        return LoginCheck::UnknownUser;
+        return (user.to_string(), LoginCheck::UnknownUser);
     };
+    let name = record.name.clone();
+    (name, password_check(&record, password, address))
+}
+
+fn password_check(record: &es_storage::UserRecord, password: &str, address: &str) -> LoginCheck {
     if record.disabled {
         return LoginCheck::Disabled;
     }

@@ -29,6 +29,7 @@ fn instrument(writer: &es_storage::Writer) -> u64 {
     call(
         writer,
         InstrumentHello {
+            number: 0,
             serial: "REPAIR".into(),
             model: "es-plus".into(),
             firmware: "1".into(),

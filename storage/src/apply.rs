@@ -32,6 +32,8 @@ pub struct Batch<'txn> {
     instrument_by_serial: Table<'txn, &'static str, u64>,
     patients: Rows<'txn, u64>,
     patient_by_id: Table<'txn, &'static str, u64>,
+    patient_by_idx: Table<'txn, &'static str, u64>,
+    patient_differences: Rows<'txn, u64>,
     treatments: Rows<'txn, u64>,
     treatment_by_patient_name: Table<'txn, (u64, &'static str), u64>,
     dishes: Rows<'txn, u64>,
@@ -62,6 +64,8 @@ pub struct Batch<'txn> {
     ims_alarms: Rows<'txn, AlarmKey>,
     state: StateRow,
     ims_state: ImsStateRow,
+    /// What new patients' `patient_idx` begin with (`meta/site_name`).
+    site_name: String,
 }
 
 impl<'txn> Batch<'txn> {
@@ -73,12 +77,20 @@ impl<'txn> Batch<'txn> {
         let meta = txn.open_table(tables::META)?;
         let state = read_state(&meta)?;
         let ims_state = read_ims_state(&meta)?;
+        let site_name = tables::site_name(
+            &meta
+                .get(tables::META_SITE_NAME)?
+                .map(|bytes| String::from_utf8_lossy(bytes.value()).into_owned())
+                .unwrap_or_default(),
+        );
         Ok(Batch {
             meta,
             instruments: txn.open_table(tables::INSTRUMENTS)?,
             instrument_by_serial: txn.open_table(tables::INSTRUMENT_BY_SERIAL)?,
             patients: txn.open_table(tables::PATIENTS)?,
             patient_by_id: txn.open_table(tables::PATIENT_BY_ID)?,
+            patient_by_idx: txn.open_table(tables::PATIENT_BY_IDX)?,
+            patient_differences: txn.open_table(tables::PATIENT_DIFFERENCES)?,
             treatments: txn.open_table(tables::TREATMENTS)?,
             treatment_by_patient_name: txn.open_table(tables::TREATMENT_BY_PATIENT_NAME)?,
             dishes: txn.open_table(tables::DISHES)?,
@@ -108,6 +120,7 @@ impl<'txn> Batch<'txn> {
             ims_alarms: txn.open_table(tables::IMS_ALARMS)?,
             state,
             ims_state,
+            site_name,
         })
     }
 
@@ -146,6 +159,7 @@ impl<'txn> Batch<'txn> {
             new_secret,
             issued_connection_open,
             enrolment,
+            number,
             at_ms,
         } = hello;
         let (presented_secret, at_ms) = (presented_secret.as_deref(), *at_ms);
@@ -157,14 +171,13 @@ impl<'txn> Batch<'txn> {
             if *enrolment == Enrolment::Approve {
                 return Ok(Err(WriteError::Refused(HelloRefusal::EnrolmentPending)));
             }
-            return self.instrument_create(
+            let new = NewInstrument {
                 serial,
                 model,
                 firmware,
-                new_secret,
-                presented_secret,
-                at_ms,
-            );
+                number: *number,
+            };
+            return self.instrument_create(new, new_secret, presented_secret, at_ms);
         };
         let mut row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
         let presented = tables::sha256(presented_secret.unwrap_or("").as_bytes());
@@ -173,14 +186,26 @@ impl<'txn> Batch<'txn> {
                 SecretCheck::Accepted { issued_secret } => issued_secret,
                 SecretCheck::Refused(refusal) => return Ok(Err(WriteError::Refused(refusal))),
             };
-        let changed = &row.model != model || &row.firmware != firmware;
+        let renumbered = *number != 0
+            && row.number != *number
+            && row.number_source != tables::NUMBER_BY_ADMINISTRATOR;
+        if *number != 0 && row.number_source == tables::NUMBER_BY_SERVER {
+            row.number_source = tables::NUMBER_BY_INSTRUMENT;
+        }
+        if renumbered {
+            row.number = *number;
+        }
+        let changed = &row.model != model || &row.firmware != firmware || renumbered;
         row.model = model.to_string();
         row.firmware = firmware.to_string();
         row.last_seen_ms = row.last_seen_ms.max(at_ms);
         self.instruments
             .insert(instrument_id, encode(&row).as_slice())?;
         if changed {
-            let summary = format!("instrument {serial} is now {model} firmware {firmware}");
+            let summary = format!(
+                "instrument {serial} is now number {} ({model} firmware {firmware})",
+                row.number
+            );
             self.change(
                 ChangeEntity::Instrument,
                 instrument_id,
@@ -198,9 +223,7 @@ impl<'txn> Batch<'txn> {
 
     fn instrument_create(
         &mut self,
-        serial: &str,
-        model: &str,
-        firmware: &str,
+        new: NewInstrument<'_>,
         new_secret: &str,
         presented_secret: Option<&str>,
         at_ms: i64,
@@ -209,12 +232,11 @@ impl<'txn> Batch<'txn> {
             issued_secret_sha256: Some(tables::sha256(new_secret.as_bytes())),
             issued_for_sha256: Some(tables::sha256(presented_secret.unwrap_or("").as_bytes())),
         };
-        let summary = format!("instrument {serial} ({model}) first seen");
-        let instrument_id =
-            match self.instrument_insert(serial, model, firmware, secrets, at_ms, summary)? {
-                Ok(instrument_id) => instrument_id,
-                Err(message) => return Ok(Err(WriteError::InvalidInput(message))),
-            };
+        let summary = format!("instrument {} ({}) first seen", new.serial, new.model);
+        let instrument_id = match self.instrument_insert(new, secrets, at_ms, summary)? {
+            Ok(instrument_id) => instrument_id,
+            Err(message) => return Ok(Err(WriteError::InvalidInput(message))),
+        };
         Ok(Ok(InstrumentAccepted {
             instrument_id,
             issued_secret: Some(new_secret.to_string()),
@@ -226,15 +248,24 @@ impl<'txn> Batch<'txn> {
     /// id, or why it cannot be recorded.
     pub(crate) fn instrument_insert(
         &mut self,
-        serial: &str,
-        model: &str,
-        firmware: &str,
+        new: NewInstrument<'_>,
         secrets: InstrumentSecrets,
         at_ms: i64,
         summary: String,
     ) -> Result<Result<u64, String>, StorageError> {
-        let Ok(number) = u32::try_from(self.state.instruments + 1) else {
-            return Ok(Err("too many instruments".to_string()));
+        let NewInstrument {
+            serial,
+            model,
+            firmware,
+            number,
+        } = new;
+        let (number, number_source) = if number != 0 {
+            (number, tables::NUMBER_BY_INSTRUMENT)
+        } else {
+            let Ok(counted) = u32::try_from(self.state.instruments + 1) else {
+                return Ok(Err("too many instruments".to_string()));
+            };
+            (counted, tables::NUMBER_BY_SERVER)
         };
         let instrument_id = self.state.instrument_id_last + 1;
         let row = InstrumentRow {
@@ -248,6 +279,7 @@ impl<'txn> Batch<'txn> {
             secret_sha256: None,
             issued_secret_sha256: secrets.issued_secret_sha256,
             issued_for_sha256: secrets.issued_for_sha256,
+            number_source,
         };
         insert_new(
             &mut self.instruments,
@@ -332,7 +364,8 @@ impl<'txn> Batch<'txn> {
         // Apply. Every write below records a change, so an unchanged change log means the
         // registration was already stored exactly as given.
         let changes_before = self.state.change_last_seq;
-        let patient_key = self.patient_upsert(&dish.patient, at_ms)?;
+        let serial = self.instrument_serial(instrument_id)?;
+        let patient_key = self.patient_upsert(&dish.patient, &serial, &dish.dish_id, at_ms)?;
         let treatment_key = self.treatment_upsert(patient_key, &dish.treatment_name, at_ms)?;
         let (dish_key, created) = match existing {
             Some(dish_key) => {
@@ -408,7 +441,18 @@ impl<'txn> Batch<'txn> {
         Ok(Ok(()))
     }
 
-    fn patient_upsert(&mut self, patient: &PatientRef, at_ms: i64) -> Result<u64, StorageError> {
+    /// The dish's patient: created when new. A known patient's details have one owner, the
+    /// clinic (REST API, viewer): an empty stored field is filled in, but details that
+    /// disagree with the stored ones are kept as stored and recorded in
+    /// `patient_differences` (and the change log and audit trail) for an embryologist to
+    /// resolve. The images matter more than the disagreement, so the dish is registered.
+    fn patient_upsert(
+        &mut self,
+        patient: &PatientRef,
+        serial: &str,
+        dish_id: &str,
+        at_ms: i64,
+    ) -> Result<u64, StorageError> {
         let id = patient.patient_id.as_str();
         let Some(patient_key) = self.patient_by_id.get(id)?.map(|g| g.value()) else {
             let patient_key = self.state.patient_key_last + 1;
@@ -420,28 +464,35 @@ impl<'txn> Batch<'txn> {
                 created_at_ms: at_ms,
                 updated_at_ms: at_ms,
                 version: 1,
+                patient_idx: patient.patient_idx.clone(),
             };
-            self.patient_insert(patient_key, &row)?;
+            self.patient_insert(patient_key, row)?;
             let summary = format!("patient {id} created");
             self.change(ChangeEntity::Patient, patient_key, id, 1, at_ms, summary)?;
             return Ok(patient_key);
         };
         let mut row: PatientRow = get_row(&self.patients, patient_key, "patient")?;
         let before = row.clone();
+        let mut differs = false;
         for (field, given) in [
             (&mut row.first_name, &patient.first_name),
             (&mut row.last_name, &patient.last_name),
             (&mut row.date_of_birth, &patient.date_of_birth),
         ] {
-            if !given.is_empty() {
+            if given.is_empty() || field == given {
+                continue;
+            }
+            if field.is_empty() {
                 field.clone_from(given);
+            } else {
+                differs = true;
             }
         }
         if row != before {
             row.updated_at_ms = at_ms;
             row.version += 1;
             self.patients.insert(patient_key, encode(&row).as_slice())?;
-            let summary = format!("patient {id} updated by an instrument");
+            let summary = format!("patient {id}: details filled in by an instrument");
             self.change(
                 ChangeEntity::Patient,
                 patient_key,
@@ -451,16 +502,130 @@ impl<'txn> Batch<'txn> {
                 summary,
             )?;
         }
+        if differs {
+            self.patient_difference(patient_key, &row, patient, serial, dish_id, at_ms)?;
+        }
         Ok(patient_key)
     }
 
-    fn patient_insert(&mut self, patient_key: u64, row: &PatientRow) -> Result<(), StorageError> {
-        insert_new(&mut self.patients, patient_key, &encode(row), "patient")?;
+    /// Records that a dish registration gave other details for a stored patient.
+    fn patient_difference(
+        &mut self,
+        patient_key: u64,
+        stored: &PatientRow,
+        given: &PatientRef,
+        serial: &str,
+        dish_id: &str,
+        at_ms: i64,
+    ) -> Result<(), StorageError> {
+        let times = match self.patient_differences.get(patient_key)? {
+            Some(bytes) => {
+                let old: tables::PatientDifferenceRow =
+                    decode(bytes.value(), "patient difference")?;
+                let same = old.first_name == given.first_name
+                    && old.last_name == given.last_name
+                    && old.date_of_birth == given.date_of_birth
+                    && old.dish_id == dish_id
+                    && old.instrument_serial == serial;
+                if same {
+                    // A resent registration: recorded already.
+                    return Ok(());
+                }
+                old.times + 1
+            }
+            None => 1,
+        };
+        let row = tables::PatientDifferenceRow {
+            instrument_serial: serial.to_string(),
+            dish_id: dish_id.to_string(),
+            first_name: given.first_name.clone(),
+            last_name: given.last_name.clone(),
+            date_of_birth: given.date_of_birth.clone(),
+            at_ms,
+            times,
+        };
+        self.patient_differences
+            .insert(patient_key, encode(&row).as_slice())?;
+        let id = stored.patient_id.as_str();
+        self.change(
+            ChangeEntity::Patient,
+            patient_key,
+            id,
+            stored.version,
+            at_ms,
+            format!(
+                "patient {id}: details from instrument {serial} (dish {dish_id}) differ; \
+                 the stored ones were kept"
+            ),
+        )?;
+        let details = |first: &str, last: &str, born: &str| {
+            serde_json::json!({ "first_name": first, "last_name": last, "date_of_birth": born })
+                .to_string()
+        };
+        self.audit_row(
+            crate::apply::clinical::Audit {
+                actor: &crate::ops::Actor {
+                    user: format!("instrument:{serial}"),
+                    computer: String::new(),
+                },
+                action: "patient.details_differ",
+                entity: ChangeEntity::Patient,
+                target: id,
+                outcome: crate::model::AuditOutcome::Kept,
+                before: details(&stored.first_name, &stored.last_name, &stored.date_of_birth),
+                after: details(&given.first_name, &given.last_name, &given.date_of_birth),
+            },
+            at_ms,
+        )
+    }
+
+    /// A patient the clinic edited has no difference left to resolve.
+    pub(crate) fn patient_difference_resolved(
+        &mut self,
+        patient_key: u64,
+    ) -> Result<(), StorageError> {
+        self.patient_differences.remove(patient_key)?;
+        Ok(())
+    }
+
+    /// Inserts a new patient; an empty `patient_idx` is minted from the site name and the
+    /// creation time (1e-10 day later while the value is taken).
+    pub(crate) fn patient_insert(
+        &mut self,
+        patient_key: u64,
+        mut row: PatientRow,
+    ) -> Result<(), StorageError> {
+        if row.patient_idx.is_empty() {
+            let mut step = 0u128;
+            row.patient_idx = loop {
+                let idx = tables::patient_idx(&self.site_name, row.created_at_ms, step);
+                if self.patient_by_idx.get(idx.as_str())?.is_none() {
+                    break idx;
+                }
+                step += 1;
+            };
+        }
+        insert_new(&mut self.patients, patient_key, &encode(&row), "patient")?;
         self.patient_by_id
             .insert(row.patient_id.as_str(), patient_key)?;
+        if self
+            .patient_by_idx
+            .insert(row.patient_idx.as_str(), patient_key)?
+            .is_some()
+        {
+            return Err(StorageError::Corrupt(format!(
+                "PatientIDx {} is already taken; callers check it first",
+                row.patient_idx
+            )));
+        }
         self.state.patient_key_last = patient_key;
         self.state.patients += 1;
         Ok(())
+    }
+
+    /// Whether a `patient_idx` is taken.
+    pub(crate) fn patient_idx_taken(&self, patient_idx: &str) -> Result<bool, StorageError> {
+        Ok(self.patient_by_idx.get(patient_idx)?.is_some())
     }
 
     fn treatment_upsert(
@@ -535,6 +700,7 @@ impl<'txn> Batch<'txn> {
             insemination_at_ms: dish.insemination_at_ms,
             created_at_ms: at_ms,
             updated_at_ms: at_ms,
+            fertilization_method: dish.fertilization_method.clone(),
         };
         insert_new(&mut self.dishes, dish_key, &encode(&row), "dish")?;
         self.dish_by_instrument
@@ -565,14 +731,24 @@ impl<'txn> Batch<'txn> {
         at_ms: i64,
     ) -> Result<(), StorageError> {
         let mut row: DishRow = get_row(&self.dishes, dish_key, "dish")?;
-        // The insemination time never changes (check_dish_owner); the slot may (a dish moved).
-        if row.slot == dish.slot {
+        // The insemination time never changes (check_dish_owner); the slot may (a dish
+        // moved), and a fertilization method given later is recorded.
+        let method_given = !dish.fertilization_method.is_empty()
+            && row.fertilization_method != dish.fertilization_method;
+        if row.slot == dish.slot && !method_given {
             return Ok(());
         }
         row.slot = dish.slot;
+        if method_given {
+            row.fertilization_method
+                .clone_from(&dish.fertilization_method);
+        }
         row.updated_at_ms = at_ms;
         self.dishes.insert(dish_key, encode(&row).as_slice())?;
-        let summary = format!("dish {} updated: slot {}", dish.dish_id, dish.slot);
+        let summary = format!(
+            "dish {} updated: slot {}, fertilization {}",
+            dish.dish_id, dish.slot, row.fertilization_method
+        );
         self.change(
             ChangeEntity::Dish,
             dish_key,
@@ -583,6 +759,22 @@ impl<'txn> Batch<'txn> {
         )
     }
 
+    /// The dish's place among its treatment's dishes, from 0 (dish keys ascend with
+    /// registration).
+    fn dish_index_in_treatment(&self, dish_key: u64) -> Result<u64, StorageError> {
+        let row: DishRow = get_row(&self.dishes, dish_key, "dish")?;
+        let before = self
+            .dish_by_treatment
+            .range((row.treatment_key, 0)..(row.treatment_key, dish_key))?
+            .count();
+        Ok(before as u64)
+    }
+
+    fn instrument_serial(&self, instrument_id: u64) -> Result<String, StorageError> {
+        let row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
+        Ok(row.serial)
+    }
+
     /// Creates the embryos of wells not registered yet (checked by `check_wells`).
     fn wells_create(
         &mut self,
@@ -590,11 +782,25 @@ impl<'txn> Batch<'txn> {
         dish: &DishRegistration,
         at_ms: i64,
     ) -> Result<(), StorageError> {
+        let mut dish_index = None;
         for well in &dish.wells {
             let key = (dish_key, well.well);
             if self.wells.get(key)?.is_some() {
                 continue;
             }
+            let label = if well.label.is_empty() {
+                let index = match dish_index {
+                    Some(index) => index,
+                    None => {
+                        let index = self.dish_index_in_treatment(dish_key)?;
+                        dish_index = Some(index);
+                        index
+                    }
+                };
+                tables::embryo_label(index, well.well)
+            } else {
+                well.label.clone()
+            };
             let embryo_key = self.state.embryo_key_last + 1;
             let row = EmbryoRow {
                 embryo_key,
@@ -604,6 +810,7 @@ impl<'txn> Batch<'txn> {
                 version: 1,
                 fate: crate::model::Fate::Undecided.to_u8(),
                 comment: String::new(),
+                label,
             };
             self.wells.insert(key, encode(&row).as_slice())?;
             let previous = self.embryo_by_id.insert(well.embryo_id.as_str(), key)?;
@@ -1150,8 +1357,15 @@ enum SecretCheck {
     Refused(HelloRefusal),
 }
 
-/// Checks the presented secret (its SHA-256) against the row; on acceptance updates the row's
-/// secrets (a refusal leaves the row as it was).
+/// An instrument to record: its serial number, model, firmware and its own number (0: the
+/// server counts one).
+pub(crate) struct NewInstrument<'a> {
+    pub(crate) serial: &'a str,
+    pub(crate) model: &'a str,
+    pub(crate) firmware: &'a str,
+    pub(crate) number: u32,
+}
+
 /// The secrets a new instrument row starts with.
 #[derive(Default)]
 pub(crate) struct InstrumentSecrets {
@@ -1159,6 +1373,8 @@ pub(crate) struct InstrumentSecrets {
     pub(crate) issued_for_sha256: Option<[u8; 32]>,
 }
 
+/// Checks the presented secret (its SHA-256) against the row; on acceptance updates the row's
+/// secrets (a refusal leaves the row as it was).
 fn check_secret(
     row: &mut InstrumentRow,
     presented: &[u8; 32],

@@ -54,9 +54,9 @@ pub use migrate::{fixture_jpeg, write_v1_fixture, write_v4_fixture, FixtureImage
 pub use model::{
     AcquisitionRecord, AcquisitionSync, AnnotationRecord, AnnotationSource, ApiKeyRecord, ApiScope,
     AuditOutcome, AuditRecord, Change, ChangeEntity, DishRecord, DishSyncState, EmbryoRecord, Fate,
-    Frame, FrameChunk, InstrumentActivity, InstrumentRecord, PatientRecord, PatientSummary, Rights,
-    ScoreRecord, StoreStats, TableSpace, TransferOutcome, TransferRecord, TreatmentRecord,
-    UserRecord, VerifyProgress, VerifyReport, WellSync,
+    Frame, FrameChunk, InstrumentActivity, InstrumentRecord, PatientDifference, PatientRecord,
+    PatientSummary, Rights, ScoreRecord, StoreStats, TableSpace, TransferOutcome, TransferRecord,
+    TreatmentRecord, UserRecord, VerifyProgress, VerifyReport, WellSync,
 };
 /// The writer's open transaction, as `Operation::apply` receives it: opaque outside this crate.
 #[doc(hidden)]
@@ -65,9 +65,9 @@ pub use ops::{
     user_name, Actor, AlarmInput, AnnotationInput, ApiKeyCreate, ApiKeyRevoke, Applied,
     AuditDenied, ClinicalEdit, ConfirmInstrumentSecret, DishRegistered, DishRegistration, Edit,
     Edited, Enrolment, Idempotency, ImageBytes, ImageStored, ImsQueueing, ImsRemove, ImsRemoved,
-    InstrumentAccepted, InstrumentApprove, InstrumentHello, InstrumentRename, Lane, LoginAttempt,
-    LoginRecorded, OpResult, Operation, PatientRef, PutImage, PutTelemetry, RegisterDish,
-    ResetInstrumentSecret, ScoreInput, SecretConfirmed, SecretReset, TelemetrySample,
+    InstrumentAccepted, InstrumentApprove, InstrumentHello, InstrumentRename, InstrumentRenumber,
+    Lane, LoginAttempt, LoginRecorded, OpResult, Operation, PatientRef, PutImage, PutTelemetry,
+    RegisterDish, ResetInstrumentSecret, ScoreInput, SecretConfirmed, SecretReset, TelemetrySample,
     TelemetryStored, UserAdd, UserChange, UserUpdate, WellRegistration,
 };
 pub use reader::Reader;

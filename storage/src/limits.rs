@@ -44,3 +44,10 @@ pub const SCORES_PER_EMBRYO_MAX: u64 = 64;
 /// Source addresses whose failed logins are tracked per user (`login_failures`); past it the
 /// least recent is forgotten.
 pub const LOGIN_ADDRESSES_PER_USER_MAX: usize = 64;
+
+/// A `PatientIDx` a patient comes with (`<site>_<serial day>`): letters, digits, `_`, `.`, `-`.
+pub const PATIENT_IDX_BYTES_MAX: usize = 64;
+/// A dish's fertilization method (`ICSI`, `IVF`, ...).
+pub const FERTILIZATION_METHOD_BYTES_MAX: usize = 32;
+/// An embryo's label (`AA1`).
+pub const EMBRYO_LABEL_BYTES_MAX: usize = 32;

@@ -25,10 +25,145 @@ pub(crate) fn step(txn: &WriteTransaction, from: u64) -> Result<(), StorageError
         5 => v5_to_v6(txn),
         6 => v6_to_v7(txn),
         7 => v7_to_v8(txn),
+        8 => v8_to_v9(txn),
         _ => Err(StorageError::Corrupt(format!(
             "no migration from schema version {from}"
         ))),
     }
+}
+
+/// Version 9 gives every patient the original system's identifier (`patient_idx`, minted from
+/// the site name and its creation time, indexed in `patient_by_idx`), every dish a
+/// fertilization method (empty: not known), every embryo its label (`AA1`: its dish's place
+/// among the treatment's dishes, by registration, and its well) and every instrument the source
+/// of its number (the server's count). `patient_differences` starts empty.
+fn v8_to_v9(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let site = match txn.open_table(tables::META)?.get(tables::META_SITE_NAME)? {
+        Some(bytes) => tables::site_name(&String::from_utf8_lossy(bytes.value())),
+        None => tables::site_name(""),
+    };
+    let mut minted = std::collections::HashSet::new();
+    let indexed = rewrite_u64_rows(
+        txn,
+        tables::PATIENTS,
+        "version 8 patient",
+        |_, old: v8::PatientRow| {
+            let mut step = 0u128;
+            let patient_idx = loop {
+                let idx = tables::patient_idx(&site, old.created_at_ms, step);
+                if minted.insert(idx.clone()) {
+                    break idx;
+                }
+                step += 1;
+            };
+            Ok((
+                patient_idx.clone(),
+                tables::PatientRow {
+                    patient_id: old.patient_id,
+                    first_name: old.first_name,
+                    last_name: old.last_name,
+                    date_of_birth: old.date_of_birth,
+                    created_at_ms: old.created_at_ms,
+                    updated_at_ms: old.updated_at_ms,
+                    version: old.version,
+                    patient_idx,
+                },
+            ))
+        },
+    )?;
+    let patients = indexed.len();
+    let mut by_idx = txn.open_table(tables::PATIENT_BY_IDX)?;
+    for (key, idx) in indexed {
+        by_idx.insert(idx.as_str(), key)?;
+    }
+    rewrite_u64_rows(
+        txn,
+        tables::DISHES,
+        "version 8 dish",
+        |_, old: v8::DishRow| {
+            Ok((
+                (),
+                tables::DishRow {
+                    instrument_id: old.instrument_id,
+                    dish_id: old.dish_id,
+                    slot: old.slot,
+                    treatment_key: old.treatment_key,
+                    insemination_at_ms: old.insemination_at_ms,
+                    created_at_ms: old.created_at_ms,
+                    updated_at_ms: old.updated_at_ms,
+                    fertilization_method: String::new(),
+                },
+            ))
+        },
+    )?;
+    rewrite_u64_rows(
+        txn,
+        tables::INSTRUMENTS,
+        "version 8 instrument",
+        |_, old: v8::InstrumentRow| {
+            Ok((
+                (),
+                tables::InstrumentRow {
+                    serial: old.serial,
+                    model: old.model,
+                    firmware: old.firmware,
+                    number: old.number,
+                    display_name: old.display_name,
+                    first_seen_ms: old.first_seen_ms,
+                    last_seen_ms: old.last_seen_ms,
+                    secret_sha256: old.secret_sha256,
+                    issued_secret_sha256: old.issued_secret_sha256,
+                    issued_for_sha256: old.issued_for_sha256,
+                    number_source: tables::NUMBER_BY_SERVER,
+                },
+            ))
+        },
+    )?;
+    // Each dish's place among its treatment's dishes (dish keys ascend with registration).
+    let mut dish_index: HashMap<u64, u64> = HashMap::new();
+    {
+        let by_treatment = txn.open_table(tables::DISH_BY_TREATMENT)?;
+        let mut count: HashMap<u64, u64> = HashMap::new();
+        for entry in by_treatment.iter()? {
+            let (key, _) = entry?;
+            let (treatment_key, dish_key) = key.value();
+            let next = count.entry(treatment_key).or_default();
+            dish_index.insert(dish_key, *next);
+            *next += 1;
+        }
+    }
+    let mut wells = txn.open_table(tables::WELLS)?;
+    let mut converted = Vec::new();
+    for entry in wells.iter()? {
+        let (key, value) = entry?;
+        let (dish_key, well) = key.value();
+        let old: v8::EmbryoRow = decode(value.value(), "version 8 embryo")?;
+        let index = dish_index.get(&dish_key).copied().unwrap_or(0);
+        converted.push((
+            key.value(),
+            encode(&tables::EmbryoRow {
+                embryo_key: old.embryo_key,
+                embryo_id: old.embryo_id,
+                created_at_ms: old.created_at_ms,
+                updated_at_ms: old.updated_at_ms,
+                version: old.version,
+                fate: old.fate,
+                comment: old.comment,
+                label: tables::embryo_label(index, well),
+            }),
+        ));
+    }
+    let embryos = converted.len();
+    for (key, bytes) in converted {
+        wells.insert(key, bytes.as_slice())?;
+    }
+    tracing::info!(
+        patients,
+        embryos,
+        site = %site,
+        "gave every patient its PatientIDx and every embryo its label"
+    );
+    Ok(())
 }
 
 /// Version 8 adds `instrument_days` (created empty by `tables::create_all`) and fills it from
@@ -53,7 +188,7 @@ fn v7_to_v8(txn: &WriteTransaction) -> Result<(), StorageError> {
                 let Some(dish) = dishes.get(dish_key)? else {
                     continue;
                 };
-                let dish: tables::DishRow = decode(dish.value(), "dish")?;
+                let dish: v8::DishRow = decode(dish.value(), "dish")?;
                 let known = (
                     dish.instrument_id,
                     (crate::volume::HEADER_FIXED_BYTES + dish.dish_id.len()) as u64,
@@ -260,7 +395,7 @@ fn move_chunk(
             let (dish_key, well, acquired_at_ms, focal_plane) = *key;
             if let std::collections::hash_map::Entry::Vacant(entry) = dishes.entry(dish_key) {
                 let dish = match dish_rows.get(dish_key)? {
-                    Some(row) => decode::<tables::DishRow>(row.value(), "dish")
+                    Some(row) => decode::<v8::DishRow>(row.value(), "dish")
                         .map(|row| (row.instrument_id, row.dish_id))
                         .unwrap_or((0, String::new())),
                     None => (0, String::new()),
@@ -437,6 +572,58 @@ pub fn write_v4_fixture(
     Ok(images)
 }
 
+/// The version 8 record layouts of the rows version 9 extended, frozen.
+pub(crate) mod v8 {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct InstrumentRow {
+        pub serial: String,
+        pub model: String,
+        pub firmware: String,
+        pub number: u32,
+        pub display_name: String,
+        pub first_seen_ms: i64,
+        pub last_seen_ms: i64,
+        pub secret_sha256: Option<[u8; 32]>,
+        pub issued_secret_sha256: Option<[u8; 32]>,
+        pub issued_for_sha256: Option<[u8; 32]>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct PatientRow {
+        pub patient_id: String,
+        pub first_name: String,
+        pub last_name: String,
+        pub date_of_birth: String,
+        pub created_at_ms: i64,
+        pub updated_at_ms: i64,
+        pub version: u64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct DishRow {
+        pub instrument_id: u64,
+        pub dish_id: String,
+        pub slot: u32,
+        pub treatment_key: u64,
+        pub insemination_at_ms: i64,
+        pub created_at_ms: i64,
+        pub updated_at_ms: i64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct EmbryoRow {
+        pub embryo_key: u64,
+        pub embryo_id: String,
+        pub created_at_ms: i64,
+        pub updated_at_ms: i64,
+        pub version: u64,
+        pub fate: u8,
+        pub comment: String,
+    }
+}
+
 /// The version 1 record layouts, frozen.
 pub(crate) mod v1 {
     use serde::{Deserialize, Serialize};
@@ -602,27 +789,32 @@ fn v1_to_v2(txn: &WriteTransaction) -> Result<(), StorageError> {
     Ok(())
 }
 
-fn rewrite_u64_rows<Old, New>(
+/// Rewrites every row of `table`; `convert` gives the new row and something to keep for each
+/// (returned with its key).
+fn rewrite_u64_rows<Old, New, Kept>(
     txn: &WriteTransaction,
     table: redb::TableDefinition<u64, &[u8]>,
     what: &str,
-    mut convert: impl FnMut(u64, Old) -> Result<New, StorageError>,
-) -> Result<(), StorageError>
+    mut convert: impl FnMut(u64, Old) -> Result<(Kept, New), StorageError>,
+) -> Result<Vec<(u64, Kept)>, StorageError>
 where
     Old: serde::de::DeserializeOwned,
     New: Serialize,
 {
     let mut rows = txn.open_table(table)?;
     let mut converted = Vec::new();
+    let mut kept = Vec::new();
     for entry in rows.iter()? {
         let (key, value) = entry?;
         let old: Old = decode(value.value(), what)?;
-        converted.push((key.value(), encode(&convert(key.value(), old)?)));
+        let (keep, new) = convert(key.value(), old)?;
+        converted.push((key.value(), encode(&new)));
+        kept.push((key.value(), keep));
     }
     for (key, bytes) in converted {
         rows.insert(key, bytes.as_slice())?;
     }
-    Ok(())
+    Ok(kept)
 }
 
 /// Returns patient_key -> patient_id.
@@ -634,15 +826,18 @@ fn migrate_patients(txn: &WriteTransaction) -> Result<HashMap<u64, String>, Stor
         "version 1 patient",
         |key, old: v1::PatientRow| {
             ids.insert(key, old.patient_id.clone());
-            Ok(tables::PatientRow {
-                patient_id: old.patient_id,
-                first_name: old.first_name,
-                last_name: old.last_name,
-                date_of_birth: old.date_of_birth,
-                created_at_ms: old.created_at_ms,
-                updated_at_ms: old.updated_at_ms,
-                version: 1,
-            })
+            Ok((
+                (),
+                v8::PatientRow {
+                    patient_id: old.patient_id,
+                    first_name: old.first_name,
+                    last_name: old.last_name,
+                    date_of_birth: old.date_of_birth,
+                    created_at_ms: old.created_at_ms,
+                    updated_at_ms: old.updated_at_ms,
+                    version: 1,
+                },
+            ))
         },
     )?;
     Ok(ids)
@@ -654,16 +849,20 @@ fn migrate_treatments(txn: &WriteTransaction) -> Result<(), StorageError> {
         tables::TREATMENTS,
         "version 1 treatment",
         |_, old: v1::TreatmentRow| {
-            Ok(tables::TreatmentRow {
-                patient_key: old.patient_key,
-                name: old.name,
-                created_at_ms: old.created_at_ms,
-                updated_at_ms: old.created_at_ms,
-                version: 1,
-                comment: String::new(),
-            })
+            Ok((
+                (),
+                tables::TreatmentRow {
+                    patient_key: old.patient_key,
+                    name: old.name,
+                    created_at_ms: old.created_at_ms,
+                    updated_at_ms: old.created_at_ms,
+                    version: 1,
+                    comment: String::new(),
+                },
+            ))
         },
-    )
+    )?;
+    Ok(())
 }
 
 fn index_dishes(txn: &WriteTransaction) -> Result<(), StorageError> {
@@ -671,7 +870,7 @@ fn index_dishes(txn: &WriteTransaction) -> Result<(), StorageError> {
     let mut index = txn.open_table(tables::DISH_BY_TREATMENT)?;
     for entry in dishes.iter()? {
         let (key, value) = entry?;
-        let dish: tables::DishRow = decode(value.value(), "dish")?;
+        let dish: v8::DishRow = decode(value.value(), "dish")?;
         index.insert((dish.treatment_key, key.value()), ())?;
     }
     Ok(())
@@ -681,13 +880,13 @@ fn index_dishes(txn: &WriteTransaction) -> Result<(), StorageError> {
 fn migrate_wells(txn: &WriteTransaction) -> Result<HashMap<u64, String>, StorageError> {
     let mut wells = txn.open_table(tables::WELLS)?;
     let mut by_key = txn.open_table(tables::EMBRYO_BY_KEY)?;
-    let mut converted: Vec<(WellKey, tables::EmbryoRow)> = Vec::new();
+    let mut converted: Vec<(WellKey, v8::EmbryoRow)> = Vec::new();
     for entry in wells.iter()? {
         let (key, value) = entry?;
         let old: v1::EmbryoRow = decode(value.value(), "version 1 embryo")?;
         converted.push((
             key.value(),
-            tables::EmbryoRow {
+            v8::EmbryoRow {
                 embryo_key: old.embryo_key,
                 embryo_id: old.embryo_id,
                 created_at_ms: old.created_at_ms,
@@ -719,7 +918,7 @@ fn migrate_changes(
     let natural_id = |entity: Option<ChangeEntity>, key: u64| -> Result<String, StorageError> {
         Ok(match entity {
             Some(ChangeEntity::Instrument) => {
-                get_row::<tables::InstrumentRow>(&instruments, key, "instrument")
+                get_row::<v8::InstrumentRow>(&instruments, key, "instrument")
                     .map(|row| row.serial)
                     .unwrap_or_default()
             }
@@ -733,7 +932,7 @@ fn migrate_changes(
                     Err(_) => String::new(),
                 }
             }
-            Some(ChangeEntity::Dish) => get_row::<tables::DishRow>(&dishes, key, "dish")
+            Some(ChangeEntity::Dish) => get_row::<v8::DishRow>(&dishes, key, "dish")
                 .map(|row| row.dish_id)
                 .unwrap_or_default(),
             Some(ChangeEntity::Embryo | ChangeEntity::Acquisition) => {
@@ -848,7 +1047,7 @@ pub fn write_v1_fixture(path: &std::path::Path) -> Result<(), StorageError> {
             .insert(1, encode(&treatment).as_slice())?;
         txn.open_table(tables::TREATMENT_BY_PATIENT_NAME)?
             .insert((1, "2020-1"), 1)?;
-        let dish = tables::DishRow {
+        let dish = v8::DishRow {
             instrument_id: 1,
             dish_id: "D-V1".into(),
             slot: 1,

@@ -12,6 +12,8 @@ pub struct InstrumentRecord {
     pub display_name: String,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
+    /// Who gave `number`: `server` (counted), `instrument` (its HELLO) or `administrator`.
+    pub number_set_by: &'static str,
 }
 
 /// The images an instrument delivered, from `instrument_days` (see `Reader::activity`).
@@ -322,6 +324,9 @@ stable_enum! {
         Conflict = 2, "conflict";
         /// Refused: the user lacks the right.
         Denied = 3, "denied";
+        /// Not applied: the stored record was kept (a dish registration's patient details
+        /// that differ from the stored ones, `patient.details_differ`). Since schema 9.
+        Kept = 4, "kept";
     }
 }
 
@@ -338,6 +343,26 @@ pub struct PatientRecord {
     pub updated_at_ms: i64,
     /// Ascending by name.
     pub treatments: Vec<TreatmentRecord>,
+    /// The original system's identifier (`PatientIDx`, e.g. `ESSERVER_45993.3717631944`).
+    pub patient_idx: String,
+    /// A dish registration's details that differ from these, not resolved yet.
+    pub details_differ: Option<PatientDifference>,
+}
+
+/// A dish registration gave other details for a stored patient; the stored ones were kept.
+/// An edit of the patient (REST API, viewer) resolves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PatientDifference {
+    pub patient_id: String,
+    pub instrument_serial: String,
+    pub dish_id: String,
+    /// What the registration gave.
+    pub first_name: String,
+    pub last_name: String,
+    pub date_of_birth: String,
+    /// When the latest such registration came, and how many did.
+    pub at_ms: i64,
+    pub times: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -364,6 +389,8 @@ pub struct DishRecord {
     pub created_at_ms: i64,
     /// Registered wells with their embryo ids, ascending.
     pub wells: Vec<(u32, String)>,
+    /// `ICSI`, `IVF`, ...; empty when not known.
+    pub fertilization_method: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -382,6 +409,10 @@ pub struct EmbryoRecord {
     pub fate: Fate,
     pub comment: String,
     pub updated_at_ms: i64,
+    /// Its label in the original system's style (`AA1`, `EmbryoDescriptionID`).
+    pub label: String,
+    /// The dish's fertilization method (`ICSI`, `IVF`, ...); empty when not known.
+    pub fertilization_method: String,
     /// Ascending by annotation id (the order they were added).
     pub annotations: Vec<AnnotationRecord>,
     /// Ascending by model name.

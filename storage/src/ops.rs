@@ -138,6 +138,10 @@ pub struct InstrumentHello {
     pub issued_connection_open: bool,
     /// Whether a serial number never seen is recorded at its first HELLO.
     pub enrolment: Enrolment,
+    /// The instrument's own number (HELLO.instrument_number); 0 when it does not say. It
+    /// replaces a number the server counted or the instrument gave before, not one an
+    /// administrator set.
+    pub number: u32,
     pub at_ms: i64,
 }
 
@@ -203,6 +207,16 @@ pub struct InstrumentRename {
     pub actor: Actor,
     pub serial: String,
     pub display_name: String,
+    pub at_ms: i64,
+}
+
+/// Admin: sets an instrument's number (the `I<number>` of its embryo ids, `InstrumentNumber`
+/// in the original API). From then on the instrument's HELLO no longer changes it. Audited.
+#[derive(Debug)]
+pub struct InstrumentRenumber {
+    pub actor: Actor,
+    pub serial: String,
+    pub number: u32,
     pub at_ms: i64,
 }
 
@@ -577,6 +591,8 @@ pub struct DishRegistration {
     pub treatment_name: String,
     pub insemination_at_ms: i64,
     pub wells: Vec<WellRegistration>,
+    /// `ICSI`, `IVF`, ...; empty when the incubator does not say.
+    pub fertilization_method: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -587,12 +603,18 @@ pub struct PatientRef {
     pub last_name: String,
     /// `yyyy-mm-dd` or empty.
     pub date_of_birth: String,
+    /// The original system's `PatientIDx` the patient came with; empty (the usual case) has
+    /// the server mint one when it creates the patient. Ignored for a known patient.
+    pub patient_idx: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WellRegistration {
     pub well: u32,
     pub embryo_id: String,
+    /// The embryo's label (`EmbryoDescriptionID`, e.g. `AA1`); empty has the server label it
+    /// (`tables::embryo_label`).
+    pub label: String,
 }
 
 /// One alarm reported by an instrument.
@@ -803,6 +825,28 @@ impl Operation for InstrumentRename {
 
     fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
         batch.instrument_rename(&self.actor, &self.serial, &self.display_name, self.at_ms)
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+}
+
+impl Operation for InstrumentRenumber {
+    type Outcome = ();
+    type Refusal = AdminRefusal;
+
+    fn validate(&self) -> Result<(), String> {
+        validate_actor(&self.actor)?;
+        text("serial", &self.serial, Required::Yes)?;
+        if self.number == 0 {
+            return Err("an instrument number is at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.instrument_renumber(&self.actor, &self.serial, self.number, self.at_ms)
     }
 
     fn at_ms(&self) -> Option<i64> {
@@ -1143,7 +1187,30 @@ fn validate_patient(patient: &PatientRef) -> Result<(), String> {
     text("patient id", &patient.patient_id, Required::Yes)?;
     text("first name", &patient.first_name, Required::No)?;
     text("last name", &patient.last_name, Required::No)?;
+    patient_idx(&patient.patient_idx)?;
     date_of_birth(&patient.date_of_birth)
+}
+
+/// A `PatientIDx` a patient comes with: empty (the server mints one), or 1 to
+/// `PATIENT_IDX_BYTES_MAX` letters, digits, `_`, `.` and `-`.
+pub fn patient_idx(idx: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    if idx.len() > limits::PATIENT_IDX_BYTES_MAX || !idx.chars().all(allowed) {
+        return Err(format!(
+            "a PatientIDx has at most {} letters, digits, '_', '.' and '-'",
+            limits::PATIENT_IDX_BYTES_MAX
+        ));
+    }
+    Ok(())
+}
+
+fn short_text(what: &str, value: &str, bytes_max: usize) -> Result<(), String> {
+    if value.len() > bytes_max || value.chars().any(char::is_control) {
+        return Err(format!(
+            "{what} has at most {bytes_max} bytes and no control characters"
+        ));
+    }
+    Ok(())
 }
 
 /// A user name: 1 to 64 bytes, no control characters and no white space at either end.
@@ -1205,6 +1272,11 @@ fn validate_dish(dish: &DishRegistration) -> Result<(), String> {
     text("dish id", &dish.dish_id, Required::Yes)?;
     validate_patient(&dish.patient)?;
     text("treatment name", &dish.treatment_name, Required::Yes)?;
+    short_text(
+        "the fertilization method",
+        &dish.fertilization_method,
+        limits::FERTILIZATION_METHOD_BYTES_MAX,
+    )?;
     if dish.wells.len() > limits::WELLS_PER_DISH_MAX {
         return Err(format!(
             "{} wells exceed the {} wells a dish may have",
@@ -1217,6 +1289,11 @@ fn validate_dish(dish: &DishRegistration) -> Result<(), String> {
     for well in &dish.wells {
         well_number(well.well)?;
         text("embryo id", &well.embryo_id, Required::Yes)?;
+        short_text(
+            "an embryo label",
+            &well.label,
+            limits::EMBRYO_LABEL_BYTES_MAX,
+        )?;
         if !wells.insert(well.well) {
             return Err(format!("well {} is listed twice", well.well));
         }
@@ -1499,6 +1576,7 @@ mod tests {
     #[test]
     fn debug_never_shows_secrets() {
         let op = InstrumentHello {
+            number: 0,
             serial: "S1".into(),
             model: "M".into(),
             firmware: "F".into(),

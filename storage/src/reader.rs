@@ -516,6 +516,11 @@ fn instrument_record(instrument_id: u64, row: InstrumentRow) -> InstrumentRecord
         display_name: row.display_name,
         first_seen_ms: row.first_seen_ms,
         last_seen_ms: row.last_seen_ms,
+        number_set_by: match row.number_source {
+            tables::NUMBER_BY_INSTRUMENT => "instrument",
+            tables::NUMBER_BY_ADMINISTRATOR => "administrator",
+            _ => "server",
+        },
     }
 }
 

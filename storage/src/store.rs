@@ -34,6 +34,9 @@ pub struct StoreOptions {
     /// Every commit also saves redb's allocator state, so that opening after a crash loads it
     /// instead of walking every B-tree of the database to rebuild it (redb's "quick repair").
     pub quick_repair: bool,
+    /// The name new patients' `PatientIDx` begin with (`[Clinic] site_name`, by default the
+    /// host name), kept as [`crate::tables::site_name`] makes it.
+    pub site_name: String,
 }
 
 impl Default for StoreOptions {
@@ -44,6 +47,7 @@ impl Default for StoreOptions {
             volume_bytes_max: 4 * 1024 * MIB,
             volume_direct_io: true,
             quick_repair: true,
+            site_name: String::new(),
         }
     }
 }
@@ -186,7 +190,7 @@ impl Store {
             // first acknowledged write could lose the whole file.
             sync_directory(dir)?;
         }
-        let server_id = prepare(&db, server_id_seed)?;
+        let server_id = prepare(&db, server_id_seed, &options.site_name)?;
         let volumes = Arc::new(Volumes::new(dir));
         let listed = list_volumes(&db)?;
         let (mut appender, recovery) = Appender::open(
@@ -499,18 +503,28 @@ pub fn set_schema_version_for_tests(dir: &Path, version: u64) -> Result<(), Stor
 }
 
 /// Initialises a new database or checks and migrates an existing one. Returns the server id.
-fn prepare(db: &Database, server_id_seed: [u8; 16]) -> Result<String, StorageError> {
+fn prepare(
+    db: &Database,
+    server_id_seed: [u8; 16],
+    site_name: &str,
+) -> Result<String, StorageError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
     let server_id = {
         let mut meta = txn.open_table(tables::META)?;
+        let had_rows = !meta.is_empty()?;
         let version = match meta.get(tables::META_SCHEMA_VERSION)? {
             Some(bytes) => Some(decode_u64(bytes.value(), "schema version")?),
             None => None,
         };
+        // Before a migration, which mints PatientIDx values with it.
+        meta.insert(
+            tables::META_SITE_NAME,
+            tables::site_name(site_name).as_bytes(),
+        )?;
         match version {
             None => {
-                if !meta.is_empty()? {
+                if had_rows {
                     return Err(StorageError::Corrupt(
                         "meta table has rows but no schema version".into(),
                     ));
@@ -540,6 +554,7 @@ fn prepare(db: &Database, server_id_seed: [u8; 16]) -> Result<String, StorageErr
         }
         read_server_id(&meta)?
     };
+
     tables::create_all(&txn)?;
     txn.commit()?;
     Ok(server_id)
@@ -648,6 +663,7 @@ mod tests {
             let writer = store.start_writer(WriterOptions::default());
             instrument_id = writer
                 .write(InstrumentHello {
+                    number: 0,
                     serial: "S".into(),
                     model: "es-plus".into(),
                     firmware: "1".into(),
@@ -663,9 +679,11 @@ mod tests {
                 .write(RegisterDish {
                     instrument_id,
                     dish: DishRegistration {
+                        fertilization_method: String::new(),
                         dish_id: "D1".into(),
                         slot: 1,
                         patient: PatientRef {
+                            patient_idx: String::new(),
                             patient_id: "P".into(),
                             first_name: String::new(),
                             last_name: String::new(),
@@ -675,6 +693,7 @@ mod tests {
                         insemination_at_ms: 1,
                         wells: (1..=2)
                             .map(|well| WellRegistration {
+                                label: String::new(),
                                 well,
                                 embryo_id: format!("E{well}"),
                             })

@@ -19,7 +19,7 @@ use redb::TableDefinition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The schema version this binary writes and reads. See the module documentation.
-pub const SCHEMA_VERSION: u64 = 8;
+pub const SCHEMA_VERSION: u64 = 9;
 
 /// `meta`: name -> bytes. Rows: [`META_SCHEMA_VERSION`] (u64 LE), [`META_SERVER_ID`] (UTF-8,
 /// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]), [`META_IMS`] (postcard
@@ -29,6 +29,9 @@ pub const META_SCHEMA_VERSION: &str = "schema_version";
 pub const META_SERVER_ID: &str = "server_id";
 pub const META_STATE: &str = "state";
 pub const META_IMS: &str = "ims_state";
+/// The name new patients' `patient_idx` begin with (UTF-8, see [`site_name`]), since version
+/// 9; written at every read-write open from `StoreOptions::site_name`.
+pub const META_SITE_NAME: &str = "site_name";
 
 /// `instruments`: instrument_id -> [`InstrumentRow`].
 pub const INSTRUMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("instruments");
@@ -41,6 +44,15 @@ pub const PATIENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("patients
 /// `patient_by_id`: clinic medical record number (patient_id) -> patient_key. Unique; its order
 /// is the order of `list_patients`.
 pub const PATIENT_BY_ID: TableDefinition<&str, u64> = TableDefinition::new("patient_by_id");
+/// `patient_by_idx`: the patient's `PatientIDx` (see [`PatientRow::patient_idx`]) ->
+/// patient_key. Unique. Since version 9.
+pub const PATIENT_BY_IDX: TableDefinition<&str, u64> = TableDefinition::new("patient_by_idx");
+/// `patient_differences`: patient_key -> [`PatientDifferenceRow`]: the latest dish
+/// registration whose patient details disagreed with the stored ones, until someone resolves
+/// it (an edit of the patient through the REST API or the viewer removes the row). Since
+/// version 9.
+pub const PATIENT_DIFFERENCES: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("patient_differences");
 
 /// `treatments`: treatment_key -> [`TreatmentRow`].
 pub const TREATMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("treatments");
@@ -159,7 +171,7 @@ pub type TelemetryKey = (u64, &'static str, i64);
 pub type AlarmKey = (u64, &'static str, i64);
 
 /// The names of every table, for tooling and for the "create all tables on open" step.
-pub const TABLE_NAMES: [&str; 30] = [
+pub const TABLE_NAMES: [&str; 32] = [
     "meta",
     "instruments",
     "instrument_by_serial",
@@ -190,6 +202,8 @@ pub const TABLE_NAMES: [&str; 30] = [
     "ims_alarms",
     "login_failures",
     "instrument_days",
+    "patient_by_idx",
+    "patient_differences",
 ];
 
 /// Creates every table that does not exist yet, so read transactions never miss one.
@@ -224,6 +238,8 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), StorageErro
     txn.open_table(IMS_ALARMS)?;
     txn.open_table(LOGIN_FAILURES)?;
     txn.open_table(INSTRUMENT_DAYS)?;
+    txn.open_table(PATIENT_BY_IDX)?;
+    txn.open_table(PATIENT_DIFFERENCES)?;
     Ok(())
 }
 
@@ -319,7 +335,18 @@ pub struct InstrumentRow {
     /// it stays acceptable until the issued one is confirmed, so a lost HELLO_OK cannot
     /// lock the instrument out (docs/protocol/incubator.md, section 6.2).
     pub issued_for_sha256: Option<[u8; 32]>,
+    /// Who gave `number`: [`NUMBER_BY_SERVER`], [`NUMBER_BY_INSTRUMENT`] (its HELLO) or
+    /// [`NUMBER_BY_ADMINISTRATOR`]. An instrument's HELLO changes a number it or the server
+    /// gave, never one an administrator set. Since version 9.
+    pub number_source: u8,
 }
+
+/// `InstrumentRow::number_source`: counted by the server when the instrument did not say.
+pub const NUMBER_BY_SERVER: u8 = 0;
+/// `InstrumentRow::number_source`: the instrument's own number, from its HELLO.
+pub const NUMBER_BY_INSTRUMENT: u8 = 1;
+/// `InstrumentRow::number_source`: set by an administrator.
+pub const NUMBER_BY_ADMINISTRATOR: u8 = 2;
 
 /// One instrument's images of one UTC day, in [`INSTRUMENT_DAYS`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,6 +373,88 @@ pub struct PatientRow {
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     pub version: u64,
+    /// The original system's patient identifier (`PatientIDx`): `<site name>_<creation time
+    /// as a spreadsheet serial day>` (see [`patient_idx`]), or the one the patient came with.
+    /// Unique ([`PATIENT_BY_IDX`]) and never changed. Since version 9.
+    pub patient_idx: String,
+}
+
+/// A dish registration's patient details that disagreed with the stored patient, in
+/// [`PATIENT_DIFFERENCES`]. The stored details were kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatientDifferenceRow {
+    /// The serial number of the instrument that registered the dish.
+    pub instrument_serial: String,
+    pub dish_id: String,
+    /// The details it gave.
+    pub first_name: String,
+    pub last_name: String,
+    pub date_of_birth: String,
+    /// When the latest such registration was stored, and how many there were.
+    pub at_ms: i64,
+    pub times: u64,
+}
+
+/// The largest site name [`site_name`] keeps, in bytes (a Windows computer name's limit).
+pub const SITE_NAME_BYTES_MAX: usize = 15;
+
+/// The site name `patient_idx` values begin with: the letters, digits and `-` of `text`
+/// before its first `.` (a host name without its domain), in capitals, at most
+/// [`SITE_NAME_BYTES_MAX`] of them; `ESSERVER` when none is left.
+pub fn site_name(text: &str) -> String {
+    let name: String = text
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .map(|c| c.to_ascii_uppercase())
+        .take(SITE_NAME_BYTES_MAX)
+        .collect();
+    if name.is_empty() {
+        "ESSERVER".to_string()
+    } else {
+        name
+    }
+}
+
+/// Days from the spreadsheet epoch (1899-12-30) to the Unix epoch.
+pub const SERIAL_DAY_UNIX_EPOCH: i64 = 25_569;
+/// Decimals of a serial day in a `patient_idx` (1e-10 day is 8.64 microseconds).
+pub const SERIAL_DAY_DECIMALS: u32 = 10;
+
+/// A Unix time in ms as a spreadsheet serial day in units of 1e-10 day (10 decimals),
+/// rounded down. Times before 1899-12-30 count as that day.
+pub fn serial_day_units(at_ms: i64) -> u128 {
+    let since_epoch_ms =
+        (i128::from(at_ms) + i128::from(SERIAL_DAY_UNIX_EPOCH) * 86_400_000).max(0);
+    (since_epoch_ms as u128) * 10u128.pow(SERIAL_DAY_DECIMALS) / 86_400_000
+}
+
+/// `44803.5316606366` from [`serial_day_units`].
+pub fn serial_day_text(units: u128) -> String {
+    let scale = 10u128.pow(SERIAL_DAY_DECIMALS);
+    format!(
+        "{}.{:0width$}",
+        units / scale,
+        units % scale,
+        width = SERIAL_DAY_DECIMALS as usize
+    )
+}
+
+/// The `patient_idx` of a patient created at `at_ms` on site `site`, `step` units of 1e-10
+/// day later when earlier values are taken.
+pub fn patient_idx(site: &str, at_ms: i64, step: u128) -> String {
+    format!("{site}_{}", serial_day_text(serial_day_units(at_ms) + step))
+}
+
+/// The label of well `well` of the `dish_index`-th dish (from 0, in registration order) of a
+/// treatment, as the original system labelled embryos (`EmbryoDescriptionID`): two letters
+/// for the dish (`AA`, `AB`, ..., `AZ`, `BA`, ...) and the well number: `AA1`, `AA2`, `AB1`.
+pub fn embryo_label(dish_index: u64, well: u32) -> String {
+    let first = b'A' + ((dish_index / 26) % 26) as u8;
+    let second = b'A' + (dish_index % 26) as u8;
+    format!("{}{}{well}", first as char, second as char)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -367,6 +476,9 @@ pub struct DishRow {
     pub insemination_at_ms: i64,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// How the dish's oocytes were fertilized (`ICSI`, `IVF`, ...), as the incubator or an
+    /// embryologist gave it; empty when not known. Since version 9.
+    pub fertilization_method: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -380,6 +492,9 @@ pub struct EmbryoRow {
     /// [`crate::Fate`] as its stable number.
     pub fate: u8,
     pub comment: String,
+    /// The embryo's label in the original system's style (`EmbryoDescriptionID`, e.g.
+    /// `AA1`): the incubator's, or [`embryo_label`] at registration. Since version 9.
+    pub label: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -133,6 +133,7 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
     let instrument_id = match write(
         &writer,
         InstrumentHello {
+            number: 0,
             serial: "SN-FULL".into(),
             model: "EmbryoScope+".into(),
             firmware: "1".into(),
@@ -147,9 +148,11 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
         other => panic!("{other:?}"),
     };
     let dish = DishRegistration {
+        fertilization_method: String::new(),
         dish_id: "D1".into(),
         slot: 1,
         patient: PatientRef {
+            patient_idx: String::new(),
             patient_id: "MRN-FULL".into(),
             first_name: "Ada".into(),
             last_name: "Full".into(),
@@ -159,6 +162,7 @@ fn a_full_disk_fails_writes_then_the_store_reopens_and_carries_on_with_nothing_l
         insemination_at_ms: T0 - 3_600_000,
         wells: (1..=4)
             .map(|well| WellRegistration {
+                label: String::new(),
                 well,
                 embryo_id: format!("E{well}"),
             })

@@ -42,6 +42,7 @@ fn hello_op(
     at_ms: i64,
 ) -> InstrumentHello {
     InstrumentHello {
+        number: 0,
         serial: serial.into(),
         model: "EmbryoScope+".into(),
         firmware: "7.9".into(),
@@ -66,9 +67,11 @@ fn hello(writer: &Writer, serial: &str) -> u64 {
 
 fn dish(dish_id: &str, patient_id: &str, wells: &[(u32, &str)]) -> DishRegistration {
     DishRegistration {
+        fertilization_method: String::new(),
         dish_id: dish_id.into(),
         slot: 3,
         patient: PatientRef {
+            patient_idx: String::new(),
             patient_id: patient_id.into(),
             first_name: "Ada".into(),
             last_name: "Lovelace".into(),
@@ -79,6 +82,7 @@ fn dish(dish_id: &str, patient_id: &str, wells: &[(u32, &str)]) -> DishRegistrat
         wells: wells
             .iter()
             .map(|(well, embryo_id)| WellRegistration {
+                label: String::new(),
                 well: *well,
                 embryo_id: (*embryo_id).into(),
             })
@@ -1272,7 +1276,8 @@ fn register_dish_rules() {
             changed: true
         }
     );
-    // Names update when given; empty fields keep the stored value.
+    // Details that differ from the stored ones are kept as stored (and recorded for an
+    // embryologist); empty fields keep the stored value.
     let mut update = dish("D3", "MRN-1", &[]);
     update.patient.last_name = "Byron".into();
     update.patient.first_name = String::new();
@@ -1288,8 +1293,13 @@ fn register_dish_rules() {
         vec!["MRN-0", "MRN-1"]
     );
     assert_eq!(all[1].first_name, "Ada");
-    assert_eq!(all[1].last_name, "Byron");
+    assert_eq!(all[1].last_name, "Lovelace");
     assert_eq!(all[1].date_of_birth, "1985-12-10");
+    let differs = reader.patient("MRN-1").unwrap().unwrap().details_differ;
+    assert_eq!(
+        differs.map(|d| (d.dish_id, d.last_name, d.times)),
+        Some(("D3".to_string(), "Byron".to_string(), 1))
+    );
     assert_eq!(all[1].treatments, vec!["2022-1411", "2024-0002"]);
     assert_eq!(all[0].treatments, vec!["2023-0001"]);
     assert_eq!(all[0].first_name, "");
@@ -1822,6 +1832,7 @@ fn patients_and_treatments_are_created_and_edited_with_versions() {
     let store = open(dir.path());
     let (writer, _) = setup(&store);
     let patient = PatientRef {
+        patient_idx: String::new(),
         patient_id: "MRN-2".into(),
         first_name: "Grace".into(),
         last_name: "Hopper".into(),
@@ -2096,6 +2107,20 @@ fn a_version_1_database_is_migrated_on_open() {
     );
     let dishes = reader.treatment_dishes("P-V1", "2020-1").unwrap().unwrap();
     assert_eq!(dishes.len(), 1);
+    // Version 9: the original's identifiers, minted from the site name (the host name by
+    // default: ESSERVER when none) and the patient's creation time (1 ms after 1970).
+    assert_eq!(patient.patient_idx, "ESSERVER_25569.0000000115");
+    assert_eq!(
+        reader
+            .patient_of_idx("ESSERVER_25569.0000000115")
+            .unwrap()
+            .map(|p| p.patient_id),
+        Some("P-V1".to_string())
+    );
+    assert_eq!(embryo.label, "AA2");
+    assert_eq!(embryo.fertilization_method, "");
+    let instrument = reader.instrument_by_serial("ES-V1").unwrap().unwrap();
+    assert_eq!((instrument.number, instrument.number_set_by), (1, "server"));
     let changes = reader.changes_after(0, 100).unwrap();
     let ids: Vec<_> = changes.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(
@@ -2371,5 +2396,224 @@ fn small_writes_do_not_wait_for_the_images_of_their_batch() {
     assert_eq!(order.len(), 21);
     // One commit for the edit, one for the 20 images (1.2 MB).
     assert_eq!(writer.stats().commits, commits_before + 2);
+    writer.shutdown();
+}
+
+// ---------------------------------------------------------------- the original's identifiers
+
+#[test]
+fn patients_embryos_and_instruments_carry_the_original_systems_identifiers() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        site_name: "ivf-lab.clinic".into(),
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir.path(), &options, SEED).unwrap();
+    let writer = store.start_writer(WriterOptions::default());
+    // The instrument's own number from its HELLO; an administrator's number wins over it.
+    let mut first = hello_op("SN-7", None, "secret-7", T0);
+    first.number = 3253;
+    let instrument_id = write(&writer, first).unwrap().instrument_id;
+    let number_of = |serial: &str| {
+        let record = store
+            .read()
+            .unwrap()
+            .instrument_by_serial(serial)
+            .unwrap()
+            .unwrap();
+        (record.number, record.number_set_by)
+    };
+    assert_eq!(number_of("SN-7"), (3253, "instrument"));
+    let renumber = InstrumentRenumber {
+        actor: actor("admin"),
+        serial: "SN-7".into(),
+        number: 12,
+        at_ms: T0,
+    };
+    write(&writer, renumber).unwrap();
+    let mut again = hello_op("SN-7", Some("secret-7"), "unused", T0 + 1);
+    again.number = 3253;
+    write(&writer, again).unwrap();
+    assert_eq!(number_of("SN-7"), (12, "administrator"));
+    let other = hello(&writer, "SN-8");
+    assert_eq!(number_of("SN-8"), (2, "server"));
+
+    // Two patients created in the same millisecond get distinct PatientIDx values made of
+    // the site name and the spreadsheet serial day of their creation.
+    let mut a = dish("D1", "MRN-A", &[(1, "EA1"), (2, "EA2")]);
+    a.fertilization_method = "ICSI".into();
+    register(&writer, instrument_id, a);
+    let mut b = dish("D2", "MRN-B", &[(1, "EB1")]);
+    b.wells[0].label = "X7".into();
+    register(&writer, other, b);
+    // A second dish of the same treatment: its embryos are labelled AB<well>.
+    register(&writer, instrument_id, dish("D3", "MRN-A", &[(4, "EA4")]));
+    let reader = store.read().unwrap();
+    let patient_a = reader.patient("MRN-A").unwrap().unwrap();
+    let patient_b = reader.patient("MRN-B").unwrap().unwrap();
+    // T0 (2023-11-14 22:13:20 UTC) is serial day 45244.9259259259.
+    assert_eq!(patient_a.patient_idx, "IVF-LAB_45244.9259259259");
+    assert_eq!(patient_b.patient_idx, "IVF-LAB_45244.9259259260");
+    assert_eq!(
+        reader
+            .patient_of_idx(&patient_b.patient_idx)
+            .unwrap()
+            .map(|p| p.patient_id),
+        Some("MRN-B".to_string())
+    );
+    assert!(reader.patient_of_idx("IVF-LAB_1.0").unwrap().is_none());
+    let embryo = |id: &str| reader.embryo(id).unwrap().unwrap();
+    assert_eq!(
+        (embryo("EA1").label.as_str(), embryo("EA2").label.as_str()),
+        ("AA1", "AA2")
+    );
+    assert_eq!(embryo("EA4").label, "AB4");
+    assert_eq!(embryo("EB1").label, "X7");
+    assert_eq!(embryo("EA1").fertilization_method, "ICSI");
+    assert_eq!(embryo("EA4").fertilization_method, "");
+    assert_eq!(embryo("EA1").instrument_number, 12);
+    drop(reader);
+
+    // A PatientIDx a patient comes with is kept, and may not be taken twice.
+    let create = |patient_id: &str, idx: &str| ClinicalEdit::CreatePatient {
+        patient: PatientRef {
+            patient_id: patient_id.into(),
+            first_name: String::new(),
+            last_name: String::new(),
+            date_of_birth: String::new(),
+            patient_idx: idx.into(),
+        },
+    };
+    edit(&writer, "emr", create("MRN-C", "PC10T4L7_44803.5316606366")).unwrap();
+    let taken = edit(&writer, "emr", create("MRN-D", "PC10T4L7_44803.5316606366")).unwrap_err();
+    assert_eq!(taken.code(), "already_exists", "{taken}");
+    let malformed = edit(&writer, "emr", create("MRN-E", "PC 10")).unwrap_err();
+    assert_eq!(malformed.code(), "invalid_input", "{malformed}");
+    let reader = store.read().unwrap();
+    assert_eq!(
+        reader.patient("MRN-C").unwrap().unwrap().patient_idx,
+        "PC10T4L7_44803.5316606366"
+    );
+    drop(reader);
+
+    // Every embryo with an iDAScore, page by page in embryo-key order.
+    for (embryo_id, value) in [("EA1", "8.1"), ("EA4", "2.5"), ("EB1", "6.0")] {
+        edit(&writer, "emr", score(embryo_id, 1, "iDAScore", value)).unwrap();
+    }
+    edit(&writer, "emr", score("EA2", 1, "KIDScore", "4")).unwrap();
+    let reader = store.read().unwrap();
+    let first_page = reader.scored_embryos("idascore", 0, 2).unwrap();
+    let ids: Vec<_> = first_page
+        .iter()
+        .map(|(e, _)| e.embryo_id.as_str())
+        .collect();
+    assert_eq!(ids, ["EA1", "EB1"]);
+    let after = first_page[1].0.embryo_key;
+    let rest = reader.scored_embryos("iDAScore", after, 2).unwrap();
+    let values: Vec<_> = rest
+        .iter()
+        .map(|(e, s)| (e.embryo_id.as_str(), s.value.as_str()))
+        .collect();
+    assert_eq!(values, [("EA4", "2.5")]);
+    drop(reader);
+    assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+    writer.shutdown();
+}
+
+#[test]
+fn a_dish_registration_with_other_patient_details_keeps_the_stored_ones_until_the_clinic_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (writer, instrument_id) = setup(&store);
+    let mut other = dish("D2", "MRN-1", &[(1, "E21")]);
+    other.patient.first_name = "Augusta".into();
+    other.patient.date_of_birth = "1815-12-10".into();
+    let registered = register(&writer, instrument_id, other.clone());
+    assert!(
+        registered.created,
+        "the images matter more: the dish is registered"
+    );
+    // The same registration again is the same difference, not a second one.
+    register(&writer, instrument_id, other);
+    let reader = store.read().unwrap();
+    let patient = reader.patient("MRN-1").unwrap().unwrap();
+    assert_eq!(
+        (patient.first_name.as_str(), patient.date_of_birth.as_str()),
+        ("Ada", "1985-12-10")
+    );
+    assert_eq!(patient.version, 1);
+    let differs = patient.details_differ.clone().unwrap();
+    assert_eq!(
+        (
+            differs.instrument_serial.as_str(),
+            differs.first_name.as_str(),
+            differs.date_of_birth.as_str(),
+            differs.times
+        ),
+        ("SN-1", "Augusta", "1815-12-10", 1)
+    );
+    assert_eq!(reader.patient_differences(10).unwrap(), vec![differs]);
+    let audit = reader.audit_after(0, 100).unwrap();
+    let entry = audit
+        .iter()
+        .find(|a| a.action == "patient.details_differ")
+        .expect("audited");
+    assert_eq!(entry.outcome, AuditOutcome::Kept);
+    assert_eq!(entry.user, "instrument:SN-1");
+    let summaries: Vec<_> = all_changes(&store)
+        .into_iter()
+        .filter(|c| c.summary.contains("differ"))
+        .collect();
+    assert_eq!(summaries.len(), 1);
+    drop(reader);
+    // The clinic decides: an edit of the patient resolves the difference.
+    let update = ClinicalEdit::UpdatePatient {
+        patient: PatientRef {
+            patient_id: "MRN-1".into(),
+            first_name: "Augusta Ada".into(),
+            last_name: "Lovelace".into(),
+            date_of_birth: "1815-12-10".into(),
+            patient_idx: String::new(),
+        },
+        expected_version: 1,
+    };
+    edit(&writer, "anna", update).unwrap();
+    let reader = store.read().unwrap();
+    assert!(reader
+        .patient("MRN-1")
+        .unwrap()
+        .unwrap()
+        .details_differ
+        .is_none());
+    assert!(reader.patient_differences(10).unwrap().is_empty());
+    drop(reader);
+    writer.shutdown();
+}
+
+#[test]
+fn logins_find_the_account_without_regard_to_case_and_names_may_not_differ_by_case_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let writer = store.start_writer(WriterOptions::default());
+    let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGg";
+    let add = |name: &str| UserAdd {
+        actor: actor("admin"),
+        name: name.into(),
+        password_hash: hash.into(),
+        rights: Rights::View,
+        at_ms: T0,
+    };
+    write(&writer, add("Web")).unwrap();
+    let refused = write(&writer, add("WEB")).unwrap_err();
+    assert_eq!(refused.code(), "already_exists", "{refused}");
+    let reader = store.read().unwrap();
+    for typed in ["Web", "WEB", "web"] {
+        let found = reader.user_for_login(typed).unwrap().map(|u| u.name);
+        assert_eq!(found.as_deref(), Some("Web"), "{typed}");
+    }
+    assert!(reader.user_for_login("webb").unwrap().is_none());
+    // Lookups other than logins are exact.
+    assert!(reader.user("WEB").unwrap().is_none());
+    drop(reader);
     writer.shutdown();
 }

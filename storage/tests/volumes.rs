@@ -25,6 +25,7 @@ fn setup(writer: &Writer) -> u64 {
     let instrument_id = match write(
         writer,
         InstrumentHello {
+            number: 0,
             serial: "SN-V".into(),
             model: "EmbryoScope+".into(),
             firmware: "1".into(),
@@ -39,9 +40,11 @@ fn setup(writer: &Writer) -> u64 {
         other => panic!("{other:?}"),
     };
     let dish = DishRegistration {
+        fertilization_method: String::new(),
         dish_id: "D1".into(),
         slot: 1,
         patient: PatientRef {
+            patient_idx: String::new(),
             patient_id: "MRN-V".into(),
             first_name: "Ada".into(),
             last_name: "Volume".into(),
@@ -51,6 +54,7 @@ fn setup(writer: &Writer) -> u64 {
         insemination_at_ms: T0 - 3_600_000,
         wells: (1..=4)
             .map(|well| WellRegistration {
+                label: String::new(),
                 well,
                 embryo_id: format!("EV{well}"),
             })

@@ -45,6 +45,7 @@ pub fn server_log(dir: &tempfile::TempDir) -> String {
 
 pub fn identity(serial: &str, model: &str) -> Identity {
     Identity {
+        instrument_number: 0,
         serial: serial.into(),
         model: model.into(),
         firmware: "test-1.0".into(),

@@ -10,6 +10,7 @@ use es_storage::{
 pub fn instrument_with_dish(writer: &Writer, serial: &str, dish_id: &str, wells: u32) -> u64 {
     let instrument_id = writer
         .write(InstrumentHello {
+            number: 0,
             serial: serial.into(),
             model: "es-plus".into(),
             firmware: "1".into(),
@@ -25,9 +26,11 @@ pub fn instrument_with_dish(writer: &Writer, serial: &str, dish_id: &str, wells:
         .write(RegisterDish {
             instrument_id,
             dish: DishRegistration {
+                fertilization_method: String::new(),
                 dish_id: dish_id.into(),
                 slot: 1,
                 patient: PatientRef {
+                    patient_idx: String::new(),
                     patient_id: "P1".into(),
                     first_name: "A".into(),
                     last_name: "B".into(),
@@ -37,6 +40,7 @@ pub fn instrument_with_dish(writer: &Writer, serial: &str, dish_id: &str, wells:
                 insemination_at_ms: 1,
                 wells: (1..=wells)
                     .map(|well| WellRegistration {
+                        label: String::new(),
                         well,
                         embryo_id: format!("{dish_id}_E{well}"),
                     })

@@ -16,11 +16,11 @@ use crate::model::{
 };
 use crate::ops::{
     Actor, AnnotationInput, ApiKeyCreate, ApiKeyRevoke, Applied, AuditDenied, ClinicalEdit, Edit,
-    Edited, Idempotency, InstrumentApprove, InstrumentRename, LoginAttempt, LoginRecorded,
-    PatientRef, UserAdd, UserChange, UserUpdate,
+    Edited, Idempotency, InstrumentApprove, InstrumentRename, InstrumentRenumber, LoginAttempt,
+    LoginRecorded, PatientRef, UserAdd, UserChange, UserUpdate,
 };
 use crate::tables::{
-    decode, encode, AnnotationRow, ApiKeyRow, AuditRow, DishRow, EmbryoRow, IdempotencyRow,
+    self, decode, encode, AnnotationRow, ApiKeyRow, AuditRow, DishRow, EmbryoRow, IdempotencyRow,
     InstrumentRow, LoginFailureRow, PatientRow, ScoreRow, TransferRow, TreatmentRow, UserRow,
     WellKey,
 };
@@ -28,14 +28,14 @@ use redb::ReadableTable;
 use serde_json::json;
 
 /// One audit entry, before it is numbered.
-struct Audit<'a> {
-    actor: &'a Actor,
-    action: &'a str,
-    entity: ChangeEntity,
-    target: &'a str,
-    outcome: AuditOutcome,
-    before: String,
-    after: String,
+pub(crate) struct Audit<'a> {
+    pub(crate) actor: &'a Actor,
+    pub(crate) action: &'a str,
+    pub(crate) entity: ChangeEntity,
+    pub(crate) target: &'a str,
+    pub(crate) outcome: AuditOutcome,
+    pub(crate) before: String,
+    pub(crate) after: String,
 }
 
 /// An edit of an existing versioned record, for `Batch::versioned_update`.
@@ -197,17 +197,26 @@ impl Batch<'_> {
                 format!("patient {id}"),
             ))));
         }
+        if !patient.patient_idx.is_empty() && self.patient_idx_taken(&patient.patient_idx)? {
+            return Ok(Err(WriteError::Refused(EditRefusal::AlreadyExists(
+                format!("a patient with PatientIDx {}", patient.patient_idx),
+            ))));
+        }
         let patient_key = self.state.patient_key_last + 1;
-        let row = PatientRow {
-            patient_id: id.to_string(),
-            first_name: patient.first_name.clone(),
-            last_name: patient.last_name.clone(),
-            date_of_birth: patient.date_of_birth.clone(),
-            created_at_ms: at_ms,
-            updated_at_ms: at_ms,
-            version: 1,
-        };
-        self.patient_insert(patient_key, &row)?;
+        self.patient_insert(
+            patient_key,
+            PatientRow {
+                patient_id: id.to_string(),
+                first_name: patient.first_name.clone(),
+                last_name: patient.last_name.clone(),
+                date_of_birth: patient.date_of_birth.clone(),
+                created_at_ms: at_ms,
+                updated_at_ms: at_ms,
+                version: 1,
+                patient_idx: patient.patient_idx.clone(),
+            },
+        )?;
+        let row: PatientRow = get_row(&self.patients, patient_key, "patient")?;
         let change_seq = self.logged_change(
             ChangeEntity::Patient,
             patient_key,
@@ -271,6 +280,8 @@ impl Batch<'_> {
             batch
                 .patients
                 .insert(patient_key, encode(&attempt).as_slice())?;
+            // The clinic decided the details: an instrument's that differed are resolved.
+            batch.patient_difference_resolved(patient_key)?;
             Ok(Ok(Written {
                 summary: format!("patient {id} updated"),
                 after: patient_json(&attempt),
@@ -626,7 +637,17 @@ impl Batch<'_> {
         let summary = format!("instrument {serial} approved by {}", actor.user);
         // No secret: its first HELLO is issued one, like a first connection.
         let secrets = super::InstrumentSecrets::default();
-        if let Err(message) = self.instrument_insert(serial, model, "", secrets, at_ms, summary)? {
+        if let Err(message) = self.instrument_insert(
+            super::NewInstrument {
+                serial,
+                model,
+                firmware: "",
+                number: 0,
+            },
+            secrets,
+            at_ms,
+            summary,
+        )? {
             return Ok(Err(WriteError::InvalidInput(message)));
         }
         self.audit_row(
@@ -678,6 +699,47 @@ impl Batch<'_> {
                 outcome: AuditOutcome::Applied,
                 before,
                 after: json!({ "display_name": display_name }).to_string(),
+            },
+            at_ms,
+        )?;
+        Ok(Ok(()))
+    }
+
+    pub(crate) fn instrument_renumber(
+        &mut self,
+        actor: &Actor,
+        serial: &str,
+        number: u32,
+        at_ms: i64,
+    ) -> Applied<InstrumentRenumber> {
+        let Some(instrument_id) = self.instrument_by_serial.get(serial)?.map(|g| g.value()) else {
+            return Ok(Err(WriteError::Refused(AdminRefusal::NotFound(format!(
+                "instrument {serial}"
+            )))));
+        };
+        let mut row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
+        let before = json!({ "number": row.number }).to_string();
+        row.number = number;
+        row.number_source = tables::NUMBER_BY_ADMINISTRATOR;
+        self.instruments
+            .insert(instrument_id, encode(&row).as_slice())?;
+        self.logged_change(
+            ChangeEntity::Instrument,
+            instrument_id,
+            serial,
+            0,
+            at_ms,
+            format!("instrument {serial} is number {number}"),
+        )?;
+        self.audit_row(
+            Audit {
+                actor,
+                action: "instrument.number",
+                entity: ChangeEntity::Instrument,
+                target: serial,
+                outcome: AuditOutcome::Applied,
+                before,
+                after: json!({ "number": number }).to_string(),
             },
             at_ms,
         )?;
@@ -969,6 +1031,20 @@ impl Batch<'_> {
             return Ok(Err(WriteError::Refused(AdminRefusal::AlreadyExists(
                 format!("user {name}"),
             ))));
+        }
+        // Logins compare names without regard to case, so two names may not differ by case
+        // alone.
+        let folded = name.to_lowercase();
+        for entry in self.users.iter()? {
+            let (key, _) = entry?;
+            if key.value().to_lowercase() == folded {
+                return Ok(Err(WriteError::Refused(AdminRefusal::AlreadyExists(
+                    format!(
+                        "user {} (user names differ by more than case: logins ignore it)",
+                        key.value()
+                    ),
+                ))));
+            }
         }
         let row = UserRow {
             password_hash: password_hash.to_string(),
@@ -1286,7 +1362,7 @@ impl Batch<'_> {
         Ok(self.state.change_last_seq)
     }
 
-    fn audit_row(&mut self, audit: Audit<'_>, at_ms: i64) -> Result<(), StorageError> {
+    pub(crate) fn audit_row(&mut self, audit: Audit<'_>, at_ms: i64) -> Result<(), StorageError> {
         let seq = self.state.audit_last_seq + 1;
         let row = AuditRow {
             at_ms,

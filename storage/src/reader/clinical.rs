@@ -8,8 +8,9 @@ use crate::error::StorageError;
 use crate::limits;
 use crate::model::{
     AcquisitionRecord, AnnotationRecord, AnnotationSource, ApiKeyRecord, ApiScope, AuditOutcome,
-    AuditRecord, ChangeEntity, DishRecord, EmbryoRecord, Fate, Frame, FrameChunk, PatientRecord,
-    Rights, ScoreRecord, TransferRecord, TreatmentRecord, UserRecord,
+    AuditRecord, ChangeEntity, DishRecord, EmbryoRecord, Fate, Frame, FrameChunk,
+    PatientDifference, PatientRecord, Rights, ScoreRecord, TransferRecord, TreatmentRecord,
+    UserRecord,
 };
 use crate::tables::{
     self, decode, AcquisitionRow, AnnotationRow, ApiKeyRow, AuditRow, DishRow, EmbryoRow,
@@ -68,6 +69,96 @@ impl Reader {
         self.patient_by_key(patient_key).map(Some)
     }
 
+    /// One patient by the original system's identifier (`PatientIDx`).
+    pub fn patient_of_idx(&self, patient_idx: &str) -> Result<Option<PatientRecord>, StorageError> {
+        let by_idx = self.txn.open_table(tables::PATIENT_BY_IDX)?;
+        let Some(patient_key) = by_idx.get(patient_idx)?.map(|g| g.value()) else {
+            return Ok(None);
+        };
+        drop(by_idx);
+        self.patient_by_key(patient_key).map(Some)
+    }
+
+    /// The patients whose details a dish registration disagreed with, not resolved yet, by
+    /// patient key, at most `limit` (capped at `limits::READ_ROWS_MAX`).
+    pub fn patient_differences(&self, limit: u32) -> Result<Vec<PatientDifference>, StorageError> {
+        let table = self.txn.open_table(tables::PATIENT_DIFFERENCES)?;
+        let limit = limit.min(limits::READ_ROWS_MAX) as usize;
+        let patients = self.txn.open_table(tables::PATIENTS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()?.take(limit) {
+            let (key, value) = entry?;
+            let row: tables::PatientDifferenceRow = decode(value.value(), "patient difference")?;
+            let patient: PatientRow = get_row(&patients, key.value(), "patient")?;
+            out.push(difference_record(patient.patient_id, row));
+        }
+        Ok(out)
+    }
+
+    /// Embryos with a score of `model` (compared without regard to case), ascending by
+    /// embryo key after `after_embryo_key`, at most `limit` (capped at
+    /// `limits::READ_ROWS_MAX`), each with that score. For paging through every scored
+    /// embryo of the clinic.
+    pub fn scored_embryos(
+        &self,
+        model: &str,
+        after_embryo_key: u64,
+        limit: u32,
+    ) -> Result<Vec<(EmbryoRecord, ScoreRecord)>, StorageError> {
+        let limit = limit.min(limits::READ_ROWS_MAX) as usize;
+        let scores = self.txn.open_table(tables::SCORES)?;
+        let by_key = self.txn.open_table(tables::EMBRYO_BY_KEY)?;
+        let mut out = Vec::new();
+        let Some(start) = after_embryo_key.checked_add(1) else {
+            return Ok(out);
+        };
+        for entry in scores.range((start, "")..)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, _) = entry?;
+            let (embryo_key, name) = key.value();
+            if !name.eq_ignore_ascii_case(model) {
+                continue;
+            }
+            let Some(well_key) = by_key.get(embryo_key)?.map(|g| g.value()) else {
+                return Err(StorageError::Corrupt(format!(
+                    "embryo key {embryo_key} has scores but no embryo"
+                )));
+            };
+            let place = self.embryo_place_at(well_key)?;
+            let record = self.embryo_record(place)?;
+            let Some(score) = record
+                .scores
+                .iter()
+                .find(|s| s.model.eq_ignore_ascii_case(model))
+                .cloned()
+            else {
+                continue;
+            };
+            out.push((record, score));
+        }
+        Ok(out)
+    }
+
+    fn embryo_place_at(&self, well_key: WellKey) -> Result<EmbryoPlace, StorageError> {
+        let wells = self.txn.open_table(tables::WELLS)?;
+        let Some(bytes) = wells.get(well_key)? else {
+            return Err(StorageError::Corrupt(format!(
+                "embryo at dish {} well {} is indexed but its well row is missing",
+                well_key.0, well_key.1
+            )));
+        };
+        let row: EmbryoRow = decode(bytes.value(), "embryo")?;
+        let dishes = self.txn.open_table(tables::DISHES)?;
+        let dish: DishRow = get_row(&dishes, well_key.0, "dish")?;
+        Ok(EmbryoPlace {
+            well_key,
+            row,
+            dish,
+        })
+    }
+
     fn patient_by_key(&self, patient_key: u64) -> Result<PatientRecord, StorageError> {
         let patients = self.txn.open_table(tables::PATIENTS)?;
         let row: PatientRow = get_row(&patients, patient_key, "patient")?;
@@ -93,6 +184,20 @@ impl Reader {
             created_at_ms: row.created_at_ms,
             updated_at_ms: row.updated_at_ms,
             treatments: list,
+            patient_idx: row.patient_idx,
+            details_differ: self
+                .txn
+                .open_table(tables::PATIENT_DIFFERENCES)?
+                .get(patient_key)?
+                .map(|bytes| decode(bytes.value(), "patient difference"))
+                .transpose()?
+                .map(|difference| difference_record(String::new(), difference)),
+        })
+        .map(|mut record| {
+            if let Some(difference) = &mut record.details_differ {
+                difference.patient_id.clone_from(&record.patient_id);
+            }
+            record
         })
     }
 
@@ -164,6 +269,7 @@ impl Reader {
             insemination_at_ms: row.insemination_at_ms,
             created_at_ms: row.created_at_ms,
             wells: well_list,
+            fertilization_method: row.fertilization_method,
         }))
     }
 
@@ -283,6 +389,8 @@ impl Reader {
             fate: Fate::from_u8(row.fate).unwrap_or(Fate::Undecided),
             comment: row.comment,
             updated_at_ms: row.updated_at_ms,
+            label: row.label,
+            fertilization_method: dish.fertilization_method,
             annotations,
             scores,
         })
@@ -562,6 +670,32 @@ impl Reader {
         }
     }
 
+    /// The account a login names: the user of exactly that name, or else the one user whose
+    /// name equals it without regard to case (`WEB` logs in as `Web`, as on the original's
+    /// Windows accounts). None when there is none (or, which `user add` prevents, several).
+    pub fn user_for_login(&self, name: &str) -> Result<Option<UserRecord>, StorageError> {
+        if let Some(record) = self.user(name)? {
+            return Ok(Some(record));
+        }
+        let folded = name.to_lowercase();
+        let users = self.txn.open_table(tables::USERS)?;
+        let mut found = None;
+        for entry in users.iter()? {
+            let (key, _) = entry?;
+            if key.value().to_lowercase() == folded {
+                if found.is_some() {
+                    return Ok(None);
+                }
+                found = Some(key.value().to_string());
+            }
+        }
+        drop(users);
+        match found {
+            Some(stored) => self.user(&stored),
+            None => Ok(None),
+        }
+    }
+
     /// The addresses `name` is locked for (or was: compare the instants with the time).
     fn login_locks(&self, name: &str) -> Result<Vec<(String, i64)>, StorageError> {
         let table = match self.txn.open_table(tables::LOGIN_FAILURES) {
@@ -630,6 +764,19 @@ impl Reader {
             });
         }
         Ok(out)
+    }
+}
+
+fn difference_record(patient_id: String, row: tables::PatientDifferenceRow) -> PatientDifference {
+    PatientDifference {
+        patient_id,
+        instrument_serial: row.instrument_serial,
+        dish_id: row.dish_id,
+        first_name: row.first_name,
+        last_name: row.last_name,
+        date_of_birth: row.date_of_birth,
+        at_ms: row.at_ms,
+        times: row.times,
     }
 }
 

@@ -62,6 +62,7 @@ fn hello() -> pb::Hello {
         firmware_version: "7.9.2".into(),
         instrument_clock_ms: ACQUIRED_MS,
         secret: String::new(),
+        instrument_number: 1234,
     }
 }
 
@@ -97,8 +98,10 @@ fn register_dish() -> pb::RegisterDish {
             .map(|well| pb::DishWell {
                 well,
                 embryo_id: embryo_id(well),
+                label: String::new(),
             })
             .collect(),
+        fertilization_method: "ICSI".into(),
     }
 }
 

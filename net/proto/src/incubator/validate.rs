@@ -7,6 +7,8 @@ use super::pb;
 
 /// Longest identifier or name (serial number, dish id, patient id, embryo id, ...), in bytes.
 pub const FIELD_BYTES_MAX: usize = 128;
+/// REGISTER_DISH.fertilization_method and DishWell.label: 0..=32 bytes.
+pub const SHORT_FIELD_BYTES_MAX: usize = 32;
 /// Longest alarm text, in bytes.
 pub const ALARM_TEXT_BYTES_MAX: usize = 1024;
 /// Lowest well number.
@@ -93,6 +95,11 @@ fn validate_register_dish(register: &pb::RegisterDish) -> Checked {
     validate_patient(patient)?;
     required_text("treatment_name", &register.treatment_name)?;
     positive_instant("insemination_time_ms", register.insemination_time_ms)?;
+    optional_text(
+        "fertilization_method",
+        &register.fertilization_method,
+        SHORT_FIELD_BYTES_MAX,
+    )?;
     validate_dish_wells(&register.wells)
 }
 
@@ -121,6 +128,7 @@ fn validate_dish_wells(wells: &[pb::DishWell]) -> Checked {
         let field = |name: &str| format!("wells[{index}].{name}");
         check_well(&field("well"), dish_well.well)?;
         required_text(&field("embryo_id"), &dish_well.embryo_id)?;
+        optional_text(&field("label"), &dish_well.label, SHORT_FIELD_BYTES_MAX)?;
         let slot = &mut seen[dish_well.well as usize];
         if *slot {
             return Err(FieldError::new(field("well"), "well listed twice"));
@@ -274,6 +282,7 @@ mod tests {
 
     fn register() -> pb::RegisterDish {
         pb::RegisterDish {
+            fertilization_method: String::new(),
             seq: 1,
             dish_id: "D1".into(),
             slot: 1,
@@ -285,6 +294,7 @@ mod tests {
             treatment_name: "2022-1411".into(),
             insemination_time_ms: 1_700_000_000_000,
             wells: vec![pb::DishWell {
+                label: String::new(),
                 well: 1,
                 embryo_id: "E1".into(),
             }],

@@ -60,6 +60,7 @@ impl Item {
 
 fn register_dish() -> Message {
     Message::RegisterDish(pb::RegisterDish {
+        fertilization_method: String::new(),
         seq: 0,
         dish_id: DISH.into(),
         slot: 1,
@@ -71,6 +72,7 @@ fn register_dish() -> Message {
         insemination_time_ms: 1_767_600_000_000,
         wells: (1..=4)
             .map(|well| pb::DishWell {
+                label: String::new(),
                 well,
                 embryo_id: format!("{DISH}_E{well}"),
             })
