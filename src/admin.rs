@@ -4,8 +4,9 @@
 use crate::config::Config;
 use crate::control::{self, ApiKeyRequest, Request, Response, UserRequest};
 use es_storage::{
-    Actor, ApiKeyCreate, ApiKeyRevoke, ApiScope, InstrumentApprove, InstrumentRename, Operation,
-    ResetInstrumentSecret, Rights, Store, StoreOptions, UserAdd, UserChange, UserUpdate, Writer,
+    Actor, ApiKeyCreate, ApiKeyRevoke, ApiScope, InstrumentApprove, InstrumentRename,
+    InstrumentRenumber, Operation, ResetInstrumentSecret, Rights, Store, StoreOptions, UserAdd,
+    UserChange, UserUpdate, Writer,
 };
 use std::path::Path;
 
@@ -68,6 +69,28 @@ pub fn instrument_rename(writer: &Writer, serial: &str, display_name: &str, by: 
     match write_and_wait(writer, op) {
         Ok(_) => Response::ok(serde_json::json!({
             "message": format!("instrument {serial} is now shown as {display_name:?}; its data is unchanged"),
+        })),
+        Err(response) => response,
+    }
+}
+
+/// Sets an instrument's number, as the original reports it (`InstrumentNumber`) and as its
+/// embryo ids carry it; from then on its HELLO no longer changes it.
+pub fn instrument_number(writer: &Writer, serial: &str, number: u32, by: &str) -> Response {
+    let op = InstrumentRenumber {
+        actor: Actor {
+            user: by.to_string(),
+            computer: "esserver instrument".to_string(),
+        },
+        serial: serial.to_string(),
+        number,
+        at_ms: now_ms(),
+    };
+    match write_and_wait(writer, op) {
+        Ok(_) => Response::ok(serde_json::json!({
+            "message": format!(
+                "instrument {serial} is now number {number}; its HELLO no longer changes it"
+            ),
         })),
         Err(response) => response,
     }
@@ -377,6 +400,12 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
         } => {
             let writer = store.start_writer(es_storage::WriterOptions::default());
             let response = instrument_rename(&writer, &serial, &display_name, &by);
+            writer.shutdown();
+            response
+        }
+        Request::InstrumentNumber { serial, number, by } => {
+            let writer = store.start_writer(es_storage::WriterOptions::default());
+            let response = instrument_number(&writer, &serial, number, &by);
             writer.shutdown();
             response
         }

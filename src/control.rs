@@ -51,6 +51,13 @@ pub enum Request {
         display_name: String,
         by: String,
     },
+    /// Set an instrument's number (the `I<number>` of its embryo ids); its HELLO no longer
+    /// changes it.
+    InstrumentNumber {
+        serial: String,
+        number: u32,
+        by: String,
+    },
     /// Enrol an instrument's serial number (`enrolment = approve`): its next HELLO is issued
     /// a secret.
     InstrumentApprove {

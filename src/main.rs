@@ -320,6 +320,17 @@ enum InstrumentAction {
         #[command(flatten)]
         common: Common,
     },
+    /// Set an instrument's number: the `I<number>` of its embryo ids, reported to EMR
+    /// systems as `InstrumentNumber`. Instruments that send their own number in HELLO need
+    /// this only to correct it; once set here, HELLO no longer changes it.
+    Number {
+        serial: String,
+        /// 1 or more.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        number: u32,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Enrol a new instrument's serial number (with `[IncubatorTransport] enrolment =
     /// approve`, an unknown serial waits as pending until approved); its next connection is
     /// issued a secret. Works with the server running or stopped.
@@ -535,6 +546,22 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Request::InstrumentRename {
                 serial,
                 display_name: name,
+                by: operator(),
+            },
+            |body| println!("{}", body["message"].as_str().unwrap_or("done")),
+        ),
+        Command::Instrument {
+            action:
+                InstrumentAction::Number {
+                    serial,
+                    number,
+                    common,
+                },
+        } => admin(
+            &common,
+            Request::InstrumentNumber {
+                serial,
+                number,
                 by: operator(),
             },
             |body| println!("{}", body["message"].as_str().unwrap_or("done")),

@@ -596,6 +596,9 @@ impl StatusContext {
                 display_name,
                 by,
             } => crate::admin::instrument_rename(&self.writer, &serial, &display_name, &by),
+            Request::InstrumentNumber { serial, number, by } => {
+                crate::admin::instrument_number(&self.writer, &serial, number, &by)
+            }
             Request::InstrumentApprove { serial, by } => crate::admin::approve_pending(
                 &self.writer,
                 &self.registry,

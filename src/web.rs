@@ -368,6 +368,26 @@ pub(crate) fn handle(
                         ),
                     };
                     result_paragraph(&response, "Not approved: ")
+                } else if field(&fields, "action") == Some("number") {
+                    let response = match field(&fields, "number").map(str::trim) {
+                        Some(text) => match text.parse::<u32>() {
+                            Ok(number) if number >= 1 => crate::admin::instrument_number(
+                                &shared.writer,
+                                serial,
+                                number,
+                                &user,
+                            ),
+                            _ => crate::control::Response::error(
+                                "invalid_input",
+                                format!("{text:?} is not an instrument number (1 or more)"),
+                            ),
+                        },
+                        None => crate::control::Response::error(
+                            "invalid_input",
+                            "give the instrument's number",
+                        ),
+                    };
+                    result_paragraph(&response, "Number not set: ")
                 } else {
                     let name = field(&fields, "name").unwrap_or("").trim();
                     let response =
@@ -854,6 +874,7 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
         }
         body.push_str("</table>");
         body.push_str(&ims_panel(shared, web, csrf, now));
+        body.push_str(&differences_card(shared));
         body.push_str(&warnings_card());
     }
     // The status page refreshes itself every 30 s (it has no fields to lose).
@@ -929,6 +950,66 @@ fn incubators_table(shared: &ApiShared, web: &WebContext, now: i64) -> String {
 }
 
 /// The newest warnings, with a link to the rest.
+/// Patients shown in the "details differ" card at most.
+const DIFFERENCES_SHOWN_MAX: u32 = 50;
+
+/// Patients whose details an incubator's dish registration disagreed with: the stored ones
+/// were kept, and an embryologist resolves it by editing the patient (viewer or REST API).
+fn differences_card(shared: &ApiShared) -> String {
+    let mut out = String::from("<h2>Patient details that differ</h2>");
+    let (differences, patients) = match shared.store.read().and_then(|reader| {
+        let differences = reader.patient_differences(DIFFERENCES_SHOWN_MAX)?;
+        let mut patients = Vec::new();
+        for d in &differences {
+            patients.push(reader.patient(&d.patient_id)?);
+        }
+        Ok((differences, patients))
+    }) {
+        Ok(found) => found,
+        Err(error) => return out + &storage_unavailable(&error),
+    };
+    out.push_str(
+        "<table id=differences><tr><th>Patient</th><th>PatientIDx</th><th>Stored</th>\
+         <th>The incubator gave</th><th>Instrument, dish</th><th>Latest</th><th>Times</th></tr>",
+    );
+    if differences.is_empty() {
+        out.push_str(
+            "<tr><td colspan=7 class=empty>No dish registration disagreed with a stored \
+             patient.</td></tr>",
+        );
+    }
+    let who = |first: &str, last: &str, born: &str| {
+        escape(&format!(
+            "{first} {last}, born {}",
+            if born.is_empty() { "?" } else { born }
+        ))
+    };
+    for (d, patient) in differences.iter().zip(patients) {
+        let (stored, idx) = match &patient {
+            Some(p) => (
+                who(&p.first_name, &p.last_name, &p.date_of_birth),
+                escape(&p.patient_idx),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{idx}</td><td>{stored}</td><td class=err>{}</td><td>{}, {}</td><td>{}</td><td>{}</td></tr>",
+            escape(&d.patient_id),
+            who(&d.first_name, &d.last_name, &d.date_of_birth),
+            escape(&d.instrument_serial),
+            escape(&d.dish_id),
+            escape(&time_text(d.at_ms)),
+            d.times
+        );
+    }
+    out.push_str(
+        "</table><p>The stored details were kept and the dishes registered. An edit of the \
+         patient in the viewer or through the REST API resolves the difference.</p>",
+    );
+    out
+}
+
 fn warnings_card() -> String {
     let log = &crate::warnings::LOG;
     let newest = log.newest(0, 5);
@@ -1290,19 +1371,29 @@ fn instruments_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -
             for i in instruments {
                 let _ = write!(
                     body,
-                    "<tr><td>{serial}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>\
+                    "<tr><td>{serial}</td><td>{}</td><td>\
+                     <form method=post action='/instruments' class=inline>\
+                     <input type=hidden name=csrf value='{csrf}'><input type=hidden name=serial value='{serial}'>\
+                     <input type=hidden name=action value=number>\
+                     <input name=number value='{number}' size=6 inputmode=numeric aria-label='instrument number'> \
+                     <button>Set</button></form> <small>({})</small></td><td>{}</td><td>{}</td><td>\
                      <form method=post action='/instruments' class=inline>\
                      <input type=hidden name=csrf value='{csrf}'><input type=hidden name=serial value='{serial}'>\
                      <input name=name value='{}' aria-label='new name'> <button>Rename</button></form></td></tr>",
                     escape(&i.model),
-                    i.number,
+                    match i.number_set_by {
+                        "instrument" => "its own",
+                        "administrator" => "set here",
+                        _ => "counted",
+                    },
                     escape(&i.display_name),
                     escape(&time_text(i.last_seen_ms)),
                     escape(&i.display_name),
                     serial = escape(&i.serial),
+                    number = i.number,
                 );
             }
-            body.push_str("</table><p>Renaming changes only the name shown; the instrument's serial number, dishes, images and annotations stay as they are.</p>");
+            body.push_str("</table><p>The number is the instrument's own (the <code>I3253</code> of its embryo ids, <code>InstrumentNumber</code> for EMR systems): an instrument that sends it is numbered by it; one that does not is counted 1, 2, ... in the order first seen. A number set here stays until changed here.</p><p>Renaming changes only the name shown; the instrument's serial number, dishes, images and annotations stay as they are.</p>");
         }
         Err(error) => body.push_str(&storage_unavailable(&error)),
     }

@@ -668,6 +668,56 @@ fn the_original_api_answer_for_answer_and_a_typed_load_twice() {
     println!("{stdout}");
     assert!(stdout.contains("PASS: all checks passed"), "{stdout}");
     assert!(stdout.contains("second load: 0 new rows"), "{stdout}");
+
+    // The viewer protocol shows the identifiers the REST API (and so the original API) shows.
+    use es_proto::viewer::pb as vpb;
+    use vpb::{client_message::Request, server_message::Body};
+    let key = common::create_api_key(&server, "check", "read");
+    let mut rest = Api::new(&server, &key);
+    let patient = ok(&rest.get("/api/v1/patients/520.124"), 200);
+    let mut viewer = ViewerClient::login(
+        server.info.address("viewer"),
+        &server.info.client_tls("viewer"),
+        &Credentials {
+            user: "emr".into(),
+            password: PASSWORD.into(),
+            computer: "VIEWER-1".into(),
+        },
+        common::TIMEOUT,
+    )
+    .unwrap();
+    let Body::Patient(shown) = viewer
+        .call(Request::GetPatient(vpb::GetPatient {
+            patient_id: "520.124".into(),
+        }))
+        .unwrap()
+    else {
+        panic!("a patient")
+    };
+    assert!(shown.patient_idx.starts_with("NEXTGEN_"), "{shown:?}");
+    assert_eq!(patient["patient_idx"], shown.patient_idx.as_str());
+    let day = esserver::times::utc_day(common::START_MS).replace('-', ".");
+    let embryo_id = format!("D{day}_S01790_I3253_P-2");
+    let embryo = ok(&rest.get(&format!("/api/v1/embryos/{embryo_id}")), 200);
+    let Body::Embryo(seen) = viewer
+        .call(Request::GetEmbryo(vpb::GetEmbryo {
+            embryo_id: embryo_id.clone(),
+        }))
+        .unwrap()
+    else {
+        panic!("an embryo")
+    };
+    assert_eq!(
+        (
+            seen.label.as_str(),
+            seen.instrument_number,
+            seen.fertilization_method.as_str()
+        ),
+        ("AA2", 3253, "ICSI")
+    );
+    assert_eq!(embryo["label"], "AA2");
+    assert_eq!(embryo["instrument_number"], 3253);
+    assert_eq!(embryo["fertilization_method"], "ICSI");
 }
 
 /// Raw bytes on one connection: pipelined requests are answered in order; a body over the

@@ -695,3 +695,104 @@ fn an_administrator_approves_a_pending_instrument_from_the_instruments_page() {
         )
         .unwrap();
 }
+
+/// The instrument's own number from its HELLO, corrected on the Instruments page (audited,
+/// and kept against the next HELLO); a dish registration with other patient details shows on
+/// the dashboard with the patient's PatientIDx until the clinic edits the patient.
+#[test]
+fn instrument_numbers_are_set_on_the_instruments_page_and_differing_patient_details_are_shown() {
+    use es_proto::incubator::{pb, Message};
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, false, "[Clinic]\nsite_name = IVFLAB\n");
+    common::add_user(&server, "root", "admin", PASSWORD);
+    let workload = common::upload_dish(&server, "NUM-1", 1);
+    let mut identity = common::identity("NUM-2", "es-plus");
+    identity.instrument_number = 3253;
+    let mut incubator = common::connect(&server, &mut identity);
+    // The patient of NUM-1's dish, with another first name and date of birth.
+    let registration = &workload.dish_registrations()[0];
+    let mut other = registration.clone();
+    other.seq = 1;
+    other.dish_id = "OTHER-DISH".into();
+    other.wells = vec![pb::DishWell {
+        well: 1,
+        embryo_id: "D2025.10.09_S00001_I3253_P-1".into(),
+        label: String::new(),
+    }];
+    let patient = other.patient.as_mut().unwrap();
+    patient.first_name = "Someone".into();
+    patient.date_of_birth = "1990-01-01".into();
+    let answer = incubator
+        .request(Message::RegisterDish(other), common::TIMEOUT)
+        .unwrap();
+    assert!(matches!(answer, Message::Ack(_)), "{answer:?}");
+    let patient_id = registration.patient.as_ref().unwrap().patient_id.clone();
+
+    let mut http = web(&server);
+    let login = post_form(
+        &mut http,
+        "/login",
+        None,
+        &[("username", "root"), ("password", PASSWORD)],
+    );
+    let session = session_of(login.header("set-cookie").unwrap());
+    let page = body(&get(&mut http, "/instruments", &session));
+    assert!(
+        page.contains("value='3253' size=6") && page.contains("(its own)"),
+        "{page}"
+    );
+    assert!(page.contains("(counted)"), "NUM-1 sent no number: {page}");
+    let refused = post_form(
+        &mut http,
+        "/instruments",
+        Some(&session),
+        &[
+            ("csrf", &csrf(&page)),
+            ("action", "number"),
+            ("serial", "NUM-2"),
+            ("number", "zero"),
+        ],
+    );
+    assert!(
+        body(&refused).contains("Number not set"),
+        "{}",
+        body(&refused)
+    );
+    let set = post_form(
+        &mut http,
+        "/instruments",
+        Some(&session),
+        &[
+            ("csrf", &csrf(&page)),
+            ("action", "number"),
+            ("serial", "NUM-2"),
+            ("number", "77"),
+        ],
+    );
+    let answer = body(&set);
+    assert!(answer.contains("NUM-2 is now number 77"), "{answer}");
+    assert!(answer.contains("value='77' size=6") && answer.contains("(set here)"));
+    let audit = body(&get(&mut http, "/audit", &session));
+    assert!(audit.contains("instrument.number"), "{audit}");
+    // The instrument's next HELLO does not undo it.
+    drop(incubator);
+    let _again = common::connect(&server, &mut identity);
+    let page = body(&get(&mut http, "/instruments", &session));
+    assert!(page.contains("value='77' size=6"), "{page}");
+    // The command line sets it too.
+    let output = common::admin(server.data_dir(), &["instrument", "number", "NUM-1", "12"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("NUM-1 is now number 12"));
+
+    let home = body(&get(&mut http, "/", &session));
+    let row = format!("<tr><td>{patient_id}</td><td>IVFLAB_");
+    assert!(home.contains(&row), "{home}");
+    assert!(
+        home.contains("Someone") && home.contains("born 1990-01-01") && home.contains("OTHER-DISH"),
+        "{home}"
+    );
+}
