@@ -25,7 +25,7 @@ pub fn iso_utc(ms: i64) -> String {
 /// `2024-06-11T12:00:00.5+02:00`) to Unix ms. None when it is not one, names no offset, or
 /// is more precise than a millisecond (an instant is never silently rounded).
 pub fn parse_iso_utc(text: &str) -> Option<i64> {
-    if !text.is_ascii() {
+    if !rfc_3339_shape(text) {
         return None;
     }
     let instant: Timestamp = text.parse().ok()?;
@@ -33,6 +33,53 @@ pub fn parse_iso_utc(text: &str) -> Option<i64> {
         return None;
     }
     Some(instant.as_millisecond())
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.f{1,3}](Z|+HH:MM|-HH:MM)`, exactly: the form the OpenAPI
+/// description states (jiff also reads forms such as a space for `T`, which it does not).
+fn rfc_3339_shape(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>| {
+        bytes
+            .get(range)
+            .is_some_and(|part| part.iter().all(u8::is_ascii_digit))
+    };
+    let head = digits(0..4)
+        && bytes.get(4) == Some(&b'-')
+        && digits(5..7)
+        && bytes.get(7) == Some(&b'-')
+        && digits(8..10)
+        && bytes.get(10) == Some(&b'T')
+        && digits(11..13)
+        && bytes.get(13) == Some(&b':')
+        && digits(14..16)
+        && bytes.get(16) == Some(&b':')
+        && digits(17..19);
+    if !head {
+        return false;
+    }
+    let mut at = 19;
+    if bytes.get(at) == Some(&b'.') {
+        let fraction = bytes[at + 1..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        if !(1..=3).contains(&fraction) {
+            return false;
+        }
+        at += 1 + fraction;
+    }
+    match &bytes[at..] {
+        [b'Z'] => true,
+        [b'+' | b'-', ..] => {
+            let rest = &text[at + 1..];
+            rest.len() == 5
+                && rest.as_bytes()[2] == b':'
+                && rest[..2].bytes().all(|b| b.is_ascii_digit())
+                && rest[3..].bytes().all(|b| b.is_ascii_digit())
+        }
+        _ => false,
+    }
 }
 
 /// `2024-06-11 10:00:00 UTC`, for people.
@@ -150,6 +197,10 @@ mod tests {
             "2024-06-11T10:00:00.1234Z",
             "2024-06-11T10:0a:00Z",
             "２024-06-11T10:00:00Z",
+            "2024-06-11 10:00:00Z",
+            "2024-06-11t10:00:00z",
+            "2024-06-11T10:00:00+0200",
+            "2024-06-11T10:00:00.Z",
         ] {
             assert_eq!(parse_iso_utc(bad), None, "{bad}");
         }

@@ -762,3 +762,97 @@ fn pipelining_limits_and_malformed_requests() {
     let mut http = client(&server);
     assert_eq!(http.get("/api/v1/openapi.json", &[]).unwrap().status, 200);
 }
+
+/// `IDASCORE` without parameters answers every scored embryo of the clinic, streamed a page
+/// at a time: across pages it is one valid JSON document with each embryo once, in order.
+#[test]
+fn idascore_without_parameters_streams_every_scored_embryo_across_pages() {
+    use es_proto::incubator::{pb, Message};
+    let (server, _dir) = common::spawn(true);
+    common::add_user(&server, "emr", "edit", PASSWORD);
+    let mut identity = common::identity("IDA-1", "es-plus");
+    let mut incubator = common::connect(&server, &mut identity);
+    let embryos = esserver::api::compat::SCORES_PAGE_ROWS * 3 + 13;
+    let embryo_id = |well: u32| format!("D2025.10.09_S00001_I1_P-{well}");
+    let answer = incubator
+        .request(
+            Message::RegisterDish(pb::RegisterDish {
+                seq: 1,
+                dish_id: "S00001".into(),
+                slot: 1,
+                patient: Some(pb::Patient {
+                    patient_id: "MRN-IDA".into(),
+                    ..Default::default()
+                }),
+                treatment_name: "2025-1".into(),
+                insemination_time_ms: common::START_MS,
+                wells: (1..=embryos)
+                    .map(|well| pb::DishWell {
+                        well,
+                        embryo_id: embryo_id(well),
+                        label: String::new(),
+                    })
+                    .collect(),
+                fertilization_method: String::new(),
+            }),
+            common::TIMEOUT,
+        )
+        .unwrap();
+    assert!(matches!(answer, Message::Ack(_)), "{answer:?}");
+    let key = common::create_api_key(&server, "scores", "write");
+    let mut rest = Api::new(&server, &key);
+    // Every embryo but each seventh gets an iDAScore; well 3 gets another model only.
+    let mut scored = Vec::new();
+    for well in 1..=embryos {
+        let model = if well == 3 { "KIDScore" } else { "iDAScore" };
+        if well % 7 == 0 {
+            continue;
+        }
+        let path = format!("/api/v1/embryos/{}/scores/{model}", embryo_id(well));
+        let body = json!({ "value": format!("{}.5", well % 10), "model_version": "2.0.4" });
+        ok(
+            &rest.call("PUT", &path, &[("if-match", "\"1\"")], Some(body)),
+            200,
+        );
+        if model == "iDAScore" {
+            scored.push(embryo_id(well));
+        }
+    }
+    let mut http = client(&server);
+    let token = {
+        let login = http
+            .get(&format!("/LOGIN?username=emr&password={PASSWORD}"), &[])
+            .unwrap();
+        ok(&login, 200)["Token"].as_str().unwrap().to_string()
+    };
+    let answer = http
+        .get("/GET/IDASCORE", &[("api-token", token.as_str())])
+        .unwrap();
+    assert_eq!(answer.header("transfer-encoding"), Some("chunked"));
+    let body = ok(&answer, 200);
+    let listed: Vec<&str> = body["Scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["EmbryoID"].as_str().unwrap())
+        .collect();
+    assert!(scored.len() > 2 * esserver::api::compat::SCORES_PAGE_ROWS as usize);
+    assert_eq!(listed, scored);
+    let first = &body["Scores"][0];
+    assert_eq!(first["Viability"], 1.5);
+    assert_eq!(first["Version"], "2.0.4");
+    // A HEAD gets the head only; the connection serves the next call.
+    let head = http
+        .request(
+            "HEAD",
+            "/GET/IDASCORE",
+            &[("api-token", token.as_str())],
+            None,
+        )
+        .unwrap();
+    assert_eq!((head.status, head.body.len()), (200, 0));
+    let again = http
+        .get("/GET/idascore", &[("api-token", token.as_str())])
+        .unwrap();
+    assert_eq!(ok(&again, 200), body);
+}

@@ -13,7 +13,7 @@
 //! store commits ([`WaitHub`]) or its deadline.
 
 pub mod auth;
-mod compat;
+pub mod compat;
 pub(crate) mod routes;
 pub mod zip;
 
