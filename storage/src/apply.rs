@@ -456,17 +456,7 @@ impl<'txn> Batch<'txn> {
         let id = patient.patient_id.as_str();
         let Some(patient_key) = self.patient_by_id.get(id)?.map(|g| g.value()) else {
             let patient_key = self.state.patient_key_last + 1;
-            let row = PatientRow {
-                patient_id: patient.patient_id.clone(),
-                first_name: patient.first_name.clone(),
-                last_name: patient.last_name.clone(),
-                date_of_birth: patient.date_of_birth.clone(),
-                created_at_ms: at_ms,
-                updated_at_ms: at_ms,
-                version: 1,
-                patient_idx: patient.patient_idx.clone(),
-            };
-            self.patient_insert(patient_key, row)?;
+            self.patient_insert(patient_key, PatientRow::new(patient, at_ms))?;
             let summary = format!("patient {id} created");
             self.change(ChangeEntity::Patient, patient_key, id, 1, at_ms, summary)?;
             return Ok(patient_key);

@@ -379,6 +379,22 @@ pub struct PatientRow {
     pub patient_idx: String,
 }
 
+impl PatientRow {
+    /// A new patient (version 1) as given; an empty `patient_idx` is minted on insert.
+    pub(crate) fn new(patient: &crate::ops::PatientRef, at_ms: i64) -> PatientRow {
+        PatientRow {
+            patient_id: patient.patient_id.clone(),
+            first_name: patient.first_name.clone(),
+            last_name: patient.last_name.clone(),
+            date_of_birth: patient.date_of_birth.clone(),
+            created_at_ms: at_ms,
+            updated_at_ms: at_ms,
+            version: 1,
+            patient_idx: patient.patient_idx.clone(),
+        }
+    }
+}
+
 /// A dish registration's patient details that disagreed with the stored patient, in
 /// [`PATIENT_DIFFERENCES`]. The stored details were kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

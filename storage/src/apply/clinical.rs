@@ -203,19 +203,7 @@ impl Batch<'_> {
             ))));
         }
         let patient_key = self.state.patient_key_last + 1;
-        self.patient_insert(
-            patient_key,
-            PatientRow {
-                patient_id: id.to_string(),
-                first_name: patient.first_name.clone(),
-                last_name: patient.last_name.clone(),
-                date_of_birth: patient.date_of_birth.clone(),
-                created_at_ms: at_ms,
-                updated_at_ms: at_ms,
-                version: 1,
-                patient_idx: patient.patient_idx.clone(),
-            },
-        )?;
+        self.patient_insert(patient_key, PatientRow::new(patient, at_ms))?;
         let row: PatientRow = get_row(&self.patients, patient_key, "patient")?;
         let change_seq = self.logged_change(
             ChangeEntity::Patient,
@@ -672,37 +660,16 @@ impl Batch<'_> {
         display_name: &str,
         at_ms: i64,
     ) -> Applied<InstrumentRename> {
-        let Some(instrument_id) = self.instrument_by_serial.get(serial)?.map(|g| g.value()) else {
-            return Ok(Err(WriteError::Refused(AdminRefusal::NotFound(format!(
-                "instrument {serial}"
-            )))));
-        };
-        let mut row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
-        let before = json!({ "display_name": row.display_name }).to_string();
-        row.display_name = display_name.to_string();
-        self.instruments
-            .insert(instrument_id, encode(&row).as_slice())?;
-        self.logged_change(
-            ChangeEntity::Instrument,
-            instrument_id,
-            serial,
-            0,
-            at_ms,
-            format!("instrument {serial} renamed {display_name}"),
-        )?;
-        self.audit_row(
-            Audit {
-                actor,
-                action: "instrument.rename",
-                entity: ChangeEntity::Instrument,
-                target: serial,
-                outcome: AuditOutcome::Applied,
+        self.instrument_edit(actor, serial, "instrument.rename", at_ms, |row| {
+            let before = json!({ "display_name": row.display_name });
+            row.display_name = display_name.to_string();
+            let after = json!({ "display_name": display_name });
+            (
                 before,
-                after: json!({ "display_name": display_name }).to_string(),
-            },
-            at_ms,
-        )?;
-        Ok(Ok(()))
+                after,
+                format!("instrument {serial} renamed {display_name}"),
+            )
+        })
     }
 
     pub(crate) fn instrument_renumber(
@@ -712,15 +679,36 @@ impl Batch<'_> {
         number: u32,
         at_ms: i64,
     ) -> Applied<InstrumentRenumber> {
+        self.instrument_edit(actor, serial, "instrument.number", at_ms, |row| {
+            let before = json!({ "number": row.number });
+            row.number = number;
+            row.number_source = tables::NUMBER_BY_ADMINISTRATOR;
+            let after = json!({ "number": number });
+            (
+                before,
+                after,
+                format!("instrument {serial} is number {number}"),
+            )
+        })
+    }
+
+    /// An administrator's edit of an instrument row: `edit` changes it and returns the
+    /// audited state before and after and the change's summary.
+    fn instrument_edit(
+        &mut self,
+        actor: &Actor,
+        serial: &str,
+        action: &str,
+        at_ms: i64,
+        edit: impl FnOnce(&mut InstrumentRow) -> (serde_json::Value, serde_json::Value, String),
+    ) -> Result<Result<(), WriteError<AdminRefusal>>, StorageError> {
         let Some(instrument_id) = self.instrument_by_serial.get(serial)?.map(|g| g.value()) else {
             return Ok(Err(WriteError::Refused(AdminRefusal::NotFound(format!(
                 "instrument {serial}"
             )))));
         };
         let mut row: InstrumentRow = get_row(&self.instruments, instrument_id, "instrument")?;
-        let before = json!({ "number": row.number }).to_string();
-        row.number = number;
-        row.number_source = tables::NUMBER_BY_ADMINISTRATOR;
+        let (before, after, summary) = edit(&mut row);
         self.instruments
             .insert(instrument_id, encode(&row).as_slice())?;
         self.logged_change(
@@ -729,17 +717,17 @@ impl Batch<'_> {
             serial,
             0,
             at_ms,
-            format!("instrument {serial} is number {number}"),
+            summary,
         )?;
         self.audit_row(
             Audit {
                 actor,
-                action: "instrument.number",
+                action,
                 entity: ChangeEntity::Instrument,
                 target: serial,
                 outcome: AuditOutcome::Applied,
-                before,
-                after: json!({ "number": number }).to_string(),
+                before: before.to_string(),
+                after: after.to_string(),
             },
             at_ms,
         )?;
