@@ -337,6 +337,8 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
         volume_bytes_max: config.storage.volume_bytes_max,
         volume_direct_io: config.storage.volume_direct_io,
         quick_repair: config.storage.quick_repair,
+        // A migration run by an offline command mints PatientIDx values with it.
+        site_name: config.clinic.site_name(),
         ..StoreOptions::default()
     };
     if matches!(request, Request::Verify) {

@@ -1375,7 +1375,7 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
         (Section::Tls, _) => config.tls.names = parse_tls_names(value)?,
         (Section::Clinic, "site_name") => {
             let name = es_storage::tables::site_name(value);
-            if name != value.to_ascii_uppercase() {
+            if !value.is_empty() && name != value.to_ascii_uppercase() {
                 return Err(bad_value(
                     "letters, digits and -, at most 15, e.g. `IVFCLINIC`",
                     value,
@@ -1384,6 +1384,7 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
             config.clinic.site_name = value.to_owned();
         }
         (Section::Clinic, _) => {
+            // Empty: the machine's zone.
             crate::times::clinic_zone(value)?;
             config.clinic.time_zone = value.to_owned();
         }

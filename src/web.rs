@@ -1393,7 +1393,7 @@ fn instruments_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -
                     number = i.number,
                 );
             }
-            body.push_str("</table><p>The number is the instrument's own (the <code>I3253</code> of its embryo ids, <code>InstrumentNumber</code> for EMR systems): an instrument that sends it is numbered by it; one that does not is counted 1, 2, ... in the order first seen. A number set here stays until changed here.</p><p>Renaming changes only the name shown; the instrument's serial number, dishes, images and annotations stay as they are.</p>");
+            body.push_str("</table><p>The number is the instrument's own (the <code>I3253</code> of its embryo ids, <code>InstrumentNumber</code> for EMR systems): an instrument that sends it is numbered by it; one that does not gets the lowest number no other instrument has. A number set here stays until changed here; two instruments cannot be given one number.</p><p>Renaming changes only the name shown; the instrument's serial number, dishes, images and annotations stay as they are.</p>");
         }
         Err(error) => body.push_str(&storage_unavailable(&error)),
     }

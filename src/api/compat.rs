@@ -237,6 +237,9 @@ pub(super) fn call(shared: &ApiShared, request: &Request, name: &str) -> Result<
                         .map(|(e, _)| e)
                         .collect()
                 }
+                (None, None) if param("TreatmentName").is_some() => {
+                    return Err(bad("idascore needs PatientIDx with TreatmentName"))
+                }
                 (None, None) => return Ok(Step::Json(every_score(zone))),
             };
             let scores: Vec<Value> = embryos
@@ -565,6 +568,7 @@ fn every_score(zone: TimeZone) -> JsonPlan {
     JsonPlan {
         open: "{\"Scores\":[",
         close: "]}",
+        render_error: as_text,
         read: Arc::new(move |store, after| {
             let reader = store.read()?;
             let page = reader.scored_embryos(IDASCORE_MODEL, after, SCORES_PAGE_ROWS)?;

@@ -139,6 +139,8 @@ pub struct JsonPlan {
     pub open: &'static str,
     pub close: &'static str,
     pub read: JsonPageReader,
+    /// How an error before the first byte is answered (the original API's are text).
+    pub render_error: fn(Response) -> Response,
 }
 
 pub struct ZipPlan {
@@ -906,7 +908,8 @@ impl ApiSession {
             if let State::StreamingJson(stream) = &mut self.state {
                 stream.job_pending = false;
                 if !stream.started {
-                    self.finish(Response::busy(), io);
+                    let busy = (stream.plan.render_error)(Response::busy());
+                    self.finish(busy, io);
                 }
                 // Started: the next tick tries again (the cursor is kept here).
             }
@@ -925,7 +928,8 @@ impl ApiSession {
         let (items, next) = match result {
             Ok(page) => page,
             Err(error) if !stream.started => {
-                self.finish(Response::storage(&error), io);
+                let refusal = (stream.plan.render_error)(Response::storage(&error));
+                self.finish(refusal, io);
                 return;
             }
             Err(error) => {

@@ -193,6 +193,7 @@ impl<'txn> Batch<'txn> {
             row.number_source = tables::NUMBER_BY_INSTRUMENT;
         }
         if renumbered {
+            self.warn_if_number_taken(serial, *number)?;
             row.number = *number;
         }
         let changed = &row.model != model || &row.firmware != firmware || renumbered;
@@ -260,12 +261,10 @@ impl<'txn> Batch<'txn> {
             number,
         } = new;
         let (number, number_source) = if number != 0 {
+            self.warn_if_number_taken(serial, number)?;
             (number, tables::NUMBER_BY_INSTRUMENT)
         } else {
-            let Ok(counted) = u32::try_from(self.state.instruments + 1) else {
-                return Ok(Err("too many instruments".to_string()));
-            };
-            (counted, tables::NUMBER_BY_SERVER)
+            (self.lowest_free_number()?, tables::NUMBER_BY_SERVER)
         };
         let instrument_id = self.state.instrument_id_last + 1;
         let row = InstrumentRow {
@@ -299,6 +298,51 @@ impl<'txn> Batch<'txn> {
             summary,
         )?;
         Ok(Ok(instrument_id))
+    }
+
+    /// The number a new instrument that sends none is given: the lowest that no instrument
+    /// has (1, 2, ... in the order first seen, around the instruments' own numbers).
+    fn lowest_free_number(&self) -> Result<u32, StorageError> {
+        let mut used = std::collections::BTreeSet::new();
+        for entry in self.instruments.iter()? {
+            let (_, value) = entry?;
+            let row: InstrumentRow = decode(value.value(), "instrument")?;
+            used.insert(row.number);
+        }
+        Ok((1..=u32::MAX)
+            .find(|n| !used.contains(n))
+            .unwrap_or(u32::MAX))
+    }
+
+    /// The serial number of another instrument that has `number`, if one does.
+    pub(crate) fn number_holder(
+        &self,
+        serial: &str,
+        number: u32,
+    ) -> Result<Option<String>, StorageError> {
+        for entry in self.instruments.iter()? {
+            let (_, value) = entry?;
+            let row: InstrumentRow = decode(value.value(), "instrument")?;
+            if row.number == number && row.serial != serial {
+                return Ok(Some(row.serial));
+            }
+        }
+        Ok(None)
+    }
+
+    /// An instrument's own number is its truth, even when another instrument has it (two
+    /// instruments then report the same `InstrumentNumber`): the administrator is told.
+    fn warn_if_number_taken(&self, serial: &str, number: u32) -> Result<(), StorageError> {
+        if let Some(other) = self.number_holder(serial, number)? {
+            tracing::warn!(
+                serial,
+                number,
+                other = %other,
+                "an instrument's own number is another instrument's too; set one with \
+                 `esserver instrument number SERIAL N`"
+            );
+        }
+        Ok(())
     }
 
     pub(crate) fn confirm_secret(
@@ -456,7 +500,12 @@ impl<'txn> Batch<'txn> {
         let id = patient.patient_id.as_str();
         let Some(patient_key) = self.patient_by_id.get(id)?.map(|g| g.value()) else {
             let patient_key = self.state.patient_key_last + 1;
-            self.patient_insert(patient_key, PatientRow::new(patient, at_ms))?;
+            let mut row = PatientRow::new(patient, at_ms);
+            if self.patient_idx_taken(&row.patient_idx)? {
+                // Another patient has it: this one is given its own.
+                row.patient_idx.clear();
+            }
+            self.patient_insert(patient_key, row)?;
             let summary = format!("patient {id} created");
             self.change(ChangeEntity::Patient, patient_key, id, 1, at_ms, summary)?;
             return Ok(patient_key);

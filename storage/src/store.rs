@@ -35,7 +35,8 @@ pub struct StoreOptions {
     /// instead of walking every B-tree of the database to rebuild it (redb's "quick repair").
     pub quick_repair: bool,
     /// The name new patients' `PatientIDx` begin with (`[Clinic] site_name`, by default the
-    /// host name), kept as [`crate::tables::site_name`] makes it.
+    /// host name), kept as [`crate::tables::site_name`] makes it. Empty keeps the one the
+    /// database has (`ESSERVER` when it has none).
     pub site_name: String,
 }
 
@@ -517,11 +518,14 @@ fn prepare(
             Some(bytes) => Some(decode_u64(bytes.value(), "schema version")?),
             None => None,
         };
-        // Before a migration, which mints PatientIDx values with it.
-        meta.insert(
-            tables::META_SITE_NAME,
-            tables::site_name(site_name).as_bytes(),
-        )?;
+        // Before a migration, which mints PatientIDx values with it. An opener that names
+        // none keeps the stored one.
+        if !site_name.trim().is_empty() {
+            meta.insert(
+                tables::META_SITE_NAME,
+                tables::site_name(site_name).as_bytes(),
+            )?;
+        }
         match version {
             None => {
                 if had_rows {

@@ -2435,8 +2435,17 @@ fn patients_embryos_and_instruments_carry_the_original_systems_identifiers() {
     again.number = 3253;
     write(&writer, again).unwrap();
     assert_eq!(number_of("SN-7"), (12, "administrator"));
+    // One that sends no number gets the lowest no instrument has.
     let other = hello(&writer, "SN-8");
-    assert_eq!(number_of("SN-8"), (2, "server"));
+    assert_eq!(number_of("SN-8"), (1, "server"));
+    // Two instruments may not be given one number.
+    let clash = InstrumentRenumber {
+        actor: actor("admin"),
+        serial: "SN-8".into(),
+        number: 12,
+        at_ms: T0,
+    };
+    assert_eq!(write(&writer, clash).unwrap_err().code(), "already_exists");
 
     // Two patients created in the same millisecond get distinct PatientIDx values made of
     // the site name and the spreadsheet serial day of their creation.
@@ -2501,6 +2510,8 @@ fn patients_embryos_and_instruments_carry_the_original_systems_identifiers() {
         edit(&writer, "emr", score(embryo_id, 1, "iDAScore", value)).unwrap();
     }
     edit(&writer, "emr", score("EA2", 1, "KIDScore", "4")).unwrap();
+    // A model name in other capitals is the same model: the embryo is listed once.
+    edit(&writer, "emr", score("EB1", 2, "IDASCORE", "6.1")).unwrap();
     let reader = store.read().unwrap();
     let first_page = reader.scored_embryos("idascore", 0, 2).unwrap();
     let ids: Vec<_> = first_page
@@ -2517,6 +2528,21 @@ fn patients_embryos_and_instruments_carry_the_original_systems_identifiers() {
     assert_eq!(values, [("EA4", "2.5")]);
     drop(reader);
     assert!(store.verify(&mut |_| {}).unwrap().is_clean());
+    writer.shutdown();
+    drop(store);
+    // An opener that names no site (an offline tool without the configuration) keeps the
+    // stored one: the next patient's PatientIDx still begins with it.
+    let store = Store::open(dir.path(), &StoreOptions::default(), SEED).unwrap();
+    let writer = store.start_writer(WriterOptions::default());
+    edit(&writer, "emr", create("MRN-F", "")).unwrap();
+    let idx = store
+        .read()
+        .unwrap()
+        .patient("MRN-F")
+        .unwrap()
+        .unwrap()
+        .patient_idx;
+    assert!(idx.starts_with("IVF-LAB_"), "{idx}");
     writer.shutdown();
 }
 

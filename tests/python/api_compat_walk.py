@@ -766,6 +766,8 @@ def walk(api: OriginalApi, expected: Expected) -> dict:
     api.status("TREATMENT", {"patientIDx": "1"}, 400, "a server key is not a PatientIDx")
     api.status("embryoID", {"PatientIDx": some_patient, "TreatmentName": "no-such-treatment"}, 400,
                "an unknown treatment")
+    api.status("IDASCORE", {"TreatmentName": "2023-0107"}, 400,
+               "IDASCORE with a TreatmentName but no PatientIDx")
     api.status("nosuchcall", None, 400, "an unknown call")
 
     print(

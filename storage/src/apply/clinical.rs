@@ -679,6 +679,11 @@ impl Batch<'_> {
         number: u32,
         at_ms: i64,
     ) -> Applied<InstrumentRenumber> {
+        if let Some(other) = self.number_holder(serial, number)? {
+            return Ok(Err(WriteError::Refused(AdminRefusal::AlreadyExists(
+                format!("instrument number {number} (instrument {other} has it)"),
+            ))));
+        }
         self.instrument_edit(actor, serial, "instrument.number", at_ms, |row| {
             let before = json!({ "number": row.number });
             row.number = number;

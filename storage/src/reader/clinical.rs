@@ -112,13 +112,16 @@ impl Reader {
         let Some(start) = after_embryo_key.checked_add(1) else {
             return Ok(out);
         };
+        let mut last_pushed = None;
         for entry in scores.range((start, "")..)? {
             if out.len() >= limit {
                 break;
             }
             let (key, _) = entry?;
             let (embryo_key, name) = key.value();
-            if !name.eq_ignore_ascii_case(model) {
+            // Model names are stored as given: `iDAScore` and `IDASCORE` are one model here,
+            // and an embryo is listed once.
+            if !name.eq_ignore_ascii_case(model) || last_pushed == Some(embryo_key) {
                 continue;
             }
             let Some(well_key) = by_key.get(embryo_key)?.map(|g| g.value()) else {
@@ -136,6 +139,7 @@ impl Reader {
             else {
                 continue;
             };
+            last_pushed = Some(embryo_key);
             out.push((record, score));
         }
         Ok(out)
