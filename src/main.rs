@@ -1108,7 +1108,7 @@ fn viewer(args: ViewerArgs) -> Result<ExitCode, String> {
         ca: args.ca,
         pins,
     };
-    let credentials = es_loadtest::viewer_client::Credentials {
+    let credentials = es_client::viewer::Credentials {
         user: args.user,
         password,
         computer,

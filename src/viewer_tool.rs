@@ -5,9 +5,9 @@
 //! and a changed certificate is refused; `--ca FILE` verifies a CA-signed certificate instead.
 //!
 //! It speaks the protocol through the same client as the tests and the load generator
-//! (`es_loadtest::viewer_client`).
+//! (`es_client::viewer`).
 
-use es_loadtest::viewer_client::{Credentials, ViewerClient, ViewerError};
+use es_client::viewer::{Credentials, ViewerClient, ViewerError};
 use es_net::client::ClientTls;
 use es_proto::viewer::pb::{self, client_message::Request, server_message::Body};
 use std::net::SocketAddr;

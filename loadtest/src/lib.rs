@@ -12,14 +12,17 @@
 pub mod api_bench;
 pub mod bench;
 pub mod cleanup;
-pub mod client;
 pub mod disk;
 pub mod frames;
-pub mod http_client;
 pub mod pg;
 pub mod plot;
 pub mod run;
 pub mod sim;
 pub mod spawn;
 pub mod viewer_bench;
-pub mod viewer_client;
+
+// The protocol clients live in es-client (the server binary uses the viewer client without
+// linking the load generator); their old paths stay for the load generator and the tests.
+pub use es_client::http as http_client;
+pub use es_client::incubator as client;
+pub use es_client::viewer as viewer_client;
