@@ -6,11 +6,13 @@
 //! domain logic that maps protocol requests onto storage, the admin commands and the
 //! command line. It holds no socket loops (es-net) and no redb details (es-storage).
 
+pub mod accounts;
 pub mod admin;
 pub mod api;
 pub mod config;
 pub mod control;
 pub mod disk_guard;
+pub mod edits;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;

@@ -620,8 +620,8 @@ fn new_password_hash(from_stdin: bool) -> Result<String, String> {
         }
         first
     };
-    esserver::viewer::auth::check_password_policy(&password)?;
-    esserver::viewer::auth::hash_password(&password)
+    esserver::accounts::check_password_policy(&password)?;
+    esserver::accounts::hash_password(&password)
 }
 
 fn user(action: UserAction) -> Result<ExitCode, String> {

@@ -281,6 +281,13 @@ pub(crate) fn handle(
         let fields = form(request);
         if field(&fields, "csrf") != Some(csrf.as_str()) {
             tracing::warn!(%user, peer = %peer, path, "web form refused: missing or wrong CSRF token");
+            let actor = es_storage::Actor {
+                user: user.clone(),
+                computer: format!("web {}", peer.ip()),
+            };
+            let action = format!("web{}", path.replace('/', "."));
+            let attempted = r#"{"refused":"missing or wrong CSRF token"}"#.to_string();
+            crate::edits::audit_denied(&shared.writer, &actor, &action, attempted);
             return Step::Respond(html(
                 403,
                 page(shared, "Refused", Some((&user, &csrf)), "<p class=err>This form is stale or was not sent by this site; reload the page and try again.</p>"),
@@ -453,12 +460,20 @@ pub(crate) fn login_answer(
     user: &str,
     rights: Rights,
     refused: Option<String>,
+    peer: SocketAddr,
     now: Instant,
 ) -> Response {
     if let Some(message) = refused {
         return login_page(shared, Some(&message));
     }
     if !rights.allows(Rights::Admin) {
+        tracing::warn!(%user, peer = %peer, "web interface login refused: not an administrator");
+        let actor = es_storage::Actor {
+            user: user.to_string(),
+            computer: format!("web {}", peer.ip()),
+        };
+        let attempted = format!(r#"{{"refused":"needs admin","rights":"{rights}"}}"#);
+        crate::edits::audit_denied(&shared.writer, &actor, "web.login", attempted);
         return login_page(
             shared,
             Some(&format!(
@@ -1178,8 +1193,8 @@ fn user_action(shared: &ApiShared, admin: &str, fields: &[(String, String)]) -> 
     let by = format!("web:{admin}");
     let new_hash = || -> Result<String, String> {
         let password = field(fields, "password").unwrap_or("");
-        crate::viewer::auth::check_password_policy(password)?;
-        crate::viewer::auth::hash_password(password)
+        crate::accounts::check_password_policy(password)?;
+        crate::accounts::hash_password(password)
     };
     let request = match field(fields, "action").unwrap_or("") {
         "add" => new_hash().map(|password_hash| UserRequest::Add {

@@ -473,6 +473,23 @@ fn rights_keys_errors_images_and_zip() {
     for secret in [PASSWORD, &token, &fx.write_key[20..]] {
         assert!(!log.contains(secret), "the log holds a secret");
     }
+
+    // Both refused writes are in the audit trail: the read key's and the view user's.
+    let Fixture {
+        mut server, dir, ..
+    } = fx;
+    assert_eq!(server.terminate(Duration::from_secs(20)), Some(0));
+    let store = es_storage::Store::open(server.data_dir(), &Default::default(), [0; 16]).unwrap();
+    let audit = store.read().unwrap().audit_after(0, 1000).unwrap();
+    let denied: Vec<_> = audit
+        .iter()
+        .filter(|a| a.outcome.as_str() == "denied" && a.action == "embryo.fate")
+        .map(|a| a.user.as_str())
+        .collect();
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    assert!(denied[0].starts_with("api-key:"), "{denied:?}");
+    assert_eq!(denied[1], "reader");
+    drop(dir);
 }
 
 /// The entry count of a ZIP's end record, after checking its signatures.

@@ -199,7 +199,7 @@ fn two_viewers_share_a_save_and_a_stale_write_is_a_conflict_in_the_audit_trail()
 
 #[test]
 fn a_view_user_cannot_write_and_five_wrong_passwords_lock_the_account() {
-    let (server, dir) = common::spawn(true);
+    let (mut server, dir) = common::spawn(true);
     common::add_user(&server, "vera", "view", PASSWORD);
     common::add_user(&server, "carl", "edit", PASSWORD);
     let workload = common::upload_dish(&server, "VW-2", 1);
@@ -303,6 +303,17 @@ fn a_view_user_cannot_write_and_five_wrong_passwords_lock_the_account() {
         !log.contains(PASSWORD) && !log.contains("Wrong-pass1!"),
         "a password reached the log"
     );
+
+    // The refused write is in the audit trail, on the user who tried it.
+    assert_eq!(server.terminate(Duration::from_secs(20)), Some(0));
+    let store = es_storage::Store::open(server.data_dir(), &Default::default(), [0; 16]).unwrap();
+    let audit = store.read().unwrap().audit_after(0, 1000).unwrap();
+    let denied: Vec<_> = audit
+        .iter()
+        .filter(|a| a.outcome.as_str() == "denied" && a.user == "vera")
+        .map(|a| (a.action.as_str(), a.computer.as_str()))
+        .collect();
+    assert_eq!(denied, [("annotation.add", "VIEWER-vera")]);
 }
 
 fn frame_of(body: Body) -> pb::Frame {

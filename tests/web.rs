@@ -310,6 +310,23 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
         &[("license", &licence)],
     );
     assert_eq!(forged.status, 403, "no CSRF token, no change");
+    // Every refused action is in the audit trail: the forged forms, the editor's login. The
+    // audit entry is written beside the refusal, not before it: wait for its commit.
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    for refused in [
+        "<td>web.login</td><td>anna</td><td>denied</td>",
+        "<td>web.ims</td><td>root</td><td>denied</td>",
+        "<td>web.license</td><td>root</td><td>denied</td>",
+    ] {
+        loop {
+            let audit = body(&get(&mut http, "/audit", &cookie));
+            if audit.contains(refused) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{refused} in {audit}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
     let tampered = licence.replacen("Clinic A", "Clinic X", 1);
     let refused = post_form(
         &mut http,

@@ -8,7 +8,7 @@
 //! checked against the SHA-256 of its secret in the store on every request, so a revoked
 //! key stops working at once.
 
-use es_storage::{Actor, ApiScope, Rights, Store};
+use es_storage::{Actor, Rights, Store};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -23,22 +23,7 @@ pub const TOKENS_MAX: usize = 4096;
 /// The prefix of every API key.
 pub const KEY_PREFIX: &str = "esk_";
 
-/// What the caller may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Grant {
-    User(Rights),
-    Key(ApiScope),
-}
-
-impl Grant {
-    /// True when the caller may change clinical data.
-    pub fn may_write(self) -> bool {
-        match self {
-            Grant::User(rights) => rights.allows(Rights::Edit),
-            Grant::Key(scope) => scope.allows(ApiScope::Write),
-        }
-    }
-}
+pub use crate::edits::Grant;
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]

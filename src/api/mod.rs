@@ -662,11 +662,12 @@ impl ApiSession {
                 (Err(error), None) => Some(format!("cannot record the login: {error}")),
                 (_, Some(reason)) => {
                     tracing::warn!(%user, peer = %self.peer, reason, "web interface login refused");
-                    Some(crate::viewer::LOGIN_REFUSED.to_string())
+                    Some(crate::accounts::LOGIN_REFUSED.to_string())
                 }
                 (Ok(_), None) => None,
             };
-            let response = crate::web::login_answer(&self.shared, &user, rights, refused, io.now());
+            let response =
+                crate::web::login_answer(&self.shared, &user, rights, refused, self.peer, io.now());
             self.finish(response, io);
             return;
         }
@@ -681,7 +682,7 @@ impl ApiSession {
             },
             (_, Some(reason)) => {
                 tracing::warn!(%user, peer = %self.peer, code = "auth_failed", reason, "public API login refused");
-                Response::error(401, "auth_failed", crate::viewer::LOGIN_REFUSED)
+                Response::error(401, "auth_failed", crate::accounts::LOGIN_REFUSED)
             }
             (Err(error), None) => routes::write_error(&error, routes::admin_refusal_status),
         };

@@ -2,13 +2,14 @@
 //! the building of writes. The JSON shapes are described in `docs/api/openapi.json`, which
 //! the contract test checks the server against.
 
-use super::auth::{self, Grant, Principal, Refused};
+use super::auth::{self, Principal, Refused};
 use super::{
     compat, ApiMsg, ApiShared, LoginKind, Render, Response, Step, ZipPlan, CHANGES_WAIT_MAX,
 };
+use crate::accounts::{check_password, LoginCheck};
+use crate::edits::{self, Editor};
 use crate::now_ms;
 use crate::times::{iso_utc, parse_iso_utc};
-use crate::viewer::{check_password, LoginCheck};
 use es_net::http::Request;
 use es_net::ConnHandle;
 use es_storage::{
@@ -61,6 +62,220 @@ pub(super) fn handle(
     }
 }
 
+/// One request on its way through the route table: what every handler may use.
+struct Call<'a> {
+    shared: &'a ApiShared,
+    request: &'a Request,
+    peer: SocketAddr,
+    handle: &'a ConnHandle<ApiMsg>,
+    /// Who made the request, for the request log, once known.
+    caller: &'a mut Option<String>,
+    /// The authenticated caller; None on the public routes (openapi.json, login).
+    principal: Option<Principal>,
+    /// The path's variable segments, in order (`{patient_id}`, `{treatment_name}`, ...).
+    params: Vec<&'a str>,
+}
+
+impl Call<'_> {
+    fn principal(&self) -> &Principal {
+        self.principal
+            .as_ref()
+            .expect("the route table authenticates every route that is not public")
+    }
+
+    fn param(&self, index: usize) -> &str {
+        self.params[index]
+    }
+
+    /// A clinical edit through the one edit path; `render` says how to answer once durable.
+    fn submit(&self, edit: ClinicalEdit, render: Render) -> Result<Step, Refusal> {
+        submit(
+            self.shared,
+            self.request,
+            self.principal(),
+            self.peer,
+            edit,
+            render,
+            self.handle,
+        )
+    }
+
+    fn read(
+        &self,
+        read: impl FnOnce(&Reader) -> Result<Response, ReadFailure>,
+    ) -> Result<Step, Refusal> {
+        read_step(self.shared, read)
+    }
+}
+
+type Handler = fn(&mut Call<'_>) -> Result<Step, Refusal>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    /// Also answers HEAD (the head of what GET sends).
+    Get,
+    Put,
+    Post,
+}
+
+impl Method {
+    fn answers(self, method: &str) -> bool {
+        match self {
+            Method::Get => method == "GET" || method == "HEAD",
+            Method::Put => method == "PUT",
+            Method::Post => method == "POST",
+        }
+    }
+
+    fn names(self) -> &'static [&'static str] {
+        match self {
+            Method::Get => &["GET", "HEAD"],
+            Method::Put => &["PUT"],
+            Method::Post => &["POST"],
+        }
+    }
+}
+
+/// A resource under `/api/v1`: its path (`{name}` for a variable segment, named as in the
+/// OpenAPI document) and the handler of each method it answers.
+struct Route {
+    path: &'static str,
+    /// Served without a credential (and without a licence check).
+    public: bool,
+    methods: &'static [(Method, Handler)],
+}
+
+/// Every resource of the REST API. Dispatch, the `405` answer with its `Allow` header, and the
+/// test that compares with `docs/api/openapi.json` all read this table: adding a route is one
+/// entry here (and its description in the OpenAPI document).
+const ROUTES: &[Route] = &[
+    Route {
+        path: "openapi.json",
+        public: true,
+        methods: &[(Method::Get, openapi)],
+    },
+    Route {
+        path: "login",
+        public: true,
+        methods: &[(Method::Post, login)],
+    },
+    Route {
+        path: "logout",
+        public: false,
+        methods: &[(Method::Post, logout)],
+    },
+    Route {
+        path: "patients",
+        public: false,
+        methods: &[(Method::Get, patients_list), (Method::Post, patient_create)],
+    },
+    Route {
+        path: "patients/{patient_id}",
+        public: false,
+        methods: &[(Method::Get, patient_get), (Method::Put, patient_update)],
+    },
+    Route {
+        path: "patients/{patient_id}/treatments/{treatment_name}",
+        public: false,
+        methods: &[
+            (Method::Get, treatment_get),
+            (Method::Put, treatment_update),
+        ],
+    },
+    Route {
+        path: "patients/{patient_id}/treatments/{treatment_name}/embryos",
+        public: false,
+        methods: &[(Method::Get, treatment_embryos_list)],
+    },
+    Route {
+        path: "patients/{patient_id}/treatments/{treatment_name}/transfers",
+        public: false,
+        methods: &[
+            (Method::Get, transfers_list),
+            (Method::Post, transfer_create),
+        ],
+    },
+    Route {
+        path: "transfers/{transfer_id}",
+        public: false,
+        methods: &[(Method::Get, transfer_get)],
+    },
+    Route {
+        path: "transfers/{transfer_id}/outcome",
+        public: false,
+        methods: &[(Method::Put, transfer_outcome)],
+    },
+    Route {
+        path: "embryos/{embryo_id}",
+        public: false,
+        methods: &[(Method::Get, embryo_get)],
+    },
+    Route {
+        path: "embryos/{embryo_id}/fate",
+        public: false,
+        methods: &[(Method::Put, embryo_fate)],
+    },
+    Route {
+        path: "embryos/{embryo_id}/scores/{model}",
+        public: false,
+        methods: &[(Method::Put, embryo_score)],
+    },
+    Route {
+        path: "embryos/{embryo_id}/acquisitions",
+        public: false,
+        methods: &[(Method::Get, acquisitions_list)],
+    },
+    Route {
+        path: "embryos/{embryo_id}/images/{acquired_at_ms}",
+        public: false,
+        methods: &[(Method::Get, image_get)],
+    },
+    Route {
+        path: "embryos/{embryo_id}/timelapse",
+        public: false,
+        methods: &[(Method::Get, timelapse_get)],
+    },
+    Route {
+        path: "changes",
+        public: false,
+        methods: &[(Method::Get, changes_get)],
+    },
+];
+
+impl Route {
+    /// The variable segments of `at` when it is this route's path.
+    fn matches<'a>(&self, at: &[&'a str]) -> Option<Vec<&'a str>> {
+        let mut params = Vec::new();
+        let mut pattern = self.path.split('/');
+        for segment in at {
+            let expected = pattern.next()?;
+            if expected.starts_with('{') {
+                params.push(*segment);
+            } else if expected != *segment {
+                return None;
+            }
+        }
+        pattern.next().is_none().then_some(params)
+    }
+
+    fn handler(&self, method: &str) -> Option<Handler> {
+        self.methods
+            .iter()
+            .find(|(answers, _)| answers.answers(method))
+            .map(|(_, handler)| *handler)
+    }
+
+    /// The `Allow` header of a 405: every method the resource answers.
+    fn allow(&self) -> String {
+        let names: Vec<&str> = self
+            .methods
+            .iter()
+            .flat_map(|(method, _)| method.names().iter().copied())
+            .collect();
+        names.join(", ")
+    }
+}
+
 fn route(
     shared: &ApiShared,
     request: &Request,
@@ -70,7 +285,6 @@ fn route(
 ) -> Result<Step, Refusal> {
     let segments: Vec<&str> = request.segments.iter().map(String::as_str).collect();
     let method = request.method.as_str();
-    let read = method == "GET" || method == "HEAD";
     // The original server did not care about the case of `/LOGIN` and `/GET`.
     let legacy_login =
         matches!(segments.as_slice(), [login] if login.eq_ignore_ascii_case("login"));
@@ -79,7 +293,7 @@ fn route(
         _ => None,
     };
     if legacy_login || legacy_call.is_some() {
-        if !read {
+        if !Method::Get.answers(method) {
             return Err(method_not_allowed("GET"));
         }
         return match legacy_call {
@@ -87,351 +301,44 @@ fn route(
             None => compat::login(shared, request, peer, handle),
         };
     }
-    match segments.as_slice() {
-        ["api", "v1", "openapi.json"] if read => {
-            return Ok(Step::Respond(
-                Response {
-                    status: 200,
-                    headers: vec![("content-type", "application/json".into())],
-                    body: bytes::Bytes::from_static(OPENAPI_JSON.as_bytes()),
-                }
-                .with_header("cache-control", "no-cache"),
-            ))
+    let not_found = || {
+        refuse(
+            404,
+            "not_found",
+            format!("no such resource: {}", request.path),
+        )
+    };
+    let ["api", "v1", at @ ..] = segments.as_slice() else {
+        return Err(not_found());
+    };
+    let found = |public: bool| {
+        ROUTES
+            .iter()
+            .filter(|route| route.public == public)
+            .find_map(|route| route.matches(at).map(|params| (route, params)))
+    };
+    // The public routes answer without a credential; everything else is authenticated
+    // before it is told apart (an unknown resource too).
+    let (route, params, principal) = match found(true) {
+        Some((route, params)) => (route, params, None),
+        None => {
+            let principal = authenticate(shared, request)?;
+            *caller = Some(principal.id.clone());
+            let (route, params) = found(false).ok_or_else(not_found)?;
+            (route, params, Some(principal))
         }
-        ["api", "v1", "login"] if method == "POST" => {
-            let body: LoginBody = json_body(request)?;
-            *caller = Some(format!("login:{}", body.username));
-            return start_login(
-                shared,
-                &body.username,
-                &body.password,
-                LoginKind::Rest,
-                peer,
-                handle,
-            );
-        }
-        ["api", "v1", "openapi.json"] => return Err(method_not_allowed("GET, HEAD")),
-        ["api", "v1", "login"] => return Err(method_not_allowed("POST")),
-        ["api", "v1", ..] => {}
-        _ => {
-            return Err(refuse(
-                404,
-                "not_found",
-                format!("no such resource: {}", request.path),
-            ))
-        }
-    }
-    let principal = authenticate(shared, request)?;
-    *caller = Some(principal.id.clone());
-    let at = &segments[2..];
-    match (method, at) {
-        ("POST", ["logout"]) => {
-            if let Some(credential) = auth::credential(request) {
-                shared.tokens.revoke(credential);
-            }
-            Ok(Step::Respond(Response {
-                status: 204,
-                headers: Vec::new(),
-                body: bytes::Bytes::new(),
-            }))
-        }
-        ("GET" | "HEAD", ["patients"]) => read_step(shared, |r| list_patients(r, request)),
-        ("POST", ["patients"]) => {
-            let body: PatientBody = json_body(request)?;
-            if !usable_in_path(&body.patient_id) {
-                return Err(refuse(
-                    422,
-                    "invalid_input",
-                    "a patient id has no control characters and is not . or .. \
-                     (it must be usable as a path segment)",
-                ));
-            }
-            let edit = ClinicalEdit::CreatePatient {
-                patient: body.into_ref(),
-            };
-            let render = Render::Patient {
-                patient_id: patient_id_of(&edit),
-                created: true,
-            };
-            submit(shared, request, &principal, peer, edit, render, handle)
-        }
-        ("GET" | "HEAD", ["patients", patient_id]) => read_step(shared, |r| {
-            let patient = r
-                .patient(patient_id)?
-                .ok_or_else(|| not_found(format!("patient {patient_id}")))?;
-            Ok(tagged(patient_json(&patient), patient.version))
-        }),
-        ("PUT", ["patients", patient_id]) => {
-            let body: PatientUpdateBody = json_body(request)?;
-            let expected_version = if_match(request)?;
-            let edit = ClinicalEdit::UpdatePatient {
-                patient: PatientRef {
-                    patient_idx: String::new(),
-                    patient_id: patient_id.to_string(),
-                    first_name: body.first_name,
-                    last_name: body.last_name,
-                    date_of_birth: body.date_of_birth,
-                },
-                expected_version,
-            };
-            let render = Render::Patient {
-                patient_id: patient_id.to_string(),
-                created: false,
-            };
-            submit(shared, request, &principal, peer, edit, render, handle)
-        }
-        ("GET" | "HEAD", ["patients", patient_id, "treatments", name]) => read_step(shared, |r| {
-            let treatment = r
-                .treatment(patient_id, name)?
-                .ok_or_else(|| not_found(format!("treatment {patient_id}/{name}")))?;
-            let dishes = r.treatment_dishes(patient_id, name)?.unwrap_or_default();
-            let mut value = treatment_json(&treatment);
-            value["dishes"] = dishes.iter().map(dish_json).collect();
-            Ok(tagged(value, treatment.version))
-        }),
-        ("PUT", ["patients", patient_id, "treatments", name]) => {
-            let body: TreatmentBody = json_body(request)?;
-            let expected_version = if_match(request)?;
-            let edit = ClinicalEdit::UpdateTreatment {
-                patient_id: patient_id.to_string(),
-                name: name.to_string(),
-                comment: body.comment,
-                expected_version,
-            };
-            let render = Render::Treatment {
-                patient_id: patient_id.to_string(),
-                name: name.to_string(),
-            };
-            submit(shared, request, &principal, peer, edit, render, handle)
-        }
-        ("GET" | "HEAD", ["patients", patient_id, "treatments", name, "embryos"]) => {
-            read_step(shared, |r| {
-                let embryos = treatment_embryos(r, patient_id, name)?
-                    .ok_or_else(|| not_found(format!("treatment {patient_id}/{name}")))?;
-                let (items, next) = page_by_index(request, &embryos)?;
-                Ok(Response::json(
-                    200,
-                    &json!({ "items": items.iter().map(embryo_json).collect::<Vec<_>>(), "next_after": next }),
-                ))
-            })
-        }
-        ("GET" | "HEAD", ["patients", patient_id, "treatments", name, "transfers"]) => {
-            read_step(shared, |r| {
-                let transfers = r
-                    .treatment_transfers(patient_id, name)?
-                    .ok_or_else(|| not_found(format!("treatment {patient_id}/{name}")))?;
-                let (items, next) = page_by_index(request, &transfers)?;
-                Ok(Response::json(
-                    200,
-                    &json!({ "items": items.iter().map(transfer_json).collect::<Vec<_>>(), "next_after": next }),
-                ))
-            })
-        }
-        ("POST", ["patients", patient_id, "treatments", name, "transfers"]) => {
-            let body: TransferBody = json_body(request)?;
-            let transferred_at_ms = instant_field("transferred_at", &body.transferred_at)?;
-            let edit = ClinicalEdit::CreateTransfer {
-                patient_id: patient_id.to_string(),
-                treatment_name: name.to_string(),
-                transferred_at_ms,
-                embryo_ids: body.embryo_ids,
-                comment: body.comment,
-            };
-            submit(
-                shared,
-                request,
-                &principal,
-                peer,
-                edit,
-                Render::Transfer { created: true },
-                handle,
-            )
-        }
-        ("GET" | "HEAD", ["transfers", number]) => {
-            let transfer_key = number_segment("transfer number", number)?;
-            read_step(shared, |r| {
-                let transfer = r
-                    .transfer(transfer_key)?
-                    .ok_or_else(|| not_found(format!("transfer {transfer_key}")))?;
-                Ok(tagged(transfer_json(&transfer), transfer.version))
-            })
-        }
-        ("PUT", ["transfers", number, "outcome"]) => {
-            let transfer_key = number_segment("transfer number", number)?;
-            let body: OutcomeBody = json_body(request)?;
-            let expected_version = if_match(request)?;
-            let edit = ClinicalEdit::UpdateTransfer {
-                transfer_key,
-                expected_version,
-                outcome: TransferOutcome {
-                    gestational_sacs: body.gestational_sacs,
-                    fetal_heartbeats: body.fetal_heartbeats,
-                    clinical_pregnancy: body.clinical_pregnancy,
-                    live_birth: body.live_birth,
-                },
-                comment: body.comment,
-            };
-            submit(
-                shared,
-                request,
-                &principal,
-                peer,
-                edit,
-                Render::Transfer { created: false },
-                handle,
-            )
-        }
-        ("GET" | "HEAD", ["embryos", embryo_id]) => read_step(shared, |r| {
-            let embryo = r
-                .embryo(embryo_id)?
-                .ok_or_else(|| not_found(format!("embryo {embryo_id}")))?;
-            Ok(tagged(embryo_json(&embryo), embryo.version))
-        }),
-        ("PUT", ["embryos", embryo_id, "fate"]) => {
-            let body: FateBody = json_body(request)?;
-            let fate = Fate::from_name(&body.fate).ok_or_else(|| {
-                refuse(
-                    422,
-                    "invalid_input",
-                    format!(
-                        "fate {:?} is not one of undecided, transfer, freeze, avoid",
-                        body.fate
-                    ),
-                )
-            })?;
-            let expected_version = if_match(request)?;
-            let edit = ClinicalEdit::SetFate {
-                embryo_id: embryo_id.to_string(),
-                expected_version,
-                fate,
-            };
-            let render = Render::Embryo {
-                embryo_id: embryo_id.to_string(),
-            };
-            submit(shared, request, &principal, peer, edit, render, handle)
-        }
-        ("PUT", ["embryos", embryo_id, "scores", model]) => {
-            let body: ScoreBody = json_body(request)?;
-            let expected_version = if_match(request)?;
-            let edit = ClinicalEdit::SetScore {
-                embryo_id: embryo_id.to_string(),
-                expected_version,
-                score: ScoreInput {
-                    model: model.to_string(),
-                    model_version: body.model_version,
-                    value: body.value,
-                    viability: body.viability,
-                },
-            };
-            let render = Render::Embryo {
-                embryo_id: embryo_id.to_string(),
-            };
-            submit(shared, request, &principal, peer, edit, render, handle)
-        }
-        ("GET" | "HEAD", ["embryos", embryo_id, "acquisitions"]) => read_step(shared, |r| {
-            let limit = page_limit(request)?;
-            let after = match request.query_param("after") {
-                None | Some("") => None,
-                Some(text) => Some(number_param("after", text)?),
-            };
-            let acquisitions = r
-                .acquisitions(embryo_id, after, limit)?
-                .ok_or_else(|| not_found(format!("embryo {embryo_id}")))?;
-            let next = (acquisitions.len() == limit as usize)
-                .then(|| acquisitions.last().map(|a| a.acquired_at_ms))
-                .flatten();
-            let items: Vec<Value> = acquisitions
-                .iter()
-                .map(|a| {
-                    json!({
-                        "acquired_at": iso_utc(a.acquired_at_ms),
-                        "acquired_at_ms": a.acquired_at_ms,
-                        "focal_planes": a.focal_planes,
-                    })
-                })
-                .collect();
-            Ok(Response::json(
-                200,
-                &json!({ "items": items, "next_after": next.map(|n| n.to_string()) }),
-            ))
-        }),
-        ("GET" | "HEAD", ["embryos", embryo_id, "images", acquired]) => {
-            let acquired_at_ms = number_param("acquisition", acquired)?;
-            let focal_plane = focal_plane_param(request.query_param("focal_plane"))?;
-            read_step(shared, |r| {
-                let jpeg = r
-                    .embryo_image(embryo_id, acquired_at_ms, focal_plane)?
-                    .ok_or_else(|| {
-                        not_found(format!(
-                            "no image of embryo {embryo_id} at {acquired_at_ms} ms, focal plane {focal_plane}"
-                        ))
-                    })?;
-                Ok(jpeg_response(jpeg))
-            })
-        }
-        ("GET" | "HEAD", ["embryos", embryo_id, "timelapse"]) => {
-            let focal_plane = focal_plane_param(request.query_param("focal_plane"))?;
-            Ok(Step::Zip(ZipPlan {
-                embryo_id: embryo_id.to_string(),
-                focal_plane,
-                name_prefix: file_name_part(embryo_id),
-            }))
-        }
-        ("GET" | "HEAD", ["changes"]) => {
-            let after = match request.query_param("after") {
-                None => 0,
-                Some(text) => number_param("after", text)?,
-            };
-            let limit = page_limit(request)?;
-            let wait = match request.query_param("wait") {
-                None => 0,
-                Some(text) => number_param::<u64>("wait", text)?,
-            };
-            if wait > CHANGES_WAIT_MAX.as_secs() {
-                return Err(refuse(
-                    400,
-                    "invalid_parameter",
-                    format!("wait is at most {} seconds", CHANGES_WAIT_MAX.as_secs()),
-                ));
-            }
-            let reader = shared.store.read().map_err(storage_refusal)?;
-            let changes = reader.changes_after(after, limit).map_err(change_refusal)?;
-            if changes.is_empty() && wait > 0 {
-                return Ok(Step::Wait {
-                    after,
-                    limit,
-                    until: Instant::now() + Duration::from_secs(wait),
-                });
-            }
-            let last = reader.last_change_seq().map_err(storage_refusal)?;
-            Ok(Step::Respond(changes_response(&changes, after, last)))
-        }
-        _ => match allowed_methods(at) {
-            Some(allowed) => Err(method_not_allowed(allowed)),
-            None => Err(refuse(
-                404,
-                "not_found",
-                format!("no such resource: {}", request.path),
-            )),
-        },
-    }
-}
-
-/// The methods a resource under `/api/v1` answers (for 405 and its `Allow`); None when there
-/// is no such resource.
-fn allowed_methods(at: &[&str]) -> Option<&'static str> {
-    Some(match at {
-        ["logout"] => "POST",
-        ["patients"] | ["patients", _, "treatments", _, "transfers"] => "GET, HEAD, POST",
-        ["patients", _] | ["patients", _, "treatments", _] => "GET, HEAD, PUT",
-        ["patients", _, "treatments", _, "embryos"]
-        | ["transfers", _]
-        | ["embryos", _]
-        | ["embryos", _, "acquisitions" | "timelapse"]
-        | ["embryos", _, "images", _]
-        | ["changes"] => "GET, HEAD",
-        ["transfers", _, "outcome"] | ["embryos", _, "fate"] | ["embryos", _, "scores", _] => "PUT",
-        _ => return None,
+    };
+    let handler = route
+        .handler(method)
+        .ok_or_else(|| method_not_allowed(&route.allow()))?;
+    handler(&mut Call {
+        shared,
+        request,
+        peer,
+        handle,
+        caller,
+        principal,
+        params,
     })
 }
 
@@ -444,6 +351,330 @@ fn method_not_allowed(allowed: &str) -> Refusal {
         )
         .with_header("allow", allowed),
     )
+}
+
+// ---------------------------------------------------------------- handlers
+
+fn openapi(_: &mut Call<'_>) -> Result<Step, Refusal> {
+    Ok(Step::Respond(
+        Response {
+            status: 200,
+            headers: vec![("content-type", "application/json".into())],
+            body: bytes::Bytes::from_static(OPENAPI_JSON.as_bytes()),
+        }
+        .with_header("cache-control", "no-cache"),
+    ))
+}
+
+fn login(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let body: LoginBody = json_body(call.request)?;
+    *call.caller = Some(format!("login:{}", body.username));
+    start_login(
+        call.shared,
+        &body.username,
+        &body.password,
+        LoginKind::Rest,
+        call.peer,
+        call.handle,
+    )
+}
+
+fn logout(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    if let Some(credential) = auth::credential(call.request) {
+        call.shared.tokens.revoke(credential);
+    }
+    Ok(Step::Respond(Response {
+        status: 204,
+        headers: Vec::new(),
+        body: bytes::Bytes::new(),
+    }))
+}
+
+fn patients_list(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let request = call.request;
+    call.read(|r| list_patients(r, request))
+}
+
+fn patient_create(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let body: PatientBody = json_body(call.request)?;
+    if !usable_in_path(&body.patient_id) {
+        return Err(refuse(
+            422,
+            "invalid_input",
+            "a patient id has no control characters and is not . or .. \
+             (it must be usable as a path segment)",
+        ));
+    }
+    let edit = ClinicalEdit::CreatePatient {
+        patient: body.into_ref(),
+    };
+    let render = Render::Patient {
+        patient_id: patient_id_of(&edit),
+        created: true,
+    };
+    call.submit(edit, render)
+}
+
+fn patient_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let patient_id = call.param(0);
+    call.read(|r| {
+        let patient = r
+            .patient(patient_id)?
+            .ok_or_else(|| not_found(format!("patient {patient_id}")))?;
+        Ok(tagged(patient_json(&patient), patient.version))
+    })
+}
+
+fn patient_update(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let patient_id = call.param(0).to_string();
+    let body: PatientUpdateBody = json_body(call.request)?;
+    let expected_version = if_match(call.request)?;
+    let edit = ClinicalEdit::UpdatePatient {
+        patient: PatientRef {
+            patient_idx: String::new(),
+            patient_id: patient_id.clone(),
+            first_name: body.first_name,
+            last_name: body.last_name,
+            date_of_birth: body.date_of_birth,
+        },
+        expected_version,
+    };
+    let render = Render::Patient {
+        patient_id,
+        created: false,
+    };
+    call.submit(edit, render)
+}
+
+fn treatment_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let (patient_id, name) = (call.param(0), call.param(1));
+    call.read(|r| {
+        let treatment = r
+            .treatment(patient_id, name)?
+            .ok_or_else(|| not_found(format!("treatment {patient_id}/{name}")))?;
+        let dishes = r.treatment_dishes(patient_id, name)?.unwrap_or_default();
+        let mut value = treatment_json(&treatment);
+        value["dishes"] = dishes.iter().map(dish_json).collect();
+        Ok(tagged(value, treatment.version))
+    })
+}
+
+fn treatment_update(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let (patient_id, name) = (call.param(0).to_string(), call.param(1).to_string());
+    let body: TreatmentBody = json_body(call.request)?;
+    let expected_version = if_match(call.request)?;
+    let edit = ClinicalEdit::UpdateTreatment {
+        patient_id: patient_id.clone(),
+        name: name.clone(),
+        comment: body.comment,
+        expected_version,
+    };
+    call.submit(edit, Render::Treatment { patient_id, name })
+}
+
+fn treatment_embryos_list(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let (patient_id, name, request) = (call.param(0), call.param(1), call.request);
+    call.read(|r| {
+        let embryos = treatment_embryos(r, patient_id, name)?
+            .ok_or_else(|| not_found(format!("treatment {patient_id}/{name}")))?;
+        let (items, next) = page_by_index(request, &embryos)?;
+        Ok(Response::json(
+            200,
+            &json!({ "items": items.iter().map(embryo_json).collect::<Vec<_>>(), "next_after": next }),
+        ))
+    })
+}
+
+fn transfers_list(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let (patient_id, name, request) = (call.param(0), call.param(1), call.request);
+    call.read(|r| {
+        let transfers = r
+            .treatment_transfers(patient_id, name)?
+            .ok_or_else(|| not_found(format!("treatment {patient_id}/{name}")))?;
+        let (items, next) = page_by_index(request, &transfers)?;
+        Ok(Response::json(
+            200,
+            &json!({ "items": items.iter().map(transfer_json).collect::<Vec<_>>(), "next_after": next }),
+        ))
+    })
+}
+
+fn transfer_create(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let body: TransferBody = json_body(call.request)?;
+    let transferred_at_ms = instant_field("transferred_at", &body.transferred_at)?;
+    let edit = ClinicalEdit::CreateTransfer {
+        patient_id: call.param(0).to_string(),
+        treatment_name: call.param(1).to_string(),
+        transferred_at_ms,
+        embryo_ids: body.embryo_ids,
+        comment: body.comment,
+    };
+    call.submit(edit, Render::Transfer { created: true })
+}
+
+fn transfer_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let transfer_key = number_segment("transfer number", call.param(0))?;
+    call.read(|r| {
+        let transfer = r
+            .transfer(transfer_key)?
+            .ok_or_else(|| not_found(format!("transfer {transfer_key}")))?;
+        Ok(tagged(transfer_json(&transfer), transfer.version))
+    })
+}
+
+fn transfer_outcome(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let transfer_key = number_segment("transfer number", call.param(0))?;
+    let body: OutcomeBody = json_body(call.request)?;
+    let expected_version = if_match(call.request)?;
+    let edit = ClinicalEdit::UpdateTransfer {
+        transfer_key,
+        expected_version,
+        outcome: TransferOutcome {
+            gestational_sacs: body.gestational_sacs,
+            fetal_heartbeats: body.fetal_heartbeats,
+            clinical_pregnancy: body.clinical_pregnancy,
+            live_birth: body.live_birth,
+        },
+        comment: body.comment,
+    };
+    call.submit(edit, Render::Transfer { created: false })
+}
+
+fn embryo_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let embryo_id = call.param(0);
+    call.read(|r| {
+        let embryo = r
+            .embryo(embryo_id)?
+            .ok_or_else(|| not_found(format!("embryo {embryo_id}")))?;
+        Ok(tagged(embryo_json(&embryo), embryo.version))
+    })
+}
+
+fn embryo_fate(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let embryo_id = call.param(0).to_string();
+    let body: FateBody = json_body(call.request)?;
+    let fate = Fate::from_name(&body.fate).ok_or_else(|| {
+        refuse(
+            422,
+            "invalid_input",
+            format!(
+                "fate {:?} is not one of undecided, transfer, freeze, avoid",
+                body.fate
+            ),
+        )
+    })?;
+    let expected_version = if_match(call.request)?;
+    let edit = ClinicalEdit::SetFate {
+        embryo_id: embryo_id.clone(),
+        expected_version,
+        fate,
+    };
+    call.submit(edit, Render::Embryo { embryo_id })
+}
+
+fn embryo_score(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let (embryo_id, model) = (call.param(0).to_string(), call.param(1).to_string());
+    let body: ScoreBody = json_body(call.request)?;
+    let expected_version = if_match(call.request)?;
+    let edit = ClinicalEdit::SetScore {
+        embryo_id: embryo_id.clone(),
+        expected_version,
+        score: ScoreInput {
+            model,
+            model_version: body.model_version,
+            value: body.value,
+            viability: body.viability,
+        },
+    };
+    call.submit(edit, Render::Embryo { embryo_id })
+}
+
+fn acquisitions_list(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let (embryo_id, request) = (call.param(0), call.request);
+    call.read(|r| {
+        let limit = page_limit(request)?;
+        let after = match request.query_param("after") {
+            None | Some("") => None,
+            Some(text) => Some(number_param("after", text)?),
+        };
+        let acquisitions = r
+            .acquisitions(embryo_id, after, limit)?
+            .ok_or_else(|| not_found(format!("embryo {embryo_id}")))?;
+        let next = (acquisitions.len() == limit as usize)
+            .then(|| acquisitions.last().map(|a| a.acquired_at_ms))
+            .flatten();
+        let items: Vec<Value> = acquisitions
+            .iter()
+            .map(|a| {
+                json!({
+                    "acquired_at": iso_utc(a.acquired_at_ms),
+                    "acquired_at_ms": a.acquired_at_ms,
+                    "focal_planes": a.focal_planes,
+                })
+            })
+            .collect();
+        Ok(Response::json(
+            200,
+            &json!({ "items": items, "next_after": next.map(|n| n.to_string()) }),
+        ))
+    })
+}
+
+fn image_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let embryo_id = call.param(0);
+    let acquired_at_ms = number_param("acquisition", call.param(1))?;
+    let focal_plane = focal_plane_param(call.request.query_param("focal_plane"))?;
+    call.read(|r| {
+        let jpeg = r
+            .embryo_image(embryo_id, acquired_at_ms, focal_plane)?
+            .ok_or_else(|| {
+                not_found(format!(
+                    "no image of embryo {embryo_id} at {acquired_at_ms} ms, focal plane {focal_plane}"
+                ))
+            })?;
+        Ok(jpeg_response(jpeg))
+    })
+}
+
+fn timelapse_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let embryo_id = call.param(0);
+    let focal_plane = focal_plane_param(call.request.query_param("focal_plane"))?;
+    Ok(Step::Zip(ZipPlan {
+        embryo_id: embryo_id.to_string(),
+        focal_plane,
+        name_prefix: file_name_part(embryo_id),
+    }))
+}
+
+fn changes_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let request = call.request;
+    let after = match request.query_param("after") {
+        None => 0,
+        Some(text) => number_param("after", text)?,
+    };
+    let limit = page_limit(request)?;
+    let wait = match request.query_param("wait") {
+        None => 0,
+        Some(text) => number_param::<u64>("wait", text)?,
+    };
+    if wait > CHANGES_WAIT_MAX.as_secs() {
+        return Err(refuse(
+            400,
+            "invalid_parameter",
+            format!("wait is at most {} seconds", CHANGES_WAIT_MAX.as_secs()),
+        ));
+    }
+    let reader = call.shared.store.read().map_err(storage_refusal)?;
+    let changes = reader.changes_after(after, limit).map_err(change_refusal)?;
+    if changes.is_empty() && wait > 0 {
+        return Ok(Step::Wait {
+            after,
+            limit,
+            until: Instant::now() + Duration::from_secs(wait),
+        });
+    }
+    let last = reader.last_change_seq().map_err(storage_refusal)?;
+    Ok(Step::Respond(changes_response(&changes, after, last)))
 }
 
 // ---------------------------------------------------------------- authentication
@@ -502,7 +733,7 @@ pub(crate) fn start_login(
     }
     if es_storage::user_name(user).is_err()
         || password.is_empty()
-        || password.len() > crate::viewer::auth::PASSWORD_BYTES_MAX
+        || password.len() > crate::accounts::PASSWORD_BYTES_MAX
     {
         return Err(refuse(401, "auth_failed", "wrong user name or password"));
     }
@@ -520,8 +751,8 @@ pub(crate) fn start_login(
         }
         LoginCheck::UnknownUser => {
             tracing::warn!(%user, peer = %peer, code = "auth_failed", "public API login refused: unknown user");
-            crate::viewer::audit_unknown_user(&shared.writer, user, &computer);
-            return Err(refuse(401, "auth_failed", crate::viewer::LOGIN_REFUSED));
+            crate::accounts::audit_unknown_user(&shared.writer, user, &computer);
+            return Err(refuse(401, "auth_failed", crate::accounts::LOGIN_REFUSED));
         }
         LoginCheck::Unavailable(detail) => {
             return Err(refuse(
@@ -575,7 +806,8 @@ pub(super) fn token_response(token: &str, legacy: bool) -> Response {
 
 // ---------------------------------------------------------------- writes
 
-/// Hands a clinical edit to the storage writer; the completion answers through the session.
+/// Hands a clinical edit to the one edit path ([`crate::edits`]); the completion answers
+/// through the session.
 fn submit(
     shared: &ApiShared,
     request: &Request,
@@ -585,24 +817,12 @@ fn submit(
     render: Render,
     handle: &ConnHandle<ApiMsg>,
 ) -> Result<Step, Refusal> {
-    if !principal.grant.may_write() {
-        let needed = match principal.grant {
-            Grant::User(_) => "a user with edit rights",
-            Grant::Key(_) => "an API key with write scope",
-        };
-        return Err(refuse(
-            403,
-            "forbidden",
-            format!("{} may only read; writing needs {needed}", principal.id),
-        ));
-    }
-    if shared.disk.is_low() {
-        return Err(refuse(
-            503,
-            "disk_full",
-            "the server's disk is nearly full; writes are refused until space is freed",
-        ));
-    }
+    let editor = Editor {
+        actor: principal.actor(peer),
+        grant: principal.grant,
+    };
+    // Rights first (audited), then the request's own Idempotency-Key.
+    edits::authorize(&shared.writer, &editor, &edit).map_err(edit_refused)?;
     let idempotency = match request.header("idempotency-key") {
         None => None,
         Some(key) => {
@@ -633,22 +853,33 @@ fn submit(
             })
         }
     };
-    let op = Edit {
-        actor: principal.actor(peer),
-        edit,
-        idempotency,
-        at_ms: now_ms(),
-    };
     let reply = handle.clone();
     let done = move |result| {
         reply.send(ApiMsg::Written { result, render });
     };
-    match shared.writer.try_submit(op, done) {
-        Ok(()) => Ok(Step::Submitted),
-        Err(SubmitError::Full(..)) => Err(Box::new(Response::busy())),
-        Err(SubmitError::Closed(..)) => {
-            Err(refuse(503, "shutting_down", "the server is shutting down"))
-        }
+    edits::submit(
+        &shared.writer,
+        &shared.disk,
+        &editor,
+        edit,
+        idempotency,
+        done,
+    )
+    .map_err(edit_refused)?;
+    Ok(Step::Submitted)
+}
+
+/// An edit the edit path refused, as the REST API answers it.
+fn edit_refused(refused: edits::Refused) -> Refusal {
+    match refused {
+        edits::Refused::Forbidden(message) => refuse(403, "forbidden", message),
+        edits::Refused::Busy => Box::new(Response::busy()),
+        edits::Refused::DiskLow => refuse(
+            503,
+            "disk_full",
+            "the server's disk is nearly full; writes are refused until space is freed",
+        ),
+        edits::Refused::ShuttingDown => refuse(503, "shutting_down", "the server is shutting down"),
     }
 }
 
@@ -1312,6 +1543,67 @@ mod tests {
             set_by: "anna".into(),
             set_at_ms: 0,
         }
+    }
+
+    /// The route table and the served OpenAPI document name the same resources and methods.
+    #[test]
+    fn the_route_table_is_the_openapi_documents_paths() {
+        let document: Value = serde_json::from_str(OPENAPI_JSON).unwrap();
+        let mut documented = std::collections::BTreeSet::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                if method != "parameters" {
+                    documented.insert((path.clone(), method.to_uppercase()));
+                }
+            }
+        }
+        let mut table = std::collections::BTreeSet::new();
+        for route in ROUTES {
+            for (method, _) in route.methods {
+                table.insert((format!("/{}", route.path), method.names()[0].to_string()));
+            }
+        }
+        assert_eq!(table, documented);
+        assert_eq!(
+            document["servers"][0]["url"]
+                .as_str()
+                .map(|url| url.ends_with("/api/v1")),
+            Some(true),
+            "the table's paths are under /api/v1"
+        );
+    }
+
+    #[test]
+    fn routes_match_whole_paths_and_405_lists_what_a_resource_answers() {
+        fn find(at: &[&'static str]) -> Option<(&'static str, Vec<&'static str>)> {
+            ROUTES
+                .iter()
+                .find_map(|route| route.matches(at).map(|params| (route.path, params)))
+        }
+        assert_eq!(
+            find(&["patients", "P1", "treatments", "T 1"]),
+            Some((
+                "patients/{patient_id}/treatments/{treatment_name}",
+                vec!["P1", "T 1"]
+            ))
+        );
+        assert_eq!(find(&["patients", "P1", "treatments"]), None);
+        assert_eq!(find(&["embryos", "E1", "fate", "x"]), None);
+        assert_eq!(find(&[]), None);
+        let allow = |path: &str| {
+            ROUTES
+                .iter()
+                .find(|route| route.path == path)
+                .map(Route::allow)
+                .unwrap()
+        };
+        assert_eq!(allow("patients"), "GET, HEAD, POST");
+        assert_eq!(allow("patients/{patient_id}"), "GET, HEAD, PUT");
+        assert_eq!(allow("embryos/{embryo_id}/fate"), "PUT");
+        assert_eq!(allow("changes"), "GET, HEAD");
+        let patients = ROUTES.iter().find(|r| r.path == "patients").unwrap();
+        assert!(patients.handler("HEAD").is_some());
+        assert!(patients.handler("DELETE").is_none());
     }
 
     #[test]

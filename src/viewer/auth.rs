@@ -1,80 +1,10 @@
-//! Passwords (argon2id, the manual's policy) and viewer session tokens.
+//! Viewer session tokens: issued at a login, resumed after a dropped connection.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use es_net::ConnHandle;
 use es_storage::Rights;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-/// Longest password accepted, in bytes (argon2 takes any length; this bounds the work).
-pub const PASSWORD_BYTES_MAX: usize = 128;
-
-/// The manual's policy (section 1.8): at least 8 characters with an upper-case letter, a
-/// lower-case letter, a digit and a special character. Checked on every set and change.
-pub fn check_password_policy(password: &str) -> Result<(), String> {
-    let mut missing = Vec::new();
-    if password.chars().count() < 8 {
-        missing.push("at least 8 characters");
-    }
-    if !password.chars().any(char::is_uppercase) {
-        missing.push("an upper-case letter");
-    }
-    if !password.chars().any(char::is_lowercase) {
-        missing.push("a lower-case letter");
-    }
-    if !password.chars().any(|c| c.is_ascii_digit()) {
-        missing.push("a digit");
-    }
-    if !password
-        .chars()
-        .any(|c| !c.is_alphanumeric() && !c.is_whitespace())
-    {
-        missing.push("a special character (such as ! # % - _)");
-    }
-    if password.len() > PASSWORD_BYTES_MAX {
-        return Err(format!(
-            "the password is longer than {PASSWORD_BYTES_MAX} bytes"
-        ));
-    }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "the password does not meet the policy; it needs {}",
-            missing.join(", ")
-        ))
-    }
-}
-
-/// An argon2id PHC string of `password` with a fresh random salt.
-pub fn hash_password(password: &str) -> Result<String, String> {
-    let mut salt = [0u8; 16];
-    getrandom::fill(&mut salt).map_err(|error| format!("no randomness for a salt: {error}"))?;
-    let salt = SaltString::encode_b64(&salt).map_err(|error| error.to_string())?;
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|hash| hash.to_string())
-        .map_err(|error| format!("cannot hash the password: {error}"))
-}
-
-/// True when `password` matches the PHC string. A malformed stored hash never matches.
-pub fn verify_password(password: &str, phc: &str) -> bool {
-    let Ok(hash) = PasswordHash::new(phc) else {
-        return false;
-    };
-    Argon2::default()
-        .verify_password(password.as_bytes(), &hash)
-        .is_ok()
-}
-
-/// A hash to verify against when the user does not exist, so that the answer takes as long
-/// as for a real user and does not tell which user names exist.
-pub fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| hash_password("Dummy-password-1").unwrap_or_default())
-}
 
 /// A new random session token: 48 hex characters.
 pub fn new_token() -> Option<String> {
@@ -223,22 +153,6 @@ fn is_expired<M>(entry: &SessionEntry<M>, resume: Duration, now: Instant) -> boo
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_password_policy_of_the_manual() {
-        assert!(check_password_policy("Embryo-2026").is_ok());
-        for (weak, needs) in [
-            ("Ab1!", "at least 8 characters"),
-            ("embryo-2026", "upper-case"),
-            ("EMBRYO-2026", "lower-case"),
-            ("Embryo-abcd", "digit"),
-            ("Embryo2026x", "special"),
-        ] {
-            let error = check_password_policy(weak).unwrap_err();
-            assert!(error.contains(needs), "{weak}: {error}");
-        }
-        assert!(check_password_policy(&format!("Aa1!{}", "x".repeat(200))).is_err());
-    }
-
     fn entry(user: &str, disconnected_at: Option<Instant>) -> SessionEntry<()> {
         SessionEntry {
             user: user.into(),
@@ -289,17 +203,5 @@ mod tests {
             SESSIONS_PER_USER_MAX + 1 + 1,
             "anna's disconnected ones expired"
         );
-    }
-
-    #[test]
-    fn hashes_are_argon2id_salted_and_verify() {
-        let one = hash_password("Embryo-2026").unwrap();
-        let two = hash_password("Embryo-2026").unwrap();
-        assert!(one.starts_with("$argon2id$"), "{one}");
-        assert_ne!(one, two, "each hash has its own salt");
-        assert!(verify_password("Embryo-2026", &one));
-        assert!(!verify_password("Embryo-2027", &one));
-        assert!(!verify_password("Embryo-2026", "not a hash"));
-        assert!(!dummy_hash().is_empty());
     }
 }

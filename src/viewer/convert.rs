@@ -98,9 +98,23 @@ pub fn image(embryo_id: &str, frame: Frame) -> pb::Image {
 }
 
 /// A protocol write as a storage edit, or the reason it is invalid.
-pub fn edit(request: pb::client_message::Request) -> Result<ClinicalEdit, String> {
+/// The clinical edit a request asks for: None when it is not an edit (it is handed back),
+/// Some(Err) when its fields do not make one.
+#[allow(clippy::result_large_err)]
+pub fn edit(
+    request: pb::client_message::Request,
+) -> Result<Result<ClinicalEdit, String>, pb::client_message::Request> {
     use pb::client_message::Request;
-    Ok(match request {
+    // A field that does not make an edit ends the conversion with its message.
+    macro_rules! or_refuse {
+        ($field:expr) => {
+            match $field {
+                Ok(value) => value,
+                Err(message) => return Ok(Err(message)),
+            }
+        };
+    }
+    Ok(Ok(match request {
         Request::CreatePatient(p) => ClinicalEdit::CreatePatient {
             patient: PatientRef {
                 patient_id: p.patient_id,
@@ -134,13 +148,13 @@ pub fn edit(request: pb::client_message::Request) -> Result<ClinicalEdit, String
         Request::AddAnnotation(a) => ClinicalEdit::AddAnnotation {
             embryo_id: a.embryo_id,
             expected_version: a.expected_version,
-            annotation: annotation_input(a.annotation)?,
+            annotation: or_refuse!(annotation_input(a.annotation)),
         },
         Request::ChangeAnnotation(a) => ClinicalEdit::ChangeAnnotation {
             embryo_id: a.embryo_id,
             expected_version: a.expected_version,
             annotation_id: a.annotation_id,
-            annotation: annotation_input(a.annotation)?,
+            annotation: or_refuse!(annotation_input(a.annotation)),
         },
         Request::RemoveAnnotation(a) => ClinicalEdit::RemoveAnnotation {
             embryo_id: a.embryo_id,
@@ -150,25 +164,20 @@ pub fn edit(request: pb::client_message::Request) -> Result<ClinicalEdit, String
         Request::SetFate(f) => ClinicalEdit::SetFate {
             embryo_id: f.embryo_id,
             expected_version: f.expected_version,
-            fate: Fate::from_name(&f.fate).ok_or_else(|| {
+            fate: or_refuse!(Fate::from_name(&f.fate).ok_or_else(|| {
                 format!(
                     "fate {:?} is not one of undecided, transfer, freeze, avoid",
                     f.fate
                 )
-            })?,
+            })),
         },
         Request::SetEmbryoComment(c) => ClinicalEdit::SetEmbryoComment {
             embryo_id: c.embryo_id,
             expected_version: c.expected_version,
             comment: c.comment,
         },
-        other => {
-            return Err(format!(
-                "{} is not a write",
-                es_proto::viewer::request_name(&other)
-            ))
-        }
-    })
+        other => return Err(other),
+    }))
 }
 
 fn annotation_input(input: Option<pb::AnnotationInput>) -> Result<AnnotationInput, String> {

@@ -12,19 +12,23 @@
 pub mod auth;
 mod convert;
 
+use crate::accounts::{
+    audit_unknown_user, check_password, LoginCheck, LOGIN_REFUSED, PASSWORD_BYTES_MAX,
+};
 use crate::disk_guard::DiskState;
+use crate::edits::{self, Editor, Grant};
 use crate::workers::Workers;
 use auth::{Resumed, SessionEntry, Sessions};
 use bytes::BytesMut;
 use es_net::{CloseReason, ConnHandle, Service, Session, SessionIo, TimeoutKind};
 use es_proto::viewer::pb::{self, client_message::Request, server_message::Body};
 use es_proto::viewer::{
-    error_message, is_write, request_name, ErrorCode, ServerEvent, ServerLimits, ServerSession,
-    FRAMES_MAX, PATIENT_PAGE_DEFAULT, PATIENT_PAGE_MAX,
+    error_message, request_name, ErrorCode, ServerEvent, ServerLimits, ServerSession, FRAMES_MAX,
+    PATIENT_PAGE_DEFAULT, PATIENT_PAGE_MAX,
 };
 use es_storage::{
-    Actor, AdminRefusal, AuditDenied, ChangeEntity, Current, Edit, EditRefusal, FrameChunk,
-    LoginAttempt, OpResult, Rights, StorageError, Store, SubmitError, WriteError, Writer,
+    Actor, AdminRefusal, ClinicalEdit, Current, Edit, EditRefusal, FrameChunk, LoginAttempt,
+    OpResult, Rights, StorageError, Store, SubmitError, WriteError, Writer,
 };
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -107,16 +111,6 @@ impl Drop for Fallback<'_> {
             self.handle.send(message);
         }
     }
-}
-
-/// What a worker found for a Login.
-pub enum LoginCheck {
-    UnknownUser,
-    Disabled,
-    Locked { until_ms: i64 },
-    Wrong,
-    Correct { rights: Rights },
-    Unavailable(String),
 }
 
 /// A logged-in connection, its "a wake-up is queued" flag, and who it is (for status pages).
@@ -742,10 +736,13 @@ impl ViewerSession {
     // ------------------------------------------------------------ requests
 
     fn handle_request(&mut self, seq: u64, request: Request, io: &mut SessionIo<'_>) {
-        if is_write(&request) {
-            self.start_write(seq, request, io);
-            return;
-        }
+        let request = match convert::edit(request) {
+            Ok(edit) => {
+                self.start_write(seq, edit, io);
+                return;
+            }
+            Err(request) => request,
+        };
         match request {
             Request::Ping(_) => self.respond(seq, Body::Done(pb::Done {}), io),
             Request::Logout(_) => {
@@ -786,69 +783,44 @@ impl ViewerSession {
         }
     }
 
-    fn start_write(&mut self, seq: u64, request: Request, io: &mut SessionIo<'_>) {
+    /// An edit through the one edit path ([`crate::edits`]): rights (audited), disk, storage.
+    fn start_write(
+        &mut self,
+        seq: u64,
+        edit: Result<ClinicalEdit, String>,
+        io: &mut SessionIo<'_>,
+    ) {
         let login = self.login.as_ref().expect("requests come after login");
-        let actor = Actor {
-            user: login.user.clone(),
-            computer: login.computer.clone(),
+        let editor = Editor {
+            actor: Actor {
+                user: login.user.clone(),
+                computer: login.computer.clone(),
+            },
+            grant: Grant::User(login.rights),
         };
-        let action = request_name(&request);
-        if !login.rights.allows(Rights::Edit) {
-            let message = format!(
-                "{} has the right `{}`; {action} needs `edit`",
-                login.user, login.rights
-            );
-            tracing::warn!(viewer = %self.name(), code = "permission_denied", "{message}");
-            let op = AuditDenied {
-                actor,
-                action: action.to_string(),
-                entity: ChangeEntity::User,
-                target: login.user.clone(),
-                attempted: format!("{request:?}").chars().take(1024).collect(),
-                at_ms: now_ms(),
-            };
-            if self.shared.writer.try_submit(op, |_| {}).is_err() {
-                tracing::warn!(viewer = %self.name(), "the refused write could not be audited: the storage queue is full");
-            }
-            self.respond_error(seq, ErrorCode::PermissionDenied, message, io);
-            return;
-        }
-        if self.shared.disk.is_low() {
-            let message = "the server's disk is below its free-space reserve: changes cannot be saved now; keep them and retry".to_string();
-            self.respond_error(seq, ErrorCode::DiskFull, message, io);
-            return;
-        }
-        let edit = match convert::edit(request) {
+        let edit = match edit {
             Ok(edit) => edit,
             Err(message) => {
                 self.respond_error(seq, ErrorCode::InvalidField, message, io);
                 return;
             }
         };
-        let op = Edit {
-            actor,
-            edit,
-            idempotency: None,
-            at_ms: now_ms(),
-        };
         let handle = self.handle.clone();
         let done = move |result| {
             handle.send(ViewerMsg::Saved { seq, result });
         };
-        match self.shared.writer.try_submit(op, done) {
+        let writer = &self.shared.writer;
+        match edits::submit(writer, &self.shared.disk, &editor, edit, None, done) {
             Ok(()) => self.pending += 1,
-            Err(SubmitError::Full(..)) => self.respond_error(
-                seq,
-                ErrorCode::Busy,
-                "the server is busy; nothing was saved, retry in a moment".into(),
-                io,
-            ),
-            Err(SubmitError::Closed(..)) => self.respond_error(
-                seq,
-                ErrorCode::ShuttingDown,
-                "the server is shutting down; nothing was saved".into(),
-                io,
-            ),
+            Err(refused) => {
+                let code = match refused {
+                    edits::Refused::Forbidden(_) => ErrorCode::PermissionDenied,
+                    edits::Refused::DiskLow => ErrorCode::DiskFull,
+                    edits::Refused::Busy => ErrorCode::Busy,
+                    edits::Refused::ShuttingDown => ErrorCode::ShuttingDown,
+                };
+                self.respond_error(seq, code, refused.message(), io);
+            }
         }
     }
 
@@ -1313,10 +1285,10 @@ impl Session for ViewerSession {
 
 fn check_login_fields(login: &pb::Login) -> Result<(), String> {
     es_storage::user_name(&login.user).map_err(|error| error.to_string())?;
-    if login.password.is_empty() || login.password.len() > auth::PASSWORD_BYTES_MAX {
+    if login.password.is_empty() || login.password.len() > PASSWORD_BYTES_MAX {
         return Err(format!(
             "the password must have 1 to {} bytes",
-            auth::PASSWORD_BYTES_MAX
+            PASSWORD_BYTES_MAX
         ));
     }
     if login.computer.is_empty() || login.computer.len() > 128 || login.client.len() > 128 {
@@ -1325,78 +1297,6 @@ fn check_login_fields(login: &pb::Login) -> Result<(), String> {
         );
     }
     Ok(())
-}
-
-/// The one answer to every refused login (unknown user, wrong password, disabled, locked).
-pub(crate) const LOGIN_REFUSED: &str = "wrong user name or password, or the account is \
-    disabled or locked for this computer after too many failed logins; an administrator can \
-    check and unlock it";
-
-/// Runs on a worker: the user's state and the password check (argon2id). `address` is where
-/// the attempt comes from: a lock is per account and address. The user name is compared
-/// without regard to case (`Reader::user_for_login`); the account's name as stored is
-/// returned with the outcome (the name given when there is no such account), and is the one
-/// to record the attempt and issue the session for.
-pub(crate) fn check_password(
-    store: &Store,
-    user: &str,
-    password: &str,
-    address: &str,
-) -> (String, LoginCheck) {
-    let record = match store.read().and_then(|reader| reader.user_for_login(user)) {
-        Ok(record) => record,
-        Err(error) => return (user.to_string(), LoginCheck::Unavailable(error.to_string())),
-    };
-    let Some(record) = record else {
-        auth::verify_password(password, auth::dummy_hash());
-        return (user.to_string(), LoginCheck::UnknownUser);
-    };
-    let name = record.name.clone();
-    (name, password_check(&record, password, address))
-}
-
-fn password_check(record: &es_storage::UserRecord, password: &str, address: &str) -> LoginCheck {
-    if record.disabled {
-        return LoginCheck::Disabled;
-    }
-    let now = now_ms();
-    let address_lock = record
-        .locks
-        .iter()
-        .filter(|(locked, _)| locked == address)
-        .map(|(_, until)| *until)
-        .max()
-        .unwrap_or(0);
-    let until_ms = record.locked_until_ms.max(address_lock);
-    if until_ms > now {
-        return LoginCheck::Locked { until_ms };
-    }
-    if auth::verify_password(password, &record.password_hash) {
-        LoginCheck::Correct {
-            rights: record.rights,
-        }
-    } else {
-        LoginCheck::Wrong
-    }
-}
-
-/// Records a login attempt for a user that does not exist in the audit trail (best effort:
-/// when the storage queue is full it is logged instead).
-pub(crate) fn audit_unknown_user(writer: &Writer, user: &str, computer: &str) {
-    let op = AuditDenied {
-        actor: Actor {
-            user: user.to_string(),
-            computer: computer.to_string(),
-        },
-        action: "user.login".into(),
-        entity: ChangeEntity::User,
-        target: user.to_string(),
-        attempted: r#"{"refused":"unknown user"}"#.into(),
-        at_ms: now_ms(),
-    };
-    if writer.try_submit(op, Box::new(|_| {})).is_err() {
-        tracing::warn!(%user, "the refused login could not be audited: the storage queue is full");
-    }
 }
 
 /// The `changes_after` of a Login or of a Resume (they read 0 differently).
