@@ -6,7 +6,7 @@
 use bytes::BytesMut;
 use es_net::client::{ClientConn, ClientTls};
 use es_proto::viewer::pb::{self, client_message::Request, server_message::Body};
-use es_proto::viewer::{encode_frame, ErrorCode, FrameDecoder, PROTOCOL_VERSION};
+use es_proto::viewer::{encode_request, ErrorCode, FrameDecoder, PROTOCOL_VERSION};
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
@@ -170,13 +170,7 @@ impl ViewerClient {
         let seq = self.next_seq;
         self.next_seq += 1;
         let mut out = BytesMut::new();
-        encode_frame(
-            &pb::ClientMessage {
-                seq,
-                request: Some(request),
-            },
-            &mut out,
-        );
+        encode_request(seq, request, &mut out);
         self.conn.queue(&out);
         seq
     }

@@ -7,8 +7,17 @@
 //! `now` passed in) and produce events and bytes. The event loops of `es-net` move the bytes;
 //! the services of `esserver` decide what a request means. Limits carry their unit in the name
 //! (`frame_bytes_max`), errors are typed with stable codes, and no input can make it panic.
+//!
+//! The two protocols share one implementation of what they have in common: the
+//! length-prefixed frame decoder ([`frame`]), the error that ends a session ([`session`]),
+//! and the tables of stable numbers and names (error codes, message types), each protocol
+//! declaring only its own table.
 
+mod wire_enum;
+
+pub mod frame;
 pub mod incubator;
+pub mod session;
 pub mod viewer;
 
 #[cfg(any(test, feature = "fuzzing"))]

@@ -1,15 +1,14 @@
 //! Framing: `u32 length` (big-endian, = 1 + payload bytes), `u8 message type`, payload.
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 
 use super::error_code::ErrorCode;
 use super::message::{Message, MessageType};
+use crate::frame::{self, Framing, LENGTH_BYTES};
+use crate::session::ClosingError;
 
 /// Bytes before the payload: the 4-byte length and the type byte.
-pub const FRAME_HEADER_BYTES: usize = 5;
-
-/// Bytes of the length field.
-const LENGTH_BYTES: usize = 4;
+pub const FRAME_HEADER_BYTES: usize = LENGTH_BYTES + IncubatorFraming::TAG_BYTES;
 
 /// A frame that cannot be decoded. Every variant closes the connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,28 +48,46 @@ impl ProtoError {
     }
 }
 
-/// Incremental frame decoder for one connection's receive buffer.
-#[derive(Debug, Clone)]
-pub struct FrameDecoder {
-    frame_bytes_max: u32,
+impl ClosingError for ProtoError {
+    type Code = ErrorCode;
+
+    fn error_code(&self) -> ErrorCode {
+        ProtoError::error_code(self)
+    }
 }
 
-impl FrameDecoder {
-    /// A decoder that refuses frames whose length field exceeds `frame_bytes_max`.
-    pub fn new(frame_bytes_max: u32) -> Self {
-        FrameDecoder { frame_bytes_max }
+/// The incubator's framing: the length field counts a message type byte, then the payload.
+#[derive(Debug, Clone, Copy)]
+pub struct IncubatorFraming;
+
+impl Framing for IncubatorFraming {
+    const TAG_BYTES: usize = 1;
+    type Tag = MessageType;
+    type Error = ProtoError;
+
+    fn too_large(length: u32, frame_bytes_max: u32) -> ProtoError {
+        ProtoError::FrameTooLarge {
+            length,
+            max: frame_bytes_max,
+        }
     }
 
-    /// Changes the limit, e.g. once HELLO_OK announced the server's.
-    pub fn set_frame_bytes_max(&mut self, frame_bytes_max: u32) {
-        self.frame_bytes_max = frame_bytes_max;
+    fn check_header(length: u32, tag: &[u8]) -> Result<Option<MessageType>, ProtoError> {
+        if length == 0 {
+            return Err(ProtoError::EmptyFrame);
+        }
+        tag.first()
+            .map(|&type_byte| MessageType::try_from(type_byte))
+            .transpose()
     }
+}
 
-    /// The limit in force.
-    pub fn frame_bytes_max(&self) -> u32 {
-        self.frame_bytes_max
-    }
+/// Incremental frame decoder for one connection's receive buffer: the shared
+/// [`crate::frame::FrameDecoder`] over the incubator's framing, with its limit
+/// (frame_bytes_max), [`FrameDecoder::bytes_wanted`] and the protocol's [`FrameDecoder::decode`].
+pub type FrameDecoder = frame::FrameDecoder<IncubatorFraming>;
 
+impl frame::FrameDecoder<IncubatorFraming> {
     /// Decodes the next frame of `src`.
     ///
     /// Returns `Ok(None)` and consumes nothing while the frame is incomplete; `Ok(Some(..))`
@@ -79,54 +96,10 @@ impl FrameDecoder {
     /// Every error means the connection must be closed: header errors consume nothing, a
     /// malformed payload consumes its frame.
     pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
-        let Some(length) = self.check_header(src)? else {
+        let Some((message_type, payload)) = self.next_frame(src)? else {
             return Ok(None);
         };
-        let frame_bytes = LENGTH_BYTES + length as usize;
-        if src.len() < frame_bytes {
-            return Ok(None);
-        }
-        let message_type = MessageType::try_from(src[LENGTH_BYTES])?;
-        let payload = Self::take_payload(src, frame_bytes);
         Message::decode_payload(message_type, payload).map(Some)
-    }
-
-    /// Bytes still missing before the frame at the start of `src` is complete (at least the
-    /// header); 0 when a whole frame is there. Lets an event loop size its reads.
-    pub fn bytes_wanted(&self, src: &[u8]) -> usize {
-        if src.len() < LENGTH_BYTES {
-            return FRAME_HEADER_BYTES - src.len();
-        }
-        let length = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
-        (LENGTH_BYTES + length.max(1)).saturating_sub(src.len())
-    }
-
-    /// Checks what of the header is present; returns the length field once it passed.
-    fn check_header(&self, src: &BytesMut) -> Result<Option<u32>, ProtoError> {
-        if src.len() < LENGTH_BYTES {
-            return Ok(None);
-        }
-        let length = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
-        if length == 0 {
-            return Err(ProtoError::EmptyFrame);
-        }
-        if length > self.frame_bytes_max {
-            return Err(ProtoError::FrameTooLarge {
-                length,
-                max: self.frame_bytes_max,
-            });
-        }
-        if let Some(&type_byte) = src.get(LENGTH_BYTES) {
-            MessageType::try_from(type_byte)?;
-        }
-        Ok(Some(length))
-    }
-
-    /// Removes one whole frame from `src` and returns its payload without copying.
-    fn take_payload(src: &mut BytesMut, frame_bytes: usize) -> bytes::Bytes {
-        let mut frame = src.split_to(frame_bytes);
-        frame.advance(FRAME_HEADER_BYTES);
-        frame.freeze()
     }
 }
 

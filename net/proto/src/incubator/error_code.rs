@@ -2,133 +2,67 @@
 
 use super::message::Message;
 use super::pb;
+use crate::session::SessionCode;
+use crate::wire_enum::error_codes;
 
-/// Stable error codes: the number and the snake_case name never change meaning.
-#[repr(u32)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ErrorCode {
-    /// A frame or payload that cannot be decoded (also a length of 0).
-    MalformedFrame = 1,
-    /// A frame's length field exceeds frame_bytes_max.
-    FrameTooLarge = 2,
-    /// A type byte that names no message type.
-    UnknownMessageType = 3,
-    /// HELLO.protocol_version is not supported by the server.
-    UnsupportedVersion = 4,
-    /// A request arrived before HELLO.
-    HelloRequired = 5,
-    /// The instrument's secret does not match the one on file.
-    AuthFailed = 6,
-    /// An image with the same key but different bytes is already stored; the stored one is kept.
-    ImageConflict = 7,
-    /// The dish is not registered.
-    UnknownDish = 8,
-    /// The well is not registered in the dish.
-    UnknownWell = 9,
-    /// A field is missing, too long or out of range.
-    InvalidField = 10,
-    /// A request's seq is not greater than the previous one.
-    SequenceError = 11,
-    /// The server cannot store right now; retry later.
-    StorageUnavailable = 12,
-    /// The server's disk is full; retry later.
-    DiskFull = 13,
-    /// The server is shutting down; reconnect later.
-    ShuttingDown = 14,
-    /// Another connection with the same serial number took over.
-    Superseded = 15,
-    /// HELLO did not arrive in time after connecting.
-    HandshakeTimeout = 16,
-    /// Nothing was received for too long.
-    IdleTimeout = 17,
-    /// A bug or unexpected failure in the server; retry later.
-    InternalError = 18,
-    /// A message not valid in this state (a second HELLO, a server-to-client type, ...).
-    UnexpectedMessage = 19,
-    /// The licence's configuration has no room for this instrument (capacity units or
-    /// EmbryoScope+/Flex count); the message names the configuration and the current use.
-    CapacityExceeded = 20,
-    /// Answer to HELLO: another connection of this serial number was issued a secret it has
-    /// not confirmed yet (by a request or a HELLO presenting it); no other secret is issued
-    /// while that connection is open. Retry after a backoff.
-    EnrolmentInProgress = 21,
-    /// Answer to HELLO: the server enrols new instruments only once an administrator
-    /// approved their serial number, and this one is not yet; nothing was stored. Retry
-    /// after a backoff (the administrator sees it as pending).
-    EnrolmentPending = 22,
+error_codes! {
+    "ERROR",
+    /// Stable error codes: the number and the snake_case name never change meaning.
+    pub enum ErrorCode {
+        /// A frame or payload that cannot be decoded (also a length of 0).
+        MalformedFrame = 1 => "malformed_frame",
+        /// A frame's length field exceeds frame_bytes_max.
+        FrameTooLarge = 2 => "frame_too_large",
+        /// A type byte that names no message type.
+        UnknownMessageType = 3 => "unknown_message_type",
+        /// HELLO.protocol_version is not supported by the server.
+        UnsupportedVersion = 4 => "unsupported_version",
+        /// A request arrived before HELLO.
+        HelloRequired = 5 => "hello_required",
+        /// The instrument's secret does not match the one on file.
+        AuthFailed = 6 => "auth_failed",
+        /// An image with the same key but different bytes is already stored; the stored one
+        /// is kept.
+        ImageConflict = 7 => "image_conflict",
+        /// The dish is not registered.
+        UnknownDish = 8 => "unknown_dish",
+        /// The well is not registered in the dish.
+        UnknownWell = 9 => "unknown_well",
+        /// A field is missing, too long or out of range.
+        InvalidField = 10 => "invalid_field",
+        /// A request's seq is not greater than the previous one.
+        SequenceError = 11 => "sequence_error",
+        /// The server cannot store right now; retry later.
+        StorageUnavailable = 12 => "storage_unavailable",
+        /// The server's disk is full; retry later.
+        DiskFull = 13 => "disk_full",
+        /// The server is shutting down; reconnect later.
+        ShuttingDown = 14 => "shutting_down",
+        /// Another connection with the same serial number took over.
+        Superseded = 15 => "superseded",
+        /// HELLO did not arrive in time after connecting.
+        HandshakeTimeout = 16 => "handshake_timeout",
+        /// Nothing was received for too long.
+        IdleTimeout = 17 => "idle_timeout",
+        /// A bug or unexpected failure in the server; retry later.
+        InternalError = 18 => "internal_error",
+        /// A message not valid in this state (a second HELLO, a server-to-client type, ...).
+        UnexpectedMessage = 19 => "unexpected_message",
+        /// The licence's configuration has no room for this instrument (capacity units or
+        /// EmbryoScope+/Flex count); the message names the configuration and the current use.
+        CapacityExceeded = 20 => "capacity_exceeded",
+        /// Answer to HELLO: another connection of this serial number was issued a secret it has
+        /// not confirmed yet (by a request or a HELLO presenting it); no other secret is issued
+        /// while that connection is open. Retry after a backoff.
+        EnrolmentInProgress = 21 => "enrolment_in_progress",
+        /// Answer to HELLO: the server enrols new instruments only once an administrator
+        /// approved their serial number, and this one is not yet; nothing was stored. Retry
+        /// after a backoff (the administrator sees it as pending).
+        EnrolmentPending = 22 => "enrolment_pending",
+    }
 }
 
 impl ErrorCode {
-    /// Every code, ascending.
-    pub const ALL: [ErrorCode; 22] = [
-        ErrorCode::MalformedFrame,
-        ErrorCode::FrameTooLarge,
-        ErrorCode::UnknownMessageType,
-        ErrorCode::UnsupportedVersion,
-        ErrorCode::HelloRequired,
-        ErrorCode::AuthFailed,
-        ErrorCode::ImageConflict,
-        ErrorCode::UnknownDish,
-        ErrorCode::UnknownWell,
-        ErrorCode::InvalidField,
-        ErrorCode::SequenceError,
-        ErrorCode::StorageUnavailable,
-        ErrorCode::DiskFull,
-        ErrorCode::ShuttingDown,
-        ErrorCode::Superseded,
-        ErrorCode::HandshakeTimeout,
-        ErrorCode::IdleTimeout,
-        ErrorCode::InternalError,
-        ErrorCode::UnexpectedMessage,
-        ErrorCode::CapacityExceeded,
-        ErrorCode::EnrolmentInProgress,
-        ErrorCode::EnrolmentPending,
-    ];
-
-    /// The number on the wire (ERROR.code).
-    pub fn code(self) -> u32 {
-        self as u32
-    }
-
-    /// The stable snake_case name (ERROR.name).
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorCode::MalformedFrame => "malformed_frame",
-            ErrorCode::FrameTooLarge => "frame_too_large",
-            ErrorCode::UnknownMessageType => "unknown_message_type",
-            ErrorCode::UnsupportedVersion => "unsupported_version",
-            ErrorCode::HelloRequired => "hello_required",
-            ErrorCode::AuthFailed => "auth_failed",
-            ErrorCode::ImageConflict => "image_conflict",
-            ErrorCode::UnknownDish => "unknown_dish",
-            ErrorCode::UnknownWell => "unknown_well",
-            ErrorCode::InvalidField => "invalid_field",
-            ErrorCode::SequenceError => "sequence_error",
-            ErrorCode::StorageUnavailable => "storage_unavailable",
-            ErrorCode::DiskFull => "disk_full",
-            ErrorCode::ShuttingDown => "shutting_down",
-            ErrorCode::Superseded => "superseded",
-            ErrorCode::HandshakeTimeout => "handshake_timeout",
-            ErrorCode::IdleTimeout => "idle_timeout",
-            ErrorCode::InternalError => "internal_error",
-            ErrorCode::UnexpectedMessage => "unexpected_message",
-            ErrorCode::CapacityExceeded => "capacity_exceeded",
-            ErrorCode::EnrolmentInProgress => "enrolment_in_progress",
-            ErrorCode::EnrolmentPending => "enrolment_pending",
-        }
-    }
-
-    /// The code with this number, if any.
-    pub fn from_code(code: u32) -> Option<ErrorCode> {
-        let index = usize::try_from(code).ok()?.checked_sub(1)?;
-        ErrorCode::ALL.get(index).copied()
-    }
-
-    /// The code with this name, if any.
-    pub fn from_name(name: &str) -> Option<ErrorCode> {
-        ErrorCode::ALL.into_iter().find(|code| code.name() == name)
-    }
-
     /// True when the server closes the connection after sending this error (with seq 0).
     pub fn closes_connection(self) -> bool {
         matches!(
@@ -166,6 +100,14 @@ pub fn error_message(seq: u64, code: ErrorCode, message: impl Into<String>) -> M
         name: code.name().to_owned(),
         message: message.into(),
     })
+}
+
+impl SessionCode for ErrorCode {
+    type ErrorMessage = Message;
+
+    fn error_message(self, seq: u64, text: String) -> Message {
+        error_message(seq, self, text)
+    }
 }
 
 #[cfg(test)]

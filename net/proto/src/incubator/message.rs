@@ -5,82 +5,50 @@ use prost::Message as _;
 
 use super::codec::{ProtoError, FRAME_HEADER_BYTES};
 use super::pb;
+use crate::wire_enum::wire_enum;
 
-/// The message type byte of a frame.
-#[repr(u8)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum MessageType {
-    /// C->S: opens the session.
-    Hello = 1,
-    /// S->C: accepts the session.
-    HelloOk = 2,
-    /// C->S: registers a dish.
-    RegisterDish = 3,
-    /// C->S: one image.
-    Image = 4,
-    /// C->S: telemetry samples and alarms.
-    Telemetry = 5,
-    /// C->S: asks what is stored for a dish.
-    SyncState = 6,
-    /// S->C: answer to SYNC_STATE.
-    SyncStateResult = 7,
-    /// C->S: asks for a page of patients.
-    ListPatients = 8,
-    /// S->C: answer to LIST_PATIENTS.
-    PatientList = 9,
-    /// S->C: success of a request.
-    Ack = 10,
-    /// S->C: failure of a request, or of the connection (seq 0).
-    Error = 11,
-    /// C->S: keep-alive, answered by ACK.
-    Ping = 12,
+wire_enum! {
+    /// The message type byte of a frame.
+    pub enum MessageType: u8 {
+        /// C->S: opens the session.
+        Hello = 1 => "HELLO",
+        /// S->C: accepts the session.
+        HelloOk = 2 => "HELLO_OK",
+        /// C->S: registers a dish.
+        RegisterDish = 3 => "REGISTER_DISH",
+        /// C->S: one image.
+        Image = 4 => "IMAGE",
+        /// C->S: telemetry samples and alarms.
+        Telemetry = 5 => "TELEMETRY",
+        /// C->S: asks what is stored for a dish.
+        SyncState = 6 => "SYNC_STATE",
+        /// S->C: answer to SYNC_STATE.
+        SyncStateResult = 7 => "SYNC_STATE_RESULT",
+        /// C->S: asks for a page of patients.
+        ListPatients = 8 => "LIST_PATIENTS",
+        /// S->C: answer to LIST_PATIENTS.
+        PatientList = 9 => "PATIENT_LIST",
+        /// S->C: success of a request.
+        Ack = 10 => "ACK",
+        /// S->C: failure of a request, or of the connection (seq 0).
+        Error = 11 => "ERROR",
+        /// C->S: keep-alive, answered by ACK.
+        Ping = 12 => "PING",
+    }
+
+    /// Every message type, in type-number order.
+    pub const ALL;
+    /// The type byte on the wire.
+    pub fn as_u8;
+    /// The type with this type byte, if any (see also `TryFrom<u8>`, which names the error).
+    pub fn from_u8;
+    /// The name used in the protocol document, e.g. `"REGISTER_DISH"`.
+    pub fn name;
+    /// The type with this document name (`"HELLO_OK"`), if any.
+    pub fn from_name;
 }
 
 impl MessageType {
-    /// Every message type, in type-number order.
-    pub const ALL: [MessageType; 12] = [
-        MessageType::Hello,
-        MessageType::HelloOk,
-        MessageType::RegisterDish,
-        MessageType::Image,
-        MessageType::Telemetry,
-        MessageType::SyncState,
-        MessageType::SyncStateResult,
-        MessageType::ListPatients,
-        MessageType::PatientList,
-        MessageType::Ack,
-        MessageType::Error,
-        MessageType::Ping,
-    ];
-
-    /// The type byte on the wire.
-    pub fn as_u8(self) -> u8 {
-        self as u8
-    }
-
-    /// The name used in the protocol document, e.g. `"REGISTER_DISH"`.
-    pub fn name(self) -> &'static str {
-        match self {
-            MessageType::Hello => "HELLO",
-            MessageType::HelloOk => "HELLO_OK",
-            MessageType::RegisterDish => "REGISTER_DISH",
-            MessageType::Image => "IMAGE",
-            MessageType::Telemetry => "TELEMETRY",
-            MessageType::SyncState => "SYNC_STATE",
-            MessageType::SyncStateResult => "SYNC_STATE_RESULT",
-            MessageType::ListPatients => "LIST_PATIENTS",
-            MessageType::PatientList => "PATIENT_LIST",
-            MessageType::Ack => "ACK",
-            MessageType::Error => "ERROR",
-            MessageType::Ping => "PING",
-        }
-    }
-
-    /// The type with this document name (`"HELLO_OK"`), if any.
-    pub fn from_name(name: &str) -> Option<MessageType> {
-        MessageType::ALL.into_iter().find(|t| t.name() == name)
-    }
-
     /// True for the types an incubator sends (HELLO and the requests).
     pub fn is_client_to_server(self) -> bool {
         matches!(
@@ -123,10 +91,7 @@ impl TryFrom<u8> for MessageType {
     type Error = ProtoError;
 
     fn try_from(value: u8) -> Result<Self, ProtoError> {
-        MessageType::ALL
-            .get(usize::from(value).wrapping_sub(1))
-            .copied()
-            .ok_or(ProtoError::UnknownMessageType(value))
+        MessageType::from_u8(value).ok_or(ProtoError::UnknownMessageType(value))
     }
 }
 

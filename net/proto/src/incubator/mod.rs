@@ -2,7 +2,8 @@
 //! `docs/protocol/incubator.md` with the payloads of `docs/protocol/incubator.proto`.
 //!
 //! - [`Message`] and [`MessageType`]: the twelve message types and their frame encoding.
-//! - [`FrameDecoder`]: incremental, zero-copy frame decoding with a size limit.
+//! - [`FrameDecoder`]: incremental, zero-copy frame decoding with a size limit (the shared
+//!   [`crate::frame::FrameDecoder`] over [`IncubatorFraming`]).
 //! - [`ErrorCode`]: the stable error codes carried by ERROR frames.
 //! - [`validate_request`]: the field limits a server checks before acting on a request.
 //! - [`ServerSession`] and [`ClientSession`]: the sans-I/O state machines of one connection.
@@ -24,7 +25,7 @@ pub mod pb {
 }
 
 pub use client::{ClientEvent, ClientSession};
-pub use codec::{FrameDecoder, ProtoError, FRAME_HEADER_BYTES};
+pub use codec::{FrameDecoder, IncubatorFraming, ProtoError, FRAME_HEADER_BYTES};
 pub use error_code::{error_message, ErrorCode};
 pub use message::{Message, MessageType};
 pub use server::{ServerEvent, ServerLimits, ServerSession, SessionError};

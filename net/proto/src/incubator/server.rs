@@ -4,11 +4,12 @@ use std::collections::BTreeMap;
 
 use bytes::BytesMut;
 
-use super::codec::{FrameDecoder, ProtoError};
-use super::error_code::{error_message, ErrorCode};
+use super::codec::FrameDecoder;
+use super::error_code::ErrorCode;
 use super::message::{Message, MessageType};
 use super::validate::validate_hello;
 use super::{pb, FRAME_BYTES_MAX_DEFAULT, INFLIGHT_REQUESTS_MAX_DEFAULT, PROTOCOL_VERSION};
+use crate::session;
 
 /// Limits the server announces in HELLO_OK and enforces on the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,37 +29,10 @@ impl Default for ServerLimits {
     }
 }
 
-/// A protocol violation that ends the session. Send `error_message(0, code, message)`, then
-/// close the connection.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct SessionError {
-    /// The stable code to report.
-    pub code: ErrorCode,
-    /// A readable explanation.
-    pub message: String,
-}
-
-impl SessionError {
-    /// A session error with this code and text.
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        SessionError {
-            code,
-            message: message.into(),
-        }
-    }
-
-    /// The connection-level ERROR frame (seq 0) that reports this error.
-    pub fn to_message(&self) -> Message {
-        error_message(0, self.code, self.message.clone())
-    }
-}
-
-impl From<ProtoError> for SessionError {
-    fn from(error: ProtoError) -> Self {
-        SessionError::new(error.error_code(), error.to_string())
-    }
-}
+/// A protocol violation that ends the session: the shared [`crate::session::SessionError`]
+/// over the incubator's [`ErrorCode`]. Send [`SessionError::to_message`] (an ERROR with seq 0,
+/// the same as `error_message(0, code, message)`), then close the connection.
+pub type SessionError = session::SessionError<ErrorCode>;
 
 /// What the server has to act on.
 #[derive(Debug, Clone, PartialEq)]
@@ -284,6 +258,7 @@ impl ServerSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::incubator::error_message;
     use crate::incubator::samples::example;
 
     const LIMITS: ServerLimits = ServerLimits {
@@ -522,6 +497,7 @@ mod tests {
 #[cfg(test)]
 mod garbage_tests {
     use super::*;
+    use crate::incubator::error_message;
     use crate::incubator::samples::example;
 
     /// xorshift64: deterministic noise, so a failure replays.

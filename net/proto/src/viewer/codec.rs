@@ -1,11 +1,13 @@
 //! Framing: `u32 length` (big-endian, = payload bytes), then the protobuf payload of one
 //! envelope message.
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{BufMut, BytesMut};
 use prost::Message;
 
-/// Bytes of the length field.
-pub const LENGTH_BYTES: usize = 4;
+use super::error_code::ErrorCode;
+use super::pb;
+use crate::frame::{self, Framing, LENGTH_BYTES};
+use crate::session::ClosingError;
 
 /// A frame that cannot be decoded. Every variant closes the connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,28 +25,51 @@ pub enum FrameError {
     Malformed(String),
 }
 
-/// Incremental decoder of one direction of a connection.
-#[derive(Debug, Clone)]
-pub struct FrameDecoder {
-    frame_bytes_max: u32,
+impl FrameError {
+    /// The error code to send (with seq 0) before closing the connection.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            FrameError::Malformed(_) => ErrorCode::MalformedFrame,
+        }
+    }
 }
 
-impl FrameDecoder {
-    /// A decoder that refuses frames longer than `frame_bytes_max`.
-    pub fn new(frame_bytes_max: u32) -> Self {
-        FrameDecoder { frame_bytes_max }
+impl ClosingError for FrameError {
+    type Code = ErrorCode;
+
+    fn error_code(&self) -> ErrorCode {
+        FrameError::error_code(self)
+    }
+}
+
+/// The viewer's framing: the length field counts the payload alone; no tag.
+#[derive(Debug, Clone, Copy)]
+pub struct ViewerFraming;
+
+impl Framing for ViewerFraming {
+    const TAG_BYTES: usize = 0;
+    type Tag = ();
+    type Error = FrameError;
+
+    fn too_large(length: u32, frame_bytes_max: u32) -> FrameError {
+        FrameError::TooLarge {
+            length,
+            max: frame_bytes_max,
+        }
     }
 
-    /// Changes the limit (after login).
-    pub fn set_frame_bytes_max(&mut self, frame_bytes_max: u32) {
-        self.frame_bytes_max = frame_bytes_max;
+    fn check_header(_length: u32, _tag: &[u8]) -> Result<Option<()>, FrameError> {
+        Ok(Some(()))
     }
+}
 
-    /// The limit in force.
-    pub fn frame_bytes_max(&self) -> u32 {
-        self.frame_bytes_max
-    }
+/// Incremental decoder of one direction of a connection: the shared
+/// [`crate::frame::FrameDecoder`] over the viewer's framing, with its limit (the login limit,
+/// then request_bytes_max) and the protocol's [`FrameDecoder::decode`].
+pub type FrameDecoder = frame::FrameDecoder<ViewerFraming>;
 
+impl frame::FrameDecoder<ViewerFraming> {
     /// Decodes the next frame of `src` as an `M`.
     ///
     /// `Ok(None)` consumes nothing while the frame is incomplete. `Ok(Some(..))` consumed
@@ -55,23 +80,10 @@ impl FrameDecoder {
         &mut self,
         src: &mut BytesMut,
     ) -> Result<Option<M>, FrameError> {
-        if src.len() < LENGTH_BYTES {
+        let Some(((), payload)) = self.next_frame(src)? else {
             return Ok(None);
-        }
-        let length = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
-        if length > self.frame_bytes_max {
-            return Err(FrameError::TooLarge {
-                length,
-                max: self.frame_bytes_max,
-            });
-        }
-        let frame_bytes = LENGTH_BYTES + length as usize;
-        if src.len() < frame_bytes {
-            return Ok(None);
-        }
-        let mut frame = src.split_to(frame_bytes);
-        frame.advance(LENGTH_BYTES);
-        M::decode(frame.freeze())
+        };
+        M::decode(payload)
             .map(Some)
             .map_err(|error| FrameError::Malformed(error.to_string()))
     }
@@ -85,6 +97,16 @@ pub fn encode_frame<M: Message>(message: &M, out: &mut BytesMut) {
     message
         .encode(out)
         .expect("BytesMut grows to hold the message");
+}
+
+/// Appends the frame of request `seq` to `out`: a `ClientMessage` envelope holding `request`,
+/// as a viewer sends it.
+pub fn encode_request(seq: u64, request: pb::client_message::Request, out: &mut BytesMut) {
+    let message = pb::ClientMessage {
+        seq,
+        request: Some(request),
+    };
+    encode_frame(&message, out);
 }
 
 #[cfg(test)]

@@ -1,150 +1,70 @@
 //! The stable error codes of the viewer protocol's `Error` message.
 
 use super::pb;
+use crate::session::SessionCode;
+use crate::wire_enum::error_codes;
 
-/// Stable error codes: the number and the snake_case name never change meaning.
-#[repr(u32)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ErrorCode {
-    /// A payload that is not a valid envelope, or an envelope without a request.
-    MalformedFrame = 1,
-    /// A frame's length exceeds the limit (64 KiB before login, request_bytes_max after).
-    FrameTooLarge = 2,
-    /// Login.protocol_version is not supported.
-    UnsupportedVersion = 3,
-    /// A request other than Login or Resume before the session is established.
-    LoginRequired = 4,
-    /// Wrong user name or password (which one is not said).
-    AuthFailed = 5,
-    /// Too many failed logins: the account is locked for a while.
-    AccountLocked = 6,
-    /// The account is disabled by an administrator.
-    AccountDisabled = 7,
-    /// Resume with a token that is unknown, logged out or expired: log in again.
-    SessionExpired = 8,
-    /// The user's rights do not allow the request (a `view` user writing, for example).
-    PermissionDenied = 9,
-    /// A field is missing, too long or out of range.
-    InvalidField = 10,
-    /// A request's seq is not greater than the previous one.
-    SequenceError = 11,
-    /// The patient, treatment, dish, embryo, annotation or image does not exist.
-    NotFound = 12,
-    /// Someone else changed the row since the version named; the current one is attached.
-    Conflict = 13,
-    /// A patient or treatment with that id already exists.
-    AlreadyExists = 14,
-    /// The server cannot read or store right now; retry later.
-    StorageUnavailable = 15,
-    /// The server's disk is full; writes are refused until space is freed, reads go on.
-    DiskFull = 16,
-    /// The server is overloaded; retry after a short pause.
-    Busy = 17,
-    /// The server is shutting down; reconnect later (Resume keeps the session).
-    ShuttingDown = 18,
-    /// Nothing was received for too long; send Ping when idle.
-    IdleTimeout = 19,
-    /// No Login or Resume in time after connecting.
-    HandshakeTimeout = 20,
-    /// A bug or unexpected failure in the server.
-    InternalError = 21,
-    /// A message not valid in this state (a second Login, for example).
-    UnexpectedMessage = 22,
-    /// The playback was cancelled by the viewer.
-    Cancelled = 23,
-    /// More unanswered requests than inflight_requests_max.
-    TooManyRequests = 24,
-    /// A stored image failed its SHA-256 check; an administrator must look at it.
-    ImageDamaged = 25,
-    /// The session was resumed on another connection; this one is closed.
-    Superseded = 26,
-    /// The server has no valid licence (missing, changed, for another server, expired).
-    LicenseInvalid = 27,
-    /// The licence does not name this computer, or its configuration's computers are all
-    /// connected.
-    ComputerNotLicensed = 28,
-}
-
-impl ErrorCode {
-    /// Every code, ascending.
-    pub const ALL: [ErrorCode; 28] = [
-        ErrorCode::MalformedFrame,
-        ErrorCode::FrameTooLarge,
-        ErrorCode::UnsupportedVersion,
-        ErrorCode::LoginRequired,
-        ErrorCode::AuthFailed,
-        ErrorCode::AccountLocked,
-        ErrorCode::AccountDisabled,
-        ErrorCode::SessionExpired,
-        ErrorCode::PermissionDenied,
-        ErrorCode::InvalidField,
-        ErrorCode::SequenceError,
-        ErrorCode::NotFound,
-        ErrorCode::Conflict,
-        ErrorCode::AlreadyExists,
-        ErrorCode::StorageUnavailable,
-        ErrorCode::DiskFull,
-        ErrorCode::Busy,
-        ErrorCode::ShuttingDown,
-        ErrorCode::IdleTimeout,
-        ErrorCode::HandshakeTimeout,
-        ErrorCode::InternalError,
-        ErrorCode::UnexpectedMessage,
-        ErrorCode::Cancelled,
-        ErrorCode::TooManyRequests,
-        ErrorCode::ImageDamaged,
-        ErrorCode::Superseded,
-        ErrorCode::LicenseInvalid,
-        ErrorCode::ComputerNotLicensed,
-    ];
-
-    /// The number on the wire (Error.code).
-    pub fn code(self) -> u32 {
-        self as u32
-    }
-
-    /// The stable snake_case name (Error.name).
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorCode::MalformedFrame => "malformed_frame",
-            ErrorCode::FrameTooLarge => "frame_too_large",
-            ErrorCode::UnsupportedVersion => "unsupported_version",
-            ErrorCode::LoginRequired => "login_required",
-            ErrorCode::AuthFailed => "auth_failed",
-            ErrorCode::AccountLocked => "account_locked",
-            ErrorCode::AccountDisabled => "account_disabled",
-            ErrorCode::SessionExpired => "session_expired",
-            ErrorCode::PermissionDenied => "permission_denied",
-            ErrorCode::InvalidField => "invalid_field",
-            ErrorCode::SequenceError => "sequence_error",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::Conflict => "conflict",
-            ErrorCode::AlreadyExists => "already_exists",
-            ErrorCode::StorageUnavailable => "storage_unavailable",
-            ErrorCode::DiskFull => "disk_full",
-            ErrorCode::Busy => "busy",
-            ErrorCode::ShuttingDown => "shutting_down",
-            ErrorCode::IdleTimeout => "idle_timeout",
-            ErrorCode::HandshakeTimeout => "handshake_timeout",
-            ErrorCode::InternalError => "internal_error",
-            ErrorCode::UnexpectedMessage => "unexpected_message",
-            ErrorCode::Cancelled => "cancelled",
-            ErrorCode::TooManyRequests => "too_many_requests",
-            ErrorCode::ImageDamaged => "image_damaged",
-            ErrorCode::Superseded => "superseded",
-            ErrorCode::LicenseInvalid => "license_invalid",
-            ErrorCode::ComputerNotLicensed => "computer_not_licensed",
-        }
-    }
-
-    /// The code with this number, if any.
-    pub fn from_code(code: u32) -> Option<ErrorCode> {
-        ErrorCode::ALL.into_iter().find(|c| c.code() == code)
-    }
-
-    /// The code with this name, if any.
-    pub fn from_name(name: &str) -> Option<ErrorCode> {
-        ErrorCode::ALL.into_iter().find(|c| c.name() == name)
+error_codes! {
+    "Error",
+    /// Stable error codes: the number and the snake_case name never change meaning.
+    pub enum ErrorCode {
+        /// A payload that is not a valid envelope, or an envelope without a request.
+        MalformedFrame = 1 => "malformed_frame",
+        /// A frame's length exceeds the limit (64 KiB before login, request_bytes_max after).
+        FrameTooLarge = 2 => "frame_too_large",
+        /// Login.protocol_version is not supported.
+        UnsupportedVersion = 3 => "unsupported_version",
+        /// A request other than Login or Resume before the session is established.
+        LoginRequired = 4 => "login_required",
+        /// Wrong user name or password (which one is not said).
+        AuthFailed = 5 => "auth_failed",
+        /// Too many failed logins: the account is locked for a while.
+        AccountLocked = 6 => "account_locked",
+        /// The account is disabled by an administrator.
+        AccountDisabled = 7 => "account_disabled",
+        /// Resume with a token that is unknown, logged out or expired: log in again.
+        SessionExpired = 8 => "session_expired",
+        /// The user's rights do not allow the request (a `view` user writing, for example).
+        PermissionDenied = 9 => "permission_denied",
+        /// A field is missing, too long or out of range.
+        InvalidField = 10 => "invalid_field",
+        /// A request's seq is not greater than the previous one.
+        SequenceError = 11 => "sequence_error",
+        /// The patient, treatment, dish, embryo, annotation or image does not exist.
+        NotFound = 12 => "not_found",
+        /// Someone else changed the row since the version named; the current one is attached.
+        Conflict = 13 => "conflict",
+        /// A patient or treatment with that id already exists.
+        AlreadyExists = 14 => "already_exists",
+        /// The server cannot read or store right now; retry later.
+        StorageUnavailable = 15 => "storage_unavailable",
+        /// The server's disk is full; writes are refused until space is freed, reads go on.
+        DiskFull = 16 => "disk_full",
+        /// The server is overloaded; retry after a short pause.
+        Busy = 17 => "busy",
+        /// The server is shutting down; reconnect later (Resume keeps the session).
+        ShuttingDown = 18 => "shutting_down",
+        /// Nothing was received for too long; send Ping when idle.
+        IdleTimeout = 19 => "idle_timeout",
+        /// No Login or Resume in time after connecting.
+        HandshakeTimeout = 20 => "handshake_timeout",
+        /// A bug or unexpected failure in the server.
+        InternalError = 21 => "internal_error",
+        /// A message not valid in this state (a second Login, for example).
+        UnexpectedMessage = 22 => "unexpected_message",
+        /// The playback was cancelled by the viewer.
+        Cancelled = 23 => "cancelled",
+        /// More unanswered requests than inflight_requests_max.
+        TooManyRequests = 24 => "too_many_requests",
+        /// A stored image failed its SHA-256 check; an administrator must look at it.
+        ImageDamaged = 25 => "image_damaged",
+        /// The session was resumed on another connection; this one is closed.
+        Superseded = 26 => "superseded",
+        /// The server has no valid licence (missing, changed, for another server, expired).
+        LicenseInvalid = 27 => "license_invalid",
+        /// The licence does not name this computer, or its configuration's computers are all
+        /// connected.
+        ComputerNotLicensed = 28 => "computer_not_licensed",
     }
 }
 
@@ -165,6 +85,14 @@ pub fn error_message(seq: u64, code: ErrorCode, message: impl Into<String>) -> p
             current_version: 0,
             current_json: String::new(),
         })),
+    }
+}
+
+impl SessionCode for ErrorCode {
+    type ErrorMessage = pb::ServerMessage;
+
+    fn error_message(self, seq: u64, text: String) -> pb::ServerMessage {
+        error_message(seq, self, text)
     }
 }
 

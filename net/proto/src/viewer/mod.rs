@@ -2,7 +2,8 @@
 //! `docs/protocol/viewer.md` with the payloads of `docs/protocol/viewer.proto`.
 //!
 //! - [`pb::ClientMessage`] and [`pb::ServerMessage`]: the two envelopes; one per frame.
-//! - [`FrameDecoder`] and [`encode_frame`]: `u32` big-endian length, then the payload.
+//! - [`FrameDecoder`] and [`encode_frame`]: `u32` big-endian length, then the payload (the
+//!   decoder is the shared [`crate::frame::FrameDecoder`]); [`encode_request`] frames a request.
 //! - [`ErrorCode`]: the stable error codes of `Error` messages.
 //! - [`ServerSession`]: the sans-I/O server side of one connection (login first, seqs
 //!   increasing, in-flight bound, frame limits).
@@ -18,7 +19,8 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/esserver.viewer.v1.rs"));
 }
 
-pub use codec::{encode_frame, FrameDecoder, FrameError, LENGTH_BYTES};
+pub use crate::frame::LENGTH_BYTES;
+pub use codec::{encode_frame, encode_request, FrameDecoder, FrameError, ViewerFraming};
 pub use error_code::{error_message, ErrorCode};
 pub use server::{ServerEvent, ServerLimits, ServerSession, SessionError};
 

@@ -4,13 +4,14 @@ use std::collections::BTreeSet;
 
 use bytes::BytesMut;
 
-use super::codec::{encode_frame, FrameDecoder, FrameError};
+use super::codec::{encode_frame, FrameDecoder};
 use super::error_code::{error_message, ErrorCode};
 use super::pb::{self, client_message::Request, server_message::Body};
 use super::{
     INFLIGHT_REQUESTS_MAX_DEFAULT, LOGIN_BYTES_MAX, PROTOCOL_VERSION, REQUEST_BYTES_MAX_DEFAULT,
     RESPONSE_BYTES_MAX_DEFAULT,
 };
+use crate::session;
 
 /// Limits the server announces in LoginOk and enforces on the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,40 +34,10 @@ impl Default for ServerLimits {
     }
 }
 
-/// A protocol violation that ends the session: send [`SessionError::to_message`], then close.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct SessionError {
-    /// The stable code to report.
-    pub code: ErrorCode,
-    /// A readable explanation.
-    pub message: String,
-}
-
-impl SessionError {
-    /// A session error with this code and text.
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        SessionError {
-            code,
-            message: message.into(),
-        }
-    }
-
-    /// The connection-level Error (seq 0) that reports this error.
-    pub fn to_message(&self) -> pb::ServerMessage {
-        error_message(0, self.code, self.message.clone())
-    }
-}
-
-impl From<FrameError> for SessionError {
-    fn from(error: FrameError) -> Self {
-        let code = match error {
-            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-            FrameError::Malformed(_) => ErrorCode::MalformedFrame,
-        };
-        SessionError::new(code, error.to_string())
-    }
-}
+/// A protocol violation that ends the session: the shared [`crate::session::SessionError`]
+/// over the viewer's [`ErrorCode`]. Send [`SessionError::to_message`] (an `Error` with seq 0),
+/// then close.
+pub type SessionError = session::SessionError<ErrorCode>;
 
 /// What the server has to act on.
 #[derive(Debug, Clone, PartialEq)]
@@ -312,16 +283,11 @@ impl ServerSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::viewer::encode_request;
 
     fn frame(seq: u64, request: Request) -> BytesMut {
         let mut out = BytesMut::new();
-        encode_frame(
-            &pb::ClientMessage {
-                seq,
-                request: Some(request),
-            },
-            &mut out,
-        );
+        encode_request(seq, request, &mut out);
         out
     }
 
