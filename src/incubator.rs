@@ -361,9 +361,6 @@ impl Service for IncubatorService {
             counters: Arc::new(LiveCounters::default()),
             waiting_for_hello: false,
             blocked: None,
-            stopping: false,
-            peer_gone: false,
-            in_storage: 0,
         }
     }
 }
@@ -397,11 +394,6 @@ pub struct IncubatorSession {
     waiting_for_hello: bool,
     /// A request the storage queue had no room for; retried before reading more.
     blocked: Option<Submission>,
-    stopping: bool,
-    /// The peer half-closed: close once every answer it waits for is sent.
-    peer_gone: bool,
-    /// Requests handed to the storage writer and not completed yet.
-    in_storage: u32,
 }
 
 use crate::now_ms;
@@ -483,6 +475,7 @@ impl IncubatorSession {
         });
         self.waiting_for_hello = true;
         io.pause_reading();
+        io.owe();
         self.submit(submission, io);
     }
 
@@ -595,7 +588,7 @@ impl IncubatorSession {
         let mut out = BytesMut::new();
         self.protocol.accept_hello(reply, &mut out);
         io.write(&out);
-        if !self.stopping {
+        if !io.is_stopping() {
             io.resume_reading();
         }
     }
@@ -758,12 +751,15 @@ impl IncubatorSession {
             self.respond(error_message(seq, ErrorCode::DiskFull, message), io);
             return;
         }
+        io.owe();
         self.submit(submission, io);
     }
 
+    /// Hands an owed request to the storage writer (its completion answers it), or keeps it
+    /// while the writer's queue is full.
     fn submit(&mut self, submission: Submission, io: &mut SessionIo<'_>) {
         match self.writer.try_resubmit(submission) {
-            Ok(()) => self.in_storage += 1,
+            Ok(()) => {}
             Err(SubmitError::Full(submission)) => {
                 // Backpressure: stop reading until the storage queue has room.
                 self.blocked = Some(submission);
@@ -788,19 +784,13 @@ impl IncubatorSession {
         self.update_reading(io);
     }
 
-    /// True while the server owes this connection an answer (the storage writer has its
-    /// requests, or a request waits for room in the writer's queue).
-    fn waits_on_server(&self) -> bool {
-        self.in_storage > 0 || self.blocked.is_some() || self.waiting_for_hello
-    }
-
     /// Reads only when nothing blocks: no pending HELLO, no request waiting for queue room,
     /// below the in-flight limit, not stopping.
     fn update_reading(&mut self, io: &mut SessionIo<'_>) {
         let blocked = self.waiting_for_hello
             || self.blocked.is_some()
             || self.protocol.at_inflight_limit()
-            || self.stopping;
+            || io.is_stopping();
         if blocked {
             io.pause_reading();
         } else {
@@ -1024,19 +1014,16 @@ impl Session for IncubatorSession {
                 }
             }
         }
-        if self.peer_gone && input.is_empty() && !self.waits_on_server() && !io.is_closing() {
-            io.close(CloseReason::PeerClosed);
-        }
     }
 
     fn on_message(&mut self, message: IncubatorMsg, io: &mut SessionIo<'_>) {
         match message {
             IncubatorMsg::HelloDone { hello, result } => {
-                self.in_storage -= 1;
+                io.answered();
                 self.finish_hello(hello, result, io);
             }
             IncubatorMsg::Done { seq, answer } => {
-                self.in_storage -= 1;
+                io.answered();
                 self.finish_request(seq, answer, io);
             }
             IncubatorMsg::Superseded => {
@@ -1046,18 +1033,6 @@ impl Session for IncubatorSession {
                 self.fail(ErrorCode::Superseded, message, io);
                 return;
             }
-        }
-        if self.stopping && !self.waits_on_server() {
-            self.fail(
-                ErrorCode::ShuttingDown,
-                "the server is shutting down; reconnect later".into(),
-                io,
-            );
-            return;
-        }
-        if self.peer_gone && !self.waits_on_server() && io.unread_input_bytes() == 0 {
-            io.close(CloseReason::PeerClosed);
-            return;
         }
         // With input still buffered (requests sent before a half-close), reading resumes and
         // the loop hands them over.
@@ -1070,20 +1045,7 @@ impl Session for IncubatorSession {
         }
     }
 
-    fn on_peer_closed(&mut self, io: &mut SessionIo<'_>) {
-        // Requests still buffered (reading was paused) are handled before closing.
-        if self.waits_on_server() || io.unread_input_bytes() > 0 {
-            // It may still read: send the answers to what it sent, then close.
-            self.peer_gone = true;
-        } else {
-            io.close(CloseReason::PeerClosed);
-        }
-    }
-
     fn on_timeout(&mut self, kind: TimeoutKind, io: &mut SessionIo<'_>) {
-        if self.waits_on_server() {
-            return; // the peer waits on us, not the other way round; asked again next tick
-        }
         let (code, message) = match kind {
             TimeoutKind::Handshake => (ErrorCode::HandshakeTimeout, "no HELLO in time".to_string()),
             TimeoutKind::Idle => (
@@ -1094,16 +1056,12 @@ impl Session for IncubatorSession {
         self.fail(code, message, io);
     }
 
-    fn on_shutdown(&mut self, io: &mut SessionIo<'_>) {
-        self.stopping = true;
-        io.pause_reading();
-        if !self.waits_on_server() {
-            self.fail(
-                ErrorCode::ShuttingDown,
-                "the server is shutting down; reconnect later".into(),
-                io,
-            );
-        }
+    fn on_shutdown_done(&mut self, io: &mut SessionIo<'_>) {
+        self.fail(
+            ErrorCode::ShuttingDown,
+            "the server is shutting down; reconnect later".into(),
+            io,
+        );
     }
 
     fn on_closed(&mut self, reason: &CloseReason) {

@@ -98,17 +98,23 @@ pub trait Session: Send + 'static {
     /// Another thread delivered a message to this connection.
     fn on_message(&mut self, message: Self::Msg, io: &mut SessionIo<'_>);
 
-    /// A timer ran out. The default closes the connection. A session may decline (an idle
-    /// peer that is waiting for the server's own answers, for example); it is asked again at
-    /// every tick while the condition lasts.
+    /// A timer ran out while the connection is owed nothing (the loop does not time out a
+    /// peer that waits for the server's own answers; it asks again at every tick). The
+    /// default closes the connection; a protocol may say why first.
     fn on_timeout(&mut self, kind: TimeoutKind, io: &mut SessionIo<'_>) {
         io.close(CloseReason::Timeout(kind));
     }
 
-    /// The peer closed its sending side (it may still read). The default closes once
-    /// everything written was sent; a session with answers still to come may wait for them.
-    fn on_peer_closed(&mut self, io: &mut SessionIo<'_>) {
-        io.close(CloseReason::PeerClosed);
+    /// The peer closed its sending side (it may still read). The loop then answers what it
+    /// sent: it keeps the connection while answers are owed or requests are still buffered,
+    /// and closes once neither is left. The default does nothing more; a session may close at
+    /// once (an answer nobody waits for any more).
+    fn on_peer_closed(&mut self, _io: &mut SessionIo<'_>) {}
+
+    /// The server is stopping and this connection is owed nothing more: say so and close.
+    /// Called once, after [`Session::on_shutdown`]. The default closes.
+    fn on_shutdown_done(&mut self, io: &mut SessionIo<'_>) {
+        io.close(CloseReason::Shutdown);
     }
 
     /// Output that was waiting for the peer has been sent, down to a quarter of
@@ -119,8 +125,9 @@ pub trait Session: Send + 'static {
     /// that waits on something other than input or a message (a retry, for example).
     fn on_tick(&mut self, _io: &mut SessionIo<'_>) {}
 
-    /// The server is stopping: take no new requests, finish what is in flight, then close.
-    fn on_shutdown(&mut self, io: &mut SessionIo<'_>);
+    /// The server is stopping: reading is paused; cancel what can be cancelled. The loop
+    /// closes through [`Session::on_shutdown_done`] once nothing is owed.
+    fn on_shutdown(&mut self, _io: &mut SessionIo<'_>) {}
 
     /// The connection is gone (always called once).
     fn on_closed(&mut self, reason: &CloseReason);
@@ -167,9 +174,27 @@ pub struct SessionIo<'a> {
     transport: &'a mut Transport,
     read_paused: &'a mut bool,
     close: &'a mut Option<CloseReason>,
+    lifecycle: &'a mut Lifecycle,
     now: Instant,
     peer: SocketAddr,
     unread_input_bytes: usize,
+    peer_eof: bool,
+}
+
+/// What a connection is owed and where it is in its life, kept by the loop for every
+/// session alike: the loop holds the idle and handshake timeouts, a half-close and a
+/// shutdown while the server owes the peer answers, and ends the connection once it owes
+/// none.
+#[derive(Debug, Default)]
+struct Lifecycle {
+    /// Answers the server owes the peer: each request handed to another thread (a worker
+    /// job, a storage write) or still being answered (a stream, a wait) counts one until
+    /// the session says it was answered.
+    owed: u32,
+    /// The server is stopping: no new requests are read.
+    stopping: bool,
+    /// [`Session::on_shutdown_done`] was called.
+    shutdown_done: bool,
 }
 
 impl SessionIo<'_> {
@@ -224,6 +249,33 @@ impl SessionIo<'_> {
     /// as they were when this callback began.
     pub fn unread_input_bytes(&self) -> usize {
         self.unread_input_bytes
+    }
+
+    /// The server owes the peer one more answer (a request went to another thread, or a
+    /// stream or wait began). Pair each with one [`SessionIo::answered`].
+    pub fn owe(&mut self) {
+        self.lifecycle.owed += 1;
+    }
+
+    /// One owed answer was given (or will never be: the request was dropped).
+    pub fn answered(&mut self) {
+        debug_assert!(self.lifecycle.owed > 0, "answered more than was owed");
+        self.lifecycle.owed = self.lifecycle.owed.saturating_sub(1);
+    }
+
+    /// True while the server owes the peer answers.
+    pub fn owes(&self) -> bool {
+        self.lifecycle.owed > 0
+    }
+
+    /// True once the server is stopping (set before [`Session::on_shutdown`]).
+    pub fn is_stopping(&self) -> bool {
+        self.lifecycle.stopping
+    }
+
+    /// True once the peer has closed its sending side (no request follows what is buffered).
+    pub fn is_peer_gone(&self) -> bool {
+        self.peer_eof
     }
 }
 
@@ -291,6 +343,40 @@ pub struct ConnHandle<M> {
     id: u64,
 }
 
+/// Answers a connection when dropped without [`Fallback::disarm`]: work done for a request on
+/// another thread (a worker job) that panics still sends its answer, so the request is never
+/// left in flight and the connection's owed count comes back to zero.
+pub struct Fallback<'a, M: Send + 'static> {
+    handle: &'a ConnHandle<M>,
+    message: Option<M>,
+}
+
+impl<'a, M: Send + 'static> Fallback<'a, M> {
+    /// Arms the guard with the answer to send if the work does not finish.
+    pub fn new(handle: &'a ConnHandle<M>, message: M) -> Self {
+        Fallback {
+            handle,
+            message: Some(message),
+        }
+    }
+
+    /// The work finished and answered by itself.
+    pub fn disarm(mut self) {
+        self.message = None;
+    }
+}
+
+impl<M: Send + 'static> Drop for Fallback<'_, M> {
+    fn drop(&mut self) {
+        if let Some(message) = self.message.take() {
+            tracing::error!(
+                "work for a connection failed on another thread; answering with an internal error"
+            );
+            self.handle.send(message);
+        }
+    }
+}
+
 /// Source of connection ids.
 static NEXT_CONNECTION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -338,9 +424,11 @@ impl<S> Conn<S> {
             transport: &mut self.transport,
             read_paused: &mut self.read_paused,
             close: &mut self.closing,
+            lifecycle: &mut self.lifecycle,
             now,
             peer: self.peer,
             unread_input_bytes: self.input.len(),
+            peer_eof: self.peer_eof,
         };
         (&mut self.session, &mut self.input, io)
     }
@@ -363,6 +451,7 @@ struct Conn<S> {
     /// Everything was sent and our side half-closed; reading and discarding to EOF.
     linger_since: Option<Instant>,
     peer_eof: bool,
+    lifecycle: Lifecycle,
     interest: Interest,
     /// Counted among the loop's unauthenticated connections (TLS or the protocol's own
     /// handshake not complete yet).
@@ -636,6 +725,7 @@ impl<S: Service> Worker<S> {
                     closing_since: None,
                     linger_since: None,
                     peer_eof: false,
+                    lifecycle: Lifecycle::default(),
                     interest: Interest::READABLE,
                     unestablished: true,
                 }
@@ -754,6 +844,16 @@ impl<S: Service> Worker<S> {
         if conn.unestablished && conn.session.is_established() && !conn.transport.is_handshaking() {
             conn.unestablished = false;
             self.unestablished_count -= 1;
+        }
+        if conn.closing.is_none() && conn.lifecycle.owed == 0 {
+            if conn.lifecycle.stopping && !conn.lifecycle.shutdown_done {
+                conn.lifecycle.shutdown_done = true;
+                let (session, _, mut io) = conn.split(now);
+                session.on_shutdown_done(&mut io);
+            } else if conn.peer_eof && conn.input.is_empty() {
+                // Every request the peer sent before it half-closed is answered.
+                conn.closing = Some(CloseReason::PeerClosed);
+            }
         }
         let before = conn.transport.pending_output_bytes();
         if let Err(error) = conn.transport.flush() {
@@ -1027,7 +1127,11 @@ impl<S: Service> Worker<S> {
                 self.ready.push_back(token);
             }
             let established = conn.session.is_established() && !conn.transport.is_handshaking();
-            let kind = if !established
+            let kind = if conn.lifecycle.owed > 0 {
+                // The peer waits on the server, not the other way round.
+                self.finish(token, now);
+                continue;
+            } else if !established
                 && now.duration_since(conn.opened_at) > self.limits.handshake_timeout
             {
                 TimeoutKind::Handshake
@@ -1060,6 +1164,8 @@ impl<S: Service> Worker<S> {
             let Some(conn) = self.conns.get_mut(token) else {
                 continue;
             };
+            conn.lifecycle.stopping = true;
+            conn.read_paused = true;
             let (session, _, mut io) = conn.split(now);
             session.on_shutdown(&mut io);
             self.finish(token, now);

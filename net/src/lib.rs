@@ -22,8 +22,8 @@ pub mod tls;
 mod transport;
 
 pub use event_loop::{
-    CloseReason, ConnHandle, LoopHandle, Service, Session, SessionIo, TimeoutKind,
+    CloseReason, ConnHandle, Fallback, LoopHandle, Service, Session, SessionIo, TimeoutKind,
 };
-pub use limits::NetLimits;
+pub use limits::{NetLimits, STREAM_OUTPUT_HIGH_BYTES};
 pub use pool::{Pool, PoolConfig, PoolStats};
 pub use transport::Transport;

@@ -2,6 +2,11 @@
 
 use std::time::Duration;
 
+/// A session that streams an answer in parts (a playback, a ZIP, a long JSON answer) writes its
+/// next part only while less than this waits to be sent: TCP flow control then paces it, and
+/// a peer that stops reading costs the server at most about this much.
+pub const STREAM_OUTPUT_HIGH_BYTES: usize = 2 * 1024 * 1024;
+
 /// Bounds of one worker pool. Every buffer, queue and timer of the loops is sized from here.
 #[derive(Debug, Clone)]
 pub struct NetLimits {

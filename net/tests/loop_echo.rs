@@ -16,11 +16,11 @@ struct UpperService {
     closed: Arc<AtomicUsize>,
 }
 
+/// Keeps no lifecycle of its own: the loop counts what it owes (`owe`, `answered`) and holds
+/// timeouts, a half-close and shutdown while anything is.
 struct UpperSession {
     handle: ConnHandle<String>,
     jobs: Sender<(ConnHandle<String>, String)>,
-    in_flight: usize,
-    stopping: bool,
     closed: Arc<AtomicUsize>,
 }
 
@@ -34,8 +34,6 @@ impl Service for UpperService {
         UpperSession {
             handle,
             jobs: self.jobs.clone(),
-            in_flight: 0,
-            stopping: false,
             closed: self.closed.clone(),
         }
     }
@@ -51,24 +49,14 @@ impl Session for UpperSession {
                 io.close(CloseReason::Requested("quit".into()));
                 return;
             }
-            self.in_flight += 1;
+            io.owe();
             self.jobs.send((self.handle.clone(), line)).unwrap();
         }
     }
     fn on_message(&mut self, message: String, io: &mut SessionIo<'_>) {
-        self.in_flight -= 1;
+        io.answered();
         io.write(message.as_bytes());
         io.write(b"\n");
-        if self.stopping && self.in_flight == 0 {
-            io.close(CloseReason::Shutdown);
-        }
-    }
-    fn on_shutdown(&mut self, io: &mut SessionIo<'_>) {
-        self.stopping = true;
-        io.pause_reading();
-        if self.in_flight == 0 {
-            io.close(CloseReason::Shutdown);
-        }
     }
     fn on_closed(&mut self, _reason: &CloseReason) {
         self.closed.fetch_add(1, Ordering::SeqCst);
@@ -81,6 +69,14 @@ impl Session for UpperSession {
 fn start(
     tls: Option<Arc<rustls::ServerConfig>>,
     delay: Duration,
+) -> (Pool, Arc<AtomicUsize>, std::thread::JoinHandle<()>) {
+    start_with(tls, delay, NetLimits::default())
+}
+
+fn start_with(
+    tls: Option<Arc<rustls::ServerConfig>>,
+    delay: Duration,
+    limits: NetLimits,
 ) -> (Pool, Arc<AtomicUsize>, std::thread::JoinHandle<()>) {
     let (jobs, queue): (Sender<(ConnHandle<String>, String)>, Receiver<_>) =
         crossbeam_channel::bounded(1024);
@@ -99,7 +95,7 @@ fn start(
         name: "upper".into(),
         bind: "127.0.0.1:0".parse().unwrap(),
         workers: 2,
-        limits: NetLimits::default(),
+        limits,
         tls,
     };
     (Pool::start(config, service).unwrap(), closed, worker)
@@ -235,6 +231,38 @@ fn stale_handles_are_harmless_and_connection_count_returns_to_zero() {
     }
     assert_eq!(closed.load(Ordering::SeqCst), 1);
     assert_eq!(pool.stats().connections_open(), 0);
+    pool.begin_shutdown();
+    pool.join();
+}
+
+/// The loop keeps a connection whose peer half-closed until every request it sent is
+/// answered, and does not time out a peer that waits on the server: answers slower than the
+/// idle timeout still arrive, and the connection then closes by itself.
+#[test]
+fn a_half_closed_peer_gets_every_answer_even_past_the_idle_timeout() {
+    let limits = NetLimits {
+        idle_timeout: Duration::from_millis(300),
+        ..NetLimits::default()
+    };
+    let (pool, closed, _worker) = start_with(None, Duration::from_millis(100), limits);
+    let mut conn =
+        ClientConn::connect(pool.local_addr(), &ClientTls::Plain, Duration::from_secs(5)).unwrap();
+    for n in 0..8 {
+        conn.queue(format!("late{n}\n").as_bytes());
+    }
+    conn.flush_until(Instant::now() + Duration::from_secs(5))
+        .unwrap();
+    conn.shutdown_write();
+    // 8 answers 100 ms apart: 800 ms, well past the 300 ms idle timeout.
+    let lines = read_lines(&mut conn, 9);
+    let expected: Vec<String> = (0..8).map(|n| format!("LATE{n}")).collect();
+    assert_eq!(lines, expected, "every answer, then the end of the stream");
+    assert!(conn.is_eof(), "the server closed once nothing was owed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while closed.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(closed.load(Ordering::SeqCst), 1);
     pool.begin_shutdown();
     pool.join();
 }

@@ -9,7 +9,7 @@
 //! back to the session, which has a worker render the result from the store (the new state,
 //! or the current state of a refused stale write). A time-lapse ZIP streams one chunk of
 //! frames per worker job while the connection's unsent output is below
-//! [`STREAM_OUTPUT_HIGH_BYTES`]. A change-feed long poll waits on the session, woken by
+//! [`es_net::STREAM_OUTPUT_HIGH_BYTES`]. A change-feed long poll waits on the session, woken by
 //! store commits ([`WaitHub`]) or its deadline.
 
 pub mod auth;
@@ -22,7 +22,9 @@ use crate::workers::Workers;
 use auth::Tokens;
 use bytes::{Bytes, BytesMut};
 use es_net::http::{self, HttpError, HttpLimits, Parsed, RequestParser};
-use es_net::{CloseReason, ConnHandle, Service, Session, SessionIo, TimeoutKind};
+use es_net::{
+    CloseReason, ConnHandle, Fallback, Service, Session, SessionIo, STREAM_OUTPUT_HIGH_BYTES,
+};
 use es_storage::{
     Edit, FrameChunk, LoginAttempt, OpResult, Rights, StorageError, Store, WriteError, Writer,
 };
@@ -35,8 +37,6 @@ use std::time::{Duration, Instant};
 
 /// Frames read per worker job of a ZIP stream.
 pub const ZIP_CHUNK_FRAMES: u32 = 16;
-/// A ZIP stream reads its next chunk only while less than this waits to be sent.
-pub const STREAM_OUTPUT_HIGH_BYTES: usize = 2 * 1024 * 1024;
 /// Longest change-feed wait a client may ask for.
 pub const CHANGES_WAIT_MAX: Duration = Duration::from_secs(60);
 /// Connections waiting on the change feed at once, at most (each holds a connection only).
@@ -193,37 +193,13 @@ pub enum LoginKind {
     Web,
 }
 
-/// Sends its message when dropped without [`Fallback::disarm`]: a worker job that panics
-/// still answers, so a request is never left without a response.
-struct Fallback<'a> {
-    handle: &'a ConnHandle<ApiMsg>,
-    armed: bool,
-}
-
-impl<'a> Fallback<'a> {
-    fn new(handle: &'a ConnHandle<ApiMsg>) -> Self {
-        Fallback {
-            handle,
-            armed: true,
-        }
-    }
-
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Fallback<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            tracing::error!("a public API worker job failed; answering with an internal error");
-            self.handle.send(ApiMsg::Step(Step::Respond(Response::error(
-                500,
-                "internal_error",
-                "internal error while handling the request",
-            ))));
-        }
-    }
+/// The answer a worker job that fails gives its request.
+fn internal_error() -> ApiMsg {
+    ApiMsg::Step(Step::Respond(Response::error(
+        500,
+        "internal_error",
+        "internal error while handling the request",
+    )))
 }
 
 /// The connections waiting on the change feed, woken by store commits.
@@ -329,9 +305,6 @@ impl Service for ApiService {
             peer,
             state: State::Idle,
             exchange: None,
-            pending: 0,
-            stopping: false,
-            peer_gone: false,
             requested: false,
         }
     }
@@ -386,11 +359,9 @@ pub struct ApiSession {
     handle: ConnHandle<ApiMsg>,
     peer: SocketAddr,
     state: State,
+    /// The request being answered: one answer owed to the peer (`SessionIo::owe`) from its
+    /// head's arrival until its response is written.
     exchange: Option<Exchange>,
-    /// Worker jobs and storage writes this connection waits for.
-    pending: u32,
-    stopping: bool,
-    peer_gone: bool,
     /// A whole request head has arrived. Until then the connection counts as a handshake:
     /// the handshake timeout closes a peer that dribbles its first request (slowloris after
     /// TLS), and it counts towards the bound on unauthenticated connections.
@@ -399,20 +370,26 @@ pub struct ApiSession {
 
 impl ApiSession {
     fn run_job(&mut self, job: crate::workers::Job) -> bool {
-        if self.shared.workers.try_run(job).is_ok() {
-            self.pending += 1;
-            true
-        } else {
-            false
+        self.shared.workers.try_run(job).is_ok()
+    }
+
+    /// Ends the exchange: its answer is written (or the connection ends without it).
+    fn end_exchange(&mut self, io: &mut SessionIo<'_>) -> Option<Exchange> {
+        self.state = State::Idle;
+        let exchange = self.exchange.take();
+        if exchange.is_some() {
+            io.answered();
         }
+        exchange
     }
 
     fn start(&mut self, request: http::Request, io: &mut SessionIo<'_>) {
         self.requested = true;
+        io.owe();
         self.exchange = Some(Exchange {
             method: request.method.clone(),
             path: request.path.clone(),
-            keep_alive: request.keep_alive && !self.stopping,
+            keep_alive: request.keep_alive && !io.is_stopping(),
             head_only: request.method == "HEAD",
             http10: request.minor_version == 0,
             started: io.now(),
@@ -423,7 +400,7 @@ impl ApiSession {
         let handle = self.handle.clone();
         let peer = self.peer;
         let job = Box::new(move || {
-            let fallback = Fallback::new(&handle);
+            let fallback = Fallback::new(&handle, internal_error());
             let mut caller = None;
             let step = if shared.web.is_some() {
                 crate::web::handle(&shared, &request, peer, &handle, &mut caller)
@@ -446,11 +423,10 @@ impl ApiSession {
 
     /// Writes a complete response and makes the connection ready for the next request.
     fn finish(&mut self, response: Response, io: &mut SessionIo<'_>) {
-        self.state = State::Idle;
-        let Some(exchange) = self.exchange.take() else {
+        let Some(exchange) = self.end_exchange(io) else {
             return;
         };
-        let keep_alive = exchange.keep_alive && !self.stopping && !self.peer_gone;
+        let keep_alive = exchange.keep_alive && !io.is_stopping() && !io.is_peer_gone();
         let mut headers: Vec<(&str, &str)> = response
             .headers
             .iter()
@@ -529,7 +505,7 @@ impl ApiSession {
     }
 
     fn process(&mut self, input: &mut BytesMut, io: &mut SessionIo<'_>) {
-        while matches!(self.state, State::Idle) && !io.is_closing() && !self.stopping {
+        while matches!(self.state, State::Idle) && !io.is_closing() && !io.is_stopping() {
             match self.parser.parse(input) {
                 Ok(Parsed::NeedMore) => break,
                 Ok(Parsed::SendContinue) => io.write(http::CONTINUE_RESPONSE),
@@ -544,7 +520,7 @@ impl ApiSession {
     }
 
     fn update_reading(&mut self, io: &mut SessionIo<'_>) {
-        if matches!(self.state, State::Idle) && !self.stopping {
+        if matches!(self.state, State::Idle) && !io.is_stopping() {
             io.resume_reading();
         } else {
             io.pause_reading();
@@ -581,7 +557,7 @@ impl ApiSession {
                 limit,
                 until,
             } => {
-                if self.stopping
+                if io.is_stopping()
                     || !self.shared.waiters.join(self.handle.clone())
                     || self.shared.waiters.last_seq.load(Ordering::Acquire) > after
                 {
@@ -606,7 +582,7 @@ impl ApiSession {
         let shared = self.shared.clone();
         let handle = self.handle.clone();
         let job = Box::new(move || {
-            let fallback = Fallback::new(&handle);
+            let fallback = Fallback::new(&handle, internal_error());
             let response = routes::changes_now(&shared, after, limit);
             fallback.disarm();
             handle.send(ApiMsg::Step(Step::Respond(response)));
@@ -620,7 +596,7 @@ impl ApiSession {
         let shared = self.shared.clone();
         let handle = self.handle.clone();
         let job = Box::new(move || {
-            let fallback = Fallback::new(&handle);
+            let fallback = Fallback::new(&handle, internal_error());
             let response = routes::render_written(&shared, result, &render);
             fallback.disarm();
             handle.send(ApiMsg::Step(Step::Respond(response)));
@@ -843,16 +819,14 @@ impl ApiSession {
             }
             out.extend_from_slice(b"connection: close\r\n\r\n");
         } else {
-            http::write_chunked_head(out, 200, headers, exchange.keep_alive && !self.stopping);
+            http::write_chunked_head(out, 200, headers, exchange.keep_alive && !io.is_stopping());
         }
         if !exchange.head_only {
             return false;
         }
         // HEAD: the head says what a GET would send; no body.
         io.write(out);
-        let exchange = self.exchange.take();
-        self.state = State::Idle;
-        if let Some(exchange) = exchange {
+        if let Some(exchange) = self.end_exchange(io) {
             self.log(&exchange, 200, io.now());
             if !exchange.keep_alive || exchange.http10 {
                 io.close(CloseReason::Requested("response sent".into()));
@@ -868,11 +842,9 @@ impl ApiSession {
             http::write_last_chunk(&mut out);
         }
         io.write(&out);
-        let exchange = self.exchange.take();
-        self.state = State::Idle;
-        if let Some(exchange) = exchange {
+        if let Some(exchange) = self.end_exchange(io) {
             self.log(&exchange, 200, io.now());
-            if !exchange.keep_alive || exchange.http10 || self.stopping {
+            if !exchange.keep_alive || exchange.http10 || io.is_stopping() {
                 io.close(CloseReason::Requested("response sent".into()));
             }
         }
@@ -881,11 +853,9 @@ impl ApiSession {
     /// A streamed answer failed after its head was sent: the connection ends without the
     /// last chunk, so the client sees a truncated answer rather than a short one.
     fn stream_broken(&mut self, what: &str, io: &mut SessionIo<'_>) {
-        let exchange = self.exchange.take();
-        if let Some(exchange) = &exchange {
-            self.log(exchange, 500, io.now());
+        if let Some(exchange) = self.end_exchange(io) {
+            self.log(&exchange, 500, io.now());
         }
-        self.state = State::Idle;
         io.close(CloseReason::Requested(format!("{what} failed")));
     }
 
@@ -979,21 +949,10 @@ impl ApiSession {
         self.pump_json(io);
     }
 
-    fn waits_on_server(&self) -> bool {
-        self.pending > 0 || !matches!(self.state, State::Idle)
-    }
-
-    /// After a response: read the next request (buffered ones included), or close.
+    /// After a response: read the next request (buffered ones included). The loop closes a
+    /// connection that is stopping or whose peer has gone once nothing is owed.
     fn after_response(&mut self, io: &mut SessionIo<'_>) {
         if !matches!(self.state, State::Idle) || io.is_closing() {
-            return;
-        }
-        if self.stopping {
-            io.close(CloseReason::Shutdown);
-            return;
-        }
-        if self.peer_gone && io.unread_input_bytes() == 0 {
-            io.close(CloseReason::PeerClosed);
             return;
         }
         self.update_reading(io);
@@ -1005,9 +964,6 @@ impl Session for ApiSession {
 
     fn on_input(&mut self, input: &mut BytesMut, io: &mut SessionIo<'_>) {
         self.process(input, io);
-        if self.peer_gone && !self.waits_on_server() && !io.is_closing() {
-            io.close(CloseReason::PeerClosed);
-        }
     }
 
     fn on_message(&mut self, message: ApiMsg, io: &mut SessionIo<'_>) {
@@ -1019,12 +975,10 @@ impl Session for ApiSession {
                 return;
             }
             ApiMsg::Step(step) => {
-                self.pending = self.pending.saturating_sub(1);
                 self.on_step(step, io);
             }
             ApiMsg::Written { result, render } => {
                 // The write's worker job ended with Submitted; this is its answer.
-                self.pending = self.pending.saturating_sub(1);
                 self.written(result, render, io);
             }
             ApiMsg::LoginRecorded {
@@ -1033,15 +987,12 @@ impl Session for ApiSession {
                 kind,
                 result,
             } => {
-                self.pending = self.pending.saturating_sub(1);
                 self.login_recorded(user, rights, kind, result, io);
             }
             ApiMsg::Frames(result) => {
-                self.pending = self.pending.saturating_sub(1);
                 self.frames_read(result, io);
             }
             ApiMsg::JsonPage(result) => {
-                self.pending = self.pending.saturating_sub(1);
                 self.json_page_read(result, io);
             }
             ApiMsg::ChangesCommitted => {
@@ -1065,7 +1016,7 @@ impl Session for ApiSession {
                 after,
                 limit,
                 until,
-            } if io.now() >= until || self.stopping => self.read_changes(after, limit, io),
+            } if io.now() >= until || io.is_stopping() => self.read_changes(after, limit, io),
             State::Streaming(_) => self.pump_zip(io),
             State::StreamingJson(_) => self.pump_json(io),
             _ => {}
@@ -1077,29 +1028,12 @@ impl Session for ApiSession {
             // Nobody is left to hear the long poll's answer.
             self.shared.waiters.leave(self.handle.id());
             io.close(CloseReason::PeerClosed);
-            return;
         }
-        if self.waits_on_server() || io.unread_input_bytes() > 0 {
-            self.peer_gone = true;
-        } else {
-            io.close(CloseReason::PeerClosed);
-        }
-    }
-
-    fn on_timeout(&mut self, kind: TimeoutKind, io: &mut SessionIo<'_>) {
-        if self.waits_on_server() {
-            return;
-        }
-        io.close(CloseReason::Timeout(kind));
     }
 
     fn on_shutdown(&mut self, io: &mut SessionIo<'_>) {
-        self.stopping = true;
-        io.pause_reading();
-        match self.state {
-            State::Idle => io.close(CloseReason::Shutdown),
-            State::Waiting { after, limit, .. } => self.read_changes(after, limit, io),
-            _ => {}
+        if let State::Waiting { after, limit, .. } = self.state {
+            self.read_changes(after, limit, io);
         }
     }
 

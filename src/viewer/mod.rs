@@ -6,7 +6,7 @@
 //! and are answered once durable; every commit that logs changes wakes the logged-in sessions
 //! (through [`Hub`]), which push the new change-log entries in seq order. A playback streams
 //! in chunks of [`CHUNK_FRAMES`], one chunk queued at a time, and only while the connection's
-//! unsent output is below [`STREAM_OUTPUT_HIGH_BYTES`]: TCP flow control paces it, and other
+//! unsent output is below [`es_net::STREAM_OUTPUT_HIGH_BYTES`]: TCP flow control paces it, and other
 //! viewers' requests interleave with its chunks on the worker queue.
 
 pub mod auth;
@@ -20,7 +20,10 @@ use crate::edits::{self, Editor, Grant};
 use crate::workers::Workers;
 use auth::{Resumed, SessionEntry, Sessions};
 use bytes::BytesMut;
-use es_net::{CloseReason, ConnHandle, Service, Session, SessionIo, TimeoutKind};
+use es_net::{
+    CloseReason, ConnHandle, Fallback, Service, Session, SessionIo, TimeoutKind,
+    STREAM_OUTPUT_HIGH_BYTES,
+};
 use es_proto::viewer::pb::{self, client_message::Request, server_message::Body};
 use es_proto::viewer::{
     error_message, request_name, ErrorCode, ServerEvent, ServerLimits, ServerSession, FRAMES_MAX,
@@ -39,8 +42,6 @@ use std::time::{Duration, Instant};
 
 /// Frames read per worker job of a playback.
 pub const CHUNK_FRAMES: u32 = 8;
-/// A playback reads its next chunk only while less than this is waiting to be sent.
-pub const STREAM_OUTPUT_HIGH_BYTES: usize = 2 * 1024 * 1024;
 /// Change notices are pushed only while less than this is waiting to be sent (else at the
 /// next tick: a viewer that does not read cannot make the server buffer without bound).
 const PUSH_OUTPUT_HIGH_BYTES: usize = 1024 * 1024;
@@ -82,35 +83,6 @@ pub enum ViewerMsg {
     Superseded,
     /// An administrator disabled the account: the connection ends at once.
     AccountDisabled,
-}
-
-/// Sends its message when dropped without [`Fallback::disarm`]: a worker job that panics
-/// still answers, so its request is never left in flight.
-struct Fallback<'a> {
-    handle: &'a ConnHandle<ViewerMsg>,
-    message: Option<ViewerMsg>,
-}
-
-impl<'a> Fallback<'a> {
-    fn new(handle: &'a ConnHandle<ViewerMsg>, message: ViewerMsg) -> Self {
-        Fallback {
-            handle,
-            message: Some(message),
-        }
-    }
-
-    fn disarm(mut self) {
-        self.message = None;
-    }
-}
-
-impl Drop for Fallback<'_> {
-    fn drop(&mut self) {
-        if let Some(message) = self.message.take() {
-            tracing::error!("a viewer worker job failed; answering with an internal error");
-            self.handle.send(message);
-        }
-    }
 }
 
 /// A logged-in connection, its "a wake-up is queued" flag, and who it is (for status pages).
@@ -279,9 +251,6 @@ impl Service for ViewerService {
             cursor: 0,
             wake_pending: Arc::new(AtomicBool::new(false)),
             playbacks: Vec::new(),
-            pending: 0,
-            stopping: false,
-            peer_gone: false,
         }
     }
 }
@@ -315,11 +284,8 @@ pub struct ViewerSession {
     /// The seq of the last change notice pushed.
     cursor: u64,
     wake_pending: Arc<AtomicBool>,
+    /// Each one is an answer owed to the peer (`SessionIo::owe`) until it ends.
     playbacks: Vec<Playback>,
-    /// Worker jobs and storage writes this connection waits for.
-    pending: u32,
-    stopping: bool,
-    peer_gone: bool,
 }
 
 use crate::now_ms;
@@ -384,8 +350,8 @@ impl ViewerSession {
     fn update_reading(&mut self, io: &mut SessionIo<'_>) {
         // While the peer has not taken what it was sent, take no new requests from it.
         let hold = self.protocol.at_inflight_limit()
-            || self.stopping
-            || (self.login.is_none() && self.pending > 0)
+            || io.is_stopping()
+            || (self.login.is_none() && io.owes())
             || io.pending_output_bytes() >= STREAM_OUTPUT_HIGH_BYTES;
         if hold {
             io.pause_reading();
@@ -394,10 +360,11 @@ impl ViewerSession {
         }
     }
 
-    /// Runs `job` on a worker; false (and nothing queued) when the pool is full.
-    fn run_job(&mut self, job: crate::workers::Job) -> bool {
+    /// Runs `job` on a worker, whose message answers it; false (and nothing queued) when the
+    /// pool is full.
+    fn run_job(&mut self, job: crate::workers::Job, io: &mut SessionIo<'_>) -> bool {
         if self.shared.workers.try_run(job).is_ok() {
-            self.pending += 1;
+            io.owe();
             true
         } else {
             false
@@ -458,7 +425,7 @@ impl ViewerSession {
                 check,
             });
         });
-        if !self.run_job(job) {
+        if !self.run_job(job, io) {
             self.refuse_login(
                 ErrorCode::Busy,
                 "the server is busy; log in again in a moment".into(),
@@ -523,7 +490,7 @@ impl ViewerSession {
             });
         };
         match self.shared.writer.try_submit(op, done) {
-            Ok(()) => self.pending += 1,
+            Ok(()) => io.owe(),
             Err(SubmitError::Full(..)) => self.refuse_login(
                 ErrorCode::Busy,
                 "the server is busy; log in again in a moment".into(),
@@ -773,7 +740,7 @@ impl ViewerSession {
             fallback.disarm();
             handle.send(ViewerMsg::Reply { seq, body });
         });
-        if !self.run_job(job) {
+        if !self.run_job(job, io) {
             self.respond_error(
                 seq,
                 ErrorCode::Busy,
@@ -811,7 +778,7 @@ impl ViewerSession {
         };
         let writer = &self.shared.writer;
         match edits::submit(writer, &self.shared.disk, &editor, edit, None, done) {
-            Ok(()) => self.pending += 1,
+            Ok(()) => io.owe(),
             Err(refused) => {
                 let code = match refused {
                     edits::Refused::Forbidden(_) => ErrorCode::PermissionDenied,
@@ -877,6 +844,8 @@ impl ViewerSession {
         } else {
             request.to_ms
         };
+        // The playback is owed until its last chunk or its error is sent.
+        io.owe();
         self.playbacks.push(Playback {
             seq,
             embryo_id: request.embryo_id,
@@ -931,7 +900,7 @@ impl ViewerSession {
                 fallback.disarm();
                 handle.send(ViewerMsg::Frames { seq, result });
             });
-            if !self.run_job(job) {
+            if !self.run_job(job, io) {
                 return; // The pool is full: the next tick tries again.
             }
             self.playbacks[index].job_pending = true;
@@ -949,7 +918,7 @@ impl ViewerSession {
         };
         self.playbacks[position].job_pending = false;
         if self.playbacks[position].cancelled {
-            self.playbacks.remove(position);
+            self.end_playback(position, io);
             self.respond_error(
                 seq,
                 ErrorCode::Cancelled,
@@ -962,7 +931,7 @@ impl ViewerSession {
             // Frames before a damaged one are played; the damaged one ends the playback.
             Ok(Some(FrameChunk { frames, damaged })) => (frames, damaged),
             Ok(None) => {
-                let embryo_id = self.playbacks.remove(position).embryo_id;
+                let embryo_id = self.end_playback(position, io).embryo_id;
                 self.respond_error(
                     seq,
                     ErrorCode::NotFound,
@@ -972,7 +941,7 @@ impl ViewerSession {
                 return;
             }
             Err(error) => {
-                self.playbacks.remove(position);
+                self.end_playback(position, io);
                 let code = storage_error_code(&error);
                 self.respond_error(seq, code, error.to_string(), io);
                 return;
@@ -990,7 +959,7 @@ impl ViewerSession {
         let first_index = playback.index;
         playback.index += count;
         if finished {
-            self.playbacks.remove(position);
+            self.end_playback(position, io);
         }
         let mut out = BytesMut::new();
         for (offset, frame) in (0u32..).zip(frames) {
@@ -1013,7 +982,7 @@ impl ViewerSession {
         io.write(&out);
         if let Some(damage) = damaged {
             if let Some(position) = self.playbacks.iter().position(|p| p.seq == seq) {
-                self.playbacks.remove(position);
+                self.end_playback(position, io);
             }
             let code = storage_error_code(&damage);
             self.respond_error(seq, code, damage.to_string(), io);
@@ -1031,7 +1000,7 @@ impl ViewerSession {
         if self.playbacks[position].job_pending {
             self.playbacks[position].cancelled = true; // Answered when its chunk returns.
         } else {
-            self.playbacks.remove(position);
+            self.end_playback(position, io);
             self.respond_error(
                 playback_seq,
                 ErrorCode::Cancelled,
@@ -1064,10 +1033,11 @@ impl ViewerSession {
                 Err(StorageError::CursorExpired { oldest }) => {
                     // Never skip notices silently: the viewer resumes and is told to reload.
                     let message = format!(
-                        "change notices after {} were pruned (the oldest kept is {oldest}) before                          they could be sent; resume to resynchronise",
+                        "change notices after {} were pruned (the oldest kept is {oldest}) before \
+                         they could be sent; resume to resynchronise",
                         self.cursor
                     );
-                    self.fail(ErrorCode::Busy, message, io);
+                    self.fail(ErrorCode::CursorExpired, message, io);
                     return;
                 }
                 Err(error) => {
@@ -1095,30 +1065,10 @@ impl ViewerSession {
         }
     }
 
-    /// The server owes this connection answers.
-    fn waits_on_server(&self) -> bool {
-        self.pending > 0 || !self.playbacks.is_empty()
-    }
-
-    fn after_completion(&mut self, io: &mut SessionIo<'_>) {
-        if self.peer_gone && !self.stopping && io.unread_input_bytes() > 0 {
-            // Requests the peer sent before half-closing are still buffered: read them.
-            self.update_reading(io);
-            return;
-        }
-        if (self.stopping || self.peer_gone) && !self.waits_on_server() {
-            if self.stopping {
-                self.fail(
-                    ErrorCode::ShuttingDown,
-                    "the server is shutting down; resume later".into(),
-                    io,
-                );
-            } else {
-                io.close(CloseReason::PeerClosed);
-            }
-            return;
-        }
-        self.update_reading(io);
+    /// A playback ended (its last chunk or its error was sent, or it was cancelled).
+    fn end_playback(&mut self, position: usize, io: &mut SessionIo<'_>) -> Playback {
+        io.answered();
+        self.playbacks.remove(position)
     }
 }
 
@@ -1141,9 +1091,6 @@ impl Session for ViewerSession {
             }
             self.update_reading(io);
         }
-        if self.peer_gone && input.is_empty() && !self.waits_on_server() && !io.is_closing() {
-            io.close(CloseReason::PeerClosed);
-        }
     }
 
     fn on_message(&mut self, message: ViewerMsg, io: &mut SessionIo<'_>) {
@@ -1155,7 +1102,7 @@ impl Session for ViewerSession {
                 changes_after,
                 check,
             } => {
-                self.pending -= 1;
+                io.answered();
                 self.login_checked(seq, user, computer, changes_after, check, io);
             }
             ViewerMsg::LoginRecorded {
@@ -1167,7 +1114,7 @@ impl Session for ViewerSession {
                 success,
                 result,
             } => {
-                self.pending -= 1;
+                io.answered();
                 self.login_recorded(
                     seq,
                     user,
@@ -1180,15 +1127,15 @@ impl Session for ViewerSession {
                 );
             }
             ViewerMsg::Reply { seq, body } => {
-                self.pending -= 1;
+                io.answered();
                 self.respond(seq, body, io);
             }
             ViewerMsg::Saved { seq, result } => {
-                self.pending -= 1;
+                io.answered();
                 self.saved(seq, result, io);
             }
             ViewerMsg::Frames { seq, result } => {
-                self.pending -= 1;
+                io.answered();
                 self.frames_read(seq, result, io);
             }
             ViewerMsg::ChangesCommitted => {
@@ -1215,7 +1162,7 @@ impl Session for ViewerSession {
                 return;
             }
         }
-        self.after_completion(io);
+        self.update_reading(io);
     }
 
     fn on_output_drained(&mut self, io: &mut SessionIo<'_>) {
@@ -1230,19 +1177,7 @@ impl Session for ViewerSession {
         self.update_reading(io);
     }
 
-    fn on_peer_closed(&mut self, io: &mut SessionIo<'_>) {
-        // Requests still buffered (reading was paused) are handled before closing.
-        if self.waits_on_server() || io.unread_input_bytes() > 0 {
-            self.peer_gone = true;
-        } else {
-            io.close(CloseReason::PeerClosed);
-        }
-    }
-
     fn on_timeout(&mut self, kind: TimeoutKind, io: &mut SessionIo<'_>) {
-        if self.waits_on_server() {
-            return;
-        }
         let (code, message) = match kind {
             TimeoutKind::Handshake => (ErrorCode::HandshakeTimeout, "no Login or Resume in time"),
             TimeoutKind::Idle => (
@@ -1253,19 +1188,19 @@ impl Session for ViewerSession {
         self.fail(code, message.to_string(), io);
     }
 
-    fn on_shutdown(&mut self, io: &mut SessionIo<'_>) {
-        self.stopping = true;
-        io.pause_reading();
+    fn on_shutdown(&mut self, _io: &mut SessionIo<'_>) {
+        // Playbacks end after the chunk being read.
         for playback in &mut self.playbacks {
             playback.remaining = 0;
         }
-        if !self.waits_on_server() {
-            self.fail(
-                ErrorCode::ShuttingDown,
-                "the server is shutting down; resume later".into(),
-                io,
-            );
-        }
+    }
+
+    fn on_shutdown_done(&mut self, io: &mut SessionIo<'_>) {
+        self.fail(
+            ErrorCode::ShuttingDown,
+            "the server is shutting down; resume later".into(),
+            io,
+        );
     }
 
     fn on_closed(&mut self, reason: &CloseReason) {

@@ -144,7 +144,7 @@ mod tests {
             name,
             MessageType::from_name
         );
-        assert_eq!((incubator_codes, viewer_codes, message_types), (22, 28, 12));
+        assert_eq!((incubator_codes, viewer_codes, message_types), (22, 29, 12));
     }
 
     #[test]

@@ -65,6 +65,9 @@ error_codes! {
         /// The licence does not name this computer, or its configuration's computers are all
         /// connected.
         ComputerNotLicensed = 28 => "computer_not_licensed",
+        /// The viewer fell so far behind that the change notices it had not received were
+        /// pruned from the change log; Resume (it answers `resync_required`). Sent with seq 0.
+        CursorExpired = 29 => "cursor_expired",
     }
 }
 
@@ -108,6 +111,6 @@ mod tests {
             assert_eq!(ErrorCode::from_name(code.name()), Some(*code));
         }
         assert_eq!(ErrorCode::from_code(0), None);
-        assert_eq!(ErrorCode::from_code(29), None);
+        assert_eq!(ErrorCode::from_code(30), None);
     }
 }
