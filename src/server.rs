@@ -261,23 +261,21 @@ fn start_services(
         "clinic"
     );
     // The public API and the web interface: one HTTP service, each with its own routes.
-    let http_service = |web: Option<crate::web::WebContext>| {
-        Arc::new(ApiService::new(
-            store.clone(),
-            writer.clone(),
-            server.workers.clone(),
-            disk.clone(),
-            licensing.clone(),
-            ApiSettings {
-                http: es_net::http::HttpLimits::default(),
-                login_failures_max: config.security.login_failures_max,
-                lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
-                time_zone: time_zone.clone(),
-            },
-            web,
-        ))
+    let api_settings = ApiSettings {
+        http: es_net::http::HttpLimits::default(),
+        login_failures_max: config.security.login_failures_max,
+        lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
+        time_zone: time_zone.clone(),
     };
-    let api = http_service(None);
+    let api = Arc::new(ApiService::new(
+        store.clone(),
+        writer.clone(),
+        server.workers.clone(),
+        disk.clone(),
+        licensing.clone(),
+        api_settings.clone(),
+        crate::api::PublicApi,
+    ));
     pools.push(start_pool(
         "public-api",
         &config.public_api,
@@ -288,7 +286,7 @@ fn start_services(
     let certificate_sha256 = es_net::tls::read_certificate(&certificate)
         .ok()
         .map(|der| es_net::tls::fingerprint(&der));
-    let web = http_service(Some(crate::web::WebContext {
+    let web_site = crate::web::WebContext {
         registry: registry.clone(),
         viewers: viewers.clone(),
         sessions: crate::api::auth::Tokens::default(),
@@ -299,7 +297,16 @@ fn start_services(
         certificate_sha256,
         enrolment: config.incubator.enrolment,
         reserve_bytes: config.storage.reserve_bytes,
-    }));
+    };
+    let web = Arc::new(ApiService::new(
+        store.clone(),
+        writer.clone(),
+        server.workers.clone(),
+        disk.clone(),
+        licensing.clone(),
+        api_settings,
+        web_site,
+    ));
     let web_tls = if config.web_tls {
         Some(listener_tls("web", &config.web, &tls)?)
     } else {

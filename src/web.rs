@@ -11,7 +11,7 @@
 //! every POST.
 
 use crate::api::auth::Tokens;
-use crate::api::{ApiMsg, ApiShared, LoginKind, Response, Step};
+use crate::api::{ApiMsg, ApiShared, LoginKind, Response, Site, Step};
 use crate::now_ms;
 use crate::times::time_text;
 use es_net::http::Request;
@@ -27,6 +27,35 @@ use std::time::Instant;
 pub const COOKIE: &str = "esweb";
 
 /// What the dashboard shows besides storage: who is connected.
+/// The web interface's listener: the API's session machinery with the web's routes and state.
+type WebShared = ApiShared<WebContext>;
+
+impl Site for WebContext {
+    const SERVICE: &'static str = "web";
+    const LABEL: &'static str = "web";
+
+    fn handle(
+        shared: &WebShared,
+        request: &Request,
+        peer: SocketAddr,
+        handle: &ConnHandle<ApiMsg>,
+        caller: &mut Option<String>,
+    ) -> Step {
+        self::handle(shared, request, peer, handle, caller)
+    }
+
+    fn web_login_answer(
+        shared: &WebShared,
+        user: &str,
+        rights: Rights,
+        refused: Option<String>,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Response {
+        login_answer(shared, user, rights, refused, peer, now)
+    }
+}
+
 pub struct WebContext {
     pub registry: Arc<crate::incubator::Registry>,
     pub viewers: Arc<crate::viewer::Hub>,
@@ -107,7 +136,7 @@ fn text(status: u16, body: String, content_type: &str) -> Response {
 }
 
 /// The page around every body: the licence banner (DEMO, or why it is invalid) on each page.
-fn page(shared: &ApiShared, title: &str, user: Option<(&str, &str)>, body: &str) -> String {
+fn page(shared: &WebShared, title: &str, user: Option<(&str, &str)>, body: &str) -> String {
     let banner = match shared.licensing.current(now_ms()) {
         Ok(license) if license.demo => format!(
             "<div class=banner>DEMO licence ({}): install the clinic's licence for production.</div>",
@@ -143,8 +172,8 @@ fn page(shared: &ApiShared, title: &str, user: Option<(&str, &str)>, body: &str)
 }
 
 /// The logged-in administrator, from the session cookie.
-fn session_of(shared: &ApiShared, request: &Request) -> Option<(String, String)> {
-    let web = shared.web.as_ref()?;
+fn session_of(shared: &WebShared, request: &Request) -> Option<(String, String)> {
+    let web = &shared.site;
     let cookies = request.header("cookie")?;
     let token = cookies.split(';').find_map(|pair| {
         let (name, value) = pair.trim().split_once('=')?;
@@ -201,8 +230,8 @@ fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-pub(crate) fn handle(
-    shared: &ApiShared,
+fn handle(
+    shared: &WebShared,
     request: &Request,
     peer: SocketAddr,
     handle: &ConnHandle<ApiMsg>,
@@ -225,7 +254,7 @@ pub(crate) fn handle(
         }
     }
     if method == "POST" {
-        let tls = shared.web.as_ref().is_none_or(|web| web.tls);
+        let tls = shared.site.tls;
         if let Some(reason) = cross_site(request, tls) {
             // Login CSRF included: another site's page must not log a browser in here.
             tracing::warn!(peer = %peer, path, reason, "web form refused: sent from another site");
@@ -295,14 +324,9 @@ pub(crate) fn handle(
         }
         return Step::Respond(match path {
             "/logout" => {
-                if let Some(web) = &shared.web {
-                    web.sessions.revoke(&token);
-                }
+                shared.site.sessions.revoke(&token);
                 let mut response = redirect("/login");
-                let secure = match &shared.web {
-                    Some(web) if !web.tls => "",
-                    _ => "; Secure",
-                };
+                let secure = if shared.site.tls { "; Secure" } else { "" };
                 response.headers.push((
                     "set-cookie",
                     format!("{COOKIE}=; Max-Age=0; Path=/; HttpOnly{secure}; SameSite=Strict"),
@@ -314,10 +338,7 @@ pub(crate) fn handle(
                 let message = match shared.licensing.install(text.trim().as_bytes(), now_ms()) {
                     Ok(license) => {
                         tracing::info!(%user, license = %license.license_id, "licence installed from the web interface");
-                        let over = shared
-                            .web
-                            .as_ref()
-                            .and_then(|web| web.registry.over_limit(&shared.licensing));
+                        let over = shared.site.registry.over_limit(&shared.licensing);
                         if let Some(warning) = &over {
                             tracing::warn!("{warning}");
                         }
@@ -345,9 +366,9 @@ pub(crate) fn handle(
             "/ims" => {
                 let part = field(&fields, "part").and_then(crate::ims::Part::parse);
                 let on = field(&fields, "on") == Some("on");
-                let message = match (part, &shared.web) {
-                    (Some(part), Some(web)) => {
-                        web.ims.set(part, on, &format!("web:{user}"));
+                let message = match part {
+                    Some(part) => {
+                        shared.site.ims.set(part, on, &format!("web:{user}"));
                         "<p class=ok id=result>Monitoring switched; it applies now, until the next start.</p>".to_string()
                     }
                     _ => "<p class=err id=result>Not switched: unknown part.</p>".to_string(),
@@ -358,22 +379,13 @@ pub(crate) fn handle(
                 let serial = field(&fields, "serial").unwrap_or("");
                 let message = if field(&fields, "action") == Some("approve") {
                     let computer = format!("web {}", peer.ip());
-                    let response = match &shared.web {
-                        Some(web) => crate::admin::approve_pending(
-                            &shared.writer,
-                            &web.registry,
-                            serial,
-                            &format!("web:{user}"),
-                            &computer,
-                        ),
-                        None => crate::admin::instrument_approve(
-                            &shared.writer,
-                            serial,
-                            "",
-                            &format!("web:{user}"),
-                            &computer,
-                        ),
-                    };
+                    let response = crate::admin::approve_pending(
+                        &shared.writer,
+                        &shared.site.registry,
+                        serial,
+                        &format!("web:{user}"),
+                        &computer,
+                    );
                     result_paragraph(&response, "Not approved: ")
                 } else if field(&fields, "action") == Some("number") {
                     let response = match field(&fields, "number").map(str::trim) {
@@ -433,7 +445,7 @@ pub(crate) fn handle(
     })
 }
 
-fn login_page(shared: &ApiShared, error: Option<&str>) -> Response {
+fn login_page(shared: &WebShared, error: Option<&str>) -> Response {
     let error = error.map_or(String::new(), |e| {
         format!("<p class=err id=error>{}</p>", escape(e))
     });
@@ -448,15 +460,15 @@ fn login_page(shared: &ApiShared, error: Option<&str>) -> Response {
     )
 }
 
-fn login_failed(shared: &ApiShared, refusal: &Response) -> Response {
+fn login_failed(shared: &WebShared, refusal: &Response) -> Response {
     let value: serde_json::Value = serde_json::from_slice(&refusal.body).unwrap_or_default();
     let message = value["message"].as_str().unwrap_or("login refused");
     login_page(shared, Some(message))
 }
 
 /// The answer to a recorded web login: a session cookie and the dashboard, or the form again.
-pub(crate) fn login_answer(
-    shared: &ApiShared,
+fn login_answer(
+    shared: &WebShared,
     user: &str,
     rights: Rights,
     refused: Option<String>,
@@ -481,9 +493,7 @@ pub(crate) fn login_answer(
             )),
         );
     }
-    let Some(web) = &shared.web else {
-        return login_page(shared, Some("the web interface is not configured"));
-    };
+    let web = &shared.site;
     let Some(token) = web.sessions.issue(user, rights, now) else {
         return login_page(shared, Some("no randomness for a session"));
     };
@@ -497,7 +507,7 @@ pub(crate) fn login_answer(
     response
 }
 
-fn healthz(shared: &ApiShared) -> Response {
+fn healthz(shared: &WebShared) -> Response {
     let storage = shared.store.read().and_then(|r| r.last_change_seq());
     let license = shared.licensing.current(now_ms());
     let healthy = storage.is_ok() && !shared.disk.is_low();
@@ -510,7 +520,7 @@ fn healthz(shared: &ApiShared) -> Response {
     Response::json(if healthy { 200 } else { 503 }, &body)
 }
 
-fn metrics(shared: &ApiShared) -> Response {
+fn metrics(shared: &WebShared) -> Response {
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, value: u64| {
         let _ = writeln!(
@@ -540,7 +550,8 @@ fn metrics(shared: &ApiShared) -> Response {
         "Free bytes on the data directory's filesystem.",
         shared.disk.free_bytes(),
     );
-    if let Some(web) = &shared.web {
+    {
+        let web = &shared.site;
         gauge(
             "esserver_incubators_connected",
             "Incubators connected now.",
@@ -567,7 +578,8 @@ fn metrics(shared: &ApiShared) -> Response {
             stats.last_change_seq,
         );
     }
-    if let Some(web) = &shared.web {
+    {
+        let web = &shared.site;
         if let Ok(ims) = web.ims.status(&shared.store, now_ms()) {
             let mut gauge = |name: &str, help: &str, value: u64| {
                 let _ = writeln!(
@@ -654,7 +666,7 @@ const GROWTH_DAYS: u32 = 7;
 /// per day measured over the last days, the growth the capacity model expects of the
 /// instruments enrolled, and the days left at each. Sizes in binary units (GiB), as the
 /// reserve and the cache are set.
-fn storage_card(shared: &ApiShared, now: i64) -> String {
+fn storage_card(shared: &WebShared, now: i64) -> String {
     use es_perf::catalog::DeviceModel;
     let mut out = String::from("<h2>Storage</h2>");
     let read = shared.store.read().and_then(|r| {
@@ -669,11 +681,9 @@ fn storage_card(shared: &ApiShared, now: i64) -> String {
         Err(error) => return out + &storage_unavailable(&error),
     };
     let free = shared.disk.free_bytes();
-    let reserve = shared.web.as_ref().map_or(0, |web| web.reserve_bytes);
-    let total = shared
-        .web
-        .as_ref()
-        .and_then(|web| crate::os::disk_total_bytes(&web.data_dir).ok())
+    let reserve = shared.site.reserve_bytes;
+    let total = crate::os::disk_total_bytes(&shared.site.data_dir)
+        .ok()
         .filter(|total| *total > 0);
     let disk = match total {
         Some(total) => format!(
@@ -771,10 +781,8 @@ fn validity_text(expires_at_ms: Option<i64>, now: i64) -> String {
 }
 
 /// Product, version, server id, uptime, data directory and the certificate's fingerprint.
-fn server_card(shared: &ApiShared, now: i64) -> String {
-    let Some(web) = &shared.web else {
-        return String::new();
-    };
+fn server_card(shared: &WebShared, now: i64) -> String {
+    let web = &shared.site;
     let uptime_s = (now - web.started_at_ms).max(0) / 1000;
     let uptime = format!(
         "{} d {} h {} min",
@@ -796,14 +804,15 @@ fn server_card(shared: &ApiShared, now: i64) -> String {
     )
 }
 
-fn dashboard(shared: &ApiShared, user: &str, csrf: &str) -> Response {
+fn dashboard(shared: &WebShared, user: &str, csrf: &str) -> Response {
     dashboard_with(shared, user, csrf, "")
 }
 
-fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Response {
+fn dashboard_with(shared: &WebShared, user: &str, csrf: &str, message: &str) -> Response {
     let mut body = String::from(message);
     let now = now_ms();
-    if let Some(web) = &shared.web {
+    {
+        let web = &shared.site;
         body.push_str(&glance(shared, web, now));
     }
     body.push_str(&server_card(shared, now));
@@ -837,13 +846,11 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
             );
         }
     }
-    let (capacity, rate) = match &shared.web {
-        Some(web) => capacity_and_rate(shared, web, now),
-        None => (String::new(), String::new()),
-    };
+    let (capacity, rate) = capacity_and_rate(shared, &shared.site, now);
     body.push_str(&capacity);
     body.push_str("<h2>Incubators</h2>");
-    if let Some(web) = &shared.web {
+    {
+        let web = &shared.site;
         body.push_str(&incubators_table(shared, web, now));
         let refusals = web.registry.refusals();
         if !refusals.is_empty() {
@@ -904,7 +911,7 @@ fn dashboard_with(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> 
 /// Every instrument ever seen, connected or not: state, address, since when, its latest
 /// image and today's images (UTC day, from the store, so they survive reconnects and
 /// restarts), and its HELLOs refused since the start.
-fn incubators_table(shared: &ApiShared, web: &WebContext, now: i64) -> String {
+fn incubators_table(shared: &WebShared, web: &WebContext, now: i64) -> String {
     let connected = web.registry.snapshot();
     let refusals = web.registry.refusals();
     let (known, activity) = match shared.store.read().and_then(|r| {
@@ -970,7 +977,7 @@ const DIFFERENCES_SHOWN_MAX: u32 = 50;
 
 /// Patients whose details an incubator's dish registration disagreed with: the stored ones
 /// were kept, and an embryologist resolves it by editing the patient (viewer or REST API).
-fn differences_card(shared: &ApiShared) -> String {
+fn differences_card(shared: &WebShared) -> String {
     let mut out = String::from("<h2>Patient details that differ</h2>");
     let (differences, patients) = match shared.store.read().and_then(|reader| {
         let differences = reader.patient_differences(DIFFERENCES_SHOWN_MAX)?;
@@ -1064,7 +1071,7 @@ const WARNINGS_PAGE_ROWS: usize = 100;
 
 /// The warnings and errors kept since the start, newest first, a page at a time
 /// (`?skip=N`).
-fn warnings_page(shared: &ApiShared, user: &str, csrf: &str, skip: Option<&str>) -> Response {
+fn warnings_page(shared: &WebShared, user: &str, csrf: &str, skip: Option<&str>) -> Response {
     let skip = match skip.map(str::parse::<usize>) {
         None => 0,
         Some(Ok(skip)) => skip,
@@ -1103,7 +1110,7 @@ fn warnings_page(shared: &ApiShared, user: &str, csrf: &str, skip: Option<&str>)
 
 /// The monitoring queue and uploader: switches, queue, drops, last success and error, and
 /// each incubator's measured upload against the manual's 0.5 Mbit/s budget.
-fn ims_panel(shared: &ApiShared, web: &WebContext, csrf: &str, now: i64) -> String {
+fn ims_panel(shared: &WebShared, web: &WebContext, csrf: &str, now: i64) -> String {
     let mut out = String::from("<h2>Instrument monitoring (IMS)</h2>");
     let status = match web.ims.status(&shared.store, now) {
         Ok(status) => status,
@@ -1187,7 +1194,7 @@ fn ims_panel(shared: &ApiShared, web: &WebContext, csrf: &str, now: i64) -> Stri
 
 /// Adds a user, disables or enables one, or sets a password (the policy of every password),
 /// as `esserver user` does; returns the message to show.
-fn user_action(shared: &ApiShared, admin: &str, fields: &[(String, String)]) -> String {
+fn user_action(shared: &WebShared, admin: &str, fields: &[(String, String)]) -> String {
     use crate::control::UserRequest;
     let name = field(fields, "name").unwrap_or("").trim().to_string();
     let by = format!("web:{admin}");
@@ -1232,7 +1239,8 @@ fn user_action(shared: &ApiShared, admin: &str, fields: &[(String, String)]) -> 
     let disabling = matches!(request, UserRequest::Disable { .. });
     let response = crate::admin::user(&shared.writer, &shared.store, request);
     if response.ok && disabling {
-        if let Some(web) = &shared.web {
+        {
+            let web = &shared.site;
             web.viewers.disconnect_user(&name);
         }
     }
@@ -1258,7 +1266,7 @@ fn result_paragraph(response: &crate::control::Response, refused_prefix: &str) -
     }
 }
 
-fn users_page(shared: &ApiShared, admin: &str, csrf: &str, message: &str) -> Response {
+fn users_page(shared: &WebShared, admin: &str, csrf: &str, message: &str) -> Response {
     let mut body = String::from(message);
     let hidden = format!("<input type=hidden name=csrf value='{csrf}'>");
     match shared.store.read().and_then(|r| r.users()) {
@@ -1318,7 +1326,7 @@ fn users_page(shared: &ApiShared, admin: &str, csrf: &str, message: &str) -> Res
 const AUDIT_PAGE_ROWS: u32 = 100;
 
 /// The audit trail, oldest first, a page at a time (`?after=SEQ`), newest page by default.
-fn audit_page(shared: &ApiShared, user: &str, csrf: &str, after: Option<&str>) -> Response {
+fn audit_page(shared: &WebShared, user: &str, csrf: &str, after: Option<&str>) -> Response {
     let reader = match shared.store.read() {
         Ok(reader) => reader,
         Err(error) => {
@@ -1378,7 +1386,7 @@ fn audit_page(shared: &ApiShared, user: &str, csrf: &str, after: Option<&str>) -
     html(200, page(shared, "Audit trail", Some((user, csrf)), &body))
 }
 
-fn instruments_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Response {
+fn instruments_page(shared: &WebShared, user: &str, csrf: &str, message: &str) -> Response {
     let mut body = String::from(message);
     match shared.store.read().and_then(|r| r.instruments()) {
         Ok(instruments) => {
@@ -1418,10 +1426,8 @@ fn instruments_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -
 
 /// New instruments: the enrolment mode, the serial numbers waiting for approval (each with an
 /// Approve button) and a form to approve one before it first connects.
-fn enrolment_panel(shared: &ApiShared, csrf: &str) -> String {
-    let Some(web) = &shared.web else {
-        return String::new();
-    };
+fn enrolment_panel(shared: &WebShared, csrf: &str) -> String {
+    let web = &shared.site;
     let hidden = format!(
         "<input type=hidden name=csrf value='{csrf}'><input type=hidden name=action value=approve>"
     );
@@ -1470,7 +1476,7 @@ fn enrolment_panel(shared: &ApiShared, csrf: &str) -> String {
 /// Capacity units used of the licence's, the ingestion rate of the connected instruments
 /// (images since each connected, over its connected time) and, from it, days until the disk
 /// is full.
-fn capacity_and_rate(shared: &ApiShared, web: &WebContext, now: i64) -> (String, String) {
+fn capacity_and_rate(shared: &WebShared, web: &WebContext, now: i64) -> (String, String) {
     use es_perf::catalog::DeviceModel;
     let connected = web.registry.snapshot();
     let mut devices: Vec<(DeviceModel, u32)> = Vec::new();
@@ -1510,7 +1516,7 @@ fn capacity_and_rate(shared: &ApiShared, web: &WebContext, now: i64) -> (String,
 }
 
 /// One line an administrator reads first: licence, incubators, disk, warnings.
-fn glance(shared: &ApiShared, web: &WebContext, now: i64) -> String {
+fn glance(shared: &WebShared, web: &WebContext, now: i64) -> String {
     let licence = match shared.licensing.current(now) {
         Ok(license) => match license.expires_at_ms {
             Some(expires) => format!(
@@ -1562,7 +1568,7 @@ fn glance(shared: &ApiShared, web: &WebContext, now: i64) -> String {
     )
 }
 
-fn license_page(shared: &ApiShared, user: &str, csrf: &str, message: &str) -> Response {
+fn license_page(shared: &WebShared, user: &str, csrf: &str, message: &str) -> Response {
     let current = match shared.licensing.current(now_ms()) {
         Ok(license) => format!(
             "<table id=license><tr><td>Licence</td><td>{}</td></tr><tr><td>Clinic</td><td>{}</td></tr>\

@@ -234,7 +234,56 @@ impl WaitHub {
     }
 }
 
-pub(crate) struct ApiShared {
+/// What a listener on this session machinery serves: the public API's routes ([`PublicApi`]),
+/// or another site's (the web interface, `crate::web`), which plugs in here without this
+/// module knowing it.
+pub(crate) trait Site: Sized + Send + Sync + 'static {
+    /// The service's name in logs and its pool ("public-api", "web").
+    const SERVICE: &'static str;
+    /// How its requests are named in the log ("public API", "web").
+    const LABEL: &'static str;
+
+    /// Handles one request on a worker; `caller` is set to who made it once that is known.
+    fn handle(
+        shared: &ApiShared<Self>,
+        request: &http::Request,
+        peer: SocketAddr,
+        handle: &ConnHandle<ApiMsg>,
+        caller: &mut Option<String>,
+    ) -> Step;
+
+    /// The answer to a recorded login of [`LoginKind::Web`] (`refused` says why not).
+    fn web_login_answer(
+        _shared: &ApiShared<Self>,
+        _user: &str,
+        _rights: Rights,
+        _refused: Option<String>,
+        _peer: SocketAddr,
+        _now: Instant,
+    ) -> Response {
+        Response::error(500, "internal_error", "this listener has no web login")
+    }
+}
+
+/// The public API's routes (`routes.rs`, `compat.rs`).
+pub struct PublicApi;
+
+impl Site for PublicApi {
+    const SERVICE: &'static str = "public-api";
+    const LABEL: &'static str = "public API";
+
+    fn handle(
+        shared: &ApiShared<Self>,
+        request: &http::Request,
+        peer: SocketAddr,
+        handle: &ConnHandle<ApiMsg>,
+        caller: &mut Option<String>,
+    ) -> Step {
+        routes::handle(shared, request, peer, handle, caller)
+    }
+}
+
+pub(crate) struct ApiShared<S = PublicApi> {
     pub store: Store,
     pub writer: Writer,
     pub workers: Workers,
@@ -243,15 +292,15 @@ pub(crate) struct ApiShared {
     pub settings: ApiSettings,
     pub tokens: Tokens,
     pub waiters: WaitHub,
-    /// Set for the web interface's listener: its routes instead of the API's.
-    pub web: Option<crate::web::WebContext>,
+    /// What the listener serves, and that site's own state.
+    pub site: S,
 }
 
-pub struct ApiService {
-    shared: Arc<ApiShared>,
+pub(crate) struct ApiService<S: Site = PublicApi> {
+    shared: Arc<ApiShared<S>>,
 }
 
-impl ApiService {
+impl<S: Site> ApiService<S> {
     pub fn new(
         store: Store,
         writer: Writer,
@@ -259,8 +308,8 @@ impl ApiService {
         disk: Arc<DiskState>,
         licensing: Arc<crate::license::Licensing>,
         settings: ApiSettings,
-        web: Option<crate::web::WebContext>,
-    ) -> ApiService {
+        site: S,
+    ) -> ApiService<S> {
         let shared = Arc::new(ApiShared {
             store: store.clone(),
             writer,
@@ -270,7 +319,7 @@ impl ApiService {
             settings,
             tokens: Tokens::default(),
             waiters: WaitHub::default(),
-            web,
+            site,
         });
         let weak = Arc::downgrade(&shared);
         if let Ok(seq) = store.read().and_then(|reader| reader.last_change_seq()) {
@@ -285,19 +334,15 @@ impl ApiService {
     }
 }
 
-impl Service for ApiService {
+impl<S: Site> Service for ApiService<S> {
     type Msg = ApiMsg;
-    type Session = ApiSession;
+    type Session = ApiSession<S>;
 
     fn name(&self) -> &'static str {
-        if self.shared.web.is_some() {
-            "web"
-        } else {
-            "public-api"
-        }
+        S::SERVICE
     }
 
-    fn open(&self, peer: SocketAddr, handle: ConnHandle<ApiMsg>, _now: Instant) -> ApiSession {
+    fn open(&self, peer: SocketAddr, handle: ConnHandle<ApiMsg>, _now: Instant) -> ApiSession<S> {
         ApiSession {
             parser: RequestParser::new(self.shared.settings.http),
             shared: self.shared.clone(),
@@ -353,9 +398,9 @@ enum State {
     },
 }
 
-pub struct ApiSession {
+pub(crate) struct ApiSession<S: Site = PublicApi> {
     parser: RequestParser,
-    shared: Arc<ApiShared>,
+    shared: Arc<ApiShared<S>>,
     handle: ConnHandle<ApiMsg>,
     peer: SocketAddr,
     state: State,
@@ -368,7 +413,7 @@ pub struct ApiSession {
     requested: bool,
 }
 
-impl ApiSession {
+impl<S: Site> ApiSession<S> {
     fn run_job(&mut self, job: crate::workers::Job) -> bool {
         self.shared.workers.try_run(job).is_ok()
     }
@@ -402,11 +447,7 @@ impl ApiSession {
         let job = Box::new(move || {
             let fallback = Fallback::new(&handle, internal_error());
             let mut caller = None;
-            let step = if shared.web.is_some() {
-                crate::web::handle(&shared, &request, peer, &handle, &mut caller)
-            } else {
-                routes::handle(&shared, &request, peer, &handle, &mut caller)
-            };
+            let step = S::handle(&shared, &request, peer, &handle, &mut caller);
             fallback.disarm();
             if let Some(caller) = caller {
                 // Delivered before the answer: messages to a connection keep their order.
@@ -460,29 +501,17 @@ impl ApiSession {
     fn log(&self, exchange: &Exchange, status: u16, now: Instant) {
         let ms = now.saturating_duration_since(exchange.started).as_millis() as u64;
         let caller = exchange.caller.as_deref().unwrap_or("-");
-        match (self.shared.web.is_some(), status >= 500) {
-            (false, true) => {
-                tracing::warn!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "public API request");
-            }
-            (false, false) => {
-                tracing::info!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "public API request");
-            }
-            (true, true) => {
-                tracing::warn!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "web request");
-            }
-            (true, false) => {
-                tracing::info!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "web request");
-            }
+        let label = S::LABEL;
+        if status >= 500 {
+            tracing::warn!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "{label} request");
+        } else {
+            tracing::info!(peer = %self.peer, caller, method = %exchange.method, path = %exchange.path, status, ms, "{label} request");
         }
     }
 
     /// A request that could not be parsed: answer and close (the stream is out of step).
     fn refuse(&mut self, error: &HttpError, io: &mut SessionIo<'_>) {
-        let service = if self.shared.web.is_some() {
-            "web"
-        } else {
-            "public API"
-        };
+        let service = S::LABEL;
         tracing::warn!(peer = %self.peer, code = error.code(), "{service} request refused: {}", error.message());
         let body = serde_json::json!({ "code": error.code(), "message": error.message() });
         let mut out = Vec::new();
@@ -643,7 +672,7 @@ impl ApiSession {
                 (Ok(_), None) => None,
             };
             let response =
-                crate::web::login_answer(&self.shared, &user, rights, refused, self.peer, io.now());
+                S::web_login_answer(&self.shared, &user, rights, refused, self.peer, io.now());
             self.finish(response, io);
             return;
         }
@@ -959,7 +988,7 @@ impl ApiSession {
     }
 }
 
-impl Session for ApiSession {
+impl<S: Site> Session for ApiSession<S> {
     type Msg = ApiMsg;
 
     fn on_input(&mut self, input: &mut BytesMut, io: &mut SessionIo<'_>) {

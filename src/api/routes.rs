@@ -681,7 +681,7 @@ fn changes_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
 
 /// Without a valid licence no client is served (incubators keep uploading; the web
 /// interface stays up to install one).
-pub(super) fn license_refusal(shared: &ApiShared) -> Option<String> {
+pub(super) fn license_refusal<S>(shared: &ApiShared<S>) -> Option<String> {
     shared.licensing.current(now_ms()).err().map(|error| {
         format!("licence invalid: {error}; an administrator must install a valid licence")
     })
@@ -716,8 +716,8 @@ struct LoginBody {
 
 /// Checks a password on this worker, then has the storage writer record the attempt (and
 /// lock the account after too many failures); the session issues the token.
-pub(crate) fn start_login(
-    shared: &ApiShared,
+pub(crate) fn start_login<S>(
+    shared: &ApiShared<S>,
     user: &str,
     password: &str,
     kind: LoginKind,
@@ -885,8 +885,8 @@ fn edit_refused(refused: edits::Refused) -> Refusal {
 
 /// The answer to a durable or refused write: the resource as it is now. A stale version
 /// gets 412 with the current state and its ETag, so the client can merge and retry.
-pub(super) fn render_written(
-    shared: &ApiShared,
+pub(super) fn render_written<S>(
+    shared: &ApiShared<S>,
     result: OpResult<Edit>,
     render: &Render,
 ) -> Response {
@@ -1204,7 +1204,7 @@ fn change_refusal(error: StorageError) -> Refusal {
 }
 
 /// Answers a change-feed poll now (after a wait ended).
-pub(super) fn changes_now(shared: &ApiShared, after: u64, limit: u32) -> Response {
+pub(super) fn changes_now<S>(shared: &ApiShared<S>, after: u64, limit: u32) -> Response {
     let reader = match shared.store.read() {
         Ok(reader) => reader,
         Err(error) => return Response::storage(&error),
