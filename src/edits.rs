@@ -97,16 +97,6 @@ pub enum Refused {
 }
 
 impl Refused {
-    /// The stable code every front end reports.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Refused::Forbidden(_) => "forbidden",
-            Refused::DiskLow => "disk_full",
-            Refused::Busy => "busy",
-            Refused::ShuttingDown => "shutting_down",
-        }
-    }
-
     pub fn message(&self) -> String {
         match self {
             Refused::Forbidden(message) => message.clone(),
