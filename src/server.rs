@@ -6,6 +6,7 @@ use crate::api::{ApiService, ApiSettings};
 use crate::config::{Config, Listener};
 use crate::control::{ControlServer, Request, Response};
 use crate::disk_guard::{DiskGuard, DiskState};
+use crate::incubator::core::IncubatorShared;
 use crate::incubator::{IncubatorService, Registry};
 use crate::viewer::{Hub, ViewerService, ViewerSettings};
 use crate::workers::Workers;
@@ -210,17 +211,19 @@ fn start_services(
             images and instrument secrets cross the incubator network in clear; keep that network isolated");
     }
     let incubator = Arc::new(IncubatorService {
-        store: store.clone(),
+        shared: Arc::new(IncubatorShared {
+            store: store.clone(),
+            registry: registry.clone(),
+            limits: ServerLimits {
+                frame_bytes_max: config.limits.frame_bytes_max,
+                inflight_requests_max: config.limits.inflight_requests_max,
+            },
+            disk: disk.clone(),
+            licensing: licensing.clone(),
+            ims: ims.clone(),
+            enrolment: config.incubator.enrolment,
+        }),
         writer: writer.clone(),
-        registry: registry.clone(),
-        limits: ServerLimits {
-            frame_bytes_max: config.limits.frame_bytes_max,
-            inflight_requests_max: config.limits.inflight_requests_max,
-        },
-        disk: disk.clone(),
-        licensing: licensing.clone(),
-        ims: ims.clone(),
-        enrolment: config.incubator.enrolment,
     });
     pools.push(start_pool(
         "incubator",
