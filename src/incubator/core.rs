@@ -115,6 +115,9 @@ impl Written {
 }
 
 /// What the core asks of its adapter.
+// A write is moved once through the action queue; boxing it would cost an allocation per
+// image for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Action {
     /// Bytes for the peer, in order.
     Send(BytesMut),
