@@ -226,6 +226,27 @@ pub struct ImsStatus {
 }
 
 impl ImsShared {
+    /// The state of `config`, and the receiving end of the uploader's wake-up signal (a
+    /// state nobody uploads from, for the simulation, drops it).
+    pub fn new(config: &ImsConfig) -> (ImsShared, crossbeam_channel::Receiver<()>) {
+        let (wake, woken) = crossbeam_channel::bounded(1);
+        let shared = ImsShared {
+            receive: AtomicBool::new(config.receive),
+            upload: AtomicBool::new(config.upload),
+            endpoint: config.endpoint.clone(),
+            queue_bytes_max: config.queue_bytes_max,
+            budget_bits_per_s: config.incubator_budget_bits_per_s,
+            state: Mutex::new(UploadState::default()),
+            records_sent: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            batches_sent: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            wake,
+            stop: AtomicBool::new(false),
+        };
+        (shared, woken)
+    }
+
     /// How the incubator service queues the telemetry of an instrument of `model` now:
     /// `None` while receiving is off. Only the device catalog's channels and the model's
     /// alarm codes are queued (a model the catalog does not know: the codes every model has).
@@ -360,22 +381,9 @@ pub struct Ims {
 impl Ims {
     /// Starts the uploader thread (it idles while upload is off or no endpoint is set).
     pub fn start(config: &ImsConfig, store: Store, writer: Writer) -> Result<Ims, std::io::Error> {
-        let (wake, woken) = crossbeam_channel::bounded(1);
+        let (shared, woken) = ImsShared::new(config);
+        let shared = Arc::new(shared);
         let endpoint = config.endpoint.clone();
-        let shared = Arc::new(ImsShared {
-            receive: AtomicBool::new(config.receive),
-            upload: AtomicBool::new(config.upload),
-            endpoint: endpoint.clone(),
-            queue_bytes_max: config.queue_bytes_max,
-            budget_bits_per_s: config.incubator_budget_bits_per_s,
-            state: Mutex::new(UploadState::default()),
-            records_sent: AtomicU64::new(0),
-            bytes_sent: AtomicU64::new(0),
-            batches_sent: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            wake,
-            stop: AtomicBool::new(false),
-        });
         match (&endpoint, config.upload) {
             (Some(endpoint), true) => {
                 tracing::info!(endpoint = %endpoint.url(), receive = config.receive, "monitoring (IMS) upload is on");

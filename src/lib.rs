@@ -21,6 +21,8 @@ pub mod incubator;
 pub mod license;
 pub mod os;
 pub mod server;
+#[cfg(test)]
+mod simulation;
 pub mod times;
 pub mod viewer;
 pub mod viewer_tool;

@@ -411,7 +411,8 @@ impl<M: Send + 'static> ConnHandle<M> {
         self.owner.send(Command::Close(self.token, reason.into()))
     }
 
-    /// An identity for registries: unique in the process, stable for the connection's life.
+    /// An identity for registries: unique in the process, stable for the connection's life,
+    /// and increasing in the order connections were accepted.
     pub fn id(&self) -> u64 {
         self.id
     }

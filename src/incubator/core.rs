@@ -36,7 +36,7 @@ use es_storage::{
     TelemetrySample, WellRegistration, WriteError,
 };
 
-use super::{Connected, LiveCounters, Registry};
+use super::{AdmitRefusal, Connected, LiveCounters, Registry};
 
 /// Bytes of the secret issued to a new instrument (sent as hex).
 const SECRET_BYTES: usize = 24;
@@ -68,7 +68,9 @@ pub fn system_entropy() -> Entropy {
 
 /// Who this connection is, for the registry and the logs.
 pub struct ConnectionInfo {
-    /// Unique in the process for the connection's life (the registry's identity).
+    /// Unique in the process for the connection's life (the registry's identity), and
+    /// increasing in the order connections were accepted: of two connections of one
+    /// instrument, the larger id is the newer.
     pub id: u64,
     pub peer: SocketAddr,
     pub tls: bool,
@@ -297,6 +299,11 @@ impl IncubatorCore {
         self.connection.tls = tls;
     }
 
+    /// Requests read and not answered yet.
+    pub fn inflight(&self) -> u32 {
+        self.protocol.inflight()
+    }
+
     /// HELLO accepted.
     pub fn is_established(&self) -> bool {
         self.protocol.is_established()
@@ -519,9 +526,19 @@ impl IncubatorCore {
         );
         let older = match admitted {
             Ok(older) => older,
-            Err(message) => {
+            Err(AdmitRefusal::Capacity(message)) => {
                 self.instrument = None;
                 self.refuse_hello(&hello, ErrorCode::CapacityExceeded, message, now_ms);
+                return;
+            }
+            Err(AdmitRefusal::NewerConnection) => {
+                // This HELLO completed after the instrument had reconnected: the newer
+                // connection stays, this one is closed as if it had been superseded.
+                self.instrument = None;
+                self.fail(
+                    ErrorCode::Superseded,
+                    "a newer connection of this instrument is open; this one is closed".into(),
+                );
                 return;
             }
         };

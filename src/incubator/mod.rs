@@ -67,6 +67,15 @@ pub struct Registry {
     refused: Mutex<HashMap<String, Refused>>,
 }
 
+/// Why [`Registry::admit`] refused a connection.
+#[derive(Debug)]
+enum AdmitRefusal {
+    /// The licence has no room for it (the reason).
+    Capacity(String),
+    /// A newer connection of the same instrument is admitted already.
+    NewerConnection,
+}
+
 /// Serial numbers whose refused HELLOs are remembered; past it the oldest is forgotten.
 const REFUSED_SERIALS_MAX: usize = 256;
 
@@ -86,19 +95,28 @@ pub struct Refused {
 impl Registry {
     /// Records a connection if `admit` accepts the models connected besides it (checked and
     /// inserted under one lock, so two HELLOs cannot both take the last room); returns the
-    /// identity and the supersede call of the older connection it replaces.
+    /// identity and the supersede call of the older connection it replaces. A connection
+    /// whose HELLO completes after a newer connection of the same serial was admitted (the
+    /// instrument gave up on it and reconnected) is the stale one: it is refused, and the
+    /// newer one stays.
     fn admit(
         &self,
         connected: Connected,
         admit: impl FnOnce(&[String]) -> Result<(), String>,
-    ) -> Result<Option<(u64, Supersede)>, String> {
+    ) -> Result<Option<(u64, Supersede)>, AdmitRefusal> {
         let mut map = self.by_serial.lock();
+        if map
+            .get(&connected.serial)
+            .is_some_and(|current| current.connection_id > connected.connection_id)
+        {
+            return Err(AdmitRefusal::NewerConnection);
+        }
         let others: Vec<String> = map
             .values()
             .filter(|c| c.serial != connected.serial)
             .map(|c| c.model.clone())
             .collect();
-        admit(&others)?;
+        admit(&others).map_err(AdmitRefusal::Capacity)?;
         let older = map.insert(connected.serial.clone(), connected);
         Ok(older.map(|older| (older.connection_id, older.supersede)))
     }

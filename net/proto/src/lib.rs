@@ -24,5 +24,6 @@ pub mod viewer;
 #[doc(hidden)]
 pub mod fuzzing;
 
-#[cfg(test)]
-mod simulation;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod simulation;

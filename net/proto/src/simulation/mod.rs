@@ -1,16 +1,19 @@
-//! Deterministic simulation of the incubator and viewer protocols (tests only).
+//! Deterministic simulation (tests only): the harness every simulated world shares, and the
+//! viewer protocol's world.
 //!
-//! One seeded generator drives a whole world: a client and the real sans-I/O server session
-//! of each protocol, a byte pipe in each direction that delivers random-sized pieces, stalls
-//! and drops the connection, a storage that completes writes after random delays and in any
-//! order, and a client that reconnects and resends what was never answered. After a bounded
-//! number of faulty steps a calm phase (no faults) must bring every item home. The invariants
-//! are checked at every step and at the end; a failure names its seed and step, and
-//! `ESSERVER_SIM_SEED=<seed>` replays that one seed with a trace of every event.
+//! One seeded generator drives a whole world: a client and a server, a byte pipe in each
+//! direction that delivers random-sized pieces, stalls and drops the connection, a storage
+//! that completes writes after random delays and in any order, and a client that reconnects
+//! and resends what was never answered. After a bounded number of faulty steps a calm phase
+//! (no faults) must bring every item home. The invariants are checked at every step and at
+//! the end; a failure names its seed and step, and `ESSERVER_SIM_SEED=<seed>` replays that
+//! one seed with a trace of every event.
 //!
+//! The incubator's world runs the server's real incubator core against the real storage
+//! writer, so it lives with them in `esserver` (`src/simulation/`) and uses this harness.
 //! See `docs/reliability.md`, section "Deterministic simulation".
 
-mod incubator;
+#[cfg(test)]
 mod viewer;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,17 +23,17 @@ use bytes::BytesMut;
 use crate::fuzzing::Noise;
 
 /// Seeds run on every test run, before the random ones.
-const FIXED_SEEDS: [u64; 8] = [1, 2, 3, 42, 0xdead_beef, 0x5eed, 1 << 40, u64::MAX];
+pub const FIXED_SEEDS: [u64; 8] = [1, 2, 3, 42, 0xdead_beef, 0x5eed, 1 << 40, u64::MAX];
 
 /// Random seeds added to the fixed ones on every run (`ESSERVER_SIM_SEEDS` overrides).
-const RANDOM_SEEDS_DEFAULT: usize = 192;
+pub const RANDOM_SEEDS_DEFAULT: usize = 192;
 
 /// The environment variable that replays one seed (with a trace).
 pub const SEED_VARIABLE: &str = "ESSERVER_SIM_SEED";
 
 /// The seeds of this run: the one of [`SEED_VARIABLE`] alone (and `true`: trace it), or the
-/// fixed ones and random ones drawn from the clock.
-fn seeds(name: &str) -> (Vec<u64>, bool) {
+/// fixed ones and `random` random ones (`ESSERVER_SIM_SEEDS` overrides) drawn from the clock.
+fn seeds(name: &str, random: usize) -> (Vec<u64>, bool) {
     if let Ok(value) = std::env::var(SEED_VARIABLE) {
         let value = value.trim();
         let seed = value
@@ -43,7 +46,7 @@ fn seeds(name: &str) -> (Vec<u64>, bool) {
     let count = std::env::var("ESSERVER_SIM_SEEDS")
         .ok()
         .and_then(|value| value.parse().ok())
-        .unwrap_or(RANDOM_SEEDS_DEFAULT);
+        .unwrap_or(random);
     let clock = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_nanos() as u64);
@@ -53,10 +56,17 @@ fn seeds(name: &str) -> (Vec<u64>, bool) {
     (seeds, false)
 }
 
-/// Runs `world(seed, trace)` for every seed of this run; a panic is reported with its seed
-/// and the command that replays it.
-fn run_seeds(name: &str, test: &str, world: fn(u64, bool) -> Totals) -> Totals {
-    let (seeds, trace) = seeds(name);
+/// Runs `world(seed, trace)` for every seed of this run (the fixed ones and `random` random
+/// ones); a panic is reported with its seed and the command that replays it: test `test`
+/// (its path in the crate) of package `package`.
+pub fn run_seeds(
+    name: &str,
+    package: &str,
+    test: &str,
+    random: usize,
+    world: fn(u64, bool) -> Totals,
+) -> Totals {
+    let (seeds, trace) = seeds(name, random);
     let started = std::time::Instant::now();
     let mut totals = Totals::default();
     for seed in &seeds {
@@ -71,8 +81,8 @@ fn run_seeds(name: &str, test: &str, world: fn(u64, bool) -> Totals) -> Totals {
                     .unwrap_or_default();
                 panic!(
                     "{name} simulation failed with seed {seed}: {text}\nreplay: \
-                     {SEED_VARIABLE}={seed} cargo nextest run --release -p es-proto -E \
-                     'test(simulation::{test})' --no-capture"
+                     {SEED_VARIABLE}={seed} cargo nextest run --release -p {package} -E \
+                     'test({test})' --no-capture"
                 );
             }
         }
@@ -94,23 +104,24 @@ fn run_seeds(name: &str, test: &str, world: fn(u64, bool) -> Totals) -> Totals {
 
 /// What the runs did, so the test can check that the faults really happened.
 #[derive(Debug, Default, Clone, Copy)]
-struct Totals {
-    steps: u64,
-    drops: u64,
-    acknowledged: u64,
+pub struct Totals {
+    pub steps: u64,
+    pub drops: u64,
+    pub acknowledged: u64,
     /// Writes that reached storage after their connection was gone (answer lost).
-    lost_answers: u64,
+    pub lost_answers: u64,
     /// Answers that said "already stored" (a resend or a deliberate duplicate).
-    duplicates: u64,
+    pub duplicates: u64,
     /// Partial deliveries: a piece that ended inside a frame.
-    partial_pieces: u64,
-    /// HELLOs refused (`enrolment_pending`: the serial waits for an administrator), each
+    pub partial_pieces: u64,
+    /// HELLOs refused (`enrolment_pending`: the serial waits for an administrator;
+    /// `enrolment_in_progress`: an older connection still holds an issued secret), each
     /// followed by a backoff and a new connection.
-    refused_hellos: u64,
+    pub refused_hellos: u64,
 }
 
 impl Totals {
-    fn add(&mut self, other: &Totals) {
+    pub fn add(&mut self, other: &Totals) {
         self.steps += other.steps;
         self.drops += other.drops;
         self.acknowledged += other.acknowledged;
@@ -123,11 +134,11 @@ impl Totals {
 
 /// One direction of a connection: bytes written and not yet read by the other side.
 #[derive(Debug, Default)]
-struct Pipe {
+pub struct Pipe {
     /// In transit (written by the sender, not yet delivered).
-    wire: BytesMut,
+    pub wire: BytesMut,
     /// Delivered and not yet consumed by the receiver's session.
-    inbox: BytesMut,
+    pub inbox: BytesMut,
     /// The largest piece one delivery moves (a slow peer or small socket buffers).
     piece_max: usize,
     /// No delivery before this step (a stalled peer).
@@ -135,7 +146,7 @@ struct Pipe {
 }
 
 impl Pipe {
-    fn new(noise: &mut Noise) -> Pipe {
+    pub fn new(noise: &mut Noise) -> Pipe {
         Pipe {
             piece_max: [1, 3, 7, 16, 64, 512, 1 << 16][noise.below(7)],
             ..Pipe::default()
@@ -144,7 +155,7 @@ impl Pipe {
 
     /// Moves a random prefix of what is in transit to the receiver; true when it ended
     /// inside the transit bytes (a partial read). `calm`: everything at once.
-    fn deliver(&mut self, noise: &mut Noise, step: u64, calm: bool) -> bool {
+    pub fn deliver(&mut self, noise: &mut Noise, step: u64, calm: bool) -> bool {
         if self.wire.is_empty() {
             return false;
         }

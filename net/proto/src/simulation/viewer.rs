@@ -705,7 +705,9 @@ fn world(seed: u64, trace: bool) -> Totals {
 fn viewer_saves_apply_exactly_once_across_drops_and_resumes() {
     let totals = run_seeds(
         "viewer",
-        "viewer::viewer_saves_apply_exactly_once_across_drops_and_resumes",
+        "es-proto",
+        "simulation::viewer::viewer_saves_apply_exactly_once_across_drops_and_resumes",
+        super::RANDOM_SEEDS_DEFAULT,
         world,
     );
     if std::env::var(super::SEED_VARIABLE).is_err() {
