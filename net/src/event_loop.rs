@@ -8,7 +8,7 @@
 //! whose reading was paused (backpressure) or cut by the budget goes on the `ready` list
 //! rather than waiting for an edge that may never come.
 
-use crate::limits::NetLimits;
+use crate::limits::{NetLimits, STREAM_OUTPUT_HIGH_BYTES};
 use crate::pool::{Admission, PoolStats};
 use crate::slab::{Slab, SlotToken};
 use crate::transport::{ReadStop, Transport};
@@ -341,6 +341,42 @@ pub struct ConnHandle<M> {
     token: SlotToken,
     /// Unique among every connection of the process (tokens are unique per loop only).
     id: u64,
+}
+
+/// The one pacing rule of a streamed answer (a playback, a ZIP, a long JSON answer): at most
+/// one part in production at a time, and none started while the connection's unsent output is
+/// at or above [`STREAM_OUTPUT_HIGH_BYTES`]. TCP flow control then paces the stream, and a
+/// peer that stops reading costs the server at most about that much memory.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Pump {
+    producing: bool,
+}
+
+impl Pump {
+    /// True when the next part may be produced now; the pump then counts it in production
+    /// until [`Pump::produced`] (or [`Pump::cancel`] if it could not be started after all).
+    pub fn start(&mut self, io: &SessionIo<'_>) -> bool {
+        if self.producing || io.pending_output_bytes() >= STREAM_OUTPUT_HIGH_BYTES {
+            return false;
+        }
+        self.producing = true;
+        true
+    }
+
+    /// The part that [`Pump::start`] allowed was not started (no worker took it).
+    pub fn cancel(&mut self) {
+        self.producing = false;
+    }
+
+    /// The part in production arrived.
+    pub fn produced(&mut self) {
+        self.producing = false;
+    }
+
+    /// A part is in production.
+    pub fn is_producing(&self) -> bool {
+        self.producing
+    }
 }
 
 /// Answers a connection when dropped without [`Fallback::disarm`]: work done for a request on

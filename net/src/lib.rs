@@ -22,7 +22,7 @@ pub mod tls;
 mod transport;
 
 pub use event_loop::{
-    CloseReason, ConnHandle, Fallback, LoopHandle, Service, Session, SessionIo, TimeoutKind,
+    CloseReason, ConnHandle, Fallback, LoopHandle, Pump, Service, Session, SessionIo, TimeoutKind,
 };
 pub use limits::{NetLimits, STREAM_OUTPUT_HIGH_BYTES};
 pub use pool::{Pool, PoolConfig, PoolStats};

@@ -7,14 +7,15 @@
 //! pool ([`crate::workers`]), where the credential is checked, the store read and the
 //! response built. A write goes from the worker to the storage writer; its completion comes
 //! back to the session, which has a worker render the result from the store (the new state,
-//! or the current state of a refused stale write). A time-lapse ZIP streams one chunk of
-//! frames per worker job while the connection's unsent output is below
-//! [`es_net::STREAM_OUTPUT_HIGH_BYTES`]. A change-feed long poll waits on the session, woken by
+//! or the current state of a refused stale write). A streamed answer (a time-lapse ZIP,
+//! a long JSON array) is produced one part per worker job while the connection's unsent
+//! output is below [`es_net::STREAM_OUTPUT_HIGH_BYTES`] ([`stream`], [`es_net::Pump`]). A change-feed long poll waits on the session, woken by
 //! store commits ([`WaitHub`]) or its deadline.
 
 pub mod auth;
 pub mod compat;
 pub(crate) mod routes;
+mod stream;
 pub mod zip;
 
 use crate::disk_guard::DiskState;
@@ -22,18 +23,15 @@ use crate::workers::Workers;
 use auth::Tokens;
 use bytes::{Bytes, BytesMut};
 use es_net::http::{self, HttpError, HttpLimits, Parsed, RequestParser};
-use es_net::{
-    CloseReason, ConnHandle, Fallback, Service, Session, SessionIo, STREAM_OUTPUT_HIGH_BYTES,
-};
-use es_storage::{
-    Edit, FrameChunk, LoginAttempt, OpResult, Rights, StorageError, Store, WriteError, Writer,
-};
+use es_net::{CloseReason, ConnHandle, Fallback, Pump, Service, Session, SessionIo};
+use es_storage::{Edit, LoginAttempt, OpResult, Rights, StorageError, Store, WriteError, Writer};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use stream::{Body, JsonBody, Produced, ZipBody};
 
 /// Frames read per worker job of a ZIP stream.
 pub const ZIP_CHUNK_FRAMES: u32 = 16;
@@ -176,10 +174,8 @@ pub enum ApiMsg {
         kind: LoginKind,
         result: OpResult<LoginAttempt>,
     },
-    /// A ZIP chunk was read: frames, or None when the embryo is unknown.
-    Frames(Result<Option<FrameChunk>, StorageError>),
-    /// A page of a streamed JSON answer was read.
-    JsonPage(Result<(Vec<serde_json::Value>, Option<u64>), StorageError>),
+    /// The next part of a streamed answer was produced.
+    Produced(Produced),
     /// New changes were committed.
     ChangesCommitted,
 }
@@ -368,29 +364,19 @@ struct Exchange {
     caller: Option<String>,
 }
 
-struct ZipState {
-    plan: ZipPlan,
-    next_from_ms: i64,
-    run: u32,
-    zip: zip::ZipStream,
+/// A streamed answer in progress: its body (produced on the workers, one part at a time)
+/// and whether its head was sent.
+struct StreamState {
+    body: Arc<Mutex<Box<dyn Body>>>,
+    pump: Pump,
     started: bool,
-    job_pending: bool,
-}
-
-struct JsonState {
-    plan: JsonPlan,
-    cursor: u64,
-    started: bool,
-    items: u64,
-    job_pending: bool,
 }
 
 enum State {
     Idle,
     /// A worker job or a storage write is answering.
     Working,
-    Streaming(Box<ZipState>),
-    StreamingJson(Box<JsonState>),
+    Streaming(StreamState),
     Waiting {
         after: u64,
         limit: u32,
@@ -560,27 +546,8 @@ impl<S: Site> ApiSession<S> {
         match step {
             Step::Respond(response) => self.finish(response, io),
             Step::Submitted => {}
-            Step::Zip(plan) => {
-                self.state = State::Streaming(Box::new(ZipState {
-                    plan,
-                    next_from_ms: i64::MIN,
-                    run: 0,
-                    zip: zip::ZipStream::default(),
-                    started: false,
-                    job_pending: false,
-                }));
-                self.pump_zip(io);
-            }
-            Step::Json(plan) => {
-                self.state = State::StreamingJson(Box::new(JsonState {
-                    plan,
-                    cursor: 0,
-                    started: false,
-                    items: 0,
-                    job_pending: false,
-                }));
-                self.pump_json(io);
-            }
+            Step::Zip(plan) => self.start_stream(Box::new(ZipBody::new(plan)), io),
+            Step::Json(plan) => self.start_stream(Box::new(JsonBody::new(plan)), io),
             Step::Wait {
                 after,
                 limit,
@@ -694,138 +661,89 @@ impl<S: Site> ApiSession<S> {
         self.finish(response, io);
     }
 
-    fn pump_zip(&mut self, io: &mut SessionIo<'_>) {
-        let State::Streaming(stream) = &mut self.state else {
-            return;
-        };
-        if stream.job_pending || io.pending_output_bytes() >= STREAM_OUTPUT_HIGH_BYTES {
-            return;
-        }
-        stream.job_pending = true;
-        let store = self.shared.store.clone();
-        let handle = self.handle.clone();
-        let embryo_id = stream.plan.embryo_id.clone();
-        let focal_plane = stream.plan.focal_plane;
-        let from_ms = stream.next_from_ms;
-        let job = Box::new(move || {
-            let result = es_storage::guarded("time-lapse frames", || {
-                store.read().and_then(|reader| {
-                    reader.frames(&embryo_id, focal_plane, from_ms, i64::MAX, ZIP_CHUNK_FRAMES)
-                })
-            });
-            handle.send(ApiMsg::Frames(result));
+    fn start_stream(&mut self, body: Box<dyn Body>, io: &mut SessionIo<'_>) {
+        self.state = State::Streaming(StreamState {
+            body: Arc::new(Mutex::new(body)),
+            pump: Pump::default(),
+            started: false,
         });
-        if !self.run_job(job) {
-            if let State::Streaming(stream) = &mut self.state {
-                stream.job_pending = false;
-                if !stream.started {
-                    self.finish(Response::busy(), io);
-                }
-                // Started: the next tick tries again.
-            }
-        }
+        self.pump_stream(io);
     }
 
-    fn frames_read(
-        &mut self,
-        result: Result<Option<FrameChunk>, StorageError>,
-        io: &mut SessionIo<'_>,
-    ) {
-        // Frames before a damaged one are sent, and the chunk is not the last however short:
-        // the next read starts at the damaged frame and ends the stream with its error.
-        let damage_follows = matches!(&result, Ok(Some(chunk)) if chunk.damaged.is_some());
-        let result = match result {
-            Ok(Some(chunk)) => chunk.into_frames().map(Some),
-            Ok(None) => Ok(None),
-            Err(error) => Err(error),
-        };
+    /// Has a worker produce the stream's next part, when the pump allows.
+    fn pump_stream(&mut self, io: &mut SessionIo<'_>) {
         let State::Streaming(stream) = &mut self.state else {
             return;
         };
-        stream.job_pending = false;
-        let frames = match result {
-            Ok(Some(frames)) => frames,
-            Ok(None) if !stream.started => {
-                let message = format!("embryo {} is unknown", stream.plan.embryo_id);
-                self.finish(Response::error(404, "not_found", message), io);
+        if !stream.pump.start(io) {
+            return;
+        }
+        let body = stream.body.clone();
+        let store = self.shared.store.clone();
+        let handle = self.handle.clone();
+        let job = Box::new(move || {
+            let produced = body.lock().produce(&store);
+            handle.send(ApiMsg::Produced(produced));
+        });
+        if self.run_job(job) {
+            return;
+        }
+        let State::Streaming(stream) = &mut self.state else {
+            return;
+        };
+        stream.pump.cancel();
+        if !stream.started {
+            let busy = stream.body.lock().refuse(Response::busy());
+            self.finish(busy, io);
+        }
+        // Started: the next tick tries again (the body keeps its place).
+    }
+
+    /// Sends a produced part: the head first, the data framed, the end after the last.
+    fn stream_produced(&mut self, produced: Produced, io: &mut SessionIo<'_>) {
+        let State::Streaming(stream) = &mut self.state else {
+            return;
+        };
+        stream.pump.produced();
+        let (data, last) = match produced {
+            Produced::Data { data, last } => (data, last),
+            Produced::Refuse(response) => {
+                debug_assert!(!stream.started, "a refusal after the head");
+                self.finish(response, io);
                 return;
             }
-            Ok(None) | Err(_) if stream.started => {
-                // The status line is gone: end the connection without the last chunk, so
-                // the client sees a truncated archive rather than a short one.
-                if let Err(error) = &result {
-                    tracing::error!(peer = %self.peer, "time-lapse ZIP stream failed: {error}");
-                }
-                self.stream_broken("ZIP stream", io);
-                return;
-            }
-            Ok(None) => unreachable!("handled above"),
-            Err(error) => {
-                self.finish(Response::storage(&error), io);
+            Produced::Broken(reason) => {
+                let what = stream.body.lock().what();
+                tracing::error!(peer = %self.peer, "{what} failed: {reason}");
+                self.stream_broken(what, io);
                 return;
             }
         };
         let mut out = Vec::new();
         if !stream.started {
-            if frames.is_empty() {
-                // The original answers 204 when there are no images.
-                self.finish(
-                    Response {
-                        status: 204,
-                        headers: Vec::new(),
-                        body: Bytes::new(),
-                    },
-                    io,
-                );
-                return;
-            }
             stream.started = true;
-            let disposition = format!("attachment; filename=\"{}.zip\"", stream.plan.name_prefix);
-            let headers = [
-                ("content-type", "application/zip"),
-                ("content-disposition", disposition.as_str()),
-            ];
+            let headers = stream.body.lock().headers();
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(name, value)| (*name, value.as_str()))
+                .collect();
             if self.stream_head(&headers, &mut out, io) {
                 return;
             }
         }
-        let State::Streaming(stream) = &mut self.state else {
-            return;
-        };
         let http10 = self.exchange.as_ref().is_some_and(|e| e.http10);
-        let mut data = Vec::new();
-        let mut full = false;
-        let last = !damage_follows && frames.len() < ZIP_CHUNK_FRAMES as usize;
-        for frame in &frames {
-            let run = stream.run + 1;
-            let name = format!("{}_{run:05}.jpg", stream.plan.name_prefix);
-            if !stream.zip.fits(&name, frame.jpeg.len()) {
-                full = true;
-                break;
-            }
-            stream
-                .zip
-                .entry(&name, frame.acquired_at_ms, &frame.jpeg, &mut data);
-            stream.run = run;
-            stream.next_from_ms = frame.acquired_at_ms.saturating_add(1);
-        }
-        if full || last {
-            if full {
-                tracing::warn!(peer = %self.peer, embryo = %stream.plan.embryo_id, entries = stream.zip.len(), "time-lapse ZIP reached the classic ZIP limits; the archive ends early");
-            }
-            std::mem::take(&mut stream.zip).finish(&mut data);
-        }
         if http10 {
             out.extend_from_slice(&data);
-        } else {
+        } else if !data.is_empty() {
+            // (An empty chunk would end the body.)
             http::write_chunk(&mut out, &data);
         }
-        if full || last {
+        if last {
             self.stream_end(out, io);
             return;
         }
         io.write(&out);
-        self.pump_zip(io);
+        self.pump_stream(io);
     }
 
     /// Writes the head of a streamed 200 answer into `out` (chunked, or for HTTP/1.0 ended by
@@ -888,96 +806,6 @@ impl<S: Site> ApiSession<S> {
         io.close(CloseReason::Requested(format!("{what} failed")));
     }
 
-    fn pump_json(&mut self, io: &mut SessionIo<'_>) {
-        let State::StreamingJson(stream) = &mut self.state else {
-            return;
-        };
-        if stream.job_pending || io.pending_output_bytes() >= STREAM_OUTPUT_HIGH_BYTES {
-            return;
-        }
-        stream.job_pending = true;
-        let store = self.shared.store.clone();
-        let handle = self.handle.clone();
-        let read = stream.plan.read.clone();
-        let cursor = stream.cursor;
-        let job = Box::new(move || {
-            let result = es_storage::guarded("a streamed answer", || read(&store, cursor));
-            handle.send(ApiMsg::JsonPage(result));
-        });
-        if !self.run_job(job) {
-            if let State::StreamingJson(stream) = &mut self.state {
-                stream.job_pending = false;
-                if !stream.started {
-                    let busy = (stream.plan.render_error)(Response::busy());
-                    self.finish(busy, io);
-                }
-                // Started: the next tick tries again (the cursor is kept here).
-            }
-        }
-    }
-
-    fn json_page_read(
-        &mut self,
-        result: Result<(Vec<serde_json::Value>, Option<u64>), StorageError>,
-        io: &mut SessionIo<'_>,
-    ) {
-        let State::StreamingJson(stream) = &mut self.state else {
-            return;
-        };
-        stream.job_pending = false;
-        let (items, next) = match result {
-            Ok(page) => page,
-            Err(error) if !stream.started => {
-                let refusal = (stream.plan.render_error)(Response::storage(&error));
-                self.finish(refusal, io);
-                return;
-            }
-            Err(error) => {
-                tracing::error!(peer = %self.peer, "streamed answer failed: {error}");
-                self.stream_broken("streamed answer", io);
-                return;
-            }
-        };
-        let mut out = Vec::new();
-        let mut data = Vec::new();
-        if !stream.started {
-            stream.started = true;
-            data.extend_from_slice(stream.plan.open.as_bytes());
-            if self.stream_head(&[("content-type", "application/json")], &mut out, io) {
-                return;
-            }
-        }
-        let State::StreamingJson(stream) = &mut self.state else {
-            return;
-        };
-        for item in &items {
-            if stream.items > 0 {
-                data.push(b',');
-            }
-            // A Value always serialises.
-            data.extend_from_slice(&serde_json::to_vec(item).unwrap_or_default());
-            stream.items += 1;
-        }
-        let last = next.is_none();
-        if last {
-            data.extend_from_slice(stream.plan.close.as_bytes());
-            data.push(b'\n');
-        }
-        stream.cursor = next.unwrap_or(stream.cursor);
-        let http10 = self.exchange.as_ref().is_some_and(|e| e.http10);
-        if http10 {
-            out.extend_from_slice(&data);
-        } else if !data.is_empty() {
-            http::write_chunk(&mut out, &data);
-        }
-        if last {
-            self.stream_end(out, io);
-            return;
-        }
-        io.write(&out);
-        self.pump_json(io);
-    }
-
     /// After a response: read the next request (buffered ones included). The loop closes a
     /// connection that is stopping or whose peer has gone once nothing is owed.
     fn after_response(&mut self, io: &mut SessionIo<'_>) {
@@ -1018,11 +846,8 @@ impl<S: Site> Session for ApiSession<S> {
             } => {
                 self.login_recorded(user, rights, kind, result, io);
             }
-            ApiMsg::Frames(result) => {
-                self.frames_read(result, io);
-            }
-            ApiMsg::JsonPage(result) => {
-                self.json_page_read(result, io);
+            ApiMsg::Produced(produced) => {
+                self.stream_produced(produced, io);
             }
             ApiMsg::ChangesCommitted => {
                 if let State::Waiting { after, limit, .. } = self.state {
@@ -1035,8 +860,7 @@ impl<S: Site> Session for ApiSession<S> {
     }
 
     fn on_output_drained(&mut self, io: &mut SessionIo<'_>) {
-        self.pump_zip(io);
-        self.pump_json(io);
+        self.pump_stream(io);
     }
 
     fn on_tick(&mut self, io: &mut SessionIo<'_>) {
@@ -1046,8 +870,7 @@ impl<S: Site> Session for ApiSession<S> {
                 limit,
                 until,
             } if io.now() >= until || io.is_stopping() => self.read_changes(after, limit, io),
-            State::Streaming(_) => self.pump_zip(io),
-            State::StreamingJson(_) => self.pump_json(io),
+            State::Streaming(_) => self.pump_stream(io),
             _ => {}
         }
     }

@@ -21,7 +21,7 @@ use crate::workers::Workers;
 use auth::{Resumed, SessionEntry, Sessions};
 use bytes::BytesMut;
 use es_net::{
-    CloseReason, ConnHandle, Fallback, Service, Session, SessionIo, TimeoutKind,
+    CloseReason, ConnHandle, Fallback, Pump, Service, Session, SessionIo, TimeoutKind,
     STREAM_OUTPUT_HIGH_BYTES,
 };
 use es_proto::viewer::pb::{self, client_message::Request, server_message::Body};
@@ -271,7 +271,8 @@ struct Playback {
     to_ms: i64,
     remaining: u32,
     index: u32,
-    job_pending: bool,
+    /// At most one chunk in production, none while the output is above the high-water mark.
+    pump: Pump,
     cancelled: bool,
 }
 
@@ -854,7 +855,7 @@ impl ViewerSession {
             to_ms,
             remaining: max_frames,
             index: 0,
-            job_pending: false,
+            pump: Pump::default(),
             cancelled: false,
         });
         self.pump_playbacks(io);
@@ -864,11 +865,11 @@ impl ViewerSession {
     /// below the high-water mark.
     fn pump_playbacks(&mut self, io: &mut SessionIo<'_>) {
         for index in 0..self.playbacks.len() {
-            if io.pending_output_bytes() >= STREAM_OUTPUT_HIGH_BYTES || io.is_closing() {
+            if io.is_closing() {
                 return;
             }
-            let playback = &self.playbacks[index];
-            if playback.job_pending || playback.cancelled {
+            let playback = &mut self.playbacks[index];
+            if playback.cancelled || !playback.pump.start(io) {
                 continue;
             }
             let (seq, embryo_id, plane, from, to) = (
@@ -901,9 +902,10 @@ impl ViewerSession {
                 handle.send(ViewerMsg::Frames { seq, result });
             });
             if !self.run_job(job, io) {
-                return; // The pool is full: the next tick tries again.
+                // The pool is full: the next tick tries again.
+                self.playbacks[index].pump.cancel();
+                return;
             }
-            self.playbacks[index].job_pending = true;
         }
     }
 
@@ -916,7 +918,7 @@ impl ViewerSession {
         let Some(position) = self.playbacks.iter().position(|p| p.seq == seq) else {
             return;
         };
-        self.playbacks[position].job_pending = false;
+        self.playbacks[position].pump.produced();
         if self.playbacks[position].cancelled {
             self.end_playback(position, io);
             self.respond_error(
@@ -997,7 +999,7 @@ impl ViewerSession {
             return;
         };
         self.respond(seq, Body::Done(pb::Done {}), io);
-        if self.playbacks[position].job_pending {
+        if self.playbacks[position].pump.is_producing() {
             self.playbacks[position].cancelled = true; // Answered when its chunk returns.
         } else {
             self.end_playback(position, io);
