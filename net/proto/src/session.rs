@@ -59,3 +59,59 @@ impl<E: ClosingError> From<E> for SessionError<E::Code> {
         SessionError::new(error.error_code(), error.to_string())
     }
 }
+
+/// The requests of one session, as both protocols count them: seqs strictly increasing, and
+/// those not answered yet (with what the protocol keeps of each, `T`), at most `max`.
+#[derive(Debug, Clone)]
+pub struct Requests<T> {
+    last_seq: u64,
+    unanswered: std::collections::BTreeMap<u64, T>,
+    max: u32,
+}
+
+impl<T> Requests<T> {
+    /// No request yet; at most `max` unanswered (at least 1).
+    pub fn new(max: u32) -> Self {
+        Requests {
+            last_seq: 0,
+            unanswered: std::collections::BTreeMap::new(),
+            max: max.max(1),
+        }
+    }
+
+    /// Takes `seq` as the next request's: `Err(last)` when it does not come after the last
+    /// one taken (`last`), which ends the session with `sequence_error`.
+    pub fn take_seq(&mut self, seq: u64) -> Result<(), u64> {
+        if seq <= self.last_seq {
+            return Err(self.last_seq);
+        }
+        self.last_seq = seq;
+        Ok(())
+    }
+
+    /// Request `seq` now waits for its answer.
+    pub fn open(&mut self, seq: u64, kept: T) {
+        let earlier = self.unanswered.insert(seq, kept);
+        debug_assert!(earlier.is_none(), "request seq {seq} opened twice");
+    }
+
+    /// Request `seq` is answered: what was kept of it, None when it was not unanswered.
+    pub fn close(&mut self, seq: u64) -> Option<T> {
+        self.unanswered.remove(&seq)
+    }
+
+    /// True while request `seq` waits for (more of) its answer.
+    pub fn is_open(&self, seq: u64) -> bool {
+        self.unanswered.contains_key(&seq)
+    }
+
+    /// Requests not answered yet.
+    pub fn unanswered(&self) -> u32 {
+        u32::try_from(self.unanswered.len()).unwrap_or(u32::MAX)
+    }
+
+    /// True when the peer has as many unanswered requests as it may: read no further.
+    pub fn is_full(&self) -> bool {
+        self.unanswered() >= self.max
+    }
+}

@@ -1,7 +1,5 @@
 //! The sans-I/O server side of one incubator connection.
 
-use std::collections::BTreeMap;
-
 use bytes::BytesMut;
 
 use super::codec::FrameDecoder;
@@ -9,7 +7,7 @@ use super::error_code::ErrorCode;
 use super::message::{Message, MessageType};
 use super::validate::validate_hello;
 use super::{pb, FRAME_BYTES_MAX_DEFAULT, INFLIGHT_REQUESTS_MAX_DEFAULT, PROTOCOL_VERSION};
-use crate::session;
+use crate::session::{self, Requests};
 
 /// Limits the server announces in HELLO_OK and enforces on the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +59,8 @@ pub struct ServerSession {
     limits: ServerLimits,
     decoder: FrameDecoder,
     state: State,
-    last_seq: u64,
-    inflight: BTreeMap<u64, MessageType>,
+    /// Unanswered requests, with the type of each (the answer must fit it).
+    requests: Requests<MessageType>,
 }
 
 impl ServerSession {
@@ -76,8 +74,7 @@ impl ServerSession {
             limits,
             decoder: FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT),
             state: State::AwaitingHello,
-            last_seq: 0,
-            inflight: BTreeMap::new(),
+            requests: Requests::new(limits.inflight_requests_max),
         }
     }
 
@@ -135,7 +132,7 @@ impl ServerSession {
             self.respond_connection_error(message, out);
             return;
         }
-        let request_type = self.inflight.remove(&seq);
+        let request_type = self.requests.close(seq);
         debug_assert!(
             request_type.is_some_and(|request| request.accepts_response(message.message_type())),
             "respond: seq {seq} is not an unanswered request of a matching type"
@@ -158,12 +155,12 @@ impl ServerSession {
 
     /// Requests received and not yet answered.
     pub fn inflight(&self) -> u32 {
-        u32::try_from(self.inflight.len()).unwrap_or(u32::MAX)
+        self.requests.unanswered()
     }
 
     /// True when the client has as many unanswered requests as it may: read no further.
     pub fn at_inflight_limit(&self) -> bool {
-        self.inflight() >= self.limits.inflight_requests_max
+        self.requests.is_full()
     }
 
     /// True after HELLO_OK was written and until the session closes.
@@ -229,15 +226,11 @@ impl ServerSession {
             return Err(Self::not_from_client(message_type));
         }
         let seq = message.seq();
-        if seq <= self.last_seq {
-            let text = format!(
-                "{message_type} seq {seq} after seq {}: seq must increase",
-                self.last_seq
-            );
+        if let Err(last) = self.requests.take_seq(seq) {
+            let text = format!("{message_type} seq {seq} after seq {last}: seq must increase");
             return Err(SessionError::new(ErrorCode::SequenceError, text));
         }
-        self.last_seq = seq;
-        self.inflight.insert(seq, message_type);
+        self.requests.open(seq, message_type);
         Ok(ServerEvent::Request(message))
     }
 

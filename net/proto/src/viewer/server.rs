@@ -1,7 +1,5 @@
 //! The sans-I/O server side of one viewer connection.
 
-use std::collections::BTreeSet;
-
 use bytes::BytesMut;
 
 use super::codec::{encode_frame, FrameDecoder};
@@ -11,7 +9,7 @@ use super::{
     INFLIGHT_REQUESTS_MAX_DEFAULT, LOGIN_BYTES_MAX, PROTOCOL_VERSION, REQUEST_BYTES_MAX_DEFAULT,
     RESPONSE_BYTES_MAX_DEFAULT,
 };
-use crate::session;
+use crate::session::{self, Requests};
 
 /// Limits the server announces in LoginOk and enforces on the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +65,8 @@ pub struct ServerSession {
     limits: ServerLimits,
     decoder: FrameDecoder,
     state: State,
-    last_seq: u64,
-    inflight: BTreeSet<u64>,
+    /// Unanswered requests (a playback until its last frame).
+    requests: Requests<()>,
 }
 
 impl ServerSession {
@@ -82,8 +80,7 @@ impl ServerSession {
             limits,
             decoder: FrameDecoder::new(LOGIN_BYTES_MAX.min(limits.request_bytes_max)),
             state: State::AwaitingLogin,
-            last_seq: 0,
-            inflight: BTreeSet::new(),
+            requests: Requests::new(limits.inflight_requests_max),
         }
     }
 
@@ -116,13 +113,12 @@ impl ServerSession {
                 format!("message seq {seq} carries no request"),
             ));
         };
-        if seq <= self.last_seq {
+        if let Err(last) = self.requests.take_seq(seq) {
             return Err(SessionError::new(
                 ErrorCode::SequenceError,
-                format!("seq {seq} after seq {}: seq must increase", self.last_seq),
+                format!("seq {seq} after seq {last}: seq must increase"),
             ));
         }
-        self.last_seq = seq;
         if self.state == State::AwaitingLogin {
             return self.on_login(seq, request);
         }
@@ -132,7 +128,7 @@ impl ServerSession {
                 "the session is established already: a second Login or Resume",
             ));
         }
-        self.inflight.insert(seq);
+        self.requests.open(seq, ());
         Ok(ServerEvent::Request(seq, request))
     }
 
@@ -208,8 +204,11 @@ impl ServerSession {
     pub fn respond(&mut self, seq: u64, body: Body, out: &mut BytesMut) {
         let more = matches!(&body, Body::Frame(frame) if !frame.last);
         if !more {
-            let removed = self.inflight.remove(&seq);
-            debug_assert!(removed, "respond: seq {seq} is not an unanswered request");
+            let removed = self.requests.close(seq);
+            debug_assert!(
+                removed.is_some(),
+                "respond: seq {seq} is not an unanswered request"
+            );
         }
         encode_frame(
             &pb::ServerMessage {
@@ -246,17 +245,17 @@ impl ServerSession {
 
     /// Requests received and not answered completely.
     pub fn inflight(&self) -> u32 {
-        u32::try_from(self.inflight.len()).unwrap_or(u32::MAX)
+        self.requests.unanswered()
     }
 
     /// True while request `seq` awaits (more of) its answer.
     pub fn is_inflight(&self, seq: u64) -> bool {
-        self.inflight.contains(&seq)
+        self.requests.is_open(seq)
     }
 
     /// True at the in-flight limit: read no further.
     pub fn at_inflight_limit(&self) -> bool {
-        self.inflight() >= self.limits.inflight_requests_max
+        self.requests.is_full()
     }
 
     /// True between LoginOk and the end of the session.
