@@ -109,15 +109,17 @@ impl Refused {
     }
 }
 
-/// Authorizes `edit` for `editor`, checks the disk and submits it; `done` is called with the
-/// storage outcome once the edit is durable or refused by storage. A refusal for rights is
-/// recorded in the audit trail (best effort: with the storage queue full it is logged).
+/// Authorizes `edit` for `editor`, checks the disk and submits it as made at `at_ms`; `done`
+/// is called with the storage outcome once the edit is durable or refused by storage. A
+/// refusal for rights is recorded in the audit trail (best effort: with the storage queue
+/// full it is logged).
 pub fn submit(
     writer: &Writer,
     disk: &DiskState,
     editor: &Editor,
     edit: ClinicalEdit,
     idempotency: Option<Idempotency>,
+    at_ms: i64,
     done: impl FnOnce(OpResult<Edit>) + Send + 'static,
 ) -> Result<(), Refused> {
     authorize(writer, editor, &edit)?;
@@ -128,7 +130,7 @@ pub fn submit(
         actor: editor.actor.clone(),
         edit,
         idempotency,
-        at_ms: now_ms(),
+        at_ms,
     };
     match writer.try_submit(op, done) {
         Ok(()) => Ok(()),

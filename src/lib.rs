@@ -37,3 +37,12 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// Fills a buffer with secure random bytes; false when the system has none to give. The
+/// session cores take one, so the simulation can give them a seeded one.
+pub type Entropy = Box<dyn FnMut(&mut [u8]) -> bool + Send>;
+
+/// The system's random source.
+pub fn system_entropy() -> Entropy {
+    Box::new(|buffer| getrandom::fill(buffer).is_ok())
+}

@@ -353,10 +353,12 @@ pub struct Pump {
 }
 
 impl Pump {
-    /// True when the next part may be produced now; the pump then counts it in production
-    /// until [`Pump::produced`] (or [`Pump::cancel`] if it could not be started after all).
-    pub fn start(&mut self, io: &SessionIo<'_>) -> bool {
-        if self.producing || io.pending_output_bytes() >= STREAM_OUTPUT_HIGH_BYTES {
+    /// True when the next part may be produced now, with `pending_output_bytes` unsent on
+    /// the connection ([`SessionIo::pending_output_bytes`]); the pump then counts it in
+    /// production until [`Pump::produced`] (or [`Pump::cancel`] if it could not be started
+    /// after all).
+    pub fn start(&mut self, pending_output_bytes: usize) -> bool {
+        if self.producing || pending_output_bytes >= STREAM_OUTPUT_HIGH_BYTES {
             return false;
         }
         self.producing = true;

@@ -675,7 +675,7 @@ impl<S: Site> ApiSession<S> {
         let State::Streaming(stream) = &mut self.state else {
             return;
         };
-        if !stream.pump.start(io) {
+        if !stream.pump.start(io.pending_output_bytes()) {
             return;
         }
         let body = stream.body.clone();

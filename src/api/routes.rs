@@ -863,6 +863,7 @@ fn submit(
         &editor,
         edit,
         idempotency,
+        crate::now_ms(),
         done,
     )
     .map_err(edit_refused)?;

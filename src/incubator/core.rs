@@ -37,6 +37,7 @@ use es_storage::{
 };
 
 use super::{AdmitRefusal, Connected, LiveCounters, Registry};
+use crate::Entropy;
 
 /// Bytes of the secret issued to a new instrument (sent as hex).
 const SECRET_BYTES: usize = 24;
@@ -57,14 +58,6 @@ pub struct IncubatorShared {
 /// Tells an older connection of the same instrument that a newer one took over; false when
 /// it could not be told (its loop is busy or gone: its timers close it).
 pub type Supersede = Arc<dyn Fn() -> bool + Send + Sync>;
-
-/// Fills a buffer with secure random bytes; false when the system has none to give.
-pub type Entropy = Box<dyn FnMut(&mut [u8]) -> bool + Send>;
-
-/// The system's random source ([`Entropy`] of a served connection).
-pub fn system_entropy() -> Entropy {
-    Box::new(|buffer| getrandom::fill(buffer).is_ok())
-}
 
 /// Who this connection is, for the registry and the logs.
 pub struct ConnectionInfo {

@@ -20,8 +20,7 @@ use std::time::Instant;
 
 pub use self::core::{error_code, Answer};
 use self::core::{
-    system_entropy, Action, ConnectionInfo, Event, IncubatorCore, IncubatorShared, Supersede,
-    Written,
+    Action, ConnectionInfo, Event, IncubatorCore, IncubatorShared, Supersede, Written,
 };
 use crate::now_ms;
 
@@ -302,7 +301,7 @@ impl Service for IncubatorService {
             supersede: Arc::new(move || older.try_send(IncubatorMsg::Superseded)),
         };
         IncubatorSession {
-            core: IncubatorCore::new(self.shared.clone(), connection, system_entropy()),
+            core: IncubatorCore::new(self.shared.clone(), connection, crate::system_entropy()),
             writer: self.writer.clone(),
             handle,
             blocked: VecDeque::new(),

@@ -1,52 +1,81 @@
 //! Viewer session tokens: issued at a login, resumed after a dropped connection.
 
-use es_net::ConnHandle;
 use es_storage::Rights;
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A new random session token: 48 hex characters.
-pub fn new_token() -> Option<String> {
+pub fn new_token(entropy: &mut crate::Entropy) -> Option<String> {
     let mut bytes = [0u8; 24];
-    getrandom::fill(&mut bytes).ok()?;
-    Some(hex::encode(bytes))
+    entropy(&mut bytes).then(|| hex::encode(bytes))
+}
+
+/// What the registries tell a viewer connection from elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// New changes were committed (push them).
+    ChangesCommitted,
+    /// Its session was resumed on another connection.
+    Superseded,
+    /// An administrator disabled its account.
+    AccountDisabled,
+}
+
+/// A viewer connection as the registries know it: its identity (unique in the process) and
+/// how to tell it a [`Notice`].
+#[derive(Clone)]
+pub struct Peer {
+    pub id: u64,
+    notify: Arc<dyn Fn(Notice) -> bool + Send + Sync>,
+}
+
+impl Peer {
+    pub fn new(id: u64, notify: Arc<dyn Fn(Notice) -> bool + Send + Sync>) -> Peer {
+        Peer { id, notify }
+    }
+
+    /// Tells the connection; false when it could not be told (its loop is busy or gone).
+    pub fn notify(&self, notice: Notice) -> bool {
+        (self.notify)(notice)
+    }
 }
 
 /// Sessions one user may hold at once (connected or waiting for a resume).
 pub const SESSIONS_PER_USER_MAX: usize = 16;
 
 /// One viewer session, alive while connected and for `resume` after a drop.
-pub struct SessionEntry<M> {
+pub struct SessionEntry {
     pub user: String,
     pub rights: Rights,
     pub computer: String,
     /// The connection holding the session, if any.
-    pub connection: Option<ConnHandle<M>>,
+    pub connection: Option<Peer>,
     pub disconnected_at: Option<Instant>,
 }
 
 /// The live viewer sessions, by token. Bounded: at most `sessions_max`; expired ones are
 /// dropped whenever a session is added.
-pub struct Sessions<M> {
-    map: Mutex<HashMap<String, SessionEntry<M>>>,
+pub struct Sessions {
+    map: Mutex<HashMap<String, SessionEntry>>,
     resume: Duration,
     sessions_max: usize,
 }
 
 /// What a Resume found.
-pub enum Resumed<M> {
+pub enum Resumed {
     Ok {
         user: String,
         rights: Rights,
         computer: String,
         /// The connection that held the session until now.
-        previous: Option<ConnHandle<M>>,
+        previous: Option<Peer>,
     },
     Expired,
 }
 
-impl<M: Send + 'static> Sessions<M> {
+impl Sessions {
     pub fn new(resume: Duration, sessions_max: usize) -> Self {
         Sessions {
             map: Mutex::new(HashMap::new()),
@@ -63,7 +92,7 @@ impl<M: Send + 'static> Sessions<M> {
     /// [`SESSIONS_PER_USER_MAX`]: beyond, that user's oldest disconnected session is dropped
     /// (or, when all are connected, the login is refused), so one account cannot fill the
     /// table for everyone.
-    pub fn add(&self, token: String, entry: SessionEntry<M>, now: Instant) -> Option<()> {
+    pub fn add(&self, token: String, entry: SessionEntry, now: Instant) -> Option<()> {
         let mut map = self.map.lock();
         let resume = self.resume;
         map.retain(|_, s| !is_expired(s, resume, now));
@@ -88,7 +117,7 @@ impl<M: Send + 'static> Sessions<M> {
     }
 
     /// Attaches the session to `connection` if the token is live.
-    pub fn resume(&self, token: &str, connection: ConnHandle<M>, now: Instant) -> Resumed<M> {
+    pub fn resume(&self, token: &str, connection: Peer, now: Instant) -> Resumed {
         let mut map = self.map.lock();
         let Some(entry) = map.get_mut(token) else {
             return Resumed::Expired;
@@ -111,7 +140,7 @@ impl<M: Send + 'static> Sessions<M> {
     pub fn detach(&self, token: &str, connection_id: u64, now: Instant) {
         let mut map = self.map.lock();
         if let Some(entry) = map.get_mut(token) {
-            if entry.connection.as_ref().map(ConnHandle::id) == Some(connection_id) {
+            if entry.connection.as_ref().map(|c| c.id) == Some(connection_id) {
                 entry.connection = None;
                 entry.disconnected_at = Some(now);
             }
@@ -128,7 +157,7 @@ impl<M: Send + 'static> Sessions<M> {
         self.map
             .lock()
             .values()
-            .filter(|s| s.connection.as_ref().is_some_and(|c| c.id() != except))
+            .filter(|s| s.connection.as_ref().is_some_and(|c| c.id != except))
             .map(|s| s.computer.to_lowercase())
             .collect()
     }
@@ -143,7 +172,7 @@ impl<M: Send + 'static> Sessions<M> {
     }
 }
 
-fn is_expired<M>(entry: &SessionEntry<M>, resume: Duration, now: Instant) -> bool {
+fn is_expired(entry: &SessionEntry, resume: Duration, now: Instant) -> bool {
     entry
         .disconnected_at
         .is_some_and(|at| now.saturating_duration_since(at) > resume)
@@ -153,7 +182,7 @@ fn is_expired<M>(entry: &SessionEntry<M>, resume: Duration, now: Instant) -> boo
 mod tests {
     use super::*;
 
-    fn entry(user: &str, disconnected_at: Option<Instant>) -> SessionEntry<()> {
+    fn entry(user: &str, disconnected_at: Option<Instant>) -> SessionEntry {
         SessionEntry {
             user: user.into(),
             rights: Rights::View,
@@ -165,7 +194,7 @@ mod tests {
 
     #[test]
     fn one_user_cannot_fill_the_session_table() {
-        let sessions: Sessions<()> = Sessions::new(Duration::from_secs(600), 100);
+        let sessions: Sessions = Sessions::new(Duration::from_secs(600), 100);
         let start = Instant::now();
         for n in 0..SESSIONS_PER_USER_MAX {
             let at = start + Duration::from_millis(n as u64);
