@@ -25,13 +25,15 @@ use es_proto::incubator::{
     FRAME_BYTES_MAX_DEFAULT,
 };
 use es_proto::simulation::{run_seeds, Pipe, Totals, SEED_VARIABLE};
-use es_storage::{Enrolment, Store, StoreOptions, Writer, WriterOptions};
+use es_storage::{Enrolment, Store, Writer};
 use parking_lot::Mutex;
 
 use crate::incubator::core::{
     Action, ConnectionInfo, Event, IncubatorCore, IncubatorShared, Written,
 };
 use crate::incubator::Registry;
+
+use super::{TempStore, CLOCK_START_MS, STEP_MS};
 
 /// Steps with faults, at most (fewer when everything is delivered earlier).
 const FAULTY_STEPS_MAX: u64 = 2_000;
@@ -40,9 +42,6 @@ const CALM_STEPS_MAX: u64 = 2_000;
 
 const DISH: &str = "D2026.01.05_S0001";
 const SERIAL: &str = "ESP-0001";
-/// The simulated clock: step 0, and how far one step moves it.
-const CLOCK_START_MS: i64 = 1_767_700_000_000;
-const STEP_MS: i64 = 100;
 /// Random seeds per run besides the fixed ones: each world opens a database, so fewer than
 /// the protocol-only worlds of es-proto.
 const RANDOM_SEEDS: usize = 192;
@@ -156,7 +155,7 @@ struct Held {
 /// The server: the real storage (store and writer) and what every core shares.
 struct Server {
     /// Holds the image volumes and the licence; removed with the world.
-    _dir: tempfile::TempDir,
+    _temp: TempStore,
     store: Store,
     writer: Writer,
     shared: Arc<IncubatorShared>,
@@ -175,33 +174,9 @@ struct Server {
 
 impl Server {
     fn open(seed: u64, limits: ServerLimits, enrolment: Enrolment) -> Server {
-        let base = std::path::Path::new("/dev/shm");
-        let dir = if base.is_dir() {
-            tempfile::Builder::new()
-                .prefix("esserver-sim-")
-                .tempdir_in(base)
-        } else {
-            tempfile::Builder::new().prefix("esserver-sim-").tempdir()
-        }
-        .expect("a temporary directory for the simulation");
-        let options = StoreOptions {
-            cache_bytes: 4 * 1024 * 1024,
-            volume_bytes_max: 1024 * 1024,
-            volume_direct_io: false,
-            quick_repair: false,
-            ..StoreOptions::default()
-        };
-        let store = Store::open_with_backend(
-            dir.path(),
-            &options,
-            seed.to_le_bytes().repeat(2).try_into().expect("16 bytes"),
-            || Ok(redb::backends::InMemoryBackend::new()),
-        )
-        .expect("the simulation's store opens");
-        let writer = store.start_writer(WriterOptions::default());
-        let licensing =
-            crate::license::Licensing::load(dir.path(), &[], &store.server_id(), CLOCK_START_MS)
-                .expect("a demo licence");
+        let temp = TempStore::open(seed);
+        let (store, writer) = (temp.store.clone(), temp.writer.clone());
+        let licensing = temp.licensing();
         let (ims, _) = crate::ims::ImsShared::new(&crate::config::ImsConfig::default());
         let registry = Arc::new(Registry::default());
         let shared = Arc::new(IncubatorShared {
@@ -215,7 +190,7 @@ impl Server {
         });
         let (complete, completed) = crossbeam_channel::unbounded();
         Server {
-            _dir: dir,
+            _temp: temp,
             store,
             writer,
             shared,

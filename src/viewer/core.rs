@@ -842,7 +842,7 @@ impl ViewerCore {
             return;
         }
         for _ in 0..4 {
-            let committed = self.shared.hub.committed_seq.load(Ordering::Acquire);
+            let committed = self.shared.hub.committed_seq();
             if self.cursor >= committed || io.pending_output_bytes() >= PUSH_OUTPUT_HIGH_BYTES {
                 return;
             }
@@ -897,6 +897,7 @@ impl ViewerCore {
 
 /// The connection's events: es-net's callbacks through the adapter, or the simulation's.
 impl ViewerCore {
+    /// Bytes received: takes the requests while reading is allowed.
     pub fn on_input(&mut self, input: &mut BytesMut, io: &mut dyn Io) {
         while !io.is_reading_paused() && !io.is_closing() {
             match self.protocol.poll_event(input) {

@@ -139,6 +139,11 @@ impl Hub {
         self.members.lock().remove(&connection_id);
     }
 
+    /// The newest change-log seq a commit announced.
+    pub fn committed_seq(&self) -> u64 {
+        self.committed_seq.load(Ordering::Acquire)
+    }
+
     /// Logged-in connections.
     pub fn len(&self) -> usize {
         self.members.lock().len()
@@ -209,6 +214,11 @@ impl ViewerService {
     pub fn hub(&self) -> Arc<Hub> {
         self.shared.hub.clone()
     }
+
+    /// A new connection's core (the adapter's, or the simulation's own).
+    pub(crate) fn core(&self, me: Peer, peer: SocketAddr, entropy: crate::Entropy) -> ViewerCore {
+        ViewerCore::new(self.shared.clone(), me, peer, entropy)
+    }
 }
 
 impl Service for ViewerService {
@@ -237,7 +247,7 @@ impl Service for ViewerService {
             }),
         );
         ViewerSession {
-            core: ViewerCore::new(self.shared.clone(), me, peer, crate::system_entropy()),
+            core: self.core(me, peer, crate::system_entropy()),
             workers: self.shared.workers.clone(),
             handle,
         }

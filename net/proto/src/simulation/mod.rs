@@ -1,5 +1,4 @@
-//! Deterministic simulation (tests only): the harness every simulated world shares, and the
-//! viewer protocol's world.
+//! Deterministic simulation (tests only): the harness every simulated world shares.
 //!
 //! One seeded generator drives a whole world: a client and a server, a byte pipe in each
 //! direction that delivers random-sized pieces, stalls and drops the connection, a storage
@@ -9,12 +8,9 @@
 //! the end; a failure names its seed and step, and `ESSERVER_SIM_SEED=<seed>` replays that
 //! one seed with a trace of every event.
 //!
-//! The incubator's world runs the server's real incubator core against the real storage
-//! writer, so it lives with them in `esserver` (`src/simulation/`) and uses this harness.
+//! The worlds run the server's real incubator and viewer cores against the real storage
+//! writer, so they live with them in `esserver` (`src/simulation/`) and use this harness.
 //! See `docs/reliability.md`, section "Deterministic simulation".
-
-#[cfg(test)]
-mod viewer;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
