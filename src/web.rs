@@ -230,6 +230,144 @@ fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// Who may use a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Anybody (the login page, the health check, the page script).
+    Public,
+    /// A monitoring scraper with an API key (any scope), or an administrator's session.
+    Scraper,
+    /// An administrator's session; a POST also needs the session's CSRF token.
+    Admin,
+}
+
+/// One request as a page handler sees it, once its access was checked.
+struct Call<'a> {
+    shared: &'a WebShared,
+    request: &'a Request,
+    peer: SocketAddr,
+    handle: &'a ConnHandle<ApiMsg>,
+    caller: &'a mut Option<String>,
+    /// The administrator and the session token (for `Access::Admin` pages).
+    session: Option<(String, String)>,
+    /// The session's CSRF token (empty without a session).
+    csrf: String,
+    /// A POST's form fields.
+    fields: Vec<(String, String)>,
+}
+
+impl Call<'_> {
+    /// The administrator (an `Access::Admin` page has one).
+    fn user(&self) -> &str {
+        self.session.as_ref().map_or("", |(user, _)| user.as_str())
+    }
+
+    fn field(&self, name: &str) -> Option<&str> {
+        field(&self.fields, name)
+    }
+}
+
+type Get = fn(&mut Call<'_>) -> Response;
+type Post = fn(&mut Call<'_>) -> Step;
+
+/// One page of the web interface: its path, who may use it, and what answers GET (and HEAD)
+/// and POST. A path not here is a 404; a method a page does not answer is a 405 naming the
+/// ones it does.
+struct Page {
+    path: &'static str,
+    access: Access,
+    get: Option<Get>,
+    post: Option<Post>,
+}
+
+/// Every page: adding one is one entry here and its handlers.
+const PAGES: &[Page] = &[
+    Page {
+        path: "/healthz",
+        access: Access::Public,
+        get: Some(|call| healthz(call.shared)),
+        post: None,
+    },
+    Page {
+        path: LICENSE_SCRIPT_PATH,
+        access: Access::Public,
+        get: Some(|_| text(200, LICENSE_SCRIPT.into(), "text/javascript; charset=utf-8")),
+        post: None,
+    },
+    Page {
+        path: "/login",
+        access: Access::Public,
+        get: Some(|call| login_page(call.shared, None)),
+        post: Some(login_post),
+    },
+    Page {
+        path: "/metrics",
+        access: Access::Scraper,
+        get: Some(|call| metrics(call.shared)),
+        post: None,
+    },
+    Page {
+        path: "/",
+        access: Access::Admin,
+        get: Some(|call| dashboard(call.shared, call.user(), &call.csrf)),
+        post: None,
+    },
+    Page {
+        path: "/logout",
+        access: Access::Admin,
+        get: None,
+        post: Some(logout_post),
+    },
+    Page {
+        path: "/license",
+        access: Access::Admin,
+        get: Some(|call| license_page(call.shared, call.user(), &call.csrf, "")),
+        post: Some(license_post),
+    },
+    Page {
+        path: "/instruments",
+        access: Access::Admin,
+        get: Some(|call| instruments_page(call.shared, call.user(), &call.csrf, "")),
+        post: Some(instruments_post),
+    },
+    Page {
+        path: "/users",
+        access: Access::Admin,
+        get: Some(|call| users_page(call.shared, call.user(), &call.csrf, "")),
+        post: Some(|call| {
+            let message = user_action(call.shared, call.user(), &call.fields);
+            Step::Respond(users_page(call.shared, call.user(), &call.csrf, &message))
+        }),
+    },
+    Page {
+        path: "/ims",
+        access: Access::Admin,
+        get: None,
+        post: Some(ims_post),
+    },
+    Page {
+        path: "/audit",
+        access: Access::Admin,
+        get: Some(|call| {
+            let after = call.request.query_param("after");
+            audit_page(call.shared, call.user(), &call.csrf, after)
+        }),
+        post: None,
+    },
+    Page {
+        path: "/warnings",
+        access: Access::Admin,
+        get: Some(|call| {
+            let skip = call.request.query_param("skip");
+            warnings_page(call.shared, call.user(), &call.csrf, skip)
+        }),
+        post: None,
+    },
+];
+
+/// Dispatches a request through [`PAGES`]: forms from other sites are refused first, then
+/// access is checked (an administrator's form also by its CSRF token, audited when wrong),
+/// then the page's handler answers.
 fn handle(
     shared: &WebShared,
     request: &Request,
@@ -239,210 +377,226 @@ fn handle(
 ) -> Step {
     let method = request.method.as_str();
     let path = request.path.as_str();
-    if method == "GET" || method == "HEAD" {
-        match path {
-            "/healthz" => return Step::Respond(healthz(shared)),
-            "/login" => return Step::Respond(login_page(shared, None)),
-            LICENSE_SCRIPT_PATH => {
-                return Step::Respond(text(
-                    200,
-                    LICENSE_SCRIPT.into(),
-                    "text/javascript; charset=utf-8",
-                ))
-            }
-            _ => {}
-        }
-    }
     if method == "POST" {
-        let tls = shared.site.tls;
-        if let Some(reason) = cross_site(request, tls) {
+        if let Some(reason) = cross_site(request, shared.site.tls) {
             // Login CSRF included: another site's page must not log a browser in here.
             tracing::warn!(peer = %peer, path, reason, "web form refused: sent from another site");
-            return Step::Respond(html(
-                403,
-                page(
-                    shared,
-                    "Refused",
-                    None,
-                    "<p class=err>This form was not sent by this site's own pages; open the \
-                     server's address directly and try again.</p>",
-                ),
-            ));
+            let body = "<p class=err>This form was not sent by this site's own pages; open \
+                        the server's address directly and try again.</p>";
+            return Step::Respond(html(403, page(shared, "Refused", None, body)));
         }
     }
-    if (method, path) == ("POST", "/login") {
-        let fields = form(request);
-        let user = field(&fields, "username").unwrap_or("");
-        *caller = Some(format!("login:{user}"));
-        let password = field(&fields, "password").unwrap_or("");
-        return match crate::api::routes::start_login(
-            shared,
-            user,
-            password,
-            LoginKind::Web,
-            peer,
-            handle,
-        ) {
-            Ok(step) => step,
-            Err(refusal) => Step::Respond(login_failed(shared, &refusal)),
-        };
-    }
-    if (method, path) == ("GET", "/metrics") || (method, path) == ("HEAD", "/metrics") {
-        // For scrapers: an API key (any scope) or an administrator's session.
-        let key_ok = crate::api::auth::credential(request)
-            .filter(|c| c.starts_with(crate::api::auth::KEY_PREFIX))
-            .is_some_and(|c| crate::api::auth::check_api_key(&shared.store, c).is_ok());
-        if !key_ok && session_of(shared, request).is_none() {
-            return Step::Respond(text(
-                401,
-                "log in as an administrator or send an API key\n".into(),
-                "text/plain; charset=utf-8",
-            ));
-        }
-        return Step::Respond(metrics(shared));
-    }
-    let Some((user, token)) = session_of(shared, request) else {
-        return Step::Respond(redirect("/login"));
-    };
-    *caller = Some(format!("web:{user}"));
-    let csrf = csrf_of(&token);
-    if method == "POST" {
-        let fields = form(request);
-        if field(&fields, "csrf") != Some(csrf.as_str()) {
-            tracing::warn!(%user, peer = %peer, path, "web form refused: missing or wrong CSRF token");
-            let actor = es_storage::Actor {
-                user: user.clone(),
-                computer: format!("web {}", peer.ip()),
-            };
-            let action = format!("web{}", path.replace('/', "."));
-            let attempted = r#"{"refused":"missing or wrong CSRF token"}"#.to_string();
-            crate::edits::audit_denied(&shared.writer, &actor, &action, attempted);
-            return Step::Respond(html(
-                403,
-                page(shared, "Refused", Some((&user, &csrf)), "<p class=err>This form is stale or was not sent by this site; reload the page and try again.</p>"),
-            ));
-        }
-        return Step::Respond(match path {
-            "/logout" => {
-                shared.site.sessions.revoke(&token);
-                let mut response = redirect("/login");
-                let secure = if shared.site.tls { "; Secure" } else { "" };
-                response.headers.push((
-                    "set-cookie",
-                    format!("{COOKIE}=; Max-Age=0; Path=/; HttpOnly{secure}; SameSite=Strict"),
+    let found = PAGES.iter().find(|page| page.path == path);
+    let session = match found.map(|page| page.access) {
+        Some(Access::Public) => None,
+        Some(Access::Scraper) => {
+            let key_ok = crate::api::auth::credential(request)
+                .filter(|c| c.starts_with(crate::api::auth::KEY_PREFIX))
+                .is_some_and(|c| crate::api::auth::check_api_key(&shared.store, c).is_ok());
+            if !key_ok && session_of(shared, request).is_none() {
+                return Step::Respond(text(
+                    401,
+                    "log in as an administrator or send an API key\n".into(),
+                    "text/plain; charset=utf-8",
                 ));
-                response
             }
-            "/license" => {
-                let text = field(&fields, "license").unwrap_or("");
-                let message = match shared.licensing.install(text.trim().as_bytes(), now_ms()) {
-                    Ok(license) => {
-                        tracing::info!(%user, license = %license.license_id, "licence installed from the web interface");
-                        let over = shared.site.registry.over_limit(&shared.licensing);
-                        if let Some(warning) = &over {
-                            tracing::warn!("{warning}");
-                        }
-                        format!(
-                            "<p class=ok id=result>Licence {} for {} installed; it applies now.</p>{}",
-                            escape(&license.license_id),
-                            escape(&license.clinic),
-                            over.map_or_else(String::new, |w| format!(
-                                "<p class=err id=over-limit>Warning: {}</p>",
-                                escape(&w)
-                            ))
-                        )
-                    }
-                    Err(error) => format!(
-                        "<p class=err id=result>Not installed: {}</p>",
-                        escape(&error.to_string())
-                    ),
-                };
-                license_page(shared, &user, &csrf, &message)
-            }
-            "/users" => {
-                let message = user_action(shared, &user, &fields);
-                users_page(shared, &user, &csrf, &message)
-            }
-            "/ims" => {
-                let part = field(&fields, "part").and_then(crate::ims::Part::parse);
-                let on = field(&fields, "on") == Some("on");
-                let message = match part {
-                    Some(part) => {
-                        shared.site.ims.set(part, on, &format!("web:{user}"));
-                        "<p class=ok id=result>Monitoring switched; it applies now, until the next start.</p>".to_string()
-                    }
-                    _ => "<p class=err id=result>Not switched: unknown part.</p>".to_string(),
-                };
-                dashboard_with(shared, &user, &csrf, &message)
-            }
-            "/instruments" => {
-                let serial = field(&fields, "serial").unwrap_or("");
-                let message = if field(&fields, "action") == Some("approve") {
-                    let computer = format!("web {}", peer.ip());
-                    let response = crate::admin::approve_pending(
-                        &shared.writer,
-                        &shared.site.registry,
-                        serial,
-                        &format!("web:{user}"),
-                        &computer,
-                    );
-                    result_paragraph(&response, "Not approved: ")
-                } else if field(&fields, "action") == Some("number") {
-                    let response = match field(&fields, "number").map(str::trim) {
-                        Some(text) => match text.parse::<u32>() {
-                            Ok(number) if number >= 1 => crate::admin::instrument_number(
-                                &shared.writer,
-                                serial,
-                                number,
-                                &user,
-                            ),
-                            _ => crate::control::Response::error(
-                                "invalid_input",
-                                format!("{text:?} is not an instrument number (1 or more)"),
-                            ),
-                        },
-                        None => crate::control::Response::error(
-                            "invalid_input",
-                            "give the instrument's number",
-                        ),
-                    };
-                    result_paragraph(&response, "Number not set: ")
-                } else {
-                    let name = field(&fields, "name").unwrap_or("").trim();
-                    let response =
-                        crate::admin::instrument_rename(&shared.writer, serial, name, &user);
-                    result_paragraph(&response, "Not renamed: ")
-                };
-                instruments_page(shared, &user, &csrf, &message)
-            }
-            _ => html(
-                404,
-                page(
-                    shared,
-                    "Not found",
-                    Some((&user, &csrf)),
-                    "<p>No such page.</p>",
-                ),
-            ),
-        });
+            None
+        }
+        // Unknown paths too: only an administrator learns that a page does not exist.
+        Some(Access::Admin) | None => match session_of(shared, request) {
+            Some(session) => Some(session),
+            None => return Step::Respond(redirect("/login")),
+        },
+    };
+    let csrf = session
+        .as_ref()
+        .map_or_else(String::new, |(_, token)| csrf_of(token));
+    if let Some((user, _)) = &session {
+        *caller = Some(format!("web:{user}"));
     }
-    Step::Respond(match path {
-        "/" => dashboard(shared, &user, &csrf),
-        "/license" => license_page(shared, &user, &csrf, ""),
-        "/instruments" => instruments_page(shared, &user, &csrf, ""),
-        "/users" => users_page(shared, &user, &csrf, ""),
-        "/audit" => audit_page(shared, &user, &csrf, request.query_param("after")),
-        "/warnings" => warnings_page(shared, &user, &csrf, request.query_param("skip")),
-        _ => html(
-            404,
-            page(
-                shared,
-                "Not found",
-                Some((&user, &csrf)),
-                "<p>No such page.</p>",
-            ),
+    let Some(found) = found else {
+        let user = session.as_ref().map(|(user, _)| user.as_str());
+        let nav = user.map(|user| (user, csrf.as_str()));
+        let body = "<p>No such page.</p>";
+        return Step::Respond(html(404, page(shared, "Not found", nav, body)));
+    };
+    let fields = if method == "POST" {
+        form(request)
+    } else {
+        Vec::new()
+    };
+    let mut call = Call {
+        shared,
+        request,
+        peer,
+        handle,
+        caller,
+        session,
+        csrf,
+        fields,
+    };
+    match (method, found.get, found.post) {
+        ("GET" | "HEAD", Some(get), _) => Step::Respond(get(&mut call)),
+        ("POST", _, Some(post)) => {
+            if found.access == Access::Admin && call.field("csrf") != Some(call.csrf.as_str()) {
+                return Step::Respond(csrf_refused(&call));
+            }
+            post(&mut call)
+        }
+        _ => {
+            let mut allowed = Vec::new();
+            if found.get.is_some() {
+                allowed.extend(["GET", "HEAD"]);
+            }
+            if found.post.is_some() {
+                allowed.push("POST");
+            }
+            let allow = allowed.join(", ");
+            let mut response = text(
+                405,
+                format!("{method} is not answered here; use {allow}\n"),
+                "text/plain; charset=utf-8",
+            );
+            response.headers.push(("allow", allow));
+            Step::Respond(response)
+        }
+    }
+}
+
+/// An administrator's form without its session's CSRF token: refused and audited.
+fn csrf_refused(call: &Call<'_>) -> Response {
+    let (user, path, peer) = (call.user(), call.request.path.as_str(), call.peer);
+    tracing::warn!(%user, peer = %peer, path, "web form refused: missing or wrong CSRF token");
+    let actor = es_storage::Actor {
+        user: user.to_string(),
+        computer: format!("web {}", peer.ip()),
+    };
+    let action = format!("web{}", path.replace('/', "."));
+    let attempted = r#"{"refused":"missing or wrong CSRF token"}"#.to_string();
+    crate::edits::audit_denied(&call.shared.writer, &actor, &action, attempted);
+    let body = "<p class=err>This form is stale or was not sent by this site; reload the page \
+                and try again.</p>";
+    html(
+        403,
+        page(call.shared, "Refused", Some((user, &call.csrf)), body),
+    )
+}
+
+fn login_post(call: &mut Call<'_>) -> Step {
+    let user = call.field("username").unwrap_or("").to_string();
+    let password = call.field("password").unwrap_or("").to_string();
+    *call.caller = Some(format!("login:{user}"));
+    let started = crate::api::routes::start_login(
+        call.shared,
+        &user,
+        &password,
+        LoginKind::Web,
+        call.peer,
+        call.handle,
+    );
+    started.unwrap_or_else(|refusal| Step::Respond(login_failed(call.shared, &refusal)))
+}
+
+fn logout_post(call: &mut Call<'_>) -> Step {
+    if let Some((_, token)) = &call.session {
+        call.shared.site.sessions.revoke(token);
+    }
+    let mut response = redirect("/login");
+    let secure = if call.shared.site.tls { "; Secure" } else { "" };
+    response.headers.push((
+        "set-cookie",
+        format!("{COOKIE}=; Max-Age=0; Path=/; HttpOnly{secure}; SameSite=Strict"),
+    ));
+    Step::Respond(response)
+}
+
+fn license_post(call: &mut Call<'_>) -> Step {
+    let (shared, user) = (call.shared, call.user());
+    let text = call.field("license").unwrap_or("");
+    let message = match shared.licensing.install(text.trim().as_bytes(), now_ms()) {
+        Ok(license) => {
+            tracing::info!(%user, license = %license.license_id, "licence installed from the web interface");
+            let over = shared.site.registry.over_limit(&shared.licensing);
+            if let Some(warning) = &over {
+                tracing::warn!("{warning}");
+            }
+            format!(
+                "<p class=ok id=result>Licence {} for {} installed; it applies now.</p>{}",
+                escape(&license.license_id),
+                escape(&license.clinic),
+                over.map_or_else(String::new, |w| format!(
+                    "<p class=err id=over-limit>Warning: {}</p>",
+                    escape(&w)
+                ))
+            )
+        }
+        Err(error) => format!(
+            "<p class=err id=result>Not installed: {}</p>",
+            escape(&error.to_string())
         ),
-    })
+    };
+    Step::Respond(license_page(shared, user, &call.csrf, &message))
+}
+
+fn ims_post(call: &mut Call<'_>) -> Step {
+    let part = call.field("part").and_then(crate::ims::Part::parse);
+    let on = call.field("on") == Some("on");
+    let message = match part {
+        Some(part) => {
+            let by = format!("web:{}", call.user());
+            call.shared.site.ims.set(part, on, &by);
+            "<p class=ok id=result>Monitoring switched; it applies now, until the next start.</p>"
+        }
+        None => "<p class=err id=result>Not switched: unknown part.</p>",
+    };
+    Step::Respond(dashboard_with(
+        call.shared,
+        call.user(),
+        &call.csrf,
+        message,
+    ))
+}
+
+fn instruments_post(call: &mut Call<'_>) -> Step {
+    let (shared, user) = (call.shared, call.user());
+    let serial = call.field("serial").unwrap_or("");
+    let message = match call.field("action") {
+        Some("approve") => {
+            let computer = format!("web {}", call.peer.ip());
+            let by = format!("web:{user}");
+            let response = crate::admin::approve_pending(
+                &shared.writer,
+                &shared.site.registry,
+                serial,
+                &by,
+                &computer,
+            );
+            result_paragraph(&response, "Not approved: ")
+        }
+        Some("number") => {
+            let response = match call.field("number").map(str::trim) {
+                Some(text) => match text.parse::<u32>() {
+                    Ok(number) if number >= 1 => {
+                        crate::admin::instrument_number(&shared.writer, serial, number, user)
+                    }
+                    _ => crate::control::Response::error(
+                        "invalid_input",
+                        format!("{text:?} is not an instrument number (1 or more)"),
+                    ),
+                },
+                None => {
+                    crate::control::Response::error("invalid_input", "give the instrument's number")
+                }
+            };
+            result_paragraph(&response, "Number not set: ")
+        }
+        _ => {
+            let name = call.field("name").unwrap_or("").trim();
+            let response = crate::admin::instrument_rename(&shared.writer, serial, name, user);
+            result_paragraph(&response, "Not renamed: ")
+        }
+    };
+    Step::Respond(instruments_page(shared, user, &call.csrf, &message))
 }
 
 fn login_page(shared: &WebShared, error: Option<&str>) -> Response {
@@ -1609,6 +1763,23 @@ fn license_page(shared: &WebShared, user: &str, csrf: &str, message: &str) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_page_is_listed_once_and_answers_something() {
+        for (index, page) in PAGES.iter().enumerate() {
+            assert!(page.path.starts_with('/'), "{}", page.path);
+            assert!(
+                page.get.is_some() || page.post.is_some(),
+                "{} answers nothing",
+                page.path
+            );
+            assert!(
+                PAGES[..index].iter().all(|other| other.path != page.path),
+                "{} is listed twice",
+                page.path
+            );
+        }
+    }
 
     fn post(headers: &[(&str, &str)]) -> Request {
         let mut text = String::from("POST /login HTTP/1.1\r\ncontent-length: 0\r\n");

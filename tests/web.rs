@@ -616,6 +616,20 @@ fn plain_http_only_when_configured() {
     assert!(common::server_log(&dir).contains("WITHOUT TLS"));
     // Logging out clears the cookie the same way (a Secure one would be ignored over HTTP).
     let session = session_of(cookie);
+    // The page table answers what it does not serve: 405 naming the methods a page
+    // answers, 404 for an unknown page (a redirect to the login without a session).
+    let cookie_header = format!("esweb={session}");
+    let headers = [("cookie", cookie_header.as_str())];
+    let delete = http.request("DELETE", "/users", &headers, None).unwrap();
+    assert_eq!(delete.status, 405);
+    assert_eq!(delete.header("allow"), Some("GET, HEAD, POST"));
+    let logout_get = get(&mut http, "/logout", &session);
+    assert_eq!(logout_get.status, 405);
+    assert_eq!(logout_get.header("allow"), Some("POST"));
+    assert_eq!(get(&mut http, "/no-such-page", &session).status, 404);
+    let anonymous = http.get("/no-such-page", &[]).unwrap();
+    assert_eq!(anonymous.status, 303);
+    assert_eq!(anonymous.header("location"), Some("/login"));
     let page = body(&get(&mut http, "/", &session));
     let out = post_form(
         &mut http,
