@@ -37,6 +37,7 @@ pub mod tables;
 pub mod volume;
 
 mod apply;
+pub mod backup;
 mod error;
 mod migrate;
 mod model;

@@ -1,0 +1,943 @@
+//! Online backup, verification and restore of a store.
+//!
+//! # What a backup is
+//!
+//! One read transaction is the snapshot: the index (every table, copied row by row into a new
+//! redb file) and, from the same transaction, the volume rows saying how many bytes of each
+//! volume hold committed records. Each volume is copied up to that `end`: bytes before it
+//! never change (volumes are append-only), so the copy is consistent with the index however
+//! much is appended meanwhile. The server keeps running and writing throughout.
+//!
+//! # Layout of a backup target
+//!
+//! ```text
+//! <target>/server-id                  the server the target belongs to (one per target)
+//! <target>/volumes/NNNNNNNN-S.vol     sealed volumes, shared by every backup (S: when sealed)
+//! <target>/backups/<name>/manifest.json
+//! <target>/backups/<name>/esserver.redb
+//! <target>/backups/<name>/volumes/NNNNNNNN.vol   the volume active at the snapshot, to its end
+//! <target>/backups/<name>/files/...   the data directory's licence and TLS files
+//! ```
+//!
+//! Incremental: a sealed volume never changes, so one already in the target (same id, same
+//! sealing time, same length, listed by an earlier complete backup) is not copied again. A
+//! backup is complete once its `manifest.json` exists: it is written last, after every file
+//! it lists is durable, and the backup's directory is renamed from `<name>.partial` only
+//! then. An interrupted backup leaves a `.partial` directory (and perhaps `.partial` volume
+//! files) that the next backup removes; earlier backups are never touched.
+//!
+//! The manifest lists every file with its size and SHA-256, the schema version and the
+//! change-log sequence number the backup holds. [`verify`] checks every file against it;
+//! [`restore`] copies a backup into a new data directory, checking every byte on the way.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use redb::{Database, Durability, Key, ReadTransaction, TableDefinition, Value};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::StorageError;
+use crate::store::{Store, DATABASE_FILE_NAME};
+use crate::tables::{self, VolumeRow};
+use crate::volume::VOLUMES_DIR_NAME;
+
+/// The manifest's file name in a backup's directory.
+pub const MANIFEST_FILE_NAME: &str = "manifest.json";
+/// The manifest format this code writes and reads.
+pub const MANIFEST_FORMAT: u32 = 1;
+/// Files of the data directory besides the store that a backup carries (when present): the
+/// licence and the TLS identity viewers pin.
+pub const DATA_FILES: [&str; 4] = [
+    "license.json",
+    "license-authority.key",
+    "tls/server.crt",
+    "tls/server.key",
+];
+const BACKUPS_DIR_NAME: &str = "backups";
+const SERVER_ID_FILE_NAME: &str = "server-id";
+const PARTIAL_SUFFIX: &str = ".partial";
+const COPY_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Why a backup, a verification or a restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    /// The target or the backup is not what it must be (another server's, no backup in it,
+    /// a non-empty restore target, ...).
+    #[error("{0}")]
+    Refused(String),
+    /// A file does not match its manifest entry.
+    #[error("{0}")]
+    Damaged(String),
+}
+
+impl BackupError {
+    /// A stable code for scripts.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BackupError::Storage(error) => error.code(),
+            BackupError::Io { .. } => "io_error",
+            BackupError::Refused(_) => "refused",
+            BackupError::Damaged(_) => "damaged",
+        }
+    }
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> BackupError {
+    let context = context.into();
+    move |source| BackupError::Io { context, source }
+}
+
+/// What a file of a backup is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FileKind {
+    /// The index (redb), restored as `esserver.redb`.
+    Index,
+    /// Volume `id`, restored as `volumes/NNNNNNNN.vol`.
+    Volume { id: u32, sealed: bool },
+    /// A file of the data directory, restored at `name` (one of [`DATA_FILES`]).
+    DataFile { name: String },
+}
+
+/// One file of a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// Relative to the backup target.
+    pub path: String,
+    pub bytes: u64,
+    /// Hex.
+    pub sha256: String,
+    #[serde(flatten)]
+    pub kind: FileKind,
+    /// For a sealed volume: when it was sealed (part of its identity in the target).
+    #[serde(default)]
+    pub sealed_at_ms: i64,
+}
+
+/// A backup's manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub name: String,
+    pub server_id: String,
+    pub schema_version: u64,
+    /// The newest change-log entry the backup holds.
+    pub change_seq: u64,
+    pub created_at_ms: i64,
+    pub images: u64,
+    pub image_bytes: u64,
+    pub files: Vec<ManifestFile>,
+}
+
+impl Manifest {
+    /// Bytes of every file the backup is made of.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes).sum()
+    }
+}
+
+/// Where a backup stands, for progress output.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    /// "index", "volumes", "files", "verify", "restore".
+    pub phase: &'static str,
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// What a backup did.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupReport {
+    pub name: String,
+    /// The backup's directory.
+    pub dir: PathBuf,
+    pub files: u64,
+    /// Bytes of every file the backup is made of.
+    pub bytes: u64,
+    /// Files and bytes copied by this run (the rest was in the target already).
+    pub files_copied: u64,
+    pub bytes_copied: u64,
+    pub change_seq: u64,
+    pub schema_version: u64,
+    pub images: u64,
+    pub seconds: f64,
+}
+
+/// Calls `progress` at most every this many bytes of copying.
+const PROGRESS_EVERY_BYTES: u64 = 16 * 1024 * 1024;
+
+struct Meter<'a> {
+    progress: &'a mut dyn FnMut(&Progress),
+    state: Progress,
+    reported_at: u64,
+}
+
+impl Meter<'_> {
+    fn add_bytes(&mut self, bytes: u64) {
+        self.state.bytes_done += bytes;
+        if self.state.bytes_done - self.reported_at >= PROGRESS_EVERY_BYTES {
+            self.reported_at = self.state.bytes_done;
+            (self.progress)(&self.state);
+        }
+    }
+
+    fn file_done(&mut self) {
+        self.state.files_done += 1;
+        self.reported_at = self.state.bytes_done;
+        (self.progress)(&self.state);
+    }
+}
+
+impl Store {
+    /// Backs the store up into `target` as backup `name` while the store stays open for
+    /// writing (see the module documentation). `progress` is called as files are copied.
+    pub fn backup(
+        &self,
+        target: &Path,
+        name: &str,
+        data_dir: &Path,
+        now_ms: i64,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<BackupReport, BackupError> {
+        let started = Instant::now();
+        check_name(name)?;
+        let txn = self.inner.begin_read()?;
+        let server_id = self.server_id();
+        prepare_target(target, &server_id)?;
+        let backups = target.join(BACKUPS_DIR_NAME);
+        let final_dir = backups.join(name);
+        if final_dir.exists() {
+            return Err(BackupError::Refused(format!(
+                "a backup named {name} exists already in {}",
+                backups.display()
+            )));
+        }
+        let previous = latest_manifest(target)?;
+        let partial = backups.join(format!("{name}{PARTIAL_SUFFIX}"));
+        fs::create_dir_all(partial.join(VOLUMES_DIR_NAME))
+            .map_err(io_error(format!("cannot create {}", partial.display())))?;
+
+        let volumes = snapshot_volumes(&txn)?;
+        let (schema_version, change_seq, images, image_bytes) = snapshot_meta(&txn)?;
+        let volume_bytes: u64 = volumes.iter().map(|(_, row)| row.end).sum();
+        let mut meter = Meter {
+            progress,
+            state: Progress {
+                phase: "index",
+                files_total: volumes.len() as u64 + 1,
+                bytes_total: volume_bytes,
+                ..Progress::default()
+            },
+            reported_at: 0,
+        };
+        (meter.progress)(&meter.state);
+
+        // The index: every table of the snapshot, row by row, into a new database.
+        let index_path = partial.join(DATABASE_FILE_NAME);
+        copy_index(&txn, &index_path)?;
+        let (index_bytes, index_sha) = hash_file(&index_path, None)?;
+        let mut files = vec![ManifestFile {
+            path: relative(target, &index_path),
+            bytes: index_bytes,
+            sha256: index_sha,
+            kind: FileKind::Index,
+            sealed_at_ms: 0,
+        }];
+        let (mut files_copied, mut bytes_copied) = (1u64, index_bytes);
+        meter.state.bytes_total += index_bytes;
+        meter.add_bytes(index_bytes);
+        meter.file_done();
+
+        // The volumes, each to its committed end.
+        meter.state.phase = "volumes";
+        let source_dir = self.inner.volumes.dir().to_path_buf();
+        for (id, row) in &volumes {
+            let source = source_dir.join(crate::volume::volume_file_name(*id));
+            let (path, reused) = if row.sealed {
+                let pooled = target
+                    .join(VOLUMES_DIR_NAME)
+                    .join(pooled_name(*id, row.sealed_at_ms));
+                let known = previous.as_ref().and_then(|m| {
+                    m.files.iter().find(|f| {
+                        f.kind
+                            == FileKind::Volume {
+                                id: *id,
+                                sealed: true,
+                            }
+                            && f.sealed_at_ms == row.sealed_at_ms
+                            && f.bytes == row.end
+                    })
+                });
+                let on_disk = fs::metadata(&pooled).map(|m| m.len()).ok();
+                match known {
+                    Some(known) if on_disk == Some(row.end) => (pooled, Some(known.sha256.clone())),
+                    _ => (pooled, None),
+                }
+            } else {
+                (
+                    partial
+                        .join(VOLUMES_DIR_NAME)
+                        .join(crate::volume::volume_file_name(*id)),
+                    None,
+                )
+            };
+            let sha256 = match reused {
+                Some(sha256) => {
+                    meter.state.bytes_total -= row.end;
+                    sha256
+                }
+                None => {
+                    let sha256 = copy_prefix(&source, &path, row.end, &mut meter)?;
+                    files_copied += 1;
+                    bytes_copied += row.end;
+                    sha256
+                }
+            };
+            files.push(ManifestFile {
+                path: relative(target, &path),
+                bytes: row.end,
+                sha256,
+                kind: FileKind::Volume {
+                    id: *id,
+                    sealed: row.sealed,
+                },
+                sealed_at_ms: row.sealed_at_ms,
+            });
+            meter.file_done();
+        }
+        drop(txn);
+
+        // The data directory's licence and TLS files.
+        meter.state.phase = "files";
+        for name in DATA_FILES {
+            let source = data_dir.join(name);
+            let Ok(metadata) = fs::metadata(&source) else {
+                continue;
+            };
+            let path = partial.join("files").join(name);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)
+                    .map_err(io_error(format!("cannot create {}", parent.display())))?;
+            }
+            let sha256 = copy_prefix(&source, &path, metadata.len(), &mut meter)?;
+            files_copied += 1;
+            bytes_copied += metadata.len();
+            files.push(ManifestFile {
+                path: relative(target, &path),
+                bytes: metadata.len(),
+                sha256,
+                kind: FileKind::DataFile {
+                    name: name.to_string(),
+                },
+                sealed_at_ms: 0,
+            });
+        }
+
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            name: name.to_string(),
+            server_id,
+            schema_version,
+            change_seq,
+            created_at_ms: now_ms,
+            images,
+            image_bytes,
+            files: fix_paths(files, name),
+        };
+        let text = serde_json::to_vec_pretty(&manifest).map_err(|error| {
+            BackupError::Refused(format!("cannot encode the manifest: {error}"))
+        })?;
+        write_durably(&partial.join(MANIFEST_FILE_NAME), &text)?;
+        sync_dir(&partial.join(VOLUMES_DIR_NAME))?;
+        sync_dir(&partial)?;
+        sync_dir(&target.join(VOLUMES_DIR_NAME))?;
+        fs::rename(&partial, &final_dir)
+            .map_err(io_error(format!("cannot complete {}", final_dir.display())))?;
+        sync_dir(&backups)?;
+        Ok(BackupReport {
+            name: name.to_string(),
+            dir: final_dir,
+            files: manifest.files.len() as u64,
+            bytes: manifest.bytes(),
+            files_copied,
+            bytes_copied,
+            change_seq,
+            schema_version,
+            images,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// A backup's name becomes a directory name: letters, digits, `-`, `_`, `.` only.
+fn check_name(name: &str) -> Result<(), BackupError> {
+    let fine = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && !name.ends_with(PARTIAL_SUFFIX)
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if fine {
+        Ok(())
+    } else {
+        Err(BackupError::Refused(format!(
+            "{name:?} is not a backup name (1 to 64 letters, digits, '-', '_', '.')"
+        )))
+    }
+}
+
+/// The paths of the files in the `.partial` directory, as they are once it is renamed.
+fn fix_paths(files: Vec<ManifestFile>, name: &str) -> Vec<ManifestFile> {
+    let partial = format!("{BACKUPS_DIR_NAME}/{name}{PARTIAL_SUFFIX}/");
+    let complete = format!("{BACKUPS_DIR_NAME}/{name}/");
+    files
+        .into_iter()
+        .map(|mut file| {
+            if let Some(rest) = file.path.strip_prefix(&partial) {
+                file.path = format!("{complete}{rest}");
+            }
+            file
+        })
+        .collect()
+}
+
+fn pooled_name(id: u32, sealed_at_ms: i64) -> String {
+    format!("{id:08}-{sealed_at_ms}.vol")
+}
+
+fn relative(target: &Path, path: &Path) -> String {
+    path.strip_prefix(target)
+        .unwrap_or(path)
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Makes `target` a backup target of `server_id` (or checks that it is one), and removes
+/// what an interrupted backup left.
+fn prepare_target(target: &Path, server_id: &str) -> Result<(), BackupError> {
+    fs::create_dir_all(target.join(BACKUPS_DIR_NAME))
+        .map_err(io_error(format!("cannot create {}", target.display())))?;
+    fs::create_dir_all(target.join(VOLUMES_DIR_NAME))
+        .map_err(io_error(format!("cannot create {}", target.display())))?;
+    let id_path = target.join(SERVER_ID_FILE_NAME);
+    match fs::read_to_string(&id_path) {
+        Ok(existing) if existing.trim() == server_id => {}
+        Ok(existing) => {
+            return Err(BackupError::Refused(format!(
+                "{} holds the backups of server {}, not of this server ({server_id}): use \
+                 another target",
+                target.display(),
+                existing.trim()
+            )))
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            write_durably(&id_path, format!("{server_id}\n").as_bytes())?;
+            sync_dir(target)?;
+        }
+        Err(error) => {
+            return Err(io_error(format!("cannot read {}", id_path.display()))(
+                error,
+            ))
+        }
+    }
+    for dir in [target.join(BACKUPS_DIR_NAME), target.join(VOLUMES_DIR_NAME)] {
+        let entries =
+            fs::read_dir(&dir).map_err(io_error(format!("cannot list {}", dir.display())))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !path.to_string_lossy().ends_with(PARTIAL_SUFFIX) {
+                continue;
+            }
+            tracing::warn!(path = %path.display(), "removing what an interrupted backup left");
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            removed.map_err(io_error(format!("cannot remove {}", path.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// The complete backups of `target`, oldest first (by name, which the server makes from the
+/// time).
+pub fn list(target: &Path) -> Result<Vec<Manifest>, BackupError> {
+    let dir = target.join(BACKUPS_DIR_NAME);
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(io_error(format!("cannot list {}", dir.display()))(error)),
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.path().join(MANIFEST_FILE_NAME).is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(PARTIAL_SUFFIX))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|name| read_manifest(target, name))
+        .collect()
+}
+
+fn latest_manifest(target: &Path) -> Result<Option<Manifest>, BackupError> {
+    Ok(list(target)?.pop())
+}
+
+/// Reads backup `name`'s manifest.
+pub fn read_manifest(target: &Path, name: &str) -> Result<Manifest, BackupError> {
+    check_name(name)?;
+    let path = target
+        .join(BACKUPS_DIR_NAME)
+        .join(name)
+        .join(MANIFEST_FILE_NAME);
+    let text = fs::read(&path).map_err(io_error(format!("cannot read {}", path.display())))?;
+    let manifest: Manifest = serde_json::from_slice(&text).map_err(|error| {
+        BackupError::Damaged(format!(
+            "{} is not a backup manifest: {error}",
+            path.display()
+        ))
+    })?;
+    if manifest.format != MANIFEST_FORMAT {
+        return Err(BackupError::Refused(format!(
+            "{} has manifest format {}; this version reads {MANIFEST_FORMAT}",
+            path.display(),
+            manifest.format
+        )));
+    }
+    for file in &manifest.files {
+        let safe = !file.path.is_empty()
+            && !file.path.starts_with('/')
+            && file
+                .path
+                .split('/')
+                .all(|part| !part.is_empty() && part != "..");
+        if !safe {
+            return Err(BackupError::Damaged(format!(
+                "{} names a file outside the backup: {:?}",
+                path.display(),
+                file.path
+            )));
+        }
+    }
+    Ok(manifest)
+}
+
+/// The backup `name`, or the newest complete one.
+pub fn choose(target: &Path, name: Option<&str>) -> Result<Manifest, BackupError> {
+    match name {
+        Some(name) => read_manifest(target, name),
+        None => latest_manifest(target)?.ok_or_else(|| {
+            BackupError::Refused(format!("{} holds no complete backup", target.display()))
+        }),
+    }
+}
+
+/// What a verification found.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub name: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// One line per file that does not match its manifest entry.
+    pub damaged: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.damaged.is_empty()
+    }
+}
+
+/// Checks every file of backup `name` (the newest when None) against its manifest: size and
+/// SHA-256.
+pub fn verify(
+    target: &Path,
+    name: Option<&str>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<VerifyReport, BackupError> {
+    let manifest = choose(target, name)?;
+    let mut meter = Meter {
+        progress,
+        state: Progress {
+            phase: "verify",
+            files_total: manifest.files.len() as u64,
+            bytes_total: manifest.bytes(),
+            ..Progress::default()
+        },
+        reported_at: 0,
+    };
+    let mut damaged = Vec::new();
+    for file in &manifest.files {
+        let path = target.join(&file.path);
+        match hash_file(&path, Some(&mut meter)) {
+            Ok((bytes, sha256)) if bytes == file.bytes && sha256 == file.sha256 => {}
+            Ok((bytes, _)) if bytes != file.bytes => damaged.push(format!(
+                "{}: {bytes} bytes, the manifest says {}",
+                file.path, file.bytes
+            )),
+            Ok(_) => damaged.push(format!(
+                "{}: its SHA-256 is not the manifest's (the file is damaged)",
+                file.path
+            )),
+            Err(error) => damaged.push(format!("{}: {error}", file.path)),
+        }
+        meter.file_done();
+    }
+    Ok(VerifyReport {
+        files: manifest.files.len() as u64,
+        bytes: manifest.bytes(),
+        name: manifest.name,
+        damaged,
+    })
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub files: u64,
+    pub bytes: u64,
+    pub change_seq: u64,
+    pub images: u64,
+    pub seconds: f64,
+}
+
+/// Restores backup `name` (the newest when None) of `target` into `data_dir`, which must not
+/// exist or be empty. Every byte is checked against the manifest on the way; the data
+/// directory appears (renamed from `<data_dir>.partial`) only once all of it is there and
+/// durable, so an interrupted restore leaves nothing a server could start on.
+pub fn restore(
+    target: &Path,
+    name: Option<&str>,
+    data_dir: &Path,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<RestoreReport, BackupError> {
+    let started = Instant::now();
+    let manifest = choose(target, name)?;
+    if let Ok(mut entries) = fs::read_dir(data_dir) {
+        if entries.next().is_some() {
+            return Err(BackupError::Refused(format!(
+                "{} is not empty: restore into a new directory",
+                data_dir.display()
+            )));
+        }
+    }
+    let mut partial = data_dir.as_os_str().to_owned();
+    partial.push(PARTIAL_SUFFIX);
+    let partial = PathBuf::from(partial);
+    if partial.exists() {
+        tracing::warn!(path = %partial.display(), "removing what an interrupted restore left");
+        fs::remove_dir_all(&partial)
+            .map_err(io_error(format!("cannot remove {}", partial.display())))?;
+    }
+    fs::create_dir_all(partial.join(VOLUMES_DIR_NAME))
+        .map_err(io_error(format!("cannot create {}", partial.display())))?;
+    owner_only(&partial, true)?;
+    let mut meter = Meter {
+        progress,
+        state: Progress {
+            phase: "restore",
+            files_total: manifest.files.len() as u64,
+            bytes_total: manifest.bytes(),
+            ..Progress::default()
+        },
+        reported_at: 0,
+    };
+    for file in &manifest.files {
+        let destination = match &file.kind {
+            FileKind::Index => partial.join(DATABASE_FILE_NAME),
+            FileKind::Volume { id, .. } => partial
+                .join(VOLUMES_DIR_NAME)
+                .join(crate::volume::volume_file_name(*id)),
+            FileKind::DataFile { name } if DATA_FILES.contains(&name.as_str()) => {
+                partial.join(name)
+            }
+            FileKind::DataFile { name } => {
+                return Err(BackupError::Damaged(format!(
+                    "the manifest names an unknown data file {name:?}"
+                )))
+            }
+        };
+        if let Some(parent) = destination.parent() {
+            fs::create_dir_all(parent)
+                .map_err(io_error(format!("cannot create {}", parent.display())))?;
+        }
+        let source = target.join(&file.path);
+        let sha256 = copy_prefix(&source, &destination, file.bytes, &mut meter)?;
+        if sha256 != file.sha256 {
+            return Err(BackupError::Damaged(format!(
+                "{}: its SHA-256 is not the manifest's (the backup file is damaged); nothing \
+                 was restored",
+                file.path
+            )));
+        }
+        owner_only(&destination, false)?;
+        meter.file_done();
+    }
+    sync_dir(&partial.join(VOLUMES_DIR_NAME))?;
+    sync_dir(&partial)?;
+    if data_dir.exists() {
+        // Empty (checked above): the rename replaces it.
+        fs::remove_dir(data_dir)
+            .map_err(io_error(format!("cannot replace {}", data_dir.display())))?;
+    }
+    fs::rename(&partial, data_dir)
+        .map_err(io_error(format!("cannot complete {}", data_dir.display())))?;
+    if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent)?;
+    }
+    Ok(RestoreReport {
+        name: manifest.name.clone(),
+        data_dir: data_dir.to_path_buf(),
+        files: manifest.files.len() as u64,
+        bytes: manifest.bytes(),
+        change_seq: manifest.change_seq,
+        images: manifest.images,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The volume rows of the snapshot.
+fn snapshot_volumes(txn: &ReadTransaction) -> Result<Vec<(u32, VolumeRow)>, BackupError> {
+    let table = txn
+        .open_table(tables::VOLUMES)
+        .map_err(StorageError::from)?;
+    let mut out = Vec::new();
+    for entry in table.range::<u32>(..).map_err(StorageError::from)? {
+        let (id, row) = entry.map_err(StorageError::from)?;
+        out.push((id.value(), tables::decode(row.value(), "volume")?));
+    }
+    Ok(out)
+}
+
+/// (schema version, newest change seq, images, image bytes) of the snapshot.
+fn snapshot_meta(txn: &ReadTransaction) -> Result<(u64, u64, u64, u64), BackupError> {
+    let meta = txn.open_table(tables::META).map_err(StorageError::from)?;
+    let version = meta
+        .get(tables::META_SCHEMA_VERSION)
+        .map_err(StorageError::from)?
+        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+        .map_or(0, u64::from_le_bytes);
+    let state: tables::StateRow = match meta.get(tables::META_STATE).map_err(StorageError::from)? {
+        Some(row) => tables::decode(row.value(), "state")?,
+        None => tables::StateRow::default(),
+    };
+    Ok((
+        version,
+        state.change_last_seq,
+        state.images,
+        state.image_bytes,
+    ))
+}
+
+/// Copies every row of `table` from the snapshot into `dst`.
+fn copy_table<K: Key + 'static, V: Value + 'static>(
+    src: &ReadTransaction,
+    dst: &redb::WriteTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<u64, StorageError> {
+    let source = match src.open_table(table) {
+        Ok(source) => source,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(error) => return Err(error.into()),
+    };
+    let mut destination = dst.open_table(table)?;
+    let mut rows = 0;
+    for entry in source.range::<K::SelfType<'_>>(..)? {
+        let (key, value) = entry?;
+        destination.insert(key.value(), value.value())?;
+        rows += 1;
+    }
+    Ok(rows)
+}
+
+/// Every table of the schema, in one list: `$f(args..., table)` for each (a generic function
+/// called once per table type). A table a backup does not copy is a backup that loses data,
+/// so [`copy_index`] also checks that the snapshot has no table outside this list.
+macro_rules! every_table {
+    ($f:ident $(, $arg:expr)*) => {
+        [
+            $f($($arg,)* tables::META)?,
+            $f($($arg,)* tables::INSTRUMENTS)?,
+            $f($($arg,)* tables::INSTRUMENT_BY_SERIAL)?,
+            $f($($arg,)* tables::PATIENTS)?,
+            $f($($arg,)* tables::PATIENT_BY_ID)?,
+            $f($($arg,)* tables::PATIENT_BY_IDX)?,
+            $f($($arg,)* tables::PATIENT_DIFFERENCES)?,
+            $f($($arg,)* tables::TREATMENTS)?,
+            $f($($arg,)* tables::TREATMENT_BY_PATIENT_NAME)?,
+            $f($($arg,)* tables::DISHES)?,
+            $f($($arg,)* tables::DISH_BY_INSTRUMENT)?,
+            $f($($arg,)* tables::DISH_BY_TREATMENT)?,
+            $f($($arg,)* tables::WELLS)?,
+            $f($($arg,)* tables::EMBRYO_BY_ID)?,
+            $f($($arg,)* tables::EMBRYO_BY_KEY)?,
+            $f($($arg,)* tables::ANNOTATIONS)?,
+            $f($($arg,)* tables::AUDIT)?,
+            $f($($arg,)* tables::USERS)?,
+            $f($($arg,)* tables::LOGIN_FAILURES)?,
+            $f($($arg,)* tables::SCORES)?,
+            $f($($arg,)* tables::TRANSFERS)?,
+            $f($($arg,)* tables::TRANSFER_BY_TREATMENT)?,
+            $f($($arg,)* tables::API_KEYS)?,
+            $f($($arg,)* tables::IDEMPOTENCY)?,
+            $f($($arg,)* tables::IDEMPOTENCY_BY_AGE)?,
+            $f($($arg,)* tables::ACQUISITIONS)?,
+            $f($($arg,)* tables::VOLUMES)?,
+            $f($($arg,)* tables::LEGACY_IMAGES)?,
+            $f($($arg,)* tables::TELEMETRY)?,
+            $f($($arg,)* tables::IMS_QUEUE)?,
+            $f($($arg,)* tables::IMS_ALARMS)?,
+            $f($($arg,)* tables::INSTRUMENT_DAYS)?,
+            $f($($arg,)* tables::CHANGES)?,
+        ]
+    };
+}
+
+fn table_name<K: Key + 'static, V: Value + 'static>(
+    table: TableDefinition<'static, K, V>,
+) -> Result<String, StorageError> {
+    use redb::TableHandle;
+    Ok(table.name().to_string())
+}
+
+/// Writes the snapshot's tables into a new database at `path`, committed durably.
+fn copy_index(txn: &ReadTransaction, path: &Path) -> Result<(), BackupError> {
+    use redb::TableHandle;
+    let known = every_table!(table_name);
+    for table in txn.list_tables().map_err(StorageError::from)? {
+        if !known.iter().any(|k| k == table.name()) {
+            return Err(BackupError::Refused(format!(
+                "the store has a table {:?} that the backup does not know; nothing was backed \
+                 up (a bug: report it)",
+                table.name()
+            )));
+        }
+    }
+    let db = Database::create(path).map_err(StorageError::from)?;
+    let mut dst = db.begin_write().map_err(StorageError::from)?;
+    dst.set_durability(Durability::Immediate)
+        .map_err(StorageError::from)?;
+    every_table!(copy_table, txn, &dst);
+    dst.commit().map_err(StorageError::from)?;
+    drop(db);
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_error(format!("cannot sync {}", path.display())))?;
+    Ok(())
+}
+
+/// Copies the first `bytes` bytes of `source` to `destination` (through
+/// `<destination>.partial`, renamed once durable), and returns their SHA-256 (hex). A source
+/// shorter than `bytes` is an error.
+fn copy_prefix(
+    source: &Path,
+    destination: &Path,
+    bytes: u64,
+    meter: &mut Meter<'_>,
+) -> Result<String, BackupError> {
+    let mut input =
+        File::open(source).map_err(io_error(format!("cannot open {}", source.display())))?;
+    let mut temporary = destination.as_os_str().to_owned();
+    temporary.push(PARTIAL_SUFFIX);
+    let temporary = PathBuf::from(temporary);
+    let mut output = File::create(&temporary)
+        .map_err(io_error(format!("cannot create {}", temporary.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; COPY_CHUNK_BYTES];
+    let mut left = bytes;
+    while left > 0 {
+        let want = buffer
+            .len()
+            .min(usize::try_from(left).unwrap_or(usize::MAX));
+        let read = input
+            .read(&mut buffer[..want])
+            .map_err(io_error(format!("cannot read {}", source.display())))?;
+        if read == 0 {
+            return Err(BackupError::Damaged(format!(
+                "{} ends {left} bytes before the {bytes} the copy needs",
+                source.display()
+            )));
+        }
+        hasher.update(&buffer[..read]);
+        output
+            .write_all(&buffer[..read])
+            .map_err(io_error(format!("cannot write {}", temporary.display())))?;
+        left -= read as u64;
+        meter.add_bytes(read as u64);
+    }
+    output
+        .sync_all()
+        .map_err(io_error(format!("cannot sync {}", temporary.display())))?;
+    drop(output);
+    fs::rename(&temporary, destination)
+        .map_err(io_error(format!("cannot rename {}", temporary.display())))?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// (length, SHA-256 hex) of a whole file.
+fn hash_file(path: &Path, mut meter: Option<&mut Meter<'_>>) -> Result<(u64, String), BackupError> {
+    let mut file = File::open(path).map_err(io_error(format!("cannot open {}", path.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; COPY_CHUNK_BYTES];
+    let mut total = 0u64;
+    loop {
+        let read = file
+            .read(&mut buffer)
+            .map_err(io_error(format!("cannot read {}", path.display())))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        total += read as u64;
+        if let Some(meter) = meter.as_deref_mut() {
+            meter.add_bytes(read as u64);
+        }
+    }
+    Ok((total, hex::encode(hasher.finalize())))
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
+    let mut file =
+        File::create(path).map_err(io_error(format!("cannot create {}", path.display())))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(io_error(format!("cannot write {}", path.display())))
+}
+
+fn sync_dir(path: &Path) -> Result<(), BackupError> {
+    File::open(path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io_error(format!("cannot sync {}", path.display())))
+}
+
+#[cfg(unix)]
+fn owner_only(path: &Path, dir: bool) -> Result<(), BackupError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if dir { 0o700 } else { 0o600 };
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_error(format!(
+        "cannot set the permissions of {}",
+        path.display()
+    )))
+}
+
+#[cfg(not(unix))]
+fn owner_only(_path: &Path, _dir: bool) -> Result<(), BackupError> {
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! Backup, verify and restore through the public API: a backup taken while the writer keeps
+//! storing is a consistent snapshot; the second one copies only what is new; a flipped byte
+//! is found by verify and refused by restore; a restored directory opens and verifies clean.
+
+use bytes::Bytes;
+use es_storage::backup::{self, BackupError, FileKind};
+use es_storage::*;
+use std::path::Path;
+
+const SEED: [u8; 16] = [0xb4; 16];
+const T0: i64 = 1_700_000_000_000;
+/// Small volumes, so a few dozen images seal several.
+const VOLUME_BYTES_MAX: u64 = 1 << 20;
+
+fn open(dir: &Path) -> Store {
+    let options = StoreOptions {
+        volume_bytes_max: VOLUME_BYTES_MAX,
+        ..StoreOptions::default()
+    };
+    Store::open(dir, &options, SEED).unwrap()
+}
+
+fn setup(writer: &Writer) -> u64 {
+    let accepted = writer
+        .write(InstrumentHello {
+            number: 0,
+            serial: "SN-B".into(),
+            model: "EmbryoScope+".into(),
+            firmware: "1".into(),
+            presented_secret: None,
+            new_secret: "s".into(),
+            issued_connection_open: false,
+            enrolment: Default::default(),
+            at_ms: T0,
+        })
+        .unwrap();
+    let dish = DishRegistration {
+        fertilization_method: String::new(),
+        dish_id: "D1".into(),
+        slot: 1,
+        patient: PatientRef {
+            patient_idx: String::new(),
+            patient_id: "MRN-B".into(),
+            first_name: "Ada".into(),
+            last_name: "Backup".into(),
+            date_of_birth: String::new(),
+        },
+        treatment_name: "2026-1".into(),
+        insemination_at_ms: T0 - 3_600_000,
+        wells: (1..=4)
+            .map(|well| WellRegistration {
+                label: String::new(),
+                well,
+                embryo_id: format!("EB{well}"),
+            })
+            .collect(),
+    };
+    writer
+        .write(RegisterDish {
+            instrument_id: accepted.instrument_id,
+            dish,
+            at_ms: T0,
+        })
+        .unwrap();
+    accepted.instrument_id
+}
+
+fn put(writer: &Writer, instrument_id: u64, n: u32) -> Bytes {
+    let jpeg = Bytes::from(fixture_jpeg(1 + n % 4, n, 0, 60_000));
+    let op = PutImage {
+        instrument_id,
+        dish_id: "D1".into(),
+        well: 1 + n % 4,
+        focal_plane: 0,
+        acquired_at_ms: T0 + i64::from(n) * 600_000,
+        jpeg: ImageBytes::new(jpeg.clone()),
+        at_ms: T0 + i64::from(n),
+    };
+    assert_eq!(writer.write(op), Ok(ImageStored { duplicate: false }));
+    jpeg
+}
+
+fn read(store: &Store, instrument_id: u64, n: u32) -> Option<Bytes> {
+    store
+        .read()
+        .unwrap()
+        .image(
+            instrument_id,
+            "D1",
+            1 + n % 4,
+            0,
+            T0 + i64::from(n) * 600_000,
+        )
+        .unwrap()
+}
+
+fn quiet(_: &backup::Progress) {}
+
+#[test]
+fn a_backup_during_writes_restores_exactly_its_snapshot_and_the_next_copies_only_the_new() {
+    let data = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let store = open(data.path());
+    let writer = store.start_writer(WriterOptions::default());
+    let instrument_id = setup(&writer);
+    let mut jpegs: Vec<Bytes> = (0..40).map(|n| put(&writer, instrument_id, n)).collect();
+
+    // The first backup runs while another thread keeps storing images.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let (writer, stop) = (writer.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 40;
+            let mut stored = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 200 {
+                stored.push(put(&writer, instrument_id, n));
+                n += 1;
+            }
+            stored
+        })
+    };
+    let mut progress_calls = 0;
+    let first = store
+        .backup(target.path(), "b1", data.path(), T0, &mut |_| {
+            progress_calls += 1
+        })
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    jpegs.extend(busy.join().unwrap());
+    assert!(progress_calls >= 2, "{progress_calls}");
+    assert_eq!(first.files_copied, first.files, "{first:?}");
+    let manifest = backup::read_manifest(target.path(), "b1").unwrap();
+    assert_eq!(manifest.images, first.images);
+    assert!(manifest.images >= 40, "{manifest:?}");
+    assert!(manifest.files.iter().any(|f| f.kind
+        == FileKind::Volume {
+            id: 1,
+            sealed: true
+        }));
+
+    // More images seal more volumes; the second backup copies the new ones only.
+    let before = jpegs.len() as u32;
+    for n in before..before + 30 {
+        jpegs.push(put(&writer, instrument_id, n));
+    }
+    let second = store
+        .backup(target.path(), "b2", data.path(), T0 + 1, &mut quiet)
+        .unwrap();
+    let first_sealed: u64 = manifest
+        .files
+        .iter()
+        .filter(|f| matches!(f.kind, FileKind::Volume { sealed: true, .. }))
+        .map(|f| f.bytes)
+        .sum();
+    assert!(first_sealed > 0);
+    assert!(
+        second.bytes_copied + first_sealed <= second.bytes + 4096,
+        "the second backup copied sealed volumes again: {second:?}"
+    );
+    assert!(second.files_copied < second.files, "{second:?}");
+
+    // Both backups verify; a restore of the first holds exactly its snapshot's images.
+    assert!(backup::verify(target.path(), Some("b1"), &mut quiet)
+        .unwrap()
+        .is_clean());
+    assert!(backup::verify(target.path(), None, &mut quiet)
+        .unwrap()
+        .is_clean());
+    writer.shutdown();
+    let restored = tempfile::tempdir().unwrap();
+    let restored_dir = restored.path().join("data");
+    let report = backup::restore(target.path(), Some("b1"), &restored_dir, &mut quiet).unwrap();
+    assert_eq!(report.images, manifest.images);
+    let copy = open(&restored_dir);
+    assert_eq!(copy.server_id(), store.server_id());
+    let stats = copy.read().unwrap().stats().unwrap();
+    assert_eq!(stats.images, manifest.images);
+    for n in 0..manifest.images as u32 {
+        assert_eq!(
+            read(&copy, instrument_id, n).as_ref(),
+            Some(&jpegs[n as usize])
+        );
+    }
+    assert_eq!(read(&copy, instrument_id, manifest.images as u32), None);
+    assert!(copy.verify(&mut |_| {}).unwrap().is_clean());
+    // The restored store takes new images.
+    let copy_writer = copy.start_writer(WriterOptions::default());
+    put(&copy_writer, instrument_id, 1000);
+    copy_writer.shutdown();
+
+    // A restore never writes into a directory that holds something.
+    let refused = backup::restore(target.path(), None, &restored_dir, &mut quiet);
+    assert!(
+        matches!(refused, Err(BackupError::Refused(_))),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_flipped_byte_is_found_by_verify_and_refused_by_restore() {
+    let data = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let store = open(data.path());
+    let writer = store.start_writer(WriterOptions::default());
+    let instrument_id = setup(&writer);
+    for n in 0..30 {
+        put(&writer, instrument_id, n);
+    }
+    store
+        .backup(target.path(), "b1", data.path(), T0, &mut quiet)
+        .unwrap();
+    writer.shutdown();
+    let manifest = backup::read_manifest(target.path(), "b1").unwrap();
+    let victim = manifest
+        .files
+        .iter()
+        .find(|f| matches!(f.kind, FileKind::Volume { sealed: true, .. }))
+        .unwrap();
+    let path = target.path().join(&victim.path);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1000] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let report = backup::verify(target.path(), None, &mut quiet).unwrap();
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    assert!(report.damaged[0].contains(&victim.path), "{report:?}");
+    let restored = tempfile::tempdir().unwrap();
+    let restored_dir = restored.path().join("data");
+    let refused = backup::restore(target.path(), None, &restored_dir, &mut quiet);
+    assert!(
+        matches!(refused, Err(BackupError::Damaged(_))),
+        "{refused:?}"
+    );
+    assert!(
+        !restored_dir.exists(),
+        "a failed restore left a data directory"
+    );
+}
+
+#[test]
+fn a_target_holds_one_servers_backups_and_an_interrupted_backup_is_cleared() {
+    let data = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let store = open(data.path());
+    let writer = store.start_writer(WriterOptions::default());
+    let instrument_id = setup(&writer);
+    put(&writer, instrument_id, 0);
+    // What a killed backup leaves: a partial directory and a partial pool volume.
+    std::fs::create_dir_all(target.path().join("backups/b0.partial/volumes")).unwrap();
+    std::fs::create_dir_all(target.path().join("volumes")).unwrap();
+    std::fs::write(target.path().join("volumes/00000001-1.vol.partial"), b"x").unwrap();
+    store
+        .backup(target.path(), "b1", data.path(), T0, &mut quiet)
+        .unwrap();
+    assert!(!target.path().join("backups/b0.partial").exists());
+    assert!(!target
+        .path()
+        .join("volumes/00000001-1.vol.partial")
+        .exists());
+    assert_eq!(backup::list(target.path()).unwrap().len(), 1);
+    writer.shutdown();
+    drop(store);
+
+    let other_data = tempfile::tempdir().unwrap();
+    let other = Store::open(other_data.path(), &StoreOptions::default(), [7; 16]).unwrap();
+    let refused = other.backup(target.path(), "b2", other_data.path(), T0, &mut quiet);
+    assert!(
+        matches!(refused, Err(BackupError::Refused(_))),
+        "{refused:?}"
+    );
+}
