@@ -304,8 +304,17 @@ fn user_change(
 
 /// Runs `request` on the live server, or on the database directly when none runs.
 pub fn run(config: &Config, request: Request) -> Result<Response, String> {
+    run_with_progress(config, request, &mut |_| {})
+}
+
+/// [`run`], handing the progress of a long request (a backup) to `progress`.
+pub fn run_with_progress(
+    config: &Config,
+    request: Request,
+    progress: control::ProgressSink<'_>,
+) -> Result<Response, String> {
     let data_dir = &config.storage.data_dir;
-    match control::call(data_dir, &request) {
+    match control::call_with_progress(data_dir, &request, progress) {
         Ok(Some(response)) => return Ok(response),
         Ok(None) => {}
         Err(error) => {
@@ -315,10 +324,15 @@ pub fn run(config: &Config, request: Request) -> Result<Response, String> {
             ))
         }
     }
-    offline(config, data_dir, request)
+    offline(config, data_dir, request, progress)
 }
 
-fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Response, String> {
+fn offline(
+    config: &Config,
+    data_dir: &Path,
+    request: Request,
+    progress: control::ProgressSink<'_>,
+) -> Result<Response, String> {
     // The first administrator may be created before the server's first start.
     let creates = matches!(
         request,
@@ -437,6 +451,7 @@ fn offline(config: &Config, data_dir: &Path, request: Request) -> Result<Respons
                 Err(detail) => Response::error("license_unreadable", detail),
             }
         }
+        Request::Backup { to } => crate::backup::run(&store, &to, data_dir, progress),
         Request::Ims { action } => match action {
             crate::control::ImsRequest::Status => {
                 match store.read().and_then(|reader| reader.ims_stats()) {

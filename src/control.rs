@@ -1,7 +1,8 @@
 //! The local control socket: how admin commands (`esserver status`, `verify`,
-//! `instrument reset-secret`) reach a running server. It is a Unix domain socket in the
-//! data directory, readable by the owner only; each connection carries one JSON request
-//! line and gets one JSON response line.
+//! `instrument reset-secret`, `backup`) reach a running server. It is a Unix domain socket in
+//! the data directory, readable by the owner only; each connection carries one JSON request
+//! line and gets one JSON response line, before which a long request (a backup) may send
+//! progress lines `{"progress": ...}`.
 //!
 //! redb locks its file, so admin commands open the database directly only when no server
 //! answers here.
@@ -13,6 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+/// Reports the progress of a long request (sent as a `{"progress": ...}` line).
+pub type ProgressSink<'a> = &'a mut dyn FnMut(serde_json::Value);
 
 /// A request line is at most this long; longer ones are refused.
 const REQUEST_BYTES_MAX: u64 = 64 * 1024;
@@ -71,6 +75,11 @@ pub enum Request {
     /// Instrument monitoring: status, or a run-time switch.
     Ims {
         action: ImsRequest,
+    },
+    /// Back the store up into `to` (an absolute path) while the server runs; progress lines
+    /// come before the answer.
+    Backup {
+        to: PathBuf,
     },
 }
 
@@ -182,7 +191,7 @@ impl ControlServer {
     #[cfg(unix)]
     pub fn start(
         data_dir: &Path,
-        handler: impl Fn(Request) -> Response + Send + Sync + 'static,
+        handler: impl Fn(Request, ProgressSink<'_>) -> Response + Send + Sync + 'static,
     ) -> io::Result<ControlServer> {
         use std::os::unix::net::UnixListener;
         use std::sync::atomic::AtomicUsize;
@@ -224,7 +233,7 @@ impl ControlServer {
     #[cfg(not(unix))]
     pub fn start(
         _data_dir: &Path,
-        _handler: impl Fn(Request) -> Response + Send + Sync + 'static,
+        _handler: impl Fn(Request, ProgressSink<'_>) -> Response + Send + Sync + 'static,
     ) -> io::Result<ControlServer> {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
@@ -245,7 +254,7 @@ impl ControlServer {
 #[cfg(unix)]
 fn serve_in_background(
     stream: std::os::unix::net::UnixStream,
-    handler: &Arc<impl Fn(Request) -> Response + Send + Sync + 'static>,
+    handler: &Arc<impl Fn(Request, ProgressSink<'_>) -> Response + Send + Sync + 'static>,
     in_progress: &Arc<std::sync::atomic::AtomicUsize>,
 ) {
     if in_progress.fetch_add(1, Ordering::SeqCst) >= REQUESTS_IN_PROGRESS_MAX {
@@ -277,7 +286,7 @@ fn serve_in_background(
 #[cfg(unix)]
 fn serve_one(
     stream: std::os::unix::net::UnixStream,
-    handler: &dyn Fn(Request) -> Response,
+    handler: &dyn Fn(Request, ProgressSink<'_>) -> Response,
 ) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -285,8 +294,20 @@ fn serve_one(
     let mut reader = BufReader::new(io::Read::take(&stream, REQUEST_BYTES_MAX));
     let mut line = String::new();
     reader.read_line(&mut line)?;
+    // A client that went away stops the progress lines, not the request.
+    let mut client_gone = false;
+    let mut progress = |value: serde_json::Value| {
+        if client_gone {
+            return;
+        }
+        let mut text = serde_json::json!({ "progress": value }).to_string();
+        text.push('\n');
+        if (&stream).write_all(text.as_bytes()).is_err() {
+            client_gone = true;
+        }
+    };
     let response = match serde_json::from_str::<Request>(line.trim()) {
-        Ok(request) => handler(request),
+        Ok(request) => handler(request, &mut progress),
         Err(error) => Response::error(
             "bad_request",
             format!("cannot parse the control request: {error}"),
@@ -305,8 +326,17 @@ fn write_response(stream: &std::os::unix::net::UnixStream, response: &Response) 
 
 /// Sends one request to the server running on `data_dir`. `Ok(None)` when no server
 /// answers there.
-#[cfg(unix)]
 pub fn call(data_dir: &Path, request: &Request) -> io::Result<Option<Response>> {
+    call_with_progress(data_dir, request, &mut |_| {})
+}
+
+/// [`call`], handing the progress lines the server sends before its answer to `progress`.
+#[cfg(unix)]
+pub fn call_with_progress(
+    data_dir: &Path,
+    request: &Request,
+    progress: ProgressSink<'_>,
+) -> io::Result<Option<Response>> {
     use std::os::unix::net::UnixStream;
     let path = socket_path(data_dir);
     let stream = match UnixStream::connect(&path) {
@@ -325,18 +355,40 @@ pub fn call(data_dir: &Path, request: &Request) -> io::Result<Option<Response>> 
     let mut text = serde_json::to_string(request).map_err(io::Error::other)?;
     text.push('\n');
     (&stream).write_all(text.as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
-    let response = serde_json::from_str(line.trim()).map_err(|error| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("bad control response: {error}"),
-        )
-    })?;
-    Ok(Some(response))
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the control connection without an answer",
+            ));
+        }
+        let value: serde_json::Value = serde_json::from_str(line.trim()).map_err(|error| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad control response: {error}"),
+            )
+        })?;
+        if let Some(update) = value.get("progress") {
+            progress(update.clone());
+            continue;
+        }
+        let response = serde_json::from_value(value).map_err(|error| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad control response: {error}"),
+            )
+        })?;
+        return Ok(Some(response));
+    }
 }
 
 #[cfg(not(unix))]
-pub fn call(_data_dir: &Path, _request: &Request) -> io::Result<Option<Response>> {
+pub fn call_with_progress(
+    _data_dir: &Path,
+    _request: &Request,
+    _progress: ProgressSink<'_>,
+) -> io::Result<Option<Response>> {
     Ok(None)
 }

@@ -9,6 +9,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod api;
+pub mod backup;
 pub mod config;
 pub mod control;
 pub mod disk_guard;

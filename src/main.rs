@@ -46,6 +46,11 @@ enum Command {
     },
     /// Check every stored image against its SHA-256 and the store's invariants.
     Verify(Common),
+    /// Back the store up while the server runs (or while it is stopped); check or list
+    /// backups (`backup verify`, `backup list`).
+    Backup(BackupArgs),
+    /// Restore a backup into a new data directory.
+    Restore(RestoreArgs),
     /// Print the server id and where things are.
     Info(Common),
     /// Manage instruments.
@@ -87,6 +92,59 @@ enum Command {
     Viewer(ViewerArgs),
     /// Print a complete, commented EmbryoServer.ini with the defaults.
     DefaultConfig,
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BackupArgs {
+    #[command(subcommand)]
+    action: Option<BackupAction>,
+    /// The backup target: a directory (created when missing) holding this server's backups.
+    #[arg(long, value_name = "DIR")]
+    to: Option<PathBuf>,
+    /// Print the report as JSON on standard output (progress stays on standard error).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Subcommand)]
+enum BackupAction {
+    /// Check every file of a backup against its manifest (size and SHA-256).
+    Verify {
+        /// The backup target.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// Which backup (default: the newest).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the complete backups of a target, oldest first.
+    List {
+        /// The backup target.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The backup target.
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// Which backup (default: the newest).
+    #[arg(long)]
+    name: Option<String>,
+    /// The new data directory: must not exist, or be empty.
+    #[arg(long, value_name = "NEWDIR")]
+    data: PathBuf,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -493,6 +551,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 ExitCode::FAILURE
             })
         }
+        Command::Backup(args) => backup(args),
+        Command::Restore(args) => restore(args),
         Command::Tls {
             action: TlsAction::Renew(common),
         } => {
@@ -1195,6 +1255,132 @@ fn admin(
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn backup(args: BackupArgs) -> Result<ExitCode, String> {
+    use esserver::backup::{bytes_text, error_text, ProgressPrinter};
+    match args.action {
+        Some(BackupAction::Verify { from, name, json }) => {
+            let mut printer = ProgressPrinter::new("backup verify");
+            let report = esserver::backup::verify(&from, name.as_deref(), &mut |p| printer.show(p))
+                .map_err(|error| error_text(&error))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else if report.is_clean() {
+                println!(
+                    "backup {} in {}: {} files, {}, every one matches its manifest",
+                    report.name,
+                    from.display(),
+                    report.files,
+                    bytes_text(report.bytes)
+                );
+            } else {
+                println!("backup {} in {} is DAMAGED:", report.name, from.display());
+                for line in &report.damaged {
+                    println!("  {line}");
+                }
+            }
+            Ok(if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Some(BackupAction::List { from, json }) => {
+            let manifests = esserver::backup::list(&from).map_err(|error| error_text(&error))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&manifests).unwrap_or_default()
+                );
+            } else if manifests.is_empty() {
+                println!("no complete backup in {}", from.display());
+            } else {
+                for manifest in &manifests {
+                    println!(
+                        "{}  {} images, {}, change {} , schema {}",
+                        manifest.name,
+                        manifest.images,
+                        bytes_text(manifest.bytes()),
+                        manifest.change_seq,
+                        manifest.schema_version
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let Some(to) = args.to else {
+                return Err(
+                    "name the backup target with --to DIR (or: backup verify, backup list)".into(),
+                );
+            };
+            let to = std::path::absolute(&to)
+                .map_err(|error| format!("cannot resolve {}: {error}", to.display()))?;
+            let config = load_config(&args.common)?;
+            let mut printer = ProgressPrinter::new("backup");
+            let response = esserver::admin::run_with_progress(
+                &config,
+                Request::Backup { to: to.clone() },
+                &mut |value| printer.show_json(&value),
+            )?;
+            report(&response, |body| {
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(body).unwrap_or_default());
+                } else {
+                    println!(
+                        "backup {} complete in {}: {} files, {} ({} copied, the rest was there), \
+                         {} images up to change {}, {:.1} s",
+                        body["name"].as_str().unwrap_or("?"),
+                        to.display(),
+                        body["files"],
+                        bytes_text(body["bytes"].as_u64().unwrap_or(0)),
+                        bytes_text(body["bytes_copied"].as_u64().unwrap_or(0)),
+                        body["images"],
+                        body["change_seq"],
+                        body["seconds"].as_f64().unwrap_or(0.0)
+                    );
+                }
+            });
+            Ok(if response.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
+    use esserver::backup::{bytes_text, error_text, ProgressPrinter};
+    let mut printer = ProgressPrinter::new("restore");
+    let report =
+        esserver::backup::restore(&args.from, args.name.as_deref(), &args.data, &mut |p| {
+            printer.show(p)
+        })
+        .map_err(|error| error_text(&error))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "backup {} restored into {}: {} files, {}, {} images up to change {}; check it with \
+             `esserver verify --data {}`",
+            report.name,
+            report.data_dir.display(),
+            report.files,
+            bytes_text(report.bytes),
+            report.images,
+            report.change_seq,
+            report.data_dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn report(response: &Response, print: impl FnOnce(&serde_json::Value)) {

@@ -337,11 +337,13 @@ fn start_services(
         licensing: licensing.clone(),
         ims,
     };
-    let control = ControlServer::start(&data_dir, move |request| status_context.handle(request))
-        .map_err(|source| StartError::Control {
-            path: data_dir.clone(),
-            source,
-        })?;
+    let control = ControlServer::start(&data_dir, move |request, progress| {
+        status_context.handle(request, progress)
+    })
+    .map_err(|source| StartError::Control {
+        path: data_dir.clone(),
+        source,
+    })?;
     server.control = Some(control);
     let info = ServerInfo {
         pid: std::process::id(),
@@ -581,9 +583,12 @@ struct StatusContext {
 }
 
 impl StatusContext {
-    fn handle(&self, request: Request) -> Response {
+    fn handle(&self, request: Request, progress: crate::control::ProgressSink<'_>) -> Response {
         match request {
             Request::Status => self.status(),
+            Request::Backup { to } => {
+                crate::backup::run(&self.store, &to, &self.data_dir, progress)
+            }
             Request::Verify => crate::admin::verify_report(&self.store),
             Request::ResetSecret { serial } => crate::admin::reset_secret(&self.writer, &serial),
             Request::User { action } => {

@@ -229,12 +229,16 @@ impl Store {
         let volumes = snapshot_volumes(&txn)?;
         let (schema_version, change_seq, images, image_bytes) = snapshot_meta(&txn)?;
         let volume_bytes: u64 = volumes.iter().map(|(_, row)| row.end).sum();
+        let data_files: Vec<(&str, u64)> = DATA_FILES
+            .iter()
+            .filter_map(|name| Some((*name, fs::metadata(data_dir.join(name)).ok()?.len())))
+            .collect();
         let mut meter = Meter {
             progress,
             state: Progress {
                 phase: "index",
-                files_total: volumes.len() as u64 + 1,
-                bytes_total: volume_bytes,
+                files_total: volumes.len() as u64 + 1 + data_files.len() as u64,
+                bytes_total: volume_bytes + data_files.iter().map(|(_, bytes)| bytes).sum::<u64>(),
                 ..Progress::default()
             },
             reported_at: 0,
@@ -318,22 +322,20 @@ impl Store {
 
         // The data directory's licence and TLS files.
         meter.state.phase = "files";
-        for name in DATA_FILES {
+        for (name, bytes) in data_files {
             let source = data_dir.join(name);
-            let Ok(metadata) = fs::metadata(&source) else {
-                continue;
-            };
             let path = partial.join("files").join(name);
             if let Some(parent) = path.parent() {
                 fs::create_dir_all(parent)
                     .map_err(io_error(format!("cannot create {}", parent.display())))?;
             }
-            let sha256 = copy_prefix(&source, &path, metadata.len(), &mut meter)?;
+            let sha256 = copy_prefix(&source, &path, bytes, &mut meter)?;
+            meter.file_done();
             files_copied += 1;
-            bytes_copied += metadata.len();
+            bytes_copied += bytes;
             files.push(ManifestFile {
                 path: relative(target, &path),
-                bytes: metadata.len(),
+                bytes,
                 sha256,
                 kind: FileKind::DataFile {
                     name: name.to_string(),
@@ -677,6 +679,7 @@ pub fn restore(
         if let Some(parent) = destination.parent() {
             fs::create_dir_all(parent)
                 .map_err(io_error(format!("cannot create {}", parent.display())))?;
+            owner_only(parent, true)?;
         }
         let source = target.join(&file.path);
         let sha256 = copy_prefix(&source, &destination, file.bytes, &mut meter)?;
