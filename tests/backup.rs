@@ -2,7 +2,8 @@
 //! taken while 16 incubators upload, restored with `esserver restore` into a new directory
 //! that verifies clean and holds every image acknowledged before the backup, byte for byte;
 //! the second backup copies only what is new; a flipped byte is reported; a server killed
-//! during a backup damages neither the store nor earlier backups, and the next one completes.
+//! during a backup damages neither the store nor earlier backups, and the next one completes;
+//! a restore killed midway leaves nothing a server could start on, and run again completes.
 
 mod common;
 
@@ -344,4 +345,40 @@ fn a_server_killed_during_a_backup_damages_nothing_and_the_next_backup_completes
     assert!(!partial_left);
     assert_ne!(next["name"], first["name"]);
     server.terminate(common::TIMEOUT);
+
+    // A restore killed midway leaves no data directory, and run again it completes.
+    let restored = dir.path().join("restored");
+    let mut child = Command::new(common::esserver_path())
+        .args(["restore", "--from"])
+        .arg(&target)
+        .arg("--data")
+        .arg(&restored)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let started = lines.any(|line| line.map(|l| l.starts_with("restore: ")).unwrap_or(false));
+    assert!(started, "the restore reported no progress");
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(!restored.exists(), "a killed restore left a data directory");
+    let again = Command::new(common::esserver_path())
+        .args(["restore", "--from"])
+        .arg(&target)
+        .arg("--data")
+        .arg(&restored)
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+    let verified = esserver(&["verify", "--data"], &[&restored]);
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    let partial_left = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .any(|entry| entry.file_name().to_string_lossy().ends_with(".partial"));
+    assert!(
+        !partial_left,
+        "the second restore left the first one's partial copy"
+    );
 }
