@@ -2,13 +2,294 @@
 //! control answer. What a backup is and how it is made, verified and restored is
 //! `es_storage::backup`; docs/operations.md says how to use it.
 
-use std::path::Path;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use es_storage::backup::{self, BackupError, Progress};
 use es_storage::Store;
+use parking_lot::Mutex;
+use serde::Serialize;
 
 use crate::control::{ProgressSink, Response};
+
+/// A backup older than this (or none) is a warning on the dashboard, in `status` and in
+/// `/metrics`: a daily backup missed more than once, with two hours of slack.
+pub const STALE_AFTER_MS: i64 = 26 * 3600 * 1000;
+/// A scheduled backup that was missed runs this long after the start.
+const CATCH_UP_DELAY_MS: i64 = 2_000;
+
+/// The last backup that succeeded.
+#[derive(Debug, Clone, Serialize)]
+pub struct Succeeded {
+    pub name: String,
+    pub target: PathBuf,
+    pub at_ms: i64,
+    pub bytes: u64,
+    pub bytes_copied: u64,
+    pub images: u64,
+    pub seconds: f64,
+}
+
+/// The last backup that failed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failed {
+    pub target: PathBuf,
+    pub at_ms: i64,
+    pub reason: String,
+}
+
+/// What status pages show of the backups.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupStatus {
+    /// `[Backup] target`, when backups are scheduled.
+    pub scheduled_target: Option<PathBuf>,
+    /// The next scheduled backup (Unix ms).
+    pub next_at_ms: Option<i64>,
+    pub last_success: Option<Succeeded>,
+    /// Seconds since the last success.
+    pub last_success_age_s: Option<u64>,
+    /// The last attempt failed: when and why.
+    pub last_failure: Option<Failed>,
+    pub running: bool,
+    /// Why the backups need attention, if they do.
+    pub warning: Option<String>,
+}
+
+/// The server's backups: one at a time, the last outcome of each kind, the schedule.
+#[derive(Default)]
+pub struct Backups {
+    running: Mutex<()>,
+    busy: AtomicBool,
+    /// The scheduler has run a backup since the start.
+    tried: AtomicBool,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    scheduled_target: Option<PathBuf>,
+    next_at_ms: Option<i64>,
+    last_success: Option<Succeeded>,
+    last_failure: Option<Failed>,
+}
+
+impl Backups {
+    /// Knows `[Backup] target` and the newest complete backup in it (so a restart does not
+    /// forget the last success).
+    pub fn new(scheduled_target: Option<PathBuf>) -> Backups {
+        let last_success = scheduled_target.as_deref().and_then(|target| {
+            let newest = backup::list(target).ok()?.pop()?;
+            Some(Succeeded {
+                name: newest.name.clone(),
+                target: target.to_path_buf(),
+                at_ms: newest.created_at_ms,
+                bytes: newest.bytes(),
+                bytes_copied: 0,
+                images: newest.images,
+                seconds: 0.0,
+            })
+        });
+        Backups {
+            state: Mutex::new(State {
+                scheduled_target,
+                last_success,
+                ..State::default()
+            }),
+            ..Backups::default()
+        }
+    }
+
+    /// Runs a backup of `store` into `target` unless one is running (then `busy`), and
+    /// records its outcome.
+    pub fn run(
+        &self,
+        store: &Store,
+        target: &Path,
+        data_dir: &Path,
+        progress: ProgressSink<'_>,
+    ) -> Response {
+        let Some(_running) = self.running.try_lock() else {
+            return Response::error(
+                "busy",
+                "a backup is running already; try again once it has finished",
+            );
+        };
+        self.busy.store(true, Ordering::Release);
+        let response = run(store, target, data_dir, progress);
+        self.busy.store(false, Ordering::Release);
+        let now_ms = crate::now_ms();
+        let mut state = self.state.lock();
+        if response.ok {
+            let body = &response.body;
+            let number = |key: &str| body[key].as_u64().unwrap_or(0);
+            state.last_success = Some(Succeeded {
+                name: body["name"].as_str().unwrap_or_default().to_string(),
+                target: target.to_path_buf(),
+                at_ms: now_ms,
+                bytes: number("bytes"),
+                bytes_copied: number("bytes_copied"),
+                images: number("images"),
+                seconds: body["seconds"].as_f64().unwrap_or(0.0),
+            });
+            state.last_failure = None;
+        } else {
+            state.last_failure = Some(Failed {
+                target: target.to_path_buf(),
+                at_ms: now_ms,
+                reason: response.message.clone().unwrap_or_default(),
+            });
+        }
+        response
+    }
+
+    /// The backups as status pages show them, at `now_ms`.
+    pub fn status(&self, now_ms: i64) -> BackupStatus {
+        let state = self.state.lock();
+        let age_s = state
+            .last_success
+            .as_ref()
+            .map(|s| ((now_ms - s.at_ms).max(0) / 1000) as u64);
+        let warning = if let Some(failed) = &state.last_failure {
+            Some(format!(
+                "the last backup failed ({}): {}",
+                crate::times::time_text(failed.at_ms),
+                failed.reason
+            ))
+        } else if state.scheduled_target.is_none() && state.last_success.is_none() {
+            Some("no backup is configured ([Backup] target) and none was taken".to_string())
+        } else {
+            match &state.last_success {
+                None => Some("no backup has been taken yet".to_string()),
+                Some(last) if now_ms - last.at_ms > STALE_AFTER_MS => Some(format!(
+                    "the last successful backup is {} hours old",
+                    (now_ms - last.at_ms) / 3_600_000
+                )),
+                Some(_) => None,
+            }
+        };
+        BackupStatus {
+            scheduled_target: state.scheduled_target.clone(),
+            next_at_ms: state.next_at_ms,
+            last_success: state.last_success.clone(),
+            last_success_age_s: age_s,
+            last_failure: state.last_failure.clone(),
+            running: self.busy.load(Ordering::Acquire),
+            warning,
+        }
+    }
+
+    fn tried_since_start(&self) -> bool {
+        self.tried.load(Ordering::Acquire)
+    }
+
+    fn set_next(&self, next_at_ms: Option<i64>) {
+        self.state.lock().next_at_ms = next_at_ms;
+    }
+}
+
+/// The thread that takes the daily backups of `[Backup]`.
+pub struct Scheduler {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Scheduler {
+    /// Starts the daily backups into `target` at `time_of_day_min` in `zone`, keeping `keep`.
+    pub fn start(
+        backups: Arc<Backups>,
+        store: Store,
+        data_dir: PathBuf,
+        target: PathBuf,
+        time_of_day_min: u32,
+        keep: u32,
+        zone: jiff::tz::TimeZone,
+    ) -> std::io::Result<Scheduler> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("es-backup".into())
+            .spawn(move || loop {
+                // A backup missed (the server was down at its time, or none was ever taken)
+                // is caught up shortly after the start.
+                let missed = backups
+                    .status(crate::now_ms())
+                    .last_success
+                    .is_none_or(|last| crate::now_ms() - last.at_ms > STALE_AFTER_MS);
+                let next = if missed && !backups.tried_since_start() {
+                    crate::now_ms() + CATCH_UP_DELAY_MS
+                } else {
+                    next_run_ms(crate::now_ms(), time_of_day_min, &zone)
+                };
+                backups.set_next(Some(next));
+                tracing::info!(target = %target.display(), next = %crate::times::time_text(next), "next scheduled backup");
+                while crate::now_ms() < next {
+                    if thread_stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                backups.tried.store(true, Ordering::Release);
+                let response = backups.run(&store, &target, &data_dir, &mut |_| {});
+                if response.ok {
+                    match backup::prune(&target, keep as usize) {
+                        Ok(pruned) if !pruned.removed.is_empty() => tracing::info!(
+                            removed = ?pruned.removed,
+                            files = pruned.files_removed,
+                            bytes = pruned.bytes_freed,
+                            keep,
+                            "old backups removed"
+                        ),
+                        Ok(_) => {}
+                        Err(error) => tracing::error!(code = error.code(), "cannot remove old backups: {error}"),
+                    }
+                }
+            })?;
+        Ok(Scheduler {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops waiting for the next backup (a backup in progress finishes first).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The next `time_of_day_min` (minutes after midnight in `zone`) strictly after `now_ms`.
+pub fn next_run_ms(now_ms: i64, time_of_day_min: u32, zone: &jiff::tz::TimeZone) -> i64 {
+    let now = jiff::Timestamp::from_millisecond(now_ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    let local = now.to_zoned(zone.clone());
+    let at = |date: jiff::civil::Date| {
+        let time = jiff::civil::Time::new(
+            (time_of_day_min / 60) as i8,
+            (time_of_day_min % 60) as i8,
+            0,
+            0,
+        )
+        .unwrap_or(jiff::civil::Time::midnight());
+        date.to_datetime(time)
+            .to_zoned(zone.clone())
+            .map(|zoned| zoned.timestamp().as_millisecond())
+            .unwrap_or(i64::MAX)
+    };
+    let today = at(local.date());
+    if today > now_ms {
+        today
+    } else {
+        local
+            .date()
+            .tomorrow()
+            .map(at)
+            .unwrap_or(now_ms + 24 * 3_600_000)
+    }
+}
 
 /// A backup's name: the UTC time it was taken, to the second (`2026-12-06T23-59-01Z`), so
 /// names sort by time and need no escaping on any filesystem.
@@ -163,6 +444,46 @@ pub use backup::{list, restore, verify};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_next_run_is_the_next_time_of_day_in_the_clinics_zone() {
+        let zone = jiff::tz::TimeZone::get("Europe/Copenhagen").unwrap();
+        // 2025-12-06 23:59:01 UTC is 00:59:01 on the 7th in Copenhagen (UTC+1).
+        let now = 1_765_065_541_000;
+        let next = next_run_ms(now, 2 * 60, &zone);
+        assert_eq!(name_at(next), "2025-12-07T01-00-00Z");
+        let later = next_run_ms(next, 2 * 60, &zone);
+        assert_eq!(later - next, 24 * 3_600_000);
+    }
+
+    #[test]
+    fn status_warns_when_nothing_succeeded_or_the_last_failed_or_is_old() {
+        let backups = Backups::new(Some(PathBuf::from("/nonexistent/backups")));
+        let status = backups.status(1_765_065_541_000);
+        assert!(status.warning.unwrap().contains("no backup"));
+        backups.state.lock().last_success = Some(Succeeded {
+            name: "x".into(),
+            target: PathBuf::from("/t"),
+            at_ms: 1_765_065_541_000,
+            bytes: 1,
+            bytes_copied: 1,
+            images: 1,
+            seconds: 0.1,
+        });
+        assert!(backups
+            .status(1_765_065_541_000 + 3_600_000)
+            .warning
+            .is_none());
+        let old = backups.status(1_765_065_541_000 + STALE_AFTER_MS + 3_600_000);
+        assert!(old.warning.unwrap().contains("hours old"));
+        backups.state.lock().last_failure = Some(Failed {
+            target: PathBuf::from("/t"),
+            at_ms: 1_765_065_541_000,
+            reason: "disk full".into(),
+        });
+        let failed = backups.status(1_765_065_541_000 + 1000);
+        assert!(failed.warning.unwrap().contains("disk full"));
+    }
 
     #[test]
     fn names_are_the_utc_time_and_sort_by_it() {

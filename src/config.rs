@@ -59,6 +59,30 @@ pub struct Config {
     pub tls: TlsSection,
     /// Section `[Clinic]`: the site's name and time zone.
     pub clinic: ClinicSection,
+    /// Section `[Backup]`: scheduled backups.
+    pub backup: BackupSection,
+}
+
+/// Section `[Backup]`: the backups the server takes itself, once a day.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupSection {
+    /// The backup target directory (absolute). None (the default): no scheduled backups;
+    /// `esserver backup --to DIR` still works.
+    pub target: Option<PathBuf>,
+    /// When, in the clinic's time zone ([Clinic] time_zone): minutes after midnight.
+    pub time_of_day_min: u32,
+    /// Complete backups kept in the target; older ones are removed after a backup succeeds.
+    pub keep: u32,
+}
+
+impl Default for BackupSection {
+    fn default() -> Self {
+        BackupSection {
+            target: None,
+            time_of_day_min: 2 * 60,
+            keep: 7,
+        }
+    }
 }
 
 /// Section `[Clinic]`: what the original system took from the computer it ran on.
@@ -302,6 +326,7 @@ impl Default for Config {
             tls: TlsSection::default(),
             ims: ImsConfig::default(),
             clinic: ClinicSection::default(),
+            backup: BackupSection::default(),
         }
     }
 }
@@ -388,7 +413,8 @@ impl Config {
             | Section::License
             | Section::Ims
             | Section::Tls
-            | Section::Clinic => None,
+            | Section::Clinic
+            | Section::Backup => None,
         }
     }
 
@@ -405,7 +431,8 @@ impl Config {
             | Section::License
             | Section::Ims
             | Section::Tls
-            | Section::Clinic => None,
+            | Section::Clinic
+            | Section::Backup => None,
         }
     }
 
@@ -460,6 +487,26 @@ impl Config {
                 out.push_str(&format!("volume_direct_io = {direct}\n"));
             }
             Section::Limits => write_numbers(LIMIT_NUMBERS, &self.limits, out),
+            Section::Backup => {
+                out.push_str(
+                    "; Where the server puts its daily backups: an absolute directory path\n",
+                );
+                out.push_str("; (another disk, or a mounted network share). None: no scheduled\n");
+                out.push_str("; backups (`esserver backup --to DIR` still works).\n");
+                match &self.backup.target {
+                    Some(path) => out.push_str(&format!("target = {}\n", ini_path(path))),
+                    None => out.push_str("; target = /mnt/backup/esserver\n"),
+                }
+                out.push_str("; When, in the clinic's time zone ([Clinic] time_zone): HH:MM.\n");
+                out.push_str(&format!(
+                    "time_of_day = {:02}:{:02}\n",
+                    self.backup.time_of_day_min / 60,
+                    self.backup.time_of_day_min % 60
+                ));
+                out.push_str("; Complete backups kept; older ones are removed after a new one\n");
+                out.push_str("; succeeds. Allowed: 1 to 1000.\n");
+                out.push_str(&format!("keep = {}\n", self.backup.keep));
+            }
             Section::Security => write_numbers(SECURITY_NUMBERS, &self.security, out),
             Section::Server => {
                 out.push_str(&format!("; One of {}.\n", LOG_LEVELS.join(", ")));
@@ -607,13 +654,14 @@ enum Section {
     Ims,
     Tls,
     Clinic,
+    Backup,
 }
 
 /// Keys of every listener section.
 const LISTENER_KEYS: [&str; 5] = ["bind", "port", "cert", "key", "workers"];
 
 impl Section {
-    const ALL: [Section; 12] = [
+    const ALL: [Section; 13] = [
         Section::IncubatorTransport,
         Section::ViewerTransport,
         Section::WebInterface,
@@ -626,6 +674,7 @@ impl Section {
         Section::Ims,
         Section::Tls,
         Section::Clinic,
+        Section::Backup,
     ];
 
     fn name(self) -> &'static str {
@@ -642,6 +691,7 @@ impl Section {
             Section::Ims => "IMS",
             Section::Tls => "TLS",
             Section::Clinic => "Clinic",
+            Section::Backup => "Backup",
         }
     }
 
@@ -665,6 +715,7 @@ impl Section {
             Section::Ims => "Instrument monitoring (IMS): the telemetry queue and its uploader.",
             Section::Tls => "The TLS certificate the server generates for itself.",
             Section::Clinic => "The site: its name in patient identifiers and its time zone.",
+            Section::Backup => "Scheduled backups (docs/operations.md).",
         }
     }
 
@@ -701,6 +752,7 @@ impl Section {
             Section::License => vec!["trusted_keys"],
             Section::Tls => vec!["names"],
             Section::Clinic => vec!["site_name", "time_zone"],
+            Section::Backup => vec!["target", "time_of_day", "keep"],
             Section::Ims => ["receive", "upload", "endpoint", "ca_file"]
                 .into_iter()
                 .chain(IMS_NUMBERS.iter().map(|k| k.name))
@@ -1388,6 +1440,22 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
             crate::times::clinic_zone(value)?;
             config.clinic.time_zone = value.to_owned();
         }
+        (Section::Backup, "target") => {
+            let path = parse_path(value, "an absolute directory path")?;
+            if !path.is_absolute() {
+                return Err(bad_value("an absolute directory path", value));
+            }
+            config.backup.target = Some(path);
+        }
+        (Section::Backup, "time_of_day") => {
+            config.backup.time_of_day_min = parse_time_of_day(value)?;
+        }
+        (Section::Backup, _) => {
+            config.backup.keep = match value.parse::<u32>() {
+                Ok(keep) if (1..=1000).contains(&keep) => keep,
+                _ => return Err(bad_value("a whole number from 1 to 1000", value)),
+            };
+        }
         (Section::Ims, "receive") => config.ims.receive = parse_switch(value)?,
         (Section::Ims, "upload") => config.ims.upload = parse_switch(value)?,
         (Section::Ims, "endpoint") => {
@@ -1403,6 +1471,15 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
         },
     }
     Ok(())
+}
+
+/// `HH:MM` (24-hour clock) as minutes after midnight.
+fn parse_time_of_day(value: &str) -> Result<u32, String> {
+    let parsed = value.split_once(':').and_then(|(hours, minutes)| {
+        let (hours, minutes) = (hours.parse::<u32>().ok()?, minutes.parse::<u32>().ok()?);
+        (hours < 24 && minutes < 60 && value.len() == 5).then_some(hours * 60 + minutes)
+    });
+    parsed.ok_or_else(|| bad_value("a time of day HH:MM, e.g. 02:30", value))
 }
 
 /// A comma-separated list of Ed25519 public keys, 64 hex characters each.
@@ -1993,6 +2070,21 @@ trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134,
         config.limits.read_bytes_per_turn_max = 5000;
         let text = config.to_ini();
         assert_eq!(parse(&text), Ok(config), "{text}");
+    }
+
+    #[test]
+    fn backup_section() {
+        let config =
+            parse("[Backup]\ntarget = /mnt/backup/es\ntime_of_day = 23:05\nkeep = 3\n").unwrap();
+        assert_eq!(config.backup.target, Some(PathBuf::from("/mnt/backup/es")));
+        assert_eq!(config.backup.time_of_day_min, 23 * 60 + 5);
+        assert_eq!(config.backup.keep, 3);
+        assert_eq!(parse(&config.to_ini()), Ok(config));
+        assert_eq!(Config::default().backup.target, None);
+        error_at("[Backup]\ntarget = relative/dir\n", 2);
+        error_at("[Backup]\ntime_of_day = 24:00\n", 2);
+        error_at("[Backup]\ntime_of_day = 2:30\n", 2);
+        error_at("[Backup]\nkeep = 0\n", 2);
     }
 
     #[test]

@@ -1582,4 +1582,19 @@ fn print_status(body: &serde_json::Value) {
     if let Some(free) = body["disk_free_bytes"].as_u64() {
         println!("disk free:  {:.1} GiB", free as f64 / 1073741824.0);
     }
+    let backup = &body["backup"];
+    if backup.is_object() {
+        match backup["last_success"]["name"].as_str() {
+            Some(name) => println!(
+                "backup:     last {name} ({} h ago), {} in {}",
+                backup["last_success_age_s"].as_u64().unwrap_or(0) / 3600,
+                esserver::backup::bytes_text(backup["last_success"]["bytes"].as_u64().unwrap_or(0)),
+                backup["last_success"]["target"].as_str().unwrap_or("?")
+            ),
+            None => println!("backup:     none taken"),
+        }
+        if let Some(warning) = backup["warning"].as_str() {
+            println!("            WARNING: {warning}");
+        }
+    }
 }

@@ -98,6 +98,8 @@ pub struct RunningServer {
     control: Option<ControlServer>,
     disk_guard: Option<DiskGuard>,
     ims: Option<crate::ims::Ims>,
+    backups: Arc<crate::backup::Backups>,
+    scheduler: Option<crate::backup::Scheduler>,
     info_path: PathBuf,
 }
 
@@ -162,6 +164,8 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
         control: None,
         disk_guard: Some(disk_guard),
         ims: Some(ims),
+        backups: Arc::new(crate::backup::Backups::new(config.backup.target.clone())),
+        scheduler: None,
         info_path: data_dir.join(INFO_FILE),
     };
     let started = start_services(
@@ -300,6 +304,7 @@ fn start_services(
         certificate_sha256,
         enrolment: config.incubator.enrolment,
         reserve_bytes: config.storage.reserve_bytes,
+        backups: server.backups.clone(),
     };
     let web = Arc::new(ApiService::new(
         store.clone(),
@@ -336,7 +341,24 @@ fn start_services(
         reserve_bytes: config.storage.reserve_bytes,
         licensing: licensing.clone(),
         ims,
+        backups: server.backups.clone(),
     };
+    if let Some(target) = &config.backup.target {
+        let scheduler = crate::backup::Scheduler::start(
+            server.backups.clone(),
+            store.clone(),
+            data_dir.clone(),
+            target.clone(),
+            config.backup.time_of_day_min,
+            config.backup.keep,
+            time_zone.clone(),
+        )
+        .map_err(|source| StartError::Control {
+            path: target.clone(),
+            source,
+        })?;
+        server.scheduler = Some(scheduler);
+    }
     let control = ControlServer::start(&data_dir, move |request, progress| {
         status_context.handle(request, progress)
     })
@@ -548,6 +570,9 @@ impl RunningServer {
             tracing::debug!(service = %info.service, "listener stopped");
         }
         self.workers.shutdown();
+        if let Some(scheduler) = self.scheduler.take() {
+            scheduler.stop();
+        }
         if let Some(ims) = self.ims.take() {
             ims.stop();
         }
@@ -580,15 +605,14 @@ struct StatusContext {
     reserve_bytes: u64,
     licensing: Arc<crate::license::Licensing>,
     ims: Arc<crate::ims::ImsShared>,
+    backups: Arc<crate::backup::Backups>,
 }
 
 impl StatusContext {
     fn handle(&self, request: Request, progress: crate::control::ProgressSink<'_>) -> Response {
         match request {
             Request::Status => self.status(),
-            Request::Backup { to } => {
-                crate::backup::run(&self.store, &to, &self.data_dir, progress)
-            }
+            Request::Backup { to } => self.backups.run(&self.store, &to, &self.data_dir, progress),
             Request::Verify => crate::admin::verify_report(&self.store),
             Request::ResetSecret { serial } => crate::admin::reset_secret(&self.writer, &serial),
             Request::User { action } => {
@@ -714,6 +738,7 @@ impl StatusContext {
             "database_file": self.store.path(),
             "database_bytes": std::fs::metadata(self.store.path()).map(|m| m.len()).ok(),
             "volumes_dir": self.store.volumes_dir(),
+            "backup": self.backups.status(now_ms),
         }))
     }
 }

@@ -74,6 +74,8 @@ pub struct WebContext {
     pub enrolment: es_storage::Enrolment,
     /// `[Storage] reserve_bytes`: writes are refused below this much free space.
     pub reserve_bytes: u64,
+    /// The backups: the last one, its age, the next scheduled one.
+    pub backups: Arc<crate::backup::Backups>,
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -805,6 +807,34 @@ fn metrics(shared: &WebShared) -> Response {
                 incubator.images
             );
         }
+        let backups = web.backups.status(now_ms());
+        let last = backups.last_success.as_ref();
+        let mut gauge = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        gauge(
+            "esserver_backup_last_success_timestamp_seconds",
+            "When the last successful backup was taken (Unix seconds; 0: none).",
+            last.map_or(0, |l| (l.at_ms / 1000) as u64),
+        );
+        gauge(
+            "esserver_backup_last_size_bytes",
+            "Bytes of the last successful backup (every file it is made of).",
+            last.map_or(0, |l| l.bytes),
+        );
+        gauge(
+            "esserver_backup_last_failed",
+            "1 when the last backup attempt failed.",
+            u64::from(backups.last_failure.is_some()),
+        );
+        gauge(
+            "esserver_backup_attention",
+            "1 when the backups need attention: none, the last older than 26 h, or it failed.",
+            u64::from(backups.warning.is_some()),
+        );
     }
     text(200, out, "text/plain; version=0.0.4; charset=utf-8")
 }
@@ -1033,6 +1063,7 @@ fn dashboard_with(shared: &WebShared, user: &str, csrf: &str, message: &str) -> 
         }
         body.push_str(&rate);
         body.push_str(&storage_card(shared, now));
+        body.push_str(&backup_card(web, now));
         body.push_str("<h2>Viewers</h2><table id=viewers><tr><th>User</th><th>Computer</th><th>Address</th><th>Since</th></tr>");
         let viewers = web.viewers.snapshot();
         if viewers.is_empty() {
@@ -1663,10 +1694,66 @@ fn capacity_and_rate(shared: &WebShared, web: &WebContext, now: i64) -> (String,
     }
     let rate = format!(
         "<p id=rate>Ingestion now: {images_per_s:.1} images/s ({:.2} MiB/s) from the \
-         connected incubators.</p><p>Backups: not part of this version.</p>",
+         connected incubators.</p>",
         bytes_per_s / MIB
     );
     (out, rate)
+}
+
+/// The backups: the last success (when, how big, where), a failure, the next scheduled one.
+fn backup_card(web: &WebContext, now: i64) -> String {
+    let status = web.backups.status(now);
+    let mut out = String::from("<h2>Backups</h2>");
+    if let Some(warning) = &status.warning {
+        let _ = write!(
+            out,
+            "<p class=err id=backup-warning>{}</p>",
+            escape(warning)
+        );
+    }
+    out.push_str("<table id=backups>");
+    let row = |out: &mut String, name: &str, value: String| {
+        let _ = write!(out, "<tr><td>{name}</td><td>{}</td></tr>", escape(&value));
+    };
+    match &status.last_success {
+        Some(last) => {
+            row(
+                &mut out,
+                "Last successful",
+                format!(
+                    "{} ({} h ago), {} in {}, {} images",
+                    time_text(last.at_ms),
+                    status.last_success_age_s.unwrap_or(0) / 3600,
+                    crate::backup::bytes_text(last.bytes),
+                    last.target.display(),
+                    last.images
+                ),
+            );
+        }
+        None => row(&mut out, "Last successful", "none".into()),
+    }
+    if let Some(failed) = &status.last_failure {
+        row(
+            &mut out,
+            "Last failed",
+            format!("{}: {}", time_text(failed.at_ms), failed.reason),
+        );
+    }
+    let schedule = match (&status.scheduled_target, status.next_at_ms) {
+        (Some(target), Some(next)) => {
+            format!("daily into {}, next {}", target.display(), time_text(next))
+        }
+        (Some(target), None) => format!("daily into {}", target.display()),
+        (None, _) => {
+            "none ([Backup] target is not set); `esserver backup --to DIR` takes one".into()
+        }
+    };
+    row(&mut out, "Scheduled", schedule);
+    if status.running {
+        row(&mut out, "Now", "a backup is running".into());
+    }
+    out.push_str("</table>");
+    out
 }
 
 /// One line an administrator reads first: licence, incubators, disk, warnings.
@@ -1708,7 +1795,7 @@ fn glance(shared: &WebShared, web: &WebContext, now: i64) -> String {
         )
     };
     format!(
-        "<p id=glance>{}{}{}{}</p>",
+        "<p id=glance>{}{}{}{}{}</p>",
         item(licence_bad, licence),
         item(
             disconnected > 0,
@@ -1719,6 +1806,21 @@ fn glance(shared: &WebShared, web: &WebContext, now: i64) -> String {
             warnings > 0,
             format!("{warnings} warning(s) since the start")
         ),
+        backup_glance(web, now),
+    )
+}
+
+/// The glance line's backup item: the last backup's age, red when it needs attention.
+fn backup_glance(web: &WebContext, now: i64) -> String {
+    let status = web.backups.status(now);
+    let text = match status.last_success_age_s {
+        Some(age) => format!("last backup {} h ago", age / 3600),
+        None => "no backup".to_string(),
+    };
+    format!(
+        "<span class='card{}' id=backup-glance>{}</span>",
+        if status.warning.is_some() { " bad" } else { "" },
+        escape(&text)
     )
 }
 

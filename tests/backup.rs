@@ -382,3 +382,88 @@ fn a_server_killed_during_a_backup_damages_nothing_and_the_next_backup_completes
         "the second restore left the first one's partial copy"
     );
 }
+
+#[test]
+fn the_server_takes_its_scheduled_backup_and_reports_it_and_a_failed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("scheduled");
+    // No backup in the target yet: the missed one is taken shortly after the start.
+    let config = format!(
+        "[Backup]\ntarget = {}\ntime_of_day = 03:00\nkeep = 2\n",
+        target.display()
+    );
+    let mut server = common::spawn_in(&dir, false, &config);
+    let data = server.data_dir().to_path_buf();
+    common::upload_dish(&server, "SB-1", 10);
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    let status = loop {
+        let status = common::admin_json(&data, &["status"]);
+        if status["backup"]["last_success"].is_object() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scheduled backup: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let backup = &status["backup"];
+    assert_eq!(backup["scheduled_target"].as_str(), target.to_str());
+    assert!(backup["warning"].is_null(), "{backup}");
+    assert!(
+        backup["next_at_ms"].as_i64().unwrap() > backup["last_success"]["at_ms"].as_i64().unwrap()
+    );
+    let verify = esserver(&["backup", "verify", "--from"], &[&target]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+
+    // /metrics and `status` say so.
+    let key = common::create_api_key(&server, "scraper", "read");
+    let mut http = es_client::http::HttpClient::new(
+        server.info.address("web"),
+        server.info.client_tls("web"),
+        common::TIMEOUT,
+    );
+    let authorization = format!("Bearer {key}");
+    let metrics = http
+        .get("/metrics", &[("authorization", authorization.as_str())])
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        metrics.contains("esserver_backup_last_failed 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("esserver_backup_attention 0"), "{metrics}");
+    assert!(!metrics.contains("esserver_backup_last_success_timestamp_seconds 0\n"));
+    let text = esserver(&["status", "--data"], &[&data]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("backup:     last "));
+
+    // A backup that cannot be written: the command fails with the reason, and status,
+    // metrics and the dashboard's data warn.
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let failed = Command::new(common::esserver_path())
+        .args(["backup", "--to"])
+        .arg(blocker.join("backups"))
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    assert!(
+        stderr(&failed).contains("backup failed"),
+        "{}",
+        stderr(&failed)
+    );
+    let status = common::admin_json(&data, &["status"]);
+    let warning = status["backup"]["warning"].as_str().unwrap_or_default();
+    assert!(warning.contains("the last backup failed"), "{status}");
+    let metrics = http
+        .get("/metrics", &[("authorization", authorization.as_str())])
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        metrics.contains("esserver_backup_last_failed 1"),
+        "{metrics}"
+    );
+    server.terminate(common::TIMEOUT);
+}

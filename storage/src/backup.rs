@@ -549,6 +549,62 @@ pub fn choose(target: &Path, name: Option<&str>) -> Result<Manifest, BackupError
     }
 }
 
+/// What [`prune`] removed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    /// The backups removed, oldest first.
+    pub removed: Vec<String>,
+    /// Shared volume files no kept backup needs any more, removed.
+    pub files_removed: u64,
+    pub bytes_freed: u64,
+}
+
+/// Keeps the newest `keep` complete backups of `target` (at least one) and removes the
+/// older ones, then the shared volumes no kept backup lists. A backup is removed by renaming
+/// its directory to `.partial` first, so an interrupted prune leaves only what the next
+/// backup clears.
+pub fn prune(target: &Path, keep: usize) -> Result<PruneReport, BackupError> {
+    let manifests = list(target)?;
+    let keep = keep.max(1);
+    let mut report = PruneReport::default();
+    if manifests.len() <= keep {
+        return Ok(report);
+    }
+    let (old, kept) = manifests.split_at(manifests.len() - keep);
+    let backups = target.join(BACKUPS_DIR_NAME);
+    for manifest in old {
+        let dir = backups.join(&manifest.name);
+        let doomed = backups.join(format!("{}{PARTIAL_SUFFIX}", manifest.name));
+        fs::rename(&dir, &doomed).map_err(io_error(format!("cannot remove {}", dir.display())))?;
+        fs::remove_dir_all(&doomed)
+            .map_err(io_error(format!("cannot remove {}", doomed.display())))?;
+        report.removed.push(manifest.name.clone());
+    }
+    let needed: std::collections::HashSet<&str> = kept
+        .iter()
+        .flat_map(|m| m.files.iter().map(|f| f.path.as_str()))
+        .collect();
+    let pool = target.join(VOLUMES_DIR_NAME);
+    let entries =
+        fs::read_dir(&pool).map_err(io_error(format!("cannot list {}", pool.display())))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = format!("{VOLUMES_DIR_NAME}/{name}");
+        if name.ends_with(".vol") && !needed.contains(path.as_str()) {
+            let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(entry.path()).map_err(io_error(format!(
+                "cannot remove {}",
+                entry.path().display()
+            )))?;
+            report.files_removed += 1;
+            report.bytes_freed += bytes;
+        }
+    }
+    sync_dir(&backups)?;
+    sync_dir(&pool)?;
+    Ok(report)
+}
+
 /// What a verification found.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {

@@ -269,3 +269,43 @@ fn a_target_holds_one_servers_backups_and_an_interrupted_backup_is_cleared() {
         "{refused:?}"
     );
 }
+
+#[test]
+fn prune_keeps_the_newest_and_the_volumes_they_need() {
+    let data = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let store = open(data.path());
+    let writer = store.start_writer(WriterOptions::default());
+    let instrument_id = setup(&writer);
+    let mut n = 0;
+    for name in ["b1", "b2", "b3"] {
+        for _ in 0..25 {
+            put(&writer, instrument_id, n);
+            n += 1;
+        }
+        store
+            .backup(target.path(), name, data.path(), T0, &mut quiet)
+            .unwrap();
+    }
+    writer.shutdown();
+    let report = backup::prune(target.path(), 2).unwrap();
+    assert_eq!(report.removed, vec!["b1".to_string()]);
+    let kept: Vec<String> = backup::list(target.path())
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(kept, ["b2", "b3"]);
+    // Every kept backup is whole; nothing is pruned twice.
+    assert!(backup::verify(target.path(), Some("b2"), &mut quiet)
+        .unwrap()
+        .is_clean());
+    assert!(backup::verify(target.path(), Some("b3"), &mut quiet)
+        .unwrap()
+        .is_clean());
+    assert!(backup::prune(target.path(), 2).unwrap().removed.is_empty());
+    let restored = tempfile::tempdir().unwrap();
+    let dir = restored.path().join("data");
+    backup::restore(target.path(), Some("b2"), &dir, &mut quiet).unwrap();
+    assert!(open(&dir).verify(&mut |_| {}).unwrap().is_clean());
+}
