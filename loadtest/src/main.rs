@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod backup_cli;
 mod restart_cli;
 mod run_cli;
 
@@ -42,6 +43,9 @@ enum Command {
     /// Restart time after kill -9 as the store grows: fills a spawned server to each size,
     /// kills it while incubators upload, and times it until every port listens again.
     Restart(restart_cli::RestartArgs),
+    /// Backup and restore throughput over the disk's plain copy speed, and what an
+    /// incremental backup copies after more images.
+    BackupBench(backup_cli::BackupBenchArgs),
     /// Ingestion benchmark: throughput and ack latency from simulated incubators against a
     /// spawned server, and the disk's own limit for the same bytes and batching.
     IngestBench(IngestArgs),
@@ -230,6 +234,7 @@ fn main() -> ExitCode {
         Command::CatchUp(args) => verdict(run_cli::catch_up(args)),
         Command::Gate(args) => verdict(run_cli::gate(args)),
         Command::Restart(args) => verdict(restart_cli::restart(args)),
+        Command::BackupBench(args) => verdict(backup_cli::backup_bench(args)),
         Command::IngestBench(args) => match ingest_bench(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(message) => {
