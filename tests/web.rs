@@ -224,6 +224,10 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
         "<td>never</td><td>0</td><td><span class=err>1 (auth_failed)</span></td>".to_string(),
         "No viewer is logged in.".to_string(),
         "<meta http-equiv=refresh content=30>".to_string(),
+        // No [Backup] target and none taken: the backups card and the glance line warn.
+        "<h2>Backups</h2>".to_string(),
+        "<p class=err id=backup-warning>no backup is configured".to_string(),
+        "<span class='card bad' id=backup-glance>no backup</span>".to_string(),
     ] {
         assert!(page.contains(&wanted), "{wanted} missing from:\n{page}");
     }
