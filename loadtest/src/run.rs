@@ -368,6 +368,11 @@ pub fn run_phase(
     if !live.errors.is_empty() {
         errors.push(format!("incubator ERROR answers: {:?}", live.errors));
     }
+    // The catch-up device's refusals fail the run too: a backlog the server refused is not
+    // caught up.
+    if let Some(b) = backlog.as_ref().filter(|b| !b.errors.is_empty()) {
+        errors.push(format!("catch-up incubator ERROR answers: {:?}", b.errors));
+    }
     let pass = errors.is_empty() && target_results.iter().all(|t| t.pass);
     PhaseReport {
         mix: options.mix.describe(),
