@@ -74,6 +74,15 @@ struct State {
     next_at_ms: Option<i64>,
     last_success: Option<Succeeded>,
     last_failure: Option<Failed>,
+    /// The last removal of old backups failed (why).
+    prune_error: Option<String>,
+}
+
+fn busy() -> Response {
+    Response::error(
+        "busy",
+        "a backup is running already; try again once it has finished",
+    )
 }
 
 impl Backups {
@@ -112,11 +121,58 @@ impl Backups {
         progress: ProgressSink<'_>,
     ) -> Response {
         let Some(_running) = self.running.try_lock() else {
-            return Response::error(
-                "busy",
-                "a backup is running already; try again once it has finished",
-            );
+            return busy();
         };
+        self.run_holding_lock(store, target, data_dir, progress)
+    }
+
+    /// A scheduled backup and then the removal of the oldest beyond `keep`, both under the
+    /// one-at-a-time lock (a backup taken meanwhile could otherwise lose a shared volume the
+    /// removal found unlisted).
+    pub fn run_and_prune(
+        &self,
+        store: &Store,
+        target: &Path,
+        data_dir: &Path,
+        keep: u32,
+    ) -> Response {
+        let Some(_running) = self.running.try_lock() else {
+            tracing::info!("the scheduled backup is skipped: another backup is running");
+            return busy();
+        };
+        let response = self.run_holding_lock(store, target, data_dir, &mut |_| {});
+        if response.ok {
+            let pruned = backup::prune(target, keep as usize);
+            let mut state = self.state.lock();
+            match pruned {
+                Ok(pruned) => {
+                    state.prune_error = None;
+                    if !pruned.removed.is_empty() {
+                        tracing::info!(
+                            removed = ?pruned.removed,
+                            files = pruned.files_removed,
+                            bytes = pruned.bytes_freed,
+                            keep,
+                            "old backups removed"
+                        );
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(code = error.code(), "cannot remove old backups: {error}");
+                    state.prune_error = Some(error.to_string());
+                }
+            }
+        }
+        response
+    }
+
+    fn run_holding_lock(
+        &self,
+        store: &Store,
+        target: &Path,
+        data_dir: &Path,
+        progress: ProgressSink<'_>,
+    ) -> Response {
         self.busy.store(true, Ordering::Release);
         let response = run(store, target, data_dir, progress);
         self.busy.store(false, Ordering::Release);
@@ -157,6 +213,10 @@ impl Backups {
                 "the last backup failed ({}): {}",
                 crate::times::time_text(failed.at_ms),
                 failed.reason
+            ))
+        } else if let Some(error) = &state.prune_error {
+            Some(format!(
+                "old backups could not be removed (the target fills up): {error}"
             ))
         } else if state.scheduled_target.is_none() && state.last_success.is_none() {
             Some("no backup is configured ([Backup] target) and none was taken".to_string())
@@ -214,10 +274,12 @@ impl Scheduler {
             .spawn(move || loop {
                 // A backup missed (the server was down at its time, or none was ever taken)
                 // is caught up shortly after the start.
+                let now_ms = crate::now_ms();
+                let previous = next_run_ms(now_ms, time_of_day_min, &zone) - 24 * 3_600_000;
                 let missed = backups
-                    .status(crate::now_ms())
+                    .status(now_ms)
                     .last_success
-                    .is_none_or(|last| crate::now_ms() - last.at_ms > STALE_AFTER_MS);
+                    .is_none_or(|last| last.at_ms < previous);
                 let next = if missed && !backups.tried_since_start() {
                     crate::now_ms() + CATCH_UP_DELAY_MS
                 } else {
@@ -232,20 +294,7 @@ impl Scheduler {
                     std::thread::sleep(Duration::from_millis(500));
                 }
                 backups.tried.store(true, Ordering::Release);
-                let response = backups.run(&store, &target, &data_dir, &mut |_| {});
-                if response.ok {
-                    match backup::prune(&target, keep as usize) {
-                        Ok(pruned) if !pruned.removed.is_empty() => tracing::info!(
-                            removed = ?pruned.removed,
-                            files = pruned.files_removed,
-                            bytes = pruned.bytes_freed,
-                            keep,
-                            "old backups removed"
-                        ),
-                        Ok(_) => {}
-                        Err(error) => tracing::error!(code = error.code(), "cannot remove old backups: {error}"),
-                    }
-                }
+                backups.run_and_prune(&store, &target, &data_dir, keep);
             })?;
         Ok(Scheduler {
             stop,

@@ -60,6 +60,8 @@ const BACKUPS_DIR_NAME: &str = "backups";
 const SERVER_ID_FILE_NAME: &str = "server-id";
 const PARTIAL_SUFFIX: &str = ".partial";
 const COPY_CHUNK_BYTES: usize = 1024 * 1024;
+/// A data-directory file larger than this is not a licence or a TLS file: not carried.
+const DATA_FILE_BYTES_MAX: u64 = 1024 * 1024;
 
 /// Why a backup, a verification or a restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +212,7 @@ impl Store {
     ) -> Result<BackupReport, BackupError> {
         let started = Instant::now();
         check_name(name)?;
+        check_apart(target, data_dir)?;
         let txn = self.inner.begin_read()?;
         let server_id = self.server_id();
         prepare_target(target, &server_id)?;
@@ -223,22 +226,28 @@ impl Store {
         }
         let previous = latest_manifest(target)?;
         let partial = backups.join(format!("{name}{PARTIAL_SUFFIX}"));
-        fs::create_dir_all(partial.join(VOLUMES_DIR_NAME))
-            .map_err(io_error(format!("cannot create {}", partial.display())))?;
+        create_private_dir(&partial.join(VOLUMES_DIR_NAME))?;
 
         let volumes = snapshot_volumes(&txn)?;
         let (schema_version, change_seq, images, image_bytes) = snapshot_meta(&txn)?;
         let volume_bytes: u64 = volumes.iter().map(|(_, row)| row.end).sum();
-        let data_files: Vec<(&str, u64)> = DATA_FILES
+        // Small files, read whole now: one replaced meanwhile (a licence installed) is taken
+        // as it was, never half of each.
+        let data_files: Vec<(&str, Vec<u8>)> = DATA_FILES
             .iter()
-            .filter_map(|name| Some((*name, fs::metadata(data_dir.join(name)).ok()?.len())))
+            .filter_map(|name| {
+                let path = data_dir.join(name);
+                let small = fs::metadata(&path).ok()?.len() <= DATA_FILE_BYTES_MAX;
+                Some((*name, fs::read(&path).ok().filter(|_| small)?))
+            })
             .collect();
         let mut meter = Meter {
             progress,
             state: Progress {
                 phase: "index",
                 files_total: volumes.len() as u64 + 1 + data_files.len() as u64,
-                bytes_total: volume_bytes + data_files.iter().map(|(_, bytes)| bytes).sum::<u64>(),
+                bytes_total: volume_bytes
+                    + data_files.iter().map(|(_, b)| b.len() as u64).sum::<u64>(),
                 ..Progress::default()
             },
             reported_at: 0,
@@ -248,6 +257,10 @@ impl Store {
         // The index: every table of the snapshot, row by row, into a new database.
         let index_path = partial.join(DATABASE_FILE_NAME);
         copy_index(&txn, &index_path)?;
+        // The volume rows are read: the volumes' committed bytes never change, so the
+        // snapshot is not needed while they are copied (holding it for hours would keep
+        // redb from reusing pages the writer frees meanwhile).
+        drop(txn);
         let (index_bytes, index_sha) = hash_file(&index_path, None)?;
         let mut files = vec![ManifestFile {
             path: relative(target, &index_path),
@@ -318,18 +331,18 @@ impl Store {
             });
             meter.file_done();
         }
-        drop(txn);
 
         // The data directory's licence and TLS files.
         meter.state.phase = "files";
-        for (name, bytes) in data_files {
-            let source = data_dir.join(name);
+        for (name, content) in data_files {
             let path = partial.join("files").join(name);
             if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)
-                    .map_err(io_error(format!("cannot create {}", parent.display())))?;
+                create_private_dir(parent)?;
             }
-            let sha256 = copy_prefix(&source, &path, bytes, &mut meter)?;
+            write_durably(&path, &content)?;
+            let sha256 = hex::encode(Sha256::digest(&content));
+            let bytes = content.len() as u64;
+            meter.add_bytes(bytes);
             meter.file_done();
             files_copied += 1;
             bytes_copied += bytes;
@@ -359,8 +372,7 @@ impl Store {
             BackupError::Refused(format!("cannot encode the manifest: {error}"))
         })?;
         write_durably(&partial.join(MANIFEST_FILE_NAME), &text)?;
-        sync_dir(&partial.join(VOLUMES_DIR_NAME))?;
-        sync_dir(&partial)?;
+        sync_tree(&partial)?;
         sync_dir(&target.join(VOLUMES_DIR_NAME))?;
         fs::rename(&partial, &final_dir)
             .map_err(io_error(format!("cannot complete {}", final_dir.display())))?;
@@ -378,6 +390,114 @@ impl Store {
             seconds: started.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// Refuses a target that is the data directory, inside it, or holds it: a backup's shared
+/// volumes beside the live ones, and a prune that removes what no backup lists, would
+/// destroy the store.
+fn check_apart(target: &Path, data_dir: &Path) -> Result<(), BackupError> {
+    let resolve = |path: &Path| -> PathBuf {
+        // The target may not exist yet: resolve its nearest existing ancestor.
+        let mut existing = path.to_path_buf();
+        let mut rest = Vec::new();
+        while !existing.exists() {
+            match (
+                existing.file_name().map(|n| n.to_owned()),
+                existing.parent(),
+            ) {
+                (Some(name), Some(parent)) => {
+                    rest.push(name);
+                    existing = parent.to_path_buf();
+                }
+                _ => break,
+            }
+        }
+        let mut resolved = fs::canonicalize(&existing).unwrap_or(existing);
+        for name in rest.into_iter().rev() {
+            resolved.push(name);
+        }
+        resolved
+    };
+    let (target, data) = (resolve(target), resolve(data_dir));
+    if target.starts_with(&data) || data.starts_with(&target) {
+        return Err(BackupError::Refused(format!(
+            "the backup target {} and the data directory {} overlap: put backups on \
+             another directory (another disk, ideally)",
+            target.display(),
+            data.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The name a shared volume file has in the target: only files named so are ever removed.
+fn is_pooled_name(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(".vol") else {
+        return false;
+    };
+    let Some((id, sealed)) = stem.split_once('-') else {
+        return false;
+    };
+    id.len() == 8
+        && id.bytes().all(|b| b.is_ascii_digit())
+        && !sealed.is_empty()
+        && sealed.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Creates `dir` (and its parents) readable by the owner only: a backup holds the patient
+/// index, the licence authority's key and the TLS key.
+fn create_private_dir(dir: &Path) -> Result<(), BackupError> {
+    // Every directory this creates (not the ones that were there) is made owner-only.
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(path) = at.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+        missing.push(path.to_path_buf());
+        at = path.parent();
+    }
+    fs::create_dir_all(dir).map_err(io_error(format!("cannot create {}", dir.display())))?;
+    for path in &missing {
+        owner_only(path, true)?;
+    }
+    Ok(())
+}
+
+/// A restore is staged beside its target and renamed into place, which cannot work across
+/// filesystems: an (empty) mount point is refused before anything is copied.
+#[cfg(unix)]
+fn refuse_mount_point(data_dir: &Path) -> Result<(), BackupError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(here) = fs::metadata(data_dir) else {
+        return Ok(());
+    };
+    let parent = data_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match fs::metadata(parent) {
+        Ok(above) if above.dev() != here.dev() => Err(BackupError::Refused(format!(
+            "{} is a mount point; restore into a new directory on it, e.g. {}",
+            data_dir.display(),
+            data_dir.join("esserver").display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(not(unix))]
+fn refuse_mount_point(_data_dir: &Path) -> Result<(), BackupError> {
+    Ok(())
+}
+
+/// Syncs every directory under `root` and `root` itself, deepest first.
+fn sync_tree(root: &Path) -> Result<(), BackupError> {
+    let entries =
+        fs::read_dir(root).map_err(io_error(format!("cannot list {}", root.display())))?;
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            sync_tree(&entry.path())?;
+        }
+    }
+    sync_dir(root)
 }
 
 /// A backup's name becomes a directory name: letters, digits, `-`, `_`, `.` only.
@@ -429,10 +549,9 @@ fn relative(target: &Path, path: &Path) -> String {
 /// Makes `target` a backup target of `server_id` (or checks that it is one), and removes
 /// what an interrupted backup left.
 fn prepare_target(target: &Path, server_id: &str) -> Result<(), BackupError> {
-    fs::create_dir_all(target.join(BACKUPS_DIR_NAME))
-        .map_err(io_error(format!("cannot create {}", target.display())))?;
-    fs::create_dir_all(target.join(VOLUMES_DIR_NAME))
-        .map_err(io_error(format!("cannot create {}", target.display())))?;
+    create_private_dir(target)?;
+    create_private_dir(&target.join(BACKUPS_DIR_NAME))?;
+    create_private_dir(&target.join(VOLUMES_DIR_NAME))?;
     let id_path = target.join(SERVER_ID_FILE_NAME);
     match fs::read_to_string(&id_path) {
         Ok(existing) if existing.trim() == server_id => {}
@@ -483,17 +602,28 @@ pub fn list(target: &Path) -> Result<Vec<Manifest>, BackupError> {
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(error) => return Err(io_error(format!("cannot list {}", dir.display()))(error)),
     };
-    let mut names: Vec<String> = entries
+    let names: Vec<String> = entries
         .flatten()
         .filter(|e| e.path().join(MANIFEST_FILE_NAME).is_file())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|name| !name.ends_with(PARTIAL_SUFFIX))
         .collect();
-    names.sort();
-    names
-        .iter()
-        .map(|name| read_manifest(target, name))
-        .collect()
+    let mut manifests = Vec::new();
+    for name in names {
+        match read_manifest(target, &name) {
+            Ok(manifest) => manifests.push(manifest),
+            // One unreadable backup must not stop every later backup: it is left out (and
+            // left alone), and `backup verify --name` reports what is wrong with it.
+            Err(error) => tracing::warn!(
+                backup = %name,
+                target = %target.display(),
+                "a backup's manifest cannot be read; it is left out: {error}"
+            ),
+        }
+    }
+    // Oldest first by when they were taken (a name sorts wrongly after a clock step).
+    manifests.sort_by(|a, b| (a.created_at_ms, &a.name).cmp(&(b.created_at_ms, &b.name)));
+    Ok(manifests)
 }
 
 fn latest_manifest(target: &Path) -> Result<Option<Manifest>, BackupError> {
@@ -514,11 +644,42 @@ pub fn read_manifest(target: &Path, name: &str) -> Result<Manifest, BackupError>
             path.display()
         ))
     })?;
+    if manifest.name != name {
+        return Err(BackupError::Damaged(format!(
+            "{} names backup {:?}, not {name:?} (a copied or edited backup directory)",
+            path.display(),
+            manifest.name
+        )));
+    }
     if manifest.format != MANIFEST_FORMAT {
         return Err(BackupError::Refused(format!(
             "{} has manifest format {}; this version reads {MANIFEST_FORMAT}",
             path.display(),
             manifest.format
+        )));
+    }
+    let indexes = manifest
+        .files
+        .iter()
+        .filter(|f| f.kind == FileKind::Index)
+        .count();
+    let mut volume_ids: Vec<u32> = manifest
+        .files
+        .iter()
+        .filter_map(|f| match f.kind {
+            FileKind::Volume { id, .. } => Some(id),
+            _ => None,
+        })
+        .collect();
+    let volumes = volume_ids.len();
+    volume_ids.sort_unstable();
+    volume_ids.dedup();
+    if indexes != 1 || volume_ids.len() != volumes {
+        return Err(BackupError::Damaged(format!(
+            "{} lists {indexes} index files and {volumes} volumes of which {} distinct; a \
+             backup has one index and each volume once",
+            path.display(),
+            volume_ids.len()
         )));
     }
     for file in &manifest.files {
@@ -590,7 +751,7 @@ pub fn prune(target: &Path, keep: usize) -> Result<PruneReport, BackupError> {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = format!("{VOLUMES_DIR_NAME}/{name}");
-        if name.ends_with(".vol") && !needed.contains(path.as_str()) {
+        if is_pooled_name(&name) && !needed.contains(path.as_str()) {
             let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
             fs::remove_file(entry.path()).map_err(io_error(format!(
                 "cannot remove {}",
@@ -696,6 +857,7 @@ pub fn restore(
             )));
         }
     }
+    refuse_mount_point(data_dir)?;
     let mut partial = data_dir.as_os_str().to_owned();
     partial.push(PARTIAL_SUFFIX);
     let partial = PathBuf::from(partial);
@@ -749,8 +911,7 @@ pub fn restore(
         owner_only(&destination, false)?;
         meter.file_done();
     }
-    sync_dir(&partial.join(VOLUMES_DIR_NAME))?;
-    sync_dir(&partial)?;
+    sync_tree(&partial)?;
     if data_dir.exists() {
         // Empty (checked above): the rename replaces it.
         fs::remove_dir(data_dir)
@@ -896,6 +1057,7 @@ fn copy_index(txn: &ReadTransaction, path: &Path) -> Result<(), BackupError> {
     every_table!(copy_table, txn, &dst);
     dst.commit().map_err(StorageError::from)?;
     drop(db);
+    owner_only(path, false)?;
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(io_error(format!("cannot sync {}", path.display())))?;
@@ -916,8 +1078,7 @@ fn copy_prefix(
     let mut temporary = destination.as_os_str().to_owned();
     temporary.push(PARTIAL_SUFFIX);
     let temporary = PathBuf::from(temporary);
-    let mut output = File::create(&temporary)
-        .map_err(io_error(format!("cannot create {}", temporary.display())))?;
+    let mut output = create_private_file(&temporary)?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; COPY_CHUNK_BYTES];
     let mut left = bytes;
@@ -972,9 +1133,22 @@ fn hash_file(path: &Path, mut meter: Option<&mut Meter<'_>>) -> Result<(u64, Str
     Ok((total, hex::encode(hasher.finalize())))
 }
 
+/// Creates (or truncates) `path` for writing, readable by the owner only.
+fn create_private_file(path: &Path) -> Result<File, BackupError> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
+        .open(path)
+        .map_err(io_error(format!("cannot create {}", path.display())))
+}
+
 fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
-    let mut file =
-        File::create(path).map_err(io_error(format!("cannot create {}", path.display())))?;
+    let mut file = create_private_file(path)?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .map_err(io_error(format!("cannot write {}", path.display())))

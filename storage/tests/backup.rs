@@ -309,3 +309,90 @@ fn prune_keeps_the_newest_and_the_volumes_they_need() {
     backup::restore(target.path(), Some("b2"), &dir, &mut quiet).unwrap();
     assert!(open(&dir).verify(&mut |_| {}).unwrap().is_clean());
 }
+
+#[test]
+fn a_target_overlapping_the_data_directory_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let store = open(data.path());
+    for target in [data.path().to_path_buf(), data.path().join("backups")] {
+        let refused = store.backup(&target, "b1", data.path(), T0, &mut quiet);
+        assert!(
+            matches!(refused, Err(BackupError::Refused(_))),
+            "{refused:?}"
+        );
+    }
+    // Nothing was written beside the live volumes.
+    assert!(!data.path().join("backups").exists());
+    assert!(!data.path().join("server-id").exists());
+}
+
+#[test]
+fn a_copied_or_damaged_manifest_is_left_out_and_stops_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let store = open(data.path());
+    let writer = store.start_writer(WriterOptions::default());
+    let instrument_id = setup(&writer);
+    for n in 0..25 {
+        put(&writer, instrument_id, n);
+    }
+    store
+        .backup(target.path(), "b1", data.path(), T0, &mut quiet)
+        .unwrap();
+    // An operator's copy of a backup directory: its manifest names b1, not the copy.
+    let backups = target.path().join("backups");
+    std::fs::create_dir_all(backups.join("copy-b1")).unwrap();
+    std::fs::copy(
+        backups.join("b1/manifest.json"),
+        backups.join("copy-b1/manifest.json"),
+    )
+    .unwrap();
+    assert!(matches!(
+        backup::read_manifest(target.path(), "copy-b1"),
+        Err(BackupError::Damaged(_))
+    ));
+    // A later backup whose manifest is cut short.
+    store
+        .backup(target.path(), "b2", data.path(), T0 + 1, &mut quiet)
+        .unwrap();
+    let manifest = backups.join("b2/manifest.json");
+    let text = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, &text[..text.len() / 2]).unwrap();
+    // Both are left out; backups and prunes go on, and nothing outside a backup is removed.
+    let names: Vec<String> = backup::list(target.path())
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, ["b1"]);
+    store
+        .backup(target.path(), "b3", data.path(), T0 + 2, &mut quiet)
+        .unwrap();
+    backup::prune(target.path(), 1).unwrap();
+    assert!(backups.join("copy-b1").exists() && backups.join("b2").exists());
+    assert!(backup::verify(target.path(), Some("b3"), &mut quiet)
+        .unwrap()
+        .is_clean());
+    writer.shutdown();
+}
+
+#[cfg(unix)]
+#[test]
+fn a_backup_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let store = open(data.path());
+    std::fs::create_dir_all(data.path().join("tls")).unwrap();
+    std::fs::write(data.path().join("tls/server.key"), b"secret key").unwrap();
+    store
+        .backup(target.path(), "b1", data.path(), T0, &mut quiet)
+        .unwrap();
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let backup_dir = target.path().join("backups/b1");
+    assert_eq!(mode(&backup_dir), 0o700);
+    assert_eq!(mode(&backup_dir.join("files/tls")), 0o700);
+    assert_eq!(mode(&backup_dir.join("files/tls/server.key")), 0o600);
+    assert_eq!(mode(&backup_dir.join("esserver.redb")), 0o600);
+    assert_eq!(mode(&backup_dir.join("manifest.json")), 0o600);
+}
