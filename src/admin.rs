@@ -451,7 +451,10 @@ fn offline(
                 Err(detail) => Response::error("license_unreadable", detail),
             }
         }
-        Request::Backup { to } => crate::backup::run(&store, &to, data_dir, progress),
+        Request::Backup { to } => {
+            let never = std::sync::atomic::AtomicBool::new(false);
+            crate::backup::run(&store, &to, data_dir, progress, &never)
+        }
         Request::Ims { action } => match action {
             crate::control::ImsRequest::Status => {
                 match store.read().and_then(|reader| reader.ims_stats()) {

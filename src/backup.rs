@@ -65,6 +65,8 @@ pub struct Backups {
     busy: AtomicBool,
     /// The scheduler has run a backup since the start.
     tried: AtomicBool,
+    /// The server shuts down: a running backup stops, none starts.
+    stopping: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -173,8 +175,11 @@ impl Backups {
         data_dir: &Path,
         progress: ProgressSink<'_>,
     ) -> Response {
+        if self.stopping.load(Ordering::Acquire) {
+            return Response::error("shutting_down", "the server is shutting down");
+        }
         self.busy.store(true, Ordering::Release);
-        let response = run(store, target, data_dir, progress);
+        let response = run(store, target, data_dir, progress, &self.stopping);
         self.busy.store(false, Ordering::Release);
         let now_ms = crate::now_ms();
         let mut state = self.state.lock();
@@ -239,6 +244,12 @@ impl Backups {
             running: self.busy.load(Ordering::Acquire),
             warning,
         }
+    }
+
+    /// Stops a running backup soon (at its next chunk) and refuses new ones: the server is
+    /// shutting down.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
     }
 
     fn tried_since_start(&self) -> bool {
@@ -349,7 +360,13 @@ pub fn name_at(now_ms: i64) -> String {
 
 /// The control answer of a backup of `store` into `target`, progress going to `progress`
 /// as JSON (the server's and the offline command's path).
-pub fn run(store: &Store, target: &Path, data_dir: &Path, progress: ProgressSink<'_>) -> Response {
+pub fn run(
+    store: &Store,
+    target: &Path,
+    data_dir: &Path,
+    progress: ProgressSink<'_>,
+    stop: &AtomicBool,
+) -> Response {
     if !target.is_absolute() {
         return Response::error(
             "invalid_input",
@@ -365,7 +382,7 @@ pub fn run(store: &Store, target: &Path, data_dir: &Path, progress: ProgressSink
     let mut report_progress = |p: &Progress| {
         progress(serde_json::to_value(p).unwrap_or_default());
     };
-    match store.backup(target, &name, data_dir, now_ms, &mut report_progress) {
+    match store.backup_until(target, &name, data_dir, now_ms, &mut report_progress, stop) {
         Ok(report) => {
             tracing::info!(
                 target = %target.display(),

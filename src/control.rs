@@ -294,26 +294,78 @@ fn serve_one(
     let mut reader = BufReader::new(io::Read::take(&stream, REQUEST_BYTES_MAX));
     let mut line = String::new();
     reader.read_line(&mut line)?;
-    // A client that went away stops the progress lines, not the request.
-    let mut client_gone = false;
-    let mut progress = |value: serde_json::Value| {
-        if client_gone {
-            return;
-        }
-        let mut text = serde_json::json!({ "progress": value }).to_string();
-        text.push('\n');
-        if (&stream).write_all(text.as_bytes()).is_err() {
-            client_gone = true;
-        }
+    let mut lines = ProgressLines {
+        stream: &stream,
+        pending: Vec::new(),
+        gone: false,
     };
     let response = match serde_json::from_str::<Request>(line.trim()) {
-        Ok(request) => handler(request, &mut progress),
+        Ok(request) => handler(request, &mut |value| lines.send(value)),
         Err(error) => Response::error(
             "bad_request",
             format!("cannot parse the control request: {error}"),
         ),
     };
+    // The answer starts on a line of its own.
+    if !lines.gone {
+        (&stream).write_all(&lines.pending)?;
+    }
     write_response(&stream, &response)
+}
+
+/// Progress lines to a control client, never holding up the request: written without
+/// blocking; while the client has not taken a line, newer ones are dropped (whole lines, so
+/// the stream stays line by line); a client that went away gets none.
+#[cfg(unix)]
+struct ProgressLines<'a> {
+    stream: &'a std::os::unix::net::UnixStream,
+    /// The rest of the line being sent.
+    pending: Vec<u8>,
+    gone: bool,
+}
+
+#[cfg(unix)]
+impl ProgressLines<'_> {
+    fn send(&mut self, value: serde_json::Value) {
+        if self.gone {
+            return;
+        }
+        self.flush();
+        if !self.pending.is_empty() {
+            return; // The client is behind: this line is dropped.
+        }
+        let mut text = serde_json::json!({ "progress": value }).to_string();
+        text.push('\n');
+        self.pending = text.into_bytes();
+        self.flush();
+    }
+
+    /// Writes what the socket takes now.
+    fn flush(&mut self) {
+        if self.pending.is_empty() || self.stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        while !self.pending.is_empty() {
+            match (&*self.stream).write(&self.pending) {
+                Ok(0) => {
+                    self.gone = true;
+                    break;
+                }
+                Ok(written) => {
+                    self.pending.drain(..written);
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.gone = true;
+                    break;
+                }
+            }
+        }
+        if self.stream.set_nonblocking(false).is_err() {
+            self.gone = true;
+        }
+    }
 }
 
 #[cfg(unix)]

@@ -562,6 +562,8 @@ impl RunningServer {
     /// request already with the storage writer is committed and answered), then stop the
     /// writer after it has committed everything queued.
     pub fn shutdown(mut self) {
+        // A backup in progress stops at its next chunk (the next one starts afresh).
+        self.backups.stop();
         for (pool, _) in &self.pools {
             pool.begin_shutdown();
         }

@@ -467,3 +467,51 @@ fn the_server_takes_its_scheduled_backup_and_reports_it_and_a_failed_one() {
     );
     server.terminate(common::TIMEOUT);
 }
+
+#[test]
+fn a_server_stopping_during_a_backup_ends_it_at_once_and_the_next_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::spawn_in(&dir, false, "[Storage]\nvolume_bytes_max = 4 MiB\n");
+    let data = server.data_dir().to_path_buf();
+    let target = dir.path().join("backups");
+    let mut uploads = Vec::new();
+    for n in 1..=4 {
+        let info = server.info.clone();
+        uploads.push(std::thread::spawn(move || {
+            upload_for(&info, &format!("SD-{n}"), 300)
+        }));
+    }
+    for upload in uploads {
+        upload.join().unwrap();
+    }
+    let mut child = Command::new(common::esserver_path())
+        .args(["backup", "--to"])
+        .arg(&target)
+        .arg("--data")
+        .arg(&data)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    assert!(lines.any(|line| line.map(|l| l.starts_with("backup: ")).unwrap_or(false)));
+    // SIGTERM: the backup stops at its next chunk instead of holding the shutdown up.
+    let stopped = std::time::Instant::now();
+    assert_eq!(server.terminate(common::TIMEOUT), Some(0));
+    assert!(stopped.elapsed() < std::time::Duration::from_secs(20));
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the interrupted backup reported success");
+    drop(lines);
+    assert!(
+        common::server_log(&dir).contains("interrupted"),
+        "the log does not say why the backup ended"
+    );
+    // Started again, the server's store verifies and the next backup completes.
+    server.restart().unwrap();
+    let verified = common::admin(&data, &["verify"]);
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    backup(&target, &data);
+    let verify = esserver(&["backup", "verify", "--from"], &[&target]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    server.terminate(common::TIMEOUT);
+}

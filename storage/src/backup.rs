@@ -77,6 +77,9 @@ pub enum BackupError {
     /// A file does not match its manifest entry.
     #[error("{0}")]
     Damaged(String),
+    /// Asked to stop (the server shuts down); what was written is cleared by the next run.
+    #[error("interrupted: the server is shutting down; the next backup starts afresh")]
+    Interrupted,
 }
 
 impl BackupError {
@@ -87,6 +90,7 @@ impl BackupError {
             BackupError::Io { .. } => "io_error",
             BackupError::Refused(_) => "refused",
             BackupError::Damaged(_) => "damaged",
+            BackupError::Interrupted => "interrupted",
         }
     }
 }
@@ -181,9 +185,20 @@ struct Meter<'a> {
     progress: &'a mut dyn FnMut(&Progress),
     state: Progress,
     reported_at: u64,
+    /// Set when the copy must stop.
+    stop: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 impl Meter<'_> {
+    fn check_stop(&self) -> Result<(), BackupError> {
+        match self.stop {
+            Some(stop) if stop.load(std::sync::atomic::Ordering::Acquire) => {
+                Err(BackupError::Interrupted)
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn add_bytes(&mut self, bytes: u64) {
         self.state.bytes_done += bytes;
         if self.state.bytes_done - self.reported_at >= PROGRESS_EVERY_BYTES {
@@ -209,6 +224,21 @@ impl Store {
         data_dir: &Path,
         now_ms: i64,
         progress: &mut dyn FnMut(&Progress),
+    ) -> Result<BackupReport, BackupError> {
+        let never = std::sync::atomic::AtomicBool::new(false);
+        self.backup_until(target, name, data_dir, now_ms, progress, &never)
+    }
+
+    /// [`Store::backup`] that stops with [`BackupError::Interrupted`] soon after `stop` is
+    /// set (a server shutting down does not wait for a long backup).
+    pub fn backup_until(
+        &self,
+        target: &Path,
+        name: &str,
+        data_dir: &Path,
+        now_ms: i64,
+        progress: &mut dyn FnMut(&Progress),
+        stop: &std::sync::atomic::AtomicBool,
     ) -> Result<BackupReport, BackupError> {
         let started = Instant::now();
         check_name(name)?;
@@ -251,6 +281,7 @@ impl Store {
                 ..Progress::default()
             },
             reported_at: 0,
+            stop: Some(stop),
         };
         (meter.progress)(&meter.state);
 
@@ -799,6 +830,7 @@ pub fn verify(
             ..Progress::default()
         },
         reported_at: 0,
+        stop: None,
     };
     let mut damaged = Vec::new();
     for file in &manifest.files {
@@ -878,6 +910,7 @@ pub fn restore(
             ..Progress::default()
         },
         reported_at: 0,
+        stop: None,
     };
     for file in &manifest.files {
         let destination = match &file.kind {
@@ -1101,6 +1134,7 @@ fn copy_prefix(
             .map_err(io_error(format!("cannot write {}", temporary.display())))?;
         left -= read as u64;
         meter.add_bytes(read as u64);
+        meter.check_stop()?;
     }
     output
         .sync_all()
