@@ -31,6 +31,9 @@ pub struct Succeeded {
     pub bytes_copied: u64,
     pub images: u64,
     pub seconds: f64,
+    /// Volumes the data directory lacked: their images are not in the backup.
+    #[serde(default)]
+    pub missing_volumes: Vec<u32>,
 }
 
 /// The last backup that failed.
@@ -101,6 +104,7 @@ impl Backups {
                 bytes_copied: 0,
                 images: newest.images,
                 seconds: 0.0,
+                missing_volumes: newest.missing_volumes.clone(),
             })
         });
         Backups {
@@ -194,6 +198,15 @@ impl Backups {
                 bytes_copied: number("bytes_copied"),
                 images: number("images"),
                 seconds: body["seconds"].as_f64().unwrap_or(0.0),
+                missing_volumes: body["missing_volumes"]
+                    .as_array()
+                    .map(|ids| {
+                        ids.iter()
+                            .filter_map(|v| v.as_u64())
+                            .map(|v| v as u32)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             });
             state.last_failure = None;
         } else {
@@ -218,6 +231,16 @@ impl Backups {
                 "the last backup failed ({}): {}",
                 crate::times::time_text(failed.at_ms),
                 failed.reason
+            ))
+        } else if let Some(last) = state
+            .last_success
+            .as_ref()
+            .filter(|last| !last.missing_volumes.is_empty())
+        {
+            Some(format!(
+                "the last backup lacks volume(s) {:?}: their files are missing from the data \
+                 directory (run esserver verify; restore them from an earlier backup)",
+                last.missing_volumes
             ))
         } else if let Some(error) = &state.prune_error {
             Some(format!(
@@ -535,6 +558,7 @@ mod tests {
             bytes_copied: 1,
             images: 1,
             seconds: 0.1,
+            missing_volumes: Vec::new(),
         });
         assert!(backups
             .status(1_765_065_541_000 + 3_600_000)

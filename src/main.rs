@@ -1345,7 +1345,16 @@ fn backup(args: BackupArgs) -> Result<ExitCode, String> {
                     );
                 }
             });
-            Ok(if response.ok {
+            let missing = response.body["missing_volumes"]
+                .as_array()
+                .filter(|ids| !ids.is_empty());
+            if let Some(ids) = missing {
+                eprintln!(
+                    "esserver: WARNING: the backup lacks volume(s) {ids:?}: their files are missing \
+                     from the data directory, so their images are not in it (run `esserver verify`)"
+                );
+            }
+            Ok(if response.ok && missing.is_none() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -140,6 +140,10 @@ pub struct Manifest {
     pub images: u64,
     pub image_bytes: u64,
     pub files: Vec<ManifestFile>,
+    /// Volumes the index names whose files were missing (or short) in the data directory
+    /// when the backup was taken: their images are not in the backup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_volumes: Vec<u32>,
 }
 
 impl Manifest {
@@ -176,6 +180,8 @@ pub struct BackupReport {
     pub schema_version: u64,
     pub images: u64,
     pub seconds: f64,
+    /// Volumes whose files were missing in the data directory (their images are not in it).
+    pub missing_volumes: Vec<u32>,
 }
 
 /// Calls `progress` at most every this many bytes of copying.
@@ -308,8 +314,20 @@ impl Store {
         // The volumes, each to its committed end.
         meter.state.phase = "volumes";
         let source_dir = self.inner.volumes.dir().to_path_buf();
+        let mut missing_volumes = Vec::new();
         for (id, row) in &volumes {
             let source = source_dir.join(crate::volume::volume_file_name(*id));
+            let short = fs::metadata(&source).map_or(true, |m| m.len() < row.end);
+            if short {
+                // The store lost this file (or part of it): the rest is backed up, and the
+                // backup says what it lacks, rather than no backup at all.
+                tracing::error!(volume = id, path = %source.display(),
+                    "a volume file is missing or shorter than its committed records; the backup goes on without it and lists it as missing");
+                missing_volumes.push(*id);
+                meter.state.bytes_total -= row.end;
+                meter.file_done();
+                continue;
+            }
             let (path, reused) = if row.sealed {
                 let pooled = target
                     .join(VOLUMES_DIR_NAME)
@@ -398,6 +416,7 @@ impl Store {
             images,
             image_bytes,
             files: fix_paths(files, name),
+            missing_volumes: missing_volumes.clone(),
         };
         let text = serde_json::to_vec_pretty(&manifest).map_err(|error| {
             BackupError::Refused(format!("cannot encode the manifest: {error}"))
@@ -419,6 +438,7 @@ impl Store {
             schema_version,
             images,
             seconds: started.elapsed().as_secs_f64(),
+            missing_volumes,
         })
     }
 }

@@ -396,3 +396,41 @@ fn a_backup_is_readable_by_its_owner_only() {
     assert_eq!(mode(&backup_dir.join("esserver.redb")), 0o600);
     assert_eq!(mode(&backup_dir.join("manifest.json")), 0o600);
 }
+
+#[test]
+fn a_volume_file_missing_from_the_store_is_listed_and_the_rest_is_backed_up() {
+    let data = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let store = open(data.path());
+    let writer = store.start_writer(WriterOptions::default());
+    let instrument_id = setup(&writer);
+    let jpegs: Vec<Bytes> = (0..40).map(|n| put(&writer, instrument_id, n)).collect();
+    writer.shutdown();
+    // Volume 1 (sealed) is lost from the data directory.
+    std::fs::remove_file(data.path().join("volumes/00000001.vol")).unwrap();
+    let report = store
+        .backup(target.path(), "b1", data.path(), T0, &mut quiet)
+        .unwrap();
+    assert_eq!(report.missing_volumes, vec![1]);
+    let manifest = backup::read_manifest(target.path(), "b1").unwrap();
+    assert_eq!(manifest.missing_volumes, vec![1]);
+    assert!(!manifest
+        .files
+        .iter()
+        .any(|f| matches!(f.kind, FileKind::Volume { id: 1, .. })));
+    assert!(backup::verify(target.path(), None, &mut quiet)
+        .unwrap()
+        .is_clean());
+    // Restored: the images of the other volumes read back; those of volume 1 are as lost
+    // as they were in the store.
+    let restored = tempfile::tempdir().unwrap();
+    let dir = restored.path().join("data");
+    backup::restore(target.path(), None, &dir, &mut quiet).unwrap();
+    let copy = open(&dir);
+    let last = jpegs.len() as u32 - 1;
+    assert_eq!(
+        read(&copy, instrument_id, last).as_ref(),
+        Some(&jpegs[last as usize])
+    );
+    assert!(!copy.verify(&mut |_| {}).unwrap().is_clean());
+}
