@@ -1261,6 +1261,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode, String> {
     use esserver::backup::{bytes_text, error_text, ProgressPrinter};
     match args.action {
         Some(BackupAction::Verify { from, name, json }) => {
+            refuse_object_store(&from)?;
             let mut printer = ProgressPrinter::new("backup verify");
             let report = esserver::backup::verify(&from, name.as_deref(), &mut |p| printer.show(p))
                 .map_err(|error| error_text(&error))?;
@@ -1318,6 +1319,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode, String> {
                     "name the backup target with --to DIR (or: backup verify, backup list)".into(),
                 );
             };
+            refuse_object_store(&to)?;
             let to = std::path::absolute(&to)
                 .map_err(|error| format!("cannot resolve {}: {error}", to.display()))?;
             let config = load_config(&args.common)?;
@@ -1363,8 +1365,21 @@ fn backup(args: BackupArgs) -> Result<ExitCode, String> {
     }
 }
 
+/// `s3://...` targets are not built yet: say so rather than make a local directory `s3:`.
+fn refuse_object_store(target: &std::path::Path) -> Result<(), String> {
+    let text = target.to_string_lossy();
+    if text.contains("://") {
+        return Err(format!(
+            "{text}: object-store targets (s3://) are not supported yet; back up to a \
+             directory (a mounted share works)"
+        ));
+    }
+    Ok(())
+}
+
 fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     use esserver::backup::{bytes_text, error_text, ProgressPrinter};
+    refuse_object_store(&args.from)?;
     let mut printer = ProgressPrinter::new("restore");
     let report =
         esserver::backup::restore(&args.from, args.name.as_deref(), &args.data, &mut |p| {

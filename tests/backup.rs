@@ -515,3 +515,33 @@ fn a_server_stopping_during_a_backup_ends_it_at_once_and_the_next_completes() {
     assert!(verify.status.success(), "{}", stderr(&verify));
     server.terminate(common::TIMEOUT);
 }
+
+#[test]
+fn an_object_store_target_is_refused_until_it_is_supported() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["backup", "--to", "s3://bucket/prefix"],
+        vec!["backup", "verify", "--from", "s3://bucket/prefix"],
+        vec![
+            "restore",
+            "--from",
+            "s3://bucket/prefix",
+            "--data",
+            "restored",
+        ],
+    ] {
+        let output = Command::new(common::esserver_path())
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        assert!(
+            stderr(&output).contains("not supported yet"),
+            "{}",
+            stderr(&output)
+        );
+    }
+    // Nothing was made of the URL locally.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
