@@ -47,6 +47,32 @@ fn backup(target: &Path, data: &Path) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("a JSON report")
 }
 
+/// Starts `esserver <args> <paths...>` and returns it once it printed its first progress
+/// line starting with `prefix` (the work is under way), with the rest of its stderr.
+fn started(
+    args: &[&str],
+    paths: &[&Path],
+    prefix: &str,
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
+) {
+    let mut command = Command::new(common::esserver_path());
+    command.args(args);
+    for path in paths {
+        command.arg(path);
+    }
+    let mut child = command
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let going = lines.any(|line| line.map(|l| l.starts_with(prefix)).unwrap_or(false));
+    assert!(going, "esserver {args:?} reported no progress");
+    (child, lines)
+}
+
 fn options() -> StoreOptions {
     StoreOptions {
         volume_bytes_max: 1 << 20,
@@ -297,18 +323,11 @@ fn a_server_killed_during_a_backup_damages_nothing_and_the_next_backup_completes
         upload.join().unwrap();
     }
     // Kill the server once the backup has started (its first progress line).
-    let mut child = Command::new(common::esserver_path())
-        .args(["backup", "--to"])
-        .arg(&target)
-        .arg("--data")
-        .arg(&data)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
-    let started = lines.any(|line| line.map(|l| l.starts_with("backup: ")).unwrap_or(false));
-    assert!(started, "the backup reported no progress");
+    let (mut child, lines) = started(
+        &["backup", "--to"],
+        &[&target, Path::new("--data"), &data],
+        "backup: ",
+    );
     server.kill9();
     let _ = child.wait();
     drop(lines);
@@ -348,18 +367,11 @@ fn a_server_killed_during_a_backup_damages_nothing_and_the_next_backup_completes
 
     // A restore killed midway leaves no data directory, and run again it completes.
     let restored = dir.path().join("restored");
-    let mut child = Command::new(common::esserver_path())
-        .args(["restore", "--from"])
-        .arg(&target)
-        .arg("--data")
-        .arg(&restored)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
-    let started = lines.any(|line| line.map(|l| l.starts_with("restore: ")).unwrap_or(false));
-    assert!(started, "the restore reported no progress");
+    let (mut child, _stderr) = started(
+        &["restore", "--from"],
+        &[&target, Path::new("--data"), &restored],
+        "restore: ",
+    );
     child.kill().unwrap();
     let _ = child.wait();
     assert!(!restored.exists(), "a killed restore left a data directory");
@@ -484,17 +496,11 @@ fn a_server_stopping_during_a_backup_ends_it_at_once_and_the_next_completes() {
     for upload in uploads {
         upload.join().unwrap();
     }
-    let mut child = Command::new(common::esserver_path())
-        .args(["backup", "--to"])
-        .arg(&target)
-        .arg("--data")
-        .arg(&data)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
-    assert!(lines.any(|line| line.map(|l| l.starts_with("backup: ")).unwrap_or(false)));
+    let (mut child, lines) = started(
+        &["backup", "--to"],
+        &[&target, Path::new("--data"), &data],
+        "backup: ",
+    );
     // SIGTERM: the backup stops at its next chunk instead of holding the shutdown up.
     let stopped = std::time::Instant::now();
     assert_eq!(server.terminate(common::TIMEOUT), Some(0));

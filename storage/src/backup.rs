@@ -195,7 +195,27 @@ struct Meter<'a> {
     stop: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
-impl Meter<'_> {
+impl<'a> Meter<'a> {
+    fn new(
+        progress: &'a mut dyn FnMut(&Progress),
+        phase: &'static str,
+        files_total: u64,
+        bytes_total: u64,
+        stop: Option<&'a std::sync::atomic::AtomicBool>,
+    ) -> Meter<'a> {
+        Meter {
+            progress,
+            state: Progress {
+                phase,
+                files_total,
+                bytes_total,
+                ..Progress::default()
+            },
+            reported_at: 0,
+            stop,
+        }
+    }
+
     fn check_stop(&self) -> Result<(), BackupError> {
         match self.stop {
             Some(stop) if stop.load(std::sync::atomic::Ordering::Acquire) => {
@@ -277,18 +297,13 @@ impl Store {
                 Some((*name, fs::read(&path).ok().filter(|_| small)?))
             })
             .collect();
-        let mut meter = Meter {
+        let mut meter = Meter::new(
             progress,
-            state: Progress {
-                phase: "index",
-                files_total: volumes.len() as u64 + 1 + data_files.len() as u64,
-                bytes_total: volume_bytes
-                    + data_files.iter().map(|(_, b)| b.len() as u64).sum::<u64>(),
-                ..Progress::default()
-            },
-            reported_at: 0,
-            stop: Some(stop),
-        };
+            "index",
+            volumes.len() as u64 + 1 + data_files.len() as u64,
+            volume_bytes + data_files.iter().map(|(_, b)| b.len() as u64).sum::<u64>(),
+            Some(stop),
+        );
         (meter.progress)(&meter.state);
 
         // The index: every table of the snapshot, row by row, into a new database.
@@ -841,17 +856,8 @@ pub fn verify(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<VerifyReport, BackupError> {
     let manifest = choose(target, name)?;
-    let mut meter = Meter {
-        progress,
-        state: Progress {
-            phase: "verify",
-            files_total: manifest.files.len() as u64,
-            bytes_total: manifest.bytes(),
-            ..Progress::default()
-        },
-        reported_at: 0,
-        stop: None,
-    };
+    let files = manifest.files.len() as u64;
+    let mut meter = Meter::new(progress, "verify", files, manifest.bytes(), None);
     let mut damaged = Vec::new();
     for file in &manifest.files {
         let path = target.join(&file.path);
@@ -921,17 +927,8 @@ pub fn restore(
     fs::create_dir_all(partial.join(VOLUMES_DIR_NAME))
         .map_err(io_error(format!("cannot create {}", partial.display())))?;
     owner_only(&partial, true)?;
-    let mut meter = Meter {
-        progress,
-        state: Progress {
-            phase: "restore",
-            files_total: manifest.files.len() as u64,
-            bytes_total: manifest.bytes(),
-            ..Progress::default()
-        },
-        reported_at: 0,
-        stop: None,
-    };
+    let files = manifest.files.len() as u64;
+    let mut meter = Meter::new(progress, "restore", files, manifest.bytes(), None);
     for file in &manifest.files {
         let destination = match &file.kind {
             FileKind::Index => partial.join(DATABASE_FILE_NAME),
