@@ -266,6 +266,24 @@ fn a_backup_during_uploads_restores_every_image_acknowledged_before_it() {
     assert!(!elsewhere.exists());
 }
 
+/// Incubators `<prefix>-<n>` for each `n` upload one dish of `cycles` acquisitions each, at
+/// once; returns their workloads once all are acknowledged.
+fn upload_concurrently(
+    server: &es_loadtest::spawn::ServerProcess,
+    prefix: &str,
+    numbers: std::ops::RangeInclusive<u32>,
+    cycles: u32,
+) -> Vec<Workload> {
+    let uploads: Vec<_> = numbers
+        .map(|n| {
+            let info = server.info.clone();
+            let serial = format!("{prefix}-{n}");
+            std::thread::spawn(move || upload_for(&info, &serial, cycles))
+        })
+        .collect();
+    uploads.into_iter().map(|u| u.join().unwrap()).collect()
+}
+
 /// Uploads one dish of `cycles` acquisitions from `serial` (as `common::upload_dish`), on a
 /// server known by its info.
 fn upload_for(info: &es_loadtest::spawn::ServerInfo, serial: &str, cycles: u32) -> Workload {
@@ -312,16 +330,7 @@ fn a_server_killed_during_a_backup_damages_nothing_and_the_next_backup_completes
     common::upload_dish(&server, "KB-1", 40);
     let first = backup(&target, &data);
     // Enough for a backup that lasts a while: about 100 MiB of images.
-    let mut uploads = Vec::new();
-    for n in 2..=5 {
-        let info = server.info.clone();
-        uploads.push(std::thread::spawn(move || {
-            upload_for(&info, &format!("KB-{n}"), 300)
-        }));
-    }
-    for upload in uploads {
-        upload.join().unwrap();
-    }
+    upload_concurrently(&server, "KB", 2..=5, 300);
     // Kill the server once the backup has started (its first progress line).
     let (mut child, lines) = started(
         &["backup", "--to"],
@@ -486,16 +495,7 @@ fn a_server_stopping_during_a_backup_ends_it_at_once_and_the_next_completes() {
     let mut server = common::spawn_in(&dir, false, "[Storage]\nvolume_bytes_max = 4 MiB\n");
     let data = server.data_dir().to_path_buf();
     let target = dir.path().join("backups");
-    let mut uploads = Vec::new();
-    for n in 1..=4 {
-        let info = server.info.clone();
-        uploads.push(std::thread::spawn(move || {
-            upload_for(&info, &format!("SD-{n}"), 300)
-        }));
-    }
-    for upload in uploads {
-        upload.join().unwrap();
-    }
+    upload_concurrently(&server, "SD", 1..=4, 300);
     let (mut child, lines) = started(
         &["backup", "--to"],
         &[&target, Path::new("--data"), &data],

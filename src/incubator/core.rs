@@ -783,14 +783,7 @@ impl IncubatorCore {
         match patients {
             Err(error) => error_message(seq, ErrorCode::StorageUnavailable, error.to_string()),
             Ok(patients) => {
-                let next_after = if patients.len() as u32 == limit {
-                    patients
-                        .last()
-                        .map(|p| p.patient_id.clone())
-                        .unwrap_or_default()
-                } else {
-                    String::new()
-                };
+                let next_after = es_storage::next_page_after(&patients, limit, |p| &p.patient_id);
                 Message::PatientList(pb::PatientList {
                     seq,
                     patients: patients

@@ -1106,14 +1106,7 @@ fn read(store: &Store, request: Request) -> Body {
                 let after =
                     (!list.after_patient_id.is_empty()).then_some(list.after_patient_id.as_str());
                 let patients = reader.patients(after, limit)?;
-                let next_after = if patients.len() as u32 == limit {
-                    patients
-                        .last()
-                        .map(|p| p.patient_id.clone())
-                        .unwrap_or_default()
-                } else {
-                    String::new()
-                };
+                let next_after = es_storage::next_page_after(&patients, limit, |p| &p.patient_id);
                 Body::PatientList(pb::PatientList {
                     patients: patients.into_iter().map(convert::patient).collect(),
                     next_after,

@@ -71,7 +71,7 @@ pub use ops::{
     RegisterDish, ResetInstrumentSecret, ScoreInput, SecretConfirmed, SecretReset, TelemetrySample,
     TelemetryStored, UserAdd, UserChange, UserUpdate, WellRegistration,
 };
-pub use reader::Reader;
+pub use reader::{next_page_after, Reader};
 
 /// Runs a storage read, turning a panic inside it (a dependency meeting damaged data, say)
 /// into `StorageError::Corrupt` that says what was being read and what the panic said, so

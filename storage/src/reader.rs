@@ -575,3 +575,26 @@ pub(crate) fn image_key_text(
          acquired_at_ms {acquired_at_ms} focal_plane {focal_plane}"
     )
 }
+
+/// The cursor of the page after `page`, which was asked for `limit` rows: the last row's key
+/// when the page is full (there may be more), empty when it is the last page.
+pub fn next_page_after<T>(page: &[T], limit: u32, key: impl Fn(&T) -> &str) -> String {
+    let full = page.len() as u64 >= u64::from(limit.min(crate::limits::READ_ROWS_MAX));
+    match page.last() {
+        Some(last) if full => key(last).to_string(),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::next_page_after;
+
+    #[test]
+    fn a_full_page_names_its_last_key_and_a_short_one_ends_the_list() {
+        let page = ["a", "b", "c"];
+        assert_eq!(next_page_after(&page, 3, |k| k), "c");
+        assert_eq!(next_page_after(&page, 4, |k| k), "");
+        assert_eq!(next_page_after::<&str>(&[], 0, |k| k), "");
+    }
+}
