@@ -45,6 +45,7 @@ pub struct Batch<'txn> {
     acquisitions: Rows<'txn, AcquisitionKey>,
     instrument_days: Rows<'txn, (u64, u32)>,
     volume_rows: Rows<'txn, u32>,
+    volume_archive: Rows<'txn, u32>,
     /// Where the batch's image records go, and the volumes to read stored ones from.
     appender: &'txn mut Appender,
     volumes: &'txn Volumes,
@@ -102,6 +103,7 @@ impl<'txn> Batch<'txn> {
             acquisitions: txn.open_table(tables::ACQUISITIONS)?,
             instrument_days: txn.open_table(tables::INSTRUMENT_DAYS)?,
             volume_rows: txn.open_table(tables::VOLUMES)?,
+            volume_archive: txn.open_table(tables::VOLUME_ARCHIVE)?,
             appender,
             volumes,
             telemetry: txn.open_table(tables::TELEMETRY)?,
@@ -122,6 +124,16 @@ impl<'txn> Batch<'txn> {
             ims_state,
             site_name,
         })
+    }
+
+    /// The `volumes` table (for `crate::archive`).
+    pub(crate) fn volume_rows(&mut self) -> &mut Rows<'txn, u32> {
+        &mut self.volume_rows
+    }
+
+    /// The `volume_archive` table (for `crate::archive`).
+    pub(crate) fn volume_archive(&mut self) -> &mut Rows<'txn, u32> {
+        &mut self.volume_archive
     }
 
     /// Makes the batch's image records durable (one write and one `fdatasync` per volume
@@ -1037,7 +1049,29 @@ impl<'txn> Batch<'txn> {
                 jpeg_len: u64::from(record.header.jpeg_len),
             }),
             Err(volume::ReadFailure::Io(error)) => Err(StorageError::Io(error)),
-            Err(volume::ReadFailure::Damaged(_)) => {
+            Err(volume::ReadFailure::Missing(_))
+                if self.volume_archive.get(location.volume)?.is_some() =>
+            {
+                // Archived, its local file gone: the companion file still lists the record's
+                // header (the writer never reads the object store).
+                let header = volume::read_companion(self.volumes, location.volume)
+                    .ok()
+                    .and_then(|(_, records)| {
+                        records
+                            .into_iter()
+                            .find(|(offset, _)| *offset == location.offset)
+                    })
+                    .map(|(_, header)| header)
+                    .filter(|header| header.image_key() == key);
+                Ok(match header {
+                    Some(header) => Stored::Intact {
+                        sha256: header.sha256,
+                        jpeg_len: u64::from(header.jpeg_len),
+                    },
+                    None => Stored::Damaged { sha256: None },
+                })
+            }
+            Err(volume::ReadFailure::Damaged(_) | volume::ReadFailure::Missing(_)) => {
                 // The header may still be readable: it says whose bytes these were.
                 let header = self
                     .volumes

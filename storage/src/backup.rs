@@ -144,6 +144,20 @@ pub struct Manifest {
     /// when the backup was taken: their images are not in the backup.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing_volumes: Vec<u32>,
+    /// Volumes whose checked copy is in the archive's object store (`[Archive]`): not copied;
+    /// the backup's index names them, and a restored server reads them from there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub archived_volumes: Vec<ArchivedVolume>,
+}
+
+/// A volume in the archive's object store, as a manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchivedVolume {
+    pub id: u32,
+    pub object: String,
+    pub bytes: u64,
+    /// Hex.
+    pub sha256: String,
 }
 
 impl Manifest {
@@ -284,7 +298,11 @@ impl Store {
         let partial = backups.join(format!("{name}{PARTIAL_SUFFIX}"));
         create_private_dir(&partial.join(VOLUMES_DIR_NAME))?;
 
-        let volumes = snapshot_volumes(&txn)?;
+        let archived = snapshot_archived(&txn)?;
+        let volumes: Vec<(u32, VolumeRow)> = snapshot_volumes(&txn)?
+            .into_iter()
+            .filter(|(id, _)| !archived.iter().any(|a| a.id == *id))
+            .collect();
         let (schema_version, change_seq, images, image_bytes) = snapshot_meta(&txn)?;
         let volume_bytes: u64 = volumes.iter().map(|(_, row)| row.end).sum();
         // Small files, read whole now: one replaced meanwhile (a licence installed) is taken
@@ -432,6 +450,7 @@ impl Store {
             image_bytes,
             files: fix_paths(files, name),
             missing_volumes: missing_volumes.clone(),
+            archived_volumes: archived,
         };
         let text = serde_json::to_vec_pretty(&manifest).map_err(|error| {
             BackupError::Refused(format!("cannot encode the manifest: {error}"))
@@ -996,6 +1015,25 @@ fn snapshot_volumes(txn: &ReadTransaction) -> Result<Vec<(u32, VolumeRow)>, Back
     Ok(out)
 }
 
+/// The snapshot's archived volumes (`volume_archive`).
+fn snapshot_archived(txn: &ReadTransaction) -> Result<Vec<ArchivedVolume>, BackupError> {
+    let table = txn
+        .open_table(tables::VOLUME_ARCHIVE)
+        .map_err(StorageError::from)?;
+    let mut out = Vec::new();
+    for entry in table.range::<u32>(..).map_err(StorageError::from)? {
+        let (id, row) = entry.map_err(StorageError::from)?;
+        let row: tables::ArchivedVolumeRow = tables::decode(row.value(), "archived volume")?;
+        out.push(ArchivedVolume {
+            id: id.value(),
+            object: row.object,
+            bytes: row.bytes,
+            sha256: hex::encode(row.sha256),
+        });
+    }
+    Ok(out)
+}
+
 /// (schema version, newest change seq, images, image bytes) of the snapshot.
 fn snapshot_meta(txn: &ReadTransaction) -> Result<(u64, u64, u64, u64), BackupError> {
     let meta = txn.open_table(tables::META).map_err(StorageError::from)?;
@@ -1070,6 +1108,7 @@ macro_rules! every_table {
             $f($($arg,)* tables::IDEMPOTENCY_BY_AGE)?,
             $f($($arg,)* tables::ACQUISITIONS)?,
             $f($($arg,)* tables::VOLUMES)?,
+            $f($($arg,)* tables::VOLUME_ARCHIVE)?,
             $f($($arg,)* tables::LEGACY_IMAGES)?,
             $f($($arg,)* tables::TELEMETRY)?,
             $f($($arg,)* tables::IMS_QUEUE)?,

@@ -44,6 +44,10 @@ pub enum StorageError {
          server"
     )]
     NeedsRecovery,
+    /// The image is in the object store (its volume was archived) and could not be read from
+    /// there now; every other image still reads. `reason` says why, for a person.
+    #[error("archived image {key} cannot be read now: {reason}")]
+    ArchiveUnavailable { key: String, reason: String },
 }
 
 impl StorageError {
@@ -59,6 +63,7 @@ impl StorageError {
             StorageError::DiskFull => "disk_full",
             StorageError::Io(_) => "io_error",
             StorageError::NeedsRecovery => "database_needs_recovery",
+            StorageError::ArchiveUnavailable { .. } => "archive_unavailable",
         }
     }
 }

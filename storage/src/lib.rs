@@ -37,6 +37,7 @@ pub mod tables;
 pub mod volume;
 
 mod apply;
+pub mod archive;
 pub mod backup;
 mod error;
 mod migrate;

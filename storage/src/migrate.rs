@@ -26,10 +26,18 @@ pub(crate) fn step(txn: &WriteTransaction, from: u64) -> Result<(), StorageError
         6 => v6_to_v7(txn),
         7 => v7_to_v8(txn),
         8 => v8_to_v9(txn),
+        9 => v9_to_v10(txn),
         _ => Err(StorageError::Corrupt(format!(
             "no migration from schema version {from}"
         ))),
     }
+}
+
+/// Version 10 adds `volume_archive` (created empty by `tables::create_all`): sealed volumes
+/// moved to the object store. The version goes up so that an older esserver, which would call
+/// an archived volume's missing file damage, refuses the database instead.
+fn v9_to_v10(_txn: &WriteTransaction) -> Result<(), StorageError> {
+    Ok(())
 }
 
 /// Version 9 gives every patient the original system's identifier (`patient_idx`, minted from

@@ -215,6 +215,11 @@ pub struct VerifyReport {
     /// Older copies of images stored again (a damaged copy repaired by a resend): not in the
     /// index, harmless, reclaimable.
     pub records_superseded: u64,
+    /// Volumes whose local file is gone because their checked copy is in the object store;
+    /// their records were checked when they were archived and are not read again here.
+    pub volumes_archived: u64,
+    /// Images in those volumes (counted in `images_checked`'s total, not read).
+    pub images_archived: u64,
 }
 
 impl VerifyReport {

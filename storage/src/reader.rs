@@ -13,7 +13,7 @@ use crate::tables::{
     self, decode, AcquisitionRow, ChangeRow, EmbryoRow, ImageKey, ImageValue, InstrumentRow,
     PatientRow, StateRow,
 };
-use crate::volume::{Location, Volumes};
+use crate::volume::{Location, ReadFailure, Volumes};
 use redb::{ReadTransaction, ReadableTable};
 use std::ops::Bound;
 use std::sync::Arc;
@@ -59,10 +59,52 @@ impl Reader {
             };
             return checked_jpeg(stored.value(), text);
         }
-        self.volumes
-            .read_record(location, key)
-            .map(|record| record.jpeg)
-            .map_err(|failure| failure.into_storage_error(text()))
+        match self.volumes.read_record(location, key) {
+            Ok(record) => Ok(record.jpeg),
+            Err(ReadFailure::Missing(reason)) => self.read_archived(location, key, text, reason),
+            Err(failure) => Err(failure.into_storage_error(text())),
+        }
+    }
+
+    /// The record at `location` from the object store, when its volume was archived and its
+    /// local file is gone; a volume file missing without an archive row is damage.
+    fn read_archived(
+        &self,
+        location: Location,
+        key: ImageKey,
+        text: impl FnOnce() -> String,
+        missing: String,
+    ) -> Result<bytes::Bytes, StorageError> {
+        let archive = self.txn.open_table(tables::VOLUME_ARCHIVE)?;
+        let Some(row) = archive.get(location.volume)? else {
+            return Err(ReadFailure::Missing(missing).into_storage_error(text()));
+        };
+        let row: tables::ArchivedVolumeRow = decode(row.value(), "archived volume")?;
+        let fetch = self.volumes.archive();
+        let fetched = crate::archive::fetch_record(
+            fetch.as_ref(),
+            location.volume,
+            &row,
+            location.offset,
+            location.length,
+        );
+        let bytes = match fetched {
+            Ok(bytes) => bytes,
+            Err(reason) => {
+                return Err(StorageError::ArchiveUnavailable {
+                    key: text(),
+                    reason,
+                })
+            }
+        };
+        match crate::volume::check_record(bytes.to_vec(), key) {
+            Ok(record) => Ok(record.jpeg),
+            Err(reason) => Err(ReadFailure::Damaged(format!(
+                "archived volume {} offset {} (object {}): {reason}",
+                location.volume, location.offset, row.object
+            ))
+            .into_storage_error(text())),
+        }
     }
 
     pub fn instrument_by_serial(

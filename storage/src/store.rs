@@ -479,12 +479,21 @@ impl Store {
 fn list_volumes(db: &Database) -> Result<Vec<ListedVolume>, StorageError> {
     let txn = db.begin_read()?;
     let table = txn.open_table(tables::VOLUMES)?;
+    let archived: std::collections::HashSet<u32> = match txn.open_table(tables::VOLUME_ARCHIVE) {
+        Ok(archive) => archive
+            .range::<u32>(..)?
+            .map(|entry| entry.map(|(id, _)| id.value()))
+            .collect::<Result<_, _>>()?,
+        Err(redb::TableError::TableDoesNotExist(_)) => Default::default(),
+        Err(error) => return Err(error.into()),
+    };
     let mut out = Vec::new();
     for entry in table.range::<u32>(..)? {
         let (id, row): (redb::AccessGuard<u32>, redb::AccessGuard<&[u8]>) = entry?;
         out.push(ListedVolume {
             id: id.value(),
             row: tables::decode(row.value(), "volume")?,
+            archived: archived.contains(&id.value()),
         });
     }
     Ok(out)

@@ -19,7 +19,7 @@ use redb::TableDefinition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The schema version this binary writes and reads. See the module documentation.
-pub const SCHEMA_VERSION: u64 = 9;
+pub const SCHEMA_VERSION: u64 = 10;
 
 /// `meta`: name -> bytes. Rows: [`META_SCHEMA_VERSION`] (u64 LE), [`META_SERVER_ID`] (UTF-8,
 /// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]), [`META_IMS`] (postcard
@@ -127,6 +127,10 @@ pub const ACQUISITIONS: TableDefinition<AcquisitionKey, &[u8]> =
 /// how many bytes of each hold committed records, and whether it is sealed. Updated in the
 /// same transaction as the index entries of the records it counts.
 pub const VOLUMES: TableDefinition<u32, &[u8]> = TableDefinition::new("volumes");
+/// `volume_archive`: volume id -> [`ArchivedVolumeRow`]: sealed volumes copied to the object
+/// store, read back and checked. A volume with a row here may have no local file; its records
+/// are read from the object store (`crate::archive`). Since version 10.
+pub const VOLUME_ARCHIVE: TableDefinition<u32, &[u8]> = TableDefinition::new("volume_archive");
 
 /// Version 4's `images` table: (dish_key, well, acquired_at_ms, focal_plane) -> SHA-256 ||
 /// stored_at_ms (i64 LE) || JPEG bytes ([`ImageValue`]). In version 5 it exists only while
@@ -171,7 +175,7 @@ pub type TelemetryKey = (u64, &'static str, i64);
 pub type AlarmKey = (u64, &'static str, i64);
 
 /// The names of every table, for tooling and for the "create all tables on open" step.
-pub const TABLE_NAMES: [&str; 32] = [
+pub const TABLE_NAMES: [&str; 33] = [
     "meta",
     "instruments",
     "instrument_by_serial",
@@ -204,6 +208,7 @@ pub const TABLE_NAMES: [&str; 32] = [
     "instrument_days",
     "patient_by_idx",
     "patient_differences",
+    "volume_archive",
 ];
 
 /// Creates every table that does not exist yet, so read transactions never miss one.
@@ -240,6 +245,7 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), StorageErro
     txn.open_table(INSTRUMENT_DAYS)?;
     txn.open_table(PATIENT_BY_IDX)?;
     txn.open_table(PATIENT_DIFFERENCES)?;
+    txn.open_table(VOLUME_ARCHIVE)?;
     Ok(())
 }
 
@@ -821,6 +827,19 @@ pub struct VolumeRow {
     pub created_at_ms: i64,
     /// 0 while active.
     pub sealed_at_ms: i64,
+}
+
+/// A sealed volume's row in [`VOLUME_ARCHIVE`]: where its copy in the object store is and
+/// what was checked there before the local file could go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchivedVolumeRow {
+    /// The object's key in the archive's bucket (prefix included).
+    pub object: String,
+    /// Its size: the volume's committed `end`.
+    pub bytes: u64,
+    /// SHA-256 of the object as read back, equal to the local file's `[0, end)`.
+    pub sha256: [u8; 32],
+    pub archived_at_ms: i64,
 }
 
 /// The monitoring queue's counters (`meta/ims_state`), updated in the same transaction as the

@@ -24,6 +24,7 @@ pub(crate) fn verify(
 ) -> Result<VerifyReport, StorageError> {
     let state = read_state(&txn.open_table(tables::META)?)?;
     let mut report = Report::default();
+    report.archived = archived_without_file(txn, volumes)?;
     let image_totals = check_images(txn, volumes, &state, &mut report, progress)?;
     check_volumes(txn, volumes, &mut report)?;
     check_wells(txn, &mut report)?;
@@ -45,6 +46,25 @@ struct Report {
     unreadable_more: u64,
     volumes_checked: u64,
     records_superseded: u64,
+    /// Archived volumes whose local file is gone.
+    archived: std::collections::HashSet<u32>,
+    images_archived: u64,
+}
+
+/// The archived volumes (`volume_archive`) whose local file is gone.
+fn archived_without_file(
+    txn: &ReadTransaction,
+    volumes: &Volumes,
+) -> Result<std::collections::HashSet<u32>, StorageError> {
+    let archive = txn.open_table(tables::VOLUME_ARCHIVE)?;
+    let mut out = std::collections::HashSet::new();
+    for entry in archive.range::<u32>(..)? {
+        let id = entry?.0.value();
+        if !volumes.path(id).exists() {
+            out.insert(id);
+        }
+    }
+    Ok(out)
 }
 
 /// Adds `item` to a bounded list of the report, or counts it past the bound.
@@ -108,6 +128,8 @@ impl Report {
             unreadable_ranges: self.unreadable,
             volumes_checked: self.volumes_checked,
             records_superseded: self.records_superseded,
+            volumes_archived: self.archived.len() as u64,
+            images_archived: self.images_archived,
         }
     }
 }
@@ -236,12 +258,18 @@ fn check_images(
                         names.image_key(key)?
                     )),
                 }
+            } else if report.archived.contains(&location.volume) {
+                let header_len = (volume::HEADER_FIXED_BYTES + dish_id_len) as u64;
+                totals.image_bytes += u64::from(location.length).saturating_sub(header_len);
+                report.images_archived += 1;
             } else {
                 let header_len = (volume::HEADER_FIXED_BYTES + dish_id_len) as u64;
                 totals.image_bytes += u64::from(location.length).saturating_sub(header_len);
                 match volumes.read_record(location, key) {
                     Ok(_) => {}
-                    Err(volume::ReadFailure::Damaged(reason)) => {
+                    Err(
+                        volume::ReadFailure::Damaged(reason) | volume::ReadFailure::Missing(reason),
+                    ) => {
                         let text = names.image_key(key)?;
                         tracing::error!(key = %text, %reason, "verify: image record damaged");
                         report.damaged(text);
@@ -288,6 +316,9 @@ fn check_volumes(
                 continue;
             }
         };
+        if report.archived.contains(&id) {
+            continue;
+        }
         report.volumes_checked += 1;
         let path = volumes.path(id);
         let len = match std::fs::metadata(&path) {

@@ -40,6 +40,7 @@
 //! the volume's new `end`. Bytes past the committed `end` were never acknowledged: at the next
 //! start they are cut off (the next append overwrites them), see [`Appender::open`].
 
+use crate::archive::ArchiveFetch;
 use crate::error::StorageError;
 use crate::tables::{self, VolumeRow};
 use parking_lot::RwLock;
@@ -225,13 +226,16 @@ pub(crate) enum ReadFailure {
     Damaged(String),
     /// The disk or the file could not be read.
     Io(io::Error),
+    /// The volume's file is not in the data directory (archived, or lost). The reason is for
+    /// people.
+    Missing(String),
 }
 
 impl ReadFailure {
     /// As a storage error about the image named by `key`.
     pub(crate) fn into_storage_error(self, key: String) -> StorageError {
         match self {
-            ReadFailure::Damaged(reason) => {
+            ReadFailure::Damaged(reason) | ReadFailure::Missing(reason) => {
                 tracing::error!(%key, %reason, "stored image is damaged");
                 StorageError::ImageDamaged { key }
             }
@@ -246,10 +250,19 @@ pub(crate) fn volume_file_name(volume: u32) -> String {
 
 /// Read access to every volume, shared by the readers (event loops, verify) and the writer.
 /// Files are opened once and read with positioned reads (`pread`); the page cache caches.
-#[derive(Debug)]
 pub(crate) struct Volumes {
     dir: PathBuf,
     files: RwLock<HashMap<u32, Arc<File>>>,
+    /// Reads records of archived volumes whose file is gone (`crate::archive`).
+    archive: RwLock<Option<Arc<dyn ArchiveFetch>>>,
+}
+
+impl std::fmt::Debug for Volumes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volumes")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Volumes {
@@ -257,7 +270,16 @@ impl Volumes {
         Volumes {
             dir: data_dir.join(VOLUMES_DIR_NAME),
             files: RwLock::new(HashMap::new()),
+            archive: RwLock::new(None),
         }
+    }
+
+    pub(crate) fn set_archive(&self, fetch: Option<Arc<dyn ArchiveFetch>>) {
+        *self.archive.write() = fetch;
+    }
+
+    pub(crate) fn archive(&self) -> Option<Arc<dyn ArchiveFetch>> {
+        self.archive.read().clone()
     }
 
     pub(crate) fn dir(&self) -> &Path {
@@ -311,7 +333,7 @@ impl Volumes {
                 )));
             }
             Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                return Err(ReadFailure::Damaged(format!(
+                return Err(ReadFailure::Missing(format!(
                     "volume file {} is missing",
                     self.path(location.volume).display()
                 )));
@@ -657,6 +679,8 @@ pub(crate) struct Appender {
 pub(crate) struct ListedVolume {
     pub id: u32,
     pub row: VolumeRow,
+    /// Its checked copy is in the object store (`crate::archive`): its local file may be gone.
+    pub archived: bool,
 }
 
 /// What [`Appender::open`] found and did, for the log and `status`.
@@ -739,6 +763,8 @@ impl Appender {
                             .sealed_to_trim
                             .push((listed.id, listed.row.end, None));
                     }
+                } else if listed.archived {
+                    // Its images are read from the object store.
                 } else {
                     tracing::error!(volume = listed.id, path = %path.display(),
                         "a sealed volume file is missing: its images cannot be read");
@@ -1523,7 +1549,11 @@ mod tests {
         appender.sync(2).unwrap();
         drop(appender);
         std::fs::write(volumes.path(2), b"half a volume").unwrap();
-        let listed = vec![ListedVolume { id: 1, row }];
+        let listed = vec![ListedVolume {
+            id: 1,
+            row,
+            archived: false,
+        }];
         let (appender, recovery) =
             Appender::open(Arc::clone(&volumes), 1 << 30, true, &listed).unwrap();
         assert_eq!(recovery.tail_records_cut, 2);
@@ -1548,7 +1578,11 @@ mod tests {
             .open(volumes.path(1))
             .unwrap();
         file.set_len(100).unwrap();
-        let listed = vec![ListedVolume { id: 1, row }];
+        let listed = vec![ListedVolume {
+            id: 1,
+            row,
+            archived: false,
+        }];
         let (mut appender, _) =
             Appender::open(Arc::clone(&volumes), 1 << 30, true, &listed).unwrap();
         let location = appender.append(&header("D", 1, &jpeg), &jpeg, 2).unwrap();
