@@ -8,7 +8,7 @@ use es_storage::*;
 use std::path::Path;
 
 mod common;
-use common::{open, put, read, setup, SEED, T0};
+use common::{open, put, read, setup, T0};
 
 fn quiet(_: &backup::Progress) {}
 
