@@ -455,6 +455,22 @@ fn offline(
             let never = std::sync::atomic::AtomicBool::new(false);
             crate::backup::run(&store, &to, data_dir, progress, &never)
         }
+        Request::Archive => {
+            if config.archive.target.is_none() {
+                return Ok(Response::error(
+                    "archive_off",
+                    "no [Archive] target is configured in EmbryoServer.ini; nothing is archived",
+                ));
+            }
+            let writer = store.start_writer(es_storage::WriterOptions::default());
+            let response =
+                match crate::archive::Archive::new(&config.archive, &store, &writer, data_dir) {
+                    Ok(archive) => archive.run_now(progress),
+                    Err(detail) => Response::error("archive_config", detail),
+                };
+            writer.shutdown();
+            response
+        }
         Request::Ims { action } => match action {
             crate::control::ImsRequest::Status => {
                 match store.read().and_then(|reader| reader.ims_stats()) {

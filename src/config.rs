@@ -61,6 +61,51 @@ pub struct Config {
     pub clinic: ClinicSection,
     /// Section `[Backup]`: scheduled backups.
     pub backup: BackupSection,
+    /// Section `[Archive]`: sealed volumes moved to an S3-compatible object store.
+    pub archive: ArchiveSection,
+}
+
+/// Section `[Archive]`: the archive tier (`crate::archive`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchiveSection {
+    /// `s3://bucket/prefix`. None (the default): no archive; volumes stay on the local disk.
+    pub target: Option<crate::archive::S3Target>,
+    /// The object store's URL (`https://minio.clinic.local:9000`). None: `AWS_ENDPOINT_URL`,
+    /// else AWS S3 in `region`.
+    pub endpoint: Option<String>,
+    /// None: `AWS_REGION`, `AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub region: Option<String>,
+    /// None: `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`).
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Path-style URLs (`endpoint/bucket/key`: MinIO, Ceph, most self-hosted stores) or
+    /// virtual-host style (`bucket.endpoint/key`: AWS). Default: path.
+    pub virtual_host_style: bool,
+    /// Sealed volumes older than this many days are archived (0: as soon as sealed).
+    pub after_days: u64,
+    /// Local cache of records read from the object store.
+    pub cache_bytes_max: u64,
+    /// Time allowed for one request to the object store.
+    pub request_timeout_ms: u64,
+    /// How often the archiver looks for volumes to archive.
+    pub check_interval_ms: u64,
+}
+
+impl Default for ArchiveSection {
+    fn default() -> Self {
+        ArchiveSection {
+            target: None,
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            virtual_host_style: false,
+            after_days: 90,
+            cache_bytes_max: GIB,
+            request_timeout_ms: 30_000,
+            check_interval_ms: 600_000,
+        }
+    }
 }
 
 /// Section `[Backup]`: the backups the server takes itself, once a day.
@@ -327,6 +372,7 @@ impl Default for Config {
             ims: ImsConfig::default(),
             clinic: ClinicSection::default(),
             backup: BackupSection::default(),
+            archive: ArchiveSection::default(),
         }
     }
 }
@@ -414,7 +460,8 @@ impl Config {
             | Section::Ims
             | Section::Tls
             | Section::Clinic
-            | Section::Backup => None,
+            | Section::Backup
+            | Section::Archive => None,
         }
     }
 
@@ -432,7 +479,8 @@ impl Config {
             | Section::Ims
             | Section::Tls
             | Section::Clinic
-            | Section::Backup => None,
+            | Section::Backup
+            | Section::Archive => None,
         }
     }
 
@@ -507,6 +555,7 @@ impl Config {
                 out.push_str("; succeeds. Allowed: 1 to 1000.\n");
                 out.push_str(&format!("keep = {}\n", self.backup.keep));
             }
+            Section::Archive => self.write_archive(out),
             Section::Security => write_numbers(SECURITY_NUMBERS, &self.security, out),
             Section::Server => {
                 out.push_str(&format!("; One of {}.\n", LOG_LEVELS.join(", ")));
@@ -590,6 +639,51 @@ impl Config {
     }
 }
 
+impl Config {
+    fn write_archive(&self, out: &mut String) {
+        let archive = &self.archive;
+        out.push_str("; Sealed image volumes older than after_days are moved to S3-compatible\n");
+        out.push_str(
+            "; object storage (AWS S3, MinIO, Ceph RGW): uploaded, read back and checked\n",
+        );
+        out.push_str("; before the local copy goes. None: no archive.\n");
+        match &archive.target {
+            Some(target) => out.push_str(&format!("target = {target}\n")),
+            None => out.push_str("; target = s3://clinic-archive/esserver\n"),
+        }
+        out.push_str("; The object store's URL. None: AWS_ENDPOINT_URL, else AWS S3.\n");
+        match &archive.endpoint {
+            Some(endpoint) => out.push_str(&format!("endpoint = {endpoint}\n")),
+            None => out.push_str("; endpoint = https://minio.clinic.local:9000\n"),
+        }
+        out.push_str("; None: AWS_REGION or AWS_DEFAULT_REGION, else us-east-1.\n");
+        match &archive.region {
+            Some(region) => out.push_str(&format!("region = {region}\n")),
+            None => out.push_str("; region = eu-north-1\n"),
+        }
+        out.push_str("; Credentials. None: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY from the\n");
+        out.push_str("; environment. Keep this file readable by the service only when set.\n");
+        match &archive.access_key_id {
+            Some(key) => out.push_str(&format!("access_key_id = {key}\n")),
+            None => out.push_str("; access_key_id = AKIA...\n"),
+        }
+        match &archive.secret_access_key {
+            Some(_) => out.push_str("; secret_access_key is set (not shown)\n"),
+            None => out.push_str("; secret_access_key = ...\n"),
+        }
+        out.push_str(
+            "; path (endpoint/bucket/key: MinIO, Ceph) or virtual (bucket.endpoint/key).\n",
+        );
+        let style = if archive.virtual_host_style {
+            "virtual"
+        } else {
+            "path"
+        };
+        out.push_str(&format!("url_style = {style}\n"));
+        write_numbers(ARCHIVE_NUMBERS, archive, out);
+    }
+}
+
 const FILE_HEADER: &str = "\
 ; EmbryoServer.ini: configuration of esserver.
 ;
@@ -655,13 +749,14 @@ enum Section {
     Tls,
     Clinic,
     Backup,
+    Archive,
 }
 
 /// Keys of every listener section.
 const LISTENER_KEYS: [&str; 5] = ["bind", "port", "cert", "key", "workers"];
 
 impl Section {
-    const ALL: [Section; 13] = [
+    const ALL: [Section; 14] = [
         Section::IncubatorTransport,
         Section::ViewerTransport,
         Section::WebInterface,
@@ -675,6 +770,7 @@ impl Section {
         Section::Tls,
         Section::Clinic,
         Section::Backup,
+        Section::Archive,
     ];
 
     fn name(self) -> &'static str {
@@ -692,6 +788,7 @@ impl Section {
             Section::Tls => "TLS",
             Section::Clinic => "Clinic",
             Section::Backup => "Backup",
+            Section::Archive => "Archive",
         }
     }
 
@@ -716,6 +813,10 @@ impl Section {
             Section::Tls => "The TLS certificate the server generates for itself.",
             Section::Clinic => "The site: its name in patient identifiers and its time zone.",
             Section::Backup => "Scheduled backups (docs/operations.md).",
+            Section::Archive => {
+                "The archive tier: old sealed volumes in S3-compatible object storage \
+                 (docs/operations.md)."
+            }
         }
     }
 
@@ -753,6 +854,17 @@ impl Section {
             Section::Tls => vec!["names"],
             Section::Clinic => vec!["site_name", "time_zone"],
             Section::Backup => vec!["target", "time_of_day", "keep"],
+            Section::Archive => [
+                "target",
+                "endpoint",
+                "region",
+                "access_key_id",
+                "secret_access_key",
+                "url_style",
+            ]
+            .into_iter()
+            .chain(ARCHIVE_NUMBERS.iter().map(|k| k.name))
+            .collect(),
             Section::Ims => ["receive", "upload", "endpoint", "ca_file"]
                 .into_iter()
                 .chain(IMS_NUMBERS.iter().map(|k| k.name))
@@ -965,6 +1077,45 @@ const IMS_NUMBERS: &[NumberKey<ImsConfig>] = &[
         doc: "Upload budget of each incubator in bits per second on the wire, backlog included.",
         get: |s| s.incubator_budget_bits_per_s,
         set: |s, v| s.incubator_budget_bits_per_s = v,
+    },
+];
+
+const ARCHIVE_NUMBERS: &[NumberKey<ArchiveSection>] = &[
+    NumberKey {
+        name: "after_days",
+        unit: Unit::Days,
+        min: 0,
+        max: 36_500,
+        doc: "Sealed volumes older than this are archived (0: as soon as they are sealed).",
+        get: |s| s.after_days,
+        set: |s, v| s.after_days = v,
+    },
+    NumberKey {
+        name: "cache_bytes_max",
+        unit: Unit::Bytes,
+        min: MIB,
+        max: 1024 * GIB,
+        doc: "Local disk cache of records read back from the object store.",
+        get: |s| s.cache_bytes_max,
+        set: |s, v| s.cache_bytes_max = v,
+    },
+    NumberKey {
+        name: "request_timeout_ms",
+        unit: Unit::Millis,
+        min: 100,
+        max: 3_600_000,
+        doc: "Time allowed for one request to the object store (a whole upload included).",
+        get: |s| s.request_timeout_ms,
+        set: |s, v| s.request_timeout_ms = v,
+    },
+    NumberKey {
+        name: "check_interval_ms",
+        unit: Unit::Millis,
+        min: 100,
+        max: 86_400_000,
+        doc: "How often the archiver looks for volumes to archive.",
+        get: |s| s.check_interval_ms,
+        set: |s, v| s.check_interval_ms = v,
     },
 ];
 
@@ -1455,6 +1606,30 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
                 Ok(keep) if (1..=1000).contains(&keep) => keep,
                 _ => return Err(bad_value("a whole number from 1 to 1000", value)),
             };
+        }
+        (Section::Archive, "target") => {
+            config.archive.target = Some(crate::archive::S3Target::parse(value)?);
+        }
+        (Section::Archive, "endpoint") => {
+            crate::archive::check_endpoint(value)?;
+            config.archive.endpoint = Some(value.to_owned());
+        }
+        (Section::Archive, "region") => config.archive.region = Some(value.to_owned()),
+        (Section::Archive, "access_key_id") => {
+            config.archive.access_key_id = Some(value.to_owned());
+        }
+        (Section::Archive, "secret_access_key") => {
+            config.archive.secret_access_key = Some(value.to_owned());
+        }
+        (Section::Archive, "url_style") => {
+            config.archive.virtual_host_style = match value {
+                "path" => false,
+                "virtual" => true,
+                _ => return Err(bad_value("path or virtual", value)),
+            };
+        }
+        (Section::Archive, _) => {
+            set_number(ARCHIVE_NUMBERS, &mut config.archive, key, value)?;
         }
         (Section::Ims, "receive") => config.ims.receive = parse_switch(value)?,
         (Section::Ims, "upload") => config.ims.upload = parse_switch(value)?,
@@ -2070,6 +2245,35 @@ trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134,
         config.limits.read_bytes_per_turn_max = 5000;
         let text = config.to_ini();
         assert_eq!(parse(&text), Ok(config), "{text}");
+    }
+
+    #[test]
+    fn archive_section() {
+        let config = parse(
+            "[Archive]\ntarget = s3://clinic-archive/site1\nendpoint = http://127.0.0.1:9000\n\
+             access_key_id = AK\nsecret_access_key = SK\nafter_days = 0\n\
+             cache_bytes_max = 64 MiB\nurl_style = virtual\n",
+        )
+        .unwrap();
+        let archive = &config.archive;
+        assert_eq!(archive.target.as_ref().unwrap().bucket, "clinic-archive");
+        assert_eq!(archive.target.as_ref().unwrap().prefix, "site1");
+        assert_eq!(archive.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(archive.after_days, 0);
+        assert_eq!(archive.cache_bytes_max, 64 * MIB);
+        assert!(archive.virtual_host_style);
+        assert_eq!(Config::default().archive.target, None);
+        // The secret never appears in the written file; the rest round-trips.
+        let written = config.to_ini();
+        assert!(!written.contains("= SK"), "{written}");
+        assert!(
+            written.contains("target = s3://clinic-archive/site1"),
+            "{written}"
+        );
+        error_at("[Archive]\ntarget = /mnt/archive\n", 2);
+        error_at("[Archive]\nendpoint = minio:9000\n", 2);
+        error_at("[Archive]\nurl_style = dns\n", 2);
+        error_at("[Archive]\nafter_days = -1\n", 2);
     }
 
     #[test]

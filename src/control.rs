@@ -81,6 +81,8 @@ pub enum Request {
     Backup {
         to: PathBuf,
     },
+    /// One archive pass now (`[Archive]`): progress lines (one per volume) before the answer.
+    Archive,
 }
 
 /// `esserver ims status|pause|resume`.

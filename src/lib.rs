@@ -9,6 +9,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod api;
+pub mod archive;
 pub mod backup;
 pub mod config;
 pub mod control;

@@ -51,6 +51,15 @@ enum Command {
     Backup(BackupArgs),
     /// Restore a backup into a new data directory.
     Restore(RestoreArgs),
+    /// Archive now: move the sealed volumes older than [Archive] after_days to the object
+    /// store (the server also does it by itself every check_interval_ms).
+    Archive {
+        #[command(flatten)]
+        common: Common,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the server id and where things are.
     Info(Common),
     /// Manage instruments.
@@ -552,6 +561,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             })
         }
         Command::Backup(args) => backup(args),
+        Command::Archive { common, json } => archive(&common, json),
         Command::Restore(args) => restore(args),
         Command::Tls {
             action: TlsAction::Renew(common),
@@ -1365,6 +1375,38 @@ fn backup(args: BackupArgs) -> Result<ExitCode, String> {
     }
 }
 
+fn archive(common: &Common, json: bool) -> Result<ExitCode, String> {
+    use esserver::backup::bytes_text;
+    let config = load_config(common)?;
+    let response = esserver::admin::run_with_progress(&config, Request::Archive, &mut |value| {
+        eprintln!(
+            "archive: volume {} ({}), {} to go",
+            value["volume"],
+            bytes_text(value["bytes"].as_u64().unwrap_or(0)),
+            value["volumes_left"]
+        );
+    })?;
+    report(&response, |body| {
+        if json {
+            println!("{}", serde_json::to_string_pretty(body).unwrap_or_default());
+        } else {
+            println!(
+                "archive: {} volume(s) archived ({}), {} local file(s) of archived volumes removed, \
+                 {} due left",
+                body["volumes_archived"],
+                bytes_text(body["bytes_archived"].as_u64().unwrap_or(0)),
+                body["local_files_removed"],
+                body["volumes_due_left"]
+            );
+        }
+    });
+    Ok(if response.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// `s3://...` targets are not built yet: say so rather than make a local directory `s3:`.
 fn refuse_object_store(target: &std::path::Path) -> Result<(), String> {
     let text = target.to_string_lossy();
@@ -1619,6 +1661,19 @@ fn print_status(body: &serde_json::Value) {
         }
         if let Some(warning) = backup["warning"].as_str() {
             println!("            WARNING: {warning}");
+        }
+    }
+    let archive = &body["archive"];
+    if archive.is_object() {
+        println!(
+            "archive:    {} volume(s), {} in {}; {} due",
+            archive["volumes_archived"],
+            esserver::backup::bytes_text(archive["bytes_archived"].as_u64().unwrap_or(0)),
+            archive["target"].as_str().unwrap_or("?"),
+            archive["volumes_due"]
+        );
+        if let Some(error) = archive["last_error"].as_str() {
+            println!("            WARNING: the last archive pass failed: {error}");
         }
     }
 }

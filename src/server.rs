@@ -59,6 +59,8 @@ pub enum StartError {
     Workers { source: std::io::Error },
     #[error("cannot start the monitoring (IMS) uploader: {source}")]
     Ims { source: std::io::Error },
+    #[error("[Archive]: {detail}")]
+    Archive { detail: String },
     #[error("cannot start the disk space monitor: {source}")]
     DiskGuard { source: std::io::Error },
     #[error("cannot write {path}: {source}")]
@@ -100,6 +102,7 @@ pub struct RunningServer {
     ims: Option<crate::ims::Ims>,
     backups: Arc<crate::backup::Backups>,
     scheduler: Option<crate::backup::Scheduler>,
+    archive: Option<Arc<crate::archive::Archive>>,
     info_path: PathBuf,
 }
 
@@ -155,6 +158,21 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
         }
     };
     let ims_shared = ims.shared();
+    let archive = match &config.archive.target {
+        None => None,
+        Some(_) => {
+            match crate::archive::Archive::start(&config.archive, &store, &writer, &data_dir) {
+                Ok(archive) => Some(Arc::new(archive)),
+                Err(detail) => {
+                    ims.stop();
+                    workers.shutdown();
+                    writer.shutdown();
+                    disk_guard.stop();
+                    return Err(StartError::Archive { detail });
+                }
+            }
+        }
+    };
     // From here on, a failure stops whatever was started (listeners, writer) before returning.
     let mut server = RunningServer {
         store: store.clone(),
@@ -166,6 +184,7 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
         ims: Some(ims),
         backups: Arc::new(crate::backup::Backups::new(config.backup.target.clone())),
         scheduler: None,
+        archive,
         info_path: data_dir.join(INFO_FILE),
     };
     let started = start_services(
@@ -305,6 +324,7 @@ fn start_services(
         enrolment: config.incubator.enrolment,
         reserve_bytes: config.storage.reserve_bytes,
         backups: server.backups.clone(),
+        archive: server.archive.clone(),
     };
     let web = Arc::new(ApiService::new(
         store.clone(),
@@ -342,6 +362,7 @@ fn start_services(
         licensing: licensing.clone(),
         ims,
         backups: server.backups.clone(),
+        archive: server.archive.clone(),
     };
     if let Some(target) = &config.backup.target {
         let scheduler = crate::backup::Scheduler::start(
@@ -575,6 +596,9 @@ impl RunningServer {
         if let Some(scheduler) = self.scheduler.take() {
             scheduler.stop();
         }
+        if let Some(archive) = self.archive.take() {
+            archive.stop();
+        }
         if let Some(ims) = self.ims.take() {
             ims.stop();
         }
@@ -608,6 +632,7 @@ struct StatusContext {
     licensing: Arc<crate::license::Licensing>,
     ims: Arc<crate::ims::ImsShared>,
     backups: Arc<crate::backup::Backups>,
+    archive: Option<Arc<crate::archive::Archive>>,
 }
 
 impl StatusContext {
@@ -615,6 +640,13 @@ impl StatusContext {
         match request {
             Request::Status => self.status(),
             Request::Backup { to } => self.backups.run(&self.store, &to, &self.data_dir, progress),
+            Request::Archive => match &self.archive {
+                Some(archive) => archive.run_now(progress),
+                None => Response::error(
+                    "archive_off",
+                    "no [Archive] target is configured in EmbryoServer.ini; nothing is archived",
+                ),
+            },
             Request::Verify => crate::admin::verify_report(&self.store),
             Request::ResetSecret { serial } => crate::admin::reset_secret(&self.writer, &serial),
             Request::User { action } => {
@@ -741,6 +773,7 @@ impl StatusContext {
             "database_bytes": std::fs::metadata(self.store.path()).map(|m| m.len()).ok(),
             "volumes_dir": self.store.volumes_dir(),
             "backup": self.backups.status(now_ms),
+            "archive": self.archive.as_ref().map(|archive| archive.status()),
         }))
     }
 }

@@ -76,6 +76,8 @@ pub struct WebContext {
     pub reserve_bytes: u64,
     /// The backups: the last one, its age, the next scheduled one.
     pub backups: Arc<crate::backup::Backups>,
+    /// The archive tier, when `[Archive]` is configured.
+    pub archive: Option<Arc<crate::archive::Archive>>,
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -835,6 +837,55 @@ fn metrics(shared: &WebShared) -> Response {
             "1 when the backups need attention: none, the last older than 26 h, or it failed.",
             u64::from(backups.warning.is_some()),
         );
+        if let Some(archive) = &web.archive {
+            let status = archive.status();
+            for (name, help, value) in [
+                (
+                    "esserver_archive_volumes",
+                    "Volumes whose checked copy is in the object store.",
+                    status.volumes_archived,
+                ),
+                (
+                    "esserver_archive_bytes",
+                    "Bytes of those volumes.",
+                    status.bytes_archived,
+                ),
+                (
+                    "esserver_archive_due_volumes",
+                    "Sealed volumes old enough to archive and not archived yet.",
+                    status.volumes_due,
+                ),
+                (
+                    "esserver_archive_last_failed",
+                    "1 when the last archive pass failed.",
+                    u64::from(status.last_error.is_some()),
+                ),
+                (
+                    "esserver_archive_cache_bytes",
+                    "Bytes in the local cache of records read from the object store.",
+                    status.cache.bytes,
+                ),
+            ] {
+                gauge(name, help, value);
+            }
+            for (name, help, value) in [
+                (
+                    "esserver_archive_remote_reads_total",
+                    "Records read from the object store (range requests).",
+                    status.remote_reads,
+                ),
+                (
+                    "esserver_archive_remote_read_failures_total",
+                    "Range requests to the object store that failed.",
+                    status.remote_read_failures,
+                ),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+                );
+            }
+        }
     }
     text(200, out, "text/plain; version=0.0.4; charset=utf-8")
 }
@@ -1064,6 +1115,7 @@ fn dashboard_with(shared: &WebShared, user: &str, csrf: &str, message: &str) -> 
         body.push_str(&rate);
         body.push_str(&storage_card(shared, now));
         body.push_str(&backup_card(web, now));
+        body.push_str(&archive_card(web));
         body.push_str("<h2>Viewers</h2><table id=viewers><tr><th>User</th><th>Computer</th><th>Address</th><th>Since</th></tr>");
         let viewers = web.viewers.snapshot();
         if viewers.is_empty() {
@@ -1752,6 +1804,70 @@ fn backup_card(web: &WebContext, now: i64) -> String {
     if status.running {
         row(&mut out, "Now", "a backup is running".into());
     }
+    out.push_str("</table>");
+    out
+}
+
+/// The archive tier: what is in the object store, what is due, the last failure, reads.
+fn archive_card(web: &WebContext) -> String {
+    let Some(archive) = &web.archive else {
+        return String::new();
+    };
+    let status = archive.status();
+    let mut out = String::from("<h2>Archive</h2>");
+    if let Some(error) = &status.last_error {
+        let _ = write!(
+            out,
+            "<p class=err id=archive-warning>The last archive pass failed{}: {}</p>",
+            status
+                .last_error_at_ms
+                .map(|at| format!(" at {}", time_text(at)))
+                .unwrap_or_default(),
+            escape(error)
+        );
+    }
+    out.push_str("<table id=archive>");
+    let row = |out: &mut String, name: &str, value: String| {
+        let _ = write!(out, "<tr><td>{name}</td><td>{}</td></tr>", escape(&value));
+    };
+    row(
+        &mut out,
+        "Object store",
+        format!(
+            "{} at {}, volumes sealed more than {} day(s) ago",
+            status.target, status.endpoint, status.after_days
+        ),
+    );
+    row(
+        &mut out,
+        "Archived",
+        format!(
+            "{} volume(s), {}",
+            status.volumes_archived,
+            crate::backup::bytes_text(status.bytes_archived)
+        ),
+    );
+    row(
+        &mut out,
+        "Due",
+        format!(
+            "{} volume(s), {}",
+            status.volumes_due,
+            crate::backup::bytes_text(status.bytes_due)
+        ),
+    );
+    row(
+        &mut out,
+        "Reads from the object store",
+        format!(
+            "{} ({} failed), {} from the local cache ({} of {})",
+            status.remote_reads,
+            status.remote_read_failures,
+            status.cache_hits,
+            crate::backup::bytes_text(status.cache.bytes),
+            crate::backup::bytes_text(status.cache.bytes_max)
+        ),
+    );
     out.push_str("</table>");
     out
 }

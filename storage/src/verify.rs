@@ -23,8 +23,10 @@ pub(crate) fn verify(
     progress: &mut dyn FnMut(VerifyProgress),
 ) -> Result<VerifyReport, StorageError> {
     let state = read_state(&txn.open_table(tables::META)?)?;
-    let mut report = Report::default();
-    report.archived = archived_without_file(txn, volumes)?;
+    let mut report = Report {
+        archived: archived_without_file(txn, volumes)?,
+        ..Report::default()
+    };
     let image_totals = check_images(txn, volumes, &state, &mut report, progress)?;
     check_volumes(txn, volumes, &mut report)?;
     check_wells(txn, &mut report)?;

@@ -476,8 +476,9 @@ impl Reader {
     /// Time-lapse frames of an embryo at one focal plane, acquisitions from `from_ms` to
     /// `to_ms` inclusive, ascending, at most `limit` frames (capped at
     /// `limits::READ_ROWS_MAX`). Acquisitions without that plane are skipped. None if the
-    /// embryo is unknown. A damaged frame ends the chunk: the frames before it are returned
-    /// with the damage (`FrameChunk::damaged`), so a playback or export ends exactly there.
+    /// embryo is unknown. A damaged frame (or an archived one the object store cannot give
+    /// now) ends the chunk: the frames before it are returned with the error
+    /// (`FrameChunk::damaged`), so a playback or export ends exactly there.
     pub fn frames(
         &self,
         embryo_id: &str,
@@ -521,7 +522,12 @@ impl Reader {
             };
             let jpeg = match self.read_jpeg(location, key, text) {
                 Ok(jpeg) => jpeg,
-                Err(damage @ StorageError::ImageDamaged { .. }) => {
+                // A damaged frame, or an archived one the object store cannot give now, ends
+                // the chunk after the frames before it.
+                Err(
+                    damage @ (StorageError::ImageDamaged { .. }
+                    | StorageError::ArchiveUnavailable { .. }),
+                ) => {
                     return Ok(Some(FrameChunk {
                         frames: out,
                         damaged: Some(damage),

@@ -1,0 +1,619 @@
+//! The archive tier: sealed volumes older than `[Archive] after_days` move to S3-compatible
+//! object storage (AWS S3, MinIO, Ceph RGW).
+//!
+//! # The archiver (one thread, `es-archiver`)
+//!
+//! Every `check_interval_ms`, or when `esserver archive` asks, one pass:
+//! 1. Local files of volumes already recorded as archived are removed (a crash may have left
+//!    one between the record and the removal).
+//! 2. Each sealed, whole volume older than `after_days` (oldest first): uploaded with one PUT
+//!    (the object appears whole or not at all), read back whole, its size and SHA-256 compared
+//!    with what was sent from the local file; only then recorded (`es_storage::archive::
+//!    VolumeArchived`, through the writer) and only after that commit is the local file
+//!    removed. The first failure ends the pass (the reason is in `status`); the next pass
+//!    starts again from the first volume not recorded, so uploads resume where they stopped,
+//!    a volume at a time. An upload cut off leaves at most an object no row names, which the
+//!    next upload of that volume replaces.
+//!
+//! # Reads
+//!
+//! [`Fetcher`] is the store's `ArchiveFetch`: a record of an archived volume whose local file
+//! is gone is read with an HTTP range request (on a worker), kept in the bounded local cache
+//! ([`cache`]), and checked by storage like any record. An unreachable object store is a clear
+//! `archive_unavailable` error for those images only.
+//!
+//! Credentials come from `[Archive]` or the `AWS_*` environment variables and are never logged
+//! or shown (`status` names the endpoint's host and the bucket).
+
+pub mod cache;
+pub mod s3;
+
+use crate::config::ArchiveSection;
+use crate::control::{ProgressSink, Response};
+use es_storage::archive::{ArchiveFetch, VolumeArchived, VolumeState};
+use es_storage::{Store, Writer};
+use parking_lot::{Condvar, Mutex};
+use s3::{ObjectError, ObjectStore};
+use serde::Serialize;
+use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+const DAY_MS: i64 = 86_400_000;
+/// Longest wait for the writer to record an archived volume.
+const RECORD_WAIT: Duration = Duration::from_secs(60);
+
+/// `s3://bucket/prefix`: where archived volumes (and, later, backups) go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Target {
+    pub bucket: String,
+    /// Without leading or trailing `/`; may be empty.
+    pub prefix: String,
+}
+
+impl S3Target {
+    pub fn parse(text: &str) -> Result<S3Target, String> {
+        let Some(rest) = text.strip_prefix("s3://") else {
+            return Err(format!(
+                "expected s3://bucket/prefix (an S3 bucket and an optional key prefix), got {text:?}"
+            ));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+            && !bucket.starts_with(['.', '-'])
+            && !bucket.ends_with(['.', '-']);
+        if !valid_bucket {
+            return Err(format!(
+                "{bucket:?} is not an S3 bucket name (3 to 63 lower-case letters, digits, . and -)"
+            ));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.len() > 256
+            || prefix
+                .split('/')
+                .any(|part| part == "." || part == ".." || (part.is_empty() && !prefix.is_empty()))
+            || prefix.chars().any(|c| c.is_control())
+        {
+            return Err(format!(
+                "the key prefix {prefix:?} must be at most 256 characters, without control \
+                 characters, empty segments, . or .."
+            ));
+        }
+        Ok(S3Target {
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// The object key of `name` under the prefix.
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}/{name}", self.prefix)
+        }
+    }
+}
+
+impl std::fmt::Display for S3Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.prefix.is_empty() {
+            write!(f, "s3://{}", self.bucket)
+        } else {
+            write!(f, "s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+/// Checks an `[Archive] endpoint`: an http or https URL with a host.
+pub fn check_endpoint(text: &str) -> Result<(), String> {
+    let url: url::Url = text.parse().map_err(|error| {
+        format!("expected an http(s) URL such as https://minio.local:9000: {error}")
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "expected an http(s) URL with a host such as https://minio.local:9000, got {text:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The object store of `[Archive]`, with the endpoint, region and credentials taken from the
+/// section or else from the standard `AWS_*` environment variables.
+pub fn connect(section: &ArchiveSection) -> Result<ObjectStore, String> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let target = section
+        .target
+        .as_ref()
+        .ok_or("no [Archive] target is configured")?;
+    let region = section
+        .region
+        .clone()
+        .or_else(|| env("AWS_REGION"))
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+        .unwrap_or_else(|| "us-east-1".to_owned());
+    let endpoint = section
+        .endpoint
+        .clone()
+        .or_else(|| env("AWS_ENDPOINT_URL_S3"))
+        .or_else(|| env("AWS_ENDPOINT_URL"))
+        .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+    let credentials = match (&section.access_key_id, &section.secret_access_key) {
+        (Some(key), Some(secret)) => rusty_s3::Credentials::new(key.clone(), secret.clone()),
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(
+                "[Archive] sets only one of access_key_id and secret_access_key; set both, or \
+                 neither to use AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                    .into(),
+            )
+        }
+        (None, None) => rusty_s3::Credentials::from_env().ok_or(
+            "no credentials for the object store: set access_key_id and secret_access_key in \
+             [Archive], or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment",
+        )?,
+    };
+    ObjectStore::new(
+        &endpoint,
+        section.virtual_host_style,
+        &target.bucket,
+        &region,
+        credentials,
+        Duration::from_millis(section.request_timeout_ms),
+    )
+}
+
+/// The object key of a volume: per server (two servers may share a bucket) and per sealing
+/// (a volume id reused after a restore from an old backup never overwrites another's copy).
+pub fn volume_key(target: &S3Target, server_id: &str, state: &VolumeState) -> String {
+    target.key(&format!(
+        "{server_id}/volumes/{:08}-{}.vol",
+        state.id, state.row.sealed_at_ms
+    ))
+}
+
+// ------------------------------------------------------------------------------ reads
+
+/// Reads records of archived volumes: the cache, else a range request.
+pub struct Fetcher {
+    objects: ObjectStore,
+    cache: cache::RecordCache,
+    reads: AtomicU64,
+    failures: AtomicU64,
+    cache_hits: AtomicU64,
+}
+
+impl ArchiveFetch for Fetcher {
+    fn read_range(
+        &self,
+        volume: u32,
+        object: &str,
+        offset: u64,
+        length: u32,
+    ) -> Result<bytes::Bytes, String> {
+        if let Some(bytes) = self.cache.get(volume, offset, length) {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(bytes);
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        match self.objects.get_range(object, offset, length) {
+            Ok(bytes) => {
+                self.cache.put(volume, offset, &bytes);
+                Ok(bytes::Bytes::from(bytes))
+            }
+            Err(error) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(volume, offset, %object, %error, "an archived record could not be read");
+                Err(format!(
+                    "{error} (bucket {}, object {object})",
+                    self.objects.bucket_name()
+                ))
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ the archiver
+
+/// What the archive tier did and where it stands, for `status`, `/metrics` and the dashboard.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ArchiveStatus {
+    pub target: String,
+    /// The endpoint's host and port.
+    pub endpoint: String,
+    pub after_days: u64,
+    pub volumes_archived: u64,
+    pub bytes_archived: u64,
+    /// Sealed volumes old enough but not archived yet.
+    pub volumes_due: u64,
+    pub bytes_due: u64,
+    /// Archived volumes whose local file is still there (removed by the next pass).
+    pub volumes_local_left: u64,
+    pub passes: u64,
+    pub last_pass_at_ms: Option<i64>,
+    /// The last pass's failure, None after a pass without one.
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<i64>,
+    /// The volume being uploaded now.
+    pub uploading: Option<u32>,
+    /// Range requests made, failed, and answered from the cache.
+    pub remote_reads: u64,
+    pub remote_read_failures: u64,
+    pub cache_hits: u64,
+    pub cache: cache::CacheStats,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PassReport {
+    pub volumes_archived: u64,
+    pub bytes_archived: u64,
+    pub local_files_removed: u64,
+    pub volumes_due_left: u64,
+    pub error: Option<String>,
+}
+
+pub struct Archive {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Shared {
+    store: Store,
+    writer: Writer,
+    objects: ObjectStore,
+    target: S3Target,
+    after_days: u64,
+    interval: Duration,
+    fetcher: Arc<Fetcher>,
+    status: Mutex<ArchiveStatus>,
+    /// One pass at a time (the thread's, or one `esserver archive` asked for).
+    pass: Mutex<()>,
+    stop: AtomicBool,
+    wake: (Mutex<bool>, Condvar),
+}
+
+impl Archive {
+    /// Installs the fetcher on `store` and starts the archiver thread.
+    pub fn start(
+        section: &ArchiveSection,
+        store: &Store,
+        writer: &Writer,
+        data_dir: &Path,
+    ) -> Result<Archive, String> {
+        let archive = Archive::new(section, store, writer, data_dir)?;
+        let shared = archive.shared.clone();
+        tracing::info!(target = %shared.target, endpoint = %shared.objects.host(), after_days = section.after_days,
+            "archive tier on: sealed volumes older than after_days go to the object store");
+        let thread = std::thread::Builder::new()
+            .name("es-archiver".into())
+            .spawn(move || shared.run())
+            .map_err(|error| format!("cannot start the archiver thread: {error}"))?;
+        *archive.thread.lock() = Some(thread);
+        Ok(archive)
+    }
+
+    /// The archive without its thread (an offline `esserver archive`): passes run on
+    /// [`Archive::run_now`] only.
+    pub fn new(
+        section: &ArchiveSection,
+        store: &Store,
+        writer: &Writer,
+        data_dir: &Path,
+    ) -> Result<Archive, String> {
+        let target = section
+            .target
+            .clone()
+            .ok_or("no [Archive] target is configured")?;
+        let objects = connect(section)?;
+        let cache =
+            cache::RecordCache::open(data_dir, section.cache_bytes_max).map_err(|error| {
+                format!(
+                    "cannot prepare the archive cache in {}: {error}",
+                    data_dir.join(cache::CACHE_DIR_NAME).display()
+                )
+            })?;
+        let fetcher = Arc::new(Fetcher {
+            objects: objects.clone(),
+            cache,
+            reads: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+        });
+        store.set_archive_fetch(fetcher.clone());
+        let status = ArchiveStatus {
+            target: target.to_string(),
+            endpoint: objects.host().to_owned(),
+            after_days: section.after_days,
+            ..ArchiveStatus::default()
+        };
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            writer: writer.clone(),
+            objects,
+            target,
+            after_days: section.after_days,
+            interval: Duration::from_millis(section.check_interval_ms),
+            fetcher,
+            status: Mutex::new(status),
+            pass: Mutex::new(()),
+            stop: AtomicBool::new(false),
+            wake: (Mutex::new(false), Condvar::new()),
+        });
+        Ok(Archive {
+            shared,
+            thread: Mutex::new(None),
+        })
+    }
+
+    /// One pass now, on the caller's thread (`esserver archive`), with progress lines.
+    pub fn run_now(&self, progress: ProgressSink<'_>) -> Response {
+        let report = self.shared.pass(progress);
+        let body = serde_json::to_value(&report).unwrap_or_default();
+        match &report.error {
+            None => Response::ok(body),
+            Some(error) => Response::error("archive_failed", error.clone()),
+        }
+    }
+
+    pub fn status(&self) -> ArchiveStatus {
+        self.shared.status()
+    }
+
+    /// Stops the thread: an upload in progress is cut off at its next read of the file.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        {
+            let (lock, condvar) = &self.shared.wake;
+            *lock.lock() = true;
+            condvar.notify_all();
+        }
+        if let Some(thread) = self.thread.lock().take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Shared {
+    fn run(&self) {
+        loop {
+            {
+                let (lock, condvar) = &self.wake;
+                let mut woken = lock.lock();
+                if !*woken {
+                    condvar.wait_for(&mut woken, self.interval);
+                }
+                *woken = false;
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            self.pass(&mut |_| {});
+        }
+    }
+
+    fn status(&self) -> ArchiveStatus {
+        let mut status = self.status.lock().clone();
+        status.remote_reads = self.fetcher.reads.load(Ordering::Relaxed);
+        status.remote_read_failures = self.fetcher.failures.load(Ordering::Relaxed);
+        status.cache_hits = self.fetcher.cache_hits.load(Ordering::Relaxed);
+        status.cache = self.fetcher.cache.stats();
+        status
+    }
+
+    fn pass(&self, progress: ProgressSink<'_>) -> PassReport {
+        let _one = self.pass.lock();
+        let mut report = PassReport::default();
+        let result = self.pass_holding_lock(&mut report, progress);
+        let now_ms = crate::now_ms();
+        let mut status = self.status.lock();
+        status.passes += 1;
+        status.last_pass_at_ms = Some(now_ms);
+        status.uploading = None;
+        if let Err(error) = result {
+            tracing::warn!(%error, "archive pass stopped; the next pass resumes with the same volume");
+            status.last_error = Some(error.clone());
+            status.last_error_at_ms = Some(now_ms);
+            report.error = Some(error);
+        } else {
+            status.last_error = None;
+        }
+        drop(status);
+        if let Err(error) = self.count() {
+            tracing::warn!(%error, "cannot count the archived volumes");
+        }
+        report
+    }
+
+    fn pass_holding_lock(
+        &self,
+        report: &mut PassReport,
+        progress: ProgressSink<'_>,
+    ) -> Result<(), String> {
+        let states = self
+            .store
+            .volume_states()
+            .map_err(|error| format!("cannot read the volume index: {error}"))?;
+        for state in states.iter().filter(|s| s.archived.is_some()) {
+            if state.local_bytes.is_some() {
+                match self.store.remove_archived_local(state.id) {
+                    Ok(true) => report.local_files_removed += 1,
+                    Ok(false) => {}
+                    Err(error) => {
+                        return Err(format!(
+                            "cannot remove volume {}'s local file: {error}",
+                            state.id
+                        ))
+                    }
+                }
+            }
+        }
+        let due = self.due(&states);
+        report.volumes_due_left = due.len() as u64;
+        for state in due {
+            if self.stop.load(Ordering::SeqCst) {
+                return Err("the server is stopping".into());
+            }
+            self.status.lock().uploading = Some(state.id);
+            progress(serde_json::json!({
+                "volume": state.id,
+                "bytes": state.row.end,
+                "volumes_left": report.volumes_due_left,
+            }));
+            self.archive_one(state)?;
+            report.volumes_archived += 1;
+            report.bytes_archived += state.row.end;
+            report.volumes_due_left -= 1;
+        }
+        Ok(())
+    }
+
+    /// Sealed, whole volumes older than `after_days`, not archived: oldest first.
+    fn due<'s>(&self, states: &'s [VolumeState]) -> Vec<&'s VolumeState> {
+        let cutoff = crate::now_ms().saturating_sub(self.after_days as i64 * DAY_MS);
+        states
+            .iter()
+            .filter(|s| s.ready_to_archive() && s.row.sealed_at_ms <= cutoff)
+            .collect()
+    }
+
+    fn archive_one(&self, state: &VolumeState) -> Result<(), String> {
+        let id = state.id;
+        let end = state.row.end;
+        let key = volume_key(&self.target, &self.store.server_id(), state);
+        let path = self.store.volume_path(id);
+        let file = std::fs::File::open(&path)
+            .map_err(|error| format!("cannot open volume {id} ({}): {error}", path.display()))?;
+        let started = std::time::Instant::now();
+        let mut body = Stoppable {
+            inner: file,
+            stop: &self.stop,
+        };
+        let sent = self
+            .objects
+            .put(&key, &mut body, end)
+            .map_err(|error| upload_error(id, &key, &error))?;
+        let (bytes, sha256) = self
+            .objects
+            .read_back(&key, end)
+            .map_err(|error| format!("volume {id}: reading {key} back failed: {error}"))?;
+        if bytes != end || sha256 != sent {
+            return Err(format!(
+                "volume {id}: the copy read back from {key} is {bytes} bytes with SHA-256 {}, \
+                 the local file {end} bytes with {}; the local file is kept",
+                hex::encode(sha256),
+                hex::encode(sent)
+            ));
+        }
+        let (done, answer) = crossbeam_channel::bounded(1);
+        self.writer
+            .submit(
+                VolumeArchived {
+                    volume: id,
+                    object: key.clone(),
+                    bytes,
+                    sha256,
+                    at_ms: crate::now_ms(),
+                },
+                move |result| {
+                    let _ = done.send(result);
+                },
+            )
+            .map_err(|error| format!("volume {id}: the storage writer refused: {error}"))?;
+        match answer.recv_timeout(RECORD_WAIT) {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(format!("volume {id}: not recorded: {error}")),
+            Err(_) => {
+                return Err(format!(
+                    "volume {id}: the storage writer did not answer within {} s",
+                    RECORD_WAIT.as_secs()
+                ))
+            }
+        }
+        self.store
+            .remove_archived_local(id)
+            .map_err(|error| format!("volume {id}: archived, but the local file stays: {error}"))?;
+        tracing::info!(volume = id, bytes, object = %key, seconds = started.elapsed().as_secs_f64(),
+            "volume archived: uploaded, read back and checked; local file removed");
+        Ok(())
+    }
+
+    /// Counts what is archived and what is due, for the status.
+    fn count(&self) -> Result<(), String> {
+        let states = self.store.volume_states().map_err(|e| e.to_string())?;
+        let due = self.due(&states);
+        let mut status = self.status.lock();
+        status.volumes_archived = 0;
+        status.bytes_archived = 0;
+        status.volumes_local_left = 0;
+        for state in &states {
+            if let Some(archived) = &state.archived {
+                status.volumes_archived += 1;
+                status.bytes_archived += archived.bytes;
+                if state.local_bytes.is_some() {
+                    status.volumes_local_left += 1;
+                }
+            }
+        }
+        status.volumes_due = due.len() as u64;
+        status.bytes_due = due.iter().map(|s| s.row.end).sum();
+        Ok(())
+    }
+}
+
+fn upload_error(id: u32, key: &str, error: &ObjectError) -> String {
+    format!("volume {id}: uploading {key} failed: {error}; the local file is kept")
+}
+
+/// A file reader that fails once the server is stopping, cutting an upload off.
+struct Stoppable<'a> {
+    inner: std::fs::File,
+    stop: &'a AtomicBool,
+}
+
+impl Read for Stoppable<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other(
+                "the upload was stopped: the server is stopping",
+            ));
+        }
+        self.inner.read(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_bad_ones_say_why() {
+        let target = S3Target::parse("s3://clinic-archive/esserver/site1/").unwrap();
+        assert_eq!(target.bucket, "clinic-archive");
+        assert_eq!(target.prefix, "esserver/site1");
+        assert_eq!(target.key("a.vol"), "esserver/site1/a.vol");
+        assert_eq!(target.to_string(), "s3://clinic-archive/esserver/site1");
+        let bare = S3Target::parse("s3://bucket").unwrap();
+        assert_eq!(bare.key("a.vol"), "a.vol");
+        assert_eq!(bare.to_string(), "s3://bucket");
+        for bad in [
+            "/mnt/archive",
+            "s3://",
+            "s3://Upper",
+            "s3://ab",
+            "s3://-bucket",
+            "s3://bucket/a//b",
+            "s3://bucket/../x",
+        ] {
+            assert!(S3Target::parse(bad).is_err(), "{bad}");
+        }
+        assert!(check_endpoint("http://127.0.0.1:9000").is_ok());
+        assert!(check_endpoint("ftp://host").is_err());
+        assert!(check_endpoint("minio:9000/x").is_err());
+    }
+}
