@@ -3,7 +3,8 @@
 # machine needs nothing by hand: cargo-nextest, and the Python packages of the client tests
 # (protobuf, grpcio-tools for its protoc; requests for the original public API's walk;
 # schemathesis for the OpenAPI contract; selenium for the browser test; tzdata for the
-# time zones of the original API walk), and Debian's
+# time zones of the original API walk; moto[server] for the archive tier's S3-compatible
+# object store), and Debian's
 # chromium and chromium-driver for the browser test of the web interface.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 schemathesis_pin=$(sed -n 's/^schemathesis==//p' tests/python/requirements.txt)
-if ! python3 -c 'import google.protobuf, grpc_tools, requests, schemathesis, selenium, tzdata' >/dev/null 2>&1 \
+if ! python3 -c 'import google.protobuf, grpc_tools, requests, schemathesis, selenium, tzdata, moto.server' >/dev/null 2>&1 \
   || [ "$(python3 -c 'import schemathesis; print(schemathesis.__version__)' 2>/dev/null)" != "$schemathesis_pin" ]; then
   echo "== installing Python packages for the client and contract tests"
   python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
