@@ -182,8 +182,8 @@ pub struct Progress {
 #[derive(Debug, Clone, Serialize)]
 pub struct BackupReport {
     pub name: String,
-    /// The backup's directory.
-    pub dir: PathBuf,
+    /// Where the backup is: its directory, or its object-store prefix.
+    pub location: String,
     pub files: u64,
     /// Bytes of every file the backup is made of.
     pub bytes: u64,
@@ -201,7 +201,8 @@ pub struct BackupReport {
 /// Calls `progress` at most every this many bytes of copying.
 const PROGRESS_EVERY_BYTES: u64 = 16 * 1024 * 1024;
 
-struct Meter<'a> {
+/// Progress of a copy, and its stop flag: what a [`Sink`] reports its bytes to.
+pub struct Meter<'a> {
     progress: &'a mut dyn FnMut(&Progress),
     state: Progress,
     reported_at: u64,
@@ -230,7 +231,8 @@ impl<'a> Meter<'a> {
         }
     }
 
-    fn check_stop(&self) -> Result<(), BackupError> {
+    /// [`BackupError::Interrupted`] once the copy must stop.
+    pub fn check_stop(&self) -> Result<(), BackupError> {
         match self.stop {
             Some(stop) if stop.load(std::sync::atomic::Ordering::Acquire) => {
                 Err(BackupError::Interrupted)
@@ -239,7 +241,8 @@ impl<'a> Meter<'a> {
         }
     }
 
-    fn add_bytes(&mut self, bytes: u64) {
+    /// `bytes` more were copied.
+    pub fn add_bytes(&mut self, bytes: u64) {
         self.state.bytes_done += bytes;
         if self.state.bytes_done - self.reported_at >= PROGRESS_EVERY_BYTES {
             self.reported_at = self.state.bytes_done;
@@ -280,23 +283,30 @@ impl Store {
         progress: &mut dyn FnMut(&Progress),
         stop: &std::sync::atomic::AtomicBool,
     ) -> Result<BackupReport, BackupError> {
+        check_apart(target, data_dir)?;
+        let sink = DirSink { target };
+        self.backup_to(&sink, name, data_dir, now_ms, progress, stop)
+    }
+
+    /// Backs the store up into `sink` (a target directory, or an object store the server
+    /// provides) as backup `name`; see the module documentation. Stops with
+    /// [`BackupError::Interrupted`] soon after `stop` is set.
+    pub fn backup_to(
+        &self,
+        sink: &dyn Sink,
+        name: &str,
+        data_dir: &Path,
+        now_ms: i64,
+        progress: &mut dyn FnMut(&Progress),
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<BackupReport, BackupError> {
         let started = Instant::now();
         check_name(name)?;
-        check_apart(target, data_dir)?;
         let txn = self.inner.begin_read()?;
         let server_id = self.server_id();
-        prepare_target(target, &server_id)?;
-        let backups = target.join(BACKUPS_DIR_NAME);
-        let final_dir = backups.join(name);
-        if final_dir.exists() {
-            return Err(BackupError::Refused(format!(
-                "a backup named {name} exists already in {}",
-                backups.display()
-            )));
-        }
-        let previous = latest_manifest(target)?;
-        let partial = backups.join(format!("{name}{PARTIAL_SUFFIX}"));
-        create_private_dir(&partial.join(VOLUMES_DIR_NAME))?;
+        sink.prepare(&server_id)?;
+        let previous = list_from(sink.source())?.pop();
+        let scratch = sink.begin(name)?;
 
         let archived = snapshot_archived(&txn)?;
         let volumes: Vec<(u32, VolumeRow)> = snapshot_volumes(&txn)?
@@ -324,16 +334,40 @@ impl Store {
         );
         (meter.progress)(&meter.state);
 
-        // The index: every table of the snapshot, row by row, into a new database.
-        let index_path = partial.join(DATABASE_FILE_NAME);
-        copy_index(&txn, &index_path)?;
+        // The index: every table of the snapshot, row by row, into a new database (in the
+        // sink's staging directory, or a scratch file beside the data directory).
+        let index_path = match &scratch {
+            Some(dir) => dir.join(DATABASE_FILE_NAME),
+            None => data_dir.join(format!("backup-{name}{PARTIAL_SUFFIX}")),
+        };
+        let _ = fs::remove_file(&index_path);
+        let copied = copy_index(&txn, &index_path);
         // The volume rows are read: the volumes' committed bytes never change, so the
         // snapshot is not needed while they are copied (holding it for hours would keep
         // redb from reusing pages the writer frees meanwhile).
         drop(txn);
-        let (index_bytes, index_sha) = hash_file(&index_path, None)?;
+        let index_file = format!("{BACKUPS_DIR_NAME}/{name}/{DATABASE_FILE_NAME}");
+        let index = copied.and_then(|()| {
+            let (index_bytes, index_sha) = hash_file(&index_path, None)?;
+            if scratch.is_none() {
+                let mut file = File::open(&index_path)
+                    .map_err(io_error(format!("cannot open {}", index_path.display())))?;
+                let sent = sink.put(&index_file, &mut file, index_bytes, &mut meter)?;
+                if sent != index_sha {
+                    return Err(BackupError::Damaged(format!(
+                        "{} changed while it was stored",
+                        index_path.display()
+                    )));
+                }
+            }
+            Ok((index_bytes, index_sha))
+        });
+        if scratch.is_none() {
+            let _ = fs::remove_file(&index_path);
+        }
+        let (index_bytes, index_sha) = index?;
         let mut files = vec![ManifestFile {
-            path: relative(target, &index_path),
+            path: index_file,
             bytes: index_bytes,
             sha256: index_sha,
             kind: FileKind::Index,
@@ -341,7 +375,9 @@ impl Store {
         }];
         let (mut files_copied, mut bytes_copied) = (1u64, index_bytes);
         meter.state.bytes_total += index_bytes;
-        meter.add_bytes(index_bytes);
+        if scratch.is_some() {
+            meter.add_bytes(index_bytes);
+        }
         meter.file_done();
 
         // The volumes, each to its committed end.
@@ -362,9 +398,7 @@ impl Store {
                 continue;
             }
             let (path, reused) = if row.sealed {
-                let pooled = target
-                    .join(VOLUMES_DIR_NAME)
-                    .join(pooled_name(*id, row.sealed_at_ms));
+                let pooled = format!("{VOLUMES_DIR_NAME}/{}", pooled_name(*id, row.sealed_at_ms));
                 let known = previous.as_ref().and_then(|m| {
                     m.files.iter().find(|f| {
                         f.kind
@@ -376,16 +410,18 @@ impl Store {
                             && f.bytes == row.end
                     })
                 });
-                let on_disk = fs::metadata(&pooled).map(|m| m.len()).ok();
                 match known {
-                    Some(known) if on_disk == Some(row.end) => (pooled, Some(known.sha256.clone())),
+                    Some(known) if sink.pooled_size(&pooled)? == Some(row.end) => {
+                        (pooled, Some(known.sha256.clone()))
+                    }
                     _ => (pooled, None),
                 }
             } else {
                 (
-                    partial
-                        .join(VOLUMES_DIR_NAME)
-                        .join(crate::volume::volume_file_name(*id)),
+                    format!(
+                        "{BACKUPS_DIR_NAME}/{name}/{VOLUMES_DIR_NAME}/{}",
+                        crate::volume::volume_file_name(*id)
+                    ),
                     None,
                 )
             };
@@ -395,14 +431,16 @@ impl Store {
                     sha256
                 }
                 None => {
-                    let sha256 = copy_prefix(&source, &path, row.end, &mut meter)?;
+                    let mut input = File::open(&source)
+                        .map_err(io_error(format!("cannot open {}", source.display())))?;
+                    let sha256 = sink.put(&path, &mut input, row.end, &mut meter)?;
                     files_copied += 1;
                     bytes_copied += row.end;
                     sha256
                 }
             };
             files.push(ManifestFile {
-                path: relative(target, &path),
+                path,
                 bytes: row.end,
                 sha256,
                 kind: FileKind::Volume {
@@ -416,24 +454,19 @@ impl Store {
 
         // The data directory's licence and TLS files.
         meter.state.phase = "files";
-        for (name, content) in data_files {
-            let path = partial.join("files").join(name);
-            if let Some(parent) = path.parent() {
-                create_private_dir(parent)?;
-            }
-            write_durably(&path, &content)?;
-            let sha256 = hex::encode(Sha256::digest(&content));
+        for (file_name, content) in data_files {
+            let path = format!("{BACKUPS_DIR_NAME}/{name}/files/{file_name}");
             let bytes = content.len() as u64;
-            meter.add_bytes(bytes);
+            let sha256 = sink.put(&path, &mut content.as_slice(), bytes, &mut meter)?;
             meter.file_done();
             files_copied += 1;
             bytes_copied += bytes;
             files.push(ManifestFile {
-                path: relative(target, &path),
+                path,
                 bytes,
                 sha256,
                 kind: FileKind::DataFile {
-                    name: name.to_string(),
+                    name: file_name.to_string(),
                 },
                 sealed_at_ms: 0,
             });
@@ -448,22 +481,18 @@ impl Store {
             created_at_ms: now_ms,
             images,
             image_bytes,
-            files: fix_paths(files, name),
+            files,
             missing_volumes: missing_volumes.clone(),
             archived_volumes: archived,
         };
         let text = serde_json::to_vec_pretty(&manifest).map_err(|error| {
             BackupError::Refused(format!("cannot encode the manifest: {error}"))
         })?;
-        write_durably(&partial.join(MANIFEST_FILE_NAME), &text)?;
-        sync_tree(&partial)?;
-        sync_dir(&target.join(VOLUMES_DIR_NAME))?;
-        fs::rename(&partial, &final_dir)
-            .map_err(io_error(format!("cannot complete {}", final_dir.display())))?;
-        sync_dir(&backups)?;
+        meter.check_stop()?;
+        sink.complete(name, &text)?;
         Ok(BackupReport {
             name: name.to_string(),
-            dir: final_dir,
+            location: sink.source().describe_backup(name),
             files: manifest.files.len() as u64,
             bytes: manifest.bytes(),
             files_copied,
@@ -474,6 +503,156 @@ impl Store {
             seconds: started.elapsed().as_secs_f64(),
             missing_volumes,
         })
+    }
+}
+
+/// Where a backup is written: a target directory ([`DirSink`]), or an object store (the
+/// server's). Paths are the manifest's, relative to the target and `/`-separated:
+/// `volumes/<pooled name>` for the sealed volumes every backup shares, and
+/// `backups/<name>/...` for a backup's own files. A backup is complete once
+/// [`Sink::complete`] has stored its manifest, after everything it lists.
+pub trait Sink {
+    /// Reading the same target (for the previous backup, and for the report).
+    fn source(&self) -> &dyn Source;
+    /// Makes the target this server's (or checks that it is), and removes what an
+    /// interrupted backup left there.
+    fn prepare(&self, server_id: &str) -> Result<(), BackupError>;
+    /// Starts backup `name` (refused when one of that name exists). Returns a local
+    /// directory standing for `backups/<name>/` when the sink has one: the index is written
+    /// straight into it, else into a scratch file and stored with [`Sink::put`].
+    fn begin(&self, name: &str) -> Result<Option<PathBuf>, BackupError>;
+    /// The size of the shared file at `path`, None when it is not there.
+    fn pooled_size(&self, path: &str) -> Result<Option<u64>, BackupError>;
+    /// Stores `bytes` bytes of `input` at `path`, whole or not at all (an input that ends
+    /// early is an error); returns the SHA-256 (hex) of what was stored.
+    fn put(
+        &self,
+        path: &str,
+        input: &mut dyn Read,
+        bytes: u64,
+        meter: &mut Meter<'_>,
+    ) -> Result<String, BackupError>;
+    /// Completes backup `name`: its manifest, stored last.
+    fn complete(&self, name: &str, manifest: &[u8]) -> Result<(), BackupError>;
+}
+
+/// A target directory, as a [`Sink`]: a backup's files are written under
+/// `backups/<name>.partial/` (each file through a `.partial` name of its own), made durable,
+/// and the directory renamed to `backups/<name>` once the manifest is in it.
+pub struct DirSink<'a> {
+    pub target: &'a Path,
+}
+
+impl DirSink<'_> {
+    /// The local path of `path`: a backup's own files are in its `.partial` directory until
+    /// it is complete.
+    fn local(&self, path: &str) -> PathBuf {
+        let mut parts = path.splitn(3, '/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(BACKUPS_DIR_NAME), Some(name), Some(rest)) => self
+                .target
+                .join(BACKUPS_DIR_NAME)
+                .join(format!("{name}{PARTIAL_SUFFIX}"))
+                .join(rest),
+            _ => self.target.join(path),
+        }
+    }
+}
+
+impl Sink for DirSink<'_> {
+    fn source(&self) -> &dyn Source {
+        self
+    }
+
+    fn prepare(&self, server_id: &str) -> Result<(), BackupError> {
+        prepare_target(self.target, server_id)
+    }
+
+    fn begin(&self, name: &str) -> Result<Option<PathBuf>, BackupError> {
+        let backups = self.target.join(BACKUPS_DIR_NAME);
+        let final_dir = backups.join(name);
+        if final_dir.exists() {
+            return Err(BackupError::Refused(format!(
+                "a backup named {name} exists already in {}",
+                backups.display()
+            )));
+        }
+        let partial = backups.join(format!("{name}{PARTIAL_SUFFIX}"));
+        create_private_dir(&partial.join(VOLUMES_DIR_NAME))?;
+        Ok(Some(partial))
+    }
+
+    fn pooled_size(&self, path: &str) -> Result<Option<u64>, BackupError> {
+        Ok(fs::metadata(self.target.join(path)).map(|m| m.len()).ok())
+    }
+
+    fn put(
+        &self,
+        path: &str,
+        input: &mut dyn Read,
+        bytes: u64,
+        meter: &mut Meter<'_>,
+    ) -> Result<String, BackupError> {
+        let destination = self.local(path);
+        if let Some(parent) = destination.parent() {
+            create_private_dir(parent)?;
+        }
+        copy_prefix(input, path, &destination, bytes, meter)
+    }
+
+    fn complete(&self, name: &str, manifest: &[u8]) -> Result<(), BackupError> {
+        let backups = self.target.join(BACKUPS_DIR_NAME);
+        let partial = backups.join(format!("{name}{PARTIAL_SUFFIX}"));
+        let final_dir = backups.join(name);
+        write_durably(&partial.join(MANIFEST_FILE_NAME), manifest)?;
+        sync_tree(&partial)?;
+        sync_dir(&self.target.join(VOLUMES_DIR_NAME))?;
+        fs::rename(&partial, &final_dir)
+            .map_err(io_error(format!("cannot complete {}", final_dir.display())))?;
+        sync_dir(&backups)
+    }
+}
+
+/// Where backups are read from: a target directory ([`DirSink`] reads its own), or an object
+/// store (the server's). Paths are the manifest's.
+pub trait Source {
+    /// The target, for messages: `/mnt/backup`, `s3://bucket/prefix`.
+    fn describe(&self) -> String;
+    /// Where backup `name` is, for messages and reports.
+    fn describe_backup(&self, name: &str) -> String {
+        format!("{}/{BACKUPS_DIR_NAME}/{name}", self.describe())
+    }
+    /// The names of the backups whose manifest is there.
+    fn backup_names(&self) -> Result<Vec<String>, BackupError>;
+    /// Opens the file at `path`.
+    fn open(&self, path: &str) -> Result<Box<dyn Read + '_>, BackupError>;
+}
+
+impl Source for DirSink<'_> {
+    fn describe(&self) -> String {
+        self.target.display().to_string()
+    }
+
+    fn backup_names(&self) -> Result<Vec<String>, BackupError> {
+        let dir = self.target.join(BACKUPS_DIR_NAME);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(io_error(format!("cannot list {}", dir.display()))(error)),
+        };
+        Ok(entries
+            .flatten()
+            .filter(|e| e.path().join(MANIFEST_FILE_NAME).is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| !name.ends_with(PARTIAL_SUFFIX))
+            .collect())
+    }
+
+    fn open(&self, path: &str) -> Result<Box<dyn Read + '_>, BackupError> {
+        let path = self.target.join(path);
+        let file =
+            File::open(&path).map_err(io_error(format!("cannot open {}", path.display())))?;
+        Ok(Box::new(file))
     }
 }
 
@@ -603,32 +782,9 @@ fn check_name(name: &str) -> Result<(), BackupError> {
     }
 }
 
-/// The paths of the files in the `.partial` directory, as they are once it is renamed.
-fn fix_paths(files: Vec<ManifestFile>, name: &str) -> Vec<ManifestFile> {
-    let partial = format!("{BACKUPS_DIR_NAME}/{name}{PARTIAL_SUFFIX}/");
-    let complete = format!("{BACKUPS_DIR_NAME}/{name}/");
-    files
-        .into_iter()
-        .map(|mut file| {
-            if let Some(rest) = file.path.strip_prefix(&partial) {
-                file.path = format!("{complete}{rest}");
-            }
-            file
-        })
-        .collect()
-}
-
-fn pooled_name(id: u32, sealed_at_ms: i64) -> String {
+/// The name a sealed volume has in a target's shared `volumes/`.
+pub fn pooled_name(id: u32, sealed_at_ms: i64) -> String {
     format!("{id:08}-{sealed_at_ms}.vol")
-}
-
-fn relative(target: &Path, path: &Path) -> String {
-    path.strip_prefix(target)
-        .unwrap_or(path)
-        .components()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join("/")
 }
 
 /// Makes `target` a backup target of `server_id` (or checks that it is one), and removes
@@ -678,30 +834,22 @@ fn prepare_target(target: &Path, server_id: &str) -> Result<(), BackupError> {
     Ok(())
 }
 
-/// The complete backups of `target`, oldest first (by name, which the server makes from the
-/// time).
+/// The complete backups of `target`, oldest first (by when they were taken).
 pub fn list(target: &Path) -> Result<Vec<Manifest>, BackupError> {
-    let dir = target.join(BACKUPS_DIR_NAME);
-    let entries = match fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(error) => return Err(io_error(format!("cannot list {}", dir.display()))(error)),
-    };
-    let names: Vec<String> = entries
-        .flatten()
-        .filter(|e| e.path().join(MANIFEST_FILE_NAME).is_file())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| !name.ends_with(PARTIAL_SUFFIX))
-        .collect();
+    list_from(&DirSink { target })
+}
+
+/// The complete backups of `source`, oldest first (by when they were taken).
+pub fn list_from(source: &dyn Source) -> Result<Vec<Manifest>, BackupError> {
     let mut manifests = Vec::new();
-    for name in names {
-        match read_manifest(target, &name) {
+    for name in source.backup_names()? {
+        match read_manifest_from(source, &name) {
             Ok(manifest) => manifests.push(manifest),
             // One unreadable backup must not stop every later backup: it is left out (and
             // left alone), and `backup verify --name` reports what is wrong with it.
             Err(error) => tracing::warn!(
                 backup = %name,
-                target = %target.display(),
+                target = %source.describe(),
                 "a backup's manifest cannot be read; it is left out: {error}"
             ),
         }
@@ -711,35 +859,37 @@ pub fn list(target: &Path) -> Result<Vec<Manifest>, BackupError> {
     Ok(manifests)
 }
 
-fn latest_manifest(target: &Path) -> Result<Option<Manifest>, BackupError> {
-    Ok(list(target)?.pop())
-}
+/// Longest manifest read.
+const MANIFEST_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
 /// Reads backup `name`'s manifest.
 pub fn read_manifest(target: &Path, name: &str) -> Result<Manifest, BackupError> {
+    read_manifest_from(&DirSink { target }, name)
+}
+
+/// Reads backup `name`'s manifest from `source`.
+pub fn read_manifest_from(source: &dyn Source, name: &str) -> Result<Manifest, BackupError> {
     check_name(name)?;
-    let path = target
-        .join(BACKUPS_DIR_NAME)
-        .join(name)
-        .join(MANIFEST_FILE_NAME);
-    let text = fs::read(&path).map_err(io_error(format!("cannot read {}", path.display())))?;
+    let relative = format!("{BACKUPS_DIR_NAME}/{name}/{MANIFEST_FILE_NAME}");
+    let path = format!("{}/{relative}", source.describe());
+    let mut text = Vec::new();
+    source
+        .open(&relative)?
+        .take(MANIFEST_BYTES_MAX)
+        .read_to_end(&mut text)
+        .map_err(io_error(format!("cannot read {path}")))?;
     let manifest: Manifest = serde_json::from_slice(&text).map_err(|error| {
-        BackupError::Damaged(format!(
-            "{} is not a backup manifest: {error}",
-            path.display()
-        ))
+        BackupError::Damaged(format!("{path} is not a backup manifest: {error}"))
     })?;
     if manifest.name != name {
         return Err(BackupError::Damaged(format!(
-            "{} names backup {:?}, not {name:?} (a copied or edited backup directory)",
-            path.display(),
+            "{path} names backup {:?}, not {name:?} (a copied or edited backup directory)",
             manifest.name
         )));
     }
     if manifest.format != MANIFEST_FORMAT {
         return Err(BackupError::Refused(format!(
-            "{} has manifest format {}; this version reads {MANIFEST_FORMAT}",
-            path.display(),
+            "{path} has manifest format {}; this version reads {MANIFEST_FORMAT}",
             manifest.format
         )));
     }
@@ -761,9 +911,8 @@ pub fn read_manifest(target: &Path, name: &str) -> Result<Manifest, BackupError>
     volume_ids.dedup();
     if indexes != 1 || volume_ids.len() != volumes {
         return Err(BackupError::Damaged(format!(
-            "{} lists {indexes} index files and {volumes} volumes of which {} distinct; a \
+            "{path} lists {indexes} index files and {volumes} volumes of which {} distinct; a \
              backup has one index and each volume once",
-            path.display(),
             volume_ids.len()
         )));
     }
@@ -776,8 +925,7 @@ pub fn read_manifest(target: &Path, name: &str) -> Result<Manifest, BackupError>
                 .all(|part| !part.is_empty() && part != "..");
         if !safe {
             return Err(BackupError::Damaged(format!(
-                "{} names a file outside the backup: {:?}",
-                path.display(),
+                "{path} names a file outside the backup: {:?}",
                 file.path
             )));
         }
@@ -787,10 +935,15 @@ pub fn read_manifest(target: &Path, name: &str) -> Result<Manifest, BackupError>
 
 /// The backup `name`, or the newest complete one.
 pub fn choose(target: &Path, name: Option<&str>) -> Result<Manifest, BackupError> {
+    choose_from(&DirSink { target }, name)
+}
+
+/// The backup `name` of `source`, or the newest complete one.
+pub fn choose_from(source: &dyn Source, name: Option<&str>) -> Result<Manifest, BackupError> {
     match name {
-        Some(name) => read_manifest(target, name),
-        None => latest_manifest(target)?.ok_or_else(|| {
-            BackupError::Refused(format!("{} holds no complete backup", target.display()))
+        Some(name) => read_manifest_from(source, name),
+        None => list_from(source)?.pop().ok_or_else(|| {
+            BackupError::Refused(format!("{} holds no complete backup", source.describe()))
         }),
     }
 }
@@ -874,13 +1027,24 @@ pub fn verify(
     name: Option<&str>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<VerifyReport, BackupError> {
-    let manifest = choose(target, name)?;
+    verify_from(&DirSink { target }, name, progress)
+}
+
+/// [`verify`] of a backup in `source`.
+pub fn verify_from(
+    source: &dyn Source,
+    name: Option<&str>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<VerifyReport, BackupError> {
+    let manifest = choose_from(source, name)?;
     let files = manifest.files.len() as u64;
     let mut meter = Meter::new(progress, "verify", files, manifest.bytes(), None);
     let mut damaged = Vec::new();
     for file in &manifest.files {
-        let path = target.join(&file.path);
-        match hash_file(&path, Some(&mut meter)) {
+        let hashed = source
+            .open(&file.path)
+            .and_then(|mut input| hash_stream(&mut input, &file.path, Some(&mut meter)));
+        match hashed {
             Ok((bytes, sha256)) if bytes == file.bytes && sha256 == file.sha256 => {}
             Ok((bytes, _)) if bytes != file.bytes => damaged.push(format!(
                 "{}: {bytes} bytes, the manifest says {}",
@@ -924,8 +1088,18 @@ pub fn restore(
     data_dir: &Path,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<RestoreReport, BackupError> {
+    restore_from(&DirSink { target }, name, data_dir, progress)
+}
+
+/// [`restore`] of a backup in `source`.
+pub fn restore_from(
+    source: &dyn Source,
+    name: Option<&str>,
+    data_dir: &Path,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<RestoreReport, BackupError> {
     let started = Instant::now();
-    let manifest = choose(target, name)?;
+    let manifest = choose_from(source, name)?;
     if let Ok(mut entries) = fs::read_dir(data_dir) {
         if entries.next().is_some() {
             return Err(BackupError::Refused(format!(
@@ -968,8 +1142,8 @@ pub fn restore(
                 .map_err(io_error(format!("cannot create {}", parent.display())))?;
             owner_only(parent, true)?;
         }
-        let source = target.join(&file.path);
-        let sha256 = copy_prefix(&source, &destination, file.bytes, &mut meter)?;
+        let mut input = source.open(&file.path)?;
+        let sha256 = copy_prefix(&mut input, &file.path, &destination, file.bytes, &mut meter)?;
         if sha256 != file.sha256 {
             return Err(BackupError::Damaged(format!(
                 "{}: its SHA-256 is not the manifest's (the backup file is damaged); nothing \
@@ -1157,13 +1331,12 @@ fn copy_index(txn: &ReadTransaction, path: &Path) -> Result<(), BackupError> {
 /// `<destination>.partial`, renamed once durable), and returns their SHA-256 (hex). A source
 /// shorter than `bytes` is an error.
 fn copy_prefix(
-    source: &Path,
+    input: &mut dyn Read,
+    what: &str,
     destination: &Path,
     bytes: u64,
     meter: &mut Meter<'_>,
 ) -> Result<String, BackupError> {
-    let mut input =
-        File::open(source).map_err(io_error(format!("cannot open {}", source.display())))?;
     let mut temporary = destination.as_os_str().to_owned();
     temporary.push(PARTIAL_SUFFIX);
     let temporary = PathBuf::from(temporary);
@@ -1177,11 +1350,10 @@ fn copy_prefix(
             .min(usize::try_from(left).unwrap_or(usize::MAX));
         let read = input
             .read(&mut buffer[..want])
-            .map_err(io_error(format!("cannot read {}", source.display())))?;
+            .map_err(io_error(format!("cannot read {what}")))?;
         if read == 0 {
             return Err(BackupError::Damaged(format!(
-                "{} ends {left} bytes before the {bytes} the copy needs",
-                source.display()
+                "{what} ends {left} bytes before the {bytes} the copy needs"
             )));
         }
         hasher.update(&buffer[..read]);
@@ -1202,15 +1374,24 @@ fn copy_prefix(
 }
 
 /// (length, SHA-256 hex) of a whole file.
-fn hash_file(path: &Path, mut meter: Option<&mut Meter<'_>>) -> Result<(u64, String), BackupError> {
+fn hash_file(path: &Path, meter: Option<&mut Meter<'_>>) -> Result<(u64, String), BackupError> {
     let mut file = File::open(path).map_err(io_error(format!("cannot open {}", path.display())))?;
+    hash_stream(&mut file, &path.display().to_string(), meter)
+}
+
+/// (length, SHA-256 hex) of everything `input` gives.
+fn hash_stream(
+    input: &mut dyn Read,
+    what: &str,
+    mut meter: Option<&mut Meter<'_>>,
+) -> Result<(u64, String), BackupError> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; COPY_CHUNK_BYTES];
     let mut total = 0u64;
     loop {
-        let read = file
+        let read = input
             .read(&mut buffer)
-            .map_err(io_error(format!("cannot read {}", path.display())))?;
+            .map_err(io_error(format!("cannot read {what}")))?;
         if read == 0 {
             break;
         }
