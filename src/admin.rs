@@ -453,7 +453,12 @@ fn offline(
         }
         Request::Backup { to } => {
             let never = std::sync::atomic::AtomicBool::new(false);
-            crate::backup::run(&store, &to, data_dir, progress, &never)
+            match crate::backup::Target::parse(&to) {
+                Ok(target) => {
+                    crate::backup::run(&store, &target, data_dir, &config.archive, progress, &never)
+                }
+                Err(message) => Response::error("invalid_input", message),
+            }
         }
         Request::Archive => {
             if config.archive.target.is_none() {

@@ -13,7 +13,65 @@ use es_storage::Store;
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use crate::archive::backups::S3Backups;
+use crate::archive::S3Target;
+use crate::config::ArchiveSection;
 use crate::control::{ProgressSink, Response};
+
+/// Where backups go: a directory (another disk, a mounted share) or an object store
+/// (`s3://bucket/prefix`, reached with `[Archive]`'s endpoint and credentials or `AWS_*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Dir(PathBuf),
+    S3(S3Target),
+}
+
+impl Target {
+    /// `s3://bucket/prefix`, or a directory path (absolute).
+    pub fn parse(text: &str) -> Result<Target, String> {
+        if text.contains("://") {
+            return S3Target::parse(text).map(Target::S3);
+        }
+        let path = PathBuf::from(text);
+        if !path.is_absolute() {
+            return Err(format!(
+                "the backup target {text} must be an absolute path or s3://bucket/prefix"
+            ));
+        }
+        Ok(Target::Dir(path))
+    }
+
+    /// Reads the backups of this target.
+    pub fn source<'a>(
+        &'a self,
+        archive: &ArchiveSection,
+    ) -> Result<Box<dyn backup::Source + 'a>, String> {
+        Ok(match self {
+            Target::Dir(path) => Box::new(backup::DirSink { target: path }),
+            Target::S3(target) => Box::new(s3_backups(archive, target)?),
+        })
+    }
+}
+
+fn s3_backups(archive: &ArchiveSection, target: &S3Target) -> Result<S3Backups, String> {
+    let objects = crate::archive::connect_to(archive, target)?;
+    Ok(S3Backups::new(objects, target.clone()))
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Dir(path) => write!(f, "{}", path.display()),
+            Target::S3(target) => write!(f, "{target}"),
+        }
+    }
+}
+
+impl Serialize for Target {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
 
 /// A backup older than this (or none) is a warning on the dashboard, in `status` and in
 /// `/metrics`: a daily backup missed more than once, with two hours of slack.
@@ -25,7 +83,7 @@ const CATCH_UP_DELAY_MS: i64 = 2_000;
 #[derive(Debug, Clone, Serialize)]
 pub struct Succeeded {
     pub name: String,
-    pub target: PathBuf,
+    pub target: Target,
     pub at_ms: i64,
     pub bytes: u64,
     pub bytes_copied: u64,
@@ -39,7 +97,7 @@ pub struct Succeeded {
 /// The last backup that failed.
 #[derive(Debug, Clone, Serialize)]
 pub struct Failed {
-    pub target: PathBuf,
+    pub target: Target,
     pub at_ms: i64,
     pub reason: String,
 }
@@ -48,7 +106,7 @@ pub struct Failed {
 #[derive(Debug, Clone, Serialize)]
 pub struct BackupStatus {
     /// `[Backup] target`, when backups are scheduled.
-    pub scheduled_target: Option<PathBuf>,
+    pub scheduled_target: Option<Target>,
     /// The next scheduled backup (Unix ms).
     pub next_at_ms: Option<i64>,
     pub last_success: Option<Succeeded>,
@@ -70,12 +128,14 @@ pub struct Backups {
     tried: AtomicBool,
     /// The server shuts down: a running backup stops, none starts.
     stopping: AtomicBool,
+    /// How object-store targets are reached.
+    archive: ArchiveSection,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
-    scheduled_target: Option<PathBuf>,
+    scheduled_target: Option<Target>,
     next_at_ms: Option<i64>,
     last_success: Option<Succeeded>,
     last_failure: Option<Failed>,
@@ -93,27 +153,50 @@ fn busy() -> Response {
 impl Backups {
     /// Knows `[Backup] target` and the newest complete backup in it (so a restart does not
     /// forget the last success).
-    pub fn new(scheduled_target: Option<PathBuf>) -> Backups {
-        let last_success = scheduled_target.as_deref().and_then(|target| {
-            let newest = backup::list(target).ok()?.pop()?;
-            Some(Succeeded {
+    /// An object-store target is looked at by the scheduler's thread ([`Backups::recall`]),
+    /// not here: a start never waits on the network.
+    pub fn new(scheduled_target: Option<Target>, archive: ArchiveSection) -> Backups {
+        let backups = Backups {
+            archive,
+            state: Mutex::new(State {
+                scheduled_target: scheduled_target.clone(),
+                ..State::default()
+            }),
+            ..Backups::default()
+        };
+        if let Some(target @ Target::Dir(_)) = &scheduled_target {
+            backups.recall(target);
+        }
+        backups
+    }
+
+    /// Takes the newest complete backup in `target` as the last success.
+    pub fn recall(&self, target: &Target) {
+        let newest = target
+            .source(&self.archive)
+            .and_then(|source| backup::list_from(source.as_ref()).map_err(|e| e.to_string()));
+        let newest = match newest {
+            Ok(mut list) => list.pop(),
+            Err(error) => {
+                tracing::warn!(%target, %error, "cannot list the backups of the target");
+                None
+            }
+        };
+        let Some(newest) = newest else {
+            return;
+        };
+        let mut state = self.state.lock();
+        if state.last_success.is_none() {
+            state.last_success = Some(Succeeded {
                 name: newest.name.clone(),
-                target: target.to_path_buf(),
+                target: target.clone(),
                 at_ms: newest.created_at_ms,
                 bytes: newest.bytes(),
                 bytes_copied: 0,
                 images: newest.images,
                 seconds: 0.0,
                 missing_volumes: newest.missing_volumes.clone(),
-            })
-        });
-        Backups {
-            state: Mutex::new(State {
-                scheduled_target,
-                last_success,
-                ..State::default()
-            }),
-            ..Backups::default()
+            });
         }
     }
 
@@ -122,7 +205,7 @@ impl Backups {
     pub fn run(
         &self,
         store: &Store,
-        target: &Path,
+        target: &Target,
         data_dir: &Path,
         progress: ProgressSink<'_>,
     ) -> Response {
@@ -138,7 +221,7 @@ impl Backups {
     pub fn run_and_prune(
         &self,
         store: &Store,
-        target: &Path,
+        target: &Target,
         data_dir: &Path,
         keep: u32,
     ) -> Response {
@@ -148,7 +231,12 @@ impl Backups {
         };
         let response = self.run_holding_lock(store, target, data_dir, &mut |_| {});
         if response.ok {
-            let pruned = backup::prune(target, keep as usize);
+            let pruned = match target {
+                Target::Dir(path) => backup::prune(path, keep as usize),
+                Target::S3(s3) => s3_backups(&self.archive, s3)
+                    .map_err(BackupError::Refused)
+                    .and_then(|sink| backup::prune_in(&sink, keep as usize)),
+            };
             let mut state = self.state.lock();
             match pruned {
                 Ok(pruned) => {
@@ -175,7 +263,7 @@ impl Backups {
     fn run_holding_lock(
         &self,
         store: &Store,
-        target: &Path,
+        target: &Target,
         data_dir: &Path,
         progress: ProgressSink<'_>,
     ) -> Response {
@@ -183,7 +271,14 @@ impl Backups {
             return Response::error("shutting_down", "the server is shutting down");
         }
         self.busy.store(true, Ordering::Release);
-        let response = run(store, target, data_dir, progress, &self.stopping);
+        let response = run(
+            store,
+            target,
+            data_dir,
+            &self.archive,
+            progress,
+            &self.stopping,
+        );
         self.busy.store(false, Ordering::Release);
         let now_ms = crate::now_ms();
         let mut state = self.state.lock();
@@ -192,7 +287,7 @@ impl Backups {
             let number = |key: &str| body[key].as_u64().unwrap_or(0);
             state.last_success = Some(Succeeded {
                 name: body["name"].as_str().unwrap_or_default().to_string(),
-                target: target.to_path_buf(),
+                target: target.clone(),
                 at_ms: now_ms,
                 bytes: number("bytes"),
                 bytes_copied: number("bytes_copied"),
@@ -211,7 +306,7 @@ impl Backups {
             state.last_failure = None;
         } else {
             state.last_failure = Some(Failed {
-                target: target.to_path_buf(),
+                target: target.clone(),
                 at_ms: now_ms,
                 reason: response.message.clone().unwrap_or_default(),
             });
@@ -296,7 +391,7 @@ impl Scheduler {
         backups: Arc<Backups>,
         store: Store,
         data_dir: PathBuf,
-        target: PathBuf,
+        target: Target,
         time_of_day_min: u32,
         keep: u32,
         zone: jiff::tz::TimeZone,
@@ -305,7 +400,11 @@ impl Scheduler {
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("es-backup".into())
-            .spawn(move || loop {
+            .spawn(move || {
+                if matches!(target, Target::S3(_)) {
+                    backups.recall(&target);
+                }
+                loop {
                 // A backup missed (the server was down at its time, or none was ever taken)
                 // is caught up shortly after the start.
                 let now_ms = crate::now_ms();
@@ -320,7 +419,7 @@ impl Scheduler {
                     next_run_ms(crate::now_ms(), time_of_day_min, &zone)
                 };
                 backups.set_next(Some(next));
-                tracing::info!(target = %target.display(), next = %crate::times::time_text(next), "next scheduled backup");
+                tracing::info!(%target, next = %crate::times::time_text(next), "next scheduled backup");
                 while crate::now_ms() < next {
                     if thread_stop.load(Ordering::Acquire) {
                         return;
@@ -329,6 +428,7 @@ impl Scheduler {
                 }
                 backups.tried.store(true, Ordering::Release);
                 backups.run_and_prune(&store, &target, &data_dir, keep);
+                }
             })?;
         Ok(Scheduler {
             stop,
@@ -385,30 +485,44 @@ pub fn name_at(now_ms: i64) -> String {
 /// as JSON (the server's and the offline command's path).
 pub fn run(
     store: &Store,
-    target: &Path,
+    target: &Target,
     data_dir: &Path,
+    archive: &ArchiveSection,
     progress: ProgressSink<'_>,
     stop: &AtomicBool,
 ) -> Response {
-    if !target.is_absolute() {
-        return Response::error(
-            "invalid_input",
-            format!(
-                "the backup target {} must be an absolute path",
-                target.display()
-            ),
-        );
-    }
     let now_ms = crate::now_ms();
-    let name = free_name(target, &name_at(now_ms));
-    tracing::info!(target = %target.display(), %name, "backup started");
     let mut report_progress = |p: &Progress| {
         progress(serde_json::to_value(p).unwrap_or_default());
     };
-    match store.backup_until(target, &name, data_dir, now_ms, &mut report_progress, stop) {
+    let result = match target {
+        Target::Dir(path) if !path.is_absolute() => {
+            return Response::error(
+                "invalid_input",
+                format!(
+                    "the backup target {} must be an absolute path",
+                    path.display()
+                ),
+            );
+        }
+        Target::Dir(path) => {
+            let name = free_name(&backup::DirSink { target: path }, &name_at(now_ms));
+            tracing::info!(%target, %name, "backup started");
+            store.backup_until(path, &name, data_dir, now_ms, &mut report_progress, stop)
+        }
+        Target::S3(s3) => match s3_backups(archive, s3) {
+            Ok(sink) => {
+                let name = free_name(&sink, &name_at(now_ms));
+                tracing::info!(%target, %name, "backup started");
+                store.backup_to(&sink, &name, data_dir, now_ms, &mut report_progress, stop)
+            }
+            Err(detail) => Err(BackupError::Refused(detail)),
+        },
+    };
+    match result {
         Ok(report) => {
             tracing::info!(
-                target = %target.display(),
+                %target,
                 name = %report.name,
                 files = report.files,
                 bytes = report.bytes,
@@ -419,16 +533,17 @@ pub fn run(
             Response::ok(serde_json::to_value(&report).unwrap_or_default())
         }
         Err(error) => {
-            tracing::error!(target = %target.display(), code = error.code(), "backup failed: {error}");
+            tracing::error!(%target, code = error.code(), "backup failed: {error}");
             Response::error(error.code(), format!("backup failed: {error}"))
         }
     }
 }
 
-/// `name`, or `name-2`, `name-3`, ... when a backup of that name exists in `target` (two
+/// `name`, or `name-2`, `name-3`, ... when a backup of that name exists in `source` (two
 /// backups in one second).
-fn free_name(target: &Path, name: &str) -> String {
-    let taken = |candidate: &str| target.join("backups").join(candidate).exists();
+fn free_name(source: &dyn backup::Source, name: &str) -> String {
+    let names = source.backup_names().unwrap_or_default();
+    let taken = |candidate: &str| names.iter().any(|n| n == candidate);
     if !taken(name) {
         return name.to_string();
     }
@@ -547,12 +662,15 @@ mod tests {
 
     #[test]
     fn status_warns_when_nothing_succeeded_or_the_last_failed_or_is_old() {
-        let backups = Backups::new(Some(PathBuf::from("/nonexistent/backups")));
+        let backups = Backups::new(
+            Some(Target::Dir(PathBuf::from("/nonexistent/backups"))),
+            ArchiveSection::default(),
+        );
         let status = backups.status(1_765_065_541_000);
         assert!(status.warning.unwrap().contains("no backup"));
         backups.state.lock().last_success = Some(Succeeded {
             name: "x".into(),
-            target: PathBuf::from("/t"),
+            target: Target::Dir(PathBuf::from("/t")),
             at_ms: 1_765_065_541_000,
             bytes: 1,
             bytes_copied: 1,
@@ -567,12 +685,29 @@ mod tests {
         let old = backups.status(1_765_065_541_000 + STALE_AFTER_MS + 3_600_000);
         assert!(old.warning.unwrap().contains("hours old"));
         backups.state.lock().last_failure = Some(Failed {
-            target: PathBuf::from("/t"),
+            target: Target::Dir(PathBuf::from("/t")),
             at_ms: 1_765_065_541_000,
             reason: "disk full".into(),
         });
         let failed = backups.status(1_765_065_541_000 + 1000);
         assert!(failed.warning.unwrap().contains("disk full"));
+    }
+
+    #[test]
+    fn targets_are_absolute_directories_or_s3_urls() {
+        assert_eq!(
+            Target::parse("/mnt/backup").unwrap(),
+            Target::Dir(PathBuf::from("/mnt/backup"))
+        );
+        let s3 = Target::parse("s3://clinic-backups/site1").unwrap();
+        assert_eq!(s3.to_string(), "s3://clinic-backups/site1");
+        assert_eq!(
+            serde_json::to_value(&s3).unwrap(),
+            serde_json::json!("s3://clinic-backups/site1")
+        );
+        assert!(Target::parse("relative/dir").is_err());
+        assert!(Target::parse("s3://Bad_Bucket").is_err());
+        assert!(Target::parse("ftp://host/x").is_err());
     }
 
     #[test]

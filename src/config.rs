@@ -113,7 +113,7 @@ impl Default for ArchiveSection {
 pub struct BackupSection {
     /// The backup target directory (absolute). None (the default): no scheduled backups;
     /// `esserver backup --to DIR` still works.
-    pub target: Option<PathBuf>,
+    pub target: Option<crate::backup::Target>,
     /// When, in the clinic's time zone ([Clinic] time_zone): minutes after midnight.
     pub time_of_day_min: u32,
     /// Complete backups kept in the target; older ones are removed after a backup succeeds.
@@ -541,8 +541,12 @@ impl Config {
                 );
                 out.push_str("; (another disk, or a mounted network share). None: no scheduled\n");
                 out.push_str("; backups (`esserver backup --to DIR` still works).\n");
+                out.push_str("; Or s3://bucket/prefix, reached as [Archive] says.\n");
                 match &self.backup.target {
-                    Some(path) => out.push_str(&format!("target = {}\n", ini_path(path))),
+                    Some(crate::backup::Target::Dir(path)) => {
+                        out.push_str(&format!("target = {}\n", ini_path(path)));
+                    }
+                    Some(target) => out.push_str(&format!("target = {target}\n")),
                     None => out.push_str("; target = /mnt/backup/esserver\n"),
                 }
                 out.push_str("; When, in the clinic's time zone ([Clinic] time_zone): HH:MM.\n");
@@ -1592,11 +1596,14 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
             config.clinic.time_zone = value.to_owned();
         }
         (Section::Backup, "target") => {
-            let path = parse_path(value, "an absolute directory path")?;
-            if !path.is_absolute() {
-                return Err(bad_value("an absolute directory path", value));
+            let target = crate::backup::Target::parse(value).map_err(|_| {
+                bad_value("an absolute directory path or s3://bucket/prefix", value)
+            })?;
+            if let crate::backup::Target::Dir(path) = &target {
+                parse_path(value, "an absolute directory path")?;
+                debug_assert!(path.is_absolute());
             }
-            config.backup.target = Some(path);
+            config.backup.target = Some(target);
         }
         (Section::Backup, "time_of_day") => {
             config.backup.time_of_day_min = parse_time_of_day(value)?;
@@ -2280,7 +2287,15 @@ trusted_keys = 8F3A8A96143873732C3BA668A0C225868B20251A1DFD4CC4EA0F8AB9E36D5134,
     fn backup_section() {
         let config =
             parse("[Backup]\ntarget = /mnt/backup/es\ntime_of_day = 23:05\nkeep = 3\n").unwrap();
-        assert_eq!(config.backup.target, Some(PathBuf::from("/mnt/backup/es")));
+        assert_eq!(
+            config.backup.target,
+            Some(crate::backup::Target::Dir(PathBuf::from("/mnt/backup/es")))
+        );
+        let s3 = parse("[Backup]\ntarget = s3://clinic-backups/es\n").unwrap();
+        assert_eq!(
+            s3.backup.target.unwrap().to_string(),
+            "s3://clinic-backups/es"
+        );
         assert_eq!(config.backup.time_of_day_min, 23 * 60 + 5);
         assert_eq!(config.backup.keep, 3);
         assert_eq!(parse(&config.to_ini()), Ok(config));

@@ -79,7 +79,8 @@ pub enum Request {
     /// Back the store up into `to` (an absolute path) while the server runs; progress lines
     /// come before the answer.
     Backup {
-        to: PathBuf,
+        /// A directory or `s3://bucket/prefix` (`crate::backup::Target`).
+        to: String,
     },
     /// One archive pass now (`[Archive]`): progress lines (one per volume) before the answer.
     Archive,

@@ -108,9 +108,10 @@ enum Command {
 struct BackupArgs {
     #[command(subcommand)]
     action: Option<BackupAction>,
-    /// The backup target: a directory (created when missing) holding this server's backups.
-    #[arg(long, value_name = "DIR")]
-    to: Option<PathBuf>,
+    /// The backup target: a directory (created when missing) holding this server's backups,
+    /// or s3://bucket/prefix (reached with [Archive]'s endpoint and credentials, or AWS_*).
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+    to: Option<String>,
     /// Print the report as JSON on standard output (progress stays on standard error).
     #[arg(long)]
     json: bool,
@@ -123,29 +124,38 @@ enum BackupAction {
     /// Check every file of a backup against its manifest (size and SHA-256).
     Verify {
         /// The backup target.
-        #[arg(long, value_name = "DIR")]
-        from: PathBuf,
+        #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+        from: String,
         /// Which backup (default: the newest).
         #[arg(long)]
         name: Option<String>,
         #[arg(long)]
         json: bool,
+        /// The configuration file whose [Archive] reaches an s3:// target.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// List the complete backups of a target, oldest first.
     List {
         /// The backup target.
-        #[arg(long, value_name = "DIR")]
-        from: PathBuf,
+        #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+        from: String,
         #[arg(long)]
         json: bool,
+        /// The configuration file whose [Archive] reaches an s3:// target.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
 }
 
 #[derive(clap::Args)]
 struct RestoreArgs {
     /// The backup target.
-    #[arg(long, value_name = "DIR")]
-    from: PathBuf,
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+    from: String,
+    /// The configuration file whose [Archive] reaches an s3:// target.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Which backup (default: the newest).
     #[arg(long)]
     name: Option<String>,
@@ -1270,10 +1280,19 @@ fn admin(
 fn backup(args: BackupArgs) -> Result<ExitCode, String> {
     use esserver::backup::{bytes_text, error_text, ProgressPrinter};
     match args.action {
-        Some(BackupAction::Verify { from, name, json }) => {
-            refuse_object_store(&from)?;
+        Some(BackupAction::Verify {
+            from,
+            name,
+            json,
+            config,
+        }) => {
+            let (from, archive) = backup_target(&from, config)?;
+            let source = from.source(&archive)?;
             let mut printer = ProgressPrinter::new("backup verify");
-            let report = esserver::backup::verify(&from, name.as_deref(), &mut |p| printer.show(p))
+            let report =
+                es_storage::backup::verify_from(source.as_ref(), name.as_deref(), &mut |p| {
+                    printer.show(p)
+                })
                 .map_err(|error| error_text(&error))?;
             if json {
                 println!(
@@ -1284,12 +1303,12 @@ fn backup(args: BackupArgs) -> Result<ExitCode, String> {
                 println!(
                     "backup {} in {}: {} files, {}, every one matches its manifest",
                     report.name,
-                    from.display(),
+                    from,
                     report.files,
                     bytes_text(report.bytes)
                 );
             } else {
-                println!("backup {} in {} is DAMAGED:", report.name, from.display());
+                println!("backup {} in {from} is DAMAGED:", report.name);
                 for line in &report.damaged {
                     println!("  {line}");
                 }
@@ -1300,15 +1319,18 @@ fn backup(args: BackupArgs) -> Result<ExitCode, String> {
                 ExitCode::FAILURE
             })
         }
-        Some(BackupAction::List { from, json }) => {
-            let manifests = esserver::backup::list(&from).map_err(|error| error_text(&error))?;
+        Some(BackupAction::List { from, json, config }) => {
+            let (from, archive) = backup_target(&from, config)?;
+            let source = from.source(&archive)?;
+            let manifests = es_storage::backup::list_from(source.as_ref())
+                .map_err(|error| error_text(&error))?;
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&manifests).unwrap_or_default()
                 );
             } else if manifests.is_empty() {
-                println!("no complete backup in {}", from.display());
+                println!("no complete backup in {from}");
             } else {
                 for manifest in &manifests {
                     println!(
@@ -1329,14 +1351,12 @@ fn backup(args: BackupArgs) -> Result<ExitCode, String> {
                     "name the backup target with --to DIR (or: backup verify, backup list)".into(),
                 );
             };
-            refuse_object_store(&to)?;
-            let to = std::path::absolute(&to)
-                .map_err(|error| format!("cannot resolve {}: {error}", to.display()))?;
+            let (to, _) = backup_target(&to, None)?;
             let config = load_config(&args.common)?;
             let mut printer = ProgressPrinter::new("backup");
             let response = esserver::admin::run_with_progress(
                 &config,
-                Request::Backup { to: to.clone() },
+                Request::Backup { to: to.to_string() },
                 &mut |value| printer.show_json(&value),
             )?;
             report(&response, |body| {
@@ -1347,7 +1367,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode, String> {
                         "backup {} complete in {}: {} files, {} ({} copied, the rest was there), \
                          {} images up to change {}, {:.1} s",
                         body["name"].as_str().unwrap_or("?"),
-                        to.display(),
+                        to,
                         body["files"],
                         bytes_text(body["bytes"].as_u64().unwrap_or(0)),
                         bytes_text(body["bytes_copied"].as_u64().unwrap_or(0)),
@@ -1407,27 +1427,42 @@ fn archive(common: &Common, json: bool) -> Result<ExitCode, String> {
     })
 }
 
-/// `s3://...` targets are not built yet: say so rather than make a local directory `s3:`.
-fn refuse_object_store(target: &std::path::Path) -> Result<(), String> {
-    let text = target.to_string_lossy();
-    if text.contains("://") {
-        return Err(format!(
-            "{text}: object-store targets (s3://) are not supported yet; back up to a \
-             directory (a mounted share works)"
-        ));
-    }
-    Ok(())
+/// A backup target named on the command line (a relative directory is taken from the
+/// current one), with the [Archive] settings that reach an s3:// target: from `config`, or
+/// ./EmbryoServer.ini when there is one.
+fn backup_target(
+    text: &str,
+    config: Option<PathBuf>,
+) -> Result<(esserver::backup::Target, esserver::config::ArchiveSection), String> {
+    let text = if text.contains("://") {
+        text.to_owned()
+    } else {
+        std::path::absolute(text)
+            .map_err(|error| format!("cannot resolve {text}: {error}"))?
+            .to_string_lossy()
+            .into_owned()
+    };
+    let target = esserver::backup::Target::parse(&text)?;
+    let config = load_config(&Common {
+        config,
+        data: None,
+        log_level: None,
+    })?;
+    Ok((target, config.archive))
 }
 
 fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     use esserver::backup::{bytes_text, error_text, ProgressPrinter};
-    refuse_object_store(&args.from)?;
+    let (from, archive) = backup_target(&args.from, args.config.clone())?;
+    let source = from.source(&archive)?;
     let mut printer = ProgressPrinter::new("restore");
-    let report =
-        esserver::backup::restore(&args.from, args.name.as_deref(), &args.data, &mut |p| {
-            printer.show(p)
-        })
-        .map_err(|error| error_text(&error))?;
+    let report = es_storage::backup::restore_from(
+        source.as_ref(),
+        args.name.as_deref(),
+        &args.data,
+        &mut |p| printer.show(p),
+    )
+    .map_err(|error| error_text(&error))?;
     if args.json {
         println!(
             "{}",

@@ -182,7 +182,10 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
         control: None,
         disk_guard: Some(disk_guard),
         ims: Some(ims),
-        backups: Arc::new(crate::backup::Backups::new(config.backup.target.clone())),
+        backups: Arc::new(crate::backup::Backups::new(
+            config.backup.target.clone(),
+            config.archive.clone(),
+        )),
         scheduler: None,
         archive,
         info_path: data_dir.join(INFO_FILE),
@@ -375,7 +378,7 @@ fn start_services(
             time_zone.clone(),
         )
         .map_err(|source| StartError::Control {
-            path: target.clone(),
+            path: PathBuf::from(target.to_string()),
             source,
         })?;
         server.scheduler = Some(scheduler);
@@ -639,7 +642,12 @@ impl StatusContext {
     fn handle(&self, request: Request, progress: crate::control::ProgressSink<'_>) -> Response {
         match request {
             Request::Status => self.status(),
-            Request::Backup { to } => self.backups.run(&self.store, &to, &self.data_dir, progress),
+            Request::Backup { to } => match crate::backup::Target::parse(&to) {
+                Ok(target) => self
+                    .backups
+                    .run(&self.store, &target, &self.data_dir, progress),
+                Err(message) => Response::error("invalid_input", message),
+            },
             Request::Archive => match &self.archive {
                 Some(archive) => archive.run_now(progress),
                 None => Response::error(

@@ -1777,7 +1777,7 @@ fn backup_card(web: &WebContext, now: i64) -> String {
                     time_text(last.at_ms),
                     status.last_success_age_s.unwrap_or(0) / 3600,
                     crate::backup::bytes_text(last.bytes),
-                    last.target.display(),
+                    last.target,
                     last.images
                 ),
             );
@@ -1793,9 +1793,9 @@ fn backup_card(web: &WebContext, now: i64) -> String {
     }
     let schedule = match (&status.scheduled_target, status.next_at_ms) {
         (Some(target), Some(next)) => {
-            format!("daily into {}, next {}", target.display(), time_text(next))
+            format!("daily into {target}, next {}", time_text(next))
         }
-        (Some(target), None) => format!("daily into {}", target.display()),
+        (Some(target), None) => format!("daily into {target}"),
         (None, _) => {
             "none ([Backup] target is not set); `esserver backup --to DIR` takes one".into()
         }

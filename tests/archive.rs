@@ -4,7 +4,9 @@
 //! viewer and a time-lapse ZIP; an object store that stops answering (paused) or is gone
 //! (killed) is a clear `archive_unavailable` for archived images only and reads resume when
 //! it answers again; an upload cut off by the store, or by `kill -9` of the server, leaves
-//! every local file and nothing recorded, and the next pass completes.
+//! every local file and nothing recorded, and the next pass completes. Backups to the
+//! object store (`esserver backup --to s3://...`) are incremental, verified, restored into a
+//! data directory that verifies clean, report a flipped byte, and survive `kill -9`.
 //!
 //! `ESSERVER_TEST_S3_ENDPOINT` (with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`) points
 //! the round trip at another store, a MinIO say; the outage steps need the local moto and are
@@ -18,6 +20,7 @@ use es_loadtest::spawn::ServerProcess;
 use es_loadtest::viewer_client::{Credentials, ViewerClient};
 use es_proto::viewer::pb::{self, client_message::Request, server_message::Body};
 use esserver::archive::s3::ObjectStore;
+use std::io::Read;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -114,6 +117,14 @@ impl S3 {
 
     fn create_bucket(&self, bucket: &str) {
         self.client(bucket).create_bucket().expect("bucket created");
+    }
+
+    /// `[Archive]` with only how to reach the store (no archive tier): for backups.
+    fn connection(&self) -> String {
+        format!(
+            "[Archive]\nendpoint = {}\naccess_key_id = {}\nsecret_access_key = {}\n",
+            self.endpoint, self.access_key, self.secret_key
+        )
     }
 
     /// The `[Archive]` section for `bucket`: archive as soon as sealed, passes on request.
@@ -433,25 +444,202 @@ fn an_upload_cut_off_by_the_store_or_by_kill_9_keeps_every_local_file_and_the_ne
     assert_every_image_reads(&mut api, &workload);
 }
 
+type StderrLines = std::io::Lines<std::io::BufReader<std::process::ChildStderr>>;
+
 /// Starts `esserver archive` and returns it once it reported its first volume.
-fn archive_started(
-    data: &Path,
-) -> (
-    Child,
-    std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
-) {
+fn archive_started(data: &Path) -> (Child, StderrLines) {
+    started(&["archive"], data, "archive: volume")
+}
+
+/// Starts `esserver <args> --data <data>` and returns it once a line of its standard error
+/// starts with `prefix` (the work is under way), with the rest of its standard error.
+fn started(args: &[&str], data: &Path, prefix: &str) -> (Child, StderrLines) {
     let mut child = Command::new(common::esserver_path())
-        .args(["archive", "--data"])
+        .args(args)
+        .arg("--data")
         .arg(data)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
-    let going = lines.any(|line| {
-        line.map(|l| l.starts_with("archive: volume"))
-            .unwrap_or(false)
-    });
-    assert!(going, "esserver archive reported no volume");
+    let going = lines.any(|line| line.map(|l| l.starts_with(prefix)).unwrap_or(false));
+    assert!(going, "esserver {args:?} never printed {prefix:?}");
     (child, lines)
+}
+
+/// `esserver <args> --config <ini>` (a command that reads a backup target).
+fn with_config(args: &[&str], ini: &Path) -> std::process::Output {
+    Command::new(common::esserver_path())
+        .args(args)
+        .arg("--config")
+        .arg(ini)
+        .output()
+        .expect("esserver runs")
+}
+
+fn backup_json(data: &Path, to: &str) -> serde_json::Value {
+    let output = common::admin(data, &["backup", "--json", "--to", to]);
+    assert!(
+        output.status.success(),
+        "backup: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn backups_in_the_object_store_are_incremental_restorable_checked_and_survive_kill_9() {
+    let s3 = S3::start();
+    let bucket = bucket_name("backups");
+    s3.create_bucket(&bucket);
+    let to = format!("s3://{bucket}/clinic/backups");
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("[Storage]\nvolume_bytes_max = 1 MiB\n{}", s3.connection());
+    let mut server = common::spawn_in(&dir, false, &extra);
+    let data = server.data_dir().to_path_buf();
+    let ini = dir.path().join("cli.ini");
+    std::fs::write(&ini, s3.connection()).unwrap();
+    let first_upload = common::upload_dish(&server, "BS-1", 40);
+    settle();
+
+    // The first backup copies everything; the second, after more images, little of it.
+    let first = backup_json(&data, &to);
+    assert_eq!(first["bytes_copied"], first["bytes"], "{first}");
+    common::upload_dish(&server, "BS-2", 10);
+    settle();
+    let second = backup_json(&data, &to);
+    let (copied, total) = (
+        second["bytes_copied"].as_u64().unwrap(),
+        second["bytes"].as_u64().unwrap(),
+    );
+    assert!(copied < total / 2, "{second}");
+    let listed = with_config(&["backup", "list", "--json", "--from", &to], &ini);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    let verify = with_config(&["backup", "verify", "--from", &to], &ini);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // kill -9 of the server while a backup is storing: the earlier backups are intact, and
+    // the next backup clears what the killed one left and completes.
+    if s3.is_local() {
+        let (mut running, _lines) = started(&["backup", "--to", &to], &data, "backup: ");
+        s3.signal(libc::SIGSTOP);
+        server.kill9();
+        let _ = running.wait();
+        s3.signal(libc::SIGCONT);
+        server = common::spawn_in(&dir, false, &extra);
+        let verify = with_config(&["backup", "verify", "--from", &to], &ini);
+        assert!(
+            verify.status.success(),
+            "{}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+        backup_json(&data, &to);
+        // Every backup's objects have their manifest: the killed one's are gone.
+        let objects = s3.client(&bucket).list("clinic/backups/backups/").unwrap();
+        let name_of = |key: &str| key.split('/').nth(3).map(str::to_owned);
+        let names: std::collections::BTreeSet<String> =
+            objects.iter().filter_map(|(key, _)| name_of(key)).collect();
+        let complete: std::collections::BTreeSet<String> = objects
+            .iter()
+            .filter(|(key, _)| key.ends_with("/manifest.json"))
+            .filter_map(|(key, _)| name_of(key))
+            .collect();
+        assert_eq!(names, complete);
+        assert_eq!(complete.len(), 3, "{complete:?}");
+    }
+
+    // Restored from the object store: verify is clean, every image of the first upload is
+    // there byte for byte.
+    let restored = dir.path().join("restored");
+    let restore = Command::new(common::esserver_path())
+        .args(["restore", "--from", &to, "--config"])
+        .arg(&ini)
+        .arg("--data")
+        .arg(&restored)
+        .output()
+        .unwrap();
+    assert!(
+        restore.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+    let verified = common::admin(&restored, &["verify"]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    let copy =
+        es_storage::Store::open_read_only(&restored, &es_storage::StoreOptions::default()).unwrap();
+    let reader = copy.read().unwrap();
+    let instrument = reader.instrument_by_serial("BS-1").unwrap().unwrap();
+    for index in 0..first_upload.len() {
+        let spec = first_upload.image(index);
+        let image = reader
+            .image(
+                instrument.instrument_id,
+                &spec.dish_id,
+                spec.well,
+                spec.focal_plane,
+                spec.acquired_at_ms,
+            )
+            .unwrap();
+        assert_eq!(image, Some(jpeg(index)), "image {index}");
+    }
+    drop(reader);
+    drop(copy);
+
+    // One flipped byte in a shared volume: verify and restore both report it.
+    let client = s3.client(&bucket);
+    let (key, bytes) = client
+        .list("clinic/backups/volumes/")
+        .unwrap()
+        .into_iter()
+        .next()
+        .expect("a shared volume");
+    let mut content = Vec::new();
+    client
+        .open(&key)
+        .unwrap()
+        .read_to_end(&mut content)
+        .unwrap();
+    assert_eq!(content.len() as u64, bytes);
+    content[1000] ^= 0x01;
+    client
+        .put(&key, &mut content.as_slice(), content.len() as u64)
+        .unwrap();
+    let verify = with_config(&["backup", "verify", "--from", &to], &ini);
+    assert!(!verify.status.success());
+    let said = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        said.contains("DAMAGED") && said.contains("SHA-256"),
+        "{said}"
+    );
+    let again = dir.path().join("again");
+    let restore = Command::new(common::esserver_path())
+        .args(["restore", "--from", &to, "--config"])
+        .arg(&ini)
+        .arg("--data")
+        .arg(&again)
+        .output()
+        .unwrap();
+    assert!(!restore.status.success());
+    assert!(
+        String::from_utf8_lossy(&restore.stderr).contains("SHA-256"),
+        "{}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+    assert!(!again.exists(), "a refused restore left a data directory");
+    drop(server);
 }

@@ -25,6 +25,7 @@
 //! Credentials come from `[Archive]` or the `AWS_*` environment variables and are never logged
 //! or shown (`status` names the endpoint's host and the bucket).
 
+pub mod backups;
 pub mod cache;
 pub mod s3;
 
@@ -127,11 +128,17 @@ pub fn check_endpoint(text: &str) -> Result<(), String> {
 /// The object store of `[Archive]`, with the endpoint, region and credentials taken from the
 /// section or else from the standard `AWS_*` environment variables.
 pub fn connect(section: &ArchiveSection) -> Result<ObjectStore, String> {
-    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let target = section
         .target
         .as_ref()
         .ok_or("no [Archive] target is configured")?;
+    connect_to(section, target)
+}
+
+/// The object store holding `target`'s bucket (a backup target, say), reached with the
+/// endpoint, region and credentials of `[Archive]` or the `AWS_*` environment variables.
+pub fn connect_to(section: &ArchiveSection, target: &S3Target) -> Result<ObjectStore, String> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let region = section
         .region
         .clone()

@@ -223,6 +223,124 @@ impl ObjectStore {
         Ok(bytes)
     }
 
+    /// The whole object `key`, as a stream (a restore or a verification of a backup file).
+    pub fn open(&self, key: &str) -> Result<Box<dyn Read + Send>, ObjectError> {
+        let url = self
+            .bucket
+            .get_object(Some(&self.credentials), key)
+            .sign(SIGNED_URL_VALID);
+        // No overall timeout: a backup file may take hours; connect and answer are bounded.
+        let response = self
+            .agent
+            .get(url.as_str())
+            .config()
+            .timeout_recv_response(Some(self.request_timeout))
+            .build()
+            .call()
+            .map_err(|error| self.transport(error))?;
+        let response = self.check(response)?;
+        let host = self.host.clone();
+        let reader = response
+            .into_body()
+            .into_with_config()
+            .limit(u64::MAX)
+            .reader();
+        Ok(Box::new(Named {
+            inner: reader,
+            host,
+        }))
+    }
+
+    /// The size of object `key`, None when there is none.
+    pub fn size(&self, key: &str) -> Result<Option<u64>, ObjectError> {
+        let url = self
+            .bucket
+            .head_object(Some(&self.credentials), key)
+            .sign(SIGNED_URL_VALID);
+        let response = self
+            .agent
+            .head(url.as_str())
+            .config()
+            .timeout_global(Some(self.request_timeout))
+            .build()
+            .call()
+            .map_err(|error| self.transport(error))?;
+        match self.check(response) {
+            Ok(response) => Ok(response
+                .headers()
+                .get("content-length")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())),
+            Err(ObjectError::NotFound) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Every object whose key starts with `prefix`: (key, size), in key order.
+    pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ObjectError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut action = self.bucket.list_objects_v2(Some(&self.credentials));
+            action.with_prefix(prefix);
+            if let Some(token) = &token {
+                action.with_continuation_token(token.clone());
+            }
+            let url = action.sign(SIGNED_URL_VALID);
+            let response = self
+                .agent
+                .get(url.as_str())
+                .config()
+                .timeout_global(Some(self.request_timeout))
+                .build()
+                .call()
+                .map_err(|error| self.transport(error))?;
+            let mut response = self.check(response)?;
+            let text = response
+                .body_mut()
+                .with_config()
+                .limit(LIST_BODY_BYTES_MAX)
+                .read_to_string()
+                .map_err(|error| self.transport(error))?;
+            let page =
+                rusty_s3::actions::ListObjectsV2::parse_response(&text).map_err(|error| {
+                    ObjectError::Status {
+                        status: 200,
+                        detail: format!("the object list does not parse: {error}"),
+                    }
+                })?;
+            out.extend(
+                page.contents
+                    .into_iter()
+                    .map(|object| (object.key, object.size.unwrap_or(0))),
+            );
+            match page.next_continuation_token {
+                Some(next) => token = Some(next),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Removes object `key` (absent is fine).
+    pub fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        let url = self
+            .bucket
+            .delete_object(Some(&self.credentials), key)
+            .sign(SIGNED_URL_VALID);
+        let response = self
+            .agent
+            .delete(url.as_str())
+            .config()
+            .timeout_global(Some(self.request_timeout))
+            .build()
+            .call()
+            .map_err(|error| self.transport(error))?;
+        match self.check(response) {
+            Ok(_) | Err(ObjectError::NotFound) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Creates the bucket (tests and first setup; answers Ok when it exists already).
     pub fn create_bucket(&self) -> Result<(), ObjectError> {
         let action = self.bucket.create_bucket(&self.credentials);
@@ -285,6 +403,26 @@ impl ObjectStore {
 
     fn body_error(&self, error: io::Error) -> ObjectError {
         ObjectError::Unreachable(format!("{}: reading the answer: {error}", self.host))
+    }
+}
+
+/// Longest object-list page read (a page of 1000 keys is about 300 KB).
+const LIST_BODY_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
+/// A response body whose errors name the host.
+struct Named<R> {
+    inner: R,
+    host: String,
+}
+
+impl<R: Read> Read for Named<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!("object store {}: reading the answer: {error}", self.host),
+            )
+        })
     }
 }
 

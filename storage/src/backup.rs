@@ -534,6 +534,13 @@ pub trait Sink {
     ) -> Result<String, BackupError>;
     /// Completes backup `name`: its manifest, stored last.
     fn complete(&self, name: &str, manifest: &[u8]) -> Result<(), BackupError>;
+    /// Removes complete backup `name` (its manifest first, so an interrupted removal leaves
+    /// only what the next backup clears).
+    fn remove_backup(&self, name: &str) -> Result<(), BackupError>;
+    /// The shared volume files: (path, bytes).
+    fn pooled(&self) -> Result<Vec<(String, u64)>, BackupError>;
+    /// Removes the shared file at `path`.
+    fn remove_pooled(&self, path: &str) -> Result<(), BackupError>;
 }
 
 /// A target directory, as a [`Sink`]: a backup's files are written under
@@ -610,6 +617,36 @@ impl Sink for DirSink<'_> {
         fs::rename(&partial, &final_dir)
             .map_err(io_error(format!("cannot complete {}", final_dir.display())))?;
         sync_dir(&backups)
+    }
+
+    fn remove_backup(&self, name: &str) -> Result<(), BackupError> {
+        let backups = self.target.join(BACKUPS_DIR_NAME);
+        let dir = backups.join(name);
+        let doomed = backups.join(format!("{name}{PARTIAL_SUFFIX}"));
+        fs::rename(&dir, &doomed).map_err(io_error(format!("cannot remove {}", dir.display())))?;
+        fs::remove_dir_all(&doomed)
+            .map_err(io_error(format!("cannot remove {}", doomed.display())))?;
+        sync_dir(&backups)
+    }
+
+    fn pooled(&self) -> Result<Vec<(String, u64)>, BackupError> {
+        let pool = self.target.join(VOLUMES_DIR_NAME);
+        let entries =
+            fs::read_dir(&pool).map_err(io_error(format!("cannot list {}", pool.display())))?;
+        Ok(entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                is_pooled_name(&name).then(|| (format!("{VOLUMES_DIR_NAME}/{name}"), bytes))
+            })
+            .collect())
+    }
+
+    fn remove_pooled(&self, path: &str) -> Result<(), BackupError> {
+        let path = self.target.join(path);
+        fs::remove_file(&path).map_err(io_error(format!("cannot remove {}", path.display())))?;
+        sync_dir(&self.target.join(VOLUMES_DIR_NAME))
     }
 }
 
@@ -695,7 +732,7 @@ fn check_apart(target: &Path, data_dir: &Path) -> Result<(), BackupError> {
 }
 
 /// The name a shared volume file has in the target: only files named so are ever removed.
-fn is_pooled_name(name: &str) -> bool {
+pub fn is_pooled_name(name: &str) -> bool {
     let Some(stem) = name.strip_suffix(".vol") else {
         return false;
     };
@@ -963,44 +1000,33 @@ pub struct PruneReport {
 /// its directory to `.partial` first, so an interrupted prune leaves only what the next
 /// backup clears.
 pub fn prune(target: &Path, keep: usize) -> Result<PruneReport, BackupError> {
-    let manifests = list(target)?;
+    prune_in(&DirSink { target }, keep)
+}
+
+/// [`prune`] of the backups in `sink`.
+pub fn prune_in(sink: &dyn Sink, keep: usize) -> Result<PruneReport, BackupError> {
+    let manifests = list_from(sink.source())?;
     let keep = keep.max(1);
     let mut report = PruneReport::default();
     if manifests.len() <= keep {
         return Ok(report);
     }
     let (old, kept) = manifests.split_at(manifests.len() - keep);
-    let backups = target.join(BACKUPS_DIR_NAME);
     for manifest in old {
-        let dir = backups.join(&manifest.name);
-        let doomed = backups.join(format!("{}{PARTIAL_SUFFIX}", manifest.name));
-        fs::rename(&dir, &doomed).map_err(io_error(format!("cannot remove {}", dir.display())))?;
-        fs::remove_dir_all(&doomed)
-            .map_err(io_error(format!("cannot remove {}", doomed.display())))?;
+        sink.remove_backup(&manifest.name)?;
         report.removed.push(manifest.name.clone());
     }
     let needed: std::collections::HashSet<&str> = kept
         .iter()
         .flat_map(|m| m.files.iter().map(|f| f.path.as_str()))
         .collect();
-    let pool = target.join(VOLUMES_DIR_NAME);
-    let entries =
-        fs::read_dir(&pool).map_err(io_error(format!("cannot list {}", pool.display())))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = format!("{VOLUMES_DIR_NAME}/{name}");
-        if is_pooled_name(&name) && !needed.contains(path.as_str()) {
-            let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
-            fs::remove_file(entry.path()).map_err(io_error(format!(
-                "cannot remove {}",
-                entry.path().display()
-            )))?;
+    for (path, bytes) in sink.pooled()? {
+        if !needed.contains(path.as_str()) {
+            sink.remove_pooled(&path)?;
             report.files_removed += 1;
             report.bytes_freed += bytes;
         }
     }
-    sync_dir(&backups)?;
-    sync_dir(&pool)?;
     Ok(report)
 }
 
