@@ -297,20 +297,13 @@ pub(super) fn call(shared: &ApiShared, request: &Request, name: &str) -> Result<
             let Some(acquisition) = acquisition else {
                 return Ok(Step::Respond(no_content()));
             };
-            // On a worker: an archived image is a range request to the object store.
-            let (embryo_id, acquired_at_ms) = (embryo_id.to_owned(), acquisition.acquired_at_ms);
-            return Ok(Step::Read(Box::new(move |store: &es_storage::Store| {
-                let jpeg = es_storage::guarded("an image", || {
-                    store
-                        .read()?
-                        .embryo_image(&embryo_id, acquired_at_ms, focal_plane)
-                });
-                match jpeg {
-                    Ok(Some(jpeg)) => jpeg_response(jpeg),
-                    Ok(None) => no_content(),
-                    Err(error) => *storage(error),
-                }
-            })));
+            let jpeg = reader
+                .embryo_image(embryo_id, acquisition.acquired_at_ms, focal_plane)
+                .map_err(storage)?;
+            return Ok(Step::Respond(match jpeg {
+                Some(jpeg) => jpeg_response(jpeg),
+                None => no_content(),
+            }));
         }
         other => return Err(bad(format!("unknown call GET/{other}"))),
     };

@@ -109,9 +109,6 @@ pub enum Step {
     Respond(Response),
     /// A write (or login record) was handed to the storage writer; its completion answers.
     Submitted,
-    /// A read that may wait on the network (an image whose volume is archived: a range
-    /// request to the object store), run on a worker; its answer is the response.
-    Read(SlowRead),
     /// Stream a ZIP of an embryo's frames at one focal plane.
     Zip(ZipPlan),
     /// Stream a JSON answer page by page.
@@ -123,9 +120,6 @@ pub enum Step {
         until: Instant,
     },
 }
-
-/// A read for a worker: the store in, the response out.
-pub type SlowRead = Box<dyn FnOnce(&Store) -> Response + Send>;
 
 /// Reads one page of a streamed JSON answer from `cursor` on (0 at the start): its items and
 /// the cursor of the next page, None after the last.
@@ -552,20 +546,6 @@ impl<S: Site> ApiSession<S> {
         match step {
             Step::Respond(response) => self.finish(response, io),
             Step::Submitted => {}
-            Step::Read(read) => {
-                self.state = State::Working;
-                let store = self.shared.store.clone();
-                let handle = self.handle.clone();
-                let job = Box::new(move || {
-                    let fallback = Fallback::new(&handle, internal_error());
-                    let response = read(&store);
-                    fallback.disarm();
-                    handle.send(ApiMsg::Step(Step::Respond(response)));
-                });
-                if !self.run_job(job) {
-                    self.finish(Response::busy(), io);
-                }
-            }
             Step::Zip(plan) => self.start_stream(Box::new(ZipBody::new(plan)), io),
             Step::Json(plan) => self.start_stream(Box::new(JsonBody::new(plan)), io),
             Step::Wait {

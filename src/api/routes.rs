@@ -624,27 +624,16 @@ fn image_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
     let embryo_id = call.param(0);
     let acquired_at_ms = number_param("acquisition", call.param(1))?;
     let focal_plane = focal_plane_param(call.request.query_param("focal_plane"))?;
-    // On a worker: an archived image is a range request to the object store.
-    let embryo_id = embryo_id.to_owned();
-    Ok(Step::Read(Box::new(move |store: &es_storage::Store| {
-        let read = es_storage::guarded("an image", || {
-            store
-                .read()?
-                .embryo_image(&embryo_id, acquired_at_ms, focal_plane)
-        });
-        match read {
-            Ok(Some(jpeg)) => jpeg_response(jpeg),
-            Ok(None) => *refuse(
-                404,
-                "not_found",
-                format!(
-                    "no image of embryo {embryo_id} at {acquired_at_ms} ms, focal plane \
-                     {focal_plane} is unknown"
-                ),
-            ),
-            Err(error) => Response::storage(&error),
-        }
-    })))
+    call.read(|r| {
+        let jpeg = r
+            .embryo_image(embryo_id, acquired_at_ms, focal_plane)?
+            .ok_or_else(|| {
+                not_found(format!(
+                    "no image of embryo {embryo_id} at {acquired_at_ms} ms, focal plane {focal_plane}"
+                ))
+            })?;
+        Ok(jpeg_response(jpeg))
+    })
 }
 
 fn timelapse_get(call: &mut Call<'_>) -> Result<Step, Refusal> {

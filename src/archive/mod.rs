@@ -267,8 +267,12 @@ pub struct PassReport {
 
 pub struct Archive {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<(JoinHandle<()>, crossbeam_channel::Receiver<()>)>>,
 }
+
+/// How long a stop waits for an upload in progress to notice it (an upload blocked on a
+/// stalled store notices only at its timeout; the stop does not wait for that).
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 struct Shared {
     store: Store,
@@ -297,11 +301,15 @@ impl Archive {
         let shared = archive.shared.clone();
         tracing::info!(target = %shared.target, endpoint = %shared.objects.host(), after_days = section.after_days,
             "archive tier on: sealed volumes older than after_days go to the object store");
+        let (done, finished) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new()
             .name("es-archiver".into())
-            .spawn(move || shared.run())
+            .spawn(move || {
+                shared.run();
+                let _ = done.send(());
+            })
             .map_err(|error| format!("cannot start the archiver thread: {error}"))?;
-        *archive.thread.lock() = Some(thread);
+        *archive.thread.lock() = Some((thread, finished));
         Ok(archive)
     }
 
@@ -372,7 +380,9 @@ impl Archive {
         self.shared.status()
     }
 
-    /// Stops the thread: an upload in progress is cut off at its next read of the file.
+    /// Stops the thread: an upload in progress is cut off at its next read of the file. An
+    /// upload blocked on a stalled store is left to end at its timeout (an upload that ends
+    /// after the stop is not recorded), so a shutdown waits at most [`STOP_WAIT`] for it.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         {
@@ -380,8 +390,15 @@ impl Archive {
             *lock.lock() = true;
             condvar.notify_all();
         }
-        if let Some(thread) = self.thread.lock().take() {
-            let _ = thread.join();
+        if let Some((thread, finished)) = self.thread.lock().take() {
+            if finished.recv_timeout(STOP_WAIT).is_ok() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!(
+                    "the archiver is blocked on the object store; stopping without it (its \
+                     upload is repeated by the next pass)"
+                );
+            }
         }
     }
 }
@@ -516,6 +533,10 @@ impl Shared {
                 hex::encode(sha256),
                 hex::encode(sent)
             ));
+        }
+        if self.stop.load(Ordering::SeqCst) {
+            // Checked but not recorded: the next pass (after the restart) does it again.
+            return Err("the server is stopping".into());
         }
         let (done, answer) = crossbeam_channel::bounded(1);
         self.writer
