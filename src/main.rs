@@ -1400,10 +1400,11 @@ fn archive(common: &Common, json: bool) -> Result<ExitCode, String> {
     let config = load_config(common)?;
     let response = esserver::admin::run_with_progress(&config, Request::Archive, &mut |value| {
         eprintln!(
-            "archive: volume {} ({}), {} to go",
+            "archive: volume {} ({}), {} of {}",
             value["volume"],
             bytes_text(value["bytes"].as_u64().unwrap_or(0)),
-            value["volumes_left"]
+            value["number"],
+            value["of"]
         );
     })?;
     report(&response, |body| {

@@ -478,8 +478,9 @@ impl Shared {
             }
         }
         let due = self.due(&states);
-        report.volumes_due_left = due.len() as u64;
-        for state in due {
+        let total = due.len();
+        report.volumes_due_left = total as u64;
+        for (index, state) in due.into_iter().enumerate() {
             if self.stop.load(Ordering::SeqCst) {
                 return Err("the server is stopping".into());
             }
@@ -487,7 +488,8 @@ impl Shared {
             progress(serde_json::json!({
                 "volume": state.id,
                 "bytes": state.row.end,
-                "volumes_left": report.volumes_due_left,
+                "number": index + 1,
+                "of": total,
             }));
             self.archive_one(state)?;
             report.volumes_archived += 1;
