@@ -54,6 +54,12 @@ impl Target {
 }
 
 fn s3_backups(archive: &ArchiveSection, target: &S3Target) -> Result<S3Backups, String> {
+    if let Some(archived) = archive.target.as_ref().filter(|a| a.overlaps(target)) {
+        return Err(format!(
+            "the backup target {target} and the archive {archived} overlap: a backup's \
+             removal of old volumes could remove archived ones; use another prefix"
+        ));
+    }
     let objects = crate::archive::connect_to(archive, target)?;
     Ok(S3Backups::new(objects, target.clone()))
 }

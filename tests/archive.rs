@@ -349,9 +349,17 @@ fn archived_volumes_read_back_exactly_and_an_unreachable_store_costs_only_their_
         let message = body["message"].as_str().unwrap();
         assert!(message.contains("object store unreachable"), "{message}");
         assert!(!message.contains(SECRET) && !message.contains("Signature"));
-        // It answers again: the same image reads.
+        // It answers again: the same image reads (once the few seconds in which reads fail
+        // at once after an unreachable store have passed).
         s3.signal(libc::SIGCONT);
-        let resumed = api.get(&image_path(&workload, 1));
+        let deadline = Instant::now() + common::TIMEOUT;
+        let resumed = loop {
+            let response = api.get(&image_path(&workload, 1));
+            if response.status != 503 || Instant::now() > deadline {
+                break response;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
         assert_eq!(resumed.status, 200);
         assert_eq!(resumed.body, jpeg(1));
         // The store is gone: a clear error again, the server keeps serving.

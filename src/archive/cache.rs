@@ -140,6 +140,11 @@ impl RecordCache {
         }
     }
 
+    /// Forgets the record at (volume, offset).
+    pub fn discard(&self, volume: u32, offset: u64) {
+        self.remove((volume, offset));
+    }
+
     fn remove(&self, key: Key) {
         {
             let mut state = self.state.lock();

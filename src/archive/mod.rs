@@ -44,6 +44,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 const DAY_MS: i64 = 86_400_000;
+/// After a range request finds the object store unreachable, reads of archived records fail
+/// at once for this long (with that reason) instead of each holding a worker for the
+/// request timeout.
+const UNREACHABLE_HOLD_MS: i64 = 5_000;
+/// The largest object one PUT stores (the S3 limit); larger volumes are not archived.
+pub const OBJECT_BYTES_MAX: u64 = 5 * 1024 * 1024 * 1024;
 /// Longest wait for the writer to record an archived volume.
 const RECORD_WAIT: Duration = Duration::from_secs(60);
 
@@ -90,6 +96,14 @@ impl S3Target {
             bucket: bucket.to_owned(),
             prefix: prefix.to_owned(),
         })
+    }
+
+    /// True when one target's keys can fall under the other's (same bucket, one prefix at
+    /// or under the other): a backup target there could remove archived volumes.
+    pub fn overlaps(&self, other: &S3Target) -> bool {
+        let under = |a: &str, b: &str| a.is_empty() || b == a || b.starts_with(&format!("{a}/"));
+        self.bucket == other.bucket
+            && (under(&self.prefix, &other.prefix) || under(&other.prefix, &self.prefix))
     }
 
     /// The object key of `name` under the prefix.
@@ -193,6 +207,8 @@ pub struct Fetcher {
     reads: AtomicU64,
     failures: AtomicU64,
     cache_hits: AtomicU64,
+    /// Until when reads fail at once, and why (the store was unreachable).
+    unreachable: Mutex<Option<(i64, String)>>,
 }
 
 impl ArchiveFetch for Fetcher {
@@ -207,21 +223,37 @@ impl ArchiveFetch for Fetcher {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(bytes);
         }
+        let now_ms = crate::now_ms();
+        if let Some((until, reason)) = self.unreachable.lock().as_ref() {
+            if now_ms < *until {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(format!("{reason} (tried again shortly)"));
+            }
+        }
         self.reads.fetch_add(1, Ordering::Relaxed);
         match self.objects.get_range(object, offset, length) {
             Ok(bytes) => {
+                *self.unreachable.lock() = None;
                 self.cache.put(volume, offset, &bytes);
                 Ok(bytes::Bytes::from(bytes))
             }
             Err(error) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(volume, offset, %object, %error, "an archived record could not be read");
-                Err(format!(
+                let reason = format!(
                     "{error} (bucket {}, object {object})",
                     self.objects.bucket_name()
-                ))
+                );
+                if matches!(error, ObjectError::Unreachable(_)) {
+                    *self.unreachable.lock() = Some((now_ms + UNREACHABLE_HOLD_MS, reason.clone()));
+                }
+                Err(reason)
             }
         }
+    }
+
+    fn discard(&self, volume: u32, offset: u64) {
+        self.cache.discard(volume, offset);
     }
 }
 
@@ -325,6 +357,13 @@ impl Archive {
             .target
             .clone()
             .ok_or("no [Archive] target is configured")?;
+        if store.options().volume_bytes_max > OBJECT_BYTES_MAX {
+            return Err(format!(
+                "[Storage] volume_bytes_max is {} bytes; archived volumes are stored with one \
+                 PUT of at most {OBJECT_BYTES_MAX} (5 GiB): lower it",
+                store.options().volume_bytes_max
+            ));
+        }
         let objects = connect(section)?;
         let cache =
             cache::RecordCache::open(data_dir, section.cache_bytes_max).map_err(|error| {
@@ -339,6 +378,7 @@ impl Archive {
             reads: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
+            unreachable: Mutex::new(None),
         });
         store.set_archive_fetch(fetcher.clone());
         let status = ArchiveStatus {
@@ -478,6 +518,7 @@ impl Shared {
             }
         }
         let due = self.due(&states);
+        let mut volume_errors = Vec::new();
         let total = due.len();
         report.volumes_due_left = total as u64;
         for (index, state) in due.into_iter().enumerate() {
@@ -491,12 +532,29 @@ impl Shared {
                 "number": index + 1,
                 "of": total,
             }));
-            self.archive_one(state)?;
-            report.volumes_archived += 1;
-            report.bytes_archived += state.row.end;
-            report.volumes_due_left -= 1;
+            match self.archive_one(state) {
+                Ok(()) => {
+                    report.volumes_archived += 1;
+                    report.bytes_archived += state.row.end;
+                    report.volumes_due_left -= 1;
+                }
+                // The object store or the writer failed: the next pass resumes here.
+                Err(Failure::Pass(error)) => return Err(error),
+                // This volume cannot go (damaged, say): the others still do.
+                Err(Failure::Volume(error)) => {
+                    tracing::error!(volume = state.id, %error, "volume not archived");
+                    volume_errors.push(error);
+                }
+            }
         }
-        Ok(())
+        match volume_errors.len() {
+            0 => Ok(()),
+            1 => Err(volume_errors.remove(0)),
+            n => Err(format!(
+                "{n} volumes were not archived; the first: {}",
+                volume_errors[0]
+            )),
+        }
     }
 
     /// Sealed, whole volumes older than `after_days`, not archived: oldest first.
@@ -508,13 +566,26 @@ impl Shared {
             .collect()
     }
 
-    fn archive_one(&self, state: &VolumeState) -> Result<(), String> {
+    fn archive_one(&self, state: &VolumeState) -> Result<(), Failure> {
         let id = state.id;
         let end = state.row.end;
         let key = volume_key(&self.target, &self.store.server_id(), state);
         let path = self.store.volume_path(id);
-        let file = std::fs::File::open(&path)
-            .map_err(|error| format!("cannot open volume {id} ({}): {error}", path.display()))?;
+        if end > OBJECT_BYTES_MAX {
+            return Err(Failure::Volume(format!(
+                "volume {id} is {end} bytes, more than one PUT stores ({OBJECT_BYTES_MAX})"
+            )));
+        }
+        // Every live record checks before the only local copy can go.
+        self.store
+            .check_volume_records(id)
+            .map_err(Failure::Volume)?;
+        let file = std::fs::File::open(&path).map_err(|error| {
+            Failure::Volume(format!(
+                "cannot open volume {id} ({}): {error}",
+                path.display()
+            ))
+        })?;
         let started = std::time::Instant::now();
         let mut body = Stoppable {
             inner: file,
@@ -523,22 +594,24 @@ impl Shared {
         let sent = self
             .objects
             .put(&key, &mut body, end)
-            .map_err(|error| upload_error(id, &key, &error))?;
+            .map_err(|error| Failure::Pass(upload_error(id, &key, &error)))?;
         let (bytes, sha256) = self
             .objects
-            .read_back(&key, end)
-            .map_err(|error| format!("volume {id}: reading {key} back failed: {error}"))?;
+            .read_back(&key, end, &self.stop)
+            .map_err(|error| {
+                Failure::Pass(format!("volume {id}: reading {key} back failed: {error}"))
+            })?;
         if bytes != end || sha256 != sent {
-            return Err(format!(
+            return Err(Failure::Pass(format!(
                 "volume {id}: the copy read back from {key} is {bytes} bytes with SHA-256 {}, \
                  the local file {end} bytes with {}; the local file is kept",
                 hex::encode(sha256),
                 hex::encode(sent)
-            ));
+            )));
         }
         if self.stop.load(Ordering::SeqCst) {
             // Checked but not recorded: the next pass (after the restart) does it again.
-            return Err("the server is stopping".into());
+            return Err(Failure::Pass("the server is stopping".into()));
         }
         let (done, answer) = crossbeam_channel::bounded(1);
         self.writer
@@ -554,20 +627,28 @@ impl Shared {
                     let _ = done.send(result);
                 },
             )
-            .map_err(|error| format!("volume {id}: the storage writer refused: {error}"))?;
+            .map_err(|error| {
+                Failure::Pass(format!("volume {id}: the storage writer refused: {error}"))
+            })?;
         match answer.recv_timeout(RECORD_WAIT) {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(format!("volume {id}: not recorded: {error}")),
+            Ok(Err(error)) => {
+                return Err(Failure::Volume(format!(
+                    "volume {id}: not recorded: {error}"
+                )))
+            }
             Err(_) => {
-                return Err(format!(
+                return Err(Failure::Pass(format!(
                     "volume {id}: the storage writer did not answer within {} s",
                     RECORD_WAIT.as_secs()
-                ))
+                )))
             }
         }
-        self.store
-            .remove_archived_local(id)
-            .map_err(|error| format!("volume {id}: archived, but the local file stays: {error}"))?;
+        self.store.remove_archived_local(id).map_err(|error| {
+            Failure::Volume(format!(
+                "volume {id}: archived, but the local file stays: {error}"
+            ))
+        })?;
         tracing::info!(volume = id, bytes, object = %key, seconds = started.elapsed().as_secs_f64(),
             "volume archived: uploaded, read back and checked; local file removed");
         Ok(())
@@ -594,6 +675,14 @@ impl Shared {
         status.bytes_due = due.iter().map(|s| s.row.end).sum();
         Ok(())
     }
+}
+
+/// Why a volume was not archived.
+enum Failure {
+    /// The object store, the writer or a stop: the pass ends and the next resumes here.
+    Pass(String),
+    /// This volume only: the pass goes on with the next.
+    Volume(String),
 }
 
 fn upload_error(id: u32, key: &str, error: &ObjectError) -> String {
@@ -642,6 +731,11 @@ mod tests {
         ] {
             assert!(S3Target::parse(bad).is_err(), "{bad}");
         }
+        let archive = S3Target::parse("s3://clinic/archive").unwrap();
+        assert!(archive.overlaps(&S3Target::parse("s3://clinic/archive/x").unwrap()));
+        assert!(archive.overlaps(&S3Target::parse("s3://clinic").unwrap()));
+        assert!(!archive.overlaps(&S3Target::parse("s3://clinic/archive-backups").unwrap()));
+        assert!(!archive.overlaps(&S3Target::parse("s3://other/archive").unwrap()));
         assert!(check_endpoint("http://127.0.0.1:9000").is_ok());
         assert!(check_endpoint("ftp://host").is_err());
         assert!(check_endpoint("minio:9000/x").is_err());

@@ -15,8 +15,10 @@ use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 const SIGNED_URL_VALID: Duration = Duration::from_secs(3600);
 /// Bytes of an error answer's body kept for the message.
 const ERROR_BODY_BYTES_MAX: u64 = 64 * 1024;
-/// A whole-volume upload or read-back gets the request timeout plus this per MiB.
-const TRANSFER_MS_PER_MIB: u64 = 1_000;
+/// Most keys one listing returns, and most pages it reads: a store that keeps answering
+/// "more" is cut off there.
+const LIST_KEYS_MAX: usize = 1_000_000;
+const LIST_PAGES_MAX: usize = 10_000;
 
 /// Why a request to the object store failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,9 +94,13 @@ impl ObjectStore {
         };
         let bucket = Bucket::new(url, style, bucket.to_owned(), region.to_owned())
             .map_err(|error| format!("bucket {bucket:?} at {host}: {error}"))?;
+        // Every read and write of a socket waits at most the request timeout: a transfer that
+        // stalls fails, one that progresses (a 4 GiB volume on a slow uplink) may take long.
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(5).min(request_timeout)))
+            .timeout_per_read(Some(request_timeout))
+            .timeout_per_write(Some(request_timeout))
             .max_idle_connections_per_host(8)
             .build()
             .into();
@@ -116,10 +122,6 @@ impl ObjectStore {
         self.bucket.name()
     }
 
-    fn transfer_timeout(&self, bytes: u64) -> Duration {
-        self.request_timeout + Duration::from_millis(bytes.div_ceil(1 << 20) * TRANSFER_MS_PER_MIB)
-    }
-
     /// Uploads `bytes` bytes from `body` as `key` (one PUT: the object appears whole or not
     /// at all). Returns the SHA-256 of what was sent.
     pub fn put(&self, key: &str, body: &mut dyn Read, bytes: u64) -> Result<[u8; 32], ObjectError> {
@@ -135,9 +137,6 @@ impl ObjectStore {
         let result = self
             .agent
             .put(url.as_str())
-            .config()
-            .timeout_global(Some(self.transfer_timeout(bytes)))
-            .build()
             .header("content-length", bytes.to_string())
             .send(ureq::SendBody::from_reader(&mut hashing));
         let response = result.map_err(|error| self.transport(error))?;
@@ -151,9 +150,14 @@ impl ObjectStore {
         Ok(hashing.sha.finalize().into())
     }
 
-    /// Reads the whole object `key` back: its size and SHA-256. Reads at most `bytes_max`
-    /// bytes (more is reported as that many plus one).
-    pub fn read_back(&self, key: &str, bytes_max: u64) -> Result<(u64, [u8; 32]), ObjectError> {
+    /// Reads the whole object `key` back: its size and SHA-256. Reads at most `bytes_max` + 1
+    /// bytes (a longer object fails, naming the limit). Ends early once `stop` is set.
+    pub fn read_back(
+        &self,
+        key: &str,
+        bytes_max: u64,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<(u64, [u8; 32]), ObjectError> {
         let url = self
             .bucket
             .get_object(Some(&self.credentials), key)
@@ -161,9 +165,6 @@ impl ObjectStore {
         let response = self
             .agent
             .get(url.as_str())
-            .config()
-            .timeout_global(Some(self.transfer_timeout(bytes_max)))
-            .build()
             .call()
             .map_err(|error| self.transport(error))?;
         let mut response = self.check(response)?;
@@ -176,6 +177,9 @@ impl ObjectStore {
         let mut total = 0u64;
         let mut buffer = vec![0u8; 1 << 20];
         loop {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(ObjectError::Local("the read-back was stopped".into()));
+            }
             let n = match reader.read(&mut buffer) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -229,13 +233,10 @@ impl ObjectStore {
             .bucket
             .get_object(Some(&self.credentials), key)
             .sign(SIGNED_URL_VALID);
-        // No overall timeout: a backup file may take hours; connect and answer are bounded.
+        // No overall timeout: a backup file may take hours; every read of it is bounded.
         let response = self
             .agent
             .get(url.as_str())
-            .config()
-            .timeout_recv_response(Some(self.request_timeout))
-            .build()
             .call()
             .map_err(|error| self.transport(error))?;
         let response = self.check(response)?;
@@ -280,7 +281,7 @@ impl ObjectStore {
     pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ObjectError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
-        loop {
+        for _ in 0..LIST_PAGES_MAX {
             let mut action = self.bucket.list_objects_v2(Some(&self.credentials));
             action.with_prefix(prefix);
             if let Some(token) = &token {
@@ -314,11 +315,22 @@ impl ObjectStore {
                     .into_iter()
                     .map(|object| (object.key, object.size.unwrap_or(0))),
             );
+            if out.len() > LIST_KEYS_MAX {
+                break;
+            }
             match page.next_continuation_token {
+                Some(next) if Some(&next) == token.as_ref() => break,
                 Some(next) => token = Some(next),
                 None => return Ok(out),
             }
         }
+        Err(ObjectError::Status {
+            status: 200,
+            detail: format!(
+                "listing {prefix} did not end within {LIST_PAGES_MAX} pages or \
+                 {LIST_KEYS_MAX} keys"
+            ),
+        })
     }
 
     /// Removes object `key` (absent is fine).

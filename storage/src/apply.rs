@@ -938,6 +938,17 @@ impl<'txn> Batch<'txn> {
                         Err(WriteError::Refused(ImageRefusal::Conflict))
                     });
                 }
+                Stored::Archived => {
+                    // Refused rather than stored over an original that may differ.
+                    tracing::warn!(
+                        dish_key,
+                        well = image.well,
+                        focal_plane = image.focal_plane,
+                        acquired_at_ms = image.acquired_at_ms,
+                        "a resent image is archived and cannot be compared locally (its volume's companion file is missing): refused"
+                    );
+                    return Ok(Err(WriteError::Refused(ImageRefusal::Conflict)));
+                }
                 Stored::Damaged {
                     sha256: Some(stored_sha),
                 } if stored_sha != sha256 => {
@@ -1068,7 +1079,7 @@ impl<'txn> Batch<'txn> {
                         sha256: header.sha256,
                         jpeg_len: u64::from(header.jpeg_len),
                     },
-                    None => Stored::Damaged { sha256: None },
+                    None => Stored::Archived,
                 })
             }
             Err(volume::ReadFailure::Damaged(_) | volume::ReadFailure::Missing(_)) => {
@@ -1371,6 +1382,9 @@ enum Stored {
     Damaged {
         sha256: Option<[u8; 32]>,
     },
+    /// In the object store, and its header is not known locally (no companion file): it
+    /// cannot be compared without the network, which the writer never uses.
+    Archived,
 }
 
 /// The bytes a queue row counts for: its encoded value plus its 8-byte key.

@@ -42,6 +42,9 @@ pub trait ArchiveFetch: Send + Sync + 'static {
         offset: u64,
         length: u32,
     ) -> Result<bytes::Bytes, String>;
+
+    /// The bytes `read_range` gave for (volume, offset) did not check: forget any copy kept.
+    fn discard(&self, _volume: u32, _offset: u64) {}
 }
 
 /// A volume as the index and the data directory know it, for the archiver and `status`.
@@ -222,6 +225,74 @@ impl Store {
         Ok(out)
     }
 
+    /// Reads every record of sealed volume `volume` that the index still names and checks it
+    /// whole (header CRC, key, SHA-256), before it is archived: damage is found while the
+    /// local copy can still be repaired (a resend, or the volume from a backup), not after it
+    /// is gone. Returns the records checked; `Err` says which one is damaged.
+    pub fn check_volume_records(&self, volume: u32) -> Result<u64, String> {
+        let txn = self.inner.begin_read().map_err(|e| e.to_string())?;
+        let rows = txn.open_table(tables::VOLUMES).map_err(|e| e.to_string())?;
+        let row: VolumeRow = match rows.get(volume).map_err(|e| e.to_string())? {
+            Some(row) => decode(row.value(), "volume").map_err(|e| e.to_string())?,
+            None => return Err(format!("volume {volume} is not in the index")),
+        };
+        let acquisitions = txn
+            .open_table(tables::ACQUISITIONS)
+            .map_err(|e| e.to_string())?;
+        let volumes = &self.inner.volumes;
+        let mut checked = 0u64;
+        let mut damage: Option<String> = None;
+        crate::volume::walk(volumes, volume, row.end, &mut |walked| {
+            let crate::volume::Walked::Record { offset, header } = walked else {
+                return Ok(());
+            };
+            let key = header.image_key();
+            let live = match acquisitions.get((key.0, key.1, key.2))? {
+                Some(value) => tables::AcquisitionRow::decode(value.value())?
+                    .location(key.3)
+                    .is_some_and(|at| at.volume == volume && at.offset == offset),
+                None => false,
+            };
+            if !live {
+                return Ok(()); // a superseded copy
+            }
+            let location = crate::volume::Location {
+                volume,
+                offset,
+                length: header.record_len() as u32,
+            };
+            match volumes.read_record(location, key) {
+                Ok(_) => checked += 1,
+                Err(crate::volume::ReadFailure::Damaged(reason)) if damage.is_none() => {
+                    damage = Some(reason);
+                }
+                Err(crate::volume::ReadFailure::Io(error)) => return Err(error.into()),
+                Err(_) => {}
+            }
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+        match damage {
+            Some(reason) => Err(format!(
+                "volume {volume} holds a damaged image ({reason}); it is not archived (run \
+                 esserver verify, and restore the volume from a backup)"
+            )),
+            None => Ok(checked),
+        }
+    }
+
+    /// Reads the committed archive rows into memory (at open).
+    pub(crate) fn load_archived(&self) -> Result<(), StorageError> {
+        let txn = self.inner.begin_read()?;
+        let archive = txn.open_table(tables::VOLUME_ARCHIVE)?;
+        for entry in archive.range::<u32>(..)? {
+            let (id, row) = entry?;
+            let row: ArchivedVolumeRow = decode(row.value(), "archived volume")?;
+            self.inner.volumes.note_archived(id.value(), row);
+        }
+        Ok(())
+    }
+
     /// The path of a volume's local file (which may not exist), for the archiver's upload.
     pub fn volume_path(&self, volume: u32) -> std::path::PathBuf {
         self.inner.volumes.path(volume)
@@ -229,8 +300,22 @@ impl Store {
 
     /// Removes the local file of `volume` once its archive row is committed (read again here:
     /// nothing is removed that the index does not name as archived). Ok(false) when there was
-    /// no row or no file; its companion file stays (it is small and lists the records).
+    /// no row or no file, or while a backup runs (its snapshot may predate the row and copy
+    /// the file: the next pass removes it); its companion file stays (it is small and lists
+    /// the records).
     pub fn remove_archived_local(&self, volume: u32) -> Result<bool, StorageError> {
+        if self
+            .inner
+            .backups_running
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+        {
+            tracing::info!(
+                volume,
+                "a backup is running: the archived volume's local file stays until the next pass"
+            );
+            return Ok(false);
+        }
         let txn = self.inner.begin_read()?;
         let archive = txn.open_table(tables::VOLUME_ARCHIVE)?;
         let Some(row) = archive.get(volume)? else {
@@ -238,6 +323,7 @@ impl Store {
         };
         let row: ArchivedVolumeRow = decode(row.value(), "archived volume")?;
         let volumes = &self.inner.volumes;
+        volumes.note_archived(volume, row.clone());
         let path = volumes.path(volume);
         match std::fs::metadata(&path) {
             Ok(meta) if meta.len() != row.bytes => {

@@ -47,7 +47,9 @@ use crate::volume::VOLUMES_DIR_NAME;
 /// The manifest's file name in a backup's directory.
 pub const MANIFEST_FILE_NAME: &str = "manifest.json";
 /// The manifest format this code writes and reads.
-pub const MANIFEST_FORMAT: u32 = 1;
+pub const MANIFEST_FORMAT: u32 = 2;
+/// The oldest manifest format this version reads (1 had no companion files).
+const MANIFEST_FORMAT_MIN: u32 = 1;
 /// Files of the data directory besides the store that a backup carries (when present): the
 /// licence and the TLS identity viewers pin.
 pub const DATA_FILES: [&str; 4] = [
@@ -110,6 +112,10 @@ pub enum FileKind {
     Volume { id: u32, sealed: bool },
     /// A file of the data directory, restored at `name` (one of [`DATA_FILES`]).
     DataFile { name: String },
+    /// The companion file of archived volume `id` (its records' headers), restored as
+    /// `volumes/NNNNNNNN.idx`: the volume itself is in the archive's object store, and the
+    /// writer checks a resent image against the header listed there. Since format 2.
+    Companion { id: u32 },
 }
 
 /// One file of a backup.
@@ -302,6 +308,8 @@ impl Store {
     ) -> Result<BackupReport, BackupError> {
         let started = Instant::now();
         check_name(name)?;
+        // Before the snapshot: no archived volume's file goes until this backup ends.
+        let _running = BackupRunning::new(&self.inner.backups_running);
         let txn = self.inner.begin_read()?;
         let server_id = self.server_id();
         sink.prepare(&server_id)?;
@@ -309,10 +317,10 @@ impl Store {
         let scratch = sink.begin(name)?;
 
         let archived = snapshot_archived(&txn)?;
-        let volumes: Vec<(u32, VolumeRow)> = snapshot_volumes(&txn)?
-            .into_iter()
-            .filter(|(id, _)| !archived.iter().any(|a| a.id == *id))
-            .collect();
+        let (archived_rows, volumes): (Vec<VolumeEntry>, Vec<VolumeEntry>) =
+            snapshot_volumes(&txn)?
+                .into_iter()
+                .partition(|(id, _)| archived.iter().any(|a| a.id == *id));
         let (schema_version, change_seq, images, image_bytes) = snapshot_meta(&txn)?;
         let volume_bytes: u64 = volumes.iter().map(|(_, row)| row.end).sum();
         // Small files, read whole now: one replaced meanwhile (a licence installed) is taken
@@ -338,7 +346,8 @@ impl Store {
         // sink's staging directory, or a scratch file beside the data directory).
         let index_path = match &scratch {
             Some(dir) => dir.join(DATABASE_FILE_NAME),
-            None => data_dir.join(format!("backup-{name}{PARTIAL_SUFFIX}")),
+            // One name, so a scratch file a killed backup left is replaced by the next.
+            None => data_dir.join(format!("backup-index{PARTIAL_SUFFIX}")),
         };
         let _ = fs::remove_file(&index_path);
         let copied = copy_index(&txn, &index_path);
@@ -452,6 +461,49 @@ impl Store {
             meter.file_done();
         }
 
+        // The companion files of the archived volumes (small; shared like sealed volumes).
+        for (id, row) in &archived_rows {
+            let source = self.inner.volumes.companion_path(*id);
+            let Ok(meta) = fs::metadata(&source) else {
+                tracing::warn!(volume = id, path = %source.display(),
+                    "an archived volume's companion file is missing: a restored server refuses resends of its images");
+                continue;
+            };
+            let pooled = format!(
+                "{VOLUMES_DIR_NAME}/{}",
+                pooled_companion_name(*id, row.sealed_at_ms)
+            );
+            let bytes = meta.len();
+            let known = previous.as_ref().and_then(|m| {
+                m.files
+                    .iter()
+                    .find(|f| f.kind == FileKind::Companion { id: *id } && f.path == pooled)
+            });
+            let sha256 = match known {
+                Some(known)
+                    if known.bytes == bytes && sink.pooled_size(&pooled)? == Some(bytes) =>
+                {
+                    known.sha256.clone()
+                }
+                _ => {
+                    let mut input = File::open(&source)
+                        .map_err(io_error(format!("cannot open {}", source.display())))?;
+                    meter.state.bytes_total += bytes;
+                    let sha256 = sink.put(&pooled, &mut input, bytes, &mut meter)?;
+                    files_copied += 1;
+                    bytes_copied += bytes;
+                    sha256
+                }
+            };
+            files.push(ManifestFile {
+                path: pooled,
+                bytes,
+                sha256,
+                kind: FileKind::Companion { id: *id },
+                sealed_at_ms: row.sealed_at_ms,
+            });
+        }
+
         // The data directory's licence and TLS files.
         meter.state.phase = "files";
         for (file_name, content) in data_files {
@@ -503,6 +555,22 @@ impl Store {
             seconds: started.elapsed().as_secs_f64(),
             missing_volumes,
         })
+    }
+}
+
+/// Counts a backup under way for as long as it lives.
+struct BackupRunning<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl<'a> BackupRunning<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicU32) -> BackupRunning<'a> {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        BackupRunning(count)
+    }
+}
+
+impl Drop for BackupRunning<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -733,7 +801,10 @@ fn check_apart(target: &Path, data_dir: &Path) -> Result<(), BackupError> {
 
 /// The name a shared volume file has in the target: only files named so are ever removed.
 pub fn is_pooled_name(name: &str) -> bool {
-    let Some(stem) = name.strip_suffix(".vol") else {
+    let Some(stem) = name
+        .strip_suffix(".vol")
+        .or_else(|| name.strip_suffix(".idx"))
+    else {
         return false;
     };
     let Some((id, sealed)) = stem.split_once('-') else {
@@ -822,6 +893,11 @@ fn check_name(name: &str) -> Result<(), BackupError> {
 /// The name a sealed volume has in a target's shared `volumes/`.
 pub fn pooled_name(id: u32, sealed_at_ms: i64) -> String {
     format!("{id:08}-{sealed_at_ms}.vol")
+}
+
+/// The name an archived volume's companion file has in a target's shared `volumes/`.
+fn pooled_companion_name(id: u32, sealed_at_ms: i64) -> String {
+    format!("{id:08}-{sealed_at_ms}.idx")
 }
 
 /// Makes `target` a backup target of `server_id` (or checks that it is one), and removes
@@ -924,9 +1000,10 @@ pub fn read_manifest_from(source: &dyn Source, name: &str) -> Result<Manifest, B
             manifest.name
         )));
     }
-    if manifest.format != MANIFEST_FORMAT {
+    if !(MANIFEST_FORMAT_MIN..=MANIFEST_FORMAT).contains(&manifest.format) {
         return Err(BackupError::Refused(format!(
-            "{path} has manifest format {}; this version reads {MANIFEST_FORMAT}",
+            "{path} has manifest format {}; this version reads {MANIFEST_FORMAT_MIN} to \
+             {MANIFEST_FORMAT}",
             manifest.format
         )));
     }
@@ -1154,6 +1231,9 @@ pub fn restore_from(
             FileKind::Volume { id, .. } => partial
                 .join(VOLUMES_DIR_NAME)
                 .join(crate::volume::volume_file_name(*id)),
+            FileKind::Companion { id } => {
+                partial.join(VOLUMES_DIR_NAME).join(format!("{id:08}.idx"))
+            }
             FileKind::DataFile { name } if DATA_FILES.contains(&name.as_str()) => {
                 partial.join(name)
             }
@@ -1201,6 +1281,9 @@ pub fn restore_from(
         seconds: started.elapsed().as_secs_f64(),
     })
 }
+
+/// A volume row with its id.
+type VolumeEntry = (u32, VolumeRow);
 
 /// The volume rows of the snapshot.
 fn snapshot_volumes(txn: &ReadTransaction) -> Result<Vec<(u32, VolumeRow)>, BackupError> {

@@ -76,10 +76,14 @@ impl Reader {
         missing: String,
     ) -> Result<bytes::Bytes, StorageError> {
         let archive = self.txn.open_table(tables::VOLUME_ARCHIVE)?;
-        let Some(row) = archive.get(location.volume)? else {
-            return Err(ReadFailure::Missing(missing).into_storage_error(text()));
+        let row = match archive.get(location.volume)? {
+            Some(row) => decode::<tables::ArchivedVolumeRow>(row.value(), "archived volume")?,
+            // Archived after this snapshot was taken, and its file removed since.
+            None => match self.volumes.archived_row(location.volume) {
+                Some(row) => row,
+                None => return Err(ReadFailure::Missing(missing).into_storage_error(text())),
+            },
         };
-        let row: tables::ArchivedVolumeRow = decode(row.value(), "archived volume")?;
         let fetch = self.volumes.archive();
         let fetched = crate::archive::fetch_record(
             fetch.as_ref(),
@@ -99,11 +103,16 @@ impl Reader {
         };
         match crate::volume::check_record(bytes.to_vec(), key) {
             Ok(record) => Ok(record.jpeg),
-            Err(reason) => Err(ReadFailure::Damaged(format!(
-                "archived volume {} offset {} (object {}): {reason}",
-                location.volume, location.offset, row.object
-            ))
-            .into_storage_error(text())),
+            Err(reason) => Err({
+                if let Some(fetch) = &fetch {
+                    fetch.discard(location.volume, location.offset);
+                }
+                ReadFailure::Damaged(format!(
+                    "archived volume {} offset {} (object {}): {reason}",
+                    location.volume, location.offset, row.object
+                ))
+                .into_storage_error(text())
+            }),
         }
     }
 

@@ -90,6 +90,9 @@ pub(crate) struct StoreInner {
     pub(crate) appender: Mutex<Option<Appender>>,
     /// What the opening found past the last index commit.
     pub(crate) recovery: Recovery,
+    /// Backups under way: while one runs, no archived volume's local file is removed (its
+    /// snapshot may predate the archive record and copy the file).
+    pub(crate) backups_running: std::sync::atomic::AtomicU32,
 }
 
 impl StoreInner {
@@ -202,7 +205,7 @@ impl Store {
         )?;
         crate::migrate::move_legacy_images(&db, &mut appender)?;
         tracing::info!(path = %path.display(), %server_id, volumes = listed.len(), "storage opened");
-        Ok(Store::assemble(
+        let store = Store::assemble(
             Db::Write(db),
             opener,
             path,
@@ -211,7 +214,9 @@ impl Store {
             volumes,
             Some(appender),
             recovery,
-        ))
+        );
+        store.load_archived()?;
+        Ok(store)
     }
 
     /// What opening the store cut off past the last index commit (never acknowledged).
@@ -275,7 +280,7 @@ impl Store {
                 std::io::Error::other("a read-only store is not reopened"),
             )))
         });
-        Ok(Store::assemble(
+        let store = Store::assemble(
             Db::Read(db),
             opener,
             path,
@@ -284,7 +289,9 @@ impl Store {
             Arc::new(Volumes::new(dir)),
             None,
             Recovery::default(),
-        ))
+        );
+        store.load_archived()?;
+        Ok(store)
     }
 
     /// The store around an opened database (read-write with its appender, or read-only).
@@ -312,6 +319,7 @@ impl Store {
                 volumes,
                 appender: Mutex::new(appender),
                 recovery,
+                backups_running: std::sync::atomic::AtomicU32::new(0),
             }),
         }
     }

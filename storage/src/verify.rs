@@ -59,14 +59,15 @@ fn archived_without_file(
     volumes: &Volumes,
 ) -> Result<std::collections::HashSet<u32>, StorageError> {
     let archive = txn.open_table(tables::VOLUME_ARCHIVE)?;
-    let mut out = std::collections::HashSet::new();
+    let mut ids = volumes.archived_ids();
     for entry in archive.range::<u32>(..)? {
-        let id = entry?.0.value();
-        if !volumes.path(id).exists() {
-            out.insert(id);
-        }
+        ids.push(entry?.0.value());
     }
-    Ok(out)
+    // Archived after the snapshot was taken count too: their files may go during a verify.
+    Ok(ids
+        .into_iter()
+        .filter(|id| !volumes.path(*id).exists())
+        .collect())
 }
 
 /// Adds `item` to a bounded list of the report, or counts it past the bound.
@@ -269,6 +270,12 @@ fn check_images(
                 totals.image_bytes += u64::from(location.length).saturating_sub(header_len);
                 match volumes.read_record(location, key) {
                     Ok(_) => {}
+                    Err(volume::ReadFailure::Missing(_))
+                        if volumes.archived_row(location.volume).is_some() =>
+                    {
+                        // Archived, and its file removed while this verify ran.
+                        report.images_archived += 1;
+                    }
                     Err(
                         volume::ReadFailure::Damaged(reason) | volume::ReadFailure::Missing(reason),
                     ) => {
@@ -318,7 +325,9 @@ fn check_volumes(
                 continue;
             }
         };
-        if report.archived.contains(&id) {
+        if report.archived.contains(&id)
+            || (volumes.archived_row(id).is_some() && !volumes.path(id).exists())
+        {
             continue;
         }
         report.volumes_checked += 1;

@@ -255,6 +255,9 @@ pub(crate) struct Volumes {
     files: RwLock<HashMap<u32, Arc<File>>>,
     /// Reads records of archived volumes whose file is gone (`crate::archive`).
     archive: RwLock<Option<Arc<dyn ArchiveFetch>>>,
+    /// The committed `volume_archive` rows, kept current by the store: a read whose snapshot
+    /// predates a volume's archive record, made after its file was removed, finds it here.
+    archived: RwLock<HashMap<u32, tables::ArchivedVolumeRow>>,
 }
 
 impl std::fmt::Debug for Volumes {
@@ -271,7 +274,22 @@ impl Volumes {
             dir: data_dir.join(VOLUMES_DIR_NAME),
             files: RwLock::new(HashMap::new()),
             archive: RwLock::new(None),
+            archived: RwLock::new(HashMap::new()),
         }
+    }
+
+    pub(crate) fn note_archived(&self, volume: u32, row: tables::ArchivedVolumeRow) {
+        self.archived.write().insert(volume, row);
+    }
+
+    /// The archive row of `volume`, as last committed.
+    pub(crate) fn archived_row(&self, volume: u32) -> Option<tables::ArchivedVolumeRow> {
+        self.archived.read().get(&volume).cloned()
+    }
+
+    /// Every archived volume, as last committed.
+    pub(crate) fn archived_ids(&self) -> Vec<u32> {
+        self.archived.read().keys().copied().collect()
     }
 
     pub(crate) fn set_archive(&self, fetch: Option<Arc<dyn ArchiveFetch>>) {

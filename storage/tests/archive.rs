@@ -242,3 +242,86 @@ fn a_volume_file_missing_without_an_archive_row_is_still_damage() {
     assert!(!report.is_clean());
     assert_eq!(report.volumes_archived, 0);
 }
+
+#[test]
+fn a_backup_keeps_archived_files_while_it_runs_and_carries_their_companions() {
+    let data = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let store = open(data.path());
+    let writer = store.start_writer(WriterOptions::default());
+    let instrument_id = setup(&writer);
+    let jpegs: Vec<Bytes> = (0..40).map(|n| put(&writer, instrument_id, n)).collect();
+    let objects = Arc::new(MemoryStore::default());
+    let ready = ready(&store);
+    let first = &ready[0];
+    // A snapshot taken before the volume is recorded as archived.
+    let old = store.read().unwrap();
+    writer.write(upload(&store, &objects, first)).unwrap();
+
+    // While a backup runs, the archived volume's local file stays.
+    let mut kept = Vec::new();
+    let report = store
+        .backup(target.path(), "b1", data.path(), T0, &mut |_| {
+            kept.push(store.remove_archived_local(first.id).unwrap());
+        })
+        .unwrap();
+    assert!(!kept.is_empty() && kept.iter().all(|removed| !removed));
+    assert!(store.volume_path(first.id).exists());
+    let manifest = es_storage::backup::read_manifest(target.path(), &report.name).unwrap();
+    assert_eq!(manifest.archived_volumes.len(), 1);
+    assert!(manifest
+        .files
+        .iter()
+        .any(|f| f.kind == es_storage::backup::FileKind::Companion { id: first.id }));
+    // After it, the file goes; a read on the snapshot from before the record still finds it.
+    assert!(store.remove_archived_local(first.id).unwrap());
+    store.set_archive_fetch(objects.clone());
+    assert_eq!(
+        old.image(instrument_id, "D1", 1, 0, T0).unwrap().as_ref(),
+        Some(&jpegs[0])
+    );
+    drop(old);
+    writer.shutdown();
+
+    // Restored: the archived volume reads through the fetch, and a resend of one of its
+    // images is checked against the companion the backup carried.
+    let restored_dir = tempfile::tempdir().unwrap();
+    let restored = restored_dir.path().join("data");
+    es_storage::backup::restore(target.path(), None, &restored, &mut |_| {}).unwrap();
+    let copy = open(&restored);
+    copy.set_archive_fetch(objects.clone());
+    for (n, jpeg) in jpegs.iter().enumerate() {
+        assert_eq!(read(&copy, instrument_id, n as u32).as_ref(), Some(jpeg));
+    }
+    let writer = copy.start_writer(WriterOptions::default());
+    let resend = |jpeg: Bytes| PutImage {
+        instrument_id,
+        dish_id: "D1".into(),
+        well: 1,
+        focal_plane: 0,
+        acquired_at_ms: T0,
+        jpeg: ImageBytes::new(jpeg),
+        at_ms: T0 + 7,
+    };
+    assert_eq!(
+        writer.write(resend(jpegs[0].clone())),
+        Ok(ImageStored { duplicate: true })
+    );
+    assert!(matches!(
+        writer.write(resend(jpegs[1].clone())),
+        Err(WriteError::Refused(ImageRefusal::Conflict))
+    ));
+    // Without the companion, a resend cannot be compared locally: refused, nothing replaced.
+    std::fs::remove_file(
+        restored
+            .join("volumes")
+            .join(format!("{:08}.idx", first.id)),
+    )
+    .unwrap();
+    assert!(matches!(
+        writer.write(resend(jpegs[0].clone())),
+        Err(WriteError::Refused(ImageRefusal::Conflict))
+    ));
+    assert_eq!(read(&copy, instrument_id, 0).as_ref(), Some(&jpegs[0]));
+    writer.shutdown();
+}
