@@ -460,7 +460,7 @@ fn offline(
                 Err(message) => Response::error("invalid_input", message),
             }
         }
-        Request::Archive => {
+        Request::Archive | Request::ArchiveCheck { .. } => {
             if config.archive.target.is_none() {
                 return Ok(Response::error(
                     "archive_off",
@@ -470,7 +470,10 @@ fn offline(
             let writer = store.start_writer(es_storage::WriterOptions::default());
             let response =
                 match crate::archive::Archive::new(&config.archive, &store, &writer, data_dir) {
-                    Ok(archive) => archive.run_now(progress),
+                    Ok(archive) => match request {
+                        Request::ArchiveCheck { full } => archive.check(full, progress),
+                        _ => archive.run_now(progress),
+                    },
                     Err(detail) => Response::error("archive_config", detail),
                 };
             writer.shutdown();

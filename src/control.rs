@@ -84,6 +84,10 @@ pub enum Request {
     },
     /// One archive pass now (`[Archive]`): progress lines (one per volume) before the answer.
     Archive,
+    /// Check every archived volume's object (size; `full`: SHA-256 too).
+    ArchiveCheck {
+        full: bool,
+    },
 }
 
 /// `esserver ims status|pause|resume`.

@@ -59,6 +59,10 @@ enum Command {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// Check instead: every archived volume's object is in the store with its recorded
+        /// size (`--check full`: read back whole, SHA-256 compared too).
+        #[arg(long, value_name = "size|full", num_args = 0..=1, default_missing_value = "size")]
+        check: Option<String>,
     },
     /// Print the server id and where things are.
     Info(Common),
@@ -571,7 +575,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             })
         }
         Command::Backup(args) => backup(args),
-        Command::Archive { common, json } => archive(&common, json),
+        Command::Archive {
+            common,
+            json,
+            check,
+        } => archive(&common, json, check.as_deref()),
         Command::Restore(args) => restore(args),
         Command::Tls {
             action: TlsAction::Renew(common),
@@ -1395,10 +1403,17 @@ fn backup(args: BackupArgs) -> Result<ExitCode, String> {
     }
 }
 
-fn archive(common: &Common, json: bool) -> Result<ExitCode, String> {
+fn archive(common: &Common, json: bool, check: Option<&str>) -> Result<ExitCode, String> {
     use esserver::backup::bytes_text;
     let config = load_config(common)?;
-    let response = esserver::admin::run_with_progress(&config, Request::Archive, &mut |value| {
+    let request = match check {
+        None => Request::Archive,
+        Some("size") => Request::ArchiveCheck { full: false },
+        Some("full") => Request::ArchiveCheck { full: true },
+        Some(other) => return Err(format!("--check takes size or full, not {other:?}")),
+    };
+    let checking = check.is_some();
+    let response = esserver::admin::run_with_progress(&config, request, &mut |value| {
         eprintln!(
             "archive: volume {} ({}), {} of {}",
             value["volume"],
@@ -1410,6 +1425,17 @@ fn archive(common: &Common, json: bool) -> Result<ExitCode, String> {
     report(&response, |body| {
         if json {
             println!("{}", serde_json::to_string_pretty(body).unwrap_or_default());
+        } else if checking {
+            println!(
+                "archive: {} archived volume(s) ({}) are in the object store{}",
+                body["volumes_checked"],
+                bytes_text(body["bytes"].as_u64().unwrap_or(0)),
+                if body["full"] == true {
+                    ", every byte as recorded"
+                } else {
+                    " with their recorded sizes"
+                }
+            );
         } else {
             println!(
                 "archive: {} volume(s) archived ({}), {} local file(s) of archived volumes removed, \

@@ -648,6 +648,13 @@ impl StatusContext {
                     .run(&self.store, &target, &self.data_dir, progress),
                 Err(message) => Response::error("invalid_input", message),
             },
+            Request::ArchiveCheck { full } => match &self.archive {
+                Some(archive) => archive.check(full, progress),
+                None => Response::error(
+                    "archive_off",
+                    "no [Archive] target is configured in EmbryoServer.ini; nothing is archived",
+                ),
+            },
             Request::Archive => match &self.archive {
                 Some(archive) => archive.run_now(progress),
                 None => Response::error(

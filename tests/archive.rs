@@ -450,6 +450,26 @@ fn an_upload_cut_off_by_the_store_or_by_kill_9_keeps_every_local_file_and_the_ne
     assert_eq!(local_volumes(&data), volumes_before - archived);
     let mut api = Api::new(&server);
     assert_every_image_reads(&mut api, &workload);
+
+    // The archived copies check, by size and whole; one removed from the store is named.
+    for check in [
+        &["archive", "--check"][..],
+        &["archive", "--check", "full"][..],
+    ] {
+        let output = common::admin(&data, check);
+        assert!(
+            output.status.success(),
+            "{check:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let client = s3.client(&bucket);
+    let (key, _) = client.list("site-a/").unwrap().into_iter().next().unwrap();
+    client.delete(&key).unwrap();
+    let output = common::admin(&data, &["archive", "--check"]);
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains(&key) && said.contains("missing"), "{said}");
 }
 
 type StderrLines = std::io::Lines<std::io::BufReader<std::process::ChildStderr>>;

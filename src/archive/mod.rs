@@ -420,6 +420,79 @@ impl Archive {
         self.shared.status()
     }
 
+    /// Checks that every archived volume's object is in the store with its recorded size (a
+    /// HEAD request each; `full`: read back whole and its SHA-256 compared too). Problems are
+    /// listed; the answer is an error when there is one.
+    pub fn check(&self, full: bool, progress: ProgressSink<'_>) -> Response {
+        let states = match self.shared.store.volume_states() {
+            Ok(states) => states,
+            Err(error) => return Response::error(error.code(), error.to_string()),
+        };
+        let archived: Vec<_> = states
+            .iter()
+            .filter_map(|s| s.archived.as_ref().map(|a| (s.id, a)))
+            .collect();
+        let mut problems = Vec::new();
+        let (mut checked, mut bytes) = (0u64, 0u64);
+        for (number, (id, row)) in archived.iter().enumerate() {
+            progress(serde_json::json!({
+                "volume": id, "bytes": row.bytes, "number": number + 1, "of": archived.len(),
+            }));
+            let found = if full {
+                self.shared
+                    .objects
+                    .read_back(&row.object, row.bytes, &self.shared.stop)
+                    .map(|(size, sha)| (Some(size), Some(sha)))
+            } else {
+                self.shared
+                    .objects
+                    .size(&row.object)
+                    .map(|size| (size, None))
+            };
+            match found {
+                Ok((None, _)) | Err(ObjectError::NotFound) => {
+                    problems.push(format!("volume {id}: {} is missing", row.object));
+                }
+                Ok((Some(size), _)) if size != row.bytes => problems.push(format!(
+                    "volume {id}: {} is {size} bytes, the record says {}",
+                    row.object, row.bytes
+                )),
+                Ok((_, Some(sha))) if sha != row.sha256 => problems.push(format!(
+                    "volume {id}: {}'s SHA-256 is not the recorded one (the copy is damaged)",
+                    row.object
+                )),
+                Ok(_) => {
+                    checked += 1;
+                    bytes += row.bytes;
+                }
+                Err(error) => {
+                    return Response::error(
+                        "archive_unavailable",
+                        format!("volume {id}: {}: {error}", row.object),
+                    )
+                }
+            }
+        }
+        if problems.is_empty() {
+            Response::ok(serde_json::json!({
+                "volumes_checked": checked,
+                "bytes": bytes,
+                "full": full,
+            }))
+        } else {
+            tracing::error!(problems = ?problems, "archived volumes are missing or damaged in the object store");
+            Response::error(
+                "archive_damaged",
+                format!(
+                    "{} of {} archived volumes are missing or damaged in the object store: {}",
+                    problems.len(),
+                    archived.len(),
+                    problems.join("; ")
+                ),
+            )
+        }
+    }
+
     /// Stops the thread: an upload in progress is cut off at its next read of the file. An
     /// upload blocked on a stalled store is left to end at its timeout (an upload that ends
     /// after the stop is not recorded), so a shutdown waits at most [`STOP_WAIT`] for it.
