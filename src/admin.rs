@@ -34,6 +34,8 @@ pub fn verify_report(store: &Store) -> Response {
             "unreadable_ranges": report.unreadable_ranges,
             "volumes_checked": report.volumes_checked,
             "records_superseded": report.records_superseded,
+            "volumes_archived": report.volumes_archived,
+            "images_archived": report.images_archived,
         })),
         Err(error) => Response::error(error.code(), error.to_string()),
     }

@@ -322,6 +322,12 @@ fn archived_volumes_read_back_exactly_and_an_unreachable_store_costs_only_their_
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
+    let verified: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(verified["volumes_archived"], archived as u64, "{verified}");
+    assert!(
+        verified["images_archived"].as_u64().unwrap() > 0,
+        "{verified}"
+    );
     let log = common::server_log(&dir);
     assert!(!log.contains(SECRET), "the secret key is in the log");
     assert!(
