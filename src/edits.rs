@@ -70,6 +70,7 @@ pub fn needed(edit: &ClinicalEdit) -> Rights {
         | ClinicalEdit::SetFate { .. }
         | ClinicalEdit::SetEmbryoComment { .. }
         | ClinicalEdit::SetScore { .. }
+        | ClinicalEdit::Evaluate { .. }
         | ClinicalEdit::CreateTransfer { .. }
         | ClinicalEdit::UpdateTransfer { .. } => Rights::Edit,
     }

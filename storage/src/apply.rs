@@ -22,6 +22,7 @@ use crate::volume::{self, Appender, Location, RecordHeader, Volumes};
 use redb::{ReadableTable, Table, WriteTransaction};
 
 mod clinical;
+mod models;
 
 type Rows<'txn, K> = Table<'txn, K, &'static [u8]>;
 
@@ -46,6 +47,8 @@ pub struct Batch<'txn> {
     instrument_days: Rows<'txn, (u64, u32)>,
     volume_rows: Rows<'txn, u32>,
     volume_archive: Rows<'txn, u32>,
+    models: Rows<'txn, (&'static str, u32)>,
+    model_results: Rows<'txn, (u64, &'static str)>,
     /// Where the batch's image records go, and the volumes to read stored ones from.
     appender: &'txn mut Appender,
     volumes: &'txn Volumes,
@@ -104,6 +107,8 @@ impl<'txn> Batch<'txn> {
             instrument_days: txn.open_table(tables::INSTRUMENT_DAYS)?,
             volume_rows: txn.open_table(tables::VOLUMES)?,
             volume_archive: txn.open_table(tables::VOLUME_ARCHIVE)?,
+            models: txn.open_table(tables::MODELS)?,
+            model_results: txn.open_table(tables::MODEL_RESULTS)?,
             appender,
             volumes,
             telemetry: txn.open_table(tables::TELEMETRY)?,

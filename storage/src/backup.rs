@@ -1392,6 +1392,8 @@ macro_rules! every_table {
             $f($($arg,)* tables::ACQUISITIONS)?,
             $f($($arg,)* tables::VOLUMES)?,
             $f($($arg,)* tables::VOLUME_ARCHIVE)?,
+            $f($($arg,)* tables::MODELS)?,
+            $f($($arg,)* tables::MODEL_RESULTS)?,
             $f($($arg,)* tables::LEGACY_IMAGES)?,
             $f($($arg,)* tables::TELEMETRY)?,
             $f($($arg,)* tables::IMS_QUEUE)?,

@@ -56,9 +56,10 @@ pub use migrate::{fixture_jpeg, write_v1_fixture, write_v4_fixture, FixtureImage
 pub use model::{
     AcquisitionRecord, AcquisitionSync, AnnotationRecord, AnnotationSource, ApiKeyRecord, ApiScope,
     AuditOutcome, AuditRecord, Change, ChangeEntity, DishRecord, DishSyncState, EmbryoRecord, Fate,
-    Frame, FrameChunk, InstrumentActivity, InstrumentRecord, PatientDifference, PatientRecord,
-    PatientSummary, Rights, ScoreRecord, StoreStats, TableSpace, TransferOutcome, TransferRecord,
-    TreatmentRecord, UserRecord, VerifyProgress, VerifyReport, WellSync,
+    Frame, FrameChunk, InstrumentActivity, InstrumentRecord, ModelRecord, ModelResultRecord,
+    PatientDifference, PatientRecord, PatientSummary, Rights, ScoreRecord, StoreStats, TableSpace,
+    TransferOutcome, TransferRecord, TreatmentRecord, UserRecord, VerifyProgress, VerifyReport,
+    WellSync,
 };
 /// The writer's open transaction, as `Operation::apply` receives it: opaque outside this crate.
 #[doc(hidden)]
@@ -68,9 +69,10 @@ pub use ops::{
     AuditDenied, ClinicalEdit, ConfirmInstrumentSecret, DishRegistered, DishRegistration, Edit,
     Edited, Enrolment, Idempotency, ImageBytes, ImageStored, ImsQueueing, ImsRemove, ImsRemoved,
     InstrumentAccepted, InstrumentApprove, InstrumentHello, InstrumentRename, InstrumentRenumber,
-    Lane, LoginAttempt, LoginRecorded, OpResult, Operation, PatientRef, PutImage, PutTelemetry,
-    RegisterDish, ResetInstrumentSecret, ScoreInput, SecretConfirmed, SecretReset, TelemetrySample,
-    TelemetryStored, UserAdd, UserChange, UserUpdate, WellRegistration,
+    Lane, LoginAttempt, LoginRecorded, ModelImport, ModelImported, OpResult, Operation, PatientRef,
+    PutImage, PutTelemetry, RegisterDish, ResetInstrumentSecret, ScoreInput, SecretConfirmed,
+    SecretReset, TelemetrySample, TelemetryStored, UserAdd, UserChange, UserUpdate,
+    WellRegistration,
 };
 pub use reader::{next_page_after, Reader};
 

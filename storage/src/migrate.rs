@@ -27,10 +27,17 @@ pub(crate) fn step(txn: &WriteTransaction, from: u64) -> Result<(), StorageError
         7 => v7_to_v8(txn),
         8 => v8_to_v9(txn),
         9 => v9_to_v10(txn),
+        10 => v10_to_v11(txn),
         _ => Err(StorageError::Corrupt(format!(
             "no migration from schema version {from}"
         ))),
     }
+}
+
+/// Version 11 adds `models` and `model_results` (created empty by `tables::create_all`): the
+/// clinic's selection models and the embryos' results of them.
+fn v10_to_v11(_txn: &WriteTransaction) -> Result<(), StorageError> {
+    Ok(())
 }
 
 /// Version 10 adds `volume_archive` (created empty by `tables::create_all`): sealed volumes
@@ -947,9 +954,13 @@ fn migrate_changes(
                 embryo_ids.get(&key).cloned().unwrap_or_default()
             }
             // Version 1 had no users, transfers or API keys.
-            Some(ChangeEntity::User | ChangeEntity::Transfer | ChangeEntity::ApiKey) | None => {
-                String::new()
-            }
+            Some(
+                ChangeEntity::User
+                | ChangeEntity::Transfer
+                | ChangeEntity::ApiKey
+                | ChangeEntity::Model,
+            )
+            | None => String::new(),
         })
     };
     let mut changes = txn.open_table(tables::CHANGES)?;

@@ -129,6 +129,8 @@ pub enum ChangeEntity {
     Transfer,
     /// A public API key (audit trail only; key changes are not pushed).
     ApiKey,
+    /// A selection model (audit trail only); key: its version, id: its name.
+    Model,
 }
 
 impl ChangeEntity {
@@ -144,6 +146,7 @@ impl ChangeEntity {
             ChangeEntity::User => 7,
             ChangeEntity::Transfer => 8,
             ChangeEntity::ApiKey => 9,
+            ChangeEntity::Model => 10,
         }
     }
 
@@ -158,6 +161,7 @@ impl ChangeEntity {
             7 => Some(ChangeEntity::User),
             8 => Some(ChangeEntity::Transfer),
             9 => Some(ChangeEntity::ApiKey),
+            10 => Some(ChangeEntity::Model),
             _ => None,
         }
     }
@@ -173,6 +177,7 @@ impl ChangeEntity {
             ChangeEntity::User => "user",
             ChangeEntity::Transfer => "transfer",
             ChangeEntity::ApiKey => "api_key",
+            ChangeEntity::Model => "model",
         }
     }
 }
@@ -493,6 +498,37 @@ pub struct AnnotationRecord {
     pub set_at_ms: i64,
 }
 
+/// One version of a selection model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelRecord {
+    pub name: String,
+    pub version: u32,
+    /// `hierarchical`, `additive` or `multiplicative`.
+    pub kind: String,
+    pub imported_by: String,
+    pub imported_at_ms: i64,
+    /// An evaluation used it: it never changes again.
+    pub used: bool,
+    /// The model document (`es_models`), as imported.
+    pub document: String,
+}
+
+/// An embryo's current result of one model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelResultRecord {
+    pub model: String,
+    pub version: u32,
+    /// `category`, `score` or `not_available`.
+    pub outcome: &'static str,
+    /// The category, the score, or why there is none.
+    pub value: String,
+    /// The rule that decided, for a person.
+    pub rule: String,
+    pub variables: std::collections::BTreeMap<String, f64>,
+    pub set_by: String,
+    pub set_at_ms: i64,
+}
+
 /// One acquisition (image run) of an embryo.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AcquisitionRecord {
@@ -577,12 +613,13 @@ mod tests {
             ChangeEntity::User,
             ChangeEntity::Transfer,
             ChangeEntity::ApiKey,
+            ChangeEntity::Model,
         ];
         for entity in all {
             assert_eq!(ChangeEntity::from_u8(entity.to_u8()), Some(entity));
         }
         assert_eq!(ChangeEntity::from_u8(0), None);
-        assert_eq!(ChangeEntity::from_u8(10), None);
+        assert_eq!(ChangeEntity::from_u8(11), None);
         for &fate in Fate::ALL {
             assert_eq!(Fate::from_u8(fate.to_u8()), Some(fate));
             assert_eq!(Fate::from_name(fate.as_str()), Some(fate));

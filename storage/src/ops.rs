@@ -311,6 +311,50 @@ pub struct UserAdd {
     pub at_ms: i64,
 }
 
+/// Imports a model document (`es_models`): a name not seen before becomes version 1; a
+/// document that differs from its name's newest version becomes the next version (a version
+/// never changes once stored); the same document again is a no-op (`created: false`).
+/// Audited as `model.import`.
+#[derive(Debug)]
+pub struct ModelImport {
+    pub actor: Actor,
+    pub document: String,
+    pub at_ms: i64,
+}
+
+/// A model document stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelImported {
+    pub name: String,
+    pub version: u32,
+    /// False when the document was the newest version already.
+    pub created: bool,
+}
+
+impl Operation for ModelImport {
+    type Outcome = ModelImported;
+    type Refusal = Never;
+
+    fn validate(&self) -> Result<(), String> {
+        validate_actor(&self.actor)?;
+        es_models::Model::from_json(self.document.as_bytes())
+            .map(|_| ())
+            .map_err(|error| error.to_string())
+    }
+
+    fn apply(&self, batch: &mut Batch<'_>) -> Applied<Self> {
+        batch.model_import(&self.actor, &self.document, self.at_ms)
+    }
+
+    fn at_ms(&self) -> Option<i64> {
+        Some(self.at_ms)
+    }
+
+    fn payload_bytes(&self) -> u64 {
+        self.document.len() as u64
+    }
+}
+
 /// Changes a user's password, rights, lock or disabled state.
 #[derive(Debug)]
 pub struct UserUpdate {
@@ -406,6 +450,15 @@ pub enum ClinicalEdit {
         expected_version: u64,
         score: ScoreInput,
     },
+    /// Applies a model (the `version` given, else its newest) to the embryo and stores the
+    /// result (and, for a category or a score, the embryo's score of that model). The result
+    /// is recomputed whenever one of the embryo's annotations changes.
+    Evaluate {
+        embryo_id: String,
+        expected_version: u64,
+        model: String,
+        version: Option<u32>,
+    },
     /// Records a transfer of embryos of one treatment. Its key is allocated by the server.
     CreateTransfer {
         patient_id: String,
@@ -446,6 +499,7 @@ impl ClinicalEdit {
             ClinicalEdit::SetFate { .. } => "embryo.fate",
             ClinicalEdit::SetEmbryoComment { .. } => "embryo.comment",
             ClinicalEdit::SetScore { .. } => "embryo.score",
+            ClinicalEdit::Evaluate { .. } => "embryo.evaluate",
             ClinicalEdit::CreateTransfer { .. } => "transfer.create",
             ClinicalEdit::UpdateTransfer { .. } => "transfer.update",
         }
@@ -516,6 +570,12 @@ impl ClinicalEdit {
                 text("score model version", &score.model_version, Required::No)?;
                 text("score value", &score.value, Required::Yes)?;
                 text("score viability", &score.viability, Required::No)
+            }
+            ClinicalEdit::Evaluate {
+                embryo_id, model, ..
+            } => {
+                text("embryo id", embryo_id, Required::Yes)?;
+                text("model name", model, Required::Yes)
             }
             ClinicalEdit::CreateTransfer {
                 patient_id,

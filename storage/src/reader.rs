@@ -19,6 +19,7 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 mod clinical;
+mod models;
 
 /// A read snapshot. Dropping it releases the snapshot; keep it short-lived on event loops.
 pub struct Reader {

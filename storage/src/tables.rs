@@ -19,7 +19,7 @@ use redb::TableDefinition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The schema version this binary writes and reads. See the module documentation.
-pub const SCHEMA_VERSION: u64 = 10;
+pub const SCHEMA_VERSION: u64 = 11;
 
 /// `meta`: name -> bytes. Rows: [`META_SCHEMA_VERSION`] (u64 LE), [`META_SERVER_ID`] (UTF-8,
 /// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]), [`META_IMS`] (postcard
@@ -132,6 +132,16 @@ pub const VOLUMES: TableDefinition<u32, &[u8]> = TableDefinition::new("volumes")
 /// are read from the object store (`crate::archive`). Since version 10.
 pub const VOLUME_ARCHIVE: TableDefinition<u32, &[u8]> = TableDefinition::new("volume_archive");
 
+/// `models`: (model name, version from 1) -> [`ModelRow`]: the clinic's selection models, as
+/// their documents (`es_models`). A version once used by an evaluation never changes; a new
+/// document under the same name is the next version. Since version 11.
+pub const MODELS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("models");
+/// `model_results`: (embryo_key, model name) -> [`ModelResultRow`]: the embryo's current
+/// result of that model (the version it was evaluated with), recomputed in the transaction
+/// that changes one of its inputs. Since version 11.
+pub const MODEL_RESULTS: TableDefinition<(u64, &str), &[u8]> =
+    TableDefinition::new("model_results");
+
 /// Version 4's `images` table: (dish_key, well, acquired_at_ms, focal_plane) -> SHA-256 ||
 /// stored_at_ms (i64 LE) || JPEG bytes ([`ImageValue`]). In version 5 it exists only while
 /// the migration moves its images into volumes (`crate::migrate::move_legacy_images`), which
@@ -175,7 +185,7 @@ pub type TelemetryKey = (u64, &'static str, i64);
 pub type AlarmKey = (u64, &'static str, i64);
 
 /// The names of every table, for tooling and for the "create all tables on open" step.
-pub const TABLE_NAMES: [&str; 33] = [
+pub const TABLE_NAMES: [&str; 35] = [
     "meta",
     "instruments",
     "instrument_by_serial",
@@ -209,6 +219,8 @@ pub const TABLE_NAMES: [&str; 33] = [
     "patient_by_idx",
     "patient_differences",
     "volume_archive",
+    "models",
+    "model_results",
 ];
 
 /// Creates every table that does not exist yet, so read transactions never miss one.
@@ -246,6 +258,8 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), StorageErro
     txn.open_table(PATIENT_BY_IDX)?;
     txn.open_table(PATIENT_DIFFERENCES)?;
     txn.open_table(VOLUME_ARCHIVE)?;
+    txn.open_table(MODELS)?;
+    txn.open_table(MODEL_RESULTS)?;
     Ok(())
 }
 
@@ -840,6 +854,34 @@ pub struct ArchivedVolumeRow {
     /// SHA-256 of the object as read back, equal to the local file's `[0, end)`.
     pub sha256: [u8; 32],
     pub archived_at_ms: i64,
+}
+
+/// A model version's row in [`MODELS`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRow {
+    /// The model document (JSON, `es_models::FORMAT`), as imported.
+    pub document: String,
+    pub imported_by: String,
+    pub imported_at_ms: i64,
+    /// An evaluation used it: it never changes again.
+    pub used: bool,
+}
+
+/// An embryo's result of one model, in [`MODEL_RESULTS`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelResultRow {
+    pub version: u32,
+    /// 1 category, 2 score, 3 not available.
+    pub outcome: u8,
+    /// The category, the score (as text, 4 decimals at most) or why it is not available.
+    pub value: String,
+    /// The rule that decided, for a person.
+    pub rule: String,
+    /// The variables used, with their values.
+    pub variables: Vec<(String, f64)>,
+    /// Who asked for the evaluation (or changed an input it was recomputed after), and when.
+    pub set_by: String,
+    pub set_at_ms: i64,
 }
 
 /// The monitoring queue's counters (`meta/ims_state`), updated in the same transaction as the

@@ -92,7 +92,8 @@ impl Batch<'_> {
             | ClinicalEdit::RemoveAnnotation { .. }
             | ClinicalEdit::SetFate { .. }
             | ClinicalEdit::SetEmbryoComment { .. }
-            | ClinicalEdit::SetScore { .. } => self.embryo_edit(actor, edit, at_ms),
+            | ClinicalEdit::SetScore { .. }
+            | ClinicalEdit::Evaluate { .. } => self.embryo_edit(actor, edit, at_ms),
             ClinicalEdit::CreateTransfer {
                 patient_id,
                 treatment_name,
@@ -845,6 +846,11 @@ impl Batch<'_> {
                 embryo_id,
                 expected_version,
                 ..
+            }
+            | ClinicalEdit::Evaluate {
+                embryo_id,
+                expected_version,
+                ..
             } => (embryo_id.as_str(), *expected_version),
             _ => unreachable!("embryo_edit is called for embryo edits only"),
         };
@@ -912,6 +918,7 @@ impl Batch<'_> {
                 }
                 self.state.annotation_id_last = annotation_id;
                 self.state.annotations += 1;
+                self.recompute_results(actor, embryo_key, at_ms)?;
                 let summary = format!("annotation {} added to embryo {embryo_id}", value.name);
                 (Some(annotation_id), summary)
             }
@@ -928,22 +935,24 @@ impl Batch<'_> {
                 }
                 let value = annotation_row(annotation, actor, at_ms);
                 self.annotations.insert(key, encode(&value).as_slice())?;
+                self.recompute_results(actor, embryo_key, at_ms)?;
                 let summary = format!("annotation {} of embryo {embryo_id} changed", value.name);
                 (Some(*annotation_id), summary)
             }
             ClinicalEdit::RemoveAnnotation { annotation_id, .. } => {
                 let key = (embryo_key, *annotation_id);
-                let removed = self.annotations.remove(key)?;
-                let Some(removed) = removed else {
-                    return Ok(Err(WriteError::Refused(EditRefusal::NotFound(format!(
-                        "annotation {annotation_id} of embryo {embryo_id}"
-                    )))));
+                let name = match self.annotations.remove(key)? {
+                    Some(removed) => decode::<AnnotationRow>(removed.value(), "annotation")
+                        .map(|a| a.name)
+                        .unwrap_or_default(),
+                    None => {
+                        return Ok(Err(WriteError::Refused(EditRefusal::NotFound(format!(
+                            "annotation {annotation_id} of embryo {embryo_id}"
+                        )))));
+                    }
                 };
-                let name = decode::<AnnotationRow>(removed.value(), "annotation")
-                    .map(|a| a.name)
-                    .unwrap_or_default();
-                drop(removed);
                 self.state.annotations = self.state.annotations.saturating_sub(1);
+                self.recompute_results(actor, embryo_key, at_ms)?;
                 let summary = format!("annotation {name} removed from embryo {embryo_id}");
                 (Some(*annotation_id), summary)
             }
@@ -979,6 +988,12 @@ impl Batch<'_> {
                     score.model, score.value
                 );
                 (None, summary)
+            }
+            ClinicalEdit::Evaluate { model, version, .. } => {
+                match self.evaluate_model(actor, embryo_key, &embryo_id, model, *version, at_ms)? {
+                    Ok(summary) => (None, summary),
+                    Err(error) => return Ok(Err(error)),
+                }
             }
             _ => unreachable!("embryo_apply is called for embryo edits only"),
         }))
@@ -1466,6 +1481,9 @@ fn attempt_json(edit: &ClinicalEdit) -> String {
         ClinicalEdit::SetScore { score, .. } => json!({
             "model": score.model, "model_version": score.model_version,
             "value": score.value, "viability": score.viability,
+        }),
+        ClinicalEdit::Evaluate { model, version, .. } => json!({
+            "evaluate": model, "version": version,
         }),
         _ => json!({}),
     };
