@@ -231,6 +231,162 @@ pub fn user(writer: &Writer, store: &Store, request: UserRequest) -> Response {
 }
 
 /// Public API keys: create, revoke, list.
+/// The clinic's models: import a document, list, show one, evaluate one on embryos.
+pub fn model(writer: &Writer, store: &Store, request: crate::control::ModelRequest) -> Response {
+    use crate::control::ModelRequest;
+    let actor = |by: &str| Actor {
+        user: by.to_string(),
+        computer: "esserver model".to_string(),
+    };
+    let read =
+        |f: &dyn Fn(&es_storage::Reader) -> Result<Response, es_storage::StorageError>| match store
+            .read()
+            .and_then(|reader| f(&reader))
+        {
+            Ok(response) => response,
+            Err(error) => Response::error(error.code(), error.to_string()),
+        };
+    match request {
+        ModelRequest::Import { document, by } => {
+            let op = es_storage::ModelImport {
+                actor: actor(&by),
+                document,
+                at_ms: now_ms(),
+            };
+            match write_and_wait(writer, op) {
+                Ok(done) => Response::ok(serde_json::json!({
+                    "name": done.name,
+                    "version": done.version,
+                    "created": done.created,
+                    "message": if done.created {
+                        format!("model {} version {} imported", done.name, done.version)
+                    } else {
+                        format!(
+                            "model {} version {} is this document already; nothing changed",
+                            done.name, done.version
+                        )
+                    },
+                })),
+                Err(response) => response,
+            }
+        }
+        ModelRequest::List => read(&|reader| {
+            let models: Vec<serde_json::Value> = reader
+                .models()?
+                .into_iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "name": m.name, "version": m.version, "kind": m.kind, "used": m.used,
+                        "imported_by": m.imported_by, "imported_at_ms": m.imported_at_ms,
+                    })
+                })
+                .collect();
+            Ok(Response::ok(serde_json::json!({ "models": models })))
+        }),
+        ModelRequest::Show { name, version } => read(&|reader| {
+            Ok(match reader.model(&name, version)? {
+                Some(model) => Response::ok(serde_json::to_value(&model).unwrap_or_default()),
+                None => Response::error("not_found", format!("no model {name:?} in this store")),
+            })
+        }),
+        ModelRequest::Evaluate {
+            model,
+            version,
+            mut embryos,
+            treatment,
+            by,
+        } => {
+            if let Some((patient_id, name)) = &treatment {
+                let found = store.read().and_then(|reader| {
+                    let Some(dishes) = reader.treatment_dishes(patient_id, name)? else {
+                        return Ok(None);
+                    };
+                    let mut ids = Vec::new();
+                    for dish in dishes {
+                        ids.extend(
+                            reader
+                                .dish_embryos(dish.dish_key)?
+                                .into_iter()
+                                .map(|e| e.embryo_id),
+                        );
+                    }
+                    Ok(Some(ids))
+                });
+                match found {
+                    Ok(Some(ids)) => embryos.extend(ids),
+                    Ok(None) => {
+                        return Response::error(
+                            "not_found",
+                            format!("no treatment {name:?} of patient {patient_id:?}"),
+                        )
+                    }
+                    Err(error) => return Response::error(error.code(), error.to_string()),
+                }
+            }
+            let mut results = Vec::new();
+            for embryo_id in embryos {
+                match evaluate_one(writer, store, &actor(&by), &embryo_id, &model, version) {
+                    Ok(result) => results.push(result),
+                    Err(response) => return response,
+                }
+            }
+            Response::ok(serde_json::json!({ "results": results }))
+        }
+    }
+}
+
+/// Evaluates `model` on one embryo at its current version (read just before; a concurrent
+/// edit makes it try again, a few times) and returns the stored result.
+fn evaluate_one(
+    writer: &Writer,
+    store: &Store,
+    actor: &Actor,
+    embryo_id: &str,
+    model: &str,
+    version: Option<u32>,
+) -> Result<serde_json::Value, Response> {
+    const ATTEMPTS: u32 = 3;
+    let storage =
+        |error: es_storage::StorageError| Response::error(error.code(), error.to_string());
+    for _ in 0..ATTEMPTS {
+        let current = store
+            .read()
+            .and_then(|reader| reader.embryo(embryo_id))
+            .map_err(storage)?
+            .ok_or_else(|| Response::error("not_found", format!("no embryo {embryo_id}")))?;
+        let op = es_storage::Edit {
+            actor: actor.clone(),
+            edit: es_storage::ClinicalEdit::Evaluate {
+                embryo_id: embryo_id.to_string(),
+                expected_version: current.version,
+                model: model.to_string(),
+                version,
+            },
+            idempotency: None,
+            at_ms: now_ms(),
+        };
+        match writer.write(op) {
+            Ok(_) => {
+                let results = store
+                    .read()
+                    .and_then(|reader| reader.model_results(embryo_id))
+                    .map_err(storage)?
+                    .unwrap_or_default();
+                let result = results.into_iter().find(|r| r.model == model);
+                let mut value = serde_json::to_value(&result).unwrap_or_default();
+                value["embryo_id"] = embryo_id.into();
+                return Ok(value);
+            }
+            Err(es_storage::WriteError::Refused(es_storage::EditRefusal::Stale(_))) => continue,
+            Err(error) => return Err(Response::error(error.code(), error.to_string())),
+        }
+    }
+    Err(Response::error(
+        "busy",
+        format!("embryo {embryo_id} kept changing; evaluate it again"),
+    ))
+}
+
 pub fn api_key(writer: &Writer, store: &Store, request: ApiKeyRequest) -> Response {
     let actor = |by: &str| Actor {
         user: by.to_string(),
@@ -408,6 +564,12 @@ fn offline(
         Request::ApiKey { action } => {
             let writer = store.start_writer(es_storage::WriterOptions::default());
             let response = api_key(&writer, &store, action);
+            writer.shutdown();
+            response
+        }
+        Request::Model { action } => {
+            let writer = store.start_writer(es_storage::WriterOptions::default());
+            let response = model(&writer, &store, action);
             writer.shutdown();
             response
         }

@@ -18,8 +18,9 @@ use std::time::Duration;
 /// Reports the progress of a long request (sent as a `{"progress": ...}` line).
 pub type ProgressSink<'a> = &'a mut dyn FnMut(serde_json::Value);
 
-/// A request line is at most this long; longer ones are refused.
-const REQUEST_BYTES_MAX: u64 = 64 * 1024;
+/// A request line is at most this long; longer ones are refused (a model document, at most
+/// 256 KiB, fits, escaped).
+const REQUEST_BYTES_MAX: u64 = 1024 * 1024;
 /// Requests served at once; more are refused at once (each runs on its own thread, so a
 /// long `verify` or a slow client holds up neither other commands nor shutdown).
 const REQUESTS_IN_PROGRESS_MAX: usize = 8;
@@ -48,6 +49,10 @@ pub enum Request {
     },
     ApiKey {
         action: ApiKeyRequest,
+    },
+    /// `esserver model ...`: the clinic's selection models.
+    Model {
+        action: ModelRequest,
     },
     /// Change an instrument's display name (its data stays as it is).
     InstrumentRename {
@@ -98,6 +103,29 @@ pub enum ImsRequest {
     Set {
         part: crate::ims::Part,
         on: bool,
+        by: String,
+    },
+}
+
+/// `esserver model import|list|show|evaluate` (export is show, written to a file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum ModelRequest {
+    Import {
+        document: String,
+        by: String,
+    },
+    List,
+    Show {
+        name: String,
+        version: Option<u32>,
+    },
+    /// Evaluate a model on embryos (named, or every embryo of a treatment).
+    Evaluate {
+        model: String,
+        version: Option<u32>,
+        embryos: Vec<String>,
+        treatment: Option<(String, String)>,
         by: String,
     },
 }

@@ -101,6 +101,11 @@ enum Command {
         #[command(subcommand)]
         action: ApiKeyAction,
     },
+    /// The clinic's selection models (docs/models.md): import, export, list, show, evaluate.
+    Model {
+        #[command(subcommand)]
+        action: ModelAction,
+    },
     /// A command-line viewer: log in to a server of Viewer_d.ini, browse, export, annotate.
     Viewer(ViewerArgs),
     /// Print a complete, commented EmbryoServer.ini with the defaults.
@@ -303,6 +308,60 @@ enum ApiKeyAction {
     },
     /// List keys (never their secrets).
     List {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelAction {
+    /// Import a model document (JSON, docs/models.md): a new name is version 1, a changed
+    /// document the next version.
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Write a model's document (its newest version, or --version) to a file or stdout.
+    Export {
+        name: String,
+        #[arg(long)]
+        version: Option<u32>,
+        /// Where to write it (default: standard output).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List every model and version.
+    List {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a model (its newest version, or --version) with its document.
+    Show {
+        name: String,
+        #[arg(long)]
+        version: Option<u32>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Apply a model to embryos (--embryo, repeatable) or to every embryo of a treatment
+    /// (--patient and --treatment); the results are stored and shown.
+    Evaluate {
+        name: String,
+        #[arg(long)]
+        version: Option<u32>,
+        #[arg(long, value_name = "EMBRYO_ID")]
+        embryo: Vec<String>,
+        #[arg(long, value_name = "PATIENT_ID", requires = "treatment")]
+        patient: Option<String>,
+        #[arg(long, value_name = "NAME", requires = "patient")]
+        treatment: Option<String>,
         #[command(flatten)]
         common: Common,
         #[arg(long)]
@@ -671,6 +730,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }),
         Command::User { action } => user(action),
         Command::Apikey { action } => api_key(action),
+        Command::Model { action } => model(action),
         Command::Ims { action } => ims(action),
         Command::License { action } => license(action),
         Command::Capacity(args) => capacity(args),
@@ -1097,6 +1157,144 @@ fn write_new_private_file(path: &std::path::Path, text: &str) -> Result<(), Stri
     writeln!(file, "{text}").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     file.sync_all()
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn model(action: ModelAction) -> Result<ExitCode, String> {
+    use esserver::control::ModelRequest;
+    match action {
+        ModelAction::Import { file, common } => {
+            let document = std::fs::read_to_string(&file)
+                .map_err(|error| format!("cannot read {}: {error}", file.display()))?;
+            // Checked here first, so a mistake is named with its place before anything is sent.
+            es_models::Model::from_json(document.as_bytes())
+                .map_err(|error| format!("{}: {error}", file.display()))?;
+            let request = ModelRequest::Import {
+                document,
+                by: operator(),
+            };
+            admin(&common, Request::Model { action: request }, |body| {
+                println!("{}", body["message"].as_str().unwrap_or("imported"));
+            })
+        }
+        ModelAction::Export {
+            name,
+            version,
+            out,
+            common,
+        } => {
+            let request = ModelRequest::Show { name, version };
+            let mut written = Ok(());
+            let status = admin(&common, Request::Model { action: request }, |body| {
+                let document = body["document"].as_str().unwrap_or_default();
+                written = match &out {
+                    Some(path) => std::fs::write(path, document)
+                        .map_err(|error| format!("cannot write {}: {error}", path.display())),
+                    None => {
+                        println!("{document}");
+                        Ok(())
+                    }
+                };
+            })?;
+            written.map(|()| status)
+        }
+        ModelAction::List { common, json } => admin(
+            &common,
+            Request::Model {
+                action: ModelRequest::List,
+            },
+            |body| {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(body).unwrap_or_default());
+                    return;
+                }
+                println!(
+                    "{:<40} {:>7} {:<15} {:<5} imported",
+                    "name", "version", "kind", "used"
+                );
+                for model in body["models"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<40} {:>7} {:<15} {:<5} {} by {}",
+                        model["name"].as_str().unwrap_or("?"),
+                        model["version"],
+                        model["kind"].as_str().unwrap_or("?"),
+                        if model["used"] == true { "yes" } else { "no" },
+                        esserver::times::time_text(model["imported_at_ms"].as_i64().unwrap_or(0)),
+                        model["imported_by"].as_str().unwrap_or("?"),
+                    );
+                }
+            },
+        ),
+        ModelAction::Show {
+            name,
+            version,
+            common,
+        } => admin(
+            &common,
+            Request::Model {
+                action: ModelRequest::Show { name, version },
+            },
+            |body| {
+                println!(
+                    "model {} version {} ({}), {}, imported {} by {}",
+                    body["name"].as_str().unwrap_or("?"),
+                    body["version"],
+                    body["kind"].as_str().unwrap_or("?"),
+                    if body["used"] == true {
+                        "used (it never changes again)"
+                    } else {
+                        "not used yet"
+                    },
+                    esserver::times::time_text(body["imported_at_ms"].as_i64().unwrap_or(0)),
+                    body["imported_by"].as_str().unwrap_or("?"),
+                );
+                println!("{}", body["document"].as_str().unwrap_or_default());
+            },
+        ),
+        ModelAction::Evaluate {
+            name,
+            version,
+            embryo,
+            patient,
+            treatment,
+            common,
+            json,
+        } => {
+            if embryo.is_empty() && patient.is_none() {
+                return Err(
+                    "name the embryos: --embryo ID (repeatable), or --patient and --treatment"
+                        .into(),
+                );
+            }
+            let request = ModelRequest::Evaluate {
+                model: name,
+                version,
+                embryos: embryo,
+                treatment: patient.zip(treatment),
+                by: operator(),
+            };
+            admin(&common, Request::Model { action: request }, |body| {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(body).unwrap_or_default());
+                    return;
+                }
+                for result in body["results"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}: {} (v{}; {})",
+                        result["embryo_id"].as_str().unwrap_or("?"),
+                        match result["outcome"].as_str() {
+                            Some("not_available") => format!(
+                                "not available: {}",
+                                result["value"].as_str().unwrap_or("?")
+                            ),
+                            _ => result["value"].as_str().unwrap_or("?").to_string(),
+                        },
+                        result["version"],
+                        result["rule"].as_str().unwrap_or("")
+                    );
+                }
+            })
+        }
+    }
 }
 
 fn api_key(action: ApiKeyAction) -> Result<ExitCode, String> {

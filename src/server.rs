@@ -679,6 +679,7 @@ impl StatusContext {
                 response
             }
             Request::ApiKey { action } => crate::admin::api_key(&self.writer, &self.store, action),
+            Request::Model { action } => crate::admin::model(&self.writer, &self.store, action),
             Request::InstrumentRename {
                 serial,
                 display_name,

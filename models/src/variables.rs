@@ -89,6 +89,16 @@ pub fn is_variable(name: &str) -> bool {
 }
 
 impl Embryo {
+    /// Records timing event `name` (matched to [`EVENTS`] without regard to case: `T2` is
+    /// `t2`) at `hours` after t0; a later call for the same event replaces it.
+    pub fn set_event(&mut self, name: &str, hours: f64) {
+        let name = EVENTS
+            .iter()
+            .find(|event| event.eq_ignore_ascii_case(name))
+            .map_or_else(|| name.to_string(), |event| event.to_string());
+        self.events.insert(name, hours);
+    }
+
     /// The variable `name`: a timing event as annotated, or a derived interval.
     pub fn variable(&self, name: &str) -> Variable {
         if let Some((_, later, earlier)) = DERIVED.iter().find(|(derived, _, _)| *derived == name) {

@@ -1448,29 +1448,34 @@ fn annotation_json(a: &AnnotationRecord) -> Value {
     })
 }
 
-/// Derived morphokinetic variables from the timing annotations (hours after insemination):
-/// cell-cycle and synchrony intervals, each present when both its events are annotated.
-pub(super) fn derived_variables(annotations: &[AnnotationRecord]) -> Vec<(&'static str, f64)> {
-    let hours = |name: &str| {
-        annotations
-            .iter()
-            .rev()
-            .find(|a| a.name.eq_ignore_ascii_case(name))
-            .and_then(|a| a.hours)
-    };
-    const INTERVALS: [(&str, &str, &str); 6] = [
-        ("cc2", "t2", "t3"),
-        ("cc3", "t3", "t5"),
-        ("s2", "t3", "t4"),
-        ("s3", "t5", "t8"),
-        ("t5-t2", "t2", "t5"),
-        ("tB-tSB", "tSB", "tB"),
-    ];
-    let mut out = Vec::new();
-    for (name, from, to) in INTERVALS {
-        if let (Some(start), Some(end)) = (hours(from), hours(to)) {
-            out.push((name, ((end - start) * 100.0).round() / 100.0));
+/// The embryo as the models see it (`es_models`): the latest of each timing annotation
+/// (names matched without regard to case) in hours after insemination, and the latest value of
+/// each other annotation.
+pub fn model_inputs(annotations: &[AnnotationRecord]) -> es_models::Embryo {
+    let mut embryo = es_models::Embryo::default();
+    for annotation in annotations {
+        match annotation.hours {
+            Some(hours) => embryo.set_event(&annotation.name, hours),
+            None => {
+                embryo
+                    .annotations
+                    .insert(annotation.name.clone(), annotation.value.clone());
+            }
         }
+    }
+    embryo
+}
+
+/// The derived morphokinetic variables (`es_models::DERIVED`, docs/models.md) that are
+/// available, in hours; `tB-tSB` repeats `dB` under the name earlier versions used.
+pub(super) fn derived_variables(annotations: &[AnnotationRecord]) -> Vec<(&'static str, f64)> {
+    let embryo = model_inputs(annotations);
+    let mut out: Vec<(&'static str, f64)> = es_models::DERIVED
+        .iter()
+        .filter_map(|(name, _, _)| embryo.variable(name).hours().map(|hours| (*name, hours)))
+        .collect();
+    if let Some(&(_, hours)) = out.iter().find(|(name, _)| *name == "dB") {
+        out.push(("tB-tSB", hours));
     }
     out
 }
@@ -1616,7 +1621,7 @@ mod tests {
         ];
         assert_eq!(
             derived_variables(&annotations),
-            [("cc2", 11.5), ("s2", 0.75)]
+            [("cc2", 11.5), ("s2", 0.75), ("ECC2", 12.25)]
         );
     }
 

@@ -113,29 +113,22 @@ impl Batch<'_> {
                 )))
             }
         };
-        let mut newest: std::collections::BTreeMap<String, AnnotationRow> = Default::default();
+        // In the order they were made (annotation ids grow): the latest of each name wins, as
+        // in the REST API's derived variables.
+        let mut embryo = es_models::Embryo::default();
         for entry in self
             .annotations
             .range((embryo_key, 0)..=(embryo_key, u64::MAX))?
         {
             let (_, value) = entry?;
             let row: AnnotationRow = decode(value.value(), "annotation")?;
-            let newer = newest
-                .get(&row.name)
-                .is_none_or(|known| row.set_at_ms >= known.set_at_ms);
-            if newer {
-                newest.insert(row.name.clone(), row);
-            }
-        }
-        let mut embryo = es_models::Embryo::default();
-        for (name, row) in newest {
             match row.event_at_ms {
                 Some(at) => {
                     let hours = (at - dish.insemination_at_ms) as f64 / HOUR_MS;
-                    embryo.events.insert(name, hours);
+                    embryo.set_event(&row.name, hours);
                 }
                 None => {
-                    embryo.annotations.insert(name, row.value);
+                    embryo.annotations.insert(row.name, row.value);
                 }
             }
         }
