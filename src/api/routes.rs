@@ -221,6 +221,24 @@ const ROUTES: &[Route] = &[
         methods: &[(Method::Put, embryo_score)],
     },
     Route {
+        path: "embryos/{embryo_id}/evaluations",
+        public: false,
+        methods: &[
+            (Method::Get, evaluations_list),
+            (Method::Post, evaluation_post),
+        ],
+    },
+    Route {
+        path: "models",
+        public: false,
+        methods: &[(Method::Get, models_list)],
+    },
+    Route {
+        path: "models/{model_name}",
+        public: false,
+        methods: &[(Method::Get, model_get)],
+    },
+    Route {
         path: "embryos/{embryo_id}/acquisitions",
         public: false,
         methods: &[(Method::Get, acquisitions_list)],
@@ -587,6 +605,91 @@ fn embryo_score(call: &mut Call<'_>) -> Result<Step, Refusal> {
         },
     };
     call.submit(edit, Render::Embryo { embryo_id })
+}
+
+fn evaluations_list(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let embryo_id = call.param(0);
+    call.read(|r| {
+        let results = r
+            .model_results(embryo_id)?
+            .ok_or_else(|| not_found(format!("embryo {embryo_id}")))?;
+        let items: Vec<Value> = results.iter().map(evaluation_json).collect();
+        Ok(Response::json(200, &json!({ "items": items })))
+    })
+}
+
+fn evaluation_post(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let embryo_id = call.param(0).to_string();
+    let body: EvaluationBody = json_body(call.request)?;
+    if body.model.is_empty() || body.model.len() > 128 || body.model.chars().any(char::is_control) {
+        return Err(refuse(
+            422,
+            "invalid_field",
+            "model must be 1 to 128 bytes without control characters".to_string(),
+        ));
+    }
+    if body.version == Some(0) {
+        return Err(refuse(
+            422,
+            "invalid_field",
+            "version counts from 1; leave it out for the newest".to_string(),
+        ));
+    }
+    let expected_version = if_match(call.request)?;
+    let edit = ClinicalEdit::Evaluate {
+        embryo_id: embryo_id.clone(),
+        expected_version,
+        model: body.model,
+        version: body.version,
+    };
+    call.submit(edit, Render::Embryo { embryo_id })
+}
+
+fn models_list(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    call.read(|r| {
+        let items: Vec<Value> = r.models()?.iter().map(model_summary_json).collect();
+        Ok(Response::json(200, &json!({ "items": items })))
+    })
+}
+
+fn model_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let name = call.param(0);
+    let version = match call.request.query_param("version") {
+        None | Some("") => None,
+        Some(text) => Some(number_param::<u32>("version", text)?),
+    };
+    call.read(|r| {
+        let model = r
+            .model(name, version)?
+            .ok_or_else(|| not_found(format!("model {name}")))?;
+        let mut value = model_summary_json(&model);
+        value["document"] = serde_json::from_str(&model.document).unwrap_or(Value::Null);
+        Ok(Response::json(200, &value))
+    })
+}
+
+fn model_summary_json(m: &es_storage::ModelRecord) -> Value {
+    json!({
+        "name": m.name,
+        "version": m.version,
+        "kind": m.kind,
+        "used": m.used,
+        "imported_by": m.imported_by,
+        "imported_at": iso_utc(m.imported_at_ms),
+    })
+}
+
+fn evaluation_json(r: &es_storage::ModelResultRecord) -> Value {
+    json!({
+        "model": r.model,
+        "version": r.version,
+        "outcome": r.outcome,
+        "value": r.value,
+        "rule": r.rule,
+        "variables": r.variables,
+        "set_by": r.set_by,
+        "set_at": iso_utc(r.set_at_ms),
+    })
 }
 
 fn acquisitions_list(call: &mut Call<'_>) -> Result<Step, Refusal> {
@@ -1108,6 +1211,14 @@ struct OutcomeBody {
 #[serde(deny_unknown_fields)]
 struct FateBody {
     fate: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvaluationBody {
+    model: String,
+    #[serde(default)]
+    version: Option<u32>,
 }
 
 #[derive(Deserialize)]

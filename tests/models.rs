@@ -1,0 +1,248 @@
+//! Models on a running server, as a clinic uses them: a model document imported with
+//! `esserver model import`, evaluated through the public API (If-Match, answered with the
+//! embryo and its new version), its result listed with the rule and variables; recomputed when
+//! a viewer changes an annotation; exported and
+//! imported into another server, where the same annotations give the identical result.
+
+mod common;
+
+use common::START_MS;
+use es_loadtest::http_client::HttpClient;
+use es_loadtest::spawn::ServerProcess;
+use es_loadtest::viewer_client::{Credentials, ViewerClient};
+use es_proto::viewer::pb::{self, client_message::Request, server_message::Body};
+use serde_json::{json, Value};
+use std::process::Command;
+
+const PASSWORD: &str = "Models-2026!";
+const MODEL: &str = "Hierarchical after Meseguer 2011";
+
+fn meseguer() -> String {
+    let cases: Value = serde_json::from_str(include_str!("../models/tests/cases.json")).unwrap();
+    serde_json::to_string_pretty(&cases["models"]["meseguer"]).unwrap()
+}
+
+fn esserver(server: &ServerProcess, args: &[&str]) -> std::process::Output {
+    Command::new(common::esserver_path())
+        .args(args)
+        .arg("--data")
+        .arg(server.data_dir())
+        .output()
+        .expect("esserver runs")
+}
+
+/// A server with one dish (3 embryos), a viewer user and a write key.
+fn clinic(serial: &str) -> (ServerProcess, tempfile::TempDir, String) {
+    let (server, dir) = common::spawn(true);
+    common::add_user(&server, "anna", "edit", PASSWORD);
+    common::upload_dish(&server, serial, 2);
+    let key = common::create_api_key(&server, "models test", "write");
+    (server, dir, key)
+}
+
+fn log_in(server: &ServerProcess) -> ViewerClient {
+    ViewerClient::login(
+        server.info.address("viewer"),
+        &server.info.client_tls("viewer"),
+        &Credentials {
+            user: "anna".into(),
+            password: PASSWORD.into(),
+            computer: "VIEWER-1".into(),
+        },
+        common::TIMEOUT,
+    )
+    .unwrap()
+}
+
+fn version(viewer: &mut ViewerClient, embryo_id: &str) -> u64 {
+    match viewer
+        .call(Request::GetEmbryo(pb::GetEmbryo {
+            embryo_id: embryo_id.into(),
+        }))
+        .unwrap()
+    {
+        Body::Embryo(embryo) => embryo.version,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Annotates a timing event at `hours` after insemination (the dish's, START_MS - 1 h).
+fn annotate(viewer: &mut ViewerClient, embryo_id: &str, name: &str, hours: f64) {
+    let expected_version = version(viewer, embryo_id);
+    let request = Request::AddAnnotation(pb::AddAnnotation {
+        embryo_id: embryo_id.into(),
+        expected_version,
+        annotation: Some(pb::AnnotationInput {
+            name: name.into(),
+            value: String::new(),
+            event_at_ms: START_MS - 3_600_000 + (hours * 3_600_000.0).round() as i64,
+            has_event: true,
+            source: "manual".into(),
+        }),
+    });
+    viewer.call(request).unwrap();
+}
+
+struct Api {
+    http: HttpClient,
+    auth: String,
+}
+
+impl Api {
+    fn new(server: &ServerProcess, key: &str) -> Api {
+        Api {
+            http: HttpClient::new(
+                server.info.address("public-api"),
+                server.info.client_tls("public-api"),
+                common::TIMEOUT,
+            ),
+            auth: format!("Bearer {key}"),
+        }
+    }
+
+    fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut all = vec![("authorization", self.auth.as_str())];
+        all.extend_from_slice(headers);
+        let body = body.map(|b| b.to_string());
+        if body.is_some() {
+            all.push(("content-type", "application/json"));
+        }
+        let response = self
+            .http
+            .request(method, path, &all, body.as_deref().map(str::as_bytes))
+            .unwrap();
+        (response.status, response.json())
+    }
+}
+
+/// Evaluates the model on `embryo_id` through the API; returns its result.
+fn evaluate(api: &mut Api, embryo_id: &str) -> Value {
+    let path = format!("/api/v1/embryos/{embryo_id}");
+    let (status, embryo) = api.call("GET", &path, &[], None);
+    assert_eq!(status, 200, "{embryo}");
+    let etag = format!("\"{}\"", embryo["version"]);
+    let (status, answer) = api.call(
+        "POST",
+        &format!("{path}/evaluations"),
+        &[("if-match", etag.as_str())],
+        Some(json!({ "model": MODEL })),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["version"], embryo["version"].as_u64().unwrap() + 1);
+    result(api, embryo_id)
+}
+
+fn result(api: &mut Api, embryo_id: &str) -> Value {
+    let (status, list) = api.call(
+        "GET",
+        &format!("/api/v1/embryos/{embryo_id}/evaluations"),
+        &[],
+        None,
+    );
+    assert_eq!(status, 200, "{list}");
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["model"] == MODEL)
+        .cloned()
+        .expect("a result of the model")
+}
+
+#[test]
+fn a_model_is_imported_evaluated_recomputed_and_gives_the_same_result_on_another_server() {
+    let (server, dir, key) = clinic("MD-1");
+    let file = dir.path().join("meseguer.json");
+    std::fs::write(&file, meseguer()).unwrap();
+    let imported = esserver(&server, &["model", "import", file.to_str().unwrap()]);
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    assert!(String::from_utf8_lossy(&imported.stdout).contains("version 1 imported"));
+    // A mistaken document is named with its place, and nothing is imported.
+    std::fs::write(
+        &file,
+        meseguer().replace("\"below\": 0.77", "\"below\": \"x\""),
+    )
+    .unwrap();
+    let refused = esserver(&server, &["model", "import", file.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("invalid model: line"));
+
+    // Case M1's timings on embryo 1, through a viewer.
+    let embryo_id = "MD-1_S1_P-1";
+    let mut viewer = log_in(&server);
+    for (name, hours) in [("t2", 26.1), ("t3", 37.4), ("t4", 38.0), ("t5", 50.2)] {
+        annotate(&mut viewer, embryo_id, name, hours);
+    }
+    let mut api = Api::new(&server, &key);
+    let first = evaluate(&mut api, embryo_id);
+    assert_eq!(first["value"], "A+", "{first}");
+    assert_eq!(first["version"], 1);
+    assert_eq!(first["variables"]["s2"], 0.6);
+    assert_eq!(
+        first["rule"],
+        "t5 in [48.8, 56.61) -> s2 < 0.77 -> cc2 < 11.91 -> A+"
+    );
+    // The version used is marked so: it never changes again.
+    let (status, models) = api.call("GET", "/api/v1/models", &[], None);
+    assert_eq!(status, 200);
+    assert_eq!(models["items"][0]["used"], true, "{models}");
+
+    // A viewer changes an input: the result follows (t5 late: out of the range, C+).
+    annotate(&mut viewer, embryo_id, "t5", 58.0);
+    let after = result(&mut api, embryo_id);
+    assert_eq!(after["value"], "C+", "{after}");
+    assert_eq!(after["set_by"], "anna");
+
+    // Exported, imported into another server: the same annotations give the same result.
+    let exported = dir.path().join("exported.json");
+    let export = esserver(
+        &server,
+        &[
+            "model",
+            "export",
+            MODEL,
+            "--out",
+            exported.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let (other, _other_dir, other_key) = clinic("MD-1");
+    let imported = esserver(&other, &["model", "import", exported.to_str().unwrap()]);
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let mut other_viewer = log_in(&other);
+    for (name, hours) in [
+        ("t2", 26.1),
+        ("t3", 37.4),
+        ("t4", 38.0),
+        ("t5", 50.2),
+        ("t5", 58.0),
+    ] {
+        annotate(&mut other_viewer, embryo_id, name, hours);
+    }
+    let mut other_api = Api::new(&other, &other_key);
+    let there = evaluate(&mut other_api, embryo_id);
+    for field in ["value", "rule", "variables", "version", "outcome"] {
+        assert_eq!(there[field], after[field], "{field}");
+    }
+    let list = esserver(&other, &["model", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list["models"].as_array().unwrap().len(), 1);
+}
