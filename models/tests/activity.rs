@@ -1,0 +1,159 @@
+//! Synthetic time-lapse series with divisions at chosen acquisitions (generated here: textured
+//! blastomeres on a noisy background, a cell replaced by two smaller ones at each division):
+//! the activity curve peaks within one acquisition of every division and nowhere else, and the
+//! proposed t2-t5 are within one acquisition interval of the true times.
+
+use es_models::activity::{activity, peaks, propose, Grey, Point};
+
+const SIDE: usize = 160;
+const INTERVAL_MS: i64 = 10 * 60 * 1000;
+const INSEMINATION_MS: i64 = 1_700_000_000_000;
+/// The first acquisition, 20 h after insemination.
+const FIRST_MS: i64 = INSEMINATION_MS + 20 * 3_600_000;
+
+/// (x, y, radius) of each blastomere.
+type Cell = (f64, f64, f64);
+
+/// The cells after the divisions at or before `frame`: each division splits the largest cell
+/// into two of 0.8 its radius, side by side (alternately left-right and top-bottom).
+fn cells_at(frame: usize, divisions: &[usize]) -> Vec<Cell> {
+    let mut cells: Vec<Cell> = vec![(SIDE as f64 / 2.0, SIDE as f64 / 2.0, 34.0)];
+    for (n, &at) in divisions.iter().enumerate() {
+        if at > frame {
+            break;
+        }
+        let largest = (0..cells.len())
+            .max_by(|&a, &b| cells[a].2.total_cmp(&cells[b].2))
+            .unwrap();
+        let (x, y, r) = cells.remove(largest);
+        let (dx, dy) = if n % 2 == 0 {
+            (0.55 * r, 0.0)
+        } else {
+            (0.0, 0.55 * r)
+        };
+        cells.push((x - dx, y - dy, 0.8 * r));
+        cells.push((x + dx, y + dy, 0.8 * r));
+    }
+    cells
+}
+
+/// One frame: background 90, cells about 170 with a fixed texture, and per-frame noise of up
+/// to +-3 grey levels (deterministic).
+fn frame(index: usize, divisions: &[usize]) -> Vec<u8> {
+    let cells = cells_at(index, divisions);
+    let mut state = (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut pixels = vec![0u8; SIDE * SIDE];
+    for y in 0..SIDE {
+        for x in 0..SIDE {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let noise = (state % 7) as i32 - 3;
+            let inside = cells.iter().any(|&(cx, cy, r)| {
+                let (dx, dy) = (x as f64 - cx, y as f64 - cy);
+                dx * dx + dy * dy <= r * r
+            });
+            let base = if inside {
+                165 + ((x * 7 + y * 13) % 11) as i32
+            } else {
+                90
+            };
+            pixels[y * SIDE + x] = (base + noise).clamp(0, 255) as u8;
+        }
+    }
+    pixels
+}
+
+fn curve(frames: usize, divisions: &[usize]) -> Vec<Point> {
+    let images: Vec<Vec<u8>> = (0..frames).map(|i| frame(i, divisions)).collect();
+    let grey = |i: usize| Grey {
+        width: SIDE,
+        height: SIDE,
+        pixels: &images[i],
+    };
+    (1..frames)
+        .map(|i| Point {
+            acquired_at_ms: FIRST_MS + i as i64 * INTERVAL_MS,
+            activity: activity(&grey(i - 1), &grey(i)).unwrap(),
+        })
+        .collect()
+}
+
+fn hours_at(frame: usize) -> f64 {
+    (FIRST_MS + frame as i64 * INTERVAL_MS - INSEMINATION_MS) as f64 / 3_600_000.0
+}
+
+#[test]
+fn peaks_fall_on_the_divisions_and_propose_t2_to_t5() {
+    for divisions in [[40, 52, 55, 70], [12, 30, 33, 36], [60, 75, 90, 110]] {
+        let curve = curve(130, &divisions);
+        let found: Vec<usize> = peaks(&curve)
+            .into_iter()
+            .map(|i| {
+                // Curve point i is the change into frame i + 1.
+                i + 1
+            })
+            .collect();
+        assert_eq!(
+            found.len(),
+            divisions.len(),
+            "{divisions:?}: peaks at {found:?}"
+        );
+        for (got, want) in found.iter().zip(divisions) {
+            assert!(
+                got.abs_diff(want) <= 1,
+                "{divisions:?}: peak at {got}, division at {want}"
+            );
+        }
+        let proposed = propose(&curve, INSEMINATION_MS);
+        let interval_h = INTERVAL_MS as f64 / 3_600_000.0;
+        for (name, got, division) in [
+            ("t2", proposed.t2, divisions[0]),
+            ("t3", proposed.t3, divisions[1]),
+            ("t4", proposed.t4, divisions[2]),
+            ("t5", proposed.t5, divisions[3]),
+        ] {
+            let got = got.unwrap_or_else(|| panic!("{divisions:?}: no {name}"));
+            let want = hours_at(division);
+            assert!(
+                (got - want).abs() <= interval_h + 1e-9,
+                "{divisions:?}: {name} proposed at {got} h, divided at {want} h"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_still_series_has_no_peaks_and_mismatched_frames_are_refused() {
+    let curve = curve(60, &[]);
+    assert!(peaks(&curve).is_empty(), "noise alone made peaks");
+    assert_eq!(propose(&curve, INSEMINATION_MS).t2, None);
+    let a = vec![0u8; 100];
+    let b = vec![0u8; 99];
+    let small = Grey {
+        width: 10,
+        height: 10,
+        pixels: &a,
+    };
+    let short = Grey {
+        width: 10,
+        height: 10,
+        pixels: &b,
+    };
+    assert!(activity(&small, &short).is_err());
+    let other = Grey {
+        width: 5,
+        height: 20,
+        pixels: &a,
+    };
+    assert!(activity(&small, &other).is_err());
+    // Identical frames: no change; inverted: the most change.
+    assert_eq!(activity(&small, &small).unwrap(), 0.0);
+    let white = vec![255u8; 100];
+    let inverted = Grey {
+        width: 10,
+        height: 10,
+        pixels: &white,
+    };
+    assert_eq!(activity(&small, &inverted).unwrap(), 1.0);
+}
