@@ -70,6 +70,34 @@ pub fn signed_license_file() -> Vec<u8> {
     .into_bytes()
 }
 
+/// Checks arbitrary bytes as a model document (`es_models`): a refusal names where and why;
+/// an accepted model survives export and import unchanged and evaluates without panicking, on
+/// an embryo whose timings and annotations come from the same bytes, to an outcome whose
+/// score (if any) is a finite number.
+pub fn model_document(data: &[u8]) {
+    let model = match es_models::Model::from_json(data) {
+        Ok(model) => model,
+        Err(error) => {
+            assert!(!error.at.is_empty() && !error.message.is_empty());
+            assert_eq!(error.code(), "invalid_model");
+            return;
+        }
+    };
+    let again = es_models::Model::from_json(model.to_json().as_bytes()).expect("exported");
+    assert_eq!(again, model);
+    let mut embryo = es_models::Embryo::default();
+    for (index, byte) in data.iter().take(64).enumerate() {
+        let event = es_models::EVENTS[index % es_models::EVENTS.len()];
+        embryo.set_event(event, f64::from(*byte) / 2.0);
+    }
+    embryo.annotations.insert("MN4".into(), "yes".into());
+    let evaluation = model.evaluate(&embryo);
+    if let es_models::Outcome::Score(score) = evaluation.outcome {
+        assert!(score.is_finite(), "{evaluation:?}");
+    }
+    assert!(!evaluation.rule.is_empty());
+}
+
 /// Checks arbitrary bytes as a licence file (first byte: the clock and whether a demo
 /// licence is allowed), and again as the content of a file with a valid signature, so that
 /// the parsing of what is signed is reached too. Every refusal has a code and a reason; an
@@ -188,6 +216,34 @@ mod tests {
                 "seed {seed:#x} case {case}: {:?}",
                 String::from_utf8_lossy(&bytes)
             );
+        }
+    }
+
+    #[test]
+    fn twin_model_document_random_and_mutated_files() {
+        let seed = 0x0de1_5eed_u64;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let cases: serde_json::Value =
+            serde_json::from_str(include_str!("../models/tests/cases.json")).unwrap();
+        let valid: Vec<Vec<u8>> = cases["models"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|model| serde_json::to_vec(model).unwrap())
+            .collect();
+        let alphabet = b"{}[]\":,.-0123456789eE truefalsnulcategoryvariableat_leastbelow";
+        for case in 0..3000 {
+            let mut bytes = valid[case % valid.len()].clone();
+            mutate(&mut rng, &mut bytes, alphabet);
+            let outcome = std::panic::catch_unwind(|| model_document(&bytes));
+            assert!(
+                outcome.is_ok(),
+                "seed {seed:#x} case {case}: {:?}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        for model in &valid {
+            model_document(model);
         }
     }
 

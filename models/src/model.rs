@@ -689,6 +689,16 @@ impl Terms {
             parts.push(format!("{} ({how})", round_score(contribution)));
         }
         let score = round_score(result);
+        if !score.is_finite() {
+            return Evaluation {
+                outcome: Outcome::NotAvailable(format!(
+                    "the score is not a finite number ({})",
+                    parts.join(operator)
+                )),
+                rule: "the terms overflow".into(),
+                variables: used,
+            };
+        }
         Evaluation {
             outcome: Outcome::Score(score),
             rule: format!("{} = {score}", parts.join(operator)),
@@ -756,6 +766,27 @@ mod tests {
         .unwrap_err();
         assert!(error.message.contains("exclusion"), "{error}");
         assert!(error.at.starts_with("line 1"), "{error}");
+    }
+
+    #[test]
+    fn a_score_that_overflows_is_not_available() {
+        let terms: Vec<String> = (0..4)
+            .map(|_| r#"{"variable": "t2", "coefficient": 1e308}"#.to_string())
+            .collect();
+        let document = format!(
+            r#"{{"format": "esserver-model/1", "name": "m", "rule": {{"multiplicative": {{"terms": [{}]}}}}}}"#,
+            terms.join(",")
+        );
+        let model = parse(&document).unwrap();
+        let embryo = Embryo {
+            events: [("t2".to_string(), 26.0)].into(),
+            ..Embryo::default()
+        };
+        let evaluation = model.evaluate(&embryo);
+        assert!(
+            matches!(evaluation.outcome, Outcome::NotAvailable(_)),
+            "{evaluation:?}"
+        );
     }
 
     #[test]
