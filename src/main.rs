@@ -1163,6 +1163,16 @@ fn model(action: ModelAction) -> Result<ExitCode, String> {
     use esserver::control::ModelRequest;
     match action {
         ModelAction::Import { file, common } => {
+            let bytes = std::fs::metadata(&file)
+                .map_err(|error| format!("cannot read {}: {error}", file.display()))?
+                .len();
+            let most = es_models::model::limits::DOCUMENT_BYTES_MAX as u64;
+            if bytes > most {
+                return Err(format!(
+                    "{} is {bytes} bytes; a model document is at most {most}",
+                    file.display()
+                ));
+            }
             let document = std::fs::read_to_string(&file)
                 .map_err(|error| format!("cannot read {}: {error}", file.display()))?;
             // Checked here first, so a mistake is named with its place before anything is sent.

@@ -119,9 +119,24 @@ pub fn peaks(curve: &[Point]) -> Vec<usize> {
     if curve.len() < 3 {
         return Vec::new();
     }
-    let values: Vec<f64> = curve.iter().map(|p| p.activity).collect();
-    let median = median(&values);
-    let deviations: Vec<f64> = values.iter().map(|v| (v - median).abs()).collect();
+    // A value that is not a number (a frame that could not be compared) is no peak and does
+    // not hide its neighbours.
+    let values: Vec<f64> = curve
+        .iter()
+        .map(|p| {
+            if p.activity.is_finite() {
+                p.activity
+            } else {
+                f64::MIN
+            }
+        })
+        .collect();
+    let finite: Vec<f64> = values.iter().copied().filter(|v| *v > f64::MIN).collect();
+    if finite.len() < 3 {
+        return Vec::new();
+    }
+    let median = median(&finite);
+    let deviations: Vec<f64> = finite.iter().map(|v| (v - median).abs()).collect();
     let spread = median_of(deviations);
     let threshold = median + (PEAK_SPREADS * spread).max(PEAK_FLOOR);
     (0..values.len())
@@ -163,7 +178,7 @@ pub fn propose(curve: &[Point], insemination_at_ms: i64) -> Proposed {
         .into_iter()
         .map(|i| {
             crate::variables::round_hours(
-                (curve[i].acquired_at_ms - insemination_at_ms) as f64 / 3_600_000.0,
+                curve[i].acquired_at_ms.saturating_sub(insemination_at_ms) as f64 / 3_600_000.0,
             )
         })
         .filter(|hours| *hours >= 0.0)

@@ -45,6 +45,9 @@ pub mod limits {
     pub const ANNOTATION_NAME_BYTES_MAX: usize = 64;
     pub const ANNOTATION_VALUE_BYTES_MAX: usize = 128;
     pub const ONE_OF_VALUES_MAX: usize = 32;
+    /// Every number of a document (bounds, values, coefficients, bases, scores) is at most this
+    /// in size.
+    pub const NUMBER_ABS_MAX: f64 = 1e9;
 }
 
 /// A model document.
@@ -297,6 +300,8 @@ impl Model {
     /// Applies the model to `embryo`. The model must be valid ([`Model::validate`]).
     pub fn evaluate(&self, embryo: &Embryo) -> Evaluation {
         let mut used = BTreeMap::new();
+        // The first exclusion that holds decides, even after one that cannot be decided.
+        let mut undecided: Option<(&Exclusion, String)> = None;
         for exclusion in &self.exclusions {
             match exclusion.when.test(embryo, &mut used) {
                 Truth::Yes => {
@@ -317,13 +322,16 @@ impl Model {
                 }
                 Truth::No => {}
                 Truth::Unknown(reason) => {
-                    return Evaluation {
-                        outcome: Outcome::NotAvailable(reason.clone()),
-                        rule: format!("exclusion {} cannot be decided: {reason}", exclusion.name),
-                        variables: used,
-                    };
+                    undecided.get_or_insert((exclusion, reason));
                 }
             }
+        }
+        if let Some((exclusion, reason)) = undecided {
+            return Evaluation {
+                outcome: Outcome::NotAvailable(reason.clone()),
+                rule: format!("exclusion {} cannot be decided: {reason}", exclusion.name),
+                variables: used,
+            };
         }
         match &self.rule {
             Rule::Hierarchical(node) => node.evaluate(embryo, used),
@@ -344,10 +352,13 @@ fn text(at: &str, value: &str, bytes_max: usize) -> Result<(), ModelError> {
 }
 
 fn finite(at: &str, value: f64) -> Result<(), ModelError> {
-    if value.is_finite() {
+    if value.is_finite() && value.abs() <= limits::NUMBER_ABS_MAX {
         Ok(())
     } else {
-        Err(ModelError::new(at, "must be a finite number"))
+        Err(ModelError::new(
+            at,
+            format!("must be a number from -{0} to {0}", limits::NUMBER_ABS_MAX),
+        ))
     }
 }
 
@@ -488,11 +499,14 @@ impl Condition {
                 Variable::NotAvailable(reason) => Truth::Unknown(format!("{name}: {reason}")),
             };
         }
+        // Names and values are compared trimmed and without regard to case (`MN4` = `mn4`,
+        // `Yes` = `yes`).
         let name = self.annotation.as_deref().unwrap_or_default();
-        let value = embryo.annotations.get(name);
+        let value = embryo.annotation(name);
+        let same = |a: &str, b: &str| a.trim().eq_ignore_ascii_case(b.trim());
         let holds = match (&self.equals, &self.one_of, self.present) {
-            (Some(expected), _, _) => value == Some(expected),
-            (_, Some(values), _) => value.is_some_and(|v| values.contains(v)),
+            (Some(expected), _, _) => value.is_some_and(|v| same(v, expected)),
+            (_, Some(values), _) => value.is_some_and(|v| values.iter().any(|x| same(v, x))),
             (_, _, Some(present)) => value.is_some() == present,
             _ => false,
         };
@@ -707,9 +721,9 @@ impl Terms {
     }
 }
 
-/// Rounds a score to 4 decimals.
+/// Rounds a score to 4 decimals (and -0 to 0).
 pub fn round_score(score: f64) -> f64 {
-    (score * 10_000.0).round() / 10_000.0
+    (score * 10_000.0).round() / 10_000.0 + 0.0
 }
 
 #[cfg(test)]
@@ -770,8 +784,8 @@ mod tests {
 
     #[test]
     fn a_score_that_overflows_is_not_available() {
-        let terms: Vec<String> = (0..4)
-            .map(|_| r#"{"variable": "t2", "coefficient": 1e308}"#.to_string())
+        let terms: Vec<String> = (0..40)
+            .map(|_| r#"{"variable": "t2", "coefficient": 1e9}"#.to_string())
             .collect();
         let document = format!(
             r#"{{"format": "esserver-model/1", "name": "m", "rule": {{"multiplicative": {{"terms": [{}]}}}}}}"#,
@@ -779,7 +793,7 @@ mod tests {
         );
         let model = parse(&document).unwrap();
         let embryo = Embryo {
-            events: [("t2".to_string(), 26.0)].into(),
+            events: [("t2".to_string(), 10_000.0)].into(),
             ..Embryo::default()
         };
         let evaluation = model.evaluate(&embryo);
@@ -787,6 +801,51 @@ mod tests {
             matches!(evaluation.outcome, Outcome::NotAvailable(_)),
             "{evaluation:?}"
         );
+    }
+
+    #[test]
+    fn numbers_are_bounded_and_annotations_match_without_regard_to_case() {
+        let error = parse(
+            r#"{"format": "esserver-model/1", "name": "m", "exclusions": [{"name": "x", "when": {"annotation": "MN4", "equals": "yes"}, "score": 1e306}], "rule": {"additive": {"terms": [{"variable": "cc2", "coefficient": 1}]}}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(error.at, "$.exclusions[0].score", "{error}");
+        let model = parse(&hierarchical(
+            r#"{"if": {"annotation": "MN4", "equals": "yes"}, "then": {"category": "E"}, "else": {"category": "A"}}"#,
+        ))
+        .unwrap();
+        let mut embryo = Embryo::default();
+        // A finding saved with a time is still a finding; its name and value match loosely.
+        embryo.add_annotation("mn4", " Yes", Some(40.0));
+        assert_eq!(
+            model.evaluate(&embryo).outcome,
+            Outcome::Category("E".into())
+        );
+        // The latest of a name wins.
+        embryo.add_annotation("t2", "", Some(25.0));
+        embryo.add_annotation("T2", "", Some(26.0));
+        assert_eq!(embryo.variable("t2"), crate::Variable::Hours(26.0));
+    }
+
+    #[test]
+    fn a_decisive_exclusion_wins_over_one_that_cannot_be_decided() {
+        let model = parse(
+            r#"{"format": "esserver-model/1", "name": "m", "exclusions": [
+                {"name": "direct", "when": {"variable": "cc2", "below": 5}, "category": "E"},
+                {"name": "mn", "when": {"annotation": "MN4", "equals": "yes"}, "category": "E"}],
+                "rule": {"hierarchical": {"category": "A"}}}"#,
+        )
+        .unwrap();
+        let mut embryo = Embryo::default();
+        embryo.add_annotation("MN4", "yes", None);
+        let evaluation = model.evaluate(&embryo);
+        assert_eq!(evaluation.outcome, Outcome::Category("E".into()));
+        assert!(evaluation.rule.contains("mn"), "{}", evaluation.rule);
+        embryo.annotations.clear();
+        assert!(matches!(
+            model.evaluate(&embryo).outcome,
+            Outcome::NotAvailable(_)
+        ));
     }
 
     #[test]

@@ -99,6 +99,31 @@ impl Embryo {
         self.events.insert(name, hours);
     }
 
+    /// Records an annotation as the models see it: a timing event (its name is one of
+    /// [`EVENTS`], without regard to case, and it has a time) at `hours` after t0, or else a
+    /// finding with its value. Feed annotations oldest first: a later one of the same name
+    /// replaces an earlier one.
+    pub fn add_annotation(&mut self, name: &str, value: &str, hours: Option<f64>) {
+        let timing = EVENTS.iter().any(|event| event.eq_ignore_ascii_case(name));
+        match hours {
+            Some(hours) if timing => self.set_event(name, hours),
+            _ => {
+                self.annotations.insert(name.to_string(), value.to_string());
+            }
+        }
+    }
+
+    /// The value of finding `name` (without regard to case, the latest added).
+    pub fn annotation(&self, name: &str) -> Option<&str> {
+        if let Some(value) = self.annotations.get(name) {
+            return Some(value);
+        }
+        self.annotations
+            .iter()
+            .find(|(key, _)| key.trim().eq_ignore_ascii_case(name.trim()))
+            .map(|(_, value)| value.as_str())
+    }
+
     /// The variable `name`: a timing event as annotated, or a derived interval.
     pub fn variable(&self, name: &str) -> Variable {
         if let Some((_, later, earlier)) = DERIVED.iter().find(|(derived, _, _)| *derived == name) {

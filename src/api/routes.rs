@@ -1563,16 +1563,11 @@ fn annotation_json(a: &AnnotationRecord) -> Value {
 /// (names matched without regard to case) in hours after insemination, and the latest value of
 /// each other annotation.
 pub fn model_inputs(annotations: &[AnnotationRecord]) -> es_models::Embryo {
+    let mut ordered: Vec<&AnnotationRecord> = annotations.iter().collect();
+    ordered.sort_by_key(|a| (a.set_at_ms, a.annotation_id));
     let mut embryo = es_models::Embryo::default();
-    for annotation in annotations {
-        match annotation.hours {
-            Some(hours) => embryo.set_event(&annotation.name, hours),
-            None => {
-                embryo
-                    .annotations
-                    .insert(annotation.name.clone(), annotation.value.clone());
-            }
-        }
+    for annotation in ordered {
+        embryo.add_annotation(&annotation.name, &annotation.value, annotation.hours);
     }
     embryo
 }

@@ -40,6 +40,8 @@ pub const OUTCOME_COUNT_MAX: u32 = 16;
 pub const PRUNE_IDEMPOTENCY_PER_BATCH_MAX: u64 = 256;
 /// Scores (one per model) one embryo may carry.
 pub const SCORES_PER_EMBRYO_MAX: u64 = 64;
+/// Model results one embryo may have (one per model).
+pub const MODEL_RESULTS_PER_EMBRYO_MAX: u64 = 64;
 
 /// Source addresses whose failed logins are tracked per user (`login_failures`); past it the
 /// least recent is forgotten.

@@ -32,6 +32,7 @@ pub(crate) fn verify(
     check_wells(txn, &mut report)?;
     check_changes(txn, &state, &mut report)?;
     check_audit(txn, &state, &mut report)?;
+    check_model_results(txn, &mut report)?;
     check_counters(txn, &state, &image_totals, &mut report)?;
     Ok(report.finish(image_totals.images))
 }
@@ -496,6 +497,46 @@ fn check_audit(
             expected.saturating_sub(1),
             state.audit_last_seq
         ));
+    }
+    Ok(())
+}
+
+/// Every model result names an embryo that exists and a model version that exists and is
+/// marked used.
+fn check_model_results(txn: &ReadTransaction, report: &mut Report) -> Result<(), StorageError> {
+    let results = txn.open_table(tables::MODEL_RESULTS)?;
+    let models = txn.open_table(tables::MODELS)?;
+    let embryos = txn.open_table(tables::EMBRYO_BY_KEY)?;
+    for entry in results.range::<(u64, &str)>(..)? {
+        let (key, value) = entry?;
+        let (embryo_key, name) = key.value();
+        let row: tables::ModelResultRow = match decode(value.value(), "model result") {
+            Ok(row) => row,
+            Err(error) => {
+                report.problem(format!("model result of embryo key {embryo_key}: {error}"));
+                continue;
+            }
+        };
+        if embryos.get(embryo_key)?.is_none() {
+            report.problem(format!(
+                "a result of model {name} names embryo key {embryo_key}, which does not exist"
+            ));
+        }
+        match models.get((name, row.version))? {
+            None => report.problem(format!(
+                "a result of embryo key {embryo_key} names model {name} version {}, which does \
+                 not exist",
+                row.version
+            )),
+            Some(model) => match decode::<tables::ModelRow>(model.value(), "model") {
+                Ok(model) if model.used => {}
+                Ok(_) => report.problem(format!(
+                    "model {name} version {} has results but is not marked used",
+                    row.version
+                )),
+                Err(error) => report.problem(format!("model {name}: {error}")),
+            },
+        }
     }
     Ok(())
 }

@@ -123,6 +123,25 @@ fn evaluations_are_stored_versioned_mirrored_and_recomputed_when_an_input_change
     assert!(!models[0].used && models[1].used, "{models:?}");
     assert_eq!(reader.model(name, None).unwrap().unwrap().document, changed);
     drop(reader);
+    // The model's score is the server's: a person cannot set it over the result.
+    let overwrite = edit(
+        &writer,
+        "anna",
+        ClinicalEdit::SetScore {
+            embryo_id: "EB1".into(),
+            expected_version: version,
+            score: ScoreInput {
+                model: name.into(),
+                model_version: "x".into(),
+                value: "A-".into(),
+                viability: String::new(),
+            },
+        },
+    );
+    assert!(
+        matches!(overwrite, Err(WriteError::InvalidInput(_))),
+        "{overwrite:?}"
+    );
 
     // An annotation changes: the result follows in the same transaction (t4 38.6: s2 1.2).
     let t4 = store

@@ -965,6 +965,18 @@ impl Batch<'_> {
                 (None, format!("comment of embryo {embryo_id} changed"))
             }
             ClinicalEdit::SetScore { score, .. } => {
+                if self
+                    .model_results
+                    .get((embryo_key, score.model.as_str()))?
+                    .is_some()
+                {
+                    return Ok(Err(WriteError::InvalidInput(format!(
+                        "the {} score of embryo {embryo_id} is the result of the clinic's model \
+                         of that name, computed from the embryo's annotations: evaluate the \
+                         model again instead",
+                        score.model
+                    ))));
+                }
                 let value = ScoreRow {
                     model_version: score.model_version.clone(),
                     value: score.value.clone(),

@@ -113,24 +113,24 @@ impl Batch<'_> {
                 )))
             }
         };
-        // In the order they were made (annotation ids grow): the latest of each name wins, as
-        // in the REST API's derived variables.
-        let mut embryo = es_models::Embryo::default();
+        // Oldest edit first, so the latest edit of each name wins (as in the REST API's derived
+        // variables).
+        let mut rows = Vec::new();
         for entry in self
             .annotations
             .range((embryo_key, 0)..=(embryo_key, u64::MAX))?
         {
-            let (_, value) = entry?;
+            let (key, value) = entry?;
             let row: AnnotationRow = decode(value.value(), "annotation")?;
-            match row.event_at_ms {
-                Some(at) => {
-                    let hours = (at - dish.insemination_at_ms) as f64 / HOUR_MS;
-                    embryo.set_event(&row.name, hours);
-                }
-                None => {
-                    embryo.annotations.insert(row.name, row.value);
-                }
-            }
+            rows.push((row.set_at_ms, key.value().1, row));
+        }
+        rows.sort_by_key(|(at, id, _)| (*at, *id));
+        let mut embryo = es_models::Embryo::default();
+        for (_, _, row) in rows {
+            let hours = row
+                .event_at_ms
+                .map(|at| (at - dish.insemination_at_ms) as f64 / HOUR_MS);
+            embryo.add_annotation(&row.name, &row.value, hours);
         }
         Ok(embryo)
     }
@@ -154,6 +154,14 @@ impl Batch<'_> {
                 },
             ))));
         };
+        if self.model_results.get((embryo_key, name))?.is_none() {
+            let count = self.result_models(embryo_key)?.len() as u64;
+            if count >= crate::limits::MODEL_RESULTS_PER_EMBRYO_MAX {
+                return Ok(Err(WriteError::InvalidInput(format!(
+                    "embryo {embryo_id} has results of {count} models, the most it may have"
+                ))));
+            }
+        }
         let evaluation = self.evaluate_row(embryo_key, name, &row)?;
         let summary = format!(
             "{name} v{version} of embryo {embryo_id}: {}",
@@ -174,21 +182,27 @@ impl Batch<'_> {
         name: &str,
         row: &ModelRow,
     ) -> Result<Evaluation, StorageError> {
-        let model = Model::from_json(row.document.as_bytes()).map_err(|error| {
-            StorageError::Corrupt(format!("stored model {name} does not parse: {error}"))
-        })?;
+        // A stored document this version cannot read (a newer format, say) gives a result not
+        // available, never a failed edit of the embryo.
+        let model = match Model::from_json(row.document.as_bytes()) {
+            Ok(model) => model,
+            Err(error) => {
+                tracing::error!(model = name, %error, "a stored model cannot be read");
+                return Ok(Evaluation {
+                    outcome: Outcome::NotAvailable(format!(
+                        "the stored model cannot be read: {error}"
+                    )),
+                    rule: "model unreadable".into(),
+                    variables: Default::default(),
+                });
+            }
+        };
         Ok(model.evaluate(&self.model_inputs(embryo_key)?))
     }
 
-    /// Evaluates every model the embryo has a result of again, with the version it was
-    /// evaluated with: after one of its inputs (an annotation) changed.
-    pub(super) fn recompute_results(
-        &mut self,
-        actor: &Actor,
-        embryo_key: u64,
-        at_ms: i64,
-    ) -> Result<(), StorageError> {
-        let mut current = Vec::new();
+    /// The models the embryo has results of, with the version each was evaluated with.
+    fn result_models(&self, embryo_key: u64) -> Result<Vec<(String, u32)>, StorageError> {
+        let mut out = Vec::new();
         for entry in self
             .model_results
             .range((embryo_key, "")..(embryo_key.saturating_add(1), ""))?
@@ -199,9 +213,20 @@ impl Batch<'_> {
                 break;
             }
             let row: ModelResultRow = decode(value.value(), "model result")?;
-            current.push((name.to_string(), row.version));
+            out.push((name.to_string(), row.version));
         }
-        for (name, version) in current {
+        Ok(out)
+    }
+
+    /// Evaluates every model the embryo has a result of again, with the version it was
+    /// evaluated with: after one of its inputs (an annotation) changed.
+    pub(super) fn recompute_results(
+        &mut self,
+        actor: &Actor,
+        embryo_key: u64,
+        at_ms: i64,
+    ) -> Result<(), StorageError> {
+        for (name, version) in self.result_models(embryo_key)? {
             let Some((version, row)) = self.model_version(&name, Some(version))? else {
                 return Err(StorageError::Corrupt(format!(
                     "a result names model {name} version {version}, which is missing"
@@ -230,18 +255,39 @@ impl Batch<'_> {
             Outcome::Score(score) => (OUTCOME_SCORE, score.to_string()),
             Outcome::NotAvailable(reason) => (OUTCOME_NOT_AVAILABLE, reason.clone()),
         };
+        let key = (embryo_key, name);
+        let previous: Option<ModelResultRow> = match self.model_results.get(key)? {
+            Some(row) => Some(decode(row.value(), "model result")?),
+            None => None,
+        };
+        let variables: Vec<(String, f64)> = evaluation.variables.into_iter().collect();
+        if let Some(previous) = &previous {
+            let same = previous.version == version
+                && previous.outcome == outcome
+                && previous.value == value
+                && previous.rule == evaluation.rule
+                && previous.variables == variables;
+            if same {
+                // Recomputed to the same result: who evaluated and when stay.
+                return Ok(());
+            }
+        }
         let row = ModelResultRow {
             version,
             outcome,
             value: value.clone(),
             rule: evaluation.rule,
-            variables: evaluation.variables.into_iter().collect(),
+            variables,
             set_by: actor.user.clone(),
             set_at_ms: at_ms,
         };
-        self.model_results
-            .insert((embryo_key, name), encode(&row).as_slice())?;
-        let key = (embryo_key, name);
+        self.model_results.insert(key, encode(&row).as_slice())?;
+        // The embryo's score of the model mirrors the result, unless a person set a score of
+        // that name before the model was evaluated (it is theirs: left as it is).
+        let mirrored = previous.is_some() || self.scores.get(key)?.is_none();
+        if !mirrored {
+            return Ok(());
+        }
         if outcome == OUTCOME_NOT_AVAILABLE {
             if self.scores.remove(key)?.is_some() {
                 self.state.scores = self.state.scores.saturating_sub(1);
@@ -249,6 +295,13 @@ impl Batch<'_> {
             return Ok(());
         }
         if self.scores.get(key)?.is_none() {
+            let scores = self
+                .scores
+                .range((embryo_key, "")..(embryo_key.saturating_add(1), ""))?
+                .count() as u64;
+            if scores >= crate::limits::SCORES_PER_EMBRYO_MAX {
+                return Ok(());
+            }
             self.state.scores += 1;
         }
         let score = ScoreRow {
