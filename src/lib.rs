@@ -7,6 +7,7 @@
 //! command line. It holds no socket loops (es-net) and no redb details (es-storage).
 
 pub mod accounts;
+pub mod activity;
 pub mod admin;
 pub mod api;
 pub mod archive;

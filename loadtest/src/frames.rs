@@ -37,15 +37,15 @@ fn one_frame(rng: &mut StdRng) -> Bytes {
             pixels[y * side + x] = (base + noise).clamp(0.0, 255.0) as u8;
         }
     }
+    encode_grey(&pixels, FRAME_SIDE_PIXELS, FRAME_SIDE_PIXELS)
+}
+
+/// An 8-bit grey picture (`width` x `height`, row by row) as a JPEG at the frames' quality.
+pub fn encode_grey(pixels: &[u8], width: u16, height: u16) -> Bytes {
     let mut encoded = Vec::with_capacity(40 * 1024);
     let encoder = jpeg_encoder::Encoder::new(&mut encoded, QUALITY);
     encoder
-        .encode(
-            &pixels,
-            FRAME_SIDE_PIXELS,
-            FRAME_SIDE_PIXELS,
-            jpeg_encoder::ColorType::Luma,
-        )
+        .encode(pixels, width, height, jpeg_encoder::ColorType::Luma)
         .expect("encoding into memory cannot fail");
     Bytes::from(encoded)
 }

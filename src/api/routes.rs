@@ -229,6 +229,11 @@ const ROUTES: &[Route] = &[
         ],
     },
     Route {
+        path: "embryos/{embryo_id}/activity",
+        public: false,
+        methods: &[(Method::Get, activity_get)],
+    },
+    Route {
         path: "models",
         public: false,
         methods: &[(Method::Get, models_list)],
@@ -643,6 +648,33 @@ fn evaluation_post(call: &mut Call<'_>) -> Result<Step, Refusal> {
         version: body.version,
     };
     call.submit(edit, Render::Embryo { embryo_id })
+}
+
+fn activity_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let embryo_id = call.param(0);
+    let curve = crate::activity::embryo_activity(&call.shared.store, embryo_id)
+        .map_err(storage_refusal)?
+        .ok_or_else(|| refuse(404, "not_found", format!("embryo {embryo_id} is unknown")))?;
+    let points: Vec<Value> = curve
+        .points
+        .iter()
+        .map(|p| {
+            json!({
+                "acquired_at": iso_utc(p.acquired_at_ms),
+                "acquired_at_ms": p.acquired_at_ms,
+                "activity": p.activity,
+            })
+        })
+        .collect();
+    Ok(Step::Respond(Response::json(
+        200,
+        &json!({
+            "focal_plane": curve.focal_plane,
+            "points": points,
+            "proposed": curve.proposed,
+            "frames_skipped": curve.frames_skipped,
+        }),
+    )))
 }
 
 fn models_list(call: &mut Call<'_>) -> Result<Step, Refusal> {

@@ -1,0 +1,142 @@
+//! The blastomere-activity curve end to end: an incubator uploads a synthetic time-lapse (JPEG
+//! frames generated here, cells that divide at chosen acquisitions), and the public API's
+//! curve, computed from the stored JPEGs, peaks at every division and proposes t2-t5 within
+//! one acquisition interval of the true times.
+
+mod common;
+
+use common::START_MS;
+use es_loadtest::http_client::HttpClient;
+use es_loadtest::sim::{self, Pacing, Workload};
+use es_perf::catalog::DeviceModel;
+use std::time::{Duration, Instant};
+
+const SIDE: usize = 240;
+const FRAMES: u32 = 90;
+const DIVISIONS: [u32; 4] = [30, 42, 45, 60];
+
+/// (x, y, radius) of each blastomere after the divisions at or before `frame`.
+fn cells_at(frame: u32) -> Vec<(f64, f64, f64)> {
+    let mut cells: Vec<(f64, f64, f64)> = vec![(SIDE as f64 / 2.0, SIDE as f64 / 2.0, 50.0)];
+    for (n, &at) in DIVISIONS.iter().enumerate() {
+        if at > frame {
+            break;
+        }
+        let largest = (0..cells.len())
+            .max_by(|&a, &b| cells[a].2.total_cmp(&cells[b].2))
+            .unwrap();
+        let (x, y, r) = cells.remove(largest);
+        let (dx, dy) = if n % 2 == 0 {
+            (0.55 * r, 0.0)
+        } else {
+            (0.0, 0.55 * r)
+        };
+        cells.push((x - dx, y - dy, 0.8 * r));
+        cells.push((x + dx, y + dy, 0.8 * r));
+    }
+    cells
+}
+
+fn frame(index: u32) -> bytes::Bytes {
+    let cells = cells_at(index);
+    let mut state = (u64::from(index) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut pixels = vec![0u8; SIDE * SIDE];
+    for y in 0..SIDE {
+        for x in 0..SIDE {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let noise = (state % 7) as i32 - 3;
+            let inside = cells.iter().any(|&(cx, cy, r)| {
+                let (dx, dy) = (x as f64 - cx, y as f64 - cy);
+                dx * dx + dy * dy <= r * r
+            });
+            let base = if inside {
+                165 + ((x * 7 + y * 13) % 11) as i32
+            } else {
+                90
+            };
+            pixels[y * SIDE + x] = (base + noise).clamp(0, 255) as u8;
+        }
+    }
+    es_loadtest::frames::encode_grey(&pixels, SIDE as u16, SIDE as u16)
+}
+
+#[test]
+fn the_curve_from_stored_jpegs_peaks_at_each_division_and_proposes_t2_to_t5() {
+    let (server, _dir) = common::spawn(true);
+    let workload = Workload {
+        serial: "AC-1".into(),
+        model: DeviceModel::EmbryoScopePlus,
+        dishes: 1,
+        wells_per_dish: 1,
+        planes: vec![0],
+        cycles: FRAMES,
+        start_ms: START_MS,
+        interval_ms: 600_000,
+    };
+    let frames: Vec<bytes::Bytes> = (0..FRAMES).map(frame).collect();
+    let mut identity = common::identity("AC-1", "es-plus");
+    let mut client = common::connect(&server, &mut identity);
+    sim::register_dishes(&mut client, &workload, common::TIMEOUT).unwrap();
+    let (stats, error) = sim::upload(
+        &mut client,
+        &workload,
+        0..workload.len(),
+        &frames,
+        Pacing::Window,
+        Instant::now() + Duration::from_secs(120),
+    );
+    assert!(error.is_none() && stats.errors.is_empty(), "{error:?}");
+    assert_eq!(stats.acked, u64::from(FRAMES));
+
+    let key = common::create_api_key(&server, "activity test", "read");
+    let mut http = HttpClient::new(
+        server.info.address("public-api"),
+        server.info.client_tls("public-api"),
+        common::TIMEOUT,
+    );
+    let auth = format!("Bearer {key}");
+    let response = http
+        .request(
+            "GET",
+            "/api/v1/embryos/AC-1_S1_P-1/activity",
+            &[("authorization", auth.as_str())],
+            None,
+        )
+        .unwrap();
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    let curve = response.json();
+    assert_eq!(
+        curve["points"].as_array().unwrap().len(),
+        FRAMES as usize - 1
+    );
+    assert_eq!(curve["frames_skipped"], 0);
+    // The acquisition times of the divisions, in hours after insemination (START_MS - 1 h).
+    let interval_h = 600_000.0 / 3_600_000.0;
+    for (name, division) in ["t2", "t3", "t4", "t5"].into_iter().zip(DIVISIONS) {
+        let spec = workload.image(u64::from(division));
+        let want = (spec.acquired_at_ms - (START_MS - 3_600_000)) as f64 / 3_600_000.0;
+        let got = curve["proposed"][name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {name}: {}", curve["proposed"]));
+        assert!(
+            (got - want).abs() <= interval_h + 0.011,
+            "{name}: proposed {got} h, divided at {want} h"
+        );
+    }
+    let unknown = http
+        .request(
+            "GET",
+            "/api/v1/embryos/NOPE/activity",
+            &[("authorization", auth.as_str())],
+            None,
+        )
+        .unwrap();
+    assert_eq!(unknown.status, 404);
+}
