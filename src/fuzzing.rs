@@ -224,7 +224,7 @@ mod tests {
         let seed = 0x0de1_5eed_u64;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let cases: serde_json::Value =
-            serde_json::from_str(include_str!("../models/tests/cases.json")).unwrap();
+            serde_json::from_str(include_str!("../storage/models/tests/cases.json")).unwrap();
         let valid: Vec<Vec<u8>> = cases["models"]
             .as_object()
             .unwrap()

@@ -13,7 +13,7 @@ const INSEMINATION_MS: i64 = T0 - 3_600_000;
 
 fn meseguer() -> String {
     let cases: serde_json::Value =
-        serde_json::from_str(include_str!("../../models/tests/cases.json")).unwrap();
+        serde_json::from_str(include_str!("../models/tests/cases.json")).unwrap();
     serde_json::to_string_pretty(&cases["models"]["meseguer"]).unwrap()
 }
 
