@@ -18,7 +18,8 @@ const PASSWORD: &str = "Models-2026!";
 const MODEL: &str = "Hierarchical after Meseguer 2011";
 
 fn meseguer() -> String {
-    let cases: Value = serde_json::from_str(include_str!("../storage/models/tests/cases.json")).unwrap();
+    let cases: Value =
+        serde_json::from_str(include_str!("../storage/models/tests/cases.json")).unwrap();
     serde_json::to_string_pretty(&cases["models"]["meseguer"]).unwrap()
 }
 
