@@ -4,7 +4,9 @@
 //!
 //! Each stored JPEG is decoded to grey with zune-jpeg, bounded in size; a frame that cannot be
 //! decoded, or that differs in size from the one before, gives no point (the curve goes on from
-//! the next). At most [`ACQUISITIONS_MAX`] acquisitions are read.
+//! the next). At most [`ACQUISITIONS_MAX`] acquisitions are read, and at most
+//! [`COMPUTATIONS_MAX`] curves are computed at once (a curve costs up to a few CPU seconds:
+//! requests beyond that are answered busy rather than filling every worker).
 
 use es_models::activity::{self, Grey, Point, Proposed};
 use es_storage::{StorageError, Store};
@@ -18,6 +20,31 @@ use zune_jpeg::JpegDecoder;
 pub const ACQUISITIONS_MAX: usize = 4000;
 /// Frames larger than this on a side are not decoded.
 pub const FRAME_SIDE_MAX: usize = 4096;
+/// Curves computed at the same time, at most.
+pub const COMPUTATIONS_MAX: usize = 1;
+
+static COMPUTING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A slot for one computation; None when [`COMPUTATIONS_MAX`] are running.
+pub struct Slot(());
+
+impl Slot {
+    pub fn take() -> Option<Slot> {
+        use std::sync::atomic::Ordering;
+        let taken = COMPUTING.fetch_add(1, Ordering::AcqRel);
+        if taken >= COMPUTATIONS_MAX {
+            COMPUTING.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        COMPUTING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 /// An embryo's curve.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -140,5 +167,18 @@ mod tests {
         let (width, height, decoded) = decode_grey(&jpeg).unwrap();
         assert_eq!((width, height, decoded.len()), (64, 48, 64 * 48));
         assert!(decode_grey(b"not a jpeg").is_err());
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    #[test]
+    fn computations_are_bounded() {
+        let first = Slot::take().expect("a free slot");
+        assert!(Slot::take().is_none(), "a second computation waits");
+        drop(first);
+        assert!(Slot::take().is_some());
     }
 }

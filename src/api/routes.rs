@@ -652,6 +652,9 @@ fn evaluation_post(call: &mut Call<'_>) -> Result<Step, Refusal> {
 
 fn activity_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
     let embryo_id = call.param(0);
+    let Some(_slot) = crate::activity::Slot::take() else {
+        return Err(Box::new(Response::busy()));
+    };
     let curve = crate::activity::embryo_activity(&call.shared.store, embryo_id)
         .map_err(storage_refusal)?
         .ok_or_else(|| refuse(404, "not_found", format!("embryo {embryo_id} is unknown")))?;
