@@ -140,6 +140,37 @@ pub fn submit(
     }
 }
 
+/// Imports a model document for `editor` (edit rights, as for the evaluations it serves),
+/// auditing a refusal for lack of rights like an edit's. Blocks until the import is durable: a
+/// rare, small write (at most 256 KiB).
+pub fn import_model(
+    writer: &Writer,
+    disk: &DiskState,
+    editor: &Editor,
+    document: String,
+) -> Result<es_storage::OpResult<es_storage::ModelImport>, Refused> {
+    if !editor.grant.allows(Rights::Edit) {
+        let message = format!(
+            "{} has {}; model.import needs {}",
+            editor.actor.user,
+            editor.grant.held(),
+            editor.grant.needs(Rights::Edit)
+        );
+        tracing::warn!(user = %editor.actor.user, computer = %editor.actor.computer, code = "forbidden", "{message}");
+        audit_denied(writer, &editor.actor, "model.import", String::new());
+        return Err(Refused::Forbidden(message));
+    }
+    if disk.is_low() {
+        return Err(Refused::DiskLow);
+    }
+    let op = es_storage::ModelImport {
+        actor: editor.actor.clone(),
+        document,
+        at_ms: now_ms(),
+    };
+    Ok(writer.write(op))
+}
+
 /// The rights check of [`submit`], with its audit entry (a front end with checks of its own
 /// to make between the two calls it first).
 pub fn authorize(writer: &Writer, editor: &Editor, edit: &ClinicalEdit) -> Result<(), Refused> {

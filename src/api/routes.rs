@@ -236,7 +236,7 @@ const ROUTES: &[Route] = &[
     Route {
         path: "models",
         public: false,
-        methods: &[(Method::Get, models_list)],
+        methods: &[(Method::Get, models_list), (Method::Post, model_post)],
     },
     Route {
         path: "models/{model_name}",
@@ -685,6 +685,36 @@ fn models_list(call: &mut Call<'_>) -> Result<Step, Refusal> {
         let items: Vec<Value> = r.models()?.iter().map(model_summary_json).collect();
         Ok(Response::json(200, &json!({ "items": items })))
     })
+}
+
+fn model_post(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    // The body is the model document itself (docs/models.md).
+    let _: Value = json_body(call.request)?;
+    let document = std::str::from_utf8(&call.request.body)
+        .map_err(|_| refuse(400, "invalid_json", "the document is not UTF-8"))?
+        .to_string();
+    if let Err(error) = es_models::Model::from_json(document.as_bytes()) {
+        return Err(refuse(422, error.code(), error.to_string()));
+    }
+    let principal = call.principal();
+    let editor = Editor {
+        actor: principal.actor(call.peer),
+        grant: principal.grant,
+    };
+    let result = edits::import_model(&call.shared.writer, &call.shared.disk, &editor, document)
+        .map_err(edit_refused)?;
+    match result {
+        Ok(done) => {
+            let location = format!("/api/v1/models/{}", path_part(&done.name));
+            let body =
+                json!({ "name": done.name, "version": done.version, "created": done.created });
+            let status = if done.created { 201 } else { 200 };
+            Ok(Step::Respond(
+                Response::json(status, &body).with_header("location", location),
+            ))
+        }
+        Err(error) => Ok(Step::Respond(write_error(&error, |never| match *never {}))),
+    }
 }
 
 fn model_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
