@@ -400,6 +400,10 @@ impl Archive {
             stop: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
         });
+        // What is archived and due is known from the start, not only after the first pass.
+        if let Err(error) = shared.count() {
+            tracing::warn!(%error, "cannot count the archived volumes");
+        }
         Ok(Archive {
             shared,
             thread: Mutex::new(None),
