@@ -52,6 +52,9 @@ pub struct EmbryoActivity {
     pub focal_plane: i32,
     pub points: Vec<Point>,
     pub proposed: Proposed,
+    /// The acquisitions of the proposed t2, t3, t4, t5 (Unix ms), in that order.
+    #[serde(skip)]
+    pub proposed_at_ms: Vec<i64>,
     /// Frames that could not be decoded or compared.
     pub frames_skipped: u32,
 }
@@ -148,10 +151,17 @@ pub fn embryo_activity(
         }
     }
     let proposed = activity::propose(&points, embryo.insemination_at_ms);
+    let proposed_at_ms = activity::peaks(&points)
+        .into_iter()
+        .map(|i| points[i].acquired_at_ms)
+        .filter(|at| *at >= embryo.insemination_at_ms)
+        .take(4)
+        .collect();
     Ok(Some(EmbryoActivity {
         focal_plane,
         points,
         proposed,
+        proposed_at_ms,
         frames_skipped: skipped,
     }))
 }

@@ -130,6 +130,55 @@ fn the_curve_from_stored_jpegs_peaks_at_each_division_and_proposes_t2_to_t5() {
             "{name}: proposed {got} h, divided at {want} h"
         );
     }
+    // An embryologist accepts the proposed t2: saved with source `computed` at its acquisition;
+    // asked again, it is refused (a saved annotation is never replaced).
+    let write_key = common::create_api_key(&server, "activity writer", "write");
+    let write_auth = format!("Bearer {write_key}");
+    let embryo = http
+        .request(
+            "GET",
+            "/api/v1/embryos/AC-1_S1_P-1",
+            &[("authorization", write_auth.as_str())],
+            None,
+        )
+        .unwrap()
+        .json();
+    let etag = format!("\"{}\"", embryo["version"]);
+    let accept = |http: &mut HttpClient, etag: &str| {
+        http.request(
+            "POST",
+            "/api/v1/embryos/AC-1_S1_P-1/activity/proposals/t2",
+            &[("authorization", write_auth.as_str()), ("if-match", etag)],
+            None,
+        )
+        .unwrap()
+    };
+    let accepted = accept(&mut http, &etag);
+    assert_eq!(
+        accepted.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&accepted.body)
+    );
+    let embryo = accepted.json();
+    let t2 = embryo["annotations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "t2")
+        .expect("t2 saved");
+    assert_eq!(t2["source"], "computed");
+    assert!(
+        (t2["hours"].as_f64().unwrap() - curve["proposed"]["t2"].as_f64().unwrap()).abs() < 0.011
+    );
+    let again = accept(&mut http, &format!("\"{}\"", embryo["version"]));
+    assert_eq!(
+        again.status,
+        409,
+        "{}",
+        String::from_utf8_lossy(&again.body)
+    );
+
     let unknown = http
         .request(
             "GET",

@@ -234,6 +234,11 @@ const ROUTES: &[Route] = &[
         methods: &[(Method::Get, activity_get)],
     },
     Route {
+        path: "embryos/{embryo_id}/activity/proposals/{event}",
+        public: false,
+        methods: &[(Method::Post, proposal_accept)],
+    },
+    Route {
         path: "models",
         public: false,
         methods: &[(Method::Get, models_list), (Method::Post, model_post)],
@@ -678,6 +683,83 @@ fn activity_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
             "frames_skipped": curve.frames_skipped,
         }),
     )))
+}
+
+/// Accepts a proposed cleavage time as the embryo's annotation (source `computed`), unless the
+/// embryo has that annotation already: a person's annotation is never replaced.
+fn proposal_accept(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let embryo_id = call.param(0).to_string();
+    let event = call.param(1);
+    let Some(index) = ["t2", "t3", "t4", "t5"].iter().position(|e| *e == event) else {
+        return Err(refuse(
+            422,
+            "invalid_parameter",
+            format!("proposals are for t2, t3, t4 and t5, not {event:?}"),
+        ));
+    };
+    let event = event.to_string();
+    let expected_version = if_match(call.request)?;
+    // Rights first (audited), before the curve is computed.
+    let principal = call.principal();
+    let editor = Editor {
+        actor: principal.actor(call.peer),
+        grant: principal.grant,
+    };
+    let attempt = ClinicalEdit::AddAnnotation {
+        embryo_id: embryo_id.clone(),
+        expected_version,
+        annotation: es_storage::AnnotationInput {
+            name: event.clone(),
+            value: String::new(),
+            event_at_ms: None,
+            source: es_storage::AnnotationSource::Computed,
+        },
+    };
+    edits::authorize(&call.shared.writer, &editor, &attempt).map_err(edit_refused)?;
+    let Some(_slot) = crate::activity::Slot::take() else {
+        return Err(Box::new(Response::busy()));
+    };
+    let store = &call.shared.store;
+    let embryo = store
+        .read()
+        .and_then(|r| r.embryo(&embryo_id))
+        .map_err(storage_refusal)?
+        .ok_or_else(|| refuse(404, "not_found", format!("embryo {embryo_id} is unknown")))?;
+    if let Some(existing) = embryo
+        .annotations
+        .iter()
+        .find(|a| a.name.eq_ignore_ascii_case(&event))
+    {
+        return Err(refuse(
+            409,
+            "already_annotated",
+            format!(
+                "embryo {embryo_id} has {event} already (set by {}): correct that annotation                  instead",
+                existing.set_by
+            ),
+        ));
+    }
+    let curve = crate::activity::embryo_activity(store, &embryo_id)
+        .map_err(storage_refusal)?
+        .ok_or_else(|| refuse(404, "not_found", format!("embryo {embryo_id} is unknown")))?;
+    let Some(&at_ms) = curve.proposed_at_ms.get(index) else {
+        return Err(refuse(
+            422,
+            "no_proposal",
+            format!("the activity curve of embryo {embryo_id} proposes no {event}"),
+        ));
+    };
+    let edit = ClinicalEdit::AddAnnotation {
+        embryo_id: embryo_id.clone(),
+        expected_version,
+        annotation: es_storage::AnnotationInput {
+            name: event,
+            value: String::new(),
+            event_at_ms: Some(at_ms),
+            source: es_storage::AnnotationSource::Computed,
+        },
+    };
+    call.submit(edit, Render::Embryo { embryo_id })
 }
 
 fn models_list(call: &mut Call<'_>) -> Result<Step, Refusal> {

@@ -287,6 +287,9 @@ stable_enum! {
         Manual = 1, "manual";
         Guided = 2, "guided";
         Automatic = 3, "automatic";
+        /// Proposed by the server's computation (a cleavage time from the activity curve) and
+        /// accepted by the person who saved it.
+        Computed = 4, "computed";
     }
 }
 
