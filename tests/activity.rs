@@ -1,5 +1,5 @@
 //! The blastomere-activity curve end to end: an incubator uploads a synthetic time-lapse (JPEG
-//! frames generated here, cells that divide at chosen acquisitions), and the public API's
+//! frames of `es_models::synthetic`, cells that divide at chosen acquisitions), and the public API's
 //! curve, computed from the stored JPEGs, peaks at every division and proposes t2-t5 within
 //! one acquisition interval of the true times.
 
@@ -15,50 +15,9 @@ const SIDE: usize = 240;
 const FRAMES: u32 = 90;
 const DIVISIONS: [u32; 4] = [30, 42, 45, 60];
 
-/// (x, y, radius) of each blastomere after the divisions at or before `frame`.
-fn cells_at(frame: u32) -> Vec<(f64, f64, f64)> {
-    let mut cells: Vec<(f64, f64, f64)> = vec![(SIDE as f64 / 2.0, SIDE as f64 / 2.0, 50.0)];
-    for (n, &at) in DIVISIONS.iter().enumerate() {
-        if at > frame {
-            break;
-        }
-        let largest = (0..cells.len())
-            .max_by(|&a, &b| cells[a].2.total_cmp(&cells[b].2))
-            .unwrap();
-        let (x, y, r) = cells.remove(largest);
-        let (dx, dy) = if n % 2 == 0 {
-            (0.55 * r, 0.0)
-        } else {
-            (0.0, 0.55 * r)
-        };
-        cells.push((x - dx, y - dy, 0.8 * r));
-        cells.push((x + dx, y + dy, 0.8 * r));
-    }
-    cells
-}
-
 fn frame(index: u32) -> bytes::Bytes {
-    let cells = cells_at(index);
-    let mut state = (u64::from(index) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let mut pixels = vec![0u8; SIDE * SIDE];
-    for y in 0..SIDE {
-        for x in 0..SIDE {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let noise = (state % 7) as i32 - 3;
-            let inside = cells.iter().any(|&(cx, cy, r)| {
-                let (dx, dy) = (x as f64 - cx, y as f64 - cy);
-                dx * dx + dy * dy <= r * r
-            });
-            let base = if inside {
-                165 + ((x * 7 + y * 13) % 11) as i32
-            } else {
-                90
-            };
-            pixels[y * SIDE + x] = (base + noise).clamp(0, 255) as u8;
-        }
-    }
+    let divisions: Vec<usize> = DIVISIONS.iter().map(|&d| d as usize).collect();
+    let pixels = es_models::synthetic::frame(SIDE, index as usize, &divisions);
     es_loadtest::frames::encode_grey(&pixels, SIDE as u16, SIDE as u16)
 }
 

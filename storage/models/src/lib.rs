@@ -11,6 +11,7 @@
 
 pub mod activity;
 pub mod model;
+pub mod synthetic;
 pub mod variables;
 
 pub use model::{Evaluation, Model, ModelError, Outcome, FORMAT};

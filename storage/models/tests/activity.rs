@@ -1,5 +1,6 @@
-//! Synthetic time-lapse series with divisions at chosen acquisitions (generated here: textured
-//! blastomeres on a noisy background, a cell replaced by two smaller ones at each division):
+//! Synthetic time-lapse series with divisions at chosen acquisitions (`es_models::synthetic`:
+//! textured blastomeres on a noisy background, a cell replaced by two smaller ones at each
+//! division):
 //! the activity curve peaks within one acquisition of every division and nowhere else, and the
 //! proposed t2-t5 are within one acquisition interval of the true times.
 
@@ -11,61 +12,10 @@ const INSEMINATION_MS: i64 = 1_700_000_000_000;
 /// The first acquisition, 20 h after insemination.
 const FIRST_MS: i64 = INSEMINATION_MS + 20 * 3_600_000;
 
-/// (x, y, radius) of each blastomere.
-type Cell = (f64, f64, f64);
-
-/// The cells after the divisions at or before `frame`: each division splits the largest cell
-/// into two of 0.8 its radius, side by side (alternately left-right and top-bottom).
-fn cells_at(frame: usize, divisions: &[usize]) -> Vec<Cell> {
-    let mut cells: Vec<Cell> = vec![(SIDE as f64 / 2.0, SIDE as f64 / 2.0, 34.0)];
-    for (n, &at) in divisions.iter().enumerate() {
-        if at > frame {
-            break;
-        }
-        let largest = (0..cells.len())
-            .max_by(|&a, &b| cells[a].2.total_cmp(&cells[b].2))
-            .unwrap();
-        let (x, y, r) = cells.remove(largest);
-        let (dx, dy) = if n % 2 == 0 {
-            (0.55 * r, 0.0)
-        } else {
-            (0.0, 0.55 * r)
-        };
-        cells.push((x - dx, y - dy, 0.8 * r));
-        cells.push((x + dx, y + dy, 0.8 * r));
-    }
-    cells
-}
-
-/// One frame: background 90, cells about 170 with a fixed texture, and per-frame noise of up
-/// to +-3 grey levels (deterministic).
-fn frame(index: usize, divisions: &[usize]) -> Vec<u8> {
-    let cells = cells_at(index, divisions);
-    let mut state = (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let mut pixels = vec![0u8; SIDE * SIDE];
-    for y in 0..SIDE {
-        for x in 0..SIDE {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let noise = (state % 7) as i32 - 3;
-            let inside = cells.iter().any(|&(cx, cy, r)| {
-                let (dx, dy) = (x as f64 - cx, y as f64 - cy);
-                dx * dx + dy * dy <= r * r
-            });
-            let base = if inside {
-                165 + ((x * 7 + y * 13) % 11) as i32
-            } else {
-                90
-            };
-            pixels[y * SIDE + x] = (base + noise).clamp(0, 255) as u8;
-        }
-    }
-    pixels
-}
-
 fn curve(frames: usize, divisions: &[usize]) -> Vec<Point> {
-    let images: Vec<Vec<u8>> = (0..frames).map(|i| frame(i, divisions)).collect();
+    let images: Vec<Vec<u8>> = (0..frames)
+        .map(|i| es_models::synthetic::frame(SIDE, i, divisions))
+        .collect();
     let grey = |i: usize| Grey {
         width: SIDE,
         height: SIDE,
