@@ -50,6 +50,14 @@ impl std::fmt::Display for ObjectError {
     }
 }
 
+/// The body-less requests the store is sent.
+#[derive(Debug, Clone, Copy)]
+enum Verb {
+    Get,
+    Head,
+    Delete,
+}
+
 /// Where and how to reach the bucket; the secret is never shown.
 #[derive(Clone)]
 pub struct ObjectStore {
@@ -162,12 +170,7 @@ impl ObjectStore {
             .bucket
             .get_object(Some(&self.credentials), key)
             .sign(SIGNED_URL_VALID);
-        let response = self
-            .agent
-            .get(url.as_str())
-            .call()
-            .map_err(|error| self.transport(error))?;
-        let mut response = self.check(response)?;
+        let mut response = self.send(Verb::Get, &url, false, None)?;
         let mut reader = response
             .body_mut()
             .with_config()
@@ -202,16 +205,7 @@ impl ObjectStore {
             .get_object(Some(&self.credentials), key)
             .sign(SIGNED_URL_VALID);
         let last = offset + u64::from(length) - 1;
-        let response = self
-            .agent
-            .get(url.as_str())
-            .config()
-            .timeout_global(Some(self.request_timeout))
-            .build()
-            .header("range", format!("bytes={offset}-{last}"))
-            .call()
-            .map_err(|error| self.transport(error))?;
-        let mut response = self.check(response)?;
+        let mut response = self.send(Verb::Get, &url, true, Some((offset, last)))?;
         if response.status().as_u16() != 206 {
             return Err(ObjectError::Status {
                 status: response.status().as_u16(),
@@ -234,12 +228,7 @@ impl ObjectStore {
             .get_object(Some(&self.credentials), key)
             .sign(SIGNED_URL_VALID);
         // No overall timeout: a backup file may take hours; every read of it is bounded.
-        let response = self
-            .agent
-            .get(url.as_str())
-            .call()
-            .map_err(|error| self.transport(error))?;
-        let response = self.check(response)?;
+        let response = self.send(Verb::Get, &url, false, None)?;
         let host = self.host.clone();
         let reader = response
             .into_body()
@@ -258,15 +247,7 @@ impl ObjectStore {
             .bucket
             .head_object(Some(&self.credentials), key)
             .sign(SIGNED_URL_VALID);
-        let response = self
-            .agent
-            .head(url.as_str())
-            .config()
-            .timeout_global(Some(self.request_timeout))
-            .build()
-            .call()
-            .map_err(|error| self.transport(error))?;
-        match self.check(response) {
+        match self.send(Verb::Head, &url, true, None) {
             Ok(response) => Ok(response
                 .headers()
                 .get("content-length")
@@ -288,15 +269,7 @@ impl ObjectStore {
                 action.with_continuation_token(token.clone());
             }
             let url = action.sign(SIGNED_URL_VALID);
-            let response = self
-                .agent
-                .get(url.as_str())
-                .config()
-                .timeout_global(Some(self.request_timeout))
-                .build()
-                .call()
-                .map_err(|error| self.transport(error))?;
-            let mut response = self.check(response)?;
+            let mut response = self.send(Verb::Get, &url, true, None)?;
             let text = response
                 .body_mut()
                 .with_config()
@@ -339,15 +312,7 @@ impl ObjectStore {
             .bucket
             .delete_object(Some(&self.credentials), key)
             .sign(SIGNED_URL_VALID);
-        let response = self
-            .agent
-            .delete(url.as_str())
-            .config()
-            .timeout_global(Some(self.request_timeout))
-            .build()
-            .call()
-            .map_err(|error| self.transport(error))?;
-        match self.check(response) {
+        match self.send(Verb::Delete, &url, true, None) {
             Ok(_) | Err(ObjectError::NotFound) => Ok(()),
             Err(error) => Err(error),
         }
@@ -370,6 +335,33 @@ impl ObjectStore {
             Err(ObjectError::Status { status: 409, .. }) => Ok(()),
             Err(error) => Err(error),
         }
+    }
+
+    /// Sends a request without a body to a signed URL (`bounded`: the whole exchange within
+    /// the request timeout; else each read and write of the socket) and checks the answer.
+    fn send(
+        &self,
+        verb: Verb,
+        url: &url::Url,
+        bounded: bool,
+        range: Option<(u64, u64)>,
+    ) -> Result<ureq::http::Response<ureq::Body>, ObjectError> {
+        let mut request = match verb {
+            Verb::Get => self.agent.get(url.as_str()),
+            Verb::Head => self.agent.head(url.as_str()),
+            Verb::Delete => self.agent.delete(url.as_str()),
+        };
+        if bounded {
+            request = request
+                .config()
+                .timeout_global(Some(self.request_timeout))
+                .build();
+        }
+        if let Some((first, last)) = range {
+            request = request.header("range", format!("bytes={first}-{last}"));
+        }
+        let response = request.call().map_err(|error| self.transport(error))?;
+        self.check(response)
     }
 
     fn check(
