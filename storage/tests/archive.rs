@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod common;
-use common::{open, put, read, setup, T0};
+use common::{filled, open, read, T0};
 
 /// Objects by key; `down` makes every read fail, `flip` damages what it returns.
 #[derive(Default)]
@@ -85,10 +85,7 @@ fn upload(store: &Store, objects: &MemoryStore, state: &VolumeState) -> VolumeAr
 #[test]
 fn archived_volumes_read_through_the_fetch_checked_and_only_they_depend_on_it() {
     let data = tempfile::tempdir().unwrap();
-    let store = open(data.path());
-    let writer = store.start_writer(WriterOptions::default());
-    let instrument_id = setup(&writer);
-    let jpegs: Vec<Bytes> = (0..60).map(|n| put(&writer, instrument_id, n)).collect();
+    let (store, writer, instrument_id, jpegs) = filled(data.path(), 60);
     let objects = Arc::new(MemoryStore::default());
 
     let ready = ready(&store);
@@ -223,12 +220,7 @@ fn archived_volumes_read_through_the_fetch_checked_and_only_they_depend_on_it() 
 #[test]
 fn a_volume_file_missing_without_an_archive_row_is_still_damage() {
     let data = tempfile::tempdir().unwrap();
-    let store = open(data.path());
-    let writer = store.start_writer(WriterOptions::default());
-    let instrument_id = setup(&writer);
-    for n in 0..40 {
-        put(&writer, instrument_id, n);
-    }
+    let (store, _writer, instrument_id, _) = filled(data.path(), 40);
     let ready = ready(&store);
     store.set_archive_fetch(Arc::new(MemoryStore::default()));
     std::fs::remove_file(store.volume_path(ready[0].id)).unwrap();
@@ -247,10 +239,7 @@ fn a_volume_file_missing_without_an_archive_row_is_still_damage() {
 fn a_backup_keeps_archived_files_while_it_runs_and_carries_their_companions() {
     let data = tempfile::tempdir().unwrap();
     let target = tempfile::tempdir().unwrap();
-    let store = open(data.path());
-    let writer = store.start_writer(WriterOptions::default());
-    let instrument_id = setup(&writer);
-    let jpegs: Vec<Bytes> = (0..40).map(|n| put(&writer, instrument_id, n)).collect();
+    let (store, writer, instrument_id, jpegs) = filled(data.path(), 40);
     let objects = Arc::new(MemoryStore::default());
     let ready = ready(&store);
     let first = &ready[0];

@@ -2,13 +2,12 @@
 //! storing is a consistent snapshot; the second one copies only what is new; a flipped byte
 //! is found by verify and refused by restore; a restored directory opens and verifies clean.
 
-use bytes::Bytes;
 use es_storage::backup::{self, BackupError, FileKind};
 use es_storage::*;
 use std::path::Path;
 
 mod common;
-use common::{open, put, read, setup, T0};
+use common::{filled, open, put, read, setup, T0};
 
 fn quiet(_: &backup::Progress) {}
 
@@ -16,10 +15,7 @@ fn quiet(_: &backup::Progress) {}
 fn a_backup_during_writes_restores_exactly_its_snapshot_and_the_next_copies_only_the_new() {
     let data = tempfile::tempdir().unwrap();
     let target = tempfile::tempdir().unwrap();
-    let store = open(data.path());
-    let writer = store.start_writer(WriterOptions::default());
-    let instrument_id = setup(&writer);
-    let mut jpegs: Vec<Bytes> = (0..40).map(|n| put(&writer, instrument_id, n)).collect();
+    let (store, writer, instrument_id, mut jpegs) = filled(data.path(), 40);
 
     // The first backup runs while another thread keeps storing images.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -116,12 +112,7 @@ fn a_backup_during_writes_restores_exactly_its_snapshot_and_the_next_copies_only
 fn a_flipped_byte_is_found_by_verify_and_refused_by_restore() {
     let data = tempfile::tempdir().unwrap();
     let target = tempfile::tempdir().unwrap();
-    let store = open(data.path());
-    let writer = store.start_writer(WriterOptions::default());
-    let instrument_id = setup(&writer);
-    for n in 0..30 {
-        put(&writer, instrument_id, n);
-    }
+    let (store, writer, _, _) = filled(data.path(), 30);
     store
         .backup(target.path(), "b1", data.path(), T0, &mut quiet)
         .unwrap();
@@ -246,12 +237,7 @@ fn a_target_overlapping_the_data_directory_is_refused() {
 fn a_copied_or_damaged_manifest_is_left_out_and_stops_nothing() {
     let data = tempfile::tempdir().unwrap();
     let target = tempfile::tempdir().unwrap();
-    let store = open(data.path());
-    let writer = store.start_writer(WriterOptions::default());
-    let instrument_id = setup(&writer);
-    for n in 0..25 {
-        put(&writer, instrument_id, n);
-    }
+    let (store, writer, _, _) = filled(data.path(), 25);
     store
         .backup(target.path(), "b1", data.path(), T0, &mut quiet)
         .unwrap();
@@ -317,10 +303,7 @@ fn a_backup_is_readable_by_its_owner_only() {
 fn a_volume_file_missing_from_the_store_is_listed_and_the_rest_is_backed_up() {
     let data = tempfile::tempdir().unwrap();
     let target = tempfile::tempdir().unwrap();
-    let store = open(data.path());
-    let writer = store.start_writer(WriterOptions::default());
-    let instrument_id = setup(&writer);
-    let jpegs: Vec<Bytes> = (0..40).map(|n| put(&writer, instrument_id, n)).collect();
+    let (store, writer, instrument_id, jpegs) = filled(data.path(), 40);
     writer.shutdown();
     // Volume 1 (sealed) is lost from the data directory.
     std::fs::remove_file(data.path().join("volumes/00000001.vol")).unwrap();

@@ -92,3 +92,15 @@ pub fn read(store: &Store, instrument_id: u64, n: u32) -> Option<Bytes> {
         )
         .unwrap()
 }
+
+/// A store in `dir` with a running writer, the instrument and dish of [`setup`], and `images`
+/// numbered images stored: (store, writer, instrument id, their JPEGs in order).
+pub fn filled(dir: &Path, images: u32) -> (Store, Writer, u64, Vec<Bytes>) {
+    let store = open(dir);
+    let writer = store.start_writer(WriterOptions::default());
+    let instrument_id = setup(&writer);
+    let jpegs = (0..images)
+        .map(|n| put(&writer, instrument_id, n))
+        .collect();
+    (store, writer, instrument_id, jpegs)
+}
