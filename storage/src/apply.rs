@@ -49,6 +49,7 @@ pub struct Batch<'txn> {
     volume_archive: Rows<'txn, u32>,
     models: Rows<'txn, (&'static str, u32)>,
     model_results: Rows<'txn, (u64, &'static str)>,
+    activity_curves: Rows<'txn, u64>,
     /// Where the batch's image records go, and the volumes to read stored ones from.
     appender: &'txn mut Appender,
     volumes: &'txn Volumes,
@@ -109,6 +110,7 @@ impl<'txn> Batch<'txn> {
             volume_archive: txn.open_table(tables::VOLUME_ARCHIVE)?,
             models: txn.open_table(tables::MODELS)?,
             model_results: txn.open_table(tables::MODEL_RESULTS)?,
+            activity_curves: txn.open_table(tables::ACTIVITY_CURVES)?,
             appender,
             volumes,
             telemetry: txn.open_table(tables::TELEMETRY)?,
@@ -134,6 +136,26 @@ impl<'txn> Batch<'txn> {
     /// The `volumes` table (for `crate::archive`).
     pub(crate) fn volume_rows(&mut self) -> &mut Rows<'txn, u32> {
         &mut self.volume_rows
+    }
+
+    /// The `activity_curves` table (for `crate::activity`).
+    pub(crate) fn activity_curves(&mut self) -> &mut Rows<'txn, u64> {
+        &mut self.activity_curves
+    }
+
+    /// The `meta` table (for `crate::activity`).
+    pub(crate) fn meta(&mut self) -> &mut Rows<'txn, &'static str> {
+        &mut self.meta
+    }
+
+    /// The `embryo_by_id` table (for `crate::activity`).
+    pub(crate) fn embryo_by_id(&self) -> &Table<'txn, &'static str, WellKey> {
+        &self.embryo_by_id
+    }
+
+    /// The `wells` table (for `crate::activity`).
+    pub(crate) fn wells(&self) -> &Rows<'txn, WellKey> {
+        &self.wells
     }
 
     /// The `volume_archive` table (for `crate::archive`).

@@ -1394,6 +1394,7 @@ macro_rules! every_table {
             $f($($arg,)* tables::VOLUME_ARCHIVE)?,
             $f($($arg,)* tables::MODELS)?,
             $f($($arg,)* tables::MODEL_RESULTS)?,
+            $f($($arg,)* tables::ACTIVITY_CURVES)?,
             $f($($arg,)* tables::LEGACY_IMAGES)?,
             $f($($arg,)* tables::TELEMETRY)?,
             $f($($arg,)* tables::IMS_QUEUE)?,

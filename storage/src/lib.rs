@@ -36,6 +36,7 @@ pub mod limits;
 pub mod tables;
 pub mod volume;
 
+pub mod activity;
 mod apply;
 pub mod archive;
 pub mod backup;

@@ -42,6 +42,11 @@ pub const PRUNE_IDEMPOTENCY_PER_BATCH_MAX: u64 = 256;
 pub const SCORES_PER_EMBRYO_MAX: u64 = 64;
 /// Model results one embryo may have (one per model).
 pub const MODEL_RESULTS_PER_EMBRYO_MAX: u64 = 64;
+/// Points of one embryo's activity curve (a week at one acquisition every 10 minutes is about
+/// 1,000); later acquisitions are not analysed.
+pub const ACTIVITY_POINTS_PER_EMBRYO_MAX: usize = 4000;
+/// Curves one `ActivityRecorded` may update.
+pub const ACTIVITY_CURVES_PER_OP_MAX: usize = 256;
 
 /// Source addresses whose failed logins are tracked per user (`login_failures`); past it the
 /// least recent is forgotten.

@@ -28,10 +28,18 @@ pub(crate) fn step(txn: &WriteTransaction, from: u64) -> Result<(), StorageError
         8 => v8_to_v9(txn),
         9 => v9_to_v10(txn),
         10 => v10_to_v11(txn),
+        11 => v11_to_v12(txn),
         _ => Err(StorageError::Corrupt(format!(
             "no migration from schema version {from}"
         ))),
     }
+}
+
+/// Version 12 adds `activity_curves` (created empty by `tables::create_all`) and
+/// `meta/activity_cursor` (absent: 0): the background computation starts from the beginning of
+/// the retained change log, or scans every embryo when older changes were pruned.
+fn v11_to_v12(_txn: &WriteTransaction) -> Result<(), StorageError> {
+    Ok(())
 }
 
 /// Version 11 adds `models` and `model_results` (created empty by `tables::create_all`): the

@@ -23,7 +23,7 @@ mod models;
 
 /// A read snapshot. Dropping it releases the snapshot; keep it short-lived on event loops.
 pub struct Reader {
-    txn: ReadTransaction,
+    pub(crate) txn: ReadTransaction,
     volumes: Arc<Volumes>,
 }
 

@@ -19,7 +19,7 @@ use redb::TableDefinition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The schema version this binary writes and reads. See the module documentation.
-pub const SCHEMA_VERSION: u64 = 11;
+pub const SCHEMA_VERSION: u64 = 12;
 
 /// `meta`: name -> bytes. Rows: [`META_SCHEMA_VERSION`] (u64 LE), [`META_SERVER_ID`] (UTF-8,
 /// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]), [`META_IMS`] (postcard
@@ -32,6 +32,9 @@ pub const META_IMS: &str = "ims_state";
 /// The name new patients' `patient_idx` begin with (UTF-8, see [`site_name`]), since version
 /// 9; written at every read-write open from `StoreOptions::site_name`.
 pub const META_SITE_NAME: &str = "site_name";
+/// The change-log seq the background activity computation has consumed (u64 LE), since
+/// version 12: every acquisition change up to it is in [`ACTIVITY_CURVES`].
+pub const META_ACTIVITY_CURSOR: &str = "activity_cursor";
 
 /// `instruments`: instrument_id -> [`InstrumentRow`].
 pub const INSTRUMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("instruments");
@@ -142,6 +145,11 @@ pub const MODELS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("mo
 pub const MODEL_RESULTS: TableDefinition<(u64, &str), &[u8]> =
     TableDefinition::new("model_results");
 
+/// `activity_curves`: embryo_key -> [`ActivityCurveRow`]: the embryo's blastomere-activity
+/// curve as the background computation has analysed it so far (derived from the images; a
+/// lost row is computed again). Since version 12.
+pub const ACTIVITY_CURVES: TableDefinition<u64, &[u8]> = TableDefinition::new("activity_curves");
+
 /// Version 4's `images` table: (dish_key, well, acquired_at_ms, focal_plane) -> SHA-256 ||
 /// stored_at_ms (i64 LE) || JPEG bytes ([`ImageValue`]). In version 5 it exists only while
 /// the migration moves its images into volumes (`crate::migrate::move_legacy_images`), which
@@ -185,7 +193,7 @@ pub type TelemetryKey = (u64, &'static str, i64);
 pub type AlarmKey = (u64, &'static str, i64);
 
 /// The names of every table, for tooling and for the "create all tables on open" step.
-pub const TABLE_NAMES: [&str; 35] = [
+pub const TABLE_NAMES: [&str; 36] = [
     "meta",
     "instruments",
     "instrument_by_serial",
@@ -221,6 +229,7 @@ pub const TABLE_NAMES: [&str; 35] = [
     "volume_archive",
     "models",
     "model_results",
+    "activity_curves",
 ];
 
 /// Creates every table that does not exist yet, so read transactions never miss one.
@@ -260,6 +269,7 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), StorageErro
     txn.open_table(VOLUME_ARCHIVE)?;
     txn.open_table(MODELS)?;
     txn.open_table(MODEL_RESULTS)?;
+    txn.open_table(ACTIVITY_CURVES)?;
     Ok(())
 }
 
@@ -882,6 +892,20 @@ pub struct ModelResultRow {
     /// Who asked for the evaluation (or changed an input it was recomputed after), and when.
     pub set_by: String,
     pub set_at_ms: i64,
+}
+
+/// An embryo's activity curve, in [`ACTIVITY_CURVES`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActivityCurveRow {
+    /// The focal plane analysed (the central one of the embryo's first acquisition).
+    pub focal_plane: i32,
+    /// The latest acquisition analysed (Unix ms): later ones are still to come.
+    pub through_ms: i64,
+    /// Frames that could not be decoded or compared.
+    pub frames_skipped: u32,
+    /// (acquired_at_ms, activity from 0 to 1), by time; at most
+    /// `limits::ACTIVITY_POINTS_PER_EMBRYO_MAX`.
+    pub points: Vec<(i64, f64)>,
 }
 
 /// The monitoring queue's counters (`meta/ims_state`), updated in the same transaction as the
