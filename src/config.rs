@@ -343,6 +343,9 @@ impl Default for Security {
 pub struct ServerSection {
     /// One of `error`, `warn`, `info`, `debug`, `trace`.
     pub log_level: String,
+    /// Compute every embryo's blastomere-activity curve in the background as its images
+    /// arrive (`crate::activity`, at idle priority). Default: on.
+    pub activity: bool,
 }
 
 /// A configuration file that cannot be used.
@@ -386,6 +389,7 @@ impl Default for Config {
             security: Security::default(),
             server: ServerSection {
                 log_level: "info".to_owned(),
+                activity: true,
             },
             license: LicenseSection::default(),
             tls: TlsSection::default(),
@@ -584,6 +588,14 @@ impl Config {
             Section::Server => {
                 out.push_str(&format!("; One of {}.\n", LOG_LEVELS.join(", ")));
                 out.push_str(&format!("log_level = {}\n", self.server.log_level));
+                out.push_str(
+                    "; Compute each embryo's blastomere-activity curve in the background as its\n",
+                );
+                out.push_str(
+                    "; images arrive, at idle priority (docs/models.md): on or off. Off: curves\n",
+                );
+                out.push_str("; are computed when asked for.\n");
+                out.push_str(&format!("activity = {}\n", switch(self.server.activity)));
             }
             Section::Clinic => {
                 out.push_str(
@@ -873,7 +885,7 @@ impl Section {
                 .collect(),
             Section::Limits => LIMIT_NUMBERS.iter().map(|k| k.name).collect(),
             Section::Security => SECURITY_NUMBERS.iter().map(|k| k.name).collect(),
-            Section::Server => vec!["log_level"],
+            Section::Server => vec!["log_level", "activity"],
             Section::License => vec!["trusted_keys"],
             Section::Tls => vec!["names"],
             Section::Clinic => vec!["site_name", "time_zone"],
@@ -1597,6 +1609,7 @@ fn apply(config: &mut Config, section: Section, key: &str, value: &str) -> Resul
         (Section::Security, _) => {
             set_number(SECURITY_NUMBERS, &mut config.security, key, value)?;
         }
+        (Section::Server, "activity") => config.server.activity = parse_switch(value)?,
         (Section::Server, _) => config.server.log_level = parse_log_level(value)?,
         (Section::License, _) => config.license.trusted_keys = parse_keys(value)?,
         (Section::Tls, _) => config.tls.names = parse_tls_names(value)?,

@@ -103,6 +103,7 @@ pub struct RunningServer {
     backups: Arc<crate::backup::Backups>,
     scheduler: Option<crate::backup::Scheduler>,
     archive: Option<Arc<crate::archive::Archive>>,
+    activity: Option<Arc<crate::activity::Background>>,
     info_path: PathBuf,
 }
 
@@ -173,6 +174,18 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
             }
         }
     };
+    let activity = if config.server.activity {
+        match crate::activity::Background::start(&store, &writer) {
+            Ok(background) => Some(Arc::new(background)),
+            Err(error) => {
+                tracing::error!(%error, "activity curves are computed only when asked for");
+                None
+            }
+        }
+    } else {
+        tracing::info!("[Server] activity = off: activity curves are computed only when asked for");
+        None
+    };
     // From here on, a failure stops whatever was started (listeners, writer) before returning.
     let mut server = RunningServer {
         store: store.clone(),
@@ -188,6 +201,7 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
         )),
         scheduler: None,
         archive,
+        activity,
         info_path: data_dir.join(INFO_FILE),
     };
     let started = start_services(
@@ -270,6 +284,7 @@ fn start_services(
             lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
             session_resume: Duration::from_millis(config.security.session_resume_ms),
             sessions_max: VIEWER_SESSIONS_MAX,
+            activity_background: config.server.activity,
         },
     ));
     let viewers = viewer.hub();
@@ -295,6 +310,7 @@ fn start_services(
         login_failures_max: config.security.login_failures_max,
         lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
         time_zone: time_zone.clone(),
+        activity_background: config.server.activity,
     };
     let api = Arc::new(ApiService::new(
         store.clone(),
@@ -328,6 +344,7 @@ fn start_services(
         reserve_bytes: config.storage.reserve_bytes,
         backups: server.backups.clone(),
         archive: server.archive.clone(),
+        activity: server.activity.clone(),
     };
     let web = Arc::new(ApiService::new(
         store.clone(),
@@ -366,6 +383,7 @@ fn start_services(
         ims,
         backups: server.backups.clone(),
         archive: server.archive.clone(),
+        activity: server.activity.clone(),
     };
     if let Some(target) = &config.backup.target {
         let scheduler = crate::backup::Scheduler::start(
@@ -602,6 +620,9 @@ impl RunningServer {
         if let Some(archive) = self.archive.take() {
             archive.stop();
         }
+        if let Some(activity) = self.activity.take() {
+            activity.stop();
+        }
         if let Some(ims) = self.ims.take() {
             ims.stop();
         }
@@ -636,6 +657,7 @@ struct StatusContext {
     ims: Arc<crate::ims::ImsShared>,
     backups: Arc<crate::backup::Backups>,
     archive: Option<Arc<crate::archive::Archive>>,
+    activity: Option<Arc<crate::activity::Background>>,
 }
 
 impl StatusContext {
@@ -790,6 +812,7 @@ impl StatusContext {
             "volumes_dir": self.store.volumes_dir(),
             "backup": self.backups.status(now_ms),
             "archive": self.archive.as_ref().map(|archive| archive.status()),
+            "activity": self.activity.as_ref().map(|activity| activity.status()),
         }))
     }
 }

@@ -78,6 +78,8 @@ pub struct WebContext {
     pub backups: Arc<crate::backup::Backups>,
     /// The archive tier, when `[Archive]` is configured.
     pub archive: Option<Arc<crate::archive::Archive>>,
+    /// The background activity computation, when on (`[Server] activity`).
+    pub activity: Option<Arc<crate::activity::Background>>,
 }
 
 /// Escapes text for HTML content and attribute values.

@@ -1,7 +1,8 @@
 //! The blastomere-activity curve end to end: an incubator uploads a synthetic time-lapse (JPEG
 //! frames of `es_models::synthetic`, cells that divide at chosen acquisitions), and the public API's
 //! curve, computed from the stored JPEGs, peaks at every division and proposes t2-t5 within
-//! one acquisition interval of the true times.
+//! one acquisition interval of the true times. The background computation stores exactly the
+//! curve the frames give, goes on after a `kill -9` from where it stopped, and draws it.
 
 mod common;
 
@@ -23,7 +24,9 @@ fn frame(index: u32) -> bytes::Bytes {
 
 #[test]
 fn the_curve_from_stored_jpegs_peaks_at_each_division_and_proposes_t2_to_t5() {
-    let (server, _dir) = common::spawn(true);
+    // Computed when asked for: the background computation is off.
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_in(&dir, true, "[Server]\nactivity = off\n");
     let workload = Workload {
         serial: "AC-1".into(),
         model: DeviceModel::EmbryoScopePlus,
@@ -76,6 +79,8 @@ fn the_curve_from_stored_jpegs_peaks_at_each_division_and_proposes_t2_to_t5() {
         FRAMES as usize - 1
     );
     assert_eq!(curve["frames_skipped"], 0);
+    assert_eq!(curve["source"], "computed_now");
+    assert_eq!(curve["pending"], false);
     // The acquisition times of the divisions, in hours after insemination (START_MS - 1 h).
     let interval_h = 600_000.0 / 3_600_000.0;
     for (name, division) in ["t2", "t3", "t4", "t5"].into_iter().zip(DIVISIONS) {
@@ -147,4 +152,179 @@ fn the_curve_from_stored_jpegs_peaks_at_each_division_and_proposes_t2_to_t5() {
         )
         .unwrap();
     assert_eq!(unknown.status, 404);
+}
+
+fn workload(cycles: u32) -> Workload {
+    Workload {
+        serial: "AB-1".into(),
+        model: DeviceModel::EmbryoScopePlus,
+        dishes: 1,
+        wells_per_dish: 1,
+        planes: vec![0],
+        cycles,
+        start_ms: START_MS,
+        interval_ms: 600_000,
+    }
+}
+
+/// The curve of `frames` as the server must compute it: each JPEG decoded to grey and
+/// compared with the one before.
+fn expected_points(frames: &[bytes::Bytes], workload: &Workload) -> Vec<(i64, f64)> {
+    let decoded: Vec<_> = frames
+        .iter()
+        .map(|jpeg| esserver::activity::decode_grey(jpeg).unwrap())
+        .collect();
+    (1..frames.len())
+        .map(|i| {
+            fn grey(d: &(usize, usize, Vec<u8>)) -> es_models::activity::Grey<'_> {
+                es_models::activity::Grey {
+                    width: d.0,
+                    height: d.1,
+                    pixels: &d.2,
+                }
+            }
+            let value =
+                es_models::activity::activity(&grey(&decoded[i - 1]), &grey(&decoded[i])).unwrap();
+            (workload.image(i as u64).acquired_at_ms, value)
+        })
+        .collect()
+}
+
+/// Polls the curve until the background computation has analysed every acquisition.
+fn settled_curve(http: &mut HttpClient, auth: &str, points: usize) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let response = http
+            .request(
+                "GET",
+                "/api/v1/embryos/AB-1_S1_P-1/activity",
+                &[("authorization", auth)],
+                None,
+            )
+            .unwrap();
+        if response.status == 200 {
+            let curve = response.json();
+            if curve["source"] == "background"
+                && curve["pending"] == false
+                && curve["points"].as_array().unwrap().len() == points
+            {
+                return curve;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the curve did not settle: {curve}"
+            );
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "{}: {}",
+                response.status,
+                String::from_utf8_lossy(&response.body)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn points_of(curve: &serde_json::Value) -> Vec<(i64, f64)> {
+    curve["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["acquired_at_ms"].as_i64().unwrap(),
+                p["activity"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_background_stores_the_exact_curve_and_goes_on_after_a_kill() {
+    let (mut server, dir) = common::spawn(true);
+    let data = dir.path().join("data");
+    let whole = workload(FRAMES);
+    let frames: Vec<bytes::Bytes> = (0..FRAMES).map(frame).collect();
+    let mut identity = common::identity("AB-1", "es-plus");
+    let mut upload = |server: &es_loadtest::spawn::ServerProcess, range: std::ops::Range<u64>| {
+        let mut client = common::connect(server, &mut identity);
+        sim::register_dishes(&mut client, &whole, common::TIMEOUT).unwrap();
+        let (stats, error) = sim::upload(
+            &mut client,
+            &whole,
+            range.clone(),
+            &frames,
+            Pacing::Window,
+            Instant::now() + Duration::from_secs(120),
+        );
+        assert!(error.is_none() && stats.errors.is_empty(), "{error:?}");
+        assert_eq!(stats.acked, range.end - range.start);
+    };
+    let half = u64::from(FRAMES / 2);
+    upload(&server, 0..half);
+    let key = common::create_api_key(&server, "activity test", "read");
+    let auth = format!("Bearer {key}");
+    let http_for = |server: &es_loadtest::spawn::ServerProcess| {
+        HttpClient::new(
+            server.info.address("public-api"),
+            server.info.client_tls("public-api"),
+            common::TIMEOUT,
+        )
+    };
+    let expected = expected_points(&frames, &whole);
+    let mut http = http_for(&server);
+    let first = settled_curve(&mut http, &auth, half as usize - 1);
+    assert_eq!(points_of(&first), expected[..half as usize - 1]);
+    assert_eq!(first["frames_skipped"], 0);
+
+    // Killed, restarted, the other half uploaded: the curve goes on from the stored point
+    // (the frame before is decoded once more), with nothing repeated and nothing missing.
+    server.restart().unwrap();
+    upload(&server, half..u64::from(FRAMES));
+    let mut http = http_for(&server);
+    let whole_curve = settled_curve(&mut http, &auth, FRAMES as usize - 1);
+    assert_eq!(points_of(&whole_curve), expected);
+    let status = common::admin_json(&data, &["status"]);
+    let activity = &status["activity"];
+    assert_eq!(activity["changes_behind"], 0, "{activity}");
+    assert_eq!(activity["curves"], 1, "{activity}");
+    let analysed = activity["images_analysed"].as_u64().unwrap();
+    assert!(
+        analysed >= u64::from(FRAMES) - half && analysed <= u64::from(FRAMES) - half + 1,
+        "after the restart only the new frames (and the one before) are decoded: {activity}"
+    );
+    assert!(activity["cpu_ms"].as_u64().is_some(), "{activity}");
+    #[cfg(target_os = "linux")]
+    assert!(
+        activity["priority"]
+            .as_str()
+            .unwrap()
+            .starts_with("SCHED_IDLE"),
+        "{activity}"
+    );
+
+    // The plot: one vertex per point, t2-t5 marked.
+    let plot = http
+        .request(
+            "GET",
+            "/api/v1/embryos/AB-1_S1_P-1/activity/plot",
+            &[("authorization", auth.as_str())],
+            None,
+        )
+        .unwrap();
+    assert_eq!(plot.status, 200);
+    assert_eq!(plot.header("content-type"), Some("image/svg+xml"));
+    let svg = String::from_utf8(plot.body.to_vec()).unwrap();
+    let vertices = svg
+        .split("points=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    assert_eq!(vertices.split(' ').count(), FRAMES as usize - 1);
+    for name in ["t2", "t3", "t4", "t5"] {
+        assert!(svg.contains(&format!(">{name} ")), "{name} is not marked");
+    }
 }

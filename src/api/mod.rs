@@ -48,6 +48,8 @@ pub struct ApiSettings {
     pub lockout_ms: i64,
     /// `[Clinic] time_zone`: the original Public API writes local times in it.
     pub time_zone: jiff::tz::TimeZone,
+    /// `[Server] activity`: stored curves are served even while they lag.
+    pub activity_background: bool,
 }
 
 /// A complete response, built on a worker.

@@ -234,6 +234,11 @@ const ROUTES: &[Route] = &[
         methods: &[(Method::Get, activity_get)],
     },
     Route {
+        path: "embryos/{embryo_id}/activity/plot",
+        public: false,
+        methods: &[(Method::Get, activity_plot)],
+    },
+    Route {
         path: "embryos/{embryo_id}/activity/proposals/{event}",
         public: false,
         methods: &[(Method::Post, proposal_accept)],
@@ -655,14 +660,28 @@ fn evaluation_post(call: &mut Call<'_>) -> Result<Step, Refusal> {
     call.submit(edit, Render::Embryo { embryo_id })
 }
 
+/// The embryo's curve as the viewer protocol and the API serve it
+/// ([`crate::activity::curve`]).
+fn served_curve(
+    call: &Call<'_>,
+    embryo_id: &str,
+) -> Result<crate::activity::EmbryoActivity, Refusal> {
+    let background = call.shared.settings.activity_background;
+    match crate::activity::curve(&call.shared.store, embryo_id, background) {
+        Ok(Some(curve)) => Ok(curve),
+        Ok(None) => Err(refuse(
+            404,
+            "not_found",
+            format!("embryo {embryo_id} is unknown"),
+        )),
+        Err(crate::activity::CurveError::Busy) => Err(Box::new(Response::busy())),
+        Err(crate::activity::CurveError::Storage(error)) => Err(storage_refusal(error)),
+    }
+}
+
 fn activity_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
-    let embryo_id = call.param(0);
-    let Some(_slot) = crate::activity::Slot::take() else {
-        return Err(Box::new(Response::busy()));
-    };
-    let curve = crate::activity::embryo_activity(&call.shared.store, embryo_id)
-        .map_err(storage_refusal)?
-        .ok_or_else(|| refuse(404, "not_found", format!("embryo {embryo_id} is unknown")))?;
+    let embryo_id = call.param(0).to_string();
+    let curve = served_curve(call, &embryo_id)?;
     let points: Vec<Value> = curve
         .points
         .iter()
@@ -681,8 +700,30 @@ fn activity_get(call: &mut Call<'_>) -> Result<Step, Refusal> {
             "points": points,
             "proposed": curve.proposed,
             "frames_skipped": curve.frames_skipped,
+            "analysed_through_ms": curve.through_ms,
+            "source": if curve.stored { "background" } else { "computed_now" },
+            "pending": curve.pending,
         }),
     )))
+}
+
+/// The curve drawn as an SVG image, with the proposed cleavage times marked.
+fn activity_plot(call: &mut Call<'_>) -> Result<Step, Refusal> {
+    let embryo_id = call.param(0).to_string();
+    let curve = served_curve(call, &embryo_id)?;
+    let insemination_at_ms = call
+        .shared
+        .store
+        .read()
+        .and_then(|r| r.embryo(&embryo_id))
+        .map_err(storage_refusal)?
+        .map_or(0, |e| e.insemination_at_ms);
+    let title = format!("Blastomere activity of embryo {embryo_id}");
+    let svg = es_models::activity::svg(&curve.points, insemination_at_ms, &curve.proposed, &title);
+    let mut response = Response::json(200, &Value::Null);
+    response.headers = vec![("content-type", "image/svg+xml".into())];
+    response.body = bytes::Bytes::from(svg);
+    Ok(Step::Respond(response))
 }
 
 /// Accepts a proposed cleavage time as the embryo's annotation (source `computed`), unless the
@@ -716,9 +757,6 @@ fn proposal_accept(call: &mut Call<'_>) -> Result<Step, Refusal> {
         },
     };
     edits::authorize(&call.shared.writer, &editor, &attempt).map_err(edit_refused)?;
-    let Some(_slot) = crate::activity::Slot::take() else {
-        return Err(Box::new(Response::busy()));
-    };
     let store = &call.shared.store;
     let embryo = store
         .read()
@@ -734,14 +772,13 @@ fn proposal_accept(call: &mut Call<'_>) -> Result<Step, Refusal> {
             409,
             "already_annotated",
             format!(
-                "embryo {embryo_id} has {event} already (set by {}): correct that annotation                  instead",
+                "embryo {embryo_id} has {event} already (set by {}): correct that annotation \
+                 instead",
                 existing.set_by
             ),
         ));
     }
-    let curve = crate::activity::embryo_activity(store, &embryo_id)
-        .map_err(storage_refusal)?
-        .ok_or_else(|| refuse(404, "not_found", format!("embryo {embryo_id} is unknown")))?;
+    let curve = served_curve(call, &embryo_id)?;
     let Some(&at_ms) = curve.proposed_at_ms.get(index) else {
         return Err(refuse(
             422,

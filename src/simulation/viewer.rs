@@ -319,6 +319,7 @@ impl Env {
                 lockout_ms: 60_000,
                 session_resume: SESSION_RESUME,
                 sessions_max: 64,
+                activity_background: false,
             },
         );
         let hub = service.hub();

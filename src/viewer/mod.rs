@@ -163,6 +163,8 @@ pub struct ViewerSettings {
     pub session_resume: Duration,
     /// Sessions (connected or waiting for a resume) at most.
     pub sessions_max: usize,
+    /// `[Server] activity`: stored curves are served even while they lag.
+    pub activity_background: bool,
 }
 
 pub struct ViewerService {

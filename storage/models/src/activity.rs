@@ -190,3 +190,102 @@ pub fn propose(curve: &[Point], insemination_at_ms: i64) -> Proposed {
         t5: hours.get(3).copied(),
     }
 }
+
+/// Width and height of [`svg`]'s plot, in pixels.
+pub const PLOT_WIDTH: u32 = 720;
+pub const PLOT_HEIGHT: u32 = 240;
+
+/// The curve drawn as a standalone SVG image: activity (0 to the curve's maximum) against
+/// hours after insemination, with a vertical mark and label at each proposed cleavage time.
+/// `title` is escaped; nothing else in the image comes from outside.
+pub fn svg(curve: &[Point], insemination_at_ms: i64, proposed: &Proposed, title: &str) -> String {
+    let (left, right, top, bottom) = (48.0, 12.0, 28.0, 28.0);
+    let (width, height) = (f64::from(PLOT_WIDTH), f64::from(PLOT_HEIGHT));
+    let hours = |at_ms: i64| at_ms.saturating_sub(insemination_at_ms) as f64 / 3_600_000.0;
+    let finite: Vec<(f64, f64)> = curve
+        .iter()
+        .filter(|p| p.activity.is_finite())
+        .map(|p| (hours(p.acquired_at_ms), p.activity))
+        .collect();
+    let (x0, x1) = match (finite.first(), finite.last()) {
+        (Some(first), Some(last)) if last.0 > first.0 => (first.0, last.0),
+        (Some(first), _) => (first.0, first.0 + 1.0),
+        _ => (0.0, 1.0),
+    };
+    let y1 = finite
+        .iter()
+        .map(|p| p.1)
+        .fold(0.0f64, f64::max)
+        .max(PEAK_FLOOR);
+    let x = |h: f64| left + (h - x0) / (x1 - x0) * (width - left - right);
+    let y = |a: f64| top + (1.0 - a / y1) * (height - top - bottom);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{PLOT_WIDTH}\" height=\"{PLOT_HEIGHT}\" \
+         viewBox=\"0 0 {PLOT_WIDTH} {PLOT_HEIGHT}\" font-family=\"sans-serif\" font-size=\"11\">\
+         <title>{}</title><rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
+         <text x=\"{left}\" y=\"16\" font-size=\"13\">{}</text>",
+        escape_xml(title),
+        escape_xml(title)
+    );
+    // Axes, with the hours at both ends and the maximum activity.
+    out.push_str(&format!(
+        "<path d=\"M{left} {top}V{:.1}H{:.1}\" stroke=\"black\" fill=\"none\"/>\
+         <text x=\"{left}\" y=\"{:.1}\">{x0:.1} h</text>\
+         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{x1:.1} h</text>\
+         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.4}</text>",
+        height - bottom,
+        width - right,
+        height - bottom + 16.0,
+        width - right,
+        height - bottom + 16.0,
+        left - 4.0,
+        top + 4.0,
+        y1,
+    ));
+    for (name, value) in [
+        ("t2", proposed.t2),
+        ("t3", proposed.t3),
+        ("t4", proposed.t4),
+        ("t5", proposed.t5),
+    ] {
+        let Some(h) = value.filter(|h| (x0..=x1).contains(h)) else {
+            continue;
+        };
+        out.push_str(&format!(
+            "<path d=\"M{:.1} {top}V{:.1}\" stroke=\"#c33\" stroke-dasharray=\"3 3\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" fill=\"#c33\">{name} {h:.2} h</text>",
+            x(h),
+            height - bottom,
+            x(h) + 3.0,
+            top + 10.0,
+        ));
+    }
+    if !finite.is_empty() {
+        out.push_str("<polyline fill=\"none\" stroke=\"#15c\" stroke-width=\"1.5\" points=\"");
+        for (i, (h, a)) in finite.iter().enumerate() {
+            if i > 0 {
+                out.push(' ');
+            }
+            out.push_str(&format!("{:.1},{:.1}", x(*h), y(*a)));
+        }
+        out.push_str("\"/>");
+    }
+    out.push_str("</svg>");
+    out
+}
+
+fn escape_xml(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}

@@ -107,3 +107,36 @@ fn a_still_series_has_no_peaks_and_mismatched_frames_are_refused() {
     };
     assert_eq!(activity(&small, &inverted).unwrap(), 1.0);
 }
+
+#[test]
+fn the_plot_draws_every_point_and_marks_each_proposal() {
+    let divisions = [40, 52, 55, 70];
+    let curve = curve(100, &divisions);
+    let proposed = propose(&curve, INSEMINATION_MS);
+    let svg = es_models::activity::svg(&curve, INSEMINATION_MS, &proposed, "Embryo <E1> & co");
+    assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+    assert!(svg.ends_with("</svg>"));
+    assert!(
+        svg.contains("Embryo &lt;E1&gt; &amp; co"),
+        "the title is escaped"
+    );
+    assert!(!svg.contains("<E1>"));
+    let polyline = svg.split("points=\"").nth(1).unwrap();
+    let drawn = polyline.split('"').next().unwrap().split(' ').count();
+    assert_eq!(drawn, curve.len(), "one vertex per point");
+    for name in ["t2", "t3", "t4", "t5"] {
+        assert!(svg.contains(&format!(">{name} ")), "{name} is marked");
+    }
+    // Every coordinate lies inside the image.
+    for vertex in polyline.split('"').next().unwrap().split(' ') {
+        let (x, y) = vertex.split_once(',').unwrap();
+        let (x, y): (f64, f64) = (x.parse().unwrap(), y.parse().unwrap());
+        assert!(
+            (0.0..=720.0).contains(&x) && (0.0..=240.0).contains(&y),
+            "{vertex}"
+        );
+    }
+    // An empty curve is an empty plot, not a panic.
+    let empty = es_models::activity::svg(&[], INSEMINATION_MS, &Default::default(), "");
+    assert!(!empty.contains("polyline"));
+}
