@@ -889,6 +889,42 @@ fn metrics(shared: &WebShared) -> Response {
             }
         }
     }
+    if let Some(activity) = &shared.site.activity {
+        let status = activity.status();
+        let mut gauge = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        gauge(
+            "esserver_activity_changes_behind",
+            "Changes the background activity computation has still to look at.",
+            status.changes_behind,
+        );
+        gauge(
+            "esserver_activity_curves",
+            "Embryos with a stored activity curve.",
+            status.curves,
+        );
+        for (name, help, value) in [
+            (
+                "esserver_activity_images_analysed_total",
+                "Frames decoded and compared by the background activity computation.",
+                status.images_analysed,
+            ),
+            (
+                "esserver_activity_cpu_milliseconds_total",
+                "CPU time of the background activity computation.",
+                status.cpu_ms,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+    }
     text(200, out, "text/plain; version=0.0.4; charset=utf-8")
 }
 
@@ -1118,6 +1154,7 @@ fn dashboard_with(shared: &WebShared, user: &str, csrf: &str, message: &str) -> 
         body.push_str(&storage_card(shared, now));
         body.push_str(&backup_card(web, now));
         body.push_str(&archive_card(web));
+        body.push_str(&activity_card(web));
         body.push_str("<h2>Viewers</h2><table id=viewers><tr><th>User</th><th>Computer</th><th>Address</th><th>Since</th></tr>");
         let viewers = web.viewers.snapshot();
         if viewers.is_empty() {
@@ -1807,6 +1844,47 @@ fn backup_card(web: &WebContext, now: i64) -> String {
         row(&mut out, "Now", "a backup is running".into());
     }
     out.push_str("</table>");
+    out
+}
+
+/// The background activity computation: how far behind it is and what it costs.
+fn activity_card(web: &WebContext) -> String {
+    let Some(activity) = &web.activity else {
+        return String::new();
+    };
+    let status = activity.status();
+    let mut out = String::from("<h2>Activity curves</h2><table id=activity>");
+    let rows = [
+        (
+            "Curves",
+            format!(
+                "{} embryo(s); {} change(s) still to look at",
+                status.curves, status.changes_behind
+            ),
+        ),
+        (
+            "Analysed",
+            format!(
+                "{} image(s), {} skipped, in {:.1} s of CPU ({:.0} images per CPU second, at {} priority)",
+                status.images_analysed,
+                status.frames_skipped,
+                status.cpu_ms as f64 / 1000.0,
+                status.images_per_cpu_s,
+                status.priority
+            ),
+        ),
+    ];
+    for (name, value) in rows {
+        let _ = write!(out, "<tr><td>{name}</td><td>{}</td></tr>", escape(&value));
+    }
+    out.push_str("</table>");
+    if let Some(error) = &status.last_error {
+        let _ = write!(
+            out,
+            "<p class=err id=activity-warning>Last problem: {}</p>",
+            escape(error)
+        );
+    }
     out
 }
 
