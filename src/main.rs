@@ -233,6 +233,20 @@ enum ViewerAction {
         #[arg(long)]
         hours: Option<f64>,
     },
+    /// Show an embryo's blastomere-activity curve and the cleavage times it proposes;
+    /// --svg draws it to a file.
+    Activity {
+        embryo_id: String,
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+    },
+    /// Apply a model (its newest version, or --version) to an embryo and show the result.
+    Evaluate {
+        embryo_id: String,
+        model: String,
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1445,6 +1459,14 @@ fn viewer(args: ViewerArgs) -> Result<ExitCode, String> {
                 name, saved.id, saved.annotation_id, saved.version
             );
         }
+        ViewerAction::Activity { embryo_id, svg } => {
+            tool::activity(&mut client, &embryo_id, svg.as_deref())?
+        }
+        ViewerAction::Evaluate {
+            embryo_id,
+            model,
+            version,
+        } => tool::evaluate(&mut client, &embryo_id, &model, version)?,
     }
     Ok(ExitCode::SUCCESS)
 }

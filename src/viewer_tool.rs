@@ -372,6 +372,113 @@ pub fn show_embryo(client: &mut ViewerClient, embryo_id: &str) -> Result<(), Str
     Ok(())
 }
 
+/// `activity ID [--svg FILE]`: the curve's summary and proposals; the plot to `svg`.
+pub fn activity(
+    client: &mut ViewerClient,
+    embryo_id: &str,
+    svg: Option<&Path>,
+) -> Result<(), String> {
+    let embryo = get_embryo(client, embryo_id)?;
+    let request = Request::GetActivity(pb::GetActivity {
+        embryo_id: embryo_id.into(),
+    });
+    let Body::Activity(curve) = call(client, request)? else {
+        return Err("unexpected answer to GetActivity".into());
+    };
+    let peak = curve
+        .points
+        .iter()
+        .map(|p| p.activity)
+        .fold(0.0f64, f64::max);
+    println!(
+        "activity of embryo {embryo_id} at focal plane {}: {} points, highest {peak:.4}, {} frame(s) skipped{}",
+        curve.focal_plane,
+        curve.points.len(),
+        curve.frames_skipped,
+        if curve.pending {
+            " (later acquisitions are still being analysed)"
+        } else {
+            ""
+        }
+    );
+    for proposed in &curve.proposed {
+        println!(
+            "  proposed {:<3} {:>7.2} h  (acquisition {})",
+            proposed.event,
+            proposed.hours,
+            time_text(proposed.acquired_at_ms)
+        );
+    }
+    if curve.proposed.is_empty() {
+        println!("  no cleavage time proposed");
+    }
+    if let Some(path) = svg {
+        let points: Vec<es_models::activity::Point> = curve
+            .points
+            .iter()
+            .map(|p| es_models::activity::Point {
+                acquired_at_ms: p.acquired_at_ms,
+                activity: p.activity,
+            })
+            .collect();
+        let mut proposed = es_models::activity::Proposed::default();
+        for p in &curve.proposed {
+            let slot = match p.event.as_str() {
+                "t2" => &mut proposed.t2,
+                "t3" => &mut proposed.t3,
+                "t4" => &mut proposed.t4,
+                "t5" => &mut proposed.t5,
+                _ => continue,
+            };
+            *slot = Some(p.hours);
+        }
+        let title = format!("Blastomere activity of embryo {embryo_id}");
+        let plot = es_models::activity::svg(&points, embryo.insemination_at_ms, &proposed, &title);
+        std::fs::write(path, plot)
+            .map_err(|error| format!("cannot write {}: {error}", path.display()))?;
+        println!("  plot written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// `evaluate ID MODEL [--version N]`: applies the model and prints the embryo's result.
+pub fn evaluate(
+    client: &mut ViewerClient,
+    embryo_id: &str,
+    model: &str,
+    version: u32,
+) -> Result<(), String> {
+    let embryo = get_embryo(client, embryo_id)?;
+    let request = Request::Evaluate(pb::Evaluate {
+        embryo_id: embryo_id.into(),
+        expected_version: embryo.version,
+        model: model.into(),
+        version,
+    });
+    let Body::Saved(saved) = call(client, request)? else {
+        return Err("unexpected answer to Evaluate".into());
+    };
+    let request = Request::ListEvaluations(pb::ListEvaluations {
+        embryo_id: embryo_id.into(),
+    });
+    let Body::EvaluationList(list) = call(client, request)? else {
+        return Err("unexpected answer to ListEvaluations".into());
+    };
+    let result = list
+        .evaluations
+        .iter()
+        .find(|e| e.model.eq_ignore_ascii_case(model))
+        .ok_or_else(|| format!("embryo {embryo_id} has no result of model {model}"))?;
+    println!(
+        "{model} version {} on embryo {embryo_id}: {} {} ({}); embryo now at version {}",
+        result.version, result.outcome, result.value, result.rule, saved.version
+    );
+    for variable in &result.variables {
+        println!("  {:<8} {}", variable.name, variable.value);
+    }
+    Ok(())
+}
+
 /// `export ID`: the time-lapse at one focal plane as numbered JPEG files. Returns the count.
 pub fn export(
     client: &mut ViewerClient,

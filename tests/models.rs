@@ -2,7 +2,9 @@
 //! `esserver model import`, evaluated through the public API (If-Match, answered with the
 //! embryo and its new version), its result listed with the rule and variables; recomputed when
 //! a viewer changes an annotation; exported and
-//! imported into another server, where the same annotations give the identical result.
+//! imported into another server, where the same annotations give the identical result. The
+//! viewer protocol's model messages: import (rights, located errors), list, get, evaluate
+//! (versioned), results, and the activity curve.
 
 mod common;
 
@@ -259,4 +261,138 @@ fn a_model_is_imported_evaluated_recomputed_and_gives_the_same_result_on_another
     let list = esserver(&other, &["model", "list", "--json"]);
     let list: Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(list["models"].as_array().unwrap().len(), 1);
+}
+
+fn server_error(result: Result<Body, es_loadtest::viewer_client::ViewerError>) -> (String, String) {
+    match result {
+        Err(es_loadtest::viewer_client::ViewerError::Server { name, message, .. }) => {
+            (name, message)
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn models_are_imported_listed_and_evaluated_through_the_viewer_protocol() {
+    let (server, _dir, _key) = clinic("MV-1");
+    common::add_user(&server, "victor", "view", PASSWORD);
+    let mut viewer = log_in(&server);
+    let import = |document: String| Request::ImportModel(pb::ImportModel { document });
+
+    // A mistaken document is refused with its place; a user with view rights may not import.
+    let broken = meseguer().replace("\"below\": 0.77", "\"below\": \"x\"");
+    let (code, message) = server_error(viewer.call(import(broken)));
+    assert_eq!(code, "invalid_field");
+    assert!(message.contains("line"), "{message}");
+    let mut looker = ViewerClient::login(
+        server.info.address("viewer"),
+        &server.info.client_tls("viewer"),
+        &Credentials {
+            user: "victor".into(),
+            password: PASSWORD.into(),
+            computer: "VIEWER-2".into(),
+        },
+        common::TIMEOUT,
+    )
+    .unwrap();
+    let (code, _) = server_error(looker.call(import(meseguer())));
+    assert_eq!(code, "permission_denied");
+
+    let Body::ModelImported(first) = viewer.call(import(meseguer())).unwrap() else {
+        panic!("not ModelImported");
+    };
+    assert_eq!(
+        (first.name.as_str(), first.version, first.created),
+        (MODEL, 1, true)
+    );
+    let Body::ModelImported(again) = viewer.call(import(meseguer())).unwrap() else {
+        panic!("not ModelImported");
+    };
+    assert_eq!((again.version, again.created), (1, false));
+    let Body::ModelList(list) = looker.call(Request::ListModels(pb::ListModels {})).unwrap() else {
+        panic!("not ModelList");
+    };
+    assert_eq!(list.models.len(), 1);
+    assert_eq!(list.models[0].kind, "hierarchical");
+    let Body::Model(model) = looker
+        .call(Request::GetModel(pb::GetModel {
+            name: MODEL.into(),
+            version: 0,
+        }))
+        .unwrap()
+    else {
+        panic!("not ModelDocument");
+    };
+    assert_eq!(model.document, meseguer());
+    let (code, _) = server_error(looker.call(Request::GetModel(pb::GetModel {
+        name: MODEL.into(),
+        version: 9,
+    })));
+    assert_eq!(code, "not_found");
+
+    // Case M1's timings, evaluated through the viewer: saved like an edit, versioned.
+    let embryo_id = "MV-1_S1_P-1";
+    for (name, hours) in [("t2", 26.1), ("t3", 37.4), ("t4", 38.0), ("t5", 50.2)] {
+        annotate(&mut viewer, embryo_id, name, hours);
+    }
+    let before = version(&mut viewer, embryo_id);
+    let evaluate = |expected_version: u64| {
+        Request::Evaluate(pb::Evaluate {
+            embryo_id: embryo_id.into(),
+            expected_version,
+            model: MODEL.into(),
+            version: 0,
+        })
+    };
+    let (code, _) = server_error(looker.call(evaluate(before)));
+    assert_eq!(code, "permission_denied", "view rights may not evaluate");
+    let Body::Saved(saved) = viewer.call(evaluate(before)).unwrap() else {
+        panic!("not Saved");
+    };
+    assert_eq!(saved.version, before + 1);
+    let (code, _) = server_error(viewer.call(evaluate(before)));
+    assert_eq!(code, "conflict", "a stale version is refused");
+    let Body::EvaluationList(results) = looker
+        .call(Request::ListEvaluations(pb::ListEvaluations {
+            embryo_id: embryo_id.into(),
+        }))
+        .unwrap()
+    else {
+        panic!("not EvaluationList");
+    };
+    let result = &results.evaluations[0];
+    assert_eq!((result.model.as_str(), result.version), (MODEL, 1));
+    assert_eq!(
+        (result.outcome.as_str(), result.value.as_str()),
+        ("category", "A+")
+    );
+    assert_eq!(
+        result.rule,
+        "t5 in [48.8, 56.61) -> s2 < 0.77 -> cc2 < 11.91 -> A+"
+    );
+    assert!(result
+        .variables
+        .iter()
+        .any(|v| v.name == "s2" && (v.value - 0.6).abs() < 1e-9));
+    assert_eq!(result.set_by, "anna");
+
+    // The activity curve of the same embryo (two acquisitions uploaded: one point at most).
+    let Body::Activity(curve) = looker
+        .call(Request::GetActivity(pb::GetActivity {
+            embryo_id: embryo_id.into(),
+        }))
+        .unwrap()
+    else {
+        panic!("not Activity");
+    };
+    assert_eq!(curve.embryo_id, embryo_id);
+    assert!(curve.points.len() <= 1, "{curve:?}");
+    assert!(curve
+        .points
+        .iter()
+        .all(|p| (0.0..=1.0).contains(&p.activity)));
+    let (code, _) = server_error(looker.call(Request::GetActivity(pb::GetActivity {
+        embryo_id: "NO-SUCH".into(),
+    })));
+    assert_eq!(code, "not_found");
 }

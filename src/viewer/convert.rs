@@ -176,6 +176,12 @@ pub fn edit(
             expected_version: c.expected_version,
             comment: c.comment,
         },
+        Request::Evaluate(e) => ClinicalEdit::Evaluate {
+            embryo_id: e.embryo_id,
+            expected_version: e.expected_version,
+            model: e.model,
+            version: (e.version != 0).then_some(e.version),
+        },
         other => return Err(other),
     }))
 }
@@ -187,7 +193,7 @@ fn annotation_input(input: Option<pb::AnnotationInput>) -> Result<AnnotationInpu
     } else {
         AnnotationSource::from_name(&input.source).ok_or_else(|| {
             format!(
-                "annotation source {:?} is not one of manual, guided, automatic",
+                "annotation source {:?} is not one of manual, guided, automatic, computed",
                 input.source
             )
         })?
@@ -248,4 +254,70 @@ pub fn current_json(current: Option<&Current>) -> String {
         }),
     };
     value.to_string()
+}
+
+pub fn model_summary(record: &es_storage::ModelRecord) -> pb::ModelSummary {
+    pb::ModelSummary {
+        name: record.name.clone(),
+        version: record.version,
+        kind: record.kind.clone(),
+        imported_by: record.imported_by.clone(),
+        imported_at_ms: record.imported_at_ms,
+        used: record.used,
+    }
+}
+
+pub fn evaluation(record: es_storage::ModelResultRecord) -> pb::Evaluation {
+    pb::Evaluation {
+        model: record.model,
+        version: record.version,
+        outcome: record.outcome.to_string(),
+        value: record.value,
+        rule: record.rule,
+        variables: record
+            .variables
+            .into_iter()
+            .map(|(name, value)| pb::Variable { name, value })
+            .collect(),
+        set_by: record.set_by,
+        set_at_ms: record.set_at_ms,
+    }
+}
+
+pub fn activity(embryo_id: String, curve: crate::activity::EmbryoActivity) -> pb::Activity {
+    let hours = [
+        curve.proposed.t2,
+        curve.proposed.t3,
+        curve.proposed.t4,
+        curve.proposed.t5,
+    ];
+    pb::Activity {
+        embryo_id,
+        focal_plane: curve.focal_plane,
+        points: curve
+            .points
+            .iter()
+            .map(|p| pb::ActivityPoint {
+                acquired_at_ms: p.acquired_at_ms,
+                activity: p.activity,
+            })
+            .collect(),
+        proposed: ["t2", "t3", "t4", "t5"]
+            .into_iter()
+            .zip(hours)
+            .zip(&curve.proposed_at_ms)
+            .filter_map(|((event, hours), at)| {
+                hours.map(|hours| pb::ProposedTime {
+                    event: event.to_string(),
+                    hours,
+                    acquired_at_ms: *at,
+                })
+            })
+            .collect(),
+        frames_skipped: curve.frames_skipped,
+        analysed_through_ms: curve.through_ms.unwrap_or(0),
+        has_analysed: curve.through_ms.is_some(),
+        stored: curve.stored,
+        pending: curve.pending,
+    }
 }

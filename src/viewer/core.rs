@@ -555,22 +555,26 @@ impl ViewerCore {
             }
             Request::Playback(playback) => self.start_playback(seq, playback, io),
             Request::CancelPlayback(cancel) => self.cancel_playback(seq, cancel.playback_seq, io),
+            Request::GetActivity(get) => self.start_activity(seq, get.embryo_id, io),
+            Request::ImportModel(import) => self.start_import(seq, import.document, io),
             read => self.start_read(seq, read, io),
         }
     }
 
-    fn start_read(&mut self, seq: u64, request: Request, io: &mut dyn Io) {
-        let store = self.shared.store.clone();
+    /// Runs `work` on a worker; answers `busy` when no worker takes it.
+    fn start_job(
+        &mut self,
+        seq: u64,
+        work: impl FnOnce() -> Body + Send + 'static,
+        io: &mut dyn Io,
+    ) {
         let body = error_body(
             seq,
             ErrorCode::InternalError,
-            "internal error while reading".into(),
+            "internal error while answering".into(),
         );
         let fallback = ViewerMsg::Reply { seq, body };
-        let job = Box::new(move || {
-            let body = read(&store, request);
-            ViewerMsg::Reply { seq, body }
-        });
+        let job = Box::new(move || ViewerMsg::Reply { seq, body: work() });
         if !self.run_job(job, fallback, io) {
             self.respond_error(
                 seq,
@@ -579,6 +583,77 @@ impl ViewerCore {
                 io,
             );
         }
+    }
+
+    /// The embryo's activity curve: the stored one, or computed on a worker
+    /// (`crate::activity::curve`).
+    fn start_activity(&mut self, seq: u64, embryo_id: String, io: &mut dyn Io) {
+        if embryo_id.is_empty() || embryo_id.len() > 128 {
+            self.respond_error(
+                seq,
+                ErrorCode::InvalidField,
+                "embryo_id must have 1 to 128 bytes".into(),
+                io,
+            );
+            return;
+        }
+        let store = self.shared.store.clone();
+        let background = self.shared.settings.activity_background;
+        self.start_job(
+            seq,
+            move || match crate::activity::curve(&store, &embryo_id, background) {
+                Ok(Some(curve)) => Body::Activity(convert::activity(embryo_id, curve)),
+                Ok(None) => not_found(format!("embryo {embryo_id}")),
+                Err(crate::activity::CurveError::Busy) => error_body(
+                    0,
+                    ErrorCode::Busy,
+                    "another activity curve is being computed; retry in a moment".into(),
+                ),
+                Err(crate::activity::CurveError::Storage(error)) => {
+                    error_body(0, storage_error_code(&error), error.to_string())
+                }
+            },
+            io,
+        );
+    }
+
+    /// A model document imported through the one import path ([`crate::edits::import_model`]:
+    /// edit rights, audited), on a worker: it waits until the import is durable.
+    fn start_import(&mut self, seq: u64, document: String, io: &mut dyn Io) {
+        if let Err(error) = es_models::Model::from_json(document.as_bytes()) {
+            self.respond_error(seq, ErrorCode::InvalidField, error.to_string(), io);
+            return;
+        }
+        let login = self.login.as_ref().expect("requests come after login");
+        let editor = Editor {
+            actor: Actor {
+                user: login.user.clone(),
+                computer: login.computer.clone(),
+            },
+            grant: Grant::User(login.rights),
+        };
+        let (writer, disk) = (self.shared.writer.clone(), self.shared.disk.clone());
+        self.start_job(
+            seq,
+            move || match edits::import_model(&writer, &disk, &editor, document) {
+                Ok(Ok(done)) => Body::ModelImported(pb::ModelImported {
+                    name: done.name,
+                    version: done.version,
+                    created: done.created,
+                }),
+                Ok(Err(error)) => {
+                    let code = write_error_code(&error, |never| match *never {});
+                    error_body(0, code, error.to_string())
+                }
+                Err(refused) => error_body(0, refused_code(&refused), refused.message()),
+            },
+            io,
+        );
+    }
+
+    fn start_read(&mut self, seq: u64, request: Request, io: &mut dyn Io) {
+        let store = self.shared.store.clone();
+        self.start_job(seq, move || read(&store, request), io);
     }
 
     /// An edit through the one edit path ([`crate::edits`]): rights (audited), disk, storage.
@@ -607,13 +682,7 @@ impl ViewerCore {
         match edits::submit(writer, &self.shared.disk, &editor, edit, None, at_ms, done) {
             Ok(()) => io.owe(),
             Err(refused) => {
-                let code = match refused {
-                    edits::Refused::Forbidden(_) => ErrorCode::PermissionDenied,
-                    edits::Refused::DiskLow => ErrorCode::DiskFull,
-                    edits::Refused::Busy => ErrorCode::Busy,
-                    edits::Refused::ShuttingDown => ErrorCode::ShuttingDown,
-                };
-                self.respond_error(seq, code, refused.message(), io);
+                self.respond_error(seq, refused_code(&refused), refused.message(), io);
             }
         }
     }
@@ -1195,6 +1264,33 @@ fn read(store: &Store, request: Request) -> Body {
                 }
                 Body::Overview(overview)
             }
+            Request::ListModels(_) => Body::ModelList(pb::ModelList {
+                models: reader
+                    .models()?
+                    .iter()
+                    .map(convert::model_summary)
+                    .collect(),
+            }),
+            Request::GetModel(get) => {
+                let version = (get.version != 0).then_some(get.version);
+                match reader.model(&get.name, version)? {
+                    Some(model) => Body::Model(pb::ModelDocument {
+                        summary: Some(convert::model_summary(&model)),
+                        document: model.document,
+                    }),
+                    None => not_found(match version {
+                        Some(version) => format!("model {} version {version}", get.name),
+                        None => format!("model {}", get.name),
+                    }),
+                }
+            }
+            Request::ListEvaluations(list) => match reader.model_results(&list.embryo_id)? {
+                Some(results) => Body::EvaluationList(pb::EvaluationList {
+                    embryo_id: list.embryo_id,
+                    evaluations: results.into_iter().map(convert::evaluation).collect(),
+                }),
+                None => not_found(format!("embryo {}", list.embryo_id)),
+            },
             other => error_body(
                 0,
                 ErrorCode::InternalError,
@@ -1203,6 +1299,15 @@ fn read(store: &Store, request: Request) -> Body {
         })
     });
     result.unwrap_or_else(|error| error_body(0, storage_error_code(&error), error.to_string()))
+}
+
+fn refused_code(refused: &edits::Refused) -> ErrorCode {
+    match refused {
+        edits::Refused::Forbidden(_) => ErrorCode::PermissionDenied,
+        edits::Refused::DiskLow => ErrorCode::DiskFull,
+        edits::Refused::Busy => ErrorCode::Busy,
+        edits::Refused::ShuttingDown => ErrorCode::ShuttingDown,
+    }
 }
 
 fn storage_error_code(error: &StorageError) -> ErrorCode {

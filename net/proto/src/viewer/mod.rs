@@ -77,6 +77,12 @@ pub fn request_name(request: &pb::client_message::Request) -> &'static str {
         Request::RemoveAnnotation(_) => "remove_annotation",
         Request::SetFate(_) => "set_fate",
         Request::SetEmbryoComment(_) => "set_embryo_comment",
+        Request::GetActivity(_) => "get_activity",
+        Request::ListModels(_) => "list_models",
+        Request::GetModel(_) => "get_model",
+        Request::ListEvaluations(_) => "list_evaluations",
+        Request::Evaluate(_) => "evaluate",
+        Request::ImportModel(_) => "import_model",
     }
 }
 
@@ -94,5 +100,7 @@ pub fn is_write(request: &pb::client_message::Request) -> bool {
             | Request::RemoveAnnotation(_)
             | Request::SetFate(_)
             | Request::SetEmbryoComment(_)
+            | Request::Evaluate(_)
+            | Request::ImportModel(_)
     )
 }
