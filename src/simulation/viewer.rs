@@ -17,6 +17,12 @@
 //! the resend is refused as a `conflict` carrying the current state, in which the viewer finds
 //! its own annotation. Checked: every edit is applied exactly once, whatever was lost; change
 //! notices arrive gapless and in order across resumes and new logins.
+//!
+//! The viewer also evaluates a model on the embryos (a versioned write like a save, whose
+//! conflicts it answers by taking the current version) and reads models, results and activity
+//! curves. Checked: the embryos' versions count every annotation and every evaluation the
+//! audit trail records, and each embryo's stored result is the model applied to its
+//! annotations as they are at the end (recomputed in every transaction that changed them).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -51,6 +57,12 @@ const DISH: &str = "D2026.01.05_S0001";
 const USER: &str = "anna";
 const PASSWORD: &str = "Embryo-2026!";
 const COMPUTER: &str = "VIEWER-1";
+/// The model the viewer evaluates: excluded (score 0) when the embryo's latest t2 is
+/// `edit-0`, else scored by t2's hours, which the simulated annotations never have (not
+/// available).
+const SIM_MODEL: &str = r#"{"format": "esserver-model/1", "name": "sim",
+  "exclusions": [{"name": "edit-0", "when": {"annotation": "t2", "equals": "edit-0"}, "score": 0}],
+  "rule": {"additive": {"terms": [{"variable": "t2", "coefficient": 1}]}}}"#;
 /// How long a dropped session may be resumed: 15 steps, so some reconnects come too late.
 const SESSION_RESUME: Duration = Duration::from_millis(15 * STEP_MS as u64);
 
@@ -92,6 +104,10 @@ enum Pending {
     Login,
     Save(usize),
     Ping,
+    /// An evaluation of the model on the embryo.
+    Evaluate(usize),
+    /// A read of models, results or a curve.
+    Read,
 }
 
 /// What the environment keeps of one server-side connection.
@@ -298,6 +314,16 @@ impl Env {
                 at_ms,
             })
             .expect("the user is added");
+        writer
+            .write(es_storage::ModelImport {
+                actor: Actor {
+                    user: "admin".into(),
+                    computer: "simulation".into(),
+                },
+                document: SIM_MODEL.into(),
+                at_ms,
+            })
+            .expect("the model is imported");
         let versions = [0, 1].map(|embryo| {
             temp.store
                 .read()
@@ -675,6 +701,31 @@ impl World {
                 send(connection, Pending::Ping, Request::Ping(pb::Ping {}));
                 continue;
             }
+            if self.noise.below(6) == 0 {
+                let embryo = self.noise.below(2);
+                let request = Request::Evaluate(pb::Evaluate {
+                    embryo_id: embryo_id(embryo),
+                    expected_version: self.versions[embryo],
+                    model: "sim".into(),
+                    version: 0,
+                });
+                send(connection, Pending::Evaluate(embryo), request);
+                continue;
+            }
+            if self.noise.below(6) == 0 {
+                let embryo_id = embryo_id(self.noise.below(2));
+                let request = match self.noise.below(4) {
+                    0 => Request::ListModels(pb::ListModels {}),
+                    1 => Request::GetModel(pb::GetModel {
+                        name: "sim".into(),
+                        version: 0,
+                    }),
+                    2 => Request::ListEvaluations(pb::ListEvaluations { embryo_id }),
+                    _ => Request::GetActivity(pb::GetActivity { embryo_id }),
+                };
+                send(connection, Pending::Read, request);
+                continue;
+            }
             let busy = |embryo: usize| {
                 self.edits
                     .iter()
@@ -989,6 +1040,35 @@ impl World {
                         edit.state = EditState::Kept;
                     }
                 }
+                (Pending::Evaluate(embryo), Body::Saved(saved)) => {
+                    self.versions[embryo] = saved.version;
+                }
+                (Pending::Evaluate(embryo), Body::Error(error))
+                    if error.code == ErrorCode::Conflict.code() =>
+                {
+                    // Someone's change came first: the viewer takes the current version,
+                    // and finds there the kept saves of its own whose answers were lost
+                    // (else it would save them again on a version that already has them).
+                    self.versions[embryo] = error.current_version;
+                    for edit in &mut self.edits {
+                        let mine = format!("\"value\":\"{}\"", edit.value);
+                        if edit.embryo == embryo
+                            && edit.state == EditState::Kept
+                            && error.current_json.contains(&mine)
+                        {
+                            edit.state = EditState::Applied;
+                            self.totals.duplicates += 1;
+                        }
+                    }
+                }
+                (
+                    Pending::Read,
+                    Body::ModelList(_)
+                    | Body::Model(_)
+                    | Body::EvaluationList(_)
+                    | Body::Activity(_),
+                ) => {}
+                (Pending::Read, Body::Error(error)) if error.code == ErrorCode::Busy.code() => {}
                 (pending, body) => panic!("step {}: {pending:?} answered by {body:?}", self.step),
             }
         }
@@ -1025,6 +1105,64 @@ impl World {
         (record.version, values)
     }
 
+    /// Evaluations applied to each embryo, as the audit trail records them.
+    fn evaluations_audited(&self) -> [u64; 2] {
+        let reader = self.env.store().read().expect("the store reads");
+        let mut counts = [0u64; 2];
+        let mut after = 0;
+        loop {
+            let rows = reader.audit_after(after, 1000).expect("the audit reads");
+            let Some(last) = rows.last() else {
+                break;
+            };
+            after = last.seq;
+            for row in &rows {
+                if row.action == "embryo.evaluate"
+                    && row.outcome == es_storage::AuditOutcome::Applied
+                {
+                    for (embryo, count) in counts.iter_mut().enumerate() {
+                        if row.target == embryo_id(embryo) {
+                            *count += 1;
+                        }
+                    }
+                }
+            }
+        }
+        counts
+    }
+
+    /// The embryo's stored result of the model, if it has one, is the model applied to its
+    /// annotations as they are now.
+    fn check_result(&self, embryo: usize) {
+        let reader = self.env.store().read().expect("the store reads");
+        let results = reader
+            .model_results(&embryo_id(embryo))
+            .expect("the results read")
+            .expect("the embryo exists");
+        let Some(result) = results.iter().find(|r| r.model == "sim") else {
+            return;
+        };
+        let record = reader
+            .embryo(&embryo_id(embryo))
+            .expect("the store reads")
+            .expect("the embryo exists");
+        let model = es_models::Model::from_json(SIM_MODEL.as_bytes()).expect("the model reads");
+        let expected = match model
+            .evaluate(&crate::api::routes::model_inputs(&record.annotations))
+            .outcome
+        {
+            es_models::Outcome::Category(category) => category,
+            es_models::Outcome::Score(score) => score.to_string(),
+            es_models::Outcome::NotAvailable(reason) => reason,
+        };
+        check!(
+            self,
+            result.value == expected,
+            "embryo {embryo}: stored result {:?}, its annotations give {expected:?}",
+            result.value
+        );
+    }
+
     fn check_end(&self) {
         let stored = [self.stored(0), self.stored(1)];
         let mut total = 0;
@@ -1044,13 +1182,16 @@ impl World {
             "{annotations} annotations stored, {total} edits and {} by others",
             self.others
         );
+        let evaluations = self.evaluations_audited();
         for (embryo, (version, values)) in stored.iter().enumerate() {
             check!(
                 self,
-                *version == self.first_versions[embryo] + values.len() as u64,
-                "embryo {embryo} at version {version} with {} annotations",
-                values.len()
+                *version == self.first_versions[embryo] + values.len() as u64 + evaluations[embryo],
+                "embryo {embryo} at version {version} with {} annotations and {} evaluations",
+                values.len(),
+                evaluations[embryo]
             );
+            self.check_result(embryo);
         }
     }
 }

@@ -596,6 +596,26 @@ mod tests {
             Request::CancelPlayback(pb::CancelPlayback::default()),
             Request::AddAnnotation(pb::AddAnnotation::default()),
             Request::SetFate(pb::SetFate::default()),
+            Request::GetActivity(pb::GetActivity {
+                embryo_id: "D1_S1_P-1".into(),
+            }),
+            Request::ListModels(pb::ListModels {}),
+            Request::GetModel(pb::GetModel {
+                name: "Hierarchical".into(),
+                version: 0,
+            }),
+            Request::ImportModel(pb::ImportModel {
+                document: r#"{"format":"esserver-model/1","name":"M","kind":"additive"}"#.into(),
+            }),
+            Request::Evaluate(pb::Evaluate {
+                embryo_id: "D1_S1_P-1".into(),
+                expected_version: 3,
+                model: "M".into(),
+                version: 1,
+            }),
+            Request::ListEvaluations(pb::ListEvaluations {
+                embryo_id: "D1_S1_P-1".into(),
+            }),
             Request::Logout(pb::Logout {}),
         ];
         let mut seeds = Vec::new();
