@@ -159,6 +159,46 @@ pub struct PhaseReport {
     /// The spawned server's CPU per image, bytes written per image byte and data directory
     /// per image byte stored (None for a server this run did not start).
     pub server_cost: Option<crate::bench::ServerCost>,
+    /// The spawned server's background activity computation at the end of the phase (None
+    /// when it is off or the server was not spawned).
+    pub server_activity: Option<ServerActivity>,
+}
+
+/// What the server's background activity computation did (`esserver status`, `activity`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ServerActivity {
+    pub images_analysed: u64,
+    pub cpu_ms: u64,
+    pub images_per_cpu_s: f64,
+    /// Changes still to look at when the phase ended.
+    pub changes_behind: u64,
+    pub curves: u64,
+}
+
+impl ServerActivity {
+    /// From `esserver status --json`; None when the computation is off.
+    pub fn from_status(status: &serde_json::Value) -> Option<ServerActivity> {
+        let activity = status.get("activity").filter(|a| !a.is_null())?;
+        let number = |name: &str| activity[name].as_u64().unwrap_or(0);
+        Some(ServerActivity {
+            images_analysed: number("images_analysed"),
+            cpu_ms: number("cpu_ms"),
+            images_per_cpu_s: activity["images_per_cpu_s"].as_f64().unwrap_or(0.0),
+            changes_behind: number("changes_behind"),
+            curves: number("curves"),
+        })
+    }
+
+    pub fn line(&self) -> String {
+        format!(
+            "server activity computation: {} images analysed in {:.1} s of CPU ({:.0} per CPU second), {} curves, {} changes behind at the end",
+            self.images_analysed,
+            self.cpu_ms as f64 / 1000.0,
+            self.images_per_cpu_s,
+            self.curves,
+            self.changes_behind
+        )
+    }
 }
 
 /// Viewers for a phase: they need a spawned server (users and a seeded dish).
@@ -387,6 +427,7 @@ pub fn run_phase(
         errors,
         pass,
         server_cost: None,
+        server_activity: None,
     }
 }
 

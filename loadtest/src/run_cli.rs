@@ -219,6 +219,9 @@ impl Target {
             report.server_cost = Some(es_loadtest::bench::ServerCost::between(
                 before, after, images, bytes, stored,
             ));
+            report.server_activity = server_status(&self.esserver, server.data_dir())
+                .as_ref()
+                .and_then(es_loadtest::run::ServerActivity::from_status);
         }
         report
     }
@@ -322,15 +325,19 @@ pub fn server_config(settings: &[String]) -> Result<String, String> {
     Ok(config)
 }
 
-/// The image bytes a running server has stored (`esserver status --json`).
-fn stored_image_bytes(esserver: &Path, data_dir: &Path) -> Option<u64> {
+/// A running server's `esserver status --json`.
+fn server_status(esserver: &Path, data_dir: &Path) -> Option<serde_json::Value> {
     let output = std::process::Command::new(esserver)
         .args(["status", "--json", "--data"])
         .arg(data_dir)
         .output()
         .ok()?;
-    let status: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-    status["storage"]["image_bytes"].as_u64()
+    serde_json::from_slice(&output.stdout).ok()
+}
+
+/// The image bytes a running server has stored.
+fn stored_image_bytes(esserver: &Path, data_dir: &Path) -> Option<u64> {
+    server_status(esserver, data_dir)?["storage"]["image_bytes"].as_u64()
 }
 
 fn frames() -> Arc<Vec<bytes::Bytes>> {
@@ -386,6 +393,9 @@ fn print_phase(report: &PhaseReport) {
     );
     if let Some(cost) = &report.server_cost {
         println!("{}", cost.line());
+    }
+    if let Some(activity) = &report.server_activity {
+        println!("{}", activity.line());
     }
     println!("targets (es-perf):");
     for target in &report.targets {

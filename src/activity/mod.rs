@@ -1,12 +1,18 @@
 //! An embryo's blastomere-activity curve and the cleavage times it proposes
-//! (`es_models::activity`, docs/models.md), computed from its stored images when asked (on a
-//! worker: the public API's requests run there), at its central focal plane.
+//! (`es_models::activity`, docs/models.md), at its central focal plane.
+//!
+//! - [`Background`] computes every embryo's curve as its images arrive and stores it
+//!   (`[Server] activity = on`); [`curve`] serves the stored curve.
+//! - Without a stored curve (the computation off, or not there yet), [`curve`] computes it from
+//!   the stored images for the request ([`embryo_activity`], on a worker: the API's requests
+//!   and the viewers' reads run there), at most [`COMPUTATIONS_MAX`] at once: a curve costs up
+//!   to a few CPU seconds, so requests beyond that are answered busy rather than filling every
+//!   worker.
 //!
 //! Each stored JPEG is decoded to grey with zune-jpeg, bounded in size; a frame that cannot be
 //! decoded, or that differs in size from the one before, gives no point (the curve goes on from
-//! the next). At most [`ACQUISITIONS_MAX`] acquisitions are read, and at most
-//! [`COMPUTATIONS_MAX`] curves are computed at once (a curve costs up to a few CPU seconds:
-//! requests beyond that are answered busy rather than filling every worker).
+//! the next). At most [`ACQUISITIONS_MAX`] acquisitions are read for one curve. Both paths share
+//! one analysis (`Analysis`), so they give the same points.
 
 mod background;
 
