@@ -284,7 +284,7 @@ fn start_services(
             lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
             session_resume: Duration::from_millis(config.security.session_resume_ms),
             sessions_max: VIEWER_SESSIONS_MAX,
-            activity_background: config.server.activity,
+            activity_background: server.activity.is_some(),
         },
     ));
     let viewers = viewer.hub();
@@ -310,7 +310,7 @@ fn start_services(
         login_failures_max: config.security.login_failures_max,
         lockout_ms: i64::try_from(config.security.lockout_ms).unwrap_or(i64::MAX),
         time_zone: time_zone.clone(),
-        activity_background: config.server.activity,
+        activity_background: server.activity.is_some(),
     };
     let api = Arc::new(ApiService::new(
         store.clone(),

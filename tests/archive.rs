@@ -128,9 +128,11 @@ impl S3 {
     }
 
     /// The `[Archive]` section for `bucket`: archive as soon as sealed, passes on request.
+    /// The background activity computation is off: its reads of archived frames would change
+    /// what the read cache holds, which the tests count on.
     fn config(&self, bucket: &str) -> String {
         format!(
-            "[Storage]\nvolume_bytes_max = 1 MiB\n\
+            "[Server]\nactivity = off\n[Storage]\nvolume_bytes_max = 1 MiB\n\
              [Archive]\ntarget = s3://{bucket}/site-a\nendpoint = {}\n\
              access_key_id = {}\nsecret_access_key = {}\nafter_days = 0\n\
              request_timeout_ms = 2000\ncheck_interval_ms = 3600000\ncache_bytes_max = 1 MiB\n",

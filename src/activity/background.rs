@@ -24,17 +24,17 @@
 //! Acquisition changes younger than [`SETTLE_MS`] wait: the focal planes of one acquisition
 //! arrive in several uploads, and the change is recorded with the first.
 
-use super::{central_plane, Analysis, Decoded};
+use super::{central_plane, decode_grey, next_frame_at, Analysis, Decoded};
 use es_storage::activity::{ActivityRecorded, CurveUpdate};
-use es_storage::limits::ACTIVITY_POINTS_PER_EMBRYO_MAX;
-use es_storage::{ChangeEntity, StorageError, Store, Writer};
-use parking_lot::{Condvar, Mutex};
+use es_storage::limits::{ACTIVITY_POINTS_PER_EMBRYO_MAX, INSTANT_MS_MAX};
+use es_storage::{ChangeEntity, Operation, StorageError, Store, Writer};
+use parking_lot::Mutex;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
 
 /// Changes read per round.
 pub const CHANGES_PER_ROUND: u32 = 256;
@@ -54,6 +54,11 @@ pub const SETTLE_MS: i64 = 3_000;
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 /// How long the thread waits after a failed round.
 const FAILURE_WAIT: Duration = Duration::from_secs(5);
+/// Embryos whose frames could not be read for a passing reason (the archive's object store
+/// unreachable, say) are tried again this often, at most this many of them (the others wait
+/// for their next acquisition).
+const RETRY_INTERVAL: Duration = Duration::from_secs(30);
+pub const RETRY_EMBRYOS_MAX: usize = 4096;
 
 /// The running computation.
 pub struct Background {
@@ -65,13 +70,17 @@ struct Shared {
     store: Store,
     writer: Writer,
     stop: AtomicBool,
-    wake: (Mutex<bool>, Condvar),
+    /// Set by every commit (on the writer's thread: it never waits for this idle thread, so
+    /// no lock is shared with it), then the thread is unparked.
+    woken: AtomicBool,
+    thread: OnceLock<Thread>,
     priority: Mutex<String>,
     images_analysed: AtomicU64,
     frames_skipped: AtomicU64,
     points: AtomicU64,
     cpu_ns: AtomicU64,
     embryos_failed: AtomicU64,
+    embryos_waiting: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -93,8 +102,10 @@ pub struct BackgroundStatus {
     pub cpu_ms: u64,
     /// Images analysed per second of CPU (0 before the first).
     pub images_per_cpu_s: f64,
-    /// Embryos whose frames could not be read (passed over, computed when asked for).
+    /// Embryo updates that failed since the start.
     pub embryos_failed: u64,
+    /// Embryos to be tried again (their frames could not be read for a passing reason).
+    pub embryos_waiting: u64,
     pub last_error: Option<String>,
 }
 
@@ -105,13 +116,15 @@ impl Background {
             store: store.clone(),
             writer: writer.clone(),
             stop: AtomicBool::new(false),
-            wake: (Mutex::new(false), Condvar::new()),
+            woken: AtomicBool::new(false),
+            thread: OnceLock::new(),
             priority: Mutex::new("normal".into()),
             images_analysed: AtomicU64::new(0),
             frames_skipped: AtomicU64::new(0),
             points: AtomicU64::new(0),
             cpu_ns: AtomicU64::new(0),
             embryos_failed: AtomicU64::new(0),
+            embryos_waiting: AtomicU64::new(0),
             last_error: Mutex::new(None),
         });
         let weak = Arc::downgrade(&shared);
@@ -162,6 +175,7 @@ impl Background {
                 images as f64 / (cpu_ns as f64 / 1e9)
             },
             embryos_failed: shared.embryos_failed.load(Ordering::Relaxed),
+            embryos_waiting: shared.embryos_waiting.load(Ordering::Relaxed),
             last_error: shared.last_error.lock().clone(),
         }
     }
@@ -222,6 +236,15 @@ impl FrameCache {
     }
 }
 
+/// What the thread keeps between rounds.
+#[derive(Default)]
+struct Pass {
+    cache: FrameCache,
+    /// Embryos to try again, and when.
+    retry: BTreeSet<String>,
+    retry_at: Option<Instant>,
+}
+
 /// Why a round ended early.
 enum RoundError {
     Stopped,
@@ -236,9 +259,10 @@ impl From<StorageError> for RoundError {
 
 impl Shared {
     fn wake(&self) {
-        let (lock, condvar) = &self.wake;
-        *lock.lock() = true;
-        condvar.notify_all();
+        self.woken.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
     }
 
     fn stopping(&self) -> bool {
@@ -246,6 +270,7 @@ impl Shared {
     }
 
     fn run(&self) {
+        let _ = self.thread.set(std::thread::current());
         let priority = match crate::os::lower_thread_priority() {
             Ok(applied) => applied.to_string(),
             Err(error) => {
@@ -255,14 +280,16 @@ impl Shared {
         };
         tracing::info!(%priority, "activity curves are computed in the background as images arrive");
         *self.priority.lock() = priority;
-        let mut cache = FrameCache::default();
+        let mut pass = Pass::default();
         while !self.stopping() {
             let started_ns = crate::os::thread_cpu_ns();
-            let outcome = self.round(&mut cache);
+            let outcome = self.retry(&mut pass).and_then(|()| self.round(&mut pass));
             self.cpu_ns.fetch_add(
                 crate::os::thread_cpu_ns().saturating_sub(started_ns),
                 Ordering::Relaxed,
             );
+            self.embryos_waiting
+                .store(pass.retry.len() as u64, Ordering::Relaxed);
             let wait = match outcome {
                 Ok(true) => continue,
                 Ok(false) => IDLE_WAIT,
@@ -273,29 +300,51 @@ impl Shared {
                     FAILURE_WAIT
                 }
             };
-            let (lock, condvar) = &self.wake;
-            let mut woken = lock.lock();
-            if !*woken && !self.stopping() {
-                condvar.wait_for(&mut woken, wait);
+            if !self.woken.swap(false, Ordering::AcqRel) && !self.stopping() {
+                std::thread::park_timeout(wait);
+                self.woken.store(false, Ordering::Release);
             }
-            *woken = false;
         }
     }
 
+    /// The embryos whose frames could not be read, once [`RETRY_INTERVAL`] has passed.
+    fn retry(&self, pass: &mut Pass) -> Result<(), RoundError> {
+        if pass.retry.is_empty() || pass.retry_at.is_some_and(|at| Instant::now() < at) {
+            return Ok(());
+        }
+        let embryos: Vec<String> = std::mem::take(&mut pass.retry).into_iter().collect();
+        pass.retry_at = Some(Instant::now() + RETRY_INTERVAL);
+        let cursor = self.store.read()?.activity_cursor()?;
+        self.analyse(pass, &embryos, cursor, cursor)
+    }
+
     /// One page of changes (or a whole scan); true when there was work.
-    fn round(&self, cache: &mut FrameCache) -> Result<bool, RoundError> {
+    fn round(&self, pass: &mut Pass) -> Result<bool, RoundError> {
         let reader = self.store.read()?;
         let cursor = reader.activity_cursor()?;
         let head = reader.last_change_seq()?;
-        if cursor >= head {
+        if cursor == head {
+            return Ok(false);
+        }
+        if cursor > head {
+            // Not a cursor this store wrote (the cursor and the log are written together):
+            // the computation waits rather than guess, and says so.
+            let message = format!(
+                "meta/activity_cursor is {cursor}, past the change log's end {head}: background \
+                 activity curves wait (curves are computed when asked for)"
+            );
+            if self.last_error.lock().as_deref() != Some(message.as_str()) {
+                tracing::error!("{message}");
+                *self.last_error.lock() = Some(message);
+            }
             return Ok(false);
         }
         let changes = match reader.changes_after(cursor, CHANGES_PER_ROUND) {
             Ok(changes) => changes,
             Err(StorageError::CursorExpired { oldest }) => {
                 drop(reader);
-                tracing::info!(cursor, oldest, "the activity computation scans every embryo (its place in the change log is gone)");
-                self.scan(cache, head)?;
+                tracing::info!(cursor, oldest, head, "the activity computation scans every embryo (its place in the change log is gone)");
+                self.scan(pass, head)?;
                 return Ok(true);
             }
             Err(error) => return Err(error.into()),
@@ -316,12 +365,12 @@ impl Shared {
         if end == cursor {
             return Ok(false);
         }
-        self.analyse(cache, &embryos, cursor, end)?;
+        self.analyse(pass, &embryos, cursor, end)?;
         Ok(true)
     }
 
     /// Every embryo, then the cursor to `head` (the log's end when the scan began).
-    fn scan(&self, cache: &mut FrameCache, head: u64) -> Result<(), RoundError> {
+    fn scan(&self, pass: &mut Pass, head: u64) -> Result<(), RoundError> {
         let mut after = 0;
         loop {
             let page = self
@@ -334,17 +383,19 @@ impl Shared {
             after = last;
             let ids: Vec<String> = page.into_iter().map(|(_, id)| id).collect();
             let cursor = self.store.read()?.activity_cursor()?;
-            self.analyse(cache, &ids, cursor, cursor)?;
+            self.analyse(pass, &ids, cursor, cursor)?;
         }
         let cursor = self.store.read()?.activity_cursor()?;
-        self.analyse(cache, &[], cursor, head)
+        self.analyse(pass, &[], cursor, head)
     }
 
     /// Brings the curves of `embryos` up to date, then records the cursor `end`; the
-    /// updates recorded before the last carry `cursor` (no move).
+    /// updates recorded before the last carry `cursor` (no move). An embryo whose frames
+    /// cannot be read now goes to the retry list; an update the store would refuse (a frame
+    /// stamped out of bounds) is passed over, so that one embryo never holds up the others.
     fn analyse(
         &self,
-        cache: &mut FrameCache,
+        pass: &mut Pass,
         embryos: &[String],
         cursor: u64,
         end: u64,
@@ -355,17 +406,33 @@ impl Shared {
                 if self.stopping() {
                     return Err(RoundError::Stopped);
                 }
-                let (update, more) = match self.embryo_update(embryo_id, cache) {
+                let (update, more) = match self.embryo_update(embryo_id, &mut pass.cache) {
                     Ok(done) => done,
                     Err(error) => {
                         self.embryos_failed.fetch_add(1, Ordering::Relaxed);
-                        let message = format!("embryo {embryo_id}: {error}");
-                        tracing::warn!(%embryo_id, %error, "the activity curve of an embryo cannot be computed in the background; it is computed when asked for");
-                        *self.last_error.lock() = Some(message);
-                        (None, false)
+                        tracing::warn!(%embryo_id, %error, "the activity curve of an embryo cannot be brought up to date now; it is tried again");
+                        *self.last_error.lock() = Some(format!("embryo {embryo_id}: {error}"));
+                        if pass.retry.len() < RETRY_EMBRYOS_MAX {
+                            pass.retry.insert(embryo_id.clone());
+                        }
+                        break;
                     }
                 };
-                updates.extend(update);
+                if let Some(update) = update {
+                    let alone = ActivityRecorded {
+                        curves: vec![update],
+                        cursor: 0,
+                    };
+                    match alone.validate() {
+                        Ok(()) => updates.extend(alone.curves),
+                        Err(error) => {
+                            self.embryos_failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%embryo_id, %error, "an activity curve update is passed over");
+                            *self.last_error.lock() = Some(format!("embryo {embryo_id}: {error}"));
+                            break;
+                        }
+                    }
+                }
                 if updates.len() >= CURVES_PER_OP || (more && !updates.is_empty()) {
                     self.record(std::mem::take(&mut updates), cursor)?;
                 }
@@ -391,12 +458,14 @@ impl Shared {
     }
 
     /// The next frames of one embryo (at most [`FRAMES_PER_UPDATE`]) as an update, and
-    /// whether more are waiting.
+    /// whether more are waiting. A damaged frame is passed over (counted in `frames_skipped`);
+    /// a frame the object store cannot give now is an error (tried again later).
     fn embryo_update(
         &self,
         embryo_id: &str,
         cache: &mut FrameCache,
     ) -> Result<(Option<CurveUpdate>, bool), StorageError> {
+        // What is needed is read first; the snapshot goes before the decoding.
         let reader = self.store.read()?;
         let stored = reader.activity_curve(embryo_id)?;
         let (focal_plane, through) = match &stored {
@@ -406,45 +475,62 @@ impl Shared {
             Some(curve) => (curve.row.focal_plane, curve.row.through_ms),
             None => (central_plane(&reader, embryo_id)?, i64::MIN),
         };
-        // From the frame last analysed (the one the next is compared with), unless it is
-        // still decoded in the cache.
+        let analysed = (through != i64::MIN).then_some(through);
+        // The frame the next is compared with: decoded in the cache, or read again.
         let previous = cache.take(embryo_id, through);
-        let from_ms = if previous.is_some() {
-            through.saturating_add(1)
-        } else {
-            through
+        let reference = match (&previous, analysed) {
+            (None, Some(through)) => reader
+                .frames(embryo_id, focal_plane, through, through, 1)?
+                .and_then(|chunk| chunk.frames.into_iter().next()),
+            _ => None,
         };
-        let limit = FRAMES_PER_UPDATE + 1;
-        let Some(chunk) = reader.frames(embryo_id, focal_plane, from_ms, i64::MAX, limit)? else {
+        let from_ms = analysed.map_or(i64::MIN, |through| through.saturating_add(1));
+        let Some(mut chunk) = reader.frames(
+            embryo_id,
+            focal_plane,
+            from_ms,
+            INSTANT_MS_MAX,
+            FRAMES_PER_UPDATE,
+        )?
+        else {
             return Ok((None, false));
         };
+        let damaged_at = match chunk.damaged.take() {
+            Some(error @ StorageError::ArchiveUnavailable { .. }) => return Err(error),
+            Some(_) => {
+                let after = chunk.frames.last().map(|f| f.acquired_at_ms).or(analysed);
+                next_frame_at(&reader, embryo_id, focal_plane, after)?
+            }
+            None => None,
+        };
+        drop(reader);
+
         let mut analysis = Analysis::starting_from(previous);
+        if let Some(frame) = reference {
+            // Decoded again (it counts as work) but not as a frame of its own: it gave its
+            // point, or was skipped, when it was analysed.
+            analysis.decoded += 1;
+            analysis.previous = decode_grey(&frame.jpeg)
+                .ok()
+                .map(|decoded| (frame.acquired_at_ms, decoded));
+        }
         let mut last = through;
+        let mut more = chunk.frames.len() >= FRAMES_PER_UPDATE as usize;
         for frame in &chunk.frames {
-            if frame.acquired_at_ms <= through {
-                // The frame the next is compared with: decoded, not a point of its own.
-                analysis.frame(embryo_id, frame.acquired_at_ms, &frame.jpeg);
-                analysis.points.clear();
-                continue;
+            if self.stopping() {
+                more = true;
+                break;
             }
             analysis.frame(embryo_id, frame.acquired_at_ms, &frame.jpeg);
             last = frame.acquired_at_ms;
         }
-        let mut more = chunk.frames.len() >= limit as usize;
-        if chunk.damaged.is_some() {
-            // The frame after the last one read does not check: pass over its acquisition.
-            if let Some(next) = reader
-                .acquisitions(embryo_id, Some(last), 1)?
-                .and_then(|later| later.into_iter().next())
-            {
-                tracing::warn!(%embryo_id, acquired_at_ms = next.acquired_at_ms, "a damaged frame is passed over by the activity curve");
-                last = next.acquired_at_ms;
-                analysis.skipped += 1;
-                analysis.previous = None;
-                more = true;
-            }
+        if let (Some(at), false) = (damaged_at, more) {
+            tracing::warn!(%embryo_id, acquired_at_ms = at, "a damaged frame is passed over by the activity curve");
+            last = at;
+            analysis.skipped += 1;
+            analysis.previous = None;
+            more = true;
         }
-        drop(reader);
         self.images_analysed
             .fetch_add(analysis.decoded, Ordering::Relaxed);
         self.frames_skipped

@@ -159,6 +159,29 @@ fn central_plane(reader: &es_storage::Reader, embryo_id: &str) -> Result<i32, St
         .unwrap_or(0))
 }
 
+/// The acquisition time of the embryo's first frame at `focal_plane` after `after` (from the
+/// start when None): where a read that met damage stopped.
+pub(crate) fn next_frame_at(
+    reader: &es_storage::Reader,
+    embryo_id: &str,
+    focal_plane: i32,
+    after: Option<i64>,
+) -> Result<Option<i64>, StorageError> {
+    let mut after = after;
+    loop {
+        let Some(page) = reader.acquisitions(embryo_id, after, 256)? else {
+            return Ok(None);
+        };
+        let Some(last) = page.last().map(|a| a.acquired_at_ms) else {
+            return Ok(None);
+        };
+        if let Some(found) = page.iter().find(|a| a.focal_planes.contains(&focal_plane)) {
+            return Ok(Some(found.acquired_at_ms));
+        }
+        after = Some(last);
+    }
+}
+
 /// The curve with its proposals, from its points.
 fn with_proposals(
     focal_plane: i32,
@@ -213,7 +236,7 @@ pub fn embryo_activity(
         let Some(chunk) = chunk else {
             return Ok(None);
         };
-        if chunk.frames.is_empty() {
+        if chunk.frames.is_empty() && chunk.damaged.is_none() {
             break;
         }
         for frame in &chunk.frames {
@@ -221,9 +244,23 @@ pub fn embryo_activity(
             from_ms = frame.acquired_at_ms.saturating_add(1);
             analysis.frame(embryo_id, frame.acquired_at_ms, &frame.jpeg);
         }
-        if chunk.damaged.is_some() {
-            analysis.skipped += 1;
-            break;
+        match chunk.damaged {
+            None => {}
+            Some(error @ StorageError::ArchiveUnavailable { .. }) => return Err(error),
+            Some(_) => {
+                // Passed over, as the background computation does: the curve goes on from
+                // the frame after it.
+                let after = (from_ms != i64::MIN).then(|| from_ms - 1);
+                let Some(damaged_at) =
+                    next_frame_at(&store.read()?, embryo_id, focal_plane, after)?
+                else {
+                    break;
+                };
+                read += 1;
+                analysis.skipped += 1;
+                analysis.previous = None;
+                from_ms = damaged_at.saturating_add(1);
+            }
         }
     }
     let through_ms = analysis.previous.as_ref().map(|(at, _)| *at);
@@ -283,7 +320,7 @@ pub fn curve(
                 points,
                 row.frames_skipped,
                 embryo.insemination_at_ms,
-                Some(row.through_ms),
+                (row.through_ms != i64::MIN).then_some(row.through_ms),
                 true,
             );
             curve.pending = newer;
@@ -321,5 +358,144 @@ mod slot_tests {
         assert!(Slot::take().is_none(), "a second computation waits");
         drop(first);
         assert!(Slot::take().is_some());
+    }
+}
+
+#[cfg(test)]
+mod damage_tests {
+    //! A damaged frame costs the curve exactly that frame, the same way in the background and
+    //! on request.
+    use super::*;
+    use es_storage::*;
+
+    const T0: i64 = 1_700_000_000_000;
+    const FRAMES: u32 = 40;
+    const DAMAGED: u32 = 15;
+    const SIDE: usize = 96;
+
+    fn frame(index: u32) -> bytes::Bytes {
+        let pixels = es_models::synthetic::frame(SIDE, index as usize, &[10, 20, 23, 30]);
+        es_loadtest::frames::encode_grey(&pixels, SIDE as u16, SIDE as u16)
+    }
+
+    fn filled(dir: &std::path::Path) -> (Store, Writer) {
+        let store = Store::open(dir, &StoreOptions::default(), [7; 16]).unwrap();
+        let writer = store.start_writer(WriterOptions::default());
+        let instrument = writer
+            .write(InstrumentHello {
+                number: 0,
+                serial: "SN-A".into(),
+                model: "EmbryoScope+".into(),
+                firmware: "1".into(),
+                presented_secret: None,
+                new_secret: "s".into(),
+                issued_connection_open: false,
+                enrolment: Default::default(),
+                at_ms: T0,
+            })
+            .unwrap()
+            .instrument_id;
+        writer
+            .write(RegisterDish {
+                instrument_id: instrument,
+                dish: DishRegistration {
+                    fertilization_method: String::new(),
+                    dish_id: "D1".into(),
+                    slot: 1,
+                    patient: PatientRef {
+                        patient_idx: String::new(),
+                        patient_id: "MRN-A".into(),
+                        first_name: String::new(),
+                        last_name: String::new(),
+                        date_of_birth: String::new(),
+                    },
+                    treatment_name: "2026-1".into(),
+                    insemination_at_ms: T0 - 20 * 3_600_000,
+                    wells: vec![WellRegistration {
+                        label: String::new(),
+                        well: 1,
+                        embryo_id: "E1".into(),
+                    }],
+                },
+                at_ms: T0,
+            })
+            .unwrap();
+        for n in 0..FRAMES {
+            writer
+                .write(PutImage {
+                    instrument_id: instrument,
+                    dish_id: "D1".into(),
+                    well: 1,
+                    focal_plane: 0,
+                    acquired_at_ms: T0 + i64::from(n) * 600_000,
+                    jpeg: ImageBytes::new(frame(n)),
+                    at_ms: T0 + i64::from(n),
+                })
+                .unwrap();
+        }
+        (store, writer)
+    }
+
+    /// Flips a byte in the middle of frame `n`'s record in the volume files.
+    fn damage(store: &Store, n: u32) {
+        let jpeg = frame(n);
+        let needle = &jpeg[jpeg.len() / 2..jpeg.len() / 2 + 32];
+        for entry in std::fs::read_dir(store.volumes_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            let mut bytes = std::fs::read(&path).unwrap();
+            if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
+                bytes[at + 8] ^= 0x5a;
+                std::fs::write(&path, bytes).unwrap();
+                return;
+            }
+        }
+        panic!("frame {n} is in no volume");
+    }
+
+    #[test]
+    fn a_damaged_frame_costs_the_curve_that_frame_in_the_background_and_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = filled(dir.path());
+        damage(&store, DAMAGED);
+        let on_request = embryo_activity(&store, "E1").unwrap().unwrap();
+        let background = Background::start(&store, &writer).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let stored = loop {
+            let reader = store.read().unwrap();
+            let done = reader.activity_cursor().unwrap() == reader.last_change_seq().unwrap();
+            if let (true, Some(curve)) = (done, reader.activity_curve("E1").unwrap()) {
+                break curve.row;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                background.status()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        background.stop();
+        let at = |n: u32| T0 + i64::from(n) * 600_000;
+        // Every frame gives a point but the first, the damaged one and the one after it
+        // (nothing to compare it with).
+        let expected: Vec<i64> = (1..FRAMES)
+            .filter(|n| *n != DAMAGED && *n != DAMAGED + 1)
+            .map(at)
+            .collect();
+        let stored_at: Vec<i64> = stored.points.iter().map(|p| p.0).collect();
+        assert_eq!(stored_at, expected);
+        assert_eq!(stored.frames_skipped, 1);
+        assert_eq!(stored.through_ms, at(FRAMES - 1));
+        let requested: Vec<(i64, f64)> = on_request
+            .points
+            .iter()
+            .map(|p| (p.acquired_at_ms, p.activity))
+            .collect();
+        assert_eq!(requested, stored.points, "the same points both ways");
+        assert_eq!(on_request.frames_skipped, 1);
+        // The served curve is the stored one.
+        let served = curve(&store, "E1", true).unwrap().unwrap();
+        assert!(served.stored && !served.pending);
+        assert_eq!(served.through_ms, Some(at(FRAMES - 1)));
+        writer.shutdown();
     }
 }

@@ -90,9 +90,9 @@ impl Operation for ActivityRecorded {
                 }
                 previous = at_ms;
             }
-            if curve.through_ms < previous || curve.through_ms > INSTANT_MS_MAX {
+            if curve.through_ms < previous || !(0..=INSTANT_MS_MAX).contains(&curve.through_ms) {
                 return Err(format!(
-                    "through_ms of embryo {} is before its last point",
+                    "through_ms of embryo {} is before its last point or out of bounds",
                     curve.embryo_id
                 ));
             }

@@ -174,14 +174,16 @@ pub struct Proposed {
 
 /// The first four peaks of `curve` as t2, t3, t4 and t5.
 pub fn propose(curve: &[Point], insemination_at_ms: i64) -> Proposed {
+    // Peaks before insemination are no cleavage (compared in milliseconds: a peak a few
+    // seconds before would round to 0.00 h).
     let hours: Vec<f64> = peaks(curve)
         .into_iter()
+        .filter(|&i| curve[i].acquired_at_ms >= insemination_at_ms)
         .map(|i| {
             crate::variables::round_hours(
                 curve[i].acquired_at_ms.saturating_sub(insemination_at_ms) as f64 / 3_600_000.0,
             )
         })
-        .filter(|hours| *hours >= 0.0)
         .collect();
     Proposed {
         t2: hours.first().copied(),
