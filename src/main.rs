@@ -1968,4 +1968,22 @@ fn print_status(body: &serde_json::Value) {
             println!("            WARNING: the last archive pass failed: {error}");
         }
     }
+    let activity = &body["activity"];
+    if activity.is_object() {
+        println!(
+            "activity:   {} curve(s), {} change(s) still to look at; {} image(s) analysed in {:.1} s of CPU ({:.0} per CPU second, {})",
+            activity["curves"],
+            activity["changes_behind"],
+            activity["images_analysed"],
+            activity["cpu_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
+            activity["images_per_cpu_s"].as_f64().unwrap_or(0.0),
+            activity["priority"].as_str().unwrap_or("?")
+        );
+        if let Some(error) = activity["last_error"].as_str() {
+            println!("            last problem: {error}");
+        }
+    } else if body["pid"].is_number() {
+        // A running server without the computation (an offline status says nothing of it).
+        println!("activity:   off ([Server] activity): curves are computed when asked for");
+    }
 }

@@ -304,6 +304,35 @@ fn the_background_stores_the_exact_curve_and_goes_on_after_a_kill() {
         "{activity}"
     );
 
+    // /metrics counts the same.
+    let mut web = HttpClient::new(
+        server.info.address("web"),
+        server.info.client_tls("web"),
+        common::TIMEOUT,
+    );
+    let metrics = web
+        .request("GET", "/metrics", &[("authorization", auth.as_str())], None)
+        .unwrap();
+    assert_eq!(metrics.status, 200);
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        metrics.contains("esserver_activity_changes_behind 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("esserver_activity_curves 1"), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "esserver_activity_images_analysed_total {analysed}"
+        )),
+        "{metrics}"
+    );
+    let text = common::admin(&data, &["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("activity:   1 curve(s), 0 change(s)"),
+        "{text}"
+    );
+
     // The plot: one vertex per point, t2-t5 marked.
     let plot = http
         .request(
