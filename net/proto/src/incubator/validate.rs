@@ -236,11 +236,18 @@ fn check_well(field: &str, well: u32) -> Checked {
     Ok(())
 }
 
+/// Latest instant an instrument may send (Unix ms): the year 2286, as the storage's
+/// `limits::INSTANT_MS_MAX`. A later one is a unit mistake (microseconds, say).
+pub const INSTANT_MS_MAX: i64 = 10_000_000_000_000;
+
 fn positive_instant(field: &str, at_ms: i64) -> Checked {
-    if at_ms <= 0 {
+    if !(1..=INSTANT_MS_MAX).contains(&at_ms) {
         return Err(FieldError::new(
             field,
-            "must be a Unix time in ms after 1970",
+            format!(
+                "{at_ms} must be a Unix time in ms after 1970 and before 2286 (at most \
+                 {INSTANT_MS_MAX})"
+            ),
         ));
     }
     Ok(())
@@ -327,6 +334,17 @@ mod tests {
         let mut bad = image();
         bad.dish_id = "x".repeat(FIELD_BYTES_MAX + 1);
         assert_eq!(field_of(Message::Image(bad)), "dish_id");
+        // Microseconds by mistake, or before 1970: refused; the bounds themselves pass.
+        for at_ms in [0, -1, 1_700_000_000_000_000, INSTANT_MS_MAX + 1] {
+            let mut bad = image();
+            bad.acquired_at_ms = at_ms;
+            assert_eq!(field_of(Message::Image(bad)), "acquired_at_ms", "{at_ms}");
+        }
+        for at_ms in [1, INSTANT_MS_MAX] {
+            let mut good = image();
+            good.acquired_at_ms = at_ms;
+            assert!(validate_request(&Message::Image(good)).is_ok(), "{at_ms}");
+        }
     }
 
     #[test]
