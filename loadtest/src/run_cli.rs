@@ -74,6 +74,11 @@ pub struct RunArgs {
     /// Draw the latency curves and throughput over time (SVG).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Then run the same load again on a fresh spawned server with this setting added
+    /// (repeatable, SECTION.KEY=VALUE, e.g. Server.activity=off) and report both side by
+    /// side; the run passes when both do.
+    #[arg(long = "compare-setting", value_name = "SECTION.KEY=VALUE")]
+    compare_settings: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -417,6 +422,12 @@ pub fn run(args: RunArgs) -> Result<bool, String> {
         Some(mb) => mb * 1_000_000,
         None => (offered * args.duration.as_secs_f64() * 1.05) as u64 * FRAME_BYTES_TYPICAL,
     };
+    if !args.compare_settings.is_empty() {
+        if args.target.server.is_some() {
+            return Err("--compare-setting needs a spawned server (drop --server)".into());
+        }
+        server_config(&args.compare_settings)?;
+    }
     let frames = frames();
     let target = prepare(&args.target, &mix, bytes_max, &frames)?;
     eprintln!(
@@ -431,7 +442,7 @@ pub fn run(args: RunArgs) -> Result<bool, String> {
         speedup: args.speedup,
         duration: args.duration,
         bytes_max,
-        frames,
+        frames: frames.clone(),
         tag: "run".into(),
         backlog: None,
         progress: true,
@@ -444,12 +455,105 @@ pub fn run(args: RunArgs) -> Result<bool, String> {
         "loadtest run: {} at {} x real rates",
         report.mix, report.speedup
     );
+    if args.compare_settings.is_empty() {
+        write_outputs(
+            &report,
+            args.json.as_deref(),
+            args.plot.as_deref().map(|p| (p, &report, title.as_str())),
+        )?;
+        return Ok(report.pass);
+    }
+    // The same load again, on a fresh server with the compared settings.
+    let mut compared_target = args.target.clone();
+    compared_target
+        .server_settings
+        .extend(args.compare_settings.iter().cloned());
+    let mix = mix_of(&args.mix)?;
+    let target = prepare(&compared_target, &mix, bytes_max, &frames)?;
+    eprintln!(
+        "running the same load again with {}",
+        args.compare_settings.join(", ")
+    );
+    let compared =
+        target.measured_phase(&options, target.viewers(args.mix.viewer_ops_per_s).as_ref());
+    target.stop();
+    println!("\nwith {}:", args.compare_settings.join(", "));
+    print_phase(&compared);
+    print_comparison(&report, &compared, &args.compare_settings);
+    let both = serde_json::json!({
+        "run": report,
+        "compared": { "settings": args.compare_settings, "report": compared },
+    });
     write_outputs(
-        &report,
+        &both,
         args.json.as_deref(),
         args.plot.as_deref().map(|p| (p, &report, title.as_str())),
     )?;
-    Ok(report.pass)
+    Ok(report.pass && compared.pass)
+}
+
+/// The two runs of `--compare-setting` side by side: latencies, targets, server cost.
+fn print_comparison(first: &PhaseReport, second: &PhaseReport, settings: &[String]) {
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "\ncomparison (A: as configured, B: with {})",
+        settings.join(", ")
+    );
+    println!(
+        "{:<26} {:>22} {:>22}",
+        "operation", "A p50/p99/p99.9 ms", "B p50/p99/p99.9 ms"
+    );
+    for a in &first.operations {
+        let Some(b) = second.operations.iter().find(|b| b.name == a.name) else {
+            continue;
+        };
+        let cell = |l: &es_perf::LatencySummary| {
+            format!(
+                "{:.2}/{:.2}/{:.2}",
+                ms(l.p50_us),
+                ms(l.p99_us),
+                ms(l.p999_us)
+            )
+        };
+        println!(
+            "{:<26} {:>22} {:>22}",
+            a.name,
+            cell(&a.latency),
+            cell(&b.latency)
+        );
+    }
+    let verdict = |r: &PhaseReport| if r.pass { "PASS" } else { "FAIL" };
+    println!(
+        "{:<26} {:>22} {:>22}",
+        "targets",
+        verdict(first),
+        verdict(second)
+    );
+    let cost = |r: &PhaseReport| {
+        r.server_cost.as_ref().map_or("-".to_string(), |c| {
+            format!(
+                "{:.3} ms, {:.3} B/B",
+                c.cpu_ms_per_image, c.written_per_image_byte
+            )
+        })
+    };
+    println!(
+        "{:<26} {:>22} {:>22}",
+        "server CPU/image, written",
+        cost(first),
+        cost(second)
+    );
+    let analysed = |r: &PhaseReport| {
+        r.server_activity.as_ref().map_or("off".to_string(), |a| {
+            format!("{} ({:.0}/CPU s)", a.images_analysed, a.images_per_cpu_s)
+        })
+    };
+    println!(
+        "{:<26} {:>22} {:>22}",
+        "images analysed",
+        analysed(first),
+        analysed(second)
+    );
 }
 
 #[derive(serde::Serialize)]
