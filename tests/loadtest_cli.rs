@@ -106,6 +106,44 @@ fn run_reports_every_operation_with_progress_json_and_a_plot() {
 }
 
 #[test]
+fn run_compares_the_same_load_with_a_setting_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, output, report) = run(
+        &[
+            "run",
+            "--devices",
+            "es-plus:1",
+            "--speedup",
+            "20",
+            "--duration",
+            "3s",
+            "--spawn-server",
+            "--compare-setting",
+            "Server.activity=off",
+        ],
+        &dir,
+    );
+    assert!(
+        output.contains("comparison (A: as configured, B: with Server.activity=off)"),
+        "{output}"
+    );
+    assert!(output.contains("images analysed"), "{output}");
+    // The first server computes activity curves (the default), the second does not.
+    assert!(
+        report["run"]["server_activity"]["images_analysed"].is_u64(),
+        "{report}"
+    );
+    assert!(
+        report["compared"]["report"]["server_activity"].is_null(),
+        "{report}"
+    );
+    assert_eq!(report["compared"]["settings"][0], "Server.activity=off");
+    let both = report["run"]["pass"].as_bool().unwrap()
+        && report["compared"]["report"]["pass"].as_bool().unwrap();
+    assert_eq!(both, code == 0);
+}
+
+#[test]
 fn saturate_steps_up_and_catch_up_uploads_a_backlog() {
     let dir = tempfile::tempdir().unwrap();
     let (_, output, report) = run(
