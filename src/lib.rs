@@ -33,6 +33,18 @@ pub mod warnings;
 pub mod web;
 pub mod workers;
 
+/// The server's version (`Cargo.toml`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit it was built from (`build.rs`): 12 hex digits, or "unknown".
+pub const COMMIT: &str = env!("ESSERVER_COMMIT");
+/// "0.1.0 (commit 1a2b3c4d5e6f)", for `--version` and the logs.
+pub const VERSION_TEXT: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ESSERVER_COMMIT"),
+    ")"
+);
+
 /// Now, as Unix milliseconds UTC (the time every stored instant uses).
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

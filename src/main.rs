@@ -11,7 +11,7 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(
     name = "esserver",
-    version,
+    version = esserver::VERSION_TEXT,
     about = "Central data server of an IVF clinic's time-lapse embryo culture system"
 )]
 struct Cli {
@@ -1846,8 +1846,11 @@ fn print_status(body: &serde_json::Value) {
         println!("server:     not running (figures read from the database)");
     } else {
         println!(
-            "server:     running, pid {}, up {} s",
-            body["pid"], body["uptime_s"]
+            "server:     running, pid {}, up {} s, esserver {} (commit {})",
+            body["pid"],
+            body["uptime_s"],
+            body["version"].as_str().unwrap_or("?"),
+            body["commit"].as_str().unwrap_or("?")
         );
         if let Some(rss) = body["resident_bytes"].as_u64() {
             println!("memory:     {:.1} MiB resident", rss as f64 / 1048576.0);

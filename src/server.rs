@@ -795,6 +795,8 @@ impl StatusContext {
         Response::ok(serde_json::json!({
             "server_id": self.store.server_id(),
             "pid": std::process::id(),
+            "version": crate::VERSION,
+            "commit": crate::COMMIT,
             "uptime_s": self.started.elapsed().as_secs(),
             "listeners": listeners,
             "incubators": incubators,

@@ -676,12 +676,20 @@ fn healthz(shared: &WebShared) -> Response {
         "storage": match &storage { Ok(_) => "ok".to_string(), Err(e) => e.to_string() },
         "disk_low": shared.disk.is_low(),
         "license": match &license { Ok(l) if l.demo => "demo".to_string(), Ok(_) => "valid".to_string(), Err(e) => format!("invalid: {e}") },
+        "version": crate::VERSION,
+        "commit": crate::COMMIT,
     });
     Response::json(if healthy { 200 } else { 503 }, &body)
 }
 
 fn metrics(shared: &WebShared) -> Response {
-    let mut out = String::new();
+    let mut out = format!(
+        "# HELP esserver_build_info The server's version and the commit it was built from.\n\
+         # TYPE esserver_build_info gauge\n\
+         esserver_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+        crate::VERSION,
+        crate::COMMIT
+    );
     let mut gauge = |name: &str, help: &str, value: u64| {
         let _ = writeln!(
             out,
@@ -1064,12 +1072,12 @@ fn server_card(shared: &WebShared, now: i64) -> String {
         uptime_s % 3600 / 60
     );
     format!(
-        "<table id=server><tr><td>Server</td><td>esserver {}</td></tr>\
+        "<table id=server><tr><td>Server</td><td id=version>esserver {}</td></tr>\
          <tr><td>Server id</td><td id=server-id>{}</td></tr>\
          <tr><td>Up for</td><td>{uptime} (since {})</td></tr>\
          <tr><td>Data directory</td><td>{}</td></tr>\
          <tr><td>Certificate SHA-256</td><td id=fingerprint>{}</td></tr></table>",
-        env!("CARGO_PKG_VERSION"),
+        escape(crate::VERSION_TEXT),
         escape(&shared.store.server_id()),
         escape(&time_text(web.started_at_ms)),
         escape(&web.data_dir.display().to_string()),

@@ -95,6 +95,21 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
         .as_str()
         .unwrap()
         .starts_with("invalid: no licence"));
+    // The version and the commit it was built from, as `esserver --version` says.
+    let version = Command::new(common::esserver_path())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    let (health_version, commit) = (
+        health.json()["version"].as_str().unwrap().to_string(),
+        health.json()["commit"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(
+        version.trim(),
+        format!("esserver {health_version} (commit {commit})")
+    );
+    assert!(!commit.is_empty());
     assert_eq!(http.get("/metrics", &[]).unwrap().status, 401);
 
     // Not logged in: to the login form. Wrong password, non-admin: refused with the reason.
@@ -265,6 +280,13 @@ fn admin_logs_in_sees_the_server_and_installs_a_licence() {
         "{metrics}"
     );
     assert!(metrics.contains("esserver_up 1"));
+    assert!(
+        metrics.contains(&format!(
+            "esserver_build_info{{version=\"{}\",commit=\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{metrics}"
+    );
     assert!(metrics.contains("esserver_license_valid 0"));
     assert!(metrics.contains("esserver_incubators_connected 1"));
     assert!(
