@@ -17,9 +17,21 @@ const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 pub struct DiskState {
     low: AtomicBool,
     free_bytes: AtomicU64,
+    /// `[Storage] reserve_bytes`, which a reload may change.
+    reserve_bytes: AtomicU64,
 }
 
 impl DiskState {
+    /// The reserve in force.
+    pub fn reserve_bytes(&self) -> u64 {
+        self.reserve_bytes.load(Ordering::Relaxed)
+    }
+
+    /// A new reserve (a reload): the next sample, within a second, applies it.
+    pub fn set_reserve_bytes(&self, reserve_bytes: u64) {
+        self.reserve_bytes.store(reserve_bytes, Ordering::Relaxed);
+    }
+
     /// True while free space is below the reserve: refuse writes.
     pub fn is_low(&self) -> bool {
         self.low.load(Ordering::Relaxed)
@@ -60,7 +72,8 @@ impl DiskGuard {
         reserve_bytes: u64,
         state: Arc<DiskState>,
     ) -> std::io::Result<DiskGuard> {
-        sample(&path, reserve_bytes, &state);
+        state.set_reserve_bytes(reserve_bytes);
+        sample(&path, &state);
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
@@ -68,7 +81,7 @@ impl DiskGuard {
             .spawn(move || {
                 while !thread_stop.load(Ordering::Relaxed) {
                     std::thread::sleep(SAMPLE_INTERVAL);
-                    sample(&path, reserve_bytes, &state);
+                    sample(&path, &state);
                 }
             })?;
         Ok(DiskGuard {
@@ -85,9 +98,9 @@ impl DiskGuard {
     }
 }
 
-fn sample(path: &std::path::Path, reserve_bytes: u64, state: &DiskState) {
+fn sample(path: &std::path::Path, state: &DiskState) {
     match crate::os::disk_free_bytes(path) {
-        Ok(free) => state.update(free, reserve_bytes),
+        Ok(free) => state.update(free, state.reserve_bytes()),
         Err(error) => tracing::warn!(%error, path = %path.display(), "cannot read free disk space"),
     }
 }

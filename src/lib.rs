@@ -22,8 +22,10 @@ pub mod fuzzing;
 pub mod ims;
 pub mod incubator;
 pub mod license;
+pub mod logging;
 pub mod os;
 pub mod server;
+pub mod service;
 #[cfg(test)]
 mod simulation;
 pub mod times;

@@ -555,6 +555,14 @@ impl Licensing {
         }
     }
 
+    /// Reads the licence file again (a reload): a valid one is in force at once; an invalid
+    /// or missing one changes nothing (the error says why; the next start would refuse it).
+    pub fn reread(&self, now_ms: i64) -> Result<License, LicenseError> {
+        let license = self.read_file(now_ms)?;
+        *self.state.write() = Ok(license.clone());
+        Ok(license)
+    }
+
     /// Verifies `text` and, when valid, makes it the server's licence at once (written to
     /// the data directory first, atomically). An invalid one changes nothing.
     pub fn install(&self, text: &[u8], now_ms: i64) -> Result<License, LicenseError> {

@@ -585,26 +585,7 @@ fn load_config(common: &Common) -> Result<Config, String> {
 }
 
 fn init_logging(level: &str) -> Result<(), String> {
-    let level: tracing::Level = level.parse().map_err(|_| {
-        format!("unknown log level {level:?}; use error, warn, info, debug or trace")
-    })?;
-    use std::io::IsTerminal;
-    use tracing_subscriber::filter::LevelFilter;
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::Layer;
-    let log = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .with_filter(LevelFilter::from_level(level));
-    // The web interface's Warnings page: WARN and ERROR, whatever the log level.
-    let warnings = esserver::warnings::layer().with_filter(LevelFilter::WARN);
-    tracing_subscriber::registry()
-        .with(log)
-        .with(warnings)
-        .init();
-    Ok(())
+    esserver::logging::init(level)
 }
 
 fn main() -> ExitCode {
@@ -623,7 +604,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Serve(common) => {
             let config = load_config(&common)?;
             init_logging(&config.server.log_level)?;
-            esserver::server::serve(&config).map_err(|error| error.to_string())?;
+            // SIGHUP reads the same file with the same command-line overrides.
+            let reload = || load_config(&common);
+            esserver::server::serve(&config, &reload).map_err(|error| error.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { common, json } => admin(&common, Request::Status, |body| {

@@ -1,48 +1,67 @@
-//! Operating-system specifics, one concern per function, behind `cfg`: termination
+//! Operating-system specifics, one concern per function, behind `cfg`: the service's
 //! signals, free disk space, owner-only permissions. Everything else in the crate is
 //! portable.
 
 use std::io;
 use std::path::Path;
 
-/// SIGTERM and SIGINT, caught from the moment of installation (so a signal that arrives
-/// during start-up is not lost) until [`TerminationSignals::wait`] returns.
-#[cfg(unix)]
-pub struct TerminationSignals(signal_hook::iterator::Signals);
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment of installation (so a signal that
+/// arrives during start-up is not lost).
+/// What a signal asks of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceSignal {
+    /// SIGTERM or SIGINT: stop.
+    Stop(&'static str),
+    /// SIGHUP: read the configuration again.
+    Reload,
+}
 
 #[cfg(unix)]
-impl TerminationSignals {
-    pub fn install() -> io::Result<TerminationSignals> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        Ok(TerminationSignals(signal_hook::iterator::Signals::new([
-            SIGTERM, SIGINT,
+pub struct ServiceSignals(signal_hook::iterator::Signals);
+
+#[cfg(unix)]
+impl ServiceSignals {
+    pub fn install() -> io::Result<ServiceSignals> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        Ok(ServiceSignals(signal_hook::iterator::Signals::new([
+            SIGTERM, SIGINT, SIGHUP,
         ])?))
     }
 
-    /// Blocks until a signal arrives; returns its name.
-    pub fn wait(&mut self) -> &'static str {
-        use signal_hook::consts::SIGINT;
-        match self.0.forever().next() {
-            Some(SIGINT) => "SIGINT",
-            _ => "SIGTERM",
+    /// Waits up to `timeout` for a signal (looking every 50 ms).
+    pub fn wait(&mut self, timeout: std::time::Duration) -> Option<ServiceSignal> {
+        use signal_hook::consts::{SIGHUP, SIGINT};
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(signal) = self.0.pending().next() {
+                return Some(match signal {
+                    SIGHUP => ServiceSignal::Reload,
+                    SIGINT => ServiceSignal::Stop("SIGINT"),
+                    _ => ServiceSignal::Stop("SIGTERM"),
+                });
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            std::thread::sleep((deadline - now).min(std::time::Duration::from_millis(50)));
         }
     }
 }
 
 #[cfg(not(unix))]
-pub struct TerminationSignals;
+pub struct ServiceSignals;
 
 #[cfg(not(unix))]
-impl TerminationSignals {
-    pub fn install() -> io::Result<TerminationSignals> {
-        Ok(TerminationSignals)
+impl ServiceSignals {
+    pub fn install() -> io::Result<ServiceSignals> {
+        Ok(ServiceSignals)
     }
 
     /// Windows service control integration comes with the Windows build.
-    pub fn wait(&mut self) -> &'static str {
-        loop {
-            std::thread::park();
-        }
+    pub fn wait(&mut self, timeout: std::time::Duration) -> Option<ServiceSignal> {
+        std::thread::sleep(timeout);
+        None
     }
 }
 

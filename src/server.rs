@@ -104,6 +104,8 @@ pub struct RunningServer {
     scheduler: Option<crate::backup::Scheduler>,
     archive: Option<Arc<crate::archive::Archive>>,
     activity: Option<Arc<crate::activity::Background>>,
+    disk: Arc<DiskState>,
+    licensing: Arc<crate::license::Licensing>,
     info_path: PathBuf,
 }
 
@@ -202,6 +204,8 @@ pub fn start(config: &Config) -> Result<RunningServer, StartError> {
         scheduler: None,
         archive,
         activity,
+        disk: disk.clone(),
+        licensing: licensing.clone(),
         info_path: data_dir.join(INFO_FILE),
     };
     let started = start_services(
@@ -341,7 +345,6 @@ fn start_services(
         data_dir: data_dir.clone(),
         certificate_sha256,
         enrolment: config.incubator.enrolment,
-        reserve_bytes: config.storage.reserve_bytes,
         backups: server.backups.clone(),
         archive: server.archive.clone(),
         activity: server.activity.clone(),
@@ -378,7 +381,6 @@ fn start_services(
         started: Instant::now(),
         data_dir: data_dir.clone(),
         disk: disk.clone(),
-        reserve_bytes: config.storage.reserve_bytes,
         licensing: licensing.clone(),
         ims,
         backups: server.backups.clone(),
@@ -600,6 +602,89 @@ impl RunningServer {
         &self.store
     }
 
+    /// True while the server can do its work: the storage writer runs and the database
+    /// reads (the watchdog is pinged only then).
+    pub fn healthy(&self) -> bool {
+        self.store.writer_running() && self.store.read().is_ok()
+    }
+
+    /// Applies what can change while the server runs from `reloaded` (the configuration read
+    /// again; an error keeps every setting): the log level, `[Storage] reserve_bytes`, the
+    /// IMS switches, and the licence file (read again). Says in the log what it applied and
+    /// what needs a restart. Returns the configuration now in force.
+    pub fn reload(&self, running: &Config, reloaded: Result<Config, String>) -> Config {
+        let new = match reloaded {
+            Ok(new) => new,
+            Err(message) => {
+                tracing::error!("reload refused: {message}; every setting in force is kept");
+                return running.clone();
+            }
+        };
+        let mut now = running.clone();
+        let mut applied: Vec<String> = Vec::new();
+        if new.server.log_level != running.server.log_level {
+            match crate::logging::set_level(&new.server.log_level) {
+                Ok(before) => {
+                    applied.push(format!("log_level {before} -> {}", new.server.log_level));
+                    now.server.log_level = new.server.log_level.clone();
+                }
+                Err(error) => tracing::error!("reload: {error}"),
+            }
+        }
+        if new.storage.reserve_bytes != running.storage.reserve_bytes {
+            self.disk.set_reserve_bytes(new.storage.reserve_bytes);
+            applied.push(format!(
+                "reserve_bytes {} -> {}",
+                running.storage.reserve_bytes, new.storage.reserve_bytes
+            ));
+            now.storage.reserve_bytes = new.storage.reserve_bytes;
+        }
+        if let Some(ims) = &self.ims {
+            let shared = ims.shared();
+            for (part, name, before, after) in [
+                (
+                    crate::ims::Part::Receive,
+                    "receive",
+                    running.ims.receive,
+                    new.ims.receive,
+                ),
+                (
+                    crate::ims::Part::Upload,
+                    "upload",
+                    running.ims.upload,
+                    new.ims.upload,
+                ),
+            ] {
+                if before != after {
+                    shared.set(part, after, "a reload (SIGHUP)");
+                    applied.push(format!("[IMS] {name} {}", if after { "on" } else { "off" }));
+                }
+            }
+            now.ims.receive = new.ims.receive;
+            now.ims.upload = new.ims.upload;
+        }
+        match self.licensing.reread(crate::now_ms()) {
+            Ok(license) => applied.push(format!("licence {} read again", license.license_id)),
+            Err(error) => tracing::error!(
+                "reload: the licence file does not verify ({error}); the licence in force is kept"
+            ),
+        }
+        // Everything else is read at the start only.
+        let restart = restart_needed(&now, &new);
+        tracing::info!(
+            applied = %if applied.is_empty() { "nothing".to_string() } else { applied.join(", ") },
+            needs_restart = %if restart.is_empty() { "nothing".to_string() } else { restart.join(", ") },
+            "configuration reloaded"
+        );
+        if !restart.is_empty() {
+            tracing::warn!(
+                "changed settings that apply only at the next start: {}",
+                restart.join(", ")
+            );
+        }
+        now
+    }
+
     /// Graceful shutdown: stop accepting, let sessions finish what is in flight (every
     /// request already with the storage writer is committed and answered), then stop the
     /// writer after it has committed everything queued.
@@ -652,7 +737,6 @@ struct StatusContext {
     started: Instant,
     data_dir: PathBuf,
     disk: Arc<DiskState>,
-    reserve_bytes: u64,
     licensing: Arc<crate::license::Licensing>,
     ims: Arc<crate::ims::ImsShared>,
     backups: Arc<crate::backup::Backups>,
@@ -806,7 +890,7 @@ impl StatusContext {
             "writer_queue": self.writer.queue_len(),
             "database_reopens": self.store.reopens(),
             "disk_free_bytes": crate::os::disk_free_bytes(&self.data_dir).ok(),
-            "disk_reserve_bytes": self.reserve_bytes,
+            "disk_reserve_bytes": self.disk.reserve_bytes(),
             "writes_refused_disk_low": self.disk.is_low(),
             "resident_bytes": crate::os::resident_bytes(),
             "database_file": self.store.path(),
@@ -819,22 +903,79 @@ impl StatusContext {
     }
 }
 
-/// Blocks until SIGTERM or SIGINT, then shuts down gracefully.
-pub fn serve(config: &Config) -> Result<(), StartError> {
+/// Runs the server until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP reads the
+/// configuration again (`reload`: the same file and command-line overrides as at the start)
+/// and applies what can change while running ([`RunningServer::reload`]). Under systemd it
+/// says when it is ready, reloading and stopping, and pings the watchdog while healthy
+/// ([`crate::service`]).
+pub fn serve(
+    config: &Config,
+    reload: &dyn Fn() -> Result<Config, String>,
+) -> Result<(), StartError> {
     let mut signals =
-        crate::os::TerminationSignals::install().map_err(|source| StartError::Control {
+        crate::os::ServiceSignals::install().map_err(|source| StartError::Control {
             path: config.storage.data_dir.clone(),
             source,
         })?;
+    let mut manager = crate::service::ServiceManager::from_env();
     let server = start(config)?;
-    tracing::info!(server_id = %server.store().server_id(), data_dir = %config.storage.data_dir.display(),
-        "esserver is running; SIGTERM or Ctrl-C stops it");
-    let signal = signals.wait();
+    tracing::info!(version = crate::VERSION_TEXT, server_id = %server.store().server_id(), data_dir = %config.storage.data_dir.display(),
+        "esserver is running; SIGTERM or Ctrl-C stops it, SIGHUP reloads its configuration");
+    manager.ready(&format!(
+        "serving; data in {}",
+        config.storage.data_dir.display()
+    ));
+    let mut running = config.clone();
+    let signal = loop {
+        match signals.wait(manager.tick()) {
+            Some(crate::os::ServiceSignal::Stop(name)) => break name,
+            Some(crate::os::ServiceSignal::Reload) => {
+                manager.reloading();
+                running = server.reload(&running, reload());
+                manager.ready("serving; configuration reloaded");
+            }
+            None => {}
+        }
+        manager.watchdog(|| server.healthy());
+    };
     tracing::info!(
         signal,
         "shutting down: no new connections; finishing in-flight commits"
     );
+    manager.stopping();
     server.shutdown();
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// The sections (or keys) of `new` that differ from the configuration in force and apply only
+/// at the next start.
+fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut differs = |name: &'static str, changed: bool| {
+        if changed {
+            out.push(name);
+        }
+    };
+    differs("[IncubatorTransport]", running.incubator != new.incubator);
+    differs("[ViewerTransport]", running.viewer != new.viewer);
+    differs(
+        "[WebInterface]",
+        running.web != new.web || running.web_tls != new.web_tls,
+    );
+    differs("[PublicApi]", running.public_api != new.public_api);
+    differs("[Storage]", running.storage != new.storage);
+    differs("[Limits]", running.limits != new.limits);
+    differs("[Security]", running.security != new.security);
+    differs(
+        "[Server] activity",
+        running.server.activity != new.server.activity,
+    );
+    differs("[License] trusted_keys", running.license != new.license);
+    differs("[IMS]", running.ims != new.ims);
+    differs("[TLS]", running.tls != new.tls);
+    differs("[Clinic]", running.clinic != new.clinic);
+    differs("[Backup]", running.backup != new.backup);
+    differs("[Archive]", running.archive != new.archive);
+    out
 }

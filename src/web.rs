@@ -72,8 +72,6 @@ pub struct WebContext {
     pub certificate_sha256: Option<String>,
     /// How new instruments are enrolled (`[IncubatorTransport] enrolment`).
     pub enrolment: es_storage::Enrolment,
-    /// `[Storage] reserve_bytes`: writes are refused below this much free space.
-    pub reserve_bytes: u64,
     /// The backups: the last one, its age, the next scheduled one.
     pub backups: Arc<crate::backup::Backups>,
     /// The archive tier, when `[Archive]` is configured.
@@ -962,7 +960,7 @@ fn storage_card(shared: &WebShared, now: i64) -> String {
         Err(error) => return out + &storage_unavailable(&error),
     };
     let free = shared.disk.free_bytes();
-    let reserve = shared.site.reserve_bytes;
+    let reserve = shared.disk.reserve_bytes();
     let total = crate::os::disk_total_bytes(&shared.site.data_dir)
         .ok()
         .filter(|total| *total > 0);

@@ -391,6 +391,12 @@ impl Store {
         self.inner.commit_listeners.lock().push(listener);
     }
 
+    /// True while the writer thread runs (the service's watchdog stops pinging when it has
+    /// ended, by a panic say, so that the service manager restarts the server).
+    pub fn writer_running(&self) -> bool {
+        self.inner.writer_running.load(Ordering::Acquire)
+    }
+
     /// Spawns the one writer thread ("es-storage-writer").
     ///
     /// # Panics
