@@ -86,6 +86,8 @@ pub struct SpawnOptions {
     pub log_level: String,
     /// Where the server's stderr goes (inherit when None).
     pub log_file: Option<PathBuf>,
+    /// Environment variables given to the server (e.g. a service manager's NOTIFY_SOCKET).
+    pub env: Vec<(String, String)>,
 }
 
 impl SpawnOptions {
@@ -97,6 +99,7 @@ impl SpawnOptions {
             extra_config: String::new(),
             log_level: "info".into(),
             log_file: None,
+            env: Vec::new(),
         }
     }
 
@@ -194,6 +197,7 @@ impl ServerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
+            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .spawn()?;
         let info = wait_for_info(&options.data_dir, child.id(), &mut child)?;
         let pid = child.id();
@@ -211,6 +215,11 @@ impl ServerProcess {
 
     pub fn data_dir(&self) -> &Path {
         &self.options.data_dir
+    }
+
+    /// The configuration file the server was started with (edit it, then SIGHUP).
+    pub fn config_path(&self) -> PathBuf {
+        self.options.data_dir.join("EmbryoServer.ini")
     }
 
     /// kill -9: no chance to flush or say goodbye.
