@@ -565,12 +565,33 @@ fn ims(action: ImsAction) -> Result<ExitCode, String> {
     })
 }
 
+/// The installed service's configuration (the Debian package's conffile).
+const INSTALLED_CONFIG: &str = "/etc/esserver/EmbryoServer.ini";
+
+/// The configuration `serve` runs with: `--config`, else `./EmbryoServer.ini` when present,
+/// else the built-in defaults; `--data` and `--log-level` override.
 fn load_config(common: &Common) -> Result<Config, String> {
+    load_config_from(common, false)
+}
+
+/// The configuration an admin command uses: as `serve`'s, but on an installed system (no
+/// `--config`, no `--data`, no `./EmbryoServer.ini`) the service's, so that the command finds
+/// the running service's data directory without being told.
+fn admin_config(common: &Common) -> Result<Config, String> {
+    load_config_from(common, true)
+}
+
+fn load_config_from(common: &Common, installed: bool) -> Result<Config, String> {
     let default_file = PathBuf::from("EmbryoServer.ini");
+    let installed_file = PathBuf::from(INSTALLED_CONFIG);
     let path = common
         .config
         .clone()
-        .or_else(|| default_file.exists().then_some(default_file));
+        .or_else(|| default_file.exists().then_some(default_file))
+        .or_else(|| {
+            (installed && common.data.is_none() && installed_file.exists())
+                .then_some(installed_file)
+        });
     let mut config = match &path {
         Some(path) => Config::load(path).map_err(|error| error.to_string())?,
         None => Config::default(),
@@ -617,7 +638,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
         }),
         Command::Verify(common) => {
-            let config = load_config(&common)?;
+            let config = admin_config(&common)?;
             init_logging(&config.server.log_level)?;
             let response = esserver::admin::run(&config, Request::Verify)?;
             let clean = response.body.get("clean").and_then(|v| v.as_bool()) == Some(true);
@@ -640,7 +661,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Tls {
             action: TlsAction::Renew(common),
         } => {
-            let config = load_config(&common)?;
+            let config = admin_config(&common)?;
             let names = esserver::server::certificate_names(&config);
             let (cert, _key) = es_net::tls::renew_self_signed(&config.storage.data_dir, &names)
                 .map_err(|error| error.to_string())?;
@@ -652,7 +673,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Info(common) => {
-            let config = load_config(&common)?;
+            let config = admin_config(&common)?;
             let dir = &config.storage.data_dir;
             match esserver::server::read_info(dir) {
                 Some(info)
@@ -1488,7 +1509,7 @@ fn admin(
     request: Request,
     print: impl FnOnce(&serde_json::Value),
 ) -> Result<ExitCode, String> {
-    let config = load_config(common)?;
+    let config = admin_config(common)?;
     let response = esserver::admin::run(&config, request)?;
     report(&response, print);
     Ok(if response.ok {
@@ -1573,7 +1594,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode, String> {
                 );
             };
             let (to, _) = backup_target(&to, None)?;
-            let config = load_config(&args.common)?;
+            let config = admin_config(&args.common)?;
             let mut printer = ProgressPrinter::new("backup");
             let response = esserver::admin::run_with_progress(
                 &config,
@@ -1618,7 +1639,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode, String> {
 
 fn archive(common: &Common, json: bool, check: Option<&str>) -> Result<ExitCode, String> {
     use esserver::backup::bytes_text;
-    let config = load_config(common)?;
+    let config = admin_config(common)?;
     let request = match check {
         None => Request::Archive,
         Some("size") => Request::ArchiveCheck { full: false },
@@ -1683,7 +1704,7 @@ fn backup_target(
             .into_owned()
     };
     let target = esserver::backup::Target::parse(&text)?;
-    let config = load_config(&Common {
+    let config = admin_config(&Common {
         config,
         data: None,
         log_level: None,
