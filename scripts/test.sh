@@ -5,7 +5,9 @@
 # schemathesis for the OpenAPI contract; selenium for the browser test; tzdata for the
 # time zones of the original API walk; moto[server] for the archive tier's S3-compatible
 # object store), and Debian's
-# chromium and chromium-driver for the browser test of the web interface.
+# chromium and chromium-driver for the browser test of the web interface; cargo-deb for the
+# Debian package, which the last phase builds, installs, runs and removes (as root; see
+# scripts/package-test.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +21,10 @@ phase() {
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "== installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+if [ "$(id -u)" -eq 0 ] && ! cargo deb --version >/dev/null 2>&1; then
+  echo "== installing cargo-deb"
+  cargo install --locked cargo-deb
 fi
 schemathesis_pin=$(sed -n 's/^schemathesis==//p' tests/python/requirements.txt)
 if ! python3 -c 'import google.protobuf, grpc_tools, requests, schemathesis, selenium, tzdata, moto.server' >/dev/null 2>&1 \
@@ -51,3 +57,9 @@ phase lint
 
 cargo nextest run --workspace --release --no-fail-fast "$@"
 phase test
+
+# The Debian package, installed and run as the service account the way its unit does.
+if [ $# -eq 0 ]; then
+  ./scripts/package-test.sh
+  phase package
+fi

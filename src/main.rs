@@ -109,7 +109,12 @@ enum Command {
     /// A command-line viewer: log in to a server of Viewer_d.ini, browse, export, annotate.
     Viewer(ViewerArgs),
     /// Print a complete, commented EmbryoServer.ini with the defaults.
-    DefaultConfig,
+    DefaultConfig {
+        /// The data directory the file names (default: ./es-data), e.g. /var/lib/esserver for
+        /// an installed service.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -753,8 +758,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::License { action } => license(action),
         Command::Capacity(args) => capacity(args),
         Command::Viewer(args) => viewer(args),
-        Command::DefaultConfig => {
-            print!("{}", Config::default().to_ini());
+        Command::DefaultConfig { data_dir } => {
+            let mut config = Config::default();
+            if let Some(dir) = data_dir {
+                config.storage.data_dir = dir;
+            }
+            print!("{}", config.to_ini());
             Ok(ExitCode::SUCCESS)
         }
     }
