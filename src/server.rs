@@ -42,7 +42,10 @@ pub enum StartError {
         service: &'static str,
         detail: String,
     },
-    #[error("cannot listen on {address} for the {service}: {source}")]
+    #[error(
+        "cannot listen on {address} for the {service}: {source}{}",
+        bind_hint(address, source)
+    )]
     Bind {
         service: &'static str,
         address: SocketAddr,
@@ -978,4 +981,48 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
     differs("[Backup]", running.backup != new.backup);
     differs("[Archive]", running.archive != new.archive);
     out
+}
+
+/// What to do when a port below 1024 is refused: the service runs without capabilities.
+fn bind_hint(address: &SocketAddr, error: &std::io::Error) -> &'static str {
+    if address.port() != 0
+        && address.port() < 1024
+        && error.kind() == std::io::ErrorKind::PermissionDenied
+    {
+        "; a port below 1024 needs CAP_NET_BIND_SERVICE: as a service, add a drop-in \
+         (systemctl edit esserver) with CapabilityBoundingSet=CAP_NET_BIND_SERVICE and \
+         AmbientCapabilities=CAP_NET_BIND_SERVICE (docs/operations.md), or use a port above 1023"
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod bind_hint_tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_low_port_names_the_capability_and_nothing_else_does() {
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let low: SocketAddr = "0.0.0.0:443".parse().unwrap();
+        let high: SocketAddr = "0.0.0.0:3000".parse().unwrap();
+        let message = StartError::Bind {
+            service: "public API",
+            address: low,
+            source: denied,
+        }
+        .to_string();
+        assert!(message.contains("CAP_NET_BIND_SERVICE"), "{message}");
+        assert_eq!(
+            bind_hint(
+                &high,
+                &std::io::Error::from(std::io::ErrorKind::PermissionDenied)
+            ),
+            ""
+        );
+        assert_eq!(
+            bind_hint(&low, &std::io::Error::from(std::io::ErrorKind::AddrInUse)),
+            ""
+        );
+    }
 }

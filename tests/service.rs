@@ -49,7 +49,15 @@ fn the_service_manager_hears_ready_watchdog_reloading_and_stopping() {
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     let mut options = SpawnOptions::new(common::esserver_path(), dir.path().join("data"));
-    options.log_file = Some(dir.path().join("server.log"));
+    // Standard error is "the journal": JOURNAL_STREAM names its device and inode.
+    let log = dir.path().join("server.log");
+    std::fs::write(&log, "").unwrap();
+    let stream = {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&log).unwrap();
+        format!("{}:{}", meta.dev(), meta.ino())
+    };
+    options.log_file = Some(log.clone());
     options.env = vec![
         (
             "NOTIFY_SOCKET".into(),
@@ -57,6 +65,7 @@ fn the_service_manager_hears_ready_watchdog_reloading_and_stopping() {
         ),
         // 400 ms: a ping every 200 ms.
         ("WATCHDOG_USEC".into(), "400000".into()),
+        ("JOURNAL_STREAM".into(), stream),
     ];
     let mut server = ServerProcess::spawn(options).expect("esserver starts");
 
@@ -95,6 +104,17 @@ fn the_service_manager_hears_ready_watchdog_reloading_and_stopping() {
     signal(&server, libc::SIGTERM);
     receive_until(&socket, "STOPPING=1", Duration::from_secs(10));
     assert_eq!(server.terminate(Duration::from_secs(30)), Some(0));
+    // The journal stamps each line itself: the server's lines start with their level.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let running = text
+        .lines()
+        .find(|l| l.contains("esserver is running"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        running.starts_with(" INFO ") || running.starts_with("INFO "),
+        "{running}"
+    );
+    assert!(!running.contains("\u{1b}["), "no colours: {running}");
 }
 
 fn wait_for_log(path: &std::path::Path, wanted: &str) -> String {
