@@ -17,35 +17,35 @@ pub enum ServiceSignal {
 }
 
 #[cfg(unix)]
-pub struct ServiceSignals(signal_hook::iterator::Signals);
+pub struct ServiceSignals(crossbeam_channel::Receiver<ServiceSignal>);
 
 #[cfg(unix)]
 impl ServiceSignals {
+    /// Catches the signals from now on; a thread ("es-signals") hands them over as they come.
     pub fn install() -> io::Result<ServiceSignals> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-        Ok(ServiceSignals(signal_hook::iterator::Signals::new([
-            SIGTERM, SIGINT, SIGHUP,
-        ])?))
+        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+        let (sender, receiver) = crossbeam_channel::bounded(16);
+        std::thread::Builder::new()
+            .name("es-signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    let signal = match signal {
+                        SIGHUP => ServiceSignal::Reload,
+                        SIGINT => ServiceSignal::Stop("SIGINT"),
+                        _ => ServiceSignal::Stop("SIGTERM"),
+                    };
+                    if sender.send(signal).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(ServiceSignals(receiver))
     }
 
-    /// Waits up to `timeout` for a signal (looking every 50 ms).
+    /// Waits up to `timeout` for a signal.
     pub fn wait(&mut self, timeout: std::time::Duration) -> Option<ServiceSignal> {
-        use signal_hook::consts::{SIGHUP, SIGINT};
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(signal) = self.0.pending().next() {
-                return Some(match signal {
-                    SIGHUP => ServiceSignal::Reload,
-                    SIGINT => ServiceSignal::Stop("SIGINT"),
-                    _ => ServiceSignal::Stop("SIGTERM"),
-                });
-            }
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            std::thread::sleep((deadline - now).min(std::time::Duration::from_millis(50)));
-        }
+        self.0.recv_timeout(timeout).ok()
     }
 }
 
