@@ -22,6 +22,7 @@ use crate::volume::{self, Appender, Location, RecordHeader, Volumes};
 use redb::{ReadableTable, Table, WriteTransaction};
 
 mod clinical;
+mod devices;
 mod models;
 
 type Rows<'txn, K> = Table<'txn, K, &'static [u8]>;
@@ -50,6 +51,7 @@ pub struct Batch<'txn> {
     models: Rows<'txn, (&'static str, u32)>,
     model_results: Rows<'txn, (u64, &'static str)>,
     activity_curves: Rows<'txn, u64>,
+    devices: Rows<'txn, &'static str>,
     /// Where the batch's image records go, and the volumes to read stored ones from.
     appender: &'txn mut Appender,
     volumes: &'txn Volumes,
@@ -111,6 +113,7 @@ impl<'txn> Batch<'txn> {
             models: txn.open_table(tables::MODELS)?,
             model_results: txn.open_table(tables::MODEL_RESULTS)?,
             activity_curves: txn.open_table(tables::ACTIVITY_CURVES)?,
+            devices: txn.open_table(tables::DEVICES)?,
             appender,
             volumes,
             telemetry: txn.open_table(tables::TELEMETRY)?,
@@ -141,6 +144,11 @@ impl<'txn> Batch<'txn> {
     /// The `activity_curves` table (for `crate::activity`).
     pub(crate) fn activity_curves(&mut self) -> &mut Rows<'txn, u64> {
         &mut self.activity_curves
+    }
+
+    /// The `devices` table (for `crate::devices`).
+    pub(crate) fn devices(&mut self) -> &mut Rows<'txn, &'static str> {
+        &mut self.devices
     }
 
     /// The `meta` table (for `crate::activity`).

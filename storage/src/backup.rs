@@ -1395,6 +1395,7 @@ macro_rules! every_table {
             $f($($arg,)* tables::MODELS)?,
             $f($($arg,)* tables::MODEL_RESULTS)?,
             $f($($arg,)* tables::ACTIVITY_CURVES)?,
+            $f($($arg,)* tables::DEVICES)?,
             $f($($arg,)* tables::LEGACY_IMAGES)?,
             $f($($arg,)* tables::TELEMETRY)?,
             $f($($arg,)* tables::IMS_QUEUE)?,

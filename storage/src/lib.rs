@@ -40,6 +40,7 @@ pub mod activity;
 mod apply;
 pub mod archive;
 pub mod backup;
+pub mod devices;
 mod error;
 mod migrate;
 mod model;

@@ -29,10 +29,17 @@ pub(crate) fn step(txn: &WriteTransaction, from: u64) -> Result<(), StorageError
         9 => v9_to_v10(txn),
         10 => v10_to_v11(txn),
         11 => v11_to_v12(txn),
+        12 => v12_to_v13(txn),
         _ => Err(StorageError::Corrupt(format!(
             "no migration from schema version {from}"
         ))),
     }
+}
+
+/// Version 13 adds `devices` (created empty by `tables::create_all`): the browser viewer's
+/// registered devices.
+fn v12_to_v13(_txn: &WriteTransaction) -> Result<(), StorageError> {
+    Ok(())
 }
 
 /// Version 12 adds `activity_curves` (created empty by `tables::create_all`) and
@@ -966,7 +973,8 @@ fn migrate_changes(
                 ChangeEntity::User
                 | ChangeEntity::Transfer
                 | ChangeEntity::ApiKey
-                | ChangeEntity::Model,
+                | ChangeEntity::Model
+                | ChangeEntity::Device,
             )
             | None => String::new(),
         })

@@ -131,6 +131,8 @@ pub enum ChangeEntity {
     ApiKey,
     /// A selection model (audit trail only); key: its version, id: its name.
     Model,
+    /// A browser viewer's device (audit trail only); id: the device id.
+    Device,
 }
 
 impl ChangeEntity {
@@ -147,6 +149,7 @@ impl ChangeEntity {
             ChangeEntity::Transfer => 8,
             ChangeEntity::ApiKey => 9,
             ChangeEntity::Model => 10,
+            ChangeEntity::Device => 11,
         }
     }
 
@@ -162,6 +165,7 @@ impl ChangeEntity {
             8 => Some(ChangeEntity::Transfer),
             9 => Some(ChangeEntity::ApiKey),
             10 => Some(ChangeEntity::Model),
+            11 => Some(ChangeEntity::Device),
             _ => None,
         }
     }
@@ -178,6 +182,7 @@ impl ChangeEntity {
             ChangeEntity::Transfer => "transfer",
             ChangeEntity::ApiKey => "api_key",
             ChangeEntity::Model => "model",
+            ChangeEntity::Device => "device",
         }
     }
 }
@@ -617,6 +622,7 @@ mod tests {
             ChangeEntity::Transfer,
             ChangeEntity::ApiKey,
             ChangeEntity::Model,
+            ChangeEntity::Device,
         ];
         for entity in all {
             assert_eq!(ChangeEntity::from_u8(entity.to_u8()), Some(entity));

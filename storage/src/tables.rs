@@ -19,7 +19,7 @@ use redb::TableDefinition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The schema version this binary writes and reads. See the module documentation.
-pub const SCHEMA_VERSION: u64 = 12;
+pub const SCHEMA_VERSION: u64 = 13;
 
 /// `meta`: name -> bytes. Rows: [`META_SCHEMA_VERSION`] (u64 LE), [`META_SERVER_ID`] (UTF-8,
 /// 32 hex chars), [`META_STATE`] (postcard [`StateRow`]), [`META_IMS`] (postcard
@@ -150,6 +150,11 @@ pub const MODEL_RESULTS: TableDefinition<(u64, &str), &[u8]> =
 /// lost row is computed again). Since version 12.
 pub const ACTIVITY_CURVES: TableDefinition<u64, &[u8]> = TableDefinition::new("activity_curves");
 
+/// `devices`: device id -> [`DeviceRow`]: the browsers registered to use the browser viewer,
+/// counted against the licence's mobile devices (revoked ones are kept, not counted). Since
+/// version 13.
+pub const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+
 /// Version 4's `images` table: (dish_key, well, acquired_at_ms, focal_plane) -> SHA-256 ||
 /// stored_at_ms (i64 LE) || JPEG bytes ([`ImageValue`]). In version 5 it exists only while
 /// the migration moves its images into volumes (`crate::migrate::move_legacy_images`), which
@@ -193,7 +198,7 @@ pub type TelemetryKey = (u64, &'static str, i64);
 pub type AlarmKey = (u64, &'static str, i64);
 
 /// The names of every table, for tooling and for the "create all tables on open" step.
-pub const TABLE_NAMES: [&str; 36] = [
+pub const TABLE_NAMES: [&str; 37] = [
     "meta",
     "instruments",
     "instrument_by_serial",
@@ -230,6 +235,7 @@ pub const TABLE_NAMES: [&str; 36] = [
     "models",
     "model_results",
     "activity_curves",
+    "devices",
 ];
 
 /// Creates every table that does not exist yet, so read transactions never miss one.
@@ -270,6 +276,7 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), StorageErro
     txn.open_table(MODELS)?;
     txn.open_table(MODEL_RESULTS)?;
     txn.open_table(ACTIVITY_CURVES)?;
+    txn.open_table(DEVICES)?;
     Ok(())
 }
 
@@ -892,6 +899,22 @@ pub struct ModelResultRow {
     /// Who asked for the evaluation (or changed an input it was recomputed after), and when.
     pub set_by: String,
     pub set_at_ms: i64,
+}
+
+/// A browser viewer's device, in [`DEVICES`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRow {
+    /// The name its user gave it ("Ward tablet").
+    pub name: String,
+    /// Who registered it, and when.
+    pub registered_by: String,
+    pub registered_at_ms: i64,
+    /// The latest login from it.
+    pub last_login_by: String,
+    pub last_login_at_ms: i64,
+    /// When an administrator revoked it (it is refused from then on), and who.
+    pub revoked_at_ms: Option<i64>,
+    pub revoked_by: String,
 }
 
 /// An embryo's activity curve, in [`ACTIVITY_CURVES`].

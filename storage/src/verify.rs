@@ -34,6 +34,7 @@ pub(crate) fn verify(
     check_audit(txn, &state, &mut report)?;
     check_model_results(txn, &mut report)?;
     crate::activity::check_curves(txn, &mut |problem| report.problem(problem))?;
+    crate::devices::check_devices(txn, &mut |problem| report.problem(problem))?;
     check_counters(txn, &state, &image_totals, &mut report)?;
     Ok(report.finish(image_totals.images))
 }
