@@ -628,7 +628,7 @@ mod tests {
             assert_eq!(ChangeEntity::from_u8(entity.to_u8()), Some(entity));
         }
         assert_eq!(ChangeEntity::from_u8(0), None);
-        assert_eq!(ChangeEntity::from_u8(11), None);
+        assert_eq!(ChangeEntity::from_u8(12), None);
         for &fate in Fate::ALL {
             assert_eq!(Fate::from_u8(fate.to_u8()), Some(fate));
             assert_eq!(Fate::from_name(fate.as_str()), Some(fate));
