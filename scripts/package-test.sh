@@ -3,12 +3,16 @@
 #   1. build it (scripts/package.sh) and install it with dpkg -i;
 #   2. systemd-analyze verify the installed unit; the account, the data directory (0700)
 #      and the configuration (0640 root:esserver) are as the package promises;
-#   3. start the installed binary as the unit does (its User, WorkingDirectory, ExecStart and a
-#      clean environment with a notify socket and a watchdog), wait for READY=1, check
-#      /healthz and `esserver status` (run as root with no --data: it finds the service),
-#      stop it with SIGTERM (STOPPING=1, exit 0);
+#   3. create the first administrator as root before the first start (the command runs as the
+#      service account, so the database it makes is the service's); start the installed binary
+#      as the unit does (its User, WorkingDirectory, ExecStart and a clean environment with a
+#      notify socket and a watchdog), wait for READY=1, check /healthz and `esserver status`
+#      (run as root with no --data: it finds the service), stop it with SIGTERM (STOPPING=1,
+#      exit 0); nothing in the data directory belongs to another account;
 #   4. dpkg -r leaves the data directory, the configuration and the account; dpkg -P removes
-#      the account and the configuration and still leaves the data directory.
+#      the account and the configuration, and leaves the data directory to root;
+#   5. installed again: the data is the account's again; installed once more over itself with
+#      the configuration deleted by hand: no error; purged.
 # Needs root, dpkg and systemd-analyze; says SKIP and exits 0 without them. Changes the system:
 # installs and purges the package, and removes /var/lib/esserver at the end (it refuses to
 # start when the package or that directory is there already).
@@ -20,7 +24,7 @@ fail() { echo "package test: FAIL: $1" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || skip "needs root"
 command -v dpkg >/dev/null || skip "no dpkg"
 command -v systemd-analyze >/dev/null || skip "no systemd-analyze"
-command -v runuser >/dev/null || skip "no runuser"
+command -v setpriv >/dev/null || skip "no setpriv"
 if dpkg -s esserver >/dev/null 2>&1; then
     skip "the esserver package is installed on this machine; not touching it"
 fi
@@ -37,6 +41,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
+rm -rf target/debian
 ./scripts/package.sh >"$work/package.log" 2>&1 || { tail -30 "$work/package.log"; fail "the package does not build"; }
 deb=$(ls target/debian/esserver_*.deb | head -1)
 echo "== dpkg -i $deb"
@@ -83,11 +88,16 @@ listener=$!
 chmod 755 "$work"
 for _ in $(seq 50); do [ -S "$socket" ] && break; sleep 0.1; done
 
+echo "== the first administrator, before the first start (as root, no --data)"
+printf 'Admin-2026!\n' | esserver user add admin1 --admin --password-stdin
+[ "$(stat -c %U /var/lib/esserver/esserver.redb)" = esserver ] || fail "the database made by an admin command is not the service's"
+
 echo "== $exec_start (as $user, in $directory)"
+# setpriv execs (no process of its own): $! is the server.
 # shellcheck disable=SC2086
-(cd "$directory" && exec runuser -u "$user" -- env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-    LANG=C.UTF-8 HOME="$directory" NOTIFY_SOCKET="$socket" WATCHDOG_USEC=2000000 \
-    $exec_start) >"$work/server.log" 2>&1 &
+(cd "$directory" && exec setpriv --reuid="$user" --regid="$user" --init-groups \
+    env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 HOME="$directory" \
+    NOTIFY_SOCKET="$socket" WATCHDOG_USEC=2000000 $exec_start) >"$work/server.log" 2>&1 &
 pid=$!
 for _ in $(seq 600); do
     grep -q '^READY=1$' "$work/notify.log" 2>/dev/null && break
@@ -95,21 +105,25 @@ for _ in $(seq 600); do
     sleep 0.1
 done
 grep -q '^READY=1$' "$work/notify.log" || { cat "$work/server.log"; fail "no READY=1 within 60 s"; }
+[ "$(stat -c %U "/proc/$pid")" = "$user" ] || fail "the server does not run as $user"
 echo "ready: $(grep -c . "$work/notify.log") notify messages"
 
-health=$(curl -sk "https://127.0.0.1:$p4/healthz")
+health=$(curl -sk --max-time 10 "https://127.0.0.1:$p4/healthz")
 echo "healthz: $health"
 echo "$health" | grep -q '"status":"ok"' || fail "/healthz is not ok"
 echo "$health" | grep -q '"commit"' || fail "/healthz has no commit"
 echo "== esserver status (as root, no --data)"
 status=$(esserver status)
 echo "$status" | head -3
-echo "$status" | grep -q "server:     running, pid $(pgrep -u esserver -f 'esserver serve' | head -1)" || fail "status does not find the running service"
+echo "$status" | grep -q "server:     running, pid $pid," || fail "status does not find the running service"
 sleep 1.5
 grep -q '^WATCHDOG=1$' "$work/notify.log" || fail "no watchdog ping"
 
+left=$(find /var/lib/esserver ! -user esserver | head -3)
+[ -z "$left" ] || fail "not the service's: $left"
+
 echo "== SIGTERM"
-kill -TERM "$(pgrep -u esserver -f 'esserver serve' | head -1)"
+kill -TERM "$pid"
 code=0
 wait "$pid" || code=$?
 pid=""
@@ -127,4 +141,13 @@ dpkg -P esserver
 [ -f /var/lib/esserver/esserver.redb ] || fail "the purge removed the data"
 [ ! -e /etc/esserver ] || fail "the purge left /etc/esserver"
 ! getent passwd esserver >/dev/null || fail "the purge left the account"
+[ "$(stat -c %U /var/lib/esserver/esserver.redb)" = root ] || fail "the purge left the data to a removed account's number"
+
+echo "== dpkg -i again: the kept data is the new account's"
+dpkg -i "$deb" >/dev/null
+[ "$(stat -c %U /var/lib/esserver/esserver.redb)" = esserver ] || fail "the kept data is not the account's again"
+echo "== dpkg -i over itself, the configuration deleted by hand"
+rm /etc/esserver/EmbryoServer.ini
+dpkg -i "$deb" >/dev/null || fail "reinstalling without the configuration failed"
+dpkg -P esserver >/dev/null
 echo "package test: PASS"

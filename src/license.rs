@@ -558,8 +558,10 @@ impl Licensing {
     /// Reads the licence file again (a reload): a valid one is in force at once; an invalid
     /// or missing one changes nothing (the error says why; the next start would refuse it).
     pub fn reread(&self, now_ms: i64) -> Result<License, LicenseError> {
+        // Held across the read: an install meanwhile is either read here or comes after.
+        let mut state = self.state.write();
         let license = self.read_file(now_ms)?;
-        *self.state.write() = Ok(license.clone());
+        *state = Ok(license.clone());
         Ok(license)
     }
 
@@ -573,10 +575,11 @@ impl Licensing {
             now_ms,
             self.demo_allowed,
         )?;
+        let mut state = self.state.write();
         write_atomically(&self.path, text)
             .map_err(|e| LicenseError::Unreadable(format!("cannot store it: {e}")))?;
         tracing::info!(license = %license.license_id, clinic = %license.clinic, configuration = license.configuration.name(), "licence installed");
-        *self.state.write() = Ok(license.clone());
+        *state = Ok(license.clone());
         Ok(license)
     }
 }

@@ -581,22 +581,40 @@ fn load_config(common: &Common) -> Result<Config, String> {
 
 /// The configuration an admin command uses: as `serve`'s, but on an installed system (no
 /// `--config`, no `--data`, no `./EmbryoServer.ini`) the service's, so that the command finds
-/// the running service's data directory without being told.
+/// the running service's data directory without being told. Run as root there, the command
+/// then runs as the service account (`esserver`), so that whatever it creates in the data
+/// directory (the database before the first start, a renewed certificate) stays the
+/// service's to read.
 fn admin_config(common: &Common) -> Result<Config, String> {
-    load_config_from(common, true)
+    let installed = common.config.is_none()
+        && common.data.is_none()
+        && !PathBuf::from("EmbryoServer.ini").exists()
+        && PathBuf::from(INSTALLED_CONFIG).exists();
+    if installed {
+        if let Err(error) = std::fs::File::open(INSTALLED_CONFIG) {
+            return Err(format!(
+                "cannot read {INSTALLED_CONFIG} ({error}): run the command as root (sudo \
+                 esserver ...), or name the configuration or data directory with --config or \
+                 --data"
+            ));
+        }
+        esserver::os::become_service_account(SERVICE_ACCOUNT).map_err(|error| {
+            format!("cannot run as the service account {SERVICE_ACCOUNT}: {error}")
+        })?;
+    }
+    load_config_from(common, installed)
 }
+
+/// The installed service's account.
+const SERVICE_ACCOUNT: &str = "esserver";
 
 fn load_config_from(common: &Common, installed: bool) -> Result<Config, String> {
     let default_file = PathBuf::from("EmbryoServer.ini");
-    let installed_file = PathBuf::from(INSTALLED_CONFIG);
     let path = common
         .config
         .clone()
         .or_else(|| default_file.exists().then_some(default_file))
-        .or_else(|| {
-            (installed && common.data.is_none() && installed_file.exists())
-                .then_some(installed_file)
-        });
+        .or_else(|| installed.then(|| PathBuf::from(INSTALLED_CONFIG)));
     let mut config = match &path {
         Some(path) => Config::load(path).map_err(|error| error.to_string())?,
         None => Config::default(),

@@ -291,3 +291,46 @@ pub fn thread_cpu_ns() -> u64 {
 pub fn thread_cpu_ns() -> u64 {
     0
 }
+
+/// Run as the service account `name` from now on, when running as root (an admin command on
+/// the installed system: what it creates in the data directory stays the service's). Not
+/// root: nothing to do. The account must exist.
+#[cfg(unix)]
+pub fn become_service_account(name: &str) -> io::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let c_name = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: getpwnam with a valid NUL-terminated name; the record is read before any other
+    // call that could overwrite it.
+    let (uid, gid) = unsafe {
+        let record = libc::getpwnam(c_name.as_ptr());
+        if record.is_null() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no account {name}"),
+            ));
+        }
+        ((*record).pw_uid, (*record).pw_gid)
+    };
+    // SAFETY: plain system calls with values from the account record; the order (groups,
+    // group, user) is the one that can still succeed at each step.
+    unsafe {
+        if libc::setgroups(1, &gid) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::setgid(gid) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::setuid(uid) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+pub fn become_service_account(_name: &str) -> io::Result<()> {
+    Ok(())
+}
