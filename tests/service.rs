@@ -161,6 +161,13 @@ fn sighup_applies_the_log_level_and_reserve_and_refuses_a_broken_ini() {
         1,
     );
     std::fs::write(&path, &changed).unwrap();
+    let debug_lines = |log: &std::path::Path| {
+        std::fs::read_to_string(log)
+            .unwrap()
+            .matches(" DEBUG ")
+            .count()
+    };
+    assert_eq!(debug_lines(&log), 0, "at level info, no debug line");
     signal(&server, libc::SIGHUP);
     let text = wait_for_log(&log, "configuration reloaded");
     let line = text
@@ -175,11 +182,7 @@ fn sighup_applies_the_log_level_and_reserve_and_refuses_a_broken_ini() {
     assert!(line.contains("needs_restart=[ViewerTransport]"), "{line}");
     assert_eq!(reserve(&data), 96 << 20);
     // Debug lines appear now (a connection opened logs one).
-    let before = std::fs::read_to_string(&log)
-        .unwrap()
-        .matches(" DEBUG ")
-        .count();
-    assert_eq!(before, 0, "at level info, no debug line");
+    let before = debug_lines(&log);
     let mut http = es_client::http::HttpClient::new(
         server.info.address("web"),
         server.info.client_tls("web"),
@@ -187,12 +190,7 @@ fn sighup_applies_the_log_level_and_reserve_and_refuses_a_broken_ini() {
     );
     assert_eq!(http.get("/healthz", &[]).unwrap().status, 200);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&log)
-        .unwrap()
-        .matches(" DEBUG ")
-        .count()
-        == before
-    {
+    while debug_lines(&log) == before {
         assert!(Instant::now() < deadline, "no debug line after the reload");
         std::thread::sleep(Duration::from_millis(50));
     }
