@@ -342,6 +342,7 @@ fn start_services(
         registry: registry.clone(),
         viewers: viewers.clone(),
         sessions: crate::api::auth::Tokens::default(),
+        view: Default::default(),
         tls: config.web_tls,
         ims: ims.clone(),
         started_at_ms: crate::now_ms(),

@@ -25,6 +25,12 @@ use std::time::Instant;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "esweb";
+/// The browser viewer's session cookie (`/view/`).
+pub const VIEW_COOKIE: &str = "esview";
+/// The browser viewer's device id cookie: the device the licence counts.
+pub const DEVICE_COOKIE: &str = "esdevice";
+
+mod view;
 
 /// What the dashboard shows besides storage: who is connected.
 /// The web interface's listener: the API's session machinery with the web's routes and state.
@@ -46,13 +52,17 @@ impl Site for WebContext {
 
     fn web_login_answer(
         shared: &WebShared,
+        kind: LoginKind,
         user: &str,
         rights: Rights,
         refused: Option<String>,
         peer: SocketAddr,
         now: Instant,
     ) -> Response {
-        login_answer(shared, user, rights, refused, peer, now)
+        match kind {
+            LoginKind::View => view::login_answer(shared, user, rights, refused, peer, now),
+            _ => login_answer(shared, user, rights, refused, peer, now),
+        }
     }
 }
 
@@ -60,6 +70,8 @@ pub struct WebContext {
     pub registry: Arc<crate::incubator::Registry>,
     pub viewers: Arc<crate::viewer::Hub>,
     pub sessions: Tokens,
+    /// The browser viewer's sessions and the devices they are bound to.
+    pub view: view::ViewState,
     /// False when the port serves plain HTTP (`[WebInterface] tls = off`): the session
     /// cookie then cannot be `Secure`.
     pub tls: bool,
@@ -154,7 +166,7 @@ fn page(shared: &WebShared, title: &str, user: Option<(&str, &str)>, body: &str)
     };
     let nav = match user {
         Some((name, csrf)) => format!(
-            "<nav><a href='/'>Status</a> <a href='/license'>Licence</a> <a href='/instruments'>Instruments</a> <a href='/users'>Users</a> <a href='/audit'>Audit trail</a> <a href='/warnings'>Warnings</a> <span class=who>{}</span> \
+            "<nav><a href='/'>Status</a> <a href='/license'>Licence</a> <a href='/instruments'>Instruments</a> <a href='/users'>Users</a> <a href='/devices'>Devices</a> <a href='/audit'>Audit trail</a> <a href='/warnings'>Warnings</a> <span class=who>{}</span> \
              <form method=post action='/logout' class=inline><input type=hidden name=csrf value='{csrf}'>\
              <button id=logout>Log out</button></form></nav>",
             escape(name)
@@ -243,6 +255,9 @@ enum Access {
     Scraper,
     /// An administrator's session; a POST also needs the session's CSRF token.
     Admin,
+    /// The browser viewer: its handlers check their own session, device and licence
+    /// (`view::session_of`), and their forms' CSRF tokens.
+    Viewer,
 }
 
 /// One request as a page handler sees it, once its access was checked.
@@ -359,6 +374,36 @@ const PAGES: &[Page] = &[
         post: None,
     },
     Page {
+        path: "/devices",
+        access: Access::Admin,
+        get: Some(|call| devices_page(call.shared, call.user(), &call.csrf, "")),
+        post: Some(devices_post),
+    },
+    Page {
+        path: "/view/login",
+        access: Access::Public,
+        get: Some(|_| view::login_page(None)),
+        post: Some(view::login_post),
+    },
+    Page {
+        path: "/view/logout",
+        access: Access::Viewer,
+        get: None,
+        post: Some(view::logout_post),
+    },
+    Page {
+        path: "/view/device",
+        access: Access::Viewer,
+        get: Some(view::device_page),
+        post: Some(view::device_post),
+    },
+    Page {
+        path: "/view/",
+        access: Access::Viewer,
+        get: Some(view::patients_page),
+        post: None,
+    },
+    Page {
         path: "/warnings",
         access: Access::Admin,
         get: Some(|call| {
@@ -392,7 +437,7 @@ fn handle(
     }
     let found = PAGES.iter().find(|page| page.path == path);
     let session = match found.map(|page| page.access) {
-        Some(Access::Public) => None,
+        Some(Access::Public | Access::Viewer) => None,
         Some(Access::Scraper) => {
             let key_ok = crate::api::auth::credential(request)
                 .filter(|c| c.starts_with(crate::api::auth::KEY_PREFIX))
@@ -1892,6 +1937,92 @@ fn activity_card(web: &WebContext) -> String {
         );
     }
     out
+}
+
+/// The browser viewer's devices: every one registered, how many the licence allows, and a
+/// revoke button (effective at the device's next request).
+fn devices_page(shared: &WebShared, admin: &str, csrf: &str, message: &str) -> Response {
+    let devices = match shared.store.read().and_then(|r| r.devices()) {
+        Ok(devices) => devices,
+        Err(error) => {
+            return html(
+                503,
+                page(
+                    shared,
+                    "Devices",
+                    Some((admin, csrf)),
+                    &storage_unavailable(&error),
+                ),
+            )
+        }
+    };
+    let active = devices
+        .iter()
+        .filter(|d| d.row.revoked_at_ms.is_none())
+        .count();
+    let allowed = match shared.licensing.current(now_ms()) {
+        Ok(license) if license.demo => "no limit (DEMO licence)".to_string(),
+        Ok(license) => format!("{} allowed by the licence", license.mobile_devices),
+        Err(error) => format!("none: the licence is invalid ({error})"),
+    };
+    let mut body = format!(
+        "{message}<p id=device-count>{active} browser device(s) registered; {}.</p>\
+         <table id=devices><tr><th>Name</th><th>Registered</th><th>Last login</th><th>State</th><th></th></tr>",
+        escape(&allowed)
+    );
+    for device in &devices {
+        let row = &device.row;
+        let (state, action) = match row.revoked_at_ms {
+            Some(at) => (
+                format!("revoked by {} at {}", escape(&row.revoked_by), time_text(at)),
+                String::new(),
+            ),
+            None => (
+                "active".to_string(),
+                format!(
+                    "<form class=inline method=post action='/devices'><input type=hidden name=csrf value='{csrf}'>\
+                     <input type=hidden name=device value='{}'><button>Revoke</button></form>",
+                    escape(&device.device_id)
+                ),
+            ),
+        };
+        let _ = write!(
+            body,
+            "<tr class=device><td>{}</td><td>{} at {}</td><td>{} at {}</td><td>{state}</td><td>{action}</td></tr>",
+            escape(&row.name),
+            escape(&row.registered_by),
+            time_text(row.registered_at_ms),
+            escape(&row.last_login_by),
+            time_text(row.last_login_at_ms),
+        );
+    }
+    body.push_str("</table>");
+    html(200, page(shared, "Devices", Some((admin, csrf)), &body))
+}
+
+fn devices_post(call: &mut Call<'_>) -> Step {
+    let (shared, admin) = (call.shared, call.user());
+    let device = call.field("device").unwrap_or("").to_string();
+    let op = es_storage::devices::DeviceRevoke {
+        actor: es_storage::Actor {
+            user: admin.to_string(),
+            computer: format!("web {}", call.peer.ip()),
+        },
+        device_id: device.clone(),
+        at_ms: now_ms(),
+    };
+    let message = match shared.writer.write(op) {
+        Ok(()) => {
+            tracing::info!(%admin, %device, "browser device revoked");
+            "<p class=ok id=message>Revoked: the device is refused from its next request.</p>"
+                .to_string()
+        }
+        Err(error) => format!(
+            "<p class=err id=message>Not revoked: {}</p>",
+            escape(&error.to_string())
+        ),
+    };
+    Step::Respond(devices_page(shared, admin, &call.csrf, &message))
 }
 
 /// The archive tier: what is in the object store, what is due, the last failure, reads.

@@ -188,7 +188,10 @@ pub enum ApiMsg {
 pub enum LoginKind {
     Rest,
     Legacy,
+    /// The web interface's administrators.
     Web,
+    /// The browser viewer (`/view/`): viewer users, on a licensed device.
+    View,
 }
 
 /// The answer a worker job that fails gives its request.
@@ -250,9 +253,11 @@ pub(crate) trait Site: Sized + Send + Sync + 'static {
         caller: &mut Option<String>,
     ) -> Step;
 
-    /// The answer to a recorded login of [`LoginKind::Web`] (`refused` says why not).
+    /// The answer to a recorded login of [`LoginKind::Web`] or [`LoginKind::View`]
+    /// (`refused` says why not).
     fn web_login_answer(
         _shared: &ApiShared<Self>,
+        _kind: LoginKind,
         _user: &str,
         _rights: Rights,
         _refused: Option<String>,
@@ -631,7 +636,7 @@ impl<S: Site> ApiSession<S> {
             Err(WriteError::Refused(_)) => Some("unknown user"),
             Err(_) => None,
         };
-        if kind == LoginKind::Web {
+        if matches!(kind, LoginKind::Web | LoginKind::View) {
             let refused = match (&result, reason) {
                 (Err(error), None) => Some(format!("cannot record the login: {error}")),
                 (_, Some(reason)) => {
@@ -640,8 +645,15 @@ impl<S: Site> ApiSession<S> {
                 }
                 (Ok(_), None) => None,
             };
-            let response =
-                S::web_login_answer(&self.shared, &user, rights, refused, self.peer, io.now());
+            let response = S::web_login_answer(
+                &self.shared,
+                kind,
+                &user,
+                rights,
+                refused,
+                self.peer,
+                io.now(),
+            );
             self.finish(response, io);
             return;
         }

@@ -1026,6 +1026,7 @@ pub(crate) fn start_login<S>(
     }
     let computer = match kind {
         LoginKind::Web => format!("web {}", peer.ip()),
+        LoginKind::View => format!("browser {}", peer.ip()),
         LoginKind::Rest | LoginKind::Legacy => format!("api {}", peer.ip()),
     };
     let address = peer.ip().to_string();

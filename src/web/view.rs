@@ -1,0 +1,490 @@
+//! The browser viewer (`/view/` on the web interface's port), for viewer users on tablets,
+//! phones and any browser: log in, register the device against the licence, find a patient.
+//! (The dish, time-lapse and annotation pages come next: docs/web.md says what exists.)
+//!
+//! # Devices and the licence
+//!
+//! A browser is a device: the first time it reaches a page after a login it has no device
+//! cookie, or one the server does not know, and its user names it (`/view/device`). The
+//! server mints the device id (32 hex digits, a long-lived `esdevice` cookie) and registers
+//! it through storage (`es_storage::devices`), which refuses a new device beyond the
+//! licence's mobile devices with the reason; a DEMO licence sets no limit. Every page checks,
+//! at every request: the licence is valid now (an invalid one shuts every device out), the
+//! session is alive and its account enabled, the device is registered and not revoked (a
+//! revocation takes effect at the next request), and the session is the one bound to this
+//! device (a session cookie carried to another browser is refused).
+
+use super::{
+    csrf_of, escape, html, redirect, time_text, Call, WebShared, DEVICE_COOKIE, VIEW_COOKIE,
+};
+use crate::api::{LoginKind, Response, Step};
+use crate::now_ms;
+use es_storage::devices::{is_device_id, DeviceRefusal, DeviceRegister};
+use es_storage::{Actor, Rights, WriteError};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// Sessions of the browser viewer, and the device each is bound to.
+#[derive(Default)]
+pub struct ViewState {
+    pub sessions: crate::api::auth::Tokens,
+    /// Session token -> device id, once the device is registered.
+    bound: Mutex<HashMap<String, String>>,
+}
+
+/// Bound sessions kept at most (the oldest binding goes first; its session must then log in
+/// again).
+const BOUND_SESSIONS_MAX: usize = 4096;
+
+/// Patients shown by a search at most.
+const SEARCH_RESULTS_MAX: usize = 200;
+/// Patients read for one search at most.
+const SEARCH_SCAN_MAX: u32 = 10_000;
+
+/// A checked session of the browser viewer.
+pub(super) struct ViewSession {
+    pub user: String,
+    pub token: String,
+    pub device_id: Option<String>,
+}
+
+fn cookie(request: &es_net::http::Request, name: &str) -> Option<String> {
+    let cookies = request.header("cookie")?;
+    cookies.split(';').find_map(|pair| {
+        let (key, value) = pair.trim().split_once('=')?;
+        (key == name).then(|| value.trim().to_string())
+    })
+}
+
+fn set_cookie(shared: &WebShared, name: &str, value: &str, max_age_s: Option<u64>) -> String {
+    let secure = if shared.site.tls { "; Secure" } else { "" };
+    let age = max_age_s.map_or(String::new(), |s| format!("; Max-Age={s}"));
+    format!("{name}={value}; Path=/view/; HttpOnly{secure}; SameSite=Strict{age}")
+}
+
+/// The page around a browser-viewer body: small, for a phone first.
+fn view_page(title: &str, user: Option<(&str, &str)>, body: &str) -> String {
+    let nav = match user {
+        Some((user, csrf)) => format!(
+            "<nav><a href='/view/'>Patients</a> <span class=who>{}</span>\
+             <form class=inline method=post action='/view/logout'><input type=hidden name=csrf value='{csrf}'>\
+             <button id=logout>Log out</button></form></nav>",
+            escape(user)
+        ),
+        None => String::new(),
+    };
+    format!(
+        "<!doctype html><html lang=en><head><meta charset=utf-8>\
+         <meta name=viewport content='width=device-width, initial-scale=1'>\
+         <title>{} - esserver viewer</title>\
+         <style>body{{font-family:sans-serif;margin:1em;max-width:60em}}input,button{{font-size:1em;padding:.4em}}\
+         li{{margin:.4em 0}}.err{{color:#a00}}.who{{margin:0 1em}}.inline{{display:inline}}\
+         nav{{margin-bottom:1em}}ul{{padding-left:1.2em}}</style></head><body>\
+         <h1>{}</h1>{nav}{body}</body></html>",
+        escape(title),
+        escape(title)
+    )
+}
+
+fn refused_page(status: u16, title: &str, message: &str) -> Response {
+    html(
+        status,
+        view_page(
+            title,
+            None,
+            &format!(
+                "<p class=err id=refused>{}</p><p><a href='/view/login'>Log in</a></p>",
+                escape(message)
+            ),
+        ),
+    )
+}
+
+/// Checks the session, the licence, the account and the device of a request (see the
+/// module documentation). `device_needed`: false for the device page itself.
+pub(super) fn session_of(
+    shared: &WebShared,
+    request: &es_net::http::Request,
+    device_needed: bool,
+) -> Result<ViewSession, Response> {
+    if let Err(error) = shared.licensing.current(now_ms()) {
+        return Err(refused_page(
+            403,
+            "Licence",
+            &format!("The browser viewer is closed: licence invalid ({error})."),
+        ));
+    }
+    let view = &shared.site.view;
+    let Some(token) = cookie(request, VIEW_COOKIE) else {
+        return Err(redirect("/view/login"));
+    };
+    let Some((user, _)) = view.sessions.check(&token, Instant::now()) else {
+        return Err(redirect("/view/login"));
+    };
+    let account = shared
+        .store
+        .read()
+        .ok()
+        .and_then(|r| r.user(&user).ok().flatten());
+    if !account.is_some_and(|a| !a.disabled && a.rights.allows(Rights::View)) {
+        view.sessions.revoke(&token);
+        return Err(redirect("/view/login"));
+    }
+    let device = cookie(request, DEVICE_COOKIE).filter(|id| is_device_id(id));
+    let stored = match &device {
+        Some(id) => shared
+            .store
+            .read()
+            .and_then(|r| r.device(id))
+            .map_err(|error| refused_page(503, "Unavailable", &error.to_string()))?,
+        None => None,
+    };
+    if let Some(row) = &stored {
+        if let Some(at_ms) = row.revoked_at_ms {
+            view.sessions.revoke(&token);
+            return Err(refused_page(
+                403,
+                "Device revoked",
+                &format!(
+                    "This device ({}) was revoked by {} at {}; ask an administrator.",
+                    row.name,
+                    row.revoked_by,
+                    time_text(at_ms)
+                ),
+            ));
+        }
+    }
+    let bound = view.bound.lock().get(&token).cloned();
+    match (&bound, &device, &stored) {
+        // The session belongs to another device: its cookie was carried elsewhere.
+        (Some(bound), Some(device), _) if bound != device => {
+            view.sessions.revoke(&token);
+            Err(redirect("/view/login"))
+        }
+        (Some(bound), None, _) => {
+            let _ = bound;
+            view.sessions.revoke(&token);
+            Err(redirect("/view/login"))
+        }
+        (Some(_), Some(device), Some(_)) => Ok(ViewSession {
+            user,
+            token,
+            device_id: Some(device.clone()),
+        }),
+        // A registered device's first page after a login: the login is recorded, the
+        // session bound to it.
+        (None, Some(device), Some(_)) => {
+            register(shared, &user, device, "", None)?;
+            bind(shared, &token, device);
+            Ok(ViewSession {
+                user,
+                token,
+                device_id: Some(device.clone()),
+            })
+        }
+        // Not registered (yet): the device page names it.
+        _ if device_needed => Err(redirect("/view/device")),
+        _ => Ok(ViewSession {
+            user,
+            token,
+            device_id: None,
+        }),
+    }
+}
+
+fn bind(shared: &WebShared, token: &str, device: &str) {
+    let mut bound = shared.site.view.bound.lock();
+    if bound.len() >= BOUND_SESSIONS_MAX {
+        let live: Vec<String> = bound.keys().cloned().collect();
+        for token in live {
+            if shared
+                .site
+                .view
+                .sessions
+                .check(&token, Instant::now())
+                .is_none()
+            {
+                bound.remove(&token);
+            }
+        }
+        if bound.len() >= BOUND_SESSIONS_MAX {
+            bound.clear();
+        }
+    }
+    bound.insert(token.to_string(), device.to_string());
+}
+
+/// Registers `device` (a login from it when it is known), within the licence's limit.
+fn register(
+    shared: &WebShared,
+    user: &str,
+    device: &str,
+    name: &str,
+    peer: Option<SocketAddr>,
+) -> Result<(), Response> {
+    let license = shared
+        .licensing
+        .current(now_ms())
+        .map_err(|error| refused_page(403, "Licence", &format!("licence invalid ({error})")))?;
+    let limit = (!license.demo).then_some(license.mobile_devices);
+    let op = DeviceRegister {
+        actor: Actor {
+            user: user.to_string(),
+            computer: peer.map_or_else(|| "browser".to_string(), |p| format!("browser {}", p.ip())),
+        },
+        device_id: device.to_string(),
+        // A known device keeps its name; the op needs one.
+        name: if name.is_empty() {
+            "browser".into()
+        } else {
+            name.to_string()
+        },
+        limit,
+        at_ms: now_ms(),
+    };
+    match shared.writer.write(op) {
+        Ok(done) => {
+            if done.created {
+                tracing::info!(%user, device, active = done.active, "browser device registered");
+            }
+            Ok(())
+        }
+        Err(WriteError::Refused(refusal)) => {
+            tracing::warn!(%user, device, code = es_storage::Refusal::code(&refusal), "browser device refused: {refusal}");
+            let title = match refusal {
+                DeviceRefusal::LimitReached { .. } => "Device limit reached",
+                DeviceRefusal::Revoked { .. } => "Device revoked",
+                DeviceRefusal::NotFound(_) => "Device unknown",
+            };
+            Err(refused_page(403, title, &format!("{}: {refusal}.", title)))
+        }
+        Err(WriteError::InvalidInput(message)) => Err(refused_page(400, "Device", &message)),
+        Err(error) => Err(refused_page(503, "Unavailable", &error.to_string())),
+    }
+}
+
+// ---------------------------------------------------------------- pages
+
+pub(super) fn login_page(error: Option<&str>) -> Response {
+    let error = error.map_or(String::new(), |e| {
+        format!("<p class=err id=error>{}</p>", escape(e))
+    });
+    let body = format!(
+        "{error}<form method=post action='/view/login'>\
+         <p><label>User<br><input name=username id=username autocomplete=username></label></p>\
+         <p><label>Password<br><input type=password name=password id=password autocomplete=current-password></label></p>\
+         <p><button id=login>Log in</button></p></form>"
+    );
+    html(
+        if error.is_empty() { 200 } else { 401 },
+        view_page("Embryo viewer", None, &body),
+    )
+}
+
+pub(super) fn login_post(call: &mut Call<'_>) -> Step {
+    let user = call.field("username").unwrap_or("").to_string();
+    let password = call.field("password").unwrap_or("").to_string();
+    *call.caller = Some(format!("view-login:{user}"));
+    let started = crate::api::routes::start_login(
+        call.shared,
+        &user,
+        &password,
+        LoginKind::View,
+        call.peer,
+        call.handle,
+    );
+    started.unwrap_or_else(|refusal| {
+        let value: serde_json::Value = serde_json::from_slice(&refusal.body).unwrap_or_default();
+        Step::Respond(login_page(Some(
+            value["message"].as_str().unwrap_or("login refused"),
+        )))
+    })
+}
+
+/// The answer to a recorded browser-viewer login: a session cookie and the patients page (which
+/// sends an unregistered device to be named first), or the form again.
+pub(super) fn login_answer(
+    shared: &WebShared,
+    user: &str,
+    rights: Rights,
+    refused: Option<String>,
+    peer: SocketAddr,
+    now: Instant,
+) -> Response {
+    if let Some(message) = refused {
+        return login_page(Some(&message));
+    }
+    let Some(token) = shared.site.view.sessions.issue(user, rights, now) else {
+        return login_page(Some("no randomness for a session"));
+    };
+    tracing::info!(%user, peer = %peer, "browser viewer login");
+    let mut response = redirect("/view/");
+    response
+        .headers
+        .push(("set-cookie", set_cookie(shared, VIEW_COOKIE, &token, None)));
+    response
+}
+
+pub(super) fn logout_post(call: &mut Call<'_>) -> Step {
+    if let Some(token) = cookie(call.request, VIEW_COOKIE) {
+        if call.field("csrf") == Some(csrf_of(&token).as_str()) {
+            call.shared.site.view.sessions.revoke(&token);
+            call.shared.site.view.bound.lock().remove(&token);
+        }
+    }
+    let mut response = redirect("/view/login");
+    response.headers.push((
+        "set-cookie",
+        set_cookie(call.shared, VIEW_COOKIE, "", Some(0)),
+    ));
+    Step::Respond(response)
+}
+
+/// Names this browser as a device (minting its id when it has none).
+pub(super) fn device_page(call: &mut Call<'_>) -> Response {
+    let session = match session_of(call.shared, call.request, false) {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    if session.device_id.is_some() {
+        return redirect("/view/");
+    }
+    let existing = cookie(call.request, DEVICE_COOKIE).filter(|id| is_device_id(id));
+    let (device, minted) = match existing {
+        Some(id) => (id, false),
+        None => {
+            let mut bytes = [0u8; 16];
+            if getrandom::fill(&mut bytes).is_err() {
+                return refused_page(503, "Unavailable", "no randomness for a device id");
+            }
+            (hex::encode(bytes), true)
+        }
+    };
+    let csrf = csrf_of(&session.token);
+    let body = format!(
+        "<p>This browser is not registered yet. Name it, so that an administrator can tell it \
+         from the clinic's other devices (it counts against the licence's devices).</p>\
+         <form method=post action='/view/device'><input type=hidden name=csrf value='{csrf}'>\
+         <p><label>Device name<br><input name=name id=device-name maxlength=64 \
+         placeholder='Lab tablet 2'></label></p><p><button id=register>Register this device</button></p></form>"
+    );
+    let mut response = html(
+        200,
+        view_page("Register this device", Some((&session.user, &csrf)), &body),
+    );
+    if minted {
+        // Ten years: the device keeps its id as long as the browser keeps the cookie.
+        response.headers.push((
+            "set-cookie",
+            set_cookie(call.shared, DEVICE_COOKIE, &device, Some(10 * 365 * 86_400)),
+        ));
+    }
+    response
+}
+
+pub(super) fn device_post(call: &mut Call<'_>) -> Step {
+    let session = match session_of(call.shared, call.request, false) {
+        Ok(session) => session,
+        Err(response) => return Step::Respond(response),
+    };
+    if call.field("csrf") != Some(csrf_of(&session.token).as_str()) {
+        return Step::Respond(refused_page(
+            403,
+            "Refused",
+            "This form is stale or was not sent by this site; reload the page.",
+        ));
+    }
+    let Some(device) = cookie(call.request, DEVICE_COOKIE).filter(|id| is_device_id(id)) else {
+        return Step::Respond(redirect("/view/device"));
+    };
+    let name = call.field("name").unwrap_or("").trim().to_string();
+    if name.is_empty() {
+        return Step::Respond(refused_page(400, "Device", "Give the device a name."));
+    }
+    if let Err(response) = register(call.shared, &session.user, &device, &name, Some(call.peer)) {
+        return Step::Respond(response);
+    }
+    bind(call.shared, &session.token, &device);
+    Step::Respond(redirect("/view/"))
+}
+
+/// Patients, searched by record number or name.
+pub(super) fn patients_page(call: &mut Call<'_>) -> Response {
+    let session = match session_of(call.shared, call.request, true) {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    let query = call
+        .request
+        .query_param("q")
+        .unwrap_or("")
+        .trim()
+        .to_lowercase();
+    let csrf = csrf_of(&session.token);
+    let reader = match call.shared.store.read() {
+        Ok(reader) => reader,
+        Err(error) => return refused_page(503, "Unavailable", &error.to_string()),
+    };
+    let patients = match reader.patients(None, SEARCH_SCAN_MAX) {
+        Ok(patients) => patients,
+        Err(error) => return refused_page(503, "Unavailable", &error.to_string()),
+    };
+    let mut list = String::new();
+    let mut shown = 0;
+    for patient in &patients {
+        let haystack = format!(
+            "{} {} {}",
+            patient.patient_id, patient.first_name, patient.last_name
+        )
+        .to_lowercase();
+        if !query.is_empty() && !haystack.contains(&query) {
+            continue;
+        }
+        if shown == SEARCH_RESULTS_MAX {
+            list.push_str("<li class=more>More patients match: narrow the search.</li>");
+            break;
+        }
+        shown += 1;
+        let treatments: Vec<String> = patient.treatments.iter().map(|t| escape(&t.name)).collect();
+        list.push_str(&format!(
+            "<li class=patient><b>{}</b> {} {} <span class=treatments>{}</span></li>",
+            escape(&patient.patient_id),
+            escape(&patient.first_name),
+            escape(&patient.last_name),
+            treatments.join(", ")
+        ));
+    }
+    if shown == 0 {
+        list.push_str("<li class=empty>No patient matches.</li>");
+    }
+    let body = format!(
+        "<form method=get action='/view/'><input name=q id=search value='{}' \
+         placeholder='Record number or name'> <button id=find>Find</button></form><ul id=patients>{list}</ul>",
+        escape(&query)
+    );
+    html(
+        200,
+        view_page("Patients", Some((&session.user, &csrf)), &body),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_are_found_by_exact_name() {
+        let request = es_net::http::Request {
+            headers: vec![(
+                "cookie".into(),
+                "esview2=x; esview=TOKEN ; esdevice=abc".into(),
+            )],
+            ..Default::default()
+        };
+        assert_eq!(cookie(&request, "esview").as_deref(), Some("TOKEN"));
+        assert_eq!(cookie(&request, "esdevice").as_deref(), Some("abc"));
+        assert_eq!(cookie(&request, "other"), None);
+    }
+}

@@ -1,0 +1,205 @@
+//! The browser viewer's devices against a real server (HTTPS, the web port), as browsers use
+//! it: a viewer user logs in, names the device, finds a patient; a second device beyond the
+//! licence's one is refused with the reason; an administrator sees both on the Devices page
+//! and revokes the first, which is refused at its next request and frees its place; a session
+//! cookie carried to another browser is refused; without a valid licence every device is shut
+//! out.
+
+mod common;
+
+use es_client::http::{HttpClient, HttpResponse};
+use es_loadtest::spawn::ServerProcess;
+
+const PASSWORD: &str = "Viewer-2026!";
+
+/// A browser: one connection and its cookie jar (name -> value).
+struct Browser {
+    http: HttpClient,
+    cookies: Vec<(String, String)>,
+}
+
+impl Browser {
+    fn new(server: &ServerProcess) -> Browser {
+        Browser {
+            http: HttpClient::new(
+                server.info.address("web"),
+                server.info.client_tls("web"),
+                common::TIMEOUT,
+            ),
+            cookies: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, method: &str, path: &str, form: Option<&str>) -> HttpResponse {
+        let cookie = self
+            .cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut headers = vec![("sec-fetch-site", "same-origin")];
+        if !cookie.is_empty() {
+            headers.push(("cookie", cookie.as_str()));
+        }
+        if form.is_some() {
+            headers.push(("content-type", "application/x-www-form-urlencoded"));
+        }
+        let response = self
+            .http
+            .request(method, path, &headers, form.map(str::as_bytes))
+            .unwrap();
+        for (name, value) in &response.headers {
+            if !name.eq_ignore_ascii_case("set-cookie") {
+                continue;
+            }
+            let pair = value.split(';').next().unwrap();
+            let (key, value) = pair.split_once('=').unwrap();
+            self.cookies.retain(|(k, _)| k != key);
+            if !value.is_empty() && !value.contains("Max-Age=0") {
+                self.cookies.push((key.to_string(), value.to_string()));
+            }
+        }
+        response
+    }
+
+    fn body(response: &HttpResponse) -> String {
+        String::from_utf8_lossy(&response.body).into_owned()
+    }
+
+    fn csrf(page: &str) -> String {
+        page.split("name=csrf value='")
+            .nth(1)
+            .and_then(|rest| rest.split('\'').next())
+            .expect("a form with a CSRF token")
+            .to_string()
+    }
+
+    /// Logs in and follows to the device page or the patients.
+    fn log_in(&mut self, user: &str) -> HttpResponse {
+        let form = format!("username={user}&password={}", PASSWORD.replace('!', "%21"));
+        let login = self.send("POST", "/view/login", Some(&form));
+        assert_eq!(login.status, 303, "{}", Self::body(&login));
+        assert_eq!(login.header("location"), Some("/view/"));
+        self.send("GET", "/view/", None)
+    }
+
+    /// Names this browser on the device page; the answer to the form.
+    fn register(&mut self, name: &str) -> HttpResponse {
+        let page = self.send("GET", "/view/device", None);
+        assert_eq!(page.status, 200, "{}", Self::body(&page));
+        let csrf = Self::csrf(&Self::body(&page));
+        self.send(
+            "POST",
+            "/view/device",
+            Some(&format!("csrf={csrf}&name={}", name.replace(' ', "+"))),
+        )
+    }
+
+    fn cookie(&self, name: &str) -> Option<String> {
+        self.cookies
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+#[test]
+fn devices_count_against_the_licence_and_a_revoked_one_is_refused_at_once() {
+    let issuer = common::Issuer::new();
+    let dir = tempfile::tempdir().unwrap();
+    let server = issuer.spawn(&dir);
+    let licence = dir.path().join("one-device.lic");
+    let output = issuer
+        .issue_command()
+        .args(["--server-id", &server.info.server_id])
+        .args(["--clinic", "Clinic A", "--configuration", "basic"])
+        .args(["--mobile-devices", "1", "--out"])
+        .arg(&licence)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(issuer.install(&server, &licence).status.success());
+    common::add_user(&server, "anna", "view", PASSWORD);
+    common::add_user(&server, "root1", "admin", PASSWORD);
+    common::upload_dish(&server, "BV-1", 1);
+
+    // The first browser: logged in, sent to name the device, then the patients.
+    let mut tablet = Browser::new(&server);
+    let first = tablet.log_in("anna");
+    assert_eq!(first.status, 303);
+    assert_eq!(first.header("location"), Some("/view/device"));
+    let registered = tablet.register("Ward tablet");
+    assert_eq!(registered.status, 303, "{}", Browser::body(&registered));
+    let patients = tablet.send("GET", "/view/", None);
+    assert_eq!(patients.status, 200);
+    let page = Browser::body(&patients);
+    assert!(page.contains("class=patient"), "{page}");
+    assert!(page.contains("width=device-width"), "a page for phones");
+    let found = tablet.send("GET", "/view/?q=nobody-like-this", None);
+    assert!(Browser::body(&found).contains("No patient matches"));
+
+    // A second browser: the licence's one device is taken.
+    let mut phone = Browser::new(&server);
+    assert_eq!(
+        phone.log_in("anna").header("location"),
+        Some("/view/device")
+    );
+    let refused = phone.register("Pocket phone");
+    assert_eq!(refused.status, 403);
+    let text = Browser::body(&refused);
+    assert!(
+        text.contains("the licence allows 1 browser device(s) and 1 are registered"),
+        "{text}"
+    );
+
+    // The tablet's session cookie carried to the phone (with the phone's device cookie) is
+    // refused.
+    let mut thief = Browser::new(&server);
+    thief.cookies = vec![
+        ("esview".into(), tablet.cookie("esview").unwrap()),
+        ("esdevice".into(), phone.cookie("esdevice").unwrap()),
+    ];
+    let stolen = thief.send("GET", "/view/", None);
+    assert_eq!(stolen.status, 303, "{}", Browser::body(&stolen));
+    assert_eq!(stolen.header("location"), Some("/view/login"));
+    // (that also ended the tablet's session: it logs in again)
+    assert_eq!(tablet.log_in("anna").status, 200);
+
+    // The administrator sees the device and revokes it.
+    let mut admin = Browser::new(&server);
+    let form = format!("username=root1&password={}", PASSWORD.replace('!', "%21"));
+    let login = admin.send("POST", "/login", Some(&form));
+    assert_eq!(login.status, 303, "{}", Browser::body(&login));
+    let devices = Browser::body(&admin.send("GET", "/devices", None));
+    assert!(devices.contains("Ward tablet"), "{devices}");
+    assert!(devices.contains("1 browser device(s) registered; 1 allowed by the licence"));
+    let csrf = Browser::csrf(&devices);
+    let device = tablet.cookie("esdevice").unwrap();
+    let revoked = admin.send(
+        "POST",
+        "/devices",
+        Some(&format!("csrf={csrf}&device={device}")),
+    );
+    assert!(Browser::body(&revoked).contains("Revoked"));
+
+    // At once: the tablet's next request is refused, and the phone may register.
+    let gone = tablet.send("GET", "/view/", None);
+    assert_eq!(gone.status, 403);
+    assert!(Browser::body(&gone).contains("was revoked by root1"));
+    assert_eq!(phone.register("Pocket phone").status, 303);
+    assert_eq!(phone.send("GET", "/view/", None).status, 200);
+}
+
+#[test]
+fn without_a_valid_licence_every_device_is_shut_out() {
+    let issuer = common::Issuer::new();
+    let dir = tempfile::tempdir().unwrap();
+    let server = issuer.spawn(&dir);
+    common::add_user(&server, "anna", "view", PASSWORD);
+    let mut browser = Browser::new(&server);
+    let form = format!("username=anna&password={}", PASSWORD.replace('!', "%21"));
+    let login = browser.send("POST", "/view/login", Some(&form));
+    let text = Browser::body(&login);
+    assert_eq!(login.status, 401, "{text}");
+    assert!(text.to_lowercase().contains("licen"), "{text}");
+}
