@@ -380,6 +380,12 @@ const PAGES: &[Page] = &[
         post: Some(devices_post),
     },
     Page {
+        path: "/view/view.css",
+        access: Access::Public,
+        get: Some(|_| text(200, view::STYLE.into(), "text/css; charset=utf-8")),
+        post: None,
+    },
+    Page {
         path: "/view/login",
         access: Access::Public,
         get: Some(|_| view::login_page(None)),

@@ -135,6 +135,13 @@ fn devices_count_against_the_licence_and_a_revoked_one_is_refused_at_once() {
     let page = Browser::body(&patients);
     assert!(page.contains("class=patient"), "{page}");
     assert!(page.contains("width=device-width"), "a page for phones");
+    let policy = patients.header("content-security-policy").unwrap();
+    assert!(!policy.contains("unsafe-inline"), "{policy}");
+    let style = tablet.send("GET", "/view/view.css", None);
+    assert_eq!(
+        style.header("content-type"),
+        Some("text/css; charset=utf-8")
+    );
     let found = tablet.send("GET", "/view/?q=nobody-like-this", None);
     assert!(Browser::body(&found).contains("No patient matches"));
 

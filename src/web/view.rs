@@ -79,17 +79,34 @@ fn view_page(title: &str, user: Option<(&str, &str)>, body: &str) -> String {
         "<!doctype html><html lang=en><head><meta charset=utf-8>\
          <meta name=viewport content='width=device-width, initial-scale=1'>\
          <title>{} - esserver viewer</title>\
-         <style>body{{font-family:sans-serif;margin:1em;max-width:60em}}input,button{{font-size:1em;padding:.4em}}\
-         li{{margin:.4em 0}}.err{{color:#a00}}.who{{margin:0 1em}}.inline{{display:inline}}\
-         nav{{margin-bottom:1em}}ul{{padding-left:1.2em}}</style></head><body>\
+         <link rel=stylesheet href='/view/view.css'></head><body>\
          <h1>{}</h1>{nav}{body}</body></html>",
         escape(title),
         escape(title)
     )
 }
 
+/// The browser viewer's style sheet, served as a file: its pages' policy allows no inline
+/// style or script.
+pub(super) const STYLE: &str = "body{font-family:sans-serif;margin:1em;max-width:60em}\
+input,button{font-size:1em;padding:.4em}li{margin:.4em 0}.err{color:#a00}.who{margin:0 1em}\
+.inline{display:inline}nav{margin-bottom:1em}ul{padding-left:1.2em}\n";
+
+/// A browser-viewer page: as [`html`], under a policy without `unsafe-inline`.
+fn page_response(status: u16, body: String) -> Response {
+    let mut response = html(status, body);
+    for (name, value) in &mut response.headers {
+        if *name == "content-security-policy" {
+            *value = "default-src 'self'; style-src 'self'; script-src 'self'; img-src 'self'; \
+                      form-action 'self'; frame-ancestors 'none'"
+                .into();
+        }
+    }
+    response
+}
+
 fn refused_page(status: u16, title: &str, message: &str) -> Response {
-    html(
+    page_response(
         status,
         view_page(
             title,
@@ -277,7 +294,7 @@ pub(super) fn login_page(error: Option<&str>) -> Response {
          <p><label>Password<br><input type=password name=password id=password autocomplete=current-password></label></p>\
          <p><button id=login>Log in</button></p></form>"
     );
-    html(
+    page_response(
         if error.is_empty() { 200 } else { 401 },
         view_page("Embryo viewer", None, &body),
     )
@@ -370,7 +387,7 @@ pub(super) fn device_page(call: &mut Call<'_>) -> Response {
          <p><label>Device name<br><input name=name id=device-name maxlength=64 \
          placeholder='Lab tablet 2'></label></p><p><button id=register>Register this device</button></p></form>"
     );
-    let mut response = html(
+    let mut response = page_response(
         200,
         view_page("Register this device", Some((&session.user, &csrf)), &body),
     );
@@ -464,7 +481,7 @@ pub(super) fn patients_page(call: &mut Call<'_>) -> Response {
          placeholder='Record number or name'> <button id=find>Find</button></form><ul id=patients>{list}</ul>",
         escape(&query)
     );
-    html(
+    page_response(
         200,
         view_page("Patients", Some((&session.user, &csrf)), &body),
     )
