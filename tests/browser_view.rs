@@ -1,9 +1,10 @@
 //! The browser viewer's devices against a real server (HTTPS, the web port), as browsers use
 //! it: a viewer user logs in, names the device, finds a patient; a second device beyond the
-//! licence's one is refused with the reason; an administrator sees both on the Devices page
+//! licence's one is refused with the reason; an administrator sees it on the Devices page
 //! and revokes the first, which is refused at its next request and frees its place; a session
-//! cookie carried to another browser is refused; without a valid licence every device is shut
-//! out.
+//! cookie carried to another browser is refused, and a device cookie copied to another
+//! browser leaves one session to the device; a DEMO licence sets no limit; without a valid
+//! licence every device is shut out.
 
 mod common;
 
@@ -172,6 +173,23 @@ fn devices_count_against_the_licence_and_a_revoked_one_is_refused_at_once() {
     // (that also ended the tablet's session: it logs in again)
     assert_eq!(tablet.log_in("anna").status, 200);
 
+    // One session per device: the tablet's device cookie copied to another browser gives it
+    // no place of its own; its login ends the tablet's session.
+    let mut copy = Browser::new(&server);
+    copy.cookies = vec![("esdevice".into(), tablet.cookie("esdevice").unwrap())];
+    assert_eq!(copy.log_in("anna").status, 200);
+    let ended = tablet.send("GET", "/view/", None);
+    assert_eq!(ended.header("location"), Some("/view/login"));
+    assert_eq!(tablet.log_in("anna").status, 200);
+    assert_eq!(
+        copy.send("GET", "/view/", None).header("location"),
+        Some("/view/login")
+    );
+
+    // A form without its session's CSRF token is refused.
+    let forged = phone.send("POST", "/view/device", Some("csrf=nope&name=Forged"));
+    assert_eq!(forged.status, 403);
+
     // The administrator sees the device and revokes it.
     let mut admin = Browser::new(&server);
     let form = format!("username=root1&password={}", PASSWORD.replace('!', "%21"));
@@ -209,4 +227,19 @@ fn without_a_valid_licence_every_device_is_shut_out() {
     let text = Browser::body(&login);
     assert_eq!(login.status, 401, "{text}");
     assert!(text.to_lowercase().contains("licen"), "{text}");
+}
+
+#[test]
+fn a_demo_licence_sets_no_device_limit() {
+    let (server, _dir) = common::spawn(true);
+    common::add_user(&server, "anna", "view", PASSWORD);
+    for name in ["First tablet", "Second tablet", "Third phone"] {
+        let mut browser = Browser::new(&server);
+        assert_eq!(
+            browser.log_in("anna").header("location"),
+            Some("/view/device")
+        );
+        assert_eq!(browser.register(name).status, 303, "{name}");
+        assert_eq!(browser.send("GET", "/view/", None).status, 200);
+    }
 }

@@ -105,6 +105,14 @@ impl Tokens {
         Some((entry.user.clone(), entry.rights))
     }
 
+    /// True while the token is live, without refreshing its idle timer.
+    pub fn is_live(&self, token: &str, now: Instant) -> bool {
+        self.map
+            .lock()
+            .get(token)
+            .is_some_and(|entry| !expired(entry, now))
+    }
+
     pub fn revoke(&self, token: &str) -> bool {
         self.map.lock().remove(token).is_some()
     }

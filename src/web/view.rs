@@ -34,8 +34,8 @@ pub struct ViewState {
     bound: Mutex<HashMap<String, String>>,
 }
 
-/// Bound sessions kept at most (the oldest binding goes first; its session must then log in
-/// again).
+/// Bound sessions kept at most (beyond it, the ended ones are forgotten, and if that is not
+/// enough, all: their sessions log in again).
 const BOUND_SESSIONS_MAX: usize = 4096;
 
 /// Patients shown by a search at most.
@@ -126,11 +126,13 @@ pub(super) fn session_of(
     request: &es_net::http::Request,
     device_needed: bool,
 ) -> Result<ViewSession, Response> {
-    if let Err(error) = shared.licensing.current(now_ms()) {
+    if shared.licensing.current(now_ms()).is_err() {
+        // Why is for administrators (the web interface's pages and the log), not visitors.
         return Err(refused_page(
             403,
             "Licence",
-            &format!("The browser viewer is closed: licence invalid ({error})."),
+            "The browser viewer is closed: the server's licence is not valid. An administrator \
+             can see why on the web interface.",
         ));
     }
     let view = &shared.site.view;
@@ -146,7 +148,7 @@ pub(super) fn session_of(
         .ok()
         .and_then(|r| r.user(&user).ok().flatten());
     if !account.is_some_and(|a| !a.disabled && a.rights.allows(Rights::View)) {
-        view.sessions.revoke(&token);
+        end_session(shared, &token);
         return Err(redirect("/view/login"));
     }
     let device = cookie(request, DEVICE_COOKIE).filter(|id| is_device_id(id));
@@ -160,7 +162,7 @@ pub(super) fn session_of(
     };
     if let Some(row) = &stored {
         if let Some(at_ms) = row.revoked_at_ms {
-            view.sessions.revoke(&token);
+            end_session(shared, &token);
             return Err(refused_page(
                 403,
                 "Device revoked",
@@ -177,12 +179,11 @@ pub(super) fn session_of(
     match (&bound, &device, &stored) {
         // The session belongs to another device: its cookie was carried elsewhere.
         (Some(bound), Some(device), _) if bound != device => {
-            view.sessions.revoke(&token);
+            end_session(shared, &token);
             Err(redirect("/view/login"))
         }
-        (Some(bound), None, _) => {
-            let _ = bound;
-            view.sessions.revoke(&token);
+        (Some(_), None, _) => {
+            end_session(shared, &token);
             Err(redirect("/view/login"))
         }
         (Some(_), Some(device), Some(_)) => Ok(ViewSession {
@@ -211,24 +212,37 @@ pub(super) fn session_of(
     }
 }
 
+/// Ends a session and forgets its device.
+fn end_session(shared: &WebShared, token: &str) {
+    shared.site.view.sessions.revoke(token);
+    shared.site.view.bound.lock().remove(token);
+}
+
+/// Binds a session to its device. One session per device: another session bound to the same
+/// device ends (a device cookie copied to other browsers gives them no place of their own).
 fn bind(shared: &WebShared, token: &str, device: &str) {
-    let mut bound = shared.site.view.bound.lock();
+    let view = &shared.site.view;
+    let mut bound = view.bound.lock();
+    let now = Instant::now();
+    let others: Vec<String> = bound
+        .iter()
+        .filter(|(t, d)| d.as_str() == device && t.as_str() != token)
+        .map(|(t, _)| t.clone())
+        .collect();
+    for other in others {
+        bound.remove(&other);
+        view.sessions.revoke(&other);
+    }
     if bound.len() >= BOUND_SESSIONS_MAX {
-        let live: Vec<String> = bound.keys().cloned().collect();
-        for token in live {
-            if shared
-                .site
-                .view
-                .sessions
-                .check(&token, Instant::now())
-                .is_none()
-            {
-                bound.remove(&token);
-            }
-        }
-        if bound.len() >= BOUND_SESSIONS_MAX {
-            bound.clear();
-        }
+        // Sessions that ended (idle or revoked) go; the check does not refresh live ones.
+        bound.retain(|t, _| view.sessions.is_live(t, now));
+    }
+    if bound.len() >= BOUND_SESSIONS_MAX {
+        tracing::warn!(
+            sessions = bound.len(),
+            "too many browser viewer sessions bound: the oldest are forgotten (they log in again)"
+        );
+        bound.clear();
     }
     bound.insert(token.to_string(), device.to_string());
 }
@@ -346,10 +360,14 @@ pub(super) fn login_answer(
 
 pub(super) fn logout_post(call: &mut Call<'_>) -> Step {
     if let Some(token) = cookie(call.request, VIEW_COOKIE) {
-        if call.field("csrf") == Some(csrf_of(&token).as_str()) {
-            call.shared.site.view.sessions.revoke(&token);
-            call.shared.site.view.bound.lock().remove(&token);
+        if call.field("csrf") != Some(csrf_of(&token).as_str()) {
+            return Step::Respond(refused_page(
+                403,
+                "Refused",
+                "This form is stale or was not sent by this site; reload the page.",
+            ));
         }
+        end_session(call.shared, &token);
     }
     let mut response = redirect("/view/login");
     response.headers.push((
@@ -365,8 +383,19 @@ pub(super) fn device_page(call: &mut Call<'_>) -> Response {
         Ok(session) => session,
         Err(response) => return response,
     };
+    *call.caller = Some(format!("view:{}", session.user));
     if session.device_id.is_some() {
         return redirect("/view/");
+    }
+    if let Ok(license) = call.shared.licensing.current(now_ms()) {
+        if !license.demo && license.mobile_devices == 0 {
+            return refused_page(
+                403,
+                "No browser devices",
+                "The server's licence allows no browser devices; ask for a licence that \
+                 includes them.",
+            );
+        }
     }
     let existing = cookie(call.request, DEVICE_COOKIE).filter(|id| is_device_id(id));
     let (device, minted) = match existing {
@@ -406,6 +435,7 @@ pub(super) fn device_post(call: &mut Call<'_>) -> Step {
         Ok(session) => session,
         Err(response) => return Step::Respond(response),
     };
+    *call.caller = Some(format!("view:{}", session.user));
     if call.field("csrf") != Some(csrf_of(&session.token).as_str()) {
         return Step::Respond(refused_page(
             403,
@@ -433,6 +463,7 @@ pub(super) fn patients_page(call: &mut Call<'_>) -> Response {
         Ok(session) => session,
         Err(response) => return response,
     };
+    *call.caller = Some(format!("view:{}", session.user));
     let query = call
         .request
         .query_param("q")
@@ -475,6 +506,12 @@ pub(super) fn patients_page(call: &mut Call<'_>) -> Response {
     }
     if shown == 0 {
         list.push_str("<li class=empty>No patient matches.</li>");
+    }
+    if patients.len() >= SEARCH_SCAN_MAX as usize {
+        list.push_str(&format!(
+            "<li class=more>The search covered the first {SEARCH_SCAN_MAX} patients by record \
+             number only.</li>"
+        ));
     }
     let body = format!(
         "<form method=get action='/view/'><input name=q id=search value='{}' \

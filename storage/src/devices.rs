@@ -6,8 +6,10 @@
 //!
 //! - [`DeviceRegister`] records a new device only while fewer than its `limit` devices are
 //!   registered and not revoked (`None`: no limit, a DEMO licence); beyond it the refusal says
-//!   how many there are. Registering a known device again records the login (who, when) and
-//!   is never refused for the limit. A revoked device is refused: it must not come back by
+//!   how many there are. Registering a known device again records the login (who, when); it
+//!   is refused only while more devices are registered than the limit allows (registered
+//!   under a DEMO licence, or before a licence with fewer), until an administrator revokes
+//!   enough of them. A revoked device is refused: it must not come back by
 //!   logging in again (the browser gets a new id and registers as a new device, if the
 //!   licence leaves room).
 //! - [`DeviceRevoke`] marks a device revoked (kept, for the record); revoking it again changes

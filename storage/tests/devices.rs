@@ -87,6 +87,13 @@ fn the_limit_holds_for_new_devices_and_revocation_takes_effect_at_once() {
     for n in 10..20 {
         assert!(register(&writer, n, None).unwrap().created);
     }
+    // Then a licence with fewer: no device logs in until enough are revoked.
+    match register(&writer, 10, Some(2)) {
+        Err(WriteError::Refused(DeviceRefusal::LimitReached { limit, active })) => {
+            assert_eq!((limit, active), (2, 12));
+        }
+        other => panic!("{other:?}"),
+    }
 
     let reader = store.read().unwrap();
     let devices = reader.devices().unwrap();
@@ -108,8 +115,13 @@ fn the_limit_holds_for_new_devices_and_revocation_takes_effect_at_once() {
             .count()
     };
     assert_eq!(count("device.register", AuditOutcome::Applied), 13);
-    assert_eq!(count("device.register", AuditOutcome::Denied), 2);
+    assert_eq!(count("device.register", AuditOutcome::Denied), 3);
     assert_eq!(count("device.revoke", AuditOutcome::Applied), 1);
+    assert_eq!(
+        count("device.revoke", AuditOutcome::Denied),
+        1,
+        "the unknown device"
+    );
     assert!(store.verify(&mut |_| {}).unwrap().is_clean());
 }
 

@@ -42,6 +42,16 @@ impl Batch<'_> {
                     self.audit_row(audit(AuditOutcome::Denied, refusal.to_string()), op.at_ms)?;
                     return Ok(Err(WriteError::Refused(refusal)));
                 }
+                // More devices than the licence allows (registered under a DEMO licence, or
+                // before a licence with fewer): none logs in until an administrator revokes
+                // enough of them.
+                if let Some(limit) = op.limit {
+                    if active > limit {
+                        let refusal = DeviceRefusal::LimitReached { limit, active };
+                        self.audit_row(audit(AuditOutcome::Denied, refusal.to_string()), op.at_ms)?;
+                        return Ok(Err(WriteError::Refused(refusal)));
+                    }
+                }
                 let row = DeviceRow {
                     last_login_by: op.actor.user.clone(),
                     last_login_at_ms: op.at_ms,
@@ -88,9 +98,20 @@ impl Batch<'_> {
             None => None,
         };
         let Some(mut row) = row else {
-            return Ok(Err(WriteError::Refused(DeviceRefusal::NotFound(
-                op.device_id.clone(),
-            ))));
+            let refusal = DeviceRefusal::NotFound(op.device_id.clone());
+            self.audit_row(
+                Audit {
+                    actor: &op.actor,
+                    action: "device.revoke",
+                    entity: ChangeEntity::Device,
+                    target: &op.device_id,
+                    outcome: AuditOutcome::Denied,
+                    before: String::new(),
+                    after: refusal.to_string(),
+                },
+                op.at_ms,
+            )?;
+            return Ok(Err(WriteError::Refused(refusal)));
         };
         if row.revoked_at_ms.is_some() {
             return Ok(Ok(()));
