@@ -537,19 +537,34 @@ fn csrf_refused(call: &Call<'_>) -> Response {
     )
 }
 
-fn login_post(call: &mut Call<'_>) -> Step {
+/// Starts the password check of a login form (`username`, `password`) on a worker; its
+/// answer comes to `Site::web_login_answer`. Err: refused at once (the refusal's JSON).
+fn start_form_login(call: &mut Call<'_>, kind: LoginKind) -> Result<Step, Response> {
     let user = call.field("username").unwrap_or("").to_string();
     let password = call.field("password").unwrap_or("").to_string();
-    *call.caller = Some(format!("login:{user}"));
-    let started = crate::api::routes::start_login(
-        call.shared,
-        &user,
-        &password,
-        LoginKind::Web,
-        call.peer,
-        call.handle,
-    );
-    started.unwrap_or_else(|refusal| Step::Respond(login_failed(call.shared, &refusal)))
+    let label = if kind == LoginKind::View {
+        "view-login"
+    } else {
+        "login"
+    };
+    *call.caller = Some(format!("{label}:{user}"));
+    crate::api::routes::start_login(call.shared, &user, &password, kind, call.peer, call.handle)
+        .map_err(|refusal| *refusal)
+}
+
+/// The message of a refused login's JSON answer.
+fn refusal_message(refusal: &Response) -> String {
+    let value: serde_json::Value = serde_json::from_slice(&refusal.body).unwrap_or_default();
+    value["message"]
+        .as_str()
+        .unwrap_or("login refused")
+        .to_string()
+}
+
+fn login_post(call: &mut Call<'_>) -> Step {
+    start_form_login(call, LoginKind::Web).unwrap_or_else(|refusal| {
+        Step::Respond(login_page(call.shared, Some(&refusal_message(&refusal))))
+    })
 }
 
 fn logout_post(call: &mut Call<'_>) -> Step {
@@ -667,12 +682,6 @@ fn login_page(shared: &WebShared, error: Option<&str>) -> Response {
         if error.is_empty() { 200 } else { 401 },
         page(shared, "Log in", None, &body),
     )
-}
-
-fn login_failed(shared: &WebShared, refusal: &Response) -> Response {
-    let value: serde_json::Value = serde_json::from_slice(&refusal.body).unwrap_or_default();
-    let message = value["message"].as_str().unwrap_or("login refused");
-    login_page(shared, Some(message))
 }
 
 /// The answer to a recorded web login: a session cookie and the dashboard, or the form again.

@@ -315,22 +315,8 @@ pub(super) fn login_page(error: Option<&str>) -> Response {
 }
 
 pub(super) fn login_post(call: &mut Call<'_>) -> Step {
-    let user = call.field("username").unwrap_or("").to_string();
-    let password = call.field("password").unwrap_or("").to_string();
-    *call.caller = Some(format!("view-login:{user}"));
-    let started = crate::api::routes::start_login(
-        call.shared,
-        &user,
-        &password,
-        LoginKind::View,
-        call.peer,
-        call.handle,
-    );
-    started.unwrap_or_else(|refusal| {
-        let value: serde_json::Value = serde_json::from_slice(&refusal.body).unwrap_or_default();
-        Step::Respond(login_page(Some(
-            value["message"].as_str().unwrap_or("login refused"),
-        )))
+    super::start_form_login(call, LoginKind::View).unwrap_or_else(|refusal| {
+        Step::Respond(login_page(Some(&super::refusal_message(&refusal))))
     })
 }
 
