@@ -410,6 +410,24 @@ const PAGES: &[Page] = &[
         post: None,
     },
     Page {
+        path: "/view/treatment",
+        access: Access::Viewer,
+        get: Some(view::treatment_page),
+        post: None,
+    },
+    Page {
+        path: "/view/dish",
+        access: Access::Viewer,
+        get: Some(view::dish_page),
+        post: None,
+    },
+    Page {
+        path: "/view/frame",
+        access: Access::Viewer,
+        get: Some(view::frame),
+        post: None,
+    },
+    Page {
         path: "/warnings",
         access: Access::Admin,
         get: Some(|call| {

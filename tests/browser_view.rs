@@ -1,5 +1,6 @@
 //! The browser viewer's devices against a real server (HTTPS, the web port), as browsers use
-//! it: a viewer user logs in, names the device, finds a patient; a second device beyond the
+//! it: a viewer user logs in, names the device, finds a patient and opens a dish's grid and its
+//! latest frame; a second device beyond the
 //! licence's one is refused with the reason; an administrator sees it on the Devices page
 //! and revokes the first, which is refused at its next request and frees its place; a session
 //! cookie carried to another browser is refused, and a device cookie copied to another
@@ -143,6 +144,32 @@ fn devices_count_against_the_licence_and_a_revoked_one_is_refused_at_once() {
         style.header("content-type"),
         Some("text/css; charset=utf-8")
     );
+    // Patient -> treatment -> dish grid -> the latest frame, a JPEG straight from storage.
+    let link = |page: &str, prefix: &str| -> String {
+        let start = page
+            .find(prefix)
+            .unwrap_or_else(|| panic!("no {prefix} in {page}"));
+        page[start..]
+            .split('\'')
+            .next()
+            .unwrap()
+            .replace("&amp;", "&")
+    };
+    let treatment = tablet.send("GET", &link(&page, "/view/treatment?"), None);
+    assert_eq!(treatment.status, 200);
+    let treatment = Browser::body(&treatment);
+    let dish = tablet.send("GET", &link(&treatment, "/view/dish?"), None);
+    assert_eq!(dish.status, 200);
+    let dish = Browser::body(&dish);
+    assert!(dish.contains("class=embryo"), "{dish}");
+    let frame = tablet.send("GET", &link(&dish, "/view/frame?"), None);
+    assert_eq!(frame.status, 200, "{}", Browser::body(&frame));
+    assert_eq!(frame.header("content-type"), Some("image/jpeg"));
+    assert_eq!(&frame.body[..2], &[0xff, 0xd8], "a JPEG");
+    // Not without a session.
+    let mut stranger = Browser::new(&server);
+    let refused = stranger.send("GET", &link(&dish, "/view/frame?"), None);
+    assert_eq!(refused.header("location"), Some("/view/login"));
     let found = tablet.send("GET", "/view/?q=nobody-like-this", None);
     assert!(Browser::body(&found).contains("No patient matches"));
 

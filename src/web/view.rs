@@ -1,6 +1,6 @@
 //! The browser viewer (`/view/` on the web interface's port), for viewer users on tablets,
 //! phones and any browser: log in, register the device against the licence, find a patient.
-//! (The dish, time-lapse and annotation pages come next: docs/web.md says what exists.)
+//! (The time-lapse and annotation pages come next: docs/web.md says what exists.)
 //!
 //! # Devices and the licence
 //!
@@ -90,7 +90,9 @@ fn view_page(title: &str, user: Option<(&str, &str)>, body: &str) -> String {
 /// style or script.
 pub(super) const STYLE: &str = "body{font-family:sans-serif;margin:1em;max-width:60em}\
 input,button{font-size:1em;padding:.4em}li{margin:.4em 0}.err{color:#a00}.who{margin:0 1em}\
-.inline{display:inline}nav{margin-bottom:1em}ul{padding-left:1.2em}\n";
+.inline{display:inline}nav{margin-bottom:1em}ul{padding-left:1.2em}\
+.grid{display:flex;flex-wrap:wrap;gap:.6em}.embryo{border:1px solid #ccc;padding:.4em;width:170px}\
+.frame{max-width:100%;height:auto;background:#eee}.empty{color:#666}\n";
 
 /// A browser-viewer page: as [`html`], under a policy without `unsafe-inline`.
 fn page_response(status: u16, body: String) -> Response {
@@ -481,7 +483,18 @@ pub(super) fn patients_page(call: &mut Call<'_>) -> Response {
             break;
         }
         shown += 1;
-        let treatments: Vec<String> = patient.treatments.iter().map(|t| escape(&t.name)).collect();
+        let treatments: Vec<String> = patient
+            .treatments
+            .iter()
+            .map(|t| {
+                format!(
+                    "<a class=treatment href='/view/treatment?patient={}&amp;name={}'>{}</a>",
+                    url_part(&patient.patient_id),
+                    url_part(&t.name),
+                    escape(&t.name)
+                )
+            })
+            .collect();
         list.push_str(&format!(
             "<li class=patient><b>{}</b> {} {} <span class=treatments>{}</span></li>",
             escape(&patient.patient_id),
@@ -510,9 +523,205 @@ pub(super) fn patients_page(call: &mut Call<'_>) -> Response {
     )
 }
 
+/// `text` for a URL's query: everything but unreserved characters percent-encoded.
+fn url_part(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn storage_page(error: &es_storage::StorageError) -> Response {
+    refused_page(503, "Unavailable", &format!("storage unavailable: {error}"))
+}
+
+/// The dishes of a treatment.
+pub(super) fn treatment_page(call: &mut Call<'_>) -> Response {
+    let session = match session_of(call.shared, call.request, true) {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    *call.caller = Some(format!("view:{}", session.user));
+    let patient = call
+        .request
+        .query_param("patient")
+        .unwrap_or("")
+        .to_string();
+    let name = call.request.query_param("name").unwrap_or("").to_string();
+    let dishes = match call
+        .shared
+        .store
+        .read()
+        .and_then(|r| r.treatment_dishes(&patient, &name))
+    {
+        Ok(Some(dishes)) => dishes,
+        Ok(None) => return refused_page(404, "Not found", "No such treatment."),
+        Err(error) => return storage_page(&error),
+    };
+    let mut list = String::new();
+    for dish in &dishes {
+        list.push_str(&format!(
+            "<li class=dish><a href='/view/dish?key={}'>Dish {}</a> on {} slot {}, {} embryo(s), \
+             inseminated {}</li>",
+            dish.dish_key,
+            escape(&dish.dish_id),
+            escape(&dish.instrument_serial),
+            dish.slot,
+            dish.wells.len(),
+            time_text(dish.insemination_at_ms)
+        ));
+    }
+    if dishes.is_empty() {
+        list.push_str("<li class=empty>No dish yet.</li>");
+    }
+    let csrf = csrf_of(&session.token);
+    let title = format!("{patient}, treatment {name}");
+    page_response(
+        200,
+        view_page(
+            &title,
+            Some((&session.user, &csrf)),
+            &format!("<ul id=dishes>{list}</ul>"),
+        ),
+    )
+}
+
+/// A dish as a grid: every embryo with its latest frame (central plane) and key annotations.
+pub(super) fn dish_page(call: &mut Call<'_>) -> Response {
+    let session = match session_of(call.shared, call.request, true) {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    *call.caller = Some(format!("view:{}", session.user));
+    let Some(key) = call
+        .request
+        .query_param("key")
+        .and_then(|k| k.parse::<u64>().ok())
+    else {
+        return refused_page(400, "Dish", "Which dish? (?key=N)");
+    };
+    let reader = match call.shared.store.read() {
+        Ok(reader) => reader,
+        Err(error) => return storage_page(&error),
+    };
+    let dish = match reader.dish(key) {
+        Ok(Some(dish)) => dish,
+        Ok(None) => return refused_page(404, "Not found", "No such dish."),
+        Err(error) => return storage_page(&error),
+    };
+    let (embryos, overview) = match (reader.dish_embryos(key), reader.dish_overview(key, 0)) {
+        (Ok(embryos), Ok(overview)) => (embryos, overview),
+        (Err(error), _) | (_, Err(error)) => return storage_page(&error),
+    };
+    let mut grid = String::new();
+    for embryo in &embryos {
+        let frame = overview
+            .iter()
+            .find(|(well, _, _)| *well == embryo.well)
+            .and_then(|(_, _, frame)| frame.as_ref());
+        let image = match frame {
+            Some(frame) => format!(
+                "<img class=frame alt='latest frame' width=160 height=160 \
+                 src='/view/frame?embryo={}&amp;at={}&amp;plane={}'><br>{:.1} h",
+                url_part(&embryo.embryo_id),
+                frame.acquired_at_ms,
+                frame.focal_plane,
+                (frame.acquired_at_ms - embryo.insemination_at_ms) as f64 / 3_600_000.0
+            ),
+            None => "<span class=empty>no image yet</span>".to_string(),
+        };
+        let timings: Vec<String> = embryo
+            .annotations
+            .iter()
+            .filter_map(|a| a.hours.map(|h| format!("{} {:.1} h", escape(&a.name), h)))
+            .take(6)
+            .collect();
+        let score = embryo
+            .scores
+            .first()
+            .map(|s| format!(" {} {}", escape(&s.model), escape(&s.value)))
+            .unwrap_or_default();
+        grid.push_str(&format!(
+            "<div class=embryo id='well-{}'><b>{} well {}</b> {}<br>{image}<br>\
+             <span class=fate>{}</span>{score}<br><span class=timings>{}</span></div>",
+            embryo.well,
+            escape(&embryo.label),
+            embryo.well,
+            escape(&embryo.embryo_id),
+            embryo.fate.as_str(),
+            timings.join(", ")
+        ));
+    }
+    let csrf = csrf_of(&session.token);
+    let title = format!("Dish {}", dish.dish_id);
+    page_response(
+        200,
+        view_page(
+            &title,
+            Some((&session.user, &csrf)),
+            &format!(
+                "<p>{}, treatment {}; inseminated {}</p><div id=grid class=grid>{grid}</div>",
+                escape(&dish.patient_id),
+                escape(&dish.treatment_name),
+                time_text(dish.insemination_at_ms)
+            ),
+        ),
+    )
+}
+
+/// One stored JPEG, exactly as the incubator sent it (its SHA-256 checked on the read).
+pub(super) fn frame(call: &mut Call<'_>) -> Response {
+    let session = match session_of(call.shared, call.request, true) {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    *call.caller = Some(format!("view:{}", session.user));
+    let request = call.request;
+    let embryo = request.query_param("embryo").unwrap_or("");
+    let at = request
+        .query_param("at")
+        .and_then(|v| v.parse::<i64>().ok());
+    let plane = request
+        .query_param("plane")
+        .and_then(|v| v.parse::<i32>().ok());
+    let (Some(at), Some(plane)) = (at, plane) else {
+        return refused_page(400, "Frame", "Which frame? (?embryo=ID&at=MS&plane=P)");
+    };
+    match call
+        .shared
+        .store
+        .read()
+        .and_then(|r| r.embryo_image(embryo, at, plane))
+    {
+        Ok(Some(jpeg)) => Response {
+            status: 200,
+            headers: vec![
+                ("content-type", "image/jpeg".into()),
+                // A stored frame never changes.
+                ("cache-control", "private, max-age=86400, immutable".into()),
+                ("x-content-type-options", "nosniff".into()),
+            ],
+            body: jpeg,
+        },
+        Ok(None) => refused_page(404, "Not found", "No such frame."),
+        Err(error) => storage_page(&error),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_parts_encode_everything_but_unreserved_characters() {
+        assert_eq!(url_part("MRN-1_a.b~"), "MRN-1_a.b~");
+        assert_eq!(url_part("a b&c=d'<"), "a%20b%26c%3Dd%27%3C");
+    }
 
     #[test]
     fn cookies_are_found_by_exact_name() {
