@@ -37,6 +37,21 @@ fn edit(
     })
 }
 
+/// The id of the embryo's annotation `name`.
+fn annotation_id(store: &Store, embryo_id: &str, name: &str) -> u64 {
+    store
+        .read()
+        .unwrap()
+        .embryo(embryo_id)
+        .unwrap()
+        .unwrap()
+        .annotations
+        .iter()
+        .find(|a| a.name == name)
+        .unwrap()
+        .annotation_id
+}
+
 fn timing(embryo_id: &str, version: u64, name: &str, hours: f64) -> ClinicalEdit {
     ClinicalEdit::AddAnnotation {
         embryo_id: embryo_id.into(),
@@ -144,17 +159,7 @@ fn evaluations_are_stored_versioned_mirrored_and_recomputed_when_an_input_change
     );
 
     // An annotation changes: the result follows in the same transaction (t4 38.6: s2 1.2).
-    let t4 = store
-        .read()
-        .unwrap()
-        .embryo("EB1")
-        .unwrap()
-        .unwrap()
-        .annotations
-        .iter()
-        .find(|a| a.name == "t4")
-        .unwrap()
-        .annotation_id;
+    let t4 = annotation_id(&store, "EB1", "t4");
     let change = ClinicalEdit::ChangeAnnotation {
         embryo_id: "EB1".into(),
         expected_version: version,
@@ -174,17 +179,7 @@ fn evaluations_are_stored_versioned_mirrored_and_recomputed_when_an_input_change
     );
 
     // t5 removed: not available, and the embryo's score of the model goes.
-    let t5 = store
-        .read()
-        .unwrap()
-        .embryo("EB1")
-        .unwrap()
-        .unwrap()
-        .annotations
-        .iter()
-        .find(|a| a.name == "t5")
-        .unwrap()
-        .annotation_id;
+    let t5 = annotation_id(&store, "EB1", "t5");
     let remove = ClinicalEdit::RemoveAnnotation {
         embryo_id: "EB1".into(),
         expected_version: version,
