@@ -31,6 +31,7 @@ pub const VIEW_COOKIE: &str = "esview";
 pub const DEVICE_COOKIE: &str = "esdevice";
 
 mod view;
+mod view_embryo;
 
 /// What the dashboard shows besides storage: who is connected.
 /// The web interface's listener: the API's session machinery with the web's routes and state.
@@ -296,6 +297,8 @@ struct Page {
     path: &'static str,
     access: Access,
     get: Option<Get>,
+    /// A GET answered later than its handler returns (a long poll), instead of `get`.
+    get_step: Option<Post>,
     post: Option<Post>,
 }
 
@@ -305,54 +308,63 @@ const PAGES: &[Page] = &[
         path: "/healthz",
         access: Access::Public,
         get: Some(|call| healthz(call.shared)),
+        get_step: None,
         post: None,
     },
     Page {
         path: LICENSE_SCRIPT_PATH,
         access: Access::Public,
         get: Some(|_| text(200, LICENSE_SCRIPT.into(), "text/javascript; charset=utf-8")),
+        get_step: None,
         post: None,
     },
     Page {
         path: "/login",
         access: Access::Public,
         get: Some(|call| login_page(call.shared, None)),
+        get_step: None,
         post: Some(login_post),
     },
     Page {
         path: "/metrics",
         access: Access::Scraper,
         get: Some(|call| metrics(call.shared)),
+        get_step: None,
         post: None,
     },
     Page {
         path: "/",
         access: Access::Admin,
         get: Some(|call| dashboard(call.shared, call.user(), &call.csrf)),
+        get_step: None,
         post: None,
     },
     Page {
         path: "/logout",
         access: Access::Admin,
         get: None,
+        get_step: None,
         post: Some(logout_post),
     },
     Page {
         path: "/license",
         access: Access::Admin,
         get: Some(|call| license_page(call.shared, call.user(), &call.csrf, "")),
+        get_step: None,
         post: Some(license_post),
     },
     Page {
         path: "/instruments",
         access: Access::Admin,
         get: Some(|call| instruments_page(call.shared, call.user(), &call.csrf, "")),
+        get_step: None,
         post: Some(instruments_post),
     },
     Page {
         path: "/users",
         access: Access::Admin,
         get: Some(|call| users_page(call.shared, call.user(), &call.csrf, "")),
+        get_step: None,
         post: Some(|call| {
             let message = user_action(call.shared, call.user(), &call.fields);
             Step::Respond(users_page(call.shared, call.user(), &call.csrf, &message))
@@ -362,6 +374,7 @@ const PAGES: &[Page] = &[
         path: "/ims",
         access: Access::Admin,
         get: None,
+        get_step: None,
         post: Some(ims_post),
     },
     Page {
@@ -371,60 +384,112 @@ const PAGES: &[Page] = &[
             let after = call.request.query_param("after");
             audit_page(call.shared, call.user(), &call.csrf, after)
         }),
+        get_step: None,
         post: None,
     },
     Page {
         path: "/devices",
         access: Access::Admin,
         get: Some(|call| devices_page(call.shared, call.user(), &call.csrf, "")),
+        get_step: None,
         post: Some(devices_post),
     },
     Page {
         path: "/view/view.css",
         access: Access::Public,
         get: Some(|_| text(200, view::STYLE.into(), "text/css; charset=utf-8")),
+        get_step: None,
         post: None,
     },
     Page {
         path: "/view/login",
         access: Access::Public,
         get: Some(|_| view::login_page(None)),
+        get_step: None,
         post: Some(view::login_post),
     },
     Page {
         path: "/view/logout",
         access: Access::Viewer,
         get: None,
+        get_step: None,
         post: Some(view::logout_post),
     },
     Page {
         path: "/view/device",
         access: Access::Viewer,
         get: Some(view::device_page),
+        get_step: None,
         post: Some(view::device_post),
     },
     Page {
         path: "/view/",
         access: Access::Viewer,
         get: Some(view::patients_page),
+        get_step: None,
         post: None,
     },
     Page {
         path: "/view/treatment",
         access: Access::Viewer,
         get: Some(view::treatment_page),
+        get_step: None,
         post: None,
     },
     Page {
         path: "/view/dish",
         access: Access::Viewer,
         get: Some(view::dish_page),
+        get_step: None,
         post: None,
     },
     Page {
         path: "/view/frame",
         access: Access::Viewer,
         get: Some(view::frame),
+        get_step: None,
+        post: None,
+    },
+    Page {
+        path: "/view/embryo",
+        access: Access::Viewer,
+        get: Some(view_embryo::embryo_page),
+        get_step: None,
+        post: None,
+    },
+    Page {
+        path: "/view/player.js",
+        access: Access::Public,
+        get: Some(|_| {
+            text(
+                200,
+                view_embryo::PLAYER_SCRIPT.into(),
+                "text/javascript; charset=utf-8",
+            )
+        }),
+        get_step: None,
+        post: None,
+    },
+    Page {
+        path: "/view/embryo.json",
+        access: Access::Viewer,
+        get: Some(view_embryo::embryo_json),
+        get_step: None,
+        post: None,
+    },
+    Page {
+        path: "/view/annotate",
+        access: Access::Viewer,
+        get: None,
+        get_step: None,
+        post: Some(view_embryo::annotate_post),
+    },
+    Page {
+        path: "/view/changes",
+        access: Access::Viewer,
+        get: None,
+        // A long poll: answered by the session when a commit comes or the wait ends.
+        get_step: Some(view_embryo::changes),
         post: None,
     },
     Page {
@@ -434,6 +499,7 @@ const PAGES: &[Page] = &[
             let skip = call.request.query_param("skip");
             warnings_page(call.shared, call.user(), &call.csrf, skip)
         }),
+        get_step: None,
         post: None,
     },
 ];
@@ -508,9 +574,10 @@ fn handle(
         csrf,
         fields,
     };
-    match (method, found.get, found.post) {
-        ("GET" | "HEAD", Some(get), _) => Step::Respond(get(&mut call)),
-        ("POST", _, Some(post)) => {
+    match (method, found.get, found.get_step, found.post) {
+        ("GET" | "HEAD", Some(get), _, _) => Step::Respond(get(&mut call)),
+        ("GET" | "HEAD", None, Some(get_step), _) => get_step(&mut call),
+        ("POST", _, _, Some(post)) => {
             if found.access == Access::Admin && call.field("csrf") != Some(call.csrf.as_str()) {
                 return Step::Respond(csrf_refused(&call));
             }
@@ -518,7 +585,7 @@ fn handle(
         }
         _ => {
             let mut allowed = Vec::new();
-            if found.get.is_some() {
+            if found.get.is_some() || found.get_step.is_some() {
                 allowed.extend(["GET", "HEAD"]);
             }
             if found.post.is_some() {

@@ -33,6 +33,26 @@ impl Browser {
     }
 
     fn send(&mut self, method: &str, path: &str, form: Option<&str>) -> HttpResponse {
+        let content_type = form.map(|_| "application/x-www-form-urlencoded");
+        self.send_with(method, path, form, content_type, &[])
+    }
+
+    /// What the embryo page's script sends: JSON with its CSRF token in a header.
+    fn send_json(&mut self, path: &str, body: &serde_json::Value, csrf: &str) -> HttpResponse {
+        let body = body.to_string();
+        let csrf = [("x-csrf-token", csrf)];
+        self.send_with("POST", path, Some(&body), Some("application/json"), &csrf)
+    }
+
+    fn send_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        content_type: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> HttpResponse {
+        let form = body;
         let cookie = self
             .cookies
             .iter()
@@ -43,9 +63,10 @@ impl Browser {
         if !cookie.is_empty() {
             headers.push(("cookie", cookie.as_str()));
         }
-        if form.is_some() {
-            headers.push(("content-type", "application/x-www-form-urlencoded"));
+        if let Some(content_type) = content_type {
+            headers.push(("content-type", content_type));
         }
+        headers.extend_from_slice(extra);
         let response = self
             .http
             .request(method, path, &headers, form.map(str::as_bytes))
@@ -269,4 +290,212 @@ fn a_demo_licence_sets_no_device_limit() {
         assert_eq!(browser.register(name).status, 303, "{name}");
         assert_eq!(browser.send("GET", "/view/", None).status, 200);
     }
+}
+
+fn json(response: &HttpResponse) -> serde_json::Value {
+    serde_json::from_slice(&response.body)
+        .unwrap_or_else(|_| panic!("not JSON: {}", Browser::body(response)))
+}
+
+/// The text between `prefix` and the next quote in a page, `&amp;` decoded.
+fn link(page: &str, prefix: &str) -> String {
+    let start = page
+        .find(prefix)
+        .unwrap_or_else(|| panic!("no {prefix} in {page}"));
+    page[start..]
+        .split('\'')
+        .next()
+        .unwrap()
+        .replace("&amp;", "&")
+}
+
+fn data_attribute(page: &str, name: &str) -> String {
+    let prefix = format!("data-{name}='");
+    let start = page.find(&prefix).expect("the attribute") + prefix.len();
+    page[start..].split('\'').next().unwrap().to_string()
+}
+
+#[test]
+fn the_embryo_page_plays_annotates_with_the_version_check_and_hears_changes() {
+    let (server, _dir) = common::spawn(true);
+    common::add_user(&server, "anna", "edit", PASSWORD);
+    common::add_user(&server, "ben", "edit", PASSWORD);
+    common::add_user(&server, "vera", "view", PASSWORD);
+    common::upload_dish(&server, "BV-3", 4);
+    let mut anna = Browser::new(&server);
+    anna.log_in("anna");
+    assert_eq!(anna.register("Bench tablet").status, 303);
+    let patients = Browser::body(&anna.send("GET", "/view/", None));
+    let treatment = Browser::body(&anna.send("GET", &link(&patients, "/view/treatment?"), None));
+    let dish = Browser::body(&anna.send("GET", &link(&treatment, "/view/dish?"), None));
+    // The grid's frames are smaller ones; each embryo links its page.
+    assert!(dish.contains("&amp;w=320"), "{dish}");
+    let page = anna.send("GET", &link(&dish, "/view/embryo?"), None);
+    assert_eq!(page.status, 200, "{}", Browser::body(&page));
+    let page = Browser::body(&page);
+    assert!(page.contains("id=player") && page.contains("<script src='/view/player.js'>"));
+    assert!(page.contains("id=annotate"), "edit rights: the form");
+    let embryo_id = data_attribute(&page, "embryo");
+    let csrf = data_attribute(&page, "csrf");
+    let script = anna.send("GET", "/view/player.js", None);
+    assert_eq!(
+        script.header("content-type"),
+        Some("text/javascript; charset=utf-8")
+    );
+    assert!(Browser::body(&script).contains("/view/embryo.json"));
+
+    // The embryo, its acquisitions, and where the change log stood.
+    let read = json(&anna.send("GET", &format!("/view/embryo.json?id={embryo_id}"), None));
+    assert_eq!(read["acquisitions"].as_array().map(Vec::len), Some(4), "{read} {embryo_id}");
+    assert_eq!(read["acquisitions"][0]["planes"], serde_json::json!([0]));
+    assert_eq!(read["embryo"]["embryo_id"], embryo_id.as_str());
+    let version = read["version"].as_u64().unwrap();
+    let last_seq = read["last_seq"].as_u64().unwrap();
+    let first_at = read["acquisitions"][0]["at"].as_i64().unwrap();
+
+    // The full frame and a smaller one (made, then cached), and a width out of bounds.
+    let frame_path = format!("/view/frame?embryo={embryo_id}&at={first_at}&plane=0");
+    let full = anna.send("GET", &frame_path, None);
+    assert_eq!(full.status, 200);
+    let small = anna.send("GET", &format!("{frame_path}&w=64"), None);
+    assert_eq!(small.status, 200, "{}", Browser::body(&small));
+    assert_eq!(&small.body[..2], &[0xff, 0xd8], "a JPEG");
+    assert!(
+        small.body.len() < full.body.len(),
+        "{} {}",
+        small.body.len(),
+        full.body.len()
+    );
+    assert_eq!(
+        anna.send("GET", &format!("{frame_path}&w=64"), None).body,
+        small.body
+    );
+    assert_eq!(
+        anna.send("GET", &format!("{frame_path}&w=5"), None).status,
+        400
+    );
+
+    // Ben, on his own device, edits the embryo while Anna's page waits on the change feed.
+    let mut ben = Browser::new(&server);
+    ben.log_in("ben");
+    assert_eq!(ben.register("Theatre phone").status, 303);
+    let ben_page = Browser::body(&ben.send("GET", &format!("/view/embryo?id={embryo_id}"), None));
+    let ben_csrf = data_attribute(&ben_page, "csrf");
+    let edit = std::thread::spawn({
+        let embryo_id = embryo_id.clone();
+        move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let body = serde_json::json!({
+                "embryo_id": embryo_id, "version": version, "name": "t2", "value": "",
+                "event_at_ms": first_at,
+            });
+            let saved = ben.send_json("/view/annotate", &body, &ben_csrf);
+            assert_eq!(saved.status, 200, "{}", Browser::body(&saved));
+            json(&saved)
+        }
+    });
+    let waited = anna.send(
+        "GET",
+        &format!("/view/changes?after={last_seq}&wait=20"),
+        None,
+    );
+    let saved_by_ben = edit.join().unwrap();
+    assert_eq!(waited.status, 200, "{}", Browser::body(&waited));
+    let changes = json(&waited);
+    let heard = changes["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["entity"] == "embryo" && c["id"] == embryo_id.as_str());
+    assert!(heard, "{changes}");
+    assert_eq!(saved_by_ben["version"].as_u64(), Some(version + 1));
+
+    // Anna saves from the version she read: refused, with the embryo as it is now.
+    let mine = serde_json::json!({
+        "embryo_id": embryo_id, "version": version, "name": "t2", "value": "",
+        "event_at_ms": first_at + 600_000,
+    });
+    let stale = anna.send_json("/view/annotate", &mine, &csrf);
+    assert_eq!(stale.status, 412, "{}", Browser::body(&stale));
+    let stale = json(&stale);
+    assert_eq!(stale["code"], "precondition_failed");
+    assert_eq!(stale["current"]["version"].as_u64(), Some(version + 1));
+    let current = &stale["current"]["annotations"][0];
+    assert_eq!(
+        (current["name"].as_str(), current["set_by"].as_str()),
+        (Some("t2"), Some("ben"))
+    );
+    // From the current version: saved; then a change of Ben's annotation.
+    let mut mine = mine;
+    mine["version"] = (version + 1).into();
+    mine["name"] = "Comment".into();
+    mine["value"] = "good symmetry".into();
+    let saved = anna.send_json("/view/annotate", &mine, &csrf);
+    assert_eq!(saved.status, 200, "{}", Browser::body(&saved));
+    let saved = json(&saved);
+    assert_eq!(saved["version"].as_u64(), Some(version + 2));
+    let change = serde_json::json!({
+        "embryo_id": embryo_id, "version": version + 2,
+        "annotation_id": current["annotation_id"], "name": "t2", "value": "",
+        "event_at_ms": first_at + 1_200_000,
+    });
+    let changed = anna.send_json("/view/annotate", &change, &csrf);
+    assert_eq!(changed.status, 200, "{}", Browser::body(&changed));
+    let changed = json(&changed);
+    let t2 = changed["annotations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "t2")
+        .unwrap()
+        .clone();
+    assert_eq!(t2["set_by"], "anna");
+    assert_eq!(
+        t2["hours"].as_f64().map(|h| (h * 10.0).round()),
+        Some(changed_hours(&changed, first_at + 1_200_000))
+    );
+
+    // Refused: without the page's CSRF token, from a view-only account, a body that is not an
+    // annotation; nothing changes.
+    let forged = anna.send_json("/view/annotate", &mine, "not-the-token");
+    assert_eq!(forged.status, 403);
+    assert_eq!(json(&forged)["code"], "csrf");
+    let mut vera = Browser::new(&server);
+    vera.log_in("vera");
+    assert_eq!(vera.register("Office browser").status, 303);
+    let vera_page = Browser::body(&vera.send("GET", &format!("/view/embryo?id={embryo_id}"), None));
+    assert!(!vera_page.contains("id=annotate"), "view rights: no form");
+    let vera_csrf = data_attribute(&vera_page, "csrf");
+    let mut attempt = mine.clone();
+    attempt["version"] = (version + 3).into();
+    let forbidden = vera.send_json("/view/annotate", &attempt, &vera_csrf);
+    assert_eq!(forbidden.status, 403, "{}", Browser::body(&forbidden));
+    assert_eq!(json(&forbidden)["code"], "forbidden");
+    let garbage = anna.send_json("/view/annotate", &serde_json::json!({"embryo": 1}), &csrf);
+    assert_eq!(garbage.status, 400);
+    let now = json(&anna.send("GET", &format!("/view/embryo.json?id={embryo_id}"), None));
+    assert_eq!(now["version"].as_u64(), Some(version + 3));
+
+    // A long poll with nothing new answers empty at the end of its wait; a script's request
+    // without a session is told to log in, in JSON.
+    let quiet = json(&anna.send(
+        "GET",
+        &format!("/view/changes?after={}&wait=1", now["last_seq"]),
+        None,
+    ));
+    assert_eq!(quiet["items"].as_array().map(Vec::len), Some(0), "{quiet}");
+    let mut stranger = Browser::new(&server);
+    let refused = stranger.send("GET", &format!("/view/embryo.json?id={embryo_id}"), None);
+    assert_eq!(refused.status, 401);
+    assert_eq!(json(&refused)["code"], "session_ended");
+}
+
+/// An annotation's hours after insemination times ten, rounded, as the server computes them.
+fn changed_hours(embryo: &serde_json::Value, at_ms: i64) -> f64 {
+    let inseminated = embryo["insemination_at"].as_str().unwrap();
+    let inseminated_ms = inseminated
+        .parse::<jiff::Timestamp>()
+        .unwrap()
+        .as_millisecond();
+    ((at_ms - inseminated_ms) as f64 / 3_600_000.0 * 10.0).round()
 }

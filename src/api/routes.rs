@@ -1501,7 +1501,7 @@ fn change_refusal(error: StorageError) -> Refusal {
 }
 
 /// Answers a change-feed poll now (after a wait ended).
-pub(super) fn changes_now<S>(shared: &ApiShared<S>, after: u64, limit: u32) -> Response {
+pub(crate) fn changes_now<S>(shared: &ApiShared<S>, after: u64, limit: u32) -> Response {
     let reader = match shared.store.read() {
         Ok(reader) => reader,
         Err(error) => return Response::storage(&error),
@@ -1771,7 +1771,7 @@ pub(super) fn derived_variables(annotations: &[AnnotationRecord]) -> Vec<(&'stat
     out
 }
 
-fn embryo_json(e: &EmbryoRecord) -> Value {
+pub(crate) fn embryo_json(e: &EmbryoRecord) -> Value {
     let derived: serde_json::Map<String, Value> = derived_variables(&e.annotations)
         .into_iter()
         .map(|(name, value)| (name.to_string(), json!(value)))

@@ -32,6 +32,8 @@ pub struct ViewState {
     pub sessions: crate::api::auth::Tokens,
     /// Session token -> device id, once the device is registered.
     bound: Mutex<HashMap<String, String>>,
+    /// Smaller frames made on request.
+    pub thumbnails: super::view_embryo::Thumbnails,
 }
 
 /// Bound sessions kept at most (beyond it, the ended ones are forgotten, and if that is not
@@ -46,11 +48,13 @@ const SEARCH_SCAN_MAX: u32 = 10_000;
 /// A checked session of the browser viewer.
 pub(super) struct ViewSession {
     pub user: String,
+    /// The account's rights as stored now (not as at the login).
+    pub rights: Rights,
     pub token: String,
     pub device_id: Option<String>,
 }
 
-fn cookie(request: &es_net::http::Request, name: &str) -> Option<String> {
+pub(super) fn cookie(request: &es_net::http::Request, name: &str) -> Option<String> {
     let cookies = request.header("cookie")?;
     cookies.split(';').find_map(|pair| {
         let (key, value) = pair.trim().split_once('=')?;
@@ -65,7 +69,7 @@ fn set_cookie(shared: &WebShared, name: &str, value: &str, max_age_s: Option<u64
 }
 
 /// The page around a browser-viewer body: small, for a phone first.
-fn view_page(title: &str, user: Option<(&str, &str)>, body: &str) -> String {
+pub(super) fn view_page(title: &str, user: Option<(&str, &str)>, body: &str) -> String {
     let nav = match user {
         Some((user, csrf)) => format!(
             "<nav><a href='/view/'>Patients</a> <span class=who>{}</span>\
@@ -92,10 +96,15 @@ pub(super) const STYLE: &str = "body{font-family:sans-serif;margin:1em;max-width
 input,button{font-size:1em;padding:.4em}li{margin:.4em 0}.err{color:#a00}.who{margin:0 1em}\
 .inline{display:inline}nav{margin-bottom:1em}ul{padding-left:1.2em}\
 .grid{display:flex;flex-wrap:wrap;gap:.6em}.embryo{border:1px solid #ccc;padding:.4em;width:170px}\
-.frame{max-width:100%;height:auto;background:#eee}.empty{color:#666}\n";
+.frame{max-width:100%;height:auto;background:#eee}.empty{color:#666}\
+.stage{max-width:500px}.stage .frame{width:100%}.frame.missing{opacity:.3}\
+.controls{display:flex;flex-wrap:wrap;gap:.4em;align-items:center}#scrub{flex:1 1 12em;min-width:8em}\
+.controls button{min-width:3em}table{border-collapse:collapse;margin:.4em 0}\
+td,th{border-bottom:1px solid #ddd;padding:.3em .5em;text-align:left}.annotate label{display:inline-block;margin:.3em 0}\
+.ok{color:#060}.conflict{background:#fee;padding:.4em}\n";
 
 /// A browser-viewer page: as [`html`], under a policy without `unsafe-inline`.
-fn page_response(status: u16, body: String) -> Response {
+pub(super) fn page_response(status: u16, body: String) -> Response {
     let mut response = html(status, body);
     for (name, value) in &mut response.headers {
         if *name == "content-security-policy" {
@@ -107,7 +116,7 @@ fn page_response(status: u16, body: String) -> Response {
     response
 }
 
-fn refused_page(status: u16, title: &str, message: &str) -> Response {
+pub(super) fn refused_page(status: u16, title: &str, message: &str) -> Response {
     page_response(
         status,
         view_page(
@@ -149,10 +158,13 @@ pub(super) fn session_of(
         .read()
         .ok()
         .and_then(|r| r.user(&user).ok().flatten());
-    if !account.is_some_and(|a| !a.disabled && a.rights.allows(Rights::View)) {
-        end_session(shared, &token);
-        return Err(redirect("/view/login"));
-    }
+    let rights = match account {
+        Some(a) if !a.disabled && a.rights.allows(Rights::View) => a.rights,
+        _ => {
+            end_session(shared, &token);
+            return Err(redirect("/view/login"));
+        }
+    };
     let device = cookie(request, DEVICE_COOKIE).filter(|id| is_device_id(id));
     let stored = match &device {
         Some(id) => shared
@@ -190,6 +202,7 @@ pub(super) fn session_of(
         }
         (Some(_), Some(device), Some(_)) => Ok(ViewSession {
             user,
+            rights,
             token,
             device_id: Some(device.clone()),
         }),
@@ -200,6 +213,7 @@ pub(super) fn session_of(
             bind(shared, &token, device);
             Ok(ViewSession {
                 user,
+                rights,
                 token,
                 device_id: Some(device.clone()),
             })
@@ -208,6 +222,7 @@ pub(super) fn session_of(
         _ if device_needed => Err(redirect("/view/device")),
         _ => Ok(ViewSession {
             user,
+            rights,
             token,
             device_id: None,
         }),
@@ -524,7 +539,7 @@ pub(super) fn patients_page(call: &mut Call<'_>) -> Response {
 }
 
 /// `text` for a URL's query: everything but unreserved characters percent-encoded.
-fn url_part(text: &str) -> String {
+pub(super) fn url_part(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for byte in text.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
@@ -536,7 +551,7 @@ fn url_part(text: &str) -> String {
     out
 }
 
-fn storage_page(error: &es_storage::StorageError) -> Response {
+pub(super) fn storage_page(error: &es_storage::StorageError) -> Response {
     refused_page(503, "Unavailable", &format!("storage unavailable: {error}"))
 }
 
@@ -626,12 +641,13 @@ pub(super) fn dish_page(call: &mut Call<'_>) -> Response {
             .and_then(|(_, _, frame)| frame.as_ref());
         let image = match frame {
             Some(frame) => format!(
-                "<img class=frame alt='latest frame' width=160 height=160 \
-                 src='/view/frame?embryo={}&amp;at={}&amp;plane={}'><br>{:.1} h",
-                url_part(&embryo.embryo_id),
+                "<a href='/view/embryo?id={id}'><img class=frame alt='latest frame' width=160 \
+                 height=160 src='/view/frame?embryo={id}&amp;at={}&amp;plane={}&amp;w=320'></a>\
+                 <br>{:.1} h",
                 frame.acquired_at_ms,
                 frame.focal_plane,
-                (frame.acquired_at_ms - embryo.insemination_at_ms) as f64 / 3_600_000.0
+                (frame.acquired_at_ms - embryo.insemination_at_ms) as f64 / 3_600_000.0,
+                id = url_part(&embryo.embryo_id),
             ),
             None => "<span class=empty>no image yet</span>".to_string(),
         };
@@ -652,7 +668,7 @@ pub(super) fn dish_page(call: &mut Call<'_>) -> Response {
             embryo.well,
             escape(&embryo.label),
             embryo.well,
-            escape(&embryo.embryo_id),
+            super::view_embryo::embryo_link(&embryo.embryo_id, &embryo.embryo_id),
             embryo.fate.as_str(),
             timings.join(", ")
         ));
@@ -692,12 +708,20 @@ pub(super) fn frame(call: &mut Call<'_>) -> Response {
     let (Some(at), Some(plane)) = (at, plane) else {
         return refused_page(400, "Frame", "Which frame? (?embryo=ID&at=MS&plane=P)");
     };
-    match call
-        .shared
-        .store
-        .read()
-        .and_then(|r| r.embryo_image(embryo, at, plane))
-    {
+    let found = match request.query_param("w") {
+        Some(width) => {
+            match super::view_embryo::smaller_frame(call.shared, embryo, at, plane, width) {
+                Ok(jpeg) => Ok(Some(jpeg)),
+                Err(response) => return response,
+            }
+        }
+        None => call
+            .shared
+            .store
+            .read()
+            .and_then(|r| r.embryo_image(embryo, at, plane)),
+    };
+    match found {
         Ok(Some(jpeg)) => Response {
             status: 200,
             headers: vec![
