@@ -346,7 +346,11 @@ fn the_embryo_page_plays_annotates_with_the_version_check_and_hears_changes() {
 
     // The embryo, its acquisitions, and where the change log stood.
     let read = json(&anna.send("GET", &format!("/view/embryo.json?id={embryo_id}"), None));
-    assert_eq!(read["acquisitions"].as_array().map(Vec::len), Some(4), "{read} {embryo_id}");
+    assert_eq!(
+        read["acquisitions"].as_array().map(Vec::len),
+        Some(4),
+        "{read} {embryo_id}"
+    );
     assert_eq!(read["acquisitions"][0]["planes"], serde_json::json!([0]));
     assert_eq!(read["embryo"]["embryo_id"], embryo_id.as_str());
     let version = read["version"].as_u64().unwrap();
@@ -498,4 +502,58 @@ fn changed_hours(embryo: &serde_json::Value, at_ms: i64) -> f64 {
         .unwrap()
         .as_millisecond();
     ((at_ms - inseminated_ms) as f64 / 3_600_000.0 * 10.0).round()
+}
+
+/// Headless Chromium as a phone and as a tablet walks the browser viewer
+/// (`tests/python/view_browser_test.py`): log in, name the device, search, open a dish, play a
+/// 200-frame time-lapse through, switch planes, annotate, see another user's edit arrive live,
+/// and hit a stale-version conflict. The screenshots are left in
+/// `target/test-artifacts/view/` (docs/web.md shows them).
+#[test]
+fn a_real_browser_on_a_phone_and_a_tablet_plays_annotates_and_sees_edits_live() {
+    for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+        assert!(
+            std::path::Path::new(tool).exists(),
+            "{tool} is missing: run ./scripts/test.sh, which installs Debian's chromium and chromium-driver"
+        );
+    }
+    let (server, _dir) = common::spawn(true);
+    common::add_user(&server, "anna", "edit", PASSWORD);
+    common::add_user(&server, "ben", "edit", PASSWORD);
+    common::upload_dish_planes(&server, "BV-PLAY", 200, vec![-15, 0, 15]);
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts/view");
+    let _ = std::fs::remove_dir_all(&shots);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/view_browser_test.py");
+    let output = std::process::Command::new("python3")
+        .arg(script)
+        .args(["--base", &format!("https://{}", server.info.address("web"))])
+        .args(["--user", "anna", "--other", "ben", "--password", PASSWORD])
+        .args(["--patient", "MRN-BV-PLAY-1"])
+        .arg("--shots")
+        .arg(&shots)
+        .output()
+        .expect("python3 runs (scripts/test.sh installs selenium)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("PASS: all checks passed"),
+        "the browser test failed:\n{stdout}\n{stderr}"
+    );
+    println!("{stdout}");
+    for device in ["phone", "tablet"] {
+        for page in [
+            "login",
+            "device",
+            "patients",
+            "treatment",
+            "dish",
+            "embryo",
+            "conflict",
+        ] {
+            let png = std::fs::read(shots.join(format!("view-{page}-{device}.png")))
+                .unwrap_or_else(|e| panic!("the screenshot of {page} on the {device}: {e}"));
+            assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{page} {device}");
+        }
+    }
 }

@@ -21,7 +21,7 @@
   };
   // What the tests and the measurement read: frames shown, stalls, the first frame's time.
   var stats = { shown: 0, stalls: 0, firstFrameMs: null, playStarted: null, playShown: 0,
-                lastUpdate: null, updates: 0, requested: 0 };
+                lastUpdate: null, updates: 0, requested: 0, playFps: null };
   window.esPlayer = { stats: stats, state: state };
   var started = performance.now();
 
@@ -105,7 +105,12 @@
   function tick() {
     state.timer = null;
     if (!state.playing) return;
-    if (state.index >= state.frames.length - 1) { pause(); statusLine.textContent = 'End of the time-lapse.'; return; }
+    if (state.index >= state.frames.length - 1) {
+      stats.playFps = stats.playShown / ((performance.now() - stats.playStarted) / 1000);
+      pause();
+      statusLine.textContent = 'End of the time-lapse (' + stats.playFps.toFixed(1) + ' frames/s).';
+      return;
+    }
     var next = load(state.index + 1);
     if (next && (next.loaded || next.failed)) {
       show(state.index + 1);
@@ -123,6 +128,8 @@
     state.playing = true;
     stats.playStarted = performance.now();
     stats.playShown = 0;
+    stats.stalls = 0;
+    stats.playFps = null;
     playButton.textContent = 'Pause';
     state.timer = setTimeout(tick, 1000 / Number(speedSelect.value));
   }
@@ -132,10 +139,6 @@
     state.timer = null;
     playButton.textContent = 'Play';
   }
-  window.esPlayer.fps = function () {
-    var seconds = (performance.now() - (stats.playStarted || performance.now())) / 1000;
-    return seconds > 0 ? stats.playShown / seconds : 0;
-  };
   playButton.addEventListener('click', function () { state.playing ? pause() : play(); });
   $('back').addEventListener('click', function () { pause(); show(state.index - 1); });
   $('next').addEventListener('click', function () { pause(); show(state.index + 1); });
@@ -290,8 +293,14 @@
           var same = current.annotations.filter(function (a) {
             return a.name.toLowerCase() === name.toLowerCase();
           }).pop();
-          var now = same ? ('"' + same.value + '"' + (same.hours === null ? '' : ' at ' + same.hours.toFixed(1) + ' h') +
-            ', set by ' + same.set_by) : 'not set';
+          var now = 'not set';
+          if (same) {
+            var parts = [];
+            if (same.value) parts.push('"' + same.value + '"');
+            if (same.hours !== null) parts.push('at ' + same.hours.toFixed(1) + ' h');
+            parts.push('set by ' + same.set_by);
+            now = parts.join(' ');
+          }
           say('Not saved: the embryo was changed by another user meanwhile (now version ' +
             current.version + '). ' + name + ' is now ' + now +
             '. Your entry is kept in the form: save again to replace it.', 'err conflict');

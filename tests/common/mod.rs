@@ -123,6 +123,16 @@ pub fn add_user(server: &ServerProcess, name: &str, rights: &str, password: &str
 
 /// One dish of 3 wells, `cycles` acquisitions at focal plane 0, uploaded and acknowledged.
 pub fn upload_dish(server: &ServerProcess, serial: &str, cycles: u32) -> Workload {
+    upload_dish_planes(server, serial, cycles, vec![0])
+}
+
+/// As [`upload_dish`], each acquisition at every one of `planes`.
+pub fn upload_dish_planes(
+    server: &ServerProcess,
+    serial: &str,
+    cycles: u32,
+    planes: Vec<i32>,
+) -> Workload {
     let mut identity = identity(serial, "es-plus");
     let mut client = connect(server, &mut identity);
     let workload = Workload {
@@ -130,7 +140,7 @@ pub fn upload_dish(server: &ServerProcess, serial: &str, cycles: u32) -> Workloa
         model: DeviceModel::EmbryoScopePlus,
         dishes: 1,
         wells_per_dish: 3,
-        planes: vec![0],
+        planes,
         cycles,
         start_ms: START_MS,
         interval_ms: 600_000,
