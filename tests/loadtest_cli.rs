@@ -47,7 +47,7 @@ fn run_reports_every_operation_with_progress_json_and_a_plot() {
         &[
             "run",
             "--devices",
-            "es-plus:2,es-d:1,viewer:1",
+            "es-plus:2,es-d:1,viewer:1,browser:1",
             "--speedup",
             "5",
             "--duration",
@@ -79,8 +79,21 @@ fn run_reports_every_operation_with_progress_json_and_a_plot() {
         .map(|op| op["name"].as_str().unwrap())
         .collect();
     assert!(
-        names.contains(&"image_ack") && names.contains(&"viewer_frame_fetch"),
+        names.contains(&"image_ack")
+            && names.contains(&"viewer_frame_fetch")
+            && names.contains(&"browser_first_frame")
+            && names.contains(&"browser_playback"),
         "{names:?}"
+    );
+    // The browser opened an embryo (its first frame on screen) and played it.
+    assert!(
+        report["browsers"]["playbacks"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+    assert!(output.contains("browsers: 1 playing 60 frames"), "{output}");
+    assert!(
+        output.contains("browser_first_frame.p99_ms_max: measured"),
+        "{output}"
     );
     assert!(
         report["live"]["images_acked"].as_u64().unwrap() > 50,

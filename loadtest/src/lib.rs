@@ -11,6 +11,7 @@
 
 pub mod api_bench;
 pub mod bench;
+pub mod browser_bench;
 pub mod cleanup;
 pub mod disk;
 pub mod frames;

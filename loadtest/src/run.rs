@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 pub struct Mix {
     pub incubators: Vec<DeviceModel>,
     pub viewers: u32,
+    /// Browsers on the browser viewer (`crate::browser_bench`).
+    pub browsers: u32,
 }
 
 impl Mix {
@@ -35,12 +37,15 @@ impl Mix {
         Mix {
             incubators: vec![DeviceModel::EmbryoScopePlus; plus as usize],
             viewers: configuration.computers_max(),
+            browsers: 0,
         }
     }
 
-    /// `es-plus:7,es-d:2,viewer:4`: every catalog model by name, and `viewer`.
+    /// `es-plus:7,es-d:2,viewer:4,browser:4`: every catalog model by name, `viewer` and
+    /// `browser`.
     pub fn parse(text: &str) -> Result<Mix, String> {
         let mut viewers = 0;
+        let mut browsers = 0;
         let mut rest = Vec::new();
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part.split_once(':') {
@@ -51,6 +56,14 @@ impl Mix {
                         .ok()
                         .filter(|n| *n <= 64)
                         .ok_or_else(|| format!("`{part}`: viewers are a number from 0 to 64"))?;
+                }
+                Some(("browser" | "browsers", count)) => {
+                    browsers = count
+                        .trim()
+                        .parse()
+                        .ok()
+                        .filter(|n| *n <= 64)
+                        .ok_or_else(|| format!("`{part}`: browsers are a number from 0 to 64"))?;
                 }
                 _ => rest.push(part),
             }
@@ -63,6 +76,7 @@ impl Mix {
         Ok(Mix {
             incubators,
             viewers,
+            browsers,
         })
     }
 
@@ -88,6 +102,9 @@ impl Mix {
             .collect();
         if self.viewers > 0 {
             parts.push(format!("viewer:{}", self.viewers));
+        }
+        if self.browsers > 0 {
+            parts.push(format!("browser:{}", self.browsers));
         }
         parts.join(",")
     }
@@ -162,6 +179,36 @@ pub struct PhaseReport {
     /// The spawned server's background activity computation at the end of the phase (None
     /// when it is off or the server was not spawned).
     pub server_activity: Option<ServerActivity>,
+    /// The browsers' playbacks (None without browsers).
+    pub browsers: Option<BrowserSummary>,
+}
+
+/// What the browsers' playbacks did (`crate::browser_bench`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct BrowserSummary {
+    pub browsers: u32,
+    pub playbacks: u64,
+    pub playbacks_stalled: u64,
+    pub fps_min: f64,
+    pub fps_median: f64,
+    pub frames: u64,
+}
+
+impl BrowserSummary {
+    pub fn line(&self) -> String {
+        format!(
+            "browsers: {} playing {} frames each at {} frames/s over TLS: {} playbacks, {} with a stall; \
+             playback rate lowest {:.1}, median {:.1} frames/s; {} frames fetched",
+            self.browsers,
+            crate::browser_bench::PLAYBACK_FRAMES,
+            crate::browser_bench::PLAYBACK_FPS,
+            self.playbacks,
+            self.playbacks_stalled,
+            self.fps_min,
+            self.fps_median,
+            self.frames
+        )
+    }
 }
 
 /// What the server's background activity computation did (`esserver status`, `activity`).
@@ -343,6 +390,17 @@ pub fn run_phase(
                 crate::viewer_bench::run(v.server, &viewer_options, v.embryos, v.users)
             })
         });
+        let browser_thread = viewers.filter(|_| options.mix.browsers > 0).map(|v| {
+            let browser_options = crate::browser_bench::BrowserOptions {
+                browsers: options.mix.browsers,
+                duration: options.duration,
+                stop: Some(viewers_stop.clone()),
+                password: crate::viewer_bench::PASSWORD.to_string(),
+            };
+            scope.spawn(move || {
+                crate::browser_bench::run(v.server, &browser_options, v.embryos, v.users)
+            })
+        });
         // The backlog first: once it is uploaded, the live devices stop too.
         let (backlog_threads, live_threads): (Vec<_>, Vec<_>) =
             threads.into_iter().partition(|(is_backlog, _)| *is_backlog);
@@ -358,8 +416,12 @@ pub fn run_phase(
             let (stats, error) = thread.join().expect("incubator thread");
             live.add(stats, error);
         }
-        viewer_thread.map(|thread| thread.join().expect("viewer thread"))
+        (
+            viewer_thread.map(|thread| thread.join().expect("viewer thread")),
+            browser_thread.map(|thread| thread.join().expect("browser thread")),
+        )
     });
+    let (viewer_result, browser_result) = viewer_result;
     stop.store(true, Ordering::Relaxed);
     let timeline = display.join().expect("progress thread");
     let live_incubators = options.mix.incubators.len() - usize::from(backlog.is_some());
@@ -394,12 +456,39 @@ pub fn run_phase(
         }
         errors.extend(v.errors.iter().cloned());
     }
+    if let Some(b) = &browser_result {
+        let seconds = b.elapsed.as_secs_f64().max(1e-9);
+        for (name, latency, count) in [
+            ("browser_first_frame", &b.first_frame, b.playbacks),
+            ("browser_frame", &b.frame, b.frames),
+        ] {
+            operations.push(OperationReport {
+                name: name.into(),
+                per_s: count as f64 / seconds,
+                latency: latency.summary(),
+                errors: 0,
+                curve: latency.percentile_curve(),
+            });
+        }
+        // The lowest playback's rate, as a throughput: the paced rate every playback must hold.
+        operations.push(OperationReport {
+            name: "browser_playback".into(),
+            per_s: b.fps_min(),
+            latency: Default::default(),
+            errors: b.errors.len() as u64,
+            curve: Vec::new(),
+        });
+        errors.extend(b.errors.iter().map(|e| format!("browser: {e}")));
+    }
     let mut target_results = Vec::new();
     for op in &operations {
         if let Some(target) = targets::target(&op.name) {
-            // Throughput floors belong to the sustained-ingestion test, not a paced run.
+            // Throughput floors belong to the sustained-ingestion test, not a paced run; a
+            // playback's frame rate is the paced rate itself, checked as it is.
             let latency_only = targets::Target {
-                throughput_per_s_min: None,
+                throughput_per_s_min: target
+                    .throughput_per_s_min
+                    .filter(|_| op.name == "browser_playback"),
                 ..*target
             };
             target_results.extend(targets::evaluate(&latency_only, &op.latency, op.per_s));
@@ -428,6 +517,14 @@ pub fn run_phase(
         pass,
         server_cost: None,
         server_activity: None,
+        browsers: browser_result.map(|b| BrowserSummary {
+            browsers: options.mix.browsers,
+            playbacks: b.playbacks,
+            playbacks_stalled: b.playbacks_stalled,
+            fps_min: b.fps_min(),
+            fps_median: b.fps_median(),
+            frames: b.frames,
+        }),
     }
 }
 

@@ -254,10 +254,10 @@ fn prepare(
     frames: &[bytes::Bytes],
 ) -> Result<Target, String> {
     if let Some(address) = args.server {
-        if mix.viewers > 0 {
+        if mix.viewers > 0 || mix.browsers > 0 {
             return Err(
-                "viewers need --spawn-server (they log in with users the run creates); \
-                 drop viewer:N from --devices or spawn the server"
+                "viewers and browsers need --spawn-server (they log in with users the run \
+                 creates); drop viewer:N and browser:N from --devices or spawn the server"
                     .into(),
             );
         }
@@ -286,13 +286,13 @@ fn prepare(
     let server = ServerProcess::spawn(options)
         .map_err(|e| format!("cannot start {}: {e}", esserver.display()))?;
     let (mut embryos, mut users) = (Vec::new(), Vec::new());
-    if mix.viewers > 0 {
+    if mix.viewers > 0 || mix.browsers > 0 {
         eprintln!(
-            "seeding {} embryos for the viewers...",
+            "seeding {} embryos for the viewers and browsers...",
             es_loadtest::viewer_bench::SEED_WELLS
         );
         embryos = es_loadtest::viewer_bench::seed(&server, frames, 200)?;
-        for n in 0..mix.viewers {
+        for n in 0..mix.viewers.max(mix.browsers) {
             let user = format!("load{n}");
             crate::add_user(&esserver, server.data_dir(), &user)?;
             users.push(user);
@@ -401,6 +401,9 @@ fn print_phase(report: &PhaseReport) {
     }
     if let Some(activity) = &report.server_activity {
         println!("{}", activity.line());
+    }
+    if let Some(browsers) = &report.browsers {
+        println!("{}", browsers.line());
     }
     println!("targets (es-perf):");
     for target in &report.targets {
@@ -933,7 +936,11 @@ pub fn gate(args: GateArgs) -> Result<bool, String> {
     }
     let bytes_max = args.bytes_max_mb * 1_000_000;
     let mix = Mix::of_configuration(Configuration::HighCapacity);
-    let mix = Mix { viewers: 0, ..mix };
+    let mix = Mix {
+        viewers: 0,
+        browsers: 0,
+        ..mix
+    };
     let frames = frames();
     let frame_bytes = frames.iter().map(|f| f.len()).sum::<usize>() / frames.len();
     let target = prepare(

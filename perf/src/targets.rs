@@ -94,6 +94,24 @@ pub const TARGETS: &[Target] = &[
         p999_ms_max: None,
         throughput_per_s_min: Some(1000.0),
     },
+    // The browser viewer issue's targets, with 8 EmbryoScope+ at 10 x nominal: an embryo
+    // opened (its data, then its latest frame) until that frame's bytes are in, over TLS ...
+    Target {
+        operation: "browser_first_frame",
+        p50_ms_max: None,
+        p99_ms_max: Some(300.0),
+        p999_ms_max: None,
+        throughput_per_s_min: None,
+    },
+    // ... and every playback at 15 frames/s with the page's prefetch window holds that rate
+    // (the lowest playback's frames per second).
+    Target {
+        operation: "browser_playback",
+        p50_ms_max: None,
+        p99_ms_max: None,
+        p999_ms_max: None,
+        throughput_per_s_min: Some(15.0),
+    },
     // A Public API request (JSON answers; not the ZIP of all images) with EMR clients at
     // their usual 10 requests/s each (DOMAIN.md). Our engineering choice, not from the
     // manual: such clients are batch integrations that retry, so only the tail is bounded.
