@@ -471,6 +471,19 @@ const PAGES: &[Page] = &[
         post: None,
     },
     Page {
+        path: "/view/dish.js",
+        access: Access::Public,
+        get: Some(|_| {
+            text(
+                200,
+                view_embryo::DISH_SCRIPT.into(),
+                "text/javascript; charset=utf-8",
+            )
+        }),
+        get_step: None,
+        post: None,
+    },
+    Page {
         path: "/view/embryo.json",
         access: Access::Viewer,
         get: Some(view_embryo::embryo_json),

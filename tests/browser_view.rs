@@ -330,6 +330,7 @@ fn the_embryo_page_plays_annotates_with_the_version_check_and_hears_changes() {
     let dish = Browser::body(&anna.send("GET", &link(&treatment, "/view/dish?"), None));
     // The grid's frames are smaller ones; each embryo links its page.
     assert!(dish.contains("&amp;w=320"), "{dish}");
+    assert!(dish.contains("<script src='/view/dish.js'>"), "the grid redraws itself live");
     let page = anna.send("GET", &link(&dish, "/view/embryo?"), None);
     assert_eq!(page.status, 200, "{}", Browser::body(&page));
     let page = Browser::body(&page);

@@ -1,6 +1,7 @@
 //! The browser viewer (`/view/` on the web interface's port), for viewer users on tablets,
-//! phones and any browser: log in, register the device against the licence, find a patient.
-//! (The time-lapse and annotation pages come next: docs/web.md says what exists.)
+//! phones and any browser: log in, register the device against the licence, find a patient,
+//! a treatment's dishes and a dish's grid (`view_embryo` has the embryo page: the player, the
+//! annotations and the live updates; docs/web.md describes them all).
 //!
 //! # Devices and the licence
 //!
@@ -624,6 +625,11 @@ pub(super) fn dish_page(call: &mut Call<'_>) -> Response {
         Ok(reader) => reader,
         Err(error) => return storage_page(&error),
     };
+    // The change log's position before the reads: the grid's script listens from there.
+    let last_seq = match reader.last_change_seq() {
+        Ok(seq) => seq,
+        Err(error) => return storage_page(&error),
+    };
     let dish = match reader.dish(key) {
         Ok(Some(dish)) => dish,
         Ok(None) => return refused_page(404, "Not found", "No such dish."),
@@ -663,9 +669,10 @@ pub(super) fn dish_page(call: &mut Call<'_>) -> Response {
             .map(|s| format!(" {} {}", escape(&s.model), escape(&s.value)))
             .unwrap_or_default();
         grid.push_str(&format!(
-            "<div class=embryo id='well-{}'><b>{} well {}</b> {}<br>{image}<br>\
+            "<div class=embryo id='well-{}' data-embryo='{}'><b>{} well {}</b> {}<br>{image}<br>\
              <span class=fate>{}</span>{score}<br><span class=timings>{}</span></div>",
             embryo.well,
+            escape(&embryo.embryo_id),
             escape(&embryo.label),
             embryo.well,
             super::view_embryo::embryo_link(&embryo.embryo_id, &embryo.embryo_id),
@@ -681,7 +688,9 @@ pub(super) fn dish_page(call: &mut Call<'_>) -> Response {
             &title,
             Some((&session.user, &csrf)),
             &format!(
-                "<p>{}, treatment {}; inseminated {}</p><div id=grid class=grid>{grid}</div>",
+                "<p>{}, treatment {}; inseminated {}</p><div id=grid class=grid \
+                 data-seq='{last_seq}'>{grid}</div><p id=live class=empty></p>\
+                 <script src='/view/dish.js'></script>",
                 escape(&dish.patient_id),
                 escape(&dish.treatment_name),
                 time_text(dish.insemination_at_ms)

@@ -44,6 +44,8 @@ const THUMBNAIL_QUALITY: u8 = 80;
 
 /// The page's script, served as a file (the pages' policy allows no inline script).
 pub(super) const PLAYER_SCRIPT: &str = include_str!("view_player.js");
+/// The dish grid's script: it redraws the grid when one of its embryos changes.
+pub(super) const DISH_SCRIPT: &str = include_str!("view_dish.js");
 
 fn json_refusal(status: u16, code: &str, message: impl Into<String>) -> Response {
     let mut response = Response::error(status, code, message);

@@ -5,7 +5,7 @@ mobile user agent).
 The Rust harness (tests/browser_view.rs) starts a server with a DEMO licence, two users
 with edit rights and one dish whose embryos have a 200-frame time-lapse at three focal
 planes. For each device the user logs in, names the device, searches the patient, opens the
-treatment, the dish and an embryo; plays the time-lapse through at 25 frames/s; switches the
+treatment and the dish (where the other user's edit redraws the grid), and an embryo; plays the time-lapse through at 25 frames/s; switches the
 focal plane; adds an annotation; sees the other user's annotation arrive without a reload
 (the other user works through HTTP from this script, as another browser would); and hits a
 stale-version conflict, shown with the current value. A screenshot of each page is saved in
@@ -92,7 +92,7 @@ class Other:
         return r.json()
 
 
-def walk(args, name, profile, mine, theirs, figures):
+def walk(args, name, profile, mine, theirs, noted, figures):
     options = Options()
     options.binary_location = args.chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
@@ -157,6 +157,14 @@ def walk(args, name, profile, mine, theirs, figures):
         cells = driver.find_elements(By.CSS_SELECTOR, "#grid .embryo")
         expect(len(cells) == 3, f"{name}: the dish grid shows its 3 embryos")
         shot("dish")
+        # The other user annotates the first embryo: its cell is redrawn without a reload.
+        embryo = cells[0].get_attribute("data-embryo")
+        other = Other(args.base, args.other, args.password, embryo)
+        other.annotate(noted, other.embryo_json()["acquisitions"][10]["at"])
+        wait.until(lambda d: "Updated" in d.find_element(By.ID, "live").text)
+        wait.until(lambda d: noted in d.execute_script(
+            "return document.querySelector('#grid .embryo .timings').textContent"))
+        expect(True, f"{name}: the dish grid shows the other user's edit live")
 
         # The embryo: the latest frame first, then the whole time-lapse at 25 frames/s.
         driver.find_element(By.CSS_SELECTOR, "#grid .embryo a.open").click()
@@ -165,7 +173,8 @@ def walk(args, name, profile, mine, theirs, figures):
         first_ms = js("return window.esPlayer.stats.firstFrameMs")
         frames = js("return window.esPlayer.state.frames.length")
         expect(frames == 200, f"{name}: the time-lapse has 200 frames ({frames})")
-        embryo = driver.find_element(By.ID, "player").get_attribute("data-embryo")
+        expect(driver.find_element(By.ID, "player").get_attribute("data-embryo") == embryo,
+               f"{name}: the first embryo's page")
         shot("embryo")
         Select(driver.find_element(By.ID, "speed")).select_by_value("25")
         driver.find_element(By.ID, "play").click()
@@ -199,7 +208,6 @@ def walk(args, name, profile, mine, theirs, figures):
         expect(any(r.startswith(mine) and "anna" in r for r in rows()), f"{name}: my annotation is listed")
 
         # The other user's annotation arrives without a reload.
-        other = Other(args.base, args.other, args.password, embryo)
         at = js("return window.esPlayer.state.frames[120].at")
         theirs_saved = other.annotate(theirs, at)
         wait.until(lambda d: any(r.startswith(theirs) and args.other in r for r in rows()))
@@ -240,8 +248,8 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.shots, exist_ok=True)
     figures = {}
-    walk(args, "phone", PROFILES["phone"], "t2", "t3", figures)
-    walk(args, "tablet", PROFILES["tablet"], "t4", "t5", figures)
+    walk(args, "phone", PROFILES["phone"], "t2", "t3", "tPNf", figures)
+    walk(args, "tablet", PROFILES["tablet"], "t4", "t5", "t8", figures)
     print("figures:", json.dumps(figures))
     print("PASS: all checks passed")
 
