@@ -330,7 +330,10 @@ fn the_embryo_page_plays_annotates_with_the_version_check_and_hears_changes() {
     let dish = Browser::body(&anna.send("GET", &link(&treatment, "/view/dish?"), None));
     // The grid's frames are smaller ones; each embryo links its page.
     assert!(dish.contains("&amp;w=320"), "{dish}");
-    assert!(dish.contains("<script src='/view/dish.js'>"), "the grid redraws itself live");
+    assert!(
+        dish.contains("<script src='/view/dish.js'>"),
+        "the grid redraws itself live"
+    );
     let page = anna.send("GET", &link(&dish, "/view/embryo?"), None);
     assert_eq!(page.status, 200, "{}", Browser::body(&page));
     let page = Browser::body(&page);
@@ -362,7 +365,7 @@ fn the_embryo_page_plays_annotates_with_the_version_check_and_hears_changes() {
     let frame_path = format!("/view/frame?embryo={embryo_id}&at={first_at}&plane=0");
     let full = anna.send("GET", &frame_path, None);
     assert_eq!(full.status, 200);
-    let small = anna.send("GET", &format!("{frame_path}&w=64"), None);
+    let small = anna.send("GET", &format!("{frame_path}&w=80"), None);
     assert_eq!(small.status, 200, "{}", Browser::body(&small));
     assert_eq!(&small.body[..2], &[0xff, 0xd8], "a JPEG");
     assert!(
@@ -372,11 +375,12 @@ fn the_embryo_page_plays_annotates_with_the_version_check_and_hears_changes() {
         full.body.len()
     );
     assert_eq!(
-        anna.send("GET", &format!("{frame_path}&w=64"), None).body,
+        anna.send("GET", &format!("{frame_path}&w=80"), None).body,
         small.body
     );
     assert_eq!(
-        anna.send("GET", &format!("{frame_path}&w=5"), None).status,
+        anna.send("GET", &format!("{frame_path}&w=100"), None)
+            .status,
         400
     );
 
@@ -399,11 +403,15 @@ fn the_embryo_page_plays_annotates_with_the_version_check_and_hears_changes() {
             json(&saved)
         }
     });
+    let asked = std::time::Instant::now();
     let waited = anna.send(
         "GET",
         &format!("/view/changes?after={last_seq}&wait=20"),
         None,
     );
+    // Woken by Ben's commit, not by the end of its 20 s wait.
+    assert!(asked.elapsed() < std::time::Duration::from_secs(15));
+    assert_eq!(waited.header("cache-control"), Some("no-store"));
     let saved_by_ben = edit.join().unwrap();
     assert_eq!(waited.status, 200, "{}", Browser::body(&waited));
     let changes = json(&waited);
@@ -493,6 +501,17 @@ fn the_embryo_page_plays_annotates_with_the_version_check_and_hears_changes() {
     let refused = stranger.send("GET", &format!("/view/embryo.json?id={embryo_id}"), None);
     assert_eq!(refused.status, 401);
     assert_eq!(json(&refused)["code"], "session_ended");
+    let refused = stranger.send("GET", "/view/changes?after=0&wait=1", None);
+    assert_eq!(json(&refused)["code"], "session_ended");
+    // A position ahead of the log (a restored server) is refused at once: read again.
+    let ahead = anna.send("GET", "/view/changes?after=999999999&wait=20", None);
+    assert_eq!(ahead.status, 410, "{}", Browser::body(&ahead));
+    assert_eq!(json(&ahead)["code"], "cursor_expired");
+    // Widths other than the few offered are refused.
+    for width in ["abc", "1000", "-1"] {
+        let path = format!("/view/frame?embryo={embryo_id}&at={first_at}&plane=0&w={width}");
+        assert_eq!(anna.send("GET", &path, None).status, 400, "{width}");
+    }
 }
 
 /// An annotation's hours after insemination times ten, rounded, as the server computes them.

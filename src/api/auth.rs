@@ -105,6 +105,18 @@ impl Tokens {
         Some((entry.user.clone(), entry.rights))
     }
 
+    /// The user and rights of a live token, without refreshing its idle timer (a page's
+    /// background requests: they must not keep an unattended screen logged in).
+    pub fn peek(&self, token: &str, now: Instant) -> Option<(String, Rights)> {
+        let mut map = self.map.lock();
+        let entry = map.get(token)?;
+        if expired(entry, now) {
+            map.remove(token);
+            return None;
+        }
+        Some((entry.user.clone(), entry.rights))
+    }
+
     /// True while the token is live, without refreshing its idle timer.
     pub fn is_live(&self, token: &str, now: Instant) -> bool {
         self.map
@@ -258,6 +270,14 @@ mod tests {
         assert!(tokens.check(&token, t0 + TOKEN_LIFETIME).is_none());
         let idle = tokens.issue("bo", Rights::View, t0).unwrap();
         assert!(tokens.check(&idle, t0 + TOKEN_IDLE).is_none());
+        // A peek (a page's background request) does not refresh the idle timer.
+        let quiet = tokens.issue("di", Rights::View, t0).unwrap();
+        assert!(tokens.peek(&quiet, later).is_some());
+        assert!(tokens.peek(&quiet, t0 + TOKEN_IDLE).is_none());
+        assert!(
+            tokens.check(&quiet, t0 + TOKEN_IDLE).is_none(),
+            "expired, and forgotten"
+        );
         let other = tokens.issue("cy", Rights::View, t0).unwrap();
         assert!(tokens.revoke(&other));
         assert!(tokens.check(&other, t0).is_none());

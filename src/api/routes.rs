@@ -1535,6 +1535,8 @@ fn changes_response(changes: &[Change], after: u64, last: u64) -> Response {
         200,
         &json!({ "items": items, "next_after": next, "last_seq": last }),
     )
+    // A feed's answer is for the moment it was read.
+    .with_header("cache-control", "no-store")
 }
 
 fn page_limit(request: &Request) -> Result<u32, Refusal> {

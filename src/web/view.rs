@@ -151,7 +151,15 @@ pub(super) fn session_of(
     let Some(token) = cookie(request, VIEW_COOKIE) else {
         return Err(redirect("/view/login"));
     };
-    let Some((user, _)) = view.sessions.check(&token, Instant::now()) else {
+    // A page's own background requests (the long poll, the reads it makes on a change) do
+    // not count as use: a screen left open logs out after the idle time like any other.
+    let background = request.path == "/view/changes" || request.query_param("live") == Some("1");
+    let checked = if background {
+        view.sessions.peek(&token, Instant::now())
+    } else {
+        view.sessions.check(&token, Instant::now())
+    };
+    let Some((user, _)) = checked else {
         return Err(redirect("/view/login"));
     };
     let account = shared

@@ -19,7 +19,9 @@
     return response.json().then(function (body) { return { status: response.status, body: body }; });
   }
   function redraw(changes) {
-    return fetch(location.href, { credentials: 'same-origin' }).then(function (response) {
+    // live=1: the page's own read does not count as use of the session.
+    var url = location.href + (location.search ? '&' : '?') + 'live=1';
+    return fetch(url, { credentials: 'same-origin' }).then(function (response) {
       if (!response.ok) throw new Error('status ' + response.status);
       return response.text();
     }).then(function (html) {
@@ -34,18 +36,25 @@
     });
   }
   function poll() {
+    var asked = performance.now();
+    var next = 0;
     fetch('/view/changes?after=' + after + '&wait=25&limit=200', { credentials: 'same-origin' })
       .then(json)
       .then(function (r) {
+        // The page's position is gone (the log moved on, or the data was restored).
+        if (r.status === 410) { location.reload(); return; }
         if (r.status !== 200) throw new Error(r.body.message || ('status ' + r.status));
-        after = r.body.next_after;
+        // An empty answer that came at once (the server had no room to wait): not straight again.
+        if (!r.body.items.length && performance.now() - asked < 1000) next = 2000;
         var mine = embryos();
         var changes = r.body.items.filter(function (c) {
           return (c.entity === 'embryo' || c.entity === 'acquisition') && mine.has(c.id);
         });
-        if (changes.length) return redraw(changes);
+        if (!changes.length) { after = r.body.next_after; return; }
+        // Moved on only once the grid is redrawn: a failed read is tried again.
+        return redraw(changes).then(function () { after = r.body.next_after; });
       })
-      .then(function () { setTimeout(poll, 0); }, function (error) {
+      .then(function () { setTimeout(poll, next); }, function (error) {
         live.textContent = 'Live updates paused: ' + error.message + '. Retrying...';
         setTimeout(poll, 5000);
       });

@@ -10,7 +10,8 @@
 //!   answer, 412 with the current embryo when the version was stale.
 //! - `/view/changes?after=&wait=` the change feed, long-polled: the page hears new
 //!   acquisitions and other users' edits without a reload.
-//! - `/view/frame?...&w=` a stored JPEG made smaller ([`Thumbnails`]), cached and bounded.
+//! - `/view/frame?...&w=` a stored JPEG made smaller ([`Thumbnails`]), at one of a few widths,
+//!   cached and bounded.
 
 use super::view::{
     page_response, refused_page, session_of, storage_page, url_part, view_page, ViewSession,
@@ -34,9 +35,9 @@ pub const VIEW_CHANGES_WAIT_MAX: Duration = Duration::from_secs(25);
 const VIEW_CHANGES_LIMIT_MAX: u32 = 500;
 /// Bytes of an annotation request's body at most.
 const ANNOTATE_BODY_BYTES_MAX: usize = 16 * 1024;
-/// Smaller frames are this wide at least and at most (pixels).
-pub const THUMBNAIL_WIDTH_MIN: usize = 32;
-pub const THUMBNAIL_WIDTH_MAX: usize = 1024;
+/// The widths a smaller frame may be asked at (pixels): few, so that a frame has few
+/// smaller copies to make and keep.
+pub const THUMBNAIL_WIDTHS: [usize; 4] = [80, 160, 320, 640];
 /// Bytes of smaller frames the cache keeps at most.
 pub const THUMBNAIL_CACHE_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// JPEG quality of a smaller frame.
@@ -111,7 +112,8 @@ pub(super) fn embryo_page(call: &mut Call<'_>) -> Response {
          <label>Annotation <input id=annotation-name list=annotation-names maxlength=64 \
          placeholder='t2' required></label> \
          <label>Value <input id=annotation-value maxlength=256></label> \
-         <label><input type=checkbox id=annotation-at-frame checked> at this frame</label> \
+         <label><input type=checkbox id=annotation-at-frame checked> at this frame \
+         (<span id=at-hours></span>)</label> \
          <button id=save>Save</button> <button type=button id=cancel-change hidden>New \
          annotation</button></form><datalist id=annotation-names><option value=tPNf>\
          <option value=t2><option value=t3><option value=t4><option value=t5><option value=t8>\
@@ -178,6 +180,8 @@ pub(super) fn embryo_json(call: &mut Call<'_>) -> Response {
         Ok(None) => return json_refusal(404, "not_found", format!("embryo {id} is unknown")),
         Err(error) => return Response::storage(&error),
     };
+    // The first ones (a 35-day culture at one acquisition every 10 minutes fits): beyond,
+    // the page says the time-lapse is cut.
     let acquisitions = match reader.acquisitions(id, None, PLAYER_ACQUISITIONS_MAX) {
         Ok(found) => found.unwrap_or_default(),
         Err(error) => return Response::storage(&error),
@@ -343,22 +347,20 @@ pub(super) fn changes(call: &mut Call<'_>) -> Step {
     };
     let wait = Duration::from_secs(wait).min(VIEW_CHANGES_WAIT_MAX.min(CHANGES_WAIT_MAX));
     let limit = (limit as u32).clamp(1, VIEW_CHANGES_LIMIT_MAX);
-    let reader = match call.shared.store.read() {
-        Ok(reader) => reader,
-        Err(error) => return Step::Respond(Response::storage(&error)),
-    };
-    let last = match reader.last_change_seq() {
-        Ok(last) => last,
-        Err(error) => return Step::Respond(Response::storage(&error)),
-    };
-    if last <= after && !wait.is_zero() {
+    // Read now (a cursor older than the log or ahead of it is refused at once with 410
+    // `cursor_expired`, as on the public API); wait only when there is nothing yet.
+    let now = crate::api::routes::changes_now(call.shared, after, limit);
+    let empty = now.status == 200
+        && serde_json::from_slice::<serde_json::Value>(&now.body)
+            .is_ok_and(|v| v["items"].as_array().is_some_and(|items| items.is_empty()));
+    if empty && !wait.is_zero() {
         return Step::Wait {
             after,
             limit,
             until: Instant::now() + wait,
         };
     }
-    Step::Respond(crate::api::routes::changes_now(call.shared, after, limit))
+    Step::Respond(now)
 }
 
 /// Smaller frames, made on request and kept within [`THUMBNAIL_CACHE_BYTES_MAX`] (the oldest
@@ -381,27 +383,33 @@ impl Thumbnails {
     }
 
     fn put(&self, key: String, jpeg: Bytes) {
-        if jpeg.len() > THUMBNAIL_CACHE_BYTES_MAX / 16 {
+        let cost = Self::cost(&key, &jpeg);
+        if cost > THUMBNAIL_CACHE_BYTES_MAX / 16 {
             return;
         }
         let mut cache = self.cache.lock();
         if cache.frames.contains_key(&key) {
             return;
         }
-        while cache.bytes + jpeg.len() > THUMBNAIL_CACHE_BYTES_MAX {
+        while cache.bytes + cost > THUMBNAIL_CACHE_BYTES_MAX {
             let Some(oldest) = cache.order.pop_front() else {
                 break;
             };
             if let Some(gone) = cache.frames.remove(&oldest) {
-                cache.bytes -= gone.len();
+                cache.bytes -= Self::cost(&oldest, &gone);
             }
         }
-        cache.bytes += jpeg.len();
+        cache.bytes += cost;
         cache.order.push_back(key.clone());
         cache.frames.insert(key, jpeg);
     }
 
-    /// Bytes held now.
+    /// What an entry takes: the frame, its key twice (map and order) and the bookkeeping.
+    fn cost(key: &str, jpeg: &Bytes) -> usize {
+        jpeg.len() + 2 * key.len() + 128
+    }
+
+    /// Bytes held now (frames, keys and bookkeeping).
     pub fn bytes(&self) -> usize {
         self.cache.lock().bytes
     }
@@ -410,6 +418,13 @@ impl Thumbnails {
 /// `jpeg` at most `width` pixels wide (grey, as the incubators' frames are), or None when it is
 /// that small already. Err: the stored JPEG does not decode.
 pub fn shrink(jpeg: &[u8], width: usize) -> Result<Option<Vec<u8>>, String> {
+    // The header first: a frame as small already is not decoded.
+    let mut header = zune_jpeg::JpegDecoder::new(zune_core::bytestream::ZCursor::new(jpeg));
+    header.decode_headers().map_err(|error| error.to_string())?;
+    match header.dimensions() {
+        Some((w, _)) if w <= width => return Ok(None),
+        _ => {}
+    }
     let (w, h, pixels) = crate::activity::decode_grey(jpeg)?;
     if w <= width || w == 0 || h == 0 {
         return Ok(None);
@@ -458,35 +473,41 @@ pub(super) fn smaller_frame(
     width: &str,
 ) -> Result<Bytes, Response> {
     let width = match width.parse::<usize>() {
-        Ok(w) if (THUMBNAIL_WIDTH_MIN..=THUMBNAIL_WIDTH_MAX).contains(&w) => w,
+        Ok(w) if THUMBNAIL_WIDTHS.contains(&w) => w,
         _ => {
             return Err(refused_page(
                 400,
                 "Frame",
-                &format!("w is a width from {THUMBNAIL_WIDTH_MIN} to {THUMBNAIL_WIDTH_MAX} pixels"),
+                &format!("w is one of {THUMBNAIL_WIDTHS:?} pixels"),
             ))
         }
     };
+    let reader = shared.store.read().map_err(|error| storage_page(&error))?;
+    // The embryo as it is now: a cached copy of a frame of a removed embryo is not served.
+    match reader.embryo(embryo) {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err(refused_page(404, "Not found", "No such frame.")),
+        Err(error) => return Err(storage_page(&error)),
+    }
     let key = format!("{embryo}\n{at}\n{plane}\n{width}");
     let thumbnails = &shared.site.view.thumbnails;
     if let Some(jpeg) = thumbnails.get(&key) {
         return Ok(jpeg);
     }
-    let stored = match shared
-        .store
-        .read()
-        .and_then(|r| r.embryo_image(embryo, at, plane))
-    {
+    let stored = match reader.embryo_image(embryo, at, plane) {
         Ok(Some(jpeg)) => jpeg,
         Ok(None) => return Err(refused_page(404, "Not found", "No such frame.")),
         Err(error) => return Err(storage_page(&error)),
     };
+    drop(reader);
     match shrink(&stored, width) {
         Ok(Some(small)) => {
-            let small = Bytes::from(small);
+            // Copied to its own exact size: the cache counts what it holds.
+            let small = Bytes::copy_from_slice(&small);
             thumbnails.put(key, small.clone());
             Ok(small)
         }
+        // As small already (read from the header alone, nothing decoded): sent as stored.
         Ok(None) => Ok(stored),
         Err(error) => {
             tracing::warn!(embryo, at, plane, %error, "a stored frame does not decode; sent as stored");

@@ -21,7 +21,8 @@
   };
   // What the tests and the measurement read: frames shown, stalls, the first frame's time.
   var stats = { shown: 0, stalls: 0, firstFrameMs: null, playStarted: null, playShown: 0,
-                lastUpdate: null, updates: 0, requested: 0, playFps: null };
+                lastUpdate: null, updates: 0, requested: 0, playFps: null,
+                playFirstAt: null, playLastAt: null };
   window.esPlayer = { stats: stats, state: state };
   var started = performance.now();
 
@@ -88,12 +89,19 @@
     var f = state.frames[i];
     when.textContent = hours(f.at) + ' h since insemination · frame ' + (i + 1) + ' of ' +
       state.frames.length + ' · plane ' + planeOf(f);
+    var atHours = $('at-hours');
+    if (atHours) atHours.textContent = hours(f.at) + ' h';
     if (entry && (entry.loaded || entry.failed)) {
       img.src = entry.image.src;
       img.classList.toggle('missing', entry.failed);
       stats.shown++;
       if (stats.firstFrameMs === null) stats.firstFrameMs = performance.now() - started;
-      if (state.playing) stats.playShown++;
+      if (state.playing) {
+        var now = performance.now();
+        if (stats.playFirstAt === null) stats.playFirstAt = now;
+        stats.playLastAt = now;
+        stats.playShown++;
+      }
       waitingFor = null;
     } else {
       waitingFor = urlOf(i);
@@ -102,22 +110,30 @@
   }
 
   // ---- playback: the next frame is shown when it is loaded; a wait for one is a stall
+  // Each frame has its slot, one every 1/speed after the one before was shown (a clock, not
+  // a chain of timer delays, so the timers' lateness does not add up).
+  var due = 0, stalledFrame = -1;
   function tick() {
     state.timer = null;
     if (!state.playing) return;
     if (state.index >= state.frames.length - 1) {
-      stats.playFps = stats.playShown / ((performance.now() - stats.playStarted) / 1000);
+      var seconds = (stats.playLastAt - stats.playFirstAt) / 1000;
+      stats.playFps = seconds > 0 ? (stats.playShown - 1) / seconds : 0;
       pause();
       statusLine.textContent = 'End of the time-lapse (' + stats.playFps.toFixed(1) + ' frames/s).';
       return;
     }
     var next = load(state.index + 1);
+    var slot = 1000 / Number(speedSelect.value);
     if (next && (next.loaded || next.failed)) {
       show(state.index + 1);
       statusLine.textContent = '';
-      state.timer = setTimeout(tick, 1000 / Number(speedSelect.value));
+      var now = performance.now();
+      due += slot;
+      if (now - due > slot) due = now;  // after a stall: the slots start again from here
+      state.timer = setTimeout(tick, Math.max(0, due + slot - now));
     } else {
-      stats.stalls++;
+      if (stalledFrame !== state.index + 1) { stalledFrame = state.index + 1; stats.stalls++; }
       statusLine.textContent = 'Loading...';
       state.timer = setTimeout(tick, 20);
     }
@@ -130,7 +146,11 @@
     stats.playShown = 0;
     stats.stalls = 0;
     stats.playFps = null;
+    stats.playFirstAt = null;
+    stats.playLastAt = null;
+    stalledFrame = -1;
     playButton.textContent = 'Pause';
+    due = performance.now();
     state.timer = setTimeout(tick, 1000 / Number(speedSelect.value));
   }
   function pause() {
@@ -186,8 +206,12 @@
     $('scores').textContent = 'Scores: ' + (scores.length ? scores.join(', ') : 'none');
   }
   function apply(data, first) {
-    state.embryo = data.embryo;
-    state.version = data.version;
+    // A read that started before this page's own save may end after it: it does not roll
+    // the embryo back (its frames are as new as any).
+    if (first || data.version >= state.version) {
+      state.embryo = data.embryo;
+      state.version = data.version;
+    }
     state.insemination = data.insemination_at_ms;
     var atEnd = state.index >= state.frames.length - 1;
     state.frames = data.acquisitions;
@@ -224,7 +248,9 @@
       });
   }
   function reload(first) {
-    return fetchJson('/view/embryo.json?id=' + encodeURIComponent(embryoId)).then(function (r) {
+    // A read the page makes on its own (live) does not count as use of the session.
+    var url = '/view/embryo.json?id=' + encodeURIComponent(embryoId) + (first ? '' : '&live=1');
+    return fetchJson(url).then(function (r) {
       if (r.status !== 200) throw new Error(r.body.message || ('status ' + r.status));
       if (first) state.lastSeq = r.body.last_seq;
       apply(r.body, first);
@@ -241,6 +267,17 @@
     $('annotation-id').value = a.annotation_id;
     $('annotation-name').value = a.name;
     $('annotation-value').value = a.value;
+    // A timing keeps its time unless the user moves to another frame: go to its frame.
+    var at = a.event_at ? Date.parse(a.event_at) : NaN;
+    $('annotation-at-frame').checked = !isNaN(at);
+    if (!isNaN(at) && state.frames.length) {
+      var best = 0;
+      state.frames.forEach(function (f, i) {
+        if (Math.abs(f.at - at) < Math.abs(state.frames[best].at - at)) best = i;
+      });
+      pause();
+      show(best);
+    }
     $('cancel-change').hidden = false;
     $('save').textContent = 'Save change';
     state.editBase = state.version;
@@ -291,7 +328,7 @@
           state.editBase = current.version;
           renderAnnotations();
           var same = current.annotations.filter(function (a) {
-            return a.name.toLowerCase() === name.toLowerCase();
+            return id ? String(a.annotation_id) === id : a.name.toLowerCase() === name.toLowerCase();
           }).pop();
           var now = 'not set';
           if (same) {
@@ -301,9 +338,12 @@
             parts.push('set by ' + same.set_by);
             now = parts.join(' ');
           }
+          var advice = id ? 'Your entry is kept in the form: save again to replace it.'
+            : (same ? 'Your entry is kept in the form: saving again adds another ' + name +
+                      '; to correct that one, use its Change button.'
+                    : 'Your entry is kept in the form: save again to add it.');
           say('Not saved: the embryo was changed by another user meanwhile (now version ' +
-            current.version + '). ' + name + ' is now ' + now +
-            '. Your entry is kept in the form: save again to replace it.', 'err conflict');
+            current.version + '). ' + name + ' is now ' + now + '. ' + advice, 'err conflict');
         } else {
           say('Not saved: ' + (r.body.message || ('status ' + r.status)), 'err');
         }
@@ -313,24 +353,40 @@
 
   // ---- live: the change feed, long-polled
   var live = $('live');
+  var planeRetry = null;
   function poll() {
+    var asked = performance.now();
+    var next = 0;
     fetchJson('/view/changes?after=' + state.lastSeq + '&wait=25&limit=200').then(function (r) {
+      if (r.status === 410) {
+        // The page's position is gone (the log moved on, or the data was restored): read the
+        // embryo again and follow from its new position.
+        return reload(true);
+      }
       if (r.status !== 200) throw new Error(r.body.message || ('status ' + r.status));
+      // An empty answer that came at once (the server had no room to wait): not straight again.
+      if (!r.body.items.length && performance.now() - asked < 1000) next = 2000;
       var mine = r.body.items.filter(function (c) {
         return c.id === embryoId && (c.entity === 'embryo' || c.entity === 'acquisition');
       });
-      state.lastSeq = r.body.next_after;
-      if (!mine.length) return;
+      if (!mine.length) { state.lastSeq = r.body.next_after; return; }
       var what = mine.map(function (c) { return c.summary; }).join('; ');
       return reload(false).then(function () {
+        // Moved on only once the change is shown: a failed read is tried again.
+        state.lastSeq = r.body.next_after;
         stats.updates++;
         stats.lastUpdate = what;
         live.textContent = 'Updated ' + new Date().toLocaleTimeString() + ': ' + what;
         if (state.editBase !== null && state.editBase !== state.version) {
           say('This embryo was changed while you were editing; saving now will show the conflict.', 'err');
         }
+        // A new acquisition's other planes come after its first, with no change of their own.
+        var last = state.frames[state.frames.length - 1];
+        if (last && last.planes.length < state.planes.length && !planeRetry) {
+          planeRetry = setTimeout(function () { planeRetry = null; reload(false).catch(function () {}); }, 5000);
+        }
       });
-    }).then(function () { setTimeout(poll, 0); }, function (error) {
+    }).then(function () { setTimeout(poll, next); }, function (error) {
       live.textContent = 'Live updates paused: ' + error.message + '. Retrying...';
       setTimeout(poll, 5000);
     });

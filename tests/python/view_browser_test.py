@@ -206,6 +206,17 @@ def walk(args, name, profile, mine, theirs, noted, figures):
         rows = lambda: js("return Array.from(document.querySelectorAll('#annotations tbody tr'))"
                           ".map(function(r){return r.innerText;})")
         expect(any(r.startswith(mine) and "anna" in r for r in rows()), f"{name}: my annotation is listed")
+        # Changing it starts from its own frame, not the one on screen: move away first.
+        Select(driver.find_element(By.ID, "plane")).select_by_value("0")
+        driver.find_element(By.ID, "next").click()
+        mine_hours = js("var a=window.esPlayer.state.embryo.annotations.filter(function(a){"
+                        f"return a.name==='{mine}';}}).pop(); return a.hours.toFixed(1)")
+        js("Array.from(document.querySelectorAll('#annotations tbody tr')).filter(function(r){"
+           f"return r.cells[0].textContent==='{mine}';}})[0].querySelector('button.change').click()")
+        wait.until(lambda d: d.find_element(By.ID, "at-hours").text == f"{mine_hours} h")
+        expect(driver.find_element(By.ID, "annotation-at-frame").is_selected(),
+               f"{name}: Change goes to the annotation's own frame ({mine_hours} h)")
+        driver.find_element(By.ID, "cancel-change").click()
 
         # The other user's annotation arrives without a reload.
         at = js("return window.esPlayer.state.frames[120].at")
@@ -223,7 +234,8 @@ def walk(args, name, profile, mine, theirs, noted, figures):
         driver.find_element(By.ID, "save").click()
         wait.until(lambda d: "Not saved" in d.find_element(By.ID, "message").text)
         message = driver.find_element(By.ID, "message").text
-        expect(f"{theirs} is now" in message and f"set by {args.other}" in message
+        their_hours = (at + 600_000 - js("return window.esPlayer.state.insemination")) / 3_600_000
+        expect(f"{theirs} is now at {their_hours:.1f} h set by {args.other}" in message
                and "conflict" in driver.find_element(By.ID, "message").get_attribute("class"),
                f"{name}: the conflict is shown with the current value: {message}")
         shot("conflict")
