@@ -2,11 +2,16 @@
 //! uses it: each browser logs in, names its device, then over and over opens an embryo
 //! (`/view/embryo.json`, then its latest frame: the first frame on screen) and plays
 //! [`PLAYBACK_FRAMES`] frames of its time-lapse at [`PLAYBACK_FPS`] with the page's prefetch
-//! window ([`PREFETCH_AHEAD`] frames ahead of the one shown), one connection per browser.
+//! window ([`PREFETCH_AHEAD`] frames ahead of the one shown), one connection per browser;
+//! after each playback it fetches that frame as the dish grid shows it (`w=320`, made smaller
+//! on the server, then cached). Beside it, on a second connection, the page's long poll of
+//! the change feed (`/view/changes`), woken by every commit of the clinic.
 //!
 //! A frame is shown at its slot (one every 1/fps after the first) or when it arrives, if
-//! later: a stall. A playback's rate is its frames over the time from its first to its last
-//! frame shown, so it is `PLAYBACK_FPS` exactly when nothing stalled.
+//! later: a stall. A playback's rate is its frames after the first over the time from its
+//! first to its last frame shown, so it is `PLAYBACK_FPS` exactly when nothing stalled. With
+//! the prefetch window, a stall after the window has filled needs one fetch slower than about
+//! `PREFETCH_AHEAD` slots (2.7 s): the start of a playback is where it can show.
 
 use crate::http_client::HttpClient;
 use crate::spawn::ServerProcess;
@@ -23,6 +28,8 @@ pub const PLAYBACK_FPS: f64 = 15.0;
 pub const PREFETCH_AHEAD: usize = 40;
 /// Pause between two playbacks of one browser (the user looks, picks another embryo).
 const THINK: Duration = Duration::from_millis(500);
+/// The long poll's wait (the page's is 25 s; shorter here so the run ends on time).
+const POLL_WAIT_S: u32 = 5;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
@@ -46,6 +53,8 @@ pub struct BrowserResult {
     /// Each playback's rate (frames/s), for the lowest and the median.
     pub playback_fps: Vec<f64>,
     pub frames: u64,
+    /// Answers of the browsers' long polls.
+    pub polls: u64,
     pub elapsed: Duration,
     pub errors: Vec<String>,
 }
@@ -58,6 +67,7 @@ impl BrowserResult {
         self.playbacks_stalled += other.playbacks_stalled;
         self.playback_fps.extend(other.playback_fps);
         self.frames += other.frames;
+        self.polls += other.polls;
         self.elapsed = self.elapsed.max(other.elapsed);
         self.errors.extend(other.errors);
     }
@@ -217,16 +227,75 @@ fn browse(
                 .as_ref()
                 .is_some_and(|s| s.load(Ordering::Relaxed))
     };
-    let mut next = n;
-    while !stopped() {
-        let embryo = &embryos[next % embryos.len()];
-        next += options.browsers.max(1) as usize;
-        if let Err(error) = play(&mut session, embryo, &mut result) {
-            result.errors.push(error);
-            break;
+    // The page's long poll, on its own connection with the same cookies, from the position
+    // of the first embryo read.
+    let first = match session.send(
+        "GET",
+        &format!("/view/embryo.json?id={}", embryos[n % embryos.len()]),
+        None,
+    ) {
+        Ok(read) if read.status == 200 => serde_json::from_slice::<serde_json::Value>(&read.body)
+            .ok()
+            .and_then(|v| v["last_seq"].as_u64()),
+        Ok(read) => {
+            result
+                .errors
+                .push(format!("embryo.json: status {}", read.status));
+            None
         }
-        std::thread::sleep(THINK);
-    }
+        Err(error) => {
+            result.errors.push(error);
+            None
+        }
+    };
+    let Some(mut after) = first else {
+        return result;
+    };
+    let mut poller = Session {
+        http: HttpClient::new(
+            server.info.address("web"),
+            server.info.client_tls("web"),
+            TIMEOUT,
+        ),
+        cookies: session.cookies.clone(),
+    };
+    let (polls, poll_error) = std::thread::scope(|scope| {
+        let polling = scope.spawn(|| {
+            let mut polls = 0u64;
+            while !stopped() {
+                let path = format!("/view/changes?after={after}&wait={POLL_WAIT_S}&limit=200");
+                let answer = match poller.send("GET", &path, None) {
+                    Ok(answer) if answer.status == 200 => answer,
+                    Ok(answer) => {
+                        return (polls, Some(format!("{path}: status {}", answer.status)))
+                    }
+                    Err(error) => return (polls, Some(error)),
+                };
+                polls += 1;
+                match serde_json::from_slice::<serde_json::Value>(&answer.body)
+                    .ok()
+                    .and_then(|v| v["next_after"].as_u64())
+                {
+                    Some(next) => after = next,
+                    None => return (polls, Some(format!("{path}: no next_after"))),
+                }
+            }
+            (polls, None)
+        });
+        let mut next = n;
+        while !stopped() {
+            let embryo = &embryos[next % embryos.len()];
+            next += options.browsers.max(1) as usize;
+            if let Err(error) = play(&mut session, embryo, &mut result) {
+                result.errors.push(error);
+                break;
+            }
+            std::thread::sleep(THINK);
+        }
+        polling.join().expect("poll thread")
+    });
+    result.polls = polls;
+    result.errors.extend(poll_error);
     result.elapsed = started.elapsed();
     result
 }
@@ -285,7 +354,9 @@ fn play(session: &mut Session, embryo: &str, result: &mut BrowserResult) -> Resu
     }
     result.playbacks += 1;
     result.playbacks_stalled += u64::from(stalled);
-    Ok(())
+    // Back to the dish: the frame as the grid shows it, made smaller on the server.
+    let thumbnail = format!("{}&w=320", frame_path(latest));
+    fetch(session, &thumbnail, result)
 }
 
 fn fetch(session: &mut Session, path: &str, result: &mut BrowserResult) -> Result<(), String> {

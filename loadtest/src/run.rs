@@ -192,13 +192,16 @@ pub struct BrowserSummary {
     pub fps_min: f64,
     pub fps_median: f64,
     pub frames: u64,
+    /// Answers of the pages' long polls of the change feed.
+    pub polls: u64,
 }
 
 impl BrowserSummary {
     pub fn line(&self) -> String {
         format!(
             "browsers: {} playing {} frames each at {} frames/s over TLS: {} playbacks, {} with a stall; \
-             playback rate lowest {:.1}, median {:.1} frames/s; {} frames fetched",
+             playback rate lowest {:.1}, median {:.1} frames/s; {} frames fetched (with a \
+             smaller one per playback); {} long-poll answers",
             self.browsers,
             crate::browser_bench::PLAYBACK_FRAMES,
             crate::browser_bench::PLAYBACK_FPS,
@@ -206,7 +209,8 @@ impl BrowserSummary {
             self.playbacks_stalled,
             self.fps_min,
             self.fps_median,
-            self.frames
+            self.frames,
+            self.polls
         )
     }
 }
@@ -524,6 +528,7 @@ pub fn run_phase(
             fps_min: b.fps_min(),
             fps_median: b.fps_median(),
             frames: b.frames,
+            polls: b.polls,
         }),
     }
 }
