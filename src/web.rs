@@ -2317,8 +2317,13 @@ mod tests {
         for (index, page) in PAGES.iter().enumerate() {
             assert!(page.path.starts_with('/'), "{}", page.path);
             assert!(
-                page.get.is_some() || page.post.is_some(),
+                page.get.is_some() || page.get_step.is_some() || page.post.is_some(),
                 "{} answers nothing",
+                page.path
+            );
+            assert!(
+                page.get.is_none() || page.get_step.is_none(),
+                "{} has two GET handlers",
                 page.path
             );
             assert!(
