@@ -361,7 +361,8 @@ fn the_embryo_page_plays_annotates_with_the_version_check_and_hears_changes() {
     let last_seq = read["last_seq"].as_u64().unwrap();
     let first_at = read["acquisitions"][0]["at"].as_i64().unwrap();
 
-    // The full frame and a smaller one (made, then cached), and a width out of bounds.
+    // The full frame and a smaller one (the same bytes when asked again: from the cache, or
+    // made again the same way; the unit tests check the cache), and a width not offered.
     let frame_path = format!("/view/frame?embryo={embryo_id}&at={first_at}&plane=0");
     let full = anna.send("GET", &frame_path, None);
     assert_eq!(full.status, 200);
