@@ -9,80 +9,41 @@
 
 mod common;
 
-use es_client::http::{HttpClient, HttpResponse};
+use es_client::http::HttpResponse;
+use es_loadtest::browser_bench::Session;
 use es_loadtest::spawn::ServerProcess;
 
 const PASSWORD: &str = "Viewer-2026!";
 
-/// A browser: one connection and its cookie jar (name -> value).
+/// A browser: the load generator's (one connection and its cookie jar), answers unwrapped.
 struct Browser {
-    http: HttpClient,
-    cookies: Vec<(String, String)>,
+    session: Session,
 }
 
 impl Browser {
     fn new(server: &ServerProcess) -> Browser {
         Browser {
-            http: HttpClient::new(
-                server.info.address("web"),
-                server.info.client_tls("web"),
-                common::TIMEOUT,
-            ),
-            cookies: Vec::new(),
+            session: Session::new(server, common::TIMEOUT),
         }
     }
 
     fn send(&mut self, method: &str, path: &str, form: Option<&str>) -> HttpResponse {
-        let content_type = form.map(|_| "application/x-www-form-urlencoded");
-        self.send_with(method, path, form, content_type, &[])
+        self.session.send(method, path, form).unwrap()
     }
 
     /// What the embryo page's script sends: JSON with its CSRF token in a header.
     fn send_json(&mut self, path: &str, body: &serde_json::Value, csrf: &str) -> HttpResponse {
         let body = body.to_string();
         let csrf = [("x-csrf-token", csrf)];
-        self.send_with("POST", path, Some(&body), Some("application/json"), &csrf)
-    }
-
-    fn send_with(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-        content_type: Option<&str>,
-        extra: &[(&str, &str)],
-    ) -> HttpResponse {
-        let form = body;
-        let cookie = self
-            .cookies
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("; ");
-        let mut headers = vec![("sec-fetch-site", "same-origin")];
-        if !cookie.is_empty() {
-            headers.push(("cookie", cookie.as_str()));
-        }
-        if let Some(content_type) = content_type {
-            headers.push(("content-type", content_type));
-        }
-        headers.extend_from_slice(extra);
-        let response = self
-            .http
-            .request(method, path, &headers, form.map(str::as_bytes))
-            .unwrap();
-        for (name, value) in &response.headers {
-            if !name.eq_ignore_ascii_case("set-cookie") {
-                continue;
-            }
-            let pair = value.split(';').next().unwrap();
-            let (key, value) = pair.split_once('=').unwrap();
-            self.cookies.retain(|(k, _)| k != key);
-            if !value.is_empty() && !value.contains("Max-Age=0") {
-                self.cookies.push((key.to_string(), value.to_string()));
-            }
-        }
-        response
+        self.session
+            .request(
+                "POST",
+                path,
+                Some(body.as_bytes()),
+                Some("application/json"),
+                &csrf,
+            )
+            .unwrap()
     }
 
     fn body(response: &HttpResponse) -> String {
@@ -119,10 +80,7 @@ impl Browser {
     }
 
     fn cookie(&self, name: &str) -> Option<String> {
-        self.cookies
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
+        self.session.cookie(name)
     }
 }
 
@@ -166,16 +124,6 @@ fn devices_count_against_the_licence_and_a_revoked_one_is_refused_at_once() {
         Some("text/css; charset=utf-8")
     );
     // Patient -> treatment -> dish grid -> the latest frame, a JPEG straight from storage.
-    let link = |page: &str, prefix: &str| -> String {
-        let start = page
-            .find(prefix)
-            .unwrap_or_else(|| panic!("no {prefix} in {page}"));
-        page[start..]
-            .split('\'')
-            .next()
-            .unwrap()
-            .replace("&amp;", "&")
-    };
     let treatment = tablet.send("GET", &link(&page, "/view/treatment?"), None);
     assert_eq!(treatment.status, 200);
     let treatment = Browser::body(&treatment);
@@ -211,7 +159,7 @@ fn devices_count_against_the_licence_and_a_revoked_one_is_refused_at_once() {
     // The tablet's session cookie carried to the phone (with the phone's device cookie) is
     // refused.
     let mut thief = Browser::new(&server);
-    thief.cookies = vec![
+    thief.session.cookies = vec![
         ("esview".into(), tablet.cookie("esview").unwrap()),
         ("esdevice".into(), phone.cookie("esdevice").unwrap()),
     ];
@@ -224,7 +172,7 @@ fn devices_count_against_the_licence_and_a_revoked_one_is_refused_at_once() {
     // One session per device: the tablet's device cookie copied to another browser gives it
     // no place of its own; its login ends the tablet's session.
     let mut copy = Browser::new(&server);
-    copy.cookies = vec![("esdevice".into(), tablet.cookie("esdevice").unwrap())];
+    copy.session.cookies = vec![("esdevice".into(), tablet.cookie("esdevice").unwrap())];
     assert_eq!(copy.log_in("anna").status, 200);
     let ended = tablet.send("GET", "/view/", None);
     assert_eq!(ended.header("location"), Some("/view/login"));

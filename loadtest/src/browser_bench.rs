@@ -117,18 +117,46 @@ pub fn run(
     result
 }
 
-/// A browser's session: its cookies.
-struct Session {
+/// A browser on the web port: one connection and its cookie jar (name -> value), sending what
+/// a page's forms and scripts send (`sec-fetch-site: same-origin`). The tests drive the browser
+/// viewer with it too.
+pub struct Session {
     http: HttpClient,
-    cookies: Vec<(String, String)>,
+    pub cookies: Vec<(String, String)>,
 }
 
 impl Session {
-    fn send(
+    pub fn new(server: &ServerProcess, timeout: Duration) -> Session {
+        Session {
+            http: HttpClient::new(
+                server.info.address("web"),
+                server.info.client_tls("web"),
+                timeout,
+            ),
+            cookies: Vec::new(),
+        }
+    }
+
+    /// A GET, or a POST of a form.
+    pub fn send(
         &mut self,
         method: &str,
         path: &str,
         form: Option<&str>,
+    ) -> Result<crate::http_client::HttpResponse, String> {
+        let content_type = form.map(|_| "application/x-www-form-urlencoded");
+        self.request(method, path, form.map(str::as_bytes), content_type, &[])
+    }
+
+    /// Any request: the jar's cookies go with it, and the answer's `set-cookie`s update the
+    /// jar (an empty value or `Max-Age=0` removes the cookie).
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        content_type: Option<&str>,
+        extra: &[(&str, &str)],
     ) -> Result<crate::http_client::HttpResponse, String> {
         let cookie = self
             .cookies
@@ -140,26 +168,39 @@ impl Session {
         if !cookie.is_empty() {
             headers.push(("cookie", cookie.as_str()));
         }
-        if form.is_some() {
-            headers.push(("content-type", "application/x-www-form-urlencoded"));
+        if let Some(content_type) = content_type {
+            headers.push(("content-type", content_type));
         }
+        headers.extend_from_slice(extra);
         let response = self
             .http
-            .request(method, path, &headers, form.map(str::as_bytes))
+            .request(method, path, &headers, body)
             .map_err(|e| format!("{method} {path}: {e}"))?;
         for (name, value) in &response.headers {
-            if name.eq_ignore_ascii_case("set-cookie") {
-                let pair = value.split(';').next().unwrap_or("");
-                if let Some((key, value)) = pair.split_once('=') {
-                    self.cookies.retain(|(k, _)| k != key);
-                    self.cookies.push((key.to_string(), value.to_string()));
-                }
+            if !name.eq_ignore_ascii_case("set-cookie") {
+                continue;
+            }
+            let Some((key, value)) = value.split(';').next().and_then(|p| p.split_once('=')) else {
+                continue;
+            };
+            self.cookies.retain(|(k, _)| k != key);
+            if !value.is_empty() && !value.contains("Max-Age=0") {
+                self.cookies.push((key.to_string(), value.to_string()));
             }
         }
         Ok(response)
     }
 
-    fn log_in(&mut self, user: &str, password: &str, device: &str) -> Result<(), String> {
+    /// The value of a cookie in the jar.
+    pub fn cookie(&self, name: &str) -> Option<String> {
+        self.cookies
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// Logs in on `/view/login` and names this browser as a device.
+    pub fn log_in(&mut self, user: &str, password: &str, device: &str) -> Result<(), String> {
         let form = format!("username={user}&password={}", form_part(password));
         let login = self.send("POST", "/view/login", Some(&form))?;
         if login.status != 303 {
@@ -208,14 +249,7 @@ fn browse(
 ) -> BrowserResult {
     let mut result = BrowserResult::default();
     let started = Instant::now();
-    let mut session = Session {
-        http: HttpClient::new(
-            server.info.address("web"),
-            server.info.client_tls("web"),
-            TIMEOUT,
-        ),
-        cookies: Vec::new(),
-    };
+    let mut session = Session::new(server, TIMEOUT);
     if let Err(error) = session.log_in(user, &options.password, &format!("load browser {n}")) {
         result.errors.push(error);
         return result;
@@ -251,14 +285,8 @@ fn browse(
     let Some(mut after) = first else {
         return result;
     };
-    let mut poller = Session {
-        http: HttpClient::new(
-            server.info.address("web"),
-            server.info.client_tls("web"),
-            TIMEOUT,
-        ),
-        cookies: session.cookies.clone(),
-    };
+    let mut poller = Session::new(server, TIMEOUT);
+    poller.cookies = session.cookies.clone();
     let (polls, poll_error) = std::thread::scope(|scope| {
         let polling = scope.spawn(|| {
             let mut polls = 0u64;
