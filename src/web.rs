@@ -476,7 +476,7 @@ const PAGES: &[Page] = &[
         get: Some(|_| {
             text(
                 200,
-                view_embryo::DISH_SCRIPT.into(),
+                view::DISH_SCRIPT.into(),
                 "text/javascript; charset=utf-8",
             )
         }),

@@ -104,6 +104,9 @@ input,button{font-size:1em;padding:.4em}li{margin:.4em 0}.err{color:#a00}.who{ma
 td,th{border-bottom:1px solid #ddd;padding:.3em .5em;text-align:left}.annotate label{display:inline-block;margin:.3em 0}\
 .ok{color:#060}.conflict{background:#fee;padding:.4em}\n";
 
+/// The dish grid's script: it redraws the grid when one of its embryos changes.
+pub(super) const DISH_SCRIPT: &str = include_str!("view_dish.js");
+
 /// A browser-viewer page: as [`html`], under a policy without `unsafe-inline`.
 pub(super) fn page_response(status: u16, body: String) -> Response {
     let mut response = html(status, body);

@@ -45,8 +45,6 @@ const THUMBNAIL_QUALITY: u8 = 80;
 
 /// The page's script, served as a file (the pages' policy allows no inline script).
 pub(super) const PLAYER_SCRIPT: &str = include_str!("view_player.js");
-/// The dish grid's script: it redraws the grid when one of its embryos changes.
-pub(super) const DISH_SCRIPT: &str = include_str!("view_dish.js");
 
 fn json_refusal(status: u16, code: &str, message: impl Into<String>) -> Response {
     let mut response = Response::error(status, code, message);
@@ -347,20 +345,22 @@ pub(super) fn changes(call: &mut Call<'_>) -> Step {
     };
     let wait = Duration::from_secs(wait).min(VIEW_CHANGES_WAIT_MAX.min(CHANGES_WAIT_MAX));
     let limit = (limit as u32).clamp(1, VIEW_CHANGES_LIMIT_MAX);
-    // Read now (a cursor older than the log or ahead of it is refused at once with 410
-    // `cursor_expired`, as on the public API); wait only when there is nothing yet.
-    let now = crate::api::routes::changes_now(call.shared, after, limit);
-    let empty = now.status == 200
-        && serde_json::from_slice::<serde_json::Value>(&now.body)
-            .is_ok_and(|v| v["items"].as_array().is_some_and(|items| items.is_empty()));
-    if empty && !wait.is_zero() {
+    // Wait only when the cursor is good and nothing follows it yet; otherwise answer now (a
+    // cursor older than the log or ahead of it gets 410 `cursor_expired`, as on the public API).
+    let nothing_yet = call
+        .shared
+        .store
+        .read()
+        .and_then(|reader| reader.changes_after(after, 1))
+        .is_ok_and(|changes| changes.is_empty());
+    if nothing_yet && !wait.is_zero() {
         return Step::Wait {
             after,
             limit,
             until: Instant::now() + wait,
         };
     }
-    Step::Respond(now)
+    Step::Respond(crate::api::routes::changes_now(call.shared, after, limit))
 }
 
 /// Smaller frames, made on request and kept within [`THUMBNAIL_CACHE_BYTES_MAX`] (the oldest

@@ -338,3 +338,37 @@ pub fn connect_from(source: Ipv4Addr, target: SocketAddr) -> std::io::Result<Tcp
         Ok(stream)
     }
 }
+
+/// A browser test in headless Chromium: `tests/python/<script>` run with `args`, leaving its
+/// screenshots in `target/test-artifacts/<shots>/` (emptied first). Fails unless the script
+/// says every check passed and each of `pages` (`<name>.png`) is a PNG. Returns its output.
+pub fn run_browser_script(script: &str, args: &[String], shots: &str, pages: &[String]) -> String {
+    for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+        assert!(
+            std::path::Path::new(tool).exists(),
+            "{tool} is missing: run ./scripts/test.sh, which installs Debian's chromium and chromium-driver"
+        );
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shots = root.join("target/test-artifacts").join(shots);
+    let _ = std::fs::remove_dir_all(&shots);
+    let output = Command::new("python3")
+        .arg(root.join("tests/python").join(script))
+        .args(args)
+        .arg("--shots")
+        .arg(&shots)
+        .output()
+        .expect("python3 runs (scripts/test.sh installs selenium)");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("PASS: all checks passed"),
+        "the browser test failed:\n{stdout}\n{stderr}"
+    );
+    for page in pages {
+        let png = std::fs::read(shots.join(format!("{page}.png")))
+            .unwrap_or_else(|e| panic!("the screenshot of {page} was saved: {e}"));
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{page}");
+    }
+    stdout
+}
