@@ -97,6 +97,12 @@ struct Edit {
     embryo: usize,
     value: String,
     state: EditState,
+    /// Seen in the embryo's current state (a conflict's `current_json`) while a request of it
+    /// was in flight: if that request's answer is lost, the edit is applied, not kept.
+    seen_stored: bool,
+    /// The version its first unanswered send carried: a resend carries it again, never a
+    /// version learned since (viewer.md, "A save that got no answer").
+    sent_version: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -506,6 +512,8 @@ impl World {
                 embryo: noise.below(2),
                 value: format!("edit-{k}"),
                 state: EditState::Kept,
+                seen_stored: false,
+                sent_version: None,
             })
             .collect();
         let limits = ServerLimits {
@@ -659,7 +667,14 @@ impl World {
         self.totals.drops += 1;
         for edit in &mut self.edits {
             if edit.state == EditState::InFlight {
-                edit.state = EditState::Kept;
+                // Its answer is lost. Stored already (seen in a current state): applied;
+                // else kept, to be saved again.
+                edit.state = if edit.seen_stored {
+                    self.totals.duplicates += 1;
+                    EditState::Applied
+                } else {
+                    EditState::Kept
+                };
             }
         }
         let mut server = connection.server;
@@ -740,9 +755,10 @@ impl World {
             };
             let edit = &mut self.edits[index];
             edit.state = EditState::InFlight;
+            let expected_version = *edit.sent_version.get_or_insert(self.versions[edit.embryo]);
             let request = Request::AddAnnotation(pb::AddAnnotation {
                 embryo_id: embryo_id(edit.embryo),
-                expected_version: self.versions[edit.embryo],
+                expected_version,
                 annotation: Some(pb::AnnotationInput {
                     name: "t2".into(),
                     value: edit.value.clone(),
@@ -1029,16 +1045,22 @@ impl World {
                     if error.code == ErrorCode::Conflict.code() =>
                 {
                     let edit = &mut self.edits[index];
-                    self.versions[edit.embryo] = error.current_version;
+                    let embryo = edit.embryo;
+                    self.versions[embryo] = error.current_version;
                     let mine = format!("\"value\":\"{}\"", edit.value);
                     if error.current_json.contains(&mine) {
                         // Its earlier save, whose answer was lost, was applied.
                         edit.state = EditState::Applied;
                         self.totals.duplicates += 1;
                     } else {
-                        // Someone else's change came first: save again on the new version.
+                        // Someone else's change came first (the outcome is known: refused):
+                        // save again on the new version.
                         edit.state = EditState::Kept;
+                        edit.sent_version = None;
+                        edit.seen_stored = false;
                     }
+                    // And the viewer's other saves of the embryo found there.
+                    self.reconcile(embryo, &error.current_json);
                 }
                 (Pending::Evaluate(embryo), Body::Saved(saved)) => {
                     self.versions[embryo] = saved.version;
@@ -1047,19 +1069,12 @@ impl World {
                     if error.code == ErrorCode::Conflict.code() =>
                 {
                     // Someone's change came first: the viewer takes the current version,
-                    // and finds there the kept saves of its own whose answers were lost
-                    // (else it would save them again on a version that already has them).
+                    // and finds there its own saves whose answers were lost (else it would
+                    // save them again on a version that already has them): kept ones are
+                    // applied; one in flight (a resend, to be refused) is applied if that
+                    // answer is lost too.
                     self.versions[embryo] = error.current_version;
-                    for edit in &mut self.edits {
-                        let mine = format!("\"value\":\"{}\"", edit.value);
-                        if edit.embryo == embryo
-                            && edit.state == EditState::Kept
-                            && error.current_json.contains(&mine)
-                        {
-                            edit.state = EditState::Applied;
-                            self.totals.duplicates += 1;
-                        }
-                    }
+                    self.reconcile(embryo, &error.current_json);
                 }
                 (
                     Pending::Read,
@@ -1073,6 +1088,27 @@ impl World {
             }
         }
         self.connection = Some(connection);
+    }
+
+    /// The viewer's saves of `embryo` found in its current state (a conflict's
+    /// `current_json`), whose answers were lost: a kept one is applied (else it would be saved
+    /// again on a version that already has it); one in flight (a resend, to be refused) is
+    /// applied if that answer is lost too.
+    fn reconcile(&mut self, embryo: usize, current_json: &str) {
+        for edit in &mut self.edits {
+            let mine = format!("\"value\":\"{}\"", edit.value);
+            if edit.embryo != embryo || !current_json.contains(&mine) {
+                continue;
+            }
+            match edit.state {
+                EditState::Kept => {
+                    edit.state = EditState::Applied;
+                    self.totals.duplicates += 1;
+                }
+                EditState::InFlight => edit.seen_stored = true,
+                EditState::Applied => {}
+            }
+        }
     }
 
     fn check_step(&self) {
